@@ -1,0 +1,11 @@
+"""FP8 format constants shared by the quantize kernels, their torch references and the backends."""
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+# Largest finite e4m3fn value. Every kernel takes it as an argument instead of hard-coding it.
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# Head dims the FA3 fp8 kernel is built for; the reference backend accepts the same set so CPU runs
+# reject exactly what the GPU would.
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
+SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16)
