@@ -1,0 +1,33 @@
+"""Kernel backends: each takes a `QuantizedQKV` (BSHD e4m3 + (B, H_kv) descales) and returns BSHD output.
+
+Signature shared by all: ``fn(qkv, *, is_causal: bool, scale: float, out_dtype) -> Tensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..quantization import QuantizedQKV
+from .fa3 import fa3_fp8_attention
+from .fa4 import fa4_fp8_attention
+from .reference import reference_fp8_attention
+
+BackendFn = Callable[..., torch.Tensor]
+
+_BACKEND_FNS: dict[str, BackendFn] = {
+    "fa3": fa3_fp8_attention,
+    "fa4": fa4_fp8_attention,
+    "reference": reference_fp8_attention,
+}
+
+
+def get_backend_fn(name: str) -> BackendFn:
+    try:
+        return _BACKEND_FNS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {tuple(_BACKEND_FNS)}") from None
+
+
+__all__ = ["QuantizedQKV", "get_backend_fn", "fa3_fp8_attention", "fa4_fp8_attention", "reference_fp8_attention"]

@@ -1,0 +1,43 @@
+"""torch custom op around the shared FP8 SDPA, so `torch.compile(fullgraph=True)` sees one opaque node.
+
+Triton launches and the FA3/FA4 extension calls cannot be traced by dynamo; the op hides them and its
+fake computes only the output's shape and dtype. Schema sentinel: none (``scale`` is always resolved to a
+float by `sdpa.fp8_sdpa` before the call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend_fn
+from .quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
+
+
+def _quantize(query, key, value, cos, sin):
+    # The Triton kernels run on CUDA tensors; CPU tensors use the bit-identical torch reference
+    # (the kernels' interpreted run on CPU is exercised by the tests).
+    if query.is_cuda:
+        return quantize_qkv_fp8(query, key, value, cos, sin)
+    return quantize_qkv_fp8_reference(query, key, value, cos, sin)
+
+
+@torch.library.custom_op("hf_fp8_attention::fp8_sdpa", mutates_args=())
+def fp8_sdpa_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """query (B, H_q, S_q, D), key/value (B, H_kv, S_kv, D) bf16/fp16 -> (B, S_q, H_q, D) contiguous."""
+    qkv = _quantize(query, key, value, cos, sin)
+    return get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+
+
+@fp8_sdpa_op.register_fake
+def _fp8_sdpa_fake(query, key, value, cos, sin, is_causal, scale, backend):
+    b, h_q, s_q, d = query.shape
+    return query.new_empty((b, s_q, h_q, d))

@@ -1,0 +1,130 @@
+"""Pick the FP8 attention backend for a device: SM 9.x -> fa3, SM 10.x -> fa4, no CUDA -> reference.
+
+The capability lookup is cached per device index. `HF_FP8_ATTENTION_ARCH` (e.g. ``90`` or ``100``)
+overrides the detected architecture; tests use it to exercise the table without the hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("hf_fp8_attention")
+
+BACKENDS = ("fa3", "fa4", "reference")
+ARCH_ENV = "HF_FP8_ATTENTION_ARCH"
+
+# (major capability) -> backend whose FP8 kernel runs there.
+_ARCH_TABLE = {9: "fa3", 10: "fa4"}
+_REQUIRED_ARCH = {"fa3": 9, "fa4": 10}
+_INSTALL_HINT = {
+    "fa3": "pip install 'hf_fp8_attention[fa3]' (provides flash_attn_interface)",
+    "fa4": "pip install 'hf_fp8_attention[fa4]' (provides flash_attn.cute)",
+}
+_notified: set[str] = set()
+
+
+def _notice_once(key: str, message: str) -> None:
+    if key not in _notified:
+        _notified.add(key)
+        logger.warning(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability as ``major*10 + minor`` for a CUDA device, None for other devices."""
+    override = os.environ.get(ARCH_ENV)
+    if override:
+        return int(override)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_arch(index)
+
+
+def kernel_available(backend: str) -> bool:
+    """Whether the Python package of a GPU backend's kernel can be imported (without importing it)."""
+    if backend == "fa3":
+        return importlib.util.find_spec("flash_attn_interface") is not None
+    if backend == "fa4":
+        try:
+            return importlib.util.find_spec("flash_attn.cute") is not None
+        except ModuleNotFoundError:
+            return False
+    return backend == "reference"
+
+
+def _format_arch(arch: int) -> str:
+    return f"SM {arch // 10}.{arch % 10}"
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise a clear error if ``backend`` cannot run on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+    if backend == "reference":
+        return
+    device = torch.device(device)
+    if device.type != "cuda" and os.environ.get(ARCH_ENV) is None:
+        raise ValueError(
+            f"backend {backend!r} (fp8_{backend}) needs CUDA tensors, got tensors on {device.type}; "
+            "use backend='reference' (attn_implementation='fp8_reference') on CPU"
+        )
+    arch = device_arch(device)
+    needed = _REQUIRED_ARCH[backend]
+    if arch is not None and arch // 10 != needed:
+        if backend == "fa4" and arch // 10 == 9:
+            raise RuntimeError(
+                f"fp8_fa4 has no FP8 kernel on Hopper ({_format_arch(arch)}): FA4 runs FP8 only on SM 10.x "
+                "(Blackwell). Use attn_implementation='fp8_fa3' (backend='fa3') on this GPU."
+            )
+        raise RuntimeError(
+            f"fp8_{backend} needs SM {needed}.x, this GPU is {_format_arch(arch)}; "
+            "use attn_implementation='fp8' to pick the backend for this GPU"
+        )
+
+
+def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+    """Return the backend name to use for tensors on ``device``.
+
+    ``requested`` None picks from the architecture table, falling back to the reference backend (pure
+    torch emulation, correct but slow) with a one-time notice when no FP8 kernel is usable.
+    An explicit name is checked and returned unchanged.
+    """
+    if requested is not None:
+        check_backend(requested, device)
+        return requested
+    arch = device_arch(device)
+    if arch is None:
+        _notice_once(
+            "no-cuda",
+            "hf_fp8_attention: no CUDA device, using the 'reference' backend (pure-torch emulation of the FP8 "
+            "math: same rounding, no speedup)",
+        )
+        return "reference"
+    backend = _ARCH_TABLE.get(arch // 10)
+    if backend is None:
+        _notice_once(
+            f"arch-{arch}",
+            f"hf_fp8_attention: no FP8 attention kernel for {_format_arch(arch)} (fa3 needs SM 9.x, fa4 SM 10.x); "
+            "using the 'reference' backend (pure-torch emulation, slow)",
+        )
+        return "reference"
+    if not kernel_available(backend):
+        _notice_once(
+            f"missing-{backend}",
+            f"hf_fp8_attention: {_format_arch(arch)} wants the {backend} backend but its kernel is not installed "
+            f"({_INSTALL_HINT[backend]}); using the 'reference' backend (pure-torch emulation, slow)",
+        )
+        return "reference"
+    return backend

@@ -1,0 +1,109 @@
+"""Pure-torch reference of the FP8 Q/K/V quantization (optional RoPE, per-(batch, KV head) scales).
+
+Input layout BHSD (any strides), output layout BSHD contiguous. The Triton path in ``qkv.py`` computes
+exactly the same float32 math, so the two agree bit for bit (see tests/cpu/test_quantize.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._constants import FP8_DTYPE, FP8_MAX
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """FP8 Q/K/V in BSHD layout plus the per-(batch, KV head) descales FA3 takes.
+
+    q: (B, S_q, H_q, D) float8_e4m3fn, contiguous.
+    k, v: (B, S_kv, H_kv, D) float8_e4m3fn, contiguous.
+    q_descale, k_descale, v_descale: (B, H_kv) float32. One Q scale per KV group: the G = H_q / H_kv query
+        heads that share a KV head share a scale, which is the granularity FA3's q_descale has.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_descale: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama/Qwen/Mistral convention: cat(-x[..., D/2:], x[..., :D/2])."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, S, D) float32; cos, sin: (B_c, S, D) any float dtype, B_c in {1, B}. Returns float32.
+
+    Three separate roundings (mul, mul, add), no FMA: the kernel is compiled with fp fusion off to match.
+    """
+    cos = cos.float().unsqueeze(1)
+    sin = sin.float().unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def _check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together, got only one of them")
+    if cos is None:
+        return
+    B, _, S_q, D = q.shape
+    if k.shape[2] != S_q:
+        raise ValueError(f"RoPE needs S_q == S_kv (prefill), got S_q={S_q}, S_kv={k.shape[2]}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S_q, D):
+            raise ValueError(f"{name} must have shape (1 or {B}, {S_q}, {D}), got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
+
+
+def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, n_groups) float32)."""
+    B, H, S, D = x.shape
+    # torch.amax propagates NaN; a NaN amax then fails `amax > 0` and gets scale 1.0, like the kernel.
+    amax = x.abs().reshape(B, n_groups, (H // n_groups) * S * D).amax(dim=-1)
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    positive = amax > 0
+    # Tensor/tensor division on purpose: `FP8_MAX / t` is reciprocal-then-multiply in torch, and CUDA's
+    # `t / python_scalar` multiplies by the reciprocal too; both round twice.
+    scale = torch.where(positive, torch.div(fp8_max, amax), torch.ones_like(amax))
+    descale = torch.where(positive, torch.div(amax, fp8_max), torch.ones_like(amax))
+    scaled = x.reshape(B, n_groups, H // n_groups, S, D) * scale[:, :, None, None, None]
+    x_fp8 = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(B, H, S, D)
+    return x_fp8.transpose(1, 2).contiguous(), descale
+
+
+def quantize_qkv_fp8_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+) -> QuantizedQKV:
+    """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
+
+    Args:
+        q: (B, H_q, S_q, D) bf16/fp16, any strides.
+        k, v: (B, H_kv, S_kv, D) bf16/fp16, any strides; H_q % H_kv == 0.
+        cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype (HF rotary embedding output);
+            only with S_q == S_kv. Applied to q and k in float32 before the amax.
+
+    Returns:
+        QuantizedQKV with BSHD fp8 tensors and (B, H_kv) float32 descales.
+    """
+    _check_rope_args(q, k, cos, sin)
+    h_kv = k.shape[1]
+    qf, kf = q.float(), k.float()
+    if cos is not None:
+        qf = apply_rope_reference(qf, cos, sin)
+        kf = apply_rope_reference(kf, cos, sin)
+    q8, q_descale = _quantize_grouped(qf, h_kv)
+    k8, k_descale = _quantize_grouped(kf, h_kv)
+    v8, v_descale = _quantize_grouped(v.float(), h_kv)
+    return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale)

@@ -1,0 +1,106 @@
+"""The shared FP8 SDPA: validate, quantize Q/K/V per (batch, KV head) to e4m3, run a backend.
+
+Input layout: BHSD views (any strides; Transformers' are views of BSHD memory). Output: BHSD view of a
+contiguous BSHD tensor in the input dtype. Every backend (fa3, fa4, reference) goes through here, so the
+checks in `_check_inputs` are the only ones: downstream code trusts them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
+from .dispatch import BACKENDS, resolve_backend
+
+HADAMARD_MODES = ("none",)
+
+
+def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_INPUT_DTYPES:
+            hint = (
+                "it is already FP8: pass the bf16/fp16 tensors, quantization is done here"
+                if t.dtype == FP8_DTYPE or t.dtype == torch.float8_e5m2
+                else "cast the model/inputs to torch.bfloat16 (e.g. from_pretrained(..., dtype=torch.bfloat16)) "
+                "or use attn_implementation='sdpa'"
+            )
+            raise TypeError(f"fp8 attention takes bfloat16 or float16 {name}, got {t.dtype}: {hint}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} has a zero-size dimension {tuple(t.shape)}; use attn_implementation='sdpa'")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query/key/value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query/key/value are on different devices: {query.device}, {key.device}, {value.device}")
+    b, h_q, s_q, d = query.shape
+    if key.shape != value.shape:
+        raise ValueError(f"key and value shapes differ: {tuple(key.shape)} vs {tuple(value.shape)}")
+    b_k, h_kv, s_kv, d_k = key.shape
+    if b_k != b:
+        raise ValueError(f"batch sizes differ: query {b}, key/value {b_k}")
+    if d_k != d:
+        raise ValueError(f"head_dim differs: query {d}, key/value {d_k}")
+    if h_q % h_kv != 0:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv}) for GQA/MQA")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {d} is not supported by fp8 attention (supported: {SUPPORTED_HEAD_DIMS}); "
+            "use attn_implementation='sdpa' for this model"
+        )
+    if is_causal and s_q > s_kv:
+        raise ValueError(
+            f"causal attention with more queries than keys (S_q={s_q} > S_kv={s_kv}) would leave rows with no "
+            "key; the causal mask is bottom-right aligned, pass S_q <= S_kv"
+        )
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float or None (1/sqrt(head_dim)), got {scale!r}")
+    if (cos is None) != (sin is None):
+        raise ValueError("pass both cos and sin for fused RoPE, or neither")
+    if cos is not None:
+        if s_q != s_kv:
+            raise ValueError(f"fused RoPE needs S_q == S_kv (prefill without a KV cache), got {s_q} and {s_kv}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1:] != (s_q, d):
+                raise ValueError(f"{name} must have shape ({b} or 1, {s_q}, {d}), got {tuple(t.shape)}")
+            if t.device != query.device:
+                raise ValueError(f"{name} is on {t.device}, query on {query.device}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+
+
+def fp8_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """FP8 scaled dot-product attention with per-(batch, KV head) scales.
+
+    Args:
+        query: (B, H_q, S_q, D) bf16/fp16, any strides.
+        key, value: (B, H_kv, S_kv, D), same dtype; H_q % H_kv == 0 (GQA/MQA).
+        is_causal: causal mask aligned to the bottom right (top-left when S_q == S_kv); S_q > S_kv is an error.
+        scale: softmax scale, default 1/sqrt(D).
+        cos, sin: (B or 1, S_q, D) rotary tables: query/key are then un-rotated and RoPE (rotate-half
+            convention) is applied inside the quantize kernel. Needs S_q == S_kv.
+        backend: "fa3", "fa4", "reference", or None to pick from the device (see `dispatch`).
+    Returns:
+        (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
+    """
+    _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin, backend=backend)
+    name = resolve_backend(query.device, backend)
+    softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    from .custom_ops import fp8_sdpa_op
+
+    out = fp8_sdpa_op(query, key, value, cos, sin, bool(is_causal), softmax_scale, name)
+    return out.transpose(1, 2)

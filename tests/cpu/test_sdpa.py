@@ -1,0 +1,230 @@
+"""The shared FP8 SDPA on CPU: reference backend accuracy, validation errors, custom op, FA4 wiring.
+
+Accuracy thresholds: SQNR > 25 dB against a float32 SDPA on Gaussian inputs (torchao's per-call bar);
+the fp8 error itself is measured, and must also stay under the bar that bf16-vs-fp8 comparisons use.
+"""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_fp8_attention.backends.fa4 as fa4_module
+from hf_fp8_attention import fp8_sdpa, quantize_qkv_fp8_reference
+from hf_fp8_attention.backends.reference import reference_fp8_attention
+from hf_fp8_attention.custom_ops import fp8_sdpa_op
+from hf_fp8_attention.dispatch import ARCH_ENV, check_backend, resolve_backend
+from hf_fp8_attention.metrics import cosine, rel_l2, sqnr_db
+
+
+def _qkv(b, h_q, h_kv, s_q, s_kv, d, dtype=torch.bfloat16, bshd=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if bshd:
+        mk = lambda h, s: torch.randn(b, s, h, d, generator=g).to(dtype).transpose(1, 2)  # noqa: E731
+    else:
+        mk = lambda h, s: torch.randn(b, h, s, d, generator=g).to(dtype)  # noqa: E731
+    return mk(h_q, s_q), mk(h_kv, s_kv), mk(h_kv, s_kv)
+
+
+def _sdpa32(q, k, v, is_causal, scale=None):
+    q, k, v = q.float(), k.float(), v.float()
+    s_q, s_kv = q.shape[2], k.shape[2]
+    mask = None
+    if is_causal and s_q != s_kv:
+        mask = torch.ones(s_q, s_kv, dtype=torch.bool).tril(s_kv - s_q)
+        is_causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+@pytest.mark.parametrize(
+    "b,h_q,h_kv,s_q,s_kv,d",
+    [
+        (2, 4, 4, 64, 64, 64),  # MHA
+        (1, 8, 2, 96, 96, 128),  # GQA
+        (2, 4, 1, 33, 33, 96),  # MQA, odd length, D=96
+        (1, 2, 2, 16, 40, 256),  # S_q < S_kv, D=256
+        (3, 4, 2, 1, 50, 64),  # decode step
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend_accuracy(b, h_q, h_kv, s_q, s_kv, d, causal):
+    q, k, v = _qkv(b, h_q, h_kv, s_q, s_kv, d)
+    out = fp8_sdpa(q, k, v, is_causal=causal, backend="reference")
+    ref = _sdpa32(q, k, v, causal)
+    assert out.shape == (b, h_q, s_q, d) and out.dtype == torch.bfloat16
+    assert out.transpose(1, 2).is_contiguous()  # BSHD memory, what the HF adapter returns without a copy
+    assert sqnr_db(out, ref) > 25.0
+    assert cosine(out, ref) > 0.998
+
+
+def test_auto_backend_on_cpu_is_reference_with_notice(caplog):
+    import hf_fp8_attention.dispatch as dispatch
+
+    dispatch._notified.discard("no-cuda")
+    with caplog.at_level(logging.WARNING, logger="hf_fp8_attention"):
+        assert resolve_backend(torch.device("cpu")) == "reference"
+        assert resolve_backend(torch.device("cpu")) == "reference"
+    notices = [r for r in caplog.records if "reference" in r.getMessage()]
+    assert len(notices) == 1  # one-time
+
+
+def test_fp16_scale_and_contiguous_layout():
+    q, k, v = _qkv(2, 4, 2, 48, 48, 64, dtype=torch.float16, bshd=False, seed=1)
+    out = fp8_sdpa(q, k, v, is_causal=True, scale=0.3)
+    assert out.dtype == torch.float16
+    assert sqnr_db(out, _sdpa32(q, k, v, True, scale=0.3)) > 25.0
+    # the scale really is used: the default scale gives a different result
+    assert rel_l2(out, fp8_sdpa(q, k, v, is_causal=True)) > 1e-2
+
+
+def test_emulates_p_rounding():
+    """The reference casts P to e4m3 (as FA3): its output differs from exact-P attention on the same fp8
+    Q/K/V by a small, non-zero amount."""
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64, seed=2)
+    qkv = quantize_qkv_fp8_reference(q, k, v)
+    out = reference_fp8_attention(qkv, is_causal=False, scale=0.125, out_dtype=torch.float32)
+    deq = lambda t, s: (t.float() * s[:, None, :, None]).transpose(1, 2)  # noqa: E731
+    exact_p = F.scaled_dot_product_attention(
+        deq(qkv.q, qkv.q_descale), deq(qkv.k, qkv.k_descale), deq(qkv.v, qkv.v_descale), scale=0.125
+    ).transpose(1, 2)
+    err = rel_l2(out, exact_p)
+    assert 1e-4 < err < 3e-2, err
+
+
+def test_zero_head_and_non_finite():
+    q, k, v = _qkv(1, 4, 4, 32, 32, 64, seed=3)
+    v0 = v.clone()
+    v0[:, 1] = 0
+    out = fp8_sdpa(q, k, v0, is_causal=True)
+    assert torch.isfinite(out).all() and (out[:, 1] == 0).all()
+    k0 = k.clone()
+    k0[:, 2] = 0
+    assert torch.isfinite(fp8_sdpa(q, k0, v)).all()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for which in range(3):
+            t = [q.clone(), k.clone(), v.clone()]
+            t[which][0, 3, 5, 7] = bad
+            out = fp8_sdpa(*t)
+            assert not torch.isfinite(out[:, 3]).all(), (bad, which)
+            assert torch.isfinite(out[:, :3]).all(), (bad, which)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda q, k, v: (q.float(), k.float(), v.float()), TypeError, "bfloat16 or float16"),
+        (lambda q, k, v: (q.to(torch.float8_e4m3fn), k, v), TypeError, "already FP8"),
+        (lambda q, k, v: (q, k.half(), v.half()), TypeError, "dtypes differ"),
+        (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), ValueError, "head_dim 48"),
+        (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "head_dim differs"),
+        (lambda q, k, v: (q[:1], k, v), ValueError, "batch sizes differ"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of key/value heads"),
+        (lambda q, k, v: (q, k, v[:, :, :10]), ValueError, "key and value shapes differ"),
+        (lambda q, k, v: (q[0], k[0], v[0]), ValueError, "4-D"),
+        (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "zero-size"),
+        (lambda q, k, v: ("q", k, v), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs(mutate, exc, match):
+    q, k, v = _qkv(2, 4, 2, 16, 16, 64)
+    with pytest.raises(exc, match=match):
+        fp8_sdpa(*mutate(q, k, v))
+
+
+def test_bad_arguments():
+    q, k, v = _qkv(1, 2, 2, 16, 8, 64)
+    with pytest.raises(ValueError, match="more queries than keys"):
+        fp8_sdpa(q, k, v, is_causal=True)
+    q, k, v = _qkv(1, 2, 2, 16, 16, 64)
+    with pytest.raises(ValueError, match="scale"):
+        fp8_sdpa(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fp8_sdpa(q, k, v, backend="fa5")
+    cos = torch.ones(1, 16, 64)
+    with pytest.raises(ValueError, match="both cos and sin"):
+        fp8_sdpa(q, k, v, cos=cos)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        fp8_sdpa(q, k, v, cos=cos[:, :8], sin=cos[:, :8])
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fp8_sdpa(q, k, v, backend="fa3")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fp8_sdpa(q, k, v, backend="fa4")
+
+
+def test_fa4_on_sm90_names_fa3(monkeypatch):
+    monkeypatch.setenv(ARCH_ENV, "90")
+    with pytest.raises(RuntimeError, match="fp8_fa3"):
+        check_backend("fa4", torch.device("cuda"))
+    monkeypatch.setenv(ARCH_ENV, "80")
+    with pytest.raises(RuntimeError, match="SM 9.x"):
+        check_backend("fa3", torch.device("cuda"))
+
+
+def test_auto_pick_table(monkeypatch):
+    import hf_fp8_attention.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
+    for arch, want in (("90", "fa3"), ("100", "fa4"), ("89", "reference")):
+        monkeypatch.setenv(ARCH_ENV, arch)
+        assert resolve_backend(torch.device("cpu")) == want
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name == "reference")
+    monkeypatch.setenv(ARCH_ENV, "90")
+    assert resolve_backend(torch.device("cpu")) == "reference"  # FA3 wheel missing: notice + reference
+
+
+class _RecordingFA4:
+    """Stands in for flash_attn.cute.flash_attn_func: records its arguments and computes attention from
+    the e4m3 inputs and the descales it was given (so dropped descales give a wrong answer)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None):
+        self.calls.append(dict(q=q, k=k, v=v, scale=softmax_scale, causal=causal, qd=q_descale, kd=k_descale, vd=v_descale))
+        one = lambda t: torch.ones(t.shape[0], t.shape[2])  # noqa: E731
+        deq = lambda t, s: (t.float() * (one(t) if s is None else s)[:, None, :, None]).transpose(1, 2)  # noqa: E731
+        kf, vf = deq(k, k_descale), deq(v, v_descale)
+        group = q.shape[2] // k.shape[2]
+        # FA4 descales are per KV head; Q's are shared by each group of query heads
+        qf = (q.float() * (one(k) if q_descale is None else q_descale).repeat_interleave(group, 1)[:, None, :, None]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=softmax_scale, enable_gqa=group > 1)
+        return out.transpose(1, 2).to(torch.bfloat16), None
+
+
+def test_fa4_wiring_passes_descales(monkeypatch):
+    fake = _RecordingFA4()
+    monkeypatch.setattr(fa4_module, "_load_kernel", lambda: fake)
+    monkeypatch.setenv(ARCH_ENV, "100")
+    q, k, v = _qkv(2, 4, 2, 32, 32, 64, seed=4)
+    out = fp8_sdpa(q, k, v, is_causal=True, backend="fa4")
+    call = fake.calls[-1]
+    assert call["q"].dtype == torch.float8_e4m3fn and call["q"].shape == (2, 32, 4, 64)  # BSHD e4m3
+    for key in ("qd", "kd", "vd"):
+        assert call[key] is not None and call[key].shape == (2, 2) and call[key].dtype == torch.float32
+    assert call["causal"] is True and call["scale"] == pytest.approx(64**-0.5)
+    ref = _sdpa32(q, k, v, True)
+    assert sqnr_db(out, ref) > 25.0
+    # inputs scaled by 1e3 / 1e-3 give the same attention output up to fp8 rounding (scale-invariant scores
+    # need the scale folded into `scale`, so scale only V here; Q/K scaled with a compensating softmax scale)
+    for factor in (1e3, 1e-3):
+        out_v = fp8_sdpa(q, k, (v.float() * factor).bfloat16(), is_causal=True, backend="fa4")
+        assert sqnr_db(out_v.float() / factor, out.float()) > 30.0
+        out_qk = fp8_sdpa(
+            (q.float() * factor).bfloat16(), (k.float() * factor).bfloat16(), v,
+            is_causal=True, scale=64**-0.5 / factor**2, backend="fa4",
+        )
+        assert sqnr_db(out_qk, out) > 30.0
+
+
+def test_custom_op_opcheck_and_compile():
+    q, k, v = _qkv(1, 4, 2, 16, 16, 64, seed=5)
+    torch.library.opcheck(fp8_sdpa_op, (q, k, v, None, None, True, 0.125, "reference"))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(q, k, v):
+        return fp8_sdpa(q, k, v, is_causal=True, backend="reference") + 1
+
+    assert torch.equal(f(q, k, v), fp8_sdpa(q, k, v, is_causal=True, backend="reference") + 1)
