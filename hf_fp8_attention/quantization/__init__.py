@@ -1,0 +1,13 @@
+"""FP8 (e4m3) quantization of Q/K/V: BHSD bf16/fp16 in, BSHD fp8 + per-(batch, KV head) descales out."""
+
+from .reference import QuantizedQKV, apply_rope_reference, quantize_qkv_fp8_reference
+
+try:
+    from .qkv import quantize_qkv_fp8
+except ImportError as e:  # no triton (e.g. macOS): the reference still works
+    _triton_import_error = e
+
+    def quantize_qkv_fp8(q, k, v, cos=None, sin=None):
+        raise ImportError(f"quantize_qkv_fp8 needs triton: {_triton_import_error}") from _triton_import_error
+
+__all__ = ["QuantizedQKV", "apply_rope_reference", "quantize_qkv_fp8", "quantize_qkv_fp8_reference"]
