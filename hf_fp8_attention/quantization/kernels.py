@@ -71,7 +71,8 @@ def _load_rotated_tile(
     x1 = tl.load(x_tile + rows[:, None] + col1[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_tile + rows[:, None] + col2[None, :], mask=mask, other=0.0).to(tl.float32)
     if APPLY_ROPE:
-        rope_mask = mask & rope_on
+        # rows past rope_len are not loaded: rope_len is S for q and k, 0 for v
+        rope_mask = _tile_mask(row0, tl.where(rope_on, seq_len, 0), BLOCK_S, HALF, HALF_BLOCK)
         c_tile = cos_ptr + (cos_base + row0.to(tl.int64) * stride_cs)
         s_tile = sin_ptr + (sin_base + row0.to(tl.int64) * stride_ss)
         c_rows = tl.arange(0, BLOCK_S) * stride_cs
