@@ -57,7 +57,7 @@ def _load_rotated_tile(
     channels [0, D/2) and [D/2, D). With APPLY_ROPE and `rope_on` (q and k, not v) returns the rotated
     halves x1 * cos1 - x2 * sin1 and x2 * cos2 + x1 * sin2 (rotate_half convention, no gather needed).
     Masked-out elements are 0. 64-bit scalar bases, 32-bit offsets inside the tile."""
-    HALF: tl.constexpr = HEAD_DIM // 2
+    HALF = HEAD_DIM // 2  # constexpr
     mask = _tile_mask(row0, seq_len, BLOCK_S, HALF, HALF_BLOCK)
     offs_d = tl.arange(0, HALF_BLOCK)
     if D_CONTIG:
@@ -210,7 +210,7 @@ def qkv_quantize_kernel(
 
     # ---- quantize the chunk, write BSHD ----
     out_ptr = _select3(t, q_out_ptr, k_out_ptr, v_out_ptr)
-    HALF: tl.constexpr = HEAD_DIM // 2
+    HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     out_stride_s = n_heads * HEAD_DIM
     out_rows = tl.arange(0, BLOCK_S) * out_stride_s

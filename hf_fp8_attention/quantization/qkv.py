@@ -16,8 +16,9 @@ from .._constants import FP8_DTYPE, FP8_MAX
 from .kernels import qkv_amax_kernel, qkv_quantize_kernel
 from .reference import QuantizedQKV, _check_rope_args
 
-# Elements of one (BLOCK_S, D) tile, the two half tiles together: 8192 keeps ~64 fp32 values per thread
-# at 4 warps, enough bytes in flight for a memory-bound kernel without spilling.
+# Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 in flight per program.
+# Registers (sm_90, triton 3.9 ptxas): ~50 per thread at 4 warps without RoPE; with RoPE the cos/sin
+# tiles raise it to ~155 (bf16 cos) / ~230 (fp32 cos) at 4 warps, so RoPE runs 8 warps (~80-120).
 _TILE_ELEMS = 8192
 # Partials one phase-2 program reduces: at most this many (G heads x chunks). The chunk length grows with
 # S so that this redundant (L2-resident) read stays small next to the chunk's own data.
@@ -26,11 +27,12 @@ _MAX_CHUNKS_PER_HEAD = 128
 _R_BLOCK = 128
 
 
-def _tile_config(head_dim: int) -> tuple[int, int, int]:
-    """(HALF_BLOCK, BLOCK_S, num_warps) for a head dim; D=96 pads its 48-wide halves to 64."""
+def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int]:
+    """(HALF_BLOCK, BLOCK_S, num_warps) for a head dim; D=96 pads its 48-wide halves to 64.
+    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256."""
     half_block = triton.next_power_of_2(head_dim // 2)
     block_s = max(16, min(128, _TILE_ELEMS // (2 * half_block)))
-    num_warps = 8 if head_dim > 128 else 4
+    num_warps = 8 if (apply_rope or head_dim > 128) else 4
     return half_block, block_s, num_warps
 
 
@@ -74,7 +76,8 @@ def quantize_qkv_fp8(
     group = H_q // H_kv
     device = q.device
 
-    half_block, block_s, num_warps = _tile_config(D)
+    apply_rope = cos is not None
+    half_block, block_s, num_warps = _tile_config(D, apply_rope)
     chunk_q, n_chunks_q = _chunking(S_q, group, block_s)
     chunk_kv, n_chunks_kv = _chunking(S_kv, 1, block_s)
     n_programs = B * H_q * n_chunks_q + 2 * B * H_kv * n_chunks_kv
@@ -88,7 +91,6 @@ def quantize_qkv_fp8(
     descale = torch.empty((3, B, H_kv), dtype=torch.float32, device=device)
     partial = torch.empty((n_programs,), dtype=torch.float32, device=device)
 
-    apply_rope = cos is not None
     if apply_rope:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         cos_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))

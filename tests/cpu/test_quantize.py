@@ -104,7 +104,7 @@ def test_kernel_multi_tile_chunks(monkeypatch, rope):
     """Several chunks per head, several BLOCK_S tiles per chunk, a ragged last chunk and GQA partials
     spanning heads: shrink the chunk-count cap instead of using long sequences."""
     monkeypatch.setattr(qkv_launcher, "_MAX_CHUNKS_PER_HEAD", 2)
-    half_block, block_s, _ = qkv_launcher._tile_config(64)
+    half_block, block_s, _ = qkv_launcher._tile_config(64, rope is not None)
     S = 2 * block_s + 20  # 3 tiles -> chunks of 2 tiles, the second one ragged
     assert qkv_launcher._chunking(S, 2, block_s) == (2 * block_s, 2)
     got, ref = _run_case(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", rope, DEVICE)
