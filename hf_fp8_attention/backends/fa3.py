@@ -1,34 +1,42 @@
 """FA3 (Hopper, SM 9.x) FP8 attention. Input/output layout: BSHD. Supports GQA/MQA.
 
-Calls ``flash_attn_interface._flash_attn_forward`` (a torch custom op shipped by the FA3 wheel, extra
-``[fa3]``) with e4m3 Q/K/V and (B, H_kv) float32 descales. FA3's fp8 kernel always writes bf16; an fp16
-caller gets one cast of the output.
+Calls the FA3 wheel's forward op (extra ``[fa3]``: ``flash_attn_interface`` registers
+``torch.ops.flash_attn_3``) with e4m3 Q/K/V and (B, H_kv) float32 descales. The op is called directly:
+the Python wrapper ``flash_attn_interface._flash_attn_forward`` is a second custom op that also allocates
+two empty tensors per call, tens of microseconds that show at short sequences. FA3's fp8 kernel always
+writes bf16; an fp16 caller gets one cast of the output.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..quantization import QuantizedQKV
 
 
+@functools.lru_cache(maxsize=1)
 def _load_kernel():
-    from flash_attn_interface import _flash_attn_forward
+    import flash_attn_interface  # noqa: F401  (loads flash_attn_3._C, which registers torch.ops.flash_attn_3)
 
-    return _flash_attn_forward
+    return torch.ops.flash_attn_3.fwd.default
 
 
 def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``."""
-    kernel = _load_kernel()
-    out = kernel(
-        qkv.q,
-        qkv.k,
-        qkv.v,
-        q_descale=qkv.q_descale,
-        k_descale=qkv.k_descale,
-        v_descale=qkv.v_descale,
-        softmax_scale=scale,
-        causal=is_causal,
+    fwd = _load_kernel()
+    # Positional schema of flash_attn_3::fwd (tokenspeed-fa3 3.0.0): q, k, v, k_new, v_new, qv, out,
+    # cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    # page_table, kv_batch_idx, leftpad_k, rotary_cos, rotary_sin, seqlens_rotary, q_descale, k_descale,
+    # v_descale, softmax_scale, causal, window_size_left, window_size_right, attention_chunk, softcap,
+    # rotary_interleaved, scheduler_metadata, num_splits, pack_gqa, sm_margin, sinks.
+    out = fwd(
+        qkv.q, qkv.k, qkv.v, None, None, None, None,
+        None, None, None, None, None, None, None,
+        None, None, None, None, None, None,
+        qkv.q_descale, qkv.k_descale, qkv.v_descale,
+        scale, is_causal, -1, -1, 0, 0.0,
+        True, None, 1, None, 0, None,
     )[0]
     return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -62,4 +62,4 @@ def reference_fp8_attention(
         p8 = (p * p_scale).to(FP8_DTYPE).float()
         out[:, :, :, start:stop] = torch.matmul(p8, v) * (v_descale / (row_sum * p_scale))
     # (B, H_kv, G, S_q, D) -> (B, S_q, H_q, D)
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, s_q, h_q, dim).to(out_dtype)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, s_q, h_q, dim).to(out_dtype, memory_format=torch.contiguous_format)

@@ -69,7 +69,8 @@ def test_reference_tracks_fa3(causal):
     out_ref = fp8_sdpa(q, k, v, is_causal=causal, backend="reference")
     s_fa3, s_ref = sqnr_db(out_fa3, ref32), sqnr_db(out_ref, ref32)
     assert abs(s_fa3 - s_ref) < 1.5, (s_fa3, s_ref)
-    assert sqnr_db(out_fa3, out_ref) > 35.0
+    # FA3 rescales P with a running row max, the reference with the final one: close, not identical
+    assert sqnr_db(out_fa3, out_ref) > 30.0
 
 
 @fa3
