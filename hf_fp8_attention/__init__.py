@@ -11,13 +11,9 @@ from .dispatch import BACKENDS, resolve_backend
 from .quantization import QuantizedQKV, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from .sdpa import fp8_sdpa
 
-try:
-    from .transformers import describe_backend, prepare_model, register, unprepare_model
-except ImportError as _err:  # pragma: no cover - only while the integration module is being written
-    if "hf_fp8_attention.transformers" not in str(_err) and "transformers" not in getattr(_err, "name", ""):
-        raise
-else:
-    register()
+from .transformers import describe_backend, prepare_model, register, unprepare_model
+
+register()
 
 __version__ = "0.1.0"
 __all__ = [
