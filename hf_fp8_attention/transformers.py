@@ -102,10 +102,23 @@ def fp8_attention_mask(
     chunked attention) is materialised as the 4-D bool mask sdpa would get, which the adapter runs in
     bf16: transformers gives no mask at all to names without a mask function, which would drop padding.
     """
-    if mask_function in (causal_mask_function, bidirectional_mask_function) or _is_sliding_causal(mask_function):
-        return flash_attention_mask(
+    plain = mask_function in (causal_mask_function, bidirectional_mask_function)
+    if plain or _is_sliding_causal(mask_function):
+        # The adapter assumes the queries are the last q_length of the keys (bottom-right), true for no
+        # cache and for dynamic caches. A StaticCache has empty slots after the queries: pass a mask that
+        # stops at the last query (the adapter drops the keys past it), as flash_attention_mask does when
+        # it is given a padding mask shorter than the cache.
+        q_end = int(q_offset) + q_length
+        kv_end = int(kv_offset) + kv_length
+        mask = flash_attention_mask(
             batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs
         )
+        if q_end == kv_end:
+            return mask
+        if plain and mask_function is causal_mask_function and int(kv_offset) == 0 and q_end < kv_length:
+            if mask is None:
+                return torch.ones(batch_size, q_end, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+            return mask[:, :q_end]
     kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
 
