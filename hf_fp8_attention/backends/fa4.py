@@ -13,9 +13,12 @@ from ..quantization import QuantizedQKV
 
 
 def _load_kernel():
-    from flash_attn.cute import flash_attn_func
+    # The public flash_attn.cute.flash_attn_func (4.0.0b36) takes no descales; the forward it wraps does:
+    # _flash_attn_fwd(q, k, v, ..., q_descale=, k_descale=, v_descale=) with (B, H_kv) float32 descales,
+    # returning a tuple whose first item is the BSHD bf16 output.
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    return flash_attn_func
+    return _flash_attn_fwd
 
 
 def fa4_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -31,5 +34,5 @@ def fa4_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
         k_descale=qkv.k_descale,
         v_descale=qkv.v_descale,
     )
-    out = result[0] if isinstance(result, tuple) else result
+    out = result[0] if isinstance(result, (tuple, list)) else result
     return out if out.dtype == out_dtype else out.to(out_dtype)

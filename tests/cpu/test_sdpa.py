@@ -163,6 +163,15 @@ def test_fa4_on_sm90_names_fa3(monkeypatch):
         check_backend("fa3", torch.device("cuda"))
 
 
+def test_explicit_backend_without_its_kernel(monkeypatch):
+    import hf_fp8_attention.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name == "reference")
+    monkeypatch.setenv(ARCH_ENV, "90")
+    with pytest.raises(ImportError, match=r"hf_fp8_attention\[fa3\]"):
+        check_backend("fa3", torch.device("cuda"))
+
+
 def test_auto_pick_table(monkeypatch):
     import hf_fp8_attention.dispatch as dispatch
 
@@ -182,7 +191,7 @@ class _RecordingFA4:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None):
+    def __call__(self, q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None, **unused):
         self.calls.append(dict(q=q, k=k, v=v, scale=softmax_scale, causal=causal, qd=q_descale, kd=k_descale, vd=v_descale))
         one = lambda t: torch.ones(t.shape[0], t.shape[2])  # noqa: E731
         deq = lambda t, s: (t.float() * (one(t) if s is None else s)[:, None, :, None]).transpose(1, 2)  # noqa: E731
@@ -195,8 +204,11 @@ class _RecordingFA4:
 
 
 def test_fa4_wiring_passes_descales(monkeypatch):
+    import hf_fp8_attention.dispatch as dispatch
+
     fake = _RecordingFA4()
     monkeypatch.setattr(fa4_module, "_load_kernel", lambda: fake)
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
     monkeypatch.setenv(ARCH_ENV, "100")
     q, k, v = _qkv(2, 4, 2, 32, 32, 64, seed=4)
     out = fp8_sdpa(q, k, v, is_causal=True, backend="fa4")
