@@ -11,6 +11,7 @@ the logits' std ("decisive" positions, ~75% of them); cosine similarity is over 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
@@ -100,7 +101,8 @@ def spy_fp8_sdpa(monkeypatch):
 
 
 def ids_for(batch=2, seq=SEQ, seed=1):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    # No token 0: it is the pad token in the generate tests, and generate masks pad tokens it finds.
+    return torch.randint(1, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -277,27 +279,50 @@ def test_packed_sequences_get_a_4d_mask_and_fall_back(caplog):
 # ------------------------------------------------------------------------------------------- decode
 
 
-def test_greedy_decode_with_cache(spy_fp8_sdpa):
+def _cache_kwarg(model) -> str:
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns).
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
+def test_decode_steps_with_cache_match_eager(spy_fp8_sdpa):
+    """KV cache on, no prepare_model: prefill then S_q == 1 steps, teacher-forced on eager's greedy tokens.
+
+    Free-running greedy token agreement is not a usable criterion on random tiny models: one near-tied
+    token sends the continuations apart (bf16 sdpa vs fp32 eager alone agree on 81-100% of 16 tokens).
+    Teacher forcing compares every step on the same prefix.
+    """
     model = tiny_model()
-    prompt = ids_for(batch=1, seq=32)
-    new = 8
-    outs = {}
-    for impl in ("eager", "fp8_reference"):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            outs[impl] = model.generate(
-                prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                return_dict_in_generate=True, output_logits=True, pad_token_id=0,
-            )
-    assert any(s_q == 1 for s_q, *_ in spy_fp8_sdpa), "the S_q == 1 decode path did not run"
-    tokens = {k: v.sequences[0, -new:] for k, v in outs.items()}
-    agree = (tokens["eager"] == tokens["fp8_reference"]).float().mean().item()
-    # Once one near-tied token differs the continuations diverge, so only most tokens are asked to agree.
-    assert agree >= 0.75, (tokens, agree)
-    # Step logits while both runs still share their prefix are close.
-    steps = int((tokens["eager"] != tokens["fp8_reference"]).int().argmax()) if agree < 1 else new
-    for step in range(max(1, steps)):
-        assert cosine(outs["eager"].logits[step], outs["fp8_reference"].logits[step]) >= 0.99
+    prompt, new = ids_for(batch=2, seq=32), 12
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model.generate(
+            prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True,
+        )
+    ref_steps = torch.stack(eager.logits, dim=1).float()  # (B, new, V): step i predicts token 32 + i
+    model.set_attn_implementation("fp8_reference")
+    steps, cache = [], None
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        steps.append(out.logits[:, -1])
+        for t in range(32, 32 + new - 1):
+            out = model(eager.sequences[:, t : t + 1], use_cache=True, **{_cache_kwarg(model): _cache_of(out)})
+            steps.append(out.logits[:, -1])
+    assert sum(s_q == 1 for s_q, *_ in spy_fp8_sdpa) == 2 * (new - 1), "the S_q == 1 decode path did not run"
+    got_steps = torch.stack(steps, dim=1).float()
+    # Measured over seeds 0-3: all steps 0.9956-0.9975, single steps (2 x 128 logits) 0.988-0.9986.
+    assert cosine(ref_steps, got_steps) >= 0.99
+    for step in range(new):
+        assert cosine(ref_steps[:, step], got_steps[:, step]) >= 0.98, step
+    assert decisive_argmax_agreement(ref_steps, got_steps) >= 0.9
+    # Free-running fp8 greedy decode runs end to end.
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, 32 + new)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
