@@ -7,6 +7,8 @@ float by `sdpa.fp8_sdpa` before the call).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .backends import get_backend_fn
@@ -36,8 +38,11 @@ def fp8_sdpa_impl(
     Eager callers use this directly: the custom-op dispatch costs tens of microseconds per call, which
     shows at short sequences where the GPU work is a fraction of a millisecond.
     """
-    qkv = _quantize(query, key, value, cos, sin)
-    return get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+    # Triton launches on the *current* CUDA device; with device_map="auto" or tensor parallelism the
+    # tensors may live elsewhere, so every launch (and every buffer) follows the query's device.
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        qkv = _quantize(query, key, value, cos, sin)
+        return get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
 
 
 fp8_sdpa_op = torch.library.custom_op("hf_fp8_attention::fp8_sdpa", fp8_sdpa_impl, mutates_args=())

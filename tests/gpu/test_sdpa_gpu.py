@@ -174,3 +174,16 @@ def test_fa3_128k_memory():
     assert torch.isfinite(out[:, -4:]).all()
     print(f"\n128k peak extra memory: {extra / 2**30:.2f} GiB (one bf16 tensor {one_bf16 / 2**30:.2f} GiB)")
     assert not math.isnan(out.float()[0, 0, -1].sum().item())
+
+
+@fa3
+def test_fa3_on_side_stream_and_device_context():
+    """Launches follow the query's device and the current stream (inputs made on a side stream)."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        q, k, v = _qkv(1, 8, 2, 2048, 2048, 128, seed=9)
+        out_side = fp8_sdpa(q, k, v, is_causal=True, backend="fa3")
+    side.synchronize()
+    with torch.cuda.device(torch.cuda.device_count() - 1):
+        out_default = fp8_sdpa(q, k, v, is_causal=True, backend="fa3")
+    assert torch.equal(out_side, out_default)
