@@ -416,7 +416,9 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
     mode, a name that is not fp8 anymore, a window shorter than the sequence, unsupported dtype/head_dim.
     """
     impl = getattr(self.config, "_attn_implementation", None)
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = kwargs.get("cache")  # transformers 5.24 name
+    if cache is None:
+        cache = kwargs.get("past_key_values")  # 5.17 name
     s = hidden_states.shape[-2]
     window = getattr(self, "sliding_window", None) or (
         getattr(self.config, "sliding_window", None) if type(self).__name__ == "MistralAttention" else None
