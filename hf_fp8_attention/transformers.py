@@ -63,6 +63,16 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
+# prepare_model(hadamard=...) stores the mode on the model's configs; every fp8_sdpa call of that model
+# passes it on. "none" (the default) is not passed, so fp8_sdpa versions without the argument still work.
+_HADAMARD_ATTR = "fp8_attention_hadamard"
+
+
+def _sdpa_options(module: torch.nn.Module) -> dict:
+    mode = getattr(getattr(module, "config", None), _HADAMARD_ATTR, None)
+    return {} if mode in (None, "none") else {"hadamard": mode}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +224,7 @@ def _padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
     return spans
 
 
-def _fp8_padded(query, key, value, spans, *, is_causal, scaling, backend) -> torch.Tensor:
+def _fp8_padded(query, key, value, spans, *, is_causal, scaling, backend, options) -> torch.Tensor:
     """fp8 attention row by row over each row's valid keys. Returns (B, S_q, H_q, D), padded queries zero.
 
     Query i sits at key position S_kv - S_q + i (bottom-right alignment, as with a KV cache); it is valid
@@ -241,7 +251,8 @@ def _fp8_padded(query, key, value, spans, *, is_causal, scaling, backend) -> tor
             q = query.index_select(0, index)[:, :, q_start:q_end]
             k = key.index_select(0, index)[:, :, start:end]
             v = value.index_select(0, index)[:, :, start:end]
-        res = fp8_sdpa(q, k, v, is_causal=is_causal and q_end - q_start > 1, scale=scaling, backend=backend)
+        causal = is_causal and q_end - q_start > 1
+        res = fp8_sdpa(q, k, v, is_causal=causal, scale=scaling, backend=backend, **options)
         if len(rows) == batch:
             out[:, q_start:q_end] = res.transpose(1, 2)
         else:
@@ -336,7 +347,10 @@ def _fp8_attention_forward(
     if reason is None and attention_mask is not None:
         spans = _padding_spans(attention_mask)
         if spans is not None:
-            out = _fp8_padded(query, key, value, spans, is_causal=is_causal, scaling=scaling, backend=backend)
+            out = _fp8_padded(
+                query, key, value, spans, is_causal=is_causal, scaling=scaling, backend=backend,
+                options=_sdpa_options(module),
+            )
             return out, None
         reason = "mask-noncontiguous", "the padding mask of some batch row is not one contiguous run of keys"
     if reason is not None:
@@ -362,7 +376,8 @@ def _fp8_attention_forward(
 
     # No mask: all keys valid. Bottom-right causal also covers chunked prefill after a DynamicCache; one
     # decode query (S_q == 1) sees every key, so it needs no mask at all.
-    out = fp8_sdpa(query, key, value, is_causal=bool(is_causal) and s_q > 1, scale=scaling, backend=backend)
+    causal = bool(is_causal) and s_q > 1
+    out = fp8_sdpa(query, key, value, is_causal=causal, scale=scaling, backend=backend, **_sdpa_options(module))
     # fp8_sdpa returns a BHSD view of contiguous BSHD memory: this transpose is that memory, no copy.
     return out.transpose(1, 2), None
 
@@ -460,6 +475,7 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
         cos=cos,
         sin=sin,
         backend=ATTN_IMPLEMENTATIONS[impl],
+        **_sdpa_options(self),
     )
     attn_output = out.transpose(1, 2).reshape(*input_shape, -1)
     return self.o_proj(attn_output), None
@@ -503,14 +519,16 @@ def prepare_model(model, backend: str | None = None, hadamard: str | None = None
     Args:
         model: a transformers PreTrainedModel in bfloat16/float16.
         backend: "fa3", "fa4", "reference", or None to pick from the model's device.
-        hadamard: None or "none" (the Hadamard rotation of q/k is a later feature).
+        hadamard: None/"none", or another mode of `sdpa.HADAMARD_MODES`; stored on the model's configs as
+            ``fp8_attention_hadamard`` and passed to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel.
 
     It turns the KV cache off (config and generation_config): the fused-RoPE path needs un-rotated keys,
     a cache stores rotated ones. `unprepare_model` undoes everything.
     """
     if hadamard not in (None, *HADAMARD_MODES):
-        raise ValueError(f"hadamard={hadamard!r} is not supported; accepted values: None, {', '.join(map(repr, HADAMARD_MODES))}")
+        accepted = ", ".join(map(repr, HADAMARD_MODES))
+        raise ValueError(f"hadamard={hadamard!r} is not supported; accepted values: None, {accepted}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     dtype = getattr(model, "dtype", None)
@@ -549,6 +567,8 @@ def prepare_model(model, backend: str | None = None, hadamard: str | None = None
                 module.forward = types.MethodType(_fused_rope_forward, module)
                 state["patched"].append(module)
     state["hadamard"] = hadamard or "none"
+    for config in _configs_with_cache(model):
+        setattr(config, _HADAMARD_ATTR, state["hadamard"])
     state["fuse_rope"] = fuse_rope
     setattr(model, _STATE_ATTR, state)
     return model
@@ -566,6 +586,8 @@ def unprepare_model(model):
     model.set_attn_implementation(state["attn_implementation"])
     for config, value in state["use_cache"]:
         config.use_cache = value
+    for config in _configs_with_cache(model):
+        config.__dict__.pop(_HADAMARD_ATTR, None)
     return model
 
 
@@ -589,6 +611,8 @@ def describe_backend(model) -> str:
     if impl == "fp8":
         text += ", backend picked per call from the device"
     state = model.__dict__.get(_STATE_ATTR)
+    if state is not None and state["hadamard"] != "none":
+        text += f", hadamard {state['hadamard']}"
     total = _count_attention_modules(model)
     if state is None or not state["fuse_rope"]:
         return text + ", fused RoPE off"

@@ -438,3 +438,29 @@ def test_bad_backend_and_hadamard():
     assert model.config._attn_implementation != "fp8_fa3"
     hfa.prepare_model(model, backend="reference", hadamard="none")
     assert model.config._attn_implementation == "fp8_reference"
+
+
+def test_hadamard_mode_reaches_every_fp8_call(monkeypatch):
+    """prepare_model(hadamard=...) is passed to fp8_sdpa (fused, unfused and padded calls); "none" is not."""
+    seen = []
+    real = hft.fp8_sdpa
+
+    def spy(query, key, value, **kwargs):
+        seen.append(kwargs.pop("hadamard", None))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hft, "fp8_sdpa", spy)
+    monkeypatch.setattr(hft, "HADAMARD_MODES", ("none", "qkv"))
+    model = tiny_model()
+    hfa.prepare_model(model, backend="reference", hadamard="none")
+    logits(model, ids_for())
+    assert seen == [None, None] and model.config.fp8_attention_hadamard == "none"
+    seen.clear()
+    hfa.prepare_model(model, backend="reference", hadamard="qkv")
+    mask = _padded_batch((SEQ, 29), SEQ, left=True)
+    logits(model, ids_for())  # fused RoPE
+    logits(model, ids_for(), attention_mask=mask)  # padded rows, unfused
+    assert seen and all(mode == "qkv" for mode in seen)
+    assert "hadamard qkv" in hfa.describe_backend(model)
+    hfa.unprepare_model(model)
+    assert not hasattr(model.config, "fp8_attention_hadamard")
