@@ -1,0 +1,123 @@
+"""Triton FP8 attention (any CUDA GPU Triton supports fp8 dots on; tuned for Hopper). Layout: BSHD. GQA/MQA.
+
+Launches the kernels of `triton_attention.py`: the autotuned prefill kernel, or, when a KV head has few
+query rows (decode), a small-tile kernel whose keys are split over several programs and merged by a
+combine kernel. Same semantics as `reference.py` (FA3's fp8 rounding), within online-softmax rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from .._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS
+from ..quantization import QuantizedQKV
+from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
+
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Query rows per KV head (S_q * H_q / H_kv) up to which the decode path (small tiles, split keys) runs.
+_DECODE_MAX_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
+    q, k, v = qkv.q, qkv.k, qkv.v
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != FP8_DTYPE or t.dim() != 4 or not t.is_contiguous():
+            raise ValueError(f"triton fp8 attention takes contiguous 4-D {FP8_DTYPE} BSHD {name}, got "
+                             f"{t.dtype} {tuple(t.shape)} contiguous={t.is_contiguous()}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"triton fp8 attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"triton fp8 attention writes {_OUT_DTYPES}, got out_dtype={out_dtype}")
+
+
+def _launch(
+    qkv: QuantizedQKV,
+    is_causal: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+    *,
+    v_keys_contiguous: bool = False,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The backend with knobs for tests and benchmarks.
+
+    v_keys_contiguous: copy V to (B, H_kv, D, S_kv) first, the K-major layout Hopper's fp8 wgmma wants
+        for the P.V operand (otherwise Triton transposes each V tile on chip).
+    config: explicit {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits"} instead of the
+        autotuned/heuristic choice (tests use it to run several tiles in the interpreter).
+    """
+    _check(qkv, out_dtype)
+    q, k, v = qkv.q, qkv.k, qkv.v
+    batch, s_q, h_q, dim = q.shape
+    s_kv, h_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    n_rows = s_q * group
+    dim_pad = triton.next_power_of_2(dim)
+    out = torch.empty(batch, s_q, h_q, dim, dtype=out_dtype, device=q.device)
+    if v_keys_contiguous:
+        v = v.permute(0, 2, 3, 1).contiguous()  # (B, H_kv, D, S_kv)
+        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))
+    else:
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
+    bh = batch * h_kv
+    decode = n_rows <= _DECODE_MAX_ROWS
+
+    if config is None and decode:
+        block_m = max(16, triton.next_power_of_2(n_rows))
+        config = {"BLOCK_M": block_m, "BLOCK_N": 64 if dim_pad >= 256 else 128, "num_warps": 4, "num_stages": 3}
+        programs = triton.cdiv(n_rows, block_m) * bh
+        sms = 4 if _interpreting() or not q.is_cuda else _num_sms(q.device.index or 0)
+        # Enough programs to fill the GPU twice, each with at least 4 key blocks.
+        splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(s_kv, 4 * config["BLOCK_N"]))
+        config["num_splits"] = min(64, triton.next_power_of_2(max(1, splits)))
+    if config is None and _interpreting():
+        config = {"BLOCK_M": 64, "BLOCK_N": 32}
+
+    num_splits = (config or {}).get("num_splits", 1)
+    block_n = (config or {}).get("BLOCK_N", 128)
+    keys_per_split = triton.cdiv(triton.cdiv(s_kv, num_splits), block_n) * block_n
+    if num_splits > 1:
+        o_part = torch.empty(num_splits, bh, n_rows, dim_pad, dtype=torch.float32, device=q.device)
+        ml_part = torch.empty(num_splits, bh, n_rows, 2, dtype=torch.float32, device=q.device)
+    else:
+        o_part = ml_part = out  # unused
+    args = (
+        q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), *v_strides,
+        out.stride(0), out.stride(1),
+        h_kv, s_q, s_kv, float(scale), keys_per_split,
+    )
+    constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
+                      NUM_SPLITS=num_splits)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
+        fp8_attn_fwd_prefill[grid](*args, **constexprs)
+        return out
+    launch = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
+    _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, **launch)
+    if num_splits > 1:
+        block_r = min(64, max(16, triton.next_power_of_2(n_rows)))
+        _fp8_attn_combine_kernel[(triton.cdiv(n_rows, block_r), bh)](
+            out, qkv.v_descale, o_part, ml_part, out.stride(0), out.stride(1), h_kv, s_q, bh,
+            GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=num_splits, BLOCK_R=block_r,
+        )
+    return out
+
+
+def triton_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3, descales (B, H_kv) -> (B, S_q, H_q, D) ``out_dtype``."""
+    return _launch(qkv, is_causal, scale, out_dtype)

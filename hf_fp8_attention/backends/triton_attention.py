@@ -1,0 +1,240 @@
+"""Triton FP8 (e4m3) attention forward kernels. Input/output layout: BSHD. Supports GQA/MQA.
+
+Math (the FA3 fp8 kernel's, as `backends/reference.py` emulates it): scores = (q8 . k8) * scale *
+q_descale * k_descale in float32, online softmax in base 2 with the row max offset by 8 (FA3's
+``Max_offset``) so that P lies in [0, 256], P cast to e4m3 before the fp8 P.V dot, row sum from the
+float32 P, out = acc * v_descale / row_sum.
+
+GQA is packed into the rows of a tile (FA3's ``pack_gqa``): one program serves the G = H_q / H_kv query
+heads of one KV head, row r = s * G + g is query position s of head kv * G + g. K/V are read once per
+tile for the whole group and never repeated. Causal masks are bottom-right aligned: row position s sees
+keys j <= s + S_kv - S_q; only the key blocks that straddle that diagonal (or the end of the keys) run
+the masked loop.
+
+Decode (few rows per KV head, many keys) splits the keys over ``NUM_SPLITS`` programs that write float32
+partials; `_fp8_attn_combine_kernel` merges them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+    offs_d, mask_d, row_limit,
+    lo, hi, S_kv, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
+
+    K_ptr/V_ptr point at key 0 of this (batch, KV head); row_limit (BLOCK_M,) is the last key each row
+    may see (S_kv - 1 when not causal).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = K_ptr + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            kv_mask = cols[:, None] < S_kv
+            if not EVEN_D:
+                kv_mask = kv_mask & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            visible = cols[None, :] <= row_limit[:, None]
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # A row may see no key of this block (causal, or a split's range): keep its max finite
+            # so that exp2 gives 0 instead of NaN.
+            m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            # FA3's Max_offset: P = exp2(s - (max - 8)) lies in [0, 256] before its e4m3 cast.
+            p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - (m_ij[:, None] - 8.0))
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fp8_attn_fwd_kernel(
+    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part,
+    stride_qb, stride_qs, stride_kb, stride_kn, stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_os,
+    H_kv, S_q, S_kv, sm_scale, keys_per_split,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
+
+    Q (B, S_q, H_q, D), K (B, S_kv, H_kv, D) e4m3 with unit stride over D and heads D apart; V e4m3 of
+    any strides (BSHD, or keys contiguous); Out (B, S_q, H_q, D). Descales (B, H_kv) float32, contiguous.
+    NUM_SPLITS > 1: keys [split * keys_per_split, ...) only, and the unnormalised float32 acc goes to
+    O_part (NUM_SPLITS, B * H_kv, S_q * GROUP, HEAD_DIM_PAD) and (max, sum) to ML_part (NUM_SPLITS,
+    B * H_kv, S_q * GROUP, 2) instead of Out.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    n_rows = S_q * GROUP
+    if IS_CAUSAL:
+        # Heaviest tiles (the last rows see the most keys) first: better tail balance.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    b = pid_bh // H_kv
+    h_kv = pid_bh % H_kv
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = offs_r // GROUP  # query position of each row
+    head = h_kv * GROUP + offs_r % GROUP  # query head of each row
+    row_ok = offs_r < n_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_d = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+
+    b64 = b.to(tl.int64)
+    q_rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * HEAD_DIM
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+    K_ptr = K + b64 * stride_kb + h_kv * HEAD_DIM
+    V_ptr = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+
+    desc_idx = b * H_kv + h_kv
+    # Scores in base 2 (exp2 is one MUFU instruction): fold log2(e) into the scale.
+    qk_scale = sm_scale * tl.load(Q_descale + desc_idx) * tl.load(K_descale + desc_idx) * 1.4426950408889634
+
+    # Key ranges: [lo, full_hi) needs no mask, [max(lo, full_hi), mask_hi) does.
+    diag = S_kv - S_q
+    first_pos = (pid_m * BLOCK_M) // GROUP
+    last_pos = (tl.minimum((pid_m + 1) * BLOCK_M, n_rows) - 1) // GROUP
+    lo = 0
+    hi = S_kv
+    if NUM_SPLITS > 1:
+        lo = pid_split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, S_kv)
+    if IS_CAUSAL:
+        full_hi = tl.minimum((first_pos + diag + 1) // BLOCK_N * BLOCK_N, S_kv // BLOCK_N * BLOCK_N)
+        mask_hi = tl.minimum(last_pos + diag + 1, hi)
+        row_limit = pos + diag
+    else:
+        full_hi = S_kv // BLOCK_N * BLOCK_N
+        mask_hi = hi
+        row_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + (S_kv - 1)
+    full_hi = tl.minimum(full_hi, hi)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+        offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
+        BLOCK_N, EVEN_D, False,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+        offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
+        BLOCK_N, EVEN_D, True,
+    )
+
+    if NUM_SPLITS == 1:
+        v_descale = tl.load(V_descale + desc_idx)
+        out = acc * (v_descale / l_i)[:, None]
+        o_rows = b64 * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & mask_d[None, :])
+    else:
+        part_row = ((pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r)
+        tl.store(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ML_part + part_row * 2, m_i, mask=row_ok)
+        tl.store(ML_part + part_row * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _fp8_attn_combine_kernel(
+    Out, V_descale, O_part, ML_part,
+    stride_ob, stride_os,
+    H_kv, S_q, BH,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges the split partials of `_fp8_attn_fwd_kernel`.
+
+    Each split's acc and sum are rescaled by exp2(its max - the overall max) (0 for a split in which the
+    row saw no key), summed, divided by the summed row sum and multiplied by v_descale.
+    """
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_rows = S_q * GROUP
+    b = pid_bh // H_kv
+    h_kv = pid_bh % H_kv
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_d = offs_d < HEAD_DIM
+
+    m_max = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    for s in tl.static_range(NUM_SPLITS):
+        part_row = (s * BH + pid_bh).to(tl.int64) * n_rows + offs_r
+        m_max = tl.maximum(m_max, tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part_row = (s * BH + pid_bh).to(tl.int64) * n_rows + offs_r
+        m_s = tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(ML_part + part_row * 2 + 1, mask=row_ok, other=0.0)
+        o_s = tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.math.exp2(m_s - m_max)
+        l_sum += w * l_s
+        acc += o_s * w[:, None]
+    v_descale = tl.load(V_descale + pid_bh)
+    out = acc * (v_descale / tl.where(row_ok, l_sum, 1.0))[:, None]
+    pos = offs_r // GROUP
+    head = h_kv * GROUP + offs_r % GROUP
+    o_rows = b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+    tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & mask_d[None, :])
+
+
+def _prefill_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)]
+    ]
+
+
+def _prune_prefill(configs, named_args, **kwargs):
+    # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator exceed the registers of
+    # 8 warps; keep BLOCK_N 64 there.
+    if named_args["HEAD_DIM_PAD"] >= 256:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
+        return kept or configs
+    return configs
+
+
+# Prefill: autotuned once per (head_dim, causal); the tile choice does not depend much on length.
+fp8_attn_fwd_prefill = triton.autotune(
+    configs=_prefill_configs(),
+    key=["HEAD_DIM_PAD", "IS_CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune_prefill},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+)(_fp8_attn_fwd_kernel)
