@@ -12,15 +12,29 @@ import contextlib
 import torch
 
 from .backends import get_backend_fn
-from .quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
+from .quantization import QuantizedQKV, hadamard_matrix, quantize_qkv_fp8, quantize_qkv_fp8_reference
+from .quantization.hadamard import rotates_v
 
 
-def _quantize(query, key, value, cos, sin):
+def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
     # The Triton kernels run on CUDA tensors; CPU tensors use the bit-identical torch reference
     # (the kernels' interpreted run on CPU is exercised by the tests).
-    if query.is_cuda:
+    if query.is_cuda and hadamard == "none" and not smooth_k and not smooth_v:
         return quantize_qkv_fp8(query, key, value, cos, sin)
-    return quantize_qkv_fp8_reference(query, key, value, cos, sin)
+    return quantize_qkv_fp8_reference(
+        query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v
+    )
+
+
+def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str) -> torch.Tensor:
+    """Undo the V transforms on the (B, S, H_q, D) output: add V's mean back, rotate by H (H @ H = I)."""
+    o = out.float()
+    if qkv.v_mean is not None:
+        group = out.shape[2] // qkv.v_mean.shape[1]
+        o = o + qkv.v_mean.repeat_interleave(group, dim=1)[:, None]
+    if rotates_v(hadamard):
+        o = o @ hadamard_matrix(out.shape[-1], device=out.device)
+    return o.to(out.dtype)
 
 
 def fp8_sdpa_impl(
@@ -32,6 +46,9 @@ def fp8_sdpa_impl(
     is_causal: bool,
     scale: float,
     backend: str,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
 ) -> torch.Tensor:
     """query (B, H_q, S_q, D), key/value (B, H_kv, S_kv, D) bf16/fp16 -> (B, S_q, H_q, D) contiguous.
 
@@ -41,14 +58,17 @@ def fp8_sdpa_impl(
     # Triton launches on the *current* CUDA device; with device_map="auto" or tensor parallelism the
     # tensors may live elsewhere, so every launch (and every buffer) follows the query's device.
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        qkv = _quantize(query, key, value, cos, sin)
-        return get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+        qkv = _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v)
+        out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+        if rotates_v(hadamard) or qkv.v_mean is not None:
+            out = _restore_output(out, qkv, hadamard)
+        return out
 
 
 fp8_sdpa_op = torch.library.custom_op("hf_fp8_attention::fp8_sdpa", fp8_sdpa_impl, mutates_args=())
 
 
 @fp8_sdpa_op.register_fake
-def _fp8_sdpa_fake(query, key, value, cos, sin, is_causal, scale, backend):
+def _fp8_sdpa_fake(query, key, value, cos, sin, is_causal, scale, backend, hadamard="none", smooth_k=False, smooth_v=False):
     b, h_q, s_q, d = query.shape
     return query.new_empty((b, s_q, h_q, d))

@@ -14,11 +14,11 @@ import torch
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op
 from .dispatch import BACKENDS, resolve_backend
+from .quantization.hadamard import HADAMARD_MODES, check_hadamard
 
-HADAMARD_MODES = ("none",)
 
 
-def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend) -> None:
+def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, hadamard="none") -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -72,6 +72,7 @@ def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend) -> 
                 raise ValueError(f"{name} is on {t.device}, query on {query.device}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+    check_hadamard(hadamard, d)
 
 
 def fp8_sdpa(
@@ -84,6 +85,9 @@ def fp8_sdpa(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     backend: str | None = None,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
 
@@ -95,13 +99,22 @@ def fp8_sdpa(
         cos, sin: (B or 1, S_q, D) rotary tables: query/key are then un-rotated and RoPE (rotate-half
             convention) is applied inside the quantize kernel. Needs S_q == S_kv.
         backend: "fa3", "fa4", "reference", or None to pick from the device (see `dispatch`).
+        hadamard: accuracy mode for outlier-heavy inputs: "none", "qkv" (Q, K, V rotated by a normalised
+            Hadamard matrix inside the quantize kernel; the output is rotated back) or "v_only".
+            Needs a power-of-two head_dim <= 256.
+        smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).
+        smooth_v: subtract V's per-channel mean before quantizing and add it back to the output.
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
-    _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin, backend=backend)
+    _check_inputs(
+        query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin, backend=backend, hadamard=hadamard
+    )
     name = resolve_backend(query.device, backend)
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     # Under torch.compile the custom op keeps the graph whole; in eager its dispatch is pure overhead.
     op = fp8_sdpa_op if torch.compiler.is_compiling() else fp8_sdpa_impl
-    out = op(query, key, value, cos, sin, bool(is_causal), softmax_scale, name)
+    out = op(
+        query, key, value, cos, sin, bool(is_causal), softmax_scale, name, hadamard, bool(smooth_k), bool(smooth_v)
+    )
     return out.transpose(1, 2)

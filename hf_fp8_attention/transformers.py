@@ -63,14 +63,16 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-# prepare_model(hadamard=...) stores the mode on the model's configs; every fp8_sdpa call of that model
-# passes it on. "none" (the default) is not passed, so fp8_sdpa versions without the argument still work.
-_HADAMARD_ATTR = "fp8_attention_hadamard"
+# prepare_model(hadamard=..., smooth_k=..., smooth_v=...) stores the accuracy options on the model's
+# configs (a config attribute, so a model given attn_implementation= directly can set it too); every
+# fp8_sdpa call of that model passes them on.
+_OPTIONS_ATTR = "fp8_attention_options"
+_DEFAULT_OPTIONS = {"hadamard": "none", "smooth_k": False, "smooth_v": False}
 
 
 def _sdpa_options(module: torch.nn.Module) -> dict:
-    mode = getattr(getattr(module, "config", None), _HADAMARD_ATTR, None)
-    return {} if mode in (None, "none") else {"hadamard": mode}
+    options = getattr(getattr(module, "config", None), _OPTIONS_ATTR, None) or {}
+    return {k: v for k, v in options.items() if k in _DEFAULT_OPTIONS and v != _DEFAULT_OPTIONS[k]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -513,14 +515,23 @@ def _attn_implementation_snapshot(model):
     return snapshot
 
 
-def prepare_model(model, backend: str | None = None, hadamard: str | None = None, fuse_rope: bool = True):
+def prepare_model(
+    model,
+    backend: str | None = None,
+    hadamard: str | None = None,
+    fuse_rope: bool = True,
+    smooth_k: bool = False,
+    smooth_v: bool = False,
+):
     """Switch a loaded model to fp8 attention for prefill-style inference. Returns the same model.
 
     Args:
         model: a transformers PreTrainedModel in bfloat16/float16.
         backend: "fa3", "fa4", "reference", or None to pick from the model's device.
-        hadamard: None/"none", or another mode of `sdpa.HADAMARD_MODES`; stored on the model's configs as
-            ``fp8_attention_hadamard`` and passed to every fp8_sdpa call of this model.
+        hadamard: None/"none", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
+        smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
+            The three options are stored on the model's configs as ``fp8_attention_options`` and passed
+            to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel.
 
     It turns the KV cache off (config and generation_config): the fused-RoPE path needs un-rotated keys,
@@ -567,8 +578,10 @@ def prepare_model(model, backend: str | None = None, hadamard: str | None = None
                 module.forward = types.MethodType(_fused_rope_forward, module)
                 state["patched"].append(module)
     state["hadamard"] = hadamard or "none"
+    options = {"hadamard": state["hadamard"], "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v)}
+    state["options"] = options
     for config in _configs_with_cache(model):
-        setattr(config, _HADAMARD_ATTR, state["hadamard"])
+        setattr(config, _OPTIONS_ATTR, dict(options))
     state["fuse_rope"] = fuse_rope
     setattr(model, _STATE_ATTR, state)
     return model
@@ -587,7 +600,7 @@ def unprepare_model(model):
     for config, value in state["use_cache"]:
         config.use_cache = value
     for config in _configs_with_cache(model):
-        config.__dict__.pop(_HADAMARD_ATTR, None)
+        config.__dict__.pop(_OPTIONS_ATTR, None)
     return model
 
 
@@ -611,8 +624,10 @@ def describe_backend(model) -> str:
     if impl == "fp8":
         text += ", backend picked per call from the device"
     state = model.__dict__.get(_STATE_ATTR)
-    if state is not None and state["hadamard"] != "none":
-        text += f", hadamard {state['hadamard']}"
+    if state is not None:
+        extra = [f"{k}={v}" for k, v in state.get("options", {}).items() if v != _DEFAULT_OPTIONS[k]]
+        if extra:
+            text += ", " + ", ".join(extra)
     total = _count_attention_modules(model)
     if state is None or not state["fuse_rope"]:
         return text + ", fused RoPE off"

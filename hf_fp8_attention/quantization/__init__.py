@@ -1,5 +1,6 @@
 """FP8 (e4m3) quantization of Q/K/V: BHSD bf16/fp16 in, BSHD fp8 + per-(batch, KV head) descales out."""
 
+from .hadamard import HADAMARD_MODES, check_hadamard, hadamard_matrix
 from .reference import QuantizedQKV, apply_rope_reference, quantize_qkv_fp8_reference
 
 try:
@@ -10,4 +11,8 @@ except ImportError as e:  # no triton (e.g. macOS): the reference still works
     def quantize_qkv_fp8(q, k, v, cos=None, sin=None):
         raise ImportError(f"quantize_qkv_fp8 needs triton: {_triton_import_error}") from _triton_import_error
 
-__all__ = ["QuantizedQKV", "apply_rope_reference", "quantize_qkv_fp8", "quantize_qkv_fp8_reference"]
+__all__ = [
+    "HADAMARD_MODES",
+    "check_hadamard",
+    "hadamard_matrix",
+    "QuantizedQKV", "apply_rope_reference", "quantize_qkv_fp8", "quantize_qkv_fp8_reference"]

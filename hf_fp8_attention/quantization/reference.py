@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .._constants import FP8_DTYPE, FP8_MAX
+from .hadamard import check_hadamard, hadamard_matrix, rotates_qk, rotates_v
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class QuantizedQKV:
     q_descale: torch.Tensor
     k_descale: torch.Tensor
     v_descale: torch.Tensor
+    # smooth_v only: (B, H_kv, D) float32 mean over the sequence subtracted from V (after any Hadamard
+    # rotation); rows of P sum to 1, so the attention output gets it back.
+    v_mean: Optional[torch.Tensor] = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,10 @@ def quantize_qkv_fp8_reference(
     v: torch.Tensor,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    *,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -93,17 +101,36 @@ def quantize_qkv_fp8_reference(
         k, v: (B, H_kv, S_kv, D) bf16/fp16, any strides; H_q % H_kv == 0.
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype (HF rotary embedding output);
             only with S_q == S_kv. Applied to q and k in float32 before the amax.
+        hadamard: "none", "qkv" (q, k and v rotated by the normalised Hadamard matrix) or "v_only".
+        smooth_k: subtract K's per-(batch, head, channel) mean over the sequence (exact for softmax
+            attention: it shifts each score row by a constant).
+        smooth_v: subtract V's mean likewise and return it as ``v_mean`` for the output to add back.
+        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3.
 
     Returns:
         QuantizedQKV with BSHD fp8 tensors and (B, H_kv) float32 descales.
     """
     _check_rope_args(q, k, cos, sin)
+    check_hadamard(hadamard, q.shape[-1])
     h_kv = k.shape[1]
-    qf, kf = q.float(), k.float()
+    qf, kf, vf = q.float(), k.float(), v.float()
     if cos is not None:
         qf = apply_rope_reference(qf, cos, sin)
         kf = apply_rope_reference(kf, cos, sin)
+    if hadamard != "none":
+        h = hadamard_matrix(q.shape[-1], device=q.device)
+        if rotates_qk(hadamard):
+            qf, kf = qf @ h, kf @ h
+        if rotates_v(hadamard):
+            vf = vf @ h
+    if smooth_k:
+        kf = kf - kf.mean(dim=2, keepdim=True)
+    v_mean = None
+    if smooth_v:
+        v_mean = vf.mean(dim=2, keepdim=True)
+        vf = vf - v_mean
+        v_mean = v_mean.squeeze(2)
     q8, q_descale = _quantize_grouped(qf, h_kv)
     k8, k_descale = _quantize_grouped(kf, h_kv)
-    v8, v_descale = _quantize_grouped(v.float(), h_kv)
-    return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale)
+    v8, v_descale = _quantize_grouped(vf, h_kv)
+    return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean)

@@ -440,27 +440,27 @@ def test_bad_backend_and_hadamard():
     assert model.config._attn_implementation == "fp8_reference"
 
 
-def test_hadamard_mode_reaches_every_fp8_call(monkeypatch):
-    """prepare_model(hadamard=...) is passed to fp8_sdpa (fused, unfused and padded calls); "none" is not."""
+def test_accuracy_options_reach_every_fp8_call(monkeypatch):
+    """prepare_model(hadamard=, smooth_k=, smooth_v=) reach fp8_sdpa (fused, unfused and padded calls);
+    defaults are not passed."""
     seen = []
     real = hft.fp8_sdpa
 
     def spy(query, key, value, **kwargs):
-        seen.append(kwargs.pop("hadamard", None))
+        seen.append({k: kwargs[k] for k in ("hadamard", "smooth_k", "smooth_v") if k in kwargs})
         return real(query, key, value, **kwargs)
 
     monkeypatch.setattr(hft, "fp8_sdpa", spy)
-    monkeypatch.setattr(hft, "HADAMARD_MODES", ("none", "qkv"))
     model = tiny_model()
     hfa.prepare_model(model, backend="reference", hadamard="none")
     logits(model, ids_for())
-    assert seen == [None, None] and model.config.fp8_attention_hadamard == "none"
+    assert seen == [{}, {}] and model.config.fp8_attention_options["hadamard"] == "none"
     seen.clear()
-    hfa.prepare_model(model, backend="reference", hadamard="qkv")
+    hfa.prepare_model(model, backend="reference", hadamard="qkv", smooth_k=True)
     mask = _padded_batch((SEQ, 29), SEQ, left=True)
     logits(model, ids_for())  # fused RoPE
     logits(model, ids_for(), attention_mask=mask)  # padded rows, unfused
-    assert seen and all(mode == "qkv" for mode in seen)
-    assert "hadamard qkv" in hfa.describe_backend(model)
+    assert seen and all(opts == {"hadamard": "qkv", "smooth_k": True} for opts in seen)
+    assert "hadamard=qkv, smooth_k=True" in hfa.describe_backend(model)
     hfa.unprepare_model(model)
-    assert not hasattr(model.config, "fp8_attention_hadamard")
+    assert not hasattr(model.config, "fp8_attention_options")

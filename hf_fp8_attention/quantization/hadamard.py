@@ -1,0 +1,47 @@
+"""Normalised Walsh-Hadamard matrices for the accuracy modes, and the mode names.
+
+H_D (Sylvester construction, entries +-1) scaled by 1/sqrt(D) is symmetric and orthogonal: H @ H = I.
+Rotating Q and K by it leaves Q.K^T unchanged and spreads an outlier channel over all D channels, so one
+per-head scale loses less; rotating V needs the inverse (H itself) on the attention output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+HADAMARD_MODES = ("none", "qkv", "v_only")
+MAX_HADAMARD_DIM = 256
+
+
+def check_hadamard(mode: str, head_dim: int) -> None:
+    if mode not in HADAMARD_MODES:
+        raise ValueError(f"hadamard must be one of {HADAMARD_MODES}, got {mode!r}")
+    if mode != "none" and (head_dim & (head_dim - 1) or head_dim > MAX_HADAMARD_DIM):
+        raise ValueError(
+            f"hadamard={mode!r} needs a power-of-two head_dim <= {MAX_HADAMARD_DIM}, got {head_dim}; "
+            "use hadamard='none' (smooth_k still applies)"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_matrix(dim: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(dim: int, device=None, dtype=torch.float32, normalized: bool = True) -> torch.Tensor:
+    """(dim, dim) Hadamard matrix, entries +-1 (or +-1/sqrt(dim) when normalized)."""
+    h = _sign_matrix(dim).to(device=device, dtype=dtype)
+    return h * dim**-0.5 if normalized else h
+
+
+def rotates_qk(mode: str) -> bool:
+    return mode == "qkv"
+
+
+def rotates_v(mode: str) -> bool:
+    return mode in ("qkv", "v_only")
