@@ -3,19 +3,46 @@
 
 Inputs are laid out as Transformers hands them over: (B, H, S, D) views of (B, S, H, D) memory.
 Times are medians of CUDA-event timings (triton.testing.do_bench); TFLOPS = 4*B*H*S_q*S_kv*D / t, halved
-for causal. Prints a markdown table; `--json` writes the rows.
+for causal. Prints a markdown table; `--json` writes the rows, `--plot` a PNG (TFLOPS vs S, one line per
+implementation, non-causal and causal panels).
+
+Accuracy: each row with an attention output gets its SQNR (dB) against torch SDPA on the same inputs, in
+bf16 (default) or float32 (``--sqnr-ref fp32``). fp8 rows run once per accuracy mode
+(`hf_fp8_attention.accuracy.MODES` whose keywords `fp8_sdpa` takes; "none" only before that exists);
+``--modes`` picks some.
 
     python scripts/bench_sdpa.py --seqlens 4096 16384 32768
+    python scripts/bench_sdpa.py --head-dims 64 128 256 --seqlens 1024 4096 --modes none qkv --plot sdpa.png
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def available_modes() -> dict[str, dict]:
+    """Accuracy mode name -> fp8_sdpa kwargs, for the modes this fp8_sdpa accepts ("none" always first)."""
+    modes = {"none": {}}
+    try:
+        from hf_fp8_attention import fp8_sdpa
+        from hf_fp8_attention.accuracy import MODES
+    except ImportError:
+        return modes
+    params = inspect.signature(fp8_sdpa).parameters
+    modes.update({name: dict(kw) for name, kw in MODES.items() if all(k in params for k in kw)})
+    return modes
 
 
 def parse_args(argv=None):
@@ -23,16 +50,35 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dims", type=int, nargs="+", default=None, help="head dims to sweep (default: 128)")
+    p.add_argument("--head-dim", type=int, default=None, help="one head dim (same as --head-dims D)")
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--modes", nargs="+", default=None, help="fp8 accuracy modes to run (default: all available)")
+    p.add_argument("--sqnr-ref", choices=["bf16", "fp32", "off"], default="bf16", help="SQNR reference: torch SDPA in bf16 or float32")
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
     p.add_argument("--json", type=str, default=None, help="write the rows to this file")
+    p.add_argument("--plot", type=str, default=None, help="write a PNG of TFLOPS vs S (needs matplotlib)")
     args = p.parse_args(argv)
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.heads % args.kv_heads:
         p.error("--heads must be a multiple of --kv-heads")
+    if args.head_dim is not None and args.head_dims is not None:
+        p.error("pass --head-dims or --head-dim, not both")
+    args.head_dims = args.head_dims or [args.head_dim or 128]
+    args.head_dim = args.head_dims[0]
+    if any(d < 1 for d in args.head_dims) or any(s < 1 for s in args.seqlens):
+        p.error("--head-dims and --seqlens must be positive")
+    modes = available_modes()
+    if args.modes is None:
+        args.modes = list(modes)
+    unknown = [m for m in args.modes if m not in modes]
+    if unknown:
+        p.error(f"--modes: unknown or unsupported {unknown}; available: {', '.join(modes)}")
+    args.mode_kwargs = {m: modes[m] for m in args.modes}
+    if args.plot and not _common.have_matplotlib():
+        p.error("--plot needs matplotlib (pip install matplotlib)")
     return args
 
 
@@ -42,13 +88,43 @@ def _median_ms(fn, rep_ms):
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
-def _candidates(q, k, v, causal):
-    """name -> zero-arg callable. Only what is installed/usable on this GPU is listed."""
+@dataclass
+class Candidate:
+    """A timed callable. ``output``: it returns an attention output (BSHD if ``bshd``), scored by SQNR."""
+
+    name: str
+    fn: Callable
+    output: bool = True
+    bshd: bool = False
+    mode: str | None = None
+
+
+def _fp8_backends(device) -> list[str]:
+    """fp8_sdpa backends with a kernel usable on ``device`` (the reference emulation is not benchmarked)."""
+    from hf_fp8_attention import BACKENDS
+    from hf_fp8_attention.dispatch import check_backend
+
+    usable = []
+    for b in BACKENDS:
+        if b == "reference":
+            continue
+        try:
+            check_backend(b, device)
+        except Exception as e:  # not for this GPU / kernel not installed: say why once per shape
+            print(f"# fp8_{b}: not benchmarked ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        usable.append(b)
+    return usable
+
+
+def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[Candidate]:
+    """Only what is installed/usable on this GPU is listed."""
     from hf_fp8_attention import fp8_sdpa, quantize_qkv_fp8
     from hf_fp8_attention.dispatch import kernel_available
 
+    modes = {"none": {}} if modes is None else modes
     gqa = q.shape[1] != k.shape[1]
-    out = {}
+    out = []
 
     def torch_sdpa(backend):
         def run():
@@ -57,22 +133,78 @@ def _candidates(q, k, v, causal):
 
         return run
 
-    out["torch sdpa flash bf16"] = torch_sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
-    out["torch sdpa cudnn bf16"] = torch_sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+    out.append(Candidate("torch sdpa flash bf16", torch_sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION)))
+    out.append(Candidate("torch sdpa cudnn bf16", torch_sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)))
     if kernel_available("fa3"):
         from flash_attn_interface import flash_attn_func
 
-        qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))  # BSHD, no copy
-        out["FA3 bf16"] = lambda: flash_attn_func(qb, kb, vb, causal=causal)
-        out["fp8 quantize only"] = lambda: quantize_qkv_fp8(q, k, v)
-        qkv = quantize_qkv_fp8(q, k, v)
         from hf_fp8_attention.backends.fa3 import fa3_fp8_attention
 
-        out["FA3 fp8 kernel only"] = lambda: fa3_fp8_attention(
-            qkv, is_causal=causal, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype
+        qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))  # BSHD, no copy
+
+        def fa3_bf16():
+            res = flash_attn_func(qb, kb, vb, causal=causal)
+            return res[0] if isinstance(res, tuple) else res
+
+        out.append(Candidate("FA3 bf16", fa3_bf16, bshd=True))
+        out.append(Candidate("fp8 quantize only", lambda: quantize_qkv_fp8(q, k, v), output=False))
+        qkv = quantize_qkv_fp8(q, k, v)
+        out.append(
+            Candidate(
+                "FA3 fp8 kernel only",
+                lambda: fa3_fp8_attention(qkv, is_causal=causal, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype),
+                bshd=True,
+                mode="none",
+            )
         )
-        out["fp8_fa3 (quant incl.)"] = lambda: fp8_sdpa(q, k, v, is_causal=causal, backend="fa3")
+    for backend in _fp8_backends(q.device):
+        for mode, kwargs in modes.items():
+            tag = "" if mode == "none" else f" [{mode}]"
+
+            def run(backend=backend, kwargs=kwargs):
+                return fp8_sdpa(q, k, v, is_causal=causal, backend=backend, **kwargs)
+
+            out.append(Candidate(f"fp8_{backend}{tag} (quant incl.)", run, mode=mode))
     return out
+
+
+def _reference(q, k, v, causal, ref: str) -> torch.Tensor | None:
+    """torch SDPA output (BHSD) in bf16 or float32; k/v expanded for GQA (efficient attention takes fp32)."""
+    if ref == "off":
+        return None
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
+    if ref == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    backends = [torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
+                torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]  # never the O(S^2)-memory math path
+    with torch.nn.attention.sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _sqnr(cand: Candidate, ref: torch.Tensor | None) -> float | None:
+    if ref is None or not cand.output:
+        return None
+    from hf_fp8_attention.metrics import sqnr_db
+
+    res = cand.fn()
+    if cand.bshd:
+        res = res.transpose(1, 2)
+    return sqnr_db(res, ref)
+
+
+def _plot(path: str, rows: list[dict], title: str) -> None:
+    multi_d = len({r["D"] for r in rows}) > 1
+    panels = {"non-causal": {}, "causal": {}}
+    for r in rows:
+        if r["tflops"] is None:
+            continue
+        label = f"{r['impl']} D={r['D']}" if multi_d else r["impl"]
+        xs, ys = panels["causal" if r["causal"] else "non-causal"].setdefault(label, ([], []))
+        xs.append(r["S"])
+        ys.append(r["tflops"])
+    panels = {k: v for k, v in panels.items() if v}
+    _common.plot_panels(path, panels, xlabel="S", ylabel="TFLOPS", title=title)
 
 
 def main(argv=None) -> int:
@@ -85,47 +217,65 @@ def main(argv=None) -> int:
 
     dev = torch.cuda.get_device_name()
     print(f"# device: {dev}; torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}")
-    print(f"# B={args.batch} H={args.heads}/{args.kv_heads} D={args.head_dim}, bf16 inputs as BHSD views of BSHD")
+    dims = " ".join(map(str, args.head_dims))
+    print(f"# B={args.batch} H={args.heads}/{args.kv_heads} D={dims}, bf16 inputs as BHSD views of BSHD")
+    print(f"# SQNR vs torch SDPA {args.sqnr_ref}; fp8 accuracy modes: {', '.join(args.modes)}")
     rows = []
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    for s in args.seqlens:
-        for causal in causals:
-            g = torch.Generator(device="cuda").manual_seed(s)
-            shape_q = (args.batch, s, args.heads, args.head_dim)
-            shape_kv = (args.batch, s, args.kv_heads, args.head_dim)
-            q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-            k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-            v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-            flops = 4 * args.batch * args.heads * s * s * args.head_dim / (2 if causal else 1)
-            times = {}
-            for name, fn in _candidates(q, k, v, causal).items():
-                try:
-                    times[name] = _median_ms(fn, args.rep_ms)
-                except Exception as e:  # a backend unavailable for this shape: report, keep going
-                    print(f"# {name} S={s} causal={causal}: {type(e).__name__}: {e}", file=sys.stderr)
-            base = times.get("FA3 bf16")
-            for name, ms in times.items():
-                rows.append(
-                    {
-                        "S": s,
-                        "causal": causal,
-                        "impl": name,
-                        "ms": ms,
-                        "tflops": None if "quantize" in name else flops / ms / 1e9,
-                        "vs_fa3_bf16": None if base is None or "quantize" in name else base / ms,
-                    }
-                )
-            del q, k, v
-            torch.cuda.empty_cache()
-    print("\n| S | causal | implementation | ms | TFLOPS | speedup vs FA3 bf16 |")
-    print("|---|---|---|---|---|---|")
+    for d in args.head_dims:
+        for s in args.seqlens:
+            for causal in causals:
+                g = torch.Generator(device="cuda").manual_seed(s)
+                shape_q = (args.batch, s, args.heads, d)
+                shape_kv = (args.batch, s, args.kv_heads, d)
+                q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
+                ref = _reference(q, k, v, causal, args.sqnr_ref)
+                times, sqnrs, cands = {}, {}, {}
+                for cand in _candidates(q, k, v, causal, args.mode_kwargs):
+                    try:
+                        times[cand.name] = _median_ms(cand.fn, args.rep_ms)
+                        sqnrs[cand.name] = _sqnr(cand, ref)
+                        cands[cand.name] = cand
+                    except Exception as e:  # a backend unavailable for this shape: report, keep going
+                        print(f"# {cand.name} D={d} S={s} causal={causal}: {type(e).__name__}: {e}", file=sys.stderr)
+                base = times.get("FA3 bf16")
+                for name, ms in times.items():
+                    timing_only = not cands[name].output
+                    rows.append(
+                        {
+                            "S": s,
+                            "causal": causal,
+                            "impl": name,
+                            "ms": ms,
+                            "tflops": None if timing_only else flops / ms / 1e9,
+                            "vs_fa3_bf16": None if base is None or timing_only else base / ms,
+                            "D": d,
+                            "mode": cands[name].mode,
+                            "sqnr_db": sqnrs[name],
+                        }
+                    )
+                del q, k, v, ref
+                torch.cuda.empty_cache()
+    print("\n| S | causal | implementation | ms | TFLOPS | speedup vs FA3 bf16 | D | SQNR dB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tf = "-" if r["tflops"] is None else f"{r['tflops']:.0f}"
         sp = "-" if r["vs_fa3_bf16"] is None else f"{r['vs_fa3_bf16']:.2f}x"
-        print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} |")
+        sq = _common.fmt(r["sqnr_db"], ".1f")
+        print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": dev, "torch": torch.__version__, "sqnr_ref": args.sqnr_ref, "modes": args.modes, "rows": rows},
+                f,
+                indent=1,
+            )
+    if args.plot:
+        title = f"{dev}, B={args.batch} H={args.heads}/{args.kv_heads} D={dims}, bf16 inputs"
+        _plot(args.plot, rows, title)
     return 0
 
 
