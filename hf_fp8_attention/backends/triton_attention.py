@@ -225,7 +225,8 @@ def _prefill_configs():
 def _prune_prefill(configs, named_args, **kwargs):
     # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator exceed the registers of
     # 8 warps; keep BLOCK_N 64 there.
-    if named_args["HEAD_DIM_PAD"] >= 256:
+    # Triton passes the constexpr arguments in kwargs (3.6) or in named_args (later versions).
+    if kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 0)) >= 256:
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
         return kept or configs
     return configs
