@@ -1,0 +1,415 @@
+"""scripts/: argument handling of eval_perplexity, benchmark_model and bench_sdpa, plus tiny CPU runs.
+
+The end-to-end perplexity run uses a tiny random Llama and a WordLevel tokenizer built offline in a tmp
+dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tiny config on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"hfa_scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ppl = _load("eval_perplexity")
+bench_model = _load("benchmark_model")
+bench_sdpa = _load("bench_sdpa")
+common = sys.modules["_common"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _expect_usage_error(parse, argv, capsys, match: str | None = None):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+    if match:
+        assert match in err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------------
+# _common
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_parse_attn_spec():
+    assert common.parse_attn_spec("sdpa") == ("sdpa", {})
+    assert common.parse_attn_spec("fp8:hadamard=qkv") == ("fp8", {"hadamard": "qkv"})
+    assert common.parse_attn_spec("fp8_fa3:hadamard=none,fuse_rope=false,n=3,x=0.5") == (
+        "fp8_fa3",
+        {"hadamard": "none", "fuse_rope": False, "n": 3, "x": 0.5},
+    )
+    for bad in ("", ":a=b", "fp8:", "fp8:hadamard", "fp8:a=1,a=2", "fp8:1x=2"):
+        with pytest.raises(ValueError):
+            common.parse_attn_spec(bad)
+    with pytest.raises(ValueError, match="unknown attention"):
+        common.check_attn_spec("flash_attention_9")
+    with pytest.raises(ValueError, match="only apply to the fp8"):
+        common.check_attn_spec("sdpa:hadamard=qkv")
+    assert common.check_attn_spec("fa3_bf16", extra_names=("fa3_bf16",)) == ("fa3_bf16", {})
+
+
+def test_markdown_table_and_fmt():
+    table = common.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+    assert common.fmt(None) == "-" and common.fmt(1.23456, ".2f") == "1.23" and common.fmt(float("inf")) == "inf"
+
+
+# ------------------------------------------------------------------------------------------------------
+# eval_perplexity
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_ppl_defaults():
+    args = ppl.parse_args([])
+    assert args.model is None and args.gguf_file is None
+    assert args.attn == ["sdpa", "fp8"]
+    assert args.seq_len == 2048 and args.stride == 2048
+    assert args.max_windows is None and args.dtype == "bf16"
+    assert args.text_file is None and args.dataset is None
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert [s[1] for s in args.specs] == ["sdpa", "fp8"]
+
+
+def test_ppl_attn_specs():
+    args = ppl.parse_args(["--attn", "sdpa", "fp8_reference:hadamard=qkv", "--device", "cpu", "--seq-len", "64"])
+    assert args.specs == [("sdpa", "sdpa", {}), ("fp8_reference:hadamard=qkv", "fp8_reference", {"hadamard": "qkv"})]
+    assert args.stride == 64
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--seq-len", "1"],
+        ["--stride", "0"],
+        ["--seq-len", "16", "--stride", "32"],
+        ["--max-windows", "0"],
+        ["--text-file", "/no/such/file.txt"],
+        ["--attn", "flash_attention_9"],
+        ["--attn", "sdpa", "sdpa"],
+        ["--attn", "sdpa:hadamard=qkv"],
+        ["--attn", "fp8:"],
+        ["--attn", "fp8_reference", "--dtype", "fp32"],
+        ["--dtype", "fp8"],
+        ["--device", "not-a-device"],
+        ["--text-file", "x", "--dataset", "wikitext2"],
+    ],
+)
+def test_ppl_errors(argv, capsys):
+    _expect_usage_error(ppl.parse_args, argv, capsys)
+
+
+@no_cuda
+@pytest.mark.parametrize("argv", [["--device", "cuda"], ["--attn", "fp8_fa3", "--device", "cpu"]])
+def test_ppl_gpu_only_errors(argv, capsys):
+    err = _expect_usage_error(ppl.parse_args, argv, capsys)
+    assert "CUDA" in err
+
+
+def test_make_windows():
+    # Disjoint windows: each scores all but its first token; the first token of the stream never.
+    assert ppl.make_windows(10, 4, 4) == [(0, 4, 3), (4, 8, 3), (8, 10, 1)]
+    # Overlapping: every token after the first scored exactly once.
+    wins = ppl.make_windows(10, 4, 2)
+    assert wins == [(0, 4, 3), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    assert sum(w[2] for w in wins) == 9
+    assert ppl.make_windows(10, 4, 2, max_windows=2) == [(0, 4, 3), (2, 6, 2)]
+    assert ppl.make_windows(1, 4, 4) == []
+    for n, length, stride in [(100, 16, 5), (37, 8, 8), (50, 50, 7), (50, 9, 8)]:
+        wins = ppl.make_windows(n, length, stride)
+        # With stride < seq-len every token after the first is scored; disjoint windows skip each first token.
+        assert sum(w[2] for w in wins) == (n - len(wins) if stride == length else n - 1)
+        assert all(e - b <= length and 0 < k < e - b + 1 for b, e, k in wins)
+
+
+def test_strip_doc_wrappers(tmp_path):
+    wrapped = (
+        '<doc id="1" url="u" title="A">\nA\n\nFirst doc text.\n\n</doc>\n'
+        '<doc id="2" url="u" title="B">\nB\n\nSecond.\n</doc>\n'
+    )
+    assert ppl.strip_doc_wrappers(wrapped) == "A\n\nFirst doc text.\n\nB\n\nSecond."
+    plain = "no <doc> wrappers here\n</doc> is just text"
+    assert ppl.strip_doc_wrappers(plain) == plain
+
+
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="exllamav2 (default corpus) not installed")
+def test_default_corpus_found():
+    path = ppl.default_corpus_path()
+    assert path.name == "wiki.utf8" and path.stat().st_size > 1_000_000
+    head = ppl.strip_doc_wrappers(path.read_text(encoding="utf-8")[:20000].rsplit("</doc>", 1)[0] + "</doc>\n")
+    assert "<doc" not in head and "</doc>" not in head and len(head) > 1000
+
+
+def test_default_corpus_missing(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(ppl.importlib.util, "find_spec", lambda name, *a: None if name == "exllamav2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="exllamav2"):
+        ppl.default_corpus_path()
+
+
+def test_dataset_offline_error(monkeypatch):
+    """--dataset needs `datasets` and the hub: offline it stops with a message, never a traceback."""
+    args = ppl.parse_args(["--dataset", "wikitext2", "--device", "cpu"])
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(SystemExit, match="datasets"):
+            ppl.load_corpus(args)
+    else:
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        try:
+            ppl.load_corpus(args)
+        except SystemExit as e:
+            assert "wikitext2" in str(e)
+
+
+def test_gguf_file_resolution(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    src = common.resolve_model_source(str(tmp_path), "m.gguf")
+    assert (Path(src.path), src.gguf_file) == (tmp_path.resolve(), "m.gguf")
+    src = common.resolve_model_source(None, str(tmp_path / "m.gguf"))
+    assert src.gguf_file == "m.gguf"
+    with pytest.raises(FileNotFoundError, match="--gguf-file"):
+        common.resolve_model_source(None, str(tmp_path / "missing.gguf"))
+    with pytest.raises(ValueError, match=".gguf"):
+        common.resolve_model_source(None, str(tmp_path / "w.bin"))
+
+
+WORDS = (
+    "the sky is blue because of rayleigh scattering the sea is blue and the grass is green "
+    "explain why the sun is bright in two sentences user assistant system hello world"
+).split()
+
+
+def _save_tiny_model(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny_llama_ppl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(1)
+    docs = []
+    for i in range(3):
+        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (150,), generator=g).tolist()]
+        docs.append(f'<doc id="{i}" url="u" title="t{i}">\n' + " ".join(words) + "\n</doc>")
+    path = tmp_path_factory.mktemp("corpus") / "wiki.utf8"
+    path.write_text("\n".join(docs) + "\n")
+    return path
+
+
+def test_eval_perplexity_end_to_end(tiny_model, tiny_corpus, tmp_path, capsys):
+    out_json = tmp_path / "ppl.json"
+    argv = [
+        "--model", str(tiny_model), "--text-file", str(tiny_corpus), "--attn", "sdpa", "fp8_reference",
+        "--seq-len", "128", "--stride", "96", "--max-windows", "3", "--device", "cpu", "--no-progress",
+        "--json", str(out_json),
+    ]
+    report = ppl.main(argv)
+    out = capsys.readouterr().out
+    assert "| attn | attention | perplexity | delta |" in out
+    assert "`sdpa`" in out and "`fp8_reference`" in out
+    assert f"{report['tokens_scored']:,} tokens scored" in out and "seq-len 128, stride 96" in out
+    assert "torch" in out and "transformers" in out and "device: cpu" in out
+
+    data = json.loads(out_json.read_text())
+    assert data["seq_len"] == 128 and data["stride"] == 96 and data["windows"] == 3
+    assert data["tokens_scored"] == 127 + 96 + 96
+    sdpa, fp8 = data["results"]
+    assert (sdpa["attn"], fp8["attn"]) == ("sdpa", "fp8_reference")
+    assert "reference" in fp8["backend"]
+    for r in (sdpa, fp8):
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == data["tokens_scored"]
+        assert len(r["window_nll"]) == 3
+    assert sdpa["delta"] == 0.0
+    # A random tiny model is near-uniform over the vocabulary: fp8 attention barely moves it.
+    assert abs(fp8["ppl"] / sdpa["ppl"] - 1) < 0.03
+    assert fp8["delta_pct"] == pytest.approx(100 * (fp8["ppl"] / sdpa["ppl"] - 1))
+
+
+def test_eval_perplexity_bad_prepare_kwarg(tiny_model, tiny_corpus):
+    """An option prepare_model refuses stops the run before any window, naming the spec."""
+    argv = [
+        "--model", str(tiny_model), "--text-file", str(tiny_corpus), "--attn", "sdpa", "fp8_reference:hadamard=bogus",
+        "--seq-len", "64", "--max-windows", "1", "--device", "cpu", "--no-progress",
+    ]
+    with pytest.raises(SystemExit, match="fp8_reference:hadamard=bogus.*hadamard"):
+        ppl.main(argv)
+
+
+# ------------------------------------------------------------------------------------------------------
+# benchmark_model
+# ------------------------------------------------------------------------------------------------------
+
+
+@no_cuda
+def test_bench_model_needs_cuda(capsys):
+    _expect_usage_error(bench_model.parse_args, [], capsys, match="CUDA")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "cpu"],  # the 8B shape on CPU: refused
+        ["--tiny", "--device", "cpu", "--layers", "0"],
+        ["--tiny", "--device", "cpu", "--repeats", "0"],
+        ["--tiny", "--device", "cpu", "--warmup", "-1"],
+        ["--tiny", "--device", "cpu", "--seqlens", "0"],
+        ["--tiny", "--device", "cpu", "--impls", "sdpa", "sdpa"],
+        ["--tiny", "--device", "cpu", "--impls", "flash_attention_9"],
+        ["--tiny", "--device", "cpu", "--impls", "fa3_bf16:x=1"],
+    ],
+)
+def test_bench_model_errors(argv, capsys):
+    _expect_usage_error(bench_model.parse_args, argv, capsys)
+
+
+def test_bench_model_defaults():
+    args = bench_model.parse_args(["--tiny", "--device", "cpu"])
+    assert args.seqlens == [4096, 8192, 16384, 32768, 65536, 131072]
+    assert args.impls[:3] == ["sdpa", "fa3_bf16", "fp8_fa3"]
+    assert (args.warmup, args.repeats, args.batch, args.layers) == (1, 3, 1, None)
+
+
+def test_bench_model_config_and_build():
+    config = bench_model.build_config()
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (32, 4096, 14336)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size) == (32, 8, 128, 128256)
+    assert config.use_cache is False
+    assert bench_model.build_config(layers=2).num_hidden_layers == 2
+
+    tiny = bench_model.build_config(tiny=True, layers=1)
+    model = bench_model.build_model(tiny, "cpu", torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and len(model.model.layers) == 1
+    params = dict(model.named_parameters())
+    assert torch.equal(params["model.norm.weight"], torch.ones_like(params["model.norm.weight"]))
+    w = params["model.layers.0.mlp.up_proj.weight"].float()
+    assert 0.015 < w.std().item() < 0.025
+    logits = bench_model.prefill(model, torch.randint(0, tiny.vocab_size, (1, 32)))
+    assert logits.shape == (1, 1, tiny.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_bench_model_tiny_cpu_run(tmp_path, capsys):
+    out_json = tmp_path / "bm.json"
+    report = bench_model.main(
+        ["--tiny", "--device", "cpu", "--layers", "1", "--seqlens", "32", "64", "--impls", "sdpa", "fp8_reference",
+         "fa3_bf16", "--warmup", "0", "--repeats", "1", "--json", str(out_json)]
+    )
+    captured = capsys.readouterr()
+    assert "skipping fa3_bf16" in captured.err  # no CUDA: skipped with a note
+    assert "| S | implementation | s (median) |" in captured.out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["S"], r["impl"]) for r in rows] == [(32, "sdpa"), (32, "fp8_reference"), (64, "sdpa"), (64, "fp8_reference")]
+    assert all(r["s"] > 0 and r["finite"] for r in rows)
+    assert rows[0]["vs_sdpa"] == 1.0 and rows[1]["vs_fa3_bf16"] is None
+    assert report["layers"] == 1
+
+
+def test_fa3_bf16_registered():
+    from transformers import AttentionInterface
+
+    bench_model.register_fa3_bf16()
+    assert AttentionInterface()["fa3_bf16"] is bench_model.fa3_bf16_attention
+
+
+# ------------------------------------------------------------------------------------------------------
+# bench_sdpa
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_bench_sdpa_args():
+    args = bench_sdpa.parse_args([])
+    assert args.head_dims == [128] and args.head_dim == 128
+    assert args.seqlens == [4096, 16384, 32768] and args.causal == "both"
+    assert args.modes[0] == "none" and args.sqnr_ref == "bf16"
+    assert bench_sdpa.parse_args(["--head-dim", "64"]).head_dims == [64]
+    assert bench_sdpa.parse_args(["--head-dims", "64", "256"]).head_dims == [64, 256]
+    assert bench_sdpa.parse_args(["--modes", "none"]).mode_kwargs == {"none": {}}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--heads", "32", "--kv-heads", "5"],
+        ["--head-dim", "64", "--head-dims", "128"],
+        ["--modes", "no-such-mode"],
+        ["--sqnr-ref", "fp8"],
+        ["--seqlens", "0"],
+    ],
+)
+def test_bench_sdpa_errors(argv, capsys):
+    _expect_usage_error(bench_sdpa.parse_args, argv, capsys)
+
+
+@no_cuda
+def test_bench_sdpa_without_cuda(capsys):
+    assert bench_sdpa.main(["--seqlens", "128"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_sdpa_sqnr_helpers():
+    """The SQNR plumbing on CPU: the reference backend's fp8 output against torch SDPA in bf16 and fp32."""
+    from hf_fp8_attention import fp8_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 4, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 64, 2, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+    v = torch.randn(1, 64, 2, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+    cand = bench_sdpa.Candidate("fp8_reference", lambda: fp8_sdpa(q, k, v, is_causal=True, backend="reference"), mode="none")
+    for ref_kind in ("bf16", "fp32"):
+        ref = bench_sdpa._reference(q, k, v, True, ref_kind)
+        assert ref.shape == q.shape
+        assert 20 < bench_sdpa._sqnr(cand, ref) < 60
+    assert bench_sdpa._reference(q, k, v, True, "off") is None
+    assert bench_sdpa._sqnr(bench_sdpa.Candidate("t", lambda: None, output=False), ref) is None
+    assert "none" in bench_sdpa.available_modes()
