@@ -205,8 +205,9 @@ def have_matplotlib() -> bool:
 
 
 def plot_panels(path: str, panels: dict[str, dict[str, tuple[list, list]]], *, xlabel: str, ylabel: str,
-                logx: bool = True, logy: bool = False, title: str | None = None) -> None:
-    """One subplot per panel, one line per label: ``panels[panel][label] = (xs, ys)``. Writes ``path`` (PNG)."""
+                logx: bool = True, logy: bool | tuple[str, ...] = False, title: str | None = None) -> None:
+    """One subplot per panel, one line per label: ``panels[panel][label] = (xs, ys)``. Writes ``path`` (PNG).
+    ``logy``: True for every panel, or the titles of the panels with a log y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +219,7 @@ def plot_panels(path: str, panels: dict[str, dict[str, tuple[list, list]]], *, x
             ax.plot(xs, ys, marker="o", label=label)
         if logx:
             ax.set_xscale("log", base=2)
-        if logy:
+        if logy is True or (not isinstance(logy, bool) and panel in logy):
             ax.set_yscale("log")
         ax.set_title(panel)
         ax.set_xlabel(xlabel)

@@ -318,7 +318,7 @@ def plot(path: str, rows: list[dict], title: str) -> None:
             xs.append(r["S"])
             ys.append(r["vs_sdpa"])
     panels = {"prefill seconds": seconds, "speedup vs sdpa": speedup}
-    _common.plot_panels(path, panels, xlabel="sequence length", ylabel="", logy=False, title=title)
+    _common.plot_panels(path, panels, xlabel="sequence length", ylabel="", logy=("prefill seconds",), title=title)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -355,6 +355,21 @@ def test_bench_model_tiny_cpu_run(tmp_path, capsys):
     assert report["layers"] == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_plots(tmp_path):
+    rows = [
+        {"S": s, "impl": impl, "label": impl, "s": s / 1000 * f, "vs_sdpa": 1 / f}
+        for s in (32, 64) for impl, f in (("sdpa", 1.0), ("fp8_reference", 1.5))
+    ]
+    bench_model.plot(str(tmp_path / "bm.png"), rows, "title")
+    sdpa_rows = [
+        {"S": s, "causal": c, "impl": impl, "tflops": None if "only" in impl else s / 10, "D": d}
+        for s in (4096, 8192) for c in (False, True) for impl in ("FA3 bf16", "fp8 quantize only") for d in (64, 128)
+    ]
+    bench_sdpa._plot(str(tmp_path / "sdpa.png"), sdpa_rows, "title")
+    assert (tmp_path / "bm.png").stat().st_size > 1000 and (tmp_path / "sdpa.png").stat().st_size > 1000
+
+
 def test_fa3_bf16_registered():
     from transformers import AttentionInterface
 
