@@ -3,6 +3,8 @@
 Launches the kernels of `triton_attention.py`: the autotuned prefill kernel, or, when a KV head has few
 query rows (decode), a small-tile kernel whose keys are split over several programs and merged by a
 combine kernel. Same semantics as `reference.py` (FA3's fp8 rounding), within online-softmax rounding.
+Long prefills first copy V to a keys-contiguous layout (fp8 wgmma needs P.V's B operand K-major); a
+quantizer that writes V that way (a BSHD view with unit stride over keys) saves the copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Query rows per KV head (S_q * H_q / H_kv) up to which the decode path (small tiles, split keys) runs.
 _DECODE_MAX_ROWS = 64
+# Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
+# cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
+_SPLIT_MIN_KEYS = 8192
+# Prefill copies BSHD V to keys-contiguous when S_kv * D reaches this (H100, triton 3.6: the on-chip
+# transpose of BSHD V tiles halves the kernel's speed; the copy costs more only at S_kv * D < 256k).
+_V_COPY_MIN_KEYS_X_DIM = 2048 * 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,9 +42,12 @@ def _interpreting() -> bool:
 def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
     q, k, v = qkv.q, qkv.k, qkv.v
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != FP8_DTYPE or t.dim() != 4 or not t.is_contiguous():
+        # V may also be a BSHD view of keys-contiguous (B, H_kv, D, S_kv) memory, the layout the kernel
+        # reads fastest on Hopper.
+        ok_layout = t.is_contiguous() or (name == "v" and t.dim() == 4 and t.stride(1) == 1)
+        if t.dtype != FP8_DTYPE or t.dim() != 4 or not ok_layout:
             raise ValueError(f"triton fp8 attention takes contiguous 4-D {FP8_DTYPE} BSHD {name}, got "
-                             f"{t.dtype} {tuple(t.shape)} contiguous={t.is_contiguous()}")
+                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton fp8 attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if out_dtype not in _OUT_DTYPES:
@@ -49,13 +60,14 @@ def _launch(
     scale: float,
     out_dtype: torch.dtype,
     *,
-    v_keys_contiguous: bool = False,
+    v_keys_contiguous: bool | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """The backend with knobs for tests and benchmarks.
 
-    v_keys_contiguous: copy V to (B, H_kv, D, S_kv) first, the K-major layout Hopper's fp8 wgmma wants
-        for the P.V operand (otherwise Triton transposes each V tile on chip).
+    v_keys_contiguous: copy BSHD V to (B, H_kv, D, S_kv) first, the K-major layout Hopper's fp8 wgmma
+        wants for the P.V operand (otherwise Triton transposes each V tile on chip). None: copy for
+        prefill with S_kv * D >= 256k; never when V already has unit stride over keys.
     config: explicit {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits"} instead of the
         autotuned/heuristic choice (tests use it to run several tiles in the interpreter).
     """
@@ -67,13 +79,13 @@ def _launch(
     n_rows = s_q * group
     dim_pad = triton.next_power_of_2(dim)
     out = torch.empty(batch, s_q, h_q, dim, dtype=out_dtype, device=q.device)
-    if v_keys_contiguous:
-        v = v.permute(0, 2, 3, 1).contiguous()  # (B, H_kv, D, S_kv)
-        v_strides = (v.stride(0), v.stride(3), v.stride(1), v.stride(2))
-    else:
-        v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
     bh = batch * h_kv
     decode = n_rows <= _DECODE_MAX_ROWS
+    if v_keys_contiguous is None:
+        v_keys_contiguous = not decode and s_kv * dim >= _V_COPY_MIN_KEYS_X_DIM
+    if v_keys_contiguous and v.stride(1) != 1:
+        v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # BSHD view of (B, H_kv, D, S_kv)
+    v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
 
     if config is None and decode:
         block_m = max(16, triton.next_power_of_2(n_rows))
@@ -82,6 +94,8 @@ def _launch(
         sms = 4 if _interpreting() or not q.is_cuda else _num_sms(q.device.index or 0)
         # Enough programs to fill the GPU twice, each with at least 4 key blocks.
         splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(s_kv, 4 * config["BLOCK_N"]))
+        if s_kv < _SPLIT_MIN_KEYS and not _interpreting():
+            splits = 1
         config["num_splits"] = min(64, triton.next_power_of_2(max(1, splits)))
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
@@ -98,10 +112,10 @@ def _launch(
         q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), *v_strides,
         out.stride(0), out.stride(1),
-        h_kv, s_q, s_kv, float(scale), keys_per_split,
+        h_kv, s_q, s_kv, float(scale), keys_per_split, int(s_kv >= 4096),
     )
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
-                      NUM_SPLITS=num_splits)
+                      NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1)
     if config is None:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)

@@ -107,6 +107,10 @@ def test_keys_contiguous_v_and_out_dtypes():
     base = _launch(qkv, True, 0.125, torch.float32, config=config)
     vt = _launch(qkv, True, 0.125, torch.float32, config=config, v_keys_contiguous=True)
     torch.testing.assert_close(vt, base, rtol=0, atol=0)
+    # A BSHD view of keys-contiguous V memory is read in place.
+    v_view = qkv.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    view_qkv = QuantizedQKV(qkv.q, qkv.k, v_view, qkv.q_descale, qkv.k_descale, qkv.v_descale)
+    torch.testing.assert_close(_launch(view_qkv, True, 0.125, torch.float32, config=config), base, rtol=0, atol=0)
     for dtype in (torch.bfloat16, torch.float16):
         out = triton_fp8_attention(qkv, is_causal=True, scale=0.125, out_dtype=dtype)
         assert out.dtype == dtype and out.shape == base.shape

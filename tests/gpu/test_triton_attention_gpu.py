@@ -58,7 +58,7 @@ def test_tracks_reference(causal):
     q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, seed=1)
     qkv, out = _run(q, k, v, causal)
     ref = reference_fp8_attention(qkv, is_causal=causal, scale=128**-0.5, out_dtype=torch.bfloat16)
-    assert sqnr_db(out, ref) > 33.0
+    assert sqnr_db(out, ref) > 30.0
     exact = _sdpa(q, k, v, causal)
     assert abs(sqnr_db(out, exact) - sqnr_db(ref, exact)) < 1.5
 
