@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Triton fp8 attention kernel alone vs FA3 fp8 / FA3 bf16, on one GPU.
 
-Quantized inputs are prepared once (the kernels alone are timed, no quantization). Columns: `triton` is the backend as dispatched (long prefills copy V to keys-contiguous),
-`bshd_v` reads BSHD V in place (on-chip transpose), `vt_no_copy` gets V already keys-contiguous. Times are medians of
-CUDA-event timings (triton.testing.do_bench, return_mode="median"); TFLOPS = 4*B*H*S*S*D / t, halved
+Quantized inputs are prepared once (the kernels alone are timed, no quantization). Columns: `triton` is
+the backend as dispatched (long prefills copy V to keys-contiguous), `bshd_v` reads BSHD V in place
+(on-chip transpose), `vt_no_copy` gets V already keys-contiguous. Times are medians of CUDA-event timings (triton.testing.do_bench, return_mode="median"); TFLOPS = 4*B*H*S*S*D / t, halved
 for causal. SQNR is against bf16 SDPA on the bf16 inputs. The first call per (head_dim, causal) includes
 autotuning and compilation and is printed once. `--sweep` times explicit tile configs; `--decode` times
 S_q = 1 over long key ranges.
 
-    python scripts/bench_triton_attention.py --head-dims 128 64 256 --sweep --decode
+    python scripts/bench_triton_attention.py --head-dims 128 64 256 --decode [--sweep]
 """
 
 from __future__ import annotations
