@@ -3,8 +3,8 @@
 
 Quantized inputs are prepared once (the kernels alone are timed, no quantization). Columns: `triton` is
 the backend as dispatched (long prefills copy V to keys-contiguous), `bshd_v` reads BSHD V in place
-(on-chip transpose), `vt_no_copy` gets V already keys-contiguous. Times are medians of CUDA-event timings (triton.testing.do_bench, return_mode="median"); TFLOPS = 4*B*H*S*S*D / t, halved
-for causal. SQNR is against bf16 SDPA on the bf16 inputs. The first call per (head_dim, causal) includes
+(on-chip transpose), `vt_no_copy` gets V already keys-contiguous. Times are medians of CUDA-event
+timings (triton.testing.do_bench, return_mode="median"); TFLOPS = 4*B*H*S*S*D / t, halved for causal. SQNR is against bf16 SDPA on the bf16 inputs. The first call per (head_dim, causal) includes
 autotuning and compilation and is printed once. `--sweep` times explicit tile configs; `--decode` times
 S_q = 1 over long key ranges.
 
