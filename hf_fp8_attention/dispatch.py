@@ -1,4 +1,5 @@
-"""Pick the FP8 attention backend for a device: SM 9.x -> fa3, SM 10.x -> fa4, no CUDA -> reference.
+"""Pick the FP8 attention backend for a device: SM 9.x -> fa3, SM 10.x -> fa4, other GPUs with FP8
+tensor cores (SM 8.9+) or a missing FA3/FA4 kernel -> triton, no CUDA -> reference.
 
 The capability lookup is cached per device index. `HF_FP8_ATTENTION_ARCH` (e.g. ``90`` or ``100``)
 overrides the detected architecture; tests use it to exercise the table without the hardware.
@@ -15,15 +16,18 @@ import torch
 
 logger = logging.getLogger("hf_fp8_attention")
 
-BACKENDS = ("fa3", "fa4", "reference")
+BACKENDS = ("fa3", "fa4", "triton", "reference")
 ARCH_ENV = "HF_FP8_ATTENTION_ARCH"
 
 # (major capability) -> backend whose FP8 kernel runs there.
 _ARCH_TABLE = {9: "fa3", 10: "fa4"}
 _REQUIRED_ARCH = {"fa3": 9, "fa4": 10}
+# Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
+_TRITON_MIN_ARCH = 89
 _INSTALL_HINT = {
     "fa3": "pip install 'hf_fp8_attention[fa3]' (provides flash_attn_interface)",
     "fa4": "pip install 'hf_fp8_attention[fa4]' (provides flash_attn.cute)",
+    "triton": "pip install triton",
 }
 _notified: set[str] = set()
 
@@ -62,6 +66,8 @@ def kernel_available(backend: str) -> bool:
             return importlib.util.find_spec("flash_attn.cute") is not None
         except ModuleNotFoundError:
             return False
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
     return backend == "reference"
 
 
@@ -82,6 +88,15 @@ def check_backend(backend: str, device: torch.device) -> None:
             "use backend='reference' (attn_implementation='fp8_reference') on CPU"
         )
     arch = device_arch(device)
+    if backend == "triton":
+        if arch is not None and arch < _TRITON_MIN_ARCH:
+            raise RuntimeError(
+                f"fp8_triton needs FP8 tensor cores (SM 8.9+), this GPU is {_format_arch(arch)}; "
+                "use attn_implementation='fp8_reference' or 'sdpa'"
+            )
+        if not kernel_available(backend):
+            raise ImportError(f"fp8_triton needs triton: {_INSTALL_HINT['triton']}")
+        return
     needed = _REQUIRED_ARCH[backend]
     if arch is not None and arch // 10 != needed:
         if backend == "fa4" and arch // 10 == 9:
@@ -119,18 +134,14 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
         )
         return "reference"
     backend = _ARCH_TABLE.get(arch // 10)
+    if backend is not None and kernel_available(backend):
+        return backend
+    portable = arch >= _TRITON_MIN_ARCH and kernel_available("triton")
+    fallback = "triton" if portable else "reference"
+    what = "the portable Triton fp8 kernel" if portable else "the 'reference' backend (pure-torch emulation, slow)"
     if backend is None:
-        _notice_once(
-            f"arch-{arch}",
-            f"hf_fp8_attention: no FP8 attention kernel for {_format_arch(arch)} (fa3 needs SM 9.x, fa4 SM 10.x); "
-            "using the 'reference' backend (pure-torch emulation, slow)",
-        )
-        return "reference"
-    if not kernel_available(backend):
-        _notice_once(
-            f"missing-{backend}",
-            f"hf_fp8_attention: {_format_arch(arch)} wants the {backend} backend but its kernel is not installed "
-            f"({_INSTALL_HINT[backend]}); using the 'reference' backend (pure-torch emulation, slow)",
-        )
-        return "reference"
-    return backend
+        reason = f"no FA3/FA4 fp8 kernel for {_format_arch(arch)} (fa3 needs SM 9.x, fa4 SM 10.x)"
+    else:
+        reason = f"{_format_arch(arch)} wants the {backend} backend but its kernel is not installed ({_INSTALL_HINT[backend]})"
+    _notice_once(f"arch-{arch}-{backend}", f"hf_fp8_attention: {reason}; using {what}")
+    return fallback

@@ -41,7 +41,13 @@ from .sdpa import HADAMARD_MODES, fp8_sdpa
 logger = logging.getLogger(__name__)
 
 # attn_implementation name -> fp8_sdpa backend (None: picked from the query's device at call time).
-ATTN_IMPLEMENTATIONS = {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "reference"}
+ATTN_IMPLEMENTATIONS = {
+    "fp8": None,
+    "fp8_fa3": "fa3",
+    "fp8_fa4": "fa4",
+    "fp8_triton": "triton",
+    "fp8_reference": "reference",
+}
 
 # Attention classes whose forward is "project, optional per-head q/k RMSNorm, rotate-half RoPE on the
 # full head_dim, cache update, attention, o_proj" in transformers 5.17 and 5.24, so the fused-RoPE forward

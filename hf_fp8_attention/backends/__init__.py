@@ -14,11 +14,19 @@ from .fa3 import fa3_fp8_attention
 from .fa4 import fa4_fp8_attention
 from .reference import reference_fp8_attention
 
+
+def _triton_fp8_attention(qkv, *, is_causal, scale, out_dtype):
+    # imported on first use: the kernels module needs triton, which the CPU-only install may lack
+    from .triton import triton_fp8_attention
+
+    return triton_fp8_attention(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype)
+
 BackendFn = Callable[..., torch.Tensor]
 
 _BACKEND_FNS: dict[str, BackendFn] = {
     "fa3": fa3_fp8_attention,
     "fa4": fa4_fp8_attention,
+    "triton": _triton_fp8_attention,
     "reference": reference_fp8_attention,
 }
 

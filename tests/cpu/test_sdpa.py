@@ -152,6 +152,8 @@ def test_bad_arguments():
         fp8_sdpa(q, k, v, backend="fa3")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         fp8_sdpa(q, k, v, backend="fa4")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fp8_sdpa(q, k, v, backend="triton")
 
 
 def test_fa4_on_sm90_names_fa3(monkeypatch):
@@ -176,12 +178,17 @@ def test_auto_pick_table(monkeypatch):
     import hf_fp8_attention.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
-    for arch, want in (("90", "fa3"), ("100", "fa4"), ("89", "reference")):
+    for arch, want in (("90", "fa3"), ("100", "fa4"), ("89", "triton"), ("120", "triton"), ("80", "reference")):
         monkeypatch.setenv(ARCH_ENV, arch)
         assert resolve_backend(torch.device("cpu")) == want
-    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name == "reference")
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name in ("reference", "triton"))
     monkeypatch.setenv(ARCH_ENV, "90")
-    assert resolve_backend(torch.device("cpu")) == "reference"  # FA3 wheel missing: notice + reference
+    assert resolve_backend(torch.device("cpu")) == "triton"  # FA3 wheel missing: portable Triton kernel
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name == "reference")
+    assert resolve_backend(torch.device("cpu")) == "reference"  # no triton either: notice + reference
+    monkeypatch.setenv(ARCH_ENV, "80")
+    with pytest.raises(RuntimeError, match="SM 8.9"):
+        check_backend("triton", torch.device("cuda"))
 
 
 class _RecordingFA4:

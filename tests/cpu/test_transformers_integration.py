@@ -32,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import hf_fp8_attention as hfa
 from hf_fp8_attention import transformers as hft
 
-NAMES = ("fp8", "fp8_fa3", "fp8_fa4", "fp8_reference")
+NAMES = ("fp8", "fp8_fa3", "fp8_fa4", "fp8_triton", "fp8_reference")
 SEQ = 48
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
