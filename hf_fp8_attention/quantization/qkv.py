@@ -1,30 +1,37 @@
 """Launcher of the Triton FP8 Q/K/V quantization. Input BHSD (any strides), output BSHD contiguous fp8.
 
-Two launches whatever the shapes: phase 1 (partial amax per chunk) and phase 2 (group amax, scale,
-quantize, descale), each over one flat grid that covers q, k and v. This is the only module that reads
-strides, allocates and builds grids; the math is the one of `reference.py`, bit for bit.
+One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
+schedule) plus one small zero-fill of its counters. This is the only module that reads strides, allocates
+and builds grids; the math is the one of `reference.py`, bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 
 from .._constants import FP8_DTYPE, FP8_MAX
-from .kernels import qkv_amax_kernel, qkv_quantize_kernel
+from .kernels import WS_PAD, qkv_quantize_kernel
 from .reference import QuantizedQKV, _check_rope_args
 
-# Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 in flight per program.
-# Registers (sm_90, triton 3.9 ptxas): ~50 per thread at 4 warps without RoPE; with RoPE the cos/sin
-# tiles raise it to ~155 (bf16 cos) / ~230 (fp32 cos) at 4 warps, so RoPE runs 8 warps (~80-120).
+# Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
+# two tiles in flight (the P1 of one ticket and the P2 of another).
 _TILE_ELEMS = 8192
-# Partials one phase-2 program reduces: at most this many (G heads x chunks). The chunk length grows with
-# S so that this redundant (L2-resident) read stays small next to the chunk's own data.
-_MAX_GROUP_PARTIALS = 512
-_MAX_CHUNKS_PER_HEAD = 128
-_R_BLOCK = 128
+# Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
+_PROGRAMS_PER_SM = 8
+# P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
+# the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while
+# the tiles between a P1 read and its P2 read stay well inside L2. Both values from the sweep of
+# scripts/bench_quantize.py on the H100 (S=16k, H 32/32 and 32/8).
+_LAG_PER_PROGRAM = 0.5
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int]:
@@ -36,13 +43,13 @@ def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int]:
     return half_block, block_s, num_warps
 
 
-def _chunking(seq_len: int, group: int, block_s: int) -> tuple[int, int]:
-    """(chunk length, number of chunks) of one head: a multiple of BLOCK_S, and few enough chunks that a
-    phase-2 program reduces at most _MAX_GROUP_PARTIALS partials of its group."""
-    max_chunks = max(1, min(_MAX_CHUNKS_PER_HEAD, _MAX_GROUP_PARTIALS // group))
-    tiles = triton.cdiv(max(seq_len, 1), block_s)
-    chunk = triton.cdiv(tiles, max_chunks) * block_s
-    return chunk, triton.cdiv(seq_len, chunk)
+def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int) -> tuple[int, int]:
+    """(number of programs, LAG in tiles) of the persistent grid."""
+    n_tiles_q, n_tiles_kv = triton.cdiv(S_q, block_s), triton.cdiv(S_kv, block_s)
+    n_tiles = B * H_q * n_tiles_q + 2 * B * H_kv * n_tiles_kv
+    n_programs = max(1, min(n_sms * _PROGRAMS_PER_SM, n_tiles))
+    largest_group = max((H_q // H_kv) * n_tiles_q, n_tiles_kv)
+    return n_programs, largest_group + int(_LAG_PER_PROGRAM * n_programs)
 
 
 def quantize_qkv_fp8(
@@ -73,14 +80,10 @@ def quantize_qkv_fp8(
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
-    group = H_q // H_kv
     device = q.device
 
     apply_rope = cos is not None
     half_block, block_s, num_warps = _tile_config(D, apply_rope)
-    chunk_q, n_chunks_q = _chunking(S_q, group, block_s)
-    chunk_kv, n_chunks_kv = _chunking(S_kv, 1, block_s)
-    n_programs = B * H_q * n_chunks_q + 2 * B * H_kv * n_chunks_kv
 
     q_out = torch.empty((B, S_q, H_q, D), dtype=FP8_DTYPE, device=device)
     k_out = torch.empty((B, S_kv, H_kv, D), dtype=FP8_DTYPE, device=device)
@@ -88,33 +91,28 @@ def quantize_qkv_fp8(
     if S_q == 0 or S_kv == 0 or B == 0:
         descale = torch.ones((3, B, H_kv), dtype=torch.float32, device=device)
         return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2])
-    descale = torch.empty((3, B, H_kv), dtype=torch.float32, device=device)
-    partial = torch.empty((n_programs,), dtype=torch.float32, device=device)
+    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
+    # (3, B, H_kv) float32 descales, which the kernel overwrites.
+    n_groups, pad = 3 * B * H_kv, WS_PAD.value
+    buf = torch.zeros((pad + 3 * n_groups,), dtype=torch.int32, device=device)
+    workspace = buf[: pad + 2 * n_groups]
+    descale = buf[pad + 2 * n_groups :].view(torch.float32).view(3, B, H_kv)
+    n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device))
 
     if apply_rope:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         cos_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))
         sin_strides = (0 if sin.shape[0] == 1 else sin.stride(0), sin.stride(1), sin.stride(2))
     else:
-        cos = sin = partial  # never read: APPLY_ROPE=False removes the loads
+        cos = sin = buf  # never read: APPLY_ROPE=False removes the loads
         cos_strides = sin_strides = (0, 0, 0)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
 
-    common = (
-        B, H_q, H_kv, S_q, S_kv, n_chunks_q, n_chunks_kv, chunk_q, chunk_kv,
+    qkv_quantize_kernel[(n_programs,)](
+        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace,
+        B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
-    )
-    grid = (n_programs,)
-    # ---- Phase 1: partial amax per (tensor, b, head, chunk) ----
-    qkv_amax_kernel[grid](
-        q, k, v, cos, sin, partial, *common,
-        HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s, D_CONTIG=d_contig, APPLY_ROPE=apply_rope,
-        num_warps=num_warps, enable_fp_fusion=False,
-    )
-    # ---- Phase 2: group amax -> scale, quantize into BSHD, descales ----
-    qkv_quantize_kernel[grid](
-        q, k, v, cos, sin, partial, q_out, k_out, v_out, descale, *common,
-        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s, R_BLOCK=_R_BLOCK,
+        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope,
         num_warps=num_warps, enable_fp_fusion=False,
     )

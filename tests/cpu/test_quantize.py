@@ -100,13 +100,14 @@ def test_kernel_matches_reference(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rop
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 @pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
-def test_kernel_multi_tile_chunks(monkeypatch, rope):
-    """Several chunks per head, several BLOCK_S tiles per chunk, a ragged last chunk and GQA partials
-    spanning heads: shrink the chunk-count cap instead of using long sequences."""
-    monkeypatch.setattr(qkv_launcher, "_MAX_CHUNKS_PER_HEAD", 2)
-    half_block, block_s, _ = qkv_launcher._tile_config(64, rope is not None)
-    S = 2 * block_s + 20  # 3 tiles -> chunks of 2 tiles, the second one ragged
-    assert qkv_launcher._chunking(S, 2, block_s) == (2 * block_s, 2)
+def test_kernel_multi_tile_min_lag(monkeypatch, rope):
+    """Several tiles per head with a ragged last one, GQA groups spanning heads, and the smallest legal
+    lag (the largest group's tile count), so tickets with a P1 only, with a P1 and a P2, and with a P2
+    only all occur."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    _, block_s, _ = qkv_launcher._tile_config(64, rope is not None)
+    S = 2 * block_s + 20  # 3 tiles per head, 24 in all
+    assert qkv_launcher._schedule(1, 4, 2, S, S, block_s, n_sms=1)[1] == 2 * 3  # G = 2 heads x 3 tiles
     got, ref = _run_case(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)
 

@@ -4,7 +4,7 @@ The kernels are compiled with enable_fp_fusion=False, so the RoPE mul/mul/add sh
 torch reference; still, at most one fp8 ulp is tolerated on a tiny fraction of RoPE elements in case the
 backend contracts anyway. Descales must be identical, and inputs without RoPE bit-identical.
 
-`python tests/gpu/test_quantize_gpu.py` prints a bandwidth figure for a Llama-8B-like prefill.
+Timings: scripts/bench_quantize.py.
 """
 
 import pytest
@@ -99,12 +99,27 @@ def test_kernel_matches_reference_gpu(B, H_q, H_kv, S_q, S_kv, D, dtype, layout,
 
 
 @pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
-def test_kernel_multi_tile_chunks_gpu(monkeypatch, rope):
-    monkeypatch.setattr(qkv_launcher, "_MAX_CHUNKS_PER_HEAD", 3)
+@pytest.mark.parametrize("lag_per_program", [0.5, 0.0], ids=["default-lag", "min-lag"])
+def test_kernel_min_lag_gpu(monkeypatch, rope, lag_per_program):
+    """With the smallest legal lag, P2s start while their group's P1s are still running, so the spin-wait
+    and the acquire/release pairing are exercised. Repeated: a race would show as a result that changes
+    between runs."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", lag_per_program)
     q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16, "bshd")
     cos, sin = make_rope(rope[0], 1000, 128, rope[1]) if rope else (None, None)
-    assert_close_fp8(quantize_qkv_fp8(q, k, v, cos, sin), quantize_qkv_fp8_reference(q, k, v, cos, sin),
-                     rope is not None)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin)
+    for _ in range(3):
+        assert_close_fp8(quantize_qkv_fp8(q, k, v, cos, sin), ref, rope is not None)
+
+
+def test_single_launch_many_chunks_min_lag_gpu(monkeypatch):
+    """Thousands of tiles per launch at the smallest legal lag (a Llama-8B-like prefill), several times:
+    the ticket schedule must neither deadlock nor race."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    q, k, v = make_qkv(1, 32, 8, 8192, 8192, 128, torch.bfloat16, "bshd", seed=3)
+    ref = quantize_qkv_fp8_reference(q, k, v)
+    for _ in range(5):
+        assert_close_fp8(quantize_qkv_fp8(q, k, v), ref, rope=False)
 
 
 def test_special_values_gpu():
@@ -120,28 +135,3 @@ def test_special_values_gpu():
     assert _is_nan(got.k[0, 3, 1, 5]) and _is_nan(got.k[0, 60, 0, 2])
     assert _is_nan(got.v[0, 2, 0, 7]) and _is_nan(got.v[0, 1, 1, 1])
     assert torch.all(got.q[:, :, 0:2].float() == 0) and torch.all(got.q_descale[:, 0] == 1.0)
-
-
-def _bench(B=1, H_q=32, H_kv=8, S=8192, D=128, rope=True, iters=50):
-    q, k, v = make_qkv(B, H_q, H_kv, S, S, D, torch.bfloat16, "bshd")
-    cos, sin = make_rope(1, S, D, torch.bfloat16) if rope else (None, None)
-    for _ in range(3):
-        quantize_qkv_fp8(q, k, v, cos, sin)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        quantize_qkv_fp8(q, k, v, cos, sin)
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / iters
-    n_in = q.numel() + k.numel() + v.numel()
-    moved = n_in * 2 * 2 + n_in  # two bf16 reads + one fp8 write (cos/sin not counted)
-    print(f"B={B} H={H_q}/{H_kv} S={S} D={D} rope={rope}: {ms * 1e3:.1f} us, {moved / ms / 1e6:.0f} GB/s "
-          f"(2 reads + 1 write model)")
-
-
-if __name__ == "__main__":
-    for s in (1024, 8192, 16384):
-        for rope in (False, True):
-            _bench(S=s, rope=rope)
-    _bench(B=8, S=1, rope=False)  # decode-like q; k/v of length 1 here, launch-bound
