@@ -15,6 +15,20 @@ smallest ticket whose P1 is unpublished is held by a program that reaches it, so
 grid need not be co-resident. Under the interpreter programs run one after another and the ticket order
 alone makes every wait succeed at once.
 
+ONE_TILE (the launcher sets it with RoPE): a program holds one tile at a time, P1's tile is loaded,
+rotated and published before P2's is loaded, instead of issuing both loads up front. It gives up the
+overlap of the two reads for about half the registers (x plus fp32 cos/sin per tile), so that several
+programs fit per SM.
+
+Accuracy modes, in the reference's order RoPE -> Hadamard -> mean subtraction -> amax: HADAMARD_QK /
+HADAMARD_V multiply the (rotated) tile by the normalised Sylvester matrix H_D with tl.dot (see
+`_hadamard`); SMOOTH_K / SMOOTH_V subtract the per-(batch, head, channel) mean over the sequence from K / V.
+For those, each P1 also writes its tile's per-channel sum, min and max to a partials buffer; the P1 whose
+increment completes the group (the atomic's return value says so) reduces the group's partials in tile
+order (deterministic), writes mean[D] and the centred amax max_c max(max_c - mean_c, mean_c - min_c), and
+increments the group's counter once more; P2 of a smoothed group waits for that extra count. The reducer
+only ever reads published P1s and never waits, so the deadlock argument above is unchanged.
+
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA
 contraction), which keeps the amax, and so the descales, bit-identical.
@@ -24,8 +38,8 @@ import triton
 import triton.language as tl
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
-# like the descales: (t * B + b) * H_KV + kv_head.
+# cache line is its own, then amax bits per group, then finished-P1 count per group (plus 1 once a smoothed
+# group's statistics are out). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head.
 WS_PAD = tl.constexpr(32)
 
 
@@ -117,6 +131,78 @@ def _nan_aware_max(x):
 
 
 @triton.jit
+def _sign_matrix(N: tl.constexpr, dtype: tl.constexpr):
+    """(N, N) Sylvester Hadamard signs, H[i, j] = (-1)^popcount(i & j), entries +-1 (exact in any dtype);
+    N <= 256."""
+    bits = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]
+    bits = bits ^ (bits >> 4)
+    bits = bits ^ (bits >> 2)
+    bits = bits ^ (bits >> 1)
+    # via float32: the interpreter's int -> bf16 cast is wrong (triton 3.9)
+    return (1.0 - 2.0 * (bits & 1).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _dot_signs(x, signs, SPLIT: tl.constexpr):
+    """x (BLOCK_S, N) float32 @ signs (N, N) with float32 accumulation. The products with +-1 are exact, so
+    the only rounding is the accumulation's: x must be exact in signs.dtype (unrotated bf16/fp16 input),
+    or SPLIT writes it as hi + lo in bf16 (16 of the 24 mantissa bits, relative error <= 2^-17, far below
+    e4m3's 2^-4) at the cost of a second dot. Not tf32: its 10-bit inputs would flip ~0.4% of the fp8s."""
+    hi = x.to(signs.dtype)
+    acc = tl.dot(hi, signs, out_dtype=tl.float32)
+    if SPLIT:
+        lo = (x - hi.to(tl.float32)).to(signs.dtype)
+        acc = tl.dot(lo, signs, acc, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr, SPLIT: tl.constexpr):
+    """x @ (H_D / sqrt(D)) for the half tiles x = [x1, x2] when `on`. Sylvester: H_D = [[H, H], [H, -H]] with
+    H = H_{D/2} (`signs`), so x @ H_D = [x1 @ H + x2 @ H, x1 @ H - x2 @ H]: two half-size dots."""
+    p = _dot_signs(x1, signs, SPLIT)
+    r = _dot_signs(x2, signs, SPLIT)
+    y1 = (p + r) * INV_SQRT_D
+    y2 = (p - r) * INV_SQRT_D
+    return tl.where(on, y1, x1), tl.where(on, y2, x2)
+
+
+@triton.jit
+def _store_half_stats(x, valid, ptr, d_mask, HEAD_DIM: tl.constexpr):
+    """Per-channel sum, min and max over the valid rows of a transformed half tile, to ptr, ptr + HEAD_DIM,
+    ptr + 2 * HEAD_DIM (rows past seq_len were loaded as 0: they add nothing to the sum and are masked out
+    of min and max)."""
+    tl.store(ptr, tl.sum(x, axis=0), mask=d_mask)
+    tl.store(ptr + HEAD_DIM, tl.min(tl.where(valid, x, float("inf")), axis=0), mask=d_mask)
+    tl.store(ptr + 2 * HEAD_DIM, tl.max(tl.where(valid, x, float("-inf")), axis=0), mask=d_mask)
+
+
+@triton.jit
+def _reduce_half_stats(part_ptr, n_tiles, seq_len, offs_d, d_mask,
+                       HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, RED_TILES: tl.constexpr):
+    """Mean over the sequence and centred max |x - mean| of the channels part_ptr + offs_d of one head, from
+    its n_tiles partials (stride 3 * HEAD_DIM), in tile order so the result does not depend on timing.
+    Returns (mean (HALF_BLOCK,), centred amax scalar; NaN if any sum, min or max is NaN)."""
+    total = tl.zeros((HALF_BLOCK,), tl.float32)
+    lo = tl.full((HALF_BLOCK,), float("inf"), tl.float32)
+    hi = tl.full((HALF_BLOCK,), float("-inf"), tl.float32)
+    for i in range(0, n_tiles, RED_TILES):
+        tiles = i + tl.arange(0, RED_TILES)
+        mask = (tiles < n_tiles)[:, None] & d_mask[None, :]
+        ptr = part_ptr + tiles[:, None] * (3 * HEAD_DIM) + offs_d[None, :]
+        # .cg: read past L1, which may hold lines from before the acquire
+        total += tl.sum(tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        lo = tl.minimum(lo, tl.min(tl.load(ptr + HEAD_DIM, mask=mask, other=float("inf"), cache_modifier=".cg"), axis=0),
+                        propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, tl.max(tl.load(ptr + 2 * HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0),
+                        propagate_nan=tl.PropagateNan.ALL)
+    mean = tl.math.div_rn(total, seq_len.to(tl.float32))
+    # rounding is monotonic, so max over x of fl(x - mean) is fl(max - mean): the amax of the centred tile
+    centred = tl.maximum(hi - mean, mean - lo, propagate_nan=tl.PropagateNan.ALL)
+    return mean, _nan_aware_max(tl.where(d_mask, centred, 0.0))
+
+
+@triton.jit
 def _tile_setup(
     item, B, H_Q, H_KV, S_Q, S_KV, N_TILES_Q, N_TILES_KV,
     q_ptr, k_ptr, v_ptr,
@@ -152,9 +238,21 @@ def _tile_setup(
 
 
 @triton.jit
+def _transform(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t, signs,
+               APPLY_ROPE: tl.constexpr, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr,
+               INV_SQRT_D: tl.constexpr):
+    """float32 half tiles after RoPE (q, k) and the Hadamard rotation (per HADAMARD_QK / HADAMARD_V)."""
+    x1, x2 = _rotate(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t < 2, APPLY_ROPE)
+    if HADAMARD_QK or HADAMARD_V:
+        # rotated RoPE values are not exact in 16 bits: split them (see _dot_signs)
+        x1, x2 = _hadamard(x1, x2, signs, tl.where(t < 2, HADAMARD_QK, HADAMARD_V), INV_SQRT_D, APPLY_ROPE)
+    return x1, x2
+
+
+@triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, part_ptr,
     B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -163,13 +261,18 @@ def qkv_quantize_kernel(
     stride_sb, stride_ss, stride_sd,
     FP8_MAX: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr,
+    D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
+    HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr,
 ):
-    """Per group: amax = max |x| (after RoPE for q, k; NaN if any element is NaN), scale = FP8_MAX / amax
-    (1 if amax is not > 0); every element is quantized with round-to-nearest-even into the BSHD fp8 output,
-    and descale = amax / FP8_MAX (1 if amax is not > 0) goes to descale[t, b, kv_head] of a (3, B, H_KV)
-    buffer. `ws_ptr` is the zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the
-    tile count of the largest group.
+    """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
+    switched on); amax = max |x| (NaN if any element is NaN), scale = FP8_MAX / amax (1 if amax is not > 0);
+    every element is quantized with round-to-nearest-even into the BSHD fp8 output, and descale = amax /
+    FP8_MAX (1 if amax is not > 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
+    zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
+    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
+    part_ptr (2, B, H_KV, cdiv(S_KV, BLOCK_S), 3, HEAD_DIM) float32 holds the per-tile statistics.
+    HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
 
     Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
     """
@@ -181,51 +284,98 @@ def qkv_quantize_kernel(
     done_ptr = amax_ptr + 3 * B * H_KV
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
+    d_mask = offs_d < HALF
     out_rows = tl.arange(0, BLOCK_S)
+    if HADAMARD_QK or HADAMARD_V:
+        # the dot's inputs: the input dtype when the tile is exact in it, bf16 hi/lo parts after RoPE
+        signs = _sign_matrix(HALF_BLOCK, tl.bfloat16 if APPLY_ROPE else q_ptr.dtype.element_ty)
+    else:
+        signs = 0
 
     ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
     while ticket < n_items + lag:
         has_p1 = ticket < n_items
         has_p2 = ticket >= lag
-        # ---- issue the loads of both tiles (nothing is read for a missing step: seq_len 0). The P1 read
-        # marks its lines evict_last so they wait in L2 for the P2 read, which marks them evict_first
-        # (H100, S=16k: 0.289 -> 0.271 ms MHA, 0.180 -> 0.169 ms GQA 32/8). ----
-        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, _,
+        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
          _) = _tile_setup(
             tl.minimum(ticket, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_sb, BLOCK_S)
-        lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
-            x1_ptr, x1_base, row1, tl.where(has_p1, seq1, 0), stride1_s, stride1_d,
-            cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
-            HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
         (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
          grp2_tiles, first2) = _tile_setup(
             tl.maximum(ticket - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_sb, BLOCK_S)
-        lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
-            x2_ptr, x2_base, row2, tl.where(has_p2, seq2, 0), stride2_s, stride2_d,
-            cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
-            HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
+        if not ONE_TILE:
+            # ---- issue the loads of both tiles (nothing is read for a missing step: seq_len 0). The P1
+            # read marks its lines evict_last so they wait in L2 for the P2 read, which marks them
+            # evict_first (H100, S=16k: 0.289 -> 0.271 ms MHA, 0.180 -> 0.169 ms GQA 32/8). ----
+            lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
+                x1_ptr, x1_base, row1, tl.where(has_p1, seq1, 0), stride1_s, stride1_d,
+                cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
+                HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
+            lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
+                x2_ptr, x2_base, row2, tl.where(has_p2, seq2, 0), stride2_s, stride2_d,
+                cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
+                HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
         # ---- atomics while the tiles are in flight: the next ticket, and a first look at P2's group.
         # Atomics, not loads, so that no stale L1 line is read; the acquire orders the amax read after
         # the release of every P1 it counted.
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
         n_done = tl.atomic_add(done_ptr + grp2, 0, mask=has_p2, sem="acquire")
         amax_bits = tl.atomic_max(amax_ptr + grp2, 0, mask=has_p2, sem="relaxed")
-        # ---- P1: publish max |x| of the tile, before any wait ----
+        # ---- P1: publish max |x| of the tile (and its statistics for a smoothed group), before any wait ----
         if has_p1:
-            x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
+            if ONE_TILE:
+                lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
+                    x1_ptr, x1_base, row1, seq1, stride1_s, stride1_d,
+                    cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
+                    HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
+            x1, x2 = _transform(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1, signs,
+                                APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
             m = _nan_aware_max(tl.maximum(tl.abs(x1), tl.abs(x2), propagate_nan=tl.PropagateNan.ALL))
             # The int32 max of the bit patterns orders non-negative floats, +inf and NaN (0x7F8..., 0x7FC...,
             # sign bit clear after abs) like torch.amax does: NaN wins.
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
-            tl.atomic_add(done_ptr + grp1, 1, sem="release")
+            if SMOOTH_K or SMOOTH_V:
+                smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
+                # k/v groups are single heads: (t - 1, b, h) indexes means and partials
+                head1 = grp1 - B * H_KV
+                if smooth1:
+                    valid = ((row1 + out_rows) < seq1)[:, None]
+                    p_ptr = part_ptr + (head1.to(tl.int64) * n_tiles_kv + row1 // BLOCK_S) * (3 * HEAD_DIM)
+                    _store_half_stats(x1, valid, p_ptr + offs_d, d_mask, HEAD_DIM)
+                    _store_half_stats(x2, valid, p_ptr + HALF + offs_d, d_mask, HEAD_DIM)
+                # acq_rel: releases this tile's partials, and the group's last P1 acquires all of them
+                n_before = tl.atomic_add(done_ptr + grp1, 1, sem="acq_rel")
+                if smooth1 & (n_before == grp1_tiles - 1):
+                    p_ptr = part_ptr + head1.to(tl.int64) * n_tiles_kv * (3 * HEAD_DIM)
+                    mean1, amax1 = _reduce_half_stats(p_ptr, n_tiles_kv, seq1, offs_d, d_mask,
+                                                      HEAD_DIM, HALF_BLOCK, RED_TILES)
+                    mean2, amax2 = _reduce_half_stats(p_ptr + HALF, n_tiles_kv, seq1, offs_d, d_mask,
+                                                      HEAD_DIM, HALF_BLOCK, RED_TILES)
+                    amax = tl.where((amax1 != amax1) | (amax1 > amax2), amax1, amax2)  # NaN wins
+                    m_ptr = mean_ptr + head1.to(tl.int64) * HEAD_DIM + offs_d
+                    tl.store(m_ptr, mean1, mask=d_mask)
+                    tl.store(m_ptr + HALF, mean2, mask=d_mask)
+                    tl.atomic_xchg(amax_ptr + grp1, amax.to(tl.int32, bitcast=True), sem="relaxed")
+                    tl.atomic_add(done_ptr + grp1, 1, sem="release")
+            else:
+                tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
-            if n_done < grp2_tiles:
-                while n_done < grp2_tiles:
+            if ONE_TILE:
+                lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
+                    x2_ptr, x2_base, row2, seq2, stride2_s, stride2_d,
+                    cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
+                    HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
+            if SMOOTH_K or SMOOTH_V:
+                smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
+                ready = grp2_tiles + smooth2.to(tl.int32)  # a smoothed group also waits for its statistics
+            else:
+                ready = grp2_tiles
+            if n_done < ready:
+                while n_done < ready:
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
@@ -233,7 +383,13 @@ def qkv_quantize_kernel(
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
             tl.store(descale_ptr + grp2, descale, mask=first2)
-            x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
+            x1, x2 = _transform(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2, signs,
+                                APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
+            if SMOOTH_K or SMOOTH_V:
+                # mean 0 (not loaded) for unsmoothed tiles: x - 0 == x exactly
+                m_ptr = mean_ptr + (grp2 - B * H_KV).to(tl.int64) * HEAD_DIM + offs_d
+                x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
+                x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
             # tl.clamp with PropagateNan.ALL keeps NaN as NaN (torch.clamp semantics); the cast is RNE.
             y1 = tl.clamp(x1 * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
             y2 = tl.clamp(x2 * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)

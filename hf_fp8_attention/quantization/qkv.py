@@ -14,14 +14,23 @@ import torch
 import triton
 
 from .._constants import FP8_DTYPE, FP8_MAX
+from .hadamard import check_hadamard, rotates_qk, rotates_v
 from .kernels import WS_PAD, qkv_quantize_kernel
 from .reference import QuantizedQKV, _check_rope_args
 
 # Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
-# two tiles in flight (the P1 of one ticket and the P2 of another).
+# two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
 _TILE_ELEMS = 8192
+# With RoPE or smoothing: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
+# Registers per thread (sm_90a, triton 3.9 ptxas, D=128, no spills): plain 127 at 4 warps; RoPE with two
+# tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
+# (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps; smoothing
+# with ONE_TILE 128 at 8 warps. `scripts/bench_quantize.py --modes` times the alternatives.
+_ONE_TILE_CONFIG = (8192, 8, True)
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
+# Partial-statistics rows reduced per step by the program that completes a smoothed group.
+_RED_TILES = 16
 # P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
 # the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while
 # the tiles between a P1 read and its P2 read stay well inside L2. Both values from the sweep of
@@ -34,13 +43,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int]:
-    """(HALF_BLOCK, BLOCK_S, num_warps) for a head dim; D=96 pads its 48-wide halves to 64.
-    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256."""
+def _tile_config(head_dim: int, apply_rope: bool, smooth: bool = False) -> tuple[int, int, int, bool]:
+    """(HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) for a head dim; D=96 pads its 48-wide halves to 64.
+    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256 with 8192-element tiles. RoPE and smoothing
+    keep one tile in flight (`_ONE_TILE_CONFIG`): their tiles carry cos/sin or the statistics' registers."""
     half_block = triton.next_power_of_2(head_dim // 2)
-    block_s = max(16, min(128, _TILE_ELEMS // (2 * half_block)))
-    num_warps = 8 if (apply_rope or head_dim > 128) else 4
-    return half_block, block_s, num_warps
+    tile_elems, num_warps, one_tile = _ONE_TILE_CONFIG if (apply_rope or smooth) else (_TILE_ELEMS, 4, False)
+    block_s = max(16, min(128, tile_elems // (2 * half_block)))
+    num_warps = max(num_warps, 8 if head_dim > 128 else 4)
+    return half_block, block_s, num_warps, one_tile
 
 
 def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int) -> tuple[int, int]:
@@ -58,24 +69,34 @@ def quantize_qkv_fp8(
     v: torch.Tensor,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    *,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
 ) -> QuantizedQKV:
-    """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K (Triton).
+    """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
+    Hadamard rotation and K / V mean subtraction (Triton, one launch).
 
     Args:
         q: (B, H_q, S_q, D) bf16/fp16, any strides (HF hands BSHD memory viewed as BHSD; no copy is made).
         k, v: (B, H_kv, S_kv, D), same dtype as q, any strides; H_q % H_kv == 0; D in (64, 96, 128, 256).
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype and strides; only with
             S_q == S_kv (prefill).
+        hadamard, smooth_k, smooth_v: as in `quantize_qkv_fp8_reference` (hadamard needs a power-of-two D).
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
-        k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer). Identical to
-        `quantize_qkv_fp8_reference`.
+        k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
+        float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing;
+        with them the fp32 summation orders differ (tl.dot, tile-wise means), so a few fp8 values may be
+        one ulp apart and descales agree to ~1e-7 relative.
 
     Raises:
-        ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ.
+        ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
+            unknown hadamard mode or one the head dim does not allow.
     """
     _check_rope_args(q, k, cos, sin)
+    check_hadamard(hadamard, q.shape[-1])
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H_q, S_q, D = q.shape
@@ -83,14 +104,18 @@ def quantize_qkv_fp8(
     device = q.device
 
     apply_rope = cos is not None
-    half_block, block_s, num_warps = _tile_config(D, apply_rope)
+    smooth = smooth_k or smooth_v
+    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
 
     q_out = torch.empty((B, S_q, H_q, D), dtype=FP8_DTYPE, device=device)
     k_out = torch.empty((B, S_kv, H_kv, D), dtype=FP8_DTYPE, device=device)
     v_out = torch.empty((B, S_kv, H_kv, D), dtype=FP8_DTYPE, device=device)
+    # (2, B, H_kv, D) K and V means; zeros stand for the mean of an empty sequence
+    means = torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device) if smooth else None
+    v_mean = means[1] if smooth_v else None
     if S_q == 0 or S_kv == 0 or B == 0:
         descale = torch.ones((3, B, H_kv), dtype=torch.float32, device=device)
-        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2])
+        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean)
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
     # (3, B, H_kv) float32 descales, which the kernel overwrites.
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
@@ -107,13 +132,20 @@ def quantize_qkv_fp8(
         cos = sin = buf  # never read: APPLY_ROPE=False removes the loads
         cos_strides = sin_strides = (0, 0, 0)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
+    if smooth:
+        # per-tile (sum, min, max) of every K and V channel; never read before written, so not zeroed
+        partials = torch.empty((2, B, H_kv, triton.cdiv(S_kv, block_s), 3, D), dtype=torch.float32, device=device)
+    else:
+        means = partials = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
 
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace,
+        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace, means, partials,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
-        D_CONTIG=d_contig, APPLY_ROPE=apply_rope,
+        D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
+        HADAMARD_QK=rotates_qk(hadamard), HADAMARD_V=rotates_v(hadamard), INV_SQRT_D=D**-0.5,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2])
+    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean)

@@ -64,6 +64,42 @@ def make_rope(B_c, S, D, dtype, seed=1):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _patch_interpreter_bf16_dot():
+    """The interpreter's tl.dot (`InterpreterBuilder.create_dot`, triton 3.9) multiplies bf16 operands as
+    their uint16 bit patterns; widen them to float32 first (exact) so that the Hadamard dot runs like the
+    GPU's. Returns the function that undoes the patch (None if nothing was patched)."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_dot", None)
+    if original is None:
+        return None
+
+    def widen(h):
+        if h.dtype == tl.bfloat16:  # a TensorHandle's dtype is the scalar type
+            bits = (h.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(bits, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    return lambda: setattr(builder, "create_dot", original)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_bf16_dot():
+    undo = _patch_interpreter_bf16_dot() if os.environ.get("TRITON_INTERPRET") == "1" else None
+    yield
+    if undo is not None:
+        undo()
+
+
 def _to(device, *ts):
     return [None if t is None else t.to(device) for t in ts]
 
@@ -105,11 +141,100 @@ def test_kernel_multi_tile_min_lag(monkeypatch, rope):
     lag (the largest group's tile count), so tickets with a P1 only, with a P1 and a P2, and with a P2
     only all occur."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
-    _, block_s, _ = qkv_launcher._tile_config(64, rope is not None)
+    _, block_s, _, _ = qkv_launcher._tile_config(64, rope is not None)
     S = 2 * block_s + 20  # 3 tiles per head, 24 in all
     assert qkv_launcher._schedule(1, 4, 2, S, S, block_s, n_sms=1)[1] == 2 * 3  # G = 2 heads x 3 tiles
     got, ref = _run_case(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)
+
+
+# ---------------------------------------------------------------- fused accuracy modes ~= reference
+
+# Hadamard and smoothing change the fp32 summation order (tl.dot; tile-wise means), so a result near an
+# e4m3 rounding boundary may land one ulp away. Tolerances: at most this fraction of the fp8 values of a
+# tensor one ulp off (none further), and descales to 1e-6 relative. With RoPE the rotated fp32 values go
+# through the dot as bf16 hi + lo (16 mantissa bits, relative error <= 2^-17 per element), so descales of
+# rotated tensors get ROPE_HADAMARD_DESCALE_RTOL.
+MAX_ULP_FRACTION = 5e-3
+DESCALE_RTOL = 1e-6
+ROPE_HADAMARD_DESCALE_RTOL = 1e-4
+V_MEAN_ATOL = 1e-6  # relative to the max |v| of the head; the mean's summation order differs
+
+
+def _ordinal(t: torch.Tensor) -> torch.Tensor:
+    """fp8 e4m3fn bytes -> integers ordered like the values (sign-magnitude to two's complement)."""
+    b = t.view(torch.uint8).to(torch.int16)
+    mag = b & 0x7F
+    return torch.where(b >= 0x80, -mag, mag)
+
+
+def assert_close_modes(got: QuantizedQKV, ref: QuantizedQKV, rope: bool, hadamard: str) -> None:
+    for n in NAMES:
+        g, r = getattr(got, n), getattr(ref, n)
+        assert g.dtype == FP8_DTYPE and g.shape == r.shape and g.is_contiguous(), n
+        assert torch.equal((_fp8_bytes(g) == 0x7F), (_fp8_bytes(r) == 0x7F)), f"{n}: NaN positions differ"
+        ulp = (_ordinal(g) - _ordinal(r)).abs()
+        n_diff = int((ulp > 0).sum())
+        assert int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
+        assert n_diff <= MAX_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
+        gd, rd = getattr(got, f"{n}_descale"), getattr(ref, f"{n}_descale")
+        rotated = rope and hadamard == "qkv" and n != "v"
+        rtol = ROPE_HADAMARD_DESCALE_RTOL if rotated else DESCALE_RTOL
+        torch.testing.assert_close(gd, rd, rtol=rtol, atol=0, msg=f"{n}_descale")
+    assert (got.v_mean is None) == (ref.v_mean is None)
+    if ref.v_mean is not None:
+        assert got.v_mean.shape == ref.v_mean.shape and got.v_mean.dtype == torch.float32
+        scale = ref.v_descale[..., None] * FP8_MAX  # the head's max |v - mean|
+        assert ((got.v_mean - ref.v_mean).abs() <= V_MEAN_ATOL * scale).all()
+
+
+MODE_CASES = [
+    # B, H_q, H_kv, S, D, dtype, rope (B_c, cos dtype) or None, hadamard, smooth_k, smooth_v
+    pytest.param(1, 4, 2, 150, 64, torch.bfloat16, None, "qkv", False, False, id="qkv-d64-bf16"),
+    pytest.param(1, 4, 2, 150, 128, torch.float16, None, "qkv", False, False, id="qkv-d128-fp16"),
+    pytest.param(2, 2, 2, 70, 128, torch.bfloat16, None, "v_only", False, False, id="v_only-d128"),
+    pytest.param(1, 4, 1, 200, 64, torch.bfloat16, None, "none", True, False, id="smooth_k-mqa-d64"),
+    pytest.param(2, 4, 2, 77, 96, torch.float16, None, "none", True, True, id="smooth_kv-d96-fp16"),
+    pytest.param(1, 4, 2, 150, 128, torch.bfloat16, None, "qkv", True, False, id="qkv-smooth_k-d128"),
+    pytest.param(2, 4, 2, 90, 128, torch.bfloat16, (1, torch.float32), "qkv", False, False, id="rope-qkv-d128"),
+    pytest.param(1, 4, 2, 150, 128, torch.bfloat16, (1, torch.bfloat16), "qkv", True, False,
+                 id="rope-qkv-smooth_k-d128"),
+    pytest.param(1, 2, 1, 40, 256, torch.bfloat16, (1, torch.float32), "v_only", False, True,
+                 id="rope-v_only-smooth_v-d256"),
+]
+
+
+@pytest.mark.skipif(ON_CUDA, reason="GPU version in tests/gpu/test_quantize_gpu.py")
+@pytest.mark.parametrize("B,H_q,H_kv,S,D,dtype,rope,hadamard,smooth_k,smooth_v", MODE_CASES)
+def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard, smooth_k, smooth_v):
+    q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype, "bshd")
+    cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
+    kw = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+    got, ref = quantize_qkv_fp8(q, k, v, cos, sin, **kw), quantize_qkv_fp8_reference(q, k, v, cos, sin, **kw)
+    assert_close_modes(got, ref, rope is not None, hadamard)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
+    """Smoothed groups of several tiles at the smallest lag: P2s that find the group counted but the
+    statistics not yet out must wait for the reducer's extra count."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    _, block_s, _, one_tile = qkv_launcher._tile_config(64, False, smooth=True)
+    assert one_tile
+    S = 3 * block_s + 5
+    q, k, v = make_qkv(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", seed=2)
+    kw = dict(hadamard="qkv", smooth_k=True, smooth_v=True)
+    got, ref = quantize_qkv_fp8(q, k, v, **kw), quantize_qkv_fp8_reference(q, k, v, **kw)
+    assert_close_modes(got, ref, False, "qkv")
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+def test_launcher_rejects_bad_modes():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 96, torch.bfloat16, "bshd")
+    with pytest.raises(ValueError, match="power-of-two"):
+        quantize_qkv_fp8(q, k, v, hadamard="qkv")
+    with pytest.raises(ValueError, match="hadamard must be one of"):
+        quantize_qkv_fp8(q, k, v, hadamard="all")
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
