@@ -17,10 +17,11 @@ from .quantization.hadamard import rotates_v
 
 
 def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
-    # The Triton kernels run on CUDA tensors; CPU tensors use the bit-identical torch reference
-    # (the kernels' interpreted run on CPU is exercised by the tests).
-    if query.is_cuda and hadamard == "none" and not smooth_k and not smooth_v:
-        return quantize_qkv_fp8(query, key, value, cos, sin)
+    # CUDA tensors go to the Triton kernel, which fuses RoPE, the Hadamard rotation and the mean subtraction
+    # into its one launch; CPU tensors use the torch reference (bit-identical without hadamard/smoothing,
+    # within an fp8 ulp on a few elements with them; the kernel's interpreted run is in the CPU tests).
+    if query.is_cuda:
+        return quantize_qkv_fp8(query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
     return quantize_qkv_fp8_reference(
         query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v
     )
