@@ -11,6 +11,11 @@ time.perf_counter before the closing synchronize (so GPU time is not included), 
     python scripts/bench_quantize.py --rope --seqlens 16384
     python scripts/bench_quantize.py --sweep              # launcher constants at S = 16k (tuning)
     python scripts/bench_quantize.py --impl some.module   # another module's quantize_qkv_fp8, same table
+    python scripts/bench_quantize.py --modes              # accuracy modes (fused RoPE / Hadamard / smoothing)
+                                                          # at S = 4k, 16k, 32k, and the ONE_TILE configs
+
+--modes (about 40 s on the H100, compiles included) prints ms per mode and the ratio to plain
+quantization, then the `qkv._ONE_TILE_CONFIG` alternatives for the RoPE and smoothing modes at S=16k.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="time the launcher constants (_PROGRAMS_PER_SM, _LAG_PER_PROGRAM) at S=16k")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
+    p.add_argument("--modes", action="store_true",
+                   help="ms per accuracy mode (S 4k/16k/32k unless --seqlens is given) and the ONE_TILE sweep")
     return p.parse_args(argv)
 
 
@@ -115,6 +122,65 @@ def sweep(args):
             setattr(qkv, name, value)
 
 
+# name -> (rope, quantize_qkv_fp8 keyword arguments)
+MODES = {
+    "none": (False, {}),
+    "rope": (True, {}),
+    "qkv": (False, {"hadamard": "qkv"}),
+    "v_only": (False, {"hadamard": "v_only"}),
+    "smooth_k": (False, {"smooth_k": True}),
+    "qkv+smooth_k": (False, {"hadamard": "qkv", "smooth_k": True}),
+    "rope+qkv+smooth_k": (True, {"hadamard": "qkv", "smooth_k": True}),
+}
+# qkv._ONE_TILE_CONFIG alternatives, (tile elements, num_warps, ONE_TILE); the first is the default
+ONE_TILE_CONFIGS = [(8192, 8, True), (4096, 8, True), (4096, 4, True), (8192, 8, False)]
+
+
+def modes(args):
+    """ms of each accuracy mode and its ratio to "none", then the ONE_TILE configs at S=16k."""
+    from hf_fp8_attention.quantization import qkv
+
+    fn = qkv.quantize_qkv_fp8
+    seqlens = args.seqlens if args.seqlens != parse_args([]).seqlens else [4096, 16384, 32768]
+    rep = min(args.rep_ms, 100)
+    print(f"| H_q/H_kv | S | {' | '.join(MODES)} |")
+    print(f"|---|---|{'---|' * len(MODES)}")
+    for heads in args.heads:
+        H_q, H_kv = map(int, heads.split("/"))
+        for S in seqlens:
+            q, k, v, cos, sin = make_inputs(S, H_q, H_kv, args.head_dim, rope=True)
+            cells, base = [], None
+            for rope, kw in MODES.values():
+                inputs = (q, k, v, cos, sin) if rope else (q, k, v)
+                ms = device_ms(lambda *a: fn(*a, **kw), inputs, rep)
+                base = ms if base is None else base
+                cells.append(f"{ms:.3f} ({ms / base:.2f}x)")
+            print(f"| {heads} | {S} | {' | '.join(cells)} |", flush=True)
+            del q, k, v, cos, sin
+            torch.cuda.empty_cache()
+    print("\nONE_TILE configs (tile elements, num_warps, ONE_TILE) for RoPE / smoothing, S=16384, ms:")
+    swept = ("rope", "smooth_k", "rope+qkv+smooth_k")
+    print(f"| H_q/H_kv | config | {' | '.join(swept)} |")
+    print(f"|---|---|{'---|' * len(swept)}")
+    saved = qkv._ONE_TILE_CONFIG
+    try:
+        for heads in args.heads:
+            H_q, H_kv = map(int, heads.split("/"))
+            q, k, v, cos, sin = make_inputs(16384, H_q, H_kv, args.head_dim, rope=True)
+            for config in ONE_TILE_CONFIGS:
+                qkv._ONE_TILE_CONFIG = config
+                cells = []
+                for name in swept:
+                    rope, kw = MODES[name]
+                    inputs = (q, k, v, cos, sin) if rope else (q, k, v)
+                    cells.append(f"{device_ms(lambda *a: fn(*a, **kw), inputs, 50):.3f}")
+                print(f"| {heads} | {config} | {' | '.join(cells)} |", flush=True)
+            del q, k, v, cos, sin
+            torch.cuda.empty_cache()
+    finally:
+        qkv._ONE_TILE_CONFIG = saved
+
+
 def profile_host(fn, args):
     import cProfile
     import pstats
@@ -131,6 +197,8 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, impl {args.impl}")
     if args.sweep:
         sweep(args)
+    elif args.modes:
+        modes(args)
     elif args.profile_host:
         profile_host(importlib.import_module(args.impl).quantize_qkv_fp8, args)
     else:

@@ -4,13 +4,17 @@ The kernels are compiled with enable_fp_fusion=False, so the RoPE mul/mul/add sh
 torch reference; still, at most one fp8 ulp is tolerated on a tiny fraction of RoPE elements in case the
 backend contracts anyway. Descales must be identical, and inputs without RoPE bit-identical.
 
-Timings: scripts/bench_quantize.py.
+Fused accuracy modes (hadamard, smooth_k, smooth_v) change the fp32 summation order (tl.dot, tile-wise
+means): at most MODES_ULP_FRACTION of a tensor's fp8 values one ulp off, descales to 1e-6 relative (1e-4
+for RoPE-rotated Hadamard tensors, whose fp32 values enter the dot as bf16 hi + lo), as in the CPU tests.
+
+Timings: scripts/bench_quantize.py (--modes for the accuracy modes).
 """
 
 import pytest
 import torch
 
-from hf_fp8_attention._constants import FP8_DTYPE
+from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
 from hf_fp8_attention.quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
 from hf_fp8_attention.quantization import qkv as qkv_launcher
 
@@ -135,3 +139,97 @@ def test_special_values_gpu():
     assert _is_nan(got.k[0, 3, 1, 5]) and _is_nan(got.k[0, 60, 0, 2])
     assert _is_nan(got.v[0, 2, 0, 7]) and _is_nan(got.v[0, 1, 1, 1])
     assert torch.all(got.q[:, :, 0:2].float() == 0) and torch.all(got.q_descale[:, 0] == 1.0)
+
+
+# ---------------------------------------------------------------- fused accuracy modes
+
+MODES_ULP_FRACTION = 5e-3
+DESCALE_RTOL = 1e-6
+ROPE_HADAMARD_DESCALE_RTOL = 1e-4
+V_MEAN_ATOL = 1e-6  # relative to the head's max |v - mean|
+
+
+def assert_close_modes(got, ref, rope: bool, hadamard: str) -> None:
+    for n in NAMES:
+        g, r = getattr(got, n), getattr(ref, n)
+        assert g.dtype == FP8_DTYPE and g.shape == r.shape and g.is_contiguous(), n
+        assert torch.equal(_is_nan(g), _is_nan(r)), f"{n}: NaN positions differ"
+        finite = ~_is_nan(r)
+        ulp = (_ordinal(g) - _ordinal(r)).abs()[finite]
+        n_diff = int((ulp > 0).sum())
+        assert ulp.numel() == 0 or int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
+        assert n_diff <= MODES_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
+        gd, rd = getattr(got, f"{n}_descale"), getattr(ref, f"{n}_descale")
+        rtol = ROPE_HADAMARD_DESCALE_RTOL if (rope and hadamard == "qkv" and n != "v") else DESCALE_RTOL
+        torch.testing.assert_close(gd, rd, rtol=rtol, atol=0, msg=f"{n}_descale")
+    assert (got.v_mean is None) == (ref.v_mean is None)
+    if ref.v_mean is not None:
+        scale = ref.v_descale[..., None] * FP8_MAX
+        assert ((got.v_mean - ref.v_mean).abs() <= V_MEAN_ATOL * scale).all(), "v_mean"
+
+
+MODE_CASES = [
+    # B, H_q, H_kv, S, D, dtype, rope (B_c, cos dtype) or None, hadamard, smooth_k, smooth_v
+    (2, 4, 2, 190, 64, torch.bfloat16, None, "qkv", False, False),
+    (1, 8, 8, 300, 128, torch.float16, None, "qkv", False, False),
+    (1, 4, 2, 200, 256, torch.bfloat16, None, "v_only", False, True),
+    (2, 4, 1, 333, 96, torch.bfloat16, None, "none", True, True),
+    (1, 32, 8, 4096, 128, torch.bfloat16, None, "qkv", True, False),
+    (1, 32, 8, 4096, 128, torch.bfloat16, None, "v_only", False, False),
+    (1, 32, 8, 4096, 128, torch.bfloat16, None, "none", True, False),
+    (1, 32, 8, 4096, 128, torch.bfloat16, (1, torch.bfloat16), "qkv", True, False),
+    (2, 8, 2, 1000, 128, torch.float16, (2, torch.float32), "qkv", True, True),
+    (1, 8, 2, 600, 64, torch.bfloat16, (1, torch.float32), "v_only", False, True),
+]
+
+
+@pytest.mark.parametrize("B,H_q,H_kv,S,D,dtype,rope,hadamard,smooth_k,smooth_v", MODE_CASES)
+def test_kernel_modes_match_reference_gpu(B, H_q, H_kv, S, D, dtype, rope, hadamard, smooth_k, smooth_v):
+    q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype)
+    cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
+    kw = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, **kw)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, **kw)
+    assert_close_modes(got, ref, rope is not None, hadamard)
+
+
+@pytest.mark.parametrize("one_tile_config", [(8192, 8, True), (4096, 4, True), (8192, 8, False)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_kernel_modes_min_lag_gpu(monkeypatch, one_tile_config):
+    """Smoothing at the smallest legal lag, repeated: P2s reach groups whose statistics are not out yet, and
+    the reducer (the group's last P1) must publish them; a race or a deadlock would show here. Also runs
+    each `_ONE_TILE_CONFIG` that scripts/bench_quantize.py --modes compares."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    monkeypatch.setattr(qkv_launcher, "_ONE_TILE_CONFIG", one_tile_config)
+    q, k, v = make_qkv(1, 32, 8, 8192, 8192, 128, torch.bfloat16, "bshd", seed=5)
+    cos, sin = make_rope(1, 8192, 128, torch.bfloat16)
+    for rope in (False, True):
+        rc = (cos, sin) if rope else (None, None)
+        kw = dict(hadamard="qkv", smooth_k=True, smooth_v=True)
+        ref = quantize_qkv_fp8_reference(q, k, v, *rc, **kw)
+        for _ in range(3):
+            assert_close_modes(quantize_qkv_fp8(q, k, v, *rc, **kw), ref, rope, "qkv")
+        # plain RoPE stays bit-exact up to the documented 1-ulp tolerance under every config
+        if rope:
+            assert_close_fp8(quantize_qkv_fp8(q, k, v, cos, sin), quantize_qkv_fp8_reference(q, k, v, cos, sin), True)
+
+
+def test_fp8_sdpa_fused_modes_gpu(monkeypatch):
+    """custom_ops routes CUDA calls with accuracy modes to the kernel (through the reference attention
+    backend here): the output is as close to float32 SDPA as with reference-quantized Q/K/V."""
+    import torch.nn.functional as F
+
+    from hf_fp8_attention import custom_ops
+
+    q, k, v = make_qkv(1, 8, 2, 512, 512, 128, torch.bfloat16)
+    exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                           v.float().repeat_interleave(4, 1), is_causal=True).transpose(1, 2)
+    for hadamard, smooth_k, smooth_v in (("qkv", True, True), ("v_only", False, True), ("none", True, False)):
+        args = (q, k, v, None, None, True, 128**-0.5, "reference", hadamard, smooth_k, smooth_v)
+        out = custom_ops.fp8_sdpa_impl(*args)
+        with monkeypatch.context() as m:
+            m.setattr(custom_ops, "quantize_qkv_fp8", quantize_qkv_fp8_reference)
+            out_ref = custom_ops.fp8_sdpa_impl(*args)
+        err = ((out.float() - exact).norm() / exact.norm()).item()
+        err_ref = ((out_ref.float() - exact).norm() / exact.norm()).item()
+        assert err <= 1.05 * err_ref + 1e-4, f"{hadamard}, smooth_k={smooth_k}, smooth_v={smooth_v}: {err} vs {err_ref}"
