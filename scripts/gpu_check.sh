@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100: install the carried FA3 wheel, run the GPU tests, print the speed table.
-# Usage (device run, from the repo root, with carry [".whl"]):  bash scripts/gpu_check.sh [--quick]
+# GPU check for a lent H100: install the carried FA3 wheel, run the GPU tests, print the speed tables.
+# Usage (device run, from the repo root, with carry [".whl"]):
+#   bash scripts/gpu_check.sh            # tests + one-layer speed table (issue acceptance)
+#   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
+#   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
 set -uo pipefail
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
+mode=${1:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
@@ -20,11 +24,22 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
 print("flash_attn_interface:", importlib.util.find_spec("flash_attn_interface") is not None)
 PY
 status=0
-python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-if [ "${1:-}" != "--quick" ]; then
-  python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --json "$out/bench_sdpa.json" 2>&1 | tee "$out/bench_sdpa.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
+  local name=$1; shift
+  "$@" 2>&1 | tee "$out/$name.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: $name FAILED"; status=1; }
+}
+if [ "$mode" = "--model" ]; then
+  step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
+    --json "$out/model.json"
+else
+  step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs
+  if [ "$mode" = "--full" ]; then
+    step quantize python3 scripts/bench_quantize.py --modes --seqlens 16384
+    step accuracy python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 --json "$out/accuracy.json"
+    step sdpa_modes python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --json "$out/sdpa_modes.json"
+  fi
+  step sdpa python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --modes none --json "$out/bench_sdpa.json"
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status
