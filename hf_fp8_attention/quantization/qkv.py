@@ -2,7 +2,8 @@
 
 One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
 schedule) plus one small zero-fill of its counters. This is the only module that reads strides, allocates
-and builds grids; the math is the one of `reference.py`, bit for bit.
+and builds grids; the math is the one of `reference.py`, bit for bit without the accuracy modes
+(hadamard, smoothing: within one fp8 ulp on a few elements, see `quantize_qkv_fp8`).
 """
 
 from __future__ import annotations
