@@ -28,14 +28,23 @@ def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
 
 
 def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str) -> torch.Tensor:
-    """Undo the V transforms on the (B, S, H_q, D) output: add V's mean back, rotate by H (H @ H = I)."""
-    o = out.float()
+    """Undo the V transforms on the (B, S, H_q, D) output: O = (O' + mean_v) H, with H @ H = I.
+
+    One GEMM in the output dtype (fp32 accumulation; memory-bound, one read and one write of O') plus, for
+    smooth_v, one in-place add of the (tiny) rotated mean. The float32 version of this took 0.9 ms at
+    S=16k, H=32, D=128 on the H100, a third of the attention itself.
+    """
+    bias = None
     if qkv.v_mean is not None:
         group = out.shape[2] // qkv.v_mean.shape[1]
-        o = o + qkv.v_mean.repeat_interleave(group, dim=1)[:, None]
+        bias = qkv.v_mean.repeat_interleave(group, dim=1)[:, None]  # (B, 1, H_q, D) float32
     if rotates_v(hadamard):
-        o = o @ hadamard_matrix(out.shape[-1], device=out.device)
-    return o.to(out.dtype)
+        h = hadamard_matrix(out.shape[-1], device=out.device)
+        out = torch.matmul(out, h.to(out.dtype))
+        bias = None if bias is None else bias @ h
+    if bias is not None:
+        out = out.add_(bias.to(out.dtype))
+    return out
 
 
 def fp8_sdpa_impl(

@@ -56,19 +56,27 @@ def device_arch(device: torch.device) -> int | None:
     return _cuda_arch(index)
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_available(backend: str) -> bool:
-    """Whether the Python package of a GPU backend's kernel can be imported (without importing it)."""
+def _probe(backend: str) -> bool:
     if backend == "fa3":
         return importlib.util.find_spec("flash_attn_interface") is not None
     if backend == "fa4":
-        try:
-            return importlib.util.find_spec("flash_attn.cute") is not None
-        except ModuleNotFoundError:
-            return False
+        # flash_attn.cute without importing flash_attn (FA2's __init__ loads its CUDA extension)
+        spec = importlib.util.find_spec("flash_attn")
+        return spec is not None and any(
+            os.path.isdir(os.path.join(p, "cute")) for p in (spec.submodule_search_locations or ())
+        )
     if backend == "triton":
         return importlib.util.find_spec("triton") is not None
     return backend == "reference"
+
+
+# Probed once at import: torch.compile cannot trace importlib, and a plain dict lookup is free.
+_KERNEL_AVAILABLE = {name: _probe(name) for name in ("fa3", "fa4", "triton", "reference")}
+
+
+def kernel_available(backend: str) -> bool:
+    """Whether the Python package of a backend's kernel is installed (probed without importing it)."""
+    return _KERNEL_AVAILABLE.get(backend, False)
 
 
 def _format_arch(arch: int) -> str:

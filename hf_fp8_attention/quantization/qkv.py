@@ -27,7 +27,7 @@ _TILE_ELEMS = 8192
 # tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
 # (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps; smoothing
 # with ONE_TILE 128 at 8 warps. `scripts/bench_quantize.py --modes` times the alternatives.
-_ONE_TILE_CONFIG = (8192, 8, True)
+_ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
 # Partial-statistics rows reduced per step by the program that completes a smoothed group.
