@@ -8,7 +8,7 @@ try:
 except ImportError as e:  # no triton (e.g. macOS): the reference still works
     _triton_import_error = e
 
-    def quantize_qkv_fp8(q, k, v, cos=None, sin=None):
+    def quantize_qkv_fp8(q, k, v, cos=None, sin=None, **options):
         raise ImportError(f"quantize_qkv_fp8 needs triton: {_triton_import_error}") from _triton_import_error
 
 __all__ = [
