@@ -2,7 +2,8 @@
 
 Margins on outlier inputs (reference backend, B=1, H=4/2, S=512, D=128, causal; measured 2026-11-24):
 `none` 12.2 dB, `smooth_k` 18.1 dB, `qkv+smooth_k` 18.6 dB on k_outlier_100x (4 channels with a per-channel
-offset of 100 and spread 30). We require smooth_k >= none + 4 dB and qkv+smooth_k >= smooth_k.
+offset of 100 and spread 30). We require smooth_k >= none + 4 dB and qkv+smooth_k >= smooth_k; on
+k_outlier_20x, qkv >= none + 0.3 dB.
 """
 
 import pytest
@@ -74,6 +75,15 @@ def test_modes_gain_on_outliers():
     scores = {r.mode: r.sqnr_db for r in score_modes(q, k, v, family="k_outlier_100x", modes=modes, backend="reference")}
     assert scores["smooth_k"] >= scores["none"] + 4.0, scores
     assert scores["qkv+smooth_k"] >= scores["smooth_k"], scores
+
+
+def test_hadamard_gain_on_outlier_channels():
+    """qkv alone (no smoothing) also gains on outlier channels: +0.5 dB measured here (S=512, H=4/2),
+    +1.4 dB with fa3 on the H100 at S=4096, H=32 (README). Stated margin: >= 0.3 dB."""
+    q, k, v = make_inputs("k_outlier_20x", 1, 4, 2, 512, 128)
+    modes = {m: MODES[m] for m in ("none", "qkv")}
+    scores = {r.mode: r.sqnr_db for r in score_modes(q, k, v, family="k_outlier_20x", modes=modes, backend="reference")}
+    assert scores["qkv"] >= scores["none"] + 0.3, scores
 
 
 def test_capture_qkv_from_a_model():
