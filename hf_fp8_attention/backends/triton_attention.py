@@ -166,7 +166,9 @@ def _fp8_attn_fwd_kernel(
     else:
         part_row = ((pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r)
         tl.store(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-        tl.store(ML_part + part_row * 2, m_i, mask=row_ok)
+        # A row that saw no key of this split kept a placeholder max of 0 (finite exp2 inputs); store -inf
+        # so the combine ignores it instead of taking it as the row's max.
+        tl.store(ML_part + part_row * 2, tl.where(l_i > 0, m_i, float("-inf")), mask=row_ok)
         tl.store(ML_part + part_row * 2 + 1, l_i, mask=row_ok)
 
 

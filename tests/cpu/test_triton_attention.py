@@ -101,6 +101,21 @@ def test_split_keys_match_one_pass():
     assert sqnr_db(split, one) > 35.0
 
 
+def test_split_keys_with_very_negative_scores():
+    """Rows that see no key of a split must not set the combine's max (strongly negative scores: the
+    real maxima sit ~300 below zero in log2 units, where a stored 0 would underflow every weight)."""
+    g = torch.Generator().manual_seed(5)
+    b, h, s_q, s_kv, d = 1, 1, 3, 97, 128
+    q = (-4.0 + 0.01 * torch.randn(b, s_q, h, d, generator=g)).bfloat16().transpose(1, 2)
+    k = (4.0 + 0.01 * torch.randn(b, s_kv, h, d, generator=g)).bfloat16().transpose(1, 2)
+    v = torch.randn(b, s_kv, h, d, generator=g).bfloat16().transpose(1, 2)
+    qkv = quantize_qkv_fp8_reference(q, k, v)
+    ref = reference_fp8_attention(qkv, is_causal=True, scale=0.1, out_dtype=torch.float32)
+    split = _launch(qkv, True, 0.1, torch.float32, config={"BLOCK_M": 16, "BLOCK_N": 16, "num_splits": 8})
+    assert torch.isfinite(split).all()
+    assert sqnr_db(split, ref) > 30.0
+
+
 def test_keys_contiguous_v_and_out_dtypes():
     qkv = _quantized(1, 2, 2, 16, 48, 64, seed=4)
     config = {"BLOCK_M": 16, "BLOCK_N": 16}
