@@ -14,7 +14,7 @@ import torch
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op
 from .dispatch import BACKENDS, resolve_backend
-from .quantization.hadamard import HADAMARD_MODES, check_hadamard
+from .quantization.hadamard import check_hadamard
 
 
 

@@ -36,7 +36,8 @@ from transformers.masking_utils import (
 
 from ._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .dispatch import BACKENDS, device_arch, resolve_backend
-from .sdpa import HADAMARD_MODES, fp8_sdpa
+from .quantization.hadamard import HADAMARD_MODES, check_hadamard
+from .sdpa import fp8_sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +246,9 @@ def _fp8_padded(query, key, value, spans, *, is_causal, scaling, backend, option
     out = query.new_zeros(batch, s_q, heads, dim)
     groups: dict[tuple[int, int, int, int], list[int]] = {}
     for row, (start, end) in enumerate(spans):
-        if offset >= 0:
+        if is_causal and offset >= 0:
             q_start, q_end = max(0, start - offset), min(s_q, end - offset)
-        else:  # more queries than keys: non-causal cross-attention, the key mask says nothing about queries
+        else:  # non-causal (e.g. cross-attention): the key mask says nothing about which queries are valid
             q_start, q_end = 0, s_q
         if q_end > q_start and end > start:
             groups.setdefault((start, end, q_start, q_end), []).append(row)
@@ -546,6 +547,10 @@ def prepare_model(
     if hadamard not in (None, *HADAMARD_MODES):
         accepted = ", ".join(map(repr, HADAMARD_MODES))
         raise ValueError(f"hadamard={hadamard!r} is not supported; accepted values: None, {accepted}")
+    if hadamard not in (None, "none"):
+        # fail here, not at the first forward: the rotation needs a power-of-two head_dim
+        for head_dim in {m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}:
+            check_hadamard(hadamard, head_dim)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     dtype = getattr(model, "dtype", None)
@@ -583,9 +588,11 @@ def prepare_model(
             if _supports_fused_rope(module):
                 module.forward = types.MethodType(_fused_rope_forward, module)
                 state["patched"].append(module)
-    state["hadamard"] = hadamard or "none"
-    options = {"hadamard": state["hadamard"], "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v)}
+    options = {"hadamard": hadamard or "none", "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v)}
     state["options"] = options
+    state["previous_options"] = [
+        (config, config.__dict__[_OPTIONS_ATTR]) for config in _configs_with_cache(model) if _OPTIONS_ATTR in config.__dict__
+    ]
     for config in _configs_with_cache(model):
         setattr(config, _OPTIONS_ATTR, dict(options))
     state["fuse_rope"] = fuse_rope
@@ -607,6 +614,8 @@ def unprepare_model(model):
         config.use_cache = value
     for config in _configs_with_cache(model):
         config.__dict__.pop(_OPTIONS_ATTR, None)
+    for config, previous in state.get("previous_options", ()):
+        setattr(config, _OPTIONS_ATTR, previous)
     return model
 
 

@@ -464,3 +464,35 @@ def test_accuracy_options_reach_every_fp8_call(monkeypatch):
     assert "hadamard=qkv, smooth_k=True" in hfa.describe_backend(model)
     hfa.unprepare_model(model)
     assert not hasattr(model.config, "fp8_attention_options")
+
+
+def test_non_causal_cross_attention_with_padded_keys():
+    """A 2-D key-padding mask on non-causal attention with S_q < S_kv (cross-attention): every query is
+    valid and attends to its row's valid keys (a key span once leaked into the query range)."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 4, 64, generator=g).bfloat16()
+    k = torch.randn(2, 2, 6, 64, generator=g).bfloat16()
+    v = torch.randn(2, 2, 6, 64, generator=g).bfloat16()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    module = torch.nn.Module()
+    module.is_causal = False
+    out, _ = hft._fp8_attention_forward(module, q, k, v, mask, scaling=0.125, backend="reference")
+    bias = torch.zeros(2, 1, 1, 6).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=bias, scale=0.125, enable_gqa=True
+    ).transpose(1, 2)
+    assert torch.isfinite(out).all()
+    assert cosine(out[1], ref[1]) > 0.998 and cosine(out, ref) > 0.998
+
+
+def test_prepare_model_checks_hadamard_head_dim_and_restores_user_options():
+    model = tiny_model(head_dim=96, hidden_size=192)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        hfa.prepare_model(model, backend="reference", hadamard="qkv")
+    model = tiny_model()
+    mine = {"hadamard": "none", "smooth_k": True, "smooth_v": False}
+    model.config.fp8_attention_options = dict(mine)
+    hfa.prepare_model(model, backend="reference", hadamard="qkv")
+    assert model.config.fp8_attention_options["hadamard"] == "qkv"
+    hfa.unprepare_model(model)
+    assert model.config.fp8_attention_options == mine
