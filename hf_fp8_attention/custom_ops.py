@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from .backends import get_backend_fn
+from .dispatch import triton_quantize_usable
 from .quantization import QuantizedQKV, hadamard_matrix, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from .quantization.hadamard import rotates_v
 
@@ -20,7 +21,8 @@ def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
     # CUDA tensors go to the Triton kernel, which fuses RoPE, the Hadamard rotation and the mean subtraction
     # into its one launch; CPU tensors use the torch reference (bit-identical without hadamard/smoothing,
     # within an fp8 ulp on a few elements with them; the kernel's interpreted run is in the CPU tests).
-    if query.is_cuda:
+    # The kernel's e4m3 casts need FP8 hardware (SM 8.9+) and triton; other GPUs run the reference.
+    if query.is_cuda and triton_quantize_usable(query.device):
         return quantize_qkv_fp8(query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
     return quantize_qkv_fp8_reference(
         query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v
@@ -39,9 +41,8 @@ def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str) -> torc
         group = out.shape[2] // qkv.v_mean.shape[1]
         bias = qkv.v_mean.repeat_interleave(group, dim=1)[:, None]  # (B, 1, H_q, D) float32
     if rotates_v(hadamard):
-        h = hadamard_matrix(out.shape[-1], device=out.device)
-        out = torch.matmul(out, h.to(out.dtype))
-        bias = None if bias is None else bias @ h
+        out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
+        bias = None if bias is None else bias @ hadamard_matrix(out.shape[-1], device=out.device)
     if bias is not None:
         out = out.add_(bias.to(out.dtype))
     return out

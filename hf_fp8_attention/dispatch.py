@@ -79,6 +79,12 @@ def kernel_available(backend: str) -> bool:
     return _KERNEL_AVAILABLE.get(backend, False)
 
 
+def triton_quantize_usable(device: torch.device) -> bool:
+    """Whether the Triton quantize kernel can run for tensors on ``device`` (a CUDA device)."""
+    arch = device_arch(device)
+    return kernel_available("triton") and arch is not None and arch >= _TRITON_MIN_ARCH
+
+
 def _format_arch(arch: int) -> str:
     return f"SM {arch // 10}.{arch % 10}"
 

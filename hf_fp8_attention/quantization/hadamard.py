@@ -33,10 +33,17 @@ def _sign_matrix(dim: int) -> torch.Tensor:
     return h
 
 
-def hadamard_matrix(dim: int, device=None, dtype=torch.float32, normalized: bool = True) -> torch.Tensor:
-    """(dim, dim) Hadamard matrix, entries +-1 (or +-1/sqrt(dim) when normalized)."""
+@functools.lru_cache(maxsize=None)
+def _cached(dim: int, device: torch.device, dtype: torch.dtype, normalized: bool) -> torch.Tensor:
     h = _sign_matrix(dim).to(device=device, dtype=dtype)
     return h * dim**-0.5 if normalized else h
+
+
+def hadamard_matrix(dim: int, device=None, dtype=torch.float32, normalized: bool = True) -> torch.Tensor:
+    """(dim, dim) Hadamard matrix, entries +-1 (or +-1/sqrt(dim) when normalized). Cached per device and
+    dtype: building it on a GPU from a CPU tensor is a blocking copy, which would stall the host per call.
+    Treat the result as read-only."""
+    return _cached(dim, torch.device(device) if device is not None else torch.device("cpu"), dtype, normalized)
 
 
 def rotates_qk(mode: str) -> bool:

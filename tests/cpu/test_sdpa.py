@@ -174,6 +174,20 @@ def test_explicit_backend_without_its_kernel(monkeypatch):
         check_backend("fa3", torch.device("cuda"))
 
 
+def test_triton_quantizer_only_where_fp8_casts_compile(monkeypatch):
+    """GPUs older than SM 8.9 (or without triton) quantize with the torch reference, so fp8_reference
+    really runs on any device."""
+    import hf_fp8_attention.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
+    monkeypatch.setenv(ARCH_ENV, "80")
+    assert not dispatch.triton_quantize_usable(torch.device("cuda"))
+    monkeypatch.setenv(ARCH_ENV, "90")
+    assert dispatch.triton_quantize_usable(torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name != "triton")
+    assert not dispatch.triton_quantize_usable(torch.device("cuda"))
+
+
 def test_auto_pick_table(monkeypatch):
     import hf_fp8_attention.dispatch as dispatch
 
