@@ -125,7 +125,7 @@ def check_backend(backend: str, device: torch.device) -> None:
     if not kernel_available(backend):
         raise ImportError(
             f"fp8_{backend} needs its kernel package, which is not installed: {_INSTALL_HINT[backend]}; "
-            "or use attn_implementation='fp8' (falls back to the reference backend)"
+            "or use attn_implementation='fp8' (falls back to the triton or reference backend)"
         )
 
 

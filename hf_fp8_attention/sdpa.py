@@ -1,8 +1,8 @@
 """The shared FP8 SDPA: validate, quantize Q/K/V per (batch, KV head) to e4m3, run a backend.
 
 Input layout: BHSD views (any strides; Transformers' are views of BSHD memory). Output: BHSD view of a
-contiguous BSHD tensor in the input dtype. Every backend (fa3, fa4, reference) goes through here, so the
-checks in `_check_inputs` are the only ones: downstream code trusts them.
+contiguous BSHD tensor in the input dtype. Every backend (fa3, fa4, triton, reference) goes through here; `_check_inputs` is where user input
+is validated, with messages that name the limit and the alternative.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def fp8_sdpa(
         scale: softmax scale, default 1/sqrt(D).
         cos, sin: (B or 1, S_q, D) rotary tables: query/key are then un-rotated and RoPE (rotate-half
             convention) is applied inside the quantize kernel. Needs S_q == S_kv.
-        backend: "fa3", "fa4", "reference", or None to pick from the device (see `dispatch`).
+        backend: "fa3", "fa4", "triton", "reference", or None to pick from the device (see `dispatch`).
         hadamard: accuracy mode for outlier-heavy inputs: "none", "qkv" (Q, K, V rotated by a normalised
             Hadamard matrix inside the quantize kernel; the output is rotated back) or "v_only".
             Needs a power-of-two head_dim <= 256.

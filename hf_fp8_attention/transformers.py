@@ -5,7 +5,7 @@ Attention layout follows `transformers.integrations.sdpa_attention.sdpa_attentio
 transformers 5.17 (attention modules take ``past_key_values``) and 5.24 (renamed to ``cache``).
 
 What runs where:
-- ``fp8_fa3`` / ``fp8_fa4`` / ``fp8_reference`` / ``fp8`` (backend from the query's device at call time) are
+- ``fp8_fa3`` / ``fp8_fa4`` / ``fp8_triton`` / ``fp8_reference`` / ``fp8`` (backend from the query's device at call time) are
   registered in `AttentionInterface`, each with a flash-style mask in `AttentionMaskInterface`: a 2-D
   (B, S_kv) padding mask, or None when nothing is padded.
 - Padded batches stay exact in fp8: every row whose valid keys are one contiguous run (left or right
@@ -408,7 +408,7 @@ _ATTENTION_FORWARDS = {name: _make_attention_forward(name, backend) for name, ba
 
 
 def register() -> None:
-    """Register ``fp8``, ``fp8_fa3``, ``fp8_fa4`` and ``fp8_reference`` with transformers (idempotent)."""
+    """Register ``fp8``, ``fp8_fa3``, ``fp8_fa4``, ``fp8_triton`` and ``fp8_reference`` with transformers (idempotent)."""
     for name, forward in _ATTENTION_FORWARDS.items():
         AttentionInterface.register(name, forward)
         AttentionMaskInterface.register(name, fp8_attention_mask)
@@ -534,7 +534,7 @@ def prepare_model(
 
     Args:
         model: a transformers PreTrainedModel in bfloat16/float16.
-        backend: "fa3", "fa4", "reference", or None to pick from the model's device.
+        backend: "fa3", "fa4", "triton", "reference", or None to pick from the model's device.
         hadamard: None/"none", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
             The three options are stored on the model's configs as ``fp8_attention_options`` and passed

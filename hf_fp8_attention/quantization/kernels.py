@@ -15,7 +15,7 @@ smallest ticket whose P1 is unpublished is held by a program that reaches it, so
 grid need not be co-resident. Under the interpreter programs run one after another and the ticket order
 alone makes every wait succeed at once.
 
-ONE_TILE (the launcher sets it with RoPE): a program holds one tile at a time, P1's tile is loaded,
+ONE_TILE (the launcher sets it with RoPE or smoothing): a program holds one tile at a time, P1's tile is loaded,
 rotated and published before P2's is loaded, instead of issuing both loads up front. It gives up the
 overlap of the two reads for about half the registers (x plus fp32 cos/sin per tile), so that several
 programs fit per SM.
