@@ -13,7 +13,8 @@ import functools
 import os
 
 import torch
-import triton
+
+from .._intmath import cdiv, next_power_of_2
 
 from .._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS
 from ..quantization import QuantizedQKV
@@ -77,7 +78,7 @@ def _launch(
     s_kv, h_kv = k.shape[1], k.shape[2]
     group = h_q // h_kv
     n_rows = s_q * group
-    dim_pad = triton.next_power_of_2(dim)
+    dim_pad = next_power_of_2(dim)
     out = torch.empty(batch, s_q, h_q, dim, dtype=out_dtype, device=q.device)
     bh = batch * h_kv
     decode = n_rows <= _DECODE_MAX_ROWS
@@ -88,21 +89,21 @@ def _launch(
     v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
 
     if config is None and decode:
-        block_m = max(16, triton.next_power_of_2(n_rows))
+        block_m = max(16, next_power_of_2(n_rows))
         config = {"BLOCK_M": block_m, "BLOCK_N": 64 if dim_pad >= 256 else 128, "num_warps": 4, "num_stages": 3}
-        programs = triton.cdiv(n_rows, block_m) * bh
+        programs = cdiv(n_rows, block_m) * bh
         sms = 4 if _interpreting() or not q.is_cuda else _num_sms(q.device.index or 0)
         # Enough programs to fill the GPU twice, each with at least 4 key blocks.
-        splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(s_kv, 4 * config["BLOCK_N"]))
+        splits = min(cdiv(2 * sms, programs), cdiv(s_kv, 4 * config["BLOCK_N"]))
         if s_kv < _SPLIT_MIN_KEYS and not _interpreting():
             splits = 1
-        config["num_splits"] = min(64, triton.next_power_of_2(max(1, splits)))
+        config["num_splits"] = min(64, next_power_of_2(max(1, splits)))
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
 
     num_splits = (config or {}).get("num_splits", 1)
     block_n = (config or {}).get("BLOCK_N", 128)
-    keys_per_split = triton.cdiv(triton.cdiv(s_kv, num_splits), block_n) * block_n
+    keys_per_split = cdiv(cdiv(s_kv, num_splits), block_n) * block_n
     if num_splits > 1:
         o_part = torch.empty(num_splits, bh, n_rows, dim_pad, dtype=torch.float32, device=q.device)
         ml_part = torch.empty(num_splits, bh, n_rows, 2, dtype=torch.float32, device=q.device)
@@ -117,15 +118,15 @@ def _launch(
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
                       NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1)
     if config is None:
-        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
+        grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)
         return out
     launch = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
-    grid = (triton.cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
+    grid = (cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
     _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, **launch)
     if num_splits > 1:
-        block_r = min(64, max(16, triton.next_power_of_2(n_rows)))
-        _fp8_attn_combine_kernel[(triton.cdiv(n_rows, block_r), bh)](
+        block_r = min(64, max(16, next_power_of_2(n_rows)))
+        _fp8_attn_combine_kernel[(cdiv(n_rows, block_r), bh)](
             out, qkv.v_descale, o_part, ml_part, out.stride(0), out.stride(1), h_kv, s_q, bh,
             GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=num_splits, BLOCK_R=block_r,
         )

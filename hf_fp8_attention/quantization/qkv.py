@@ -12,7 +12,8 @@ import functools
 from typing import Optional
 
 import torch
-import triton
+
+from .._intmath import cdiv, next_power_of_2
 
 from .._constants import FP8_DTYPE, FP8_MAX
 from .hadamard import check_hadamard, rotates_qk, rotates_v
@@ -48,7 +49,7 @@ def _tile_config(head_dim: int, apply_rope: bool, smooth: bool = False) -> tuple
     """(HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) for a head dim; D=96 pads its 48-wide halves to 64.
     BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256 with 8192-element tiles. RoPE and smoothing
     keep one tile in flight (`_ONE_TILE_CONFIG`): their tiles carry cos/sin or the statistics' registers."""
-    half_block = triton.next_power_of_2(head_dim // 2)
+    half_block = next_power_of_2(head_dim // 2)
     tile_elems, num_warps, one_tile = _ONE_TILE_CONFIG if (apply_rope or smooth) else (_TILE_ELEMS, 4, False)
     block_s = max(16, min(128, tile_elems // (2 * half_block)))
     num_warps = max(num_warps, 8 if head_dim > 128 else 4)
@@ -57,7 +58,7 @@ def _tile_config(head_dim: int, apply_rope: bool, smooth: bool = False) -> tuple
 
 def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int) -> tuple[int, int]:
     """(number of programs, LAG in tiles) of the persistent grid."""
-    n_tiles_q, n_tiles_kv = triton.cdiv(S_q, block_s), triton.cdiv(S_kv, block_s)
+    n_tiles_q, n_tiles_kv = cdiv(S_q, block_s), cdiv(S_kv, block_s)
     n_tiles = B * H_q * n_tiles_q + 2 * B * H_kv * n_tiles_kv
     n_programs = max(1, min(n_sms * _PROGRAMS_PER_SM, n_tiles))
     largest_group = max((H_q // H_kv) * n_tiles_q, n_tiles_kv)
@@ -135,7 +136,7 @@ def quantize_qkv_fp8(
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
     if smooth:
         # per-tile (sum, min, max) of every K and V channel; never read before written, so not zeroed
-        partials = torch.empty((2, B, H_kv, triton.cdiv(S_kv, block_s), 3, D), dtype=torch.float32, device=device)
+        partials = torch.empty((2, B, H_kv, cdiv(S_kv, block_s), 3, D), dtype=torch.float32, device=device)
     else:
         means = partials = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
 
