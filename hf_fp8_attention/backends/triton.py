@@ -14,9 +14,8 @@ import os
 
 import torch
 
-from .._intmath import cdiv, next_power_of_2
-
 from .._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS
+from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 

@@ -13,9 +13,8 @@ from typing import Optional
 
 import torch
 
-from .._intmath import cdiv, next_power_of_2
-
 from .._constants import FP8_DTYPE, FP8_MAX
+from .._intmath import cdiv, next_power_of_2
 from .hadamard import check_hadamard, rotates_qk, rotates_v
 from .kernels import WS_PAD, qkv_quantize_kernel
 from .reference import QuantizedQKV, _check_rope_args
