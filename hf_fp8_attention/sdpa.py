@@ -65,6 +65,8 @@ def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, had
     if cos is not None:
         if s_q != s_kv:
             raise ValueError(f"fused RoPE needs S_q == S_kv (prefill without a KV cache), got {s_q} and {s_kv}")
+        if cos.shape != sin.shape:
+            raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
         for name, t in (("cos", cos), ("sin", sin)):
             if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1:] != (s_q, d):
                 raise ValueError(f"{name} must have shape ({b} or 1, {s_q}, {d}), got {tuple(t.shape)}")

@@ -102,7 +102,11 @@ def test_zero_head_and_non_finite():
     assert torch.isfinite(out).all() and (out[:, 1] == 0).all()
     k0 = k.clone()
     k0[:, 2] = 0
-    assert torch.isfinite(fp8_sdpa(q, k0, v)).all()
+    out0 = fp8_sdpa(q, k0, v)
+    assert torch.isfinite(out0).all()
+    # all-zero keys: uniform attention, every query gets the mean of V (up to V's e4m3 rounding)
+    mean_v = v[:, 2].float().mean(dim=1, keepdim=True).expand(-1, q.shape[2], -1)
+    assert cosine(out0[:, 2], mean_v) > 0.995
     for bad in (float("nan"), float("inf"), float("-inf")):
         for which in range(3):
             t = [q.clone(), k.clone(), v.clone()]
@@ -146,6 +150,8 @@ def test_bad_arguments():
     cos = torch.ones(1, 16, 64)
     with pytest.raises(ValueError, match="both cos and sin"):
         fp8_sdpa(q, k, v, cos=cos)
+    with pytest.raises(ValueError, match="cos and sin shapes differ"):
+        fp8_sdpa(q, k, v, cos=cos, sin=cos.expand(2, 16, 64))
     with pytest.raises(ValueError, match="cos must have shape"):
         fp8_sdpa(q, k, v, cos=cos[:, :8], sin=cos[:, :8])
     with pytest.raises(ValueError, match="needs CUDA tensors"):
