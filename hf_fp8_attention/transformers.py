@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -213,15 +214,31 @@ def _fallback_reason(module, query, key, value, attention_mask, kwargs) -> tuple
     return None
 
 
+# The same 2-D mask object reaches every layer of one forward: its spans are computed (one host sync)
+# once and kept while that very tensor, unmodified, comes back. A weak reference, so a freed mask whose
+# address is reused can never hit.
+_spans_cache: dict = {"ref": None, "version": None, "spans": None}
+
+
 def _padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
     """Per batch row, the [start, end) run of valid keys ((0, 0) if none); None if some row is not one run."""
+    if mask2d.is_inference():  # inference tensors have no version counter: no way to see in-place edits
+        return _compute_padding_spans(mask2d)
+    ref = _spans_cache["ref"]
+    if ref is not None and ref() is mask2d and _spans_cache["version"] == mask2d._version:
+        return _spans_cache["spans"]
+    spans = _compute_padding_spans(mask2d)
+    _spans_cache.update(ref=weakref.ref(mask2d), version=mask2d._version, spans=spans)
+    return spans
+
+
+def _compute_padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
     valid = mask2d.to(torch.bool)
     length = valid.shape[1]
     counts = valid.sum(dim=1)
     first = valid.int().argmax(dim=1)
     end = length - valid.flip(1).int().argmax(dim=1)
-    # One host sync per layer call; only padded batches get here.
-    rows = torch.stack([counts, first, end], dim=1).tolist()
+    rows = torch.stack([counts, first, end], dim=1).tolist()  # the host sync
     spans = []
     for count, start, stop in rows:
         if count == 0:

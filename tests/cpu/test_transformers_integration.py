@@ -496,3 +496,20 @@ def test_prepare_model_checks_hadamard_head_dim_and_restores_user_options():
     assert model.config.fp8_attention_options["hadamard"] == "qkv"
     hfa.unprepare_model(model)
     assert model.config.fp8_attention_options == mine
+
+
+def test_padding_spans_computed_once_per_mask(monkeypatch):
+    calls = []
+    real = hft._compute_padding_spans
+    monkeypatch.setattr(hft, "_compute_padding_spans", lambda m: calls.append(1) or real(m))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert hft._padding_spans(mask) == [(2, 5), (0, 5)]
+    assert hft._padding_spans(mask) == [(2, 5), (0, 5)] and len(calls) == 1  # every layer, one sync
+    mask[0, 1] = 1  # modified in place: recomputed
+    assert hft._padding_spans(mask) == [(1, 5), (0, 5)] and len(calls) == 2
+    other = mask.clone()
+    assert hft._padding_spans(other) == [(1, 5), (0, 5)] and len(calls) == 3
+    with torch.inference_mode():
+        frozen = mask.clone()
+    assert hft._padding_spans(frozen) == [(1, 5), (0, 5)] and hft._padding_spans(frozen) == [(1, 5), (0, 5)]
+    assert len(calls) == 5  # not cached: no version counter
