@@ -40,7 +40,7 @@ FP8_ATTN = {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "r
 PLAIN_ATTN = ("sdpa", "eager")
 ATTN_CHOICES = (*FP8_ATTN, *PLAIN_ATTN)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HADAMARD_CHOICES = ("none",)
+HADAMARD_CHOICES = ("none", "qkv", "v_only")  # hf_fp8_attention.quantization.hadamard.HADAMARD_MODES
 
 
 # ------------------------------------------------------------------------------------------------------
