@@ -308,7 +308,7 @@ def test_decode_steps_with_cache_match_eager(spy_fp8_sdpa):
         )
     ref_steps = torch.stack(eager.logits, dim=1).float()  # (B, new, V): step i predicts token 32 + i
     model.set_attn_implementation("fp8_reference")
-    steps, cache = [], None
+    steps = []
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         steps.append(out.logits[:, -1])

@@ -35,14 +35,18 @@ def _is_nan(t: torch.Tensor) -> torch.Tensor:
     return (t.view(torch.uint8) & 0x7F) == 0x7F
 
 
+def _ulp_diffs(got, ref, n: str) -> tuple[torch.Tensor, int]:
+    """Checks layout and NaN positions of fp8 tensor ``n``; returns |ulp| of the finite values and how many differ."""
+    g, r = getattr(got, n), getattr(ref, n)
+    assert g.dtype == FP8_DTYPE and g.shape == r.shape and g.is_contiguous(), n
+    assert torch.equal(_is_nan(g), _is_nan(r)), f"{n}: NaN positions differ"
+    ulp = (_ordinal(g) - _ordinal(r)).abs()[~_is_nan(r)]
+    return ulp, int((ulp > 0).sum())
+
+
 def assert_close_fp8(got, ref, rope: bool) -> None:
     for n in NAMES:
-        g, r = getattr(got, n), getattr(ref, n)
-        assert g.dtype == FP8_DTYPE and g.shape == r.shape and g.is_contiguous(), n
-        assert torch.equal(_is_nan(g), _is_nan(r)), f"{n}: NaN positions differ"
-        finite = ~_is_nan(r)
-        ulp = (_ordinal(g) - _ordinal(r)).abs()[finite]
-        n_diff = int((ulp > 0).sum())
+        ulp, n_diff = _ulp_diffs(got, ref, n)
         if rope and n != "v":
             assert ulp.numel() == 0 or int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
             assert n_diff <= MAX_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
@@ -151,12 +155,7 @@ V_MEAN_ATOL = 1e-6  # relative to the head's max |v - mean|
 
 def assert_close_modes(got, ref, rope: bool, hadamard: str) -> None:
     for n in NAMES:
-        g, r = getattr(got, n), getattr(ref, n)
-        assert g.dtype == FP8_DTYPE and g.shape == r.shape and g.is_contiguous(), n
-        assert torch.equal(_is_nan(g), _is_nan(r)), f"{n}: NaN positions differ"
-        finite = ~_is_nan(r)
-        ulp = (_ordinal(g) - _ordinal(r)).abs()[finite]
-        n_diff = int((ulp > 0).sum())
+        ulp, n_diff = _ulp_diffs(got, ref, n)
         assert ulp.numel() == 0 or int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
         assert n_diff <= MODES_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
         gd, rd = getattr(got, f"{n}_descale"), getattr(ref, f"{n}_descale")
