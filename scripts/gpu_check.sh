@@ -4,6 +4,8 @@
 #   bash scripts/gpu_check.sh            # tests + one-layer speed table (issue acceptance)
 #   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
 #   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
+#   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
+#                                        # prepare_model), then the GPU tests on GPU 0
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
 set -uo pipefail
 out=${OUT:-gpu_check_out}
@@ -17,6 +19,8 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+# NVLink multicast must stay off on the lent multi-GPU machines
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 - <<'PY' 2>&1 | tee "$out/env.txt"
 import torch, triton, transformers, importlib.util
 print("device:", torch.cuda.get_device_name(), "SM", torch.cuda.get_device_capability())
@@ -29,7 +33,16 @@ step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
   "$@" 2>&1 | tee "$out/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: $name FAILED"; status=1; }
 }
-if [ "$mode" = "--model" ]; then
+if [ "$mode" = "--multi" ]; then
+  nvidia-smi topo -m 2>&1 | tee "$out/topo.txt"
+  seqs="4096 16384 32768"
+  step tp python3 -m torch.distributed.run --standalone --nproc-per-node 2 scripts/multi_gpu_check.py --mode tp --seqlens $seqs
+  step tp_prepare python3 -m torch.distributed.run --standalone --nproc-per-node 2 scripts/multi_gpu_check.py --mode tp --prepare --seqlens $seqs
+  step device_map python3 scripts/multi_gpu_check.py --mode device_map --seqlens $seqs
+  step device_map_prepare python3 scripts/multi_gpu_check.py --mode device_map --prepare --seqlens $seqs
+  step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs -x
+  grep -h -A8 "^# " "$out"/tp.log "$out"/tp_prepare.log "$out"/device_map.log "$out"/device_map_prepare.log
+elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
 else

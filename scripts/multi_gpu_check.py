@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--workdir", default="/tmp/hfa_multi_gpu_model")
+    p.add_argument("--prepare", action="store_true", help="also call prepare_model (fused RoPE) on both models")
     return p.parse_args(argv)
 
 
@@ -46,13 +47,18 @@ def _config(args):
     )
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed_logits(model, ids, device):
     with torch.no_grad():
         model(ids[:, :128].to(device))  # warm-up: compile/autotune outside the timing
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         logits = model(ids.to(device), logits_to_keep=64).logits.float()
-        torch.cuda.synchronize()
+        _sync()
     return logits, time.perf_counter() - t0
 
 
@@ -61,13 +67,16 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
-    import hf_fp8_attention  # noqa: F401  (registers the attention names)
+    import hf_fp8_attention  # registers the attention names
 
     tp = args.mode == "tp"
+    cuda = torch.cuda.is_available()
     if tp:
-        dist.init_process_group("nccl")
+        # gloo on a machine without GPUs: a CPU dry run of the same code (with --attn fp8_reference)
+        dist.init_process_group("nccl" if cuda else "gloo")
         rank = dist.get_rank()
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     else:
         rank = 0
         if torch.cuda.device_count() < 2:
@@ -85,7 +94,19 @@ def main(argv=None) -> int:
         if tp
         else LlamaForCausalLM.from_pretrained(args.workdir, device_map="auto", **load)
     ).eval()
-    single = LlamaForCausalLM.from_pretrained(args.workdir, **load).to(f"cuda:{torch.cuda.current_device()}").eval()
+    here = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    single = LlamaForCausalLM.from_pretrained(args.workdir, **load).to(here).eval()
+    if args.prepare:
+        hf_fp8_attention.prepare_model(multi)
+        hf_fp8_attention.prepare_model(single)
+    seen = {}  # what the attention of layer 0 gets on this rank: local heads under TP
+
+    def _record(module, inputs, output):
+        seen.setdefault("heads", (output.shape[-1] // module_head_dim))
+
+    attn0 = multi.model.layers[0].self_attn
+    module_head_dim = attn0.head_dim
+    hook = attn0.q_proj.register_forward_hook(_record)
     first_device = next(multi.parameters()).device
     ok = True
     rows = []
@@ -96,10 +117,15 @@ def main(argv=None) -> int:
         cos = torch.nn.functional.cosine_similarity(got.flatten().cpu(), ref.flatten().cpu(), dim=0).item()
         ok &= cos >= 0.999
         rows.append((s, t_multi, t_single, cos))
+    hook.remove()
     if rank == 0:
         world = dist.get_world_size() if tp else torch.cuda.device_count()
-        print(f"\n# {args.mode} over {world} GPUs ({torch.cuda.get_device_name()}), attn={args.attn}, "
+        name = torch.cuda.get_device_name() if cuda else "CPU"
+        print(f"\n# {args.mode} over {world} ranks/GPUs ({name}), attn={args.attn}, "
               f"{args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}")
+        print(f"layer-0 attention on rank 0 saw {seen.get('heads')} of {args.heads} query heads; "
+              f"devices of the layers: {sorted({str(p.device) for p in multi.parameters()})}; "
+              f"{hf_fp8_attention.describe_backend(multi)}")
         print("| S | multi-GPU prefill s | single-GPU prefill s | logits cosine |")
         print("|---|---|---|---|")
         for s, tm, ts, cos in rows:
