@@ -109,6 +109,10 @@ def main(argv=None) -> int:
     hook = attn0.q_proj.register_forward_hook(_record)
     first_device = next(multi.parameters()).device
     ok = True
+    devices = {p.device for p in multi.parameters()}
+    if not tp and len(devices) < 2:
+        print(f"multi_gpu_check: device_map='auto' put the whole model on {devices}: nothing was split")
+        ok = False
     rows = []
     for s in args.seqlens:
         ids = torch.randint(0, 32000, (1, s), generator=torch.Generator().manual_seed(s))
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
         print(f"\n# {args.mode} over {world} ranks/GPUs ({name}), attn={args.attn}, "
               f"{args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}")
         print(f"layer-0 attention on rank 0 saw {seen.get('heads')} of {args.heads} query heads; "
-              f"devices of the layers: {sorted({str(p.device) for p in multi.parameters()})}; "
+              f"devices of the layers: {sorted(map(str, devices))}; "
               f"{hf_fp8_attention.describe_backend(multi)}")
         print("| S | multi-GPU prefill s | single-GPU prefill s | logits cosine |")
         print("|---|---|---|---|")
