@@ -436,12 +436,26 @@ def register() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _forward_slot(module: torch.nn.Module) -> str | None:
+    """The instance attribute that holds the forward to replace with the fused-RoPE one.
+
+    "forward" on a plain module; "_old_forward" under an accelerate device hook (device_map="auto" puts
+    one on each module it places: the hook's forward moves the inputs, then calls `_old_forward`); None
+    when someone else already replaced the forward (leave theirs alone).
+    """
+    attrs = module.__dict__
+    if "_hf_hook" in attrs and "_old_forward" in attrs:
+        inner = attrs["_old_forward"]
+        is_class_forward = getattr(inner, "__func__", None) is type(module).forward
+        return "_old_forward" if is_class_forward and getattr(inner, "__self__", None) is module else None
+    return None if "forward" in attrs else "forward"
+
+
 def _supports_fused_rope(module: torch.nn.Module) -> bool:
     cls = type(module)
     if _FUSED_ROPE_CLASSES.get(cls.__module__) != cls.__name__:
         return False
-    # Someone else (e.g. accelerate's device hooks) already replaced this instance's forward: leave it.
-    if "forward" in module.__dict__:
+    if _forward_slot(module) is None:
         return False
     config = getattr(module, "config", None)
     if getattr(config, "partial_rotary_factor", None) not in (None, 1, 1.0):
@@ -603,7 +617,7 @@ def prepare_model(
     if fuse_rope:
         for module in model.modules():
             if _supports_fused_rope(module):
-                module.forward = types.MethodType(_fused_rope_forward, module)
+                setattr(module, _forward_slot(module), types.MethodType(_fused_rope_forward, module))
                 state["patched"].append(module)
     options = {"hadamard": hadamard or "none", "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v)}
     state["options"] = options
@@ -623,9 +637,13 @@ def unprepare_model(model):
     if state is None:
         return model
     for module in state["patched"]:
-        bound = module.__dict__.get("forward")
-        if getattr(bound, "__func__", None) is _fused_rope_forward and bound.__self__ is module:
-            del module.forward
+        for slot in ("forward", "_old_forward"):  # an accelerate hook may have come or gone since
+            bound = module.__dict__.get(slot)
+            if getattr(bound, "__func__", None) is _fused_rope_forward and bound.__self__ is module:
+                if slot == "forward":
+                    del module.forward
+                else:
+                    module._old_forward = types.MethodType(type(module).forward, module)
     model.set_attn_implementation(state["attn_implementation"])
     for config, value in state["use_cache"]:
         config.use_cache = value

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
 #   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
-#                                        # prepare_model), then the GPU tests on GPU 0
+#                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
 set -uo pipefail
 out=${OUT:-gpu_check_out}
@@ -40,8 +40,7 @@ if [ "$mode" = "--multi" ]; then
   step tp_prepare python3 -m torch.distributed.run --standalone --nproc-per-node 2 scripts/multi_gpu_check.py --mode tp --prepare --seqlens $seqs
   step device_map python3 scripts/multi_gpu_check.py --mode device_map --seqlens $seqs
   step device_map_prepare python3 scripts/multi_gpu_check.py --mode device_map --prepare --seqlens $seqs
-  step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs -x
-  grep -h -A8 "^# " "$out"/tp.log "$out"/tp_prepare.log "$out"/device_map.log "$out"/device_map_prepare.log
+  grep -h -A9 "^# " "$out"/tp.log "$out"/tp_prepare.log "$out"/device_map.log "$out"/device_map_prepare.log
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

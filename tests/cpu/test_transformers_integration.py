@@ -209,6 +209,30 @@ def test_fused_rope_does_not_leak_to_other_models():
     assert attention_cls.forward is class_forward
 
 
+def test_fused_rope_under_accelerate_device_hooks():
+    """device_map="auto" wraps each placed module's forward in an accelerate hook that calls `_old_forward`:
+    prepare_model fuses RoPE there (inside the hook), and unprepare / hook removal leave the class forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    plain, hooked = tiny_model(seed=0), tiny_model(seed=0)
+    for layer in hooked.model.layers:
+        hooks.add_hook_to_module(layer.self_attn, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    ids = ids_for()
+    unfused = logits(hooked, ids, "fp8_reference")
+    hfa.prepare_model(plain, backend="reference")
+    hfa.prepare_model(hooked, backend="reference")
+    assert "fused RoPE on 2/2 layers" in hfa.describe_backend(hooked)
+    assert all("_hf_hook" in layer.self_attn.__dict__ for layer in hooked.model.layers)  # hook still first
+    assert torch.equal(logits(hooked, ids), logits(plain, ids))
+    hfa.unprepare_model(hooked)
+    assert torch.equal(logits(hooked, ids, "fp8_reference"), unfused)
+    hfa.prepare_model(hooked, backend="reference")
+    for layer in hooked.model.layers:  # hooks removed while prepared: forward becomes the fused one...
+        hooks.remove_hook_from_module(layer.self_attn)
+    assert torch.equal(logits(hooked, ids), logits(plain, ids))
+    hfa.unprepare_model(hooked)  # ...and unprepare still finds it
+    assert not any("forward" in m.__dict__ or "_old_forward" in m.__dict__ for m in hooked.modules())
+
+
 def test_fused_forward_defers_to_class_forward_when_not_fp8(spy_fp8_sdpa):
     model = tiny_model()
     ids = ids_for()
