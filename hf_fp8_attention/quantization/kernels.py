@@ -196,7 +196,7 @@ def _reduce_half_stats(part_ptr, n_tiles, seq_len, offs_d, d_mask,
                         propagate_nan=tl.PropagateNan.ALL)
         hi = tl.maximum(hi, tl.max(tl.load(ptr + 2 * HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0),
                         propagate_nan=tl.PropagateNan.ALL)
-    mean = tl.math.div_rn(total, seq_len.to(tl.float32))
+    mean = tl.math.div_rn(total, tl.maximum(seq_len, 1).to(tl.float32))  # an empty sequence: mean 0
     # rounding is monotonic, so max over x of fl(x - mean) is fl(max - mean): the amax of the centred tile
     centred = tl.maximum(hi - mean, mean - lo, propagate_nan=tl.PropagateNan.ALL)
     return mean, _nan_aware_max(tl.where(d_mask, centred, 0.0))
@@ -209,11 +209,16 @@ def _tile_setup(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_cb, stride_sb,
-    BLOCK_S: tl.constexpr,
+    stride_cb, stride_cs, stride_sb, stride_ss, cu_q_ptr, cu_k_ptr,
+    BLOCK_S: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Tile `item` -> its tensor t, batch b, head h, first row, the tensor's head count, pointer, base
-    offset and strides, its scale group and the group's tile count."""
+    offset and strides, its sequence length, cos/sin base offsets, its scale group, the group's tile
+    count, whether it is the group's first tile, and the row of its sequence's first token in the output.
+
+    VARLEN: b is a sequence of packed tokens, rows [cu[b], cu[b + 1]) of the (1, total, H, D) input
+    (cu_q_ptr for q, cu_k_ptr for k and v); S_Q / S_KV are the longest sequence's length, so a shorter
+    sequence's tail tiles are empty (masked, amax 0)."""
     n_q = B * H_Q * N_TILES_Q
     n_kv = B * H_KV * N_TILES_KV
     t = (item >= n_q).to(tl.int32) + (item >= n_q + n_kv).to(tl.int32)
@@ -230,11 +235,24 @@ def _tile_setup(
     stride_s = _select3(t, stride_qs, stride_ks, stride_vs)
     stride_d = _select3(t, stride_qd, stride_kd, stride_vd)
     b64 = b.to(tl.int64)
-    x_base = b64 * stride_b + h.to(tl.int64) * stride_h
+    if VARLEN:
+        cu_ptr = tl.where(t == 0, cu_q_ptr, cu_k_ptr)
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
+        x_base = start * stride_s + h.to(tl.int64) * stride_h
+        cos_base = start * stride_cs
+        sin_base = start * stride_ss
+        out_start = start
+    else:
+        seq_len = tl.where(t == 0, S_Q, S_KV)
+        x_base = b64 * stride_b + h.to(tl.int64) * stride_h
+        cos_base = b64 * stride_cb
+        sin_base = b64 * stride_sb
+        out_start = b64 * seq_len
     grp = (t * B + b) * H_KV + h // group
     first_of_group = (local % n_tiles == 0) & (h % group == 0)
     return (t, b, h, (local % n_tiles) * BLOCK_S, n_heads, x_ptr, x_base, stride_s, stride_d,
-            tl.where(t == 0, S_Q, S_KV), b64 * stride_cb, b64 * stride_sb, grp, group * n_tiles, first_of_group)
+            seq_len, cos_base, sin_base, grp, group * n_tiles, first_of_group, out_start)
 
 
 @triton.jit
@@ -252,7 +270,7 @@ def _transform(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t, signs,
 @triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, part_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, part_ptr, cu_q_ptr, cu_k_ptr,
     B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -263,7 +281,7 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
     switched on); amax = max |x| (NaN if any element is NaN), scale = FP8_MAX / amax (1 if amax is not > 0);
@@ -273,6 +291,9 @@ def qkv_quantize_kernel(
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
     part_ptr (2, B, H_KV, cdiv(S_KV, BLOCK_S), 3, HEAD_DIM) float32 holds the per-tile statistics.
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
+    VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
+    (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
+    (sequence, KV head), cos/sin rows indexed by the packed token.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
     """
@@ -297,15 +318,17 @@ def qkv_quantize_kernel(
         has_p1 = ticket < n_items
         has_p2 = ticket >= lag
         (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
-         _) = _tile_setup(
+         _, _) = _tile_setup(
             tl.minimum(ticket, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_sb, BLOCK_S)
-        (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
-         grp2_tiles, first2) = _tile_setup(
+            stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
+            cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
+        (t2, _, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
+         grp2_tiles, first2, out_start2) = _tile_setup(
             tl.maximum(ticket - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_sb, BLOCK_S)
+            stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
+            cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
         if not ONE_TILE:
             # ---- issue the loads of both tiles (nothing is read for a missing step: seq_len 0). The P1
             # read marks its lines evict_last so they wait in L2 for the P2 read, which marks them
@@ -396,7 +419,7 @@ def qkv_quantize_kernel(
             mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
             out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
             out_stride_s = n_heads2 * HEAD_DIM
-            out_tile = out_ptr + ((b2.to(tl.int64) * seq2 + row2) * n_heads2 + h2) * HEAD_DIM
+            out_tile = out_ptr + ((out_start2 + row2) * n_heads2 + h2) * HEAD_DIM
             rows = out_rows[:, None] * out_stride_s
             tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
             tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)

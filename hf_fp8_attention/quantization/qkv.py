@@ -17,7 +17,7 @@ from .._constants import FP8_DTYPE, FP8_MAX
 from .._intmath import cdiv, next_power_of_2
 from .hadamard import check_hadamard, rotates_qk, rotates_v
 from .kernels import WS_PAD, qkv_quantize_kernel
-from .reference import QuantizedQKV, _check_rope_args
+from .reference import QuantizedQKV, _check_rope_args, check_cu_seqlens
 
 # Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
 # two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
@@ -98,25 +98,96 @@ def quantize_qkv_fp8(
     """
     _check_rope_args(q, k, cos, sin)
     check_hadamard(hadamard, q.shape[-1])
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_dtypes(q, k, v)
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     device = q.device
+    outs = tuple(torch.empty((B, s, h, D), dtype=FP8_DTYPE, device=device) for s, h in ((S_q, H_q), (S_kv, H_kv), (S_kv, H_kv)))
+    rope = None
+    if cos is not None:
+        # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
+        rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
+    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, hadamard, smooth_k, smooth_v)
 
-    apply_rope = cos is not None
+
+def quantize_qkv_fp8_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
+    check: bool = True,
+) -> QuantizedQKV:
+    """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
+
+    Args:
+        q: (total_q, H_q, D), k/v (total_kv, H_kv, D) bf16/fp16, any strides; sequence i is rows
+            [cu_seqlens_q[i], cu_seqlens_q[i + 1]) of q and [cu_seqlens_k[i], cu_seqlens_k[i + 1]) of k/v.
+        cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) offsets on q's device; every sequence has >= 1 token.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (they size the tile grid).
+        cos, sin: optional (total_q, D) or (1, total_q, D) rotary tables per packed token; needs
+            cu_seqlens_q == cu_seqlens_k.
+        check: validate the offsets (one host sync); callers that built them on the host pass False.
+    Returns:
+        QuantizedQKV with q (1, total_q, H_q, D), k/v (1, total_kv, H_kv, D) e4m3 and (N, H_kv) descales,
+        one scale per (sequence, KV head): equal to `quantize_qkv_fp8_varlen_reference` (each sequence
+        quantized alone), bit for bit without the accuracy modes.
+    """
+    if check:
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    check_hadamard(hadamard, q.shape[-1])
+    _check_dtypes(q, k, v)
+    total_q, H_q, D = q.shape
+    total_k, H_kv = k.shape[0], k.shape[1]
+    n_seqs = cu_seqlens_q.numel() - 1
+    device = q.device
+    rope = None
+    if cos is not None:
+        if cos.shape != sin.shape or cos.shape[-2:] != (total_q, D) or cos.dim() not in (2, 3):
+            raise ValueError(f"varlen cos/sin must have shape (total_q, D) = ({total_q}, {D}) or (1, {total_q}, "
+                             f"{D}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        if total_q != total_k:
+            raise ValueError("fused RoPE needs the same packed sequences for queries and keys (prefill)")
+        rope = (cos, sin, (0, cos.stride(-2), cos.stride(-1)), (0, sin.stride(-2), sin.stride(-1)))
+    outs = tuple(torch.empty((1, n, h, D), dtype=FP8_DTYPE, device=device) for n, h in ((total_q, H_q), (total_k, H_kv), (total_k, H_kv)))
+    # (1, H, total, D) views: the kernel reads rows through the head/token/channel strides only
+    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, hadamard, smooth_k, smooth_v)
+
+
+def _check_dtypes(q, k, v) -> None:
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smooth_v) -> QuantizedQKV:
+    """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
+    (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
+    then B is the number of sequences and S_q / S_kv the longest lengths."""
+    H_q, D = q.shape[1], q.shape[3]
+    H_kv = k.shape[1]
+    device = q.device
+    q_out, k_out, v_out = outs
+    extra = varlen if varlen is not None else ()
+    apply_rope = rope is not None
     smooth = smooth_k or smooth_v
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
 
-    q_out = torch.empty((B, S_q, H_q, D), dtype=FP8_DTYPE, device=device)
-    k_out = torch.empty((B, S_kv, H_kv, D), dtype=FP8_DTYPE, device=device)
-    v_out = torch.empty((B, S_kv, H_kv, D), dtype=FP8_DTYPE, device=device)
     # (2, B, H_kv, D) K and V means; zeros stand for the mean of an empty sequence
     means = torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device) if smooth else None
     v_mean = means[1] if smooth_v else None
     if S_q == 0 or S_kv == 0 or B == 0:
         descale = torch.ones((3, B, H_kv), dtype=torch.float32, device=device)
-        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean)
+        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra)
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
     # (3, B, H_kv) float32 descales, which the kernel overwrites.
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
@@ -126,9 +197,7 @@ def quantize_qkv_fp8(
     n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device))
 
     if apply_rope:
-        # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
-        cos_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))
-        sin_strides = (0 if sin.shape[0] == 1 else sin.stride(0), sin.stride(1), sin.stride(2))
+        cos, sin, cos_strides, sin_strides = rope
     else:
         cos = sin = buf  # never read: APPLY_ROPE=False removes the loads
         cos_strides = sin_strides = (0, 0, 0)
@@ -138,15 +207,16 @@ def quantize_qkv_fp8(
         partials = torch.empty((2, B, H_kv, cdiv(S_kv, block_s), 3, D), dtype=torch.float32, device=device)
     else:
         means = partials = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
+    cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (buf, buf)  # never read without VARLEN
 
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace, means, partials,
+        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace, means, partials, cu_q, cu_k,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=rotates_qk(hadamard), HADAMARD_V=rotates_v(hadamard), INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES, VARLEN=varlen is not None,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean)
+    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra)

@@ -35,6 +35,32 @@ class QuantizedQKV:
     # smooth_v only: (B, H_kv, D) float32 mean over the sequence subtracted from V (after any Hadamard
     # rotation); rows of P sum to 1, so the attention output gets it back.
     v_mean: Optional[torch.Tensor] = None
+    # Variable-length batches (`quantize_qkv_fp8_varlen`): N sequences packed along the rows of batch-1
+    # tensors q (1, total_q, H_q, D), k/v (1, total_kv, H_kv, D); sequence i is rows
+    # [cu_seqlens[i], cu_seqlens[i + 1]) (int32 (N + 1,) on the tensors' device), and the descales /
+    # v_mean have one row per sequence: (N, H_kv) / (N, H_kv, D). max_seqlen_*: the longest length.
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def sequences(self) -> list["QuantizedQKV"]:
+        """A varlen batch as one batch-1 QuantizedQKV per sequence (views; one host sync for the offsets)."""
+        cu_q, cu_k = self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist()
+        parts = []
+        for i in range(len(cu_q) - 1):
+            rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            one = slice(i, i + 1)
+            parts.append(QuantizedQKV(
+                self.q[:, rows_q], self.k[:, rows_k], self.v[:, rows_k],
+                self.q_descale[one], self.k_descale[one], self.v_descale[one],
+                None if self.v_mean is None else self.v_mean[one],
+            ))
+        return parts
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +92,35 @@ def _check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tenso
             raise ValueError(f"{name} must have shape (1 or {B}, {S_q}, {D}), got {tuple(t.shape)}")
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
+
+
+def check_cu_seqlens(
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int, *, is_causal: bool = False
+) -> tuple[list[int], list[int]]:
+    """Validates the offsets of a packed (varlen) batch; returns them as host lists (one sync each).
+
+    Both int32 1-D tensors of the same length N + 1 >= 2, starting at 0, ending at total_q / total_k,
+    every sequence with >= 1 query and >= 1 key; causal needs each sequence's S_q <= S_kv.
+    """
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"{name} must be a 1-D torch.int32 tensor of N + 1 >= 2 offsets, got {got}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold {cu_seqlens_q.numel() - 1} and "
+                         f"{cu_seqlens_k.numel() - 1} sequences")
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
+        if cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"{name} must start at 0 and end at the packed length {total}, got {cu[0]}..{cu[-1]}")
+        if any(b <= a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name} must be strictly increasing (every sequence needs >= 1 token), got {cu}")
+    if is_causal:
+        for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:])):
+            if b - a > d - c:
+                raise ValueError(f"causal attention with more queries than keys in sequence {i} "
+                                 f"(S_q={b - a} > S_kv={d - c}); the causal mask is bottom-right aligned")
+    return cu_q, cu_k
 
 
 def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,3 +190,56 @@ def quantize_qkv_fp8_reference(
     k8, k_descale = _quantize_grouped(kf, h_kv)
     v8, v_descale = _quantize_grouped(vf, h_kv)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean)
+
+
+def _varlen_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a (total, H, D) tensor as a (1, H, S, D) view."""
+    return x[start:stop].transpose(0, 1).unsqueeze(0)
+
+
+def quantize_qkv_fp8_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+    *,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
+) -> QuantizedQKV:
+    """`quantize_qkv_fp8_reference` on each sequence of a packed batch (see `quantize_qkv_fp8_varlen`).
+
+    q (total_q, H_q, D), k/v (total_kv, H_kv, D); sequence i is rows [cu[i], cu[i + 1]); cos/sin
+    (total_q, D) or (1, total_q, D) per packed token (needs cu_seqlens_q == cu_seqlens_k). Scales per
+    (sequence, KV head): exactly what quantizing each sequence alone gives. Every sequence needs at least
+    one query and one key (`check_cu_seqlens`).
+    """
+    cu_q, cu_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    d = q.shape[2]
+    if cos is not None:
+        cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    q8, k8, v8, descales, means = [], [], [], [], []
+    for i in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = cu_q[i : i + 2], cu_k[i : i + 2]
+        rope = (cos[None, q0:q1], sin[None, q0:q1]) if cos is not None else (None, None)
+        part = quantize_qkv_fp8_reference(
+            _varlen_bhsd(q, q0, q1), _varlen_bhsd(k, k0, k1), _varlen_bhsd(v, k0, k1), *rope,
+            hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v,
+        )
+        q8.append(part.q)
+        k8.append(part.k)
+        v8.append(part.v)
+        descales.append((part.q_descale, part.k_descale, part.v_descale))
+        means.append(part.v_mean)
+    q_descale, k_descale, v_descale = (torch.cat(t) for t in zip(*descales))
+    return QuantizedQKV(
+        torch.cat(q8, dim=1), torch.cat(k8, dim=1), torch.cat(v8, dim=1), q_descale, k_descale, v_descale,
+        torch.cat(means) if smooth_v else None,
+        cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    )
+
