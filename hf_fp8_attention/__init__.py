@@ -9,7 +9,7 @@ the attention implementations.
 
 from .dispatch import BACKENDS, resolve_backend
 from .quantization import QuantizedQKV, quantize_qkv_fp8, quantize_qkv_fp8_reference
-from .sdpa import fp8_sdpa
+from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
 from .transformers import describe_backend, prepare_model, register, unprepare_model
 
@@ -21,6 +21,7 @@ __all__ = [
     "QuantizedQKV",
     "describe_backend",
     "fp8_sdpa",
+    "fp8_sdpa_varlen",
     "prepare_model",
     "quantize_qkv_fp8",
     "quantize_qkv_fp8_reference",

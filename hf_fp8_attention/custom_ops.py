@@ -13,7 +13,14 @@ import torch
 
 from .backends import get_backend_fn
 from .dispatch import triton_quantize_usable
-from .quantization import QuantizedQKV, hadamard_matrix, quantize_qkv_fp8, quantize_qkv_fp8_reference
+from .quantization import (
+    QuantizedQKV,
+    hadamard_matrix,
+    quantize_qkv_fp8,
+    quantize_qkv_fp8_reference,
+    quantize_qkv_fp8_varlen,
+    quantize_qkv_fp8_varlen_reference,
+)
 from .quantization.hadamard import rotates_v
 
 
@@ -29,8 +36,9 @@ def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
     )
 
 
-def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str) -> torch.Tensor:
+def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str, token_seq=None) -> torch.Tensor:
     """Undo the V transforms on the (B, S, H_q, D) output: O = (O' + mean_v) H, with H @ H = I.
+    A varlen output (1, total_q, H_q, D) takes `token_seq`, the sequence index of every packed query.
 
     One GEMM in the output dtype (fp32 accumulation; memory-bound, one read and one write of O') plus, for
     smooth_v, one in-place add of the (tiny) rotated mean. The float32 version of this took 0.9 ms at
@@ -39,7 +47,8 @@ def _restore_output(out: torch.Tensor, qkv: QuantizedQKV, hadamard: str) -> torc
     bias = None
     if qkv.v_mean is not None:
         group = out.shape[2] // qkv.v_mean.shape[1]
-        bias = qkv.v_mean.repeat_interleave(group, dim=1)[:, None]  # (B, 1, H_q, D) float32
+        bias = qkv.v_mean.repeat_interleave(group, dim=1)  # (B, H_q, D) float32
+        bias = bias[token_seq][None] if token_seq is not None else bias[:, None]  # (1, total_q, ...) / (B, 1, ...)
     if rotates_v(hadamard):
         out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
         bias = None if bias is None else bias @ hadamard_matrix(out.shape[-1], device=out.device)
@@ -74,6 +83,42 @@ def fp8_sdpa_impl(
         if rotates_v(hadamard) or qkv.v_mean is not None:
             out = _restore_output(out, qkv, hadamard)
         return out
+
+
+def fp8_sdpa_varlen_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    lengths_q: list[int],
+    max_seqlen_k: int,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    backend: str,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
+) -> torch.Tensor:
+    """Packed sequences: query (total_q, H_q, D), key/value (total_kv, H_kv, D), validated offsets (int32
+    on the query's device) and the host list of query lengths -> (total_q, H_q, D) contiguous."""
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        args = (query, key, value, cu_seqlens_q, cu_seqlens_k, max(lengths_q), max_seqlen_k, cos, sin)
+        modes = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+        if query.is_cuda and triton_quantize_usable(query.device):
+            qkv = quantize_qkv_fp8_varlen(*args, **modes, check=False)
+        else:
+            qkv = quantize_qkv_fp8_varlen_reference(*args, **modes)
+        out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+        if rotates_v(hadamard) or qkv.v_mean is not None:
+            token_seq = None
+            if qkv.v_mean is not None:
+                lengths = torch.tensor(lengths_q, device=query.device)
+                token_seq = torch.repeat_interleave(torch.arange(len(lengths_q), device=query.device), lengths)
+            out = _restore_output(out, qkv, hadamard, token_seq)
+        return out[0]
 
 
 fp8_sdpa_op = torch.library.custom_op("hf_fp8_attention::fp8_sdpa", fp8_sdpa_impl, mutates_args=())

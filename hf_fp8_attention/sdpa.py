@@ -12,9 +12,10 @@ import math
 import torch
 
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
-from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op
+from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op, fp8_sdpa_varlen_impl
 from .dispatch import BACKENDS, resolve_backend
 from .quantization.hadamard import check_hadamard
+from .quantization.reference import check_cu_seqlens
 
 
 
@@ -120,3 +121,62 @@ def fp8_sdpa(
         query, key, value, cos, sin, bool(is_causal), softmax_scale, name, hadamard, bool(smooth_k), bool(smooth_v)
     )
     return out.transpose(1, 2)
+
+
+def fp8_sdpa_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    backend: str | None = None,
+    hadamard: str = "none",
+    smooth_k: bool = False,
+    smooth_v: bool = False,
+) -> torch.Tensor:
+    """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
+
+    Args:
+        query: (total_q, H_q, D) bf16/fp16; key, value: (total_kv, H_kv, D); any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) offsets: sequence i is query rows
+            [cu_seqlens_q[i], cu_seqlens_q[i + 1]) and key rows [cu_seqlens_k[i], cu_seqlens_k[i + 1]).
+            Every sequence needs >= 1 query and >= 1 key. They are validated on the host: CPU tensors
+            cost no device sync (they are then copied to the query's device), device tensors one.
+        is_causal: per sequence, bottom-right aligned; each sequence needs S_q <= S_kv.
+        cos, sin: (total_q, D) or (1, total_q, D) per packed token (positions restart per sequence as
+            the caller wants); needs the same offsets for queries and keys.
+        Other arguments as in `fp8_sdpa`. Scales are per (sequence, KV head), so the result equals
+        `fp8_sdpa` on each sequence alone (up to the backend's rounding order).
+    Returns:
+        (total_q, H_q, D) in the input dtype, contiguous. fa3 and triton run all sequences in one launch;
+        the reference and fa4 backends loop over the sequences.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total_tokens, H, D) for varlen attention, got {tuple(t.shape)}")
+    # (total_q, D) tables -> (1, total_q, D), the shape `_check_inputs` and the quantizers take
+    cos, sin = (t[None] if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in (cos, sin))
+    # the shape/dtype/device/option checks of fp8_sdpa on (1, H, total, D) views; causality is per sequence
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (query, key, value))
+    _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin, backend=backend, hadamard=hadamard)
+    # validated where they are (offsets built on the host cost no device sync), then moved to the device
+    offsets_q, offsets_k = check_cu_seqlens(
+        cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], is_causal=bool(is_causal)
+    )
+    cu_q, cu_k = (t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k))
+    if cos is not None and offsets_q != offsets_k:
+        raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
+    lengths_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
+    max_k = max(b - a for a, b in zip(offsets_k, offsets_k[1:]))
+    name = resolve_backend(query.device, backend)
+    softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    return fp8_sdpa_varlen_impl(
+        query, key, value, cu_q, cu_k, lengths_q, max_k, cos, sin, bool(is_causal), softmax_scale, name,
+        hadamard, bool(smooth_k), bool(smooth_v),
+    )
+

@@ -24,19 +24,28 @@ def _load_kernel():
 
 
 def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``."""
+    """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``; varlen `qkv`:
+    FA3's own varlen path (cu_seqlens), output (1, total_q, H_q, D)."""
     fwd = _load_kernel()
     # Positional schema of flash_attn_3::fwd (tokenspeed-fa3 3.0.0): q, k, v, k_new, v_new, qv, out,
     # cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
     # page_table, kv_batch_idx, leftpad_k, rotary_cos, rotary_sin, seqlens_rotary, q_descale, k_descale,
     # v_descale, softmax_scale, causal, window_size_left, window_size_right, attention_chunk, softcap,
     # rotary_interleaved, scheduler_metadata, num_splits, pack_gqa, sm_margin, sinks.
+    if qkv.is_varlen:  # packed sequences: (total, H, D) tensors, offsets and longest lengths, (N, H_kv) descales
+        q, k, v = qkv.q[0], qkv.k[0], qkv.v[0]
+        varlen = (qkv.cu_seqlens_q, qkv.cu_seqlens_k, None, None, None, qkv.max_seqlen_q, qkv.max_seqlen_k)
+    else:
+        q, k, v = qkv.q, qkv.k, qkv.v
+        varlen = (None,) * 7
     out = fwd(
-        qkv.q, qkv.k, qkv.v, None, None, None, None,
-        None, None, None, None, None, None, None,
+        q, k, v, None, None, None, None,
+        *varlen,
         None, None, None, None, None, None,
         qkv.q_descale, qkv.k_descale, qkv.v_descale,
         scale, is_causal, -1, -1, 0, 0.0,
         True, None, 1, None, 0, None,
     )[0]
+    if qkv.is_varlen:
+        out = out.unsqueeze(0)
     return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -73,12 +73,22 @@ def _launch(
     """
     _check(qkv, out_dtype)
     q, k, v = qkv.q, qkv.k, qkv.v
-    batch, s_q, h_q, dim = q.shape
-    s_kv, h_kv = k.shape[1], k.shape[2]
+    _, _, h_q, dim = q.shape
+    h_kv = k.shape[2]
+    varlen = qkv.is_varlen
+    if varlen:  # N packed sequences: the grid spans the longest; batch strides are token strides
+        batch, s_q, s_kv = qkv.q_descale.shape[0], qkv.max_seqlen_q, qkv.max_seqlen_k
+        stride_qb, stride_kb = q.stride(1), k.stride(1)
+        cu_q, cu_k = qkv.cu_seqlens_q, qkv.cu_seqlens_k
+    else:
+        batch, s_q, s_kv = q.shape[0], q.shape[1], k.shape[1]
+        stride_qb, stride_kb = q.stride(0), k.stride(0)
     group = h_q // h_kv
     n_rows = s_q * group
     dim_pad = next_power_of_2(dim)
-    out = torch.empty(batch, s_q, h_q, dim, dtype=out_dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if not varlen:
+        cu_q = cu_k = out  # never read
     bh = batch * h_kv
     decode = n_rows <= _DECODE_MAX_ROWS
     if v_keys_contiguous is None:
@@ -109,13 +119,13 @@ def _launch(
     else:
         o_part = ml_part = out  # unused
     args = (
-        q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), *v_strides,
+        q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part, cu_q, cu_k,
+        stride_qb, q.stride(1), stride_kb, k.stride(1), *v_strides,
         out.stride(0), out.stride(1),
         h_kv, s_q, s_kv, float(scale), keys_per_split, int(s_kv >= 4096),
     )
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
-                      NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1)
+                      NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1, VARLEN=varlen)
     if config is None:
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)
@@ -126,12 +136,13 @@ def _launch(
     if num_splits > 1:
         block_r = min(64, max(16, next_power_of_2(n_rows)))
         _fp8_attn_combine_kernel[(cdiv(n_rows, block_r), bh)](
-            out, qkv.v_descale, o_part, ml_part, out.stride(0), out.stride(1), h_kv, s_q, bh,
-            GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=num_splits, BLOCK_R=block_r,
+            out, qkv.v_descale, o_part, ml_part, cu_q, out.stride(0), out.stride(1), h_kv, s_q, bh,
+            GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=num_splits, BLOCK_R=block_r, VARLEN=varlen,
         )
     return out
 
 
 def triton_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3, descales (B, H_kv) -> (B, S_q, H_q, D) ``out_dtype``."""
+    """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3, descales (B, H_kv) -> (B, S_q, H_q, D) ``out_dtype``.
+    Varlen `qkv` (packed sequences, see `QuantizedQKV`): one launch over all sequences, output (1, total_q, H_q, D)."""
     return _launch(qkv, is_causal, scale, out_dtype)

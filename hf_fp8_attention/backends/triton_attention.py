@@ -77,13 +77,32 @@ def _attn_fwd_inner(
 
 
 @triton.jit
+def _sequence(Cu_q, Cu_k, b, S_q, S_kv, stride_qb, stride_kb, stride_vb, stride_vn, stride_ob, stride_os,
+              VARLEN: tl.constexpr):
+    """Lengths and 64-bit base offsets of batch entry (or packed sequence) b: (s_q, s_kv, q_base, k_base,
+    v_base, o_base). VARLEN: rows [Cu[b], Cu[b + 1]) of batch-1 tensors, whose token strides the launcher
+    passes as stride_qb (Q) and stride_kb (K); V's is stride_vn, Out's stride_os."""
+    if VARLEN:
+        q_start = tl.load(Cu_q + b)
+        k_start = tl.load(Cu_k + b)
+        s_q = tl.load(Cu_q + b + 1) - q_start
+        s_kv = tl.load(Cu_k + b + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+        return s_q, s_kv, q_start * stride_qb, k_start * stride_kb, k_start * stride_vn, q_start * stride_os
+    else:
+        b64 = b.to(tl.int64)
+        return S_q, S_kv, b64 * stride_qb, b64 * stride_kb, b64 * stride_vb, b64 * stride_ob
+
+
+@triton.jit
 def _fp8_attn_fwd_kernel(
-    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part,
+    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k,
     stride_qb, stride_qs, stride_kb, stride_kn, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_os,
     H_kv, S_q, S_kv, sm_scale, keys_per_split, kv_len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
@@ -95,16 +114,25 @@ def _fp8_attn_fwd_kernel(
     NUM_SPLITS > 1: keys [split * keys_per_split, ...) only, and the unnormalised float32 acc goes to
     O_part (NUM_SPLITS, B * H_kv, S_q * GROUP, HEAD_DIM_PAD) and (max, sum) to ML_part (NUM_SPLITS,
     B * H_kv, S_q * GROUP, 2) instead of Out.
+    VARLEN: b indexes packed sequences, rows [Cu_q[b], Cu_q[b + 1]) of Q/Out and [Cu_k[b], Cu_k[b + 1]) of
+    K/V (batch-1 tensors, int32 offsets); S_q / S_kv are the longest lengths (grid and partials' size),
+    stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
-    n_rows = S_q * GROUP
+    max_rows = S_q * GROUP  # the partials' row count
     if IS_CAUSAL:
         # Heaviest tiles (the last rows see the most keys) first: better tail balance.
         pid_m = tl.num_programs(0) - 1 - pid_m
     b = pid_bh // H_kv
     h_kv = pid_bh % H_kv
+    S_q, S_kv, q_base, k_base, v_base, o_base = _sequence(
+        Cu_q, Cu_k, b, S_q, S_kv, stride_qb, stride_kb, stride_vb, stride_vn, stride_ob, stride_os, VARLEN)
+    n_rows = S_q * GROUP
+    if VARLEN:
+        if pid_m * BLOCK_M >= n_rows:
+            return
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = offs_r // GROUP  # query position of each row
@@ -114,11 +142,10 @@ def _fp8_attn_fwd_kernel(
     mask_d = offs_d < HEAD_DIM
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
 
-    b64 = b.to(tl.int64)
-    q_rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * HEAD_DIM
+    q_rows = q_base + pos.to(tl.int64) * stride_qs + head * HEAD_DIM
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0)
-    K_ptr = K + b64 * stride_kb + h_kv * HEAD_DIM
-    V_ptr = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh
+    K_ptr = K + k_base + h_kv * HEAD_DIM
+    V_ptr = V + v_base + h_kv.to(tl.int64) * stride_vh
 
     desc_idx = b * H_kv + h_kv
     # Scores in base 2 (exp2 is one MUFU instruction): fold log2(e) into the scale.
@@ -160,11 +187,11 @@ def _fp8_attn_fwd_kernel(
     if NUM_SPLITS == 1:
         v_descale = tl.load(V_descale + desc_idx)
         out = acc * (v_descale / l_i)[:, None]
-        o_rows = b64 * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+        o_rows = o_base + pos.to(tl.int64) * stride_os + head * HEAD_DIM
         tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & mask_d[None, :])
     else:
-        part_row = ((pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r)
+        part_row = ((pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * max_rows + offs_r)
         tl.store(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
         # A row that saw no key of this split kept a placeholder max of 0 (finite exp2 inputs); store -inf
         # so the combine ignores it instead of taking it as the row's max.
@@ -174,22 +201,30 @@ def _fp8_attn_fwd_kernel(
 
 @triton.jit
 def _fp8_attn_combine_kernel(
-    Out, V_descale, O_part, ML_part,
+    Out, V_descale, O_part, ML_part, Cu_q,
     stride_ob, stride_os,
     H_kv, S_q, BH,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges the split partials of `_fp8_attn_fwd_kernel`.
 
     Each split's acc and sum are rescaled by exp2(its max - the overall max) (0 for a split in which the
-    row saw no key), summed, divided by the summed row sum and multiplied by v_descale.
+    row saw no key), summed, divided by the summed row sum and multiplied by v_descale. VARLEN: as in
+    `_fp8_attn_fwd_kernel` (S_q is the longest length).
     """
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_rows = S_q * GROUP
+    max_rows = S_q * GROUP
     b = pid_bh // H_kv
     h_kv = pid_bh % H_kv
+    if VARLEN:
+        q_start = tl.load(Cu_q + b)
+        n_rows = (tl.load(Cu_q + b + 1) - q_start) * GROUP
+        o_base = q_start.to(tl.int64) * stride_os
+    else:
+        n_rows = max_rows
+        o_base = b.to(tl.int64) * stride_ob
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < n_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -197,13 +232,13 @@ def _fp8_attn_combine_kernel(
 
     m_max = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
     for s in tl.static_range(NUM_SPLITS):
-        part_row = (s * BH + pid_bh).to(tl.int64) * n_rows + offs_r
+        part_row = (s * BH + pid_bh).to(tl.int64) * max_rows + offs_r
         m_max = tl.maximum(m_max, tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
     for s in tl.static_range(NUM_SPLITS):
-        part_row = (s * BH + pid_bh).to(tl.int64) * n_rows + offs_r
+        part_row = (s * BH + pid_bh).to(tl.int64) * max_rows + offs_r
         m_s = tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf"))
         l_s = tl.load(ML_part + part_row * 2 + 1, mask=row_ok, other=0.0)
         o_s = tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -214,7 +249,7 @@ def _fp8_attn_combine_kernel(
     out = acc * (v_descale / tl.where(row_ok, l_sum, 1.0))[:, None]
     pos = offs_r // GROUP
     head = h_kv * GROUP + offs_r % GROUP
-    o_rows = b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+    o_rows = o_base + pos.to(tl.int64) * stride_os + head * HEAD_DIM
     tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & mask_d[None, :])
 
@@ -240,7 +275,7 @@ def _prune_prefill(configs, named_args, **kwargs):
 # Prefill: autotuned once per (head_dim, causal, V layout, short/long keys), results kept per process.
 fp8_attn_fwd_prefill = triton.autotune(
     configs=_prefill_configs(),
-    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "kv_len_bucket"],
+    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "VARLEN", "kv_len_bucket"],
     prune_configs_by={"early_config_prune": _prune_prefill},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_fp8_attn_fwd_kernel)
