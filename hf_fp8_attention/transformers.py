@@ -20,6 +20,7 @@ What runs where:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import types
 import weakref
@@ -38,7 +39,7 @@ from transformers.masking_utils import (
 from ._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .dispatch import BACKENDS, device_arch, resolve_backend
 from .quantization.hadamard import HADAMARD_MODES, check_hadamard
-from .sdpa import fp8_sdpa
+from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
 logger = logging.getLogger(__name__)
 
@@ -251,39 +252,66 @@ def _compute_padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None
 
 
 def _fp8_padded(query, key, value, spans, *, is_causal, scaling, backend, options) -> torch.Tensor:
-    """fp8 attention row by row over each row's valid keys. Returns (B, S_q, H_q, D), padded queries zero.
+    """fp8 attention of each row over its valid keys. Returns (B, S_q, H_q, D), padded queries zero.
 
     Query i sits at key position S_kv - S_q + i (bottom-right alignment, as with a KV cache); it is valid
     when that position is inside the row's run [start, end). The valid queries then end at key end - 1, so
     bottom-right causal attention on the (queries, keys[start:end]) slice is exactly the masked attention.
+    When every row has the same run, one `fp8_sdpa` call on the slices; otherwise the valid tokens are
+    packed and go through `fp8_sdpa_varlen` (one quantize launch, one attention launch on triton/fa3).
     """
     batch, heads, s_q, dim = query.shape
     s_kv = key.shape[2]
-    offset = s_kv - s_q
     out = query.new_zeros(batch, s_q, heads, dim)
-    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    runs = _query_runs(spans, s_q, s_kv, is_causal)
+    if not runs:
+        return out
+    if len(runs) == batch and len(set(r[1:] for r in runs)) == 1:
+        _, start, end, q_start, q_end = runs[0]
+        causal = is_causal and q_end - q_start > 1
+        res = fp8_sdpa(query[:, :, q_start:q_end], key[:, :, start:end], value[:, :, start:end],
+                       is_causal=causal, scale=scaling, backend=backend, **options)
+        out[:, q_start:q_end] = res.transpose(1, 2)
+        return out
+    plan = _packing_plan(runs, s_q, s_kv, query.device)
+    idx_q, idx_k, cu_q, cu_k = plan
+    pack = lambda x, idx: x.transpose(1, 2).reshape(-1, x.shape[1], dim).index_select(0, idx)  # noqa: E731
+    res = fp8_sdpa_varlen(pack(query, idx_q), pack(key, idx_k), pack(value, idx_k), cu_q, cu_k,
+                          is_causal=is_causal, scale=scaling, backend=backend, **options)
+    out.view(batch * s_q, heads, dim).index_copy_(0, idx_q, res)
+    return out
+
+
+def _query_runs(spans, s_q, s_kv, is_causal) -> list[tuple[int, int, int, int, int]]:
+    """(row, key start, key end, query start, query end) of every row with >= 1 valid query and key."""
+    offset = s_kv - s_q
+    runs = []
     for row, (start, end) in enumerate(spans):
         if is_causal and offset >= 0:
             q_start, q_end = max(0, start - offset), min(s_q, end - offset)
         else:  # non-causal (e.g. cross-attention): the key mask says nothing about which queries are valid
             q_start, q_end = 0, s_q
         if q_end > q_start and end > start:
-            groups.setdefault((start, end, q_start, q_end), []).append(row)
-    for (start, end, q_start, q_end), rows in groups.items():
-        if len(rows) == batch:
-            q, k, v = query[:, :, q_start:q_end], key[:, :, start:end], value[:, :, start:end]
-        else:
-            index = torch.tensor(rows, device=query.device)
-            q = query.index_select(0, index)[:, :, q_start:q_end]
-            k = key.index_select(0, index)[:, :, start:end]
-            v = value.index_select(0, index)[:, :, start:end]
-        causal = is_causal and q_end - q_start > 1
-        res = fp8_sdpa(q, k, v, is_causal=causal, scale=scaling, backend=backend, **options)
-        if len(rows) == batch:
-            out[:, q_start:q_end] = res.transpose(1, 2)
-        else:
-            out[rows, q_start:q_end] = res.transpose(1, 2)
-    return out
+            runs.append((row, start, end, q_start, q_end))
+    return runs
+
+
+# Every layer of one forward packs the same way: the last plan is kept (index tensors on the device).
+_plan_cache: dict = {"key": None, "plan": None}
+
+
+def _packing_plan(runs, s_q, s_kv, device):
+    """Row indices of the valid queries / keys in the flattened (B * S, H, D) tensors (on `device`) and
+    the int32 offsets of the packed sequences (on the host: `fp8_sdpa_varlen` checks them without a sync)."""
+    key = (tuple(runs), s_q, s_kv, device)
+    if _plan_cache["key"] == key:
+        return _plan_cache["plan"]
+    idx_q = torch.cat([torch.arange(row * s_q + a, row * s_q + b) for row, _, _, a, b in runs])
+    idx_k = torch.cat([torch.arange(row * s_kv + a, row * s_kv + b) for row, a, b, _, _ in runs])
+    cu = lambda lengths: torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)  # noqa: E731
+    plan = (idx_q.to(device), idx_k.to(device), cu([b - a for *_, a, b in runs]), cu([b - a for _, a, b, _, _ in runs]))
+    _plan_cache.update(key=key, plan=plan)
+    return plan
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
