@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=None, help="fp8 accuracy modes to run (default: all available)")
     p.add_argument("--sqnr-ref", choices=["bf16", "fp32", "off"], default="bf16", help="SQNR reference: torch SDPA in bf16 or float32")
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="run only the implementations whose name contains one of these (e.g. 'FA3' fp8_triton)")
     p.add_argument("--json", type=str, default=None, help="write the rows to this file")
     p.add_argument("--plot", type=str, default=None, help="write a PNG of TFLOPS vs S (needs matplotlib)")
     args = p.parse_args(argv)
@@ -157,7 +159,20 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                 mode="none",
             )
         )
-    for backend in _fp8_backends(q.device):
+    backends = _fp8_backends(q.device)
+    if "triton" in backends:
+        from hf_fp8_attention.backends.triton import triton_fp8_attention
+
+        qkv8 = quantize_qkv_fp8(q, k, v)
+        out.append(
+            Candidate(
+                "triton fp8 kernel only",
+                lambda: triton_fp8_attention(qkv8, is_causal=causal, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype),
+                bshd=True,
+                mode="none",
+            )
+        )
+    for backend in backends:
         for mode, kwargs in modes.items():
             tag = "" if mode == "none" else f" [{mode}]"
 
@@ -207,6 +222,28 @@ def _plot(path: str, rows: list[dict], title: str) -> None:
     _common.plot_panels(path, panels, xlabel="S", ylabel="TFLOPS", title=title)
 
 
+def _print_triton_summary(rows: list[dict]) -> None:
+    """fp8_triton against FA3 fp8 (both with quantization, and kernel to kernel) and FA3 bf16, per shape."""
+    by_shape: dict = {}
+    for r in rows:
+        if r["mode"] in (None, "none") and r["tflops"] is not None:
+            by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["tflops"]
+    lines = []
+    for (d, s, causal), tf in by_shape.items():
+        tri, fa3 = tf.get("fp8_triton (quant incl.)"), tf.get("fp8_fa3 (quant incl.)")
+        tri_k, fa3_k, bf16 = tf.get("triton fp8 kernel only"), tf.get("FA3 fp8 kernel only"), tf.get("FA3 bf16")
+        if tri is None or (fa3 is None and bf16 is None):
+            continue
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.0%}"  # noqa: E731
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {tri:.0f} | {ratio(tri, fa3)} | "
+                     f"{ratio(tri_k, fa3_k)} | {'-' if bf16 is None else f'{tri / bf16:.2f}x'} |")
+    if lines:
+        print("\n| D | S | causal | fp8_triton TFLOPS (quant incl.) | of fp8_fa3 (quant incl.) "
+              "| kernel alone: of FA3 fp8 kernel | vs FA3 bf16 |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -235,6 +272,8 @@ def main(argv=None) -> int:
                 ref = _reference(q, k, v, causal, args.sqnr_ref)
                 times, sqnrs, cands = {}, {}, {}
                 for cand in _candidates(q, k, v, causal, args.mode_kwargs):
+                    if args.impls and not any(sub in cand.name for sub in args.impls):
+                        continue
                     try:
                         times[cand.name] = _median_ms(cand.fn, args.rep_ms)
                         sqnrs[cand.name] = _sqnr(cand, ref)
@@ -266,6 +305,7 @@ def main(argv=None) -> int:
         sp = "-" if r["vs_fa3_bf16"] is None else f"{r['vs_fa3_bf16']:.2f}x"
         sq = _common.fmt(r["sqnr_db"], ".1f")
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
+    _print_triton_summary(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh            # tests + one-layer speed table (issue acceptance)
 #   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
 #   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
+#   bash scripts/gpu_check.sh --table    # only the triton backend's table (D 64/128/256, S 1k..64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -45,13 +46,19 @@ elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
 else
-  step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs
+  [ "$mode" = "--table" ] || step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs
   if [ "$mode" = "--full" ]; then
     step quantize python3 scripts/bench_quantize.py --modes --seqlens 16384
     step accuracy python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 --json "$out/accuracy.json"
     step sdpa_modes python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --json "$out/sdpa_modes.json"
   fi
-  step sdpa python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --modes none --json "$out/bench_sdpa.json"
+  if [ "$mode" = "--table" ]; then
+    step triton_table python3 scripts/bench_sdpa.py --head-dims 64 128 256 \
+      --seqlens 1024 2048 4096 8192 16384 32768 65536 --modes none --sqnr-ref off --rep-ms 100 \
+      --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/triton_table.json"
+  else
+    step sdpa python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --modes none --json "$out/bench_sdpa.json"
+  fi
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status
