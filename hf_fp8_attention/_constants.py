@@ -9,3 +9,6 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 # reject exactly what the GPU would.
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16)
+# qk_scales="block": tokens per Q/K scale (one scale per SCALE_BLOCK tokens of one head); divides every
+# quantize tile height (16..128), so each tile computes its own blocks' scales.
+SCALE_BLOCK = 16

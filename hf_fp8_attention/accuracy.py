@@ -25,6 +25,10 @@ MODES = {
     "qkv+smooth_k": {"hadamard": "qkv", "smooth_k": True},
     "smooth_k+smooth_v": {"smooth_k": True, "smooth_v": True},
     "qkv+smooth_k+smooth_v": {"hadamard": "qkv", "smooth_k": True, "smooth_v": True},
+    # a Q/K scale per 16 tokens: the triton backend (reference on CPU) whatever backend the others use
+    "block": {"qk_scales": "block"},
+    "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
+    "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
 }
 
 
@@ -74,7 +78,8 @@ def score_modes(q, k, v, *, family: str, modes=MODES, backend=None, is_causal=Tr
     bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
     rows.append(Score(family, f"bf16 sdpa ({q.dtype})", **report(bf16, ref)))
     for name, kwargs in modes.items():
-        out = fp8_sdpa(q, k, v, is_causal=is_causal, backend=backend, **kwargs)
+        block = kwargs.get("qk_scales") == "block" and backend not in ("triton", "reference")
+        out = fp8_sdpa(q, k, v, is_causal=is_causal, backend=None if block else backend, **kwargs)
         rows.append(Score(family, name, **report(out, ref)))
     return rows
 

@@ -24,15 +24,16 @@ from .quantization import (
 from .quantization.hadamard import rotates_v
 
 
-def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v):
+def _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v, block_scales=False):
     # CUDA tensors go to the Triton kernel, which fuses RoPE, the Hadamard rotation and the mean subtraction
     # into its one launch; CPU tensors use the torch reference (bit-identical without hadamard/smoothing,
     # within an fp8 ulp on a few elements with them; the kernel's interpreted run is in the CPU tests).
     # The kernel's e4m3 casts need FP8 hardware (SM 8.9+) and triton; other GPUs run the reference.
     if query.is_cuda and triton_quantize_usable(query.device):
-        return quantize_qkv_fp8(query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+        return quantize_qkv_fp8(query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v,
+                                block_scales=block_scales)
     return quantize_qkv_fp8_reference(
-        query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v
+        query, key, value, cos, sin, hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, block_scales=block_scales
     )
 
 
@@ -69,6 +70,7 @@ def fp8_sdpa_impl(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    qk_scales: str = "head",
 ) -> torch.Tensor:
     """query (B, H_q, S_q, D), key/value (B, H_kv, S_kv, D) bf16/fp16 -> (B, S_q, H_q, D) contiguous.
 
@@ -78,7 +80,7 @@ def fp8_sdpa_impl(
     # Triton launches on the *current* CUDA device; with device_map="auto" or tensor parallelism the
     # tensors may live elsewhere, so every launch (and every buffer) follows the query's device.
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        qkv = _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v)
+        qkv = _quantize(query, key, value, cos, sin, hadamard, smooth_k, smooth_v, qk_scales == "block")
         out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if rotates_v(hadamard) or qkv.v_mean is not None:
             out = _restore_output(out, qkv, hadamard)
@@ -101,12 +103,13 @@ def fp8_sdpa_varlen_impl(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    qk_scales: str = "head",
 ) -> torch.Tensor:
     """Packed sequences: query (total_q, H_q, D), key/value (total_kv, H_kv, D), validated offsets (int32
     on the query's device) and the host list of query lengths -> (total_q, H_q, D) contiguous."""
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         args = (query, key, value, cu_seqlens_q, cu_seqlens_k, max(lengths_q), max_seqlen_k, cos, sin)
-        modes = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+        modes = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, block_scales=qk_scales == "block")
         if query.is_cuda and triton_quantize_usable(query.device):
             qkv = quantize_qkv_fp8_varlen(*args, **modes, check=False)
         else:
@@ -125,6 +128,7 @@ fp8_sdpa_op = torch.library.custom_op("hf_fp8_attention::fp8_sdpa", fp8_sdpa_imp
 
 
 @fp8_sdpa_op.register_fake
-def _fp8_sdpa_fake(query, key, value, cos, sin, is_causal, scale, backend, hadamard="none", smooth_k=False, smooth_v=False):
+def _fp8_sdpa_fake(query, key, value, cos, sin, is_causal, scale, backend, hadamard="none", smooth_k=False,
+                   smooth_v=False, qk_scales="head"):
     b, h_q, s_q, d = query.shape
     return query.new_empty((b, s_q, h_q, d))

@@ -11,12 +11,31 @@ import math
 
 import torch
 
-from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
+from ._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op, fp8_sdpa_varlen_impl
 from .dispatch import BACKENDS, resolve_backend
 from .quantization.hadamard import check_hadamard
 from .quantization.reference import check_cu_seqlens
 
+
+
+QK_SCALES = ("head", "block")
+
+
+def _resolve(device, backend, qk_scales) -> str:
+    """The backend name; qk_scales='block' runs on triton (reference on CPU) unless a backend is named."""
+    if qk_scales not in QK_SCALES:
+        raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: {QK_SCALES}")
+    name = resolve_backend(device, backend)
+    if qk_scales == "block":
+        if backend is None and name != "reference":
+            name = resolve_backend(device, "triton")
+        elif name not in ("triton", "reference"):
+            raise ValueError(
+                f"qk_scales='block' (a Q/K scale per {SCALE_BLOCK} tokens) needs backend 'triton' or 'reference' "
+                f"(attn_implementation='fp8_triton'); {name} takes one scale per (batch, KV head)"
+            )
+    return name
 
 
 def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, hadamard="none") -> None:
@@ -91,6 +110,7 @@ def fp8_sdpa(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    qk_scales: str = "head",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
 
@@ -107,18 +127,23 @@ def fp8_sdpa(
             Needs a power-of-two head_dim <= 256.
         smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).
         smooth_v: subtract V's per-channel mean before quantizing and add it back to the output.
+        qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
+            16 tokens of one head, computed by the quantize kernel from the tiles it reads anyway: more
+            accurate where a few tokens carry large values). "block" runs on the triton backend (reference
+            on CPU); naming fa3/fa4 with it is an error.
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
     _check_inputs(
         query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin, backend=backend, hadamard=hadamard
     )
-    name = resolve_backend(query.device, backend)
+    name = _resolve(query.device, backend, qk_scales)
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     # Under torch.compile the custom op keeps the graph whole; in eager its dispatch is pure overhead.
     op = fp8_sdpa_op if torch.compiler.is_compiling() else fp8_sdpa_impl
     out = op(
-        query, key, value, cos, sin, bool(is_causal), softmax_scale, name, hadamard, bool(smooth_k), bool(smooth_v)
+        query, key, value, cos, sin, bool(is_causal), softmax_scale, name, hadamard, bool(smooth_k), bool(smooth_v),
+        qk_scales,
     )
     return out.transpose(1, 2)
 
@@ -138,6 +163,7 @@ def fp8_sdpa_varlen(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    qk_scales: str = "head",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -173,10 +199,10 @@ def fp8_sdpa_varlen(
         raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
     lengths_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
     max_k = max(b - a for a, b in zip(offsets_k, offsets_k[1:]))
-    name = resolve_backend(query.device, backend)
+    name = _resolve(query.device, backend, qk_scales)
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     return fp8_sdpa_varlen_impl(
         query, key, value, cu_q, cu_k, lengths_q, max_k, cos, sin, bool(is_causal), softmax_scale, name,
-        hadamard, bool(smooth_k), bool(smooth_v),
+        hadamard, bool(smooth_k), bool(smooth_v), qk_scales,
     )
 

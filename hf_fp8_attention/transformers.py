@@ -76,7 +76,7 @@ def _warn_once(key: str, message: str) -> None:
 # configs (a config attribute, so a model given attn_implementation= directly can set it too); every
 # fp8_sdpa call of that model passes them on.
 _OPTIONS_ATTR = "fp8_attention_options"
-_DEFAULT_OPTIONS = {"hadamard": "none", "smooth_k": False, "smooth_v": False}
+_DEFAULT_OPTIONS = {"hadamard": "none", "smooth_k": False, "smooth_v": False, "qk_scales": "head"}
 
 
 def _sdpa_options(module: torch.nn.Module) -> dict:
@@ -588,6 +588,7 @@ def prepare_model(
     fuse_rope: bool = True,
     smooth_k: bool = False,
     smooth_v: bool = False,
+    qk_scales: str = "head",
 ):
     """Switch a loaded model to fp8 attention for prefill-style inference. Returns the same model.
 
@@ -596,7 +597,9 @@ def prepare_model(
         backend: "fa3", "fa4", "triton", "reference", or None to pick from the model's device.
         hadamard: None/"none", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
-            The three options are stored on the model's configs as ``fp8_attention_options`` and passed
+        qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
+            backend=None then picks on a GPU).
+            The four options are stored on the model's configs as ``fp8_attention_options`` and passed
             to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel.
 
@@ -612,6 +615,14 @@ def prepare_model(
             check_hadamard(hadamard, head_dim)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
+    if qk_scales not in ("head", "block"):
+        raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: 'head', 'block'")
+    if qk_scales == "block":
+        if backend in ("fa3", "fa4"):
+            raise ValueError(f"qk_scales='block' needs backend 'triton' or 'reference'; {backend} takes one scale "
+                             "per (batch, KV head)")
+        if backend is None:
+            backend = "triton" if _model_device(model).type == "cuda" else "reference"
     dtype = getattr(model, "dtype", None)
     if dtype is not None and dtype not in SUPPORTED_INPUT_DTYPES:
         raise TypeError(
@@ -647,7 +658,8 @@ def prepare_model(
             if _supports_fused_rope(module):
                 setattr(module, _forward_slot(module), types.MethodType(_fused_rope_forward, module))
                 state["patched"].append(module)
-    options = {"hadamard": hadamard or "none", "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v)}
+    options = {"hadamard": hadamard or "none", "smooth_k": bool(smooth_k), "smooth_v": bool(smooth_v),
+               "qk_scales": qk_scales}
     state["options"] = options
     state["previous_options"] = [
         (config, config.__dict__[_OPTIONS_ATTR]) for config in _configs_with_cache(model) if _OPTIONS_ATTR in config.__dict__

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._constants import FP8_DTYPE
+from .._constants import FP8_DTYPE, SCALE_BLOCK
 from ..quantization import QuantizedQKV
 
 # P is multiplied by 2**P_LOG2_OFFSET before its e4m3 cast (FA3's Max_offset for 8-bit inputs).
@@ -26,7 +26,8 @@ def reference_fp8_attention(
     """Attention over e4m3 Q/K/V with per-(batch, KV head) descales.
 
     Args:
-        qkv: q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) float8_e4m3fn; descales (B, H_kv) float32.
+        qkv: q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) float8_e4m3fn; descales (B, H_kv) float32, or
+            per-block Q/K descales (`QuantizedQKV.block_scales`).
         is_causal: causal mask aligned to the bottom right (query i sees keys j <= i + S_kv - S_q).
         scale: softmax scale applied to Q.K^T.
         out_dtype: dtype of the result.
@@ -42,7 +43,13 @@ def reference_fp8_attention(
     q = q8.float().view(batch, s_q, h_kv, group, dim).permute(0, 2, 3, 1, 4)
     k = k8.float().permute(0, 2, 1, 3).unsqueeze(2)
     v = v8.float().permute(0, 2, 1, 3).unsqueeze(2)
-    qk_scale = (qkv.q_descale * qkv.k_descale * scale).view(batch, h_kv, 1, 1, 1)
+    if qkv.block_scales:  # a descale per SCALE_BLOCK tokens of one head: dequantize Q and K with them
+        per_token = lambda d, n: d.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :n]  # noqa: E731
+        q = q * per_token(qkv.q_block_descale, s_q).view(batch, h_kv, group, s_q, 1)
+        k = k * per_token(qkv.k_block_descale, s_kv).view(batch, h_kv, 1, s_kv, 1)
+        qk_scale = torch.full((batch, h_kv, 1, 1, 1), scale, device=q8.device)
+    else:
+        qk_scale = (qkv.q_descale * qkv.k_descale * scale).view(batch, h_kv, 1, 1, 1)
     v_descale = qkv.v_descale.view(batch, h_kv, 1, 1, 1)
     p_scale = float(2**P_LOG2_OFFSET)
 

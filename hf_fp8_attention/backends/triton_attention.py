@@ -24,15 +24,18 @@ import triton.language as tl
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+    K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
     K_ptr/V_ptr point at key 0 of this (batch, KV head); row_limit (BLOCK_M,) is the last key each row
-    may see (S_kv - 1 when not causal).
+    may see (S_kv - 1 when not causal). qk_scale: the scalar score scale (base 2), or with BLOCK_SCALES
+    the (BLOCK_M,) per-row one (the row's q block descale folded in); key j's block descale is then
+    read from Kb_ptr[j // SCALE_BLOCK].
     """
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -50,9 +53,15 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k))
+        if BLOCK_SCALES:
+            k_blk = tl.load(Kb_ptr + cols // SCALE_BLOCK, mask=cols < S_kv, other=1.0)
+            qk = qk * k_blk[None, :]
+            scale_2d = qk_scale[:, None]
+        else:
+            scale_2d = qk_scale
         if MASKED:
             visible = cols[None, :] <= row_limit[:, None]
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            qk = tl.where(visible, qk * scale_2d, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row may see no key of this block (causal, or a split's range): keep its max finite
             # so that exp2 gives 0 instead of NaN.
@@ -61,7 +70,7 @@ def _attn_fwd_inner(
             p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - (m_ij[:, None] - 8.0))
+            p = tl.math.exp2(qk * scale_2d - (m_ij[:, None] - 8.0))
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -97,12 +106,13 @@ def _sequence(Cu_q, Cu_k, b, S_q, S_kv, stride_qb, stride_kb, stride_vb, stride_
 
 @triton.jit
 def _fp8_attn_fwd_kernel(
-    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k,
+    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k, Q_blk, K_blk, n_blk_q, n_blk_k,
     stride_qb, stride_qs, stride_kb, stride_kn, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_os,
     H_kv, S_q, S_kv, sm_scale, keys_per_split, kv_len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
@@ -117,6 +127,8 @@ def _fp8_attn_fwd_kernel(
     VARLEN: b indexes packed sequences, rows [Cu_q[b], Cu_q[b + 1]) of Q/Out and [Cu_k[b], Cu_k[b + 1]) of
     K/V (batch-1 tensors, int32 offsets); S_q / S_kv are the longest lengths (grid and partials' size),
     stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
+    BLOCK_SCALES: Q and K descales per SCALE_BLOCK tokens of one head, Q_blk (B, H_q, n_blk_q) and K_blk
+    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -149,7 +161,13 @@ def _fp8_attn_fwd_kernel(
 
     desc_idx = b * H_kv + h_kv
     # Scores in base 2 (exp2 is one MUFU instruction): fold log2(e) into the scale.
-    qk_scale = sm_scale * tl.load(Q_descale + desc_idx) * tl.load(K_descale + desc_idx) * 1.4426950408889634
+    if BLOCK_SCALES:
+        q_blk = (b * (H_kv * GROUP) + head).to(tl.int64) * n_blk_q + pos // SCALE_BLOCK
+        qk_scale = tl.load(Q_blk + q_blk, mask=row_ok, other=1.0) * (sm_scale * 1.4426950408889634)
+        Kb_ptr = K_blk + desc_idx.to(tl.int64) * n_blk_k
+    else:
+        qk_scale = sm_scale * tl.load(Q_descale + desc_idx) * tl.load(K_descale + desc_idx) * 1.4426950408889634
+        Kb_ptr = K_blk
 
     # Key ranges: [lo, full_hi) needs no mask, [max(lo, full_hi), mask_hi) does.
     diag = S_kv - S_q
@@ -174,14 +192,14 @@ def _fp8_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK,
     )
 
     if NUM_SPLITS == 1:
@@ -275,7 +293,7 @@ def _prune_prefill(configs, named_args, **kwargs):
 # Prefill: autotuned once per (head_dim, causal, V layout, short/long keys), results kept per process.
 fp8_attn_fwd_prefill = triton.autotune(
     configs=_prefill_configs(),
-    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "VARLEN", "kv_len_bucket"],
+    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "VARLEN", "BLOCK_SCALES", "kv_len_bucket"],
     prune_configs_by={"early_config_prune": _prune_prefill},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_fp8_attn_fwd_kernel)

@@ -131,6 +131,16 @@ def _nan_aware_max(x):
 
 
 @triton.jit
+def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """max |x| over each SCALE_BLOCK rows of a tile given as half tiles x1, x2 (BLOCK_S, HALF_BLOCK), rows
+    with `valid` False counted as 0; NaN when the block holds a NaN (like torch.amax). (BLOCK_S // SCALE_BLOCK,)"""
+    a = tl.where(valid[:, None], tl.maximum(tl.abs(x1), tl.abs(x2), propagate_nan=tl.PropagateNan.ALL), 0.0)
+    n_nan = tl.sum(tl.reshape((a != a).to(tl.int32), (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), axis=1)
+    m = tl.max(tl.reshape(a, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), axis=1)
+    return tl.where(n_nan > 0, float("nan"), m)
+
+
+@triton.jit
 def _sign_matrix(N: tl.constexpr, dtype: tl.constexpr):
     """(N, N) Sylvester Hadamard signs, H[i, j] = (-1)^popcount(i & j), entries +-1 (exact in any dtype);
     N <= 256."""
@@ -271,6 +281,7 @@ def _transform(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t, signs,
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, part_ptr, cu_q_ptr, cu_k_ptr,
+    q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
     B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -282,6 +293,7 @@ def qkv_quantize_kernel(
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
     switched on); amax = max |x| (NaN if any element is NaN), scale = FP8_MAX / amax (1 if amax is not > 0);
@@ -294,6 +306,10 @@ def qkv_quantize_kernel(
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
     (sequence, KV head), cos/sin rows indexed by the packed token.
+    BLOCK_SCALES: q and k are quantized with one scale per SCALE_BLOCK rows of one head (from the P2 tile
+    itself: no extra read, no wait on other tiles' amax), whose descales go to q_blk_ptr (B, H_Q, N_BLK_Q)
+    and k_blk_ptr (B, H_KV, N_BLK_KV) float32 (N_BLK = cdiv(longest length, SCALE_BLOCK), SCALE_BLOCK
+    divides BLOCK_S); v keeps its per-group scale, and descale_ptr still gets every group's descale.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
     """
@@ -323,7 +339,7 @@ def qkv_quantize_kernel(
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
             cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
-        (t2, _, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
+        (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
          grp2_tiles, first2, out_start2) = _tile_setup(
             tl.maximum(ticket - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -414,8 +430,24 @@ def qkv_quantize_kernel(
                 x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
                 x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
             # tl.clamp with PropagateNan.ALL keeps NaN as NaN (torch.clamp semantics); the cast is RNE.
-            y1 = tl.clamp(x1 * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
-            y2 = tl.clamp(x2 * scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
+            if BLOCK_SCALES:
+                # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
+                valid2 = (row2 + out_rows) < seq2
+                blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
+                blk_pos = blk_amax > 0.0
+                blk_scale = tl.where(blk_pos, tl.math.div_rn(FP8_MAX, blk_amax), 1.0)
+                n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
+                blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
+                blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk + blk_idx
+                tl.store(blk_ptr, tl.where(blk_pos, tl.math.div_rn(blk_amax, FP8_MAX), 1.0),
+                         mask=blk_idx * SCALE_BLOCK < tl.where(t2 < 2, seq2, 0))
+                row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
+                                       (BLOCK_S,))
+                row_scale = tl.where(t2 < 2, row_scale, scale)[:, None]
+            else:
+                row_scale = scale
+            y1 = tl.clamp(x1 * row_scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
+            y2 = tl.clamp(x2 * row_scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
             mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
             out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
             out_stride_s = n_heads2 * HEAD_DIM

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX
+from .._constants import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
 from .hadamard import check_hadamard, rotates_qk, rotates_v
 from .kernels import WS_PAD, qkv_quantize_kernel
@@ -74,6 +74,7 @@ def quantize_qkv_fp8(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    block_scales: bool = False,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -83,7 +84,8 @@ def quantize_qkv_fp8(
         k, v: (B, H_kv, S_kv, D), same dtype as q, any strides; H_q % H_kv == 0; D in (64, 96, 128, 256).
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype and strides; only with
             S_q == S_kv (prefill).
-        hadamard, smooth_k, smooth_v: as in `quantize_qkv_fp8_reference` (hadamard needs a power-of-two D).
+        hadamard, smooth_k, smooth_v, block_scales: as in `quantize_qkv_fp8_reference` (hadamard needs a
+            power-of-two D).
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
@@ -107,7 +109,7 @@ def quantize_qkv_fp8(
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
-    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, hadamard, smooth_k, smooth_v)
+    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, hadamard, smooth_k, smooth_v, block_scales)
 
 
 def quantize_qkv_fp8_varlen(
@@ -124,6 +126,7 @@ def quantize_qkv_fp8_varlen(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    block_scales: bool = False,
     check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
@@ -161,7 +164,8 @@ def quantize_qkv_fp8_varlen(
     # (1, H, total, D) views: the kernel reads rows through the head/token/channel strides only
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
-    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, hadamard, smooth_k, smooth_v)
+    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, hadamard, smooth_k,
+                   smooth_v, block_scales)
 
 
 def _check_dtypes(q, k, v) -> None:
@@ -169,7 +173,7 @@ def _check_dtypes(q, k, v) -> None:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smooth_v) -> QuantizedQKV:
+def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smooth_v, block_scales=False) -> QuantizedQKV:
     """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
@@ -177,7 +181,13 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smoot
     H_kv = k.shape[1]
     device = q.device
     q_out, k_out, v_out = outs
-    extra = varlen if varlen is not None else ()
+    extra = varlen if varlen is not None else (None, None, 0, 0)
+    n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, SCALE_BLOCK)
+    if block_scales:  # every block a sequence reaches is written; longest-length padding is never read
+        blocks = (torch.empty((B, H_q, n_blk_q), dtype=torch.float32, device=device),
+                  torch.empty((B, H_kv, n_blk_kv), dtype=torch.float32, device=device))
+    else:
+        blocks = (None, None)
     apply_rope = rope is not None
     smooth = smooth_k or smooth_v
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
@@ -187,7 +197,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smoot
     v_mean = means[1] if smooth_v else None
     if S_q == 0 or S_kv == 0 or B == 0:
         descale = torch.ones((3, B, H_kv), dtype=torch.float32, device=device)
-        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra)
+        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra, *blocks)
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
     # (3, B, H_kv) float32 descales, which the kernel overwrites.
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
@@ -211,12 +221,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smoot
 
     qkv_quantize_kernel[(n_programs,)](
         q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace, means, partials, cu_q, cu_k,
+        blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=rotates_qk(hadamard), HADAMARD_V=rotates_v(hadamard), INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES, VARLEN=varlen is not None,
+        BLOCK_SCALES=bool(block_scales), SCALE_BLOCK=SCALE_BLOCK,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra)
+    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra, *blocks)

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX
+from .._constants import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+from .._intmath import cdiv
 from .hadamard import check_hadamard, hadamard_matrix, rotates_qk, rotates_v
 
 
@@ -43,6 +44,15 @@ class QuantizedQKV:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    # qk_scales="block": q and k were quantized with one scale per SCALE_BLOCK tokens of one head; their
+    # descales, (B, H_q, cdiv(S_q, SCALE_BLOCK)) and (B, H_kv, cdiv(S_kv, SCALE_BLOCK)) float32 (varlen: per
+    # sequence, blocks counted from its first token, sized by the longest), replace q_descale / k_descale.
+    q_block_descale: Optional[torch.Tensor] = None
+    k_block_descale: Optional[torch.Tensor] = None
+
+    @property
+    def block_scales(self) -> bool:
+        return self.q_block_descale is not None
 
     @property
     def is_varlen(self) -> bool:
@@ -55,10 +65,15 @@ class QuantizedQKV:
         for i in range(len(cu_q) - 1):
             rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
             one = slice(i, i + 1)
+            blocks = {}
+            if self.block_scales:
+                n_q, n_k = cdiv(rows_q.stop - rows_q.start, SCALE_BLOCK), cdiv(rows_k.stop - rows_k.start, SCALE_BLOCK)
+                blocks = dict(q_block_descale=self.q_block_descale[one, :, :n_q].contiguous(),
+                              k_block_descale=self.k_block_descale[one, :, :n_k].contiguous())
             parts.append(QuantizedQKV(
                 self.q[:, rows_q], self.k[:, rows_k], self.v[:, rows_k],
                 self.q_descale[one], self.k_descale[one], self.v_descale[one],
-                None if self.v_mean is None else self.v_mean[one],
+                None if self.v_mean is None else self.v_mean[one], **blocks,
             ))
         return parts
 
@@ -139,6 +154,22 @@ def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, tor
     return x_fp8.transpose(1, 2).contiguous(), descale
 
 
+def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, H, cdiv(S, SCALE_BLOCK)) float32):
+    one scale per SCALE_BLOCK tokens of one head, with `_quantize_grouped`'s rules."""
+    B, H, S, D = x.shape
+    n_blk = cdiv(S, SCALE_BLOCK)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * SCALE_BLOCK - S)).reshape(B, H, n_blk, SCALE_BLOCK * D)
+    amax = padded.abs().amax(dim=-1)
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    positive = amax > 0
+    scale = torch.where(positive, torch.div(fp8_max, amax), torch.ones_like(amax))
+    descale = torch.where(positive, torch.div(amax, fp8_max), torch.ones_like(amax))
+    scaled = (padded * scale[..., None]).reshape(B, H, n_blk * SCALE_BLOCK, D)[:, :, :S]
+    x_fp8 = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return x_fp8.transpose(1, 2).contiguous(), descale
+
+
 def quantize_qkv_fp8_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,6 +180,7 @@ def quantize_qkv_fp8_reference(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    block_scales: bool = False,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -161,6 +193,8 @@ def quantize_qkv_fp8_reference(
         smooth_k: subtract K's per-(batch, head, channel) mean over the sequence (exact for softmax
             attention: it shifts each score row by a constant).
         smooth_v: subtract V's mean likewise and return it as ``v_mean`` for the output to add back.
+        block_scales: q and k get one scale per SCALE_BLOCK (16) tokens of one head instead (their
+            per-group descales are still returned); v keeps its per-(batch, KV head) scale.
         Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3.
 
     Returns:
@@ -189,7 +223,12 @@ def quantize_qkv_fp8_reference(
     q8, q_descale = _quantize_grouped(qf, h_kv)
     k8, k_descale = _quantize_grouped(kf, h_kv)
     v8, v_descale = _quantize_grouped(vf, h_kv)
-    return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean)
+    blocks = {}
+    if block_scales:
+        q8, q_blocks = _quantize_blocks(qf)
+        k8, k_blocks = _quantize_blocks(kf)
+        blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
+    return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean, **blocks)
 
 
 def _varlen_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -211,6 +250,7 @@ def quantize_qkv_fp8_varlen_reference(
     hadamard: str = "none",
     smooth_k: bool = False,
     smooth_v: bool = False,
+    block_scales: bool = False,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8_reference` on each sequence of a packed batch (see `quantize_qkv_fp8_varlen`).
 
@@ -223,14 +263,18 @@ def quantize_qkv_fp8_varlen_reference(
     d = q.shape[2]
     if cos is not None:
         cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
-    q8, k8, v8, descales, means = [], [], [], [], []
+    q8, k8, v8, descales, means, q_blocks, k_blocks = [], [], [], [], [], [], []
+    pad_to = lambda t, n: torch.nn.functional.pad(t, (0, n - t.shape[-1]), value=1.0)  # noqa: E731
     for i in range(len(cu_q) - 1):
         (q0, q1), (k0, k1) = cu_q[i : i + 2], cu_k[i : i + 2]
         rope = (cos[None, q0:q1], sin[None, q0:q1]) if cos is not None else (None, None)
         part = quantize_qkv_fp8_reference(
             _varlen_bhsd(q, q0, q1), _varlen_bhsd(k, k0, k1), _varlen_bhsd(v, k0, k1), *rope,
-            hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v,
+            hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, block_scales=block_scales,
         )
+        if block_scales:
+            q_blocks.append(pad_to(part.q_block_descale, cdiv(max_seqlen_q, SCALE_BLOCK)))
+            k_blocks.append(pad_to(part.k_block_descale, cdiv(max_seqlen_k, SCALE_BLOCK)))
         q8.append(part.q)
         k8.append(part.k)
         v8.append(part.v)
@@ -241,5 +285,6 @@ def quantize_qkv_fp8_varlen_reference(
         torch.cat(q8, dim=1), torch.cat(k8, dim=1), torch.cat(v8, dim=1), q_descale, k_descale, v_descale,
         torch.cat(means) if smooth_v else None,
         cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        torch.cat(q_blocks) if block_scales else None, torch.cat(k_blocks) if block_scales else None,
     )
 
