@@ -26,15 +26,14 @@ def _resolve(device, backend, qk_scales) -> str:
     """The backend name; qk_scales='block' runs on triton (reference on CPU) unless a backend is named."""
     if qk_scales not in QK_SCALES:
         raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: {QK_SCALES}")
+    if qk_scales == "block" and backend in ("fa3", "fa4"):
+        raise ValueError(
+            f"qk_scales='block' (a Q/K scale per {SCALE_BLOCK} tokens) needs backend 'triton' or 'reference' "
+            f"(attn_implementation='fp8_triton'); {backend} takes one scale per (batch, KV head)"
+        )
     name = resolve_backend(device, backend)
-    if qk_scales == "block":
-        if backend is None and name != "reference":
-            name = resolve_backend(device, "triton")
-        elif name not in ("triton", "reference"):
-            raise ValueError(
-                f"qk_scales='block' (a Q/K scale per {SCALE_BLOCK} tokens) needs backend 'triton' or 'reference' "
-                f"(attn_implementation='fp8_triton'); {name} takes one scale per (batch, KV head)"
-            )
+    if qk_scales == "block" and name in ("fa3", "fa4"):  # auto-picked: the kernel that takes blocks instead
+        name = resolve_backend(device, "triton")
     return name
 
 
