@@ -174,6 +174,8 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
         )
     for backend in backends:
         for mode, kwargs in modes.items():
+            if kwargs.get("qk_scales") == "block" and backend != "triton":
+                continue  # per-block Q/K scales: the triton kernel only
             tag = "" if mode == "none" else f" [{mode}]"
 
             def run(backend=backend, kwargs=kwargs):

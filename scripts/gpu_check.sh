@@ -54,8 +54,16 @@ else
   fi
   if [ "$mode" = "--table" ]; then
     step triton_table python3 scripts/bench_sdpa.py --head-dims 64 128 256 \
-      --seqlens 1024 2048 4096 8192 16384 32768 65536 --modes none --sqnr-ref off --rep-ms 100 \
+      --seqlens 1024 2048 4096 8192 16384 32768 65536 --modes none --sqnr-ref bf16 --rep-ms 100 \
       --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/triton_table.json"
+    # experiment: the warp-specialized TMA loop for causal too (not offered by default)
+    step triton_ws_causal env HF_FP8_TRITON_WS_CAUSAL=1 python3 scripts/bench_sdpa.py --head-dims 128 \
+      --seqlens 4096 16384 32768 --causal yes --modes none --sqnr-ref bf16 --rep-ms 100 \
+      --impls "FA3 fp8" fp8_triton "triton fp8" --json "$out/triton_ws_causal.json"
+    step accuracy_block python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 \
+      --modes none block qkv block+qkv qkv+smooth_k block+qkv+smooth_k --json "$out/accuracy_block.json"
+    step sdpa_block python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --modes none block \
+      --impls fp8_triton --json "$out/sdpa_block.json"
   else
     step sdpa python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --modes none --json "$out/bench_sdpa.json"
   fi

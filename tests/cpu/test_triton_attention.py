@@ -142,3 +142,44 @@ def test_rejects_bad_inputs():
         triton_fp8_attention(odd, is_causal=False, scale=0.1, out_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="out_dtype"):
         triton_fp8_attention(qkv, is_causal=False, scale=0.1, out_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,h_q,h_kv,s_q,s_kv,d", [(2, 4, 2, 40, 70, 64), (1, 2, 2, 33, 33, 128)])
+def test_tma_warp_specialized_path_matches_plain(b, h_q, h_kv, s_q, s_kv, d, causal):
+    """The TMA_WS configs (tensor descriptors over K and keys-contiguous V; the interpreter runs the loop
+    unspecialized) give the plain loads' result: descriptor coordinates per batch, tails past S_kv (the
+    next batch's keys / the padding) masked."""
+    qkv = _quantized(b, h_q, h_kv, s_q, s_kv, d, seed=5)
+    plain = _launch(qkv, causal, 0.1, torch.float32, v_keys_contiguous=True, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    tma = _launch(qkv, causal, 0.1, torch.float32, v_keys_contiguous=True,
+                  config={"BLOCK_M": 16, "BLOCK_N": 16, "TMA_WS": True})
+    torch.testing.assert_close(tma, plain, rtol=0, atol=0)
+
+
+def test_tma_path_refuses_varlen():
+    """A packed sequence's first key is not 16-byte aligned for a TMA box: the TMA configs refuse varlen
+    (the autotuner never offers them there; an explicit config fails at compile time)."""
+    from hf_fp8_attention.quantization import quantize_qkv_fp8_varlen_reference
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(51, h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    cu = torch.tensor([0, 21, 51], dtype=torch.int32)
+    qkv = quantize_qkv_fp8_varlen_reference(q, k, v, cu, cu, 30, 30)
+    with pytest.raises(Exception, match="varlen"):
+        _launch(qkv, True, 0.125, torch.float32, v_keys_contiguous=True,
+                config={"BLOCK_M": 16, "BLOCK_N": 16, "TMA_WS": True})
+
+
+def test_tma_configs_are_not_offered_off_a_gpu():
+    """The autotuner never checks results, so the TMA configs are offered only where they were validated
+    (a Hopper+ GPU): here, on CPU tensors, they are pruned. (The NaN-isolation of their tail blocks needs
+    the GPU's fp8 NaN semantics: tests/gpu/test_triton_attention_gpu.py.)"""
+    from hf_fp8_attention.backends import triton_attention
+
+    qkv = _quantized(1, 2, 2, 16, 16, 64)
+    configs = triton_attention._prefill_configs()
+    assert any(c.kwargs.get("TMA_WS") for c in configs)
+    kept = triton_attention._prune_prefill(configs, {"Q": qkv.q}, IS_CAUSAL=False, V_KEYS_CONTIGUOUS=True,
+                                           HEAD_DIM=64, HEAD_DIM_PAD=64, BLOCK_SCALES=False, VARLEN=False)
+    assert kept and not any(c.kwargs.get("TMA_WS") for c in kept)
