@@ -166,7 +166,8 @@ def _launch(
     launch = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
     grid = (cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
     _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n,
-                               TMA_WS=bool(config.get("TMA_WS", False)), **launch)
+                               **{key: bool(config[key]) for key in ("TMA_WS", "TMA_TAIL", "ONE_LOOP") if key in config},
+                               **launch)
     if num_splits > 1:
         block_r = min(64, max(16, next_power_of_2(n_rows)))
         _fp8_attn_combine_kernel[(cdiv(n_rows, block_r), bh)](

@@ -129,6 +129,7 @@ def _fp8_attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA_WS: tl.constexpr = False,
+    TMA_TAIL: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
 
@@ -147,6 +148,9 @@ def _fp8_attn_fwd_kernel(
     TMA_WS (autotune configs; contiguous K, keys-contiguous V whose key stride is a multiple of 16): K/V
     tiles through on-device tensor descriptors over K as (k_rows, H_kv * D) and V as (v_rows, v_cols), and a
     warp-specialized loop over the full key blocks. Needs `triton.set_allocator` (the launcher sets it).
+    Variants (triton 3.6's warp-specialization pass failed on the first form, a masked TMA loop after the
+    specialized one): TMA_TAIL: the masked tail loop also loads through the descriptors (else pointers);
+    ONE_LOOP: one specialized loop over every key block, masked.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -228,18 +232,21 @@ def _fp8_attn_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if TMA_WS and ONE_LOOP:
+        full_hi = mask_hi  # the specialized loop takes every block, masked; the tail loop is empty
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
         desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK, TMA_WS, TMA_WS,
+        BLOCK_N, EVEN_D, TMA_WS and ONE_LOOP, BLOCK_SCALES, SCALE_BLOCK, TMA_WS, TMA_WS,
     )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
-        offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, TMA_WS, False,
-    )
+    if not (TMA_WS and ONE_LOOP):
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
+            offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
+            desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
+            BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, TMA_WS and TMA_TAIL, False,
+        )
 
     if NUM_SPLITS == 1:
         v_descale = tl.load(V_descale + desc_idx)
@@ -320,7 +327,7 @@ def _prefill_configs():
         for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
     ]
     ws = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True}, num_warps=4, num_stages=2)
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True, "ONE_LOOP": True}, num_warps=4, num_stages=2)
         for bn in (256, 128, 64)
     ]
     return plain + ws
@@ -333,10 +340,13 @@ def _arg(named_args, kwargs, name, default=None):
 
 def _ws_usable(named_args, kwargs) -> bool:
     """Where the warp-specialized TMA loop is offered to the autotuner (it never checks results, so only
-    where it was validated): Hopper+ CUDA, non-causal (or HF_FP8_TRITON_WS_CAUSAL=1), keys-contiguous V,
+    where it was validated; opt-in with HF_FP8_TRITON_WS=1 until it is): Hopper+ CUDA, non-causal (or
+    HF_FP8_TRITON_WS_CAUSAL=1), keys-contiguous V,
     no varlen (TMA boxes start 16-byte aligned), a power-of-two head dim, per-head scales, triton with
     tensor descriptors."""
     q = named_args.get("Q")
+    if os.environ.get("HF_FP8_TRITON_WS") != "1":
+        return False
     if not (hasattr(tl, "make_tensor_descriptor") and getattr(q, "is_cuda", False)):
         return False
     if torch.cuda.get_device_capability(q.device)[0] < 9:

@@ -4,6 +4,8 @@ Accuracy bar (torchao's): SQNR > 25 dB per call against bf16 SDPA. Needs a CUDA 
 (SM 8.9+); the skip names what is missing.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,7 +96,9 @@ def test_decode_and_bottom_right_causal(s_q, s_kv, h_q, h_kv):
 def test_keys_contiguous_v_matches():
     q, k, v = _inputs(1, 8, 2, 1500, 1500, 128, seed=4)
     qkv, out = _run(q, k, v, True)
-    out_t = _launch(qkv, True, 128**-0.5, torch.bfloat16, v_keys_contiguous=True)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}  # same tiles: same P roundings
+    out = _launch(qkv, True, 128**-0.5, torch.bfloat16, v_keys_contiguous=False, config=cfg)
+    out_t = _launch(qkv, True, 128**-0.5, torch.bfloat16, v_keys_contiguous=True, config=cfg)
     assert sqnr_db(out_t, out) > 50.0
 
 
@@ -111,6 +115,7 @@ def test_non_finite_head_and_zero_head():
 @pytest.mark.skipif(not _fp8_gpu or torch.cuda.get_device_capability()[0] < 9, reason="TMA configs need SM 9.0+")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d,bn", [(64, 256), (128, 256), (128, 128), (256, 64)])
+@pytest.mark.skipif(os.environ.get("HF_FP8_TRITON_WS") != "1", reason="TMA_WS is opt-in (HF_FP8_TRITON_WS=1)")
 def test_tma_warp_specialized_configs_gpu(d, bn, causal):
     """Each TMA_WS config the autotuner may pick equals the plain kernel (SQNR > 40 dB: same math, other
     instruction order), with a tail block (S not a multiple of BLOCK_N) and B=2; a NaN in batch 1's V
@@ -121,6 +126,7 @@ def test_tma_warp_specialized_configs_gpu(d, bn, causal):
     plain = _launch(qkv, causal, d**-0.5, torch.bfloat16, v_keys_contiguous=True,
                     config={"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3})
     tma = _launch(qkv, causal, d**-0.5, torch.bfloat16, v_keys_contiguous=True,
-                  config={"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True, "num_warps": 4, "num_stages": 2})
+                  config={"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True, "ONE_LOOP": True, "num_warps": 4,
+                          "num_stages": 2})
     assert torch.isfinite(tma[0]).all()
     assert sqnr_db(tma[0].float(), plain[0].float()) > 40
