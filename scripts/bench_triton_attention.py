@@ -32,41 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--sweep", action="store_true", help="time explicit tile configs at D=128, S=4k/16k")
     p.add_argument("--decode", action="store_true", help="time S_q=1 decode (GQA 32/8)")
-    p.add_argument("--ws", action="store_true",
-                   help="time the warp-specialized TMA variants (TMA_WS, +TMA_TAIL, +ONE_LOOP) against the autotuned kernel")
     return p.parse_args(argv)
-
-
-def _ws_sweep(args):
-    """Each warp-specialized TMA variant per (D, S, causal): TFLOPS and SQNR against the autotuned kernel's
-    output (same math: > 40 dB expected), or the error (e.g. a compiler pass failure)."""
-    from hf_fp8_attention.backends.triton import _launch
-    from hf_fp8_attention.metrics import sqnr_db
-    from hf_fp8_attention.quantization import quantize_qkv_fp8
-
-    variants = {"ws": {}, "ws+tma_tail": {"TMA_TAIL": True}, "ws_one_loop": {"ONE_LOOP": True}}
-    b, h = args.batch, args.heads
-    print("\n## warp-specialized TMA variants (TFLOPS kernel only; SQNR dB vs the autotuned kernel)")
-    for d in args.head_dims:
-        bn = 64 if d >= 256 else 256
-        for causal in (False, True):
-            for s in args.seqlens:
-                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-                qkv = quantize_qkv_fp8(q, k, v)
-                flops = 4 * b * h * s * s * d / (2 if causal else 1)
-                base = _launch(qkv, causal, d**-0.5, torch.bfloat16, v_keys_contiguous=True)
-                ms = _ms(lambda: _launch(qkv, causal, d**-0.5, torch.bfloat16, v_keys_contiguous=True), args.rep_ms)
-                res = [f"autotuned={flops / ms / 1e9:.0f}"]
-                for name, extra in variants.items():
-                    cfg = {"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True, "num_warps": 4, "num_stages": 2, **extra}
-                    run = lambda: _launch(qkv, causal, d**-0.5, torch.bfloat16, v_keys_contiguous=True, config=cfg)  # noqa: E731
-                    try:
-                        out = run()
-                        t = _ms(run, args.rep_ms)
-                        res.append(f"{name}={flops / t / 1e9:.0f} ({sqnr_db(out.float(), base.float()):.1f} dB)")
-                    except Exception as e:  # a compiler pass failure: report, go on
-                        res.append(f"{name}=ERR({type(e).__name__}: {str(e).splitlines()[0][:60]})")
-                print(f"D={d} causal={causal} S={s}: " + "  ".join(res), flush=True)
 
 
 def _ms(fn, rep_ms):
@@ -154,9 +120,6 @@ def main(argv=None) -> int:
                         except Exception as e:  # out of shared memory / registers: report, go on
                             res.append(f"{bm}/{bn}/w{w}/s{st}{'/vt' if vt else ''}=ERR({type(e).__name__})")
                 print(f"causal={causal} S={s}: " + "  ".join(res), flush=True)
-
-    if args.ws:
-        _ws_sweep(args)
 
     if args.decode:
         print("\n## decode S_q=1, B=1, H_q=32, H_kv=8, D=128 (us; GB/s of K+V read)")

@@ -5,8 +5,7 @@
 #   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
 #   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
 #   bash scripts/gpu_check.sh --table    # only the triton backend's table (D 64/128/256, S 1k..64k)
-#   bash scripts/gpu_check.sh --triton   # triton/varlen/block-scale GPU tests, warp-specialization variants,
-#                                        # block-scale accuracy and cost
+#   bash scripts/gpu_check.sh --triton   # triton/varlen/block-scale GPU tests, block-scale accuracy and cost
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -59,11 +58,9 @@ else
       --seqlens 1024 2048 4096 8192 16384 32768 65536 --modes none --sqnr-ref bf16 --rep-ms 100 \
       --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/triton_table.json"
   fi
-  if [ "$mode" = "--triton" ]; then  # the triton/varlen/block tests, the warp-specialization variants, block scales
+  if [ "$mode" = "--triton" ]; then  # the triton/varlen/block-scale tests, block-scale accuracy and cost
     step triton_tests python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_attention_gpu.py \
       tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py
-    step triton_ws python3 scripts/bench_triton_attention.py --ws --head-dims 128 64 256 --seqlens 16384 \
-      --rep-ms 50
     step accuracy_block python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 \
       --modes none block qkv block+qkv qkv+smooth_k block+qkv+smooth_k --json "$out/accuracy_block.json"
     step sdpa_block python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --modes none block \

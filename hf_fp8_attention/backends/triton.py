@@ -13,7 +13,6 @@ import functools
 import os
 
 import torch
-import triton
 
 from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS
 from .._intmath import cdiv, next_power_of_2
@@ -53,33 +52,6 @@ def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
         raise ValueError(f"triton fp8 attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"triton fp8 attention writes {_OUT_DTYPES}, got out_dtype={out_dtype}")
-
-
-def _keys_contiguous(v: torch.Tensor) -> torch.Tensor:
-    """BSHD view of a (B, H_kv, D, S_pad) copy of v, S_pad = S_kv rounded up to 16: the key stride of the
-    K-major P.V operand, which a TMA descriptor needs 16-byte aligned (padding keys are never used)."""
-    b, s, h, d = v.shape
-    buf = torch.empty(b, h, d, cdiv(s, 16) * 16, dtype=v.dtype, device=v.device)
-    buf[..., :s].copy_(v.permute(0, 2, 3, 1))
-    return buf[..., :s].permute(0, 3, 1, 2)
-
-
-def _desc_extents(k: torch.Tensor, v: torch.Tensor, h_kv: int, dim: int) -> tuple[int, int, int]:
-    """Tensor-descriptor extents for the TMA configs: K as (B * S_kv, H_kv * D) rows (contiguous BSHD), V
-    as (B * H_kv * D, S_kv) (keys-contiguous; unused otherwise)."""
-    return k.shape[0] * k.shape[1], v.shape[0] * h_kv * dim, v.shape[1]
-
-
-_allocator_set = False
-
-
-def _set_allocator() -> None:
-    """On-device tensor descriptors need scratch memory from Triton's allocator; set one (torch) once."""
-    global _allocator_set
-    if not _allocator_set and hasattr(triton, "set_allocator"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter (tests)
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _allocator_set = True
 
 
 def _launch(
@@ -122,7 +94,7 @@ def _launch(
     if v_keys_contiguous is None:
         v_keys_contiguous = not decode and s_kv * dim >= _V_COPY_MIN_KEYS_X_DIM
     if v_keys_contiguous and v.stride(1) != 1:
-        v = _keys_contiguous(v)
+        v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # BSHD view of (B, H_kv, D, S_kv)
     v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
 
     if config is None and decode:
@@ -149,7 +121,7 @@ def _launch(
     args = (
         q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part, cu_q, cu_k,
         *((qkv.q_block_descale, qkv.k_block_descale) if qkv.block_scales else (out, out)),
-        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, SCALE_BLOCK), *_desc_extents(k, v, h_kv, dim),
+        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, SCALE_BLOCK),
         stride_qb, q.stride(1), stride_kb, k.stride(1), *v_strides,
         out.stride(0), out.stride(1),
         h_kv, s_q, s_kv, float(scale), keys_per_split, int(s_kv >= 4096),
@@ -157,17 +129,13 @@ def _launch(
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
                       NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1, VARLEN=varlen,
                       BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK)
-    if config is None or config.get("TMA_WS"):
-        _set_allocator()
     if config is None:
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)
         return out
     launch = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
     grid = (cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
-    _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n,
-                               **{key: bool(config[key]) for key in ("TMA_WS", "TMA_TAIL", "ONE_LOOP") if key in config},
-                               **launch)
+    _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, **launch)
     if num_splits > 1:
         block_r = min(64, max(16, next_power_of_2(n_rows)))
         _fp8_attn_combine_kernel[(cdiv(n_rows, block_r), bh)](

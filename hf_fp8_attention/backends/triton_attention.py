@@ -17,9 +17,6 @@ partials; `_fp8_attn_combine_kernel` merges them.
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
@@ -30,9 +27,8 @@ def _attn_fwd_inner(
     K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
-    desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
@@ -40,20 +36,14 @@ def _attn_fwd_inner(
     may see (S_kv - 1 when not causal). qk_scale: the scalar score scale (base 2), or with BLOCK_SCALES
     the (BLOCK_M,) per-row one (the row's q block descale folded in); key j's block descale is then
     read from Kb_ptr[j // SCALE_BLOCK].
-    TMA: K and V tiles come through tensor descriptors (K (rows, H_kv * D) at [k_row0 + key, k_col0], keys-
-    contiguous V (rows, keys) at [v_row0, v_col0 + key]; rows past a descriptor's end read as zeros, keys
-    past this sequence's end are masked in the scores), and WARP_SPECIALIZE lets Triton split the loop into
-    a TMA producer warp and two consumer warp groups (Hopper+, triton >= 3.4).
     """
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k_ptrs = K_ptr + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_ptr + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if TMA:
-            k = desc_k.load([k_row0 + start_n, k_col0])
-        elif MASKED:
+        if MASKED:
             kv_mask = cols[:, None] < S_kv
             if not EVEN_D:
                 kv_mask = kv_mask & mask_d[None, :]
@@ -84,11 +74,7 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if TMA:
-            v = desc_v.load([v_row0, v_col0 + start_n]).T
-            if MASKED:  # keys past this sequence (the next one's, or padding) must not meet P = 0 as NaN
-                v = tl.where(cols[:, None] < S_kv, v, 0.0)
-        elif MASKED:
+        if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -121,15 +107,13 @@ def _sequence(Cu_q, Cu_k, b, S_q, S_kv, stride_qb, stride_kb, stride_vb, stride_
 @triton.jit
 def _fp8_attn_fwd_kernel(
     Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k, Q_blk, K_blk, n_blk_q, n_blk_k,
-    k_rows, v_rows, v_cols,
     stride_qb, stride_qs, stride_kb, stride_kn, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_os,
     H_kv, S_q, S_kv, sm_scale, keys_per_split, kv_len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA_WS: tl.constexpr = False,
-    TMA_TAIL: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
 
@@ -145,12 +129,6 @@ def _fp8_attn_fwd_kernel(
     stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
     BLOCK_SCALES: Q and K descales per SCALE_BLOCK tokens of one head, Q_blk (B, H_q, n_blk_q) and K_blk
     (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused).
-    TMA_WS (autotune configs; contiguous K, keys-contiguous V whose key stride is a multiple of 16): K/V
-    tiles through on-device tensor descriptors over K as (k_rows, H_kv * D) and V as (v_rows, v_cols), and a
-    warp-specialized loop over the full key blocks. Needs `triton.set_allocator` (the launcher sets it).
-    Variants (triton 3.6's warp-specialization pass failed on the first form, a masked TMA loop after the
-    specialized one): TMA_TAIL: the masked tail loop also loads through the descriptors (else pointers);
-    ONE_LOOP: one specialized loop over every key block, masked.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -210,43 +188,19 @@ def _fp8_attn_fwd_kernel(
         row_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + (S_kv - 1)
     full_hi = tl.minimum(full_hi, hi)
 
-    if TMA_WS:
-        desc_k = tl.make_tensor_descriptor(K, shape=[k_rows, H_kv * HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        desc_v = tl.make_tensor_descriptor(V, shape=[v_rows, v_cols], strides=[stride_vd, 1],
-                                           block_shape=[HEAD_DIM, BLOCK_N])
-        # a TMA box starts 16-byte aligned in its inner dimension: a packed sequence's first key is not
-        tl.static_assert(not VARLEN, "TMA_WS does not take varlen batches")
-        k_row0 = b * S_kv
-        k_col0 = h_kv * HEAD_DIM
-        v_row0 = (b * H_kv + h_kv) * HEAD_DIM
-        v_col0 = 0
-    else:
-        desc_k = K  # unused: the plain loads
-        desc_v = V
-        k_row0 = 0
-        k_col0 = 0
-        v_row0 = 0
-        v_col0 = 0
-
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if TMA_WS and ONE_LOOP:
-        full_hi = mask_hi  # the specialized loop takes every block, masked; the tail loop is empty
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-        BLOCK_N, EVEN_D, TMA_WS and ONE_LOOP, BLOCK_SCALES, SCALE_BLOCK, TMA_WS, TMA_WS,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK,
     )
-    if not (TMA_WS and ONE_LOOP):
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
-            offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-            desc_k, desc_v, k_row0, k_col0, v_row0, v_col0,
-            BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, TMA_WS and TMA_TAIL, False,
-        )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
+        offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK,
+    )
 
     if NUM_SPLITS == 1:
         v_descale = tl.load(V_descale + desc_idx)
@@ -319,54 +273,21 @@ def _fp8_attn_combine_kernel(
 
 
 def _prefill_configs():
-    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V), plus the
-    # warp-specialized TMA variants (a helper's sweep on the H100: D=128 non-causal 920-946 TFLOPS at
-    # 16k-64k with (128, 256); D=256 (128, 64); only num_warps=4, num_stages=2 worked: 3 stages gave NaN).
-    plain = [
+    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V).
+    return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
     ]
-    ws = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "TMA_WS": True, "ONE_LOOP": True}, num_warps=4, num_stages=2)
-        for bn in (256, 128, 64)
-    ]
-    return plain + ws
-
-
-def _arg(named_args, kwargs, name, default=None):
-    # Triton passes the constexpr arguments in kwargs (3.6) or in named_args (later versions).
-    return kwargs.get(name, named_args.get(name, default))
-
-
-def _ws_usable(named_args, kwargs) -> bool:
-    """Where the warp-specialized TMA loop is offered to the autotuner (it never checks results, so only
-    where it was validated; opt-in with HF_FP8_TRITON_WS=1 until it is): Hopper+ CUDA, non-causal (or
-    HF_FP8_TRITON_WS_CAUSAL=1), keys-contiguous V,
-    no varlen (TMA boxes start 16-byte aligned), a power-of-two head dim, per-head scales, triton with
-    tensor descriptors."""
-    q = named_args.get("Q")
-    if os.environ.get("HF_FP8_TRITON_WS") != "1":
-        return False
-    if not (hasattr(tl, "make_tensor_descriptor") and getattr(q, "is_cuda", False)):
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    causal_ok = not _arg(named_args, kwargs, "IS_CAUSAL") or os.environ.get("HF_FP8_TRITON_WS_CAUSAL") == "1"
-    return bool(causal_ok and _arg(named_args, kwargs, "V_KEYS_CONTIGUOUS") and not _arg(named_args, kwargs, "VARLEN")
-                and _arg(named_args, kwargs, "HEAD_DIM") == _arg(named_args, kwargs, "HEAD_DIM_PAD")
-                and not _arg(named_args, kwargs, "BLOCK_SCALES"))
 
 
 def _prune_prefill(configs, named_args, **kwargs):
-    if not _ws_usable(named_args, kwargs):
-        configs = [c for c in configs if not c.kwargs.get("TMA_WS")]
     # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator exceed the registers of
-    # 8 warps; keep BLOCK_N 64 there. 64/128-wide heads: BLOCK_N 64 with warp specialization was slower.
-    if _arg(named_args, kwargs, "HEAD_DIM_PAD", 0) >= 256:
+    # 8 warps; keep BLOCK_N 64 there.
+    # Triton passes the constexpr arguments in kwargs (3.6) or in named_args (later versions).
+    if kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 0)) >= 256:
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
-    else:
-        kept = [c for c in configs if not (c.kwargs.get("TMA_WS") and c.kwargs["BLOCK_N"] < 128)]
-    return kept or configs
+        return kept or configs
+    return configs
 
 
 # Prefill: autotuned once per (head_dim, causal, V layout, short/long keys), results kept per process.
