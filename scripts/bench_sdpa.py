@@ -135,6 +135,13 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
 
         return run
 
+    def kernel_only(name, backend_fn):
+        """An fp8 kernel alone on inputs quantized once, outside the timing."""
+        qkv = quantize_qkv_fp8(q, k, v)
+        scale = q.shape[-1] ** -0.5
+        return Candidate(name, lambda: backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype),
+                         bshd=True, mode="none")
+
     out.append(Candidate("torch sdpa flash bf16", torch_sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION)))
     out.append(Candidate("torch sdpa cudnn bf16", torch_sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)))
     if kernel_available("fa3"):
@@ -150,28 +157,12 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
 
         out.append(Candidate("FA3 bf16", fa3_bf16, bshd=True))
         out.append(Candidate("fp8 quantize only", lambda: quantize_qkv_fp8(q, k, v), output=False))
-        qkv = quantize_qkv_fp8(q, k, v)
-        out.append(
-            Candidate(
-                "FA3 fp8 kernel only",
-                lambda: fa3_fp8_attention(qkv, is_causal=causal, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype),
-                bshd=True,
-                mode="none",
-            )
-        )
+        out.append(kernel_only("FA3 fp8 kernel only", fa3_fp8_attention))
     backends = _fp8_backends(q.device)
     if "triton" in backends:
         from hf_fp8_attention.backends.triton import triton_fp8_attention
 
-        qkv8 = quantize_qkv_fp8(q, k, v)
-        out.append(
-            Candidate(
-                "triton fp8 kernel only",
-                lambda: triton_fp8_attention(qkv8, is_causal=causal, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype),
-                bshd=True,
-                mode="none",
-            )
-        )
+        out.append(kernel_only("triton fp8 kernel only", triton_fp8_attention))
     for backend in backends:
         for mode, kwargs in modes.items():
             if kwargs.get("qk_scales") == "block" and backend != "triton":
