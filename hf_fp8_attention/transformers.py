@@ -9,8 +9,10 @@ What runs where:
   registered in `AttentionInterface`, each with a flash-style mask in `AttentionMaskInterface`: a 2-D
   (B, S_kv) padding mask, or None when nothing is padded.
 - Padded batches stay exact in fp8: every row whose valid keys are one contiguous run (left or right
-  padding) is attended on its own slice; padded query rows are zeros (as FlashAttention-2 returns them).
-- What fp8_sdpa cannot express (a non-contiguous or prepared 4-D mask, packed sequences or other custom
+  padding) is attended over that run (rows packed into one `fp8_sdpa_varlen` call when they differ);
+  padded query rows are zeros (as FlashAttention-2 returns them). Packed sequences that come with
+  FlashAttention's ``cu_seq_lens_q/k`` kwargs run as varlen, as flash_attention_2 runs them.
+- What fp8_sdpa cannot express (a non-contiguous or prepared 4-D mask, packing known only from position_ids or other custom
   mask patterns, a sliding window shorter than the keys, logit softcapping, attention sinks, a head_dim
   without an fp8 kernel) runs that call in bf16/fp16 attention after a one-time warning. Never silently
   wrong: fp8 runs only when its result is the one the model asked for.
@@ -178,6 +180,30 @@ def _sliding_window(module: torch.nn.Module, kwargs: dict) -> int | None:
     else:
         window = getattr(module, "sliding_window", None)
     return int(window) if window else None
+
+
+# The same offsets tensor reaches every layer of one forward: validated and copied to the host once.
+_offsets_cache: dict = {"refs": None, "versions": None, "offsets": None}
+
+
+def _packed_offsets(query, key, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cu_seqlens_q, cu_seqlens_k) as int32 CPU tensors when FlashAttention's packed-sequence kwargs came
+    with this call (batch 1); None otherwise."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or query.shape[0] != 1:
+        return None
+    cu_k = cu_q if cu_k is None else cu_k
+    cacheable = not (cu_q.is_inference() or cu_k.is_inference())  # inference tensors have no version counter
+    refs = _offsets_cache["refs"]
+    if (cacheable and refs is not None and refs[0]() is cu_q and refs[1]() is cu_k
+            and _offsets_cache["versions"] == (cu_q._version, cu_k._version)):
+        return _offsets_cache["offsets"]
+    # the one host sync; fp8_sdpa_varlen validates them against the tokens of every call
+    host = tuple(t.detach().to("cpu", torch.int32) for t in (cu_q, cu_k))
+    if cacheable:
+        _offsets_cache.update(refs=(weakref.ref(cu_q), weakref.ref(cu_k)), versions=(cu_q._version, cu_k._version),
+                              offsets=host)
+    return host
 
 
 def _fallback_reason(module, query, key, value, attention_mask, kwargs) -> tuple[str, str] | None:
@@ -397,6 +423,19 @@ def _fp8_attention_forward(
         # A StaticCache allocates more key slots than the mask covers (flash-style masks): those are empty.
         key = key[:, :, : attention_mask.shape[1]]
         value = value[:, :, : attention_mask.shape[1]]
+    packed = _packed_offsets(query, key, kwargs)
+    if packed is not None:
+        # Packed sequences with FlashAttention's kwargs (e.g. DataCollatorWithFlattening(
+        # return_flash_attn_kwargs=True)): as flash_attention_2 does, the offsets define the sequences and
+        # the (block-diagonal) mask built from position_ids is not needed.
+        reason = _fallback_reason(module, query, key, value, None, kwargs)
+        if reason is None:
+            cu_q, cu_k = packed
+            out = fp8_sdpa_varlen(
+                query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                is_causal=bool(is_causal), scale=scaling, backend=backend, **_sdpa_options(module),
+            )
+            return out[None], None
     reason = _fallback_reason(module, query, key, value, attention_mask, kwargs)
     if reason is None and attention_mask is not None:
         spans = _padding_spans(attention_mask)
@@ -511,6 +550,7 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
         and impl in ATTN_IMPLEMENTATIONS
         and cache is None
         and attention_mask is None
+        and kwargs.get("cu_seq_lens_q") is None  # packed sequences: the adapter runs them as varlen
         and not self.training
         and not kwargs.get("output_attentions", False)
         and position_embeddings is not None

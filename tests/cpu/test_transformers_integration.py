@@ -557,3 +557,41 @@ def test_prepare_model_block_scales(monkeypatch):
     # tiny random model, prepared (fused RoPE): measured 0.9966-0.9972 for block scales, 0.9965-0.9971 for
     # per-head scales over three seeds
     assert cosine(got, ref) >= 0.995
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_packed_sequences_with_flash_kwargs_run_varlen(monkeypatch, prepared):
+    """Two prompts packed in one row with FlashAttention's kwargs (what DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True) hands the model): fp8 runs them as varlen, no bf16 fallback, and each
+    prompt's logits match the prompt run alone. Prepared (fused RoPE) models defer such calls to the
+    adapter, also when no position_ids come (then no packed mask either)."""
+    model = tiny_model()
+    model.set_attn_implementation("fp8_reference")
+    if prepared:
+        hfa.prepare_model(model, backend="reference")
+    lengths = [13, 20]
+    ids = [ids_for(1, n, seed=i + 3) for i, n in enumerate(lengths)]
+    packed = torch.cat(ids, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 13, 33], dtype=torch.int32)
+    calls = []
+    real = hft.fp8_sdpa_varlen
+    monkeypatch.setattr(hft, "fp8_sdpa_varlen", lambda *a, **kw: calls.append(a[3].tolist()) or real(*a, **kw))
+    monkeypatch.setattr(hft, "_fallback_attention", None)  # any fallback would raise
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=20,
+                    max_length_k=20).logits.float()
+    assert calls == [[0, 13, 33]] * model.config.num_hidden_layers
+    for i, one in enumerate(ids):
+        a, b = (0, 13) if i == 0 else (13, 33)
+        with torch.no_grad():
+            alone = model(one).logits.float()[0]
+        # prepared: the prompt alone takes the fused-RoPE path (one bf16 rounding of q/k less): 0.9993 measured
+        assert cosine(out[0, a:b], alone) > (0.998 if prepared else 0.9999)
+    calls.clear()
+    with torch.no_grad():
+        model(packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=20, max_length_k=20)
+    assert calls == [[0, 13, 33]] * model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="end at the packed length 30"):
+        with torch.no_grad():
+            model(packed[:, :30], position_ids=position_ids[:, :30], cu_seq_lens_q=cu, cu_seq_lens_k=cu)
