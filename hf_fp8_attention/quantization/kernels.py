@@ -122,11 +122,11 @@ def _rotate(x1, x2, c1, c2, s1, s2, rope_on, APPLY_ROPE: tl.constexpr):
 
 
 @triton.jit
-def _nan_aware_max(x):
-    """Max of a tile of non-negative values that is NaN when any element is NaN (like torch.amax).
-    tl.max alone may drop NaN on the GPU (maxnum semantics)."""
-    m = tl.max(x)
-    n_nan = tl.sum((x != x).to(tl.int32))
+def _nan_aware_max(x, AXIS: tl.constexpr = None):
+    """Max of non-negative values (over the whole tile, or along AXIS) that is NaN where any element is NaN
+    (like torch.amax). tl.max alone may drop NaN on the GPU (maxnum semantics)."""
+    m = tl.max(x, axis=AXIS)
+    n_nan = tl.sum((x != x).to(tl.int32), axis=AXIS)
     return tl.where(n_nan > 0, float("nan"), m)
 
 
@@ -135,9 +135,7 @@ def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr)
     """max |x| over each SCALE_BLOCK rows of a tile given as half tiles x1, x2 (BLOCK_S, HALF_BLOCK), rows
     with `valid` False counted as 0; NaN when the block holds a NaN (like torch.amax). (BLOCK_S // SCALE_BLOCK,)"""
     a = tl.where(valid[:, None], tl.maximum(tl.abs(x1), tl.abs(x2), propagate_nan=tl.PropagateNan.ALL), 0.0)
-    n_nan = tl.sum(tl.reshape((a != a).to(tl.int32), (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), axis=1)
-    m = tl.max(tl.reshape(a, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), axis=1)
-    return tl.where(n_nan > 0, float("nan"), m)
+    return _nan_aware_max(tl.reshape(a, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), 1)
 
 
 @triton.jit
