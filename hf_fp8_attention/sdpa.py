@@ -196,12 +196,11 @@ def fp8_sdpa_varlen(
     cu_q, cu_k = (t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k))
     if cos is not None and offsets_q != offsets_k:
         raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
-    lengths_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
-    max_k = max(b - a for a, b in zip(offsets_k, offsets_k[1:]))
+    max_q, max_k = (max(b - a for a, b in zip(offsets, offsets[1:])) for offsets in (offsets_q, offsets_k))
     name = _resolve(query.device, backend, qk_scales)
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     return fp8_sdpa_varlen_impl(
-        query, key, value, cu_q, cu_k, lengths_q, max_k, cos, sin, bool(is_causal), softmax_scale, name,
+        query, key, value, cu_q, cu_k, max_q, max_k, cos, sin, bool(is_causal), softmax_scale, name,
         hadamard, bool(smooth_k), bool(smooth_v), qk_scales,
     )
 
