@@ -28,8 +28,8 @@ def _resolve(device, backend, qk_scales) -> str:
         raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: {QK_SCALES}")
     if qk_scales == "block" and backend in ("fa3", "fa4"):
         raise ValueError(
-            f"qk_scales='block' (a Q/K scale per {SCALE_BLOCK} tokens) needs backend 'triton' or 'reference' "
-            f"(attn_implementation='fp8_triton'); {backend} takes one scale per (batch, KV head)"
+            f"qk_scales='block' needs backend 'triton' or 'reference' (attn_implementation='fp8_triton'): it "
+            f"takes a Q/K scale per {SCALE_BLOCK} tokens, {backend} one per (batch, KV head)"
         )
     name = resolve_backend(device, backend)
     if qk_scales == "block" and name in ("fa3", "fa4"):  # auto-picked: the kernel that takes blocks instead

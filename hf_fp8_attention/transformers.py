@@ -41,6 +41,7 @@ from transformers.masking_utils import (
 from ._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .dispatch import BACKENDS, device_arch, resolve_backend
 from .quantization.hadamard import HADAMARD_MODES, check_hadamard
+from .sdpa import _resolve as _resolve_backend
 from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
 logger = logging.getLogger(__name__)
@@ -182,8 +183,28 @@ def _sliding_window(module: torch.nn.Module, kwargs: dict) -> int | None:
     return int(window) if window else None
 
 
-# The same offsets tensor reaches every layer of one forward: validated and copied to the host once.
-_offsets_cache: dict = {"refs": None, "versions": None, "offsets": None}
+class _PerForwardCache:
+    """One value computed from some tensors, kept while those very tensors, unmodified, come back: the
+    same mask / offsets objects reach every layer of one forward, so their host sync happens once per
+    forward. Weak references (a freed tensor whose address is reused can never hit) and version counters
+    (in-place edits recompute); inference tensors have no version counter, so they are never cached."""
+
+    def __init__(self):
+        self._refs, self._versions, self._value = None, None, None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], compute):
+        if any(t.is_inference() for t in tensors):
+            return compute()
+        versions = tuple(t._version for t in tensors)
+        if (self._refs is not None and all(r() is t for r, t in zip(self._refs, tensors))
+                and self._versions == versions):
+            return self._value
+        value = compute()
+        self._refs, self._versions, self._value = tuple(weakref.ref(t) for t in tensors), versions, value
+        return value
+
+
+_offsets_cache = _PerForwardCache()
 
 
 def _packed_offsets(query, key, kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -193,17 +214,8 @@ def _packed_offsets(query, key, kwargs) -> tuple[torch.Tensor, torch.Tensor] | N
     if cu_q is None or query.shape[0] != 1:
         return None
     cu_k = cu_q if cu_k is None else cu_k
-    cacheable = not (cu_q.is_inference() or cu_k.is_inference())  # inference tensors have no version counter
-    refs = _offsets_cache["refs"]
-    if (cacheable and refs is not None and refs[0]() is cu_q and refs[1]() is cu_k
-            and _offsets_cache["versions"] == (cu_q._version, cu_k._version)):
-        return _offsets_cache["offsets"]
     # the one host sync; fp8_sdpa_varlen validates them against the tokens of every call
-    host = tuple(t.detach().to("cpu", torch.int32) for t in (cu_q, cu_k))
-    if cacheable:
-        _offsets_cache.update(refs=(weakref.ref(cu_q), weakref.ref(cu_k)), versions=(cu_q._version, cu_k._version),
-                              offsets=host)
-    return host
+    return _offsets_cache.get((cu_q, cu_k), lambda: tuple(t.detach().to("cpu", torch.int32) for t in (cu_q, cu_k)))
 
 
 def _fallback_reason(module, query, key, value, attention_mask, kwargs) -> tuple[str, str] | None:
@@ -241,22 +253,13 @@ def _fallback_reason(module, query, key, value, attention_mask, kwargs) -> tuple
     return None
 
 
-# The same 2-D mask object reaches every layer of one forward: its spans are computed (one host sync)
-# once and kept while that very tensor, unmodified, comes back. A weak reference, so a freed mask whose
-# address is reused can never hit.
-_spans_cache: dict = {"ref": None, "version": None, "spans": None}
+_spans_cache = _PerForwardCache()
 
 
 def _padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Per batch row, the [start, end) run of valid keys ((0, 0) if none); None if some row is not one run."""
-    if mask2d.is_inference():  # inference tensors have no version counter: no way to see in-place edits
-        return _compute_padding_spans(mask2d)
-    ref = _spans_cache["ref"]
-    if ref is not None and ref() is mask2d and _spans_cache["version"] == mask2d._version:
-        return _spans_cache["spans"]
-    spans = _compute_padding_spans(mask2d)
-    _spans_cache.update(ref=weakref.ref(mask2d), version=mask2d._version, spans=spans)
-    return spans
+    """Per batch row, the [start, end) run of valid keys ((0, 0) if none); None if some row is not one run.
+    One host sync per mask object (`_PerForwardCache`)."""
+    return _spans_cache.get((mask2d,), lambda: _compute_padding_spans(mask2d))
 
 
 def _compute_padding_spans(mask2d: torch.Tensor) -> list[tuple[int, int]] | None:
@@ -655,25 +658,17 @@ def prepare_model(
             check_hadamard(hadamard, head_dim)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
-    if qk_scales not in ("head", "block"):
-        raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: 'head', 'block'")
-    if qk_scales == "block":
-        if backend in ("fa3", "fa4"):
-            raise ValueError(f"qk_scales='block' needs backend 'triton' or 'reference'; {backend} takes one scale "
-                             "per (batch, KV head)")
-        if backend is None:
-            backend = "triton" if _model_device(model).type == "cuda" else "reference"
     dtype = getattr(model, "dtype", None)
     if dtype is not None and dtype not in SUPPORTED_INPUT_DTYPES:
         raise TypeError(
             f"fp8 attention needs a bfloat16/float16 model, this one is {dtype}: load it with "
             "from_pretrained(..., dtype=torch.bfloat16) or call model.to(torch.bfloat16) first"
         )
+    name = _resolve_backend(_model_device(model), backend, qk_scales)  # qk_scales='block' -> triton/reference
     register()
     if _STATE_ATTR in model.__dict__:
         unprepare_model(model)
 
-    name = resolve_backend(_model_device(model), backend)
     impl = f"fp8_{name}"
     state = {"attn_implementation": _attn_implementation_snapshot(model), "use_cache": [], "patched": []}
     model.set_attn_implementation(impl)
