@@ -1,14 +1,16 @@
 """FP8 (e4m3) attention with per-head scales for HuggingFace Transformers.
 
 Data path: `quantization` (Triton quantize / RoPE+quantize kernels and their torch reference) ->
-`sdpa.fp8_sdpa` (the one shared FP8 SDPA, wrapped as a torch custom op in `custom_ops`; `fp8_sdpa_varlen` for
-packed variable-length batches) ->
-`backends` (fa3, fa4, triton, reference) chosen by `dispatch` -> `transformers` (AttentionInterface names
-``fp8``, ``fp8_fa3``, ``fp8_fa4``, ``fp8_reference`` and `prepare_model`). Importing the package registers
-the attention implementations.
+`attention` (the one pipeline: quantize -> backend -> output fix-up; `custom_ops` makes it a torch custom
+op) -> `backends` (fa3, fa4, triton, reference: one registry, `dispatch.plan_attention` picks) ->
+`sdpa` (the public `fp8_sdpa` / `fp8_sdpa_varlen`, options as `FP8AttentionOptions`) -> `transformers`
+(AttentionInterface names ``fp8``, ``fp8_fa3``, ``fp8_fa4``, ``fp8_triton``, ``fp8_reference`` and
+`prepare_model`). Importing the package registers the attention implementations.
 """
 
-from .dispatch import BACKENDS, resolve_backend
+from .backends import ATTN_IMPLEMENTATIONS, BACKENDS
+from .dispatch import plan_attention, resolve_backend
+from .options import FP8AttentionOptions
 from .quantization import QuantizedQKV, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
@@ -18,11 +20,14 @@ register()
 
 __version__ = "0.1.0"
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "BACKENDS",
+    "FP8AttentionOptions",
     "QuantizedQKV",
     "describe_backend",
     "fp8_sdpa",
     "fp8_sdpa_varlen",
+    "plan_attention",
     "prepare_model",
     "quantize_qkv_fp8",
     "quantize_qkv_fp8_reference",

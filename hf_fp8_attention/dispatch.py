@@ -1,5 +1,10 @@
-"""Pick the FP8 attention backend for a device: SM 9.x -> fa3, SM 10.x -> fa4, other GPUs with FP8
-tensor cores (SM 8.9+) or a missing FA3/FA4 kernel -> triton, no CUDA -> reference.
+"""Plan an fp8 attention call: which backend (from `backends.REGISTRY`) and which quantizer run it.
+
+Auto pick: the backend native to the GPU generation (SM 9.x -> fa3, SM 10.x -> fa4), else a portable one
+whose minimum arch the GPU meets (triton on SM 8.9+), else the reference, each fallback with a one-time
+notice; options a backend cannot serve (per-block Q/K scales on fa3/fa4) move the pick to one that can.
+The quantizer is the Triton kernel on GPUs with fp8 casts (SM 8.9+, triton installed), the torch
+reference elsewhere.
 
 The capability lookup is cached per device index. `HF_FP8_ATTENTION_ARCH` (e.g. ``90`` or ``100``)
 overrides the detected architecture; tests use it to exercise the table without the hardware.
@@ -8,34 +13,20 @@ overrides the detected architecture; tests use it to exercise the table without 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import logging
 import os
+from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging as hf_logging
 
-logger = logging.getLogger("hf_fp8_attention")
+from .backends import BACKENDS, REGISTRY, Backend
+from .options import DEFAULT_OPTIONS, FP8AttentionOptions
 
-BACKENDS = ("fa3", "fa4", "triton", "reference")
+logger = hf_logging.get_logger("hf_fp8_attention")
+
 ARCH_ENV = "HF_FP8_ATTENTION_ARCH"
-
-# (major capability) -> backend whose FP8 kernel runs there.
-_ARCH_TABLE = {9: "fa3", 10: "fa4"}
-_REQUIRED_ARCH = {"fa3": 9, "fa4": 10}
-# Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
-_TRITON_MIN_ARCH = 89
-_INSTALL_HINT = {
-    "fa3": "pip install 'hf_fp8_attention[fa3]' (provides flash_attn_interface)",
-    "fa4": "pip install 'hf_fp8_attention[fa4]' (provides flash_attn.cute)",
-    "triton": "pip install triton",
-}
-_notified: set[str] = set()
-
-
-def _notice_once(key: str, message: str) -> None:
-    if key not in _notified:
-        _notified.add(key)
-        logger.warning(message)
+# The Triton quantize kernel's e4m3 casts need the triton backend's hardware.
+_TRITON_QUANTIZE = REGISTRY["triton"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,22 +47,8 @@ def device_arch(device: torch.device) -> int | None:
     return _cuda_arch(index)
 
 
-def _probe(backend: str) -> bool:
-    if backend == "fa3":
-        return importlib.util.find_spec("flash_attn_interface") is not None
-    if backend == "fa4":
-        # flash_attn.cute without importing flash_attn (FA2's __init__ loads its CUDA extension)
-        spec = importlib.util.find_spec("flash_attn")
-        return spec is not None and any(
-            os.path.isdir(os.path.join(p, "cute")) for p in (spec.submodule_search_locations or ())
-        )
-    if backend == "triton":
-        return importlib.util.find_spec("triton") is not None
-    return backend == "reference"
-
-
 # Probed once at import: torch.compile cannot trace importlib, and a plain dict lookup is free.
-_KERNEL_AVAILABLE = {name: _probe(name) for name in ("fa3", "fa4", "triton", "reference")}
+_KERNEL_AVAILABLE = {name: b.installed() for name, b in REGISTRY.items()}
 
 
 def kernel_available(backend: str) -> bool:
@@ -79,83 +56,129 @@ def kernel_available(backend: str) -> bool:
     return _KERNEL_AVAILABLE.get(backend, False)
 
 
-def triton_quantize_usable(device: torch.device) -> bool:
-    """Whether the Triton quantize kernel can run for tensors on ``device`` (a CUDA device)."""
-    arch = device_arch(device)
-    return kernel_available("triton") and arch is not None and arch >= _TRITON_MIN_ARCH
-
-
 def _format_arch(arch: int) -> str:
     return f"SM {arch // 10}.{arch % 10}"
 
 
+def _runs_on(b: Backend, arch: int | None) -> bool:
+    """Whether backend ``b`` has a kernel for ``arch`` (None: no CUDA) and it is installed."""
+    if b.needs_cuda and (arch is None or arch < b.min_arch or (b.arch_major is not None and arch // 10 != b.arch_major)):
+        return False
+    return kernel_available(b.name)
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Raise a clear error if ``backend`` cannot run on ``device``."""
-    if backend not in BACKENDS:
+    if backend not in REGISTRY:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
-    if backend == "reference":
+    b = REGISTRY[backend]
+    if not b.needs_cuda:
         return
     device = torch.device(device)
     if device.type != "cuda" and os.environ.get(ARCH_ENV) is None:
         raise ValueError(
-            f"backend {backend!r} (fp8_{backend}) needs CUDA tensors, got tensors on {device.type}; "
+            f"backend {backend!r} ({b.attn_implementation}) needs CUDA tensors, got tensors on {device.type}; "
             "use backend='reference' (attn_implementation='fp8_reference') on CPU"
         )
     arch = device_arch(device)
-    if backend == "triton":
-        if arch is not None and arch < _TRITON_MIN_ARCH:
+    if arch is not None and b.arch_major is not None and arch // 10 != b.arch_major:
+        native = [o.attn_implementation for o in REGISTRY.values() if o.arch_major == arch // 10]
+        if native:
             raise RuntimeError(
-                f"fp8_triton needs FP8 tensor cores (SM 8.9+), this GPU is {_format_arch(arch)}; "
-                "use attn_implementation='fp8_reference' or 'sdpa'"
-            )
-        if not kernel_available(backend):
-            raise ImportError(f"fp8_triton needs triton: {_INSTALL_HINT['triton']}")
-        return
-    needed = _REQUIRED_ARCH[backend]
-    if arch is not None and arch // 10 != needed:
-        if backend == "fa4" and arch // 10 == 9:
-            raise RuntimeError(
-                f"fp8_fa4 has no FP8 kernel on Hopper ({_format_arch(arch)}): FA4 runs FP8 only on SM 10.x "
-                "(Blackwell). Use attn_implementation='fp8_fa3' (backend='fa3') on this GPU."
+                f"{b.attn_implementation} has no FP8 kernel on {_format_arch(arch)}: it runs FP8 only on "
+                f"SM {b.arch_major}.x. Use attn_implementation='{native[0]}' (backend='{native[0][4:]}') on this GPU."
             )
         raise RuntimeError(
-            f"fp8_{backend} needs SM {needed}.x, this GPU is {_format_arch(arch)}; "
+            f"{b.attn_implementation} needs SM {b.arch_major}.x, this GPU is {_format_arch(arch)}; "
             "use attn_implementation='fp8' to pick the backend for this GPU"
+        )
+    if arch is not None and arch < b.min_arch:
+        raise RuntimeError(
+            f"{b.attn_implementation} needs FP8 tensor cores (SM {b.min_arch // 10}.{b.min_arch % 10}+), this GPU is "
+            f"{_format_arch(arch)}; use attn_implementation='fp8_reference' or 'sdpa'"
         )
     if not kernel_available(backend):
         raise ImportError(
-            f"fp8_{backend} needs its kernel package, which is not installed: {_INSTALL_HINT[backend]}; "
+            f"{b.attn_implementation} needs its kernel package, which is not installed: {b.install_hint}; "
             "or use attn_implementation='fp8' (falls back to the triton or reference backend)"
         )
 
 
-def resolve_backend(device: torch.device, requested: str | None = None) -> str:
-    """Return the backend name to use for tensors on ``device``.
+def _check_options(b: Backend, options: FP8AttentionOptions) -> None:
+    if options.block_scales and not b.block_scales:
+        takers = [o.name for o in REGISTRY.values() if o.block_scales]
+        raise ValueError(
+            f"qk_scales='block' needs backend {' or '.join(map(repr, takers))} (attn_implementation='fp8_triton'): "
+            f"it takes a Q/K scale per 16 tokens, {b.name} one per (batch, KV head)"
+        )
 
-    ``requested`` None picks from the architecture table, falling back to the reference backend (pure
-    torch emulation, correct but slow) with a one-time notice when no FP8 kernel is usable.
-    An explicit name is checked and returned unchanged.
-    """
-    if requested is not None:
-        check_backend(requested, device)
-        return requested
+
+def _auto_pick(device: torch.device, options: FP8AttentionOptions) -> str:
     arch = device_arch(device)
     if arch is None:
-        _notice_once(
-            "no-cuda",
+        logger.warning_once(
             "hf_fp8_attention: no CUDA device, using the 'reference' backend (pure-torch emulation of the FP8 "
-            "math: same rounding, no speedup)",
+            "math: same rounding, no speedup)"
         )
         return "reference"
-    backend = _ARCH_TABLE.get(arch // 10)
-    if backend is not None and kernel_available(backend):
-        return backend
-    portable = arch >= _TRITON_MIN_ARCH and kernel_available("triton")
-    fallback = "triton" if portable else "reference"
-    what = "the portable Triton fp8 kernel" if portable else "the 'reference' backend (pure-torch emulation, slow)"
-    if backend is None:
-        reason = f"no FA3/FA4 fp8 kernel for {_format_arch(arch)} (fa3 needs SM 9.x, fa4 SM 10.x)"
+    serves = lambda b: not options.block_scales or b.block_scales  # noqa: E731
+    native = [b for b in REGISTRY.values() if b.arch_major == arch // 10]
+    for b in native:
+        if _runs_on(b, arch) and serves(b):
+            return b.name
+    portable = [b for b in REGISTRY.values() if b.arch_major is None and b.needs_cuda and _runs_on(b, arch) and serves(b)]
+    if native and not any(_runs_on(b, arch) for b in native):
+        missing = native[0]
+        reason = (f"{_format_arch(arch)} wants the {missing.name} backend but its kernel is not installed "
+                  f"({missing.install_hint})")
+    elif native:  # installed, but the options need another kernel: the pick follows from the options
+        reason = None
     else:
-        reason = f"{_format_arch(arch)} wants the {backend} backend but its kernel is not installed ({_INSTALL_HINT[backend]})"
-    _notice_once(f"arch-{arch}-{backend}", f"hf_fp8_attention: {reason}; using {what}")
-    return fallback
+        natives = ", ".join(f"{b.name} needs SM {b.arch_major}.x" for b in REGISTRY.values() if b.arch_major)
+        reason = f"no FA3/FA4 fp8 kernel for {_format_arch(arch)} ({natives})"
+    pick = portable[0].name if portable else "reference"
+    if reason is not None:
+        what = ("the portable Triton fp8 kernel" if pick == "triton"
+                else f"the {pick!r} backend" + (" (pure-torch emulation, slow)" if pick == "reference" else ""))
+        logger.warning_once(f"hf_fp8_attention: {reason}; using {what}")
+    return pick
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs one fp8 attention call: the backend and the quantizer ("triton" or "reference")."""
+
+    backend: str
+    quantizer: str
+
+
+def quantizer_for(device: torch.device) -> str:
+    """"triton" where the Triton quantize kernel can run for tensors on ``device``, else "reference"."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    arch = device_arch(device)
+    usable = arch is not None and arch >= _TRITON_QUANTIZE.min_arch and kernel_available(_TRITON_QUANTIZE.name)
+    return "triton" if usable else "reference"
+
+
+def plan_attention(device: torch.device, requested: str | None = None,
+                   options: FP8AttentionOptions = DEFAULT_OPTIONS) -> Plan:
+    """The backend and quantizer for tensors on ``device``.
+
+    ``requested`` None picks from the architecture table (see the module docstring); an explicit name is
+    checked against the device and the options and kept.
+    """
+    if requested is not None:
+        if requested in REGISTRY:  # an option the backend cannot serve is the clearer error
+            _check_options(REGISTRY[requested], options)
+        check_backend(requested, device)
+        name = requested
+    else:
+        name = _auto_pick(device, options)
+    return Plan(name, quantizer_for(device))
+
+
+def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+    """The backend name `plan_attention` picks for default options."""
+    return plan_attention(device, requested).backend

@@ -1,8 +1,10 @@
-"""The shared FP8 SDPA: validate, quantize Q/K/V per (batch, KV head) to e4m3, run a backend.
+"""The public FP8 SDPA entry points: validate, build the options, plan, run the pipeline.
 
-Input layout: BHSD views (any strides; Transformers' are views of BSHD memory). Output: BHSD view of a
-contiguous BSHD tensor in the input dtype. Every backend (fa3, fa4, triton, reference) goes through here; `_check_inputs` is where user input
-is validated, with messages that name the limit and the alternative.
+`fp8_sdpa` takes BHSD views (any strides; Transformers' are views of BSHD memory) and returns a BHSD view of
+a contiguous BSHD tensor in the input dtype; `fp8_sdpa_varlen` takes FlashAttention's packed layout. Both
+validate here (`_check_inputs`, messages that name the limit and the alternative), build one
+`FP8AttentionOptions`, plan the backend and quantizer (`dispatch.plan_attention`) and run
+`attention.fp8_attention`: directly in eager mode, as the custom op (`custom_ops`) under torch.compile.
 """
 
 from __future__ import annotations
@@ -11,33 +13,15 @@ import math
 
 import torch
 
-from ._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
-from .custom_ops import fp8_sdpa_impl, fp8_sdpa_op, fp8_sdpa_varlen_impl
-from .dispatch import BACKENDS, resolve_backend
-from .quantization.hadamard import check_hadamard
-from .quantization.reference import check_cu_seqlens
+from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
+from .attention import fp8_attention
+from .custom_ops import flatten, fp8_sdpa_op
+from .dispatch import plan_attention
+from .options import FP8AttentionOptions
+from .quantization import check_cu_seqlens
 
 
-
-QK_SCALES = ("head", "block")
-
-
-def _resolve(device, backend, qk_scales) -> str:
-    """The backend name; qk_scales='block' runs on triton (reference on CPU) unless a backend is named."""
-    if qk_scales not in QK_SCALES:
-        raise ValueError(f"qk_scales={qk_scales!r} is not supported; accepted values: {QK_SCALES}")
-    if qk_scales == "block" and backend in ("fa3", "fa4"):
-        raise ValueError(
-            f"qk_scales='block' needs backend 'triton' or 'reference' (attn_implementation='fp8_triton'): it "
-            f"takes a Q/K scale per {SCALE_BLOCK} tokens, {backend} one per (batch, KV head)"
-        )
-    name = resolve_backend(device, backend)
-    if qk_scales == "block" and name in ("fa3", "fa4"):  # auto-picked: the kernel that takes blocks instead
-        name = resolve_backend(device, "triton")
-    return name
-
-
-def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, hadamard="none") -> None:
+def _check_inputs(query, key, value, *, is_causal, scale, cos, sin) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -77,7 +61,8 @@ def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, had
             f"causal attention with more queries than keys (S_q={s_q} > S_kv={s_kv}) would leave rows with no "
             "key; the causal mask is bottom-right aligned, pass S_q <= S_kv"
         )
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                                              and math.isfinite(scale) and scale > 0)):
         raise ValueError(f"scale must be a positive finite float or None (1/sqrt(head_dim)), got {scale!r}")
     if (cos is None) != (sin is None):
         raise ValueError("pass both cos and sin for fused RoPE, or neither")
@@ -91,9 +76,6 @@ def _check_inputs(query, key, value, *, is_causal, scale, cos, sin, backend, had
                 raise ValueError(f"{name} must have shape ({b} or 1, {s_q}, {d}), got {tuple(t.shape)}")
             if t.device != query.device:
                 raise ValueError(f"{name} is on {t.device}, query on {query.device}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None (auto)")
-    check_hadamard(hadamard, d)
 
 
 def fp8_sdpa(
@@ -106,10 +88,7 @@ def fp8_sdpa(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     backend: str | None = None,
-    hadamard: str = "none",
-    smooth_k: bool = False,
-    smooth_v: bool = False,
-    qk_scales: str = "head",
+    hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
 
@@ -133,18 +112,23 @@ def fp8_sdpa(
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
-    _check_inputs(
-        query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin, backend=backend, hadamard=hadamard
-    )
-    name = _resolve(query.device, backend, qk_scales)
-    softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-    # Under torch.compile the custom op keeps the graph whole; in eager its dispatch is pure overhead.
-    op = fp8_sdpa_op if torch.compiler.is_compiling() else fp8_sdpa_impl
-    out = op(
-        query, key, value, cos, sin, bool(is_causal), softmax_scale, name, hadamard, bool(smooth_k), bool(smooth_v),
-        qk_scales,
-    )
+    _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
+    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
+    out = _run(query, key, value, None, cos, sin, bool(is_causal), scale, backend, options)
     return out.transpose(1, 2)
+
+
+def _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options) -> torch.Tensor:
+    """Plan and run validated inputs. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when the
+    offsets could not be read on the host (compiling)."""
+    options.check_head_dim(query.shape[-1])
+    plan = plan_attention(query.device, backend, options)
+    softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
+            plan.quantizer)
+    if torch.compiler.is_compiling():  # the custom op keeps the graph whole
+        return fp8_sdpa_op(*args, *flatten(options))
+    return fp8_attention(*args, options)  # eager: the op's dispatch would be pure overhead
 
 
 def fp8_sdpa_varlen(
@@ -159,10 +143,7 @@ def fp8_sdpa_varlen(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     backend: str | None = None,
-    hadamard: str = "none",
-    smooth_k: bool = False,
-    smooth_v: bool = False,
-    qk_scales: str = "head",
+    hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -188,19 +169,20 @@ def fp8_sdpa_varlen(
     cos, sin = (t[None] if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in (cos, sin))
     # the shape/dtype/device/option checks of fp8_sdpa on (1, H, total, D) views; causality is per sequence
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (query, key, value))
-    _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin, backend=backend, hadamard=hadamard)
-    # validated where they are (offsets built on the host cost no device sync), then moved to the device
-    offsets_q, offsets_k = check_cu_seqlens(
-        cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], is_causal=bool(is_causal)
-    )
-    cu_q, cu_k = (t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k))
-    if cos is not None and offsets_q != offsets_k:
-        raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
-    max_q, max_k = (max(b - a for a, b in zip(offsets, offsets[1:])) for offsets in (offsets_q, offsets_k))
-    name = _resolve(query.device, backend, qk_scales)
-    softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-    return fp8_sdpa_varlen_impl(
-        query, key, value, cu_q, cu_k, max_q, max_k, cos, sin, bool(is_causal), softmax_scale, name,
-        hadamard, bool(smooth_k), bool(smooth_v), qk_scales,
-    )
+    _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin)
+    is_causal = bool(is_causal)
+    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
+    if torch.compiler.is_compiling():
+        # the offsets cannot be read while tracing: the op validates and measures them when it runs
+        varlen = (cu_seqlens_q.to(query.device), cu_seqlens_k.to(query.device), None, None)
+    else:
+        # validated where they are (offsets built on the host cost no device sync), then moved to the device
+        offsets_q, offsets_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
+                                                is_causal=is_causal)
+        if cos is not None and offsets_q != offsets_k:
+            raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
+        max_q, max_k = (max(b - a for a, b in zip(offsets, offsets[1:])) for offsets in (offsets_q, offsets_k))
+        varlen = (*(t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k)), max_q, max_k)
+    return _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options)
+
 

@@ -39,21 +39,13 @@ from transformers.masking_utils import (
 )
 
 from ._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
-from .dispatch import BACKENDS, device_arch, resolve_backend
-from .quantization.hadamard import HADAMARD_MODES, check_hadamard
-from .sdpa import _resolve as _resolve_backend
+from .backends import ATTN_IMPLEMENTATIONS, BACKENDS
+from .dispatch import device_arch, plan_attention, resolve_backend
+from .options import HADAMARD_MODES, FP8AttentionOptions
 from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
 logger = logging.getLogger(__name__)
 
-# attn_implementation name -> fp8_sdpa backend (None: picked from the query's device at call time).
-ATTN_IMPLEMENTATIONS = {
-    "fp8": None,
-    "fp8_fa3": "fa3",
-    "fp8_fa4": "fa4",
-    "fp8_triton": "triton",
-    "fp8_reference": "reference",
-}
 
 # Attention classes whose forward is "project, optional per-head q/k RMSNorm, rotate-half RoPE on the
 # full head_dim, cache update, attention, o_proj" in transformers 5.17 and 5.24, so the fused-RoPE forward
@@ -655,7 +647,7 @@ def prepare_model(
     if hadamard not in (None, "none"):
         # fail here, not at the first forward: the rotation needs a power-of-two head_dim
         for head_dim in {m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}:
-            check_hadamard(hadamard, head_dim)
+            FP8AttentionOptions(hadamard=hadamard).check_head_dim(head_dim)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown fp8 attention backend {backend!r}; expected one of {BACKENDS} or None (auto)")
     dtype = getattr(model, "dtype", None)
@@ -664,7 +656,7 @@ def prepare_model(
             f"fp8 attention needs a bfloat16/float16 model, this one is {dtype}: load it with "
             "from_pretrained(..., dtype=torch.bfloat16) or call model.to(torch.bfloat16) first"
         )
-    name = _resolve_backend(_model_device(model), backend, qk_scales)  # qk_scales='block' -> triton/reference
+    name = plan_attention(_model_device(model), backend, FP8AttentionOptions(qk_scales=qk_scales)).backend
     register()
     if _STATE_ATTR in model.__dict__:
         unprepare_model(model)

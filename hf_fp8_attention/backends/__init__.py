@@ -1,30 +1,102 @@
-"""Kernel backends: each takes a `QuantizedQKV` (BSHD e4m3 + (B, H_kv) descales) and returns BSHD output.
+"""The backend registry: one record per FP8 attention kernel. Adding a backend touches only `REGISTRY`.
 
-Signature shared by all: ``fn(qkv, *, is_causal: bool, scale: float, out_dtype) -> Tensor``. A varlen
-`QuantizedQKV` (packed sequences) gets the packed (1, total_q, H_q, D) output: fa3 and triton run it in
-one launch, the others one sequence at a time (`_per_sequence`).
+Every backend function takes a `QuantizedQKV` (BSHD e4m3 + descales) and returns BSHD output:
+``fn(qkv, *, is_causal: bool, scale: float, out_dtype) -> Tensor``. A varlen `QuantizedQKV` (packed
+sequences) gets the packed (1, total_q, H_q, D) output: backends with ``native_varlen`` run it in one
+launch, the others one sequence at a time (`_per_sequence`). `dispatch.plan_attention` picks a record;
+the attention names (``fp8_<name>``), the install hints and the availability probes all come from here.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..quantization import QuantizedQKV
-from .fa3 import fa3_fp8_attention
-from .fa4 import fa4_fp8_attention
-from .reference import reference_fp8_attention
-
-
-def _triton_fp8_attention(qkv, *, is_causal, scale, out_dtype):
-    # imported on first use: the kernels module needs triton, which the CPU-only install may lack
-    from .triton import triton_fp8_attention
-
-    return triton_fp8_attention(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype)
-
 BackendFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One FP8 attention kernel.
+
+    name: the backend name (``backend=`` of `fp8_sdpa`; attention name ``fp8_<name>``).
+    entry: "module:function" of the backend function, imported on first use (its package may be missing).
+    arch_major: the GPU generation (compute capability major) it is the native choice for, or None.
+    min_arch: lowest ``major*10 + minor`` it runs on (None: any device, CPU included).
+    package: the import name probed (without importing it) to tell whether the kernel is installed.
+    install_hint: what to install when it is missing.
+    native_varlen: runs packed sequences in one launch (else one call per sequence).
+    block_scales: takes per-block Q/K scales (``qk_scales="block"``).
+    """
+
+    name: str
+    entry: str
+    arch_major: int | None
+    min_arch: int | None
+    package: str | None
+    install_hint: str
+    native_varlen: bool
+    block_scales: bool
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.min_arch is not None
+
+    @property
+    def attn_implementation(self) -> str:
+        return f"fp8_{self.name}"
+
+    def installed(self) -> bool:
+        return _installed(self.package)
+
+    @functools.cached_property
+    def fn(self) -> BackendFn:
+        module, _, attr = self.entry.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        return fn if self.native_varlen else _per_sequence(fn)
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("fa3", "hf_fp8_attention.backends.fa3:fa3_fp8_attention", arch_major=9, min_arch=90,
+                package="flash_attn_interface",
+                install_hint="pip install 'hf_fp8_attention[fa3]' (provides flash_attn_interface)",
+                native_varlen=True, block_scales=False),
+        Backend("fa4", "hf_fp8_attention.backends.fa4:fa4_fp8_attention", arch_major=10, min_arch=100,
+                package="flash_attn.cute",
+                install_hint="pip install 'hf_fp8_attention[fa4]' (provides flash_attn.cute)",
+                native_varlen=False, block_scales=False),
+        # Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
+        Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
+                package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True),
+        Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
+                min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True),
+    )
+}
+BACKENDS = tuple(REGISTRY)
+# transformers attention names -> backend (None: picked per call from the query's device).
+ATTN_IMPLEMENTATIONS: dict[str, str | None] = {"fp8": None, **{b.attn_implementation: b.name for b in REGISTRY.values()}}
+
+
+def _installed(package: str | None) -> bool:
+    """Whether ``package`` can be imported, found without importing it (a dotted name's parent is not
+    imported either: flash_attn's __init__ loads FA2's CUDA extension)."""
+    if package is None:
+        return True
+    top, _, rest = package.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not rest:
+        return spec is not None
+    path = rest.replace(".", os.sep)
+    return any(os.path.isdir(os.path.join(p, path)) or os.path.isfile(os.path.join(p, path + ".py"))
+               for p in (spec.submodule_search_locations or ()))
 
 
 def _per_sequence(fn: BackendFn) -> BackendFn:
@@ -40,19 +112,15 @@ def _per_sequence(fn: BackendFn) -> BackendFn:
     return run
 
 
-_BACKEND_FNS: dict[str, BackendFn] = {
-    "fa3": fa3_fp8_attention,
-    "fa4": _per_sequence(fa4_fp8_attention),
-    "triton": _triton_fp8_attention,
-    "reference": _per_sequence(reference_fp8_attention),
-}
+def get_backend(name: str) -> Backend:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown fp8 attention backend {name!r}; expected one of {BACKENDS} or None (auto)") from None
 
 
 def get_backend_fn(name: str) -> BackendFn:
-    try:
-        return _BACKEND_FNS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; expected one of {tuple(_BACKEND_FNS)}") from None
+    return get_backend(name).fn
 
 
-__all__ = ["QuantizedQKV", "get_backend_fn", "fa3_fp8_attention", "fa4_fp8_attention", "reference_fp8_attention"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn"]

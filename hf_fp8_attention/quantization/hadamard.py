@@ -1,8 +1,9 @@
-"""Normalised Walsh-Hadamard matrices for the accuracy modes, and the mode names.
+"""Normalised Walsh-Hadamard matrices for the Hadamard accuracy modes.
 
 H_D (Sylvester construction, entries +-1) scaled by 1/sqrt(D) is symmetric and orthogonal: H @ H = I.
 Rotating Q and K by it leaves Q.K^T unchanged and spreads an outlier channel over all D channels, so one
-per-head scale loses less; rotating V needs the inverse (H itself) on the attention output.
+per-head scale loses less; rotating V needs the inverse (H itself) on the attention output. The modes are an option
+(`hf_fp8_attention.options.FP8AttentionOptions.hadamard`).
 """
 
 from __future__ import annotations
@@ -10,19 +11,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-HADAMARD_MODES = ("none", "qkv", "v_only")
-MAX_HADAMARD_DIM = 256
-
-
-def check_hadamard(mode: str, head_dim: int) -> None:
-    if mode not in HADAMARD_MODES:
-        raise ValueError(f"hadamard must be one of {HADAMARD_MODES}, got {mode!r}")
-    if mode != "none" and (head_dim & (head_dim - 1) or head_dim > MAX_HADAMARD_DIM):
-        raise ValueError(
-            f"hadamard={mode!r} needs a power-of-two head_dim <= {MAX_HADAMARD_DIM}, got {head_dim}; "
-            "use hadamard='none' (smooth_k still applies)"
-        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,11 +32,3 @@ def hadamard_matrix(dim: int, device=None, dtype=torch.float32, normalized: bool
     dtype: building it on a GPU from a CPU tensor is a blocking copy, which would stall the host per call.
     Treat the result as read-only."""
     return _cached(dim, torch.device(device) if device is not None else torch.device("cpu"), dtype, normalized)
-
-
-def rotates_qk(mode: str) -> bool:
-    return mode == "qkv"
-
-
-def rotates_v(mode: str) -> bool:
-    return mode in ("qkv", "v_only")

@@ -15,9 +15,9 @@ import torch
 
 from .._constants import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
-from .hadamard import check_hadamard, rotates_qk, rotates_v
+from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .kernels import WS_PAD, qkv_quantize_kernel
-from .reference import QuantizedQKV, _check_rope_args, check_cu_seqlens
+from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 
 # Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
 # two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
@@ -71,10 +71,7 @@ def quantize_qkv_fp8(
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
     *,
-    hadamard: str = "none",
-    smooth_k: bool = False,
-    smooth_v: bool = False,
-    block_scales: bool = False,
+    options: FP8AttentionOptions = DEFAULT_OPTIONS,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -84,8 +81,7 @@ def quantize_qkv_fp8(
         k, v: (B, H_kv, S_kv, D), same dtype as q, any strides; H_q % H_kv == 0; D in (64, 96, 128, 256).
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype and strides; only with
             S_q == S_kv (prefill).
-        hadamard, smooth_k, smooth_v, block_scales: as in `quantize_qkv_fp8_reference` (hadamard needs a
-            power-of-two D).
+        options: `FP8AttentionOptions`, as in `quantize_qkv_fp8_reference` (hadamard needs a power-of-two D).
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
@@ -98,9 +94,10 @@ def quantize_qkv_fp8(
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
             unknown hadamard mode or one the head dim does not allow.
     """
-    _check_rope_args(q, k, cos, sin)
-    check_hadamard(hadamard, q.shape[-1])
-    _check_dtypes(q, k, v)
+    options = FP8AttentionOptions.coerce(options)
+    check_rope_args(q, k, cos, sin)
+    options.check_head_dim(q.shape[-1])
+    check_dtypes(q, k, v)
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     device = q.device
@@ -109,7 +106,7 @@ def quantize_qkv_fp8(
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
-    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, hadamard, smooth_k, smooth_v, block_scales)
+    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options)
 
 
 def quantize_qkv_fp8_varlen(
@@ -123,10 +120,7 @@ def quantize_qkv_fp8_varlen(
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
     *,
-    hadamard: str = "none",
-    smooth_k: bool = False,
-    smooth_v: bool = False,
-    block_scales: bool = False,
+    options: FP8AttentionOptions = DEFAULT_OPTIONS,
     check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
@@ -144,10 +138,11 @@ def quantize_qkv_fp8_varlen(
         one scale per (sequence, KV head): equal to `quantize_qkv_fp8_varlen_reference` (each sequence
         quantized alone), bit for bit without the accuracy modes.
     """
+    options = FP8AttentionOptions.coerce(options)
     if check:
         check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    check_hadamard(hadamard, q.shape[-1])
-    _check_dtypes(q, k, v)
+    options.check_head_dim(q.shape[-1])
+    check_dtypes(q, k, v)
     total_q, H_q, D = q.shape
     total_k, H_kv = k.shape[0], k.shape[1]
     n_seqs = cu_seqlens_q.numel() - 1
@@ -164,16 +159,10 @@ def quantize_qkv_fp8_varlen(
     # (1, H, total, D) views: the kernel reads rows through the head/token/channel strides only
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
-    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, hadamard, smooth_k,
-                   smooth_v, block_scales)
+    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, options)
 
 
-def _check_dtypes(q, k, v) -> None:
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smooth_v, block_scales=False) -> QuantizedQKV:
+def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions) -> QuantizedQKV:
     """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
@@ -181,23 +170,30 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smoot
     H_kv = k.shape[1]
     device = q.device
     q_out, k_out, v_out = outs
-    extra = varlen if varlen is not None else (None, None, 0, 0)
     n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, SCALE_BLOCK)
+    block_scales = options.block_scales
     if block_scales:  # every block a sequence reaches is written; longest-length padding is never read
         blocks = (torch.empty((B, H_q, n_blk_q), dtype=torch.float32, device=device),
                   torch.empty((B, H_kv, n_blk_kv), dtype=torch.float32, device=device))
     else:
         blocks = (None, None)
     apply_rope = rope is not None
-    smooth = smooth_k or smooth_v
+    smooth_k, smooth_v, smooth = options.smooth_k, options.smooth_v, options.smooths
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
 
     # (2, B, H_kv, D) K and V means; zeros stand for the mean of an empty sequence
     means = torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device) if smooth else None
     v_mean = means[1] if smooth_v else None
+
+    def bundle(descale: torch.Tensor) -> QuantizedQKV:
+        extra = {}
+        if varlen is not None:
+            extra = dict(zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"), varlen))
+        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean=v_mean,
+                            v_rotated=options.rotates_v, q_block_descale=blocks[0], k_block_descale=blocks[1], **extra)
+
     if S_q == 0 or S_kv == 0 or B == 0:
-        descale = torch.ones((3, B, H_kv), dtype=torch.float32, device=device)
-        return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra, *blocks)
+        return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
     # (3, B, H_kv) float32 descales, which the kernel overwrites.
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
@@ -226,9 +222,9 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, hadamard, smooth_k, smoot
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
-        HADAMARD_QK=rotates_qk(hadamard), HADAMARD_V=rotates_v(hadamard), INV_SQRT_D=D**-0.5,
+        HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES, VARLEN=varlen is not None,
-        BLOCK_SCALES=bool(block_scales), SCALE_BLOCK=SCALE_BLOCK,
+        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean, *extra, *blocks)
+    return bundle(descale)

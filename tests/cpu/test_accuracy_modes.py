@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.accuracy import MODES, capture_qkv, make_inputs, score_modes
-from hf_fp8_attention.quantization import check_hadamard, hadamard_matrix, quantize_qkv_fp8_reference
+from hf_fp8_attention.quantization import hadamard_matrix, quantize_qkv_fp8_reference
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -24,13 +25,13 @@ def test_hadamard_is_orthogonal_and_symmetric(d):
 
 def test_hadamard_errors():
     with pytest.raises(ValueError, match="power-of-two"):
-        check_hadamard("qkv", 96)
-    with pytest.raises(ValueError, match="hadamard must be one of"):
-        check_hadamard("full", 128)
+        FP8AttentionOptions(hadamard="qkv").check_head_dim(96)
+    with pytest.raises(ValueError, match="hadamard='full' is not supported"):
+        FP8AttentionOptions(hadamard="full")
     q = torch.randn(1, 2, 8, 96).bfloat16()
     with pytest.raises(ValueError, match="power-of-two"):
         fp8_sdpa(q, q, q, hadamard="v_only")
-    check_hadamard("none", 96)  # smoothing alone works for any head_dim
+    FP8AttentionOptions(hadamard="none", smooth_k=True).check_head_dim(96)  # smoothing alone works for any head_dim
 
 
 def _attn64(q, k, v, causal=True):
@@ -54,10 +55,10 @@ def test_transforms_are_exact_in_float64():
 def test_reference_quantization_applies_modes():
     q, k, v = make_inputs("k_outlier_20x", 1, 4, 2, 64, 64)
     plain = quantize_qkv_fp8_reference(q, k, v)
-    smooth = quantize_qkv_fp8_reference(q, k, v, smooth_k=True, smooth_v=True)
+    smooth = quantize_qkv_fp8_reference(q, k, v, options=FP8AttentionOptions(smooth_k=True, smooth_v=True))
     assert plain.v_mean is None and smooth.v_mean.shape == (1, 2, 64)
     assert (smooth.k_descale < plain.k_descale).all()  # the offset no longer sets the K range
-    rotated = quantize_qkv_fp8_reference(q, k, v, hadamard="v_only")
+    rotated = quantize_qkv_fp8_reference(q, k, v, options=FP8AttentionOptions(hadamard="v_only"))
     assert torch.equal(rotated.q.view(torch.uint8), plain.q.view(torch.uint8))
     assert not torch.equal(rotated.v.view(torch.uint8), plain.v.view(torch.uint8))
 

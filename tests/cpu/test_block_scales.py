@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_quantize import _interpreter_bf16_dot, assert_close_modes, assert_identical, make_qkv, make_rope  # noqa: F401
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention._constants import SCALE_BLOCK
 from hf_fp8_attention.accuracy import make_inputs
@@ -21,6 +22,8 @@ from hf_fp8_attention.quantization import (
     quantize_qkv_fp8_varlen,
     quantize_qkv_fp8_varlen_reference,
 )
+
+BLOCK = FP8AttentionOptions(qk_scales="block")
 
 ON_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,8 +47,8 @@ def test_kernel_block_scales_match_reference(H_q, H_kv, S, D, rope):
     q, k, v = make_qkv(2, H_q, H_kv, S, S, D, torch.bfloat16)
     k[:, :, 3] *= 60  # one loud token: its block's scale must not leak into the others
     cos, sin = make_rope(1, S, D, torch.float32) if rope else (None, None)
-    got = quantize_qkv_fp8(q, k, v, cos, sin, block_scales=True)
-    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, block_scales=True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=BLOCK)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=BLOCK)
     assert_identical(got, ref)
     _assert_blocks_equal(got, ref)
     assert ref.k_block_descale.shape == (2, H_kv, -(-S // SCALE_BLOCK))
@@ -57,8 +60,8 @@ def test_kernel_block_scales_match_reference(H_q, H_kv, S, D, rope):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_kernel_block_scales_with_modes_and_varlen():
     q, k, v = make_qkv(1, 4, 2, 150, 150, 128, torch.bfloat16, seed=4)
-    kw = dict(hadamard="qkv", smooth_k=True, block_scales=True)
-    got, ref = quantize_qkv_fp8(q, k, v, **kw), quantize_qkv_fp8_reference(q, k, v, **kw)
+    kw = dict(hadamard="qkv", smooth_k=True, qk_scales="block")
+    got, ref = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(**kw)), quantize_qkv_fp8_reference(q, k, v, options=FP8AttentionOptions(**kw))
     assert_close_modes(got, ref, False, "qkv")
     for n in ("q", "k"):
         torch.testing.assert_close(getattr(got, f"{n}_block_descale"), getattr(ref, f"{n}_block_descale"),
@@ -68,8 +71,8 @@ def test_kernel_block_scales_with_modes_and_varlen():
     qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
     cu = torch.tensor([0, 37, 42, 106], dtype=torch.int32)
     args = (qp, kp, vp, cu, cu, 64, 64)
-    got = quantize_qkv_fp8_varlen(*args, block_scales=True)
-    ref = quantize_qkv_fp8_varlen_reference(*args, block_scales=True)
+    got = quantize_qkv_fp8_varlen(*args, options=BLOCK)
+    ref = quantize_qkv_fp8_varlen_reference(*args, options=BLOCK)
     assert_identical(got, ref)
     for i, n in enumerate(lengths):  # blocks a sequence reaches; the rest of the row is never read
         nb = -(-n // SCALE_BLOCK)
@@ -90,7 +93,7 @@ def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config
     mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
     q, k, v = mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
     k[:, :, 7] *= 40
-    qkv = quantize_qkv_fp8_reference(q, k, v, block_scales=True)
+    qkv = quantize_qkv_fp8_reference(q, k, v, options=BLOCK)
     got = _launch(qkv, causal, 0.125, torch.float32, config=config)
     ref = reference_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.float32)
     assert sqnr_db(got, ref) > 30
@@ -116,8 +119,13 @@ def test_block_scales_errors_and_backend_choice(monkeypatch):
         fp8_sdpa(q, q, q, backend="fa3", qk_scales="block")
     with pytest.raises(ValueError, match="accepted values"):
         fp8_sdpa(q, q, q, qk_scales="tile")
-    from hf_fp8_attention import sdpa
+    import hf_fp8_attention.dispatch as dispatch
 
-    monkeypatch.setattr(sdpa, "resolve_backend", lambda device, backend=None: backend or "fa3")
-    assert sdpa._resolve(q.device, None, "block") == "triton"  # auto on a GPU: the kernel that takes blocks
-    assert sdpa._resolve(q.device, None, "head") == "fa3"
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
+    monkeypatch.setenv(dispatch.ARCH_ENV, "90")
+    device = torch.device("cuda")
+    assert dispatch.plan_attention(device, None, BLOCK).backend == "triton"  # auto on a GPU: the kernel that takes blocks
+    assert dispatch.plan_attention(device, None, FP8AttentionOptions()).backend == "fa3"
+    assert dispatch.plan_attention(device, "reference", BLOCK).backend == "reference"
+    monkeypatch.setattr(dispatch, "kernel_available", lambda name: name != "triton")
+    assert dispatch.plan_attention(device, None, BLOCK).backend == "reference"  # no triton: the reference takes blocks

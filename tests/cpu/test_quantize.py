@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
 from hf_fp8_attention.quantization import (
     QuantizedQKV,
@@ -210,7 +211,7 @@ def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard,
     q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype, "bshd")
     cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
     kw = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
-    got, ref = quantize_qkv_fp8(q, k, v, cos, sin, **kw), quantize_qkv_fp8_reference(q, k, v, cos, sin, **kw)
+    got, ref = quantize_qkv_fp8(q, k, v, cos, sin, options=FP8AttentionOptions(**kw)), quantize_qkv_fp8_reference(q, k, v, cos, sin, options=FP8AttentionOptions(**kw))
     assert_close_modes(got, ref, rope is not None, hadamard)
 
 
@@ -224,7 +225,7 @@ def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
     S = 3 * block_s + 5
     q, k, v = make_qkv(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", seed=2)
     kw = dict(hadamard="qkv", smooth_k=True, smooth_v=True)
-    got, ref = quantize_qkv_fp8(q, k, v, **kw), quantize_qkv_fp8_reference(q, k, v, **kw)
+    got, ref = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(**kw)), quantize_qkv_fp8_reference(q, k, v, options=FP8AttentionOptions(**kw))
     assert_close_modes(got, ref, False, "qkv")
 
 
@@ -232,9 +233,11 @@ def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
 def test_launcher_rejects_bad_modes():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 96, torch.bfloat16, "bshd")
     with pytest.raises(ValueError, match="power-of-two"):
-        quantize_qkv_fp8(q, k, v, hadamard="qkv")
-    with pytest.raises(ValueError, match="hadamard must be one of"):
-        quantize_qkv_fp8(q, k, v, hadamard="all")
+        quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="qkv"))
+    with pytest.raises(ValueError, match="hadamard='all' is not supported"):
+        quantize_qkv_fp8(q, k, v, options={"hadamard": "all"})
+    with pytest.raises(ValueError, match=r"unknown fp8 attention option\(s\) \['block_scales'\]"):
+        quantize_qkv_fp8(q, k, v, options={"block_scales": True})
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")

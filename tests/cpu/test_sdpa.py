@@ -14,6 +14,7 @@ import hf_fp8_attention.backends.fa4 as fa4_module
 from hf_fp8_attention import fp8_sdpa, quantize_qkv_fp8_reference
 from hf_fp8_attention.backends.reference import reference_fp8_attention
 from hf_fp8_attention.custom_ops import fp8_sdpa_op
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.dispatch import ARCH_ENV, check_backend, resolve_backend
 from hf_fp8_attention.metrics import cosine, rel_l2, sqnr_db
 
@@ -61,9 +62,9 @@ def test_reference_backend_accuracy(b, h_q, h_kv, s_q, s_kv, d, causal):
 
 
 def test_auto_backend_on_cpu_is_reference_with_notice(caplog):
-    import hf_fp8_attention.dispatch as dispatch
+    from transformers.utils.logging import warning_once
 
-    dispatch._notified.discard("no-cuda")
+    warning_once.cache_clear()  # transformers' once-only warnings: forget earlier tests' notices
     with caplog.at_level(logging.WARNING, logger="hf_fp8_attention"):
         assert resolve_backend(torch.device("cpu")) == "reference"
         assert resolve_backend(torch.device("cpu")) == "reference"
@@ -145,7 +146,7 @@ def test_bad_arguments():
     q, k, v = _qkv(1, 2, 2, 16, 16, 64)
     with pytest.raises(ValueError, match="scale"):
         fp8_sdpa(q, k, v, scale=-1.0)
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="unknown fp8 attention backend 'fa5'"):
         fp8_sdpa(q, k, v, backend="fa5")
     cos = torch.ones(1, 16, 64)
     with pytest.raises(ValueError, match="both cos and sin"):
@@ -187,11 +188,14 @@ def test_triton_quantizer_only_where_fp8_casts_compile(monkeypatch):
 
     monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
     monkeypatch.setenv(ARCH_ENV, "80")
-    assert not dispatch.triton_quantize_usable(torch.device("cuda"))
+    assert dispatch.quantizer_for(torch.device("cuda")) == "reference"
+    assert dispatch.plan_attention(torch.device("cuda"), "reference").quantizer == "reference"
     monkeypatch.setenv(ARCH_ENV, "90")
-    assert dispatch.triton_quantize_usable(torch.device("cuda"))
+    assert dispatch.quantizer_for(torch.device("cuda")) == "triton"
+    assert dispatch.plan_attention(torch.device("cuda"), "reference").quantizer == "triton"
+    assert dispatch.quantizer_for(torch.device("cpu")) == "reference"  # CPU tensors: the torch reference
     monkeypatch.setattr(dispatch, "kernel_available", lambda name: name != "triton")
-    assert not dispatch.triton_quantize_usable(torch.device("cuda"))
+    assert dispatch.quantizer_for(torch.device("cuda")) == "reference"
 
 
 def test_auto_pick_table(monkeypatch):
@@ -260,7 +264,9 @@ def test_fa4_wiring_passes_descales(monkeypatch):
 
 def test_custom_op_opcheck_and_compile():
     q, k, v = _qkv(1, 4, 2, 16, 16, 64, seed=5)
-    torch.library.opcheck(fp8_sdpa_op, (q, k, v, None, None, True, 0.125, "reference"))
+    options = ("none", False, False, "head")
+    torch.library.opcheck(fp8_sdpa_op, (q, k, v, None, None, None, None, None, None, True, 0.125, "reference",
+                                        "reference", *options))
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(q, k, v):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from test_quantize import _interpreter_bf16_dot, assert_close_modes, assert_identical, make_rope  # noqa: F401 (fixture)
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import (
     check_cu_seqlens,
     quantize_qkv_fp8_reference,
@@ -62,7 +63,7 @@ def test_kernel_matches_reference(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch)
     hadamard, smooth_k, smooth_v = mode
     kw = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
     args = (q, k, v, cu_q, cu_k, max(lq), max(lk), cos, sin)
-    got, ref = quantize_qkv_fp8_varlen(*args, **kw), quantize_qkv_fp8_varlen_reference(*args, **kw)
+    got, ref = quantize_qkv_fp8_varlen(*args, options=FP8AttentionOptions(**kw)), quantize_qkv_fp8_varlen_reference(*args, options=FP8AttentionOptions(**kw))
     assert got.is_varlen and got.max_seqlen_q == max(lq)
     if mode == ("none", False, False):
         assert_identical(got, ref)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.accuracy import float32_reference, make_inputs
 from hf_fp8_attention.metrics import sqnr_db
@@ -27,8 +28,8 @@ def test_block_quantize_kernel_matches_reference_gpu(d, rope):
         inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
         emb = torch.cat([pos * inv, pos * inv], dim=-1)
         cos, sin = emb.cos(), emb.sin()
-    got = quantize_qkv_fp8(q, k, v, cos, sin, block_scales=True)
-    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, block_scales=True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=FP8AttentionOptions(qk_scales="block"))
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=FP8AttentionOptions(qk_scales="block"))
     for n in ("q", "k", "v"):
         assert torch.equal(getattr(got, n).view(torch.uint8), getattr(ref, n).view(torch.uint8)), n
     assert torch.equal(got.q_block_descale, ref.q_block_descale)

@@ -14,6 +14,7 @@ Timings: scripts/bench_quantize.py (--modes for the accuracy modes).
 import pytest
 import torch
 
+from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
 from hf_fp8_attention.quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
 from hf_fp8_attention.quantization import qkv as qkv_launcher
@@ -187,8 +188,8 @@ def test_kernel_modes_match_reference_gpu(B, H_q, H_kv, S, D, dtype, rope, hadam
     q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype)
     cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
     kw = dict(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
-    got = quantize_qkv_fp8(q, k, v, cos, sin, **kw)
-    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, **kw)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=FP8AttentionOptions(**kw))
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=FP8AttentionOptions(**kw))
     assert_close_modes(got, ref, rope is not None, hadamard)
 
 
@@ -205,30 +206,31 @@ def test_kernel_modes_min_lag_gpu(monkeypatch, one_tile_config):
     for rope in (False, True):
         rc = (cos, sin) if rope else (None, None)
         kw = dict(hadamard="qkv", smooth_k=True, smooth_v=True)
-        ref = quantize_qkv_fp8_reference(q, k, v, *rc, **kw)
+        ref = quantize_qkv_fp8_reference(q, k, v, *rc, options=FP8AttentionOptions(**kw))
         for _ in range(3):
-            assert_close_modes(quantize_qkv_fp8(q, k, v, *rc, **kw), ref, rope, "qkv")
+            assert_close_modes(quantize_qkv_fp8(q, k, v, *rc, options=FP8AttentionOptions(**kw)), ref, rope, "qkv")
         # plain RoPE stays bit-exact up to the documented 1-ulp tolerance under every config
         if rope:
             assert_close_fp8(quantize_qkv_fp8(q, k, v, cos, sin), quantize_qkv_fp8_reference(q, k, v, cos, sin), True)
 
 
 def test_fp8_sdpa_fused_modes_gpu(monkeypatch):
-    """custom_ops routes CUDA calls with accuracy modes to the kernel (through the reference attention
+    """The pipeline quantizes CUDA calls with accuracy modes with the kernel (through the reference attention
     backend here): the output is as close to float32 SDPA as with reference-quantized Q/K/V."""
     import torch.nn.functional as F
 
-    from hf_fp8_attention import custom_ops
+    from hf_fp8_attention.attention import fp8_attention
+    from hf_fp8_attention.dispatch import plan_attention
 
     q, k, v = make_qkv(1, 8, 2, 512, 512, 128, torch.bfloat16)
     exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
                                            v.float().repeat_interleave(4, 1), is_causal=True).transpose(1, 2)
     for hadamard, smooth_k, smooth_v in (("qkv", True, True), ("v_only", False, True), ("none", True, False)):
-        args = (q, k, v, None, None, True, 128**-0.5, "reference", hadamard, smooth_k, smooth_v)
-        out = custom_ops.fp8_sdpa_impl(*args)
-        with monkeypatch.context() as m:
-            m.setattr(custom_ops, "quantize_qkv_fp8", quantize_qkv_fp8_reference)
-            out_ref = custom_ops.fp8_sdpa_impl(*args)
+        options = FP8AttentionOptions(hadamard, smooth_k, smooth_v)
+        assert plan_attention(q.device, "reference", options).quantizer == "triton"
+        args = (q, k, v, None, None, None, None, None, None, True, 128**-0.5, "reference")
+        out = fp8_attention(*args, "triton", options)
+        out_ref = fp8_attention(*args, "reference", options)
         err = ((out.float() - exact).norm() / exact.norm()).item()
         err_ref = ((out_ref.float() - exact).norm() / exact.norm()).item()
         assert err <= 1.05 * err_ref + 1e-4, f"{hadamard}, smooth_k={smooth_k}, smooth_v={smooth_v}: {err} vs {err_ref}"

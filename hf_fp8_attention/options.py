@@ -1,0 +1,102 @@
+"""`FP8AttentionOptions`: the accuracy options of one fp8 attention call, validated once.
+
+Public entry points (`fp8_sdpa`, `fp8_sdpa_varlen`, `prepare_model`) keep their keyword arguments and build
+one of these from them; everything below them (planning, quantizers, backends, output fix-up) receives the
+object. It is flattened into plain arguments only at the `torch.library` schema (`custom_ops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+HADAMARD_MODES = ("none", "qkv", "v_only")
+QK_SCALES = ("head", "block")
+MAX_HADAMARD_DIM = 256
+
+
+@dataclass(frozen=True)
+class FP8AttentionOptions:
+    """How Q/K/V are prepared before their e4m3 cast.
+
+    hadamard: "none", "qkv" (Q, K and V rotated by a normalised Hadamard matrix; the output is rotated
+        back) or "v_only". Needs a power-of-two head_dim <= 256 (`check_head_dim`). None means "none".
+    smooth_k: subtract K's per-channel mean over the sequence (exact for softmax).
+    smooth_v: subtract V's per-channel mean and add it back to the output (exact).
+    qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
+        16 tokens of one head; backends that take them: triton, reference).
+    """
+
+    hadamard: str = "none"
+    smooth_k: bool = False
+    smooth_v: bool = False
+    qk_scales: str = "head"
+
+    def __post_init__(self):
+        if self.hadamard is None:
+            object.__setattr__(self, "hadamard", "none")
+        if not isinstance(self.hadamard, str) or self.hadamard not in HADAMARD_MODES:
+            raise ValueError(f"hadamard={self.hadamard!r} is not supported; accepted values: None, "
+                             + ", ".join(map(repr, HADAMARD_MODES)))
+        for name in ("smooth_k", "smooth_v"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" or 0 would silently mean something; say what is wanted
+                raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+        if not isinstance(self.qk_scales, str) or self.qk_scales not in QK_SCALES:
+            raise ValueError(f"qk_scales={self.qk_scales!r} is not supported; accepted values: {QK_SCALES}")
+
+    # --- what the kernels need -------------------------------------------------------------------------
+    @property
+    def rotates_qk(self) -> bool:
+        return self.hadamard == "qkv"
+
+    @property
+    def rotates_v(self) -> bool:
+        return self.hadamard in ("qkv", "v_only")
+
+    @property
+    def block_scales(self) -> bool:
+        return self.qk_scales == "block"
+
+    @property
+    def smooths(self) -> bool:
+        """Whether the quantizer gathers per-channel statistics (K or V mean subtraction)."""
+        return self.smooth_k or self.smooth_v
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise if these options cannot run at ``head_dim`` (the Hadamard rotation's size limits)."""
+        if self.hadamard != "none" and (head_dim & (head_dim - 1) or head_dim > MAX_HADAMARD_DIM):
+            raise ValueError(
+                f"hadamard={self.hadamard!r} needs a power-of-two head_dim <= {MAX_HADAMARD_DIM}, got {head_dim}; "
+                "use hadamard='none' (smooth_k still applies)"
+            )
+
+    # --- conversions -------------------------------------------------------------------------------------
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from the defaults, as a dict (for messages and `describe_backend`)."""
+        default = FP8AttentionOptions()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def coerce(cls, value: "FP8AttentionOptions | Mapping[str, Any] | None") -> "FP8AttentionOptions":
+        """None -> the defaults; a mapping (e.g. a model config's ``fp8_attention_options``) -> validated
+        options, unknown keys being an error instead of silently dropped."""
+        if value is None:
+            return DEFAULT_OPTIONS
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"fp8 attention options must be an FP8AttentionOptions or a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown fp8 attention option(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+
+DEFAULT_OPTIONS = FP8AttentionOptions()

@@ -1,0 +1,132 @@
+"""What the quantizers hand to the backends (`QuantizedQKV`) and the checks of their inputs.
+
+Shared by the Triton launcher (`qkv.py`) and the torch reference (`reference.py`); the public entry points
+(`hf_fp8_attention.sdpa`) validate user input before either is reached, these checks guard direct calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._constants import SCALE_BLOCK
+from .._intmath import cdiv
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """FP8 Q/K/V in BSHD layout plus the per-(batch, KV head) descales FA3 takes.
+
+    q: (B, S_q, H_q, D) float8_e4m3fn, contiguous.
+    k, v: (B, S_kv, H_kv, D) float8_e4m3fn, contiguous.
+    q_descale, k_descale, v_descale: (B, H_kv) float32. One Q scale per KV group: the G = H_q / H_kv query
+        heads that share a KV head share a scale, which is the granularity FA3's q_descale has.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_descale: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+    # What was done to V, for the output fix-up (`attention.restore_output`): v_mean (smooth_v only) is the
+    # (B, H_kv, D) float32 mean over the sequence subtracted from V after any Hadamard rotation (rows of P
+    # sum to 1, so the output gets it back); v_rotated: V was multiplied by the normalised Hadamard matrix.
+    v_mean: Optional[torch.Tensor] = None
+    v_rotated: bool = False
+    # Variable-length batches (`quantize_qkv_fp8_varlen`): N sequences packed along the rows of batch-1
+    # tensors q (1, total_q, H_q, D), k/v (1, total_kv, H_kv, D); sequence i is rows
+    # [cu_seqlens[i], cu_seqlens[i + 1]) (int32 (N + 1,) on the tensors' device), and the descales /
+    # v_mean have one row per sequence: (N, H_kv) / (N, H_kv, D). max_seqlen_*: the longest length.
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    # qk_scales="block": q and k were quantized with one scale per SCALE_BLOCK tokens of one head; their
+    # descales, (B, H_q, cdiv(S_q, SCALE_BLOCK)) and (B, H_kv, cdiv(S_kv, SCALE_BLOCK)) float32 (varlen: per
+    # sequence, blocks counted from its first token, sized by the longest), replace q_descale / k_descale.
+    q_block_descale: Optional[torch.Tensor] = None
+    k_block_descale: Optional[torch.Tensor] = None
+
+    @property
+    def block_scales(self) -> bool:
+        return self.q_block_descale is not None
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def output_needs_fixup(self) -> bool:
+        """Whether the attention output must be rotated back and/or get V's mean back."""
+        return self.v_rotated or self.v_mean is not None
+
+    def sequences(self) -> list["QuantizedQKV"]:
+        """A varlen batch as one batch-1 QuantizedQKV per sequence (views; one host sync for the offsets)."""
+        cu_q, cu_k = self.cu_seqlens_q.tolist(), self.cu_seqlens_k.tolist()
+        parts = []
+        for i in range(len(cu_q) - 1):
+            rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            one = slice(i, i + 1)
+            blocks = {}
+            if self.block_scales:
+                n_q, n_k = cdiv(rows_q.stop - rows_q.start, SCALE_BLOCK), cdiv(rows_k.stop - rows_k.start, SCALE_BLOCK)
+                blocks = dict(q_block_descale=self.q_block_descale[one, :, :n_q].contiguous(),
+                              k_block_descale=self.k_block_descale[one, :, :n_k].contiguous())
+            parts.append(QuantizedQKV(
+                self.q[:, rows_q], self.k[:, rows_k], self.v[:, rows_k],
+                self.q_descale[one], self.k_descale[one], self.v_descale[one],
+                v_mean=None if self.v_mean is None else self.v_mean[one], v_rotated=self.v_rotated, **blocks,
+            ))
+        return parts
+
+
+def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together, got only one of them")
+    if cos is None:
+        return
+    B, _, S_q, D = q.shape
+    if k.shape[2] != S_q:
+        raise ValueError(f"RoPE needs S_q == S_kv (prefill), got S_q={S_q}, S_kv={k.shape[2]}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S_q, D):
+            raise ValueError(f"{name} must have shape (1 or {B}, {S_q}, {D}), got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
+
+
+def check_cu_seqlens(
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int, *, is_causal: bool = False
+) -> tuple[list[int], list[int]]:
+    """Validates the offsets of a packed (varlen) batch; returns them as host lists (one sync each).
+
+    Both int32 1-D tensors of the same length N + 1 >= 2, starting at 0, ending at total_q / total_k,
+    every sequence with >= 1 query and >= 1 key; causal needs each sequence's S_q <= S_kv.
+    """
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise ValueError(f"{name} must be a 1-D torch.int32 tensor of N + 1 >= 2 offsets, got {got}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k hold {cu_seqlens_q.numel() - 1} and "
+                         f"{cu_seqlens_k.numel() - 1} sequences")
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, cu, total in (("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)):
+        if cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"{name} must start at 0 and end at the packed length {total}, got {cu[0]}..{cu[-1]}")
+        if any(b <= a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name} must be strictly increasing (every sequence needs >= 1 token), got {cu}")
+    if is_causal:
+        for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:])):
+            if b - a > d - c:
+                raise ValueError(f"causal attention with more queries than keys in sequence {i} "
+                                 f"(S_q={b - a} > S_kv={d - c}); the causal mask is bottom-right aligned")
+    return cu_q, cu_k
+
+
+def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
