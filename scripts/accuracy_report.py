@@ -45,11 +45,10 @@ def parse_args(argv=None):
 
 
 def _real_inputs(args):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples"))
-    import generate  # the example's model resolution: embedded GGUF, HF dir or .gguf path
+    from hf_fp8_attention.demo import load_model_and_tokenizer, resolve_model_source  # embedded GGUF, HF dir or .gguf
 
-    source = generate.resolve_model_source(None if args.model == "default" else args.model)
-    model, tokenizer = generate.load_model_and_tokenizer(source, torch.bfloat16, args.device, "sdpa")
+    source = resolve_model_source(None if args.model == "default" else args.model)
+    model, tokenizer = load_model_and_tokenizer(source, torch.bfloat16, args.device, "sdpa")
     text = "The history of the city begins in the early middle ages, when a small settlement grew around " * 64
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.seq].to(args.device)
     from hf_fp8_attention.accuracy import capture_qkv

@@ -35,6 +35,9 @@ import time
 
 import torch
 
+from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
+from hf_fp8_attention.demo import DTYPES
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
@@ -74,7 +77,7 @@ EXTRA_IMPLS = (FA3_BF16, "flash_attention_3")
 
 def default_impls() -> list[str]:
     impls = ["sdpa", FA3_BF16, "fp8_fa3"]
-    if "fp8_triton" in _common.fp8_attn_names():
+    if "fp8_triton" in ATTN_IMPLEMENTATIONS:
         impls.append("fp8_triton")
     return impls
 
@@ -222,7 +225,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
         if not is_flash_attn_3_available():
             return "transformers' is_flash_attn_3_available() is False (use fa3_bf16)"
-    backend = _common.fp8_attn_names().get(name)
+    backend = ATTN_IMPLEMENTATIONS.get(name)
     if backend is not None:
         from hf_fp8_attention.dispatch import check_backend
 
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     import hf_fp8_attention  # noqa: F401  (registers the fp8 names)
 
     device = torch.device(args.device)
-    dtype = _common.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     register_fa3_bf16()
     specs = []
     for spec, name, options in args.specs:

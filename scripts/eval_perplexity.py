@@ -31,6 +31,10 @@ from pathlib import Path
 
 import torch
 
+from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
+from hf_fp8_attention.demo import DTYPES, PLAIN_ATTN, load_model_and_tokenizer, resolve_model_source
+from hf_fp8_attention.dispatch import check_backend
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
@@ -56,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn",
         nargs="+",
         default=["sdpa", "fp8"],
-        help="attentions to evaluate, in order (deltas are vs the first): sdpa, eager, fp8, fp8_fa3, fp8_fa4, "
-        "fp8_reference; 'name:key=value,...' passes prepare_model kwargs (e.g. fp8:hadamard=qkv)",
+        help="attentions to evaluate, in order (deltas are vs the first): "
+        f"{', '.join((*PLAIN_ATTN, *ATTN_IMPLEMENTATIONS))}; "
+        "'name:key=value,...' passes prepare_model kwargs (e.g. fp8:hadamard=qkv)",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-file", default=None, help="plain text, or <doc ...>-wrapped text like wiki.utf8")
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="window start step; default: --seq-len (disjoint windows)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="bf16", choices=tuple(_common.DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--verbose", action="store_true", help="keep transformers' info/warning messages")
@@ -95,16 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     specs = []
-    fp8_names = _common.fp8_attn_names()
     for spec in args.attn:
         try:
             name, options = _common.check_attn_spec(spec)
         except ValueError as err:
             parser.error(f"--attn: {err}")
-        if name in fp8_names and args.dtype == "fp32":
+        if name in ATTN_IMPLEMENTATIONS and args.dtype == "fp32":
             parser.error(f"--attn {spec} needs --dtype bf16 or fp16 (fp8 attention takes 16-bit q/k/v)")
-        if name in fp8_names and fp8_names[name] not in (None, "reference") and device.type != "cuda":
-            parser.error(f"--attn {spec} needs a CUDA GPU; on {device.type} use fp8 or fp8_reference")
+        backend = ATTN_IMPLEMENTATIONS.get(name)
+        if backend is not None:  # a forced backend: can it run here (GPU generation, kernel installed)?
+            try:
+                check_backend(backend, device)
+            except (ValueError, RuntimeError, ImportError) as err:
+                parser.error(f"--attn {spec}: {err}")
         specs.append((spec, name, options))
     if len({s for s, _, _ in specs}) != len(specs):
         parser.error("--attn: the same attention is listed twice")
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         hf_logging.set_verbosity_error()
     try:
-        source = _common.resolve_model_source(args.model, args.gguf_file)
+        source = resolve_model_source(args.model, args.gguf_file)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     try:
@@ -266,9 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}")
 
-    dtype = _common.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     print(f"loading {source} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = _common.load_model(source, dtype, args.device)
+    model, tokenizer = load_model_and_tokenizer(source, dtype, args.device, "sdpa")
 
     # Fail before the long evaluation: every spec is applied once (prepare_model validates its kwargs).
     for spec, name, options in args.specs:

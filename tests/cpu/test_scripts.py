@@ -6,6 +6,7 @@ dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tin
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import save_tiny_llama
+
+from hf_fp8_attention import demo
+from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
@@ -70,6 +74,53 @@ def test_parse_attn_spec():
     with pytest.raises(ValueError, match="only apply to the fp8"):
         common.check_attn_spec("sdpa:hadamard=qkv")
     assert common.check_attn_spec("fa3_bf16", extra_names=("fa3_bf16",)) == ("fa3_bf16", {})
+
+
+def test_attn_names_from_the_registry():
+    """Every attention the package registers (fp8_triton included) is a known --attn/--impls name."""
+    assert "fp8_triton" in ATTN_IMPLEMENTATIONS
+    for name in ATTN_IMPLEMENTATIONS:
+        assert common.check_attn_spec(f"{name}:hadamard=qkv") == (name, {"hadamard": "qkv"})
+    assert not hasattr(common, "FP8_ATTN") and not hasattr(common, "fp8_attn_names")
+
+
+# Ways of importing a file by its path instead of as a module of an installed package.
+_PATH_IMPORTS = {"spec_from_file_location", "SourceFileLoader", "run_path", "load_source", "module_from_spec"}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+@pytest.mark.parametrize("path", sorted(SCRIPTS.glob("*.py")), ids=lambda p: p.name)
+def test_scripts_do_not_load_the_example(path):
+    """No script reaches into examples/ (file loading, sys.path, `import generate`): what the scripts and
+    the example share lives in hf_fp8_attention.demo."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    docstrings = _docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in _PATH_IMPORTS, f"{path.name}:{node.lineno} uses {node.attr}"
+        elif isinstance(node, ast.Name):
+            assert node.id not in _PATH_IMPORTS, f"{path.name}:{node.lineno} uses {node.id}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] not in ("generate", "examples"), f"{path.name}:{node.lineno}"
+                assert alias.name not in ("runpy", "imp"), f"{path.name}:{node.lineno} imports {alias.name}"
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in ("generate", "examples", "runpy", "imp"), (
+                f"{path.name}:{node.lineno} imports from {node.module}"
+            )
+            assert not {a.name for a in node.names} & _PATH_IMPORTS, f"{path.name}:{node.lineno}"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            assert "examples" not in node.value, f"{path.name}:{node.lineno}: {node.value!r}"
 
 
 def test_markdown_table_and_fmt():
@@ -185,15 +236,18 @@ def test_dataset_offline_error(monkeypatch):
 
 
 def test_gguf_file_resolution(tmp_path):
+    """--gguf-file (eval_perplexity): resolved by hf_fp8_attention.demo, shared with the example."""
     (tmp_path / "m.gguf").write_bytes(b"")
-    src = common.resolve_model_source(str(tmp_path), "m.gguf")
+    src = demo.resolve_model_source(str(tmp_path), "m.gguf")
     assert (Path(src.path), src.gguf_file) == (tmp_path.resolve(), "m.gguf")
-    src = common.resolve_model_source(None, str(tmp_path / "m.gguf"))
+    src = demo.resolve_model_source(None, str(tmp_path / "m.gguf"))
     assert src.gguf_file == "m.gguf"
     with pytest.raises(FileNotFoundError, match="--gguf-file"):
-        common.resolve_model_source(None, str(tmp_path / "missing.gguf"))
+        demo.resolve_model_source(None, str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match=".gguf"):
-        common.resolve_model_source(None, str(tmp_path / "w.bin"))
+        demo.resolve_model_source(None, str(tmp_path / "w.bin"))
+    assert not hasattr(common, "resolve_model_source") and not hasattr(common, "load_model")
+    assert ppl.resolve_model_source is demo.resolve_model_source
 
 
 WORDS = (
