@@ -2,8 +2,9 @@
 
 Triton launches and the FA3/FA4 extension calls cannot be traced by dynamo; the op hides them and its fake
 computes only the output's shape and dtype. One op serves fixed-length and packed (varlen) batches, as
-FA3's ``_flash_attn_forward`` does: the ``cu_seqlens_*`` arguments are optional. The `FP8AttentionOptions`
-object is flattened into its four fields here, the only place it is.
+FA3's ``_flash_attn_forward`` does: the ``cu_seqlens_*`` arguments are optional. The arguments are those of
+`attention.fp8_attention`, with the `FP8AttentionOptions` object flattened into its four fields: the only
+place it is.
 
 Schema sentinels: ``max_seqlen_q/k`` None with offsets given = validate and measure the offsets inside the
 op (a traced graph cannot read them on the host); ``scale`` is always resolved to a float before the call.
@@ -11,48 +12,37 @@ op (a traced graph cannot read them on the host); ``scale`` is always resolved t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .attention import fp8_attention
 from .options import FP8AttentionOptions
 
+_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
+    "int? max_seqlen_k, Tensor? cos, Tensor? sin, bool is_causal, float scale, str backend, str quantizer, "
+    "str hadamard, bool smooth_k, bool smooth_v, str qk_scales) -> Tensor"
+)
+_N_OPTIONS = len(dataclasses.fields(FP8AttentionOptions))
 
-@torch.library.custom_op("hf_fp8_attention::fp8_sdpa", mutates_args=())
-def fp8_sdpa_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    backend: str,
-    quantizer: str,
-    hadamard: str,
-    smooth_k: bool,
-    smooth_v: bool,
-    qk_scales: str,
-) -> torch.Tensor:
-    """`attention.fp8_attention` with the options flattened: (B, H_q, S_q, D) query -> (B, S_q, H_q, D);
-    packed (total_q, H_q, D) -> (total_q, H_q, D)."""
-    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
-    return fp8_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cos, sin,
-                         is_causal, scale, backend, quantizer, options)
+
+def _fp8_sdpa(*args) -> torch.Tensor:
+    """(B, H_q, S_q, D) query -> (B, S_q, H_q, D); packed (total_q, H_q, D) -> (total_q, H_q, D)."""
+    return fp8_attention(*args[:-_N_OPTIONS], FP8AttentionOptions(*args[-_N_OPTIONS:]))
+
+
+fp8_sdpa_op = torch.library.custom_op("hf_fp8_attention::fp8_sdpa", _fp8_sdpa, mutates_args=(), schema=_SCHEMA)
 
 
 @fp8_sdpa_op.register_fake
-def _fp8_sdpa_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cos, sin, is_causal,
-                   scale, backend, quantizer, hadamard, smooth_k, smooth_v, qk_scales):
+def _fp8_sdpa_fake(query, key, value, cu_seqlens_q, *unused):
     if cu_seqlens_q is not None:  # packed: same shape as the packed query
         return query.new_empty(query.shape)
     b, h_q, s_q, d = query.shape
     return query.new_empty((b, s_q, h_q, d))
 
 
-def flatten(options: FP8AttentionOptions) -> tuple[str, bool, bool, str]:
-    """The op's option arguments, in schema order."""
-    return options.hadamard, options.smooth_k, options.smooth_v, options.qk_scales
+def flatten(options: FP8AttentionOptions) -> tuple:
+    """The op's option arguments, in schema (= field) order."""
+    return dataclasses.astuple(options)

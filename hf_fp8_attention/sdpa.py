@@ -79,15 +79,9 @@ def _check_inputs(query, key, value, *, is_causal, scale, cos, sin) -> None:
 
 
 def fp8_sdpa(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    backend: str | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+    is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
@@ -132,17 +126,10 @@ def _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options
 
 
 def fp8_sdpa_varlen(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    backend: str | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor, *,
+    is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).

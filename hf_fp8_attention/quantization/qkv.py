@@ -65,12 +65,8 @@ def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_
 
 
 def quantize_qkv_fp8(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: Optional[torch.Tensor] = None,
-    sin: Optional[torch.Tensor] = None,
-    *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
     options: FP8AttentionOptions = DEFAULT_OPTIONS,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
@@ -110,18 +106,10 @@ def quantize_qkv_fp8(
 
 
 def quantize_qkv_fp8_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    cos: Optional[torch.Tensor] = None,
-    sin: Optional[torch.Tensor] = None,
-    *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS,
-    check: bool = True,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
+    options: FP8AttentionOptions = DEFAULT_OPTIONS, check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
 

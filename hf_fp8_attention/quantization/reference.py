@@ -70,12 +70,8 @@ def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_qkv_fp8_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: Optional[torch.Tensor] = None,
-    sin: Optional[torch.Tensor] = None,
-    *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
     options: FP8AttentionOptions = DEFAULT_OPTIONS,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
@@ -135,18 +131,10 @@ def _varlen_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def quantize_qkv_fp8_varlen_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    cos: Optional[torch.Tensor] = None,
-    sin: Optional[torch.Tensor] = None,
-    *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS,
-    check: bool = True,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
+    options: FP8AttentionOptions = DEFAULT_OPTIONS, check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8_reference` on each sequence of a packed batch (see `quantize_qkv_fp8_varlen`).
 

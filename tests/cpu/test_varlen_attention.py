@@ -105,3 +105,20 @@ def test_varlen_errors():
     with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
         cos = torch.ones(10, 64, device=DEVICE)
         fp8_sdpa_varlen(q, k, v, cu_q, torch.tensor([0, 5, 10], dtype=torch.int32), cos=cos, sin=cos)
+
+
+@pytest.mark.parametrize("options", [{}, {"hadamard": "qkv", "smooth_v": True}], ids=["none", "qkv+smooth_v"])
+def test_varlen_compiles_fullgraph(options):
+    """fp8_sdpa_varlen is one custom-op node under torch.compile(fullgraph=True): the offsets, which cannot be
+    read while tracing, are validated and measured inside the op; same result as eager."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = _packed([17, 40, 5], [17, 40, 5], 4, 2, 64)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(q, k, v, cu_q, cu_k):
+        return fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference", **options) * 2
+
+    eager = fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference", **options) * 2
+    assert torch.equal(f(q, k, v, cu_q, cu_k), eager)
+    with pytest.raises(ValueError, match="sequence 1"):  # still validated: inside the op at run time
+        f(q, k, v, cu_q, torch.tensor([0, 17, 20, 62], dtype=torch.int32, device=DEVICE))

@@ -87,3 +87,18 @@ def test_padded_batch_through_adapter_gpu():
                          is_causal=True, backend="triton")
         assert sqnr_db(got[row, -n:].float(), alone[0].transpose(0, 1).float()) > 40
         assert got[row, : 1024 - n].abs().sum() == 0  # padded queries stay zero
+
+
+@pytest.mark.parametrize("backend", ["triton", "fa3"])
+def test_varlen_compile_fullgraph_gpu(backend):
+    if backend == "fa3":
+        pytest.importorskip("flash_attn_interface")
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("fa3 needs SM 9.x")
+    q, k, v, cu_q, cu_k = _packed(LENGTHS, LENGTHS, 32, 8, 128, spread=1.0)
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v, cu_q, cu_k):
+        return fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend=backend) * 2
+
+    assert torch.equal(f(q, k, v, cu_q, cu_k), fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend=backend) * 2)

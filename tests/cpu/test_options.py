@@ -1,0 +1,69 @@
+"""FP8AttentionOptions: validated once (values and types), derived flags, dict round trip; the public
+keyword arguments build it and reject what it rejects."""
+
+import pytest
+import torch
+
+from hf_fp8_attention import FP8AttentionOptions, fp8_sdpa, fp8_sdpa_varlen
+
+
+def test_defaults_and_derived_flags():
+    o = FP8AttentionOptions()
+    assert (o.hadamard, o.smooth_k, o.smooth_v, o.qk_scales) == ("none", False, False, "head")
+    assert not (o.rotates_qk or o.rotates_v or o.block_scales or o.smooths) and o.changed() == {}
+    o = FP8AttentionOptions(hadamard="qkv", smooth_v=True, qk_scales="block")
+    assert o.rotates_qk and o.rotates_v and o.block_scales and o.smooths
+    assert o.changed() == {"hadamard": "qkv", "smooth_v": True, "qk_scales": "block"}
+    v = FP8AttentionOptions(hadamard="v_only")
+    assert v.rotates_v and not v.rotates_qk
+    assert FP8AttentionOptions(hadamard=None).hadamard == "none"  # prepare_model's None means "none"
+    with pytest.raises(Exception):
+        o.smooth_k = True  # frozen
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"smooth_k": "no"}, TypeError, "smooth_k must be True or False, got 'no'"),
+        ({"smooth_v": 1}, TypeError, "smooth_v must be True or False, got 1"),
+        ({"hadamard": "all"}, ValueError, "hadamard='all' is not supported"),
+        ({"hadamard": True}, ValueError, "hadamard=True is not supported"),
+        ({"qk_scales": "tile"}, ValueError, "qk_scales='tile' is not supported"),
+    ],
+)
+def test_bad_values_and_types(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        FP8AttentionOptions(**kwargs)
+    q = torch.randn(1, 2, 8, 64).bfloat16()
+    with pytest.raises(exc, match=match):  # the public keywords build the same object
+        fp8_sdpa(q, q, q, backend="reference", **kwargs)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(exc, match=match):
+        fp8_sdpa_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu,
+                        backend="reference", **kwargs)
+
+
+def test_scale_must_be_a_number_not_a_bool():
+    q = torch.randn(1, 2, 8, 64).bfloat16()
+    with pytest.raises(ValueError, match="scale must be a positive finite float"):
+        fp8_sdpa(q, q, q, scale=True, backend="reference")
+    out = fp8_sdpa(q, q, q, scale=1, backend="reference")  # an int is a number
+    assert torch.isfinite(out).all()
+
+
+def test_coerce():
+    assert FP8AttentionOptions.coerce(None) == FP8AttentionOptions()
+    o = FP8AttentionOptions(smooth_k=True)
+    assert FP8AttentionOptions.coerce(o) is o
+    assert FP8AttentionOptions.coerce(o.as_dict()) == o
+    with pytest.raises(ValueError, match=r"unknown fp8 attention option\(s\) \['smoothk'\]"):
+        FP8AttentionOptions.coerce({"smoothk": True})
+    with pytest.raises(TypeError, match="FP8AttentionOptions or a dict"):
+        FP8AttentionOptions.coerce("qkv")
+
+
+def test_head_dim_check():
+    FP8AttentionOptions(hadamard="qkv").check_head_dim(128)
+    FP8AttentionOptions(smooth_k=True).check_head_dim(96)
+    with pytest.raises(ValueError, match="power-of-two head_dim <= 256, got 96"):
+        FP8AttentionOptions(hadamard="v_only").check_head_dim(96)
