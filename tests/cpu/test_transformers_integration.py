@@ -28,9 +28,16 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils import logging as hf_logging
 
 import hf_fp8_attention as hfa
+from hf_fp8_attention import sdpa as hf_sdpa
 from hf_fp8_attention import transformers as hft
+from hf_fp8_attention.transformers import attention as hf_attention
+from hf_fp8_attention.transformers import fallback, fused_rope, masks, model as hf_model, unpad
+
+# Every module of the integration, for spies that must replace a name wherever it was imported.
+INTEGRATION_MODULES = (hf_attention, fallback, fused_rope, masks, hf_model, unpad)
 
 NAMES = ("fp8", "fp8_fa3", "fp8_fa4", "fp8_triton", "fp8_reference")
 SEQ = 48
@@ -81,22 +88,36 @@ def decisive_argmax_agreement(ref, got, margin_frac=0.1) -> float:
 
 @pytest.fixture(autouse=True)
 def _reset_warnings():
-    hft._warned.clear()
+    hf_logging.warning_once.cache_clear()
     yield
-    hft._warned.clear()
+    hf_logging.warning_once.cache_clear()
+
+
+def patch_everywhere(monkeypatch, name: str, replacement) -> list:
+    """Replace ``name`` in every integration module that imported it; returns those modules."""
+    patched = [m for m in INTEGRATION_MODULES if hasattr(m, name)]
+    for module in patched:
+        monkeypatch.setattr(module, name, replacement)
+    return patched
+
+
+def test_spies_reach_every_caller(monkeypatch):
+    """The modules that call fp8_sdpa / fp8_sdpa_varlen: a spy patched there sees every call."""
+    assert patch_everywhere(monkeypatch, "fp8_sdpa", hf_sdpa.fp8_sdpa) == [hf_attention, fused_rope, unpad]
+    assert patch_everywhere(monkeypatch, "fp8_sdpa_varlen", hf_sdpa.fp8_sdpa_varlen) == [hf_attention, unpad]
 
 
 @pytest.fixture
 def spy_fp8_sdpa(monkeypatch):
     """Records (S_q, S_kv, fused_rope) of every fp8_sdpa call made by the integration."""
     calls = []
-    real = hft.fp8_sdpa
+    real = hf_sdpa.fp8_sdpa
 
     def spy(query, key, value, **kwargs):
         calls.append((query.shape[2], key.shape[2], kwargs.get("cos") is not None))
         return real(query, key, value, **kwargs)
 
-    monkeypatch.setattr(hft, "fp8_sdpa", spy)
+    patch_everywhere(monkeypatch, "fp8_sdpa", spy)
     return calls
 
 
@@ -146,6 +167,10 @@ def test_logits_match_eager(family, spy_fp8_sdpa):
 
     spy_fp8_sdpa.clear()
     hfa.prepare_model(model, backend="reference")
+    # the fused-RoPE self-check on a 16-token input: the class forward and the fused forward's steps with
+    # RoPE done in torch, so both hand fp8_sdpa rotated q/k and no tables
+    assert spy_fp8_sdpa == [(16, 16, False), (16, 16, False)]
+    spy_fp8_sdpa.clear()
     assert hfa.describe_backend(model).endswith("fused RoPE on 2/2 layers")
     fused = logits(model, ids)
     assert len(spy_fp8_sdpa) == 2 and all(fused for *_, fused in spy_fp8_sdpa)
@@ -238,6 +263,7 @@ def test_fused_forward_defers_to_class_forward_when_not_fp8(spy_fp8_sdpa):
     ids = ids_for()
     ref = logits(model, ids, "sdpa")
     hfa.prepare_model(model, backend="reference")
+    spy_fp8_sdpa.clear()  # the fused-RoPE self-check's calls
     model.set_attn_implementation("sdpa")  # fused forwards still installed, but the name is not ours
     assert torch.equal(logits(model, ids), ref)
     assert not spy_fp8_sdpa
@@ -380,6 +406,8 @@ def test_sliding_window_falls_back_to_sdpa(prepared, caplog, spy_fp8_sdpa):
     ref = logits(model, ids, "sdpa")
     if prepared:
         hfa.prepare_model(model, backend="reference")
+        assert len(spy_fp8_sdpa) == 2  # the fused-RoPE self-check (16 tokens: within the window)
+        spy_fp8_sdpa.clear()
     else:
         model.set_attn_implementation("fp8_reference")
     with caplog.at_level(logging.WARNING, logger="hf_fp8_attention"):
@@ -468,15 +496,17 @@ def test_accuracy_options_reach_every_fp8_call(monkeypatch):
     """prepare_model(hadamard=, smooth_k=, smooth_v=) reach fp8_sdpa (fused, unfused and padded calls);
     defaults are not passed."""
     seen = []
-    real = hft.fp8_sdpa
+    real = hf_sdpa.fp8_sdpa
 
     def spy(query, key, value, **kwargs):
         seen.append({k: kwargs[k] for k in ("hadamard", "smooth_k", "smooth_v") if k in kwargs})
         return real(query, key, value, **kwargs)
 
-    monkeypatch.setattr(hft, "fp8_sdpa", spy)
+    patch_everywhere(monkeypatch, "fp8_sdpa", spy)
     model = tiny_model()
     hfa.prepare_model(model, backend="reference", hadamard="none")
+    assert seen == [{}, {}]  # the fused-RoPE self-check, with the model's options
+    seen.clear()
     logits(model, ids_for())
     assert seen == [{}, {}] and model.config.fp8_attention_options["hadamard"] == "none"
     seen.clear()
@@ -500,7 +530,7 @@ def test_non_causal_cross_attention_with_padded_keys():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     module = torch.nn.Module()
     module.is_causal = False
-    out, _ = hft._fp8_attention_forward(module, q, k, v, mask, scaling=0.125, backend="reference")
+    out, _ = hf_attention._fp8_attention_forward(module, q, k, v, mask, scaling=0.125, backend="reference")
     bias = torch.zeros(2, 1, 1, 6).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=bias, scale=0.125, enable_gqa=True
@@ -524,18 +554,18 @@ def test_prepare_model_checks_hadamard_head_dim_and_restores_user_options():
 
 def test_padding_spans_computed_once_per_mask(monkeypatch):
     calls = []
-    real = hft._compute_padding_spans
-    monkeypatch.setattr(hft, "_compute_padding_spans", lambda m: calls.append(1) or real(m))
+    real = unpad._compute_padding_spans
+    monkeypatch.setattr(unpad, "_compute_padding_spans", lambda m: calls.append(1) or real(m))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert hft._padding_spans(mask) == [(2, 5), (0, 5)]
-    assert hft._padding_spans(mask) == [(2, 5), (0, 5)] and len(calls) == 1  # every layer, one sync
+    assert unpad._padding_spans(mask) == [(2, 5), (0, 5)]
+    assert unpad._padding_spans(mask) == [(2, 5), (0, 5)] and len(calls) == 1  # every layer, one sync
     mask[0, 1] = 1  # modified in place: recomputed
-    assert hft._padding_spans(mask) == [(1, 5), (0, 5)] and len(calls) == 2
+    assert unpad._padding_spans(mask) == [(1, 5), (0, 5)] and len(calls) == 2
     other = mask.clone()
-    assert hft._padding_spans(other) == [(1, 5), (0, 5)] and len(calls) == 3
+    assert unpad._padding_spans(other) == [(1, 5), (0, 5)] and len(calls) == 3
     with torch.inference_mode():
         frozen = mask.clone()
-    assert hft._padding_spans(frozen) == [(1, 5), (0, 5)] and hft._padding_spans(frozen) == [(1, 5), (0, 5)]
+    assert unpad._padding_spans(frozen) == [(1, 5), (0, 5)] and unpad._padding_spans(frozen) == [(1, 5), (0, 5)]
     assert len(calls) == 5  # not cached: no version counter
 
 
@@ -550,8 +580,8 @@ def test_prepare_model_block_scales(monkeypatch):
     hfa.prepare_model(model, qk_scales="block")  # CPU: the reference backend takes block scales
     assert "qk_scales=block" in hfa.describe_backend(model)
     seen = []
-    real = hft.fp8_sdpa
-    monkeypatch.setattr(hft, "fp8_sdpa", lambda *a, **kw: seen.append(kw.get("qk_scales")) or real(*a, **kw))
+    real = hf_sdpa.fp8_sdpa
+    patch_everywhere(monkeypatch, "fp8_sdpa", lambda *a, **kw: seen.append(kw.get("qk_scales")) or real(*a, **kw))
     got = logits(model, ids)
     assert seen and set(seen) == {"block"}
     # tiny random model, prepared (fused RoPE): measured 0.9966-0.9972 for block scales, 0.9965-0.9971 for
@@ -575,9 +605,9 @@ def test_packed_sequences_with_flash_kwargs_run_varlen(monkeypatch, prepared):
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     cu = torch.tensor([0, 13, 33], dtype=torch.int32)
     calls = []
-    real = hft.fp8_sdpa_varlen
-    monkeypatch.setattr(hft, "fp8_sdpa_varlen", lambda *a, **kw: calls.append(a[3].tolist()) or real(*a, **kw))
-    monkeypatch.setattr(hft, "_fallback_attention", None)  # any fallback would raise
+    real = hf_sdpa.fp8_sdpa_varlen
+    patch_everywhere(monkeypatch, "fp8_sdpa_varlen", lambda *a, **kw: calls.append(a[3].tolist()) or real(*a, **kw))
+    assert patch_everywhere(monkeypatch, "_fallback_attention", None)  # any fallback would raise
     with torch.no_grad():
         out = model(packed, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=20,
                     max_length_k=20).logits.float()
@@ -595,3 +625,80 @@ def test_packed_sequences_with_flash_kwargs_run_varlen(monkeypatch, prepared):
     with pytest.raises(ValueError, match="end at the packed length 30"):
         with torch.no_grad():
             model(packed[:, :30], position_ids=position_ids[:, :30], cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+
+# ------------------------------------------------------------------------------------------- options, caches
+
+
+def test_prepare_model_validates_options_once():
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(TypeError, match="smooth_k must be True or False, got 'no'"):
+        hfa.prepare_model(model, backend="reference", smooth_k="no")
+    with pytest.raises(TypeError, match="smooth_v must be True or False"):
+        hfa.prepare_model(model, backend="reference", smooth_v=1)
+    assert model.config._attn_implementation == "sdpa" and model.config.use_cache is True
+    assert not hasattr(model.config, "fp8_attention_options")
+    hfa.prepare_model(model, backend="reference", smooth_v=True)
+    assert model.config.fp8_attention_options == {
+        "hadamard": "none", "smooth_k": False, "smooth_v": True, "qk_scales": "head"}
+
+
+def test_unknown_option_on_the_config_is_an_error():
+    """The config's dict is read through FP8AttentionOptions.coerce: a typo is an error, not dropped."""
+    model = tiny_model()
+    model.set_attn_implementation("fp8_reference")
+    model.config.fp8_attention_options = {"hadamard": "none", "smoothk": True}
+    with pytest.raises(ValueError, match=r"unknown fp8 attention option\(s\) \['smoothk'\]"):
+        logits(model, ids_for())
+    model.config.fp8_attention_options = {"smooth_k": "yes"}
+    with pytest.raises(TypeError, match="smooth_k must be True or False"):
+        logits(model, ids_for())
+    model.config.fp8_attention_options = {"smooth_k": True}
+    logits(model, ids_for())
+
+
+def test_prepare_model_failing_step_undoes_the_others(monkeypatch):
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")
+    ids = ids_for()
+    before = logits(model, ids)
+
+    def broken(model):
+        raise RuntimeError("broken step")
+
+    monkeypatch.setattr(fused_rope, "fusable_modules", broken)
+    with pytest.raises(RuntimeError, match="broken step"):
+        hfa.prepare_model(model, backend="reference")
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.use_cache is True and model.generation_config.use_cache is True
+    assert not hasattr(model.config, "fp8_attention_options")
+    assert "_fp8_attention_state" not in model.__dict__
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_packing_plan_cached_per_key(monkeypatch):
+    calls = []
+    real = unpad._compute_packing_plan
+    monkeypatch.setattr(unpad, "_compute_packing_plan", lambda *a: calls.append(1) or real(*a))
+    runs = [(0, 2, 8, 2, 8), (1, 0, 8, 0, 8)]
+    plan = unpad._packing_plan(runs, 8, 8, torch.device("cpu"))
+    assert unpad._packing_plan(list(runs), 8, 8, "cpu") is plan and len(calls) == 1  # every layer, one plan
+    assert plan[2].tolist() == [0, 6, 14] and plan[0].tolist() == [*range(2, 8), *range(8, 16)]
+    other = unpad._packing_plan(runs[:1], 8, 8, "cpu")
+    assert other is not plan and len(calls) == 2
+    assert unpad._packing_plan(runs, 8, 8, "cpu") is not plan and len(calls) == 3
+
+
+def test_fallback_warning_once_per_reason_as_keys_grow(caplog):
+    """The fallback message does not carry the key count: a decode loop warns once, not once per step."""
+    attn = tiny_model("mistral", sliding_window=16).model.layers[0].self_attn
+    forward = AttentionInterface._global_mapping["fp8_reference"]
+    gen = torch.Generator().manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="hf_fp8_attention"):
+        for s_kv in (20, 21, 22):
+            q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16()
+            k = torch.randn(1, 2, s_kv, 64, generator=gen).bfloat16()
+            forward(attn, q, k, k.clone(), None, scaling=0.125, sliding_window=16)
+    warnings = [r for r in caplog.records if "sliding window of 16" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].name == "hf_fp8_attention.transformers.attention"
