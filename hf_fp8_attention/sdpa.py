@@ -120,9 +120,15 @@ def _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
             plan.quantizer)
-    if torch.compiler.is_compiling():  # the custom op keeps the graph whole
+    # The custom op keeps a compiled graph whole and carries the (straight-through) backward; in eager
+    # inference its dispatch would be pure overhead.
+    if torch.compiler.is_compiling() or _needs_grad(query, key, value):
         return fp8_sdpa_op(*args, *flatten(options))
-    return fp8_attention(*args, options)  # eager: the op's dispatch would be pure overhead
+    return fp8_attention(*args, options)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fp8_sdpa_varlen(
