@@ -3,7 +3,8 @@
 Inputs arrive validated (`sdpa.fp8_sdpa` / `sdpa.fp8_sdpa_varlen`) with a `dispatch.Plan` already made:
 fixed-length query (B, H_q, S_q, D) / key, value (B, H_kv, S_kv, D) BHSD views, or packed sequences
 (total, H, D) with int32 offsets. Output: BSHD contiguous (B, S_q, H_q, D), or (total_q, H_q, D) packed.
-`custom_ops` wraps `fp8_attention` as the torch custom op that `torch.compile` sees.
+`custom_ops` wraps `fp8_attention` as the torch custom op that `torch.compile` sees, with
+`exact_attention_grads` as its backward (straight-through: fp8 forward, exact attention gradients).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .backends import get_backend_fn
 from .options import FP8AttentionOptions
-from .quantization import QUANTIZERS, QuantizedQKV, check_cu_seqlens, hadamard_matrix
+from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
 
 
 def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions) -> QuantizedQKV:
@@ -94,3 +95,52 @@ def fp8_attention(
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)
     return out if varlen is None else out[0]
+
+
+# --- backward: straight-through ---------------------------------------------------------------------------
+# The fp8 forward has no useful derivative of its own (rounding), so gradients are those of the exact
+# attention in the input dtype, recomputed from the saved bf16/fp16 inputs: fp8 numerics forward, the exact
+# attention's gradients backward (what fine-tuning with fp8 inference numerics wants). RoPE, when fused, is
+# part of that exact attention; the Hadamard rotation and the mean subtraction are exact transforms and
+# change nothing in it.
+
+
+def _exact_attention(query, key, value, cos, sin, is_causal: bool, scale: float) -> torch.Tensor:
+    """query (B, H_q, S_q, D), key/value (B, H_kv, S_kv, D) -> (B, S_q, H_q, D): torch SDPA in the input
+    dtype, bottom-right causal, RoPE applied first when cos/sin are given (as the quantizer does)."""
+    if cos is not None:
+        query, key = (apply_rope_reference(t.float(), cos, sin).to(t.dtype) for t in (query, key))
+    s_q, s_kv = query.shape[2], key.shape[2]
+    mask = None
+    if is_causal and s_q != s_kv:
+        mask = torch.ones(s_q, s_kv, dtype=torch.bool, device=query.device).tril(s_kv - s_q)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2)
+
+
+def exact_attention_grads(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, is_causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the exact attention w.r.t. query, key, value for the output gradient ``grad_out``, in
+    `fp8_attention`'s layouts: fixed (B, S_q, H_q, D) grad for BHSD inputs, or packed (total_q, H_q, D)
+    grad for packed inputs (one sequence at a time; the offsets are read on the host)."""
+    def exact(q, k, v):
+        if cu_seqlens_q is None:
+            return _exact_attention(q, k, v, cos, sin, is_causal, scale)
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        rope = cos is not None
+        tables = (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])) if rope else None
+        bhsd = lambda x, a, b: x[a:b].transpose(0, 1)[None]  # noqa: E731
+        parts = []
+        for i in range(len(cu_q) - 1):
+            (q0, q1), (k0, k1) = cu_q[i : i + 2], cu_k[i : i + 2]
+            c, s = (tables[0][None, q0:q1], tables[1][None, q0:q1]) if rope else (None, None)
+            parts.append(_exact_attention(bhsd(q, q0, q1), bhsd(k, k0, k1), bhsd(v, k0, k1), c, s, is_causal, scale)[0])
+        return torch.cat(parts)
+
+    # torch.func, not torch.autograd: inside a custom op's implementation the autograd keys are excluded
+    _, vjp = torch.func.vjp(exact, query, key, value)
+    dq, dk, dv = vjp(grad_out)
+    return dq, dk, dv

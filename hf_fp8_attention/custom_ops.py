@@ -6,6 +6,11 @@ FA3's ``_flash_attn_forward`` does: the ``cu_seqlens_*`` arguments are optional.
 `attention.fp8_attention`, with the `FP8AttentionOptions` object flattened into its four fields: the only
 place it is.
 
+Autograd: straight-through. The backward is a second opaque op that recomputes the exact attention in the
+input dtype from the saved inputs and returns its gradients (`attention.exact_attention_grads`), so training
+through fp8 attention gets the gradients of the attention it approximates, never the silent garbage of
+differentiating nothing; cos/sin, offsets and options get no gradient.
+
 Schema sentinels: ``max_seqlen_q/k`` None with offsets given = validate and measure the offsets inside the
 op (a traced graph cannot read them on the host); ``scale`` is always resolved to a float before the call.
 """
@@ -16,7 +21,7 @@ import dataclasses
 
 import torch
 
-from .attention import fp8_attention
+from .attention import exact_attention_grads, fp8_attention
 from .options import FP8AttentionOptions
 
 _SCHEMA = (
@@ -41,6 +46,37 @@ def _fp8_sdpa_fake(query, key, value, cu_seqlens_q, *unused):
         return query.new_empty(query.shape)
     b, h_q, s_q, d = query.shape
     return query.new_empty((b, s_q, h_q, d))
+
+
+@torch.library.custom_op("hf_fp8_attention::fp8_sdpa_backward", mutates_args=())
+def fp8_sdpa_backward_op(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, is_causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the exact attention w.r.t. query, key, value (their shapes and dtypes)."""
+    return exact_attention_grads(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_k, cos, sin, is_causal, scale)
+
+
+@fp8_sdpa_backward_op.register_fake
+def _fp8_sdpa_backward_fake(grad_out, query, key, value, *unused):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, cu_q, cu_k, _, _, cos, sin, is_causal, scale = inputs[:11]
+    ctx.save_for_backward(query, key, value, cu_q, cu_k, cos, sin)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _backward(ctx, grad_out):
+    query, key, value, cu_q, cu_k, cos, sin = ctx.saved_tensors
+    grads = fp8_sdpa_backward_op(grad_out, query, key, value, cu_q, cu_k, cos, sin, ctx.is_causal, ctx.scale)
+    return (*grads, *(None,) * (len(_SCHEMA_ARGS) - 3))
+
+
+_SCHEMA_ARGS = _SCHEMA[1 : _SCHEMA.index(")")].split(", ")
+fp8_sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flatten(options: FP8AttentionOptions) -> tuple:

@@ -16,7 +16,7 @@ import torch
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .attention import fp8_attention
 from .custom_ops import flatten, fp8_sdpa_op
-from .dispatch import plan_attention
+from .dispatch import Plan, plan_attention
 from .options import FP8AttentionOptions
 from .quantization import check_cu_seqlens
 
@@ -114,15 +114,24 @@ def fp8_sdpa(
 
 def _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options) -> torch.Tensor:
     """Plan and run validated inputs. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when the
-    offsets could not be read on the host (compiling)."""
+    offsets could not be read on the host (compiling, meta tensors)."""
     options.check_head_dim(query.shape[-1])
-    plan = plan_attention(query.device, backend, options)
+    if query.is_meta:  # shapes only: the op's fake answers, whatever the backend would be
+        plan = Plan(backend or "reference", "reference")
+    else:
+        plan = plan_attention(query.device, backend, options)
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
             plan.quantizer)
-    if torch.compiler.is_compiling():  # the custom op keeps the graph whole
+    # The custom op keeps a compiled graph whole, carries the (straight-through) backward and gives meta
+    # tensors their shapes through its fake; in eager inference its dispatch would be pure overhead.
+    if torch.compiler.is_compiling() or query.is_meta or _needs_grad(query, key, value):
         return fp8_sdpa_op(*args, *flatten(options))
-    return fp8_attention(*args, options)  # eager: the op's dispatch would be pure overhead
+    return fp8_attention(*args, options)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fp8_sdpa_varlen(
@@ -159,8 +168,9 @@ def fp8_sdpa_varlen(
     _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin)
     is_causal = bool(is_causal)
     options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
-    if torch.compiler.is_compiling():
-        # the offsets cannot be read while tracing: the op validates and measures them when it runs
+    if torch.compiler.is_compiling() or query.is_meta:
+        # the offsets cannot be read while tracing (or have no values): the op validates and measures them
+        # when it runs
         varlen = (cu_seqlens_q.to(query.device), cu_seqlens_k.to(query.device), None, None)
     else:
         # validated where they are (offsets built on the host cost no device sync), then moved to the device

@@ -122,20 +122,26 @@ def _rotate(x1, x2, c1, c2, s1, s2, rope_on, APPLY_ROPE: tl.constexpr):
 
 
 @triton.jit
-def _nan_aware_max(x, AXIS: tl.constexpr = None):
-    """Max of non-negative values (over the whole tile, or along AXIS) that is NaN where any element is NaN
-    (like torch.amax). tl.max alone may drop NaN on the GPU (maxnum semantics)."""
-    m = tl.max(x, axis=AXIS)
-    n_nan = tl.sum((x != x).to(tl.int32), axis=AXIS)
-    return tl.where(n_nan > 0, float("nan"), m)
+def _finite_abs(x):
+    """|x| where x is finite, 0 where it is NaN or +-inf (NaN < inf is False): non-finite elements never set
+    a scale, so they damage only the scores / output columns they are in, not their whole head."""
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+@triton.jit
+def _to_fp8(x, FP8_MAX: tl.constexpr):
+    """RNE e4m3 of x clamped to +-FP8_MAX; NaN and +-inf become NaN (e4m3fn has no inf)."""
+    y = tl.clamp(x, -FP8_MAX, FP8_MAX)
+    return tl.where(tl.abs(x) < float("inf"), y, float("nan")).to(tl.float8e4nv)
 
 
 @triton.jit
 def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
-    """max |x| over each SCALE_BLOCK rows of a tile given as half tiles x1, x2 (BLOCK_S, HALF_BLOCK), rows
-    with `valid` False counted as 0; NaN when the block holds a NaN (like torch.amax). (BLOCK_S // SCALE_BLOCK,)"""
-    a = tl.where(valid[:, None], tl.maximum(tl.abs(x1), tl.abs(x2), propagate_nan=tl.PropagateNan.ALL), 0.0)
-    return _nan_aware_max(tl.reshape(a, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), 1)
+    """max |x| over the finite elements of each SCALE_BLOCK rows of a tile given as half tiles x1, x2
+    (BLOCK_S, HALF_BLOCK), rows with `valid` False counted as 0. (BLOCK_S // SCALE_BLOCK,)"""
+    a = tl.where(valid[:, None], tl.maximum(_finite_abs(x1), _finite_abs(x2)), 0.0)
+    return tl.max(tl.reshape(a, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * a.shape[1])), 1)
 
 
 @triton.jit
@@ -179,10 +185,11 @@ def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr, SPLIT: tl.constexpr):
 def _store_half_stats(x, valid, ptr, d_mask, HEAD_DIM: tl.constexpr):
     """Per-channel sum, min and max over the valid rows of a transformed half tile, to ptr, ptr + HEAD_DIM,
     ptr + 2 * HEAD_DIM (rows past seq_len were loaded as 0: they add nothing to the sum and are masked out
-    of min and max)."""
-    tl.store(ptr, tl.sum(x, axis=0), mask=d_mask)
-    tl.store(ptr + HEAD_DIM, tl.min(tl.where(valid, x, float("inf")), axis=0), mask=d_mask)
-    tl.store(ptr + 2 * HEAD_DIM, tl.max(tl.where(valid, x, float("-inf")), axis=0), mask=d_mask)
+    of min and max). Non-finite elements count as 0 in the sum and are left out of min and max."""
+    finite = tl.abs(x) < float("inf")
+    tl.store(ptr, tl.sum(tl.where(finite, x, 0.0), axis=0), mask=d_mask)
+    tl.store(ptr + HEAD_DIM, tl.min(tl.where(valid & finite, x, float("inf")), axis=0), mask=d_mask)
+    tl.store(ptr + 2 * HEAD_DIM, tl.max(tl.where(valid & finite, x, float("-inf")), axis=0), mask=d_mask)
 
 
 @triton.jit
@@ -190,7 +197,7 @@ def _reduce_half_stats(part_ptr, n_tiles, seq_len, offs_d, d_mask,
                        HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, RED_TILES: tl.constexpr):
     """Mean over the sequence and centred max |x - mean| of the channels part_ptr + offs_d of one head, from
     its n_tiles partials (stride 3 * HEAD_DIM), in tile order so the result does not depend on timing.
-    Returns (mean (HALF_BLOCK,), centred amax scalar; NaN if any sum, min or max is NaN)."""
+    Returns (mean (HALF_BLOCK,), centred amax scalar over the finite elements)."""
     total = tl.zeros((HALF_BLOCK,), tl.float32)
     lo = tl.full((HALF_BLOCK,), float("inf"), tl.float32)
     hi = tl.full((HALF_BLOCK,), float("-inf"), tl.float32)
@@ -200,14 +207,13 @@ def _reduce_half_stats(part_ptr, n_tiles, seq_len, offs_d, d_mask,
         ptr = part_ptr + tiles[:, None] * (3 * HEAD_DIM) + offs_d[None, :]
         # .cg: read past L1, which may hold lines from before the acquire
         total += tl.sum(tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        lo = tl.minimum(lo, tl.min(tl.load(ptr + HEAD_DIM, mask=mask, other=float("inf"), cache_modifier=".cg"), axis=0),
-                        propagate_nan=tl.PropagateNan.ALL)
-        hi = tl.maximum(hi, tl.max(tl.load(ptr + 2 * HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0),
-                        propagate_nan=tl.PropagateNan.ALL)
+        lo = tl.minimum(lo, tl.min(tl.load(ptr + HEAD_DIM, mask=mask, other=float("inf"), cache_modifier=".cg"), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.load(ptr + 2 * HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0))
     mean = tl.math.div_rn(total, tl.maximum(seq_len, 1).to(tl.float32))  # an empty sequence: mean 0
     # rounding is monotonic, so max over x of fl(x - mean) is fl(max - mean): the amax of the centred tile
-    centred = tl.maximum(hi - mean, mean - lo, propagate_nan=tl.PropagateNan.ALL)
-    return mean, _nan_aware_max(tl.where(d_mask, centred, 0.0))
+    # a channel with no finite element has lo = inf, hi = -inf: centred -inf, below the 0 of the padding
+    centred = tl.maximum(hi - mean, mean - lo)
+    return mean, tl.max(tl.where(d_mask, centred, 0.0))
 
 
 @triton.jit
@@ -294,9 +300,9 @@ def qkv_quantize_kernel(
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
-    switched on); amax = max |x| (NaN if any element is NaN), scale = FP8_MAX / amax (1 if amax is not > 0);
-    every element is quantized with round-to-nearest-even into the BSHD fp8 output, and descale = amax /
-    FP8_MAX (1 if amax is not > 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
+    switched on); amax = max |x| over its finite elements, scale = FP8_MAX / amax (1 if amax is 0); every
+    element is quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
+    descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
     part_ptr (2, B, H_KV, cdiv(S_KV, BLOCK_S), 3, HEAD_DIM) float32 holds the per-tile statistics.
@@ -370,9 +376,8 @@ def qkv_quantize_kernel(
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
             x1, x2 = _transform(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1, signs,
                                 APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
-            m = _nan_aware_max(tl.maximum(tl.abs(x1), tl.abs(x2), propagate_nan=tl.PropagateNan.ALL))
-            # The int32 max of the bit patterns orders non-negative floats, +inf and NaN (0x7F8..., 0x7FC...,
-            # sign bit clear after abs) like torch.amax does: NaN wins.
+            m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+            # The int32 max of the bit patterns orders non-negative finite floats like the floats.
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             if SMOOTH_K or SMOOTH_V:
                 smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
@@ -391,7 +396,7 @@ def qkv_quantize_kernel(
                                                       HEAD_DIM, HALF_BLOCK, RED_TILES)
                     mean2, amax2 = _reduce_half_stats(p_ptr + HALF, n_tiles_kv, seq1, offs_d, d_mask,
                                                       HEAD_DIM, HALF_BLOCK, RED_TILES)
-                    amax = tl.where((amax1 != amax1) | (amax1 > amax2), amax1, amax2)  # NaN wins
+                    amax = tl.maximum(amax1, amax2)
                     m_ptr = mean_ptr + head1.to(tl.int64) * HEAD_DIM + offs_d
                     tl.store(m_ptr, mean1, mask=d_mask)
                     tl.store(m_ptr + HALF, mean2, mask=d_mask)
@@ -416,7 +421,7 @@ def qkv_quantize_kernel(
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
-            positive = amax > 0.0  # False for NaN too: scale 1 keeps NaN as NaN and clamps the rest
+            positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
             tl.store(descale_ptr + grp2, descale, mask=first2)
@@ -427,7 +432,6 @@ def qkv_quantize_kernel(
                 m_ptr = mean_ptr + (grp2 - B * H_KV).to(tl.int64) * HEAD_DIM + offs_d
                 x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
                 x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
-            # tl.clamp with PropagateNan.ALL keeps NaN as NaN (torch.clamp semantics); the cast is RNE.
             if BLOCK_SCALES:
                 # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
                 valid2 = (row2 + out_rows) < seq2
@@ -444,8 +448,8 @@ def qkv_quantize_kernel(
                 row_scale = tl.where(t2 < 2, row_scale, scale)[:, None]
             else:
                 row_scale = scale
-            y1 = tl.clamp(x1 * row_scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
-            y2 = tl.clamp(x2 * row_scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
+            y1 = _to_fp8(x1 * row_scale, FP8_MAX)
+            y2 = _to_fp8(x2 * row_scale, FP8_MAX)
             mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
             out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
             out_stride_s = n_heads2 * HEAD_DIM

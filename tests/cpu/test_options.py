@@ -67,3 +67,18 @@ def test_head_dim_check():
     FP8AttentionOptions(smooth_k=True).check_head_dim(96)
     with pytest.raises(ValueError, match="power-of-two head_dim <= 256, got 96"):
         FP8AttentionOptions(hadamard="v_only").check_head_dim(96)
+
+
+def test_meta_tensors_get_shapes_without_running():
+    """Meta tensors (shape propagation, e.g. accelerate's init_empty_weights tracing) take the op's fake:
+    shapes and dtypes, no data access, no notice about the missing GPU."""
+    import logging
+
+    m = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    out = fp8_sdpa(m(2, 8, 16, 64), m(2, 2, 16, 64), m(2, 2, 16, 64), is_causal=True, hadamard="qkv")
+    assert out.shape == (2, 8, 16, 64) and out.device.type == "meta" and out.dtype == torch.bfloat16
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    out = fp8_sdpa_varlen(m(30, 8, 64), m(30, 2, 64), m(30, 2, 64), cu, cu, is_causal=True)
+    assert out.shape == (30, 8, 64) and out.device.type == "meta"
+    with pytest.raises(ValueError, match="head_dim 80 is not supported"):
+        fp8_sdpa(m(1, 2, 4, 80), m(1, 2, 4, 80), m(1, 2, 4, 80))

@@ -187,3 +187,20 @@ def test_fa3_on_side_stream_and_device_context():
     with torch.cuda.device(torch.cuda.device_count() - 1):
         out_default = fp8_sdpa(q, k, v, is_causal=True, backend="fa3")
     assert torch.equal(out_side, out_default)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["fa3", "triton"])
+def test_backward_is_exact_attention_gpu(backend):
+    """Straight-through backward on the GPU backends: gradients of the exact attention (cosine >= 0.999 vs
+    float32 autograd), with the fp8 forward of the named backend."""
+    if backend == "fa3" and not (_is_sm90 and kernel_available("fa3")):
+        pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel (flash_attn_interface)")
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 8, 2, 1024, 1024, 128, seed=9))
+    out = fp8_sdpa(q, k, v, is_causal=True, backend=backend)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _sdpa(qf, kf, vf, True).backward(grad.float())
+    for name, got, want in (("q", q.grad, qf.grad), ("k", k.grad, kf.grad), ("v", v.grad, vf.grad)):
+        assert cosine(got, want) > 0.999, name
