@@ -2,6 +2,8 @@
 # GPU check for a lent H100: install the carried FA3 wheel, run the GPU tests, print the speed tables.
 # Usage (device run, from the repo root, with carry [".whl"]):
 #   bash scripts/gpu_check.sh            # tests + one-layer speed table (issue acceptance)
+#   bash scripts/gpu_check.sh --tests    # only the GPU tests; --bench: only the one-layer speed table
+#                                        # (the two halves of the default, for calls under 10 minutes)
 #   bash scripts/gpu_check.sh --full     # + quantize modes, accuracy report (S=4096, H=32), mode costs
 #   bash scripts/gpu_check.sh --model    # end-to-end Llama-3-8B-shaped prefill benchmark only
 #   bash scripts/gpu_check.sh --table    # only the triton backend's table (D 64/128/256, S 1k..64k)
@@ -47,7 +49,7 @@ elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
 else
-  case "$mode" in --table|--triton) ;; *) step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs ;; esac
+  case "$mode" in --table|--triton|--bench) ;; *) step gpu_tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rs ;; esac
   if [ "$mode" = "--full" ]; then
     step quantize python3 scripts/bench_quantize.py --modes --seqlens 16384
     step accuracy python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 --json "$out/accuracy.json"
@@ -65,7 +67,7 @@ else
       --modes none block qkv block+qkv qkv+smooth_k block+qkv+smooth_k --json "$out/accuracy_block.json"
     step sdpa_block python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --modes none block \
       --impls fp8_triton --json "$out/sdpa_block.json"
-  elif [ "$mode" != "--table" ]; then
+  elif [ "$mode" != "--table" ] && [ "$mode" != "--tests" ]; then
     step sdpa python3 scripts/bench_sdpa.py --seqlens 4096 16384 32768 --modes none --json "$out/bench_sdpa.json"
   fi
 fi
