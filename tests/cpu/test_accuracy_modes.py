@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention import fp8_sdpa
-from hf_fp8_attention.accuracy import MODES, capture_qkv, make_inputs, score_modes
+from hf_fp8_attention.accuracy import MODES, capture_layers_qkv, capture_qkv, make_inputs, score_modes
 from hf_fp8_attention.quantization import hadamard_matrix, quantize_qkv_fp8_reference
 
 
@@ -87,13 +87,34 @@ def test_hadamard_gain_on_outlier_channels():
     assert scores["qkv"] >= scores["none"] + 0.3, scores
 
 
-def test_capture_qkv_from_a_model():
+def _tiny_llama(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, vocab_size=64)
-    model = LlamaForCausalLM(cfg).bfloat16().eval()
+    return LlamaForCausalLM(cfg).bfloat16().eval()
+
+
+def test_capture_qkv_from_a_model():
+    model = _tiny_llama(2)
     q, k, v = capture_qkv(model, torch.randint(0, 64, (1, 32)), layer=1)
     assert q.shape == (1, 4, 32, 64) and k.shape == (1, 2, 32, 64)
     assert model.config._attn_implementation != "hfa_capture"
+
+
+def test_capture_every_layer_in_one_forward():
+    """layers=None: one (q, k, v) per layer, in layer order, equal to the single-layer captures."""
+    model = _tiny_llama(3)
+    previous = model.config._attn_implementation
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    every = capture_layers_qkv(model, ids)
+    assert list(every) == [0, 1, 2]
+    for layer, (q, k, v) in every.items():
+        assert q.shape == (2, 4, 24, 64) and k.shape == v.shape == (2, 2, 24, 64)
+        assert all(torch.equal(a, b) for a, b in zip((q, k, v), capture_qkv(model, ids, layer=layer)))
+    assert not torch.equal(every[0][0], every[1][0])
+    assert list(capture_layers_qkv(model, ids, layers=[2, 0])) == [0, 2]
+    with pytest.raises(RuntimeError, match=r"\[5\]"):
+        capture_layers_qkv(model, ids, layers=[1, 5])
+    assert model.config._attn_implementation == previous

@@ -1,4 +1,5 @@
-"""scripts/: argument handling of eval_perplexity, benchmark_model and bench_sdpa, plus tiny CPU runs.
+"""scripts/: argument handling of eval_perplexity, benchmark_model, bench_sdpa and accuracy_report, plus tiny
+CPU runs.
 
 The end-to-end perplexity run uses a tiny random Llama and a WordLevel tokenizer built offline in a tmp
 dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tiny config on CPU.
@@ -35,6 +36,7 @@ def _load(name: str):
 ppl = _load("eval_perplexity")
 bench_model = _load("benchmark_model")
 bench_sdpa = _load("bench_sdpa")
+acc = _load("accuracy_report")
 common = sys.modules["_common"]
 
 
@@ -457,3 +459,107 @@ def test_bench_sdpa_sqnr_helpers():
     assert bench_sdpa._reference(q, k, v, True, "off") is None
     assert bench_sdpa._sqnr(bench_sdpa.Candidate("t", lambda: None, output=False), ref) is None
     assert "none" in bench_sdpa.available_modes()
+
+
+# ------------------------------------------------------------------------------------------------------
+# accuracy_report
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_report_args():
+    from hf_fp8_attention.accuracy import FAMILIES, LONG_FAMILIES, MODES
+
+    args = acc.parse_args([])
+    assert args.families == list(FAMILIES) and args.modes == list(MODES) and args.seqlens is None
+    assert (args.seq, args.windows, args.last, args.kv_heads) == (1024, 1, 256, 8)
+    args = acc.parse_args(["--seqlens", "8192", "32768", "131072"])
+    assert args.families == list(LONG_FAMILIES) and args.seqlens == [8192, 32768, 131072]
+    assert acc.parse_args(["--seqlens", "512", "--families", "needle", "real", "--model", "m"]).families == ["needle", "real"]
+    assert acc.parse_args(["--families", "gaussian", "real", "--model", "default"]).windows == 1
+    assert acc.parse_args(["--seqlens", "256", "--last", "250", "--families", "v_offset"]).last == 250
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--families", "needle"],  # a long-context family without --seqlens
+        ["--seqlens", "512", "--families", "k_outlier_20x"],
+        ["--families", "real"],  # needs --model
+        ["--seqlens", "512", "--model", "default"],  # --model without the real family
+        ["--seqlens", "128", "--last", "256"],
+        ["--seqlens", "256", "1024", "--last", "250"],  # the needle at 256/16 = 16 is not before every scored query
+        ["--seqlens", "0"],
+        ["--windows", "0"],
+        ["--text-file", "/no/such/file.txt"],
+        ["--heads", "8", "--kv-heads", "3"],
+    ],
+)
+def test_accuracy_report_errors(argv, capsys):
+    _expect_usage_error(acc.parse_args, argv, capsys)
+
+
+def test_accuracy_report_long_context_cpu(tmp_path, capsys):
+    out_json = tmp_path / "long.json"
+    argv = ["--seqlens", "256", "512", "--last", "32", "--heads", "2", "--kv-heads", "1", "--head-dim", "64",
+            "--modes", "none", "smooth_k+smooth_v", "--device", "cpu", "--json", str(out_json)]
+    assert acc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| inputs | S | mode | SQNR dB | cosine | rel L2 |" in out and "last 32 queries" in out
+    data = json.loads(out_json.read_text())
+    assert data["backend"] == "reference" and data["seqlens"] == [256, 512] and data["last"] == 32
+    keys = [(r["S"], r["family"], r["mode"]) for r in data["rows"]]
+    assert keys == [(s, f, m) for s in (256, 512) for f in ("v_offset", "needle", "gaussian")
+                    for m in ("bf16 sdpa (torch.bfloat16)", "none", "smooth_k+smooth_v")]
+    assert all(20 < r["sqnr_db"] < 80 and r["cosine"] > 0.99 for r in data["rows"])
+    assert f"| needle | 512 | none | {data['rows'][-5]['sqnr_db']:.2f} |" in out
+
+
+def test_accuracy_report_real_family_cpu(tiny_model, tiny_corpus, tmp_path, capsys):
+    """Every layer of the tiny Llama on 3 windows of 64 tokens of a text file; one synthetic family too."""
+    out_json = tmp_path / "real.json"
+    argv = ["--model", str(tiny_model), "--text-file", str(tiny_corpus), "--families", "gaussian", "real",
+            "--seq", "64", "--windows", "3", "--heads", "2", "--head-dim", "64", "--modes", "none", "qkv",
+            "--device", "cpu", "--json", str(out_json)]
+    assert acc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| inputs | mode | SQNR dB |" in out and "| gaussian | none |" in out
+    assert "2 layers x 3 windows of 64 tokens" in out and "H=2/1 D=64" in out
+    assert "| mode | SQNR dB mean | SQNR dB min | min at |" in out
+    real = json.loads(out_json.read_text())["real"]
+    assert real["model"] == str(tiny_model) and real["corpus"] == str(tiny_corpus)
+    assert [r["mode"] for r in real["summary"]] == ["bf16 sdpa (torch.bfloat16)", "none", "qkv"]
+    assert {(r["window"], r["layer"]) for r in real["rows"]} == {(w, layer) for w in range(3) for layer in range(2)}
+    for r in real["summary"]:
+        mine = [x["sqnr_db"] for x in real["rows"] if x["mode"] == r["mode"]]
+        assert r["n"] == 6 and r["sqnr_min"] == min(mine) and r["sqnr_mean"] == pytest.approx(sum(mine) / 6)
+        assert math.isfinite(r["sqnr_mean"]) and r["sqnr_mean"] > 15
+        assert f"| {r['mode']} | {r['sqnr_mean']:.2f} | {r['sqnr_min']:.2f} |" in out
+
+
+def test_accuracy_report_real_family_needs_a_text(tiny_model, tiny_corpus, monkeypatch):
+    """Without --text-file the text is exllamav2's wiki.utf8; missing, the error names the package. Too
+    short a text is an error too."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "exllamav2" else real_find_spec(name, *a))
+    base = ["--model", str(tiny_model), "--families", "real", "--seq", "64", "--modes", "none", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="exllamav2"):
+        acc.main(base)
+    with pytest.raises(SystemExit, match="fewer than --windows 50 x --seq 64"):
+        acc.main([*base, "--text-file", str(tiny_corpus), "--windows", "50"])
+
+
+def test_accuracy_report_model_without_real_family(tiny_model, capsys):
+    """--model alone keeps the single-layer row of earlier versions."""
+    argv = ["--model", str(tiny_model), "--families", "gaussian", "--layer", "1", "--seq", "32", "--heads", "2",
+            "--head-dim", "64", "--modes", "none", "--device", "cpu"]
+    assert acc.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| real (layer 1) | none |" in out and "| gaussian | none |" in out and "# real:" not in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_accuracy_report_plot(tmp_path):
+    bars = [(f, m, 20.0 + i) for i, (f, m) in enumerate([("gaussian", "none"), ("gaussian", "qkv"), ("needle S=512", "none")])]
+    acc._plot(bars, str(tmp_path / "acc.png"))
+    assert (tmp_path / "acc.png").stat().st_size > 1000
