@@ -82,3 +82,25 @@ def test_meta_tensors_get_shapes_without_running():
     assert out.shape == (30, 8, 64) and out.device.type == "meta"
     with pytest.raises(ValueError, match="head_dim 80 is not supported"):
         fp8_sdpa(m(1, 2, 4, 80), m(1, 2, 4, 80), m(1, 2, 4, 80))
+
+
+def test_unsupported_head_dim_under_compile_names_the_problem():
+    """Under torch.compile the validation runs while tracing. Without fullgraph Dynamo falls back to eager at
+    the raise, so the caller gets the ValueError itself; with fullgraph=True Dynamo cannot, and its error
+    carries the ValueError's message (it used to be worth checking that it does)."""
+    q = torch.randn(1, 2, 16, 80).bfloat16()
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def f(q):
+        return fp8_sdpa(q, q, q, backend="reference")
+
+    with pytest.raises(ValueError, match="head_dim 80 is not supported"):
+        f(q)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def g(q):
+        return fp8_sdpa(q, q, q, backend="reference")
+
+    with pytest.raises(Exception, match="head_dim 80 is not supported by fp8 attention"):
+        g(q)
