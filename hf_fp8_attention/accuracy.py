@@ -36,6 +36,7 @@ NEEDLE_V = 4.0
 MODES = {
     "none": {},
     "smooth_k": {"smooth_k": True},
+    "qk": {"hadamard": "qk"},
     "qkv": {"hadamard": "qkv"},
     "v_only": {"hadamard": "v_only"},
     "qkv+smooth_k": {"hadamard": "qkv", "smooth_k": True},

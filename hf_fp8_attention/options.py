@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-HADAMARD_MODES = ("none", "qkv", "v_only")
+HADAMARD_MODES = ("none", "qk", "qkv", "v_only")
 QK_SCALES = ("head", "block")
 MAX_HADAMARD_DIM = 256
 
@@ -20,8 +20,8 @@ MAX_HADAMARD_DIM = 256
 class FP8AttentionOptions:
     """How Q/K/V are prepared before their e4m3 cast.
 
-    hadamard: "none", "qkv" (Q, K and V rotated by a normalised Hadamard matrix; the output is rotated
-        back) or "v_only". Needs a power-of-two head_dim <= 256 (`check_head_dim`). None means "none".
+    hadamard: "none", "qk" (Q and K rotated by a normalised Hadamard matrix: Q.K^T is unchanged, no output
+        pass), "qkv" (V too; the output is rotated back) or "v_only". Needs a power-of-two head_dim <= 256 (`check_head_dim`). None means "none".
     smooth_k: subtract K's per-channel mean over the sequence (exact for softmax).
     smooth_v: subtract V's per-channel mean and add it back to the output (exact).
     qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
@@ -49,7 +49,7 @@ class FP8AttentionOptions:
     # --- what the kernels need -------------------------------------------------------------------------
     @property
     def rotates_qk(self) -> bool:
-        return self.hadamard == "qkv"
+        return self.hadamard in ("qk", "qkv")
 
     @property
     def rotates_v(self) -> bool:

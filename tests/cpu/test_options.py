@@ -16,6 +16,8 @@ def test_defaults_and_derived_flags():
     assert o.changed() == {"hadamard": "qkv", "smooth_v": True, "qk_scales": "block"}
     v = FP8AttentionOptions(hadamard="v_only")
     assert v.rotates_v and not v.rotates_qk
+    qk = FP8AttentionOptions(hadamard="qk")
+    assert qk.rotates_qk and not qk.rotates_v
     assert FP8AttentionOptions(hadamard=None).hadamard == "none"  # prepare_model's None means "none"
     with pytest.raises(Exception):
         o.smooth_k = True  # frozen

@@ -179,7 +179,7 @@ def assert_close_modes(got: QuantizedQKV, ref: QuantizedQKV, rope: bool, hadamar
         assert int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
         assert n_diff <= MAX_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
         gd, rd = getattr(got, f"{n}_descale"), getattr(ref, f"{n}_descale")
-        rotated = rope and hadamard == "qkv" and n != "v"
+        rotated = rope and hadamard in ("qk", "qkv") and n != "v"
         rtol = ROPE_HADAMARD_DESCALE_RTOL if rotated else DESCALE_RTOL
         torch.testing.assert_close(gd, rd, rtol=rtol, atol=0, msg=f"{n}_descale")
     assert (got.v_mean is None) == (ref.v_mean is None)
@@ -193,6 +193,7 @@ MODE_CASES = [
     # B, H_q, H_kv, S, D, dtype, rope (B_c, cos dtype) or None, hadamard, smooth_k, smooth_v
     pytest.param(1, 4, 2, 150, 64, torch.bfloat16, None, "qkv", False, False, id="qkv-d64-bf16"),
     pytest.param(1, 4, 2, 150, 128, torch.float16, None, "qkv", False, False, id="qkv-d128-fp16"),
+    pytest.param(1, 4, 2, 150, 128, torch.bfloat16, (1, torch.float32), "qk", False, True, id="rope-qk-smooth_v-d128"),
     pytest.param(2, 2, 2, 70, 128, torch.bfloat16, None, "v_only", False, False, id="v_only-d128"),
     pytest.param(1, 4, 1, 200, 64, torch.bfloat16, None, "none", True, False, id="smooth_k-mqa-d64"),
     pytest.param(2, 4, 2, 77, 96, torch.float16, None, "none", True, True, id="smooth_kv-d96-fp16"),

@@ -19,7 +19,7 @@ from hf_fp8_attention.metrics import sqnr_db  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
-MODES = [{}, {"smooth_k": True}, {"smooth_v": True}, {"hadamard": "qkv"}, {"hadamard": "v_only"},
+MODES = [{}, {"smooth_k": True}, {"smooth_v": True}, {"hadamard": "qkv"}, {"hadamard": "qk"}, {"hadamard": "v_only"},
          {"qk_scales": "block"}, {"hadamard": "qkv", "smooth_k": True, "smooth_v": True, "qk_scales": "block"}]
 
 
