@@ -160,7 +160,7 @@ def assert_close_modes(got, ref, rope: bool, hadamard: str) -> None:
         assert ulp.numel() == 0 or int(ulp.max()) <= 1, f"{n}: {int(ulp.max())} ulp"
         assert n_diff <= MODES_ULP_FRACTION * ulp.numel(), f"{n}: {n_diff} of {ulp.numel()} differ by 1 ulp"
         gd, rd = getattr(got, f"{n}_descale"), getattr(ref, f"{n}_descale")
-        rtol = ROPE_HADAMARD_DESCALE_RTOL if (rope and hadamard == "qkv" and n != "v") else DESCALE_RTOL
+        rtol = ROPE_HADAMARD_DESCALE_RTOL if (rope and hadamard in ("qk", "qkv") and n != "v") else DESCALE_RTOL
         torch.testing.assert_close(gd, rd, rtol=rtol, atol=0, msg=f"{n}_descale")
     assert (got.v_mean is None) == (ref.v_mean is None)
     if ref.v_mean is not None:
@@ -180,6 +180,7 @@ MODE_CASES = [
     (1, 32, 8, 4096, 128, torch.bfloat16, (1, torch.bfloat16), "qkv", True, False),
     (2, 8, 2, 1000, 128, torch.float16, (2, torch.float32), "qkv", True, True),
     (1, 8, 2, 600, 64, torch.bfloat16, (1, torch.float32), "v_only", False, True),
+    (1, 32, 8, 4096, 128, torch.bfloat16, (1, torch.bfloat16), "qk", False, True),
 ]
 
 
