@@ -1,6 +1,7 @@
 """FP8 (e4m3) quantization of Q/K/V: BHSD bf16/fp16 in, BSHD fp8 + descales out (`QuantizedQKV`).
 
-`qkv.py` launches the Triton kernel (`kernels.py`), `reference.py` is its torch twin, `quantized.py` holds
+`qkv.py` launches the Triton kernel (`kernels.py`, its per-tile arithmetic in `tile_math.py`), `reference.py`
+is its torch twin, `quantized.py` holds
 the bundle they return and the checks of their inputs.
 """
 
