@@ -1,8 +1,8 @@
 """FP8 (e4m3) quantization of Q/K/V: BHSD bf16/fp16 in, BSHD fp8 + descales out (`QuantizedQKV`).
 
-`qkv.py` launches the Triton kernel (`kernels.py`, its per-tile arithmetic in `tile_math.py`), `reference.py`
-is its torch twin, `quantized.py` holds
-the bundle they return and the checks of their inputs.
+`qkv.py` launches the Triton kernel (`kernels.py`, its per-tile arithmetic in `tile_math.py`),
+`reference.py` is its torch twin, `quantized.py` holds the bundle they return and the checks of their
+inputs.
 """
 
 from .hadamard import hadamard_matrix
