@@ -2,6 +2,7 @@
 take ``past_key_values`` in 5.17, ``cache`` in 5.24).
 
 Modules, dependencies one way (each imports only those above it):
+- `bound`: `BoundMethod`, the picklable bound method that prepare_model stores on instances.
 - `masks`: the mask function for the fp8 names (all `transformers.masking_utils` coupling).
 - `unpad`: padding spans, the packing plan and packed offsets (as modeling_flash_attention_utils), cached
   per forward.

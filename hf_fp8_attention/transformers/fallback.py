@@ -4,7 +4,9 @@ Errors, not fallbacks (`_check_inference_only`): dropout (training), ``output_at
 activations. Fallbacks (`_fallback_reason`, a message for the one-time warning): logit softcapping,
 attention sinks, a position bias, a head_dim without an fp8 kernel, a prepared 3-D/4-D mask, a sliding
 window shorter than the keys. `_fallback_attention` then computes exactly what the model asked for in the
-input dtype.
+input dtype. Before any call, `static_fallback_reason` / `static_sliding_window` tell from an attention
+module's attributes and config which of those reasons apply to all its calls, or to calls longer than its
+window (for `prepare_model`'s warning and `describe_backend`).
 """
 
 from __future__ import annotations
@@ -47,21 +49,35 @@ def _sliding_window(module: torch.nn.Module, kwargs: dict) -> int | None:
     return int(window) if window else None
 
 
+def _softcap_reason(name: str) -> str:
+    return f"{name} uses attention logit softcapping, which the fp8 kernels do not implement"
+
+
+def _sinks_reason(name: str) -> str:
+    return f"{name} uses attention sinks (s_aux), which the fp8 kernels do not implement"
+
+
+def _head_dim_reason(name: str, d: int, d_k: int, d_v: int) -> str | None:
+    if d != d_v or d_k != d:
+        return f"{name} has query/key head_dim {d} but value head_dim {d_v}"
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {d} has no fp8 kernel (supported: {SUPPORTED_HEAD_DIMS})"
+    return None
+
+
 def _fallback_reason(module, query, key, value, attention_mask, kwargs) -> str | None:
     """Why this call cannot run in fp8 exactly (the same text for every call of that kind, so the warning
     is shown once), None when it can."""
     name = type(module).__name__
     if kwargs.get("softcap") is not None:
-        return f"{name} uses attention logit softcapping, which the fp8 kernels do not implement"
+        return _softcap_reason(name)
     if kwargs.get("s_aux") is not None:
-        return f"{name} uses attention sinks (s_aux), which the fp8 kernels do not implement"
+        return _sinks_reason(name)
     if kwargs.get("position_bias") is not None:
         return f"{name} adds a position bias to the scores, which the fp8 kernels do not take"
-    d, d_v = query.shape[-1], value.shape[-1]
-    if d != d_v or key.shape[-1] != d:
-        return f"{name} has query/key head_dim {d} but value head_dim {d_v}"
-    if d not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {d} has no fp8 kernel (supported: {SUPPORTED_HEAD_DIMS})"
+    reason = _head_dim_reason(name, query.shape[-1], key.shape[-1], value.shape[-1])
+    if reason is not None:
+        return reason
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             return (
@@ -129,3 +145,41 @@ def _fallback_attention(
         # Rows with no visible key: zeros, not NaN (padded queries), as the fp8 path returns them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return out.transpose(1, 2).contiguous()
+
+
+# --- what a model's attention layers will run, as far as their attributes and configs tell ----------------
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention layers (modules with q/k/v/o projections)."""
+    return [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+
+
+def static_fallback_reason(module: torch.nn.Module) -> str | None:
+    """Why every call of this attention module will run in bf16/fp16 instead of fp8, as far as its attributes
+    and config tell (the same text as `_fallback_reason` gives at call time); None when calls can run in
+    fp8 (a call may still bring a reason of its own: a 4-D mask, a window shorter than its keys)."""
+    name = type(module).__name__
+    config = getattr(module, "config", None)
+    if getattr(module, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None)) is not None:
+        return _softcap_reason(name)  # Gemma2; final_logit_softcapping is on the logits, not in attention
+    if isinstance(getattr(module, "sinks", None), torch.Tensor):  # gpt-oss
+        return _sinks_reason(name)
+    d = getattr(module, "head_dim", None)
+    if not isinstance(d, int):
+        d = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // max(
+            getattr(config, "num_attention_heads", 1) or 1, 1)
+    d_qk = getattr(module, "qk_head_dim", None) or d
+    return _head_dim_reason(name, d_qk, d_qk, getattr(module, "v_head_dim", None) or d_qk) if d_qk else None
+
+
+def static_sliding_window(module: torch.nn.Module) -> int | None:
+    """The sliding window this attention module passes to its calls, as far as its attributes and config tell:
+    the module's own ``sliding_window`` (Qwen2/Qwen3/Gemma2: None on full layers), else the config's when the
+    config has no per-layer ``layer_types`` (Mistral passes config.sliding_window to every layer)."""
+    if "sliding_window" in vars(module):
+        window = module.sliding_window
+    else:
+        config = getattr(module, "config", None)
+        window = None if getattr(config, "layer_types", None) else getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None

@@ -27,6 +27,7 @@ from ..backends import ATTN_IMPLEMENTATIONS
 from ..quantization.reference import rotate_half
 from ..sdpa import fp8_sdpa
 from .attention import module_options
+from .bound import BoundMethod
 
 logger = hf_logging.get_logger(__name__)
 
@@ -97,14 +98,19 @@ def _supports_fused_rope(module: torch.nn.Module) -> bool:
 
 
 def fuse(module: torch.nn.Module) -> None:
-    setattr(module, _forward_slot(module), types.MethodType(_fused_rope_forward, module))
+    # a `BoundMethod`, not a types.MethodType: the module still pickles and deep-copies (see `bound`)
+    setattr(module, _forward_slot(module), BoundMethod(_fused_rope_forward, module))
+
+
+def is_fused(module: torch.nn.Module, slot: str = "forward") -> bool:
+    bound = module.__dict__.get(slot)
+    return getattr(bound, "__func__", None) is _fused_rope_forward and bound.__self__ is module
 
 
 def unfuse(module: torch.nn.Module) -> None:
     """Put the class forward back (an accelerate hook may have come or gone since `fuse`)."""
     for slot in ("forward", "_old_forward"):
-        bound = module.__dict__.get(slot)
-        if getattr(bound, "__func__", None) is _fused_rope_forward and bound.__self__ is module:
+        if is_fused(module, slot):
             if slot == "forward":
                 del module.forward
             else:

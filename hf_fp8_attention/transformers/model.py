@@ -3,14 +3,23 @@
 `prepare_model` validates everything first (options, head_dims, dtype, backend plan), then runs `_STEPS`
 in order, each an (apply, undo) pair over one `PreparedState` kept on the model; `unprepare_model` runs
 the undos in reverse order, and so does `prepare_model` when a step fails half-way.
+
+A prepared model stays a plain object: everything prepare puts on it (the state, the fused forwards, the
+``save_pretrained`` below) pickles and deep-copies, the copy's state referring to the copy's modules and
+configs (`bound.BoundMethod`). Its ``save_pretrained`` writes the model as it was before `prepare_model`:
+the cache setting and the options are runtime state (transformers reads ``config.use_cache`` at every
+forward and ``generation_config.use_cache`` in generate, so they stay on the configs), and only the save
+sees the values from before (`_configs_as_before`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
@@ -18,8 +27,13 @@ from ..dispatch import device_arch, plan_attention, resolve_backend
 from ..options import FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
+from .bound import BoundMethod
+from .fallback import attention_modules, static_fallback_reason, static_sliding_window
+
+logger = hf_logging.get_logger(__name__)
 
 _STATE_ATTR = "_fp8_attention_state"
+_MISSING = object()
 
 
 @dataclass
@@ -128,10 +142,58 @@ def _undo_fused_rope(model, state: PreparedState) -> None:
         fused_rope.unfuse(module)
 
 
+# --- step: save_pretrained writes the model as before prepare ----------------------------------------------
+
+
+@contextmanager
+def _configs_as_before(model, state: PreparedState):
+    """Within: the configs' use_cache and options as they were before `prepare_model`; after: as they are now."""
+    configs = _configs_with_cache(model)
+    now = [(config, "use_cache", config.use_cache) for config, _ in state.previous_use_cache]
+    now += [(config, OPTIONS_ATTR, config.__dict__.get(OPTIONS_ATTR, _MISSING)) for config in configs]
+    _undo_use_cache(model, state)
+    _undo_options(model, state)
+    try:
+        yield
+    finally:
+        for config, name, value in now:
+            if value is _MISSING:
+                config.__dict__.pop(name, None)
+            else:
+                setattr(config, name, value)
+
+
+def _save_pretrained_as_before(model, *args, **kwargs):
+    """The prepared model's ``save_pretrained``: the class one, seeing the configs as before `prepare_model`
+    (so config.json / generation_config.json are those of the unprepared model)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return type(model).save_pretrained(model, *args, **kwargs)
+    with _configs_as_before(model, state):
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _is_our_save(model) -> bool:
+    return getattr(model.__dict__.get("save_pretrained"), "__func__", None) is _save_pretrained_as_before
+
+
+def _apply_save(model, state: PreparedState) -> None:
+    # per instance (other models of the class keep theirs), a BoundMethod so the model still pickles; one
+    # already set on the instance by someone else is left alone
+    if hasattr(type(model), "save_pretrained") and "save_pretrained" not in model.__dict__:
+        model.__dict__["save_pretrained"] = BoundMethod(_save_pretrained_as_before, model)
+
+
+def _undo_save(model, state: PreparedState) -> None:
+    if _is_our_save(model):
+        del model.__dict__["save_pretrained"]
+
+
 _STEPS = (
     (_apply_attn_implementation, _undo_attn_implementation),
     (_apply_use_cache, _undo_use_cache),
     (_apply_options, _undo_options),
+    (_apply_save, _undo_save),
     (_apply_fused_rope, _undo_fused_rope),
 )
 
@@ -161,7 +223,10 @@ def prepare_model(
             `fused_rope`).
 
     It turns the KV cache off (config and generation_config): the fused-RoPE path needs un-rotated keys,
-    a cache stores rotated ones. `unprepare_model` undoes everything.
+    a cache stores rotated ones. `unprepare_model` undoes everything. ``model.save_pretrained`` writes the
+    model as it was before (cache setting, options; ``model.config.save_pretrained`` on its own writes the
+    live config). Warns when attention layers of this model will run in bf16/fp16 instead of fp8, and why
+    (see `describe_backend`).
     """
     options = FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, qk_scales=qk_scales)
     # fail here, not at the first forward: the Hadamard rotation needs a power-of-two head_dim
@@ -189,6 +254,7 @@ def prepare_model(
             undo(model, state)
         raise
     setattr(model, _STATE_ATTR, state)
+    _warn_static_fallbacks(model)
     return model
 
 
@@ -203,12 +269,56 @@ def unprepare_model(model):
     return model
 
 
-def _count_attention_modules(model) -> int:
-    return sum(all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) for m in model.modules())
+def _dtype_name(model) -> str:
+    dtype = getattr(model, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype in SUPPORTED_INPUT_DTYPES else "bfloat16/float16"
+
+
+def _static_fallbacks(modules) -> dict[str, int]:
+    """{reason: number of attention layers} for layers whose every call will run in bf16/fp16 attention."""
+    reasons: dict[str, int] = {}
+    for module in modules:
+        reason = static_fallback_reason(module)
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+def _warn_static_fallbacks(model) -> None:
+    modules = attention_modules(model)
+    for reason, count in _static_fallbacks(modules).items():
+        logger.warning_once(
+            f"hf_fp8_attention: {reason}, so {count}/{len(modules)} attention layers of this model will run in "
+            f"{_dtype_name(model)} attention instead of fp8 (correct, not faster); describe_backend(model) "
+            "says what runs"
+        )
+
+
+def _what_runs(model, text: str) -> tuple[str, bool]:
+    """``text`` plus what the attention layers will really run (bf16/fp16 fallbacks known from the model's
+    attributes and configs), and whether any layer runs fp8 at all."""
+    modules = attention_modules(model)
+    total, dtype = len(modules), _dtype_name(model)
+    reasons = _static_fallbacks(modules)
+    if total and sum(reasons.values()) == total:
+        return (f"{text}, but no attention call runs in fp8: {'; '.join(reasons)}; all {total} attention layers "
+                f"run in {dtype} attention"), False
+    for reason, count in reasons.items():
+        text += f", {count}/{total} layers run in {dtype} attention ({reason})"
+    windows: dict[int, int] = {}
+    for module in modules:
+        window = static_sliding_window(module) if static_fallback_reason(module) is None else None
+        if window is not None:
+            windows[window] = windows.get(window, 0) + 1
+    for window, count in sorted(windows.items()):
+        text += f", inputs longer than the sliding window ({window} tokens) run in {dtype} on {count}/{total} layers"
+    return text, True
 
 
 def describe_backend(model) -> str:
-    """One line on what attention the model runs, e.g. "fp8 attention: fa3 (SM 9.0), fused RoPE on 30/30 layers"."""
+    """One line on what attention the model runs, e.g. "fp8 attention: fa3 (SM 9.0), fused RoPE on 30/30 layers";
+    it also says which layers run in bf16/fp16 instead of fp8 and why, when the model's attributes and configs
+    tell (a head_dim without an fp8 kernel, attention logit softcapping, attention sinks, a sliding window)."""
     impl = model.config._attn_implementation
     if impl not in ATTN_IMPLEMENTATIONS:
         return f"fp8 attention: not enabled (attn_implementation={impl!r}); call hf_fp8_attention.prepare_model(model)"
@@ -227,7 +337,9 @@ def describe_backend(model) -> str:
         extra = [f"{k}={v}" for k, v in state.options.changed().items()]
         if extra:
             text += ", " + ", ".join(extra)
-    total = _count_attention_modules(model)
+    text, runs_fp8 = _what_runs(model, text)
+    if not runs_fp8:
+        return text
     if state is None or not state.fuse_rope:
         return text + ", fused RoPE off"
-    return text + f", fused RoPE on {len(state.fused)}/{total} layers"
+    return text + f", fused RoPE on {len(state.fused)}/{len(attention_modules(model))} layers"
