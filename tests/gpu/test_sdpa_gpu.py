@@ -204,3 +204,29 @@ def test_backward_is_exact_attention_gpu(backend):
     _sdpa(qf, kf, vf, True).backward(grad.float())
     for name, got, want in (("q", q.grad, qf.grad), ("k", k.grad, kf.grad), ("v", v.grad, vf.grad)):
         assert cosine(got, want) > 0.999, name
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["fa3", "triton"])
+def test_non_finite_damage_stays_local_gpu(backend):
+    """A NaN/inf damages only what it touches, on the GPU kernels too (the quantizer no longer lets it set
+    the head's scale): a query its own output row; a key the rows that see it (causal: rows before it stay
+    finite); a value its output column (not causal: every row sees it). Other heads stay finite."""
+    if backend == "fa3" and not (_is_sm90 and kernel_available("fa3")):
+        pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel (flash_attn_interface)")
+    s, j, c = 512, 300, 7
+    for bad in (float("nan"), float("inf")):
+        for which, causal in ((0, True), (1, True), (2, False)):
+            t = [x.clone() for x in _qkv(1, 8, 2, s, s, 128, seed=11)]
+            t[which][0, 1, j, c] = bad  # KV head 0 (query heads 0-3) / query head 1
+            out = fp8_sdpa(*t, is_causal=causal, backend=backend)  # (B, H_q, S, D)
+            damaged = ~torch.isfinite(out[0])
+            heads = [1] if which == 0 else [4, 5, 6, 7]  # query head 1, or KV head 1's query heads
+            others = [h for h in range(8) if h not in heads]
+            assert not damaged[others].any(), (bad, which)
+            if which == 0:
+                assert damaged[1, j].all() and damaged[1].sum() == damaged[1, j].numel(), bad
+            elif which == 1:
+                assert damaged[heads][:, j:].any(dim=-1).all() and not damaged[heads][:, :j].any(), bad
+            else:
+                assert damaged[heads][:, :, c].all() and not damaged[heads][:, :, torch.arange(128) != c].any(), bad
