@@ -87,6 +87,8 @@ def fp8_attention(
     if cu_seqlens_q is not None:
         if max_seqlen_q is None or max_seqlen_k is None:
             lengths = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], is_causal=is_causal)
+            if cos is not None and lengths[0] != lengths[1]:
+                raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
             max_seqlen_q, max_seqlen_k = (max(b - a for a, b in zip(cu, cu[1:])) for cu in lengths)
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(query):

@@ -94,9 +94,9 @@ def fp8_sdpa(
         cos, sin: (B or 1, S_q, D) rotary tables: query/key are then un-rotated and RoPE (rotate-half
             convention) is applied inside the quantize kernel. Needs S_q == S_kv.
         backend: "fa3", "fa4", "triton", "reference", or None to pick from the device (see `dispatch`).
-        hadamard: accuracy mode for outlier-heavy inputs: "none", "qkv" (Q, K, V rotated by a normalised
-            Hadamard matrix inside the quantize kernel; the output is rotated back) or "v_only".
-            Needs a power-of-two head_dim <= 256.
+        hadamard: accuracy mode for outlier-heavy inputs: "none", "qk" (Q and K rotated by a normalised
+            Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output is
+            rotated back) or "v_only". Needs a power-of-two head_dim <= 256.
         smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).
         smooth_v: subtract V's per-channel mean before quantizing and add it back to the output.
         qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per

@@ -122,3 +122,17 @@ def test_varlen_compiles_fullgraph(options):
     assert torch.equal(f(q, k, v, cu_q, cu_k), eager)
     with pytest.raises(ValueError, match="sequence 1"):  # still validated: inside the op at run time
         f(q, k, v, cu_q, torch.tensor([0, 17, 20, 62], dtype=torch.int32, device=DEVICE))
+
+
+def test_varlen_compiled_rope_needs_equal_offsets():
+    """Under compile the offsets are checked inside the op, the RoPE rule included."""
+    torch._dynamo.reset()
+    q, k, v, cu_q, _ = _packed([4, 6], [4, 6], 2, 2, 64)
+    cos = torch.ones(10, 64, device=DEVICE)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(q, k, v, cu_q, cu_k):
+        return fp8_sdpa_varlen(q, k, v, cu_q, cu_k, cos=cos, sin=cos, backend="reference")
+
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
+        f(q, k, v, cu_q, torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE))
