@@ -12,3 +12,5 @@ SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16)
 # qk_scales="block": tokens per Q/K scale (one scale per SCALE_BLOCK tokens of one head); divides every
 # quantize tile height (16..128), so each tile computes its own blocks' scales.
 SCALE_BLOCK = 16
+# qk_format="int8": Q/K values are round(x * INT8_MAX / block amax), symmetric in [-127, 127].
+INT8_MAX = 127.0

@@ -44,6 +44,9 @@ MODES = {
     "qkv+smooth_k+smooth_v": {"hadamard": "qkv", "smooth_k": True, "smooth_v": True},
     # a Q/K scale per 16 tokens: the triton backend (reference on CPU) whatever backend the others use
     "block": {"qk_scales": "block"},
+    # int8 Q/K with a scale per 16 tokens (SageAttention's Q.K^T): the triton backend (reference on CPU)
+    "int8": {"qk_format": "int8"},
+    "int8+smooth_k": {"qk_format": "int8", "smooth_k": True},
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
 }
@@ -91,10 +94,12 @@ def _bf16_mode(dtype: torch.dtype) -> str:
 
 
 def _fp8_output(q, k, v, kwargs: dict, *, backend, is_causal: bool) -> torch.Tensor:
-    """fp8_sdpa with one mode's keywords; block scales run where they can (triton, reference on CPU)."""
+    """fp8_sdpa with one mode's keywords; block scales and int8 Q/K run where they can (triton, reference on
+    CPU)."""
+    from .options import FP8AttentionOptions
     from .sdpa import fp8_sdpa
 
-    block = kwargs.get("qk_scales") == "block" and backend not in ("triton", "reference")
+    block = FP8AttentionOptions(**kwargs).block_scales and backend not in ("triton", "reference")
     return fp8_sdpa(q, k, v, is_causal=is_causal, backend=None if block else backend, **kwargs)
 
 

@@ -27,7 +27,7 @@ from .options import FP8AttentionOptions
 _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
     "int? max_seqlen_k, Tensor? cos, Tensor? sin, bool is_causal, float scale, str backend, str quantizer, "
-    "str hadamard, bool smooth_k, bool smooth_v, str qk_scales) -> Tensor"
+    "str hadamard, bool smooth_k, bool smooth_v, str qk_scales, str qk_format) -> Tensor"
 )
 _N_OPTIONS = len(dataclasses.fields(FP8AttentionOptions))
 

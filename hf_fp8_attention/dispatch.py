@@ -104,7 +104,17 @@ def check_backend(backend: str, device: torch.device) -> None:
         )
 
 
+def _serves(b: Backend, options: FP8AttentionOptions) -> bool:
+    return (not options.block_scales or b.block_scales) and (not options.int8_qk or b.int8_qk)
+
+
 def _check_options(b: Backend, options: FP8AttentionOptions) -> None:
+    if options.int8_qk and not b.int8_qk:
+        takers = [o.name for o in REGISTRY.values() if o.int8_qk]
+        raise ValueError(
+            f"qk_format='int8' needs backend {' or '.join(map(repr, takers))} (attn_implementation='fp8_triton'): "
+            f"{b.name} multiplies e4m3 Q and K only"
+        )
     if options.block_scales and not b.block_scales:
         takers = [o.name for o in REGISTRY.values() if o.block_scales]
         raise ValueError(
@@ -121,12 +131,11 @@ def _auto_pick(device: torch.device, options: FP8AttentionOptions) -> str:
             "math: same rounding, no speedup)"
         )
         return "reference"
-    serves = lambda b: not options.block_scales or b.block_scales  # noqa: E731
     native = [b for b in REGISTRY.values() if b.arch_major == arch // 10]
     for b in native:
-        if _runs_on(b, arch) and serves(b):
+        if _runs_on(b, arch) and _serves(b, options):
             return b.name
-    portable = [b for b in REGISTRY.values() if b.arch_major is None and b.needs_cuda and _runs_on(b, arch) and serves(b)]
+    portable = [b for b in REGISTRY.values() if b.arch_major is None and b.needs_cuda and _runs_on(b, arch) and _serves(b, options)]
     if native and not any(_runs_on(b, arch) for b in native):
         missing = native[0]
         reason = (f"{_format_arch(arch)} wants the {missing.name} backend but its kernel is not installed "

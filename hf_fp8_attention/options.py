@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 HADAMARD_MODES = ("none", "qk", "qkv", "v_only")
 QK_SCALES = ("head", "block")
+QK_FORMATS = ("e4m3", "int8")
 MAX_HADAMARD_DIM = 256
 
 
@@ -26,12 +27,16 @@ class FP8AttentionOptions:
     smooth_v: subtract V's per-channel mean and add it back to the output (exact).
     qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
         16 tokens of one head; backends that take them: triton, reference).
+    qk_format: "e4m3" or "int8": Q and K as int8 with a scale per 16 tokens of one head (so per-block
+        scales whatever qk_scales says), Q.K^T as an int8 dot with int32 accumulation (SageAttention's
+        scheme; backends: triton, reference). V and P stay e4m3.
     """
 
     hadamard: str = "none"
     smooth_k: bool = False
     smooth_v: bool = False
     qk_scales: str = "head"
+    qk_format: str = "e4m3"
 
     def __post_init__(self):
         if self.hadamard is None:
@@ -45,6 +50,8 @@ class FP8AttentionOptions:
                 raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
         if not isinstance(self.qk_scales, str) or self.qk_scales not in QK_SCALES:
             raise ValueError(f"qk_scales={self.qk_scales!r} is not supported; accepted values: {QK_SCALES}")
+        if not isinstance(self.qk_format, str) or self.qk_format not in QK_FORMATS:
+            raise ValueError(f"qk_format={self.qk_format!r} is not supported; accepted values: {QK_FORMATS}")
 
     # --- what the kernels need -------------------------------------------------------------------------
     @property
@@ -57,7 +64,11 @@ class FP8AttentionOptions:
 
     @property
     def block_scales(self) -> bool:
-        return self.qk_scales == "block"
+        return self.qk_scales == "block" or self.int8_qk
+
+    @property
+    def int8_qk(self) -> bool:
+        return self.qk_format == "int8"
 
     @property
     def smooths(self) -> bool:

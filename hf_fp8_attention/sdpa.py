@@ -83,6 +83,7 @@ def fp8_sdpa(
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
 
@@ -103,11 +104,14 @@ def fp8_sdpa(
             16 tokens of one head, computed by the quantize kernel from the tiles it reads anyway: more
             accurate where a few tokens carry large values). "block" runs on the triton backend (reference
             on CPU); naming fa3/fa4 with it is an error.
+        qk_format: "e4m3" or "int8" (Q and K as int8 with a scale per 16 tokens, Q.K^T as an int8 dot with
+            int32 accumulation, as SageAttention does; V and P stay e4m3). "int8" runs on the triton backend
+            (reference on CPU); naming fa3/fa4 with it is an error.
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
     _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
-    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
+    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
     out = _run(query, key, value, None, cos, sin, bool(is_causal), scale, backend, options)
     return out.transpose(1, 2)
 
@@ -140,6 +144,7 @@ def fp8_sdpa_varlen(
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -167,7 +172,7 @@ def fp8_sdpa_varlen(
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (query, key, value))
     _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin)
     is_causal = bool(is_causal)
-    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales)
+    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
     if torch.compiler.is_compiling() or query.is_meta:
         # the offsets cannot be read while tracing (or have no values): the op validates and measures them
         # when it runs

@@ -33,6 +33,7 @@ class Backend:
     install_hint: what to install when it is missing.
     native_varlen: runs packed sequences in one launch (else one call per sequence).
     block_scales: takes per-block Q/K scales (``qk_scales="block"``).
+    int8_qk: takes int8 Q/K with per-block scales (``qk_format="int8"``).
     """
 
     name: str
@@ -43,6 +44,7 @@ class Backend:
     install_hint: str
     native_varlen: bool
     block_scales: bool
+    int8_qk: bool
 
     @property
     def needs_cuda(self) -> bool:
@@ -68,16 +70,17 @@ REGISTRY: dict[str, Backend] = {
         Backend("fa3", "hf_fp8_attention.backends.fa3:fa3_fp8_attention", arch_major=9, min_arch=90,
                 package="flash_attn_interface",
                 install_hint="pip install 'hf_fp8_attention[fa3]' (provides flash_attn_interface)",
-                native_varlen=True, block_scales=False),
+                native_varlen=True, block_scales=False, int8_qk=False),
         Backend("fa4", "hf_fp8_attention.backends.fa4:fa4_fp8_attention", arch_major=10, min_arch=100,
                 package="flash_attn.cute",
                 install_hint="pip install 'hf_fp8_attention[fa4]' (provides flash_attn.cute)",
-                native_varlen=False, block_scales=False),
+                native_varlen=False, block_scales=False, int8_qk=False),
         # Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
-                package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True),
+                package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
+                int8_qk=True),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
-                min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True),
+                min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True),
     )
 }
 BACKENDS = tuple(REGISTRY)

@@ -45,9 +45,11 @@ def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
         # V may also be a BSHD view of keys-contiguous (B, H_kv, D, S_kv) memory, the layout the kernel
         # reads fastest on Hopper.
         ok_layout = t.is_contiguous() or (name == "v" and t.dim() == 4 and t.stride(1) == 1)
-        if t.dtype != FP8_DTYPE or t.dim() != 4 or not ok_layout:
-            raise ValueError(f"triton fp8 attention takes contiguous 4-D {FP8_DTYPE} BSHD {name}, got "
-                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
+        # int8 q/k (qk_format="int8") come with their per-block descales
+        ok_dtype = t.dtype == FP8_DTYPE or (name != "v" and t.dtype == torch.int8 and qkv.block_scales)
+        if not ok_dtype or t.dim() != 4 or not ok_layout:
+            raise ValueError(f"triton fp8 attention takes contiguous 4-D {FP8_DTYPE} BSHD {name} (int8 q/k with "
+                             f"block scales), got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton fp8 attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if out_dtype not in _OUT_DTYPES:

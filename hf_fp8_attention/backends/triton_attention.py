@@ -53,7 +53,7 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32)  # int8 q/k: an int32 dot, exact; e4m3: already float32
         if BLOCK_SCALES:
             k_blk = tl.load(Kb_ptr + cols // SCALE_BLOCK, mask=cols < S_kv, other=1.0)
             qk = qk * k_blk[None, :]

@@ -37,7 +37,8 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import _block_amax, _finite_abs, _hadamard, _reduce_half_stats, _sign_matrix, _store_half_stats, _to_fp8
+from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _reduce_half_stats, _sign_matrix,
+                        _store_half_stats, _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
 # cache line is its own, then amax bits per group, then finished-P1 count per group (plus 1 once a smoothed
@@ -204,7 +205,7 @@ def qkv_quantize_kernel(
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
     switched on); amax = max |x| over its finite elements, scale = FP8_MAX / amax (1 if amax is 0); every
@@ -221,6 +222,9 @@ def qkv_quantize_kernel(
     itself: no extra read, no wait on other tiles' amax), whose descales go to q_blk_ptr (B, H_Q, N_BLK_Q)
     and k_blk_ptr (B, H_KV, N_BLK_KV) float32 (N_BLK = cdiv(longest length, SCALE_BLOCK), SCALE_BLOCK
     divides BLOCK_S); v keeps its per-group scale, and descale_ptr still gets every group's descale.
+    QK_MAX: the largest q/k code under BLOCK_SCALES, FP8_MAX or, with QK_INT8, 127: q and k then become int8,
+    floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
+    NaN), and the outputs are passed as uint8.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
     """
@@ -344,19 +348,28 @@ def qkv_quantize_kernel(
                 valid2 = (row2 + out_rows) < seq2
                 blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
                 blk_pos = blk_amax > 0.0
-                blk_scale = tl.where(blk_pos, tl.math.div_rn(FP8_MAX, blk_amax), 1.0)
+                blk_scale = tl.where(blk_pos, tl.math.div_rn(QK_MAX, blk_amax), 1.0)
+                blk_descale = tl.where(blk_pos, tl.math.div_rn(blk_amax, QK_MAX), 1.0)
+                if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
+                    blk_descale = tl.where(_block_nonfinite(x1, x2, valid2, BLOCK_S, SCALE_BLOCK), float("nan"),
+                                           blk_descale)
                 n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
                 blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
                 blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk + blk_idx
-                tl.store(blk_ptr, tl.where(blk_pos, tl.math.div_rn(blk_amax, FP8_MAX), 1.0),
-                         mask=blk_idx * SCALE_BLOCK < tl.where(t2 < 2, seq2, 0))
+                tl.store(blk_ptr, blk_descale, mask=blk_idx * SCALE_BLOCK < tl.where(t2 < 2, seq2, 0))
                 row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
                                        (BLOCK_S,))
                 row_scale = tl.where(t2 < 2, row_scale, scale)[:, None]
             else:
                 row_scale = scale
-            y1 = _to_fp8(x1 * row_scale, FP8_MAX)
-            y2 = _to_fp8(x2 * row_scale, FP8_MAX)
+            if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes
+                y1 = tl.where(t2 < 2, _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True),
+                              _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True))
+                y2 = tl.where(t2 < 2, _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True),
+                              _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True))
+            else:
+                y1 = _to_fp8(x1 * row_scale, FP8_MAX)
+                y2 = _to_fp8(x2 * row_scale, FP8_MAX)
             mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
             out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
             out_stride_s = n_heads2 * HEAD_DIM

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .kernels import WS_PAD, qkv_quantize_kernel
@@ -97,7 +97,7 @@ def quantize_qkv_fp8(
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     device = q.device
-    outs = tuple(torch.empty((B, s, h, D), dtype=FP8_DTYPE, device=device) for s, h in ((S_q, H_q), (S_kv, H_kv), (S_kv, H_kv)))
+    outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device)
     rope = None
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
@@ -143,11 +143,18 @@ def quantize_qkv_fp8_varlen(
         if total_q != total_k:
             raise ValueError("fused RoPE needs the same packed sequences for queries and keys (prefill)")
         rope = (cos, sin, (0, cos.stride(-2), cos.stride(-1)), (0, sin.stride(-2), sin.stride(-1)))
-    outs = tuple(torch.empty((1, n, h, D), dtype=FP8_DTYPE, device=device) for n, h in ((total_q, H_q), (total_k, H_kv), (total_k, H_kv)))
+    outs = _outputs(((1, total_q, H_q, D), (1, total_k, H_kv, D), (1, total_k, H_kv, D)), options, device)
     # (1, H, total, D) views: the kernel reads rows through the head/token/channel strides only
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
     return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, options)
+
+
+def _outputs(shapes, options: FP8AttentionOptions, device) -> tuple[torch.Tensor, ...]:
+    """Empty BSHD q, k, v outputs: e4m3, q and k int8 with qk_format="int8"."""
+    qk_dtype = torch.int8 if options.int8_qk else FP8_DTYPE
+    return tuple(torch.empty(shape, dtype=dtype, device=device)
+                 for shape, dtype in zip(shapes, (qk_dtype, qk_dtype, FP8_DTYPE)))
 
 
 def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions) -> QuantizedQKV:
@@ -203,8 +210,10 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         means = partials = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (buf, buf)  # never read without VARLEN
 
+    # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
+    out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, q_out, k_out, v_out, descale, workspace, means, partials, cu_q, cu_k,
+        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, partials, cu_q, cu_k,
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
@@ -212,7 +221,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES, VARLEN=varlen is not None,
-        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK,
+        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
+        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return bundle(descale)

@@ -49,6 +49,7 @@ class QuantizedQKV:
     # sequence, blocks counted from its first token, sized by the longest), replace q_descale / k_descale.
     q_block_descale: Optional[torch.Tensor] = None
     k_block_descale: Optional[torch.Tensor] = None
+    # qk_format="int8": q and k are torch.int8 (codes in [-127, 127]) with those per-block descales.
 
     @property
     def block_scales(self) -> bool:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .hadamard import hadamard_matrix
@@ -53,13 +53,20 @@ def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
     return torch.where(scaled.abs() < float("inf"), clamped, torch.full_like(clamped, float("nan"))).to(FP8_DTYPE)
 
 
-def _scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, descale) for an amax tensor: 448 / amax and amax / 448, both 1 where amax is 0.
+def _to_int8(scaled: torch.Tensor) -> torch.Tensor:
+    """floor(x + 0.5) clamped to +-127 as int8 (the kernel rounds the same way); non-finite elements give 0,
+    their block's descale is made NaN by the caller."""
+    rounded = torch.clamp(torch.floor(scaled + 0.5), -INT8_MAX, INT8_MAX)
+    return torch.where(torch.isfinite(scaled), rounded, torch.zeros_like(rounded)).to(torch.int8)
+
+
+def _scales(amax: torch.Tensor, qmax: float = FP8_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, descale) for an amax tensor: qmax / amax and amax / qmax, both 1 where amax is 0.
 
     Tensor/tensor division on purpose: `FP8_MAX / t` is reciprocal-then-multiply in torch, and CUDA's
     `t / python_scalar` multiplies by the reciprocal too; both round twice.
     """
-    fp8_max = torch.full_like(amax, FP8_MAX)
+    fp8_max = torch.full_like(amax, qmax)
     positive = amax > 0
     scale = torch.where(positive, torch.div(fp8_max, amax), torch.ones_like(amax))
     descale = torch.where(positive, torch.div(amax, fp8_max), torch.ones_like(amax))
@@ -75,16 +82,19 @@ def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, tor
     return x_fp8.transpose(1, 2).contiguous(), descale
 
 
-def _quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, H, cdiv(S, SCALE_BLOCK)) float32):
-    one scale per SCALE_BLOCK tokens of one head, with `_quantize_grouped`'s rules."""
+def _quantize_blocks(x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, H, S, D) float32 -> (fp8 or int8 (B, S, H, D) contiguous, descale (B, H, cdiv(S, SCALE_BLOCK))
+    float32): one scale per SCALE_BLOCK tokens of one head, with `_quantize_grouped`'s rules. int8: a block
+    holding a non-finite element gets a NaN descale (int8 has no NaN), so the damage stays in its rows."""
     B, H, S, D = x.shape
     n_blk = cdiv(S, SCALE_BLOCK)
     padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * SCALE_BLOCK - S)).reshape(B, H, n_blk, SCALE_BLOCK * D)
-    scale, descale = _scales(_finite_abs(padded).amax(dim=-1))
+    scale, descale = _scales(_finite_abs(padded).amax(dim=-1), INT8_MAX if int8 else FP8_MAX)
     scaled = (padded * scale[..., None]).reshape(B, H, n_blk * SCALE_BLOCK, D)[:, :, :S]
-    x_fp8 = _to_fp8(scaled)
-    return x_fp8.transpose(1, 2).contiguous(), descale
+    if int8:
+        descale = torch.where(torch.isfinite(padded).all(dim=-1), descale, torch.full_like(descale, float("nan")))
+    x_q = _to_int8(scaled) if int8 else _to_fp8(scaled)
+    return x_q.transpose(1, 2).contiguous(), descale
 
 
 def quantize_qkv_fp8_reference(
@@ -104,7 +114,7 @@ def quantize_qkv_fp8_reference(
             sequence (exact for softmax: it shifts each score row by a constant); smooth_v subtracts V's
             and returns it as ``v_mean`` for the output to add back; qk_scales="block" gives q and k one
             scale per SCALE_BLOCK (16) tokens of one head (their per-group descales are still returned),
-            v keeping its per-(batch, KV head) scale.
+            v keeping its per-(batch, KV head) scale; qk_format="int8" makes those q and k int8.
         Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
@@ -138,8 +148,8 @@ def quantize_qkv_fp8_reference(
     v8, v_descale = _quantize_grouped(vf, h_kv)
     blocks = {}
     if options.block_scales:
-        q8, q_blocks = _quantize_blocks(qf)
-        k8, k_blocks = _quantize_blocks(kf)
+        q8, q_blocks = _quantize_blocks(qf, options.int8_qk)
+        k8, k_blocks = _quantize_blocks(kf, options.int8_qk)
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
                         **blocks)

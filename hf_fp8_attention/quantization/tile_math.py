@@ -22,6 +22,22 @@ def _to_fp8(x, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
+def _to_int8(x, INT8_MAX: tl.constexpr):
+    """floor(x + 0.5) clamped to +-INT8_MAX as int8; non-finite elements give 0 (the caller marks their block)."""
+    y = tl.clamp(tl.floor(x + 0.5), -INT8_MAX, INT8_MAX)
+    return tl.where(tl.abs(x) < float("inf"), y, 0.0).to(tl.int8)
+
+
+@triton.jit
+def _block_nonfinite(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """Whether each SCALE_BLOCK rows of a tile (half tiles x1, x2; rows with `valid` False ignored) hold a
+    NaN or +-inf. (BLOCK_S // SCALE_BLOCK,) bool."""
+    bad = ((tl.abs(x1) < float("inf")) & (tl.abs(x2) < float("inf"))) == 0
+    bad = tl.where(valid[:, None], bad.to(tl.int32), 0)
+    return tl.max(tl.reshape(bad, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * bad.shape[1])), 1) > 0
+
+
+@triton.jit
 def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
     """max |x| over the finite elements of each SCALE_BLOCK rows of a tile given as half tiles x1, x2
     (BLOCK_S, HALF_BLOCK), rows with `valid` False counted as 0. (BLOCK_S // SCALE_BLOCK,)"""

@@ -206,6 +206,7 @@ def prepare_model(
     smooth_k: bool = False,
     smooth_v: bool = False,
     qk_scales: str = "head",
+    qk_format: str = "e4m3",
 ):
     """Switch a loaded model to fp8 attention for prefill-style inference. Returns the same model.
 
@@ -216,7 +217,8 @@ def prepare_model(
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
             backend=None then picks on a GPU).
-            The four options are validated once as an `FP8AttentionOptions`, stored on the model's configs
+        qk_format: "e4m3" or "int8" (int8 Q/K with per-block scales; the triton backend, as for "block").
+            The options are validated once as an `FP8AttentionOptions`, stored on the model's configs
             as the dict ``fp8_attention_options`` and passed to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel (on the
             transformers versions it was checked against, for classes that pass a self-check; see
@@ -228,7 +230,8 @@ def prepare_model(
     live config). Warns when attention layers of this model will run in bf16/fp16 instead of fp8, and why
     (see `describe_backend`).
     """
-    options = FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, qk_scales=qk_scales)
+    options = FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, qk_scales=qk_scales,
+                                  qk_format=qk_format)
     # fail here, not at the first forward: the Hadamard rotation needs a power-of-two head_dim
     for head_dim in sorted({m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}):
         options.check_head_dim(head_dim)
