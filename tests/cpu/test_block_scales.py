@@ -81,19 +81,20 @@ def test_kernel_block_scales_with_modes_and_varlen():
 
 
 @kernel_test
+@pytest.mark.parametrize("options", [BLOCK, FP8AttentionOptions(qk_format="int8")], ids=["e4m3", "int8"])
 @pytest.mark.parametrize("s_q,s_kv,causal,config", [
     (40, 40, True, {"BLOCK_M": 16, "BLOCK_N": 32}),
     (24, 70, False, {"BLOCK_M": 32, "BLOCK_N": 16}),
     (1, 100, True, {"BLOCK_M": 16, "BLOCK_N": 16, "num_splits": 3}),
 ])
-def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config):
+def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config, options):
     from hf_fp8_attention.backends.triton import _launch
 
     g = torch.Generator().manual_seed(1)
     mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
     q, k, v = mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
     k[:, :, 7] *= 40
-    qkv = quantize_qkv_fp8_reference(q, k, v, options=BLOCK)
+    qkv = quantize_qkv_fp8_reference(q, k, v, options=options)
     got = _launch(qkv, causal, 0.125, torch.float32, config=config)
     ref = reference_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.float32)
     assert sqnr_db(got, ref) > 30
