@@ -56,6 +56,16 @@ def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
     return out
 
 
+def longest_sequences(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, *, is_causal: bool,
+                      rope: bool) -> tuple[int, int]:
+    """Validate a packed batch's offsets (`check_cu_seqlens`, one host read of each; fused RoPE also needs the
+    same sequences for queries and keys) and return the longest query and key lengths."""
+    offsets_q, offsets_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, is_causal=is_causal)
+    if rope and offsets_q != offsets_k:
+        raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
+    return tuple(max(b - a for a, b in zip(offsets, offsets[1:])) for offsets in (offsets_q, offsets_k))
+
+
 def _on_device(query: torch.Tensor):
     # Triton launches on the *current* CUDA device; with device_map="auto" or tensor parallelism the
     # tensors may live elsewhere, so every launch (and every buffer) follows the query's device.
@@ -86,10 +96,8 @@ def fp8_attention(
     varlen = None
     if cu_seqlens_q is not None:
         if max_seqlen_q is None or max_seqlen_k is None:
-            lengths = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], is_causal=is_causal)
-            if cos is not None and lengths[0] != lengths[1]:
-                raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
-            max_seqlen_q, max_seqlen_k = (max(b - a for a, b in zip(cu, cu[1:])) for cu in lengths)
+            max_seqlen_q, max_seqlen_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
+                                                           is_causal=is_causal, rope=cos is not None)
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(query):
         qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options)

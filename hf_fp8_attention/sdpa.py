@@ -14,11 +14,10 @@ import math
 import torch
 
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
-from .attention import fp8_attention
+from .attention import fp8_attention, longest_sequences
 from .custom_ops import flatten, fp8_sdpa_op
 from .dispatch import Plan, plan_attention
 from .options import FP8AttentionOptions
-from .quantization import check_cu_seqlens
 
 
 def _check_inputs(query, key, value, *, is_causal, scale, cos, sin) -> None:
@@ -179,11 +178,8 @@ def fp8_sdpa_varlen(
         varlen = (cu_seqlens_q.to(query.device), cu_seqlens_k.to(query.device), None, None)
     else:
         # validated where they are (offsets built on the host cost no device sync), then moved to the device
-        offsets_q, offsets_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
-                                                is_causal=is_causal)
-        if cos is not None and offsets_q != offsets_k:
-            raise ValueError("fused RoPE needs the same sequences for queries and keys (cu_seqlens_q == cu_seqlens_k)")
-        max_q, max_k = (max(b - a for a, b in zip(offsets, offsets[1:])) for offsets in (offsets_q, offsets_k))
+        max_q, max_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
+                                         is_causal=is_causal, rope=cos is not None)
         varlen = (*(t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k)), max_q, max_k)
     return _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options)
 
