@@ -104,22 +104,27 @@ def check_backend(backend: str, device: torch.device) -> None:
         )
 
 
+# Options only some backends serve: (the FP8AttentionOptions property and the Backend field of the same name,
+# how the user asked for it, why a backend without it cannot serve it). int8 first: it implies block scales.
+_CAPABILITIES = (
+    ("int8_qk", "qk_format='int8'", lambda b: f"{b.name} multiplies e4m3 Q and K only"),
+    ("block_scales", "qk_scales='block'", lambda b: f"it takes a Q/K scale per 16 tokens, {b.name} one per (batch, KV head)"),
+)
+
+
+def _missing(b: Backend, options: FP8AttentionOptions) -> list[tuple]:
+    return [c for c in _CAPABILITIES if getattr(options, c[0]) and not getattr(b, c[0])]
+
+
 def _serves(b: Backend, options: FP8AttentionOptions) -> bool:
-    return (not options.block_scales or b.block_scales) and (not options.int8_qk or b.int8_qk)
+    return not _missing(b, options)
 
 
 def _check_options(b: Backend, options: FP8AttentionOptions) -> None:
-    if options.int8_qk and not b.int8_qk:
-        takers = [o.name for o in REGISTRY.values() if o.int8_qk]
+    for flag, asked, why in _missing(b, options)[:1]:
+        takers = [o.name for o in REGISTRY.values() if getattr(o, flag)]
         raise ValueError(
-            f"qk_format='int8' needs backend {' or '.join(map(repr, takers))} (attn_implementation='fp8_triton'): "
-            f"{b.name} multiplies e4m3 Q and K only"
-        )
-    if options.block_scales and not b.block_scales:
-        takers = [o.name for o in REGISTRY.values() if o.block_scales]
-        raise ValueError(
-            f"qk_scales='block' needs backend {' or '.join(map(repr, takers))} (attn_implementation='fp8_triton'): "
-            f"it takes a Q/K scale per 16 tokens, {b.name} one per (batch, KV head)"
+            f"{asked} needs backend {' or '.join(map(repr, takers))} (attn_implementation='fp8_triton'): {why(b)}"
         )
 
 
