@@ -16,6 +16,7 @@ import torch
 from .backends import get_backend_fn
 from .options import FP8AttentionOptions
 from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
+from .quantization.quantized import rows_bhsd
 
 
 def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions) -> QuantizedQKV:
@@ -142,12 +143,12 @@ def exact_attention_grads(grad_out, query, key, value, cu_seqlens_q, cu_seqlens_
         cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         rope = cos is not None
         tables = (cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])) if rope else None
-        bhsd = lambda x, a, b: x[a:b].transpose(0, 1)[None]  # noqa: E731
         parts = []
         for i in range(len(cu_q) - 1):
             (q0, q1), (k0, k1) = cu_q[i : i + 2], cu_k[i : i + 2]
             c, s = (tables[0][None, q0:q1], tables[1][None, q0:q1]) if rope else (None, None)
-            parts.append(_exact_attention(bhsd(q, q0, q1), bhsd(k, k0, k1), bhsd(v, k0, k1), c, s, is_causal, scale)[0])
+            parts.append(_exact_attention(rows_bhsd(q, q0, q1), rows_bhsd(k, k0, k1), rows_bhsd(v, k0, k1), c, s,
+                                          is_causal, scale)[0])
         return torch.cat(parts)
 
     # torch.func, not torch.autograd: inside a custom op's implementation the autograd keys are excluded

@@ -128,6 +128,12 @@ def check_cu_seqlens(
     return cu_q, cu_k
 
 
+def rows_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a packed (total, H, D) tensor as a (1, H, S, D) view: one sequence of a varlen
+    batch in the fixed-length layout."""
+    return x[start:stop].transpose(0, 1).unsqueeze(0)
+
+
 def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -15,7 +15,7 @@ from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .hadamard import hadamard_matrix
-from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args
+from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args, rows_bhsd
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +155,6 @@ def quantize_qkv_fp8_reference(
                         **blocks)
 
 
-def _varlen_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a (total, H, D) tensor as a (1, H, S, D) view."""
-    return x[start:stop].transpose(0, 1).unsqueeze(0)
-
-
 def quantize_qkv_fp8_varlen_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -187,7 +182,7 @@ def quantize_qkv_fp8_varlen_reference(
         (q0, q1), (k0, k1) = cu_q[i : i + 2], cu_k[i : i + 2]
         rope = (cos[None, q0:q1], sin[None, q0:q1]) if cos is not None else (None, None)
         parts.append(quantize_qkv_fp8_reference(
-            _varlen_bhsd(q, q0, q1), _varlen_bhsd(k, k0, k1), _varlen_bhsd(v, k0, k1), *rope, options=options,
+            rows_bhsd(q, q0, q1), rows_bhsd(k, k0, k1), rows_bhsd(v, k0, k1), *rope, options=options,
         ))
     cat = lambda name, dim=0: torch.cat([getattr(p, name) for p in parts], dim=dim)  # noqa: E731
     blocks = {}
