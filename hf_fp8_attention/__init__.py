@@ -5,16 +5,17 @@ Data path: `quantization` (Triton quantize / RoPE+quantize kernels and their tor
 op) -> `backends` (fa3, fa4, triton, reference: one registry, `dispatch.plan_attention` picks) ->
 `sdpa` (the public `fp8_sdpa` / `fp8_sdpa_varlen`, options as `FP8AttentionOptions`) -> `transformers`
 (AttentionInterface names ``fp8``, ``fp8_fa3``, ``fp8_fa4``, ``fp8_triton``, ``fp8_reference`` and
-`prepare_model`). Importing the package registers the attention implementations.
+`prepare_model`); `kv_cache` (the FP8 KV cache generation reads directly). Importing the package registers the attention implementations.
 """
 
 from .backends import ATTN_IMPLEMENTATIONS, BACKENDS
 from .dispatch import plan_attention, resolve_backend
+from .kv_cache import FP8Cache, FP8CacheLayer
 from .options import FP8AttentionOptions
 from .quantization import QuantizedQKV, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from .sdpa import fp8_sdpa, fp8_sdpa_varlen
 
-from .transformers import describe_backend, prepare_model, register, unprepare_model
+from .transformers import describe_backend, new_cache, prepare_model, register, unprepare_model
 
 register()
 
@@ -23,10 +24,13 @@ __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "BACKENDS",
     "FP8AttentionOptions",
+    "FP8Cache",
+    "FP8CacheLayer",
     "QuantizedQKV",
     "describe_backend",
     "fp8_sdpa",
     "fp8_sdpa_varlen",
+    "new_cache",
     "plan_attention",
     "prepare_model",
     "quantize_qkv_fp8",

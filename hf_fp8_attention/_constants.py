@@ -14,3 +14,7 @@ SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16)
 SCALE_BLOCK = 16
 # qk_format="int8": Q/K values are round(x * INT8_MAX / block amax), symmetric in [-127, 127].
 INT8_MAX = 127.0
+# FP8 KV cache (`kv_cache`): tokens per K/V scale, one scale per KV_BLOCK tokens of one KV head, computed by
+# the kernel that writes the block (a block that grows across appends is re-quantized whole). The cache
+# attention kernel's key tile is one block, so V's block descale multiplies that tile's P.V product.
+KV_BLOCK = 64

@@ -31,8 +31,8 @@ What runs where:
 from ..backends import ATTN_IMPLEMENTATIONS
 from .attention import register
 from .masks import fp8_attention_mask
-from .model import describe_backend, prepare_model, unprepare_model
+from .model import describe_backend, new_cache, prepare_model, unprepare_model
 from .unpad import _fp8_padded  # noqa: F401  (tests/gpu/test_varlen_gpu.py imports it from here)
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "describe_backend", "fp8_attention_mask", "prepare_model", "register",
-           "unprepare_model"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "describe_backend", "fp8_attention_mask", "new_cache", "prepare_model",
+           "register", "unprepare_model"]

@@ -14,6 +14,7 @@ Not fusing never changes results beyond that rounding: the class forward runs, f
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
+from ..kv_cache import FP8Cache
 from ..quantization.reference import rotate_half
 from ..sdpa import fp8_sdpa
 from .attention import module_options
@@ -123,15 +125,20 @@ def _window(self) -> int | None:
     )
 
 
-def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args, kwargs) -> bool:
+def _cache_arg(kwargs):
     cache = kwargs.get("cache")  # transformers 5.24 name
-    if cache is None:
-        cache = kwargs.get("past_key_values")  # 5.17 name
+    return kwargs.get("past_key_values") if cache is None else cache  # 5.17 name
+
+
+def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args, kwargs,
+                      with_cache: bool = False) -> bool:
+    """Whether the fused forward computes this call. with_cache: the call's cache is an `FP8Cache` (checked
+    by the caller), which the fused forward writes and reads itself; any other cache goes to the class one."""
     window = _window(self)
     return (
         not args
         and getattr(self.config, "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
-        and cache is None
+        and (with_cache or _cache_arg(kwargs) is None)
         and attention_mask is None
         and kwargs.get("cu_seq_lens_q") is None  # packed sequences: the adapter runs them as varlen
         and not self.training
@@ -148,13 +155,41 @@ def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, 
 def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """Llama-family attention forward with RoPE fused into fp8_sdpa's quantize step.
 
-    Same result as the class forward, minus one bf16 rounding of the rotated q/k. Anything it does not
-    cover goes to the class forward: a KV cache (it must store rotated keys), a padding mask, training
-    mode, a name that is not fp8 anymore, a window shorter than the sequence, unsupported dtype/head_dim.
+    Same result as the class forward, minus one bf16 rounding of the rotated q/k. With an `FP8Cache` whose
+    layer for this module stores fp8 (`prepare_model(kv_cache="fp8")`), the new un-rotated keys/values are
+    written into it (RoPE in the write kernel) and the queries attend from it (`_fp8_with_cache`).
+    Anything else goes to the class forward: another KV cache (it stores rotated keys), a padding mask,
+    training mode, a name that is not fp8 anymore, a window shorter than the sequence, unsupported
+    dtype/head_dim.
     """
+    layer = _fp8_cache_layer(self, kwargs)
+    if layer is not None and _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args,
+                                               kwargs, with_cache=True):
+        return _attention_forward(self, hidden_states, position_embeddings, kwargs,
+                                  functools.partial(_fp8_with_cache, layer=layer))
     if not _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args, kwargs):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     return _attention_forward(self, hidden_states, position_embeddings, kwargs, _fp8_rope_in_kernel)
+
+
+def _fp8_cache_layer(self, kwargs):
+    """This module's `FP8CacheLayer` in the call's cache, or None (no FP8Cache, or a bf16 layer there)."""
+    cache = _cache_arg(kwargs)
+    if not isinstance(cache, FP8Cache) or not isinstance(getattr(self, "layer_idx", None), int):
+        return None
+    return cache.fp8_layer(self.layer_idx)
+
+
+def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, layer):
+    """The new keys/values go into the fp8 cache (rotated and quantized once, by the write kernel). A first
+    chunk (empty cache) then runs the plain fused fp8 attention on its own keys, which are all it sees;
+    later chunks and decode steps read the cached fp8 blocks (`FP8CacheLayer.attend`). BHSD views in,
+    BHSD out."""
+    first = layer.get_seq_length() == 0
+    layer.append(key, value, cos, sin)
+    if first:
+        return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)
+    return layer.attend(query.transpose(1, 2), cos, sin, scale=scale).transpose(1, 2)
 
 
 def _attention_forward(self, hidden_states, position_embeddings, kwargs, attend):

@@ -14,16 +14,19 @@ sees the values from before (`_configs_as_before`).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache
 from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import device_arch, plan_attention, resolve_backend
+from ..kv_cache import FP8Cache
 from ..options import FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
@@ -47,6 +50,9 @@ class PreparedState:
     previous_use_cache: list[tuple[Any, Any]] = field(default_factory=list)  # (config, value)
     previous_options: list[tuple[Any, Any]] = field(default_factory=list)  # (config, user's value)
     fused: list[torch.nn.Module] = field(default_factory=list)  # attention modules with fused RoPE
+    kv_cache: str = "off"  # "off" (no cache), "bf16" (transformers' cache), "fp8" (`FP8Cache`)
+    fp8_cache_layers: tuple[int, ...] = ()  # layer indices whose cache stores fp8 (kv_cache="fp8")
+    cache_hook_id: int | None = None  # the forward pre-hook that hands forward calls an FP8Cache
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -97,6 +103,8 @@ def _undo_attn_implementation(model, state: PreparedState) -> None:
 
 
 def _apply_use_cache(model, state: PreparedState) -> None:
+    if state.kv_cache != "off":
+        return
     generation_config = getattr(model, "generation_config", None)
     for config in [*_configs_with_cache(model), generation_config]:
         if config is not None and hasattr(config, "use_cache"):
@@ -189,13 +197,92 @@ def _undo_save(model, state: PreparedState) -> None:
         del model.__dict__["save_pretrained"]
 
 
+# --- step: the FP8 cache (kv_cache="fp8"; after fused RoPE: only fused layers can attend from fp8) --------
+
+
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes its cache by: "cache" (transformers 5.24) or "past_key_values"."""
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model):
+    """A fresh `FP8Cache` for a model prepared with kv_cache="fp8": fp8 layers where the fused forward
+    attends from it, transformers' bf16 layers elsewhere (sliding windows, unfused layers)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None or state.kv_cache != "fp8":
+        raise ValueError("new_cache needs a model prepared with prepare_model(model, kv_cache='fp8')")
+    return FP8Cache(config=model.config, fp8_layers=set(state.fp8_cache_layers))
+
+
+def _fp8_cache_pre_hook(module, args, kwargs):
+    """Forward pre-hook: a call that will cache (use_cache, from the call or the config) and brings no cache
+    gets a fresh FP8Cache, as transformers would give it a DynamicCache."""
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is None or state.kv_cache != "fp8" or not state.fp8_cache_layers:
+        return None
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return None
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    if not use_cache:
+        return None
+    kwargs[_cache_kwarg(module)] = new_cache(module)
+    return args, kwargs
+
+
+def _prepare_fp8_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs):
+    """generate's cache preparation, then its default DynamicCache (not one the user passed, not another
+    cache_implementation) swapped for an FP8Cache."""
+    result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
+    for name in ("cache", "past_key_values"):
+        cache = model_kwargs.get(name)
+        if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                and cache.get_seq_length() == 0):
+            model_kwargs[name] = new_cache(model)
+    return result
+
+
+def _apply_kv_cache(model, state: PreparedState) -> None:
+    if state.kv_cache != "fp8":
+        return
+    state.fp8_cache_layers = tuple(sorted(m.layer_idx for m in state.fused if isinstance(getattr(m, "layer_idx", None), int)))
+    if not state.fp8_cache_layers:
+        logger.warning_once(
+            "hf_fp8_attention: kv_cache='fp8' needs the fused forward (Llama/Mistral/Qwen2/Qwen3 attention with "
+            f"fused RoPE); no layer of {type(model).__name__} has it, so it keeps transformers' bf16 cache with "
+            "fp8 attention (correct, generation not faster)"
+        )
+        return
+    handle = model.register_forward_pre_hook(_fp8_cache_pre_hook, with_kwargs=True)
+    state.cache_hook_id = handle.id
+    if hasattr(type(model), "_prepare_cache_for_generation") and "_prepare_cache_for_generation" not in model.__dict__:
+        model.__dict__["_prepare_cache_for_generation"] = BoundMethod(_prepare_fp8_cache_for_generation, model)
+
+
+def _undo_kv_cache(model, state: PreparedState) -> None:
+    if state.cache_hook_id is not None:
+        model._forward_pre_hooks.pop(state.cache_hook_id, None)
+        model._forward_pre_hooks_with_kwargs.pop(state.cache_hook_id, None)
+        state.cache_hook_id = None
+    bound = model.__dict__.get("_prepare_cache_for_generation")
+    if getattr(bound, "__func__", None) is _prepare_fp8_cache_for_generation:
+        del model.__dict__["_prepare_cache_for_generation"]
+
+
 _STEPS = (
     (_apply_attn_implementation, _undo_attn_implementation),
     (_apply_use_cache, _undo_use_cache),
     (_apply_options, _undo_options),
     (_apply_save, _undo_save),
     (_apply_fused_rope, _undo_fused_rope),
+    (_apply_kv_cache, _undo_kv_cache),
 )
+KV_CACHE_MODES = ("off", "bf16", "fp8")
 
 
 def prepare_model(
@@ -207,8 +294,9 @@ def prepare_model(
     smooth_v: bool = False,
     qk_scales: str = "head",
     qk_format: str = "e4m3",
+    kv_cache: str = "off",
 ):
-    """Switch a loaded model to fp8 attention for prefill-style inference. Returns the same model.
+    """Switch a loaded model to fp8 attention. Returns the same model.
 
     Args:
         model: a transformers PreTrainedModel in bfloat16/float16.
@@ -224,14 +312,32 @@ def prepare_model(
             transformers versions it was checked against, for classes that pass a self-check; see
             `fused_rope`).
 
-    It turns the KV cache off (config and generation_config): the fused-RoPE path needs un-rotated keys,
-    a cache stores rotated ones. `unprepare_model` undoes everything. ``model.save_pretrained`` writes the
+        kv_cache: "off" (default; for prefill workloads: perplexity, scoring, classification) turns the KV
+            cache off (config and generation_config), as torchao does: the fused-RoPE path needs un-rotated
+            keys, a bf16 cache stores rotated ones. "fp8" (for generation) keeps caching on with an
+            `FP8Cache`: K/V stored in e4m3 with a scale per 64 tokens per KV head, written once by the
+            RoPE + quantize write kernel and read directly by the decode kernel; ``model(ids,
+            use_cache=True)`` and ``model.generate(...)`` create it with no other argument
+            (`hf_fp8_attention.new_cache(model)` makes one to pass yourself). Needs the default accuracy
+            options and fused RoPE; layers without the fused forward keep a bf16 cache. "bf16" keeps
+            transformers' own cache (fp8 attention, RoPE unfused when a cache is used).
+
+    `unprepare_model` undoes everything. ``model.save_pretrained`` writes the
     model as it was before (cache setting, options; ``model.config.save_pretrained`` on its own writes the
     live config). Warns when attention layers of this model will run in bf16/fp16 instead of fp8, and why
     (see `describe_backend`).
     """
     options = FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, qk_scales=qk_scales,
                                   qk_format=qk_format)
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+    if kv_cache == "fp8" and options.changed():
+        raise ValueError(
+            f"kv_cache='fp8' runs the default fp8 numerics (per-block K/V scales in the cache); the options "
+            f"{options.changed()} are not supported with it: drop them, or use kv_cache='off' / 'bf16'"
+        )
+    if kv_cache == "fp8" and not fuse_rope:
+        raise ValueError("kv_cache='fp8' writes un-rotated keys through the fused-RoPE forward: it needs fuse_rope=True")
     # fail here, not at the first forward: the Hadamard rotation needs a power-of-two head_dim
     for head_dim in sorted({m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}):
         options.check_head_dim(head_dim)
@@ -246,7 +352,8 @@ def prepare_model(
     if _STATE_ATTR in model.__dict__:
         unprepare_model(model)
 
-    state = PreparedState(attn_implementation=f"fp8_{plan.backend}", options=options, fuse_rope=bool(fuse_rope))
+    state = PreparedState(attn_implementation=f"fp8_{plan.backend}", options=options, fuse_rope=bool(fuse_rope),
+                          kv_cache=kv_cache)
     done = []
     try:
         for apply, undo in _STEPS:
@@ -345,4 +452,9 @@ def describe_backend(model) -> str:
         return text
     if state is None or not state.fuse_rope:
         return text + ", fused RoPE off"
-    return text + f", fused RoPE on {len(state.fused)}/{len(attention_modules(model))} layers"
+    text += f", fused RoPE on {len(state.fused)}/{len(attention_modules(model))} layers"
+    if state.kv_cache == "fp8":
+        text += f", fp8 KV cache on {len(state.fp8_cache_layers)}/{len(attention_modules(model))} layers"
+    elif state.kv_cache == "bf16":
+        text += ", transformers' KV cache (bf16)"
+    return text

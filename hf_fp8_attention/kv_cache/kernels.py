@@ -1,0 +1,265 @@
+"""Triton kernels of the FP8 KV cache: writing K/V blocks into it, and attention that reads it.
+
+Cache layout (per layer): K8, V8 (B, H_kv, capacity, D) float8_e4m3fn, contiguous; K_desc, V_desc
+(B, H_kv, capacity // KV_BLOCK) float32: the descale of each block of KV_BLOCK tokens of one KV head.
+
+`cache_write_kernel` quantizes whole blocks: a block that already holds tokens (the last, partial one) is
+re-quantized from the float32 values kept in a tail buffer, so a late token with a larger value never
+saturates an earlier scale, and blocks written across appends equal quantizing everything at once.
+
+`cache_attn_kernel` is the FA-style forward over the cached keys for new queries (the last S_q positions,
+bottom-right causal), with the key tile equal to one cache block: K's block descale scales that tile's
+scores and V's scales its P.V product, which is added to the accumulator in float32 (two-level
+accumulation). Q arrives un-rotated in the model dtype; RoPE is applied here in float32, then each query
+row gets its own scale. QK_FP8: Q and P are rounded to e4m3 and both products run in fp8 (chunked
+prefill); otherwise (decode: few rows, memory-bound) Q and P are rounded to fp16 and the fp8 K/V tiles are
+widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches split the keys over programs
+(`num_splits`, a runtime value: no recompilation per length) merged by `cache_combine_kernel`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..quantization.tile_math import _finite_abs, _to_fp8
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _write_one(
+    Src, Tail_in, Tail_out, Dst, Desc, Cos, Sin,
+    src_rows, tail_rows, dst_rows, cos_rows, desc_off, from_tail, from_src, valid, keep_tail, offs_d, d_ok,
+    HALF: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    """One KV_BLOCK-token block of one head of K or V: gather it (tail rows + new rows, the new ones rotated
+    with APPLY_ROPE), quantize with one scale, store codes and descale, and the float32 values into
+    Tail_out where `keep_tail`. Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather."""
+    src_mask = from_src[:, None] & d_ok[None, :]
+    s1 = tl.load(Src + src_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(Src + src_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
+    if APPLY_ROPE:
+        c1 = tl.load(Cos + cos_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(Cos + cos_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
+        n1 = tl.load(Sin + cos_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
+        n2 = tl.load(Sin + cos_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), three roundings (no FMA: the
+        # launcher turns fp fusion off) as `reference.apply_rope_reference`
+        r1 = s1 * c1 - s2 * n1
+        r2 = s2 * c2 + s1 * n2
+        s1 = r1
+        s2 = r2
+    tail_mask = from_tail[:, None] & d_ok[None, :]
+    t1 = tl.load(Tail_in + tail_rows[:, None] + offs_d[None, :], mask=tail_mask, other=0.0)
+    t2 = tl.load(Tail_in + tail_rows[:, None] + (offs_d + HALF)[None, :], mask=tail_mask, other=0.0)
+    x1 = tl.where(from_tail[:, None], t1, s1)
+    x2 = tl.where(from_tail[:, None], t2, s2)
+    ok = valid[:, None] & d_ok[None, :]
+    amax = tl.max(tl.max(tl.where(ok, tl.maximum(_finite_abs(x1), _finite_abs(x2)), 0.0), 1), 0)
+    positive = amax > 0
+    scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
+    descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
+    tl.store(Dst + dst_rows[:, None] + offs_d[None, :], _to_fp8(x1 * scale, FP8_MAX), mask=ok)
+    tl.store(Dst + dst_rows[:, None] + (offs_d + HALF)[None, :], _to_fp8(x2 * scale, FP8_MAX), mask=ok)
+    tl.store(Desc + desc_off, descale)
+    keep = keep_tail[:, None] & d_ok[None, :]
+    tl.store(Tail_out + tail_rows[:, None] + offs_d[None, :], x1, mask=keep)
+    tl.store(Tail_out + tail_rows[:, None] + (offs_d + HALF)[None, :], x2, mask=keep)
+
+
+@triton.jit(do_not_specialize=["length", "n_new"])
+def cache_write_kernel(
+    K_src, V_src, Cos, Sin, K8, V8, K_desc, V_desc, K_tail_in, V_tail_in, K_tail_out, V_tail_out,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_cb, stride_cs,
+    stride_cache_b, stride_cache_h, stride_desc_b, stride_desc_h,
+    H, length, n_new,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+):
+    """Grid: (number of blocks touched, B * H).
+
+    Appends n_new tokens after the `length` cached ones. Block i of the grid covers cache positions
+    [b0 + i * KV_BLOCK, ...) with b0 = length rounded down to a block; a position below `length` comes from
+    the tail buffer (its float32 value), one in [length, length + n_new) from K_src/V_src (B, n_new, H, D)
+    strided views with unit stride over D (K rotated with Cos/Sin (B or 1, n_new, D) when APPLY_ROPE).
+    Tail buffers: (B, H, KV_BLOCK, D) float32 contiguous, Tail_in read, Tail_out written with the partial
+    last block (two buffers: another program may still read Tail_in).
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    HALF: tl.constexpr = HEAD_DIM // 2
+    start = (length // KV_BLOCK + blk) * KV_BLOCK
+    offs_t = tl.arange(0, KV_BLOCK)
+    offs_d = tl.arange(0, HALF_PAD)
+    d_ok = offs_d < HALF
+    pos = start + offs_t
+    end = length + n_new
+    from_tail = pos < length
+    from_src = (pos >= length) & (pos < end)
+    valid = pos < end
+    keep_tail = valid & (pos >= end // KV_BLOCK * KV_BLOCK)  # the partial last block
+    j = tl.where(from_src, pos - length, 0).to(tl.int64)
+    b64 = b.to(tl.int64)
+    tail_rows = bh.to(tl.int64) * (KV_BLOCK * HEAD_DIM) + offs_t * HEAD_DIM
+    dst_rows = b64 * stride_cache_b + h.to(tl.int64) * stride_cache_h + pos.to(tl.int64) * HEAD_DIM
+    desc_off = b64 * stride_desc_b + h * stride_desc_h + start // KV_BLOCK
+    cos_rows = b64 * stride_cb + j * stride_cs
+    _write_one(K_src, K_tail_in, K_tail_out, K8, K_desc, Cos, Sin,
+               b64 * stride_kb + j * stride_ks + h * stride_kh, tail_rows, dst_rows, cos_rows, desc_off,
+               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, APPLY_ROPE, FP8_MAX)
+    _write_one(V_src, V_tail_in, V_tail_out, V8, V_desc, Cos, Sin,
+               b64 * stride_vb + j * stride_vs + h * stride_vh, tail_rows, dst_rows, cos_rows, desc_off,
+               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
+
+
+@triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split"])
+def cache_attn_kernel(
+    Q, Cos, Sin, K8, V8, K_desc, V_desc, Out, O_part, ML_part,
+    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
+    stride_cache_b, stride_cache_h, stride_desc_b, stride_desc_h,
+    stride_ob, stride_os,
+    H_kv, S_q, S_kv, sm_scale, keys_per_split,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    APPLY_ROPE: tl.constexpr, QK_FP8: tl.constexpr, SPLIT: tl.constexpr, FP8_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N is the cache's KV_BLOCK.
+
+    Q (B, S_q, H_q, D) with unit stride over D, un-rotated when APPLY_ROPE (Cos/Sin (B or 1, S_q, D));
+    the queries are positions S_kv - S_q .. S_kv - 1 of the cached keys. Out (B, S_q, H_q, D) contiguous.
+    GQA rows as in the triton backend: row r = s * GROUP + g is position s of query head kv * GROUP + g.
+    SPLIT: keys [split * keys_per_split, ...) only; unnormalised float32 acc to O_part (splits, B * H_kv,
+    S_q * GROUP, HEAD_DIM_PAD) and (max, sum) to ML_part (splits, B * H_kv, S_q * GROUP, 2).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    b = pid_bh // H_kv
+    h_kv = pid_bh % H_kv
+    b64 = b.to(tl.int64)
+    n_rows = S_q * GROUP
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = offs_r // GROUP
+    head = h_kv * GROUP + offs_r % GROUP
+    row_ok = offs_r < n_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    HALF: tl.constexpr = HEAD_DIM // 2
+
+    # ---- the query tile: RoPE in float32, then e4m3 per row (QK_FP8) or bf16 ----
+    q_rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    if APPLY_ROPE:
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        qp = tl.load(Q + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
+        c = tl.load(Cos + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        s = tl.load(Sin + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = q * c + tl.where(first[None, :], -qp, qp) * s
+    # one scale per row in both modes (fp16 has range to spare, but a row of huge activations would not)
+    q_amax = tl.max(_finite_abs(q), 1)
+    positive = q_amax > 0
+    q_scale = tl.where(positive, tl.math.div_rn(FP8_MAX, q_amax), 1.0)
+    row_scale = tl.where(positive, tl.math.div_rn(q_amax, FP8_MAX), 1.0) * (sm_scale * 1.4426950408889634)
+    if QK_FP8:
+        q_op = _to_fp8(q * q_scale[:, None], FP8_MAX)
+    else:
+        q_op = (q * q_scale[:, None]).to(tl.float16)
+
+    # ---- key range: this split's, cut at the last key the tile's last row may see ----
+    diag = S_kv - S_q
+    last_pos = (tl.minimum((pid_m + 1) * BLOCK_M, n_rows) - 1) // GROUP
+    row_limit = pos + diag
+    lo = 0
+    hi = S_kv
+    if SPLIT:
+        lo = pid_split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, S_kv)
+    hi = tl.minimum(hi, last_pos + diag + 1)
+
+    kv_base = b64 * stride_cache_b + h_kv.to(tl.int64) * stride_cache_h
+    desc_base = b64 * stride_desc_b + h_kv * stride_desc_h
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
+        kv_mask = (cols < S_kv)[:, None] & d_ok[None, :]
+        k = tl.load(K8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_desc = tl.load(K_desc + desc_base + start_n // BLOCK_N)
+        if QK_FP8:
+            qk = tl.dot(q_op, tl.trans(k))
+        else:
+            qk = tl.dot(q_op, tl.trans(k.to(tl.float16)))
+        qk = qk * (row_scale[:, None] * k_desc)
+        visible = (cols[None, :] < S_kv) & (cols[None, :] <= row_limit[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row that sees no key here: exp2 gives 0, not NaN
+        p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))  # FA3's Max_offset: P in [0, 256] before its e4m3 cast
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v_desc = tl.load(V_desc + desc_base + start_n // BLOCK_N)
+        if QK_FP8:
+            pv = tl.dot(p.to(tl.float8e4nv), v)
+        else:
+            pv = tl.dot(p.to(tl.float16), v.to(tl.float16))
+        acc = acc * alpha[:, None] + pv * v_desc
+        m_i = m_ij
+
+    if SPLIT:
+        part_row = (pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r
+        tl.store(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ML_part + part_row * 2, tl.where(l_i > 0, m_i, float("-inf")), mask=row_ok)
+        tl.store(ML_part + part_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_rows = b64 * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["S_q", "num_splits"])
+def cache_combine_kernel(
+    Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges `cache_attn_kernel`'s split partials: each split's
+    acc and sum rescaled by exp2(its max - the overall max), summed, divided by the summed row sum. The
+    split count is a runtime loop bound: one compiled variant serves every cache length."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh_total = tl.num_programs(1)
+    n_rows = S_q * GROUP
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m_max = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    for s in tl.range(0, num_splits):
+        part_row = (s * bh_total + pid_bh).to(tl.int64) * n_rows + offs_r
+        m_max = tl.maximum(m_max, tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    for s in tl.range(0, num_splits):
+        part_row = (s * bh_total + pid_bh).to(tl.int64) * n_rows + offs_r
+        w = tl.math.exp2(tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")) - m_max)
+        l_sum += w * tl.load(ML_part + part_row * 2 + 1, mask=row_ok, other=0.0)
+        acc += tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None],
+                       other=0.0) * w[:, None]
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    b = pid_bh // H_kv
+    h_kv = pid_bh % H_kv
+    pos = offs_r // GROUP
+    head = h_kv * GROUP + offs_r % GROUP
+    o_rows = b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+    tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])

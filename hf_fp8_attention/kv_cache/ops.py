@@ -1,0 +1,140 @@
+"""Launchers of the FP8 KV cache kernels, and their torch counterparts (CPU, or ``impl="torch"``).
+
+`write_blocks` appends tokens to a layer's fp8 storage; `cache_attention` runs new queries against it. Both
+take an ``impl``: "triton" (the kernels of `kernels.py`; CUDA on SM 8.9+, or the interpreter in CPU tests)
+or "torch" (`reference.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .._constants import FP8_MAX, KV_BLOCK, SUPPORTED_HEAD_DIMS
+from .._intmath import cdiv, next_power_of_2
+from . import reference
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str) -> None:
+    """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
+    first when given) into k8/v8 (B, H, capacity, D) e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK),
+    re-quantizing the partial block at ``length`` from tail_in (2, B, H, KV_BLOCK, D) float32 (K, V) and
+    leaving the new partial block's float32 values in tail_out (may be tail_in for impl="torch")."""
+    n = key.shape[2]
+    b0 = length // KV_BLOCK * KV_BLOCK
+    if impl == "torch":
+        r = length - b0
+        k = key.float()
+        if cos is not None:
+            k = reference.apply_rope_reference(k, cos, sin)
+        kx = torch.cat((tail_in[0, :, :, :r], k), dim=2)
+        vx = torch.cat((tail_in[1, :, :, :r], value.float()), dim=2)
+        end_full = (r + n) // KV_BLOCK * KV_BLOCK
+        for x, codes_out, desc_out, slot in ((kx, k8, k_desc, 0), (vx, v8, v_desc, 1)):
+            codes, desc = reference.quantize_blocks(x)
+            codes_out[:, :, b0 : b0 + r + n] = codes
+            desc_out[:, :, b0 // KV_BLOCK : b0 // KV_BLOCK + desc.shape[-1]] = desc
+            tail_out[slot, :, :, : r + n - end_full] = x[:, :, end_full:]
+        return
+    B, H, _, D = k8.shape
+    key, value = _unit_last(key), _unit_last(value)
+    rope = cos is not None
+    if rope:
+        cos, sin = _unit_last(cos), _unit_last(sin)
+    n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
+    from .kernels import cache_write_kernel
+
+    cache_write_kernel[(n_blocks, B * H)](
+        key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
+        tail_in[0], tail_in[1], tail_out[0], tail_out[1],
+        key.stride(0), key.stride(2), key.stride(1), value.stride(0), value.stride(2), value.stride(1),
+        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
+        k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
+        H, length, n,
+        HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
+        num_warps=4, enable_fp_fusion=False,
+    )
+
+
+# Query rows per KV head (S_q * H_q / H_kv) up to which Q and P are fp16 (decode: memory-bound, the fp8
+# products would save nothing); above, both products run in e4m3 (chunked prefill: compute-bound).
+FP16_MAX_ROWS = 64
+
+
+def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
+                    qk_fp8: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
+    tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
+
+    qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the GPU's SM
+    count (enough programs to fill it twice, each with >= 4 key blocks); tests force values.
+    """
+    B, S_q, H_q, D = query.shape
+    H_kv = k8.shape[1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"fp8 cache attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {D}")
+    if H_q % H_kv:
+        raise ValueError(f"query heads ({H_q}) must be a multiple of the cache's KV heads ({H_kv})")
+    if not 0 < S_q <= length:
+        raise ValueError(f"{S_q} new queries against {length} cached tokens: the queries must be cached first")
+    group = H_q // H_kv
+    n_rows = S_q * group
+    if qk_fp8 is None:
+        qk_fp8 = n_rows > FP16_MAX_ROWS
+    if impl == "torch":
+        return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
+                                                   qk_fp8=qk_fp8)
+    from .kernels import cache_attn_kernel, cache_combine_kernel
+
+    query = _unit_last(query)
+    rope = cos is not None
+    if rope:
+        cos, sin = _unit_last(cos), _unit_last(sin)
+    out = torch.empty(B, S_q, H_q, D, dtype=query.dtype, device=query.device)
+    block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
+    m_tiles = cdiv(n_rows, block_m)
+    if num_splits is None:
+        sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
+        num_splits = max(1, min(cdiv(2 * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
+    keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
+    num_splits = cdiv(length, keys_per_split)
+    dim_pad = next_power_of_2(D)
+    split = num_splits > 1
+    if split:
+        o_part = torch.empty(num_splits, B * H_kv, n_rows, dim_pad, dtype=torch.float32, device=query.device)
+        ml_part = torch.empty(num_splits, B * H_kv, n_rows, 2, dtype=torch.float32, device=query.device)
+    else:
+        o_part = ml_part = out  # never read
+    cache_attn_kernel[(m_tiles, B * H_kv, num_splits)](
+        query, cos if rope else query, sin if rope else query, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+        query.stride(0), query.stride(1), query.stride(2),
+        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
+        k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
+        out.stride(0), out.stride(1),
+        H_kv, S_q, length, float(scale), keys_per_split,
+        GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
+        FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
+        num_warps=8 if block_m >= 128 else 4, num_stages=3, enable_fp_fusion=False,
+    )
+    if split:
+        block_r = min(64, max(16, next_power_of_2(n_rows)))
+        cache_combine_kernel[(cdiv(n_rows, block_r), B * H_kv)](
+            out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
+            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, BLOCK_R=block_r, num_warps=4,
+        )
+    return out

@@ -1,0 +1,65 @@
+"""Torch reference of the FP8 KV cache kernels (`kernels.py`): the spec they are tested against, and what runs
+on CPU. Block quantization follows `quantization.reference` (amax over finite elements, scale = FP8_MAX /
+amax by tensor division, RNE e4m3, NaN where the input is not finite)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._constants import FP8_DTYPE, KV_BLOCK
+from .._intmath import cdiv
+from ..quantization.reference import _finite_abs, _scales, _to_fp8, apply_rope_reference
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, S, D) float32, S a multiple of KV_BLOCK or the last block partial -> (e4m3 (B, H, S, D), descale
+    (B, H, cdiv(S, KV_BLOCK)) float32): one scale per KV_BLOCK tokens of one head."""
+    B, H, S, D = x.shape
+    n_blk = cdiv(S, KV_BLOCK)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * KV_BLOCK - S)).reshape(B, H, n_blk, KV_BLOCK * D)
+    scale, descale = _scales(_finite_abs(padded).amax(dim=-1))
+    codes = _to_fp8(padded * scale[..., None]).reshape(B, H, n_blk * KV_BLOCK, D)[:, :, :S]
+    return codes, descale
+
+
+def dequantize(codes: torch.Tensor, descale: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached tokens as float32 (B, H, length, D): codes times their block's descale."""
+    per_token = descale[:, :, : cdiv(length, KV_BLOCK)].repeat_interleave(KV_BLOCK, dim=2)[:, :, :length]
+    return codes[:, :, :length].float() * per_token[..., None]
+
+
+def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float,
+                              qk_fp8: bool) -> torch.Tensor:
+    """What `cache_attn_kernel` computes, with one softmax max per row instead of the online one.
+
+    query (B, S_q, H_q, D) un-rotated when cos/sin (B or 1, S_q, D) are given; the queries are the last S_q
+    of the ``length`` cached keys (bottom-right causal). Each query row (position, head) is scaled to an amax of
+    448; qk_fp8: Q and P rounded to e4m3, else to fp16. Scores in base 2 with FA3's max offset
+    8 (P in [0, 256]), the row sum of the unrounded P. Returns (B, S_q, H_q, D) in query's dtype.
+    """
+    B, S_q, H_q, D = query.shape
+    H_kv = k8.shape[1]
+    q = query.float().transpose(1, 2)  # (B, H_q, S_q, D)
+    if cos is not None:
+        q = apply_rope_reference(q, cos, sin)
+    log2_scale = scale * math.log2(math.e)
+    q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
+    q_op = _to_fp8(q * q_scale[..., None]).float() if qk_fp8 else (q * q_scale[..., None]).half().float()
+    row_scale = q_descale * log2_scale
+    group = H_q // H_kv
+    k_codes = k8[:, :, :length].float().repeat_interleave(group, dim=1)
+    k_blk = k_desc[:, :, : cdiv(length, KV_BLOCK)].repeat_interleave(KV_BLOCK, dim=2)[:, :, :length]
+    scores = (q_op @ k_codes.transpose(-1, -2)) * (row_scale[..., None] * k_blk.repeat_interleave(group, dim=1)[:, :, None])
+    visible = torch.ones(S_q, length, dtype=torch.bool, device=q.device).tril(length - S_q)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    p = torch.exp2(scores - (m - 8.0))
+    row_sum = p.sum(dim=-1, keepdim=True)
+    p_r = p.to(FP8_DTYPE if qk_fp8 else torch.float16).float()
+    v = dequantize(v8, v_desc, length).repeat_interleave(group, dim=1)
+    out = (p_r @ v) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    return out.transpose(1, 2).to(query.dtype)
+
