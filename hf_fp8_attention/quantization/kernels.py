@@ -23,11 +23,15 @@ programs fit per SM.
 Accuracy modes, in the reference's order RoPE -> Hadamard -> mean subtraction -> amax: HADAMARD_QK /
 HADAMARD_V multiply the (rotated) tile by the normalised Sylvester matrix H_D with tl.dot (see
 `_hadamard`); SMOOTH_K / SMOOTH_V subtract the per-(batch, head, channel) mean over the sequence from K / V.
-For those, each P1 also writes its tile's per-channel sum, min and max to a partials buffer; the P1 whose
-increment completes the group (the atomic's return value says so) reduces the group's partials in tile
-order (deterministic), writes mean[D] and the centred amax max_c max(max_c - mean_c, mean_c - min_c), and
-increments the group's counter once more; P2 of a smoothed group waits for that extra count. The reducer
-only ever reads published P1s and never waits, so the deadlock argument above is unchanged.
+A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into a
+3 x HEAD_DIM float32 slot of its head (atomic float adds and atomic max of order-preserving uint32 keys,
+`tile_math._publish_half_stats`), then counts itself done as any P1 does. Its P2 waits for the same count
+as an unsmoothed one, reads the slot (1.5 KiB from L2 at D=128) and computes mean_c = sum_c / seq_len and
+the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the amax of the centred values (see
+`_centred_half_stats`): no extra pass, no extra read of the tile, no wait beyond the amax's, so the deadlock
+argument is unchanged. The atomic adds make the sums' rounding depend on the order the tiles arrive in, so
+on the GPU the mean may differ between runs by a few float32 ulps (the reference's summation order differs
+too; tolerances in tests/cpu/test_quantize.py).
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA
@@ -37,12 +41,12 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _reduce_half_stats, _sign_matrix,
-                        _store_half_stats, _to_fp8, _to_int8)
+from .tile_math import (_block_amax, _block_nonfinite, _centred_half_stats, _finite_abs, _hadamard,
+                        _publish_half_stats, _sign_matrix, _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group (plus 1 once a smoothed
-# group's statistics are out). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head.
+# cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
+# like the descales: (t * B + b) * H_KV + kv_head. Smoothing statistics live in their own zeroed buffer.
 WS_PAD = tl.constexpr(32)
 
 
@@ -192,7 +196,7 @@ def _transform(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t, signs,
 @triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, part_ptr, cu_q_ptr, cu_k_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, stats_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
     B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -204,7 +208,7 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RED_TILES: tl.constexpr, VARLEN: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
@@ -213,7 +217,8 @@ def qkv_quantize_kernel(
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
-    part_ptr (2, B, H_KV, cdiv(S_KV, BLOCK_S), 3, HEAD_DIM) float32 holds the per-tile statistics.
+    stats_ptr (2, B, H_KV, 3, HEAD_DIM) float32, zeroed, accumulates each head's per-channel sum, max key
+    and max-of-negation key (the last two uint32 bit patterns, see `tile_math._ordered_key`).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
@@ -248,7 +253,7 @@ def qkv_quantize_kernel(
     while ticket < n_items + lag:
         has_p1 = ticket < n_items
         has_p2 = ticket >= lag
-        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
+        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, _,
          _, _) = _tile_setup(
             tl.minimum(ticket, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -278,7 +283,7 @@ def qkv_quantize_kernel(
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
         n_done = tl.atomic_add(done_ptr + grp2, 0, mask=has_p2, sem="acquire")
         amax_bits = tl.atomic_max(amax_ptr + grp2, 0, mask=has_p2, sem="relaxed")
-        # ---- P1: publish max |x| of the tile (and its statistics for a smoothed group), before any wait ----
+        # ---- P1: publish max |x| of the tile (a smoothed tile: its channel statistics), before any wait ----
         if has_p1:
             if ONE_TILE:
                 lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
@@ -287,34 +292,25 @@ def qkv_quantize_kernel(
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
             x1, x2 = _transform(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1, signs,
                                 APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
-            m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-            # The int32 max of the bit patterns orders non-negative finite floats like the floats.
-            tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             if SMOOTH_K or SMOOTH_V:
                 smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
-                # k/v groups are single heads: (t - 1, b, h) indexes means and partials
-                head1 = grp1 - B * H_KV
-                if smooth1:
-                    valid = ((row1 + out_rows) < seq1)[:, None]
-                    p_ptr = part_ptr + (head1.to(tl.int64) * n_tiles_kv + row1 // BLOCK_S) * (3 * HEAD_DIM)
-                    _store_half_stats(x1, valid, p_ptr + offs_d, d_mask, HEAD_DIM)
-                    _store_half_stats(x2, valid, p_ptr + HALF + offs_d, d_mask, HEAD_DIM)
-                # acq_rel: releases this tile's partials, and the group's last P1 acquires all of them
-                n_before = tl.atomic_add(done_ptr + grp1, 1, sem="acq_rel")
-                if smooth1 & (n_before == grp1_tiles - 1):
-                    p_ptr = part_ptr + head1.to(tl.int64) * n_tiles_kv * (3 * HEAD_DIM)
-                    mean1, amax1 = _reduce_half_stats(p_ptr, n_tiles_kv, seq1, offs_d, d_mask,
-                                                      HEAD_DIM, HALF_BLOCK, RED_TILES)
-                    mean2, amax2 = _reduce_half_stats(p_ptr + HALF, n_tiles_kv, seq1, offs_d, d_mask,
-                                                      HEAD_DIM, HALF_BLOCK, RED_TILES)
-                    amax = tl.maximum(amax1, amax2)
-                    m_ptr = mean_ptr + head1.to(tl.int64) * HEAD_DIM + offs_d
-                    tl.store(m_ptr, mean1, mask=d_mask)
-                    tl.store(m_ptr + HALF, mean2, mask=d_mask)
-                    tl.atomic_xchg(amax_ptr + grp1, amax.to(tl.int32, bitcast=True), sem="relaxed")
-                    tl.atomic_add(done_ptr + grp1, 1, sem="release")
             else:
-                tl.atomic_add(done_ptr + grp1, 1, sem="release")
+                smooth1 = False
+            if smooth1:
+                # k/v groups are single heads: (t - 1, b, h) indexes the statistics. Rows past seq_len
+                # (loaded as 0) and non-finite elements count in none of them; an empty tile publishes nothing.
+                valid = ((row1 + out_rows) < seq1)[:, None]
+                s_ptr = stats_ptr + (grp1 - B * H_KV).to(tl.int64) * (3 * HEAD_DIM)
+                on = offs_d < tl.where(row1 < seq1, HALF, 0)  # d_mask, off for an empty tile
+                _publish_half_stats(x1, valid & (tl.abs(x1) < float("inf")), s_ptr, offs_d, on, HEAD_DIM)
+                _publish_half_stats(x2, valid & (tl.abs(x2) < float("inf")), s_ptr + HALF, offs_d, on, HEAD_DIM)
+                # every warp's atomics before the one thread's release below (CUTLASS's semaphore pattern)
+                tl.debug_barrier()
+            else:
+                m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+                # The int32 max of the bit patterns orders non-negative finite floats like the floats.
+                tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
+            tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
             if ONE_TILE:
@@ -322,16 +318,24 @@ def qkv_quantize_kernel(
                     x2_ptr, x2_base, row2, seq2, stride2_s, stride2_d,
                     cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
-            if SMOOTH_K or SMOOTH_V:
-                smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
-                ready = grp2_tiles + smooth2.to(tl.int32)  # a smoothed group also waits for its statistics
-            else:
-                ready = grp2_tiles
-            if n_done < ready:
-                while n_done < ready:
+            if n_done < grp2_tiles:
+                while n_done < grp2_tiles:
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
+            if SMOOTH_K or SMOOTH_V:
+                # the group's statistics are complete (every P1 released them before counting itself);
+                # unsmoothed tiles load nothing: mean 0, and x - 0 == x exactly
+                smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
+                head2 = (grp2 - B * H_KV).to(tl.int64)
+                s_ptr = stats_ptr + head2 * (3 * HEAD_DIM)
+                mean1, c_amax1 = _centred_half_stats(s_ptr, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
+                mean2, c_amax2 = _centred_half_stats(s_ptr + HALF, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
+                amax = tl.where(smooth2, tl.maximum(c_amax1, c_amax2), amax)
+                m_ptr = mean_ptr + head2 * HEAD_DIM + offs_d
+                m_mask = offs_d < tl.where(smooth2 & first2, HALF, 0)  # d_mask & smooth2 & first2
+                tl.store(m_ptr, mean1, mask=m_mask)
+                tl.store(m_ptr + HALF, mean2, mask=m_mask)
             positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
@@ -339,10 +343,8 @@ def qkv_quantize_kernel(
             x1, x2 = _transform(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2, signs,
                                 APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
             if SMOOTH_K or SMOOTH_V:
-                # mean 0 (not loaded) for unsmoothed tiles: x - 0 == x exactly
-                m_ptr = mean_ptr + (grp2 - B * H_KV).to(tl.int64) * HEAD_DIM + offs_d
-                x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
-                x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
+                x1 = x1 - mean1[None, :]
+                x2 = x2 - mean2[None, :]
             if BLOCK_SCALES:
                 # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
                 valid2 = (row2 + out_rows) < seq2

@@ -30,8 +30,6 @@ _TILE_ELEMS = 8192
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
-# Partial-statistics rows reduced per step by the program that completes a smoothed group.
-_RED_TILES = 16
 # P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
 # the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while
 # the tiles between a P1 read and its P2 read stay well inside L2. Both values from the sweep of
@@ -83,8 +81,10 @@ def quantize_qkv_fp8(
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
         float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing;
-        with them the fp32 summation orders differ (tl.dot, tile-wise means), so a few fp8 values may be
-        one ulp apart and descales agree to ~1e-7 relative.
+        with them the fp32 summation orders differ (tl.dot; the means' sums are merged per tile with
+        atomic adds, in the order the tiles arrive, so on the GPU they may also differ between runs by a
+        few float32 ulps), so a few fp8 values may be one ulp apart and descales agree to ~1e-7 relative.
+        Given the same mean, the smoothed scale is exactly the reference's (amax of the centred values).
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
@@ -176,8 +176,19 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     smooth_k, smooth_v, smooth = options.smooth_k, options.smooth_v, options.smooths
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
 
-    # (2, B, H_kv, D) K and V means; zeros stand for the mean of an empty sequence
-    means = torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device) if smooth else None
+    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), the (3, B, H_kv)
+    # float32 descales (overwritten), and with smoothing, 128-byte aligned, the (2, B, H_kv, D) K and V
+    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, 3, D) per-channel
+    # statistics the kernel accumulates (sum, max key, max-of-negation key; zero is their identity).
+    n_groups, pad = 3 * B * H_kv, WS_PAD.value
+    n_ws = pad + 3 * n_groups
+    smooth_at, n_means = cdiv(n_ws, 32) * 32, 2 * B * H_kv * D
+    buf = torch.zeros((smooth_at + 4 * n_means if smooth else n_ws,), dtype=torch.int32, device=device)
+    if smooth:
+        means = buf[smooth_at : smooth_at + n_means].view(torch.float32).view(2, B, H_kv, D)
+        stats = buf[smooth_at + n_means :].view(torch.float32)
+    else:
+        means = stats = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     v_mean = means[1] if smooth_v else None
 
     def bundle(descale: torch.Tensor) -> QuantizedQKV:
@@ -189,12 +200,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     if S_q == 0 or S_kv == 0 or B == 0:
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
-    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), then the
-    # (3, B, H_kv) float32 descales, which the kernel overwrites.
-    n_groups, pad = 3 * B * H_kv, WS_PAD.value
-    buf = torch.zeros((pad + 3 * n_groups,), dtype=torch.int32, device=device)
     workspace = buf[: pad + 2 * n_groups]
-    descale = buf[pad + 2 * n_groups :].view(torch.float32).view(3, B, H_kv)
+    descale = buf[pad + 2 * n_groups : n_ws].view(torch.float32).view(3, B, H_kv)
     n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device))
 
     if apply_rope:
@@ -203,24 +210,19 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         cos = sin = buf  # never read: APPLY_ROPE=False removes the loads
         cos_strides = sin_strides = (0, 0, 0)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
-    if smooth:
-        # per-tile (sum, min, max) of every K and V channel; never read before written, so not zeroed
-        partials = torch.empty((2, B, H_kv, cdiv(S_kv, block_s), 3, D), dtype=torch.float32, device=device)
-    else:
-        means = partials = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (buf, buf)  # never read without VARLEN
 
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, partials, cu_q, cu_k,
+        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, stats, cu_q, cu_k,
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, RED_TILES=_RED_TILES, VARLEN=varlen is not None,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,

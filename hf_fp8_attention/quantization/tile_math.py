@@ -1,6 +1,7 @@
 """Per-tile arithmetic of the quantize kernel (`kernels.qkv_quantize_kernel`): non-finite-safe amax and
 e4m3 cast, per-block amax, the Hadamard rotation by tl.dot, and the per-channel statistics of K/V
-smoothing. Jitted helpers only: no launches, no pointers beyond what the kernel hands them."""
+smoothing (published with atomics in P1, turned into the mean and the centred amax in P2). Jitted
+helpers only: no launches, no pointers beyond what the kernel hands them."""
 
 import triton
 import triton.language as tl
@@ -83,35 +84,46 @@ def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _store_half_stats(x, valid, ptr, d_mask, HEAD_DIM: tl.constexpr):
-    """Per-channel sum, min and max over the valid rows of a transformed half tile, to ptr, ptr + HEAD_DIM,
-    ptr + 2 * HEAD_DIM (rows past seq_len were loaded as 0: they add nothing to the sum and are masked out
-    of min and max). Non-finite elements count as 0 in the sum and are left out of min and max."""
-    finite = tl.abs(x) < float("inf")
-    tl.store(ptr, tl.sum(tl.where(finite, x, 0.0), axis=0), mask=d_mask)
-    tl.store(ptr + HEAD_DIM, tl.min(tl.where(valid & finite, x, float("inf")), axis=0), mask=d_mask)
-    tl.store(ptr + 2 * HEAD_DIM, tl.max(tl.where(valid & finite, x, float("-inf")), axis=0), mask=d_mask)
+def _ordered_key(x):
+    """float32 -> uint32 ordered like the floats (sign bit flipped for x >= 0, all bits for x < 0), for
+    atomic max of signed floats in one integer atomic. Key 0 sorts below every float, -inf included
+    (key 0x007FFFFF), so a zero-filled workspace is the identity of the max."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
 
 
 @triton.jit
-def _reduce_half_stats(part_ptr, n_tiles, seq_len, offs_d, d_mask,
-                       HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, RED_TILES: tl.constexpr):
-    """Mean over the sequence and centred max |x - mean| of the channels part_ptr + offs_d of one head, from
-    its n_tiles partials (stride 3 * HEAD_DIM), in tile order so the result does not depend on timing.
-    Returns (mean (HALF_BLOCK,), centred amax scalar over the finite elements)."""
-    total = tl.zeros((HALF_BLOCK,), tl.float32)
-    lo = tl.full((HALF_BLOCK,), float("inf"), tl.float32)
-    hi = tl.full((HALF_BLOCK,), float("-inf"), tl.float32)
-    for i in range(0, n_tiles, RED_TILES):
-        tiles = i + tl.arange(0, RED_TILES)
-        mask = (tiles < n_tiles)[:, None] & d_mask[None, :]
-        ptr = part_ptr + tiles[:, None] * (3 * HEAD_DIM) + offs_d[None, :]
-        # .cg: read past L1, which may hold lines from before the acquire
-        total += tl.sum(tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        lo = tl.minimum(lo, tl.min(tl.load(ptr + HEAD_DIM, mask=mask, other=float("inf"), cache_modifier=".cg"), axis=0))
-        hi = tl.maximum(hi, tl.max(tl.load(ptr + 2 * HEAD_DIM, mask=mask, other=float("-inf"), cache_modifier=".cg"), axis=0))
+def _from_ordered_key(key):
+    """Inverse of `_ordered_key`; key 0 (nothing published) reads as -inf."""
+    bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, ~key)
+    return tl.where(key == 0, float("-inf"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _publish_half_stats(x, keep, stats_ptr, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """Merges a transformed half tile's per-channel statistics into its head's float32 workspace: the sum at
+    stats_ptr + offs_d (atomic float add), the max and the max of -x at + HEAD_DIM and + 2 * HEAD_DIM as
+    `_ordered_key`s (atomic uint32 max). Only elements with `keep` (valid rows, finite values) count:
+    non-finite elements add nothing and set no bound. `mask`: the channels (and whether to publish at all)."""
+    keys = (stats_ptr + HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + offs_d
+    tl.atomic_add(stats_ptr + offs_d, tl.sum(tl.where(keep, x, 0.0), axis=0), mask=mask, sem="relaxed")
+    tl.atomic_max(keys, _ordered_key(tl.max(tl.where(keep, x, float("-inf")), axis=0)), mask=mask, sem="relaxed")
+    tl.atomic_max(keys + HEAD_DIM, _ordered_key(tl.max(tl.where(keep, -x, float("-inf")), axis=0)), mask=mask,
+                  sem="relaxed")
+
+
+@triton.jit
+def _centred_half_stats(stats_ptr, seq_len, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """Mean over the sequence and centred max |x - mean| of the channels stats_ptr + offs_d of one head, from
+    the complete statistics of `_publish_half_stats` (read past L1: the caller has acquired them).
+    Returns (mean (HALF_BLOCK,), centred amax over the finite elements, a scalar; 0 where `mask` is off)."""
+    keys = (stats_ptr + HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + offs_d
+    total = tl.load(stats_ptr + offs_d, mask=mask, other=0.0, cache_modifier=".cg")
+    hi = _from_ordered_key(tl.load(keys, mask=mask, other=0, cache_modifier=".cg"))
+    neg_lo = _from_ordered_key(tl.load(keys + HEAD_DIM, mask=mask, other=0, cache_modifier=".cg"))
     mean = tl.math.div_rn(total, tl.maximum(seq_len, 1).to(tl.float32))  # an empty sequence: mean 0
-    # rounding is monotonic, so max over x of fl(x - mean) is fl(max - mean): the amax of the centred tile
-    # a channel with no finite element has lo = inf, hi = -inf: centred -inf, below the 0 of the padding
-    centred = tl.maximum(hi - mean, mean - lo)
-    return mean, tl.max(tl.where(d_mask, centred, 0.0))
+    # Rounding is monotonic and symmetric, so max over x of |fl(x - mean)| is max(fl(hi - mean),
+    # fl(mean - lo)): exactly the amax of the centred values given this mean. A channel with no finite
+    # element has hi = -lo = -inf: centred -inf, below the 0 of the padding channels.
+    centred = tl.maximum(hi - mean, neg_lo + mean)
+    return mean, tl.max(tl.where(mask, centred, 0.0))
