@@ -1,0 +1,261 @@
+"""FP8 KV cache on CPU: the write and attention kernels (Triton interpreter) against their torch reference,
+block scales across appends, the Cache operations generate uses, and a prepared model with kv_cache="fp8".
+
+The interpreter's float32 -> bf16 cast is inexact (and its bf16 dots are wrong), so kernel comparisons use
+float16/float32 model tensors; the bf16 path is covered on the GPU (tests/gpu/test_kv_cache_gpu.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
+
+import hf_fp8_attention as hfa
+from hf_fp8_attention._constants import KV_BLOCK
+from hf_fp8_attention.kv_cache import FP8Cache, FP8CacheLayer, ops, reference
+from hf_fp8_attention.kv_cache.layer import _GROW_MIN
+from hf_fp8_attention.quantization.reference import apply_rope_reference
+
+
+def _rope(n: int, offset: int, dim: int, dtype=torch.float32):
+    pos = torch.arange(offset, offset + n).float()
+    inv = 10000.0 ** (-torch.arange(0, dim, 2).float() / dim)
+    emb = torch.cat([pos[:, None] * inv[None]] * 2, dim=-1)[None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _sqnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return 10 * math.log10(ref.pow(2).sum().item() / max((x - ref).pow(2).sum().item(), 1e-300))
+
+
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def _fill(layers, chunks, B=2, H=2, D=64, rope=True, dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    length = 0
+    for n in chunks:
+        k = (torch.randn(B, H, n, D, generator=gen) * (1 + length / 40)).to(dtype)
+        v = (torch.randn(B, H, n, D, generator=gen) + 3).to(dtype)
+        cos, sin = _rope(n, length, D, dtype) if rope else (None, None)
+        for layer in layers:
+            layer.append(k, v, cos, sin)
+        length += n
+    return length
+
+
+def _assert_same_storage(a: FP8CacheLayer, b: FP8CacheLayer):
+    n, nb = a.length, math.ceil(a.length / KV_BLOCK)
+    assert a.length == b.length
+    assert torch.equal(_codes(a.k8[:, :, :n]), _codes(b.k8[:, :, :n]))
+    assert torch.equal(_codes(a.v8[:, :, :n]), _codes(b.v8[:, :, :n]))
+    assert torch.equal(a.k_desc[:, :, :nb], b.k_desc[:, :, :nb])
+    assert torch.equal(a.v_desc[:, :, :nb], b.v_desc[:, :, :nb])
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("dim", [64, 96])
+def test_write_kernel_equals_reference_across_appends(rope, dim):
+    kernel, torch_ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
+    _fill([kernel, torch_ref], [70, 1, 1, 60, 5, 130], D=dim, rope=rope)
+    _assert_same_storage(kernel, torch_ref)
+
+
+def test_blocks_written_across_appends_equal_one_write():
+    pieces, whole = FP8CacheLayer(impl="torch"), FP8CacheLayer(impl="torch")
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 2, 300, 64, generator=gen).half()
+    v = torch.randn(1, 2, 300, 64, generator=gen).half()
+    cos, sin = _rope(300, 0, 64)
+    start = 0
+    for n in (1, 63, 1, 64, 100, 71):
+        pieces.append(k[:, :, start : start + n], v[:, :, start : start + n], cos[:, start : start + n], sin[:, start : start + n])
+        start += n
+    whole.append(k, v, cos, sin)
+    _assert_same_storage(pieces, whole)
+    expected, descale = reference.quantize_blocks(apply_rope_reference(k.float(), cos, sin))
+    assert torch.equal(_codes(whole.k8[:, :, :300]), _codes(expected))
+    assert torch.equal(whole.k_desc[:, :, :5], descale)
+
+
+def test_late_large_token_does_not_saturate_its_block():
+    layer = FP8CacheLayer(impl="torch")
+    small = torch.full((1, 1, 10, 64), 0.01).half()
+    layer.append(small, small)
+    big = torch.full((1, 1, 1, 64), 100.0).half()
+    layer.append(big, big)
+    k, v = layer.dequantize()
+    assert layer.k_desc[0, 0, 0].item() == pytest.approx(100.0 / 448.0, rel=1e-6)
+    # the early tokens are re-quantized with the new scale, not clipped: within e4m3's relative precision
+    torch.testing.assert_close(k[0, 0, :10].float(), small[0, 0].float(), rtol=0.07, atol=0)
+    torch.testing.assert_close(k[0, 0, 10].float(), big[0, 0, 0].float(), rtol=0, atol=0)
+
+
+def test_non_finite_key_stays_local():
+    layer = FP8CacheLayer(impl="triton")
+    k = torch.randn(1, 1, 130, 64).half()
+    k[0, 0, 5, 3] = float("inf")
+    layer.append(k, k.clone())
+    assert torch.isfinite(layer.k_desc[0, 0, :3]).all()
+    deq, _ = layer.dequantize()
+    assert torch.isnan(deq[0, 0, 5, 3])
+    assert torch.isfinite(deq[0, 0, 64:]).all() and torch.isfinite(deq[0, 0, :5]).all()
+
+
+def _exact(query, cos, sin, layer: FP8CacheLayer, scale):
+    """float64 attention of the rotated queries against the dequantized cache (the cache's own rounding
+    excluded): what the attention kernel approximates."""
+    q = query.double().transpose(1, 2)
+    if cos is not None:
+        q = apply_rope_reference(q.float(), cos, sin).double()
+    k, v = (t.double() for t in layer.dequantize())
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    L, S_q = k.shape[2], q.shape[2]
+    mask = torch.ones(S_q, L, dtype=torch.bool).tril(L - S_q)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("qk_fp8", [False, True])
+@pytest.mark.parametrize("s_q", [1, 5])
+def test_attention_kernel_tracks_reference(qk_fp8, s_q):
+    D, group = 64, 2
+    kernel, torch_ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
+    length = _fill([kernel, torch_ref], [200, 67], D=D, dtype=torch.float32)
+    query = torch.randn(2, s_q, 2 * group, D, generator=torch.Generator().manual_seed(3))
+    cos, sin = _rope(s_q, length - s_q, D)
+    exact = _exact(query, cos, sin, torch_ref, D**-0.5)
+    ref = torch_ref.attend(query, cos, sin, scale=D**-0.5, qk_fp8=qk_fp8)
+    floor = 22 if qk_fp8 else 50  # e4m3 Q and P vs fp16 ones, against attention on the cached values
+    assert _sqnr(ref, exact) > floor
+    for splits in (1, 3):
+        got = ops.cache_attention(query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length,
+                                  scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits)
+        assert got.shape == query.shape
+        # online softmax rounds P against the running max, the reference against the row's max
+        assert _sqnr(got, exact) > _sqnr(ref, exact) - 1.5, splits
+
+
+def test_attention_rejects_bad_input():
+    layer = FP8CacheLayer(impl="torch")
+    _fill([layer], [10], B=1, H=2, D=64)
+    with pytest.raises(ValueError, match="multiple"):
+        layer.attend(torch.randn(1, 1, 3, 64), None, None, scale=0.1)
+    with pytest.raises(ValueError, match="cached first"):
+        layer.attend(torch.randn(1, 11, 2, 64), None, None, scale=0.1)
+    with pytest.raises(ValueError, match="appending"):
+        layer.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+
+
+def test_cache_operations_generate_uses():
+    layer = FP8CacheLayer(impl="torch")
+    length = _fill([layer], [100], B=3, H=2, D=64)
+    k, v = layer.dequantize()
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    k2, _ = layer.dequantize()
+    assert torch.equal(k2, k[[2, 0, 0]])
+    layer.batch_select_indices(torch.tensor([0, 1]))
+    layer.batch_repeat_interleave(2)
+    assert layer.dequantize()[0].shape == (4, 2, length, 64)
+    assert torch.equal(layer.dequantize()[1], v[[2, 2, 0, 0]])
+    layer.crop(-30)
+    assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
+    # the cropped block's kept tokens come back within e4m3 precision when the block is rewritten
+    before = layer.dequantize()[0][:, :, 64:70].float()
+    _fill([layer], [3], B=4, H=2, D=64, rope=False)
+    after = layer.dequantize()[0][:, :, 64:70].float()
+    torch.testing.assert_close(after, before, rtol=0.07, atol=1e-3)
+    layer.reset()
+    assert layer.get_seq_length() == 0
+
+
+def test_memory_about_half_of_bf16_at_long_length():
+    layer = FP8CacheLayer(impl="torch")
+    B, H, D, L = 1, 1, 64, 32768
+    layer.append(torch.randn(B, H, L, D).half(), torch.randn(B, H, L, D).half())
+    for _ in range(128):
+        layer.append(torch.randn(B, H, 1, D).half(), torch.randn(B, H, 1, D).half())
+    bf16_bytes = 2 * B * H * (L + 128) * D * 2
+    assert layer.memory_bytes() <= 0.53 * bf16_bytes
+    assert layer.capacity >= L + 128 and layer.capacity <= L + 128 + max(_GROW_MIN, L // 16)
+
+
+def test_layer_types_from_config():
+    llama = LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=2, intermediate_size=64)
+    assert all(isinstance(layer, FP8CacheLayer) for layer in FP8Cache(config=llama).layers)
+    only = FP8Cache(config=llama, fp8_layers={1})
+    assert [type(layer).__name__ for layer in only.layers] == ["DynamicLayer", "FP8CacheLayer", "DynamicLayer"]
+    mistral = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                            sliding_window=128)
+    assert all(layer.is_sliding for layer in FP8Cache(config=mistral).layers)
+    qwen = Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=64,
+                       use_sliding_window=True, sliding_window=32, max_window_layers=1)
+    kinds = [type(layer).__name__ for layer in FP8Cache(config=qwen).layers]
+    assert kinds[0] == "FP8CacheLayer" and kinds[1] != "FP8CacheLayer"
+
+
+# --- a prepared model ---------------------------------------------------------------------------------------
+
+
+def _tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_prepared_model_generates_from_the_fp8_cache(monkeypatch):
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        eager = model(torch.cat([ids, ids[:, :12]], 1)).logits[:, 89:101].float()
+    hfa.prepare_model(model, backend="reference", kv_cache="fp8")
+    assert "fp8 KV cache on 2/2 layers" in hfa.describe_backend(model)
+    calls = {"update": 0, "attend": 0}
+    attend = FP8CacheLayer.attend
+    monkeypatch.setattr(FP8CacheLayer, "update", lambda *a, **k: calls.__setitem__("update", 1 / 0))
+
+    def counting_attend(self, *args, **kwargs):
+        calls["attend"] += 1
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(FP8CacheLayer, "attend", counting_attend)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        assert isinstance(cache, FP8Cache) and cache.get_seq_length() == 90
+        steps = [out.logits[:, -1]]
+        for t in range(11):
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+    got = torch.stack(steps, 1).float()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), eager.flatten(), dim=0).item()
+    assert cos > 0.999, cos
+    assert calls["attend"] == 11 * 2 and calls["update"] == 0
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2)
+    assert generated.shape == (2, 94)
+    hfa.unprepare_model(model)
+    assert not model._forward_pre_hooks and "_prepare_cache_for_generation" not in model.__dict__
+    out = model(ids, use_cache=True)
+    assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
+
+
+def test_prepare_model_kv_cache_validation():
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        hfa.prepare_model(model, backend="reference", kv_cache="int4")
+    with pytest.raises(ValueError, match="not supported with it"):
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", hadamard="qk")
+    with pytest.raises(ValueError, match="fuse_rope=True"):
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", fuse_rope=False)
+    with pytest.raises(ValueError, match="new_cache needs"):
+        hfa.new_cache(model)
+    hfa.prepare_model(model, backend="reference", kv_cache="bf16")
+    assert model.config.use_cache
+    out = model(torch.randint(0, 97, (1, 8)), use_cache=True)
+    assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
