@@ -8,6 +8,12 @@ reference elsewhere.
 
 The capability lookup is cached per device index. `HF_FP8_ATTENTION_ARCH` (e.g. ``90`` or ``100``)
 overrides the detected architecture; tests use it to exercise the table without the hardware.
+
+fp8 or bf16 (`runs_bf16`, auto path only): where the GPU's speed table (`speed_table`, measured by
+``scripts/tune_dispatch.py``) says the planned fp8 backend is slower than bf16 attention for a call's shape,
+the auto path runs `speed_table.bf16_attention` instead (`bf16_impl`: FA3 bf16 on Hopper when installed,
+else torch SDPA). A named backend always runs fp8; ``HF_FP8_ATTENTION_SPEED_TABLE=off`` turns the table off.
+`describe_dispatch` says in one line what the table makes the auto path do on a device.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
+from . import speed_table
 from .backends import BACKENDS, REGISTRY, Backend
 from .options import DEFAULT_OPTIONS, FP8AttentionOptions
+from .speed_table import SpeedTable
 
 logger = hf_logging.get_logger("hf_fp8_attention")
 
@@ -128,10 +136,17 @@ def _check_options(b: Backend, options: FP8AttentionOptions) -> None:
         )
 
 
+def _notice(message: str) -> None:
+    """A one-time warning, skipped while torch.compile traces (Dynamo cannot trace a logger call, and with
+    fullgraph=True that would fail the compilation; an eager call shows it)."""
+    if not torch.compiler.is_compiling():
+        logger.warning_once(message)
+
+
 def _auto_pick(device: torch.device, options: FP8AttentionOptions) -> str:
     arch = device_arch(device)
     if arch is None:
-        logger.warning_once(
+        _notice(
             "hf_fp8_attention: no CUDA device, using the 'reference' backend (pure-torch emulation of the FP8 "
             "math: same rounding, no speedup)"
         )
@@ -154,7 +169,7 @@ def _auto_pick(device: torch.device, options: FP8AttentionOptions) -> str:
     if reason is not None:
         what = ("the portable Triton fp8 kernel" if pick == "triton"
                 else f"the {pick!r} backend" + (" (pure-torch emulation, slow)" if pick == "reference" else ""))
-        logger.warning_once(f"hf_fp8_attention: {reason}; using {what}")
+        _notice(f"hf_fp8_attention: {reason}; using {what}")
     return pick
 
 
@@ -196,3 +211,87 @@ def plan_attention(device: torch.device, requested: str | None = None,
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     """The backend name `plan_attention` picks for default options."""
     return plan_attention(device, requested).backend
+
+
+# --- fp8 or bf16: the speed table ------------------------------------------------------------------------
+
+# The bf16 attention of the FA3 package runs on the generation its fp8 kernel is native to.
+_FA3 = REGISTRY["fa3"]
+
+
+def bf16_impl(device: torch.device) -> str:
+    """The bf16 attention the auto path runs where fp8 is slower: "fa3" (``flash_attn_interface``) on SM 9.x
+    with FA3 installed, else "sdpa" (torch SDPA)."""
+    device = torch.device(device)
+    arch = device_arch(device) if device.type == "cuda" else None
+    usable = arch is not None and arch // 10 == _FA3.arch_major and kernel_available(_FA3.name)
+    return _FA3.name if usable else "sdpa"
+
+
+def device_key(device: torch.device) -> str:
+    """The speed table's name for a device: ``sm90`` for a CUDA device of SM 9.0, else the device type."""
+    device = torch.device(device)
+    arch = device_arch(device) if device.type == "cuda" else None
+    return f"sm{arch}" if arch is not None else device.type
+
+
+def speed_table_for(device: torch.device, fp8_backend: str) -> SpeedTable | None:
+    """The table that applies to auto-path calls on ``device`` planned to ``fp8_backend``: one measured for
+    this device with that fp8 backend against the bf16 attention this process would run, else None."""
+    table = speed_table.table_for(device_key(device))
+    if table is None or table.fp8_backend != fp8_backend or table.bf16 != bf16_impl(device):
+        return None
+    return table
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefers_bf16(table: SpeedTable, s_q: int, s_kv: int, causal: bool, head_dim: int, group: int, batch: int,
+                  heads_q: int) -> bool:
+    return table.prefers_bf16(s_q=s_q, s_kv=s_kv, causal=causal, head_dim=head_dim, group=group, batch=batch,
+                              heads_q=heads_q)
+
+
+def runs_bf16(device: torch.device, fp8_backend: str, *, batch, heads_q, heads_kv, s_q, s_kv, head_dim,
+              causal: bool, varlen: bool = False) -> bool:
+    """Whether an auto-path call of this shape runs bf16 attention (the speed table measured the planned fp8
+    backend slower there). ``varlen``: packed sequences, ``batch`` their number and ``s_q``/``s_kv`` the
+    longest; only FA3 has a one-launch bf16 varlen, so with torch SDPA they stay fp8. Bottom-right causal
+    with 1 < S_q < S_kv stays fp8 with torch SDPA too (it would need an explicit mask: another kernel than
+    the one measured). Cheap: one dict lookup per new shape, then an lru_cache hit; under torch.compile
+    the decision is taken while tracing, guarded on the shape's buckets."""
+    table = speed_table_for(device, fp8_backend)
+    if table is None:
+        return False
+    causal = bool(causal) and s_q > 1
+    if table.bf16 == "sdpa" and (varlen or (causal and s_q < s_kv)):
+        return False
+    group = heads_q // heads_kv
+    if torch.compiler.is_compiling():  # the cache would be bypassed (and warned about) by Dynamo anyway
+        return table.prefers_bf16(s_q=s_q, s_kv=s_kv, causal=causal, head_dim=head_dim, group=group,
+                                  batch=batch, heads_q=heads_q)
+    return _prefers_bf16(table, s_q, s_kv, causal, head_dim, group, batch, heads_q)
+
+
+_BF16_LABELS = {"fa3": "FA3 bf16", "sdpa": "torch SDPA bf16"}
+
+
+def describe_dispatch(device: torch.device, backend: str | None = None,
+                      options: FP8AttentionOptions = DEFAULT_OPTIONS) -> str:
+    """One line on what the speed table makes calls on ``device`` run, e.g. "speed table sm90 (NVIDIA H200,
+    fa3 fp8 vs FA3 bf16): bf16 on 40/264 measured shapes: decode (S_q=1) S_kv 1k-128k 40/48, ...; fp8
+    elsewhere", or why every call runs fp8 (backend named, table off, no table for this device, a table
+    measured for another backend pair)."""
+    if backend is not None:
+        return f"fp8 on every call (backend {backend!r} named; the speed table serves the auto path only)"
+    if speed_table.disabled():
+        return f"speed table off ({speed_table.ENV}={speed_table._env_setting()}): fp8 on every call"
+    key = device_key(device)
+    table = speed_table.table_for(key)
+    if table is None:
+        return f"no speed table for {key}: fp8 on every call (scripts/tune_dispatch.py measures one)"
+    fp8_backend, impl = plan_attention(device, None, options).backend, bf16_impl(device)
+    measured = f"{table.fp8_backend} fp8 vs {_BF16_LABELS[table.bf16]}"
+    if (table.fp8_backend, table.bf16) != (fp8_backend, impl):
+        return (f"speed table {key} measured {measured}, this process runs {fp8_backend} fp8 and "
+                f"{_BF16_LABELS[impl]}: not used, fp8 on every call")
+    return f"speed table {key} ({table.device_name}, {measured}): {table.summary()}; fp8 elsewhere"

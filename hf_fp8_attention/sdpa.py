@@ -5,6 +5,9 @@ a contiguous BSHD tensor in the input dtype; `fp8_sdpa_varlen` takes FlashAttent
 validate here (`_check_inputs`, messages that name the limit and the alternative), build one
 `FP8AttentionOptions`, plan the backend and quantizer (`dispatch.plan_attention`) and run
 `attention.fp8_attention`: directly in eager mode, as the custom op (`custom_ops`) under torch.compile.
+
+With no backend named, a call whose shape the GPU's speed table measured faster in bf16 runs
+`speed_table.bf16_attention` instead (`dispatch.runs_bf16`), decided here, before and outside the op.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import torch
 from ._constants import FP8_DTYPE, SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from .attention import fp8_attention, longest_sequences
 from .custom_ops import flatten, fp8_sdpa_op
-from .dispatch import Plan, plan_attention
+from .dispatch import Plan, bf16_impl, plan_attention, runs_bf16
 from .options import FP8AttentionOptions
+from .speed_table import bf16_attention, bf16_attention_varlen
 
 
 def _check_inputs(query, key, value, *, is_causal, scale, cos, sin) -> None:
@@ -93,7 +97,13 @@ def fp8_sdpa(
         scale: softmax scale, default 1/sqrt(D).
         cos, sin: (B or 1, S_q, D) rotary tables: query/key are then un-rotated and RoPE (rotate-half
             convention) is applied inside the quantize kernel. Needs S_q == S_kv.
-        backend: "fa3", "fa4", "triton", "reference", or None to pick from the device (see `dispatch`).
+        backend: "fa3", "fa4", "triton", "reference" (always fp8), or None: the fp8 backend picked from the
+            device (see `dispatch`), except where this GPU's speed table (``hf_fp8_attention/tables``,
+            written by ``scripts/tune_dispatch.py``) measured that backend slower than bf16 attention for
+            this shape (S_q, S_kv, causal, head_dim, GQA group, batch): such calls run bf16/fp16 attention
+            (FA3 bf16 on Hopper when installed, else torch SDPA; RoPE applied first when cos/sin are given),
+            so their output is exact attention in the input dtype, not fp8's. No table for the GPU, or
+            ``HF_FP8_ATTENTION_SPEED_TABLE=off``: fp8 on every call. `dispatch.describe_dispatch` says which.
         hadamard: accuracy mode for outlier-heavy inputs: "none", "qk" (Q and K rotated by a normalised
             Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output is
             rotated back) or "v_only". Needs a power-of-two head_dim <= 256.
@@ -111,18 +121,31 @@ def fp8_sdpa(
     """
     _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
     options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
-    out = _run(query, key, value, None, cos, sin, bool(is_causal), scale, backend, options)
+    is_causal = bool(is_causal)
+    plan = _plan(query, backend, options)
+    if backend is None and not query.is_meta and runs_bf16(
+        query.device, plan.backend, batch=query.shape[0], heads_q=query.shape[1], heads_kv=key.shape[1],
+        s_q=query.shape[2], s_kv=key.shape[2], head_dim=query.shape[3], causal=is_causal,
+    ):
+        out = bf16_attention(query, key, value, is_causal=is_causal and query.shape[2] > 1, scale=scale,
+                             impl=bf16_impl(query.device), cos=cos, sin=sin)
+    else:
+        out = _run(query, key, value, None, cos, sin, is_causal, scale, plan, options)
     return out.transpose(1, 2)
 
 
-def _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options) -> torch.Tensor:
-    """Plan and run validated inputs. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when the
-    offsets could not be read on the host (compiling, meta tensors)."""
+def _plan(query, backend, options) -> Plan:
+    """Check the options against the head_dim, then plan (shapes only for meta tensors: the op's fake
+    answers, whatever the backend would be)."""
     options.check_head_dim(query.shape[-1])
-    if query.is_meta:  # shapes only: the op's fake answers, whatever the backend would be
-        plan = Plan(backend or "reference", "reference")
-    else:
-        plan = plan_attention(query.device, backend, options)
+    if query.is_meta:
+        return Plan(backend or "reference", "reference")
+    return plan_attention(query.device, backend, options)
+
+
+def _run(query, key, value, varlen, cos, sin, is_causal, scale, plan: Plan, options) -> torch.Tensor:
+    """Run validated inputs with their plan. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when
+    the offsets could not be read on the host (compiling, meta tensors)."""
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
             plan.quantizer)
@@ -157,7 +180,9 @@ def fp8_sdpa_varlen(
         cos, sin: (total_q, D) or (1, total_q, D) per packed token (positions restart per sequence as
             the caller wants); needs the same offsets for queries and keys.
         Other arguments as in `fp8_sdpa`. Scales are per (sequence, KV head), so the result equals
-        `fp8_sdpa` on each sequence alone (up to the backend's rounding order).
+        `fp8_sdpa` on each sequence alone (up to the backend's rounding order). backend None: the speed
+        table is looked up with the longest sequences as S_q/S_kv and their number as the batch, and a
+        bf16 decision runs FA3's bf16 varlen; without FA3 (torch SDPA has no varlen) packed calls stay fp8.
     Returns:
         (total_q, H_q, D) in the input dtype, contiguous. fa3 and triton run all sequences in one launch;
         the reference and fa4 backends loop over the sequences.
@@ -181,6 +206,14 @@ def fp8_sdpa_varlen(
         max_q, max_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
                                          is_causal=is_causal, rope=cos is not None)
         varlen = (*(t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k)), max_q, max_k)
-    return _run(query, key, value, varlen, cos, sin, is_causal, scale, backend, options)
+    plan = _plan(query, backend, options)
+    # bf16 needs the longest lengths on the host (not while compiling) and a one-launch bf16 varlen (FA3)
+    if backend is None and varlen[2] is not None and runs_bf16(
+        query.device, plan.backend, batch=cu_seqlens_q.shape[0] - 1, heads_q=query.shape[1],
+        heads_kv=key.shape[1], s_q=varlen[2], s_kv=varlen[3], head_dim=query.shape[2], causal=is_causal,
+        varlen=True,
+    ):
+        return bf16_attention_varlen(query, key, value, *varlen, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
+    return _run(query, key, value, varlen, cos, sin, is_causal, scale, plan, options)
 
 
