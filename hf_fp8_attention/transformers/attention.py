@@ -3,7 +3,9 @@
 Layout as `transformers.integrations.sdpa_attention.sdpa_attention_forward`: query (B, H_q, S_q, D),
 key/value (B, H_kv, S_kv, D) in; (B, S_q, H_q, D) contiguous out. One name per entry of
 `backends.ATTN_IMPLEMENTATIONS` (``fp8`` picks the backend from the query's device at call time), each
-registered in `AttentionInterface` with `masks.fp8_attention_mask` in `AttentionMaskInterface`.
+registered in `AttentionInterface` with `masks.fp8_attention_mask` in `AttentionMaskInterface`. ``fp8``
+passes backend=None down, so its calls also follow the GPU's speed table (bf16 attention on the shapes
+where fp8 measured slower; `sdpa.fp8_sdpa`); the named ``fp8_<backend>`` names always run fp8.
 
 The accuracy options of a model live on its config as the plain dict ``fp8_attention_options`` (JSON
 serialisable; `prepare_model` writes it, a user may set it for a model given attn_implementation=
