@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..options import FP8AttentionOptions
 from ..sdpa import fp8_sdpa, fp8_sdpa_varlen
-from .fallback import _check_inference_only, _fallback_attention, _fallback_reason, _sliding_window
+from .fallback import _check_supported_call, _fallback_attention, _fallback_reason, _sliding_window
 from .masks import fp8_attention_mask
 from .unpad import _fp8_padded, _packed_offsets, _padding_spans
 
@@ -49,7 +49,7 @@ def _fp8_attention_forward(
     backend: str | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    _check_inference_only(query, dropout, kwargs)
+    _check_supported_call(query, dropout, kwargs)
     options = module_options(module)
     # As sdpa_attention_forward: the kwarg wins over the module attribute.
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

@@ -1,6 +1,6 @@
 """Why a call cannot run in fp8, and the bf16/fp16 attention that runs it instead.
 
-Errors, not fallbacks (`_check_inference_only`): dropout (training), ``output_attentions=True`` and float32
+Errors, not fallbacks (`_check_supported_call`): dropout (training), ``output_attentions=True`` and float32
 activations. Fallbacks (`_fallback_reason`, a message for the one-time warning): logit softcapping,
 attention sinks, a position bias, a head_dim without an fp8 kernel, a prepared 3-D/4-D mask, a sliding
 window shorter than the keys. `_fallback_attention` then computes exactly what the model asked for in the
@@ -18,12 +18,12 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from .._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 
 
-def _check_inference_only(query: torch.Tensor, dropout: float, kwargs: dict) -> None:
+def _check_supported_call(query: torch.Tensor, dropout: float, kwargs: dict) -> None:
     if dropout and dropout > 0.0:
         raise ValueError(
-            f"fp8 attention is inference-only (no backward, no dropout), got dropout={dropout} because the model "
-            "is in training mode with attention_dropout > 0; call model.eval(), or train with "
-            "attn_implementation='sdpa'"
+            f"fp8 attention has no attention dropout (its backward is straight-through, its forward "
+            f"deterministic), got dropout={dropout} because the model is in training mode with attention_dropout "
+            "> 0; set config.attention_dropout=0, call model.eval(), or train with attn_implementation='sdpa'"
         )
     if kwargs.get("output_attentions", False):
         raise ValueError(

@@ -458,7 +458,7 @@ def test_dropout_in_training_raises():
     model = tiny_model(attention_dropout=0.1)
     model.set_attn_implementation("fp8_reference")
     model.train()
-    with pytest.raises(ValueError, match="inference-only.*attn_implementation='sdpa'"):
+    with pytest.raises(ValueError, match="no attention dropout.*attn_implementation='sdpa'"):
         model(ids_for(), use_cache=False)
 
 
