@@ -82,7 +82,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the GPU's SM
-    count (enough programs to fill it twice, each with >= 4 key blocks); tests force values.
+    count (four programs per SM, each with >= 4 key blocks); tests and benchmarks force values.
     """
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
@@ -110,7 +110,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     m_tiles = cdiv(n_rows, block_m)
     if num_splits is None:
         sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
-        num_splits = max(1, min(cdiv(2 * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
+        # decode programs are small (16-64 rows): four per SM keep enough loads in flight
+        num_splits = max(1, min(cdiv(4 * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
     keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
     num_splits = cdiv(length, keys_per_split)
     dim_pad = next_power_of_2(D)
