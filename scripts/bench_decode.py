@@ -1,0 +1,889 @@
+#!/usr/bin/env python3
+"""Decode with the FP8 KV cache vs FA3 bf16: one attention step, then end-to-end ``generate``.
+
+    python scripts/bench_decode.py --out-json decode.json --out-png decode.png   # H200: ~4 min
+    python scripts/bench_decode.py --quick                                       # ~1.5 min
+    python scripts/bench_decode.py --part attention   (or --part generate)       # one half
+    python scripts/bench_decode.py --cpu-smoke --out-json smoke.json             # CPU, tiny shapes, seconds
+
+Part 1, attention only (S_q = 1, one layer's step), for each GQA (H_q/H_kv), head_dim and B x S_kv, side by
+side in one process, on the same random data (keys rotated by RoPE at their positions):
+- ``FA3 bf16``: ``flash_attn_interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=S_kv)`` on a
+  bf16 BSHD cache: the baseline of every ratio. ``FA3 bf16 append+attend``: the same call given the new
+  token's k/v (written into the cache by the kernel) and, when the wheel takes them, the rotary tables
+  (RoPE of q and k in the kernel).
+- ``fp8_sdpa fa3|triton (bf16 cache)``: today's fp8 path with a bf16 cache, ``fp8_sdpa(q, k, v,
+  is_causal=True, backend=...)`` with K/V as a DynamicCache hands them (contiguous (B, H_kv, S_kv, D)):
+  the whole cache is quantized on every call.
+- ``fp8 cache attend``: an `FP8CacheLayer` filled once by ``append`` (un-rotated keys + cos/sin), timed
+  ``layer.attend(q, cos, sin, scale=...)`` (q un-rotated; RoPE in the kernel). ``fp8 cache append+attend``:
+  what a decode step does, ``append`` of one token, ``attend`` over S_kv + 1, then ``crop(-1)`` back to
+  S_kv (host-only when S_kv is a multiple of 64, as in the default grid).
+Each ms is a median of CUDA-event timings (triton.testing.do_bench, L2 flushed between calls); the ratio is
+FA3 bf16 ms / ms of the row (> 1: faster than FA3 bf16), append+attend rows against FA3's append+attend.
+SQNR (dB) of every output against float32 attention on the same (bf16) data. First calls: the wall time of
+the fp8 cache's first ``attend`` at each new (B, S_kv) (the issue asks <= 5 s), then of ``attend`` at a
+second new length S_kv + 1 (after one append): if that is far above the steady time, the kernel recompiled
+for the new length. By default Triton compiles into a fresh cache directory (``--triton-cache fresh``), so the
+first call of each kernel variant includes its compilation, as on a new machine.
+
+Part 2, end-to-end ``generate`` of a Llama-3-8B-shaped model (random bf16 weights built on the GPU, as
+`benchmark_model.py` builds it), B x prompt length, greedy, ``min_new_tokens = max_new_tokens`` (EOS cannot
+stop early), three modes on the same weights and prompts:
+- ``bf16``: bf16 attention with transformers' DynamicCache. ``--bf16-attn fa3`` (default when
+  ``flash_attn_interface`` imports): the FA3 kernel through an AttentionInterface function
+  (``flash_attn_func`` for the prefill, ``flash_attn_with_kvcache`` on BSHD views of the DynamicCache for
+  decode, split-KV heuristic on); transformers' own ``flash_attention_3`` refuses the tokenspeed FA3 wheel
+  (it wants a distribution named flash-attn-3), ``--bf16-attn flash_attention_3`` still asks for it. Without
+  FA3 it falls back to ``sdpa`` and says so.
+- ``fp8 + bf16 cache``: ``prepare_model(model, kv_cache="bf16")``: fp8 attention, transformers' cache.
+- ``fp8 + fp8 cache``: ``prepare_model(model, kv_cache="fp8")``: generate gets an `FP8Cache`.
+Per run: prefill s (generate's start to the first logits processor call, synchronized), decode ms/token
+((end - first call) / (new tokens - 1) forwards), total s, peak GiB (torch.cuda.max_memory_allocated,
+reset per run), cache GiB (`FP8Cache.memory_bytes()`, or the K/V bytes of a DynamicCache). Each mode first
+runs one untimed generate of 3 tokens at the same batch on a 256-token prompt (kernel compilation). The fp8
+cache row also counts its layers' calls: ``attend`` (the fast path) and ``update`` (transformers' generic
+path: the whole cache dequantized per call, correct but slow); a nonzero ``update`` count is reported.
+
+Output: markdown tables at the end, ``--out-json`` (every row, versions, notes), ``--out-png`` (speedup vs
+FA3 bf16 per GQA/head_dim, decode ms/token per mode; skipped with a note without matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import benchmark_model as bm  # noqa: E402  (the 8B-shaped model, FA3 bf16 as an AttentionInterface function)
+
+K = 1024
+# (B, S_kv) grids, (H_q, H_kv) pairs and head dims of part 1.
+ATTN_GRID = [(1, 4 * K), (1, 32 * K), (1, 128 * K), (8, 4 * K), (8, 32 * K), (32, 8 * K)]
+ATTN_GRID_QUICK = [(1, 4 * K), (1, 32 * K), (8, 8 * K)]
+GQA = [(32, 8), (8, 1)]
+HEAD_DIMS = [64, 128]
+# Part 2: batch sizes, prompt lengths, new tokens.
+GEN_BATCHES = [1, 8]
+GEN_PROMPTS = [4 * K, 32 * K]
+GEN_PROMPTS_QUICK = [4 * K]
+NEW_TOKENS = 128
+NEW_TOKENS_QUICK = 64
+WARMUP_PROMPT = 256
+# --cpu-smoke: tiny shapes, the torch reference of the fp8 cache, the tiny Llama of benchmark_model.
+SMOKE = dict(grid=[(1, 256), (2, 128)], gqa=[(4, 2), (4, 1)], head_dims=[64], batches=[1, 2], prompts=[48],
+             new_tokens=4)
+
+MODES = ("bf16", "fp8_bf16_cache", "fp8_cache")
+KV_CACHE_OF_MODE = {"fp8_bf16_cache": "bf16", "fp8_cache": "fp8"}
+BF16_ATTN = ("auto", "fa3", "flash_attention_3", "sdpa")
+FA3_DECODE = "fa3_bf16_kvcache"  # the AttentionInterface name registered here
+ROPE_THETA = 500000.0  # Llama 3
+
+FA3_ROW = "FA3 bf16"
+FA3_STEP_ROW = "FA3 bf16 append+attend"
+CACHE_ROW = "fp8 cache attend"
+CACHE_STEP_ROW = "fp8 cache append+attend"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """"8x32k" / "8x32768" -> (8, 32768)."""
+    b, sep, s = text.lower().partition("x")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BxS (e.g. 8x32k or 8x32768)")
+    try:
+        batch = int(b)
+        seq = int(s[:-1]) * K if s.endswith("k") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BxS (e.g. 8x32k or 8x32768)") from None
+    if batch < 1 or seq < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: B and S must be positive")
+    return batch, seq
+
+
+def _gqa(text: str) -> tuple[int, int]:
+    """"32/8" -> (32, 8)."""
+    q, sep, kv = text.partition("/")
+    try:
+        hq, hkv = int(q), int(kv)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not H_q/H_kv (e.g. 32/8)") from None
+    if not sep or hq < 1 or hkv < 1 or hq % hkv:
+        raise argparse.ArgumentTypeError(f"{text!r}: H_q/H_kv with H_q a multiple of H_kv (e.g. 32/8)")
+    return hq, hkv
+
+
+def _tokens(text: str) -> int:
+    try:
+        n = int(text[:-1]) * K if text.lower().endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096 or 4k)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "attention", "generate"), default="all")
+    p.add_argument("--quick", action="store_true", help="smaller grids: 3 B x S_kv at H 32/8 D 128; prompts 4k, "
+                   f"{NEW_TOKENS_QUICK} new tokens")
+    p.add_argument("--cpu-smoke", action="store_true", help="CPU run on tiny shapes (torch reference of the fp8 "
+                   "cache, reference fp8 backend, tiny Llama, FA3 skipped): checks the script, not speed")
+    g = p.add_argument_group("part 1: attention step")
+    g.add_argument("--shapes", type=_shape, nargs="+", default=None, help="B x S_kv, e.g. 1x4k 8x32768")
+    g.add_argument("--gqa", type=_gqa, nargs="+", default=None, help="H_q/H_kv pairs (default: 32/8 8/1)")
+    g.add_argument("--head-dims", type=int, nargs="+", default=None, help="default: 64 128")
+    g.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement (ms)")
+    g = p.add_argument_group("part 2: generate")
+    g.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 8")
+    g.add_argument("--prompts", type=_tokens, nargs="+", default=None, help="prompt lengths (default: 4k 32k)")
+    g.add_argument("--new-tokens", type=int, default=None, help=f"default: {NEW_TOKENS} ({NEW_TOKENS_QUICK} with --quick)")
+    g.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
+                   help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
+    g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
+    g.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, the 8B shape)")
+    p.add_argument("--triton-cache", choices=("fresh", "default"), default="fresh",
+                   help="fresh: compile into a new TRITON_CACHE_DIR (first calls include compilation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=None, help="write every row, versions and notes here")
+    p.add_argument("--out-png", default=None, help="write the plot here (needs matplotlib; skipped with a note)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cpu_smoke and args.quick:
+        parser.error("pass --cpu-smoke or --quick, not both")
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (this machine has none); --cpu-smoke runs tiny shapes on the CPU")
+    args.device = "cpu" if args.cpu_smoke else "cuda"
+    if args.cpu_smoke:
+        defaults = SMOKE
+    else:
+        defaults = dict(grid=ATTN_GRID_QUICK if args.quick else ATTN_GRID, gqa=GQA[:1] if args.quick else GQA,
+                        head_dims=[128] if args.quick else HEAD_DIMS, batches=GEN_BATCHES,
+                        prompts=GEN_PROMPTS_QUICK if args.quick else GEN_PROMPTS,
+                        new_tokens=NEW_TOKENS_QUICK if args.quick else NEW_TOKENS)
+    args.shapes = args.shapes or defaults["grid"]
+    args.gqa = args.gqa or defaults["gqa"]
+    args.head_dims = args.head_dims or defaults["head_dims"]
+    args.batches = args.batches or defaults["batches"]
+    args.prompts = args.prompts or defaults["prompts"]
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else defaults["new_tokens"]
+    from hf_fp8_attention._constants import SUPPORTED_HEAD_DIMS
+
+    bad = [d for d in args.head_dims if d not in SUPPORTED_HEAD_DIMS]
+    if bad:
+        parser.error(f"--head-dims {bad}: the fp8 kernels take head_dim {SUPPORTED_HEAD_DIMS}")
+    if any(b < 1 for b in args.batches):
+        parser.error("--batches must be positive")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (one prefill token, then decode steps)")
+    if args.rep_ms < 1:
+        parser.error("--rep-ms must be >= 1")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
+    if len(set(args.modes)) != len(args.modes):
+        parser.error("--modes: a mode is listed twice")
+    if args.fp8_backend is not None:
+        from hf_fp8_attention import BACKENDS
+
+        if args.fp8_backend not in BACKENDS:
+            parser.error(f"--fp8-backend {args.fp8_backend!r}: expected one of {', '.join(BACKENDS)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------
+# Timing and small helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable, device, rep_ms: int) -> float:
+    """Median ms of ``fn()``: CUDA-event timings via triton.testing.do_bench on a GPU (L2 flushed between
+    calls), a few perf_counter runs on the CPU (smoke runs only)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    fn()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(runs)
+
+
+def wall_s(fn: Callable, device):
+    """(seconds, result) of one synchronized call: first-call times, compilation included."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, dtype, theta: float = ROPE_THETA):
+    """cos, sin (1, n, D) in ``dtype`` as Llama's rotary embedding gives them (rotate-half convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[None].to(dtype), emb.sin()[None].to(dtype)
+
+
+def reference_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 attention of one query per head against all keys: q (B, H_q, D) rotated, k/v (B, H_kv, S, D)
+    -> (B, H_q, D). GQA by grouping the queries (no repeated K/V)."""
+    B, H_q, D = q.shape
+    H_kv = k.shape[1]
+    qg = q.float().view(B, H_kv, H_q // H_kv, D)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k.float()) * scale
+    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(dim=-1), v.float())
+    return out.reshape(B, H_q, D)
+
+
+def _gib(n_bytes) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**30
+
+
+def _free(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _finite(obj):
+    """JSON-safe copy: non-finite floats (an exact SQNR is inf) become None, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _k(n: int) -> str:
+    return f"{n // K}k" if n % K == 0 else str(n)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Part 1: one attention step
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    name: str
+    fn: Callable  # returns (B, H_q, D) output of the step, or None
+    baseline: str  # the FA3 row this one is compared with
+    note: str = ""
+
+
+def fp8_sdpa_backends(device, smoke: bool, notes: list[str]) -> list[str]:
+    """fa3 and triton where they run; the reference emulation only in the CPU smoke run."""
+    if smoke:
+        return ["reference"]
+    from hf_fp8_attention.dispatch import check_backend
+
+    usable = []
+    for backend in ("fa3", "triton"):
+        try:
+            check_backend(backend, device)
+        except (ValueError, RuntimeError, ImportError) as err:
+            notes.append(f"fp8_sdpa {backend}: not benchmarked ({type(err).__name__}: {err})")
+            continue
+        usable.append(backend)
+    return usable
+
+
+def fa3_available(device) -> bool:
+    if torch.device(device).type != "cuda":
+        return False
+    from hf_fp8_attention.dispatch import kernel_available
+
+    return kernel_available("fa3")
+
+
+class AttentionShape:
+    """Random decode data for one (B, S_kv, H_q, H_kv, D), every layout built once: q and the new token's
+    k/v un-rotated (fp8 cache, FA3 with in-kernel RoPE) and rotated (FA3, fp8_sdpa); the rotated bf16 cache
+    as a DynamicCache holds it (B, H_kv, S_kv, D) and as FA3 wants it ((B, S_kv + 1, H_kv, D), one free
+    slot for the appended token); an FP8CacheLayer filled by ``append``."""
+
+    def __init__(self, B, S, H_q, H_kv, D, device, seed, cache_impl):
+        from hf_fp8_attention import FP8CacheLayer
+        from hf_fp8_attention.quantization.reference import apply_rope_reference
+
+        self.B, self.S, self.H_q, self.H_kv, self.D, self.device = B, S, H_q, H_kv, D, device
+        self.scale = D**-0.5
+        dt = torch.bfloat16
+        g = torch.Generator(device=device).manual_seed(seed)
+        cos, sin = rope_tables(torch.arange(S + 1, device=device), D, dt)  # positions 0..S (S: the new token)
+        self.cos_all, self.sin_all = cos, sin
+        self.cos_q, self.sin_q = cos[:, S - 1 : S], sin[:, S - 1 : S]  # attend-only: the query is the last cached
+        self.cos_new, self.sin_new = cos[:, S : S + 1], sin[:, S : S + 1]
+        # q for both uses (positions S-1 and S), BSHD memory as a model's projection gives it
+        self.q_raw = torch.randn(B, 1, H_q, D, device=device, dtype=dt, generator=g)
+        self.q_rot = apply_rope_reference(self.q_raw.transpose(1, 2).float(), self.cos_q, self.sin_q).to(dt)  # (B,H,1,D)
+        self.q_rot_new = apply_rope_reference(self.q_raw.transpose(1, 2).float(), self.cos_new, self.sin_new).to(dt)
+        k_raw = torch.randn(B, H_kv, S, D, device=device, dtype=dt, generator=g)
+        self.v = torch.randn(B, H_kv, S, D, device=device, dtype=dt, generator=g)
+        self.k_new = torch.randn(B, H_kv, 1, D, device=device, dtype=dt, generator=g)
+        self.v_new = torch.randn(B, H_kv, 1, D, device=device, dtype=dt, generator=g)
+        self.k_new_rot = apply_rope_reference(self.k_new.float(), self.cos_new, self.sin_new).to(dt)
+        # the bf16 cache (rotated keys) in the DynamicCache layout
+        self.k = apply_rope_reference(k_raw.float(), cos[:, :S], sin[:, :S]).to(dt).contiguous()
+        self.ref = reference_decode(self.q_rot[:, :, 0], self.k, self.v, self.scale)
+        self.fa3_k = self.fa3_v = None
+        self.layer = FP8CacheLayer(impl=cache_impl)
+        self.fill_s, _ = wall_s(lambda: self.layer.append(k_raw, self.v, cos[:, :S], sin[:, :S]), device)
+
+    def make_fa3_cache(self) -> None:
+        B, S, H_kv, D = self.B, self.S, self.H_kv, self.D
+        self.fa3_k = torch.zeros(B, S + 1, H_kv, D, device=self.device, dtype=torch.bfloat16)
+        self.fa3_v = torch.zeros_like(self.fa3_k)
+        self.fa3_k[:, :S] = self.k.transpose(1, 2)
+        self.fa3_v[:, :S] = self.v.transpose(1, 2)
+        self.seqlens = torch.full((B,), S, dtype=torch.int32, device=self.device)
+        half = D // 2
+        self.rot_cos = self.cos_all[0, :, :half].contiguous()  # (S + 1, D/2): FA3's rotary tables
+        self.rot_sin = self.sin_all[0, :, :half].contiguous()
+
+
+def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool, notes: list[str]) -> list[Candidate]:
+    from hf_fp8_attention import fp8_sdpa
+
+    cands = []
+    if with_fa3:
+        from flash_attn_interface import flash_attn_with_kvcache
+
+        x.make_fa3_cache()
+        q_bshd = x.q_rot.transpose(1, 2)  # (B, 1, H_q, D)
+
+        def fa3():
+            return flash_attn_with_kvcache(q_bshd, x.fa3_k, x.fa3_v, cache_seqlens=x.seqlens, softmax_scale=x.scale,
+                                           causal=True)[:, 0]
+
+        cands.append(Candidate(FA3_ROW, fa3, FA3_ROW))
+        k_new_raw, v_new = x.k_new.transpose(1, 2), x.v_new.transpose(1, 2)  # (B, 1, H_kv, D)
+
+        def fa3_step_rope():  # q, k un-rotated: the kernel rotates both at position cache_seqlens
+            return flash_attn_with_kvcache(x.q_raw, x.fa3_k, x.fa3_v, k=k_new_raw, v=v_new, rotary_cos=x.rot_cos,
+                                           rotary_sin=x.rot_sin, rotary_interleaved=False, cache_seqlens=x.seqlens,
+                                           softmax_scale=x.scale, causal=True)[:, 0]
+
+        k_new_rot, q_new_rot = x.k_new_rot.transpose(1, 2), x.q_rot_new.transpose(1, 2)
+
+        def fa3_step_plain():  # rotated outside (not timed), as transformers does it
+            return flash_attn_with_kvcache(q_new_rot, x.fa3_k, x.fa3_v, k=k_new_rot, v=v_new, cache_seqlens=x.seqlens,
+                                           softmax_scale=x.scale, causal=True)[:, 0]
+
+        try:
+            fa3_step_rope()
+            cands.append(Candidate(FA3_STEP_ROW, fa3_step_rope, FA3_STEP_ROW, "RoPE in the kernel"))
+        except Exception as err:  # a wheel built without rotary/append-KV support
+            notes.append(f"FA3 append+attend with rotary tables failed ({type(err).__name__}: {err}); "
+                         "timed without RoPE (q and k rotated outside the timing)")
+            cands.append(Candidate(FA3_STEP_ROW, fa3_step_plain, FA3_STEP_ROW, "RoPE outside, not timed"))
+    for backend in backends:
+        def run(backend=backend):
+            return fp8_sdpa(x.q_rot, x.k, x.v, is_causal=True, backend=backend)[:, :, 0]
+
+        cands.append(Candidate(f"fp8_sdpa {backend} (bf16 cache)", run, FA3_ROW))
+    layer = x.layer
+    q = x.q_raw
+
+    def attend():
+        return layer.attend(q, x.cos_q, x.sin_q, scale=x.scale)[:, 0]
+
+    def step():
+        layer.append(x.k_new, x.v_new, x.cos_new, x.sin_new)
+        out = layer.attend(q, x.cos_new, x.sin_new, scale=x.scale)
+        layer.crop(-1)
+        return out[:, 0]
+
+    cands.append(Candidate(CACHE_ROW, attend, FA3_ROW))
+    cands.append(Candidate(CACHE_STEP_ROW, step, FA3_STEP_ROW))
+    return cands
+
+
+def first_calls(x: AttentionShape) -> dict:
+    """Wall times of the fp8 cache's first attend at this length, the first one-token append, and attend at
+    a second new length (S_kv + 1); the layer is cropped back to S_kv after."""
+    layer, dev = x.layer, x.device
+    first, _ = wall_s(lambda: layer.attend(x.q_raw, x.cos_q, x.sin_q, scale=x.scale), dev)
+    append, _ = wall_s(lambda: layer.append(x.k_new, x.v_new, x.cos_new, x.sin_new), dev)
+    second, _ = wall_s(lambda: layer.attend(x.q_raw, x.cos_new, x.sin_new, scale=x.scale), dev)
+    layer.crop(-1)
+    return {"fill_s": x.fill_s, "first_attend_s": first, "first_append_s": append, "second_length_attend_s": second}
+
+
+def run_attention(args, notes: list[str]) -> list[dict]:
+    from hf_fp8_attention.metrics import sqnr_db
+
+    device = torch.device(args.device)
+    backends = fp8_sdpa_backends(device, args.cpu_smoke, notes)
+    with_fa3 = fa3_available(device)
+    if not with_fa3:
+        notes.append("FA3 bf16: flash_attn_interface (tokenspeed-fa3 wheel) not importable or no CUDA: column "
+                     "skipped, no ratios")
+    cache_impl = "torch" if args.cpu_smoke else None  # None: the layer picks (triton on SM 8.9+)
+    rows = []
+    total = len(args.gqa) * len(args.head_dims) * len(args.shapes)
+    done = 0
+    for H_q, H_kv in args.gqa:
+        for D in args.head_dims:
+            for B, S in args.shapes:
+                done += 1
+                tag = f"H {H_q}/{H_kv} D {D} {B}x{_k(S)}"
+                print(f"# [{done}/{total}] attention {tag} ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                try:
+                    x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, cache_impl)
+                    firsts = first_calls(x)
+                    cands = attention_candidates(x, backends, with_fa3, notes)
+                except torch.OutOfMemoryError:
+                    print(f"# {tag}: OOM building the inputs", file=sys.stderr)
+                    _free(device)
+                    continue
+                times = {}
+                for cand in cands:
+                    row = dict(H_q=H_q, H_kv=H_kv, D=D, B=B, S_kv=S, impl=cand.name, baseline=cand.baseline,
+                               note=cand.note, ms=None, first_call_ms=None, sqnr_db=None, vs_fa3=None, error=None)
+                    try:
+                        first, out = wall_s(cand.fn, device)
+                        row["first_call_ms"] = first * 1e3
+                        if out is not None and cand.name not in (FA3_STEP_ROW, CACHE_STEP_ROW):
+                            row["sqnr_db"] = sqnr_db(out.float(), x.ref)
+                        row["ms"] = times[cand.name] = time_ms(cand.fn, device, args.rep_ms)
+                    except Exception as err:  # one implementation failing at one shape: report, keep going
+                        row["error"] = f"{type(err).__name__}: {err}"
+                        print(f"# {tag} {cand.name}: {row['error']}", file=sys.stderr)
+                    if cand.name == CACHE_ROW:
+                        row.update(firsts)
+                    rows.append(row)
+                for row in rows[-len(cands):]:
+                    base = times.get(row["baseline"])
+                    row["vs_fa3"] = base / row["ms"] if base and row["ms"] else None
+                steady = times.get(CACHE_ROW)
+                second = firsts["second_length_attend_s"] * 1e3
+                # CPU smoke timings are noise: the flag is for GPU runs
+                flag = device.type == "cuda" and steady is not None and second > max(50.0, 20 * steady)
+                cache_row = next(r for r in rows[-len(cands):] if r["impl"] == CACHE_ROW)
+                cache_row["recompiled_at_second_length"] = flag
+                if flag:
+                    notes.append(f"{tag}: fp8 cache attend at a second new length took {second:.1f} ms vs "
+                                 f"{steady:.3f} ms steady: recompiled for the new length?")
+                print(f"#   done in {time.perf_counter() - t0:.1f} s: " + ", ".join(
+                    f"{n} {_common.fmt(t, '.3f')} ms" for n, t in times.items()), file=sys.stderr, flush=True)
+                del x, cands
+                _free(device)
+    return rows
+
+
+def _cell(ms, ratio) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def attention_table(rows: list[dict]) -> str:
+    """One line per shape: FA3 bf16 ms, each fp8 row's ms (ratio vs its FA3 row), first calls, SQNR."""
+    shapes: dict = {}
+    for r in rows:
+        shapes.setdefault((r["H_q"], r["H_kv"], r["D"], r["B"], r["S_kv"]), {})[r["impl"]] = r
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    headers = ["H_q/H_kv", "D", "B x S_kv", *(f"{i} ms" for i in impls), "fp8 cache first call s",
+               "2nd new length ms", "SQNR dB fp8 cache / fp8_sdpa / FA3"]
+    out = []
+    for (hq, hkv, d, b, s), by in shapes.items():
+        cells = [_cell(by[i]["ms"], by[i]["vs_fa3"] if i not in (FA3_ROW, FA3_STEP_ROW) else None) if i in by
+                 else "-" for i in impls]
+        c = by.get(CACHE_ROW, {})
+        sq = [by.get(n, {}).get("sqnr_db") for n in
+              (CACHE_ROW, next((i for i in impls if i.startswith("fp8_sdpa")), None), FA3_ROW)]
+        out.append([f"{hq}/{hkv}", d, f"{b}x{_k(s)}", *cells, _common.fmt(c.get("first_attend_s"), ".2f"),
+                    _common.fmt(None if c.get("second_length_attend_s") is None else c["second_length_attend_s"] * 1e3,
+                                ".2f") + (" (recompiled?)" if c.get("recompiled_at_second_length") else ""),
+                    " / ".join(_common.fmt(v, ".1f") for v in sq)])
+    return _common.markdown_table(headers, out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Part 2: generate
+# ------------------------------------------------------------------------------------------------------
+
+
+def fa3_kvcache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    """AttentionInterface function: FA3 bf16 with a DynamicCache. A first chunk (as many keys as queries) runs
+    `benchmark_model.fa3_bf16_attention` (``flash_attn_func``, causal); later calls (decode: fewer queries
+    than keys) ``flash_attn_with_kvcache`` on BSHD views of the cache's (B, H_kv, S_kv, D) tensors (no copy;
+    FA3 takes any strides with a unit last one), bottom-right causal, FA3's split-KV heuristic on."""
+    if query.shape[2] == key.shape[2]:
+        return bm.fa3_bf16_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    from flash_attn_interface import flash_attn_with_kvcache
+
+    if attention_mask is not None:
+        raise ValueError(f"{FA3_DECODE} (benchmark only) takes no padding mask")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    out = flash_attn_with_kvcache(q, k, v, softmax_scale=scaling, causal=True)
+    return (out[0] if isinstance(out, tuple) else out), None
+
+
+def register_fa3_kvcache() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(FA3_DECODE, fa3_kvcache_attention)
+    AttentionMaskInterface.register(FA3_DECODE, flash_attention_mask)
+
+
+def bf16_attention(choice: str, device, notes: list[str]) -> tuple[str, str]:
+    """(attn_implementation, label) of the bf16 mode."""
+    if choice in ("auto", "fa3"):
+        if fa3_available(device):
+            register_fa3_kvcache()
+            return FA3_DECODE, "bf16 FA3 + bf16 cache"
+        why = "flash_attn_interface (tokenspeed-fa3) not importable" if device.type == "cuda" else "no CUDA"
+        notes.append(f"bf16 mode: FA3 unavailable ({why}); runs transformers' sdpa instead")
+        return "sdpa", "bf16 sdpa + bf16 cache"
+    if choice == "flash_attention_3":
+        from transformers.utils import is_flash_attn_3_available
+
+        if not is_flash_attn_3_available():
+            notes.append("bf16 mode: transformers' flash_attention_3 refuses this FA3 install "
+                         "(is_flash_attn_3_available() is False); runs sdpa instead")
+            return "sdpa", "bf16 sdpa + bf16 cache"
+        return "flash_attention_3", "bf16 flash_attention_3 + bf16 cache"
+    return "sdpa", "bf16 sdpa + bf16 cache"
+
+
+def switch_mode(model, mode: str, bf16_name: str, fp8_backend: str | None) -> str:
+    import hf_fp8_attention as hfa
+
+    if mode == "bf16":
+        hfa.unprepare_model(model)
+        model.set_attn_implementation(bf16_name)
+        return f"{bf16_name} (no fp8)"
+    hfa.prepare_model(model, backend=fp8_backend, kv_cache=KV_CACHE_OF_MODE[mode])
+    return hfa.describe_backend(model)
+
+
+def cache_of(output):
+    """The cache generate returned (``cache`` in transformers 5.24, ``past_key_values`` before)."""
+    keys = output.keys()
+    return output["cache"] if "cache" in keys else output.get("past_key_values")
+
+
+def cache_bytes(cache) -> int | None:
+    """`FP8Cache.memory_bytes()`, or the bytes of a DynamicCache's keys and values."""
+    if cache is None:
+        return None
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def count_cache_calls():
+    """Counts `FP8CacheLayer.attend` (the fused fast path) and `FP8CacheLayer.update` (transformers' generic
+    path, the whole cache dequantized per call) while the block runs; the methods are restored after."""
+    from hf_fp8_attention import FP8CacheLayer
+
+    counts = {"attend": 0, "update": 0}
+    saved = {name: FP8CacheLayer.__dict__[name] for name in counts}
+
+    def counting(name):
+        def wrapper(self, *a, **kw):
+            counts[name] += 1
+            return saved[name](self, *a, **kw)
+
+        return wrapper
+
+    for name in counts:
+        setattr(FP8CacheLayer, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(FP8CacheLayer, name, fn)
+
+
+def _step_clock(device):
+    """A logits processor recording when generate reaches each sampling step; the first call (the prefill's
+    logits) synchronizes the device, so the prefill time is the GPU's."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            if not self.times:
+                _sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()
+
+
+@torch.inference_mode()
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool = True) -> dict:
+    from transformers import LogitsProcessorList
+
+    device = ids.device
+    clock = _step_clock(device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, use_cache=True, pad_token_id=0, return_dict_in_generate=True,
+                  logits_processor=LogitsProcessorList([clock]))
+    if device.type == "cuda" and measure:
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, **kwargs)
+    _sync(device)
+    end = time.perf_counter()
+    cache = cache_of(out)
+    steps = len(clock.times) - 1
+    result = {
+        "new_tokens": out["sequences"].shape[1] - ids.shape[1],
+        "prefill_s": clock.times[0] - start,
+        "decode_steps": steps,
+        "decode_ms_per_token": (end - clock.times[0]) / steps * 1e3 if steps > 0 else None,
+        "total_s": end - start,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "cache_gib": _gib(cache_bytes(cache)),
+        "cache_type": type(cache).__name__,
+        "cache_tokens": cache.get_seq_length() if cache is not None else None,
+    }
+    del out, cache
+    return result
+
+
+def run_generate(args, notes: list[str]) -> list[dict]:
+    from transformers.utils import logging as hf_logging
+
+    import hf_fp8_attention as hfa
+
+    hf_logging.set_verbosity_error()
+    device = torch.device(args.device)
+    bf16_name, bf16_label = bf16_attention(args.bf16_attn, device, notes)
+    labels = {"bf16": bf16_label, "fp8_bf16_cache": "fp8 attention + bf16 cache",
+              "fp8_cache": "fp8 attention + fp8 cache"}
+    config = bm.build_config(tiny=args.cpu_smoke, layers=args.layers)
+    config.use_cache = True
+    t0 = time.perf_counter()
+    model = bm.build_model(config, device, torch.bfloat16, seed=args.seed)  # allocated and filled on the device
+    model.generation_config.use_cache = True
+    _sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# generate: Llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, heads "
+          f"{config.num_attention_heads}/{config.num_key_value_heads}, head_dim {config.head_dim}, "
+          f"{n_params / 1e9:.2f} B params, built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    rows = []
+    for B in args.batches:
+        for P in args.prompts:
+            gen = torch.Generator(device=device).manual_seed(args.seed + B * P)
+            ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
+            warm_ids = ids[:, : min(P, WARMUP_PROMPT)]
+            for mode in args.modes:
+                row = {"B": B, "prompt": P, "mode": mode, "label": labels[mode], "attention": None, "error": None}
+                print(f"# generate B={B} prompt={_k(P)} {labels[mode]} ...", file=sys.stderr, flush=True)
+                try:
+                    row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
+                    with count_cache_calls() as calls:
+                        timed_generate(model, warm_ids, 3, measure=False)
+                        _free(device)
+                        calls.update(attend=0, update=0)
+                        row.update(timed_generate(model, ids, args.new_tokens))
+                    if mode == "fp8_cache":
+                        row["fp8_cache_calls"] = dict(calls)
+                        if calls["update"]:
+                            notes.append(f"B={B} prompt={_k(P)} fp8 cache: {calls['update']} calls took "
+                                         "transformers' generic path (whole cache dequantized per call)")
+                except torch.OutOfMemoryError:
+                    row["error"] = "OOM"
+                except Exception as err:  # one mode failing at one shape: report and keep going
+                    row["error"] = f"{type(err).__name__}: {err}"
+                    print(f"# {row['error']}", file=sys.stderr)
+                _free(device)
+                rows.append(row)
+                if row["error"] is None:
+                    print(f"#   prefill {row['prefill_s']:.3f} s, decode {row['decode_ms_per_token']:.2f} ms/token, "
+                          f"peak {_common.fmt(row['peak_gib'], '.1f')} GiB, cache {_common.fmt(row['cache_gib'], '.3g')} GiB "
+                          f"({row['cache_type']})", file=sys.stderr, flush=True)
+            del ids, warm_ids
+            _free(device)
+    hfa.unprepare_model(model)
+    del model
+    _free(device)
+    for r in rows:
+        base = next((x for x in rows if x["B"] == r["B"] and x["prompt"] == r["prompt"] and x["mode"] == "bf16"), None)
+        ok = base is not None and base.get("decode_ms_per_token") and r.get("decode_ms_per_token")
+        r["decode_vs_bf16"] = base["decode_ms_per_token"] / r["decode_ms_per_token"] if ok else None
+    return rows
+
+
+def generate_table(rows: list[dict]) -> str:
+    headers = ["B", "prompt", "mode", "prefill s", "decode ms/token", "decode vs bf16", "total s", "peak GiB",
+               "cache GiB", "cache"]
+    out = []
+    for r in rows:
+        if r.get("error"):
+            out.append([r["B"], _k(r["prompt"]), r["label"], r["error"], *["-"] * 6])
+            continue
+        ratio = r.get("decode_vs_bf16")
+        out.append([r["B"], _k(r["prompt"]), r["label"], _common.fmt(r["prefill_s"], ".3f"),
+                    _common.fmt(r["decode_ms_per_token"], ".2f"), "-" if ratio is None else f"{ratio:.2f}x",
+                    _common.fmt(r["total_s"], ".2f"), _common.fmt(r["peak_gib"], ".1f"),
+                    _common.fmt(r["cache_gib"], ".3g"), r["cache_type"]])
+    return _common.markdown_table(headers, out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Plot
+# ------------------------------------------------------------------------------------------------------
+
+
+def plot(path: str, attn_rows: list[dict], gen_rows: list[dict], title: str) -> None:
+    """Grouped bars: per (GQA, D) the speedup vs FA3 bf16 of each fp8 row per B x S_kv; decode ms/token per
+    generate mode per B x prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for key in dict.fromkeys((r["H_q"], r["H_kv"], r["D"]) for r in attn_rows):
+        rows = [r for r in attn_rows if (r["H_q"], r["H_kv"], r["D"]) == key and r["vs_fa3"] is not None
+                and r["impl"] not in (FA3_ROW, FA3_STEP_ROW)]
+        if rows:
+            bars = {}
+            for r in rows:
+                bars.setdefault(r["impl"], {})[f"{r['B']}x{_k(r['S_kv'])}"] = r["vs_fa3"]
+            panels.append((f"H {key[0]}/{key[1]} D {key[2]}: speedup vs FA3 bf16", bars, 1.0))
+    ok = [r for r in gen_rows if not r.get("error")]
+    if ok:
+        bars = {}
+        for r in ok:
+            bars.setdefault(r["label"], {})[f"B{r['B']} {_k(r['prompt'])}"] = r["decode_ms_per_token"]
+        panels.append(("generate: decode ms/token", bars, None))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (name, bars, hline) in zip(axes[0], panels):
+        groups = list(dict.fromkeys(g for series in bars.values() for g in series))
+        width = 0.8 / len(bars)
+        for i, (label, series) in enumerate(bars.items()):
+            xs = [j + (i - (len(bars) - 1) / 2) * width for j, g in enumerate(groups) if g in series]
+            ax.bar(xs, [series[g] for g in groups if g in series], width, label=label)
+        if hline is not None:
+            ax.axhline(hline, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(groups)), groups, rotation=30)
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    notes: list[str] = []
+    if args.device == "cuda" and args.triton_cache == "fresh":
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_decode_triton_")
+        notes.append(f"Triton compiled into a fresh cache ({os.environ['TRITON_CACHE_DIR']}): first calls include "
+                     "compilation")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    device = torch.device(args.device)
+    vers = _common.versions()
+    header = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "device": _common.device_name(device), "versions": vers,
+              "mode": "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "default")}
+    print(f"# bench_decode {header['date']}; device: {header['device']}; "
+          + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
+    attn_rows: list[dict] = []
+    gen_rows: list[dict] = []
+    t0 = time.perf_counter()
+    if args.part in ("all", "attention"):
+        attn_rows = run_attention(args, notes)
+    t1 = time.perf_counter()
+    if args.part in ("all", "generate"):
+        gen_rows = run_generate(args, notes)
+    t2 = time.perf_counter()
+    header["seconds"] = {"attention": t1 - t0, "generate": t2 - t1}
+
+    title = f"decode on {header['device']}, {header['date']}"
+    if attn_rows:
+        print(f"\n## Attention step (S_q = 1, bf16 inputs), {header['device']}: ms (FA3 bf16 ms / ms)")
+        print(attention_table(attn_rows))
+    if gen_rows:
+        layers = args.layers or (2 if args.cpu_smoke else 32)
+        model_name = "tiny Llama" if args.cpu_smoke else "Llama-3-8B shape, random bf16 weights"
+        print(f"\n## generate, {model_name}, {layers} layers, {args.new_tokens} new tokens (greedy), "
+              f"{header['device']}")
+        print(generate_table(gen_rows))
+        for r in gen_rows:
+            if r.get("attention"):
+                print(f"# B={r['B']} prompt={_k(r['prompt'])} {r['label']}: {r['attention']}")
+    if args.out_png:
+        if _common.have_matplotlib():
+            plot(args.out_png, attn_rows, gen_rows, title)
+        else:
+            notes.append(f"--out-png {args.out_png}: matplotlib not installed, no plot written")
+    if notes:
+        print("\nNotes:")
+        for n in dict.fromkeys(notes):
+            print(f"- {n}")
+    report = {**header, "args": {k: v for k, v in vars(args).items()}, "notes": list(dict.fromkeys(notes)),
+              "attention": attn_rows, "generate": gen_rows}
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(_finite(report), f, indent=1, default=str, allow_nan=False)
+    print(f"# total {t2 - t0:.0f} s (attention {t1 - t0:.0f} s, generate {t2 - t1:.0f} s)", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
