@@ -1,0 +1,347 @@
+"""scripts/bench_decode.py on the CPU: arguments, the --cpu-smoke run (torch reference of the fp8 cache, the
+reference fp8 backend, the tiny Llama of benchmark_model, FA3 skipped) and its JSON, and the FA3 wiring
+(the kvcache calls of part 1, the AttentionInterface function of part 2) against a torch stand-in of
+``flash_attn_interface`` that follows FA3's documented semantics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("hfa_scripts_bench_decode", SCRIPTS / "bench_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bd = _load()
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _usage_error(argv, capsys, match=None):
+    with pytest.raises(SystemExit) as exc:
+        bd.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and (match is None or match in err), err
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_smoke_defaults():
+    args = bd.parse_args(["--cpu-smoke"])
+    assert args.device == "cpu" and args.part == "all" and args.modes == list(bd.MODES)
+    assert args.shapes == bd.SMOKE["grid"] and args.gqa == bd.SMOKE["gqa"] and args.head_dims == [64]
+    assert (args.batches, args.prompts, args.new_tokens) == ([1, 2], [48], 4)
+
+
+def test_grids_of_the_issue():
+    """Default part 1: B x S_kv 1x4k 1x32k 1x128k 8x4k 8x32k 32x8k, GQA 32/8 and 8/1, D 64 and 128; part 2:
+    B 1 and 8, prompts 4k and 32k, 128 new tokens."""
+    assert bd.ATTN_GRID == [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (32, 8192)]
+    assert bd.GQA == [(32, 8), (8, 1)] and bd.HEAD_DIMS == [64, 128]
+    assert (bd.GEN_BATCHES, bd.GEN_PROMPTS, bd.NEW_TOKENS) == ([1, 8], [4096, 32768], 128)
+    assert all(s % 64 == 0 for _, s in bd.ATTN_GRID + bd.ATTN_GRID_QUICK)  # crop(-1) stays host-only
+
+
+def test_explicit_values():
+    args = bd.parse_args(["--cpu-smoke", "--shapes", "2x1k", "1x96", "--gqa", "8/1", "--head-dims", "128",
+                          "--batches", "4", "--prompts", "2k", "100", "--new-tokens", "8", "--modes", "fp8_cache",
+                          "--part", "generate", "--bf16-attn", "sdpa", "--fp8-backend", "reference"])
+    assert args.shapes == [(2, 1024), (1, 96)] and args.gqa == [(8, 1)] and args.head_dims == [128]
+    assert (args.batches, args.prompts, args.new_tokens, args.modes) == ([4], [2048, 100], 8, ["fp8_cache"])
+    assert (args.part, args.bf16_attn, args.fp8_backend) == ("generate", "sdpa", "reference")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cpu-smoke", "--shapes", "8"],
+        ["--cpu-smoke", "--shapes", "0x4k"],
+        ["--cpu-smoke", "--shapes", "axb"],
+        ["--cpu-smoke", "--gqa", "32/5"],
+        ["--cpu-smoke", "--gqa", "32"],
+        ["--cpu-smoke", "--head-dims", "80"],
+        ["--cpu-smoke", "--new-tokens", "1"],
+        ["--cpu-smoke", "--batches", "0"],
+        ["--cpu-smoke", "--prompts", "0"],
+        ["--cpu-smoke", "--modes", "fp16"],
+        ["--cpu-smoke", "--modes", "bf16", "bf16"],
+        ["--cpu-smoke", "--fp8-backend", "fa9"],
+        ["--cpu-smoke", "--quick"],
+        ["--cpu-smoke", "--rep-ms", "0"],
+    ],
+)
+def test_errors(argv, capsys):
+    _usage_error(argv, capsys)
+
+
+@no_cuda
+def test_needs_cuda_without_smoke(capsys):
+    _usage_error([], capsys, match="--cpu-smoke")
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_rope_tables_match_llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, rope_theta=bd.ROPE_THETA)
+    pos = torch.arange(300)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), pos[None])
+    mine = bd.rope_tables(pos, 128, torch.float32)
+    torch.testing.assert_close(mine[0], cos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine[1], sin, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_decode_is_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 64, generator=g), torch.randn(2, 2, 40, 64, generator=g), torch.randn(2, 2, 40, 64, generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(bd.reference_decode(q, k, v, 64**-0.5), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_step_leaves_the_layer_as_it_was():
+    """append + attend + crop(-1), repeated as the timing loop does: the layer keeps S_kv tokens and the
+    step's output does not drift."""
+    x = bd.AttentionShape(1, 128, 4, 2, 64, torch.device("cpu"), 0, "torch")
+    cands = {c.name: c for c in bd.attention_candidates(x, [], False, [])}
+    outs = [cands[bd.CACHE_STEP_ROW].fn() for _ in range(3)]
+    assert x.layer.get_seq_length() == 128
+    assert torch.equal(outs[0], outs[2])
+    firsts = bd.first_calls(x)
+    assert x.layer.get_seq_length() == 128 and set(firsts) == {"fill_s", "first_attend_s", "first_append_s",
+                                                               "second_length_attend_s"}
+
+
+def test_cache_bytes_and_call_counter():
+    from transformers.cache_utils import DynamicCache
+
+    import hf_fp8_attention as hfa
+
+    cache = DynamicCache()
+    k = torch.zeros(2, 3, 10, 64, dtype=torch.bfloat16)
+    cache.update(k, k, 0)
+    cache.update(k, k, 1)
+    assert bd.cache_bytes(cache) == 4 * k.numel() * 2
+    assert bd.cache_bytes(None) is None
+    fp8 = hfa.FP8Cache(impl="torch")
+    fp8.update(k, k, 0)
+    assert bd.cache_bytes(fp8) == fp8.memory_bytes() > 0
+    original = hfa.FP8CacheLayer.update
+    with bd.count_cache_calls() as calls:
+        hfa.FP8Cache(impl="torch").update(k, k, 0)
+    assert calls == {"attend": 0, "update": 1} and hfa.FP8CacheLayer.update is original
+
+
+# ------------------------------------------------------------------------------------------------------
+# FA3 wiring, against a torch stand-in of flash_attn_interface
+# ------------------------------------------------------------------------------------------------------
+
+
+def _rotate(x, cos, sin, pos):
+    """FA3's non-interleaved rotary: tables (seqlen_ro, D/2), x (B, n, H, D) at positions pos (n,)."""
+    c, s = cos[pos][None, :, None].float(), sin[pos][None, :, None].float()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def _attend(q, k, v, scale, causal):
+    """q (B, S_q, H_q, D), k/v (B, S_k, H_kv, D), bottom-right causal -> (B, S_q, H_q, D)."""
+    s_q, s_k = q.shape[1], k.shape[1]
+    mask = torch.ones(s_q, s_k, dtype=torch.bool).tril(s_k - s_q) if causal else None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=mask,
+        scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+@pytest.fixture
+def fake_fa3(monkeypatch):
+    calls = []
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                                cache_seqlens=None, softmax_scale=None, causal=False, rotary_interleaved=True, **kw):
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        calls.append(dict(fn="kvcache", q=tuple(q.shape), k_cache=tuple(k_cache.shape), k_new=k is not None,
+                          rotary=rotary_cos is not None, causal=causal, k_cache_contiguous=k_cache.is_contiguous()))
+        n0 = k_cache.shape[1] if cache_seqlens is None else int(cache_seqlens[0])
+        assert cache_seqlens is None or bool((cache_seqlens == n0).all())
+        if rotary_cos is not None:
+            assert not rotary_interleaved and causal
+            q = _rotate(q, rotary_cos, rotary_sin, torch.arange(n0, n0 + q.shape[1]))
+            k = _rotate(k, rotary_cos, rotary_sin, torch.arange(n0, n0 + k.shape[1]))
+        n = n0
+        if k is not None:
+            k_cache[:, n0 : n0 + k.shape[1]] = k
+            v_cache[:, n0 : n0 + k.shape[1]] = v
+            n = n0 + k.shape[1]
+        return _attend(q, k_cache[:, :n], v_cache[:, :n], softmax_scale, causal)
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, **kw):
+        calls.append(dict(fn="func", q=tuple(q.shape), causal=causal))
+        return _attend(q, k, v, softmax_scale, causal)
+
+    module = types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache, flash_attn_func=flash_attn_func)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    monkeypatch.setattr(bd, "fa3_available", lambda device: True)
+    return calls
+
+
+def test_fa3_rows_against_the_fp8_cache(fake_fa3):
+    """Part 1's FA3 calls: the attend-only row is bf16 attention over the rotated cache (SQNR >> fp8's vs the
+    float32 reference), and the append+attend row (RoPE of q and k in the kernel at position S_kv) gives what
+    the fp8 cache's step gives, to fp8 accuracy."""
+    from hf_fp8_attention.metrics import sqnr_db
+
+    x = bd.AttentionShape(2, 192, 8, 2, 64, torch.device("cpu"), 1, "torch")
+    notes = []
+    cands = {c.name: c for c in bd.attention_candidates(x, ["reference"], True, notes)}
+    assert list(cands) == [bd.FA3_ROW, bd.FA3_STEP_ROW, "fp8_sdpa reference (bf16 cache)", bd.CACHE_ROW,
+                           bd.CACHE_STEP_ROW]
+    assert not notes and cands[bd.FA3_STEP_ROW].note == "RoPE in the kernel"
+    assert sqnr_db(cands[bd.FA3_ROW].fn().float(), x.ref) > 40
+    assert sqnr_db(cands[bd.CACHE_ROW].fn().float(), x.ref) > 20
+    step_fa3, step_fp8 = cands[bd.FA3_STEP_ROW].fn(), cands[bd.CACHE_STEP_ROW].fn()
+    assert sqnr_db(step_fp8.float(), step_fa3.float()) > 20
+    assert {c["fn"] for c in fake_fa3} == {"kvcache"}
+    assert fake_fa3[0]["k_cache"] == (2, 193, 2, 64)  # S_kv + 1 slots, BSHD
+
+
+def test_fa3_step_without_rotary_support(fake_fa3, monkeypatch):
+    """A wheel whose kvcache call refuses the rotary tables: the row is timed with q/k rotated outside, and
+    the notes say so; the result is the same attention."""
+    from hf_fp8_attention.metrics import sqnr_db
+
+    fake = sys.modules["flash_attn_interface"]
+    inner = fake.flash_attn_with_kvcache
+
+    def no_rotary(*a, rotary_cos=None, **kw):
+        if rotary_cos is not None:
+            raise RuntimeError("rotary not supported in this build")
+        return inner(*a, **kw)
+
+    monkeypatch.setattr(fake, "flash_attn_with_kvcache", no_rotary)
+    x = bd.AttentionShape(1, 128, 4, 1, 64, torch.device("cpu"), 2, "torch")
+    notes = []
+    cands = {c.name: c for c in bd.attention_candidates(x, [], True, notes)}
+    assert "rotary" in notes[0] and cands[bd.FA3_STEP_ROW].note == "RoPE outside, not timed"
+    assert sqnr_db(cands[bd.CACHE_STEP_ROW].fn().float(), cands[bd.FA3_STEP_ROW].fn().float()) > 20
+
+
+def test_fa3_attention_function_in_generate(fake_fa3):
+    """Part 2's bf16 mode: the registered AttentionInterface function runs flash_attn_func on the prompt and
+    flash_attn_with_kvcache on BSHD views of the DynamicCache (no copy) for each decode step; greedy tokens
+    equal sdpa's on the same weights."""
+    cpu = torch.device("cpu")
+    name, label = bd.bf16_attention("auto", cpu, [])
+    assert (name, label) == (bd.FA3_DECODE, "bf16 FA3 + bf16 cache")
+    config = bd.bm.build_config(tiny=True, layers=1)
+    model = bd.bm.build_model(config, "cpu", torch.bfloat16)
+    ids = torch.randint(3, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for attn in (name, "sdpa"):
+        bd.switch_mode(model, "bf16", attn, None)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+        tokens[attn] = out[:, 20:]
+    assert torch.equal(tokens[name], tokens["sdpa"])
+    assert [c["fn"] for c in fake_fa3] == ["func", "kvcache", "kvcache", "kvcache"]
+    decode = fake_fa3[1]
+    assert decode["q"] == (2, 1, 4, 64) and decode["k_cache"] == (2, 21, 2, 64) and decode["causal"]
+    assert not decode["k_cache_contiguous"]  # a BSHD view of the cache's BHSD tensor
+
+
+def test_bf16_attention_fallbacks():
+    notes = []
+    assert bd.bf16_attention("auto", torch.device("cpu"), notes) == ("sdpa", "bf16 sdpa + bf16 cache")
+    assert "sdpa" in notes[0]
+    assert bd.bf16_attention("sdpa", torch.device("cpu"), []) == ("sdpa", "bf16 sdpa + bf16 cache")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the smoke run
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_smoke_run(tmp_path, capsys):
+    out_json = tmp_path / "decode.json"
+    argv = ["--cpu-smoke", "--shapes", "1x128", "2x64", "--batches", "1", "2", "--prompts", "32",
+            "--out-json", str(out_json), "--out-png", str(tmp_path / "decode.png")]
+    report = bd.main(argv)
+    out = capsys.readouterr().out
+    assert "## Attention step" in out and "## generate, tiny Llama" in out and "device: cpu" in out
+    assert "| 4/2 | 64 | 1x128 |" in out and "fp8 attention + fp8 cache" in out
+
+    data = _strict_json(out_json)
+    assert data["mode"] == "cpu-smoke" and data["device"] == "cpu" and "torch" in data["versions"]
+    assert any("FA3 bf16" in n and "skipped" in n for n in data["notes"])
+    attn = data["attention"]
+    impls = ["fp8_sdpa reference (bf16 cache)", bd.CACHE_ROW, bd.CACHE_STEP_ROW]
+    assert [(r["H_q"], r["H_kv"], r["B"], r["S_kv"], r["impl"]) for r in attn] == [
+        (hq, hkv, b, s, i) for hq, hkv in ((4, 2), (4, 1)) for b, s in ((1, 128), (2, 64)) for i in impls]
+    for r in attn:
+        assert r["error"] is None and r["ms"] > 0 and r["first_call_ms"] > 0 and r["vs_fa3"] is None
+        if r["impl"] != bd.CACHE_STEP_ROW:
+            assert 20 < r["sqnr_db"] < 45
+        if r["impl"] == bd.CACHE_ROW:
+            assert r["first_attend_s"] > 0 and r["second_length_attend_s"] > 0
+            assert r["recompiled_at_second_length"] is False
+
+    gen = data["generate"]
+    assert [(r["B"], r["prompt"], r["mode"]) for r in gen] == [(b, 32, m) for b in (1, 2) for m in bd.MODES]
+    for r in gen:
+        assert r["error"] is None and r["new_tokens"] == 4 and r["decode_steps"] == 3
+        assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and r["total_s"] >= r["prefill_s"]
+        assert r["cache_tokens"] == 32 + 3 and r["cache_gib"] > 0 and r["peak_gib"] is None
+        assert r["cache_type"] == ("FP8Cache" if r["mode"] == "fp8_cache" else "DynamicCache")
+        if r["mode"] == "fp8_cache":
+            assert r["fp8_cache_calls"] == {"attend": 3 * 2, "update": 0}  # 3 decode steps x 2 layers, fast path
+            assert "fp8 KV cache on 2/2 layers" in r["attention"]
+    assert gen[0]["decode_vs_bf16"] == 1.0
+    assert report["generate"][0]["label"] == "bf16 sdpa + bf16 cache"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert any("matplotlib not installed" in n for n in data["notes"])
+    else:
+        assert (tmp_path / "decode.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_plot(tmp_path):
+    rows = [dict(H_q=32, H_kv=8, D=d, B=b, S_kv=s, impl=i, vs_fa3=f, ms=0.1) for d in (64, 128)
+            for b, s in ((1, 4096), (8, 32768)) for i, f in ((bd.FA3_ROW, 1.0), (bd.CACHE_ROW, 1.3))]
+    gen = [dict(B=1, prompt=4096, label=label, decode_ms_per_token=ms, error=None)
+           for label, ms in (("bf16 FA3 + bf16 cache", 40.0), ("fp8 attention + fp8 cache", 35.0))]
+    bd.plot(str(tmp_path / "p.png"), rows, gen, "title")
+    assert (tmp_path / "p.png").stat().st_size > 1000
