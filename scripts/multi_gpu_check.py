@@ -77,7 +77,13 @@ def parse_args(argv=None):
                    help="decode check: an untimed prefill + this many decode steps before each timed run")
     p.add_argument("--cos-margin", type=float, default=1e-4,
                    help="decode check: 1 - cos(split, single) may exceed the bf16 pair's by this much")
+    p.add_argument("--pin-device", action="store_true",
+                   help="device_map only, a diagnostic: make each decoder layer's GPU the current CUDA device while "
+                        "it runs. Triton launches on the current device, so this separates the numerics from a "
+                        "kernel launcher that does not follow its tensors' device")
     args = p.parse_args(argv)
+    if args.pin_device and args.mode != "device_map":
+        p.error("--pin-device is for --mode device_map (under TP each rank's current device is its GPU)")
     if args.decode_steps < 1:
         p.error("--decode-steps must be >= 1")
     if min(args.seqlens) < PREFILL_LOGITS:
@@ -179,11 +185,33 @@ def main(argv=None) -> int:
     if not tp and len(devices) < 2:
         print(f"multi_gpu_check: device_map='auto' put the whole model on {devices}: nothing was split")
         ok = False
+    if args.pin_device:
+        _pin_current_device(multi)
     run = _decode_check if modes else _prefill_check
     ok &= run(args, modes, multi, single, tp=tp, rank=rank, devices=devices)
     if tp:
         dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def _pin_current_device(model) -> None:
+    """--pin-device: each decoder layer runs with its GPU as the current CUDA device; the model's call leaves
+    the current device as it found it."""
+    before = {}
+
+    def enter(layer, args):
+        torch.cuda.set_device(layer.input_layernorm.weight.device)
+
+    def model_enter(module, args):
+        before["device"] = torch.cuda.current_device()
+
+    def model_exit(module, args, output):
+        torch.cuda.set_device(before["device"])
+
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(enter)
+    model.register_forward_pre_hook(model_enter)
+    model.register_forward_hook(model_exit)
 
 
 def _header(args, tp: bool, what: str) -> str:
@@ -417,7 +445,7 @@ def _report(args, modes, runs, layouts, described, *, tp, rank, devices, world) 
                 verdicts.append(f"{mode} S={s}: 1-cos prefill {1 - cos['prefill']:.2e} (bf16 pair "
                                 f"{1 - ref['prefill']:.2e}), decode {1 - cos['decode']:.2e} (bf16 pair "
                                 f"{1 - ref['decode']:.2e}): {result}")
-            lines.append(f"| {mode} | {s} | {ms[0]:.4f} | {ms[1]:.4f} | {ms[2]:.3f} | {ms[3]:.3f} "
+            lines.append(f"| {mode} | {s} | {ms[0]:.5f} | {ms[1]:.5f} | {ms[2]:.3f} | {ms[3]:.3f} "
                          f"| {cos['prefill']:.6f} | {cos['decode']:.6f} | {cos['worst']:.6f} | {vs_bf16:.5f} "
                          f"| {excess} | {result} |")
     # the cache layout rules must hold on every rank (each rank holds its local KV heads)
@@ -436,7 +464,8 @@ def _report(args, modes, runs, layouts, described, *, tp, rank, devices, world) 
         split = "tp_plan='auto'" if tp else "device_map='auto'"
         print(_header(args, tp, f"decode check ({split}): prefill + {n} decode steps, teacher-forced with the "
                                 f"single-GPU bf16 greedy tokens"))
-        print(f"devices of the split model's parameters: {sorted(map(str, devices))}")
+        pinned = "; --pin-device: each layer's GPU is the current device while it runs" if args.pin_device else ""
+        print(f"devices of the split model's parameters: {sorted(map(str, devices))}{pinned}")
         for mode in modes:
             print(f"{mode}: prepare_model({', '.join(f'{k}={v!r}' for k, v in DECODE_MODES[mode].items())}); "
                   f"{described[mode]}")
