@@ -77,13 +77,16 @@ FP16_MAX_ROWS = 64
 
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
-                    qk_fp8: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    qk_fp8: bool | None = None, num_splits: int | None = None,
+                    config: dict | None = None) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the GPU's SM
-    count (four programs per SM, each with >= 4 key blocks); tests and benchmarks force values.
+    count (``programs_per_sm`` programs per SM, default 4, each with >= 4 key blocks); tests and
+    benchmarks force values. config: {"programs_per_sm", "num_warps", "num_stages"} overrides (benchmarks).
     """
+    config = config or {}
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
     if D not in SUPPORTED_HEAD_DIMS:
@@ -111,7 +114,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     if num_splits is None:
         sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
         # decode programs are small (16-64 rows): four per SM keep enough loads in flight
-        num_splits = max(1, min(cdiv(4 * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
+        per_sm = config.get("programs_per_sm", 4)
+        num_splits = max(1, min(cdiv(per_sm * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
     keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
     num_splits = cdiv(length, keys_per_split)
     dim_pad = next_power_of_2(D)
@@ -130,7 +134,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         H_kv, S_q, length, float(scale), keys_per_split,
         GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
         FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
-        num_warps=8 if block_m >= 128 else 4, num_stages=3, enable_fp_fusion=False,
+        num_warps=config.get("num_warps", 8 if block_m >= 128 else 4), num_stages=config.get("num_stages", 3),
+        enable_fp_fusion=False,
     )
     if split:
         block_r = min(64, max(16, next_power_of_2(n_rows)))
