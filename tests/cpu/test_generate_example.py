@@ -362,3 +362,69 @@ def test_readme_main_job_on_the_real_model():
     assert "fused RoPE on 30/30 layers" in out
     text = out.split("=== --attn fp8 ===", 1)[1].split("--- attention:", 1)[0]
     assert len(text.split()) >= 10, out  # 32 new tokens of real text
+
+
+# ------------------------------------------------------------------------------------------------------
+# KV cache (--kv-cache) and --compare's bf16 baseline with its cache
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_modes():
+    """auto: the FP8 cache for fp8 attention, transformers' cache with --hadamard (the FP8 cache takes no
+    accuracy option) and for sdpa/eager; explicit values are prepare_model's kv_cache."""
+    assert gen.parse_args([]).kv_cache == "auto"
+    assert gen.parse_args([]).cache_mode == "fp8"
+    assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", "none"]).cache_mode == "fp8"
+    assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", "qkv"]).cache_mode == "bf16"
+    assert gen.parse_args(["--attn", "sdpa"]).cache_mode == "bf16"
+    for mode in ("fp8", "bf16", "off"):
+        assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--kv-cache", mode]).cache_mode == mode
+    assert gen.parse_args(["--attn", "eager", "--kv-cache", "off"]).cache_mode == "off"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--kv-cache", "int8"],
+        ["--attn", "sdpa", "--kv-cache", "fp8"],
+        ["--attn", "fp8_reference", "--device", "cpu", "--kv-cache", "fp8", "--hadamard", "qkv"],
+    ],
+)
+def test_kv_cache_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gen.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_baseline_attention_without_gpu():
+    assert gen.baseline_attention(torch.device("cpu")) == "sdpa"
+
+
+@needs_fp8_api
+def test_main_compare_fp8_cache_vs_bf16_cache(tiny_model, capsys):
+    """--compare: fp8 attention with the FP8 cache against the bf16 model with transformers' cache; tokens/s side
+    by side and whether the texts agree."""
+    report = _run(tiny_model, "--attn", "fp8_reference", "--compare")
+    result, baseline = report["result"], report["baseline"]
+    assert result.cache == "FP8Cache" and "fp8 KV cache on 2/2 layers" in result.backend
+    assert baseline.attn == "sdpa" and baseline.cache == "DynamicCache"
+    assert report["texts_agree"] == (result.text == baseline.text)
+    assert report["speed_vs_baseline"] == pytest.approx(result.tokens_per_s / baseline.tokens_per_s)
+    out = capsys.readouterr().out
+    assert "| run | attention | KV cache | new tokens | s | tokens/s |" in out
+    assert "| --attn fp8_reference |" in out and "| baseline: sdpa bf16 | sdpa (transformers, no fp8) | DynamicCache |" in out
+    assert "the baseline's tokens/s; texts " + ("agree" if report["texts_agree"] else "differ") in out
+
+
+@needs_fp8_api
+@pytest.mark.parametrize("kv_cache, cache_class", [("bf16", "DynamicCache"), ("off", "off")])
+def test_main_fp8_with_other_caches(tiny_model, kv_cache, cache_class, capsys):
+    report = _run(tiny_model, "--attn", "fp8_reference", "--kv-cache", kv_cache)
+    assert report["result"].cache == cache_class
+    out = capsys.readouterr().out
+    assert ("no KV cache" in out) == (kv_cache == "off")
+
+
+def test_main_plain_attention_keeps_its_cache(tiny_model):
+    assert _run(tiny_model, "--attn", "sdpa")["result"].cache == "DynamicCache"
