@@ -1,0 +1,279 @@
+"""K / V centring (`smooth_k` / `smooth_v`) in the quantize kernel, interpreted on CPU.
+
+The kernel gathers each smoothed head's per-channel sum, max and max of -x with atomics in the pass that
+reads a tile for its amax (P1); every quantize step (P2) of the head, after the same wait as the amax,
+turns them into mean_c = sum_c / S and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is
+exactly max |fl(x - mean)| over the finite elements (rounding is monotonic and symmetric). So, given the
+kernel's own mean, its V scale and fp8 bytes equal a torch computation bit for bit
+(`test_v_scale_is_the_amax_of_its_centred_values`); against the reference, whose mean sums in another order,
+the documented tolerance of tests/cpu/test_quantize.py applies (at most 1 fp8 ulp on at most 0.5% of a
+tensor, descales to 1e-6 relative).
+
+Under the interpreter the programs run one after another, so the atomics merge the tiles in tile order and
+results are repeatable; on the GPU the order (and so the mean's last bits) can change between runs
+(tests/gpu/test_centring_gpu.py).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from test_quantize import (  # noqa: F401 (fixture)
+    _fp8_bytes,
+    _interpreter_bf16_dot,
+    assert_close_modes,
+    make_qkv,
+    make_rope,
+)
+
+from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
+from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import (
+    quantize_qkv_fp8,
+    quantize_qkv_fp8_reference,
+    quantize_qkv_fp8_varlen,
+    quantize_qkv_fp8_varlen_reference,
+)
+from hf_fp8_attention.quantization import qkv as qkv_launcher
+from hf_fp8_attention.quantization.reference import _scales
+from hf_fp8_attention.quantization.tile_math import _from_ordered_key, _ordered_key
+
+ON_CUDA = torch.cuda.is_available()
+pytestmark = [
+    pytest.mark.skipif(ON_CUDA, reason="CPU interpreter tests; the GPU versions are in tests/gpu/test_centring_gpu.py"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy on inf - inf and x / 0 in untaken branches
+]
+
+
+def _offsets(x: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+    """x (B, H, S, D) plus a per-(batch, head, channel) offset of up to +-scale: what centring removes."""
+    g = torch.Generator().manual_seed(seed)
+    off = (torch.rand(x.shape[0], x.shape[1], 1, x.shape[3], generator=g) * 2 - 1) * scale
+    return (x.float() + off).to(x.dtype)
+
+
+def _inputs(B, H_q, H_kv, S, D, dtype, seed=0):
+    q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype, "bshd", seed=seed)
+    # in place on the BSHD memory, so the strides stay what Transformers hands over
+    k.copy_(_offsets(k, 20.0, seed + 1))
+    v.copy_(_offsets(v, 3.0, seed + 2))
+    return q, k, v
+
+
+def _options(smooth_k, smooth_v, hadamard="none"):
+    return FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v)
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(_fp8_bytes(a), _fp8_bytes(b))
+
+
+# ---------------------------------------------------------------- kernel vs reference
+
+CASES = [
+    # B, H_q, H_kv, S, D, dtype, rope (B_c, cos dtype) or None, smooth_k, smooth_v, hadamard
+    pytest.param(1, 4, 2, 150, 64, torch.bfloat16, None, True, True, "none", id="kv-gqa-d64-3tiles"),
+    pytest.param(2, 4, 1, 150, 128, torch.float16, None, True, False, "none", id="k-mqa-d128-fp16"),
+    pytest.param(1, 2, 2, 100, 128, torch.bfloat16, None, False, True, "none", id="v-mha-d128"),
+    pytest.param(1, 4, 2, 150, 128, torch.bfloat16, (1, torch.bfloat16), True, True, "none", id="rope-kv-d128"),
+    pytest.param(2, 2, 2, 77, 96, torch.bfloat16, (2, torch.float32), True, True, "none", id="rope-kv-d96-bcB"),
+    pytest.param(1, 4, 2, 90, 64, torch.bfloat16, (1, torch.float32), True, True, "qkv", id="rope-qkv-kv-d64"),
+]
+
+
+@pytest.mark.parametrize("B,H_q,H_kv,S,D,dtype,rope,smooth_k,smooth_v,hadamard", CASES)
+def test_kernel_matches_reference(B, H_q, H_kv, S, D, dtype, rope, smooth_k, smooth_v, hadamard):
+    """Several tiles per head, GQA/MQA, D=96 (padded half tiles), fused RoPE (the statistics are those of
+    the rotated K), Hadamard: within the documented tolerance of the reference, and the centring really
+    shrank the scales of the offset tensors (not K's under RoPE: rotation spreads a constant offset over
+    the positions, so the rotated K's channel means are small)."""
+    q, k, v = _inputs(B, H_q, H_kv, S, D, dtype)
+    cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
+    options = _options(smooth_k, smooth_v, hadamard)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
+    assert_close_modes(got, ref, rope is not None, hadamard)
+    plain = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=_options(False, False, hadamard))
+    if smooth_k and rope is None:
+        assert (got.k_descale < 0.5 * plain.k_descale).all()
+    if smooth_v:
+        assert (got.v_descale < 0.8 * plain.v_descale).all()
+
+
+def test_unsmoothed_tensors_are_untouched():
+    """smooth_k alone leaves Q and V bit-identical to mode none (their P2 loads no statistics: mean 0), and
+    smooth_v alone leaves Q and K so."""
+    q, k, v = _inputs(1, 4, 2, 150, 64, torch.bfloat16)
+    none = quantize_qkv_fp8(q, k, v)
+    for smooth_k, smooth_v, same in ((True, False, ("q", "v")), (False, True, ("q", "k"))):
+        got = quantize_qkv_fp8(q, k, v, options=_options(smooth_k, smooth_v))
+        for n in same:
+            assert _bytes_equal(getattr(got, n), getattr(none, n)), n
+            assert torch.equal(getattr(got, f"{n}_descale"), getattr(none, f"{n}_descale")), n
+
+
+@pytest.mark.parametrize("S", [1, 63, 64, 65, 150])
+def test_v_scale_is_the_amax_of_its_centred_values(S):
+    """The spec, bit for bit given the kernel's own mean m: v_descale = max |fl(v - m)| / 448 per head and
+    v = e4m3(fl(v - m) * 448 / amax) (S = 1: everything centres to 0, scale 1). K through the same statistics: with k = v (no RoPE) the kernel
+    merges identical tiles in the same order, so K's bytes and descale equal V's. Tile edges included
+    (BLOCK_S = 64 at D = 64)."""
+    _, block_s, _, _ = qkv_launcher._tile_config(64, False, smooth=True)
+    assert block_s == 64
+    q, _, v = _inputs(2, 4, 2, S, 64, torch.bfloat16, seed=3)
+    got = quantize_qkv_fp8(q, v, v, options=_options(True, True))
+    centred = v.float() - got.v_mean[:, :, None, :]  # (B, H, S, D) float32, one rounding as in the kernel
+    scale, descale = _scales(centred.abs().amax(dim=(2, 3)))  # the reference's rule (an all-zero head: 1)
+    assert torch.equal(got.v_descale, descale)
+    want = (centred * scale[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    assert _bytes_equal(got.v, want.transpose(1, 2).contiguous())
+    assert _bytes_equal(got.k, got.v) and torch.equal(got.k_descale, got.v_descale)
+    # and the mean is the sequence mean to float32 rounding
+    torch.testing.assert_close(got.v_mean, v.double().mean(dim=2).float(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- varlen
+
+def _packed(lengths, H_q, H_kv, D, seed=0):
+    """Packed q (total, H_q, D), k/v (total, H_kv, D) bf16; each sequence gets its own channel offsets, so a
+    mean shared across sequences (or a sequence's tail tiles counted in another's) would show."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(total, H_q, D, generator=g) * 3
+    k = torch.randn(total, H_kv, D, generator=g)
+    v = torch.randn(total, H_kv, D, generator=g) * 0.5
+    start = 0
+    for i, n in enumerate(lengths):
+        k[start : start + n] += (torch.rand(1, H_kv, D, generator=g) * 2 - 1) * 10 * (i + 1)
+        v[start : start + n] += (torch.rand(1, H_kv, D, generator=g) * 2 - 1) * 4 - 2 * i
+        start += n
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), cu
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_varlen_per_sequence_statistics(monkeypatch, rope):
+    """Packed sequences of 150, 7 and 70 tokens (several tiles, one short, ragged tails) at the smallest lag:
+    per-sequence means and scales, as quantizing each sequence alone; v_mean per sequence."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    lengths = [150, 7, 70]
+    q, k, v, cu = _packed(lengths, 4, 2, 64)
+    cos = sin = None
+    if rope:
+        cos, sin = make_rope(1, sum(lengths), 64, torch.float32)
+    args = (q, k, v, cu, cu, max(lengths), max(lengths), cos, sin)
+    options = _options(True, True)
+    got = quantize_qkv_fp8_varlen(*args, options=options)
+    ref = quantize_qkv_fp8_varlen_reference(*args, options=options)
+    assert_close_modes(got, ref, rope, "none")
+    assert got.v_mean.shape == (3, 2, 64)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(got.v_mean[i], v[a:b].double().mean(0).float(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- non-finite inputs
+
+BAD = [  # (tensor, (b, h, s, d), value) in BHSD indices
+    ("k", (0, 1, 3, 5), float("nan")),
+    ("k", (0, 0, 140, 2), float("inf")),
+    ("v", (0, 0, 2, 7), float("-inf")),
+    ("v", (0, 1, 70, 1), float("nan")),
+]
+
+
+def test_non_finite_stay_local():
+    """NaN / +-inf count in no statistic (sum, min, max): the result equals the same input with those
+    elements zeroed (whose zeros add nothing to the sums and, here, are no channel's extreme), bit for bit,
+    except that the bad elements are NaN. A channel with no finite element at all (v head 1, channel 9)
+    gets mean 0 and sets no scale."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 64, torch.bfloat16, "bshd", seed=5)
+    v += 0.5  # an offset small enough that 0 stays inside every channel's range
+    tensors = {"k": k, "v": v}
+    for name, idx, _ in BAD:
+        tensors[name][idx] = 0.0
+        b, h, _, d = idx
+        channel = tensors[name][b, h, :, d]
+        assert channel.min() < 0 < channel.max(), "the zeroed element must be no extreme of its channel"
+    v[0, 1, :, 9] = 0.0
+    options = _options(True, True)
+    clean = quantize_qkv_fp8(q, k, v, options=options)
+    for name, idx, value in BAD:
+        tensors[name][idx] = value
+    v[0, 1, :, 9] = float("nan")
+    got = quantize_qkv_fp8(q, k, v, options=options)
+    for name in ("k", "v"):
+        g, c = _fp8_bytes(getattr(got, name)).clone(), _fp8_bytes(getattr(clean, name)).clone()
+        bad = [idx for n, idx, _ in BAD if n == name]
+        for b, h, s, d in bad:
+            assert g[b, s, h, d] == 0x7F, (name, (b, h, s, d))
+            g[b, s, h, d] = c[b, s, h, d]
+        if name == "v":
+            assert (g[0, :, 1, 9] == 0x7F).all()
+            g[0, :, 1, 9] = c[0, :, 1, 9]
+        assert torch.equal(g, c), name
+        assert torch.equal(getattr(got, f"{name}_descale"), getattr(clean, f"{name}_descale")), name
+    assert torch.isfinite(got.v_mean).all() and got.v_mean[0, 1, 9] == 0.0
+    mean = got.v_mean.clone()
+    mean[0, 1, 9] = clean.v_mean[0, 1, 9]
+    assert torch.equal(mean, clean.v_mean)
+    assert_close_modes(got, quantize_qkv_fp8_reference(q, k, v, options=options), False, "none")
+
+
+def test_non_finite_with_rope_match_reference():
+    """With fused RoPE a bad K element spoils its rotation partner too (channel c +- D/2, same row): NaN
+    positions and everything else as the reference."""
+    q, k, v = _inputs(1, 4, 2, 150, 64, torch.bfloat16, seed=6)
+    for name, idx, value in BAD:
+        {"k": k, "v": v}[name][idx] = value
+    cos, sin = make_rope(1, 150, 64, torch.bfloat16)
+    options = _options(True, True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    assert _fp8_bytes(got.k)[0, 3, 1, 5 + 32] == 0x7F  # the partner of k[0, 1, 3, 5]
+    assert_close_modes(got, quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options), True, "none")
+
+
+# ---------------------------------------------------------------- the order-preserving keys
+
+
+@triton.jit
+def _keys_kernel(x_ptr, key_ptr, back_ptr, zero_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    key = _ordered_key(tl.load(x_ptr + offs))
+    tl.store(key_ptr + offs, key.to(tl.int32, bitcast=True))
+    tl.store(back_ptr + offs, _from_ordered_key(key))
+    tl.store(zero_ptr + offs, _from_ordered_key(tl.zeros((N,), tl.uint32)))
+
+
+def test_ordered_keys_round_trip():
+    """`_ordered_key` orders like the floats (so an unsigned atomic max is a float max), key 0 is below
+    every float (the zero-filled workspace is the identity) and reads back as -inf."""
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([-float("inf"), -big, -3.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, big, float("inf"),
+                      -2.0, 7.25, 1e-30, -1e30, 0.5, 3.0])
+    key, back, zero = torch.empty(16, dtype=torch.int32), torch.empty(16), torch.empty(16)
+    _keys_kernel[(1,)](x, key, back, zero, N=16)
+    assert torch.equal(back.view(torch.int32), x.view(torch.int32))  # -0.0 included
+    unsigned = key.to(torch.int64) & 0xFFFFFFFF
+    order = torch.argsort(x, stable=True)
+    assert (unsigned[order].diff() >= 0).all() and (unsigned > 0).all()
+    assert torch.isneginf(zero).all()
+
+
+# ---------------------------------------------------------------- why centring is exact
+
+def test_centring_by_any_channel_constant_is_exact_in_float64():
+    """Centring needs no particular constant: softmax(q (k - c)^T) = softmax(q k^T) for any per-channel c
+    (a per-row shift of the scores), and P (v - c) + c = P v (rows of P sum to 1). So a mean that differs
+    from the reference's in its last bits (summation order, the atomics' arrival order on the GPU) or that
+    leaves non-finite elements out still centres exactly; only the fp8 rounding sees the difference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 96, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    k = k + 7.0 * torch.randn(2, 4, 1, 64, generator=g, dtype=torch.float64)
+    v = v + 3.0
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for c_k, c_v in ((k.mean(2, keepdim=True), v.mean(2, keepdim=True)),
+                     (torch.randn(2, 4, 1, 64, generator=g, dtype=torch.float64) * 5,
+                      torch.randn(2, 4, 1, 64, generator=g, dtype=torch.float64) * 5)):
+        out = F.scaled_dot_product_attention(q, k - c_k, v - c_v, is_causal=True) + c_v
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
