@@ -379,6 +379,11 @@ class AttentionShape:
         self.rot_sin = self.sin_all[0, :, :half].contiguous()
 
 
+def _out(res) -> torch.Tensor:
+    """FA3 builds differ in whether they return (out, softmax_lse) or out."""
+    return res[0] if isinstance(res, tuple) else res
+
+
 def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool, notes: list[str]) -> list[Candidate]:
     from hf_fp8_attention import fp8_sdpa
 
@@ -390,22 +395,22 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
         q_bshd = x.q_rot.transpose(1, 2)  # (B, 1, H_q, D)
 
         def fa3():
-            return flash_attn_with_kvcache(q_bshd, x.fa3_k, x.fa3_v, cache_seqlens=x.seqlens, softmax_scale=x.scale,
-                                           causal=True)[:, 0]
+            return _out(flash_attn_with_kvcache(q_bshd, x.fa3_k, x.fa3_v, cache_seqlens=x.seqlens,
+                                                softmax_scale=x.scale, causal=True))[:, 0]
 
         cands.append(Candidate(FA3_ROW, fa3, FA3_ROW))
         k_new_raw, v_new = x.k_new.transpose(1, 2), x.v_new.transpose(1, 2)  # (B, 1, H_kv, D)
 
         def fa3_step_rope():  # q, k un-rotated: the kernel rotates both at position cache_seqlens
-            return flash_attn_with_kvcache(x.q_raw, x.fa3_k, x.fa3_v, k=k_new_raw, v=v_new, rotary_cos=x.rot_cos,
-                                           rotary_sin=x.rot_sin, rotary_interleaved=False, cache_seqlens=x.seqlens,
-                                           softmax_scale=x.scale, causal=True)[:, 0]
+            return _out(flash_attn_with_kvcache(x.q_raw, x.fa3_k, x.fa3_v, k=k_new_raw, v=v_new, rotary_cos=x.rot_cos,
+                                                rotary_sin=x.rot_sin, rotary_interleaved=False,
+                                                cache_seqlens=x.seqlens, softmax_scale=x.scale, causal=True))[:, 0]
 
         k_new_rot, q_new_rot = x.k_new_rot.transpose(1, 2), x.q_rot_new.transpose(1, 2)
 
         def fa3_step_plain():  # rotated outside (not timed), as transformers does it
-            return flash_attn_with_kvcache(q_new_rot, x.fa3_k, x.fa3_v, k=k_new_rot, v=v_new, cache_seqlens=x.seqlens,
-                                           softmax_scale=x.scale, causal=True)[:, 0]
+            return _out(flash_attn_with_kvcache(q_new_rot, x.fa3_k, x.fa3_v, k=k_new_rot, v=v_new,
+                                                cache_seqlens=x.seqlens, softmax_scale=x.scale, causal=True))[:, 0]
 
         try:
             fa3_step_rope()
@@ -467,12 +472,16 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                 tag = f"H {H_q}/{H_kv} D {D} {B}x{_k(S)}"
                 print(f"# [{done}/{total}] attention {tag} ...", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
+                x = None
                 try:
                     x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, cache_impl)
                     firsts = first_calls(x)
                     cands = attention_candidates(x, backends, with_fa3, notes)
-                except torch.OutOfMemoryError:
-                    print(f"# {tag}: OOM building the inputs", file=sys.stderr)
+                except Exception as err:  # OOM, or the fp8 cache failing at this shape: say so, next shape
+                    why = "OOM" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {err}"
+                    notes.append(f"{tag}: not measured (setting up the inputs / the fp8 cache's first calls: {why})")
+                    print(f"# {tag}: {why}", file=sys.stderr)
+                    x = None  # frees the inputs
                     _free(device)
                     continue
                 times = {}
@@ -705,6 +714,11 @@ def run_generate(args, notes: list[str]) -> list[dict]:
     bf16_name, bf16_label = bf16_attention(args.bf16_attn, device, notes)
     labels = {"bf16": bf16_label, "fp8_bf16_cache": "fp8 attention + bf16 cache",
               "fp8_cache": "fp8 attention + fp8 cache"}
+    from hf_fp8_attention import dispatch
+
+    describe_dispatch = getattr(dispatch, "describe_dispatch", None)  # the speed table's one-line summary
+    if describe_dispatch is not None and args.fp8_backend is None:
+        notes.append(f"fp8 modes, auto backend: {describe_dispatch(device)}")
     config = bm.build_config(tiny=args.cpu_smoke, layers=args.layers)
     config.use_cache = True
     t0 = time.perf_counter()
