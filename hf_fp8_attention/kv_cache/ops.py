@@ -83,7 +83,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the GPU's SM
-    count (``programs_per_sm`` programs per SM, default 4, each with >= 4 key blocks); tests and
+    count (``programs_per_sm`` programs per SM, default 8, each with >= 4 key blocks); tests and
     benchmarks force values. config: {"programs_per_sm", "num_warps", "num_stages"} overrides (benchmarks).
     """
     config = config or {}
@@ -113,8 +113,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     m_tiles = cdiv(n_rows, block_m)
     if num_splits is None:
         sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
-        # decode programs are small (16-64 rows): four per SM keep enough loads in flight
-        per_sm = config.get("programs_per_sm", 4)
+        # decode programs are small (16-64 rows): several per SM keep enough loads in flight
+        per_sm = config.get("programs_per_sm", 8)
         num_splits = max(1, min(cdiv(per_sm * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK)))
     keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
     num_splits = cdiv(length, keys_per_split)
@@ -134,7 +134,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         H_kv, S_q, length, float(scale), keys_per_split,
         GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
         FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
-        num_warps=config.get("num_warps", 8 if block_m >= 128 else 4), num_stages=config.get("num_stages", 3),
+        # H200 sweep of 36 settings (docs/results/kv_cache_debug_sweep_h200.log; decode, GQA 32/8, D=128):
+        # best 1x128k (4/SM, 2 warps) 0.113 ms, 8x32k (16/SM, 2 warps) 0.193 ms, (8/SM, 2 warps) 0.199 ms;
+        # the earlier (4/SM, 4 warps) 0.147 / 0.210 ms
+        num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
+        num_stages=config.get("num_stages", 3),
         enable_fp_fusion=False,
     )
     if split:

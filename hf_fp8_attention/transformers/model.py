@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
-from ..dispatch import device_arch, plan_attention, resolve_backend
+from ..dispatch import describe_dispatch, device_arch, plan_attention, resolve_backend, speed_table_for
 from ..kv_cache import FP8Cache
 from ..options import FP8AttentionOptions
 from . import fused_rope
@@ -300,7 +300,10 @@ def prepare_model(
 
     Args:
         model: a transformers PreTrainedModel in bfloat16/float16.
-        backend: "fa3", "fa4", "triton", "reference", or None to pick from the model's device.
+        backend: "fa3", "fa4", "triton", "reference", or None to pick from the model's device; with None on a
+            GPU that has a measured speed table (`hf_fp8_attention/tables/`, made by scripts/tune_dispatch.py)
+            the model gets the auto name ``fp8``, which runs bf16 attention on the shapes where the table
+            measured fp8 slower (short prefills on the H200); a named backend always runs fp8.
         hadamard: None/"none", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
@@ -352,8 +355,11 @@ def prepare_model(
     if _STATE_ATTR in model.__dict__:
         unprepare_model(model)
 
-    state = PreparedState(attn_implementation=f"fp8_{plan.backend}", options=options, fuse_rope=bool(fuse_rope),
-                          kv_cache=kv_cache)
+    # backend=None on a GPU with a measured speed table: the auto name, so each call takes the faster of fp8
+    # and bf16 attention for its shape (`dispatch.runs_bf16`); a named backend always runs fp8
+    auto = backend is None and speed_table_for(_model_device(model), plan.backend) is not None
+    state = PreparedState(attn_implementation="fp8" if auto else f"fp8_{plan.backend}", options=options,
+                          fuse_rope=bool(fuse_rope), kv_cache=kv_cache)
     done = []
     try:
         for apply, undo in _STEPS:
@@ -441,7 +447,8 @@ def describe_backend(model) -> str:
     else:
         text = f"fp8 attention: {backend} ({where})"
     if impl == "fp8":
-        text += ", backend picked per call from the device"
+        text += ", backend picked per call from the device; " + describe_dispatch(device, None, (
+            model.__dict__[_STATE_ATTR].options if _STATE_ATTR in model.__dict__ else FP8AttentionOptions()))
     state: PreparedState | None = model.__dict__.get(_STATE_ATTR)
     if state is not None:
         extra = [f"{k}={v}" for k, v in state.options.changed().items()]

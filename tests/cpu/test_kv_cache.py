@@ -17,6 +17,7 @@ from hf_fp8_attention._constants import KV_BLOCK
 from hf_fp8_attention.kv_cache import FP8Cache, FP8CacheLayer, ops, reference
 from hf_fp8_attention.kv_cache.layer import _GROW_MIN
 from hf_fp8_attention.quantization.reference import apply_rope_reference
+from hf_fp8_attention.transformers.model import _cache_kwarg
 
 
 def _rope(n: int, offset: int, dim: int, dtype=torch.float32):
@@ -232,7 +233,7 @@ def test_prepared_model_generates_from_the_fp8_cache(monkeypatch):
         assert isinstance(cache, FP8Cache) and cache.get_seq_length() == 90
         steps = [out.logits[:, -1]]
         for t in range(11):
-            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **{_cache_kwarg(model): cache}).logits[:, -1])
     got = torch.stack(steps, 1).float()
     cos = torch.nn.functional.cosine_similarity(got.flatten(), eager.flatten(), dim=0).item()
     assert cos > 0.999, cos

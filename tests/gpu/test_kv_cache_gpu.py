@@ -15,6 +15,7 @@ if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
 
 import hf_fp8_attention as hfa  # noqa: E402
 from hf_fp8_attention.kv_cache import FP8CacheLayer, kernels  # noqa: E402
+from hf_fp8_attention.transformers.model import _cache_kwarg  # noqa: E402
 
 DEV = "cuda"
 
@@ -151,10 +152,12 @@ def test_prepared_model_generates_from_fp8_cache(backend):
     model = LlamaForCausalLM(config).to(DEV, torch.bfloat16).eval()
     ids = torch.randint(0, 1000, (2, 1500), device=DEV)
 
+    name = _cache_kwarg(model)  # "cache" (transformers 5.24) or "past_key_values" (5.17)
+
     def through(cache):
-        first = model(ids[:, :1200], cache=cache, use_cache=True).logits[:, -1:]
-        chunk = model(ids[:, 1200:1400], cache=cache, use_cache=True).logits  # a chunk: fp8 products
-        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(1400, 1499)]
+        first = model(ids[:, :1200], use_cache=True, **{name: cache}).logits[:, -1:]
+        chunk = model(ids[:, 1200:1400], use_cache=True, **{name: cache}).logits  # a chunk: fp8 products
+        steps = [model(ids[:, t : t + 1], use_cache=True, **{name: cache}).logits for t in range(1400, 1499)]
         return torch.cat([first, chunk, *steps], 1)
 
     with torch.no_grad():

@@ -38,7 +38,7 @@ def test_fp8_fa3_model_prefill_and_generate(tmp_path):
     path = _tiny_llama(tmp_path)
     ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     fp8 = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="fp8_fa3").cuda().eval()
-    hfa.prepare_model(fp8)
+    hfa.prepare_model(fp8, backend="fa3")  # named: fp8 on every call (backend None follows the speed table)
     assert fp8.config._attn_implementation == "fp8_fa3" and fp8.config.use_cache is False
     print("\n" + hfa.describe_backend(fp8))
 
