@@ -7,6 +7,7 @@ or "torch" (`reference.py`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -59,7 +60,19 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
     from .kernels import cache_write_kernel
 
-    cache_write_kernel[(n_blocks, B * H)](
+    with _on_device(k8):
+        _launch_write(cache_write_kernel, (n_blocks, B * H), key, value, cos, sin, rope, k8, v8, k_desc, v_desc,
+                      tail_in, tail_out, H, length, n, D)
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; under device_map="auto" a layer's cache lives elsewhere
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_write(kernel, grid, key, value, cos, sin, rope, k8, v8, k_desc, v_desc, tail_in, tail_out, H, length,
+                  n, D) -> None:
+    kernel[grid](
         key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
         tail_in[0], tail_in[1], tail_out[0], tail_out[1],
         key.stride(0), key.stride(2), key.stride(1), value.stride(0), value.stride(2), value.stride(1),
@@ -102,8 +115,17 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     if impl == "torch":
         return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
                                                    qk_fp8=qk_fp8)
+    with _on_device(query):
+        return _launch_attention(query, cos, sin, k8, k_desc, v8, v_desc, length, scale, qk_fp8, num_splits, config)
+
+
+def _launch_attention(query, cos, sin, k8, k_desc, v8, v_desc, length, scale, qk_fp8, num_splits, config):
     from .kernels import cache_attn_kernel, cache_combine_kernel
 
+    B, S_q, H_q, D = query.shape
+    H_kv = k8.shape[1]
+    group = H_q // H_kv
+    n_rows = S_q * group
     query = _unit_last(query)
     rope = cos is not None
     if rope:
