@@ -23,15 +23,16 @@ programs fit per SM.
 Accuracy modes, in the reference's order RoPE -> Hadamard -> mean subtraction -> amax: HADAMARD_QK /
 HADAMARD_V multiply the (rotated) tile by the normalised Sylvester matrix H_D with tl.dot (see
 `_hadamard`); SMOOTH_K / SMOOTH_V subtract the per-(batch, head, channel) mean over the sequence from K / V.
-A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into a
-3 x HEAD_DIM float32 slot of its head (atomic float adds and atomic max of order-preserving uint32 keys,
+A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into a slot
+of its head (float64 atomic adds of the tile's float32 sums, atomic max of order-preserving uint32 keys;
 `tile_math._publish_half_stats`), then counts itself done as any P1 does. Its P2 waits for the same count
-as an unsmoothed one, reads the slot (1.5 KiB from L2 at D=128) and computes mean_c = sum_c / seq_len and
+as an unsmoothed one, reads the slot (2 KiB from L2 at D=128) and computes mean_c = sum_c / seq_len and
 the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the amax of the centred values (see
 `_centred_half_stats`): no extra pass, no extra read of the tile, no wait beyond the amax's, so the deadlock
-argument is unchanged. The atomic adds make the sums' rounding depend on the order the tiles arrive in, so
-on the GPU the mean may differ between runs by a few float32 ulps (the reference's summation order differs
-too; tolerances in tests/cpu/test_quantize.py).
+argument is unchanged. The order the tiles arrive in moves the float64 sums by ~2^-53 relative, so the
+float32 mean is the same from run to run but for a channel whose mean lies that close to a rounding
+boundary; it differs from the reference's (float64 over the elements) by the tiles' float32 sums, about
+one float32 ulp at most (tolerances in tests/cpu/test_quantize.py).
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA
@@ -217,8 +218,8 @@ def qkv_quantize_kernel(
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
-    stats_ptr (2, B, H_KV, 3, HEAD_DIM) float32, zeroed, accumulates each head's per-channel sum, max key
-    and max-of-negation key (the last two uint32 bit patterns, see `tile_math._ordered_key`).
+    stats_ptr (2, B, H_KV, 4 * HEAD_DIM) 32-bit words, zeroed, accumulates each head's per-channel float64
+    sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
@@ -300,10 +301,10 @@ def qkv_quantize_kernel(
                 # k/v groups are single heads: (t - 1, b, h) indexes the statistics. Rows past seq_len
                 # (loaded as 0) and non-finite elements count in none of them; an empty tile publishes nothing.
                 valid = ((row1 + out_rows) < seq1)[:, None]
-                s_ptr = stats_ptr + (grp1 - B * H_KV).to(tl.int64) * (3 * HEAD_DIM)
+                slot = stats_ptr + (grp1 - B * H_KV).to(tl.int64) * (4 * HEAD_DIM)
                 on = offs_d < tl.where(row1 < seq1, HALF, 0)  # d_mask, off for an empty tile
-                _publish_half_stats(x1, valid & (tl.abs(x1) < float("inf")), s_ptr, offs_d, on, HEAD_DIM)
-                _publish_half_stats(x2, valid & (tl.abs(x2) < float("inf")), s_ptr + HALF, offs_d, on, HEAD_DIM)
+                _publish_half_stats(x1, valid & (tl.abs(x1) < float("inf")), slot, 0, offs_d, on, HEAD_DIM)
+                _publish_half_stats(x2, valid & (tl.abs(x2) < float("inf")), slot, HALF, offs_d, on, HEAD_DIM)
                 # every warp's atomics before the one thread's release below (CUTLASS's semaphore pattern)
                 tl.debug_barrier()
             else:
@@ -328,9 +329,9 @@ def qkv_quantize_kernel(
                 # unsmoothed tiles load nothing: mean 0, and x - 0 == x exactly
                 smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
                 head2 = (grp2 - B * H_KV).to(tl.int64)
-                s_ptr = stats_ptr + head2 * (3 * HEAD_DIM)
-                mean1, c_amax1 = _centred_half_stats(s_ptr, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
-                mean2, c_amax2 = _centred_half_stats(s_ptr + HALF, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
+                slot = stats_ptr + head2 * (4 * HEAD_DIM)
+                mean1, c_amax1 = _centred_half_stats(slot, 0, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
+                mean2, c_amax2 = _centred_half_stats(slot, HALF, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
                 amax = tl.where(smooth2, tl.maximum(c_amax1, c_amax2), amax)
                 m_ptr = mean_ptr + head2 * HEAD_DIM + offs_d
                 m_mask = offs_d < tl.where(smooth2 & first2, HALF, 0)  # d_mask & smooth2 & first2

@@ -80,11 +80,11 @@ def quantize_qkv_fp8(
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
-        float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing;
-        with them the fp32 summation orders differ (tl.dot; the means' sums are merged per tile with
-        atomic adds, in the order the tiles arrive, so on the GPU they may also differ between runs by a
-        few float32 ulps), so a few fp8 values may be one ulp apart and descales agree to ~1e-7 relative.
-        Given the same mean, the smoothed scale is exactly the reference's (amax of the centred values).
+        float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing.
+        Hadamard changes the fp32 summation order (tl.dot), and the smoothing means are float32 tile sums
+        added in float64 (the reference sums the elements in float64): a mean may be a float32 ulp off
+        the reference's (usually none is), so a few fp8 values may be one ulp apart and descales agree to
+        ~1e-7 relative. Given the same mean, the smoothed scale and values are exactly the reference's.
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
@@ -178,12 +178,12 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), the (3, B, H_kv)
     # float32 descales (overwritten), and with smoothing, 128-byte aligned, the (2, B, H_kv, D) K and V
-    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, 3, D) per-channel
-    # statistics the kernel accumulates (sum, max key, max-of-negation key; zero is their identity).
+    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, 4 * D) words of per-channel
+    # statistics the kernel accumulates (float64 sums, max keys, max-of-negation keys; zero is their identity).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
     n_ws = pad + 3 * n_groups
     smooth_at, n_means = cdiv(n_ws, 32) * 32, 2 * B * H_kv * D
-    buf = torch.zeros((smooth_at + 4 * n_means if smooth else n_ws,), dtype=torch.int32, device=device)
+    buf = torch.zeros((smooth_at + 5 * n_means if smooth else n_ws,), dtype=torch.int32, device=device)
     if smooth:
         means = buf[smooth_at : smooth_at + n_means].view(torch.float32).view(2, B, H_kv, D)
         stats = buf[smooth_at + n_means :].view(torch.float32)

@@ -42,9 +42,12 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _finite_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0: any per-channel
-    constant keeps the centring exact, and this one stays finite."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x)).mean(dim=2, keepdim=True)
+    """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0 (divided by the
+    full length): any per-channel constant keeps the centring exact, and this one stays finite. Summed in
+    float64 and rounded once to float32, so it does not depend on the device's float32 summation order;
+    the kernel adds float32 tile sums in float64 and lands within about one float32 ulp of it."""
+    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return finite.double().mean(dim=2, keepdim=True).float()
 
 
 def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,10 @@ def quantize_qkv_fp8_reference(
             and returns it as ``v_mean`` for the output to add back; qk_scales="block" gives q and k one
             scale per SCALE_BLOCK (16) tokens of one head (their per-group descales are still returned),
             v keeping its per-(batch, KV head) scale; qk_format="int8" makes those q and k int8.
-        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3.
+        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3 (the means
+        are summed in float64). The kernel takes the smoothed amax as max_c max(max_c - mean_c,
+        mean_c - min_c) from per-channel statistics, which is exactly this amax of the centred values
+        for the same mean.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
 

@@ -100,28 +100,34 @@ def _from_ordered_key(key):
 
 
 @triton.jit
-def _publish_half_stats(x, keep, stats_ptr, offs_d, mask, HEAD_DIM: tl.constexpr):
-    """Merges a transformed half tile's per-channel statistics into its head's float32 workspace: the sum at
-    stats_ptr + offs_d (atomic float add), the max and the max of -x at + HEAD_DIM and + 2 * HEAD_DIM as
-    `_ordered_key`s (atomic uint32 max). Only elements with `keep` (valid rows, finite values) count:
-    non-finite elements add nothing and set no bound. `mask`: the channels (and whether to publish at all)."""
-    keys = (stats_ptr + HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + offs_d
-    tl.atomic_add(stats_ptr + offs_d, tl.sum(tl.where(keep, x, 0.0), axis=0), mask=mask, sem="relaxed")
+def _publish_half_stats(x, keep, slot_ptr, col, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """Merges the per-channel statistics of a transformed half tile (channels col + offs_d) into its head's
+    slot of 4 * HEAD_DIM 32-bit words at slot_ptr: HEAD_DIM float64 sums (words [0, 2 D)), then the max and
+    the max of -x as `_ordered_key`s (words [2 D, 3 D) and [3 D, 4 D)). Only elements with `keep` (valid
+    rows, finite values) count: non-finite elements add nothing and set no bound. The tile's float32 sums
+    are added in float64, so the order the tiles arrive in moves the total by ~2^-53 relative only.
+    `mask`: the channels (and whether to publish at all)."""
+    sums = slot_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + col + offs_d
+    keys = (slot_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + col + offs_d
+    total = tl.sum(tl.where(keep, x, 0.0), axis=0)
+    tl.atomic_add(sums, total.to(tl.float64), mask=mask, sem="relaxed")
     tl.atomic_max(keys, _ordered_key(tl.max(tl.where(keep, x, float("-inf")), axis=0)), mask=mask, sem="relaxed")
     tl.atomic_max(keys + HEAD_DIM, _ordered_key(tl.max(tl.where(keep, -x, float("-inf")), axis=0)), mask=mask,
                   sem="relaxed")
 
 
 @triton.jit
-def _centred_half_stats(stats_ptr, seq_len, offs_d, mask, HEAD_DIM: tl.constexpr):
-    """Mean over the sequence and centred max |x - mean| of the channels stats_ptr + offs_d of one head, from
-    the complete statistics of `_publish_half_stats` (read past L1: the caller has acquired them).
-    Returns (mean (HALF_BLOCK,), centred amax over the finite elements, a scalar; 0 where `mask` is off)."""
-    keys = (stats_ptr + HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + offs_d
-    total = tl.load(stats_ptr + offs_d, mask=mask, other=0.0, cache_modifier=".cg")
+def _centred_half_stats(slot_ptr, col, seq_len, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """Mean over the sequence and centred max |x - mean| of the channels col + offs_d of one head, from the
+    complete statistics `_publish_half_stats` left in its slot (read past L1: the caller has acquired them).
+    Returns (mean (HALF_BLOCK,) float32, centred amax over the finite elements, a scalar; 0 where `mask` is
+    off). The mean is the float64 total / seq_len rounded to float32, as the reference computes it."""
+    sums = slot_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + col + offs_d
+    keys = (slot_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + col + offs_d
+    total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
     hi = _from_ordered_key(tl.load(keys, mask=mask, other=0, cache_modifier=".cg"))
     neg_lo = _from_ordered_key(tl.load(keys + HEAD_DIM, mask=mask, other=0, cache_modifier=".cg"))
-    mean = tl.math.div_rn(total, tl.maximum(seq_len, 1).to(tl.float32))  # an empty sequence: mean 0
+    mean = (total / tl.maximum(seq_len, 1).to(tl.float64)).to(tl.float32)  # an empty sequence: mean 0
     # Rounding is monotonic and symmetric, so max over x of |fl(x - mean)| is max(fl(hi - mean),
     # fl(mean - lo)): exactly the amax of the centred values given this mean. A channel with no finite
     # element has hi = -lo = -inf: centred -inf, below the 0 of the padding channels.
