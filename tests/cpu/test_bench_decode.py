@@ -60,6 +60,8 @@ def test_smoke_defaults():
     assert args.device == "cpu" and args.part == "all" and args.modes == list(bd.MODES)
     assert args.shapes == bd.SMOKE["grid"] and args.gqa == bd.SMOKE["gqa"] and args.head_dims == [64]
     assert (args.batches, args.prompts, args.new_tokens) == ([1, 2], [48], 4)
+    assert (args.rounds, args.sdpa_backends) == (2, ["fa3", "triton"])
+    assert bd.parse_args(["--cpu-smoke", "--sdpa-backends"]).sdpa_backends == []
 
 
 def test_grids_of_the_issue():
@@ -97,6 +99,8 @@ def test_explicit_values():
         ["--cpu-smoke", "--fp8-backend", "fa9"],
         ["--cpu-smoke", "--quick"],
         ["--cpu-smoke", "--rep-ms", "0"],
+        ["--cpu-smoke", "--rounds", "0"],
+        ["--cpu-smoke", "--sdpa-backends", "reference"],
     ],
 )
 def test_errors(argv, capsys):
@@ -313,6 +317,7 @@ def test_cpu_smoke_run(tmp_path, capsys):
         (hq, hkv, b, s, i) for hq, hkv in ((4, 2), (4, 1)) for b, s in ((1, 128), (2, 64)) for i in impls]
     for r in attn:
         assert r["error"] is None and r["ms"] > 0 and r["first_call_ms"] > 0 and r["vs_fa3"] is None
+        assert len(r["ms_rounds"]) == 2 and r["ms"] == min(r["ms_rounds"])
         if r["impl"] != bd.CACHE_STEP_ROW:
             assert 20 < r["sqnr_db"] < 45
         if r["impl"] == bd.CACHE_ROW:
@@ -350,6 +355,8 @@ def test_a_failing_shape_is_a_note(monkeypatch, capsys):
     monkeypatch.setattr(bd, "first_calls", flaky)
     report = bd.main(["--cpu-smoke", "--part", "attention", "--shapes", "1x64", "1x128", "--gqa", "4/2"])
     assert {r["S_kv"] for r in report["attention"]} == {128} and report["generate"] == []
+    assert [r["impl"] for r in report["attention"]] == ["fp8_sdpa reference (bf16 cache)", bd.CACHE_ROW,
+                                                        bd.CACHE_STEP_ROW]
     assert any("1x64: not measured" in n and "kernel failed" in n for n in report["notes"])
     assert "1x64: not measured" in capsys.readouterr().out
 
