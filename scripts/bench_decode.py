@@ -25,8 +25,9 @@ side in one process, on the same random data (keys rotated by RoPE at their posi
   S_kv (host-only when S_kv is a multiple of 64, as in the default grid; its few microseconds of Python are
   in the row).
 Each ms is a median of CUDA-event timings (triton.testing.do_bench, L2 flushed between calls), the best of
-``--rounds`` (2) rounds over all rows of a shape (the first row timed after a shape's setup ran on a GPU
-still ramping its clocks: FA3 alone looked 2x slower in some first rounds); the ratio is
+``--rounds`` (2) rounds over all rows of a shape (in a one-round H200 run the row timed first after a shape's
+setup, FA3 attend-only, was at times 2x slower than FA3 append+attend: probably clocks still ramping); the
+ratio is
 FA3 bf16 ms / ms of the row (> 1: faster than FA3 bf16), append+attend rows against FA3's append+attend.
 SQNR (dB) of every output against float32 attention on the same (bf16) data. First calls: the wall time of
 the fp8 cache's first ``attend`` at each new (B, S_kv) (the issue asks <= 5 s), then of ``attend`` at a
