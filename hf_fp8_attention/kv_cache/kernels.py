@@ -68,7 +68,7 @@ def _write_one(
     tl.store(Tail_out + tail_rows[:, None] + (offs_d + HALF)[None, :], x2, mask=keep)
 
 
-@triton.jit(do_not_specialize=["length", "n_new"])
+@triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h"])
 def cache_write_kernel(
     K_src, V_src, Cos, Sin, K8, V8, K_desc, V_desc, K_tail_in, V_tail_in, K_tail_out, V_tail_out,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_cb, stride_cs,
@@ -115,7 +115,7 @@ def cache_write_kernel(
                from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
 
 
-@triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split"])
+@triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split", "stride_desc_b", "stride_desc_h"])
 def cache_attn_kernel(
     Q, Cos, Sin, K8, V8, K_desc, V_desc, Out, O_part, ML_part,
     stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
