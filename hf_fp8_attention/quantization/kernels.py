@@ -30,9 +30,9 @@ as an unsmoothed one, reads the slot (2 KiB from L2 at D=128) and computes mean_
 the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the amax of the centred values (see
 `_centred_half_stats`): no extra pass, no extra read of the tile, no wait beyond the amax's, so the deadlock
 argument is unchanged. The order the tiles arrive in moves the float64 sums by ~2^-53 relative, so the
-float32 mean is the same from run to run but for a channel whose mean lies that close to a rounding
-boundary; it differs from the reference's (float64 over the elements) by the tiles' float32 sums, about
-one float32 ulp at most (tolerances in tests/cpu/test_quantize.py).
+float32 total (and the mean) is the same from run to run but for a channel whose total lies that close to
+a float32 rounding boundary; it differs from the reference's (float64 over the elements) only through the
+roundings of the tiles' float32 sums, usually not at all (tolerances in tests/cpu/test_quantize.py).
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA

@@ -82,9 +82,10 @@ def quantize_qkv_fp8(
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
         float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing.
         Hadamard changes the fp32 summation order (tl.dot), and the smoothing means are float32 tile sums
-        added in float64 (the reference sums the elements in float64): a mean may be a float32 ulp off
-        the reference's (usually none is), so a few fp8 values may be one ulp apart and descales agree to
-        ~1e-7 relative. Given the same mean, the smoothed scale and values are exactly the reference's.
+        added in float64 (the reference sums the elements in float64): a mean may differ from the
+        reference's by the tile sums' roundings (usually it does not), so a few fp8 values may be one ulp
+        apart and descales agree to ~1e-7 relative. Given the same mean, the smoothed scale and values are
+        exactly the reference's.
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;

@@ -43,11 +43,13 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
 
 def _finite_mean(x: torch.Tensor) -> torch.Tensor:
     """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0 (divided by the
-    full length): any per-channel constant keeps the centring exact, and this one stays finite. Summed in
-    float64 and rounded once to float32, so it does not depend on the device's float32 summation order;
-    the kernel adds float32 tile sums in float64 and lands within about one float32 ulp of it."""
+    full length): any per-channel constant keeps the centring exact, and this one stays finite. The sum is
+    taken in float64 and rounded once to float32 (so it does not depend on a device's float32 summation
+    order), then divided by the length in float32, as the kernel does with its float64 total of float32
+    tile sums; the two totals differ only by the tile sums' roundings and usually round to the same float32."""
     finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    return finite.double().mean(dim=2, keepdim=True).float()
+    total = finite.double().sum(dim=2, keepdim=True).float()
+    return torch.div(total, torch.full_like(total, max(x.shape[2], 1)))  # tensor / tensor: one rounding
 
 
 def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
@@ -118,8 +120,8 @@ def quantize_qkv_fp8_reference(
             and returns it as ``v_mean`` for the output to add back; qk_scales="block" gives q and k one
             scale per SCALE_BLOCK (16) tokens of one head (their per-group descales are still returned),
             v keeping its per-(batch, KV head) scale; qk_format="int8" makes those q and k int8.
-        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3 (the means
-        are summed in float64). The kernel takes the smoothed amax as max_c max(max_c - mean_c,
+        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3 (the means'
+        sums are taken in float64). The kernel takes the smoothed amax as max_c max(max_c - mean_c,
         mean_c - min_c) from per-channel statistics, which is exactly this amax of the centred values
         for the same mean.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as

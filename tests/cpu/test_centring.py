@@ -6,9 +6,9 @@ turns them into mean_c = sum_c / S and the centred amax max_c max(max_c - mean_c
 exactly max |fl(x - mean)| over the finite elements (rounding is monotonic and symmetric). So, given the
 kernel's own mean, its V scale and fp8 bytes equal a torch computation bit for bit
 (`test_v_scale_is_the_amax_of_its_centred_values`). The kernel's means are its tiles' float32 sums added
-in float64, the reference's a float64 sum of the elements: they agree to a float32 ulp (usually exactly),
-and the documented tolerance of tests/cpu/test_quantize.py applies (at most 1 fp8 ulp on at most 0.5% of a
-tensor, descales to 1e-6 relative).
+in float64, the reference's a float64 sum of the elements: they differ by the tiles' float32 roundings
+only (usually not at all), and the documented tolerance of tests/cpu/test_quantize.py applies (at most 1
+fp8 ulp on at most 0.5% of a tensor, descales to 1e-6 relative).
 
 Under the interpreter the programs run one after another, so the atomics merge the tiles in tile order; on
 the GPU the order changes between runs but moves the float64 sums by ~2^-53 relative only
@@ -95,8 +95,12 @@ def test_kernel_matches_reference(B, H_q, H_kv, S, D, dtype, rope, smooth_k, smo
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
     assert_close_modes(got, ref, rope is not None, hadamard)
-    if smooth_v and hadamard == "none":  # float32 tile sums added in float64 vs float64 over the elements
-        assert (got.v_mean.view(torch.int32) - ref.v_mean.view(torch.int32)).abs().max() <= 1
+    if smooth_v and hadamard == "none":
+        # float32 tile sums added in float64 vs float64 over the elements: the tiles' roundings, at most
+        # 2^-24 of each tile's sum of |v|, then the one rounding of the mean
+        n_tiles = -(-S // qkv_launcher._tile_config(D, rope is not None, smooth=True)[1])
+        bound = (n_tiles + 1) * 2.0**-24 * v.float().abs().mean(dim=2) + 2.0**-23 * ref.v_mean.abs()
+        assert ((got.v_mean - ref.v_mean).abs() <= bound).all()
     plain = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=_options(False, False, hadamard))
     if smooth_k and rope is None:
         assert (got.k_descale < 0.5 * plain.k_descale).all()
