@@ -260,3 +260,24 @@ def test_prepare_model_kv_cache_validation():
     assert model.config.use_cache
     out = model(torch.randint(0, 97, (1, 8)), use_cache=True)
     assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
+
+
+def test_model_without_fused_forward_keeps_bf16_cache(caplog):
+    from transformers import OlmoConfig, OlmoForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(0)
+    config = OlmoConfig(vocab_size=100, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                        eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    model = OlmoForCausalLM(config).to(torch.bfloat16).eval()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            hfa.prepare_model(model, backend="reference", kv_cache="fp8")
+    finally:
+        hf_logging.disable_propagation()
+    assert "keeps transformers' bf16 cache" in caplog.text
+    assert "fp8 KV cache on 0/2 layers" in hfa.describe_backend(model)
+    out = model(torch.randint(0, 100, (1, 12)), use_cache=True)
+    assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
