@@ -11,8 +11,15 @@ bf16 (default) or float32 (``--sqnr-ref fp32``). fp8 rows run once per accuracy 
 (`hf_fp8_attention.accuracy.MODES` whose keywords `fp8_sdpa` takes; "none" only before that exists);
 ``--modes`` picks some.
 
+Mode cost: with more than one mode, a second table gives each mode's time relative to mode none of the same
+implementation, measured in the same run (fp8_fa3, fp8_triton, and the quantize kernel alone), plus the
+V-mean add-back of smooth_v (`attention.restore_output`) timed alone. ``--rounds N`` times every candidate
+N times, round-robin, and reports the median, so that slow drifts (clocks, temperature) hit all modes alike:
+
     python scripts/bench_sdpa.py --seqlens 4096 16384 32768
     python scripts/bench_sdpa.py --head-dims 64 128 256 --seqlens 1024 4096 --modes none qkv --plot sdpa.png
+    python scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_v smooth_k+smooth_v --rounds 5 \
+        --impls fp8_fa3 fp8_triton "quantize only" "add-back"      # mode-cost table at S=16k, both causal
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import inspect
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -57,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=None, help="fp8 accuracy modes to run (default: all available)")
     p.add_argument("--sqnr-ref", choices=["bf16", "fp32", "off"], default="bf16", help="SQNR reference: torch SDPA in bf16 or float32")
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every candidate this many times, round-robin, and report the median")
     p.add_argument("--impls", nargs="+", default=None,
                    help="run only the implementations whose name contains one of these (e.g. 'FA3' fp8_triton)")
     p.add_argument("--json", type=str, default=None, help="write the rows to this file")
@@ -72,6 +82,8 @@ def parse_args(argv=None):
     args.head_dim = args.head_dims[0]
     if any(d < 1 for d in args.head_dims) or any(s < 1 for s in args.seqlens):
         p.error("--head-dims and --seqlens must be positive")
+    if args.rounds < 1:
+        p.error("--rounds must be positive")
     modes = available_modes()
     if args.modes is None:
         args.modes = list(modes)
@@ -156,7 +168,6 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             return res[0] if isinstance(res, tuple) else res
 
         out.append(Candidate("FA3 bf16", fa3_bf16, bshd=True))
-        out.append(Candidate("fp8 quantize only", lambda: quantize_qkv_fp8(q, k, v), output=False))
         out.append(kernel_only("FA3 fp8 kernel only", fa3_fp8_attention))
     backends = _fp8_backends(q.device)
     if "triton" in backends:
@@ -173,6 +184,25 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                 return fp8_sdpa(q, k, v, is_causal=causal, backend=backend, **kwargs)
 
             out.append(Candidate(f"fp8_{backend}{tag} (quant incl.)", run, mode=mode))
+    out.extend(_mode_cost_parts(q, k, v, modes))
+    return out
+
+
+def _mode_cost_parts(q, k, v, modes: dict[str, dict]) -> list[Candidate]:
+    """What a mode adds, timed alone: the quantize kernel per mode, and (when a mode has smooth_v) the
+    V-mean add-back on the output (`attention.restore_output`: one read and one write of O)."""
+    from hf_fp8_attention import quantize_qkv_fp8
+    from hf_fp8_attention.attention import restore_output
+
+    out = []
+    for mode, kwargs in modes.items():
+        tag = "" if mode == "none" else f" [{mode}]"
+        out.append(Candidate(f"fp8 quantize only{tag}", lambda kwargs=kwargs: quantize_qkv_fp8(q, k, v, options=kwargs),
+                             output=False, mode=mode))
+    if any(kwargs.get("smooth_v") for kwargs in modes.values()):
+        qkv = quantize_qkv_fp8(q, k, v, options={"smooth_v": True})
+        o = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)  # BSHD
+        out.append(Candidate("smooth_v add-back alone (restore_output)", lambda: restore_output(o, qkv), output=False))
     return out
 
 
@@ -237,6 +267,60 @@ def _print_triton_summary(rows: list[dict]) -> None:
         print("\n".join(lines))
 
 
+# mode-cost table columns: (row name of mode none, header); other modes' rows add " [mode]" before " (quant"
+MODE_COST_COLUMNS = (("fp8_fa3 (quant incl.)", "fp8_fa3"), ("fp8_triton (quant incl.)", "fp8_triton"),
+                     ("fp8 quantize only", "quantize only"))
+ADD_BACK = "smooth_v add-back alone (restore_output)"
+
+
+def _mode_row_name(base: str, mode: str) -> str:
+    if mode == "none":
+        return base
+    head, paren, tail = base.partition(" (")
+    return f"{head} [{mode}]{paren}{tail}"
+
+
+def mode_cost_lines(rows: list[dict]) -> list[str]:
+    """The mode-cost table: per shape and mode, each implementation's ms and its ratio to mode none of the
+    same implementation (same run), for the modes other than none; then the smooth_v add-back alone."""
+    by_shape: dict = {}
+    for r in rows:
+        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
+    modes = []
+    for r in rows:
+        if r["mode"] not in (None, "none") and r["mode"] not in modes:
+            modes.append(r["mode"])
+    columns = [(base, header) for base, header in MODE_COST_COLUMNS
+               if any(base in ms for ms in by_shape.values())]
+    lines = []
+    for (d, s, causal), ms in by_shape.items():
+        for mode in modes:
+            cells = []
+            for base, _ in columns:
+                t, t0 = ms.get(_mode_row_name(base, mode)), ms.get(base)
+                cells.append("-" if t is None else f"{t:.3f}")
+                cells.append("-" if t is None or t0 is None else f"{t / t0:.3f}x ({(t - t0) * 1e3:+.0f} us)")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {mode} | {' | '.join(cells)} |")
+    if not lines:
+        return []
+    head = " | ".join(f"{h} ms | {h} vs none" for _, h in columns)
+    out = ["", "Mode cost (same run; vs none: ms / ms of mode none of the same implementation, and the difference)",
+           f"| D | S | causal | mode | {head} |", "|---|---|---|---|" + "---|" * (2 * len(columns)), *lines]
+    for (d, s, causal), ms in by_shape.items():
+        if ADD_BACK in ms:
+            base = ms.get("fp8_fa3 (quant incl.)") or ms.get("fp8_triton (quant incl.)")
+            share = "" if base is None else f" ({ms[ADD_BACK] / base:.1%} of the fp8 layer's mode none)"
+            out.append(f"- D={d} S={s} causal={'yes' if causal else 'no'}: {ADD_BACK} {ms[ADD_BACK]:.3f} ms{share}")
+    return out
+
+
+def _print_mode_costs(rows: list[dict]) -> None:
+    lines = mode_cost_lines(rows)
+    if lines:
+        print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -268,11 +352,15 @@ def main(argv=None) -> int:
                     if args.impls and not any(sub in cand.name for sub in args.impls):
                         continue
                     try:
-                        times[cand.name] = _median_ms(cand.fn, args.rep_ms)
+                        times[cand.name] = [_median_ms(cand.fn, args.rep_ms)]
                         sqnrs[cand.name] = _sqnr(cand, ref)
                         cands[cand.name] = cand
                     except Exception as e:  # a backend unavailable for this shape: report, keep going
                         print(f"# {cand.name} D={d} S={s} causal={causal}: {type(e).__name__}: {e}", file=sys.stderr)
+                for _ in range(args.rounds - 1):  # round-robin: every candidate once per round
+                    for name, cand in cands.items():
+                        times[name].append(_median_ms(cand.fn, args.rep_ms))
+                times = {name: statistics.median(ts) for name, ts in times.items()}
                 base = times.get("FA3 bf16")
                 for name, ms in times.items():
                     timing_only = not cands[name].output
@@ -299,10 +387,12 @@ def main(argv=None) -> int:
         sq = _common.fmt(r["sqnr_db"], ".1f")
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     _print_triton_summary(rows)
+    _print_mode_costs(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"device": dev, "torch": torch.__version__, "sqnr_ref": args.sqnr_ref, "modes": args.modes, "rows": rows},
+                {"device": dev, "torch": torch.__version__, "sqnr_ref": args.sqnr_ref, "modes": args.modes,
+                 "rounds": args.rounds, "rows": rows},
                 f,
                 indent=1,
             )
