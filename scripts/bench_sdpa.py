@@ -18,7 +18,7 @@ N times, round-robin, and reports the median, so that slow drifts (clocks, tempe
 
     python scripts/bench_sdpa.py --seqlens 4096 16384 32768
     python scripts/bench_sdpa.py --head-dims 64 128 256 --seqlens 1024 4096 --modes none qkv --plot sdpa.png
-    python scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_v smooth_k+smooth_v --rounds 5 \
+    python scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_k+smooth_v --rounds 5 \
         --impls fp8_fa3 fp8_triton "quantize only" "add-back"      # mode-cost table at S=16k, both causal
 """
 

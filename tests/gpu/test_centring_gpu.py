@@ -13,7 +13,7 @@ centred amax. Given the kernel's own mean the V scale and bytes are exact
 `test_centring_cost_gpu` guards against the old design's cost (a serial reduction per head that every
 quantize step of the head waited for: smooth_k alone 5.7x the plain quantize time on the H100); the target
 (smooth_k + smooth_v within 3% of mode none for the whole fp8_fa3 layer at S=16k causal) is measured by
-`scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_v smooth_k+smooth_v --rounds 5`.
+`scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_k+smooth_v --rounds 5`.
 """
 
 import pytest
