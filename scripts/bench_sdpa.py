@@ -352,9 +352,8 @@ def main(argv=None) -> int:
                     if args.impls and not any(sub in cand.name for sub in args.impls):
                         continue
                     try:
-                        times[cand.name] = [_median_ms(cand.fn, args.rep_ms)]
-                        sqnrs[cand.name] = _sqnr(cand, ref)
-                        cands[cand.name] = cand
+                        ms, sq = _median_ms(cand.fn, args.rep_ms), _sqnr(cand, ref)
+                        times[cand.name], sqnrs[cand.name], cands[cand.name] = [ms], sq, cand
                     except Exception as e:  # a backend unavailable for this shape: report, keep going
                         print(f"# {cand.name} D={d} S={s} causal={causal}: {type(e).__name__}: {e}", file=sys.stderr)
                 for _ in range(args.rounds - 1):  # round-robin: every candidate once per round
