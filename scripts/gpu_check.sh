@@ -48,13 +48,13 @@ if [ "$mode" = "--multi" ]; then
   step device_map_prepare python3 scripts/multi_gpu_check.py --mode device_map --prepare --seqlens $seqs
   grep -h -A9 "^# " "$out"/tp.log "$out"/tp_prepare.log "$out"/device_map.log "$out"/device_map_prepare.log
 elif [ "$mode" = "--cache" ]; then
-  step cache_tests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kv_cache_gpu.py \
+  step cache_tests timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kv_cache_gpu.py \
     tests/gpu/test_speed_table_gpu.py tests/gpu/test_centring_gpu.py tests/gpu/test_models_gpu.py
-  step decode_step timeout 100 python3 scripts/bench_decode.py --part attention --shapes 1x4k 1x128k 8x32k \
+  step decode_step timeout 80 python3 scripts/bench_decode.py --part attention --shapes 1x4k 1x128k 8x32k \
     --gqa 32/8 --head-dims 128 --sdpa-backends fa3 --out-json "$out/decode_step.json"
-  step sdpa_modes timeout 90 python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --impls fp8_fa3 fp8_triton \
+  step sdpa_modes timeout 75 python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --impls fp8_fa3 fp8_triton \
     --modes none smooth_k smooth_k+smooth_v qk --json "$out/sdpa_modes.json"
-  step generate timeout 240 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
+  step generate timeout 230 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
     --out-json "$out/generate.json" --out-png "$out/generate.png"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
