@@ -23,16 +23,23 @@ programs fit per SM.
 Accuracy modes, in the reference's order RoPE -> Hadamard -> mean subtraction -> amax: HADAMARD_QK /
 HADAMARD_V multiply the (rotated) tile by the normalised Sylvester matrix H_D with tl.dot (see
 `_hadamard`); SMOOTH_K / SMOOTH_V subtract the per-(batch, head, channel) mean over the sequence from K / V.
-A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into a slot
-of its head (float64 atomic adds of the tile's float32 sums, atomic max of order-preserving uint32 keys;
-`tile_math._publish_half_stats`), then counts itself done as any P1 does. Its P2 waits for the same count
-as an unsmoothed one, reads the slot (2 KiB from L2 at D=128) and computes mean_c = sum_c / seq_len and
-the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the amax of the centred values (see
-`_centred_half_stats`): no extra pass, no extra read of the tile, no wait beyond the amax's, so the deadlock
-argument is unchanged. The order the tiles arrive in moves the float64 sums by ~2^-53 relative, so the
-float32 total (and the mean) is the same from run to run but for a channel whose total lies that close to
-a float32 rounding boundary; it differs from the reference's (float64 over the elements) only through the
-roundings of the tiles' float32 sums, usually not at all (tolerances in tests/cpu/test_quantize.py).
+A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into one of
+N_COPIES slots of its head, chosen by tile index (float64 atomic adds of the tile's float32 sums, atomic
+max of order-preserving uint32 keys; `tile_math._publish_half_stats`). The P1 whose count completes the
+group (the acq_rel atomic's return value says so) merges the copies (one round of loads, N_COPIES x 2 KiB
+at D=128), writes mean[D] and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the
+amax of the centred values given that mean (`_merge_half_stats`), and counts once more; P2 of a smoothed
+group waits for that extra count, then reads the amax and the mean. The merge reads only published P1s and
+never waits, so the deadlock argument is unchanged; it is one short step per head, which the lag beyond the
+group's size is meant to hide. Why this shape (H200, S=16k, H=32, D=128, smooth_k + smooth_v; causes
+inferred, not profiled): per-tile partials reduced in tile order by the last P1 (one dependent load per 16
+tiles, ~45 us per head by estimate) cost +3.3 ms on the fp8_fa3 layer; one slot per head, read by every P2,
+made the quantize 6.8x mode none, the tiles in flight (nearly all of one head) queueing their atomics on
+the same cache lines. Loading the ONE_TILE P2 tile before the release (to overlap the atomics' landing)
+kept it live through the merge: 137 registers instead of 123. The order the tiles arrive in moves the float64 sums by ~2^-53 relative, so
+the float32 mean is the same from run to run but for a channel whose total lies that close to a float32
+rounding boundary; it differs from the reference's (float64 over the elements) only through the roundings
+of the tiles' float32 sums, usually not at all (tolerances in tests/cpu/test_quantize.py).
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA
@@ -42,12 +49,13 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import (_block_amax, _block_nonfinite, _centred_half_stats, _finite_abs, _hadamard,
+from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _merge_half_stats,
                         _publish_half_stats, _sign_matrix, _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
-# like the descales: (t * B + b) * H_KV + kv_head. Smoothing statistics live in their own zeroed buffer.
+# cache line is its own, then amax bits per group, then finished-P1 count per group (plus 1 once a smoothed
+# group's statistics are merged). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head.
+# Smoothing statistics live in their own zeroed buffer.
 WS_PAD = tl.constexpr(32)
 
 
@@ -209,7 +217,7 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, N_COPIES: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
@@ -218,8 +226,8 @@ def qkv_quantize_kernel(
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
-    stats_ptr (2, B, H_KV, 4 * HEAD_DIM) 32-bit words, zeroed, accumulates each head's per-channel float64
-    sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`).
+    stats_ptr (2, B, H_KV, N_COPIES, 4 * HEAD_DIM) 32-bit words, zeroed, accumulates each head's per-channel
+    float64 sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
@@ -254,7 +262,7 @@ def qkv_quantize_kernel(
     while ticket < n_items + lag:
         has_p1 = ticket < n_items
         has_p2 = ticket >= lag
-        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, _,
+        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
          _, _) = _tile_setup(
             tl.minimum(ticket, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -284,6 +292,12 @@ def qkv_quantize_kernel(
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
         n_done = tl.atomic_add(done_ptr + grp2, 0, mask=has_p2, sem="acquire")
         amax_bits = tl.atomic_max(amax_ptr + grp2, 0, mask=has_p2, sem="relaxed")
+        if SMOOTH_K or SMOOTH_V:
+            smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
+            smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
+        else:
+            smooth1 = False
+            smooth2 = False
         # ---- P1: publish max |x| of the tile (a smoothed tile: its channel statistics), before any wait ----
         if has_p1:
             if ONE_TILE:
@@ -293,25 +307,38 @@ def qkv_quantize_kernel(
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
             x1, x2 = _transform(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1, signs,
                                 APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
-            if SMOOTH_K or SMOOTH_V:
-                smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
-            else:
-                smooth1 = False
             if smooth1:
                 # k/v groups are single heads: (t - 1, b, h) indexes the statistics. Rows past seq_len
                 # (loaded as 0) and non-finite elements count in none of them; an empty tile publishes nothing.
                 valid = ((row1 + out_rows) < seq1)[:, None]
-                slot = stats_ptr + (grp1 - B * H_KV).to(tl.int64) * (4 * HEAD_DIM)
+                copy = (row1 // BLOCK_S) % N_COPIES
+                slot = stats_ptr + ((grp1 - B * H_KV).to(tl.int64) * N_COPIES + copy) * (4 * HEAD_DIM)
                 on = offs_d < tl.where(row1 < seq1, HALF, 0)  # d_mask, off for an empty tile
                 _publish_half_stats(x1, valid & (tl.abs(x1) < float("inf")), slot, 0, offs_d, on, HEAD_DIM)
                 _publish_half_stats(x2, valid & (tl.abs(x2) < float("inf")), slot, HALF, offs_d, on, HEAD_DIM)
-                # every warp's atomics before the one thread's release below (CUTLASS's semaphore pattern)
-                tl.debug_barrier()
             else:
                 m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
                 # The int32 max of the bit patterns orders non-negative finite floats like the floats.
                 tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
-            tl.atomic_add(done_ptr + grp1, 1, sem="release")
+            if SMOOTH_K or SMOOTH_V:
+                # every warp's atomics before the one thread's release (CUTLASS's semaphore pattern); acq_rel:
+                # the group's last P1 acquires every other P1's statistics
+                tl.debug_barrier()
+                n_before = tl.atomic_add(done_ptr + grp1, 1, sem="acq_rel")
+                if smooth1 & (n_before == grp1_tiles - 1):
+                    head1 = (grp1 - B * H_KV).to(tl.int64)
+                    slots = stats_ptr + head1 * (N_COPIES * 4 * HEAD_DIM)
+                    mean1, c_amax1 = _merge_half_stats(slots, 0, seq1, offs_d, d_mask, N_COPIES, HEAD_DIM)
+                    mean2, c_amax2 = _merge_half_stats(slots, HALF, seq1, offs_d, d_mask, N_COPIES, HEAD_DIM)
+                    m_ptr = mean_ptr + head1 * HEAD_DIM + offs_d
+                    tl.store(m_ptr, mean1, mask=d_mask)
+                    tl.store(m_ptr + HALF, mean2, mask=d_mask)
+                    c_amax = tl.maximum(c_amax1, c_amax2)  # a smoothed group's amax slot is still 0
+                    tl.atomic_max(amax_ptr + grp1, c_amax.to(tl.int32, bitcast=True), sem="relaxed")
+                    tl.debug_barrier()
+                    tl.atomic_add(done_ptr + grp1, 1, sem="release")
+            else:
+                tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
             if ONE_TILE:
@@ -319,24 +346,15 @@ def qkv_quantize_kernel(
                     x2_ptr, x2_base, row2, seq2, stride2_s, stride2_d,
                     cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
-            if n_done < grp2_tiles:
-                while n_done < grp2_tiles:
+            if SMOOTH_K or SMOOTH_V:
+                ready = grp2_tiles + smooth2.to(tl.int32)  # a smoothed group also waits for its merge
+            else:
+                ready = grp2_tiles
+            if n_done < ready:
+                while n_done < ready:
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
-            if SMOOTH_K or SMOOTH_V:
-                # the group's statistics are complete (every P1 released them before counting itself);
-                # unsmoothed tiles load nothing: mean 0, and x - 0 == x exactly
-                smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
-                head2 = (grp2 - B * H_KV).to(tl.int64)
-                slot = stats_ptr + head2 * (4 * HEAD_DIM)
-                mean1, c_amax1 = _centred_half_stats(slot, 0, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
-                mean2, c_amax2 = _centred_half_stats(slot, HALF, seq2, offs_d, d_mask & smooth2, HEAD_DIM)
-                amax = tl.where(smooth2, tl.maximum(c_amax1, c_amax2), amax)
-                m_ptr = mean_ptr + head2 * HEAD_DIM + offs_d
-                m_mask = offs_d < tl.where(smooth2 & first2, HALF, 0)  # d_mask & smooth2 & first2
-                tl.store(m_ptr, mean1, mask=m_mask)
-                tl.store(m_ptr + HALF, mean2, mask=m_mask)
             positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
@@ -344,8 +362,10 @@ def qkv_quantize_kernel(
             x1, x2 = _transform(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2, signs,
                                 APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
             if SMOOTH_K or SMOOTH_V:
-                x1 = x1 - mean1[None, :]
-                x2 = x2 - mean2[None, :]
+                # mean 0 (not loaded) for unsmoothed tiles: x - 0 == x exactly
+                m_ptr = mean_ptr + (grp2 - B * H_KV).to(tl.int64) * HEAD_DIM + offs_d
+                x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
+                x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
             if BLOCK_SCALES:
                 # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
                 valid2 = (row2 + out_rows) < seq2

@@ -26,10 +26,13 @@ _TILE_ELEMS = 8192
 # Registers per thread (sm_90a, triton 3.9 ptxas, D=128, no spills): plain 127 at 4 warps; RoPE with two
 # tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
 # (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps. Smoothing
-# (P1 statistics by atomics, offline ptxas of triton 3.9 for sm_90a, bf16 cos/sin): ONE_TILE (4096, 4) 128
-# (two tiles (8192, 4): 208), with RoPE 202 at (4096, 4) and 128 at (4096, 8); the per-tile-partials
-# design it replaced used 141 / 167. `scripts/bench_quantize.py --modes` times the alternatives.
+# (offline ptxas of triton 3.9 for sm_90a, bf16 cos/sin): ONE_TILE (4096, 4) 123, with RoPE 168; the
+# per-tile-partials design it replaced used 141 / 167. `scripts/bench_quantize.py --modes` times the
+# alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
+# Copies of each smoothed head's statistics slot that P1s merge into (tile index mod this; power of two): the
+# tiles in flight mostly belong to one head, and one slot's cache lines would serialise their atomics.
+_STATS_COPIES = 8
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
 # P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
@@ -181,12 +184,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), the (3, B, H_kv)
     # float32 descales (overwritten), and with smoothing, 128-byte aligned, the (2, B, H_kv, D) K and V
-    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, 4 * D) words of per-channel
-    # statistics the kernel accumulates (float64 sums, max keys, max-of-negation keys; zero is their identity).
+    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, _STATS_COPIES, 4 * D) words
+    # of per-channel statistics the kernel accumulates (float64 sums, max keys, max-of-negation keys; zero
+    # is their identity).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
     n_ws = pad + 3 * n_groups
     smooth_at, n_means = cdiv(n_ws, 32) * 32, 2 * B * H_kv * D
-    buf = torch.zeros((smooth_at + 5 * n_means if smooth else n_ws,), dtype=torch.int32, device=device)
+    n_buf = smooth_at + n_means * (1 + 4 * _STATS_COPIES) if smooth else n_ws
+    buf = torch.zeros((n_buf,), dtype=torch.int32, device=device)
     if smooth:
         means = buf[smooth_at : smooth_at + n_means].view(torch.float32).view(2, B, H_kv, D)
         stats = buf[smooth_at + n_means :].view(torch.float32)
@@ -225,7 +230,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, N_COPIES=_STATS_COPIES, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,

@@ -1,6 +1,6 @@
 """Per-tile arithmetic of the quantize kernel (`kernels.qkv_quantize_kernel`): non-finite-safe amax and
 e4m3 cast, per-block amax, the Hadamard rotation by tl.dot, and the per-channel statistics of K/V
-smoothing (published with atomics in P1, turned into the mean and the centred amax in P2). Jitted
+smoothing (merged with atomics in P1, turned into the mean and the centred amax once per head). Jitted
 helpers only: no launches, no pointers beyond what the kernel hands them."""
 
 import triton
@@ -101,11 +101,11 @@ def _from_ordered_key(key):
 
 @triton.jit
 def _publish_half_stats(x, keep, slot_ptr, col, offs_d, mask, HEAD_DIM: tl.constexpr):
-    """Merges the per-channel statistics of a transformed half tile (channels col + offs_d) into its head's
-    slot of 4 * HEAD_DIM 32-bit words at slot_ptr: HEAD_DIM float64 sums (words [0, 2 D)), then the max and
-    the max of -x as `_ordered_key`s (words [2 D, 3 D) and [3 D, 4 D)). Only elements with `keep` (valid
-    rows, finite values) count: non-finite elements add nothing and set no bound. The tile's float32 sums
-    are added in float64, so the order the tiles arrive in moves the total by ~2^-53 relative only.
+    """Merges the per-channel statistics of a transformed half tile (channels col + offs_d) into a slot of
+    4 * HEAD_DIM 32-bit words at slot_ptr: HEAD_DIM float64 sums (words [0, 2 D)), then the max and the max
+    of -x as `_ordered_key`s (words [2 D, 3 D) and [3 D, 4 D)). Only elements with `keep` (valid rows,
+    finite values) count: non-finite elements add nothing and set no bound. The tile's float32 sums are
+    added in float64, so the order the tiles arrive in moves a total by ~2^-53 relative only.
     `mask`: the channels (and whether to publish at all)."""
     sums = slot_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + col + offs_d
     keys = (slot_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + col + offs_d
@@ -117,21 +117,23 @@ def _publish_half_stats(x, keep, slot_ptr, col, offs_d, mask, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _centred_half_stats(slot_ptr, col, seq_len, offs_d, mask, HEAD_DIM: tl.constexpr):
+def _merge_half_stats(slots_ptr, col, seq_len, offs_d, d_mask, N_COPIES: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Mean over the sequence and centred max |x - mean| of the channels col + offs_d of one head, from the
-    complete statistics `_publish_half_stats` left in its slot (read past L1: the caller has acquired them).
-    Returns (mean (HALF_BLOCK,) float32, centred amax over the finite elements, a scalar; 0 where `mask` is
-    off). As in the reference, the mean is the float64 total rounded to float32, divided by seq_len in
-    float32 (a float64 division costs ~30 registers here, its float64 values being rematerialised in the
-    tile's layout)."""
-    sums = slot_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + col + offs_d
-    keys = (slot_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + col + offs_d
-    total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
-    hi = _from_ordered_key(tl.load(keys, mask=mask, other=0, cache_modifier=".cg"))
-    neg_lo = _from_ordered_key(tl.load(keys + HEAD_DIM, mask=mask, other=0, cache_modifier=".cg"))
+    N_COPIES slots (4 * HEAD_DIM words apart) that `_publish_half_stats` filled, once all are complete (read
+    past L1: the caller has acquired them). In a fixed order, so the result does not depend on timing.
+    Returns (mean (HALF_BLOCK,) float32, centred amax over the finite elements, a scalar). As in the
+    reference, the mean is the float64 total rounded to float32, divided by seq_len in float32."""
+    copy = tl.arange(0, N_COPIES)[:, None] * (4 * HEAD_DIM)  # words
+    mask = (tl.arange(0, N_COPIES) < N_COPIES)[:, None] & d_mask[None, :]
+    chan = (col + offs_d)[None, :]
+    sums = slots_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + copy // 2 + chan
+    keys = (slots_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + copy + chan
+    total = tl.sum(tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    hi = _from_ordered_key(tl.max(tl.load(keys, mask=mask, other=0, cache_modifier=".cg"), axis=0))
+    neg_lo = _from_ordered_key(tl.max(tl.load(keys + HEAD_DIM, mask=mask, other=0, cache_modifier=".cg"), axis=0))
     mean = tl.math.div_rn(total.to(tl.float32), tl.maximum(seq_len, 1).to(tl.float32))  # empty: mean 0
     # Rounding is monotonic and symmetric, so max over x of |fl(x - mean)| is max(fl(hi - mean),
     # fl(mean - lo)): exactly the amax of the centred values given this mean. A channel with no finite
     # element has hi = -lo = -inf: centred -inf, below the 0 of the padding channels.
     centred = tl.maximum(hi - mean, neg_lo + mean)
-    return mean, tl.max(tl.where(mask, centred, 0.0))
+    return mean, tl.max(tl.where(d_mask, centred, 0.0))

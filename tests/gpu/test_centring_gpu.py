@@ -1,17 +1,20 @@
 """K / V centring (`smooth_k` / `smooth_v`) in the compiled quantize kernel, on realistic shapes.
 
-The kernel merges each smoothed head's per-channel sum (float64 atomic adds of float32 tile sums), max and
-max of -x (atomic max of ordered keys) in P1 and every P2 derives the mean and the centred amax from them
-after the amax's own wait (kernels.py). The adds arrive in a timing-dependent order, which moves the
-float64 sums by ~2^-53 relative: runs agree bit for bit unless a mean lies that close to a float32
-rounding boundary (`test_min_lag_repeated_gpu` asserts they agree). Against the torch reference (float64
+Each smoothed tile's P1 merges its per-channel sum (float64 atomic adds of float32 tile sums), max and max
+of -x (atomic max of ordered keys) into one of a few copies of its head's statistics; the head's last P1
+merges the copies into the mean and the centred amax, which every P2 of the head reads after the amax's own
+wait plus that merge (kernels.py). The adds arrive in a timing-dependent order, which moves the float64
+sums by ~2^-53 relative: runs agree bit for bit unless a mean lies that close to a float32 rounding
+boundary (`test_min_lag_repeated_gpu` asserts they agree). Against the torch reference (float64
 mean over the elements) the tolerance is the one of the other accuracy modes (tests/gpu/test_quantize_gpu.py):
 at most 1 fp8 ulp on at most 0.5% of a tensor, descales to 1e-6 relative, v_mean to 1e-6 of the head's
 centred amax. Given the kernel's own mean the V scale and bytes are exact
 (`test_v_scale_is_the_amax_of_its_centred_values_gpu`).
 
-`test_centring_cost_gpu` guards against the old design's cost (a serial reduction per head that every
-quantize step of the head waited for: smooth_k alone 5.7x the plain quantize time on the H100); the target
+`test_centring_cost_gpu` guards against the costs of earlier designs (a serial reduction of per-tile
+partials per head that every quantize step of the head waited for: smooth_k alone 5.7x the plain quantize
+time on the H100; one statistics slot per head, whose atomics every tile in flight queued on: smooth_k +
+smooth_v 6.8x on the H200, 4.0x the RoPE-only time with RoPE); the target
 (smooth_k + smooth_v within 3% of mode none for the whole fp8_fa3 layer at S=16k causal) is measured by
 `scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_k+smooth_v --rounds 5`.
 """
@@ -185,9 +188,11 @@ def test_non_finite_gpu():
 
 
 def test_centring_cost_gpu():
-    """The quantize kernel with smooth_k + smooth_v against mode none at S=16k, H=32/32 and 32/8, D=128
-    (medians of CUDA-event timings): well under the old design's 5.7x (smooth_k alone). Printed for the
-    record; the layer-level target is measured by scripts/bench_sdpa.py (module docstring)."""
+    """The quantize kernel with smooth_k + smooth_v at S=16k, H=32/32 and 32/8, D=128 (medians of CUDA-event
+    timings) against mode none (which keeps two tiles in flight, smoothing one: at most 2.5x) and, with
+    RoPE, against RoPE alone (the same one-tile configuration: at most 1.6x); earlier designs took 5.7x /
+    6.8x / 4.0x. Printed for the record; the layer-level target is measured by scripts/bench_sdpa.py
+    (module docstring)."""
     import triton.testing
 
     for H_kv in (32, 8):
@@ -202,5 +207,5 @@ def test_centring_cost_gpu():
             t[name] = triton.testing.do_bench(lambda: quantize_qkv_fp8(*args, options=options), warmup=25, rep=200,
                                               return_mode="median")
         print(f"H 32/{H_kv}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in t.items()))
-        assert t["smooth_k+smooth_v"] <= 2.0 * t["none"], t
-        assert t["rope+smooth_k+smooth_v"] <= 2.0 * t["rope"], t
+        assert t["smooth_k+smooth_v"] <= 2.5 * t["none"], t
+        assert t["rope+smooth_k+smooth_v"] <= 1.6 * t["rope"], t
