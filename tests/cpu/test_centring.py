@@ -1,9 +1,10 @@
 """K / V centring (`smooth_k` / `smooth_v`) in the quantize kernel, interpreted on CPU.
 
-The kernel gathers each smoothed head's per-channel sum, max and max of -x with atomics in the pass that
-reads a tile for its amax (P1); every quantize step (P2) of the head, after the same wait as the amax,
-turns them into mean_c = sum_c / S and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is
-exactly max |fl(x - mean)| over the finite elements (rounding is monotonic and symmetric). So, given the
+The kernel gathers each smoothed head's per-channel sum, max and max of -x with atomics (into a few
+copies) in the pass that reads a tile for its amax (P1); the head's last P1 merges them into
+mean_c = sum_c / S and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is exactly
+max |fl(x - mean)| over the finite elements (rounding is monotonic and symmetric), and the quantize steps
+(P2) of the head read both after waiting for that merge. So, given the
 kernel's own mean, its V scale and fp8 bytes equal a torch computation bit for bit
 (`test_v_scale_is_the_amax_of_its_centred_values`). The kernel's means are its tiles' float32 sums added
 in float64, the reference's a float64 sum of the elements: they differ by the tiles' float32 roundings
