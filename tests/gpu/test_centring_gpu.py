@@ -209,3 +209,31 @@ def test_centring_cost_gpu():
         print(f"H 32/{H_kv}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in t.items()))
         assert t["smooth_k+smooth_v"] <= 2.5 * t["none"], t
         assert t["rope+smooth_k+smooth_v"] <= 1.6 * t["rope"], t
+
+
+@pytest.mark.parametrize("copies", [1, 2, 16, 32])
+def test_stats_copies_gpu(monkeypatch, copies):
+    """Other `_STATS_COPIES` values (the default is covered above) give the same results within the
+    tolerance at the smallest lag; with -s each prints its quantize time at S=16k (H 32/32, with and
+    without RoPE) next to the default's, for tuning the constant."""
+    import triton.testing
+
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    options = FP8AttentionOptions(smooth_k=True, smooth_v=True)
+    q, k, v = make_inputs(1, 8, 2, 3000, 128, seed=6)
+    cos, sin = make_rope(3000, 128)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
+    monkeypatch.setattr(qkv_launcher, "_STATS_COPIES", copies)
+    assert_close_centred(quantize_qkv_fp8(q, k, v, cos, sin, options=options), ref)
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.5)
+    q, k, v = make_inputs(1, 32, 32, 16384, 128, seed=7)
+    cos, sin = make_rope(16384, 128)
+    times = {}
+    for n in (copies, 8):
+        monkeypatch.setattr(qkv_launcher, "_STATS_COPIES", n)
+        for rope in (False, True):
+            args = (q, k, v, cos, sin) if rope else (q, k, v)
+            times[(n, rope)] = triton.testing.do_bench(lambda: quantize_qkv_fp8(*args, options=options), warmup=25,
+                                                       rep=100, return_mode="median")
+    print(f"copies {copies}: {times[(copies, False)]:.3f} ms, with RoPE {times[(copies, True)]:.3f} ms; "
+          f"copies 8: {times[(8, False)]:.3f} / {times[(8, True)]:.3f} ms")
