@@ -207,7 +207,7 @@ def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, stats_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
-    B, H_Q, H_KV, S_Q, S_KV, LAG,
+    B, H_Q, H_KV, S_Q, S_KV, LAG, N_COPIES,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -217,7 +217,7 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, N_COPIES: tl.constexpr, VARLEN: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, MAX_COPIES: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
@@ -227,7 +227,8 @@ def qkv_quantize_kernel(
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
     group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
     stats_ptr (2, B, H_KV, N_COPIES, 4 * HEAD_DIM) 32-bit words, zeroed, accumulates each head's per-channel
-    float64 sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`).
+    float64 sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`);
+    N_COPIES <= MAX_COPIES, a power of two.
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
@@ -328,8 +329,10 @@ def qkv_quantize_kernel(
                 if smooth1 & (n_before == grp1_tiles - 1):
                     head1 = (grp1 - B * H_KV).to(tl.int64)
                     slots = stats_ptr + head1 * (N_COPIES * 4 * HEAD_DIM)
-                    mean1, c_amax1 = _merge_half_stats(slots, 0, seq1, offs_d, d_mask, N_COPIES, HEAD_DIM)
-                    mean2, c_amax2 = _merge_half_stats(slots, HALF, seq1, offs_d, d_mask, N_COPIES, HEAD_DIM)
+                    mean1, c_amax1 = _merge_half_stats(slots, 0, seq1, offs_d, d_mask, N_COPIES, MAX_COPIES,
+                                                       HEAD_DIM)
+                    mean2, c_amax2 = _merge_half_stats(slots, HALF, seq1, offs_d, d_mask, N_COPIES, MAX_COPIES,
+                                                       HEAD_DIM)
                     m_ptr = mean_ptr + head1 * HEAD_DIM + offs_d
                     tl.store(m_ptr, mean1, mask=d_mask)
                     tl.store(m_ptr + HALF, mean2, mask=d_mask)

@@ -31,7 +31,8 @@ _TILE_ELEMS = 8192
 # alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Copies of each smoothed head's statistics slot that P1s merge into (tile index mod this; power of two): the
-# tiles in flight mostly belong to one head, and one slot's cache lines would serialise their atomics.
+# tiles in flight mostly belong to one head, and one slot's cache lines would serialise their atomics. A
+# head of fewer tiles gets fewer copies (the buffer grows with heads x copies: 1 MiB at B=1, H_kv=32, D=128).
 _STATS_COPIES = 8
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
@@ -184,13 +185,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), the (3, B, H_kv)
     # float32 descales (overwritten), and with smoothing, 128-byte aligned, the (2, B, H_kv, D) K and V
-    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, _STATS_COPIES, 4 * D) words
+    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, n_copies, 4 * D) words
     # of per-channel statistics the kernel accumulates (float64 sums, max keys, max-of-negation keys; zero
     # is their identity).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
     n_ws = pad + 3 * n_groups
     smooth_at, n_means = cdiv(n_ws, 32) * 32, 2 * B * H_kv * D
-    n_buf = smooth_at + n_means * (1 + 4 * _STATS_COPIES) if smooth else n_ws
+    n_copies = min(_STATS_COPIES, next_power_of_2(max(1, cdiv(S_kv, block_s))))
+    n_buf = smooth_at + n_means * (1 + 4 * n_copies) if smooth else n_ws
     buf = torch.zeros((n_buf,), dtype=torch.int32, device=device)
     if smooth:
         means = buf[smooth_at : smooth_at + n_means].view(torch.float32).view(2, B, H_kv, D)
@@ -225,12 +227,12 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     qkv_quantize_kernel[(n_programs,)](
         q, k, v, cos, sin, *out_ptrs, descale, workspace, means, stats, cu_q, cu_k,
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
-        B, H_q, H_kv, S_q, S_kv, lag,
+        B, H_q, H_kv, S_q, S_kv, lag, n_copies,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, N_COPIES=_STATS_COPIES, VARLEN=varlen is not None,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, MAX_COPIES=_STATS_COPIES, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,

@@ -117,14 +117,16 @@ def _publish_half_stats(x, keep, slot_ptr, col, offs_d, mask, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _merge_half_stats(slots_ptr, col, seq_len, offs_d, d_mask, N_COPIES: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _merge_half_stats(slots_ptr, col, seq_len, offs_d, d_mask, n_copies, MAX_COPIES: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
     """Mean over the sequence and centred max |x - mean| of the channels col + offs_d of one head, from the
-    N_COPIES slots (4 * HEAD_DIM words apart) that `_publish_half_stats` filled, once all are complete (read
+    n_copies <= MAX_COPIES slots (4 * HEAD_DIM words apart) that `_publish_half_stats` filled, once all are
+    complete (read
     past L1: the caller has acquired them). In a fixed order, so the result does not depend on timing.
     Returns (mean (HALF_BLOCK,) float32, centred amax over the finite elements, a scalar). As in the
     reference, the mean is the float64 total rounded to float32, divided by seq_len in float32."""
-    copy = tl.arange(0, N_COPIES)[:, None] * (4 * HEAD_DIM)  # words
-    mask = (tl.arange(0, N_COPIES) < N_COPIES)[:, None] & d_mask[None, :]
+    copy = tl.arange(0, MAX_COPIES)[:, None] * (4 * HEAD_DIM)  # words
+    mask = (tl.arange(0, MAX_COPIES) < n_copies)[:, None] & d_mask[None, :]
     chan = (col + offs_d)[None, :]
     sums = slots_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + copy // 2 + chan
     keys = (slots_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + copy + chan
