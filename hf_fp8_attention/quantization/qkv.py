@@ -26,7 +26,7 @@ _TILE_ELEMS = 8192
 # Registers per thread (sm_90a, triton 3.9 ptxas, D=128, no spills): plain 127 at 4 warps; RoPE with two
 # tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
 # (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps. Smoothing
-# (offline ptxas of triton 3.9 for sm_90a, bf16 cos/sin): ONE_TILE (4096, 4) 123, with RoPE 168; the
+# (offline ptxas of triton 3.9 for sm_90a, bf16 cos/sin): ONE_TILE (4096, 4) 105, with RoPE 168; the
 # per-tile-partials design it replaced used 141 / 167. `scripts/bench_quantize.py --modes` times the
 # alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
