@@ -53,6 +53,12 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return path
 
 
+def test_mean_sem():
+    assert ec.mean_sem([1.0]) == (1.0, None)
+    mean, sem = ec.mean_sem([1.0, 2.0, 3.0])
+    assert mean == 2.0 and sem == pytest.approx(1 / math.sqrt(3))
+
+
 def test_prompt_starts():
     assert ec.prompt_starts(100, 20, 3) == [0, 40, 80]
     assert ec.prompt_starts(20, 20, 1) == [0]
@@ -101,7 +107,7 @@ def test_eval_cache_end_to_end(tiny_model, tiny_corpus, tmp_path, capsys):
     assert list(b["modes"]) == ["bf16", "fp8", "fp8+fp8cache", "bf16+bf16cache", "fp8+bf16cache"]
     for name, r in b["modes"].items():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == 158 and len(r["window_nll"]) == 2
-        assert len(r["window_nll_delta_vs_fp8"]) == 2
+        assert len(r["window_nll_delta_vs_fp8"]) == 2 and r["window_nll_delta_vs_fp8_sem"] >= 0
         assert r["chunk"] == (None if name in ("bf16", "fp8") else 32)
     # the chunked scoring scores the same tokens as one forward: through a bf16 cache, the same perplexity
     assert b["modes"]["bf16+bf16cache"]["ppl"] == pytest.approx(b["modes"]["bf16"]["ppl"], rel=5e-3)
