@@ -7,24 +7,12 @@ or "torch" (`reference.py`).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 
 import torch
 
 from .._constants import FP8_MAX, KV_BLOCK, SUPPORTED_HEAD_DIMS
 from .._intmath import cdiv, next_power_of_2
 from . import reference
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -58,30 +46,20 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     if rope:
         cos, sin = _unit_last(cos), _unit_last(sin)
     n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
+    from ..attention import _on_device
     from .kernels import cache_write_kernel
 
-    with _on_device(k8):
-        _launch_write(cache_write_kernel, (n_blocks, B * H), key, value, cos, sin, rope, k8, v8, k_desc, v_desc,
-                      tail_in, tail_out, H, length, n, D)
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; under device_map="auto" a layer's cache lives elsewhere
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _launch_write(kernel, grid, key, value, cos, sin, rope, k8, v8, k_desc, v_desc, tail_in, tail_out, H, length,
-                  n, D) -> None:
-    kernel[grid](
-        key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
-        tail_in[0], tail_in[1], tail_out[0], tail_out[1],
-        key.stride(0), key.stride(2), key.stride(1), value.stride(0), value.stride(2), value.stride(1),
-        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
-        k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
-        H, length, n,
-        HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
-        num_warps=4, enable_fp_fusion=False,
-    )
+    with _on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
+        cache_write_kernel[(n_blocks, B * H)](
+            key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
+            tail_in[0], tail_in[1], tail_out[0], tail_out[1],
+            key.stride(0), key.stride(2), key.stride(1), value.stride(0), value.stride(2), value.stride(1),
+            (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
+            k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
+            H, length, n,
+            HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
+            num_warps=4, enable_fp_fusion=False,
+        )
 
 
 # Query rows per KV head (S_q * H_q / H_kv) up to which Q and P are fp16 (decode: memory-bound, the fp8
@@ -116,60 +94,54 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     if impl == "torch":
         return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
                                                    qk_fp8=qk_fp8)
-    with _on_device(query):
-        return _launch_attention(query, cos, sin, k8, k_desc, v8, v_desc, length, scale, qk_fp8, num_splits, config)
-
-
-def _launch_attention(query, cos, sin, k8, k_desc, v8, v_desc, length, scale, qk_fp8, num_splits, config):
+    from ..attention import _on_device
+    from ..backends.triton import _interpreting, _num_sms
     from .kernels import cache_attn_kernel, cache_combine_kernel
 
-    B, S_q, H_q, D = query.shape
-    H_kv = k8.shape[1]
-    group = H_q // H_kv
-    n_rows = S_q * group
-    query = _unit_last(query)
-    rope = cos is not None
-    if rope:
-        cos, sin = _unit_last(cos), _unit_last(sin)
-    out = torch.empty(B, S_q, H_q, D, dtype=query.dtype, device=query.device)
-    block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
-    m_tiles = cdiv(n_rows, block_m)
-    if num_splits is None:
-        sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
-        # decode programs are small (16-64 rows): several per SM keep enough loads in flight
-        per_sm = config.get("programs_per_sm", 8)
-        # at most 64 splits: the combine walks them one by one, with few programs when B * H_kv is small
-        # (H200, 1x128k GQA 32/8: 132 splits took 0.152 ms, 66 splits 0.113 ms)
-        num_splits = max(1, min(cdiv(per_sm * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
-    keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
-    num_splits = cdiv(length, keys_per_split)
-    dim_pad = next_power_of_2(D)
-    split = num_splits > 1
-    if split:
-        o_part = torch.empty(num_splits, B * H_kv, n_rows, dim_pad, dtype=torch.float32, device=query.device)
-        ml_part = torch.empty(num_splits, B * H_kv, n_rows, 2, dtype=torch.float32, device=query.device)
-    else:
-        o_part = ml_part = out  # never read
-    cache_attn_kernel[(m_tiles, B * H_kv, num_splits)](
-        query, cos if rope else query, sin if rope else query, k8, v8, k_desc, v_desc, out, o_part, ml_part,
-        query.stride(0), query.stride(1), query.stride(2),
-        (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
-        k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
-        out.stride(0), out.stride(1),
-        H_kv, S_q, length, float(scale), keys_per_split,
-        GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
-        FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
-        # H200 sweep of 36 settings (docs/results/kv_cache_debug_sweep_h200.log; decode, GQA 32/8, D=128):
-        # best 1x128k (4/SM, 2 warps) 0.113 ms, 8x32k (16/SM, 2 warps) 0.193 ms, (8/SM, 2 warps) 0.199 ms;
-        # the earlier (4/SM, 4 warps) 0.147 / 0.210 ms
-        num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
-        num_stages=config.get("num_stages", 3),
-        enable_fp_fusion=False,
-    )
-    if split:
-        block_r = min(64, max(16, next_power_of_2(n_rows)))
-        cache_combine_kernel[(cdiv(n_rows, block_r), B * H_kv)](
-            out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
-            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, BLOCK_R=block_r, num_warps=4,
+    with _on_device(query):  # the cache's GPU (device_map="auto" spreads layers over several)
+        query = _unit_last(query)
+        rope = cos is not None
+        if rope:
+            cos, sin = _unit_last(cos), _unit_last(sin)
+        out = torch.empty(B, S_q, H_q, D, dtype=query.dtype, device=query.device)
+        block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
+        m_tiles = cdiv(n_rows, block_m)
+        if num_splits is None:
+            sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
+            # decode programs are small (16-64 rows): several per SM keep enough loads in flight
+            per_sm = config.get("programs_per_sm", 8)
+            # at most 64 splits: the combine walks them one by one, with few programs when B * H_kv is small
+            # (H200, 1x128k GQA 32/8: 132 splits took 0.152 ms, 66 splits 0.113 ms)
+            num_splits = max(1, min(cdiv(per_sm * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
+        keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
+        num_splits = cdiv(length, keys_per_split)
+        dim_pad = next_power_of_2(D)
+        split = num_splits > 1
+        if split:
+            o_part = torch.empty(num_splits, B * H_kv, n_rows, dim_pad, dtype=torch.float32, device=query.device)
+            ml_part = torch.empty(num_splits, B * H_kv, n_rows, 2, dtype=torch.float32, device=query.device)
+        else:
+            o_part = ml_part = out  # never read
+        cache_attn_kernel[(m_tiles, B * H_kv, num_splits)](
+            query, cos if rope else query, sin if rope else query, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+            query.stride(0), query.stride(1), query.stride(2),
+            (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
+            k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
+            out.stride(0), out.stride(1),
+            H_kv, S_q, length, float(scale), keys_per_split,
+            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
+            FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
+            # H200 sweep of 36 settings (docs/results/kv_cache_debug_sweep_h200.log; decode, GQA 32/8, D=128):
+            # best 1x128k (4/SM, 2 warps) 0.113 ms, 8x32k (16/SM, 2 warps) 0.193 ms, (8/SM, 2 warps) 0.199 ms;
+            # the earlier (4/SM, 4 warps) 0.147 / 0.210 ms
+            num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
+            num_stages=config.get("num_stages", 3),
+            enable_fp_fusion=False,
         )
-    return out
+        if split:
+            block_r = min(64, max(16, next_power_of_2(n_rows)))
+            cache_combine_kernel[(cdiv(n_rows, block_r), B * H_kv)](
+                out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
+                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, BLOCK_R=block_r, num_warps=4,
+            )
+        return out

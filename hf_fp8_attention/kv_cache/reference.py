@@ -10,18 +10,13 @@ import torch
 
 from .._constants import FP8_DTYPE, KV_BLOCK
 from .._intmath import cdiv
-from ..quantization.reference import _finite_abs, _scales, _to_fp8, apply_rope_reference
+from ..quantization.reference import _finite_abs, _scales, _to_fp8, apply_rope_reference, quantize_blocks_bhsd
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, S, D) float32, S a multiple of KV_BLOCK or the last block partial -> (e4m3 (B, H, S, D), descale
-    (B, H, cdiv(S, KV_BLOCK)) float32): one scale per KV_BLOCK tokens of one head."""
-    B, H, S, D = x.shape
-    n_blk = cdiv(S, KV_BLOCK)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * KV_BLOCK - S)).reshape(B, H, n_blk, KV_BLOCK * D)
-    scale, descale = _scales(_finite_abs(padded).amax(dim=-1))
-    codes = _to_fp8(padded * scale[..., None]).reshape(B, H, n_blk * KV_BLOCK, D)[:, :, :S]
-    return codes, descale
+    """x (B, H, S, D) float32 -> (e4m3 (B, H, S, D), descale (B, H, cdiv(S, KV_BLOCK)) float32): one scale per
+    KV_BLOCK tokens of one head, the rules of the per-block Q/K scales."""
+    return quantize_blocks_bhsd(x, KV_BLOCK)
 
 
 def dequantize(codes: torch.Tensor, descale: torch.Tensor, length: int) -> torch.Tensor:

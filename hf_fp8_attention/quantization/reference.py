@@ -87,18 +87,25 @@ def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, tor
     return x_fp8.transpose(1, 2).contiguous(), descale
 
 
-def _quantize_blocks(x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, H, S, D) float32 -> (fp8 or int8 (B, S, H, D) contiguous, descale (B, H, cdiv(S, SCALE_BLOCK))
-    float32): one scale per SCALE_BLOCK tokens of one head, with `_quantize_grouped`'s rules. int8: a block
-    holding a non-finite element gets a NaN descale (int8 has no NaN), so the damage stays in its rows."""
+def quantize_blocks_bhsd(x: torch.Tensor, block: int = SCALE_BLOCK, int8: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, H, S, D) float32 -> (fp8 or int8 (B, H, S, D), descale (B, H, cdiv(S, block)) float32): one scale
+    per ``block`` tokens of one head, with `_quantize_grouped`'s rules. int8: a block holding a non-finite
+    element gets a NaN descale (int8 has no NaN), so the damage stays in its rows. Also the FP8 KV cache's
+    block quantization (`kv_cache.reference`, block KV_BLOCK)."""
     B, H, S, D = x.shape
-    n_blk = cdiv(S, SCALE_BLOCK)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * SCALE_BLOCK - S)).reshape(B, H, n_blk, SCALE_BLOCK * D)
+    n_blk = cdiv(S, block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n_blk * block - S)).reshape(B, H, n_blk, block * D)
     scale, descale = _scales(_finite_abs(padded).amax(dim=-1), INT8_MAX if int8 else FP8_MAX)
-    scaled = (padded * scale[..., None]).reshape(B, H, n_blk * SCALE_BLOCK, D)[:, :, :S]
+    scaled = (padded * scale[..., None]).reshape(B, H, n_blk * block, D)[:, :, :S]
     if int8:
         descale = torch.where(torch.isfinite(padded).all(dim=-1), descale, torch.full_like(descale, float("nan")))
-    x_q = _to_int8(scaled) if int8 else _to_fp8(scaled)
+    return (_to_int8(scaled) if int8 else _to_fp8(scaled)), descale
+
+
+def _quantize_blocks(x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blocks_bhsd` with SCALE_BLOCK, the codes as (B, S, H, D) contiguous (qk_scales="block")."""
+    x_q, descale = quantize_blocks_bhsd(x, SCALE_BLOCK, int8)
     return x_q.transpose(1, 2).contiguous(), descale
 
 

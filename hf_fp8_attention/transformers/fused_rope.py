@@ -125,7 +125,8 @@ def _window(self) -> int | None:
     )
 
 
-def _cache_arg(kwargs):
+def cache_arg(kwargs):
+    """The cache a forward call brings, under either of transformers' names for it."""
     cache = kwargs.get("cache")  # transformers 5.24 name
     return kwargs.get("past_key_values") if cache is None else cache  # 5.17 name
 
@@ -138,7 +139,7 @@ def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, 
     return (
         not args
         and getattr(self.config, "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
-        and (with_cache or _cache_arg(kwargs) is None)
+        and (with_cache or cache_arg(kwargs) is None)
         and attention_mask is None
         and kwargs.get("cu_seq_lens_q") is None  # packed sequences: the adapter runs them as varlen
         and not self.training
@@ -174,7 +175,7 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
 
 def _fp8_cache_layer(self, kwargs):
     """This module's `FP8CacheLayer` in the call's cache, or None (no FP8Cache, or a bf16 layer there)."""
-    cache = _cache_arg(kwargs)
+    cache = cache_arg(kwargs)
     if not isinstance(cache, FP8Cache) or not isinstance(getattr(self, "layer_idx", None), int):
         return None
     return cache.fp8_layer(self.layer_idx)

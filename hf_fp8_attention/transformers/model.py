@@ -224,7 +224,7 @@ def _fp8_cache_pre_hook(module, args, kwargs):
     state = module.__dict__.get(_STATE_ATTR)
     if state is None or state.kv_cache != "fp8" or not state.fp8_cache_layers:
         return None
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+    if fused_rope.cache_arg(kwargs) is not None:
         return None
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
