@@ -8,13 +8,16 @@ re-quantized from the float32 values kept in a tail buffer, so a late token with
 saturates an earlier scale, and blocks written across appends equal quantizing everything at once.
 
 `cache_attn_kernel` is the FA-style forward over the cached keys for new queries (the last S_q positions,
-bottom-right causal), with the key tile equal to one cache block: K's block descale scales that tile's
-scores and V's scales its P.V product, which is added to the accumulator in float32 (two-level
-accumulation). Q arrives un-rotated in the model dtype; RoPE is applied here in float32, then each query
+bottom-right causal), BLOCK_N keys (1, 2 or 4 cache blocks) per loop iteration, in one-block softmax steps
+by default: K's block descale scales the block's scores and V's scales its P.V product, which is added to
+the accumulator in float32 (two-level accumulation); TILE_SOFTMAX: one step per BLOCK_N keys
+(`_attend_keys`). Q arrives un-rotated in the model dtype; RoPE is applied here in float32, then each query
 row gets its own scale. QK_FP8: Q and P are rounded to e4m3 and both products run in fp8 (chunked
 prefill); otherwise (decode: few rows, memory-bound) Q and P are rounded to fp16 and the fp8 K/V tiles are
-widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches split the keys over programs
-(`num_splits`, a runtime value: no recompilation per length) merged by `cache_combine_kernel`.
+widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches
+split the keys over programs (`num_splits`, a runtime value: no recompilation per length) merged by
+`cache_combine_kernel`, or (FUSED_COMBINE) by the split program of each row tile that finishes last (an
+atomic counter per tile).
 """
 
 from __future__ import annotations
@@ -115,24 +118,82 @@ def cache_write_kernel(
                from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
 
 
+@triton.jit
+def _attend_keys(
+    K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d,
+    d_ok, HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+):
+    """One online-softmax step over keys [start_n, start_n + TILE_N) (those below `hi`), start_n a multiple of
+    KV_BLOCK -> updated (m_i, l_i, acc). TILE_N == KV_BLOCK: one K and one V descale (scalars). Larger: each
+    score column gets its block's K descale (the same two roundings), and V's descales are folded into P
+    relative to the tile's largest (P' = P * v_desc / v_max stays in [0, 256]; its rounding to fp16/e4m3
+    replaces that of P), the product scaled by v_max."""
+    cols = start_n + tl.arange(0, TILE_N)
+    col_ok = cols < hi  # the cache's end, the split's end, the tile's last causal key
+    kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    if QK_FP8:
+        qk = tl.dot(q_op, tl.trans(k))
+    else:
+        qk = tl.dot(q_op, tl.trans(k.to(tl.float16)))
+    if TILE_N == KV_BLOCK:
+        # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
+        k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        qk = qk * (row_scale[:, None] * k_desc)
+    else:
+        k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
+        qk = qk * (row_scale[:, None] * k_desc[None, :])
+    visible = col_ok[None, :] & (cols[None, :] <= row_limit[:, None])
+    qk = tl.where(visible, qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row that sees no key here: exp2 gives 0, not NaN
+    p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))  # FA3's Max_offset: P in [0, 256] before its e4m3 cast
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    if TILE_N == KV_BLOCK:
+        v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        p_v = p
+    else:
+        v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
+        v_scale = tl.max(v_desc, 0)  # > 0: a block's descale is 1.0 when all its values are 0
+        p_v = p * tl.math.div_rn(v_desc, v_scale)[None, :]
+    if QK_FP8:
+        pv = tl.dot(p_v.to(tl.float8e4nv), v)
+    else:
+        pv = tl.dot(p_v.to(tl.float16), v.to(tl.float16))
+    acc = acc * alpha[:, None] + pv * v_scale
+    return m_ij, l_i, acc
+
+
 @triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split", "stride_desc_b", "stride_desc_h"])
 def cache_attn_kernel(
-    Q, Cos, Sin, K8, V8, K_desc, V_desc, Out, O_part, ML_part,
+    Q, Cos, Sin, K8, V8, K_desc, V_desc, Out, O_part, ML_part, Counter,
     stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
     stride_cache_b, stride_cache_h, stride_desc_b, stride_desc_h,
     stride_ob, stride_os,
     H_kv, S_q, S_kv, sm_scale, keys_per_split,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     APPLY_ROPE: tl.constexpr, QK_FP8: tl.constexpr, SPLIT: tl.constexpr, FP8_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr,
 ):
-    """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N is the cache's KV_BLOCK.
+    """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
+    of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
+    of a split is masked at the split's end). TILE_SOFTMAX (fp16 products only): one softmax step per BLOCK_N
+    keys (`_attend_keys` with V's descales folded into P); else BLOCK_N // KV_BLOCK unrolled steps of one
+    block each, the math of BLOCK_N == KV_BLOCK bit for bit, with more loads per iteration. Not with QK_FP8:
+    the e4m3 rounding of the folded P (a step of 16 near 256) costs its largest term ~4 dB of SQNR.
 
     Q (B, S_q, H_q, D) with unit stride over D, un-rotated when APPLY_ROPE (Cos/Sin (B or 1, S_q, D));
     the queries are positions S_kv - S_q .. S_kv - 1 of the cached keys. Out (B, S_q, H_q, D) contiguous.
     GQA rows as in the triton backend: row r = s * GROUP + g is position s of query head kv * GROUP + g.
     SPLIT: keys [split * keys_per_split, ...) only; unnormalised float32 acc to O_part (splits, B * H_kv,
     S_q * GROUP, HEAD_DIM_PAD) and (max, sum) to ML_part (splits, B * H_kv, S_q * GROUP, 2).
+    FUSED_COMBINE (with SPLIT): Counter (B * H_kv * row tiles,) int32, zero at launch and left zero: each
+    program bumps its tile's count after storing its partials; the one that sees num_splits - 1 merges them
+    into Out (no `cache_combine_kernel` launch) and resets the count.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -184,77 +245,67 @@ def cache_attn_kernel(
 
     kv_base = b64 * stride_cache_b + h_kv.to(tl.int64) * stride_cache_h
     desc_base = b64 * stride_desc_b + h_kv * stride_desc_h
-    offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
-        kv_mask = (cols < S_kv)[:, None] & d_ok[None, :]
-        k = tl.load(K8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        k_desc = tl.load(K_desc + desc_base + start_n // BLOCK_N)
-        if QK_FP8:
-            qk = tl.dot(q_op, tl.trans(k))
+        start_n = tl.multiple_of(start_n, KV_BLOCK)  # a split starts on a block, not always on a BLOCK_N tile
+        if TILE_SOFTMAX and not QK_FP8:
+            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
+                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK)
         else:
-            qk = tl.dot(q_op, tl.trans(k.to(tl.float16)))
-        qk = qk * (row_scale[:, None] * k_desc)
-        visible = (cols[None, :] < S_kv) & (cols[None, :] <= row_limit[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row that sees no key here: exp2 gives 0, not NaN
-        p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))  # FA3's Max_offset: P in [0, 256] before its e4m3 cast
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v_desc = tl.load(V_desc + desc_base + start_n // BLOCK_N)
-        if QK_FP8:
-            pv = tl.dot(p.to(tl.float8e4nv), v)
-        else:
-            pv = tl.dot(p.to(tl.float16), v.to(tl.float16))
-        acc = acc * alpha[:, None] + pv * v_desc
-        m_i = m_ij
+            for j in tl.static_range(BLOCK_N // KV_BLOCK):
+                m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n + j * KV_BLOCK, hi,
+                                             q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM,
+                                             QK_FP8, KV_BLOCK, KV_BLOCK)
 
     if SPLIT:
         part_row = (pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r
         tl.store(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(ML_part + part_row * 2, tl.where(l_i > 0, m_i, float("-inf")), mask=row_ok)
         tl.store(ML_part + part_row * 2 + 1, l_i, mask=row_ok)
+        if FUSED_COMBINE:
+            # every thread's partials stored before the release; the last arrival (acquire) reads them all
+            # past L1 (.cg), then leaves the count at zero for the next launch
+            num_splits = tl.num_programs(2)
+            counter = Counter + pid_bh * tl.num_programs(0) + pid_m
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.debug_barrier()
+                _combine_rows(Out, O_part, ML_part, stride_ob, stride_os, H_kv, pid_bh, tl.num_programs(1), n_rows,
+                              num_splits, offs_r, GROUP, HEAD_DIM, HEAD_DIM_PAD, ".cg")
+                tl.store(counter, 0)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_rows = b64 * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
         tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["S_q", "num_splits"])
-def cache_combine_kernel(
-    Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+@triton.jit
+def _combine_rows(
+    Out, O_part, ML_part, stride_ob, stride_os, H_kv, pid_bh, bh_total, n_rows, num_splits, offs_r,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE: tl.constexpr,
 ):
-    """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges `cache_attn_kernel`'s split partials: each split's
-    acc and sum rescaled by exp2(its max - the overall max), summed, divided by the summed row sum. The
-    split count is a runtime loop bound: one compiled variant serves every cache length."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bh_total = tl.num_programs(1)
-    n_rows = S_q * GROUP
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Rows offs_r of (batch, KV head) pid_bh: each split's acc and sum rescaled by exp2(its max - the overall
+    max), summed, divided by the summed row sum, stored to Out (B, S_q, H_q, D)."""
     row_ok = offs_r < n_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m_max = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    m_max = tl.zeros(offs_r.shape, dtype=tl.float32) - float("inf")
     for s in tl.range(0, num_splits):
         part_row = (s * bh_total + pid_bh).to(tl.int64) * n_rows + offs_r
-        m_max = tl.maximum(m_max, tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")))
+        m_max = tl.maximum(m_max, tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf"),
+                                          cache_modifier=CACHE))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    l_sum = tl.zeros(offs_r.shape, dtype=tl.float32)
+    acc = tl.zeros([offs_r.shape[0], HEAD_DIM_PAD], dtype=tl.float32)
     for s in tl.range(0, num_splits):
         part_row = (s * bh_total + pid_bh).to(tl.int64) * n_rows + offs_r
-        w = tl.math.exp2(tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf")) - m_max)
-        l_sum += w * tl.load(ML_part + part_row * 2 + 1, mask=row_ok, other=0.0)
+        w = tl.math.exp2(tl.load(ML_part + part_row * 2, mask=row_ok, other=float("-inf"), cache_modifier=CACHE)
+                         - m_max)
+        l_sum += w * tl.load(ML_part + part_row * 2 + 1, mask=row_ok, other=0.0, cache_modifier=CACHE)
         acc += tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None],
-                       other=0.0) * w[:, None]
+                       other=0.0, cache_modifier=CACHE) * w[:, None]
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     b = pid_bh // H_kv
     h_kv = pid_bh % H_kv
@@ -263,3 +314,17 @@ def cache_combine_kernel(
     o_rows = b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
     tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["S_q", "num_splits"])
+def cache_combine_kernel(
+    Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges `cache_attn_kernel`'s split partials
+    (`_combine_rows`). The split count is a runtime loop bound: one compiled variant serves every length."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    _combine_rows(Out, O_part, ML_part, stride_ob, stride_os, H_kv, pid_bh, tl.num_programs(1), S_q * GROUP,
+                  num_splits, offs_r, GROUP, HEAD_DIM, HEAD_DIM_PAD, "")

@@ -66,6 +66,31 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
 # products would save nothing); above, both products run in e4m3 (chunked prefill: compute-bound).
 FP16_MAX_ROWS = 64
 _MAX_SPLITS = 64
+CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine")
+BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
+
+# FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
+# memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _check_config(config: dict) -> None:
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"cache_attention config: unknown keys {unknown}; expected some of {list(CONFIG_KEYS)}")
+    if "block_n" in config and config["block_n"] not in BLOCK_N_CHOICES:
+        raise ValueError(f"cache_attention config: block_n must be one of {BLOCK_N_CHOICES} (multiples of the "
+                         f"cache block {KV_BLOCK}), got {config['block_n']!r}")
+    for key in ("programs_per_sm", "num_warps", "num_stages"):
+        if key in config and (not isinstance(config[key], int) or config[key] < 1):
+            raise ValueError(f"cache_attention config: {key} must be a positive int, got {config[key]!r}")
 
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
@@ -76,9 +101,16 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the GPU's SM
     count (``programs_per_sm`` programs per SM, default 8, each with >= 4 key blocks); tests and
-    benchmarks force values. config: {"programs_per_sm", "num_warps", "num_stages"} overrides (benchmarks).
+    benchmarks force values. config (benchmarks): "programs_per_sm", "num_warps", "num_stages"; "block_n"
+    keys per loop iteration of the attention kernel (64 (default, one cache block), 128 or 256), in
+    one-block softmax steps (the 64-key math bit for bit) or, with "tile_softmax" (default False; fp16
+    products only, ignored with qk_fp8), one step per block_n keys with V's descales folded into P (P's fp16
+    rounding moves: ~2 dB lower SQNR where it dominates, 77 -> 75 dB on float32 CPU data); "fused_combine"
+    (default False): the last
+    split program of each row tile merges the splits, one launch instead of two.
     """
     config = config or {}
+    _check_config(config)
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
     if D not in SUPPORTED_HEAD_DIMS:
@@ -117,20 +149,24 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         num_splits = cdiv(length, keys_per_split)
         dim_pad = next_power_of_2(D)
         split = num_splits > 1
+        fused = split and bool(config.get("fused_combine", False))
         if split:
             o_part = torch.empty(num_splits, B * H_kv, n_rows, dim_pad, dtype=torch.float32, device=query.device)
             ml_part = torch.empty(num_splits, B * H_kv, n_rows, 2, dtype=torch.float32, device=query.device)
         else:
             o_part = ml_part = out  # never read
+        counter = _counters(query.device, m_tiles * B * H_kv) if fused else out  # never read unless fused
         cache_attn_kernel[(m_tiles, B * H_kv, num_splits)](
             query, cos if rope else query, sin if rope else query, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+            counter,
             query.stride(0), query.stride(1), query.stride(2),
             (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
             k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
             out.stride(0), out.stride(1),
             H_kv, S_q, length, float(scale), keys_per_split,
             GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
-            FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=KV_BLOCK,
+            FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=config.get("block_n", KV_BLOCK), KV_BLOCK=KV_BLOCK,
+            TILE_SOFTMAX=bool(config.get("tile_softmax", False)), FUSED_COMBINE=fused,
             # H200 sweep of 36 settings (docs/results/kv_cache_debug_sweep_h200.log; decode, GQA 32/8, D=128):
             # best 1x128k (4/SM, 2 warps) 0.113 ms, 8x32k (16/SM, 2 warps) 0.193 ms, (8/SM, 2 warps) 0.199 ms;
             # the earlier (4/SM, 4 warps) 0.147 / 0.210 ms
@@ -138,7 +174,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             num_stages=config.get("num_stages", 3),
             enable_fp_fusion=False,
         )
-        if split:
+        if split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))
             cache_combine_kernel[(cdiv(n_rows, block_r), B * H_kv)](
                 out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
