@@ -33,26 +33,24 @@ def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8At
 
 
 def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
-    """Undo the V transforms `qkv` records on the (B, S, H_q, D) output: O = (O' + mean_v) H, with H @ H = I.
-    A varlen output (1, total_q, H_q, D) takes each packed query's own sequence mean.
+    """Undo the V transforms `qkv` records on the (B, S, H_q, D) output: O = O' H + offset_v, with H @ H = I
+    (V was centred, then rotated). A varlen output (1, total_q, H_q, D) takes each packed query's own
+    sequence offset.
 
     One GEMM in the output dtype (fp32 accumulation; memory-bound, one read and one write of O') plus, for
-    smooth_v, one in-place add of the (tiny) rotated mean. The float32 version of this took 0.9 ms at
-    S=16k, H=32, D=128 on the H100, a third of the attention itself.
+    smooth_v, one in-place add of the (tiny) offset. The float32 version of this took 0.9 ms at S=16k,
+    H=32, D=128 on the H100, a third of the attention itself.
     """
-    bias = None
+    if qkv.v_rotated:
+        out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
     if qkv.v_mean is not None:
         group = out.shape[2] // qkv.v_mean.shape[1]
         bias = qkv.v_mean.repeat_interleave(group, dim=1)  # (B, H_q, D) float32
-        if qkv.is_varlen:  # (1, total_q, H_q, D): the mean of each query's sequence
+        if qkv.is_varlen:  # (1, total_q, H_q, D): the offset of each query's sequence
             lengths = qkv.cu_seqlens_q.diff()
             bias = bias.repeat_interleave(lengths, dim=0, output_size=out.shape[1])[None]
         else:
             bias = bias[:, None]  # (B, 1, H_q, D)
-    if qkv.v_rotated:
-        out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
-        bias = None if bias is None else bias @ hadamard_matrix(out.shape[-1], device=out.device)
-    if bias is not None:
         out = out.add_(bias.to(out.dtype))
     return out
 

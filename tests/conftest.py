@@ -6,7 +6,8 @@ imported; conftest.py is imported before the test modules, so it is set here.
 The interpreter's float32 -> float8e4nv conversion (`triton.runtime.interpreter._convert_float`, seen in
 triton 3.6.0 and 3.9.0) ORs the rounding carry into the exponent instead of adding it: -31.92 becomes -16
 instead of -32 (shared/README.md). On the GPU the hardware cast is right, so for CPU runs the conversion to
-float8e4nv is routed through torch's correctly rounded cast. The outcome is recorded in the environment
+float8e4nv is routed through torch's correctly rounded cast; so is float32 -> bfloat16, which the
+interpreter truncates instead of rounding to nearest even. The outcome is recorded in the environment
 variable HF_FP8_INTERPRETER_FP8_PATCH ("applied", "skipped: <why>", "not needed: CUDA") for a test to check.
 """
 
@@ -49,6 +50,11 @@ def _patch_interpreter_fp8_cast() -> str:
             bits = np.frombuffer(input.tobytes(), dtype=np_dtype).copy()
             src = torch.from_numpy(bits).view(torch_dtype)
             out = src.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return out.reshape(input.shape)
+        if output_dtype == tl.bfloat16 and input_dtype == tl.float32 and rounding_mode != rtz:
+            # the interpreter truncates float32 -> bf16; the GPU rounds to nearest even, as torch does
+            bits = np.frombuffer(input.tobytes(), dtype=np.float32).copy()
+            out = torch.from_numpy(bits).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
             return out.reshape(input.shape)
         return original(input, input_dtype, output_dtype, rounding_mode)
 

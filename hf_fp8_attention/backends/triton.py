@@ -130,7 +130,7 @@ def _launch(
     )
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
                       NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1, VARLEN=varlen,
-                      BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK)
+                      BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=q.dtype == torch.int8)
     if config is None:
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)

@@ -3,43 +3,38 @@
 Work is cut into tiles of BLOCK_S positions of one head of one tensor (t = 0, 1, 2 for q, k, v). Tile `i`
 is ordered q, k, v and, within a tensor, by ((b * H + h) * N_TILES + s), so the tiles of one scale group
 (the G = H_q / H_kv query heads of a KV head, or one k / v head) are contiguous. Each tile is read for two
-steps: P1 (max |x| of the tile, atomically merged into the group's amax) and P2 (once every P1 of the
+steps: P1 (the tile's contribution to the group's amax, atomically merged) and P2 (once every P1 of the
 group is done: quantize the tile with the group's scale). A persistent grid takes tickets from an atomic
-counter; ticket `t` does P1(t) (if t < n_tiles) and then P2(t - LAG) (if t >= LAG), so a tile's second
-read comes LAG tiles after its first and finds it in L2 as long as LAG tiles fit there.
+counter; ticket `t` does item t (an offset item or P1(t - n_offsets)) and then P2(t - n_offsets - LAG), so
+a tile's second read comes LAG tiles after its first and finds it in L2 as long as LAG tiles fit there.
 
-Deadlock freedom: with LAG >= the tiles of the largest group, every P1 that P2(t - LAG) waits on belongs
-to a smaller ticket. A program publishes its P1 before it waits, and it only ever holds its current
-ticket and the next one (taken early to hide the atomic's latency); by induction on the ticket, the
-smallest ticket whose P1 is unpublished is held by a program that reaches it, so every wait ends. The
-grid need not be co-resident. Under the interpreter programs run one after another and the ticket order
-alone makes every wait succeed at once.
+Deadlock freedom: with LAG >= the tiles of the largest group, every P1 that a P2 waits on belongs to a
+smaller ticket, and so does every offset item a P1 waits on (offset items wait on nothing). A program
+publishes its item before it waits, and it only ever holds its current ticket and the next one (taken
+early to hide the atomic's latency); by induction on the ticket, the smallest ticket whose item is
+unpublished is held by a program that reaches it, so every wait ends. The grid need not be co-resident.
+Under the interpreter programs run one after another and the ticket order alone makes every wait succeed.
 
-ONE_TILE (the launcher sets it with RoPE or smoothing): a program holds one tile at a time, P1's tile is loaded,
-rotated and published before P2's is loaded, instead of issuing both loads up front. It gives up the
-overlap of the two reads for about half the registers (x plus fp32 cos/sin per tile), so that several
-programs fit per SM.
+ONE_TILE (the launcher sets it with RoPE): a program holds one tile at a time, P1's tile is loaded, rotated
+and published before P2's is loaded, instead of issuing both loads up front. It gives up the overlap of the
+two reads for about half the registers (x plus fp32 cos/sin per tile), so that several programs fit per SM.
 
-Accuracy modes, in the reference's order RoPE -> Hadamard -> mean subtraction -> amax: HADAMARD_QK /
-HADAMARD_V multiply the (rotated) tile by the normalised Sylvester matrix H_D with tl.dot (see
-`_hadamard`); SMOOTH_K / SMOOTH_V subtract the per-(batch, head, channel) mean over the sequence from K / V.
-A smoothed tile's P1 merges, instead of its max |x|, its per-channel sum, max and max of -x into one of
-N_COPIES slots of its head, chosen by tile index (float64 atomic adds of the tile's float32 sums, atomic
-max of order-preserving uint32 keys; `tile_math._publish_half_stats`). The P1 whose count completes the
-group (the acq_rel atomic's return value says so) merges the copies (one round of loads, N_COPIES x 2 KiB
-at D=128), writes mean[D] and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is the
-amax of the centred values given that mean (`_merge_half_stats`), and counts once more; P2 of a smoothed
-group waits for that extra count, then reads the amax and the mean. The merge reads only published P1s and
-never waits, so the deadlock argument is unchanged; it is one short step per head, which the lag beyond the
-group's size is meant to hide. Why this shape (H200, S=16k, H=32, D=128, smooth_k + smooth_v; causes
-inferred, not profiled): per-tile partials reduced in tile order by the last P1 (one dependent load per 16
-tiles, ~45 us per head by estimate) cost +3.3 ms on the fp8_fa3 layer; one slot per head, read by every P2,
-made the quantize 6.8x mode none, the tiles in flight (nearly all of one head) queueing their atomics on
-the same cache lines. Loading the ONE_TILE P2 tile before the release (to overlap the atomics' landing)
-kept it live through the merge: 137 registers instead of 123. The order the tiles arrive in moves the float64 sums by ~2^-53 relative, so
-the float32 mean is the same from run to run but for a channel whose total lies that close to a float32
-rounding boundary; it differs from the reference's (float64 over the elements) only through the roundings
-of the tiles' float32 sums, usually not at all (tolerances in tests/cpu/test_quantize.py).
+Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
+- Centring (SMOOTH_K / SMOOTH_V) subtracts a per-(batch, head, channel) offset: the mean of N_SAMPLE rows
+  of the head spread evenly over its sequence (all rows when shorter; `_sample_mean`). Any per-channel
+  constant keeps attention exact (K: each score row shifts by a constant; V: rows of P sum to 1, the output
+  gets it back), and a sample of 256 rows finds a channel offset as well as the full mean does, for a read
+  of 256 rows instead of a pass over K and V. The offsets are the first tickets (one offset item per
+  smoothed head, before every tile); a smoothed tile's P1 waits for its head's offset, so P1 and P2 both
+  subtract it and the amax is exactly that of the centred values.
+- Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix with tl.dot in
+  P2 only, the (centred) rows rounded to the input dtype first so that the products with +-1 are exact
+  (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is a
+  power-of-two bound of its rows' norms, 2^ceil(log2(max_row ||x||^2) / 2) >= max |x H| (H orthonormal), so
+  P1 costs a sum of squares, not a matmul. The bound is at most ~2^3 (D=128) above the true amax of a
+  rotated (near-Gaussian) row; e4m3 is a float format, so this moves the values' exponents, not their
+  relative precision, and the smallest elements that become subnormal carry ~1e-4 of the energy.
+  Per-block scales (BLOCK_SCALES, int8) are still the exact amax of each rotated block, from P2's tile.
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA
@@ -49,13 +44,13 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _merge_half_stats,
-                        _publish_half_stats, _sign_matrix, _to_fp8, _to_int8)
+from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _pow2_norm_bound, _sign_matrix,
+                        _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group (plus 1 once a smoothed
-# group's statistics are merged). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head.
-# Smoothing statistics live in their own zeroed buffer.
+# cache line is its own, then amax bits per group, then finished-P1 count per group, then one "offset
+# ready" flag per K and V head (2, B, H_KV). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head;
+# a K/V head's offset slot is its group index minus B * H_KV.
 WS_PAD = tl.constexpr(32)
 
 
@@ -191,23 +186,70 @@ def _tile_setup(
 
 
 @triton.jit
-def _transform(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t, signs,
-               APPLY_ROPE: tl.constexpr, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr,
-               INV_SQRT_D: tl.constexpr):
-    """float32 half tiles after RoPE (q, k) and the Hadamard rotation (per HADAMARD_QK / HADAMARD_V)."""
-    x1, x2 = _rotate(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, t < 2, APPLY_ROPE)
-    if HADAMARD_QK or HADAMARD_V:
-        # rotated RoPE values are not exact in 16 bits: split them (see _dot_signs)
-        x1, x2 = _hadamard(x1, x2, signs, tl.where(t < 2, HADAMARD_QK, HADAMARD_V), INV_SQRT_D, APPLY_ROPE)
-    return x1, x2
+def _sample_mean(
+    x_ptr, x_base, seq_len, stride_s, stride_d,
+    cos_ptr, cos_base, stride_cs, stride_cd, sin_ptr, sin_base, stride_ss, stride_sd, rope_on,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr,
+    N_SAMPLE: tl.constexpr, SAMPLE_ROWS: tl.constexpr,
+):
+    """Centring offset of one head: the per-channel mean of rows floor(i * seq_len / N_SAMPLE),
+    i < N_SAMPLE (all rows when seq_len <= N_SAMPLE), after RoPE when `rope_on`; non-finite elements count
+    as 0. The float32 values are summed in float64 (exact for rows of similar magnitude, so the summation
+    order does not matter), rounded to float32 and divided by the row count in float32, as
+    `reference.centring_offsets` does. Returns the two (HALF_BLOCK,) halves; 0 for an empty sequence."""
+    HALF = HEAD_DIM // 2  # constexpr
+    offs_d = tl.arange(0, HALF_BLOCK)
+    d_mask = offs_d < HALF
+    if D_CONTIG:
+        col1 = offs_d
+        col2 = offs_d + HALF
+    else:
+        col1 = offs_d * stride_d
+        col2 = (offs_d + HALF) * stride_d
+    n_rows = tl.minimum(seq_len, N_SAMPLE)
+    sum1 = tl.zeros((HALF_BLOCK,), tl.float64)
+    sum2 = tl.zeros((HALF_BLOCK,), tl.float64)
+    for c in tl.static_range(0, N_SAMPLE, SAMPLE_ROWS):
+        i = c + tl.arange(0, SAMPLE_ROWS)
+        valid = i < n_rows
+        row = tl.where(seq_len > N_SAMPLE, (i.to(tl.int64) * seq_len) // N_SAMPLE, i.to(tl.int64))
+        mask = valid[:, None] & d_mask[None, :]
+        x_rows = x_ptr + x_base + row * stride_s
+        x1 = tl.load(x_rows[:, None] + col1[None, :], mask=mask, other=0.0)
+        x2 = tl.load(x_rows[:, None] + col2[None, :], mask=mask, other=0.0)
+        if APPLY_ROPE:
+            rope_mask = (i < tl.where(rope_on, n_rows, 0))[:, None] & d_mask[None, :]  # v: nothing
+            c_rows = cos_ptr + cos_base + row * stride_cs
+            s_rows = sin_ptr + sin_base + row * stride_ss
+            c1 = tl.load(c_rows[:, None] + (offs_d * stride_cd)[None, :], mask=rope_mask, other=0.0)
+            c2 = tl.load(c_rows[:, None] + ((offs_d + HALF) * stride_cd)[None, :], mask=rope_mask, other=0.0)
+            s1 = tl.load(s_rows[:, None] + (offs_d * stride_sd)[None, :], mask=rope_mask, other=0.0)
+            s2 = tl.load(s_rows[:, None] + ((offs_d + HALF) * stride_sd)[None, :], mask=rope_mask, other=0.0)
+            x1, x2 = _rotate(x1, x2, c1, c2, s1, s2, rope_on, APPLY_ROPE)
+        else:
+            x1, x2 = _rotate(x1, x2, x1, x2, x1, x2, rope_on, APPLY_ROPE)
+        sum1 += tl.sum(tl.where(mask & (tl.abs(x1) < float("inf")), x1, 0.0).to(tl.float64), axis=0)
+        sum2 += tl.sum(tl.where(mask & (tl.abs(x2) < float("inf")), x2, 0.0).to(tl.float64), axis=0)
+    n = tl.maximum(n_rows, 1).to(tl.float32)
+    return tl.math.div_rn(sum1.to(tl.float32), n), tl.math.div_rn(sum2.to(tl.float32), n)
+
+
+@triton.jit
+def _centre(x1, x2, mean_ptr, slot, on, valid, offs_d, d_mask, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """x - offset of K/V head `slot` (read past L1: the caller acquired it) when `on`; x - 0 == x exactly.
+    Rows past the sequence (`valid` False, loaded as 0) stay 0, so they never count in an amax."""
+    m_ptr = mean_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
+    m1 = tl.load(m_ptr, mask=d_mask & on, other=0.0, cache_modifier=".cg")
+    m2 = tl.load(m_ptr + HALF, mask=d_mask & on, other=0.0, cache_modifier=".cg")
+    return tl.where(valid[:, None], x1 - m1[None, :], 0.0), tl.where(valid[:, None], x2 - m2[None, :], 0.0)
 
 
 @triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, stats_ptr, cu_q_ptr, cu_k_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
-    B, H_Q, H_KV, S_Q, S_KV, LAG, N_COPIES,
+    B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -217,21 +259,20 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, MAX_COPIES: tl.constexpr, VARLEN: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, N_SAMPLE: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
-    """Per group: x is the tile after RoPE (q, k), the Hadamard rotation and the mean subtraction (as
-    switched on); amax = max |x| over its finite elements, scale = FP8_MAX / amax (1 if amax is 0); every
-    element is quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
+    """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
+    switched on); amax = max |x| over its finite elements (a rotated tensor: the power-of-two bound of its
+    rows' norms, see the module docstring), scale = FP8_MAX / amax (1 if amax is 0); every element is
+    quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
-    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V means,
-    stats_ptr (2, B, H_KV, N_COPIES, 4 * HEAD_DIM) 32-bit words, zeroed, accumulates each head's per-channel
-    float64 sums, max keys and max-of-negation keys (uint32, see `tile_math._publish_half_stats`);
-    N_COPIES <= MAX_COPIES, a power of two.
+    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V offsets
+    (`_sample_mean` of N_SAMPLE rows).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
-    (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales per
+    (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
     (sequence, KV head), cos/sin rows indexed by the packed token.
     BLOCK_SCALES: q and k are quantized with one scale per SCALE_BLOCK rows of one head (from the P2 tile
     itself: no extra read, no wait on other tiles' amax), whose descales go to q_blk_ptr (B, H_Q, N_BLK_Q)
@@ -241,37 +282,45 @@ def qkv_quantize_kernel(
     floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
     NaN), and the outputs are passed as uint8.
 
-    Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
+    Grid: (n_programs,), persistent: each program takes tickets until n_offsets + n_tiles + LAG are taken.
     """
     n_tiles_q = tl.cdiv(S_Q, BLOCK_S)
     n_tiles_kv = tl.cdiv(S_KV, BLOCK_S)
     n_items = B * H_Q * n_tiles_q + 2 * B * H_KV * n_tiles_kv
+    n_off = 0  # offset items, the first tickets: K heads, then V heads
+    if SMOOTH_K:
+        n_off += B * H_KV
+    if SMOOTH_V:
+        n_off += B * H_KV
     lag = tl.minimum(LAG, n_items)
     amax_ptr = ws_ptr + WS_PAD
     done_ptr = amax_ptr + 3 * B * H_KV
+    ready_ptr = done_ptr + 3 * B * H_KV
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
     out_rows = tl.arange(0, BLOCK_S)
-    if HADAMARD_QK or HADAMARD_V:
-        # the dot's inputs: the input dtype when the tile is exact in it, bf16 hi/lo parts after RoPE
-        signs = _sign_matrix(HALF_BLOCK, tl.bfloat16 if APPLY_ROPE else q_ptr.dtype.element_ty)
+    ROTATES: tl.constexpr = HADAMARD_QK or HADAMARD_V
+    if ROTATES:
+        # the dot's inputs: the rows rounded to the input dtype, exact products with +-1 (see _dot_signs)
+        signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
     else:
         signs = 0
 
     ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
-    while ticket < n_items + lag:
-        has_p1 = ticket < n_items
-        has_p2 = ticket >= lag
+    while ticket < n_off + n_items + lag:
+        item = ticket - n_off
+        has_p1 = (item >= 0) & (item < n_items)
+        has_p2 = item >= lag
         (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
          _, _) = _tile_setup(
-            tl.minimum(ticket, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
-            v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+            tl.minimum(tl.maximum(item, 0), n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr,
+            k_ptr, v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
             cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
         (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
          grp2_tiles, first2, out_start2) = _tile_setup(
-            tl.maximum(ticket - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
+            tl.maximum(item - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
             cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
@@ -296,52 +345,66 @@ def qkv_quantize_kernel(
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
+            # ---- an offset item: the sampled mean of one K or V head ----
+            if ticket < n_off:
+                if SMOOTH_K:
+                    slot = ticket  # (t - 1) * B * H_KV + b * H_KV + h
+                else:
+                    slot = ticket + B * H_KV
+                kind = 1 + slot // (B * H_KV)
+                bh = slot % (B * H_KV)
+                b0 = bh // H_KV
+                h0 = bh % H_KV
+                o_ptr = tl.where(kind == 1, k_ptr, v_ptr)
+                o_stride_s = tl.where(kind == 1, stride_ks, stride_vs)
+                o_stride_d = tl.where(kind == 1, stride_kd, stride_vd)
+                o_stride_h = tl.where(kind == 1, stride_kh, stride_vh)
+                if VARLEN:
+                    start = tl.load(cu_k_ptr + b0).to(tl.int64)
+                    o_len = (tl.load(cu_k_ptr + b0 + 1) - start).to(tl.int32)
+                    o_base = start * o_stride_s + h0.to(tl.int64) * o_stride_h
+                    o_cos = start * stride_cs
+                    o_sin = start * stride_ss
+                else:
+                    o_len = S_KV
+                    o_base = b0.to(tl.int64) * tl.where(kind == 1, stride_kb, stride_vb) + h0.to(tl.int64) * o_stride_h
+                    o_cos = b0.to(tl.int64) * stride_cb
+                    o_sin = b0.to(tl.int64) * stride_sb
+                mean1, mean2 = _sample_mean(o_ptr, o_base, o_len, o_stride_s, o_stride_d,
+                                            cos_ptr, o_cos, stride_cs, stride_cd, sin_ptr, o_sin, stride_ss,
+                                            stride_sd, kind == 1, HEAD_DIM, HALF_BLOCK, D_CONTIG, APPLY_ROPE,
+                                            N_SAMPLE, 32)
+                m_ptr = mean_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
+                tl.store(m_ptr, mean1, mask=d_mask)
+                tl.store(m_ptr + HALF, mean2, mask=d_mask)
+                tl.debug_barrier()  # every thread's stores before the one thread's release
+                tl.atomic_add(ready_ptr + slot, 1, sem="release")
         else:
             smooth1 = False
             smooth2 = False
-        # ---- P1: publish max |x| of the tile (a smoothed tile: its channel statistics), before any wait ----
+        # ---- P1: publish the tile's contribution to its group's amax, before any wait ----
         if has_p1:
             if ONE_TILE:
                 lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
                     x1_ptr, x1_base, row1, seq1, stride1_s, stride1_d,
                     cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
-            x1, x2 = _transform(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1, signs,
-                                APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
-            if smooth1:
-                # k/v groups are single heads: (t - 1, b, h) indexes the statistics. Rows past seq_len
-                # (loaded as 0) and non-finite elements count in none of them; an empty tile publishes nothing.
-                valid = ((row1 + out_rows) < seq1)[:, None]
-                copy = (row1 // BLOCK_S) % N_COPIES
-                slot = stats_ptr + ((grp1 - B * H_KV).to(tl.int64) * N_COPIES + copy) * (4 * HEAD_DIM)
-                on = offs_d < tl.where(row1 < seq1, HALF, 0)  # d_mask, off for an empty tile
-                _publish_half_stats(x1, valid & (tl.abs(x1) < float("inf")), slot, 0, offs_d, on, HEAD_DIM)
-                _publish_half_stats(x2, valid & (tl.abs(x2) < float("inf")), slot, HALF, offs_d, on, HEAD_DIM)
-            else:
-                m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-                # The int32 max of the bit patterns orders non-negative finite floats like the floats.
-                tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
+            x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
             if SMOOTH_K or SMOOTH_V:
-                # every warp's atomics before the one thread's release (CUTLASS's semaphore pattern); acq_rel:
-                # the group's last P1 acquires every other P1's statistics
-                tl.debug_barrier()
-                n_before = tl.atomic_add(done_ptr + grp1, 1, sem="acq_rel")
-                if smooth1 & (n_before == grp1_tiles - 1):
-                    head1 = (grp1 - B * H_KV).to(tl.int64)
-                    slots = stats_ptr + head1 * (N_COPIES * 4 * HEAD_DIM)
-                    mean1, c_amax1 = _merge_half_stats(slots, 0, seq1, offs_d, d_mask, N_COPIES, MAX_COPIES,
-                                                       HEAD_DIM)
-                    mean2, c_amax2 = _merge_half_stats(slots, HALF, seq1, offs_d, d_mask, N_COPIES, MAX_COPIES,
-                                                       HEAD_DIM)
-                    m_ptr = mean_ptr + head1 * HEAD_DIM + offs_d
-                    tl.store(m_ptr, mean1, mask=d_mask)
-                    tl.store(m_ptr + HALF, mean2, mask=d_mask)
-                    c_amax = tl.maximum(c_amax1, c_amax2)  # a smoothed group's amax slot is still 0
-                    tl.atomic_max(amax_ptr + grp1, c_amax.to(tl.int32, bitcast=True), sem="relaxed")
-                    tl.debug_barrier()
-                    tl.atomic_add(done_ptr + grp1, 1, sem="release")
-            else:
-                tl.atomic_add(done_ptr + grp1, 1, sem="release")
+                if smooth1:  # the head's offset item has a smaller ticket (see the deadlock argument)
+                    slot1 = grp1 - B * H_KV
+                    r = tl.atomic_add(ready_ptr + slot1, 0, sem="acquire")
+                    while r == 0:
+                        r = tl.atomic_add(ready_ptr + slot1, 0, sem="acquire")
+                x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (row1 + out_rows) < seq1, offs_d,
+                                 d_mask, HALF, HEAD_DIM)
+            m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+            if ROTATES:
+                rotated1 = tl.where(t1 < 2, HADAMARD_QK, HADAMARD_V)
+                m = tl.where(rotated1, _pow2_norm_bound(x1, x2), m)
+            # The int32 max of the bit patterns orders non-negative finite floats like the floats.
+            tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
+            tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
             if ONE_TILE:
@@ -349,12 +412,8 @@ def qkv_quantize_kernel(
                     x2_ptr, x2_base, row2, seq2, stride2_s, stride2_d,
                     cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
-            if SMOOTH_K or SMOOTH_V:
-                ready = grp2_tiles + smooth2.to(tl.int32)  # a smoothed group also waits for its merge
-            else:
-                ready = grp2_tiles
-            if n_done < ready:
-                while n_done < ready:
+            if n_done < grp2_tiles:
+                while n_done < grp2_tiles:
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
@@ -362,13 +421,13 @@ def qkv_quantize_kernel(
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
             tl.store(descale_ptr + grp2, descale, mask=first2)
-            x1, x2 = _transform(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2, signs,
-                                APPLY_ROPE, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
+            x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
             if SMOOTH_K or SMOOTH_V:
-                # mean 0 (not loaded) for unsmoothed tiles: x - 0 == x exactly
-                m_ptr = mean_ptr + (grp2 - B * H_KV).to(tl.int64) * HEAD_DIM + offs_d
-                x1 = x1 - tl.load(m_ptr, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
-                x2 = x2 - tl.load(m_ptr + HALF, mask=d_mask & smooth2, other=0.0, cache_modifier=".cg")[None, :]
+                # the group's P1s acquired the offset before their release, which P2 acquired
+                x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (row2 + out_rows) < seq2, offs_d,
+                                 d_mask, HALF, HEAD_DIM)
+            if ROTATES:
+                x1, x2 = _hadamard(x1, x2, signs, tl.where(t2 < 2, HADAMARD_QK, HADAMARD_V), INV_SQRT_D)
             if BLOCK_SCALES:
                 # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
                 valid2 = (row2 + out_rows) < seq2

@@ -2,8 +2,8 @@
 
 One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
 schedule) plus one small zero-fill of its counters. This is the only module that reads strides, allocates
-and builds grids; the math is the one of `reference.py`, bit for bit without the accuracy modes
-(hadamard, smoothing: within one fp8 ulp on a few elements, see `quantize_qkv_fp8`).
+and builds grids; the math is the one of `reference.py`, bit for bit but for summation orders (see
+`quantize_qkv_fp8`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
+from .._constants import CENTRING_SAMPLE, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .kernels import WS_PAD, qkv_quantize_kernel
@@ -22,18 +22,12 @@ from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_
 # Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
 # two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
 _TILE_ELEMS = 8192
-# With RoPE or smoothing: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
+# With RoPE: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
 # Registers per thread (sm_90a, triton 3.9 ptxas, D=128, no spills): plain 127 at 4 warps; RoPE with two
 # tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
-# (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps. Smoothing
-# (offline ptxas of triton 3.9 for sm_90a, bf16 cos/sin): ONE_TILE (4096, 4) 105, with RoPE 168; the
-# per-tile-partials design it replaced used 141 / 167. `scripts/bench_quantize.py --modes` times the
-# alternatives.
+# (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps.
+# `scripts/bench_quantize.py --modes` times the alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
-# Copies of each smoothed head's statistics slot that P1s merge into (tile index mod this; power of two): the
-# tiles in flight mostly belong to one head, and one slot's cache lines would serialise their atomics. A
-# head of fewer tiles gets fewer copies (the buffer grows with heads x copies: 1 MiB at B=1, H_kv=32, D=128).
-_STATS_COPIES = 8
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
 _PROGRAMS_PER_SM = 8
 # P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
@@ -48,12 +42,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _tile_config(head_dim: int, apply_rope: bool, smooth: bool = False) -> tuple[int, int, int, bool]:
+def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int, bool]:
     """(HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) for a head dim; D=96 pads its 48-wide halves to 64.
-    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256 with 8192-element tiles. RoPE and smoothing
-    keep one tile in flight (`_ONE_TILE_CONFIG`): their tiles carry cos/sin or the statistics' registers."""
+    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256 with 8192-element tiles. RoPE keeps one tile in
+    flight (`_ONE_TILE_CONFIG`): its tiles carry cos/sin."""
     half_block = next_power_of_2(head_dim // 2)
-    tile_elems, num_warps, one_tile = _ONE_TILE_CONFIG if (apply_rope or smooth) else (_TILE_ELEMS, 4, False)
+    tile_elems, num_warps, one_tile = _ONE_TILE_CONFIG if apply_rope else (_TILE_ELEMS, 4, False)
     block_s = max(16, min(128, tile_elems // (2 * half_block)))
     num_warps = max(num_warps, 8 if head_dim > 128 else 4)
     return half_block, block_s, num_warps, one_tile
@@ -86,12 +80,11 @@ def quantize_qkv_fp8(
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
-        float32 with smooth_v. Identical to `quantize_qkv_fp8_reference` without hadamard and smoothing.
-        Hadamard changes the fp32 summation order (tl.dot), and the smoothing means are float32 tile sums
-        added in float64 (the reference sums the elements in float64): a mean may differ from the
-        reference's by the tile sums' roundings (usually it does not), so a few fp8 values may be one ulp
-        apart and descales agree to ~1e-7 relative. Given the same mean, the smoothed scale and values are
-        exactly the reference's.
+        float32 with smooth_v (V's centring offset, before any rotation). Identical to
+        `quantize_qkv_fp8_reference` but for summation orders: the float64 sums of the offsets and, with
+        hadamard, tl.dot and the rows' squared norms. These change bits only for rows whose values span more
+        than ~16 binades or a squared norm within an ulp of a power of two: then a few fp8 values may be
+        one ulp apart.
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
@@ -180,25 +173,21 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     else:
         blocks = (None, None)
     apply_rope = rope is not None
-    smooth_k, smooth_v, smooth = options.smooth_k, options.smooth_v, options.smooths
-    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope, smooth)
+    smooth_k, smooth_v = options.smooth_k, options.smooth_v
+    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
 
-    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, counters), the (3, B, H_kv)
-    # float32 descales (overwritten), and with smoothing, 128-byte aligned, the (2, B, H_kv, D) K and V
-    # means (zeros stand for the mean of an empty sequence) and the (2, B, H_kv, n_copies, 4 * D) words
-    # of per-channel statistics the kernel accumulates (float64 sums, max keys, max-of-negation keys; zero
-    # is their identity).
+    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters, offset-ready
+    # flags), the (3, B, H_kv) float32 descales (overwritten), and with smoothing, 128-byte aligned, the
+    # (2, B, H_kv, D) K and V centring offsets the kernel writes.
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
-    n_ws = pad + 3 * n_groups
-    smooth_at, n_means = cdiv(n_ws, 32) * 32, 2 * B * H_kv * D
-    n_copies = min(_STATS_COPIES, next_power_of_2(max(1, cdiv(S_kv, block_s))))
-    n_buf = smooth_at + n_means * (1 + 4 * n_copies) if smooth else n_ws
+    n_ws = pad + 2 * n_groups + 2 * B * H_kv
+    means_at = cdiv(n_ws + n_groups, 32) * 32
+    n_buf = means_at + 2 * B * H_kv * D if options.smooths else n_ws + n_groups
     buf = torch.zeros((n_buf,), dtype=torch.int32, device=device)
-    if smooth:
-        means = buf[smooth_at : smooth_at + n_means].view(torch.float32).view(2, B, H_kv, D)
-        stats = buf[smooth_at + n_means :].view(torch.float32)
+    if options.smooths:
+        means = buf[means_at:].view(torch.float32).view(2, B, H_kv, D)
     else:
-        means = stats = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
+        means = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     v_mean = means[1] if smooth_v else None
 
     def bundle(descale: torch.Tensor) -> QuantizedQKV:
@@ -210,8 +199,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     if S_q == 0 or S_kv == 0 or B == 0:
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
-    workspace = buf[: pad + 2 * n_groups]
-    descale = buf[pad + 2 * n_groups : n_ws].view(torch.float32).view(3, B, H_kv)
+    workspace = buf[:n_ws]
+    descale = buf[n_ws : n_ws + n_groups].view(torch.float32).view(3, B, H_kv)
     n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device))
 
     if apply_rope:
@@ -225,14 +214,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, stats, cu_q, cu_k,
+        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
-        B, H_q, H_kv, S_q, S_kv, lag, n_copies,
+        B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, MAX_COPIES=_STATS_COPIES, VARLEN=varlen is not None,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, N_SAMPLE=CENTRING_SAMPLE, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,

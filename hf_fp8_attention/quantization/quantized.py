@@ -32,8 +32,8 @@ class QuantizedQKV:
     k_descale: torch.Tensor
     v_descale: torch.Tensor
     # What was done to V, for the output fix-up (`attention.restore_output`): v_mean (smooth_v only) is the
-    # (B, H_kv, D) float32 mean over the sequence subtracted from V after any Hadamard rotation (rows of P
-    # sum to 1, so the output gets it back); v_rotated: V was multiplied by the normalised Hadamard matrix.
+    # (B, H_kv, D) float32 centring offset subtracted from V before any Hadamard rotation (rows of P sum to 1,
+    # so the output gets it back); v_rotated: V was then multiplied by the normalised Hadamard matrix.
     v_mean: Optional[torch.Tensor] = None
     v_rotated: bool = False
     # Variable-length batches (`quantize_qkv_fp8_varlen`): N sequences packed along the rows of batch-1

@@ -1,8 +1,8 @@
 """Pure-torch reference of the FP8 Q/K/V quantization (optional RoPE, per-(batch, KV head) scales).
 
 Input layout BHSD (any strides), output layout BSHD contiguous. The Triton path in ``qkv.py`` computes
-exactly the same float32 math: bit for bit without the accuracy modes, within one fp8 ulp on a few
-elements with Hadamard / smoothing (summation order; see tests/cpu/test_quantize.py).
+exactly the same float32 math, bit for bit but for summation orders (Hadamard, offsets; see
+`qkv.quantize_qkv_fp8` and tests/cpu/test_quantize.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
+from .._constants import CENTRING_SAMPLE, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .hadamard import hadamard_matrix
@@ -41,15 +41,40 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a < float("inf"), a, torch.zeros_like(a))  # NaN < inf is False
 
 
-def _finite_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0 (divided by the
-    full length): any per-channel constant keeps the centring exact, and this one stays finite. The sum is
-    taken in float64 and rounded once to float32 (so it does not depend on a device's float32 summation
-    order), then divided by the length in float32, as the kernel does with its float64 total of float32
-    tile sums; the two totals differ only by the tile sums' roundings and usually round to the same float32."""
-    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    total = finite.double().sum(dim=2, keepdim=True).float()
-    return torch.div(total, torch.full_like(total, max(x.shape[2], 1)))  # tensor / tensor: one rounding
+def centring_offsets(x: torch.Tensor, n_sample: int) -> torch.Tensor:
+    """Centring offset of each (batch, head, channel) of x (B, H, S, D) float32: the mean of the rows
+    floor(i * S / n_sample), i < n_sample (all rows when S <= n_sample), non-finite elements counted as 0;
+    (B, H, 1, D) float32. Summed in float64, rounded once to float32 and divided by the row count in float32,
+    as the kernel's `_sample_mean` (its float64 sums of float32 values are exact, whatever the order, unless
+    the rows' magnitudes span ~29 binades). Any per-channel constant keeps attention exact (K: a constant per
+    score row; V: the output gets it back); a spread sample finds a channel offset as the full mean does."""
+    S = x.shape[2]
+    rows = torch.arange(min(S, n_sample), device=x.device)
+    if S > n_sample:
+        rows = rows * S // n_sample
+    xs = x[:, :, rows]
+    total = torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)).double().sum(dim=2, keepdim=True).float()
+    return torch.div(total, torch.full_like(total, max(rows.numel(), 1)))  # tensor / tensor: one rounding
+
+
+def _rotate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (..., D) float32 @ (H_D / sqrt(D)), as the kernel: x rounded to ``dtype`` (the input dtype) so that the
+    products with the +-1 signs are exact, float32 sums, then the 1/sqrt(D) factor."""
+    d = x.shape[-1]
+    signs = hadamard_matrix(d, device=x.device, normalized=False)
+    return (x.to(dtype).float() @ signs) * d**-0.5
+
+
+def _pow2_norm_bound(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per group of heads of x (B, H, S, D) float32 (not yet rotated): 2^ceil(log2(s) / 2) with s the largest
+    squared row norm over the finite elements, a power of two >= every |(x H)_i| (the kernel's
+    `tile_math._pow2_norm_bound`, from s's bits); 0 for an all-zero group. (B, n_groups) float32."""
+    B, H, S, D = x.shape
+    f = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    s = (f * f).sum(dim=-1).reshape(B, n_groups, (H // n_groups) * S).amax(dim=-1).contiguous()
+    e = ((s.view(torch.int32) + 0x7FFFFF) >> 23) - 127
+    bound = ((((e + 1) >> 1) + 127) << 23).view(torch.float32)
+    return torch.where(s > 0, bound, torch.zeros_like(bound))
 
 
 def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
@@ -78,10 +103,14 @@ def _scales(amax: torch.Tensor, qmax: float = FP8_MAX) -> tuple[torch.Tensor, to
     return scale, descale
 
 
-def _quantize_grouped(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, n_groups) float32)."""
+def _quantize_grouped(x: torch.Tensor, n_groups: int, amax: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, H, S, D) float32 -> (fp8 (B, S, H, D) contiguous, descale (B, n_groups) float32); amax: the
+    groups' (B, n_groups) amax when not max |x| (a rotated tensor's norm bound)."""
     B, H, S, D = x.shape
-    scale, descale = _scales(_finite_abs(x).reshape(B, n_groups, (H // n_groups) * S * D).amax(dim=-1))
+    if amax is None:
+        amax = _finite_abs(x).reshape(B, n_groups, (H // n_groups) * S * D).amax(dim=-1)
+    scale, descale = _scales(amax)
     scaled = x.reshape(B, n_groups, H // n_groups, S, D) * scale[:, :, None, None, None]
     x_fp8 = _to_fp8(scaled).reshape(B, H, S, D)
     return x_fp8.transpose(1, 2).contiguous(), descale
@@ -121,16 +150,17 @@ def quantize_qkv_fp8_reference(
         k, v: (B, H_kv, S_kv, D) bf16/fp16, any strides; H_q % H_kv == 0.
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype (HF rotary embedding output);
             only with S_q == S_kv. Applied to q and k in float32 before the amax.
-        options: `FP8AttentionOptions`. hadamard rotates q and k ("qkv") and/or v ("qkv", "v_only") by the
-            normalised Hadamard matrix; smooth_k subtracts K's per-(batch, head, channel) mean over the
-            sequence (exact for softmax: it shifts each score row by a constant); smooth_v subtracts V's
-            and returns it as ``v_mean`` for the output to add back; qk_scales="block" gives q and k one
-            scale per SCALE_BLOCK (16) tokens of one head (their per-group descales are still returned),
-            v keeping its per-(batch, KV head) scale; qk_format="int8" makes those q and k int8.
-        Order, all in float32: RoPE -> Hadamard -> mean subtraction -> amax -> scale -> e4m3 (the means'
-        sums are taken in float64). The kernel takes the smoothed amax as max_c max(max_c - mean_c,
-        mean_c - min_c) from per-channel statistics, which is exactly this amax of the centred values
-        for the same mean.
+        options: `FP8AttentionOptions`. smooth_k subtracts a per-(batch, head, channel) offset from K
+            (`centring_offsets`: the mean of CENTRING_SAMPLE rows spread over the sequence; exact for
+            softmax: it shifts each score row by a constant); smooth_v subtracts V's and returns it as
+            ``v_mean`` for the output to add back; hadamard rotates q and k ("qk", "qkv") and/or v ("qkv",
+            "v_only") by the normalised Hadamard matrix (rows rounded to the input dtype first, `_rotate`),
+            and a rotated tensor's group amax is the power-of-two bound of its rows' norms
+            (`_pow2_norm_bound`, no second rotation in the kernel's amax pass); qk_scales="block" gives q
+            and k one scale per SCALE_BLOCK (16) tokens of one head, the exact amax of each rotated block
+            (their per-group descales are still returned), v keeping its per-(batch, KV head) scale;
+            qk_format="int8" makes those q and k int8.
+        Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
 
@@ -145,22 +175,25 @@ def quantize_qkv_fp8_reference(
     if cos is not None:
         qf = apply_rope_reference(qf, cos, sin)
         kf = apply_rope_reference(kf, cos, sin)
-    if options.rotates_qk or options.rotates_v:
-        h = hadamard_matrix(q.shape[-1], device=q.device)
-        if options.rotates_qk:
-            qf, kf = qf @ h, kf @ h
-        if options.rotates_v:
-            vf = vf @ h
     if options.smooth_k:
-        kf = kf - _finite_mean(kf)
+        kf = kf - centring_offsets(kf, CENTRING_SAMPLE)
     v_mean = None
     if options.smooth_v:
-        v_mean = _finite_mean(vf)
+        v_mean = centring_offsets(vf, CENTRING_SAMPLE)
         vf = vf - v_mean
         v_mean = v_mean.squeeze(2)
-    q8, q_descale = _quantize_grouped(qf, h_kv)
-    k8, k_descale = _quantize_grouped(kf, h_kv)
-    v8, v_descale = _quantize_grouped(vf, h_kv)
+    # a rotated tensor's group amax is the power-of-two bound of its (unrotated) rows' norms
+    bounds = [None, None, None]
+    for i, (x, rotated) in enumerate(((qf, options.rotates_qk), (kf, options.rotates_qk), (vf, options.rotates_v))):
+        if rotated:
+            bounds[i] = _pow2_norm_bound(x, h_kv)
+    if options.rotates_qk:
+        qf, kf = _rotate(qf, q.dtype), _rotate(kf, q.dtype)
+    if options.rotates_v:
+        vf = _rotate(vf, q.dtype)
+    q8, q_descale = _quantize_grouped(qf, h_kv, bounds[0])
+    k8, k_descale = _quantize_grouped(kf, h_kv, bounds[1])
+    v8, v_descale = _quantize_grouped(vf, h_kv, bounds[2])
     blocks = {}
     if options.block_scales:
         q8, q_blocks = _quantize_blocks(qf, options.int8_qk)

@@ -1,7 +1,6 @@
 """Per-tile arithmetic of the quantize kernel (`kernels.qkv_quantize_kernel`): non-finite-safe amax and
-e4m3 cast, per-block amax, the Hadamard rotation by tl.dot, and the per-channel statistics of K/V
-smoothing (merged with atomics in P1, turned into the mean and the centred amax once per head). Jitted
-helpers only: no launches, no pointers beyond what the kernel hands them."""
+e4m3 / int8 casts, per-block amax, the Hadamard rotation by tl.dot and the power-of-two norm bound that
+stands for a rotated group's amax. Jitted helpers only: no launches, no pointers."""
 
 import triton
 import triton.language as tl
@@ -59,83 +58,35 @@ def _sign_matrix(N: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _dot_signs(x, signs, SPLIT: tl.constexpr):
-    """x (BLOCK_S, N) float32 @ signs (N, N) with float32 accumulation. The products with +-1 are exact, so
-    the only rounding is the accumulation's: x must be exact in signs.dtype (unrotated bf16/fp16 input),
-    or SPLIT writes it as hi + lo in bf16 (16 of the 24 mantissa bits, relative error <= 2^-17, far below
-    e4m3's 2^-4) at the cost of a second dot. Not tf32: its 10-bit inputs would flip ~0.4% of the fp8s."""
-    hi = x.to(signs.dtype)
-    acc = tl.dot(hi, signs, out_dtype=tl.float32)
-    if SPLIT:
-        lo = (x - hi.to(tl.float32)).to(signs.dtype)
-        acc = tl.dot(lo, signs, acc, out_dtype=tl.float32)
-    return acc
+def _dot_signs(x, signs):
+    """x (BLOCK_S, N) float32 @ signs (N, N) with float32 accumulation, x rounded to signs.dtype (the input
+    dtype) first: the products with +-1 are exact, so the accumulation is the only other rounding (none when
+    the row's values span fewer than ~16 binades: then any summation order gives the same bits). The rounding
+    to 16 bits (2^-9 relative for bf16) is far below e4m3's 2^-4. Not tf32: its 10-bit inputs would flip
+    fp8s the reference cannot follow."""
+    return tl.dot(x.to(signs.dtype), signs, out_dtype=tl.float32)
 
 
 @triton.jit
-def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr, SPLIT: tl.constexpr):
+def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr):
     """x @ (H_D / sqrt(D)) for the half tiles x = [x1, x2] when `on`. Sylvester: H_D = [[H, H], [H, -H]] with
     H = H_{D/2} (`signs`), so x @ H_D = [x1 @ H + x2 @ H, x1 @ H - x2 @ H]: two half-size dots."""
-    p = _dot_signs(x1, signs, SPLIT)
-    r = _dot_signs(x2, signs, SPLIT)
+    p = _dot_signs(x1, signs)
+    r = _dot_signs(x2, signs)
     y1 = (p + r) * INV_SQRT_D
     y2 = (p - r) * INV_SQRT_D
     return tl.where(on, y1, x1), tl.where(on, y2, x2)
 
 
 @triton.jit
-def _ordered_key(x):
-    """float32 -> uint32 ordered like the floats (sign bit flipped for x >= 0, all bits for x < 0), for
-    atomic max of signed floats in one integer atomic. Key 0 sorts below every float, -inf included
-    (key 0x007FFFFF), so a zero-filled workspace is the identity of the max."""
-    bits = x.to(tl.uint32, bitcast=True)
-    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
-
-
-@triton.jit
-def _from_ordered_key(key):
-    """Inverse of `_ordered_key`; key 0 (nothing published) reads as -inf."""
-    bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, ~key)
-    return tl.where(key == 0, float("-inf"), bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _publish_half_stats(x, keep, slot_ptr, col, offs_d, mask, HEAD_DIM: tl.constexpr):
-    """Merges the per-channel statistics of a transformed half tile (channels col + offs_d) into a slot of
-    4 * HEAD_DIM 32-bit words at slot_ptr: HEAD_DIM float64 sums (words [0, 2 D)), then the max and the max
-    of -x as `_ordered_key`s (words [2 D, 3 D) and [3 D, 4 D)). Only elements with `keep` (valid rows,
-    finite values) count: non-finite elements add nothing and set no bound. The tile's float32 sums are
-    added in float64, so the order the tiles arrive in moves a total by ~2^-53 relative only.
-    `mask`: the channels (and whether to publish at all)."""
-    sums = slot_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + col + offs_d
-    keys = (slot_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + col + offs_d
-    total = tl.sum(tl.where(keep, x, 0.0), axis=0)
-    tl.atomic_add(sums, total.to(tl.float64), mask=mask, sem="relaxed")
-    tl.atomic_max(keys, _ordered_key(tl.max(tl.where(keep, x, float("-inf")), axis=0)), mask=mask, sem="relaxed")
-    tl.atomic_max(keys + HEAD_DIM, _ordered_key(tl.max(tl.where(keep, -x, float("-inf")), axis=0)), mask=mask,
-                  sem="relaxed")
-
-
-@triton.jit
-def _merge_half_stats(slots_ptr, col, seq_len, offs_d, d_mask, n_copies, MAX_COPIES: tl.constexpr,
-                      HEAD_DIM: tl.constexpr):
-    """Mean over the sequence and centred max |x - mean| of the channels col + offs_d of one head, from the
-    n_copies <= MAX_COPIES slots (4 * HEAD_DIM words apart) that `_publish_half_stats` filled, once all are
-    complete (read
-    past L1: the caller has acquired them). In a fixed order, so the result does not depend on timing.
-    Returns (mean (HALF_BLOCK,) float32, centred amax over the finite elements, a scalar). As in the
-    reference, the mean is the float64 total rounded to float32, divided by seq_len in float32."""
-    copy = tl.arange(0, MAX_COPIES)[:, None] * (4 * HEAD_DIM)  # words
-    mask = (tl.arange(0, MAX_COPIES) < n_copies)[:, None] & d_mask[None, :]
-    chan = (col + offs_d)[None, :]
-    sums = slots_ptr.to(tl.pointer_type(tl.float64), bitcast=True) + copy // 2 + chan
-    keys = (slots_ptr + 2 * HEAD_DIM).to(tl.pointer_type(tl.uint32), bitcast=True) + copy + chan
-    total = tl.sum(tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-    hi = _from_ordered_key(tl.max(tl.load(keys, mask=mask, other=0, cache_modifier=".cg"), axis=0))
-    neg_lo = _from_ordered_key(tl.max(tl.load(keys + HEAD_DIM, mask=mask, other=0, cache_modifier=".cg"), axis=0))
-    mean = tl.math.div_rn(total.to(tl.float32), tl.maximum(seq_len, 1).to(tl.float32))  # empty: mean 0
-    # Rounding is monotonic and symmetric, so max over x of |fl(x - mean)| is max(fl(hi - mean),
-    # fl(mean - lo)): exactly the amax of the centred values given this mean. A channel with no finite
-    # element has hi = -lo = -inf: centred -inf, below the 0 of the padding channels.
-    centred = tl.maximum(hi - mean, neg_lo + mean)
-    return mean, tl.max(tl.where(d_mask, centred, 0.0))
+def _pow2_norm_bound(x1, x2):
+    """2^ceil(log2(s) / 2) for s the largest squared norm of a row of the tile (half tiles x1, x2; non-finite
+    elements count as 0): a power of two >= every |(x H)_i| for orthonormal H, so the group amax of a
+    rotated tensor without the rotation. From s's bits (no sqrt, no log), as `reference._pow2_norm_bound`;
+    0 for an all-zero tile. s must be finite (|x| < ~1e18)."""
+    f1 = tl.where(tl.abs(x1) < float("inf"), x1, 0.0)
+    f2 = tl.where(tl.abs(x2) < float("inf"), x2, 0.0)
+    s = tl.max(tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1))
+    e = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) >> 23) - 127  # ceil(log2 s)
+    bound = (((e + 1) >> 1) + 127) << 23  # 2^ceil(e / 2) (arithmetic shift: floor)
+    return tl.where(s > 0.0, bound.to(tl.float32, bitcast=True), 0.0)

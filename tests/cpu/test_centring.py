@@ -1,26 +1,16 @@
 """K / V centring (`smooth_k` / `smooth_v`) in the quantize kernel, interpreted on CPU.
 
-The kernel gathers each smoothed head's per-channel sum, max and max of -x with atomics (into a few
-copies) in the pass that reads a tile for its amax (P1); the head's last P1 merges them into
-mean_c = sum_c / S and the centred amax max_c max(max_c - mean_c, mean_c - min_c), which is exactly
-max |fl(x - mean)| over the finite elements (rounding is monotonic and symmetric), and the quantize steps
-(P2) of the head read both after waiting for that merge. So, given the
-kernel's own mean, its V scale and fp8 bytes equal a torch computation bit for bit
-(`test_v_scale_is_the_amax_of_its_centred_values`). The kernel's means are its tiles' float32 sums added
-in float64, the reference's a float64 sum of the elements: they differ by the tiles' float32 roundings
-only (usually not at all), and the documented tolerance of tests/cpu/test_quantize.py applies (at most 1
-fp8 ulp on at most 0.5% of a tensor, descales to 1e-6 relative).
-
-Under the interpreter the programs run one after another, so the atomics merge the tiles in tile order; on
-the GPU the order changes between runs but moves the float64 sums by ~2^-53 relative only
-(tests/gpu/test_centring_gpu.py checks that runs agree).
+The kernel's first tickets are one offset item per smoothed head: the mean of CENTRING_SAMPLE rows spread
+evenly over the sequence (all rows of a shorter one), after RoPE for K, summed in float64
+(`kernels._sample_mean`); every P1 of the head waits for it, so P1 and P2 subtract the same offset and the
+scale is exactly the amax of the centred values. The reference (`reference.centring_offsets`) samples the
+same rows; float64 sums of float32 values are exact unless magnitudes span ~29 binades, so the offsets agree
+bit for bit in practice, and the documented tolerance of tests/cpu/test_quantize.py covers the rest.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from test_quantize import (  # noqa: F401 (fixture)
     _fp8_bytes,
     _interpreter_bf16_dot,
@@ -29,7 +19,7 @@ from test_quantize import (  # noqa: F401 (fixture)
     make_rope,
 )
 
-from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
+from hf_fp8_attention._constants import CENTRING_SAMPLE, FP8_DTYPE, FP8_MAX
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import (
     quantize_qkv_fp8,
@@ -38,8 +28,7 @@ from hf_fp8_attention.quantization import (
     quantize_qkv_fp8_varlen_reference,
 )
 from hf_fp8_attention.quantization import qkv as qkv_launcher
-from hf_fp8_attention.quantization.reference import _scales
-from hf_fp8_attention.quantization.tile_math import _from_ordered_key, _ordered_key
+from hf_fp8_attention.quantization.reference import _scales, centring_offsets
 
 ON_CUDA = torch.cuda.is_available()
 pytestmark = [
@@ -96,12 +85,9 @@ def test_kernel_matches_reference(B, H_q, H_kv, S, D, dtype, rope, smooth_k, smo
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
     assert_close_modes(got, ref, rope is not None, hadamard)
-    if smooth_v and hadamard == "none":
-        # float32 tile sums added in float64 vs float64 over the elements: the tiles' roundings, at most
-        # 2^-24 of each tile's sum of |v|, then the one rounding of the mean
-        n_tiles = -(-S // qkv_launcher._tile_config(D, rope is not None, smooth=True)[1])
-        bound = (n_tiles + 1) * 2.0**-24 * v.float().abs().mean(dim=2) + 2.0**-23 * ref.v_mean.abs()
-        assert ((got.v_mean - ref.v_mean).abs() <= bound).all()
+    if smooth_v:  # S <= CENTRING_SAMPLE: the offset is the sequence mean, to float32 rounding
+        assert torch.equal(got.v_mean, ref.v_mean)
+        torch.testing.assert_close(got.v_mean, v.double().mean(dim=2).float(), rtol=0, atol=1e-5)
     plain = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=_options(False, False, hadamard))
     if smooth_k and rope is None:
         assert (got.k_descale < 0.5 * plain.k_descale).all()
@@ -121,14 +107,14 @@ def test_unsmoothed_tensors_are_untouched():
             assert torch.equal(getattr(got, f"{n}_descale"), getattr(none, f"{n}_descale")), n
 
 
-@pytest.mark.parametrize("S", [1, 63, 64, 65, 150])
+@pytest.mark.parametrize("S", [1, 127, 128, 129, 150])
 def test_v_scale_is_the_amax_of_its_centred_values(S):
     """The spec, bit for bit given the kernel's own mean m: v_descale = max |fl(v - m)| / 448 per head and
     v = e4m3(fl(v - m) * 448 / amax) (S = 1: everything centres to 0, scale 1). K through the same
     statistics: with k = v (no RoPE) the kernel merges identical tiles in the same order, so K's bytes and
-    descale equal V's. Tile edges included (BLOCK_S = 64 at D = 64)."""
-    _, block_s, _, _ = qkv_launcher._tile_config(64, False, smooth=True)
-    assert block_s == 64
+    descale equal V's. Tile edges included (BLOCK_S = 128 at D = 64)."""
+    _, block_s, _, _ = qkv_launcher._tile_config(64, False)
+    assert block_s == 128
     q, _, v = _inputs(2, 4, 2, S, 64, torch.bfloat16, seed=3)
     got = quantize_qkv_fp8(q, v, v, options=_options(True, True))
     centred = v.float() - got.v_mean[:, :, None, :]  # (B, H, S, D) float32, one rounding as in the kernel
@@ -241,31 +227,30 @@ def test_non_finite_with_rope_match_reference():
     assert_close_modes(got, quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options), True, "none")
 
 
-# ---------------------------------------------------------------- the order-preserving keys
+# ---------------------------------------------------------------- sampled offsets of long sequences
 
 
-@triton.jit
-def _keys_kernel(x_ptr, key_ptr, back_ptr, zero_ptr, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    key = _ordered_key(tl.load(x_ptr + offs))
-    tl.store(key_ptr + offs, key.to(tl.int32, bitcast=True))
-    tl.store(back_ptr + offs, _from_ordered_key(key))
-    tl.store(zero_ptr + offs, _from_ordered_key(tl.zeros((N,), tl.uint32)))
-
-
-def test_ordered_keys_round_trip():
-    """`_ordered_key` orders like the floats (so an unsigned atomic max is a float max), key 0 is below
-    every float (the zero-filled workspace is the identity) and reads back as -inf."""
-    big = torch.finfo(torch.float32).max
-    x = torch.tensor([-float("inf"), -big, -3.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, big, float("inf"),
-                      -2.0, 7.25, 1e-30, -1e30, 0.5, 3.0])
-    key, back, zero = torch.empty(16, dtype=torch.int32), torch.empty(16), torch.empty(16)
-    _keys_kernel[(1,)](x, key, back, zero, N=16)
-    assert torch.equal(back.view(torch.int32), x.view(torch.int32))  # -0.0 included
-    unsigned = key.to(torch.int64) & 0xFFFFFFFF
-    order = torch.argsort(x, stable=True)
-    assert (unsigned[order].diff() >= 0).all() and (unsigned > 0).all()
-    assert torch.isneginf(zero).all()
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_long_sequence_offset_is_the_sampled_mean(rope):
+    """S > CENTRING_SAMPLE: the offset is the mean of rows floor(i * S / 256) (after RoPE for K), the kernel's
+    equal to the reference's bit for bit; the scales are those of the values centred by it; and it removes a
+    channel offset as well as the full mean would (V offset +-3 on unit noise: the centred amax is within 5%
+    of the one the exact mean gives)."""
+    S = 2 * CENTRING_SAMPLE + 37
+    q, k, v = _inputs(1, 2, 1, S, 64, torch.bfloat16, seed=7)
+    cos, sin = make_rope(1, S, 64, torch.float32) if rope else (None, None)
+    options = _options(True, True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
+    assert_close_modes(got, ref, rope, "none")
+    rows = torch.arange(CENTRING_SAMPLE) * S // CENTRING_SAMPLE
+    want = v.float()[:, :, rows].double().sum(dim=2).float() / CENTRING_SAMPLE
+    assert torch.equal(got.v_mean, want) and torch.equal(got.v_mean, ref.v_mean)
+    assert torch.equal(centring_offsets(v.float(), CENTRING_SAMPLE).squeeze(2), want)
+    centred = v.float() - got.v_mean[:, :, None, :]
+    assert torch.equal(got.v_descale, _scales(centred.abs().amax(dim=(2, 3)))[1])
+    exact = (v.float() - v.float().mean(dim=2, keepdim=True)).abs().amax(dim=(2, 3))
+    assert (centred.abs().amax(dim=(2, 3)) <= 1.05 * exact).all()
 
 
 # ---------------------------------------------------------------- why centring is exact

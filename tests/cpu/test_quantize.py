@@ -218,11 +218,10 @@ def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard,
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
-    """Smoothed groups of several tiles at the smallest lag: P2s that find the group counted but the
-    statistics not yet out must wait for the reducer's extra count."""
+    """Smoothed groups of several tiles at the smallest lag: the offset items come first, every P1 of a
+    smoothed head waits for its offset, and P2 for the group's P1s."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
-    _, block_s, _, one_tile = qkv_launcher._tile_config(64, False, smooth=True)
-    assert one_tile
+    _, block_s, _, _ = qkv_launcher._tile_config(64, False)
     S = 3 * block_s + 5
     q, k, v = make_qkv(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", seed=2)
     kw = dict(hadamard="qkv", smooth_k=True, smooth_v=True)
