@@ -6,6 +6,16 @@
     python scripts/bench_decode.py --quick                                       # smaller grids
     python scripts/bench_decode.py --part attention --sdpa-backends fa3          # no fp8_sdpa triton rows
     python scripts/bench_decode.py --cpu-smoke --out-json smoke.json             # CPU, tiny shapes, seconds
+    python scripts/bench_decode.py --sweep --out sweep.json                      # fp8 cache kernel configs (< 3 min)
+
+``--sweep``: the fp8 cache attention step only (`ops.cache_attention`, GQA 32/8, D 128, S_q = 1, bf16
+queries) at B x S_kv 1x4k 1x32k 1x128k 8x32k over a grid of kernel configs (block_n 64/128/256, one-block or
+tile softmax steps, num_warps 2/4/8, num_stages 2/3/4, programs_per_sm 4/8/16; short do_bench windows), then
+the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``,
+next to FA3 bf16. A config that fails to compile or run is recorded with its error; one whose SQNR vs the
+float32 reference is > 3 dB below the default's is reported and never picked. Table: per shape the best
+config, its ms, the default's, FA3's, the ratios and TB/s on the fp8 cache's bytes (K + V codes and
+descales); the config best over all shapes (geometric mean of ms / the shape's best).
 
 Part 1 took 210 s on the H200 (2026-12-01, first version of this script, one timing round), ~100 s of it the
 first calls of ``fp8_sdpa(backend="triton")`` at S_kv = 32k (20-27 s each, once per GQA/head_dim).
@@ -92,6 +102,12 @@ GEN_PROMPTS_QUICK = [4 * K]
 NEW_TOKENS = 128
 NEW_TOKENS_QUICK = 64
 WARMUP_PROMPT = 256
+# --sweep: shapes and config grid (GQA 32/8, D 128); fused_combine only in the re-timing of the best.
+SWEEP_SHAPES = [(1, 4 * K), (1, 32 * K), (1, 128 * K), (8, 32 * K)]
+SWEEP_GRID = dict(block_n=[64, 128, 256], num_warps=[2, 4, 8], num_stages=[2, 3, 4], programs_per_sm=[4, 8, 16])
+SWEEP_SMOKE = dict(shapes=[(1, 512), (2, 384)], gqa=(4, 2), head_dim=64,
+                   grid=dict(block_n=[64, 128], num_warps=[4], num_stages=[2], programs_per_sm=[4]))
+SWEEP_TOP = 3  # configs per shape re-timed with longer windows
 # --cpu-smoke: tiny shapes, the torch reference of the fp8 cache, the tiny Llama of benchmark_model.
 SMOKE = dict(grid=[(1, 256), (2, 128)], gqa=[(4, 2), (4, 1)], head_dims=[64], batches=[1, 2], prompts=[48],
              new_tokens=4)
@@ -177,10 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
     g.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, the 8B shape)")
+    g = p.add_argument_group("--sweep: fp8 cache kernel configs (attention step only)")
+    g.add_argument("--sweep", action="store_true", help="time a grid of cache_attention configs vs FA3 bf16 "
+                   "(with --cpu-smoke: tiny shapes in the Triton interpreter)")
+    g.add_argument("--sweep-block-n", type=int, nargs="+", default=None, help="default: 64 128 256")
+    g.add_argument("--sweep-warps", type=int, nargs="+", default=None, help="default: 2 4 8")
+    g.add_argument("--sweep-stages", type=int, nargs="+", default=None, help="default: 2 3 4")
+    g.add_argument("--sweep-per-sm", type=int, nargs="+", default=None, help="programs per SM, default: 4 8 16")
+    g.add_argument("--sweep-rep-ms", type=int, default=15, help="do_bench window of the grid pass (ms)")
+    g.add_argument("--sweep-budget-s", type=float, default=140.0,
+                   help="stop starting grid configs after this many seconds (the re-timing still runs)")
     p.add_argument("--triton-cache", choices=("fresh", "default"), default="fresh",
                    help="fresh: compile into a new TRITON_CACHE_DIR (first calls include compilation)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", default=None, help="write every row, versions and notes here")
+    p.add_argument("--out-json", "--out", dest="out_json", default=None,
+                   help="write every row, versions and notes here")
     p.add_argument("--out-png", default=None, help="write the plot here (needs matplotlib; skipped with a note)")
     return p
 
@@ -193,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.cpu_smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this machine has none); --cpu-smoke runs tiny shapes on the CPU")
     args.device = "cpu" if args.cpu_smoke else "cuda"
+    if args.sweep:
+        _sweep_args(parser, args)
+        return args
     if args.cpu_smoke:
         defaults = SMOKE
     else:
@@ -229,6 +259,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _sweep_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Shapes, GQA, head_dim and config grid of --sweep (one GQA and head_dim: the decode shape of the issue)."""
+    from hf_fp8_attention.kv_cache.ops import BLOCK_N_CHOICES
+
+    smoke = args.cpu_smoke
+    args.shapes = args.shapes or (SWEEP_SMOKE["shapes"] if smoke else SWEEP_SHAPES)
+    if args.gqa and len(args.gqa) > 1 or args.head_dims and len(args.head_dims) > 1:
+        parser.error("--sweep takes one --gqa pair and one --head-dims value")
+    args.gqa = args.gqa or [SWEEP_SMOKE["gqa"] if smoke else (32, 8)]
+    args.head_dims = args.head_dims or [SWEEP_SMOKE["head_dim"] if smoke else 128]
+    grid = SWEEP_SMOKE["grid"] if smoke else SWEEP_GRID
+    args.sweep_grid = {
+        "block_n": args.sweep_block_n or grid["block_n"],
+        "num_warps": args.sweep_warps or grid["num_warps"],
+        "num_stages": args.sweep_stages or grid["num_stages"],
+        "programs_per_sm": args.sweep_per_sm or grid["programs_per_sm"],
+    }
+    bad = [b for b in args.sweep_grid["block_n"] if b not in BLOCK_N_CHOICES]
+    if bad:
+        parser.error(f"--sweep-block-n {bad}: expected some of {list(BLOCK_N_CHOICES)}")
+    for key, values in args.sweep_grid.items():
+        if any(v < 1 for v in values):
+            parser.error(f"--sweep {key} values must be positive, got {values}")
+    if args.sweep_rep_ms < 1 or args.sweep_budget_s <= 0:
+        parser.error("--sweep-rep-ms and --sweep-budget-s must be positive")
+    args.part = "sweep"
+
+
 # ------------------------------------------------------------------------------------------------------
 # Timing and small helpers
 # ------------------------------------------------------------------------------------------------------
@@ -239,13 +297,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable, device, rep_ms: int) -> float:
+def time_ms(fn: Callable, device, rep_ms: int, warmup_ms: int = 25) -> float:
     """Median ms of ``fn()``: CUDA-event timings via triton.testing.do_bench on a GPU (L2 flushed between
     calls), a few perf_counter runs on the CPU (smoke runs only)."""
     if torch.device(device).type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fn()
     runs = []
     for _ in range(3):
@@ -577,6 +635,191 @@ def attention_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
+# --sweep: fp8 cache kernel configs
+# ------------------------------------------------------------------------------------------------------
+
+
+def sweep_configs(grid: dict) -> list[dict]:
+    """The grid's configs; block_n > 64 both with one-block softmax steps and with tile_softmax. Those
+    sharing a compiled variant are adjacent (programs_per_sm innermost), num_warps outermost: a run cut by
+    the time budget loses the last warps value for every block_n, not a whole block_n."""
+    configs = []
+    for warps in grid["num_warps"]:
+        for stages in grid["num_stages"]:
+            for block_n in grid["block_n"]:
+                for tile in ([False, True] if block_n > 64 else [False]):
+                    for per_sm in grid["programs_per_sm"]:
+                        configs.append(dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
+                                            programs_per_sm=per_sm))
+    return configs
+
+
+def config_name(config: dict) -> str:
+    """{} -> "default"; else e.g. "n128 tile w4 s3 p8 fused" (block_n, softmax per tile, warps, stages,
+    programs per SM, fused combine), the keys left out taking cache_attention's defaults."""
+    parts = [] if "block_n" not in config else [f"n{config['block_n']}"]
+    if config.get("tile_softmax"):
+        parts.append("tile")
+    parts += [f"{tag}{config[key]}" for tag, key in (("w", "num_warps"), ("s", "num_stages"),
+                                                      ("p", "programs_per_sm")) if key in config]
+    if not parts:
+        parts.append("default")
+    if config.get("fused_combine"):
+        parts.append("fused")
+    return " ".join(parts)
+
+
+def cache_bytes_read(B: int, S: int, H_kv: int, D: int) -> int:
+    """Bytes of the fp8 cache one decode step reads: K and V codes and their block descales."""
+    from hf_fp8_attention._constants import KV_BLOCK
+
+    return 2 * B * H_kv * (S * D + math.ceil(S / KV_BLOCK) * 4)
+
+
+def _error_text(err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def run_sweep(args, notes: list[str]) -> dict:
+    """Grid pass (every config at every shape, short windows), then the best per shape re-timed."""
+    from hf_fp8_attention.kv_cache import ops
+    from hf_fp8_attention.metrics import sqnr_db
+
+    device = torch.device(args.device)
+    (H_q, H_kv), D = args.gqa[0], args.head_dims[0]
+    with_fa3 = fa3_available(device)
+    if not with_fa3:
+        notes.append("FA3 bf16: flash_attn_interface not importable or no CUDA: no FA3 column, no ratios")
+    shapes = []
+    for B, S in args.shapes:
+        x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, "torch" if args.cpu_smoke else None)
+        fa3 = None
+        if with_fa3:
+            fa3 = next(c.fn for c in attention_candidates(x, [], True, notes) if c.name == FA3_ROW)
+        shapes.append(dict(B=B, S=S, x=x, fa3=fa3, tag=f"{B}x{_k(S)}"))
+
+    def step(x, config):
+        return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, x.layer.k8, x.layer.k_desc, x.layer.v8,
+                                           x.layer.v_desc, x.layer.length, scale=x.scale, impl="triton",
+                                           config=config)[:, 0]
+
+    def measure(sh, config, rep_ms, warmup_ms):
+        """(ms, sqnr) of one config at one shape; raises what the kernel raises."""
+        fn = step(sh["x"], config)
+        out = fn()
+        _sync(device)
+        return time_ms(fn, device, rep_ms, warmup_ms), sqnr_db(out.float(), sh["x"].ref)
+
+    rows: list[dict] = []
+    failed: dict = {}  # compiled variant -> error: not retried at other shapes
+    t0 = time.perf_counter()
+    configs = [{}] + sweep_configs(args.sweep_grid)
+    skipped = 0
+    for i, config in enumerate(configs):
+        if i and time.perf_counter() - t0 > args.sweep_budget_s:
+            skipped = len(configs) - i
+            notes.append(f"sweep budget of {args.sweep_budget_s:.0f} s reached: {skipped} of {len(configs)} "
+                         f"configs not timed (from {config_name(config)} on)")
+            break
+        variant = tuple(config.get(k) for k in ("block_n", "tile_softmax", "num_warps", "num_stages"))
+        for sh in shapes:
+            row = dict(shape=sh["tag"], B=sh["B"], S_kv=sh["S"], config=config, name=config_name(config), ms=None,
+                       sqnr_db=None, error=failed.get(variant))
+            if row["error"] is None:
+                try:
+                    row["ms"], row["sqnr_db"] = measure(sh, config, args.sweep_rep_ms, 5)
+                except Exception as err:  # a config that does not compile or run: recorded, skipped
+                    row["error"] = _error_text(err)
+                    if config:
+                        failed[variant] = row["error"]
+                    print(f"# sweep {sh['tag']} {row['name']}: {row['error']}", file=sys.stderr, flush=True)
+            rows.append(row)
+        if i % 10 == 0:
+            print(f"# sweep [{i + 1}/{len(configs)}] {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    grid_s = time.perf_counter() - t0
+
+    # re-timing: per shape the SWEEP_TOP best accurate configs and the default, each with and without
+    # fused_combine, and FA3, in two interleaved rounds with longer windows; the best round kept
+    final = []
+    for sh in shapes:
+        mine = [r for r in rows if r["shape"] == sh["tag"]]
+        default = next(r for r in mine if not r["config"])
+        floor = default["sqnr_db"] - 3.0 if default["sqnr_db"] is not None else -math.inf
+        for r in mine:
+            r["accurate"] = r["ms"] is not None and r["sqnr_db"] is not None and r["sqnr_db"] >= floor
+        ranked = sorted((r for r in mine if r["accurate"] and r["config"]), key=lambda r: r["ms"])
+        candidates = [{}] + [r["config"] for r in ranked[:SWEEP_TOP]]
+        candidates += [{**c, "fused_combine": True} for c in list(candidates)]
+        timed = {config_name(c): dict(config=c, ms_rounds=[], sqnr_db=None, error=None) for c in candidates}
+        fa3_rounds = []
+        for _ in range(1 if args.cpu_smoke else 2):
+            if sh["fa3"] is not None:
+                fa3_rounds.append(time_ms(sh["fa3"], device, 4 * args.sweep_rep_ms, 10))
+            for name, t in timed.items():
+                if t["error"] is None:
+                    try:
+                        ms, t["sqnr_db"] = measure(sh, t["config"], 4 * args.sweep_rep_ms, 10)
+                        t["ms_rounds"].append(ms)
+                    except Exception as err:
+                        t["error"] = _error_text(err)
+        for name, t in timed.items():
+            t["ms"] = min(t["ms_rounds"]) if t["ms_rounds"] else None
+            t["accurate"] = t["ms"] is not None and t["sqnr_db"] is not None and t["sqnr_db"] >= floor
+        ok = {n: t for n, t in timed.items() if t["accurate"]}
+        best_name = min(ok, key=lambda n: ok[n]["ms"]) if ok else None
+        fa3_ms = min(fa3_rounds) if fa3_rounds else None
+        nbytes = cache_bytes_read(sh["B"], sh["S"], H_kv, D)
+        best, dflt = timed.get(best_name), timed["default"]
+
+        def tbps(ms):
+            return nbytes / (ms * 1e-3) / 1e12 if ms else None
+
+        final.append(dict(
+            shape=sh["tag"], B=sh["B"], S_kv=sh["S"], bytes=nbytes, fa3_ms=fa3_ms,
+            best=best_name, best_config=best["config"] if best else None, best_ms=best["ms"] if best else None,
+            default_ms=dflt["ms"], best_tbps=tbps(best["ms"] if best else None), default_tbps=tbps(dflt["ms"]),
+            best_vs_fa3=best["ms"] / fa3_ms if best and fa3_ms else None,
+            default_vs_fa3=dflt["ms"] / fa3_ms if dflt["ms"] and fa3_ms else None,
+            best_sqnr_db=best["sqnr_db"] if best else None, default_sqnr_db=dflt["sqnr_db"],
+            inaccurate=sorted(r["name"] for r in mine if r["ms"] is not None and not r["accurate"]),
+            retimed={n: {k: v for k, v in t.items() if k != "config"} for n, t in timed.items()},
+        ))
+
+    # one config for every shape: the smallest geometric mean of ms / the shape's best in the grid pass
+    by_name: dict = {}
+    for r in rows:
+        if r["config"] and r.get("accurate"):
+            by_name.setdefault(r["name"], {})[r["shape"]] = r["ms"]
+    best_ms = {sh["tag"]: min((v[sh["tag"]] for v in by_name.values() if sh["tag"] in v), default=None)
+               for sh in shapes}
+    overall = None
+    complete = {n: v for n, v in by_name.items() if len(v) == len(shapes)}
+    if complete:
+        def score(n):
+            return math.exp(statistics.fmean(math.log(complete[n][t] / best_ms[t]) for t in complete[n]))
+
+        name = min(complete, key=score)
+        overall = dict(name=name, geomean_vs_best=score(name), ms=complete[name])
+    return dict(gqa=[H_q, H_kv], head_dim=D, grid=args.sweep_grid, configs=len(configs), skipped=skipped,
+                grid_seconds=grid_s, seconds=time.perf_counter() - t0, best=final, overall=overall,
+                failed={" ".join(map(str, k)): v for k, v in failed.items()}, rows=rows)
+
+
+def sweep_table(result: dict) -> str:
+    headers = ["B x S_kv", "best config", "best ms", "default ms", "FA3 bf16 ms", "best / FA3", "default / FA3",
+               "best TB/s", "default TB/s", "SQNR dB best / default"]
+    out = []
+    for r in result["best"]:
+        ratio = [None if v is None else f"{v:.2f}x" for v in (r["best_vs_fa3"], r["default_vs_fa3"])]
+        out.append([r["shape"], r["best"] or "-", _common.fmt(r["best_ms"], ".4f"), _common.fmt(r["default_ms"], ".4f"),
+                    _common.fmt(r["fa3_ms"], ".4f"), ratio[0] or "-", ratio[1] or "-",
+                    _common.fmt(r["best_tbps"], ".2f"), _common.fmt(r["default_tbps"], ".2f"),
+                    f"{_common.fmt(r['best_sqnr_db'], '.1f')} / {_common.fmt(r['default_sqnr_db'], '.1f')}"])
+    return _common.markdown_table(headers, out)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Part 2: generate
 # ------------------------------------------------------------------------------------------------------
 
@@ -883,9 +1126,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     vers = _common.versions()
     header = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "device": _common.device_name(device), "versions": vers,
-              "mode": "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "default")}
+              "mode": ("sweep " if args.sweep else "") + ("cpu-smoke" if args.cpu_smoke
+                                                            else ("quick" if args.quick else "default"))}
     print(f"# bench_decode {header['date']}; device: {header['device']}; "
           + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
+    if args.sweep:
+        return _main_sweep(args, header, notes)
     attn_rows: list[dict] = []
     gen_rows: list[dict] = []
     t0 = time.perf_counter()
@@ -925,6 +1171,36 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out_json, "w") as f:
             json.dump(_finite(report), f, indent=1, default=str, allow_nan=False)
     print(f"# total {t2 - t0:.0f} s (attention {t1 - t0:.0f} s, generate {t2 - t1:.0f} s)", flush=True)
+    return report
+
+
+def _main_sweep(args, header: dict, notes: list[str]) -> dict:
+    result = run_sweep(args, notes)
+    H_q, H_kv = result["gqa"]
+    print(f"\n## fp8 cache attention step, config sweep (H {H_q}/{H_kv}, D {result['head_dim']}, S_q = 1, bf16 "
+          f"queries), {header['device']}: ms, ratio = ms / FA3 bf16 ms (target <= 0.60x)")
+    print(sweep_table(result))
+    if result["overall"]:
+        o = result["overall"]
+        print(f"# best single config over all shapes: {o['name']} (geomean {o['geomean_vs_best']:.3f}x of each "
+              "shape's grid best): " + ", ".join(f"{t} {ms:.4f} ms" for t, ms in o["ms"].items()))
+    for r in result["best"]:
+        if r["inaccurate"]:
+            notes.append(f"{r['shape']}: {len(r['inaccurate'])} configs > 3 dB below the default's SQNR, never picked: "
+                         + ", ".join(r["inaccurate"][:8]))
+    for variant, err in result["failed"].items():
+        notes.append(f"(block_n, tile_softmax, num_warps, num_stages) {variant}: {err}")
+    if notes:
+        print("\nNotes:")
+        for n in dict.fromkeys(notes):
+            print(f"- {n}")
+    report = {**header, "args": {k: v for k, v in vars(args).items()}, "notes": list(dict.fromkeys(notes)),
+              "sweep": result}
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(_finite(report), f, indent=1, default=str, allow_nan=False)
+    print(f"# sweep {result['seconds']:.0f} s (grid pass {result['grid_seconds']:.0f} s, {result['configs']} configs "
+          f"x {len(result['best'])} shapes)", flush=True)
     return report
 
 

@@ -369,3 +369,67 @@ def test_plot(tmp_path):
            for label, ms in (("bf16 FA3 + bf16 cache", 40.0), ("fp8 attention + fp8 cache", 35.0))]
     bd.plot(str(tmp_path / "p.png"), rows, gen, "title")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------------
+# --sweep (fp8 cache kernel configs), in the Triton interpreter
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_sweep_arguments(capsys):
+    args = bd.parse_args(["--sweep", "--cpu-smoke"])
+    assert args.part == "sweep" and args.shapes == bd.SWEEP_SMOKE["shapes"] and args.gqa == [(4, 2)]
+    assert args.sweep_grid == bd.SWEEP_SMOKE["grid"]
+    args = bd.parse_args(["--sweep", "--cpu-smoke", "--sweep-block-n", "256", "--sweep-warps", "8", "--out", "x.json"])
+    assert args.sweep_grid["block_n"] == [256] and args.sweep_grid["num_warps"] == [8] and args.out_json == "x.json"
+    assert bd.SWEEP_SHAPES == [(1, 4096), (1, 32768), (1, 131072), (8, 32768)]
+    assert len(bd.sweep_configs(bd.SWEEP_GRID)) == 27 + 2 * 2 * 27
+    assert bd.config_name({}) == "default" and bd.config_name({"fused_combine": True}) == "default fused"
+    assert bd.config_name(dict(block_n=256, tile_softmax=True, num_warps=4, num_stages=3, programs_per_sm=8,
+                               fused_combine=True)) == "n256 tile w4 s3 p8 fused"
+    for argv in (["--sweep", "--cpu-smoke", "--sweep-block-n", "96"], ["--sweep", "--cpu-smoke", "--gqa", "4/2", "8/1"],
+                 ["--sweep", "--cpu-smoke", "--sweep-stages", "0"]):
+        _usage_error(argv, capsys)
+
+
+def test_sweep_smoke_run(tmp_path, capsys, monkeypatch):
+    """Grid pass, re-timing with and without fused_combine, table and strict JSON; a config that raises (here
+    every tile_softmax one) is recorded with its error and not retried at the next shape."""
+    from hf_fp8_attention.kv_cache import ops
+
+    real = ops.cache_attention
+    calls = []
+
+    def flaky(*a, config=None, **kw):
+        calls.append(bd.config_name(config or {}))
+        if (config or {}).get("tile_softmax"):
+            raise RuntimeError("no compile today")
+        return real(*a, config=config, **kw)
+
+    monkeypatch.setattr(ops, "cache_attention", flaky)
+    out_json = tmp_path / "sweep.json"
+    bd.main(["--sweep", "--cpu-smoke", "--shapes", "1x512", "2x384", "--sweep-block-n", "128", "--out", str(out_json)])
+    out = capsys.readouterr().out
+    assert "config sweep (H 4/2, D 64" in out and "| 1x512 |" in out and "| 2x384 |" in out
+    data = _strict_json(out_json)
+    sweep = data["sweep"]
+    assert data["mode"] == "sweep cpu-smoke" and sweep["configs"] == 3 and sweep["skipped"] == 0
+    rows = sweep["rows"]
+    assert [(r["shape"], r["name"]) for r in rows] == [(s, n) for n in ("default", "n128 w4 s2 p4", "n128 tile w4 s2 p4")
+                                                       for s in ("1x512", "2x384")]
+    assert calls.count("n128 tile w4 s2 p4") == 1  # failed once, not retried at the second shape
+    for r in rows:
+        if "tile" in r["name"]:
+            assert "no compile today" in r["error"] and r["ms"] is None
+        else:
+            assert r["error"] is None and r["ms"] > 0 and r["sqnr_db"] > 20
+    assert any("no compile today" in n for n in data["notes"])
+    for best in sweep["best"]:
+        assert set(best["retimed"]) == {"default", "n128 w4 s2 p4", "default fused", "n128 w4 s2 p4 fused"}
+        assert best["best"] in best["retimed"] and best["best_ms"] > 0 and best["default_ms"] > 0
+        assert best["fa3_ms"] is None and best["best_vs_fa3"] is None and best["best_tbps"] > 0
+        assert best["bytes"] == 2 * best["B"] * 2 * (best["S_kv"] * 64 + best["S_kv"] // 64 * 4)
+        # fused and two-launch results are the same numbers
+        retimed = best["retimed"]
+        assert retimed["default fused"]["sqnr_db"] == retimed["default"]["sqnr_db"]
+    assert sweep["overall"]["name"] == "n128 w4 s2 p4"

@@ -86,6 +86,34 @@ def test_attention_kernel_tracks_reference(s_q, shape):
     assert _sqnr(got, exact) > _sqnr(ref, exact) - 1.5
 
 
+@pytest.mark.parametrize("config", [dict(block_n=128), dict(block_n=256, num_warps=4, num_stages=2),
+                                    dict(block_n=256, tile_softmax=True), dict(fused_combine=True),
+                                    dict(block_n=128, tile_softmax=True, fused_combine=True, programs_per_sm=16)])
+def test_attention_configs_track_reference(config):
+    """The sweep's variants (bench_decode.py --sweep) at decode and chunk sizes, GQA 32/8, 5000 keys (not a
+    multiple of 256): one-block steps and the fused combine give the default's output bit for bit (same
+    launch settings), every variant within 3 dB of the default's SQNR; the fused combine leaves its counters at zero."""
+    from hf_fp8_attention.kv_cache import ops
+
+    B, H_q, H_kv, D, L = 2, 32, 8, 128, 5000
+    layer = FP8CacheLayer(impl="triton")
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
+                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    for s_q in (1, 4, 40):
+        q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
+        cos, sin = _rope(s_q, L - s_q, D)
+        exact = _exact_last(q, cos, sin, layer, D**-0.5)
+        args = (q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+        default = ops.cache_attention(*args, scale=D**-0.5, impl="triton")
+        got = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=config)
+        if not config.get("tile_softmax") and not {"programs_per_sm", "num_warps", "num_stages"} & set(config):
+            assert torch.equal(got, default), s_q
+        assert _sqnr(got, exact) > _sqnr(default, exact) - 3.0, s_q
+    counters = ops._COUNTERS.get(torch.device(DEV, torch.cuda.current_device()))
+    assert counters is None or not counters.any()
+
+
 def test_long_cache_error_flat_with_v_offset():
     """Decode from 8k and 64k cached tokens, V = N(0,1) + 3: the output's error against float32 attention
     on the cached values stays within 1 dB (two-level accumulation of P.V in the cache kernel)."""
@@ -111,9 +139,16 @@ def _compiled_variants(fn) -> int:
     return sum(len(entry[0]) for entry in caches.values())
 
 
-def test_new_lengths_do_not_recompile():
+@pytest.mark.parametrize("config", [None, dict(block_n=256, fused_combine=True)])
+def test_new_lengths_do_not_recompile(config):
+    from hf_fp8_attention.kv_cache import ops
+
     B, H_q, H_kv, D = 1, 32, 8, 128
     layer = FP8CacheLayer(impl="triton")
+    if config is not None:
+        layer.attend = lambda q, cos, sin, scale: ops.cache_attention(
+            q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length, scale=scale, impl="triton",
+            config=config)
     gen = torch.Generator(device=DEV).manual_seed(3)
     layer.append(torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16(),
                  torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16())
