@@ -40,13 +40,17 @@ MODES = {
     "qkv": {"hadamard": "qkv"},
     "v_only": {"hadamard": "v_only"},
     "qkv+smooth_k": {"hadamard": "qkv", "smooth_k": True},
+    "smooth_v": {"smooth_v": True},
     "smooth_k+smooth_v": {"smooth_k": True, "smooth_v": True},
+    "qk+smooth_v": {"hadamard": "qk", "smooth_v": True},
+    "qk+smooth_k+smooth_v": {"hadamard": "qk", "smooth_k": True, "smooth_v": True},
     "qkv+smooth_k+smooth_v": {"hadamard": "qkv", "smooth_k": True, "smooth_v": True},
     # a Q/K scale per 16 tokens: the triton backend (reference on CPU) whatever backend the others use
     "block": {"qk_scales": "block"},
     # int8 Q/K with a scale per 16 tokens (SageAttention's Q.K^T): the triton backend (reference on CPU)
     "int8": {"qk_format": "int8"},
     "int8+smooth_k": {"qk_format": "int8", "smooth_k": True},
+    "int8+smooth_k+smooth_v": {"qk_format": "int8", "smooth_k": True, "smooth_v": True},
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
 }

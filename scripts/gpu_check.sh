@@ -10,6 +10,8 @@
 #   bash scripts/gpu_check.sh --triton   # triton/varlen/block-scale GPU tests, block-scale accuracy and cost
 #   bash scripts/gpu_check.sh --cache    # FP8 KV cache, speed table and centring GPU tests, decode step on the
 #                                        # acceptance shapes, end-to-end generate (B 1/8, 4k/32k), mode costs
+#   bash scripts/gpu_check.sh --numerics # accuracy-mode GPU tests, mode costs at 16k, int8 vs e4m3 speed,
+#                                        # long-context accuracy (fa3, triton)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -56,6 +58,18 @@ elif [ "$mode" = "--cache" ]; then
     --modes none smooth_k smooth_k+smooth_v qk --json "$out/sdpa_modes.json"
   step generate timeout 230 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
     --out-json "$out/generate.json" --out-png "$out/generate.png"
+elif [ "$mode" = "--numerics" ]; then  # accuracy modes: kernels vs reference, costs, int8 speed, long context
+  step numerics_tests timeout 260 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_centring_gpu.py \
+    tests/gpu/test_quantize_gpu.py tests/gpu/test_int8_qk_gpu.py tests/gpu/test_long_context_gpu.py
+  step mode_costs timeout 120 python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --rounds 3 --sqnr-ref off \
+    --impls fp8_fa3 fp8_triton "quantize only" "add-back" \
+    --modes none qk smooth_v qk+smooth_v smooth_k+smooth_v qk+smooth_k+smooth_v qkv --json "$out/mode_costs.json"
+  step int8_speed timeout 100 python3 scripts/bench_sdpa.py --seqlens 16384 32768 --causal both --rounds 3 \
+    --sqnr-ref off --impls fp8_triton --modes none int8 int8+smooth_k --json "$out/int8_speed.json"
+  for b in fa3 triton; do
+    step "long_context_$b" timeout 100 python3 scripts/accuracy_report.py --seqlens 8192 32768 131072 --heads 8 \
+      --backend "$b" --modes none smooth_v qk+smooth_v qk+smooth_k+smooth_v --json "$out/long_context_$b.json"
+  done
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
