@@ -18,6 +18,3 @@ INT8_MAX = 127.0
 # the kernel that writes the block (a block that grows across appends is re-quantized whole). The cache
 # attention kernel's key tile is one block, so V's block descale multiplies that tile's P.V product.
 KV_BLOCK = 64
-# smooth_k / smooth_v: rows of a K / V head whose mean is its centring offset, spread evenly over the
-# sequence (all rows of a shorter one); a multiple of the 32 rows the quantize kernel loads at a time.
-CENTRING_SAMPLE = 256

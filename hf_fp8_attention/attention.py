@@ -16,6 +16,7 @@ import torch
 from .backends import get_backend_fn
 from .options import FP8AttentionOptions
 from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
+from .quantization.qkv import add_v_mean
 from .quantization.quantized import rows_bhsd
 
 
@@ -38,11 +39,14 @@ def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
     sequence offset.
 
     One GEMM in the output dtype (fp32 accumulation; memory-bound, one read and one write of O') plus, for
-    smooth_v, one in-place add of the (tiny) offset. The float32 version of this took 0.9 ms at S=16k,
+    smooth_v, one in-place add of the (tiny) offset (a Triton pass on CUDA: `qkv.add_v_mean`). The float32 version of this took 0.9 ms at S=16k,
     H=32, D=128 on the H100, a third of the attention itself.
     """
     if qkv.v_rotated:
         out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
+    if qkv.v_mean is not None and out.is_cuda and not qkv.is_varlen and out.stride(3) == 1 \
+            and out.stride(2) == out.shape[3]:
+        return add_v_mean(out, qkv.v_mean)
     if qkv.v_mean is not None:
         group = out.shape[2] // qkv.v_mean.shape[1]
         bias = qkv.v_mean.repeat_interleave(group, dim=1)  # (B, H_q, D) float32

@@ -5,13 +5,12 @@ is ordered q, k, v and, within a tensor, by ((b * H + h) * N_TILES + s), so the 
 (the G = H_q / H_kv query heads of a KV head, or one k / v head) are contiguous. Each tile is read for two
 steps: P1 (the tile's contribution to the group's amax, atomically merged) and P2 (once every P1 of the
 group is done: quantize the tile with the group's scale). A persistent grid takes tickets from an atomic
-counter; ticket `t` does item t (an offset item or P1(t - n_offsets)) and then P2(t - n_offsets - LAG), so
-a tile's second read comes LAG tiles after its first and finds it in L2 as long as LAG tiles fit there.
+counter; ticket `t` does P1(t) (if t < n_tiles) and then P2(t - LAG) (if t >= LAG), so a tile's second
+read comes LAG tiles after its first and finds it in L2 as long as LAG tiles fit there.
 
-Deadlock freedom: with LAG >= the tiles of the largest group, every P1 that a P2 waits on belongs to a
-smaller ticket, and so does every offset item a P1 waits on (offset items wait on nothing). A program
-publishes its item before it waits, and it only ever holds its current ticket and the next one (taken
-early to hide the atomic's latency); by induction on the ticket, the smallest ticket whose item is
+Deadlock freedom: with LAG >= the tiles of the largest group, every P1 that P2(t - LAG) waits on belongs
+to a smaller ticket. A program publishes its P1 before it waits, and it only ever holds its current
+ticket and the next one (taken early to hide the atomic's latency); by induction on the ticket, the smallest ticket whose P1 is
 unpublished is held by a program that reaches it, so every wait ends. The grid need not be co-resident.
 Under the interpreter programs run one after another and the ticket order alone makes every wait succeed.
 
@@ -20,13 +19,12 @@ and published before P2's is loaded, instead of issuing both loads up front. It 
 two reads for about half the registers (x plus fp32 cos/sin per tile), so that several programs fit per SM.
 
 Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
-- Centring (SMOOTH_K / SMOOTH_V) subtracts a per-(batch, head, channel) offset: the mean of N_SAMPLE rows
-  of the head spread evenly over its sequence (all rows when shorter; `_sample_mean`). Any per-channel
-  constant keeps attention exact (K: each score row shifts by a constant; V: rows of P sum to 1, the output
-  gets it back), and a sample of 256 rows finds a channel offset as well as the full mean does, for a read
-  of 256 rows instead of a pass over K and V. The offsets are the first tickets (one offset item per
-  smoothed head, before every tile); a smoothed tile's P1 waits for its head's offset, so P1 and P2 both
-  subtract it and the amax is exactly that of the centred values.
+- Centring (SMOOTH_K / SMOOTH_V) subtracts the per-(batch, head, channel) mean over the sequence (K after
+  RoPE), computed before this kernel by `centring_sums_kernel` (one read of K / V in chunks, float64 sums);
+  P1 and P2 subtract it, so the amax is exactly that of the centred values. The exact mean, not a sample:
+  FA3's fp8 P.V accumulates imprecisely over long rows, and the residual channel offset a 256-row sample
+  leaves (~1/16 of the noise) cost fa3 2.4 dB at 64k keys on the H200 (V = N(0,1) + 3) and took a
+  Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k.
 - Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix with tl.dot in
   P2 only, the (centred) rows rounded to the input dtype first so that the products with +-1 are exact
   (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is a
@@ -48,9 +46,8 @@ from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _
                         _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group, then one "offset
-# ready" flag per K and V head (2, B, H_KV). Groups are indexed like the descales: (t * B + b) * H_KV + kv_head;
-# a K/V head's offset slot is its group index minus B * H_KV.
+# cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
+# like the descales: (t * B + b) * H_KV + kv_head; a K/V head's mean is at its group index minus B * H_KV.
 WS_PAD = tl.constexpr(32)
 
 
@@ -186,17 +183,44 @@ def _tile_setup(
 
 
 @triton.jit
-def _sample_mean(
-    x_ptr, x_base, seq_len, stride_s, stride_d,
-    cos_ptr, cos_base, stride_cs, stride_cd, sin_ptr, sin_base, stride_ss, stride_sd, rope_on,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr,
-    N_SAMPLE: tl.constexpr, SAMPLE_ROWS: tl.constexpr,
+def centring_sums_kernel(
+    k_ptr, v_ptr, cos_ptr, sin_ptr, sums_ptr, cu_k_ptr,
+    B, H_KV, S_KV, CHUNK,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr, D_CONTIG: tl.constexpr,
+    APPLY_ROPE: tl.constexpr, FIRST_KIND: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Centring offset of one head: the per-channel mean of rows floor(i * seq_len / N_SAMPLE),
-    i < N_SAMPLE (all rows when seq_len <= N_SAMPLE), after RoPE when `rope_on`; non-finite elements count
-    as 0. The float32 values are summed in float64 (exact for rows of similar magnitude, so the summation
-    order does not matter), rounded to float32 and divided by the row count in float32, as
-    `reference.centring_offsets` does. Returns the two (HALF_BLOCK,) halves; 0 for an empty sequence."""
+    """Per-channel float64 sums of one chunk of CHUNK rows of one K or V head, K after RoPE (the centring
+    means' first step; `qkv._centring_means` adds the chunks). Grid: (n_kinds * B * H_KV, n_chunks); axis 0
+    is (kind - FIRST_KIND, b, h), kind 1 = K, 2 = V. Non-finite elements count as 0. sums_ptr
+    (n_kinds, B, H_KV, n_chunks, HEAD_DIM) float64. The float32 values are summed in float64: exact for
+    values within ~29 binades of each other, so the summation order does not matter and the total equals
+    the reference's float64 sum over the elements."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    kind = FIRST_KIND + pid // (B * H_KV)
+    bh = pid % (B * H_KV)
+    b = bh // H_KV
+    h = bh % H_KV
+    x_ptr = tl.where(kind == 1, k_ptr, v_ptr)
+    stride_s = tl.where(kind == 1, stride_ks, stride_vs)
+    stride_d = tl.where(kind == 1, stride_kd, stride_vd)
+    stride_h = tl.where(kind == 1, stride_kh, stride_vh)
+    if VARLEN:
+        start = tl.load(cu_k_ptr + b).to(tl.int64)
+        seq_len = (tl.load(cu_k_ptr + b + 1) - start).to(tl.int32)
+        x_base = start * stride_s + h.to(tl.int64) * stride_h
+        cos_base = start * stride_cs
+        sin_base = start * stride_ss
+    else:
+        seq_len = S_KV
+        x_base = b.to(tl.int64) * tl.where(kind == 1, stride_kb, stride_vb) + h.to(tl.int64) * stride_h
+        cos_base = b.to(tl.int64) * stride_cb
+        sin_base = b.to(tl.int64) * stride_sb
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
@@ -206,19 +230,20 @@ def _sample_mean(
     else:
         col1 = offs_d * stride_d
         col2 = (offs_d + HALF) * stride_d
-    n_rows = tl.minimum(seq_len, N_SAMPLE)
     sum1 = tl.zeros((HALF_BLOCK,), tl.float64)
     sum2 = tl.zeros((HALF_BLOCK,), tl.float64)
-    for c in tl.static_range(0, N_SAMPLE, SAMPLE_ROWS):
-        i = c + tl.arange(0, SAMPLE_ROWS)
-        valid = i < n_rows
-        row = tl.where(seq_len > N_SAMPLE, (i.to(tl.int64) * seq_len) // N_SAMPLE, i.to(tl.int64))
+    r0 = chunk * CHUNK
+    r1 = tl.minimum(r0 + CHUNK, seq_len)
+    rope_on = kind == 1
+    for start_r in tl.range(r0, r1, ROWS):
+        row = (start_r + tl.arange(0, ROWS)).to(tl.int64)
+        valid = row < r1
         mask = valid[:, None] & d_mask[None, :]
         x_rows = x_ptr + x_base + row * stride_s
         x1 = tl.load(x_rows[:, None] + col1[None, :], mask=mask, other=0.0)
         x2 = tl.load(x_rows[:, None] + col2[None, :], mask=mask, other=0.0)
         if APPLY_ROPE:
-            rope_mask = (i < tl.where(rope_on, n_rows, 0))[:, None] & d_mask[None, :]  # v: nothing
+            rope_mask = (row < tl.where(rope_on, r1, 0))[:, None] & d_mask[None, :]  # v: nothing
             c_rows = cos_ptr + cos_base + row * stride_cs
             s_rows = sin_ptr + sin_base + row * stride_ss
             c1 = tl.load(c_rows[:, None] + (offs_d * stride_cd)[None, :], mask=rope_mask, other=0.0)
@@ -230,17 +255,18 @@ def _sample_mean(
             x1, x2 = _rotate(x1, x2, x1, x2, x1, x2, rope_on, APPLY_ROPE)
         sum1 += tl.sum(tl.where(mask & (tl.abs(x1) < float("inf")), x1, 0.0).to(tl.float64), axis=0)
         sum2 += tl.sum(tl.where(mask & (tl.abs(x2) < float("inf")), x2, 0.0).to(tl.float64), axis=0)
-    n = tl.maximum(n_rows, 1).to(tl.float32)
-    return tl.math.div_rn(sum1.to(tl.float32), n), tl.math.div_rn(sum2.to(tl.float32), n)
+    out = sums_ptr + (pid.to(tl.int64) * n_chunks + chunk) * HEAD_DIM + offs_d
+    tl.store(out, sum1, mask=d_mask)
+    tl.store(out + HALF, sum2, mask=d_mask)
 
 
 @triton.jit
 def _centre(x1, x2, mean_ptr, slot, on, valid, offs_d, d_mask, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """x - offset of K/V head `slot` (read past L1: the caller acquired it) when `on`; x - 0 == x exactly.
-    Rows past the sequence (`valid` False, loaded as 0) stay 0, so they never count in an amax."""
+    """x - mean of K/V head `slot` when `on`; x - 0 == x exactly. Rows past the sequence (`valid` False,
+    loaded as 0) stay 0, so they never count in an amax."""
     m_ptr = mean_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
-    m1 = tl.load(m_ptr, mask=d_mask & on, other=0.0, cache_modifier=".cg")
-    m2 = tl.load(m_ptr + HALF, mask=d_mask & on, other=0.0, cache_modifier=".cg")
+    m1 = tl.load(m_ptr, mask=d_mask & on, other=0.0)
+    m2 = tl.load(m_ptr + HALF, mask=d_mask & on, other=0.0)
     return tl.where(valid[:, None], x1 - m1[None, :], 0.0), tl.where(valid[:, None], x2 - m2[None, :], 0.0)
 
 
@@ -259,7 +285,7 @@ def qkv_quantize_kernel(
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, N_SAMPLE: tl.constexpr, VARLEN: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
@@ -268,8 +294,8 @@ def qkv_quantize_kernel(
     quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
-    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 receives the K / V offsets
-    (`_sample_mean` of N_SAMPLE rows).
+    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds the K / V means
+    (`centring_sums_kernel`, launched before).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
@@ -282,20 +308,14 @@ def qkv_quantize_kernel(
     floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
     NaN), and the outputs are passed as uint8.
 
-    Grid: (n_programs,), persistent: each program takes tickets until n_offsets + n_tiles + LAG are taken.
+    Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
     """
     n_tiles_q = tl.cdiv(S_Q, BLOCK_S)
     n_tiles_kv = tl.cdiv(S_KV, BLOCK_S)
     n_items = B * H_Q * n_tiles_q + 2 * B * H_KV * n_tiles_kv
-    n_off = 0  # offset items, the first tickets: K heads, then V heads
-    if SMOOTH_K:
-        n_off += B * H_KV
-    if SMOOTH_V:
-        n_off += B * H_KV
     lag = tl.minimum(LAG, n_items)
     amax_ptr = ws_ptr + WS_PAD
     done_ptr = amax_ptr + 3 * B * H_KV
-    ready_ptr = done_ptr + 3 * B * H_KV
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
@@ -308,13 +328,13 @@ def qkv_quantize_kernel(
         signs = 0
 
     ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
-    while ticket < n_off + n_items + lag:
-        item = ticket - n_off
-        has_p1 = (item >= 0) & (item < n_items)
+    while ticket < n_items + lag:
+        item = ticket
+        has_p1 = item < n_items
         has_p2 = item >= lag
         (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
          _, _) = _tile_setup(
-            tl.minimum(tl.maximum(item, 0), n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr,
+            tl.minimum(item, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr,
             k_ptr, v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
             cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
@@ -345,40 +365,6 @@ def qkv_quantize_kernel(
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
-            # ---- an offset item: the sampled mean of one K or V head ----
-            if ticket < n_off:
-                if SMOOTH_K:
-                    slot = ticket  # (t - 1) * B * H_KV + b * H_KV + h
-                else:
-                    slot = ticket + B * H_KV
-                kind = 1 + slot // (B * H_KV)
-                bh = slot % (B * H_KV)
-                b0 = bh // H_KV
-                h0 = bh % H_KV
-                o_ptr = tl.where(kind == 1, k_ptr, v_ptr)
-                o_stride_s = tl.where(kind == 1, stride_ks, stride_vs)
-                o_stride_d = tl.where(kind == 1, stride_kd, stride_vd)
-                o_stride_h = tl.where(kind == 1, stride_kh, stride_vh)
-                if VARLEN:
-                    start = tl.load(cu_k_ptr + b0).to(tl.int64)
-                    o_len = (tl.load(cu_k_ptr + b0 + 1) - start).to(tl.int32)
-                    o_base = start * o_stride_s + h0.to(tl.int64) * o_stride_h
-                    o_cos = start * stride_cs
-                    o_sin = start * stride_ss
-                else:
-                    o_len = S_KV
-                    o_base = b0.to(tl.int64) * tl.where(kind == 1, stride_kb, stride_vb) + h0.to(tl.int64) * o_stride_h
-                    o_cos = b0.to(tl.int64) * stride_cb
-                    o_sin = b0.to(tl.int64) * stride_sb
-                mean1, mean2 = _sample_mean(o_ptr, o_base, o_len, o_stride_s, o_stride_d,
-                                            cos_ptr, o_cos, stride_cs, stride_cd, sin_ptr, o_sin, stride_ss,
-                                            stride_sd, kind == 1, HEAD_DIM, HALF_BLOCK, D_CONTIG, APPLY_ROPE,
-                                            N_SAMPLE, 32)
-                m_ptr = mean_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
-                tl.store(m_ptr, mean1, mask=d_mask)
-                tl.store(m_ptr + HALF, mean2, mask=d_mask)
-                tl.debug_barrier()  # every thread's stores before the one thread's release
-                tl.atomic_add(ready_ptr + slot, 1, sem="release")
         else:
             smooth1 = False
             smooth2 = False
@@ -391,17 +377,17 @@ def qkv_quantize_kernel(
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
             x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
             if SMOOTH_K or SMOOTH_V:
-                if smooth1:  # the head's offset item has a smaller ticket (see the deadlock argument)
-                    slot1 = grp1 - B * H_KV
-                    r = tl.atomic_add(ready_ptr + slot1, 0, sem="acquire")
-                    while r == 0:
-                        r = tl.atomic_add(ready_ptr + slot1, 0, sem="acquire")
                 x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (row1 + out_rows) < seq1, offs_d,
                                  d_mask, HALF, HEAD_DIM)
-            m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-            if ROTATES:
-                rotated1 = tl.where(t1 < 2, HADAMARD_QK, HADAMARD_V)
-                m = tl.where(rotated1, _pow2_norm_bound(x1, x2), m)
+            if HADAMARD_QK and HADAMARD_V:
+                m = _pow2_norm_bound(x1, x2)
+            elif ROTATES:
+                if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
+                    m = _pow2_norm_bound(x1, x2)
+                else:
+                    m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+            else:
+                m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
             # The int32 max of the bit patterns orders non-negative finite floats like the floats.
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             tl.atomic_add(done_ptr + grp1, 1, sem="release")
@@ -423,11 +409,13 @@ def qkv_quantize_kernel(
             tl.store(descale_ptr + grp2, descale, mask=first2)
             x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
             if SMOOTH_K or SMOOTH_V:
-                # the group's P1s acquired the offset before their release, which P2 acquired
                 x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (row2 + out_rows) < seq2, offs_d,
                                  d_mask, HALF, HEAD_DIM)
-            if ROTATES:
-                x1, x2 = _hadamard(x1, x2, signs, tl.where(t2 < 2, HADAMARD_QK, HADAMARD_V), INV_SQRT_D)
+            if HADAMARD_QK and HADAMARD_V:
+                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+            elif ROTATES:
+                if (t2 < 2) == HADAMARD_QK:
+                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
             if BLOCK_SCALES:
                 # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
                 valid2 = (row2 + out_rows) < seq2
@@ -463,3 +451,28 @@ def qkv_quantize_kernel(
             tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
             tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
         ticket = next_ticket
+
+
+@triton.jit
+def add_v_mean_kernel(
+    out_ptr, mean_ptr, S, H_KV, stride_ob, stride_os,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """smooth_v's add-back in place: out[b, s, h, :] += mean[b, h // GROUP, :] for out (B, S, H_q, D) with unit
+    strides over heads and channels, mean (B, H_kv, D) float32 rounded to out's dtype first and added in
+    float32 (what `out.add_(mean.to(out.dtype))` computes). Grid: (cdiv(S, BLOCK_T), B)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < S
+    n_cols = H_KV * GROUP * HEAD_DIM
+    base = out_ptr + b.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os
+    for c0 in tl.range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        m_col = (cols // (GROUP * HEAD_DIM)) * HEAD_DIM + cols % HEAD_DIM
+        m = tl.load(mean_ptr + (b * H_KV) * HEAD_DIM + m_col, mask=col_ok, other=0.0)
+        m = m.to(out_ptr.dtype.element_ty).to(tl.float32)
+        mask = row_ok[:, None] & col_ok[None, :]
+        o = tl.load(base + cols[None, :], mask=mask, other=0.0)
+        tl.store(base + cols[None, :], (o.to(tl.float32) + m[None, :]).to(out_ptr.dtype.element_ty), mask=mask)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import CENTRING_SAMPLE, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv
 from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
 from .hadamard import hadamard_matrix
@@ -41,20 +41,15 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a < float("inf"), a, torch.zeros_like(a))  # NaN < inf is False
 
 
-def centring_offsets(x: torch.Tensor, n_sample: int) -> torch.Tensor:
-    """Centring offset of each (batch, head, channel) of x (B, H, S, D) float32: the mean of the rows
-    floor(i * S / n_sample), i < n_sample (all rows when S <= n_sample), non-finite elements counted as 0;
-    (B, H, 1, D) float32. Summed in float64, rounded once to float32 and divided by the row count in float32,
-    as the kernel's `_sample_mean` (its float64 sums of float32 values are exact, whatever the order, unless
-    the rows' magnitudes span ~29 binades). Any per-channel constant keeps attention exact (K: a constant per
-    score row; V: the output gets it back); a spread sample finds a channel offset as the full mean does."""
-    S = x.shape[2]
-    rows = torch.arange(min(S, n_sample), device=x.device)
-    if S > n_sample:
-        rows = rows * S // n_sample
-    xs = x[:, :, rows]
-    total = torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)).double().sum(dim=2, keepdim=True).float()
-    return torch.div(total, torch.full_like(total, max(rows.numel(), 1)))  # tensor / tensor: one rounding
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean over the sequence (dim 2) with non-finite elements counted as 0 (divided by the
+    full length): any per-channel constant keeps the centring exact, and this one stays finite. The sum is
+    taken in float64 and rounded once to float32, then divided by the length in float32, as the kernel
+    path does with its float64 chunk sums (`qkv._centring_means`): float64 sums of float32 values are exact
+    unless magnitudes span ~29 binades, so the two agree bit for bit in practice."""
+    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    total = finite.double().sum(dim=2, keepdim=True).float()
+    return torch.div(total, torch.full_like(total, max(x.shape[2], 1)))  # tensor / tensor: one rounding
 
 
 def _rotate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,9 +145,8 @@ def quantize_qkv_fp8_reference(
         k, v: (B, H_kv, S_kv, D) bf16/fp16, any strides; H_q % H_kv == 0.
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype (HF rotary embedding output);
             only with S_q == S_kv. Applied to q and k in float32 before the amax.
-        options: `FP8AttentionOptions`. smooth_k subtracts a per-(batch, head, channel) offset from K
-            (`centring_offsets`: the mean of CENTRING_SAMPLE rows spread over the sequence; exact for
-            softmax: it shifts each score row by a constant); smooth_v subtracts V's and returns it as
+        options: `FP8AttentionOptions`. smooth_k subtracts K's per-(batch, head, channel) mean over the
+            sequence (exact for softmax: it shifts each score row by a constant); smooth_v subtracts V's and returns it as
             ``v_mean`` for the output to add back; hadamard rotates q and k ("qk", "qkv") and/or v ("qkv",
             "v_only") by the normalised Hadamard matrix (rows rounded to the input dtype first, `_rotate`),
             and a rotated tensor's group amax is the power-of-two bound of its rows' norms
@@ -176,10 +170,10 @@ def quantize_qkv_fp8_reference(
         qf = apply_rope_reference(qf, cos, sin)
         kf = apply_rope_reference(kf, cos, sin)
     if options.smooth_k:
-        kf = kf - centring_offsets(kf, CENTRING_SAMPLE)
+        kf = kf - _finite_mean(kf)
     v_mean = None
     if options.smooth_v:
-        v_mean = centring_offsets(vf, CENTRING_SAMPLE)
+        v_mean = _finite_mean(vf)
         vf = vf - v_mean
         v_mean = v_mean.squeeze(2)
     # a rotated tensor's group amax is the power-of-two bound of its (unrotated) rows' norms

@@ -68,14 +68,12 @@ def _dot_signs(x, signs):
 
 
 @triton.jit
-def _hadamard(x1, x2, signs, on, INV_SQRT_D: tl.constexpr):
-    """x @ (H_D / sqrt(D)) for the half tiles x = [x1, x2] when `on`. Sylvester: H_D = [[H, H], [H, -H]] with
+def _hadamard(x1, x2, signs, INV_SQRT_D: tl.constexpr):
+    """x @ (H_D / sqrt(D)) for the half tiles x = [x1, x2]. Sylvester: H_D = [[H, H], [H, -H]] with
     H = H_{D/2} (`signs`), so x @ H_D = [x1 @ H + x2 @ H, x1 @ H - x2 @ H]: two half-size dots."""
     p = _dot_signs(x1, signs)
     r = _dot_signs(x2, signs)
-    y1 = (p + r) * INV_SQRT_D
-    y2 = (p - r) * INV_SQRT_D
-    return tl.where(on, y1, x1), tl.where(on, y2, x2)
+    return (p + r) * INV_SQRT_D, (p - r) * INV_SQRT_D
 
 
 @triton.jit

@@ -1,11 +1,11 @@
 """K / V centring (`smooth_k` / `smooth_v`) in the quantize kernel, interpreted on CPU.
 
-The kernel's first tickets are one offset item per smoothed head: the mean of CENTRING_SAMPLE rows spread
-evenly over the sequence (all rows of a shorter one), after RoPE for K, summed in float64
-(`kernels._sample_mean`); every P1 of the head waits for it, so P1 and P2 subtract the same offset and the
-scale is exactly the amax of the centred values. The reference (`reference.centring_offsets`) samples the
-same rows; float64 sums of float32 values are exact unless magnitudes span ~29 binades, so the offsets agree
-bit for bit in practice, and the documented tolerance of tests/cpu/test_quantize.py covers the rest.
+Before the quantize kernel, `centring_sums_kernel` sums each K / V head (K after RoPE) per chunk of rows in
+float64, and the launcher adds the chunks and divides by the length (`qkv._centring_means`); P1 and P2 of
+the quantize kernel subtract that mean, so the scale is exactly the amax of the centred values. The
+reference (`reference._finite_mean`) sums the elements in float64: float64 sums of float32 values are
+exact unless magnitudes span ~29 binades, so the means agree bit for bit in practice, and the documented
+tolerance of tests/cpu/test_quantize.py covers the rest.
 """
 
 import pytest
@@ -19,7 +19,7 @@ from test_quantize import (  # noqa: F401 (fixture)
     make_rope,
 )
 
-from hf_fp8_attention._constants import CENTRING_SAMPLE, FP8_DTYPE, FP8_MAX
+from hf_fp8_attention._constants import FP8_DTYPE, FP8_MAX
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import (
     quantize_qkv_fp8,
@@ -28,7 +28,7 @@ from hf_fp8_attention.quantization import (
     quantize_qkv_fp8_varlen_reference,
 )
 from hf_fp8_attention.quantization import qkv as qkv_launcher
-from hf_fp8_attention.quantization.reference import _scales, centring_offsets
+from hf_fp8_attention.quantization.reference import _scales
 
 ON_CUDA = torch.cuda.is_available()
 pytestmark = [
@@ -85,7 +85,7 @@ def test_kernel_matches_reference(B, H_q, H_kv, S, D, dtype, rope, smooth_k, smo
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
     assert_close_modes(got, ref, rope is not None, hadamard)
-    if smooth_v:  # S <= CENTRING_SAMPLE: the offset is the sequence mean, to float32 rounding
+    if smooth_v:  # the sequence mean, to float32 rounding
         assert torch.equal(got.v_mean, ref.v_mean)
         torch.testing.assert_close(got.v_mean, v.double().mean(dim=2).float(), rtol=0, atol=1e-5)
     plain = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=_options(False, False, hadamard))
@@ -227,30 +227,25 @@ def test_non_finite_with_rope_match_reference():
     assert_close_modes(got, quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options), True, "none")
 
 
-# ---------------------------------------------------------------- sampled offsets of long sequences
+# ---------------------------------------------------------------- means over several chunks
 
 
 @pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
-def test_long_sequence_offset_is_the_sampled_mean(rope):
-    """S > CENTRING_SAMPLE: the offset is the mean of rows floor(i * S / 256) (after RoPE for K), the kernel's
-    equal to the reference's bit for bit; the scales are those of the values centred by it; and it removes a
-    channel offset as well as the full mean would (V offset +-3 on unit noise: the centred amax is within 5%
-    of the one the exact mean gives)."""
-    S = 2 * CENTRING_SAMPLE + 37
+def test_means_over_several_chunks(monkeypatch, rope):
+    """Sequences longer than one chunk of `centring_sums_kernel` (chunk shrunk to 64 rows: 3 chunks and a
+    ragged one): the means equal the reference's bit for bit and the scales are those of the values centred
+    by them."""
+    monkeypatch.setattr(qkv_launcher, "_CENTRING_CHUNK", 64)
+    S = 3 * 64 + 37
     q, k, v = _inputs(1, 2, 1, S, 64, torch.bfloat16, seed=7)
     cos, sin = make_rope(1, S, 64, torch.float32) if rope else (None, None)
     options = _options(True, True)
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
     assert_close_modes(got, ref, rope, "none")
-    rows = torch.arange(CENTRING_SAMPLE) * S // CENTRING_SAMPLE
-    want = v.float()[:, :, rows].double().sum(dim=2).float() / CENTRING_SAMPLE
-    assert torch.equal(got.v_mean, want) and torch.equal(got.v_mean, ref.v_mean)
-    assert torch.equal(centring_offsets(v.float(), CENTRING_SAMPLE).squeeze(2), want)
+    assert torch.equal(got.v_mean, ref.v_mean)
     centred = v.float() - got.v_mean[:, :, None, :]
     assert torch.equal(got.v_descale, _scales(centred.abs().amax(dim=(2, 3)))[1])
-    exact = (v.float() - v.float().mean(dim=2, keepdim=True)).abs().amax(dim=(2, 3))
-    assert (centred.abs().amax(dim=(2, 3)) <= 1.05 * exact).all()
 
 
 # ---------------------------------------------------------------- why centring is exact
@@ -270,3 +265,17 @@ def test_centring_by_any_channel_constant_is_exact_in_float64():
                       torch.randn(2, 4, 1, 64, generator=g, dtype=torch.float64) * 5)):
         out = F.scaled_dot_product_attention(q, k - c_k, v - c_v, is_causal=True) + c_v
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_v_mean_kernel_equals_torch_add(dtype):
+    """The CUDA add-back (`qkv.add_v_mean`, interpreted here) equals torch's broadcast add of the mean rounded
+    to the output dtype, bit for bit: GQA 3 query heads per KV head, S not a multiple of its row block,
+    H_q * D not a multiple of its column block."""
+    g = torch.Generator().manual_seed(0)
+    B, S, H_kv, G, D = 2, 37, 2, 3, 96
+    out = (torch.randn(B, S, H_kv * G, D, generator=g) * 2).to(dtype)
+    mean = torch.randn(B, H_kv, D, generator=g) * 5
+    want = out.clone().add_(mean.repeat_interleave(G, dim=1)[:, None].to(dtype))
+    got = qkv_launcher.add_v_mean(out.clone(), mean)
+    assert torch.equal(got, want)
