@@ -72,7 +72,9 @@ def test_needle_family_takes_most_attention(s):
     others = weights.clone()
     others[..., pos] = 0
     assert others.max() < 0.01  # the rest is diffuse
-    assert torch.equal(v[:, :, pos].abs().float(), torch.full_like(v[:, :, pos].float(), NEEDLE_V))
+    # the needle's V row: Gaussian channels of std NEEDLE_V (independent e4m3 roundings), not +-NEEDLE_V
+    row = v[:, :, pos].float()
+    assert 0.7 * NEEDLE_V < row.std() < 1.3 * NEEDLE_V and row.abs().unique().numel() > row.numel() // 2
     # the queries before the last ones are plain Gaussian: the needle is no special key for them
     early = (q[:, :, : s - LAST].float() @ kk[..., pos, :, None]).squeeze(-1) / math.sqrt(q.shape[-1])
     assert early.abs().mean() < 1.5
