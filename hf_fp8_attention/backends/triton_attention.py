@@ -53,11 +53,9 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k))  # int8 q/k: an int32 dot, exact; e4m3: already float32
-        if QK_INT8:
-            # int32 -> float32 exactly (|qk| <= 256 * 127^2 < 2^22) as an integer add and a float subtract on
-            # 1.5 * 2^23, full-rate ALU work instead of the conversion instruction (a quarter of the rate)
-            qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        # int8 q/k: an int32 dot, exact; e4m3: already float32. (Converting by adding 1.5 * 2^23 to the bits
+        # instead of I2F measured no faster on the H200: int8 82-85% of e4m3 vs 86-88% before, not side by side.)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32)
         if BLOCK_SCALES:
             k_blk = tl.load(Kb_ptr + cols // SCALE_BLOCK, mask=cols < S_kv, other=1.0)
             qk = qk * k_blk[None, :]
