@@ -29,7 +29,7 @@ step real_fa3 timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --t
   --seq 1024 --windows 2 --backend fa3 --modes none qk qkv smooth_v qk+smooth_v --json "$out/real_fa3.json"
 step real_triton timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
   --seq 1024 --windows 2 --backend triton --modes none qk int8 int8+smooth_k --json "$out/real_triton.json"
-step cache timeout 150 python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" --backend fa3 \
+step cache timeout 150 python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" --backend fa3 --device cuda \
   --out-json "$out/cache.json"
 echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status
