@@ -58,6 +58,8 @@ MODES = {
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
 }
+# A mode names everything it switches on: no rotation unless it says so (the default is hadamard="auto").
+MODES = {name: {"hadamard": "none", **kwargs} for name, kwargs in MODES.items()}
 
 
 def make_inputs(family: str, b: int, h_q: int, h_kv: int, s: int, d: int, *, device="cpu", dtype=torch.bfloat16, seed=0):

@@ -96,6 +96,7 @@ def fp8_attention(
     -> (total_q, H_q, D); max_seqlen None means "validate the offsets and measure them here" (one host
     sync; what a compiled graph does, since it cannot read them while tracing).
     """
+    options = options.for_head_dim(query.shape[-1])  # hadamard="auto" -> what the kernels run
     varlen = None
     if cu_seqlens_q is not None:
         if max_seqlen_q is None or max_seqlen_k is None:

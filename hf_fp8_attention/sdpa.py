@@ -85,7 +85,7 @@ def fp8_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
-    hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
     qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
@@ -104,9 +104,10 @@ def fp8_sdpa(
             (FA3 bf16 on Hopper when installed, else torch SDPA; RoPE applied first when cos/sin are given),
             so their output is exact attention in the input dtype, not fp8's. No table for the GPU, or
             ``HF_FP8_ATTENTION_SPEED_TABLE=off``: fp8 on every call. `dispatch.describe_dispatch` says which.
-        hadamard: accuracy mode for outlier-heavy inputs: "none", "qk" (Q and K rotated by a normalised
-            Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output is
-            rotated back) or "v_only". Needs a power-of-two head_dim <= 256.
+        hadamard: accuracy mode for outlier-heavy inputs: "auto" (default: "qk" where the head dim is a power
+            of two <= 256, else "none"; `options.AUTO_HADAMARD` says why), "none", "qk" (Q and K rotated by a
+            normalised Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output
+            is rotated back) or "v_only". The explicit rotations need a power-of-two head_dim <= 256.
         smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).
         smooth_v: subtract V's per-channel mean before quantizing and add it back to the output.
         qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
@@ -165,7 +166,7 @@ def fp8_sdpa_varlen(
     cu_seqlens_k: torch.Tensor, *,
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
-    hadamard: str = "none", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
     qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).

@@ -15,7 +15,7 @@ import torch
 
 from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
-from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
+from ..options import NO_MODES, FP8AttentionOptions
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 
@@ -65,7 +65,7 @@ def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_
 def quantize_qkv_fp8(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS,
+    options: FP8AttentionOptions = NO_MODES,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -91,6 +91,7 @@ def quantize_qkv_fp8(
             unknown hadamard mode or one the head dim does not allow.
     """
     options = FP8AttentionOptions.coerce(options)
+    options = options.for_head_dim(q.shape[-1])
     check_rope_args(q, k, cos, sin)
     options.check_head_dim(q.shape[-1])
     check_dtypes(q, k, v)
@@ -109,7 +110,7 @@ def quantize_qkv_fp8_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS, check: bool = True,
+    options: FP8AttentionOptions = NO_MODES, check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -127,6 +128,7 @@ def quantize_qkv_fp8_varlen(
         quantized alone), bit for bit without the accuracy modes.
     """
     options = FP8AttentionOptions.coerce(options)
+    options = options.for_head_dim(q.shape[-1])
     if check:
         check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     options.check_head_dim(q.shape[-1])

@@ -13,7 +13,7 @@ import torch
 
 from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
 from .._intmath import cdiv
-from ..options import DEFAULT_OPTIONS, FP8AttentionOptions
+from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
 from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args, rows_bhsd
 
@@ -136,7 +136,7 @@ def _quantize_blocks(x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor,
 def quantize_qkv_fp8_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS,
+    options: FP8AttentionOptions = NO_MODES,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -162,6 +162,7 @@ def quantize_qkv_fp8_reference(
         QuantizedQKV with BSHD fp8 tensors and (B, H_kv) float32 descales.
     """
     options = FP8AttentionOptions.coerce(options)
+    options = options.for_head_dim(q.shape[-1])
     check_rope_args(q, k, cos, sin)
     options.check_head_dim(q.shape[-1])
     h_kv = k.shape[1]
@@ -201,7 +202,7 @@ def quantize_qkv_fp8_varlen_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = DEFAULT_OPTIONS, check: bool = True,
+    options: FP8AttentionOptions = NO_MODES, check: bool = True,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8_reference` on each sequence of a packed batch (see `quantize_qkv_fp8_varlen`).
 
@@ -212,6 +213,7 @@ def quantize_qkv_fp8_varlen_reference(
     read, on the host).
     """
     options = FP8AttentionOptions.coerce(options)
+    options = options.for_head_dim(q.shape[-1])
     if check:
         cu_q, cu_k = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     else:

@@ -304,7 +304,8 @@ def prepare_model(
             GPU that has a measured speed table (`hf_fp8_attention/tables/`, made by scripts/tune_dispatch.py)
             the model gets the auto name ``fp8``, which runs bf16 attention on the shapes where the table
             measured fp8 slower (short prefills on the H200); a named backend always runs fp8.
-        hadamard: None/"none", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
+        hadamard: None/"auto" (default: "qk" on power-of-two head dims, else "none"), "none", "qk", "qkv" or
+            "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
             backend=None then picks on a GPU).

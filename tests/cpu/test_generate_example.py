@@ -94,7 +94,7 @@ def test_fp8_triton_without_gpu_is_a_gpu_error_not_an_unknown_choice(capsys):
 
 
 def test_hadamard_choices_from_the_package():
-    assert set(HADAMARD_MODES) == {"none", "qk", "qkv", "v_only"}
+    assert set(HADAMARD_MODES) == {"auto", "none", "qk", "qkv", "v_only"}
     for mode in HADAMARD_MODES:
         assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", mode]).hadamard == mode
 

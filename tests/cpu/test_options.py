@@ -9,8 +9,16 @@ from hf_fp8_attention import FP8AttentionOptions, fp8_sdpa, fp8_sdpa_varlen
 
 def test_defaults_and_derived_flags():
     o = FP8AttentionOptions()
-    assert (o.hadamard, o.smooth_k, o.smooth_v, o.qk_scales) == ("none", False, False, "head")
-    assert not (o.rotates_qk or o.rotates_v or o.block_scales or o.smooths) and o.changed() == {}
+    assert (o.hadamard, o.smooth_k, o.smooth_v, o.qk_scales) == ("auto", False, False, "head")
+    assert not (o.block_scales or o.smooths) and o.changed() == {}
+    with pytest.raises(ValueError, match="for_head_dim"):
+        o.rotates_qk  # "auto" means nothing before the head dim is known
+    # "auto": "qk" on power-of-two head dims <= 256 with per-head e4m3 Q/K scales, else "none"
+    assert [o.for_head_dim(d).hadamard for d in (64, 96, 128, 256, 512)] == ["qk", "none", "qk", "qk", "none"]
+    assert FP8AttentionOptions(qk_format="int8").for_head_dim(128).hadamard == "none"
+    assert FP8AttentionOptions(qk_scales="block").for_head_dim(128).hadamard == "none"
+    assert FP8AttentionOptions(hadamard="none").for_head_dim(128).hadamard == "none"
+    assert FP8AttentionOptions(hadamard="none").changed() == {"hadamard": "none"}
     o = FP8AttentionOptions(hadamard="qkv", smooth_v=True, qk_scales="block")
     assert o.rotates_qk and o.rotates_v and o.block_scales and o.smooths
     assert o.changed() == {"hadamard": "qkv", "smooth_v": True, "qk_scales": "block"}
@@ -18,7 +26,7 @@ def test_defaults_and_derived_flags():
     assert v.rotates_v and not v.rotates_qk
     qk = FP8AttentionOptions(hadamard="qk")
     assert qk.rotates_qk and not qk.rotates_v
-    assert FP8AttentionOptions(hadamard=None).hadamard == "none"  # prepare_model's None means "none"
+    assert FP8AttentionOptions(hadamard=None).hadamard == "auto"  # prepare_model's None means the default
     with pytest.raises(Exception):
         o.smooth_k = True  # frozen
 

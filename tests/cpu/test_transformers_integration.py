@@ -483,7 +483,7 @@ def test_bad_backend_and_hadamard():
     model = tiny_model()
     with pytest.raises(ValueError, match="unknown fp8 attention backend 'fa5'"):
         hfa.prepare_model(model, backend="fa5")
-    with pytest.raises(ValueError, match="accepted values: None, 'none'"):
+    with pytest.raises(ValueError, match="accepted values: None, 'auto', 'none'"):
         hfa.prepare_model(model, backend="reference", hadamard="random")
     with pytest.raises(ValueError, match="needs CUDA"):
         hfa.prepare_model(model, backend="fa3")  # CPU model
@@ -504,11 +504,11 @@ def test_accuracy_options_reach_every_fp8_call(monkeypatch):
 
     patch_everywhere(monkeypatch, "fp8_sdpa", spy)
     model = tiny_model()
-    hfa.prepare_model(model, backend="reference", hadamard="none")
+    hfa.prepare_model(model, backend="reference")
     assert seen == [{}, {}]  # the fused-RoPE self-check, with the model's options
     seen.clear()
     logits(model, ids_for())
-    assert seen == [{}, {}] and model.config.fp8_attention_options["hadamard"] == "none"
+    assert seen == [{}, {}] and model.config.fp8_attention_options["hadamard"] == "auto"
     seen.clear()
     hfa.prepare_model(model, backend="reference", hadamard="qkv", smooth_k=True)
     mask = _padded_batch((SEQ, 29), SEQ, left=True)
@@ -641,7 +641,7 @@ def test_prepare_model_validates_options_once():
     assert not hasattr(model.config, "fp8_attention_options")
     hfa.prepare_model(model, backend="reference", smooth_v=True)
     assert model.config.fp8_attention_options == {
-        "hadamard": "none", "smooth_k": False, "smooth_v": True, "qk_scales": "head", "qk_format": "e4m3"}
+        "hadamard": "auto", "smooth_k": False, "smooth_v": True, "qk_scales": "head", "qk_format": "e4m3"}
 
 
 def test_unknown_option_on_the_config_is_an_error():
