@@ -34,8 +34,8 @@ def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8At
 
 
 def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
-    """Undo the V transforms `qkv` records on the (B, S, H_q, D) output: O = O' H + offset_v, with H @ H = I
-    (V was centred, then rotated). A varlen output (1, total_q, H_q, D) takes each packed query's own
+    """Undo the V transforms `qkv` records on the (B, S, H_q, D) output: O = O' H + v_add, with H @ H = I
+    (V was centred, then rotated; v_add is V's mean less the mean quantization error, `QuantizedQKV.v_add`). A varlen output (1, total_q, H_q, D) takes each packed query's own
     sequence offset.
 
     One GEMM in the output dtype (fp32 accumulation; memory-bound, one read and one write of O') plus, for
@@ -44,12 +44,13 @@ def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
     """
     if qkv.v_rotated:
         out = torch.matmul(out, hadamard_matrix(out.shape[-1], device=out.device, dtype=out.dtype))
-    if qkv.v_mean is not None and out.is_cuda and not qkv.is_varlen and out.stride(3) == 1 \
+    add = qkv.v_add if qkv.v_add is not None else qkv.v_mean
+    if add is not None and out.is_cuda and not qkv.is_varlen and out.stride(3) == 1 \
             and out.stride(2) == out.shape[3]:
-        return add_v_mean(out, qkv.v_mean)
-    if qkv.v_mean is not None:
-        group = out.shape[2] // qkv.v_mean.shape[1]
-        bias = qkv.v_mean.repeat_interleave(group, dim=1)  # (B, H_q, D) float32
+        return add_v_mean(out, add)
+    if add is not None:
+        group = out.shape[2] // add.shape[1]
+        bias = add.repeat_interleave(group, dim=1)  # (B, H_q, D) float32
         if qkv.is_varlen:  # (1, total_q, H_q, D): the offset of each query's sequence
             lengths = qkv.cu_seqlens_q.diff()
             bias = bias.repeat_interleave(lengths, dim=0, output_size=out.shape[1])[None]

@@ -240,8 +240,9 @@ def centring_sums_kernel(
         valid = row < r1
         mask = valid[:, None] & d_mask[None, :]
         x_rows = x_ptr + x_base + row * stride_s
-        x1 = tl.load(x_rows[:, None] + col1[None, :], mask=mask, other=0.0)
-        x2 = tl.load(x_rows[:, None] + col2[None, :], mask=mask, other=0.0)
+        # (e4m3 codes too: smooth_v's add-back takes the mean of the quantized V; exact in float32)
+        x1 = tl.load(x_rows[:, None] + col1[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_rows[:, None] + col2[None, :], mask=mask, other=0.0).to(tl.float32)
         if APPLY_ROPE:
             rope_mask = (row < tl.where(rope_on, r1, 0))[:, None] & d_mask[None, :]  # v: nothing
             c_rows = cos_ptr + cos_base + row * stride_cs

@@ -18,6 +18,7 @@ from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
+from .reference import v_code_drift
 
 # Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
 # two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
@@ -188,12 +189,13 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         means = _centring_means(k, v, rope, B, S_kv, varlen, smooth_k, smooth_v)
     v_mean = means[1] if smooth_v else None
 
-    def bundle(descale: torch.Tensor) -> QuantizedQKV:
+    def bundle(descale: torch.Tensor, v_add=None) -> QuantizedQKV:
         extra = {}
         if varlen is not None:
             extra = dict(zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"), varlen))
         return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean=v_mean,
-                            v_rotated=options.rotates_v, q_block_descale=blocks[0], k_block_descale=blocks[1], **extra)
+                            v_rotated=options.rotates_v, v_add=v_add, q_block_descale=blocks[0],
+                            k_block_descale=blocks[1], **extra)
 
     if S_q == 0 or S_kv == 0 or B == 0:
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
@@ -224,7 +226,12 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    return bundle(descale)
+    v_add = None
+    if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
+        codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes
+        code_mean = _centring_means(codes, codes, None, B, S_kv, varlen, False, True)[1]
+        v_add = v_mean - v_code_drift(code_mean, descale[2], options.rotates_v)
+    return bundle(descale, v_add)
 
 
 # Rows of one K / V head per program of `centring_sums_kernel` (256: 2048 programs at S=16k, H_kv=32, each

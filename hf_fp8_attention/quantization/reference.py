@@ -52,6 +52,19 @@ def _finite_mean(x: torch.Tensor) -> torch.Tensor:
     return torch.div(total, torch.full_like(total, max(x.shape[2], 1)))  # tensor / tensor: one rounding
 
 
+def v_code_drift(codes_mean_or_codes: torch.Tensor, v_descale: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """Mean over the sequence of the dequantized centred V, in V's own basis: (B, H_kv, D) float32. Takes the
+    e4m3 codes as float32 (B, H_kv, S, D) (their mean as `_finite_mean` takes it: exact float64 sums) or,
+    from the kernel path, their (B, H_kv, D) mean already; times the per-head descale, rotated back when V
+    was rotated. The centred V's own mean is ~0, so this is the mean quantization error that smooth_v's
+    add-back removes (`QuantizedQKV.v_add`)."""
+    mean = codes_mean_or_codes if codes_mean_or_codes.dim() == 3 else _finite_mean(codes_mean_or_codes).squeeze(2)
+    drift = mean * v_descale[:, :, None]
+    if rotated:
+        drift = drift @ hadamard_matrix(drift.shape[-1], device=drift.device)
+    return drift
+
+
 def _rotate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (..., D) float32 @ (H_D / sqrt(D)), as the kernel: x rounded to ``dtype`` (the input dtype) so that the
     products with the +-1 signs are exact, float32 sums, then the 1/sqrt(D) factor."""
@@ -189,13 +202,16 @@ def quantize_qkv_fp8_reference(
     q8, q_descale = _quantize_grouped(qf, h_kv, bounds[0])
     k8, k_descale = _quantize_grouped(kf, h_kv, bounds[1])
     v8, v_descale = _quantize_grouped(vf, h_kv, bounds[2])
+    v_add = None
+    if options.smooth_v:
+        v_add = v_mean - v_code_drift(v8.transpose(1, 2).float(), v_descale, options.rotates_v)
     blocks = {}
     if options.block_scales:
         q8, q_blocks = _quantize_blocks(qf, options.int8_qk)
         k8, k_blocks = _quantize_blocks(kf, options.int8_qk)
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
-                        **blocks)
+                        v_add=v_add, **blocks)
 
 
 def quantize_qkv_fp8_varlen_reference(
@@ -239,6 +255,7 @@ def quantize_qkv_fp8_varlen_reference(
     return QuantizedQKV(
         cat("q", 1), cat("k", 1), cat("v", 1), cat("q_descale"), cat("k_descale"), cat("v_descale"),
         v_mean=cat("v_mean") if options.smooth_v else None, v_rotated=options.rotates_v,
+        v_add=cat("v_add") if options.smooth_v else None,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), **blocks,
     )

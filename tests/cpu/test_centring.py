@@ -28,6 +28,7 @@ from hf_fp8_attention.quantization import (
     quantize_qkv_fp8_varlen_reference,
 )
 from hf_fp8_attention.quantization import qkv as qkv_launcher
+from hf_fp8_attention.quantization import hadamard_matrix
 from hf_fp8_attention.quantization.reference import _scales
 
 ON_CUDA = torch.cuda.is_available()
@@ -279,3 +280,23 @@ def test_add_v_mean_kernel_equals_torch_add(dtype):
     want = out.clone().add_(mean.repeat_interleave(G, dim=1)[:, None].to(dtype))
     got = qkv_launcher.add_v_mean(out.clone(), mean)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("hadamard", ["none", "qkv"])
+def test_add_back_removes_the_mean_quantization_error(hadamard):
+    """smooth_v's add-back (`QuantizedQKV.v_add`) is V's mean less the mean of the dequantized centred V (in
+    V's basis): the kernel path's equals the reference's bit for bit, and an output that averages over every
+    key (uniform attention, where the add-back matters most) comes out closer to the exact mean of V than
+    with v_mean added back (which leaves the mean e4m3 error of the centred bf16 V in every row)."""
+    q, k, v = _inputs(2, 4, 2, 300, 64, torch.bfloat16, seed=9)
+    options = _options(False, True, hadamard)
+    got = quantize_qkv_fp8(q, k, v, options=options)
+    ref = quantize_qkv_fp8_reference(q, k, v, options=options)
+    assert torch.equal(got.v_add, ref.v_add) and torch.equal(got.v_mean, ref.v_mean)
+    h = torch.eye(64) if hadamard == "none" else hadamard_matrix(64)
+    deq = (got.v.float() * got.v_descale[:, None, :, None]).transpose(1, 2)  # (B, H, S, D), V's centred basis
+    uniform = deq.mean(dim=2) @ h  # attention that weighs every key alike, rotated back
+    exact = v.double().mean(dim=2).float()
+    err_add = (uniform + got.v_add - exact).abs().max()
+    err_mean = (uniform + got.v_mean - exact).abs().max()
+    assert err_add < 1e-5 and err_add < 0.1 * err_mean, (err_add, err_mean)
