@@ -29,7 +29,7 @@ def _attn_fwd_inner(
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
@@ -136,7 +136,8 @@ def _fp8_attn_fwd_kernel(
     K/V (batch-1 tensors, int32 offsets); S_q / S_kv are the longest lengths (grid and partials' size),
     stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
     BLOCK_SCALES: Q and K descales per SCALE_BLOCK tokens of one head, Q_blk (B, H_q, n_blk_q) and K_blk
-    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused). QK_INT8: Q and K are int8 (with BLOCK_SCALES).
+    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused). QK_INT8 (Q and K are int8, with BLOCK_SCALES)
+    only keys the autotuning: int8 and e4m3 tiles may tune differently.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -202,12 +203,12 @@ def _fp8_attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK, QK_INT8,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, QK_INT8,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK,
     )
 
     if NUM_SPLITS == 1:
