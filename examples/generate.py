@@ -20,8 +20,8 @@ of the fp8 math: correct, slow, no speedup) are used. Finding and loading the mo
     python examples/generate.py --kv-cache off        # no cache: every token re-runs the prefill (the old way)
     python examples/generate.py --model path/to/hf_dir_or_file.gguf --prompt "..."
 
-KV cache (``--kv-cache auto``): fp8 attention uses the FP8 cache, except with an accuracy option
-(``--hadamard`` other than none), which the FP8 cache does not take: then transformers' bf16 cache.
+KV cache (``--kv-cache auto``): fp8 attention uses the FP8 cache (``--hadamard`` shapes the prefill's fp8
+attention; the cache's decode keeps its own numerics).
 sdpa/eager use transformers' bf16 cache. The --compare baseline is the bf16 model as loaded (transformers'
 ``flash_attention_3`` on a GPU where transformers accepts the FA3 install, else ``sdpa``) with its bf16
 cache. tokens/s is new tokens over the whole generate call, prefill included.
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache",
         default="auto",
         choices=KV_CACHE_CHOICES,
-        help="auto: the FP8 cache for fp8 attention (transformers' bf16 cache with --hadamard), transformers' "
+        help="auto: the FP8 cache for fp8 attention, transformers' "
         "cache for sdpa/eager; fp8/bf16/off: prepare_model's kv_cache (off: no cache at all)",
     )
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
@@ -143,9 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--hadamard only applies to the fp8 attentions")
     if args.kv_cache == "fp8" and args.attn not in ATTN_IMPLEMENTATIONS:
         parser.error(f"--kv-cache fp8 needs an fp8 --attn (got {args.attn}); sdpa/eager keep transformers' cache")
-    if args.kv_cache == "fp8" and args.hadamard not in (None, "none"):
-        parser.error(f"--kv-cache fp8 runs the default fp8 numerics: drop --hadamard {args.hadamard}, or use "
-                     "--kv-cache bf16 / off")
     args.cache_mode = cache_mode(args.attn, args.kv_cache, args.hadamard)
     return args
 
@@ -156,7 +153,7 @@ def cache_mode(attn: str, kv_cache: str, hadamard: str | None = None) -> str:
         return kv_cache
     if attn in PLAIN_ATTN:
         return "bf16"
-    return "bf16" if hadamard not in (None, "none") else "fp8"
+    return "fp8"  # any --hadamard: it shapes the prefill's fp8 attention, the cache keeps its own numerics
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -335,10 +335,13 @@ def prepare_model(
                                   qk_format=qk_format)
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
-    if kv_cache == "fp8" and options.changed():
+    # hadamard only shapes the first chunk's fp8_sdpa (an exact rotation); the cache's kernels keep their own
+    # numerics (per-block K/V scales); the other options would have to be carried into them
+    unsupported = {k: v for k, v in options.changed().items() if k != "hadamard"}
+    if kv_cache == "fp8" and unsupported:
         raise ValueError(
-            f"kv_cache='fp8' runs the default fp8 numerics (per-block K/V scales in the cache); the options "
-            f"{options.changed()} are not supported with it: drop them, or use kv_cache='off' / 'bf16'"
+            f"kv_cache='fp8' runs the cache's own fp8 numerics (per-block K/V scales); the options "
+            f"{unsupported} are not supported with it: drop them, or use kv_cache='off' / 'bf16'"
         )
     if kv_cache == "fp8" and not fuse_rope:
         raise ValueError("kv_cache='fp8' writes un-rotated keys through the fused-RoPE forward: it needs fuse_rope=True")

@@ -370,12 +370,12 @@ def test_readme_main_job_on_the_real_model():
 
 
 def test_kv_cache_modes():
-    """auto: the FP8 cache for fp8 attention, transformers' cache with --hadamard (the FP8 cache takes no
-    accuracy option) and for sdpa/eager; explicit values are prepare_model's kv_cache."""
+    """auto: the FP8 cache for fp8 attention (with any --hadamard: it shapes the prefill), transformers' cache
+    for sdpa/eager; explicit values are prepare_model's kv_cache."""
     assert gen.parse_args([]).kv_cache == "auto"
     assert gen.parse_args([]).cache_mode == "fp8"
     assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", "none"]).cache_mode == "fp8"
-    assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", "qkv"]).cache_mode == "bf16"
+    assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--hadamard", "qkv"]).cache_mode == "fp8"
     assert gen.parse_args(["--attn", "sdpa"]).cache_mode == "bf16"
     for mode in ("fp8", "bf16", "off"):
         assert gen.parse_args(["--attn", "fp8_reference", "--device", "cpu", "--kv-cache", mode]).cache_mode == mode
@@ -387,7 +387,6 @@ def test_kv_cache_modes():
     [
         ["--kv-cache", "int8"],
         ["--attn", "sdpa", "--kv-cache", "fp8"],
-        ["--attn", "fp8_reference", "--device", "cpu", "--kv-cache", "fp8", "--hadamard", "qkv"],
     ],
 )
 def test_kv_cache_errors(argv, capsys):

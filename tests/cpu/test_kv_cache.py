@@ -313,7 +313,10 @@ def test_prepare_model_kv_cache_validation():
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         hfa.prepare_model(model, backend="reference", kv_cache="int4")
     with pytest.raises(ValueError, match="not supported with it"):
-        hfa.prepare_model(model, backend="reference", kv_cache="fp8", hadamard="qk")
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", smooth_v=True)
+    for hadamard in ("none", "qk", "qkv"):  # the rotation only shapes the first chunk's fp8_sdpa
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", hadamard=hadamard)
+        hfa.unprepare_model(model)
     with pytest.raises(ValueError, match="fuse_rope=True"):
         hfa.prepare_model(model, backend="reference", kv_cache="fp8", fuse_rope=False)
     with pytest.raises(ValueError, match="new_cache needs"):
