@@ -27,11 +27,13 @@ Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
   Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k.
 - Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix with tl.dot in
   P2 only, the (centred) rows rounded to the input dtype first so that the products with +-1 are exact
-  (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is a
-  power-of-two bound of its rows' norms, 2^ceil(log2(max_row ||x||^2) / 2) >= max |x H| (H orthonormal), so
-  P1 costs a sum of squares, not a matmul. The bound is at most ~2^3 (D=128) above the true amax of a
-  rotated (near-Gaussian) row; e4m3 is a float format, so this moves the values' exponents, not their
-  relative precision, and the smallest elements that become subnormal carry ~1e-4 of the energy.
+  (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is the
+  power-of-two ceiling of max_row min(||x||_2, ||x||_1 / sqrt(D)) >= max |x H| (`tile_math._pow2_norm_bound`),
+  so P1 costs two row reductions, not a matmul. For near-Gaussian rows this is ~3-6x the true amax of the
+  rotated row (~2^2-2^3); e4m3 is a float format, so that moves the values' exponents, not their relative
+  precision, and the smallest elements that become subnormal carry ~1e-4 of the energy. (||x||_2 alone was
+  up to 2 sqrt(D) too large for a one-channel spike, which made the rotation worse than none on massive
+  activations in a CPU check.)
   Per-block scales (BLOCK_SCALES, int8) are still the exact amax of each rotated block, from P2's tile.
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
@@ -381,10 +383,10 @@ def qkv_quantize_kernel(
                 x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (row1 + out_rows) < seq1, offs_d,
                                  d_mask, HALF, HEAD_DIM)
             if HADAMARD_QK and HADAMARD_V:
-                m = _pow2_norm_bound(x1, x2)
+                m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
             elif ROTATES:
                 if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
-                    m = _pow2_norm_bound(x1, x2)
+                    m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
                 else:
                     m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
             else:

@@ -74,15 +74,16 @@ def _rotate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _pow2_norm_bound(x: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Per group of heads of x (B, H, S, D) float32 (not yet rotated): 2^ceil(log2(s) / 2) with s the largest
-    squared row norm over the finite elements, a power of two >= every |(x H)_i| (the kernel's
-    `tile_math._pow2_norm_bound`, from s's bits); 0 for an all-zero group. (B, n_groups) float32."""
+    """Per group of heads of x (B, H, S, D) float32 (not yet rotated): the power-of-two ceiling of
+    max_row min(||x||_2, ||x||_1 / sqrt(D)) over the finite elements, >= every |(x H)_i| (the kernel's
+    `tile_math._pow2_norm_bound`, from the bits); 0 for an all-zero group. (B, n_groups) float32."""
     B, H, S, D = x.shape
     f = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    s = (f * f).sum(dim=-1).reshape(B, n_groups, (H // n_groups) * S).amax(dim=-1).contiguous()
-    e = ((s.view(torch.int32) + 0x7FFFFF) >> 23) - 127
-    bound = ((((e + 1) >> 1) + 127) << 23).view(torch.float32)
-    return torch.where(s > 0, bound, torch.zeros_like(bound))
+    l2 = (f * f).sum(dim=-1).sqrt()
+    l1 = f.abs().sum(dim=-1) * D**-0.5
+    m = torch.minimum(l2, l1).reshape(B, n_groups, (H // n_groups) * S).amax(dim=-1).contiguous()
+    bound = ((m.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(m > 0, bound, torch.zeros_like(bound))
 
 
 def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:

@@ -77,14 +77,16 @@ def _hadamard(x1, x2, signs, INV_SQRT_D: tl.constexpr):
 
 
 @triton.jit
-def _pow2_norm_bound(x1, x2):
-    """2^ceil(log2(s) / 2) for s the largest squared norm of a row of the tile (half tiles x1, x2; non-finite
-    elements count as 0): a power of two >= every |(x H)_i| for orthonormal H, so the group amax of a
-    rotated tensor without the rotation. From s's bits (no sqrt, no log), as `reference._pow2_norm_bound`;
-    0 for an all-zero tile. s must be finite (|x| < ~1e18)."""
+def _pow2_norm_bound(x1, x2, INV_SQRT_D: tl.constexpr):
+    """A power of two >= every |(x H)_i| of every row of the tile (half tiles x1, x2; non-finite elements count
+    as 0) for the normalised Hadamard H: the group amax of a rotated tensor without the rotation. Per row
+    min(||x||_2, ||x||_1 / sqrt(D)) (both bound |x . h_i| for a column h_i of entries +-1/sqrt(D); the second
+    is exact for a one-channel spike, where the first is sqrt(D) too large), the max over rows, then the
+    power-of-two ceiling from its bits, as `reference._pow2_norm_bound`; 0 for an all-zero tile."""
     f1 = tl.where(tl.abs(x1) < float("inf"), x1, 0.0)
     f2 = tl.where(tl.abs(x2) < float("inf"), x2, 0.0)
-    s = tl.max(tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1))
-    e = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) >> 23) - 127  # ceil(log2 s)
-    bound = (((e + 1) >> 1) + 127) << 23  # 2^ceil(e / 2) (arithmetic shift: floor)
-    return tl.where(s > 0.0, bound.to(tl.float32, bitcast=True), 0.0)
+    l2 = tl.sqrt_rn(tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1))
+    l1 = (tl.sum(tl.abs(f1), axis=1) + tl.sum(tl.abs(f2), axis=1)) * INV_SQRT_D
+    m = tl.max(tl.minimum(l2, l1))
+    bound = (m.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000  # 2^ceil(log2 m) for normal m
+    return tl.where(m > 0.0, bound.to(tl.float32, bitcast=True), 0.0)
