@@ -750,7 +750,8 @@ def run_sweep(args, notes: list[str]) -> dict:
             r["accurate"] = r["ms"] is not None and r["sqnr_db"] is not None and r["sqnr_db"] >= floor
         ranked = sorted((r for r in mine if r["accurate"] and r["config"]), key=lambda r: r["ms"])
         candidates = [{}] + [r["config"] for r in ranked[:SWEEP_TOP]]
-        candidates += [{**c, "fused_combine": True} for c in list(candidates)]
+        if device.type != "cuda":  # fused_combine is refused on GPUs (kv_cache.ops._FUSED_COMBINE_REFUSED)
+            candidates += [{**c, "fused_combine": True} for c in list(candidates)]
         timed = {config_name(c): dict(config=c, ms_rounds=[], sqnr_db=None, error=None) for c in candidates}
         fa3_rounds = []
         for _ in range(1 if args.cpu_smoke else 2):

@@ -152,7 +152,7 @@ def modes(args):
             cells, base = [], None
             for rope, kw in MODES.values():
                 inputs = (q, k, v, cos, sin) if rope else (q, k, v)
-                ms = device_ms(lambda *a: fn(*a, **kw), inputs, rep)
+                ms = device_ms(lambda *a: fn(*a, options={"hadamard": "none", **kw}), inputs, rep)
                 base = ms if base is None else base
                 cells.append(f"{ms:.3f} ({ms / base:.2f}x)")
             print(f"| {heads} | {S} | {' | '.join(cells)} |", flush=True)

@@ -154,9 +154,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         num_splits = cdiv(length, keys_per_split)
         dim_pad = next_power_of_2(D)
         split = num_splits > 1
-        fused = split and bool(config.get("fused_combine", False))
-        if fused and query.is_cuda:
+        if config.get("fused_combine") and query.is_cuda:
             raise ValueError(_FUSED_COMBINE_REFUSED)
+        fused = split and bool(config.get("fused_combine", False))
         if split:
             o_part = torch.empty(num_splits, B * H_kv, n_rows, dim_pad, dtype=torch.float32, device=query.device)
             ml_part = torch.empty(num_splits, B * H_kv, n_rows, 2, dtype=torch.float32, device=query.device)

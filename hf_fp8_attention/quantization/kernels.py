@@ -462,8 +462,8 @@ def add_v_mean_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """smooth_v's add-back in place: out[b, s, h, :] += mean[b, h // GROUP, :] for out (B, S, H_q, D) with unit
-    strides over heads and channels, mean (B, H_kv, D) float32 rounded to out's dtype first and added in
-    float32 (what `out.add_(mean.to(out.dtype))` computes). Grid: (cdiv(S, BLOCK_T), B)."""
+    strides over heads and channels, mean (B, H_kv, D) float32 added in float32 and rounded once to out's
+    dtype (what `out.add_(mean)` computes). Grid: (cdiv(S, BLOCK_T), B)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -475,7 +475,6 @@ def add_v_mean_kernel(
         col_ok = cols < n_cols
         m_col = (cols // (GROUP * HEAD_DIM)) * HEAD_DIM + cols % HEAD_DIM
         m = tl.load(mean_ptr + (b * H_KV) * HEAD_DIM + m_col, mask=col_ok, other=0.0)
-        m = m.to(out_ptr.dtype.element_ty).to(tl.float32)
         mask = row_ok[:, None] & col_ok[None, :]
         o = tl.load(base + cols[None, :], mask=mask, other=0.0)
         tl.store(base + cols[None, :], (o.to(tl.float32) + m[None, :]).to(out_ptr.dtype.element_ty), mask=mask)

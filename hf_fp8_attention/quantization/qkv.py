@@ -185,8 +185,9 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     n_ws = pad + 2 * n_groups
     buf = torch.zeros((n_ws + n_groups,), dtype=torch.int32, device=device)
     means = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
-    if options.smooths and S_kv > 0 and B > 0:
-        means = _centring_means(k, v, rope, B, S_kv, varlen, smooth_k, smooth_v)
+    if options.smooths:
+        means = (_centring_means(k, v, rope, B, S_kv, varlen, smooth_k, smooth_v) if S_kv > 0 and B > 0
+                 else torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device))
     v_mean = means[1] if smooth_v else None
 
     def bundle(descale: torch.Tensor, v_add=None) -> QuantizedQKV:

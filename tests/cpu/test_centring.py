@@ -270,14 +270,14 @@ def test_centring_by_any_channel_constant_is_exact_in_float64():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_add_v_mean_kernel_equals_torch_add(dtype):
-    """The CUDA add-back (`qkv.add_v_mean`, interpreted here) equals torch's broadcast add of the mean rounded
-    to the output dtype, bit for bit: GQA 3 query heads per KV head, S not a multiple of its row block,
+    """The CUDA add-back (`qkv.add_v_mean`, interpreted here) equals torch's broadcast add of the float32 mean
+    (one rounding to the output dtype), bit for bit: GQA 3 query heads per KV head, S not a multiple of its row block,
     H_q * D not a multiple of its column block."""
     g = torch.Generator().manual_seed(0)
     B, S, H_kv, G, D = 2, 37, 2, 3, 96
     out = (torch.randn(B, S, H_kv * G, D, generator=g) * 2).to(dtype)
     mean = torch.randn(B, H_kv, D, generator=g) * 5
-    want = out.clone().add_(mean.repeat_interleave(G, dim=1)[:, None].to(dtype))
+    want = out.clone().add_(mean.repeat_interleave(G, dim=1)[:, None])
     got = qkv_launcher.add_v_mean(out.clone(), mean)
     assert torch.equal(got, want)
 

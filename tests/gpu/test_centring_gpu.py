@@ -1,12 +1,12 @@
 """K / V centring (`smooth_k` / `smooth_v`) and the Hadamard modes in the compiled quantize kernel, on
 realistic shapes.
 
-The kernel's first tickets compute each smoothed head's offset, the mean of CENTRING_SAMPLE rows spread over
-the sequence (float64 sums, `kernels._sample_mean`); every P1 of the head waits for it (kernels.py). The
-reference samples the same rows: offsets agree bit for bit in practice (float64 sums of float32 values are
-exact unless magnitudes span ~29 binades), v_mean is compared to 1e-6 of the head's centred amax, fp8 values
-to 1 ulp on at most 0.5% of a tensor, descales to 1e-6 relative. Given the kernel's own offset the V
-scale and bytes are exact (`test_v_scale_is_the_amax_of_its_centred_values_gpu`).
+`centring_sums_kernel` computes each smoothed head's exact mean over the sequence (float64 chunk sums) before
+the quantize kernel, which subtracts it in both passes. The reference sums the elements in float64: means
+agree bit for bit in practice (float64 sums of float32 values are exact unless magnitudes span ~29
+binades), v_mean is compared to 1e-6 of the head's centred amax, fp8 values to 1 ulp on at most 0.5% of a
+tensor, descales to 1e-6 relative. Given the kernel's own mean the V scale and bytes are exact
+(`test_v_scale_is_the_amax_of_its_centred_values_gpu`); v_add (the add-back) equals the reference's.
 
 Cost is not a test here (a benchmark measures it): `scripts/bench_sdpa.py --seqlens 16384 --modes none
 smooth_k smooth_k+smooth_v --rounds 5`.
@@ -103,9 +103,10 @@ HADAMARD_CASES = [
 def test_kernel_matches_reference_gpu(B, H_q, H_kv, S, D, dtype, rope, smooth_k, smooth_v):
     q, k, v = make_inputs(B, H_q, H_kv, S, D, dtype)
     cos, sin = make_rope(S, D) if rope else (None, None)
-    options = FP8AttentionOptions(smooth_k=smooth_k, smooth_v=smooth_v)
+    options = FP8AttentionOptions(hadamard="none", smooth_k=smooth_k, smooth_v=smooth_v)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options)
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    assert torch.equal(got.v_add, ref.v_add) if smooth_v else got.v_add is None
     assert_close_centred(got, ref)
     if smooth_v:
         assert torch.equal(got.v_mean, ref.v_mean)
@@ -202,3 +203,18 @@ def test_non_finite_gpu():
         assert_close_centred(got, quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options))
         assert torch.isfinite(got.v_mean).all() and got.v_mean[0, 1, 9] == 0.0
         assert torch.isfinite(got.k_descale).all() and torch.isfinite(got.v_descale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_back_on_cuda_equals_torch_path(dtype):
+    """restore_output's CUDA branch (`qkv.add_v_mean`, one Triton pass) equals the torch broadcast add of the
+    float32 v_add, GQA 4, for a contiguous output."""
+    from hf_fp8_attention.attention import restore_output
+    from hf_fp8_attention.quantization import qkv as qkv_mod
+
+    q, k, v = make_inputs(2, 8, 2, 1000, 128, dtype)
+    got = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none", smooth_v=True))
+    out = torch.randn(2, 1000, 8, 128, device="cuda").to(dtype)
+    want = out.clone().add_(got.v_add.repeat_interleave(4, dim=1)[:, None])
+    assert torch.equal(restore_output(out.clone(), got), want)
+    assert torch.equal(qkv_mod.add_v_mean(out.clone(), got.v_add), want)
