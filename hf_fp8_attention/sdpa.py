@@ -105,7 +105,7 @@ def fp8_sdpa(
             so their output is exact attention in the input dtype, not fp8's. No table for the GPU, or
             ``HF_FP8_ATTENTION_SPEED_TABLE=off``: fp8 on every call. `dispatch.describe_dispatch` says which.
         hadamard: accuracy mode for outlier-heavy inputs: "auto" (default: "qk" where the head dim is a power
-            of two <= 256, else "none"; `options.AUTO_HADAMARD` says why), "none", "qk" (Q and K rotated by a
+            of two <= 256 and Q/K use per-head e4m3 scales, else "none"; `options.AUTO_HADAMARD` says why), "none", "qk" (Q and K rotated by a
             normalised Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output
             is rotated back) or "v_only". The explicit rotations need a power-of-two head_dim <= 256.
         smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).

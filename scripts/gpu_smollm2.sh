@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2-135M (the embedded GGUF) on a lent GPU: perplexity per accuracy mode, real-activation SQNR per mode,
-# and the FP8 KV cache's agreement / perplexity. The 98 MB GGUF does not fit one call's carry next to the
+# and the FP8 KV cache's agreement / perplexity. (Plain fp8_fa3 / fp8_triton run the default, hadamard="auto";
+# the 2026-12-01 run predates that default and named qk explicitly.) The 98 MB GGUF does not fit one call's carry next to the
 # FA3 wheel, so it arrives in two parts in earlier back-to-back calls (see the README's "SmolLM2 on the GPU"):
 #   call 1: carry [".gguf_a"]  command: mkdir -p /tmp/gguf && cp .gguf_a/* /tmp/gguf/
 #   call 2: carry [".gguf_b", ".wiki"]  command: cp .gguf_b/* .wiki/* /tmp/gguf/ && cat /tmp/gguf/part_* > /tmp/gguf/smollm2.gguf
@@ -23,8 +24,8 @@ step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_smollm2: $name FAILED"; status=1; }
 }
 step perplexity timeout ${PPL_TIMEOUT:-260} python3 scripts/eval_perplexity.py --model "$gguf" --text-file "$text" \
-  --seq-len 2048 --no-progress --json "$out/perplexity.json" --attn sdpa fp8_fa3 fp8_fa3:hadamard=qk \
-  fp8_fa3:hadamard=qk,smooth_v=True fp8_triton fp8_triton:hadamard=qk fp8_triton:qk_format=int8,smooth_k=True
+  --seq-len 2048 --no-progress --json "$out/perplexity.json" --attn sdpa fp8_fa3:hadamard=none fp8_fa3 \
+  fp8_fa3:hadamard=qk,smooth_v=True fp8_triton:hadamard=none fp8_triton fp8_triton:qk_format=int8,smooth_k=True
 step real_fa3 timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
   --seq 1024 --windows 2 --backend fa3 --modes none qk qkv smooth_v qk+smooth_v --json "$out/real_fa3.json"
 step real_triton timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \

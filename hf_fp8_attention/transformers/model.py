@@ -304,8 +304,8 @@ def prepare_model(
             GPU that has a measured speed table (`hf_fp8_attention/tables/`, made by scripts/tune_dispatch.py)
             the model gets the auto name ``fp8``, which runs bf16 attention on the shapes where the table
             measured fp8 slower (short prefills on the H200); a named backend always runs fp8.
-        hadamard: None/"auto" (default: "qk" on power-of-two head dims, else "none"), "none", "qk", "qkv" or
-            "v_only" (`fp8_sdpa`'s accuracy modes for outlier-heavy inputs).
+        hadamard: None/"auto" (default: "qk" on power-of-two head dims with per-head e4m3 Q/K scales, else
+            "none"), "none", "qk", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes).
         smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
             backend=None then picks on a GPU).
@@ -322,8 +322,9 @@ def prepare_model(
             `FP8Cache`: K/V stored in e4m3 with a scale per 64 tokens per KV head, written once by the
             RoPE + quantize write kernel and read directly by the decode kernel; ``model(ids,
             use_cache=True)`` and ``model.generate(...)`` create it with no other argument
-            (`hf_fp8_attention.new_cache(model)` makes one to pass yourself). Needs the default accuracy
-            options and fused RoPE; layers without the fused forward keep a bf16 cache. "bf16" keeps
+            (`hf_fp8_attention.new_cache(model)` makes one to pass yourself). Takes any ``hadamard`` (it
+            shapes the first chunk's fp8 attention) but no other accuracy option, and needs fused RoPE;
+            layers without the fused forward keep a bf16 cache. "bf16" keeps
             transformers' own cache (fp8 attention, RoPE unfused when a cache is used).
 
     `unprepare_model` undoes everything. ``model.save_pretrained`` writes the
@@ -456,6 +457,10 @@ def describe_backend(model) -> str:
     state: PreparedState | None = model.__dict__.get(_STATE_ATTR)
     if state is not None:
         extra = [f"{k}={v}" for k, v in state.options.changed().items()]
+        if state.options.hadamard == "auto":  # say what the default runs at this model's head dims
+            dims = sorted({m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)})
+            modes = sorted({state.options.for_head_dim(d).hadamard for d in dims})
+            extra.insert(0, f"hadamard=auto ({'/'.join(modes)})" if modes else "hadamard=auto")
         if extra:
             text += ", " + ", ".join(extra)
     text, runs_fp8 = _what_runs(model, text)
