@@ -226,38 +226,20 @@ def centring_sums_kernel(
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
-    if D_CONTIG:
-        col1 = offs_d
-        col2 = offs_d + HALF
-    else:
-        col1 = offs_d * stride_d
-        col2 = (offs_d + HALF) * stride_d
     sum1 = tl.zeros((HALF_BLOCK,), tl.float64)
     sum2 = tl.zeros((HALF_BLOCK,), tl.float64)
     r0 = chunk * CHUNK
     r1 = tl.minimum(r0 + CHUNK, seq_len)
-    rope_on = kind == 1
-    for start_r in tl.range(r0, r1, ROWS):
-        row = (start_r + tl.arange(0, ROWS)).to(tl.int64)
-        valid = row < r1
-        mask = valid[:, None] & d_mask[None, :]
-        x_rows = x_ptr + x_base + row * stride_s
-        # (e4m3 codes too: smooth_v's add-back takes the mean of the quantized V; exact in float32)
-        x1 = tl.load(x_rows[:, None] + col1[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_rows[:, None] + col2[None, :], mask=mask, other=0.0).to(tl.float32)
-        if APPLY_ROPE:
-            rope_mask = (row < tl.where(rope_on, r1, 0))[:, None] & d_mask[None, :]  # v: nothing
-            c_rows = cos_ptr + cos_base + row * stride_cs
-            s_rows = sin_ptr + sin_base + row * stride_ss
-            c1 = tl.load(c_rows[:, None] + (offs_d * stride_cd)[None, :], mask=rope_mask, other=0.0)
-            c2 = tl.load(c_rows[:, None] + ((offs_d + HALF) * stride_cd)[None, :], mask=rope_mask, other=0.0)
-            s1 = tl.load(s_rows[:, None] + (offs_d * stride_sd)[None, :], mask=rope_mask, other=0.0)
-            s2 = tl.load(s_rows[:, None] + ((offs_d + HALF) * stride_sd)[None, :], mask=rope_mask, other=0.0)
-            x1, x2 = _rotate(x1, x2, c1, c2, s1, s2, rope_on, APPLY_ROPE)
-        else:
-            x1, x2 = _rotate(x1, x2, x1, x2, x1, x2, rope_on, APPLY_ROPE)
-        sum1 += tl.sum(tl.where(mask & (tl.abs(x1) < float("inf")), x1, 0.0).to(tl.float64), axis=0)
-        sum2 += tl.sum(tl.where(mask & (tl.abs(x2) < float("inf")), x2, 0.0).to(tl.float64), axis=0)
+    for i in tl.range(0, tl.cdiv(r1 - r0, ROWS)):
+        start_r = r0 + i * ROWS
+        # rows [start_r, start_r + ROWS) below r1, loaded as the quantize tiles are (e4m3 codes too: smooth_v's
+        # add-back takes the mean of the quantized V; `_rotate` widens them to float32 exactly)
+        lo, hi, c_lo, c_hi, s_lo, s_hi = _load_tile(
+            x_ptr, x_base, start_r, r1, stride_s, stride_d, cos_ptr, cos_base, stride_cs, stride_cd,
+            sin_ptr, sin_base, stride_ss, stride_sd, kind == 1, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, APPLY_ROPE, "")
+        x1, x2 = _rotate(lo, hi, c_lo, c_hi, s_lo, s_hi, kind == 1, APPLY_ROPE)  # rows past r1: 0
+        sum1 += tl.sum(tl.where(tl.abs(x1) < float("inf"), x1, 0.0).to(tl.float64), axis=0)
+        sum2 += tl.sum(tl.where(tl.abs(x2) < float("inf"), x2, 0.0).to(tl.float64), axis=0)
     out = sums_ptr + (pid.to(tl.int64) * n_chunks + chunk) * HEAD_DIM + offs_d
     tl.store(out, sum1, mask=d_mask)
     tl.store(out + HALF, sum2, mask=d_mask)

@@ -52,14 +52,12 @@ def _finite_mean(x: torch.Tensor) -> torch.Tensor:
     return torch.div(total, torch.full_like(total, max(x.shape[2], 1)))  # tensor / tensor: one rounding
 
 
-def v_code_drift(codes_mean_or_codes: torch.Tensor, v_descale: torch.Tensor, rotated: bool) -> torch.Tensor:
-    """Mean over the sequence of the dequantized centred V, in V's own basis: (B, H_kv, D) float32. Takes the
-    e4m3 codes as float32 (B, H_kv, S, D) (their mean as `_finite_mean` takes it: exact float64 sums) or,
-    from the kernel path, their (B, H_kv, D) mean already; times the per-head descale, rotated back when V
-    was rotated. The centred V's own mean is ~0, so this is the mean quantization error that smooth_v's
-    add-back removes (`QuantizedQKV.v_add`)."""
-    mean = codes_mean_or_codes if codes_mean_or_codes.dim() == 3 else _finite_mean(codes_mean_or_codes).squeeze(2)
-    drift = mean * v_descale[:, :, None]
+def v_code_drift(code_mean: torch.Tensor, v_descale: torch.Tensor, rotated: bool) -> torch.Tensor:
+    """Mean over the sequence of the dequantized centred V, in V's own basis: (B, H_kv, D) float32, from the
+    (B, H_kv, D) mean of its e4m3 codes (as `_finite_mean` takes it: exact float64 sums) times the per-head
+    descale, rotated back when V was rotated. The centred V's own mean is ~0, so this is the mean
+    quantization error that smooth_v's add-back removes (`QuantizedQKV.v_add`)."""
+    drift = code_mean * v_descale[:, :, None]
     if rotated:
         drift = drift @ hadamard_matrix(drift.shape[-1], device=drift.device)
     return drift
@@ -205,7 +203,8 @@ def quantize_qkv_fp8_reference(
     v8, v_descale = _quantize_grouped(vf, h_kv, bounds[2])
     v_add = None
     if options.smooth_v:
-        v_add = v_mean - v_code_drift(v8.transpose(1, 2).float(), v_descale, options.rotates_v)
+        code_mean = _finite_mean(v8.transpose(1, 2).float()).squeeze(2)
+        v_add = v_mean - v_code_drift(code_mean, v_descale, options.rotates_v)
     blocks = {}
     if options.block_scales:
         q8, q_blocks = _quantize_blocks(qf, options.int8_qk)
