@@ -143,17 +143,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--hadamard only applies to the fp8 attentions")
     if args.kv_cache == "fp8" and args.attn not in ATTN_IMPLEMENTATIONS:
         parser.error(f"--kv-cache fp8 needs an fp8 --attn (got {args.attn}); sdpa/eager keep transformers' cache")
-    args.cache_mode = cache_mode(args.attn, args.kv_cache, args.hadamard)
+    args.cache_mode = cache_mode(args.attn, args.kv_cache)
     return args
 
 
-def cache_mode(attn: str, kv_cache: str, hadamard: str | None = None) -> str:
+def cache_mode(attn: str, kv_cache: str) -> str:
     """The KV cache a run uses: "fp8" (FP8Cache), "bf16" (transformers' cache) or "off"."""
     if kv_cache != "auto":
         return kv_cache
     if attn in PLAIN_ATTN:
         return "bf16"
-    return "fp8"  # any --hadamard: it shapes the prefill's fp8 attention, the cache keeps its own numerics
+    return "fp8"  # with any --hadamard: it shapes the prefill's fp8 attention, the cache keeps its own numerics
 
 
 # ------------------------------------------------------------------------------------------------------
