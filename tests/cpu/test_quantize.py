@@ -151,11 +151,11 @@ def test_kernel_multi_tile_min_lag(monkeypatch, rope):
 
 # ---------------------------------------------------------------- fused accuracy modes ~= reference
 
-# Hadamard and smoothing change the fp32 summation order (tl.dot; tile-wise means), so a result near an
-# e4m3 rounding boundary may land one ulp away. Tolerances: at most this fraction of the fp8 values of a
-# tensor one ulp off (none further), and descales to 1e-6 relative. With RoPE the rotated fp32 values go
-# through the dot as bf16 hi + lo (16 mantissa bits, relative error <= 2^-17 per element), so descales of
-# rotated tensors get ROPE_HADAMARD_DESCALE_RTOL.
+# Hadamard and smoothing change summation orders (tl.dot; the rows' norms; chunked float64 means), so a
+# result near an e4m3 rounding boundary may land one ulp away. Tolerances: at most this fraction of the fp8
+# values of a tensor one ulp off (none further), and descales to 1e-6 relative; rotated tensors' descales
+# (powers of two / 448 from the norm bound, equal unless a norm sits within an ulp of a power of two) keep
+# the looser ROPE_HADAMARD_DESCALE_RTOL they had when RoPE'd rows went through the dot as bf16 hi + lo.
 MAX_ULP_FRACTION = 5e-3
 DESCALE_RTOL = 1e-6
 ROPE_HADAMARD_DESCALE_RTOL = 1e-4
@@ -218,8 +218,8 @@ def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard,
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
-    """Smoothed groups of several tiles at the smallest lag: the offset items come first, every P1 of a
-    smoothed head waits for its offset, and P2 for the group's P1s."""
+    """Smoothed groups of several tiles at the smallest lag (P2s start while their group's P1s still run):
+    the means come from the kernel launched before, every P2 waits for its group's P1s."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
     _, block_s, _, _ = qkv_launcher._tile_config(64, False)
     S = 3 * block_s + 5
