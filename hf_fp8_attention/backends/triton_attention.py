@@ -29,14 +29,15 @@ def _attn_fwd_inner(
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, INT8_CVT_ADD: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
     K_ptr/V_ptr point at key 0 of this (batch, KV head); row_limit (BLOCK_M,) is the last key each row
     may see (S_kv - 1 when not causal). qk_scale: the scalar score scale (base 2), or with BLOCK_SCALES
     the (BLOCK_M,) per-row one (the row's q block descale folded in); key j's block descale is then
-    read from Kb_ptr[j // SCALE_BLOCK].
+    read from Kb_ptr[j // SCALE_BLOCK]. QK_INT8: q/k int8, the dot gives int32; INT8_CVT_ADD: convert it
+    to float32 by the 1.5 * 2^23 add/subtract instead of I2F (both exact).
     """
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -53,11 +54,27 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-        # int8 q/k: an int32 dot, exact; e4m3: already float32. (Converting by adding 1.5 * 2^23 to the bits
-        # instead of I2F measured no faster on the H200: int8 82-85% of e4m3 vs 86-88% before, not side by side.)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))  # int8 q/k: an int32 dot, exact; e4m3: already float32
+        if QK_INT8:
+            if INT8_CVT_ADD:
+                # |qk| <= 256 * 127^2 < 2^22: the bits of qk + 1.5 * 2^23 as a float32 are 1.5 * 2^23 + qk
+                # exactly. On sm_90 the add becomes the int MMA's accumulator init (a register move per
+                # element) and the subtract an FADD: two full-rate instructions instead of one I2F, which
+                # may run at the MUFU rate. The autotuner picks one of the two (no measured winner yet).
+                qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                qk = qk.to(tl.float32)
         if BLOCK_SCALES:
-            k_blk = tl.load(Kb_ptr + cols // SCALE_BLOCK, mask=cols < S_kv, other=1.0)
+            # The tile's BLOCK_N // SCALE_BLOCK key block descales, widened to one per key on chip. A gather
+            # of Kb_ptr + cols // SCALE_BLOCK instead made every thread copy each of its key columns' descale
+            # (sm_90, 128x128 tile, 8 warps: 32 4-byte cp.async, 16 shared loads, 32 selects and ~150
+            # integer instructions per key block, 905 instructions against e4m3's 525; 674 this way).
+            kb_idx = start_n // SCALE_BLOCK + tl.arange(0, BLOCK_N // SCALE_BLOCK)
+            if MASKED:
+                kb = tl.load(Kb_ptr + kb_idx, mask=kb_idx * SCALE_BLOCK < S_kv, other=1.0)
+            else:  # key blocks below full_hi <= S_kv // BLOCK_N * BLOCK_N: all in range
+                kb = tl.load(Kb_ptr + kb_idx)
+            k_blk = tl.reshape(tl.broadcast_to(kb[:, None], (BLOCK_N // SCALE_BLOCK, SCALE_BLOCK)), (BLOCK_N,))
             qk = qk * k_blk[None, :]
             scale_2d = qk_scale[:, None]
         else:
@@ -121,7 +138,7 @@ def _fp8_attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8_CVT_ADD: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
 
@@ -136,9 +153,12 @@ def _fp8_attn_fwd_kernel(
     K/V (batch-1 tensors, int32 offsets); S_q / S_kv are the longest lengths (grid and partials' size),
     stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
     BLOCK_SCALES: Q and K descales per SCALE_BLOCK tokens of one head, Q_blk (B, H_q, n_blk_q) and K_blk
-    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused). QK_INT8 (Q and K are int8, with BLOCK_SCALES)
-    only keys the autotuning: int8 and e4m3 tiles may tune differently.
+    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused); BLOCK_N a multiple of SCALE_BLOCK. QK_INT8:
+    Q and K are int8 (with BLOCK_SCALES); INT8_CVT_ADD: how their int32 scores become float32 (see
+    `_attn_fwd_inner`), an autotuned choice.
     """
+    if BLOCK_SCALES:
+        tl.static_assert(BLOCK_N % SCALE_BLOCK == 0, "a key tile holds whole scale blocks")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -203,12 +223,12 @@ def _fp8_attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK, QK_INT8, INT8_CVT_ADD,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, QK_INT8, INT8_CVT_ADD,
     )
 
     if NUM_SPLITS == 1:
@@ -282,18 +302,26 @@ def _fp8_attn_combine_kernel(
 
 
 def _prefill_configs():
-    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V).
+    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V), each also
+    # with the int8 scores' add/subtract conversion (pruned unless QK_INT8).
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "INT8_CVT_ADD": cvt}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
+        for cvt in (False, True)
     ]
 
 
 def _prune_prefill(configs, named_args, **kwargs):
+    # Triton passes the constexpr arguments in kwargs (3.6) or in named_args (later versions).
+    def arg(name, default):
+        return kwargs.get(name, named_args.get(name, default))
+
+    # The conversion choice only exists for int8 scores.
+    if not arg("QK_INT8", False):
+        configs = [c for c in configs if not c.kwargs["INT8_CVT_ADD"]]
     # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator exceed the registers of
     # 8 warps; keep BLOCK_N 64 there.
-    # Triton passes the constexpr arguments in kwargs (3.6) or in named_args (later versions).
-    if kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 0)) >= 256:
+    if arg("HEAD_DIM_PAD", 0) >= 256:
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
         return kept or configs
     return configs
