@@ -12,6 +12,8 @@
 #                                        # acceptance shapes, end-to-end generate (B 1/8, 4k/32k), mode costs
 #   bash scripts/gpu_check.sh --numerics # accuracy-mode GPU tests, mode costs at 16k, int8 vs e4m3 speed,
 #                                        # long-context accuracy (fa3, triton)
+#   bash scripts/gpu_check.sh --centring # centring GPU tests, mode costs at 16k, long-context accuracy of qk and
+#                                        # qk+smooth_v (fa3, triton)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -69,6 +71,16 @@ elif [ "$mode" = "--numerics" ]; then  # accuracy modes: kernels vs reference, c
   for b in fa3 triton; do
     step "long_context_$b" timeout 100 python3 scripts/accuracy_report.py --seqlens 8192 32768 131072 --heads 8 \
       --backend "$b" --modes none smooth_v qk+smooth_v qk+smooth_k+smooth_v --json "$out/long_context_$b.json"
+  done
+elif [ "$mode" = "--centring" ]; then  # centring in the quantize pass: its GPU tests, mode costs, long context
+  step centring_tests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_centring_gpu.py \
+    tests/gpu/test_quantize_gpu.py tests/gpu/test_long_context_gpu.py
+  step mode_costs timeout 100 python3 scripts/bench_sdpa.py --seqlens 16384 --causal yes --rounds 3 --sqnr-ref off \
+    --impls fp8_fa3 fp8_triton "quantize only" "add-back" --modes none qk smooth_v qk+smooth_v \
+    --json "$out/mode_costs.json"
+  for b in fa3 triton; do
+    step "long_context_$b" timeout 90 python3 scripts/accuracy_report.py --seqlens 8192 32768 131072 --heads 8 \
+      --backend "$b" --modes qk qk+smooth_v --json "$out/long_context_$b.json"
   done
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
