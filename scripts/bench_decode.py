@@ -8,14 +8,25 @@
     python scripts/bench_decode.py --cpu-smoke --out-json smoke.json             # CPU, tiny shapes, seconds
     python scripts/bench_decode.py --sweep --out sweep.json                      # fp8 cache kernel configs (< 3 min)
 
+Part 1 also times ``fp8 cache attend [NAME]`` rows: the same attend through ``ops.cache_attention`` with
+each config of ``kv_cache.ops.DECODE_FAST`` (``--cache-configs``; default all of them, none with
+--cpu-smoke, ``none`` skips; with HF_FP8_KV_FUSED_COMBINE=1 also each with fused_combine, "NAME fused"),
+next to the default config's row, each with its ratio to FA3 bf16; ``same_bits`` in the JSON says whether
+that config's output equals, bit for bit, the same config without its bit-neutral keys (widen_v,
+prefetch_desc: the V widening by inline PTX and the descale prefetch must not move a bit).
+
 ``--sweep``: the fp8 cache attention step only (`ops.cache_attention`, GQA 32/8, D 128, S_q = 1, bf16
 queries) at B x S_kv 1x4k 1x32k 1x128k 8x32k over a grid of kernel configs (block_n 64/128/256, one-block or
 tile softmax steps, num_warps 2/4/8, num_stages 2/3/4, programs_per_sm 4/8/16; short do_bench windows), then
-the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``,
-next to FA3 bf16. A config that fails to compile or run is recorded with its error; one whose SQNR vs the
-float32 reference is > 3 dB below the default's is reported and never picked. Table: per shape the best
-config, its ms, the default's, FA3's, the ratios and TB/s on the fp8 cache's bytes (K + V codes and
-descales); the config best over all shapes (geometric mean of ms / the shape's best).
+the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``
+(on a GPU only with HF_FP8_KV_FUSED_COMBINE=1), and (not with --cpu-smoke) every ``DECODE_FAST`` config,
+next to FA3 bf16. ``--sweep-fast`` (default both, off with --cpu-smoke): every grid config also with the
+``DECODE_FAST`` speed keys (widen_v, exact_waves, wide_combine; prefetch_desc at block_n 64), tagged
+"fast" (twice the configs: narrow the grid or raise --sweep-budget-s). A config that fails to compile or
+run is recorded with its error; one whose SQNR vs the float32 reference is > 3 dB below the default's is
+reported and never picked. Table: per shape the best config, its ms, the default's, FA3's, the ratios and
+TB/s on the fp8 cache's bytes (K + V codes and descales); the config best over all shapes (geometric mean
+of ms / the shape's best).
 
 Part 1 took 210 s on the H200 (2026-12-01, first version of this script, one timing round), ~100 s of it the
 first calls of ``fp8_sdpa(backend="triton")`` at S_kv = 32k (20-27 s each, once per GQA/head_dim).
@@ -181,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rep-ms", type=int, default=100, help="timing window per measurement (ms)")
     g.add_argument("--rounds", type=int, default=2,
                    help="timing rounds over all implementations of a shape; the best round's median is kept")
+    g.add_argument("--cache-configs", nargs="+", default=None,
+                   help="kv_cache.ops.DECODE_FAST configs timed as extra 'fp8 cache attend [NAME]' rows (default: "
+                   "all, none with --cpu-smoke; 'none': no extra rows)")
     g.add_argument("--sdpa-backends", nargs="*", choices=("fa3", "triton"), default=["fa3", "triton"],
                    help="fp8_sdpa backends timed on the bf16 cache (none: skip these rows; the triton one "
                    "compiles ~25 s at each new S_kv bucket)")
@@ -200,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-warps", type=int, nargs="+", default=None, help="default: 2 4 8")
     g.add_argument("--sweep-stages", type=int, nargs="+", default=None, help="default: 2 3 4")
     g.add_argument("--sweep-per-sm", type=int, nargs="+", default=None, help="programs per SM, default: 4 8 16")
+    g.add_argument("--sweep-fast", choices=("off", "on", "both"), default=None,
+                   help="grid configs without (off), only with (on) or both without and with the DECODE_FAST "
+                   "speed keys (default both; off with --cpu-smoke)")
     g.add_argument("--sweep-rep-ms", type=int, default=15, help="do_bench window of the grid pass (ms)")
     g.add_argument("--sweep-budget-s", type=float, default=140.0,
                    help="stop starting grid configs after this many seconds (the re-timing still runs)")
@@ -220,6 +237,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.cpu_smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this machine has none); --cpu-smoke runs tiny shapes on the CPU")
     args.device = "cpu" if args.cpu_smoke else "cuda"
+    presets = cache_config_presets()
+    if args.cache_configs is None:  # the CPU smoke run's cache is the torch reference: configs change nothing
+        args.cache_configs = [] if args.cpu_smoke else list(presets)
+    elif args.cache_configs == ["none"]:
+        args.cache_configs = []
+    bad = [n for n in args.cache_configs if n not in presets]
+    if bad:
+        parser.error(f"--cache-configs {bad}: expected some of {list(presets)} or none")
     if args.sweep:
         _sweep_args(parser, args)
         return args
@@ -270,6 +295,7 @@ def _sweep_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     args.gqa = args.gqa or [SWEEP_SMOKE["gqa"] if smoke else (32, 8)]
     args.head_dims = args.head_dims or [SWEEP_SMOKE["head_dim"] if smoke else 128]
     grid = SWEEP_SMOKE["grid"] if smoke else SWEEP_GRID
+    args.sweep_fast = args.sweep_fast or ("off" if smoke else "both")
     args.sweep_grid = {
         "block_n": args.sweep_block_n or grid["block_n"],
         "num_warps": args.sweep_warps or grid["num_warps"],
@@ -455,7 +481,8 @@ def _out(res) -> torch.Tensor:
     return res[0] if isinstance(res, tuple) else res
 
 
-def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool, notes: list[str]) -> list[Candidate]:
+def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool, notes: list[str],
+                         cache_configs: list[str] = ()) -> list[Candidate]:
     from hf_fp8_attention import fp8_sdpa
 
     cands = []
@@ -509,7 +536,43 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
 
     cands.append(Candidate(CACHE_ROW, attend, FA3_ROW))
     cands.append(Candidate(CACHE_STEP_ROW, step, FA3_STEP_ROW))
+    presets = cache_config_presets()
+    for name in cache_configs:
+        cands.append(Candidate(f"{CACHE_ROW} [{name}]", cache_config_fn(x, presets[name]), FA3_ROW,
+                               config_name(presets[name])))
     return cands
+
+
+def cache_config_presets() -> dict:
+    """`kv_cache.ops.DECODE_FAST`, plus each with fused_combine ("NAME fused") where the fused combine runs:
+    on the CPU, or on a GPU with HF_FP8_KV_FUSED_COMBINE=1 (refused otherwise, kv_cache.ops)."""
+    from hf_fp8_attention.kv_cache.ops import DECODE_FAST
+
+    presets = dict(DECODE_FAST)
+    if not torch.cuda.is_available() or os.environ.get("HF_FP8_KV_FUSED_COMBINE") == "1":
+        presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_FAST.items()})
+    return presets
+
+
+# the config keys that must not change a bit of the output (kv_cache.ops.cache_attention's docstring)
+BIT_NEUTRAL_KEYS = ("widen_v", "prefetch_desc")
+
+
+def cache_config_fn(x: AttentionShape, config: dict) -> Callable:
+    """The fp8 cache attend of ``x`` (its layer's cache, q un-rotated + RoPE tables) with a kernel config."""
+    from hf_fp8_attention.kv_cache import ops
+
+    layer = x.layer
+    return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, layer.k8, layer.k_desc, layer.v8, layer.v_desc,
+                                       layer.length, scale=x.scale, impl=layer.impl, config=config)[:, 0]
+
+
+def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:
+    """Whether ``config``'s output equals that of ``config`` less `BIT_NEUTRAL_KEYS` (None: none to drop)."""
+    plain = {k: v for k, v in config.items() if k not in BIT_NEUTRAL_KEYS}
+    if plain == config:
+        return None
+    return bool(torch.equal(cache_config_fn(x, config)(), cache_config_fn(x, plain)()))
 
 
 def first_calls(x: AttentionShape) -> dict:
@@ -547,7 +610,7 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                 try:
                     x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, cache_impl)
                     firsts = first_calls(x)
-                    cands = attention_candidates(x, backends, with_fa3, notes)
+                    cands = attention_candidates(x, backends, with_fa3, notes, args.cache_configs)
                 except Exception as err:  # OOM, or the fp8 cache failing at this shape: say so, next shape
                     why = "OOM" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {err}"
                     notes.append(f"{tag}: not measured (setting up the inputs / the fp8 cache's first calls: {why})")
@@ -570,6 +633,15 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                         print(f"# {tag} {cand.name}: {row['error']}", file=sys.stderr)
                     if cand.name == CACHE_ROW:
                         row.update(firsts)
+                    if cand.name.startswith(CACHE_ROW + " [") and row["error"] is None:
+                        cfg = cache_config_presets()[cand.name[len(CACHE_ROW) + 2 : -1]]
+                        try:
+                            row["same_bits"] = same_bits_without_neutral_keys(x, cfg)
+                        except Exception as err:
+                            row["same_bits"] = f"{type(err).__name__}: {err}"
+                        if row["same_bits"] is False:
+                            notes.append(f"{tag} {cand.name}: output differs from the same config without "
+                                         f"{BIT_NEUTRAL_KEYS}: a kernel bug (they must not move a bit)")
                     shape_rows[cand.name] = row
                 # Every implementation timed in each round, the best round's median kept: a row timed first
                 # after the shape's setup (GPU clocks still ramping) is not penalised.
@@ -639,18 +711,31 @@ def attention_table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------------
 
 
-def sweep_configs(grid: dict) -> list[dict]:
+def fast_keys(block_n: int) -> dict:
+    """`kv_cache.ops.DECODE_FAST`'s speed keys for a grid config (prefetch_desc needs block_n 64)."""
+    keys = dict(widen_v=True, exact_waves=True, wide_combine=True)
+    if block_n == 64:
+        keys["prefetch_desc"] = True
+    return keys
+
+
+def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
     """The grid's configs; block_n > 64 both with one-block softmax steps and with tile_softmax. Those
     sharing a compiled variant are adjacent (programs_per_sm innermost), num_warps outermost: a run cut by
-    the time budget loses the last warps value for every block_n, not a whole block_n."""
+    the time budget loses the last warps value for every block_n, not a whole block_n. fast: "off", "on"
+    (each config with `fast_keys`) or "both" (each without, then with)."""
     configs = []
     for warps in grid["num_warps"]:
         for stages in grid["num_stages"]:
             for block_n in grid["block_n"]:
                 for tile in ([False, True] if block_n > 64 else [False]):
                     for per_sm in grid["programs_per_sm"]:
-                        configs.append(dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
-                                            programs_per_sm=per_sm))
+                        base = dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
+                                    programs_per_sm=per_sm)
+                        if fast in ("off", "both"):
+                            configs.append(base)
+                        if fast in ("on", "both"):
+                            configs.append({**base, **fast_keys(block_n)})
     return configs
 
 
@@ -666,6 +751,10 @@ def config_name(config: dict) -> str:
         parts.append("default")
     if config.get("fused_combine"):
         parts.append("fused")
+    speed = [tag for tag, key in (("widen", "widen_v"), ("pf", "prefetch_desc"), ("waves", "exact_waves"),
+                                  ("wide", "wide_combine")) if config.get(key)]
+    if speed:
+        parts.append("fast" if len(speed) == 4 or (len(speed) == 3 and "pf" not in speed) else "+".join(speed))
     return " ".join(parts)
 
 
@@ -714,7 +803,7 @@ def run_sweep(args, notes: list[str]) -> dict:
     rows: list[dict] = []
     failed: dict = {}  # compiled variant -> error: not retried at other shapes
     t0 = time.perf_counter()
-    configs = [{}] + sweep_configs(args.sweep_grid)
+    configs = [{}] + sweep_configs(args.sweep_grid, args.sweep_fast)
     skipped = 0
     for i, config in enumerate(configs):
         if i and time.perf_counter() - t0 > args.sweep_budget_s:
@@ -722,7 +811,8 @@ def run_sweep(args, notes: list[str]) -> dict:
             notes.append(f"sweep budget of {args.sweep_budget_s:.0f} s reached: {skipped} of {len(configs)} "
                          f"configs not timed (from {config_name(config)} on)")
             break
-        variant = tuple(config.get(k) for k in ("block_n", "tile_softmax", "num_warps", "num_stages"))
+        variant = tuple(config.get(k) for k in ("block_n", "tile_softmax", "num_warps", "num_stages", "widen_v",
+                                                 "prefetch_desc"))
         for sh in shapes:
             row = dict(shape=sh["tag"], B=sh["B"], S_kv=sh["S"], config=config, name=config_name(config), ms=None,
                        sqnr_db=None, error=failed.get(variant))
@@ -750,8 +840,12 @@ def run_sweep(args, notes: list[str]) -> dict:
             r["accurate"] = r["ms"] is not None and r["sqnr_db"] is not None and r["sqnr_db"] >= floor
         ranked = sorted((r for r in mine if r["accurate"] and r["config"]), key=lambda r: r["ms"])
         candidates = [{}] + [r["config"] for r in ranked[:SWEEP_TOP]]
-        if device.type != "cuda":  # fused_combine is refused on GPUs (kv_cache.ops._FUSED_COMBINE_REFUSED)
+        # fused_combine is refused on GPUs unless HF_FP8_KV_FUSED_COMBINE=1 (kv_cache.ops._FUSED_COMBINE_REFUSED)
+        if device.type != "cuda" or os.environ.get("HF_FP8_KV_FUSED_COMBINE") == "1":
             candidates += [{**c, "fused_combine": True} for c in list(candidates)]
+        names = {config_name(c) for c in candidates}
+        if not args.cpu_smoke:  # the presets' own rows (the smoke run checks the script, not speed)
+            candidates += [c for c in ops.DECODE_FAST.values() if config_name(c) not in names]
         timed = {config_name(c): dict(config=c, ms_rounds=[], sqnr_db=None, error=None) for c in candidates}
         fa3_rounds = []
         for _ in range(1 if args.cpu_smoke else 2):
@@ -1190,7 +1284,7 @@ def _main_sweep(args, header: dict, notes: list[str]) -> dict:
             notes.append(f"{r['shape']}: {len(r['inaccurate'])} configs > 3 dB below the default's SQNR, never picked: "
                          + ", ".join(r["inaccurate"][:8]))
     for variant, err in result["failed"].items():
-        notes.append(f"(block_n, tile_softmax, num_warps, num_stages) {variant}: {err}")
+        notes.append(f"(block_n, tile_softmax, num_warps, num_stages, widen_v, prefetch_desc) {variant}: {err}")
     if notes:
         print("\nNotes:")
         for n in dict.fromkeys(notes):

@@ -18,6 +18,13 @@ widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies
 split the keys over programs (`num_splits`, a runtime value: no recompilation per length) merged by
 `cache_combine_kernel`, or (FUSED_COMBINE) by the split program of each row tile that finishes last (an
 atomic counter per tile).
+
+Decode speed (sm_90 SASS of the 2-warp, 16-row decode build, triton 3.6): per 64 keys and thread the default
+loop runs 1137 instructions, 128 of them one-byte shared loads of V (LDS.U8: the fp8 V operand of P.V is
+not K-contiguous in memory, so no ldmatrix) and V's global copies are 8-byte; 255 registers hold it to 4
+programs per SM. WIDEN_V widens V to fp16 before the dot (`_e4m3_to_f16_opaque`): 811 instructions, 16-byte
+copies, 183 registers; PREFETCH_DESC takes the block descales' loads out of the softmax step;
+`cache_combine_wide_kernel` merges a row's splits with all loads in flight at once.
 """
 
 from __future__ import annotations
@@ -119,15 +126,31 @@ def cache_write_kernel(
 
 
 @triton.jit
+def _e4m3_to_f16_opaque(x):
+    """e4m3 -> fp16 (exact) through inline PTX, which Triton cannot move past a layout conversion: the V tile is
+    widened in its coalesced load layout, then reaches the P.V dot operand layout as fp16 (16-byte shared
+    stores, ldmatrix.trans), instead of as fp8 bytes (a plain `.to(fp16)` gets hoisted into the dot operand:
+    on sm_90 that reads V from shared memory one byte at a time, 128 LDS.U8 per thread per 64 keys at 2
+    warps, and Triton's async-copy pass narrows V's global->shared copies to 8 bytes). is_pure=False: a pure
+    asm op is hoisted like the cast. Four codes per call (two cvt.rn.f16x2.e4m3x2 on the halves of one
+    32-bit register). Not for the interpreter (`WIDEN_V` False there: the plain cast, same values)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _attend_keys(
     K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d,
     d_ok, HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    k_given=1.0, v_given=1.0, GIVEN_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
 ):
     """One online-softmax step over keys [start_n, start_n + TILE_N) (those below `hi`), start_n a multiple of
     KV_BLOCK -> updated (m_i, l_i, acc). TILE_N == KV_BLOCK: one K and one V descale (scalars). Larger: each
     score column gets its block's K descale (the same two roundings), and V's descales are folded into P
     relative to the tile's largest (P' = P * v_desc / v_max stays in [0, 256]; its rounding to fp16/e4m3
-    replaces that of P), the product scaled by v_max."""
+    replaces that of P), the product scaled by v_max. GIVEN_DESC (TILE_N == KV_BLOCK): the block's K and V
+    descales are k_given / v_given (loaded one iteration ahead by the caller), the same values."""
     cols = start_n + tl.arange(0, TILE_N)
     col_ok = cols < hi  # the cache's end, the split's end, the tile's last causal key
     kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
@@ -138,8 +161,11 @@ def _attend_keys(
     else:
         qk = tl.dot(q_op, tl.trans(k.to(tl.float16)))
     if TILE_N == KV_BLOCK:
-        # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
-        k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        if GIVEN_DESC:
+            k_desc = k_given
+        else:
+            # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
+            k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
         qk = qk * (row_scale[:, None] * k_desc)
     else:
         k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
@@ -152,8 +178,13 @@ def _attend_keys(
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    if WIDEN_V and not QK_FP8:
+        v = _e4m3_to_f16_opaque(v)
     if TILE_N == KV_BLOCK:
-        v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        if GIVEN_DESC:
+            v_scale = v_given
+        else:
+            v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
         p_v = p
     else:
         v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
@@ -177,7 +208,7 @@ def cache_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     APPLY_ROPE: tl.constexpr, QK_FP8: tl.constexpr, SPLIT: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -194,6 +225,9 @@ def cache_attn_kernel(
     FUSED_COMBINE (with SPLIT): Counter (B * H_kv * row tiles,) int32, zero at launch and left zero: each
     program bumps its tile's count after storing its partials; the one that sees num_splits - 1 merges them
     into Out (no `cache_combine_kernel` launch) and resets the count.
+    PREFETCH_DESC (BLOCK_N == KV_BLOCK): the next block's K and V descales are loaded at the top of each
+    iteration and carried to it (registers), so no descale load is waited on inside the softmax step (the
+    V descale was a plain global load in the loop, its latency exposed once per block); same values.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -248,16 +282,30 @@ def cache_attn_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if PREFETCH_DESC:
+        tl.static_assert(BLOCK_N == KV_BLOCK)
+        k_next = tl.load(K_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
+        v_next = tl.load(V_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, KV_BLOCK)  # a split starts on a block, not always on a BLOCK_N tile
-        if TILE_SOFTMAX and not QK_FP8:
+        if PREFETCH_DESC:
+            k_cur = k_next
+            v_cur = v_next
+            nxt = start_n + KV_BLOCK
+            k_next = tl.load(K_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
+            v_next = tl.load(V_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
             m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
-                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK)
+                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, KV_BLOCK, KV_BLOCK,
+                                         k_cur, v_cur, True, WIDEN_V)
+        elif TILE_SOFTMAX and not QK_FP8:
+            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
+                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK,
+                                         WIDEN_V=WIDEN_V)
         else:
             for j in tl.static_range(BLOCK_N // KV_BLOCK):
                 m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n + j * KV_BLOCK, hi,
                                              q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM,
-                                             QK_FP8, KV_BLOCK, KV_BLOCK)
+                                             QK_FP8, KV_BLOCK, KV_BLOCK, WIDEN_V=WIDEN_V)
 
     if SPLIT:
         part_row = (pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r
@@ -328,3 +376,39 @@ def cache_combine_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     _combine_rows(Out, O_part, ML_part, stride_ob, stride_os, H_kv, pid_bh, tl.num_programs(1), S_q * GROUP,
                   num_splits, offs_r, GROUP, HEAD_DIM, HEAD_DIM_PAD, "")
+
+
+@triton.jit(do_not_specialize=["S_q", "num_splits"])
+def cache_combine_wide_kernel(
+    Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Grid: (S_q * GROUP, B * H_kv): one query row per program, all its splits' partials loaded as one
+    [SPLITS_PAD, HEAD_DIM_PAD] tile (every load in flight at once, where `cache_combine_kernel` walks the
+    splits one by one: a chain of num_splits dependent L2 round trips with only B * H_kv programs at
+    B = 1). Same formula as `_combine_rows`; the sums over splits run as a tree (tl.sum) instead of in split
+    order, so the result may differ from `cache_combine_kernel` in the last bits. SPLITS_PAD: a fixed power of
+    two >= num_splits (one compiled variant for every length)."""
+    r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh_total = tl.num_programs(1)
+    n_rows = S_q * GROUP
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    part_row = (offs_s * bh_total + pid_bh).to(tl.int64) * n_rows + r
+    m = tl.load(ML_part + part_row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ML_part + part_row * 2 + 1, mask=s_ok, other=0.0)
+    o = tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)
+    l_sum = tl.sum(w * l, 0)
+    acc = tl.sum(o * w[:, None], 0)
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)
+    b = pid_bh // H_kv
+    h_kv = pid_bh % H_kv
+    pos = r // GROUP
+    head = h_kv * GROUP + r % GROUP
+    o_row = b.to(tl.int64) * stride_ob + pos.to(tl.int64) * stride_os + head * HEAD_DIM
+    tl.store(Out + o_row + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)

@@ -7,6 +7,7 @@ or "torch" (`reference.py`).
 
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -68,11 +69,28 @@ FP16_MAX_ROWS = 64
 _MAX_SPLITS = 64
 # The fused combine runs under the interpreter (CPU tests: programs in sequence) but is refused on a GPU: on
 # the H200 (2026-12-01) its output differed from the two-launch combine (tests/gpu/test_kv_cache_gpu.py,
-# fused_combine alone, 5000 keys, GQA 32/8), a cross-program ordering bug not found yet.
+# fused_combine alone, 5000 keys, GQA 32/8). Likely cause, found offline (sm_90 SASS, triton 3.6): not an
+# ordering bug but FMA contraction. `cache_combine_kernel` was launched with fp fusion on (ptxas contracted
+# `l_sum += w * l` and `acc += o * w` into 17 FFMA per thread), the fused combine runs inside the attention
+# kernel, launched with it off (FMUL + FADD): two roundings vs one, not bit-equal; the interpreter (numpy)
+# never contracts, hence equal on CPU. The combine is now launched with fp fusion off too. Until a GPU run
+# confirms bit equality, fused_combine stays refused on GPUs unless HF_FP8_KV_FUSED_COMBINE=1 (benchmarks).
 _FUSED_COMBINE_REFUSED = ("config fused_combine is disabled on GPUs: its output differed from the two-launch "
-                          "combine on the H200 (an ordering bug between split programs, not found yet)")
-CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine")
+                          "combine on the H200 (likely the combine kernel's FMA contraction, fixed, not yet "
+                          "re-checked on a GPU; HF_FP8_KV_FUSED_COMBINE=1 allows it)")
+CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine",
+               "prefetch_desc", "exact_waves", "wide_combine", "widen_v")
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
+# Candidate decode configs for the H200 (not yet measured, built offline from sm_90 SASS, see the module
+# docstring of `kernels.py`): benchmarks time them next to the default (bench_decode.py --part attention).
+# programs_per_sm = the CTAs/SM the sm_90 build (triton 3.6) can hold: registers x warps and shared memory
+# (w2 s2: 185 regs, 38.9 KB -> 5; w2 s3: 183 regs, 55.3 KB -> 4; w4 s2: 109 regs, 38.9 KB -> 4).
+_FAST = dict(widen_v=True, prefetch_desc=True, exact_waves=True, wide_combine=True)
+DECODE_FAST = {
+    "fast w2 s2 p5": dict(_FAST, num_warps=2, num_stages=2, programs_per_sm=5),
+    "fast w2 s3 p4": dict(_FAST, num_warps=2, num_stages=3, programs_per_sm=4),
+    "fast w4 s2 p4": dict(_FAST, num_warps=4, num_stages=2, programs_per_sm=4),
+}
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
 # memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
@@ -93,9 +111,23 @@ def _check_config(config: dict) -> None:
     if "block_n" in config and config["block_n"] not in BLOCK_N_CHOICES:
         raise ValueError(f"cache_attention config: block_n must be one of {BLOCK_N_CHOICES} (multiples of the "
                          f"cache block {KV_BLOCK}), got {config['block_n']!r}")
+    if config.get("prefetch_desc") and config.get("block_n", KV_BLOCK) != KV_BLOCK:
+        raise ValueError(f"cache_attention config: prefetch_desc needs block_n {KV_BLOCK}, got {config['block_n']!r}")
     for key in ("programs_per_sm", "num_warps", "num_stages"):
         if key in config and (not isinstance(config[key], int) or config[key] < 1):
             raise ValueError(f"cache_attention config: {key} must be a positive int, got {config[key]!r}")
+
+
+def pick_num_splits(length: int, tiles: int, sms: int, config: dict) -> int:
+    """Key splits for ``tiles`` (row tiles x B x H_kv) programs' worth of work on ``sms`` SMs: about
+    programs_per_sm (default 8) programs per SM, rounded up (default) or, with "exact_waves", down so that
+    they fit the slots; each split >= 4 cache blocks, at most `_MAX_SPLITS`."""
+    # decode programs are small (16-64 rows): several per SM keep enough loads in flight
+    slots = config.get("programs_per_sm", 8) * sms
+    # at most 64 splits: the combine walks them one by one, with few programs when B * H_kv is small
+    # (H200, 1x128k GQA 32/8: 132 splits took 0.152 ms, 66 splits 0.113 ms)
+    fill = slots // tiles if config.get("exact_waves") else cdiv(slots, tiles)
+    return max(1, min(fill, cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
 
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
@@ -113,6 +145,17 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     rounding moves: ~2 dB lower SQNR where it dominates, 77 -> 75 dB on float32 CPU data); "fused_combine"
     (default False): the last split program of each row tile merges the splits, one launch instead of two
     (interpreter only: refused on a GPU, see `_FUSED_COMBINE_REFUSED`).
+    Decode-speed variants (default False, see `DECODE_FAST`): "prefetch_desc" (block_n 64 only): each
+    iteration loads the next block's K/V descales, carried in registers (same values, same output);
+    "exact_waves": the split count rounded down, not up, so the programs fit programs_per_sm * SMs slots
+    (8x32k GQA 32/8 at 4/SM: 8 splits, 512 programs for 528 slots, not 9 splits, 576 programs, a second
+    wave of 48); "wide_combine": `cache_combine_wide_kernel`, one program per query row loading all of
+    its splits at once (sums over splits in tree order: last-bit differences from the default combine);
+    "widen_v" (fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline PTX (GPU only; the
+    interpreter takes the plain cast, the same values), so it reaches the P.V operand through 16-byte shared
+    stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps, per 64 keys and
+    thread: 128 LDS.U8 gone, 8-byte V copies become 16-byte; the loop 1137 -> 811 instructions, 183
+    registers instead of 255; +16 KB shared memory). Same output bit for bit.
     """
     config = config or {}
     _check_config(config)
@@ -133,7 +176,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                                                    qk_fp8=qk_fp8)
     from ..attention import _on_device
     from ..backends.triton import _interpreting, _num_sms
-    from .kernels import cache_attn_kernel, cache_combine_kernel
+    from .kernels import cache_attn_kernel, cache_combine_kernel, cache_combine_wide_kernel
 
     with _on_device(query):  # the cache's GPU (device_map="auto" spreads layers over several)
         query = _unit_last(query)
@@ -145,16 +188,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         m_tiles = cdiv(n_rows, block_m)
         if num_splits is None:
             sms = 4 if _interpreting() or not query.is_cuda else _num_sms(query.device.index or 0)
-            # decode programs are small (16-64 rows): several per SM keep enough loads in flight
-            per_sm = config.get("programs_per_sm", 8)
-            # at most 64 splits: the combine walks them one by one, with few programs when B * H_kv is small
-            # (H200, 1x128k GQA 32/8: 132 splits took 0.152 ms, 66 splits 0.113 ms)
-            num_splits = max(1, min(cdiv(per_sm * sms, m_tiles * B * H_kv), cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
+            num_splits = pick_num_splits(length, m_tiles * B * H_kv, sms, config)
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
         dim_pad = next_power_of_2(D)
         split = num_splits > 1
-        if config.get("fused_combine") and query.is_cuda:
+        if config.get("fused_combine") and query.is_cuda and os.environ.get("HF_FP8_KV_FUSED_COMBINE") != "1":
             raise ValueError(_FUSED_COMBINE_REFUSED)
         fused = split and bool(config.get("fused_combine", False))
         if split:
@@ -174,6 +213,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
             FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=config.get("block_n", KV_BLOCK), KV_BLOCK=KV_BLOCK,
             TILE_SOFTMAX=bool(config.get("tile_softmax", False)), FUSED_COMBINE=fused,
+            PREFETCH_DESC=bool(config.get("prefetch_desc", False)),
+            WIDEN_V=bool(config.get("widen_v", False)) and not _interpreting(),
             # H200 sweep of 36 settings (docs/results/kv_cache_debug_sweep_h200.log; decode, GQA 32/8, D=128):
             # best 1x128k (4/SM, 2 warps) 0.113 ms, 8x32k (16/SM, 2 warps) 0.193 ms, (8/SM, 2 warps) 0.199 ms;
             # the earlier (4/SM, 4 warps) 0.147 / 0.210 ms
@@ -181,10 +222,18 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             num_stages=config.get("num_stages", 3),
             enable_fp_fusion=False,
         )
-        if split and not fused:
+        # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
+        if split and not fused and config.get("wide_combine") and num_splits <= _MAX_SPLITS:
+            cache_combine_wide_kernel[(n_rows, B * H_kv)](
+                out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
+                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, SPLITS_PAD=next_power_of_2(_MAX_SPLITS),
+                num_warps=4, enable_fp_fusion=False,
+            )
+        elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))
             cache_combine_kernel[(cdiv(n_rows, block_r), B * H_kv)](
                 out, o_part, ml_part, out.stride(0), out.stride(1), H_kv, S_q, num_splits,
                 GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, BLOCK_R=block_r, num_warps=4,
+                enable_fp_fusion=False,
             )
         return out

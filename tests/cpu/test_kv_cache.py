@@ -192,6 +192,55 @@ def test_fused_combine_over_several_row_tiles():
     assert not ops._COUNTERS[torch.device("cpu")].any()
 
 
+@pytest.mark.parametrize("qk_fp8,s_q", [(False, 1), (False, 5), (True, 5)])
+def test_decode_speed_configs(qk_fp8, s_q):
+    """The `ops.DECODE_FAST` keys on 636 keys (not a multiple of a split), GQA 4: prefetch_desc (descales
+    loaded one iteration ahead) and widen_v (a plain cast here: the inline PTX is GPU only) give the default's
+    output bit for bit at every split count; wide_combine (all splits of a row in one tile, tree-order sums)
+    stays within 0.05 dB of the default's SQNR; every DECODE_FAST preset (its own split count) tracks the
+    reference like the default does."""
+    D, group = 64, 4
+    kernel, torch_ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
+    length = _fill([kernel, torch_ref], [600, 36], D=D, dtype=torch.float32)
+    query = torch.randn(2, s_q, 2 * group, D, generator=torch.Generator().manual_seed(6))
+    cos, sin = _rope(s_q, length - s_q, D)
+    exact = _exact(query, cos, sin, torch_ref, D**-0.5)
+    ref_db = _sqnr(torch_ref.attend(query, cos, sin, scale=D**-0.5, qk_fp8=qk_fp8), exact)
+
+    def run(splits, **config):
+        return ops.cache_attention(query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length,
+                                   scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits, config=config)
+
+    for splits in (1, 3, 6):
+        default = run(splits)
+        assert torch.equal(run(splits, prefetch_desc=True), default), splits
+        assert torch.equal(run(splits, widen_v=True, prefetch_desc=True), default), splits
+        wide = run(splits, wide_combine=True)
+        if splits == 1:
+            assert torch.equal(wide, default)
+        else:
+            assert abs(_sqnr(wide, exact) - _sqnr(default, exact)) < 0.05, splits
+            torch.testing.assert_close(wide, default, rtol=1e-5, atol=1e-6)
+            assert torch.equal(run(splits, wide_combine=True, prefetch_desc=True, widen_v=True), wide), splits
+    for name, config in ops.DECODE_FAST.items():
+        got = run(None, **config)
+        assert _sqnr(got, exact) > ref_db - 1.5, name
+
+
+def test_split_count_rounding():
+    """exact_waves rounds the split count down so the programs fit programs_per_sm x SMs: H200 (132 SMs)
+    8x32k GQA 32/8 at 4/SM, 64 (batch, KV head) tiles: 8 splits (512 programs for 528 slots), not 9 (576,
+    a second wave of 48); 1x128k: 66 slots per tile, capped at 64 splits either way; short caches: >= 4
+    blocks per split."""
+    assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4}) == 9
+    assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4, "exact_waves": True}) == 8
+    assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 5, "exact_waves": True}) == 10
+    assert ops.pick_num_splits(131072, 8, 132, {"programs_per_sm": 4, "exact_waves": True}) == 64
+    assert ops.pick_num_splits(131072, 8, 132, {}) == 64
+    assert ops.pick_num_splits(1000, 8, 132, {"exact_waves": True}) == 4
+    assert ops.pick_num_splits(32768, 4096, 132, {"exact_waves": True}) == 1
+
+
 def test_attention_config_validation():
     layer = FP8CacheLayer(impl="torch")
     _fill([layer], [70], B=1, H=2, D=64)
@@ -202,6 +251,8 @@ def test_attention_config_validation():
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"blockn": 128})
     with pytest.raises(ValueError, match="num_warps must be a positive int"):
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"num_warps": 0})
+    with pytest.raises(ValueError, match="prefetch_desc needs block_n"):
+        ops.cache_attention(*args, scale=0.1, impl="torch", config={"prefetch_desc": True, "block_n": 128})
 
 
 def test_attention_rejects_bad_input():
