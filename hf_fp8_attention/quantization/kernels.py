@@ -20,15 +20,11 @@ two reads for about half the registers (x plus fp32 cos/sin per tile), so that s
 
 Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
 - Centring (SMOOTH_K / SMOOTH_V) subtracts the per-(batch, head, channel) mean over the sequence (K after
-  RoPE). An unrotated K / V (FUSED_K / FUSED_V) gathers its statistics in P1: per-channel float64 sums and
-  the max / min of the finite elements, merged by atomics (`_publish_stats`); P2, which waits for the
-  group's P1s anyway, turns them into the mean and the exact amax of the centred values (`_centring_stats`),
-  so centring adds no read of K / V. A rotated one needs the centred rows' norms in P1, so its mean comes
-  from `centring_sums_kernel` (one read of K / V in chunks, float64 sums) launched before; P1 and P2
-  subtract it. The exact mean, not a sample: FA3's fp8 P.V accumulates imprecisely over long rows, and the
-  residual channel offset a 256-row sample leaves (~1/16 of the noise) cost fa3 2.4 dB at 64k keys on the
-  H200 (V = N(0,1) + 3) and took a Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k. With SMOOTH_V, P2
-  also adds the float64 sums of V's e4m3 codes (exact), for the add-back's correction (`QuantizedQKV.v_add`).
+  RoPE), computed before this kernel by `centring_sums_kernel` (one read of K / V in chunks, float64 sums);
+  P1 and P2 subtract it, so the amax is exactly that of the centred values. The exact mean, not a sample:
+  FA3's fp8 P.V accumulates imprecisely over long rows, and the residual channel offset a 256-row sample
+  leaves (~1/16 of the noise) cost fa3 2.4 dB at 64k keys on the H200 (V = N(0,1) + 3) and took a
+  Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k.
 - Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix with tl.dot in
   P2 only, the (centred) rows rounded to the input dtype first so that the products with +-1 are exact
   (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is the
@@ -230,8 +226,10 @@ def centring_sums_kernel(
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
-    sum1 = tl.zeros((HALF_BLOCK,), tl.float64)
-    sum2 = tl.zeros((HALF_BLOCK,), tl.float64)
+    # float64 accumulators of the tile's shape, reduced over rows once at the end: a row reduction per
+    # iteration made this pass ~4x slower than its read (H200, S=16k, H_kv=32: 156 us for V's 128 MiB)
+    acc1 = tl.zeros((ROWS, HALF_BLOCK), tl.float64)
+    acc2 = tl.zeros((ROWS, HALF_BLOCK), tl.float64)
     r0 = chunk * CHUNK
     r1 = tl.minimum(r0 + CHUNK, seq_len)
     for i in tl.range(0, tl.cdiv(r1 - r0, ROWS)):
@@ -242,93 +240,29 @@ def centring_sums_kernel(
             x_ptr, x_base, start_r, r1, stride_s, stride_d, cos_ptr, cos_base, stride_cs, stride_cd,
             sin_ptr, sin_base, stride_ss, stride_sd, kind == 1, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, APPLY_ROPE, "")
         x1, x2 = _rotate(lo, hi, c_lo, c_hi, s_lo, s_hi, kind == 1, APPLY_ROPE)  # rows past r1: 0
-        sum1 += tl.sum(tl.where(tl.abs(x1) < float("inf"), x1, 0.0).to(tl.float64), axis=0)
-        sum2 += tl.sum(tl.where(tl.abs(x2) < float("inf"), x2, 0.0).to(tl.float64), axis=0)
+        acc1 += tl.where(tl.abs(x1) < float("inf"), x1, 0.0).to(tl.float64)
+        acc2 += tl.where(tl.abs(x2) < float("inf"), x2, 0.0).to(tl.float64)
+    sum1 = tl.sum(acc1, axis=0)
+    sum2 = tl.sum(acc2, axis=0)
     out = sums_ptr + (pid.to(tl.int64) * n_chunks + chunk) * HEAD_DIM + offs_d
     tl.store(out, sum1, mask=d_mask)
     tl.store(out + HALF, sum2, mask=d_mask)
 
 
 @triton.jit
-def _mean_of(mean_ptr, slot, on, offs_d, d_mask, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The two halves of the precomputed mean of K/V head `slot` (`centring_sums_kernel`) when `on`, else 0."""
+def _centre(x1, x2, mean_ptr, slot, on, valid, offs_d, d_mask, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """x - mean of K/V head `slot` when `on`; x - 0 == x exactly. Rows past the sequence (`valid` False,
+    loaded as 0) stay 0, so they never count in an amax."""
     m_ptr = mean_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
-    return tl.load(m_ptr, mask=d_mask & on, other=0.0), tl.load(m_ptr + HALF, mask=d_mask & on, other=0.0)
-
-
-@triton.jit
-def _centre(x1, x2, m1, m2, valid):
-    """x - mean (half tiles, the mean's halves m1, m2); x - 0 == x exactly. Rows past the sequence (`valid`
-    False, loaded as 0) stay 0, so they never count in an amax."""
+    m1 = tl.load(m_ptr, mask=d_mask & on, other=0.0)
+    m2 = tl.load(m_ptr + HALF, mask=d_mask & on, other=0.0)
     return tl.where(valid[:, None], x1 - m1[None, :], 0.0), tl.where(valid[:, None], x2 - m2[None, :], 0.0)
-
-
-@triton.jit
-def _order_key(x):
-    """float32 -> uint32 whose unsigned order is the floats' order (-inf < ... < -0 < +0 < ... < +inf), so that
-    an atomic max on zero-initialised keys takes a float max (every key of a non-NaN float is > 0)."""
-    u = x.to(tl.uint32, bitcast=True)
-    return tl.where((u >> 31) == 0, u | 0x80000000, ~u)
-
-
-@triton.jit
-def _from_order_key(k):
-    """The float of an `_order_key` key."""
-    return tl.where((k >> 31) == 1, k ^ 0x80000000, ~k).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _publish_stats(x1, x2, valid, stats_ptr, keys_ptr, slot, offs_d, d_mask, HALF: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
-    """P1 of a centred, unrotated K/V tile: add its per-channel float64 sums (non-finite elements as 0; rows
-    past the sequence are 0) into stats_ptr[slot] and merge its per-channel max and -min of the finite elements
-    of its rows into keys_ptr[slot] (`_order_key`s, atomics). P2 turns them into the exact mean and the exact
-    amax of the centred values (`_centring_stats`): no read of K/V besides the quantize pass's own."""
-    fin1 = tl.abs(x1) < float("inf")
-    fin2 = tl.abs(x2) < float("inf")
-    s_ptr = stats_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
-    tl.atomic_add(s_ptr, tl.sum(tl.where(fin1, x1, 0.0).to(tl.float64), axis=0), mask=d_mask, sem="relaxed")
-    tl.atomic_add(s_ptr + HALF, tl.sum(tl.where(fin2, x2, 0.0).to(tl.float64), axis=0), mask=d_mask, sem="relaxed")
-    use1 = fin1 & valid[:, None]
-    use2 = fin2 & valid[:, None]
-    k_ptr = keys_ptr.to(tl.pointer_type(tl.uint32)) + (2 * slot).to(tl.int64) * HEAD_DIM + offs_d
-    tl.atomic_max(k_ptr, _order_key(tl.max(tl.where(use1, x1, float("-inf")), axis=0)), mask=d_mask, sem="relaxed")
-    tl.atomic_max(k_ptr + HALF, _order_key(tl.max(tl.where(use2, x2, float("-inf")), axis=0)), mask=d_mask,
-                  sem="relaxed")
-    tl.atomic_max(k_ptr + HEAD_DIM, _order_key(-tl.min(tl.where(use1, x1, float("inf")), axis=0)), mask=d_mask,
-                  sem="relaxed")
-    tl.atomic_max(k_ptr + HEAD_DIM + HALF, _order_key(-tl.min(tl.where(use2, x2, float("inf")), axis=0)),
-                  mask=d_mask, sem="relaxed")
-
-
-@triton.jit
-def _centring_stats(stats_ptr, keys_ptr, slot, seq_len, offs_d, d_mask, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """P2 of a centred, unrotated K/V group, once every P1 of it has published (`_publish_stats`): the mean
-    halves m1, m2 (float64 sum rounded to float32, divided by the length in float32: `reference._finite_mean`)
-    and the amax of the centred values, max over channels of max(max_c - m_c, m_c - min_c) over finite
-    elements. Rounding is monotonic and odd, so that is exactly max |fl(x - m)|, the reference's amax.
-    Read from L2 (.cg): other programs wrote them with atomics."""
-    s_ptr = stats_ptr + slot.to(tl.int64) * HEAD_DIM + offs_d
-    n = seq_len.to(tl.float32)
-    m1 = tl.math.div_rn(tl.load(s_ptr, mask=d_mask, other=0.0, cache_modifier=".cg").to(tl.float32), n)
-    m2 = tl.math.div_rn(tl.load(s_ptr + HALF, mask=d_mask, other=0.0, cache_modifier=".cg").to(tl.float32), n)
-    k_ptr = keys_ptr.to(tl.pointer_type(tl.uint32)) + (2 * slot).to(tl.int64) * HEAD_DIM + offs_d
-    hi1 = _from_order_key(tl.load(k_ptr, mask=d_mask, other=0, cache_modifier=".cg"))
-    hi2 = _from_order_key(tl.load(k_ptr + HALF, mask=d_mask, other=0, cache_modifier=".cg"))
-    lo1 = -_from_order_key(tl.load(k_ptr + HEAD_DIM, mask=d_mask, other=0, cache_modifier=".cg"))
-    lo2 = -_from_order_key(tl.load(k_ptr + HEAD_DIM + HALF, mask=d_mask, other=0, cache_modifier=".cg"))
-    # a channel without finite elements has hi = -inf, lo = +inf: range -inf; padding channels decode NaN
-    r1 = tl.maximum(hi1 - m1, m1 - lo1)
-    r2 = tl.maximum(hi2 - m2, m2 - lo2)
-    r1 = tl.where(d_mask & (r1 < float("inf")) & (r1 > 0.0), r1, 0.0)
-    r2 = tl.where(d_mask & (r2 < float("inf")) & (r2 > 0.0), r2, 0.0)
-    return m1, m2, tl.maximum(tl.max(r1), tl.max(r2))
 
 
 @triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, stats_ptr, keys_ptr, cu_q_ptr, cu_k_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
     B, H_Q, H_KV, S_Q, S_KV, LAG,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -349,10 +283,8 @@ def qkv_quantize_kernel(
     quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
     zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
-    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds the K / V means of a rotated
-    K / V (`centring_sums_kernel`, launched before); stats_ptr (3, B, H_KV, HEAD_DIM) float64 and keys_ptr
-    (2, B, H_KV, 2, HEAD_DIM) int32, zeroed, receive the sums of K, V and V's codes and the max / -min keys
-    (see the module docstring).
+    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds the K / V means
+    (`centring_sums_kernel`, launched before).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
@@ -378,10 +310,6 @@ def qkv_quantize_kernel(
     d_mask = offs_d < HALF
     out_rows = tl.arange(0, BLOCK_S)
     ROTATES: tl.constexpr = HADAMARD_QK or HADAMARD_V
-    # Centring of an unrotated K / V: statistics gathered by P1 (no read besides this kernel's); of a rotated
-    # one: the means of `centring_sums_kernel` (its amax bound needs the centred rows' norms in P1).
-    FUSED_K: tl.constexpr = SMOOTH_K and not HADAMARD_QK
-    FUSED_V: tl.constexpr = SMOOTH_V and not HADAMARD_V
     if ROTATES:
         # the dot's inputs: the rows rounded to the input dtype, exact products with +-1 (see _dot_signs)
         signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
@@ -437,29 +365,20 @@ def qkv_quantize_kernel(
                     cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
                     HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
             x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
-            if FUSED_K or FUSED_V:
-                fused1 = tl.where(t1 == 1, FUSED_K, tl.where(t1 == 2, FUSED_V, False))
-            else:
-                fused1 = False
-            if fused1:  # the group's amax comes from these statistics in P2
-                _publish_stats(x1, x2, (row1 + out_rows) < seq1, stats_ptr, keys_ptr, grp1 - B * H_KV, offs_d,
-                               d_mask, HALF, HEAD_DIM)
-                tl.debug_barrier()  # every thread's atomics before the release below (cumulativity)
-            else:
-                if SMOOTH_K or SMOOTH_V:
-                    mn1, mn2 = _mean_of(mean_ptr, grp1 - B * H_KV, smooth1, offs_d, d_mask, HALF, HEAD_DIM)
-                    x1, x2 = _centre(x1, x2, mn1, mn2, (row1 + out_rows) < seq1)
-                if HADAMARD_QK and HADAMARD_V:
+            if SMOOTH_K or SMOOTH_V:
+                x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (row1 + out_rows) < seq1, offs_d,
+                                 d_mask, HALF, HEAD_DIM)
+            if HADAMARD_QK and HADAMARD_V:
+                m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+            elif ROTATES:
+                if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
                     m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
-                elif ROTATES:
-                    if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
-                        m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
-                    else:
-                        m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
                 else:
                     m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-                # The int32 max of the bit patterns orders non-negative finite floats like the floats.
-                tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
+            else:
+                m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+            # The int32 max of the bit patterns orders non-negative finite floats like the floats.
+            tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
@@ -473,23 +392,14 @@ def qkv_quantize_kernel(
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
-            x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
-            if SMOOTH_K or SMOOTH_V:
-                if FUSED_K or FUSED_V:
-                    fused2 = tl.where(t2 == 1, FUSED_K, tl.where(t2 == 2, FUSED_V, False))
-                else:
-                    fused2 = False
-                if fused2:
-                    tl.debug_barrier()  # the statistics are read after the acquire of the group's P1 count
-                    mn1, mn2, amax = _centring_stats(stats_ptr, keys_ptr, grp2 - B * H_KV, seq2, offs_d, d_mask,
-                                                     HALF, HEAD_DIM)
-                else:
-                    mn1, mn2 = _mean_of(mean_ptr, grp2 - B * H_KV, smooth2, offs_d, d_mask, HALF, HEAD_DIM)
-                x1, x2 = _centre(x1, x2, mn1, mn2, (row2 + out_rows) < seq2)
             positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
             descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
             tl.store(descale_ptr + grp2, descale, mask=first2)
+            x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
+            if SMOOTH_K or SMOOTH_V:
+                x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (row2 + out_rows) < seq2, offs_d,
+                                 d_mask, HALF, HEAD_DIM)
             if HADAMARD_QK and HADAMARD_V:
                 x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
             elif ROTATES:
@@ -522,19 +432,6 @@ def qkv_quantize_kernel(
             else:
                 y1 = _to_fp8(x1 * row_scale, FP8_MAX)
                 y2 = _to_fp8(x2 * row_scale, FP8_MAX)
-            if SMOOTH_V:
-                if t2 == 2:  # smooth_v's add-back needs the mean of V's codes: their float64 sums (exact)
-                    if QK_INT8:  # y holds bytes
-                        c1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.float32)
-                        c2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.float32)
-                    else:
-                        c1 = y1.to(tl.float32)
-                        c2 = y2.to(tl.float32)
-                    c1 = tl.sum(tl.where(tl.abs(c1) < float("inf"), c1, 0.0).to(tl.float64), axis=0)
-                    c2 = tl.sum(tl.where(tl.abs(c2) < float("inf"), c2, 0.0).to(tl.float64), axis=0)
-                    c_ptr = stats_ptr + grp2.to(tl.int64) * HEAD_DIM + offs_d  # V's group index = its codes' slot
-                    tl.atomic_add(c_ptr, c1, mask=d_mask, sem="relaxed")
-                    tl.atomic_add(c_ptr + HALF, c2, mask=d_mask, sem="relaxed")
             mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
             out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
             out_stride_s = n_heads2 * HEAD_DIM

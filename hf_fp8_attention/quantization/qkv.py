@@ -82,7 +82,7 @@ def quantize_qkv_fp8(
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
         float32 with smooth_v (V's centring offset, before any rotation). Identical to
-        `quantize_qkv_fp8_reference` but for summation orders: the float64 sums of the offsets (and of V's codes) and, with
+        `quantize_qkv_fp8_reference` but for summation orders: the float64 sums of the offsets and, with
         hadamard, tl.dot and the rows' squared norms. These change bits only for rows whose values span more
         than ~16 binades or a squared norm within an ulp of a power of two: then a few fp8 values may be
         one ulp apart.
@@ -179,22 +179,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     smooth_k, smooth_v = options.smooth_k, options.smooth_v
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
 
-    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters), the (3, B, H_kv)
-    # float32 descales (overwritten) and, with centring, its statistics: float64 sums (3, B, H_kv, D) of K,
-    # V and V's e4m3 codes, then the (2, B, H_kv, 2, D) max / -min keys of K and V (kernels._order_key).
+    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters) and the
+    # (3, B, H_kv) float32 descales (overwritten).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
     n_ws = pad + 2 * n_groups
-    n_stats = 3 * B * H_kv * D if options.smooths else 0
-    stats_at = n_ws + n_groups + (n_ws + n_groups) % 2  # float64-aligned
-    keys_at = stats_at + 2 * n_stats
-    buf = torch.zeros((keys_at + 4 * B * H_kv * D if n_stats else n_ws + n_groups,), dtype=torch.int32, device=device)
-    stats = buf[stats_at:keys_at].view(torch.float64).view(3, B, H_kv, D) if n_stats else buf
-    keys = buf[keys_at:] if n_stats else buf
-    # Centring of a rotated K / V takes its mean from a pass before (see kernels.py); unrotated ones need none.
-    pre_k, pre_v = smooth_k and options.rotates_qk, smooth_v and options.rotates_v
+    buf = torch.zeros((n_ws + n_groups,), dtype=torch.int32, device=device)
     means = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     if options.smooths:
-        means = (_centring_means(k, v, rope, B, S_kv, varlen, pre_k, pre_v) if S_kv > 0 and B > 0 and (pre_k or pre_v)
+        means = (_centring_means(k, v, rope, B, S_kv, varlen, smooth_k, smooth_v) if S_kv > 0 and B > 0
                  else torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device))
     v_mean = means[1] if smooth_v else None
 
@@ -223,7 +215,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
     qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, stats, keys, cu_q, cu_k,
+        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
@@ -237,18 +229,10 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     )
     v_add = None
     if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
-        lengths = _lengths(B, S_kv, varlen, device)
-        if not pre_v:  # the kernel's sums, as `_finite_mean`: float64 rounded to float32, / length in float32
-            v_mean = torch.div(stats[1].float(), lengths)
-        v_add = v_mean - v_code_drift(torch.div(stats[2].float(), lengths), descale[2], options.rotates_v)
+        codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes
+        code_mean = _centring_means(codes, codes, None, B, S_kv, varlen, False, True)[1]
+        v_add = v_mean - v_code_drift(code_mean, descale[2], options.rotates_v)
     return bundle(descale, v_add)
-
-
-def _lengths(B: int, S_kv: int, varlen, device) -> torch.Tensor:
-    """(B or N, 1, 1) float32 key lengths (at least 1), to divide (B, H_kv, D) sums by."""
-    if varlen is not None:
-        return varlen[1].diff().float().clamp(min=1.0)[:, None, None]
-    return torch.full((1, 1, 1), float(max(S_kv, 1)), dtype=torch.float32, device=device)
 
 
 # Rows of one K / V head per program of `centring_sums_kernel` (256: 2048 programs at S=16k, H_kv=32, each
@@ -280,7 +264,11 @@ def _centring_means(k, v, rope, B, S_kv, varlen, smooth_k: bool, smooth_v: bool)
     )
     means = torch.zeros((2, B, H_kv, D), dtype=torch.float32, device=device)
     total = sums.sum(dim=3).float()  # (n_kinds, B, H_kv, D)
-    means[first - 1 : first - 1 + n_kinds] = torch.div(total, _lengths(B, S_kv, varlen, device))
+    if varlen is not None:
+        lengths = varlen[1].diff().float()[None, :, None, None]
+    else:
+        lengths = torch.full((1, 1, 1, 1), float(S_kv), dtype=torch.float32, device=device)
+    means[first - 1 : first - 1 + n_kinds] = torch.div(total, lengths.clamp(min=1.0))
     return means
 
 
