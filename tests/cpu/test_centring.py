@@ -1,10 +1,9 @@
 """K / V centring (`smooth_k` / `smooth_v`) in the quantize kernel, interpreted on CPU.
 
-An unrotated K / V is centred from statistics the quantize kernel's P1 gathers (per-channel float64 sums and
-max / min, atomics); P2 turns them into the mean and the exact amax of the centred values. A rotated one takes
-its mean from `centring_sums_kernel` (float64 chunk sums before the quantize kernel, added by
-`qkv._centring_means`), which P1 and P2 subtract. Either way the scale is exactly the amax of the centred
-values (the rotated: the norm bound of its centred rows). The
+Before the quantize kernel, `centring_sums_kernel` sums each K / V head (K after RoPE) per chunk of rows in
+float64, and the launcher adds the chunks and divides by the length (`qkv._centring_means`); P1 and P2 of
+the quantize kernel subtract that mean, so the scale is exactly the amax of the centred values (of a rotated
+tensor: the norm bound of its centred rows). The
 reference (`reference._finite_mean`) sums the elements in float64: float64 sums of float32 values are
 exact unless magnitudes span ~29 binades, so the means agree bit for bit in practice, and the documented
 tolerance of tests/cpu/test_quantize.py covers the rest.
@@ -73,7 +72,7 @@ CASES = [
     pytest.param(1, 4, 2, 150, 128, torch.bfloat16, (1, torch.bfloat16), True, True, "none", id="rope-kv-d128"),
     pytest.param(2, 2, 2, 77, 96, torch.bfloat16, (2, torch.float32), True, True, "none", id="rope-kv-d96-bcB"),
     pytest.param(1, 4, 2, 90, 64, torch.bfloat16, (1, torch.float32), True, True, "qkv", id="rope-qkv-kv-d64"),
-    # K rotated (its mean from the pass before), V not (statistics gathered by the kernel's P1)
+    # K rotated, V not (the default accuracy mode "qk" with centring)
     pytest.param(1, 4, 2, 150, 128, torch.bfloat16, (1, torch.bfloat16), True, True, "qk", id="rope-qk-kv-d128"),
     pytest.param(2, 4, 1, 130, 64, torch.float16, None, False, True, "qk", id="qk-v-mqa-d64"),
 ]
@@ -238,9 +237,8 @@ def test_non_finite_with_rope_match_reference():
 
 @pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
 def test_means_over_several_chunks(monkeypatch, rope):
-    """Rotated K and V take their means from `centring_sums_kernel`: sequences longer than one of its chunks
-    (chunk shrunk to 64 rows: 3 chunks and a ragged one) give the reference's means bit for bit and its fp8
-    values and scales."""
+    """Sequences longer than one chunk of `centring_sums_kernel` (chunk shrunk to 64 rows: 3 chunks and a
+    ragged one), rotated K and V: the reference's means bit for bit, its fp8 values and scales."""
     monkeypatch.setattr(qkv_launcher, "_CENTRING_CHUNK", 64)
     S = 3 * 64 + 37
     q, k, v = _inputs(1, 2, 1, S, 64, torch.bfloat16, seed=7)
