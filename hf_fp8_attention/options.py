@@ -18,6 +18,17 @@ HADAMARD_MODES = ("auto", "none", "qk", "qkv", "v_only")
 # fp8_fa3, smooth_v 1.10x), SmolLM2 perplexity +0.83% (fa3) / +0.55% (triton) vs bf16 against +1.64% / +1.41%
 # for "none", real-activation SQNR 24.5 dB vs 21.7.
 AUTO_HADAMARD = "qk"
+# What smooth_v="auto" (the default) means: V centred where the attention kernel adds P.V into one fp8
+# accumulator over the whole key loop (fa3, fa4, and the reference backend that stands for them; the triton
+# kernel accumulates each key block in float32 and needs none) and the keys are at least
+# AUTO_SMOOTH_V_MIN_KEYS long. Why (H200, 2026-12-01, README "Long context"): FA3's fp8 accumulation loses the
+# small P.V terms of long rows when V has a channel offset (V = N(0,1) + 3: 16.8 dB at 8k keys, 8.2 at 32k,
+# 3.6 at 128k; centred: 56 dB at every length), while centring costs a fixed pass over V and the output
+# (+0.30 ms at S=16k, H=32: 1.11x of fp8_fa3's causal time there) that the quadratic attention time dilutes
+# with length: qk+smooth_v vs no mode 1.03x at 32k causal (qk alone 1.04x in the same run), 1.03x at 64k
+# (qk 1.00x), one round each (docs/results/mode_costs_long_h200_s4.log).
+AUTO_SMOOTH_V_MIN_KEYS = 32768
+AUTO_SMOOTH_V_BACKENDS = ("fa3", "fa4", "reference")
 QK_SCALES = ("head", "block")
 QK_FORMATS = ("e4m3", "int8")
 MAX_HADAMARD_DIM = 256
@@ -32,7 +43,9 @@ class FP8AttentionOptions:
         unchanged, no output pass), "qkv" (V too; the output is rotated back) or "v_only". The explicit
         rotations need a power-of-two head_dim <= 256 (`check_head_dim`). None means "auto".
     smooth_k: subtract K's per-channel mean over the sequence (exact for softmax).
-    smooth_v: subtract V's per-channel mean and add it back to the output (exact).
+    smooth_v: subtract V's per-channel mean and add it back to the output (exact). "auto" (the default, also
+        None): on for the fa3/fa4/reference backends when the call has at least `AUTO_SMOOTH_V_MIN_KEYS` keys,
+        else off (`for_keys` resolves it per call; `for_head_dim` alone takes it as off).
     qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
         16 tokens of one head; backends that take them: triton, reference).
     qk_format: "e4m3" or "int8": Q and K as int8 with a scale per 16 tokens of one head (so per-block
@@ -42,20 +55,24 @@ class FP8AttentionOptions:
 
     hadamard: str = "auto"
     smooth_k: bool = False
-    smooth_v: bool = False
+    smooth_v: bool | str = "auto"
     qk_scales: str = "head"
     qk_format: str = "e4m3"
 
     def __post_init__(self):
         if self.hadamard is None:
             object.__setattr__(self, "hadamard", "auto")
+        if self.smooth_v is None:
+            object.__setattr__(self, "smooth_v", "auto")
         if not isinstance(self.hadamard, str) or self.hadamard not in HADAMARD_MODES:
             raise ValueError(f"hadamard={self.hadamard!r} is not supported; accepted values: None, "
                              + ", ".join(map(repr, HADAMARD_MODES)))
         for name in ("smooth_k", "smooth_v"):
             value = getattr(self, name)
-            if not isinstance(value, bool):  # "no" or 0 would silently mean something; say what is wanted
-                raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+            # "no" or 0 would silently mean something; say what is wanted
+            if not isinstance(value, bool) and not (name == "smooth_v" and value == "auto"):
+                accepted = "True, False or 'auto'" if name == "smooth_v" else "True or False"
+                raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
         if not isinstance(self.qk_scales, str) or self.qk_scales not in QK_SCALES:
             raise ValueError(f"qk_scales={self.qk_scales!r} is not supported; accepted values: {QK_SCALES}")
         if not isinstance(self.qk_format, str) or self.qk_format not in QK_FORMATS:
@@ -63,12 +80,23 @@ class FP8AttentionOptions:
 
     # --- what the kernels need -------------------------------------------------------------------------
     def for_head_dim(self, head_dim: int) -> "FP8AttentionOptions":
-        """These options with hadamard="auto" resolved for ``head_dim`` (what the kernels run)."""
-        if self.hadamard != "auto":
-            return self
+        """These options with hadamard="auto" resolved for ``head_dim`` (what the kernels run), and a
+        smooth_v="auto" that `for_keys` has not resolved taken as off (the quantizers called directly)."""
+        options = self if self.smooth_v != "auto" else dataclasses.replace(self, smooth_v=False)
+        if options.hadamard != "auto":
+            return options
         # measured for e4m3 Q/K with per-head scales; per-block scales and int8 (triton) were measured without
-        rotatable = not head_dim & (head_dim - 1) and head_dim <= MAX_HADAMARD_DIM and not self.block_scales
-        return dataclasses.replace(self, hadamard=AUTO_HADAMARD if rotatable else "none")
+        rotatable = not head_dim & (head_dim - 1) and head_dim <= MAX_HADAMARD_DIM and not options.block_scales
+        return dataclasses.replace(options, hadamard=AUTO_HADAMARD if rotatable else "none")
+
+    def for_keys(self, backend: str, n_keys: int) -> "FP8AttentionOptions":
+        """These options with smooth_v="auto" resolved for one call: on when ``backend`` is one of
+        `AUTO_SMOOTH_V_BACKENDS` and the call has at least `AUTO_SMOOTH_V_MIN_KEYS` keys (``n_keys``: the key
+        length, the longest sequence's for a packed batch)."""
+        if self.smooth_v != "auto":
+            return self
+        return dataclasses.replace(
+            self, smooth_v=backend in AUTO_SMOOTH_V_BACKENDS and n_keys >= AUTO_SMOOTH_V_MIN_KEYS)
 
     @property
     def rotates_qk(self) -> bool:
@@ -95,6 +123,9 @@ class FP8AttentionOptions:
     @property
     def smooths(self) -> bool:
         """Whether the quantizer gathers per-channel statistics (K or V mean subtraction)."""
+        if self.smooth_v == "auto":
+            raise ValueError("smooth_v='auto' depends on the backend and the key length: resolve it with "
+                             "for_keys() (or for_head_dim(), which takes it as off) first")
         return self.smooth_k or self.smooth_v
 
     def check_head_dim(self, head_dim: int) -> None:

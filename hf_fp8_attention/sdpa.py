@@ -85,7 +85,7 @@ def fp8_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
-    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool | str = "auto", qk_scales: str = "head",
     qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
@@ -109,7 +109,10 @@ def fp8_sdpa(
             normalised Hadamard matrix inside the quantize kernel; Q.K^T unchanged), "qkv" (V too; the output
             is rotated back) or "v_only". The explicit rotations need a power-of-two head_dim <= 256.
         smooth_k: subtract K's per-channel mean over the sequence before quantizing (exact for softmax).
-        smooth_v: subtract V's per-channel mean before quantizing and add it back to the output.
+        smooth_v: subtract V's per-channel mean before quantizing and add it back to the output. "auto"
+            (default): on for the fa3/fa4/reference backends from 32k keys on (`options.AUTO_SMOOTH_V_MIN_KEYS`
+            says why: FA3's fp8 P.V accumulation loses precision over long rows when V has a channel offset),
+            off otherwise (the triton kernel accumulates in float32 per key block).
         qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
             16 tokens of one head, computed by the quantize kernel from the tiles it reads anyway: more
             accurate where a few tokens carry large values). "block" runs on the triton backend (reference
@@ -148,6 +151,10 @@ def _run(query, key, value, varlen, cos, sin, is_causal, scale, plan: Plan, opti
     """Run validated inputs with their plan. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when
     the offsets could not be read on the host (compiling, meta tensors)."""
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    # smooth_v="auto": per call, from the backend and the key length (a packed batch: its longest sequence,
+    # or every packed key when the offsets could not be read)
+    n_keys = key.shape[2] if varlen is None else (varlen[3] if varlen[3] is not None else key.shape[0])
+    options = options.for_keys(plan.backend, n_keys)
     args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
             plan.quantizer)
     # The custom op keeps a compiled graph whole, carries the (straight-through) backward and gives meta
@@ -166,7 +173,7 @@ def fp8_sdpa_varlen(
     cu_seqlens_k: torch.Tensor, *,
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
-    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool = False, qk_scales: str = "head",
+    hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool | str = "auto", qk_scales: str = "head",
     qk_format: str = "e4m3",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
@@ -181,7 +188,8 @@ def fp8_sdpa_varlen(
         cos, sin: (total_q, D) or (1, total_q, D) per packed token (positions restart per sequence as
             the caller wants); needs the same offsets for queries and keys.
         Other arguments as in `fp8_sdpa`. Scales are per (sequence, KV head), so the result equals
-        `fp8_sdpa` on each sequence alone (up to the backend's rounding order). backend None: the speed
+        `fp8_sdpa` on each sequence alone (up to the backend's rounding order; smooth_v="auto" is decided by
+        the longest sequence, so a short one packed with a long one is centred too). backend None: the speed
         table is looked up with the longest sequences as S_q/S_kv and their number as the batch, and a
         bf16 decision runs FA3's bf16 varlen; without FA3 (torch SDPA has no varlen) packed calls stay fp8.
     Returns:

@@ -27,7 +27,7 @@ from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, resolve_backend, speed_table_for
 from ..kv_cache import FP8Cache
-from ..options import FP8AttentionOptions
+from ..options import AUTO_SMOOTH_V_BACKENDS, AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
 from .bound import BoundMethod
@@ -291,7 +291,7 @@ def prepare_model(
     hadamard: str | None = None,
     fuse_rope: bool = True,
     smooth_k: bool = False,
-    smooth_v: bool = False,
+    smooth_v: bool | str = "auto",
     qk_scales: str = "head",
     qk_format: str = "e4m3",
     kv_cache: str = "off",
@@ -306,7 +306,8 @@ def prepare_model(
             measured fp8 slower (short prefills on the H200); a named backend always runs fp8.
         hadamard: None/"auto" (default: "qk" on power-of-two head dims with per-head e4m3 Q/K scales, else
             "none"), "none", "qk", "qkv" or "v_only" (`fp8_sdpa`'s accuracy modes).
-        smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`).
+        smooth_k, smooth_v: subtract K's / V's per-channel mean before quantizing (see `fp8_sdpa`; smooth_v
+            "auto", the default: on for fa3/fa4/reference calls with >= 32k keys).
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
             backend=None then picks on a GPU).
         qk_format: "e4m3" or "int8" (int8 Q/K with per-block scales; the triton backend, as for "block").
@@ -338,7 +339,7 @@ def prepare_model(
         raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
     # hadamard only shapes the first chunk's fp8_sdpa (an exact rotation); the cache's kernels keep their own
     # numerics (per-block K/V scales); the other options would have to be carried into them
-    unsupported = {k: v for k, v in options.changed().items() if k != "hadamard"}
+    unsupported = {k: v for k, v in options.changed().items() if k not in ("hadamard", "smooth_v")}
     if kv_cache == "fp8" and unsupported:
         raise ValueError(
             f"kv_cache='fp8' runs the cache's own fp8 numerics (per-block K/V scales); the options "
@@ -461,6 +462,9 @@ def describe_backend(model) -> str:
             dims = sorted({m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)})
             modes = sorted({state.options.for_head_dim(d).hadamard for d in dims})
             extra.insert(0, f"hadamard=auto ({'/'.join(modes)})" if modes else "hadamard=auto")
+        if state.options.smooth_v == "auto":
+            on = backend in AUTO_SMOOTH_V_BACKENDS
+            extra.append(f"smooth_v=auto (on from {AUTO_SMOOTH_V_MIN_KEYS} keys)" if on else "smooth_v=auto (off)")
         if extra:
             text += ", " + ", ".join(extra)
     text, runs_fp8 = _what_runs(model, text)

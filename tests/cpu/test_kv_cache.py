@@ -364,7 +364,10 @@ def test_prepare_model_kv_cache_validation():
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         hfa.prepare_model(model, backend="reference", kv_cache="int4")
     with pytest.raises(ValueError, match="not supported with it"):
-        hfa.prepare_model(model, backend="reference", kv_cache="fp8", smooth_v=True)
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", smooth_k=True)
+    for smooth_v in (True, False):  # like the rotation, centring V only shapes the first chunk's fp8_sdpa
+        hfa.prepare_model(model, backend="reference", kv_cache="fp8", smooth_v=smooth_v)
+        hfa.unprepare_model(model)
     for hadamard in ("none", "qk", "qkv"):  # the rotation only shapes the first chunk's fp8_sdpa
         hfa.prepare_model(model, backend="reference", kv_cache="fp8", hadamard=hadamard)
         hfa.unprepare_model(model)

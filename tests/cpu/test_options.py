@@ -9,8 +9,11 @@ from hf_fp8_attention import FP8AttentionOptions, fp8_sdpa, fp8_sdpa_varlen
 
 def test_defaults_and_derived_flags():
     o = FP8AttentionOptions()
-    assert (o.hadamard, o.smooth_k, o.smooth_v, o.qk_scales) == ("auto", False, False, "head")
-    assert not (o.block_scales or o.smooths) and o.changed() == {}
+    assert (o.hadamard, o.smooth_k, o.smooth_v, o.qk_scales) == ("auto", False, "auto", "head")
+    assert not o.block_scales and o.changed() == {}
+    with pytest.raises(ValueError, match="for_keys"):
+        o.smooths  # smooth_v="auto" means nothing before the backend and the key length are known
+    assert not o.for_head_dim(128).smooths  # the quantizers called directly: off
     with pytest.raises(ValueError, match="for_head_dim"):
         o.rotates_qk  # "auto" means nothing before the head dim is known
     # "auto": "qk" on power-of-two head dims <= 256 with per-head e4m3 Q/K scales, else "none"
@@ -31,11 +34,37 @@ def test_defaults_and_derived_flags():
         o.smooth_k = True  # frozen
 
 
+def test_smooth_v_auto_resolves_per_call(monkeypatch):
+    """smooth_v="auto": on for the backends whose fp8 P.V accumulates over the whole key loop (fa3, fa4, and the
+    reference that emulates them) from AUTO_SMOOTH_V_MIN_KEYS keys on; off for triton; explicit values kept."""
+    from hf_fp8_attention import options as opts
+
+    o = FP8AttentionOptions()
+    n = opts.AUTO_SMOOTH_V_MIN_KEYS
+    assert [o.for_keys(b, n).smooth_v for b in ("fa3", "fa4", "reference", "triton")] == [True, True, True, False]
+    assert [o.for_keys("fa3", k).smooth_v for k in (n - 1, n, 4 * n)] == [False, True, True]
+    assert FP8AttentionOptions(smooth_v=False).for_keys("fa3", 4 * n).smooth_v is False
+    assert FP8AttentionOptions(smooth_v=True).for_keys("triton", 1).smooth_v is True
+    assert FP8AttentionOptions(smooth_v=None).smooth_v == "auto"
+    assert FP8AttentionOptions(smooth_v=False).changed() == {"smooth_v": False}
+    # through fp8_sdpa (reference backend, threshold lowered): the default equals explicit smooth_v at and
+    # above the threshold and explicit no smooth_v below it, bit for bit
+    monkeypatch.setattr(opts, "AUTO_SMOOTH_V_MIN_KEYS", 48)
+    g = torch.Generator().manual_seed(0)
+    for s_kv, centred in ((32, False), (48, True), (80, True)):
+        q = torch.randn(1, 2, 16, 64, generator=g).bfloat16()
+        k, v = (torch.randn(1, 2, s_kv, 64, generator=g).bfloat16() for _ in range(2))
+        v = v + 3.0
+        out = fp8_sdpa(q, k, v, backend="reference")
+        assert torch.equal(out, fp8_sdpa(q, k, v, backend="reference", smooth_v=centred)), s_kv
+        assert not torch.equal(out, fp8_sdpa(q, k, v, backend="reference", smooth_v=not centred)), s_kv
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
         ({"smooth_k": "no"}, TypeError, "smooth_k must be True or False, got 'no'"),
-        ({"smooth_v": 1}, TypeError, "smooth_v must be True or False, got 1"),
+        ({"smooth_v": 1}, TypeError, "smooth_v must be True, False or .auto., got 1"),
         ({"hadamard": "all"}, ValueError, "hadamard='all' is not supported"),
         ({"hadamard": True}, ValueError, "hadamard=True is not supported"),
         ({"qk_scales": "tile"}, ValueError, "qk_scales='tile' is not supported"),

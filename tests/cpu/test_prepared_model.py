@@ -234,6 +234,7 @@ def test_describe_sliding_window_depends_on_length(caplog):
 def test_describe_unchanged_on_a_supported_model(caplog):
     model = tiny()
     assert not _prepare_warnings(caplog, model)
-    assert hfa.describe_backend(model) == REFERENCE + ", hadamard=auto (qk), fused RoPE on 2/2 layers"
+    assert hfa.describe_backend(model) == (REFERENCE + ", hadamard=auto (qk), smooth_v=auto (on from 32768 keys), "
+                                           "fused RoPE on 2/2 layers")
     hfa.prepare_model(model, backend="reference", fuse_rope=False, hadamard="qkv")
-    assert hfa.describe_backend(model) == REFERENCE + ", hadamard=qkv, fused RoPE off"
+    assert hfa.describe_backend(model) == REFERENCE + ", hadamard=qkv, smooth_v=auto (on from 32768 keys), fused RoPE off"

@@ -635,7 +635,7 @@ def test_prepare_model_validates_options_once():
     model.set_attn_implementation("sdpa")
     with pytest.raises(TypeError, match="smooth_k must be True or False, got 'no'"):
         hfa.prepare_model(model, backend="reference", smooth_k="no")
-    with pytest.raises(TypeError, match="smooth_v must be True or False"):
+    with pytest.raises(TypeError, match="smooth_v must be True, False or .auto."):
         hfa.prepare_model(model, backend="reference", smooth_v=1)
     assert model.config._attn_implementation == "sdpa" and model.config.use_cache is True
     assert not hasattr(model.config, "fp8_attention_options")

@@ -60,3 +60,22 @@ def test_fa3_with_centred_v_flat_in_s(family):
         pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel (flash_attn_interface)")
     scores = _sweep("fa3", family, smooth_v=True)
     assert scores[65536] >= scores[8192] - 1.0, scores
+
+
+def test_fa3_default_centres_v_from_32k_keys():
+    """The default options on fa3 (hadamard="auto", smooth_v="auto"): from AUTO_SMOOTH_V_MIN_KEYS keys on V is
+    centred, so V with a channel offset keeps the centred level at 64k (56 dB on the H200; 8.2 dB at 32k and
+    3.6 at 128k uncentred) and the output is the explicit smooth_v=True one."""
+    from hf_fp8_attention.options import AUTO_SMOOTH_V_MIN_KEYS
+
+    if not (device_arch(torch.device("cuda")) // 10 == 9 and kernel_available("fa3")):
+        pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel (flash_attn_interface)")
+    s = 65536
+    assert s >= AUTO_SMOOTH_V_MIN_KEYS
+    q, k, v = _inputs(s, "v_offset")
+    out = fp8_sdpa(q, k, v, is_causal=True, backend="fa3")
+    db = _last_rows_sqnr(out, q, k, v)
+    explicit = fp8_sdpa(q, k, v, is_causal=True, backend="fa3", smooth_v=True)
+    print(f"fa3 default v_offset S={s}: {db:.1f} dB")
+    assert db > 40.0, db
+    assert torch.equal(out, explicit)
