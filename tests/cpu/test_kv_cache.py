@@ -142,18 +142,13 @@ def test_attention_kernel_tracks_reference(qk_fp8, s_q):
         assert _sqnr(got, exact) > _sqnr(ref, exact) - 1.5, splits
 
 
-@pytest.mark.parametrize("block_n", [128, 256])
-@pytest.mark.parametrize("qk_fp8,s_q", [(False, 1), (True, 5)])
-def test_attention_kernel_keys_per_iteration(block_n, qk_fp8, s_q):
-    """BLOCK_N = 2 or 4 cache blocks per iteration on 267 keys (not a multiple of BLOCK_N), split ranges of
-    267/192/128 keys (tiles cut at a split's end), GQA 4. One-block softmax steps: the 64-key kernel's output
-    bit for bit. tile_softmax (per-column K descales, V's folded into P; fp16 products only, qk_fp8 ignores
-    it): its P rounding moves, within 3 dB of the reference's SQNR (~77 -> ~75 dB here). The fused
-    combine gives the two-launch result bit for bit and leaves its counters at zero."""
-    D, group = 64, 4
+def _gqa_case(fills, s_q, seed, qk_fp8, D=64, group=4):
+    """A triton and a torch cache layer filled with `fills` (B=2, float32 values), s_q queries of GQA `group`:
+    the float32 attention over the cache, the torch reference's SQNR against it, and run(splits, **config),
+    the triton kernel's output for a split count and a config."""
     kernel, torch_ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
-    length = _fill([kernel, torch_ref], [200, 67], D=D, dtype=torch.float32)
-    query = torch.randn(2, s_q, 2 * group, D, generator=torch.Generator().manual_seed(4))
+    length = _fill([kernel, torch_ref], fills, D=D, dtype=torch.float32)
+    query = torch.randn(2, s_q, 2 * group, D, generator=torch.Generator().manual_seed(seed))
     cos, sin = _rope(s_q, length - s_q, D)
     exact = _exact(query, cos, sin, torch_ref, D**-0.5)
     ref_db = _sqnr(torch_ref.attend(query, cos, sin, scale=D**-0.5, qk_fp8=qk_fp8), exact)
@@ -162,6 +157,18 @@ def test_attention_kernel_keys_per_iteration(block_n, qk_fp8, s_q):
         return ops.cache_attention(query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length,
                                    scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits, config=config)
 
+    return exact, ref_db, run
+
+
+@pytest.mark.parametrize("block_n", [128, 256])
+@pytest.mark.parametrize("qk_fp8,s_q", [(False, 1), (True, 5)])
+def test_attention_kernel_keys_per_iteration(block_n, qk_fp8, s_q):
+    """BLOCK_N = 2 or 4 cache blocks per iteration on 267 keys (not a multiple of BLOCK_N), split ranges of
+    267/192/128 keys (tiles cut at a split's end), GQA 4. One-block softmax steps: the 64-key kernel's output
+    bit for bit. tile_softmax (per-column K descales, V's folded into P; fp16 products only, qk_fp8 ignores
+    it): its P rounding moves, within 3 dB of the reference's SQNR (~77 -> ~75 dB here). The fused
+    combine gives the two-launch result bit for bit and leaves its counters at zero."""
+    exact, ref_db, run = _gqa_case([200, 67], s_q, 4, qk_fp8)
     for splits in (1, 2, 3):
         one_block = run(splits)
         assert _sqnr(one_block, exact) > ref_db - 1.5, splits
@@ -199,18 +206,7 @@ def test_decode_speed_configs(qk_fp8, s_q):
     output bit for bit at every split count; wide_combine (all splits of a row in one tile, tree-order sums)
     stays within 0.05 dB of the default's SQNR; every DECODE_FAST preset (its own split count) tracks the
     reference like the default does."""
-    D, group = 64, 4
-    kernel, torch_ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
-    length = _fill([kernel, torch_ref], [600, 36], D=D, dtype=torch.float32)
-    query = torch.randn(2, s_q, 2 * group, D, generator=torch.Generator().manual_seed(6))
-    cos, sin = _rope(s_q, length - s_q, D)
-    exact = _exact(query, cos, sin, torch_ref, D**-0.5)
-    ref_db = _sqnr(torch_ref.attend(query, cos, sin, scale=D**-0.5, qk_fp8=qk_fp8), exact)
-
-    def run(splits, **config):
-        return ops.cache_attention(query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length,
-                                   scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits, config=config)
-
+    exact, ref_db, run = _gqa_case([600, 36], s_q, 6, qk_fp8)
     for splits in (1, 3, 6):
         default = run(splits)
         assert torch.equal(run(splits, prefetch_desc=True), default), splits
