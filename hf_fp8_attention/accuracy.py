@@ -58,8 +58,9 @@ MODES = {
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
 }
-# A mode names everything it switches on: no rotation unless it says so (the default is hadamard="auto").
-MODES = {name: {"hadamard": "none", **kwargs} for name, kwargs in MODES.items()}
+# A mode names everything it switches on: no rotation and no V centring unless it says so (the defaults are
+# hadamard="auto" and smooth_v="auto", which centres V on fa3 from 32k keys).
+MODES = {name: {"hadamard": "none", "smooth_v": False, **kwargs} for name, kwargs in MODES.items()}
 
 
 def make_inputs(family: str, b: int, h_q: int, h_kv: int, s: int, d: int, *, device="cpu", dtype=torch.bfloat16, seed=0):

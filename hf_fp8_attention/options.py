@@ -25,8 +25,8 @@ AUTO_HADAMARD = "qk"
 # small P.V terms of long rows when V has a channel offset (V = N(0,1) + 3: 16.8 dB at 8k keys, 8.2 at 32k,
 # 3.6 at 128k; centred: 56 dB at every length), while centring costs a fixed pass over V and the output
 # (+0.30 ms at S=16k, H=32: 1.11x of fp8_fa3's causal time there) that the quadratic attention time dilutes
-# with length: qk+smooth_v vs no mode 1.03x at 32k causal (qk alone 1.04x in the same run), 1.03x at 64k
-# (qk 1.00x), one round each (docs/results/mode_costs_long_h200_s4.log).
+# with length: fp8_fa3 causal, qk+smooth_v vs qk 1.075x at 32k keys, 1.023x at 64k (2 rounds, one run:
+# docs/results/mode_costs_long_h200_s4.log). 32k is where the uncentred loss is already 8.2 dB on v_offset.
 AUTO_SMOOTH_V_MIN_KEYS = 32768
 AUTO_SMOOTH_V_BACKENDS = ("fa3", "fa4", "reference")
 QK_SCALES = ("head", "block")
