@@ -97,13 +97,17 @@ def fp8_attention(
     -> (total_q, H_q, D); max_seqlen None means "validate the offsets and measure them here" (one host
     sync; what a compiled graph does, since it cannot read them while tracing).
     """
-    options = options.for_head_dim(query.shape[-1])  # hadamard="auto" -> what the kernels run
     varlen = None
     if cu_seqlens_q is not None:
         if max_seqlen_q is None or max_seqlen_k is None:
             max_seqlen_q, max_seqlen_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
                                                            is_causal=is_causal, rope=cos is not None)
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    # what the kernels run: smooth_v="auto" from the backend and the key length (a packed batch: its longest
+    # sequence; here, inside the op, so that eager and compiled calls decide alike), hadamard="auto" from the
+    # head dim
+    options = options.for_keys(backend, key.shape[2] if varlen is None else max_seqlen_k)
+    options = options.for_head_dim(query.shape[-1])
     with _on_device(query):
         qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options)
         out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)

@@ -27,7 +27,7 @@ from .options import FP8AttentionOptions
 _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
     "int? max_seqlen_k, Tensor? cos, Tensor? sin, bool is_causal, float scale, str backend, str quantizer, "
-    "str hadamard, bool smooth_k, bool smooth_v, str qk_scales, str qk_format) -> Tensor"
+    "str hadamard, bool smooth_k, bool? smooth_v, str qk_scales, str qk_format) -> Tensor"
 )
 _N_OPTIONS = len(dataclasses.fields(FP8AttentionOptions))
 
@@ -80,5 +80,7 @@ fp8_sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flatten(options: FP8AttentionOptions) -> tuple:
-    """The op's option arguments, in schema (= field) order."""
-    return dataclasses.astuple(options)
+    """The op's option arguments, in schema (= field) order; smooth_v="auto" goes as None (the options turn
+    None back into "auto", which the op resolves once it knows the key length)."""
+    return tuple(None if (f.name == "smooth_v" and v == "auto") else v
+                 for f, v in zip(dataclasses.fields(options), dataclasses.astuple(options)))

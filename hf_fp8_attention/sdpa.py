@@ -151,10 +151,6 @@ def _run(query, key, value, varlen, cos, sin, is_causal, scale, plan: Plan, opti
     """Run validated inputs with their plan. varlen: None or (cu_q, cu_k, max_q, max_k), the maxima None when
     the offsets could not be read on the host (compiling, meta tensors)."""
     softmax_scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
-    # smooth_v="auto": per call, from the backend and the key length (a packed batch: its longest sequence,
-    # or every packed key when the offsets could not be read)
-    n_keys = key.shape[2] if varlen is None else (varlen[3] if varlen[3] is not None else key.shape[0])
-    options = options.for_keys(plan.backend, n_keys)
     args = (query, key, value, *(varlen or (None,) * 4), cos, sin, is_causal, softmax_scale, plan.backend,
             plan.quantizer)
     # The custom op keeps a compiled graph whole, carries the (straight-through) backward and gives meta

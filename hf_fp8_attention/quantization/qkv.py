@@ -258,7 +258,7 @@ def _centring_means(k, v, rope, B, S_kv, varlen, smooth_k: bool, smooth_v: bool)
     centring_sums_kernel[(n_kinds * B * H_kv, n_chunks)](
         k, v, cos, sin, sums, cu_k, B, H_kv, S_kv, _CENTRING_CHUNK,
         *k.stride(), *v.stride(), *cos_strides, *sin_strides,
-        HEAD_DIM=D, HALF_BLOCK=next_power_of_2(D // 2), ROWS=32,
+        HEAD_DIM=D, HALF_BLOCK=next_power_of_2(D // 2), ROWS=32 if D <= 128 else 16,  # float64 accumulators
         D_CONTIG=k.stride(3) == 1 and v.stride(3) == 1, APPLY_ROPE=rope is not None, FIRST_KIND=first,
         VARLEN=varlen is not None, num_warps=4, enable_fp_fusion=False,
     )

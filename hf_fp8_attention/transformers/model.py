@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
-from ..dispatch import describe_dispatch, device_arch, plan_attention, resolve_backend, speed_table_for
+from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
 from ..kv_cache import FP8Cache
 from ..options import AUTO_SMOOTH_V_BACKENDS, AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
@@ -445,7 +445,10 @@ def describe_backend(model) -> str:
     if impl not in ATTN_IMPLEMENTATIONS:
         return f"fp8 attention: not enabled (attn_implementation={impl!r}); call hf_fp8_attention.prepare_model(model)"
     device = _model_device(model)
-    backend = ATTN_IMPLEMENTATIONS[impl] or resolve_backend(device)
+    state: PreparedState | None = model.__dict__.get(_STATE_ATTR)
+    # the name "fp8" runs the backend its options plan (block / int8 Q.K: triton)
+    backend = ATTN_IMPLEMENTATIONS[impl] or plan_attention(
+        device, None, state.options if state is not None else FP8AttentionOptions()).backend
     arch = device_arch(device)
     where = f"SM {arch // 10}.{arch % 10}" if arch is not None else device.type.upper()
     if backend == "reference":
@@ -455,7 +458,6 @@ def describe_backend(model) -> str:
     if impl == "fp8":
         text += ", backend picked per call from the device; " + describe_dispatch(device, None, (
             model.__dict__[_STATE_ATTR].options if _STATE_ATTR in model.__dict__ else FP8AttentionOptions()))
-    state: PreparedState | None = model.__dict__.get(_STATE_ATTR)
     if state is not None:
         extra = [f"{k}={v}" for k, v in state.options.changed().items()]
         if state.options.hadamard == "auto":  # say what the default runs at this model's head dims

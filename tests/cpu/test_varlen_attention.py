@@ -124,6 +124,28 @@ def test_varlen_compiles_fullgraph(options):
         f(q, k, v, cu_q, torch.tensor([0, 17, 20, 62], dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("threshold,centred", [(48, False), (40, True)])
+def test_varlen_smooth_v_auto_by_longest_sequence(monkeypatch, threshold, centred):
+    """smooth_v="auto" on a packed batch is decided by its longest sequence (40 keys; 62 packed), in eager
+    calls and compiled ones alike (inside the op, where the offsets are read): equal to the explicit value."""
+    from hf_fp8_attention import options as opts
+
+    monkeypatch.setattr(opts, "AUTO_SMOOTH_V_MIN_KEYS", threshold)
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = _packed([17, 40, 5], [17, 40, 5], 4, 2, 64)
+    v = v + 3.0  # a channel offset, so that centring changes the output
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(q, k, v, cu_q, cu_k):
+        return fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference")
+
+    explicit = fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference", smooth_v=centred)
+    assert torch.equal(fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference"), explicit)
+    assert torch.equal(f(q, k, v, cu_q, cu_k), explicit)
+    other = fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference", smooth_v=not centred)
+    assert not torch.equal(other, explicit)
+
+
 def test_varlen_compiled_rope_needs_equal_offsets():
     """Under compile the offsets are checked inside the op, the RoPE rule included."""
     torch._dynamo.reset()
