@@ -424,11 +424,13 @@ def qkv_quantize_kernel(
                 row_scale = tl.where(t2 < 2, row_scale, scale)[:, None]
             else:
                 row_scale = scale
-            if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes
-                y1 = tl.where(t2 < 2, _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True),
-                              _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True))
-                y2 = tl.where(t2 < 2, _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True),
-                              _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True))
+            if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes; a branch, not a select: one cast runs
+                if t2 < 2:
+                    y1 = _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+                    y2 = _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+                else:
+                    y1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
+                    y2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
             else:
                 y1 = _to_fp8(x1 * row_scale, FP8_MAX)
                 y2 = _to_fp8(x2 * row_scale, FP8_MAX)
