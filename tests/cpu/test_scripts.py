@@ -420,7 +420,7 @@ def test_bench_sdpa_args():
     assert args.modes[0] == "none" and args.sqnr_ref == "bf16"
     assert bench_sdpa.parse_args(["--head-dim", "64"]).head_dims == [64]
     assert bench_sdpa.parse_args(["--head-dims", "64", "256"]).head_dims == [64, 256]
-    assert bench_sdpa.parse_args(["--modes", "none"]).mode_kwargs == {"none": {"hadamard": "none"}}
+    assert bench_sdpa.parse_args(["--modes", "none"]).mode_kwargs == {"none": {"hadamard": "none", "smooth_v": False}}
 
 
 @pytest.mark.parametrize(
