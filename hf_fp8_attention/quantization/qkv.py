@@ -24,9 +24,12 @@ from .reference import v_code_drift
 # two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
 _TILE_ELEMS = 8192
 # With RoPE: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
-# Registers per thread (sm_90a, triton 3.9 ptxas, D=128, no spills): plain 127 at 4 warps; RoPE with two
-# tiles 167 at 8 warps (255 at 4; 234 at 8 warps reported for triton 3.6), with ONE_TILE 125 at 8 warps
-# (BLOCK_S 64) or 80 at 8 warps / 125 at 4 warps (BLOCK_S 32); Hadamard alone 117 at 4 warps.
+# Registers per thread, D=128, offline sm_90 compile with triton 3.6 (the H200's), session 4 of 2026-12-01 (the
+# counts noted before the accuracy modes grew the kernel, 80-167, no longer hold): plain (BLOCK_S 64, 4 warps)
+# 241, no spills; hadamard qk 255 + 320 bytes of spill stack; RoPE with ONE_TILE (BLOCK_S 32, 4 warps, the
+# config below) 255 + 136 bytes of stack (qk: + 224); RoPE at 8 warps or BLOCK_S 16: 255, no stack. So at
+# most 2 programs per SM are resident: the kernel is latency-bound (2.4 TB/s at 64k), the lead for issue 14's
+# quantize bandwidth. Not timed on the GPU.
 # `scripts/bench_quantize.py --modes` times the alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
