@@ -22,9 +22,10 @@ AUTO_HADAMARD = "qk"
 # accumulator over the whole key loop (fa3; fa4 assumed alike, not checked: its fp8 kernel needs SM100; the
 # reference accumulates in float32 but follows fa3's default so that CPU runs match it; the triton kernel
 # accumulates each key block in float32 and needs none) and the call has at least AUTO_SMOOTH_V_MIN_KEYS keys
-# (resolved inside the op, `attention.fp8_attention`, once a packed batch's longest sequence is known). Why (H200, 2026-12-01, README "Long context"): FA3's fp8 accumulation loses the
-# small P.V terms of long rows when V has a channel offset (V = N(0,1) + 3: 16.8 dB at 8k keys, 8.2 at 32k,
-# 3.6 at 128k; centred: 56 dB at every length), while centring costs a fixed pass over V and the output
+# (resolved inside the op, `attention.fp8_attention`, once a packed batch's longest sequence is known).
+# Why (H200, 2026-12-01, README "Long context"): FA3's fp8 accumulation loses the small P.V terms of long
+# rows when V has a channel offset (V = N(0,1) + 3: 16.8 dB at 8k keys, 8.2 at 32k, 3.6 at 128k; centred:
+# 56 dB at every length), while centring costs a fixed pass over V and the output
 # (+0.30 ms at S=16k, H=32: 1.11x of fp8_fa3's causal time there) that the quadratic attention time dilutes
 # with length: fp8_fa3 causal, qk+smooth_v vs qk 1.075x at 32k keys, 1.023x at 64k (2 rounds, one run:
 # docs/results/mode_costs_long_h200_s4.log). 32k is where the uncentred loss is already 8.2 dB on v_offset.

@@ -32,7 +32,7 @@ _TILE_ELEMS = 8192
 # quantize bandwidth. Not timed on the GPU.
 # `scripts/bench_quantize.py --modes` times the alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
-# Persistent programs per SM (fewer are resident: ~128 registers per thread at 4 warps).
+# Persistent programs per SM (fewer are resident: see the register counts above).
 _PROGRAMS_PER_SM = 8
 # P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
 # the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while

@@ -446,9 +446,9 @@ def describe_backend(model) -> str:
         return f"fp8 attention: not enabled (attn_implementation={impl!r}); call hf_fp8_attention.prepare_model(model)"
     device = _model_device(model)
     state: PreparedState | None = model.__dict__.get(_STATE_ATTR)
+    options = state.options if state is not None else FP8AttentionOptions()
     # the name "fp8" runs the backend its options plan (block / int8 Q.K: triton)
-    backend = ATTN_IMPLEMENTATIONS[impl] or plan_attention(
-        device, None, state.options if state is not None else FP8AttentionOptions()).backend
+    backend = ATTN_IMPLEMENTATIONS[impl] or plan_attention(device, None, options).backend
     arch = device_arch(device)
     where = f"SM {arch // 10}.{arch % 10}" if arch is not None else device.type.upper()
     if backend == "reference":
@@ -456,8 +456,7 @@ def describe_backend(model) -> str:
     else:
         text = f"fp8 attention: {backend} ({where})"
     if impl == "fp8":
-        text += ", backend picked per call from the device; " + describe_dispatch(device, None, (
-            model.__dict__[_STATE_ATTR].options if _STATE_ATTR in model.__dict__ else FP8AttentionOptions()))
+        text += ", backend picked per call from the device; " + describe_dispatch(device, None, options)
     if state is not None:
         extra = [f"{k}={v}" for k, v in state.options.changed().items()]
         if state.options.hadamard == "auto":  # say what the default runs at this model's head dims
