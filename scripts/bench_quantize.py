@@ -1,36 +1,55 @@
 #!/usr/bin/env python3
-"""Timings of `quantize_qkv_fp8` (Triton FP8 Q/K/V quantization) on one GPU.
+"""Timings of `quantize_qkv_fp8` (Triton FP8 Q/K/V quantization) on one GPU, against a device copy.
 
 Inputs are laid out as Transformers hands them over: bf16 (B, H, S, D) views of (B, S, H, D) memory,
-random normal. Device time is the median of CUDA-event timings (triton.testing.do_bench); GB/s counts one
-bf16 read of q, k, v and one fp8 write, the least traffic a quantizer can move. Host time is the Python
-cost of one call (argument checks, allocations, launch) on a tiny shape: 200 calls timed with
-time.perf_counter before the closing synchronize (so GPU time is not included), and with it.
+random normal; RoPE takes HF-style bf16 cos/sin (B_c = 1, S, D). Device time is the median of CUDA-event
+timings (triton.testing.do_bench, L2 flushed before each call).
+
+Traffic (`traffic`): the bytes one pass of a quantizer must move, read + written: q, k, v read once (bf16),
+q, k, v written once (1 byte per element, e4m3 or int8), with RoPE cos and sin read once (B_c * S * D bf16
+each: the kernel re-reads them for every head, but those re-reads hit L2 and are not counted), with per-block
+scales (int8) their float32 descales written. Not counted: the per-head descales and the kernel's counters
+(bytes), and the extra passes of the smoothing modes (centring statistics over K / V, smooth_v's mean of the
+V codes): their GB/s is an effective rate, not DRAM traffic.
+Copy baseline, measured in the same run for each shape: `dst.copy_(src)`, one bf16 CUDA tensor of q+k+v's
+bytes; copy GB/s = 2 * bytes / time. "% of copy" = quantizer GB/s / copy GB/s.
+Host time is the Python cost of one call (argument checks, allocations, launch) on a tiny shape: 200 calls
+timed with time.perf_counter before the closing synchronize (so GPU time is not included), and with it.
 
     python scripts/bench_quantize.py                      # S = 4k, 16k, 32k, 128k; H 32/32 and 32/8
     python scripts/bench_quantize.py --rope --seqlens 16384
-    python scripts/bench_quantize.py --sweep              # launcher constants at S = 16k (tuning)
+    python scripts/bench_quantize.py --sweep              # programs/SM x lag at S = 16k (tuning)
     python scripts/bench_quantize.py --impl some.module   # another module's quantize_qkv_fp8, same table
-    python scripts/bench_quantize.py --modes              # accuracy modes (fused RoPE / Hadamard / smoothing)
-                                                          # at S = 4k, 16k, 32k, and the ONE_TILE configs
+    python scripts/bench_quantize.py --modes              # accuracy modes (S 4k/16k/32k), then --configs
+    python scripts/bench_quantize.py --configs            # tile configs x programs/SM alone (S 16k/64k)
+    python scripts/bench_quantize.py --modes --seqlens 16384 65536 --heads 32/8   # issue 14's check
 
---modes (about 40 s on the H100, compiles included) prints ms per mode and the ratio to plain
-quantization, then the `qkv._ONE_TILE_CONFIG` alternatives for the RoPE and smoothing modes at S=16k.
+--modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
+>= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
+(`qkv._ONE_TILE_CONFIG` for RoPE, `qkv._TILE_ELEMS` and num_warps otherwise) with `qkv._PROGRAMS_PER_SM`
+4 / 8 / 16 for modes rope+qk, rope, qk, int8 (* marks today's config), at --seqlens if given (else 16k and
+64k), and restores the module afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import itertools
+import sys
 import time
 
 import torch
 
+from hf_fp8_attention._constants import SCALE_BLOCK
+from hf_fp8_attention._intmath import cdiv
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 32768, 131072])
+    p.add_argument("--seqlens", type=int, nargs="+", default=None,
+                   help="default: 4k 16k 32k 128k (table), 4k 16k 32k (--modes), 16k 64k (--configs)")
     p.add_argument("--heads", type=str, nargs="+", default=["32/32", "32/8"], help="H_q/H_kv pairs")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rope", action="store_true", help="also pass HF-style bf16 cos/sin (B_c = 1)")
@@ -40,29 +59,64 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="time the launcher constants (_PROGRAMS_PER_SM, _LAG_PER_PROGRAM) at S=16k")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
-    p.add_argument("--modes", action="store_true",
-                   help="ms per accuracy mode (S 4k/16k/32k unless --seqlens is given) and the ONE_TILE sweep")
+    p.add_argument("--modes", action="store_true", help="ms, GB/s and %% of copy per accuracy mode, then --configs")
+    p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
+                   "rope, qk, int8")
     return p.parse_args(argv)
 
 
-def make_inputs(S, H_q, H_kv, D, rope, B=1):
+def header(impl: str) -> str:
+    import triton
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
+            f"torch {torch.__version__}, triton {triton.__version__}, {date}, impl {impl}")
+
+
+def make_inputs(S, H_q, H_kv, D, rope, B=1, device="cuda"):
     def one(H):
-        return torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(B, S, H, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
 
     q, k, v = one(H_q), one(H_kv), one(H_kv)
     cos = sin = None
     if rope:
-        pos = torch.arange(S, device="cuda", dtype=torch.float32)[None, :, None]
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
+        pos = torch.arange(S, device=device, dtype=torch.float32)[None, :, None]
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
         emb = torch.cat([pos * inv_freq, pos * inv_freq], dim=-1)
         cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
     return q, k, v, cos, sin
+
+
+def traffic(q, k, v, cos=None, sin=None, block_scales=False) -> tuple[int, int]:
+    """(bytes read, bytes written) of one quantize pass, as the module docstring counts them."""
+    read = sum(t.numel() * t.element_size() for t in (q, k, v) + ((cos, sin) if cos is not None else ()))
+    written = q.numel() + k.numel() + v.numel()
+    if block_scales:  # float32 descales, (B, H, cdiv(S, SCALE_BLOCK)) for q and for k
+        written += 4 * sum(t.shape[0] * t.shape[1] * cdiv(t.shape[2], SCALE_BLOCK) for t in (q, k))
+    return read, written
 
 
 def device_ms(fn, inputs, rep_ms):
     import triton.testing
 
     return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=rep_ms, return_mode="median")
+
+
+def copy_gbs(q, k, v, rep_ms) -> float:
+    """GB/s (2 * bytes / time) of a CUDA device-to-device bf16 copy of q+k+v's bytes."""
+    n = q.numel() + k.numel() + v.numel()
+    src = torch.empty(n, dtype=q.dtype, device=q.device)
+    dst = torch.empty_like(src)
+    ms = device_ms(dst.copy_, (src,), rep_ms)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * q.element_size() / ms / 1e6
+
+
+def rate(ms, nbytes, copy) -> str:
+    """'GB/s | % of copy' cells for ``nbytes`` (read + written) moved in ``ms``."""
+    gbs = sum(nbytes) / ms / 1e6
+    return f"{gbs:.0f} | {100 * gbs / copy:.0f}%"
 
 
 def host_us(fn, H_q, H_kv, D, rope, calls=200):
@@ -80,130 +134,180 @@ def host_us(fn, H_q, H_kv, D, rope, calls=200):
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
 
 
+def _heads(text):
+    return tuple(map(int, text.split("/")))
+
+
 def table(fn, args):
-    print(f"| H_q/H_kv | S | rope | ms | GB/s (1 read + 1 write) |")
-    print("|---|---|---|---|---|")
+    print("| H_q/H_kv | S | rope | ms | GB/s (read + written) | % of copy | copy GB/s |")
+    print("|---|---|---|---|---|---|---|")
     for heads in args.heads:
-        H_q, H_kv = map(int, heads.split("/"))
-        for S in args.seqlens:
+        H_q, H_kv = _heads(heads)
+        for S in args.seqlens or [4096, 16384, 32768, 131072]:
             inputs = make_inputs(S, H_q, H_kv, args.head_dim, args.rope)
+            copy = copy_gbs(*inputs[:3], args.rep_ms)
+            inputs = inputs if args.rope else inputs[:3]
             ms = device_ms(fn, inputs, args.rep_ms)
-            n = sum(x.numel() for x in inputs[:3])
-            print(f"| {H_q}/{H_kv} | {S} | {args.rope} | {ms:.3f} | {n * 3 / ms / 1e6:.0f} |", flush=True)
+            print(f"| {heads} | {S} | {args.rope} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} | {copy:.0f} |",
+                  flush=True)
             del inputs
             torch.cuda.empty_cache()
     for heads in args.heads:
-        H_q, H_kv = map(int, heads.split("/"))
-        launch, synced = host_us(fn, H_q, H_kv, args.head_dim, args.rope)
+        launch, synced = host_us(fn, *_heads(heads), args.head_dim, args.rope)
         print(f"host, H {heads}, S=128: {launch:.1f} us/call launched, {synced:.1f} us/call synchronized")
 
 
 def sweep(args):
-    """Times the launcher's tuning constants at S=16k for each head configuration."""
+    """Times the launcher's scheduling constants at S=16k for each head configuration."""
     from hf_fp8_attention.quantization import qkv
 
     fn = qkv.quantize_qkv_fp8
     names = ("_PROGRAMS_PER_SM", "_LAG_PER_PROGRAM")
     saved = {n: getattr(qkv, n) for n in names}
-    print("| H_q/H_kv | programs/SM | lag/program | ms | GB/s |")
-    print("|---|---|---|---|---|")
+    print("| H_q/H_kv | programs/SM | lag/program | ms | GB/s | % of copy |")
+    print("|---|---|---|---|---|---|")
     try:
         for heads in args.heads:
-            H_q, H_kv = map(int, heads.split("/"))
-            inputs = make_inputs(16384, H_q, H_kv, args.head_dim, args.rope)
-            n = sum(x.numel() for x in inputs[:3])
+            inputs = make_inputs(16384, *_heads(heads), args.head_dim, args.rope)
+            copy = copy_gbs(*inputs[:3], 50)
+            inputs = inputs if args.rope else inputs[:3]
             for config in itertools.product((2, 4, 8), (0.25, 0.5, 1.0)):
                 for name, value in zip(names, config):
                     setattr(qkv, name, value)
                 ms = device_ms(fn, inputs, 50)
-                print(f"| {heads} | {' | '.join(map(str, config))} | {ms:.3f} | {n * 3 / ms / 1e6:.0f} |", flush=True)
+                print(f"| {heads} | {' | '.join(map(str, config))} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} |",
+                      flush=True)
     finally:
         for name, value in saved.items():
             setattr(qkv, name, value)
 
 
-# name -> (rope, quantize_qkv_fp8 keyword arguments)
+# name -> (rope, quantize_qkv_fp8 options). Each mode names everything it switches on (the defaults are
+# hadamard="auto", smooth_v="auto"), as accuracy.MODES. rope+qk is the default prefill path with fused RoPE
+# (auto -> qk at D=128); with fa3 from 32k keys smooth_v="auto" adds V centring: rope+qk+smooth_v.
 MODES = {
     "none": (False, {}),
     "rope": (True, {}),
-    "qkv": (False, {"hadamard": "qkv"}),
-    "v_only": (False, {"hadamard": "v_only"}),
-    "smooth_k": (False, {"smooth_k": True}),
-    "qkv+smooth_k": (False, {"hadamard": "qkv", "smooth_k": True}),
-    "rope+qkv+smooth_k": (True, {"hadamard": "qkv", "smooth_k": True}),
+    "qk": (False, {"hadamard": "qk"}),
+    "rope+qk": (True, {"hadamard": "qk"}),
+    "smooth_v": (False, {"smooth_v": True}),
+    "rope+qk+smooth_v": (True, {"hadamard": "qk", "smooth_v": True}),
+    "int8": (False, {"qk_format": "int8"}),
+    "rope+int8": (True, {"qk_format": "int8"}),
+    "int8+smooth_k": (False, {"qk_format": "int8", "smooth_k": True}),
 }
-# qkv._ONE_TILE_CONFIG alternatives, (tile elements, num_warps, ONE_TILE); the first is the default
-ONE_TILE_CONFIGS = [(8192, 8, True), (4096, 8, True), (4096, 4, True), (8192, 8, False)]
+MODES = {name: (rope, {"hadamard": "none", "smooth_v": False, **kw}) for name, (rope, kw) in MODES.items()}
+# --configs: (tile elements, num_warps, ONE_TILE) alternatives, today's first. RoPE: qkv._ONE_TILE_CONFIG;
+# otherwise qkv._TILE_ELEMS and the warps (ONE_TILE is off without RoPE). Offline sm_90 compile (qkv.py):
+# 255 registers + spills for qk and the RoPE config (BLOCK_S 32 @ 4 warps), no spill stack at 8 warps or
+# BLOCK_S 16: does it matter on the GPU?
+ROPE_CONFIGS = [(4096, 4, True), (4096, 8, True), (2048, 4, True), (8192, 8, True), (8192, 8, False)]
+PLAIN_CONFIGS = [(8192, 4, False), (8192, 8, False), (4096, 4, False)]
+PROGRAMS_PER_SM = (4, 8, 16)
+CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
+
+
+def _timed(fn, q, k, v, cos, sin, name, rep_ms):
+    """(ms, (bytes read, bytes written)) of mode ``name``."""
+    rope, kw = MODES[name]
+    inputs = (q, k, v, cos, sin) if rope else (q, k, v)
+    ms = device_ms(lambda *a: fn(*a, options=kw), inputs, rep_ms)
+    return ms, traffic(*inputs, block_scales=kw.get("qk_format") == "int8" or kw.get("qk_scales") == "block")
 
 
 def modes(args):
-    """ms of each accuracy mode and its ratio to "none", then the ONE_TILE configs at S=16k."""
+    """ms, GB/s and % of copy of each accuracy mode, and its ratio to mode none."""
     from hf_fp8_attention.quantization import qkv
 
-    fn = qkv.quantize_qkv_fp8
-    seqlens = args.seqlens if args.seqlens != parse_args([]).seqlens else [4096, 16384, 32768]
     rep = min(args.rep_ms, 100)
-    print(f"| H_q/H_kv | S | {' | '.join(MODES)} |")
-    print(f"|---|---|{'---|' * len(MODES)}")
+    print("| H_q/H_kv | S | mode | ms | x none | GB/s (read + written) | % of copy | copy GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for heads in args.heads:
-        H_q, H_kv = map(int, heads.split("/"))
-        for S in seqlens:
-            q, k, v, cos, sin = make_inputs(S, H_q, H_kv, args.head_dim, rope=True)
-            cells, base = [], None
-            for rope, kw in MODES.values():
-                inputs = (q, k, v, cos, sin) if rope else (q, k, v)
-                ms = device_ms(lambda *a: fn(*a, options={"hadamard": "none", **kw}), inputs, rep)
-                base = ms if base is None else base
-                cells.append(f"{ms:.3f} ({ms / base:.2f}x)")
-            print(f"| {heads} | {S} | {' | '.join(cells)} |", flush=True)
+        for S in args.seqlens or [4096, 16384, 32768]:
+            q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+            copy = copy_gbs(q, k, v, rep)
+            base = None
+            for name in MODES:
+                ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, rep)
+                base = base or ms
+                print(f"| {heads} | {S} | {name} | {ms:.3f} | {ms / base:.2f} | {rate(ms, nbytes, copy)} "
+                      f"| {copy:.0f} |", flush=True)
             del q, k, v, cos, sin
             torch.cuda.empty_cache()
-    print("\nONE_TILE configs (tile elements, num_warps, ONE_TILE) for RoPE / smoothing, S=16384, ms:")
-    swept = ("rope", "smooth_k", "rope+qkv+smooth_k")
-    print(f"| H_q/H_kv | config | {' | '.join(swept)} |")
-    print(f"|---|---|{'---|' * len(swept)}")
-    saved = qkv._ONE_TILE_CONFIG
+
+
+def configs(args):
+    """ms and % of copy of the tile configs x programs per SM for CONFIG_MODES; the module is restored."""
+    from hf_fp8_attention.quantization import qkv
+
+    saved = qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config
+
+    def plain_warps(warps):  # qkv._tile_config with `warps` warps without RoPE
+        def patched(head_dim, apply_rope):
+            half_block, block_s, num_warps, one_tile = saved[3](head_dim, apply_rope)
+            return half_block, block_s, num_warps if apply_rope else max(warps, 8 if head_dim > 128 else 4), one_tile
+        return patched
+
     try:
-        for heads in args.heads:
-            H_q, H_kv = map(int, heads.split("/"))
-            q, k, v, cos, sin = make_inputs(16384, H_q, H_kv, args.head_dim, rope=True)
-            for config in ONE_TILE_CONFIGS:
-                qkv._ONE_TILE_CONFIG = config
-                cells = []
-                for name in swept:
-                    rope, kw = MODES[name]
-                    inputs = (q, k, v, cos, sin) if rope else (q, k, v)
-                    cells.append(f"{device_ms(lambda *a: fn(*a, **kw), inputs, 50):.3f}")
-                print(f"| {heads} | {config} | {' | '.join(cells)} |", flush=True)
-            del q, k, v, cos, sin
-            torch.cuda.empty_cache()
+        for rope, candidates in ((True, ROPE_CONFIGS), (False, PLAIN_CONFIGS)):
+            names = CONFIG_MODES[rope]
+            print(f"\n{'RoPE: qkv._ONE_TILE_CONFIG' if rope else 'no RoPE: qkv._TILE_ELEMS, num_warps'} "
+                  "(tile elements, num_warps, ONE_TILE); ms (% of copy); * today's")
+            print(f"| H_q/H_kv | S | copy GB/s | config | programs/SM | {' | '.join(names)} |")
+            print(f"|---|---|---|---|---|{'---|' * len(names)}")
+            for heads, S in itertools.product(args.heads, args.seqlens or [16384, 65536]):
+                q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+                copy = copy_gbs(q, k, v, 50)
+                for config, pps in itertools.product(candidates, PROGRAMS_PER_SM):
+                    qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config = saved
+                    if rope:
+                        qkv._ONE_TILE_CONFIG = config
+                    else:
+                        qkv._TILE_ELEMS, qkv._tile_config = config[0], plain_warps(config[1])
+                    qkv._PROGRAMS_PER_SM = pps
+                    cells = []
+                    for name in names:
+                        ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
+                        cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+                    today = saved[0] if rope else (saved[1], 4, False)
+                    mark = "*" if config == today and pps == saved[2] else ""
+                    print(f"| {heads} | {S} | {copy:.0f} | {config}{mark} | {pps} | {' | '.join(cells)} |",
+                          flush=True)
+                del q, k, v, cos, sin
+                torch.cuda.empty_cache()
     finally:
-        qkv._ONE_TILE_CONFIG = saved
+        qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config = saved
 
 
 def profile_host(fn, args):
     import cProfile
     import pstats
 
-    H_q, H_kv = map(int, args.heads[0].split("/"))
+    H_q, H_kv = _heads(args.heads[0])
     host_us(fn, H_q, H_kv, args.head_dim, args.rope)  # compiles and warms the caches
     with cProfile.Profile() as prof:
         host_us(fn, H_q, H_kv, args.head_dim, args.rope)
     pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, impl {args.impl}")
+    if not torch.cuda.is_available():
+        print("bench_quantize: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(header(args.impl), flush=True)
     if args.sweep:
         sweep(args)
-    elif args.modes:
-        modes(args)
+    elif args.modes or args.configs:
+        if args.modes:
+            modes(args)
+        configs(args)
     elif args.profile_host:
         profile_host(importlib.import_module(args.impl).quantize_qkv_fp8, args)
     else:
         table(importlib.import_module(args.impl).quantize_qkv_fp8, args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """scripts/: argument handling of eval_perplexity, benchmark_model, bench_sdpa and accuracy_report, plus tiny
-CPU runs.
+CPU runs; bench_quantize's byte counts and a dry run of its --modes / --configs loops.
 
 The end-to-end perplexity run uses a tiny random Llama and a WordLevel tokenizer built offline in a tmp
 dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tiny config on CPU.
@@ -8,6 +8,7 @@ dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tin
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import math
@@ -37,6 +38,7 @@ ppl = _load("eval_perplexity")
 bench_model = _load("benchmark_model")
 bench_sdpa = _load("bench_sdpa")
 acc = _load("accuracy_report")
+bench_quantize = _load("bench_quantize")
 common = sys.modules["_common"]
 
 
@@ -459,6 +461,69 @@ def test_bench_sdpa_sqnr_helpers():
     assert bench_sdpa._reference(q, k, v, True, "off") is None
     assert bench_sdpa._sqnr(bench_sdpa.Candidate("t", lambda: None, output=False), ref) is None
     assert "none" in bench_sdpa.available_modes()
+
+
+# ------------------------------------------------------------------------------------------------------
+# bench_quantize
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_bench_quantize_traffic():
+    """Bytes read + written: bf16 q/k/v in, 1 byte per element out, cos/sin read once, int8's block scales."""
+    def meta(*shape):
+        return torch.empty(shape, dtype=torch.bfloat16, device="meta")
+
+    S = 65536
+    q, k, v, cos = meta(1, 32, S, 128), meta(1, 8, S, 128), meta(1, 8, S, 128), meta(1, S, 128)
+    assert bench_quantize.traffic(q, k, v) == (805306368, 402653184)
+    assert bench_quantize.traffic(q, k, v, cos, cos) == (805306368 + 33554432, 402653184)
+    assert bench_quantize.traffic(q, k, v, block_scales=True) == (805306368, 402653184 + 4 * 40 * 4096)
+    q, k = meta(2, 4, 17, 64), meta(2, 2, 17, 64)  # 17 tokens: two scale blocks per head
+    assert bench_quantize.traffic(q, k, k, block_scales=True) == (2 * 16 * 17 * 64, 16 * 17 * 64 + 4 * 2 * 6 * 2)
+    assert bench_quantize.rate(2.0, (6_000_000_000, 2_000_000_000), 5000.0) == "4000 | 80%"
+
+
+@no_cuda
+def test_bench_quantize_without_cuda(capsys):
+    assert bench_quantize.main(["--modes"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_quantize_dry_run(monkeypatch, capsys):
+    """--modes / --configs on CPU with the kernel launch replaced: every mode's explicit options pass
+    quantize_qkv_fp8's checks, each tile config and programs/SM reaches the launcher, the module is restored."""
+    from hf_fp8_attention.options import FP8AttentionOptions
+    from hf_fp8_attention.quantization import qkv
+
+    seen = []
+
+    def launch(q, k, v, outs, rope, *rest):
+        seen.append((rest[-1], qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
+
+    saved = qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config
+    monkeypatch.setattr(qkv, "_launch", launch)
+    monkeypatch.setattr(bench_quantize, "make_inputs", functools.partial(bench_quantize.make_inputs, device="cpu"))
+    monkeypatch.setattr(bench_quantize, "device_ms", lambda fn, inputs, rep_ms: (fn(*inputs), 0.5)[1])
+    args = bench_quantize.parse_args(["--modes", "--configs", "--seqlens", "64", "--heads", "4/2"])
+
+    bench_quantize.modes(args)
+    modes = bench_quantize.MODES
+    assert {"none", "rope", "qk", "rope+qk", "smooth_v", "rope+qk+smooth_v", "int8", "rope+int8"} <= set(modes)
+    assert all(kw["hadamard"] != "auto" and isinstance(kw["smooth_v"], bool) for _, kw in modes.values())
+    assert [s[0] for s in seen] == [FP8AttentionOptions(**kw) for _, kw in modes.values()]
+    assert capsys.readouterr().out.count("| 4/2 | 64 |") == len(modes)
+
+    seen.clear()
+    bench_quantize.configs(args)
+    assert (qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config) == saved
+    # (HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) at D=128, with RoPE then without
+    rope = [(64, 32, 4, True), (64, 32, 8, True), (64, 16, 4, True), (64, 64, 8, True), (64, 64, 8, False)]
+    plain = [(64, 64, 4, False), (64, 64, 8, False), (64, 32, 4, False)]
+    expected = [(c, p) for configs in (rope, plain) for c in configs for p in (4, 8, 16) for _ in range(2)]
+    assert [s[1:] for s in seen] == expected
+    assert [s[0].hadamard for s in seen[:2]] == ["qk", "none"] and seen[-1][0].qk_format == "int8"
+    out = capsys.readouterr().out
+    assert out.count("| 4/2 | 64 |") == 24 and out.count("* | 8 |") == 2
 
 
 # ------------------------------------------------------------------------------------------------------
