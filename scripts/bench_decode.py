@@ -9,20 +9,22 @@
     python scripts/bench_decode.py --sweep --out sweep.json                      # fp8 cache kernel configs (< 3 min)
 
 Part 1 also times ``fp8 cache attend [NAME]`` rows: the same attend through ``ops.cache_attention`` with
-each config of ``kv_cache.ops.DECODE_FAST`` (``--cache-configs``; default all of them, none with
+each config of ``kv_cache.ops.DECODE_PRESETS`` (``--cache-configs``; default all of them, none with
 --cpu-smoke, ``none`` skips; with HF_FP8_KV_FUSED_COMBINE=1 also each with fused_combine, "NAME fused"),
-next to the default config's row, each with its ratio to FA3 bf16; ``same_bits`` in the JSON says whether
-that config's output equals, bit for bit, the same config without its bit-neutral keys (widen_v,
-prefetch_desc: the V widening by inline PTX and the descale prefetch must not move a bit).
+next to the default config's row, each with its ratio to FA3 bf16 ("s4 default": the default before
+session 5, measured side by side); ``same_bits`` in the JSON says whether that config's output equals, bit
+for bit, the same config without its bit-neutral keys (prefetch_desc: the descale prefetch must not move a
+bit).
 
 ``--sweep``: the fp8 cache attention step only (`ops.cache_attention`, GQA 32/8, D 128, S_q = 1, bf16
 queries) at B x S_kv 1x4k 1x32k 1x128k 8x32k over a grid of kernel configs (block_n 64/128/256, one-block or
 tile softmax steps, num_warps 2/4/8, num_stages 2/3/4, programs_per_sm 4/8/16; short do_bench windows), then
 the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``
-(on a GPU only with HF_FP8_KV_FUSED_COMBINE=1), and (not with --cpu-smoke) every ``DECODE_FAST`` config,
-next to FA3 bf16. ``--sweep-fast`` (default both, off with --cpu-smoke): every grid config also with the
-``DECODE_FAST`` speed keys (widen_v, exact_waves, wide_combine; prefetch_desc at block_n 64), tagged
-"fast" (twice the configs: narrow the grid or raise --sweep-budget-s). A config that fails to compile or
+(on a GPU only with HF_FP8_KV_FUSED_COMBINE=1), and (not with --cpu-smoke) every ``DECODE_PRESETS``
+config, next to FA3 bf16. Grid configs set programs_per_sm (the split count from programs per SM, not the
+default's keys per split) and, without "fast", widen_v and wide_combine off. ``--sweep-fast`` (default
+both, off with --cpu-smoke): every grid config also with the speed keys (widen_v, exact_waves,
+wide_combine; prefetch_desc at block_n 64), tagged "fast" (twice the configs: narrow the grid or raise --sweep-budget-s). A config that fails to compile or
 run is recorded with its error; one whose SQNR vs the float32 reference is > 3 dB below the default's is
 reported and never picked. Table: per shape the best config, its ms, the default's, FA3's, the ratios and
 TB/s on the fp8 cache's bytes (K + V codes and descales); the config best over all shapes (geometric mean
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=2,
                    help="timing rounds over all implementations of a shape; the best round's median is kept")
     g.add_argument("--cache-configs", nargs="+", default=None,
-                   help="kv_cache.ops.DECODE_FAST configs timed as extra 'fp8 cache attend [NAME]' rows (default: "
+                   help="kv_cache.ops.DECODE_PRESETS configs timed as extra 'fp8 cache attend [NAME]' rows (default: "
                    "all, none with --cpu-smoke; 'none': no extra rows)")
     g.add_argument("--sdpa-backends", nargs="*", choices=("fa3", "triton"), default=["fa3", "triton"],
                    help="fp8_sdpa backends timed on the bf16 cache (none: skip these rows; the triton one "
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-stages", type=int, nargs="+", default=None, help="default: 2 3 4")
     g.add_argument("--sweep-per-sm", type=int, nargs="+", default=None, help="programs per SM, default: 4 8 16")
     g.add_argument("--sweep-fast", choices=("off", "on", "both"), default=None,
-                   help="grid configs without (off), only with (on) or both without and with the DECODE_FAST "
+                   help="grid configs without (off), only with (on) or both without and with the "
                    "speed keys (default both; off with --cpu-smoke)")
     g.add_argument("--sweep-rep-ms", type=int, default=15, help="do_bench window of the grid pass (ms)")
     g.add_argument("--sweep-budget-s", type=float, default=140.0,
@@ -544,18 +546,19 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
 
 
 def cache_config_presets() -> dict:
-    """`kv_cache.ops.DECODE_FAST`, plus each with fused_combine ("NAME fused") where the fused combine runs:
-    on the CPU, or on a GPU with HF_FP8_KV_FUSED_COMBINE=1 (refused otherwise, kv_cache.ops)."""
-    from hf_fp8_attention.kv_cache.ops import DECODE_FAST
+    """`kv_cache.ops.DECODE_PRESETS`, plus each with fused_combine ("NAME fused") where the fused combine
+    runs: on the CPU, or on a GPU with HF_FP8_KV_FUSED_COMBINE=1 (refused otherwise, kv_cache.ops)."""
+    from hf_fp8_attention.kv_cache.ops import DECODE_PRESETS
 
-    presets = dict(DECODE_FAST)
+    presets = dict(DECODE_PRESETS)
     if not torch.cuda.is_available() or os.environ.get("HF_FP8_KV_FUSED_COMBINE") == "1":
-        presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_FAST.items()})
+        presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()})
     return presets
 
 
-# the config keys that must not change a bit of the output (kv_cache.ops.cache_attention's docstring)
-BIT_NEUTRAL_KEYS = ("widen_v", "prefetch_desc")
+# the config keys that must not change a bit of the output (kv_cache.ops.cache_attention's docstring; widen_v
+# keeps the operand values but the H200's P.V dot may sum them differently in the last bit)
+BIT_NEUTRAL_KEYS = ("prefetch_desc",)
 
 
 def cache_config_fn(x: AttentionShape, config: dict) -> Callable:
@@ -712,7 +715,7 @@ def attention_table(rows: list[dict]) -> str:
 
 
 def fast_keys(block_n: int) -> dict:
-    """`kv_cache.ops.DECODE_FAST`'s speed keys for a grid config (prefetch_desc needs block_n 64)."""
+    """The speed keys for a grid config (prefetch_desc needs block_n 64)."""
     keys = dict(widen_v=True, exact_waves=True, wide_combine=True)
     if block_n == 64:
         keys["prefetch_desc"] = True
@@ -731,7 +734,7 @@ def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
                 for tile in ([False, True] if block_n > 64 else [False]):
                     for per_sm in grid["programs_per_sm"]:
                         base = dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
-                                    programs_per_sm=per_sm)
+                                    programs_per_sm=per_sm, widen_v=False, wide_combine=False)
                         if fast in ("off", "both"):
                             configs.append(base)
                         if fast in ("on", "both"):
@@ -845,7 +848,7 @@ def run_sweep(args, notes: list[str]) -> dict:
             candidates += [{**c, "fused_combine": True} for c in list(candidates)]
         names = {config_name(c) for c in candidates}
         if not args.cpu_smoke:  # the presets' own rows (the smoke run checks the script, not speed)
-            candidates += [c for c in ops.DECODE_FAST.values() if config_name(c) not in names]
+            candidates += [c for c in ops.DECODE_PRESETS.values() if config_name(c) not in names]
         timed = {config_name(c): dict(config=c, ms_rounds=[], sqnr_db=None, error=None) for c in candidates}
         fa3_rounds = []
         for _ in range(1 if args.cpu_smoke else 2):

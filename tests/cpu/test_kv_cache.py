@@ -201,38 +201,46 @@ def test_fused_combine_over_several_row_tiles():
 
 @pytest.mark.parametrize("qk_fp8,s_q", [(False, 1), (False, 5), (True, 5)])
 def test_decode_speed_configs(qk_fp8, s_q):
-    """The `ops.DECODE_FAST` keys on 636 keys (not a multiple of a split), GQA 4: prefetch_desc (descales
-    loaded one iteration ahead) and widen_v (a plain cast here: the inline PTX is GPU only) give the default's
-    output bit for bit at every split count; wide_combine (all splits of a row in one tile, tree-order sums)
-    stays within 0.05 dB of the default's SQNR; every DECODE_FAST preset (its own split count) tracks the
-    reference like the default does."""
+    """The decode config keys on 636 keys (not a multiple of a split), GQA 4: prefetch_desc (descales loaded
+    one iteration ahead) and widen_v (a plain cast here: the inline PTX is GPU only) leave the output bit for
+    bit at every split count, with either combine; the default wide combine (all splits of a row in one
+    tile, tree-order sums) stays within 0.05 dB of the split-by-split combine's SQNR; every DECODE_PRESETS
+    config (its own split count) tracks the reference like the default does."""
     exact, ref_db, run = _gqa_case([600, 36], s_q, 6, qk_fp8)
     for splits in (1, 3, 6):
         default = run(splits)
-        assert torch.equal(run(splits, prefetch_desc=True), default), splits
-        assert torch.equal(run(splits, widen_v=True, prefetch_desc=True), default), splits
-        wide = run(splits, wide_combine=True)
+        serial = run(splits, wide_combine=False)
+        for combine in (default, serial):
+            wide = combine is default
+            assert torch.equal(run(splits, prefetch_desc=True, wide_combine=wide), combine), splits
+            assert torch.equal(run(splits, widen_v=False, prefetch_desc=True, wide_combine=wide), combine), splits
         if splits == 1:
-            assert torch.equal(wide, default)
+            assert torch.equal(default, serial)
         else:
-            assert abs(_sqnr(wide, exact) - _sqnr(default, exact)) < 0.05, splits
-            torch.testing.assert_close(wide, default, rtol=1e-5, atol=1e-6)
-            assert torch.equal(run(splits, wide_combine=True, prefetch_desc=True, widen_v=True), wide), splits
-    for name, config in ops.DECODE_FAST.items():
+            assert abs(_sqnr(default, exact) - _sqnr(serial, exact)) < 0.05, splits
+            torch.testing.assert_close(default, serial, rtol=1e-5, atol=1e-6)
+    for name, config in ops.DECODE_PRESETS.items():
         got = run(None, **config)
         assert _sqnr(got, exact) > ref_db - 1.5, name
 
 
 def test_split_count_rounding():
-    """exact_waves rounds the split count down so the programs fit programs_per_sm x SMs: H200 (132 SMs)
-    8x32k GQA 32/8 at 4/SM, 64 (batch, KV head) tiles: 8 splits (512 programs for 528 slots), not 9 (576,
-    a second wave of 48); 1x128k: 66 slots per tile, capped at 64 splits either way; short caches: >= 4
-    blocks per split."""
+    """Default: ~KEYS_PER_SPLIT (2048) keys per split, >= 1 program per SM, <= 8 per SM (H200, 132 SMs, GQA
+    32/8 decode: 1x128k 8 (batch, KV head) tiles -> 64 splits, 8x32k 64 tiles -> 16, 1x4k -> 16 (>= 4 blocks
+    per split), a 512-query chunk at 128k (128 tiles) -> 9, as many programs as 8 per SM allow).
+    programs_per_sm / exact_waves: exact_waves rounds the split count down so the programs fit
+    programs_per_sm x SMs: 8x32k at 4/SM: 8 splits (512 programs for 528 slots), not 9 (576, a second wave
+    of 48); 1x128k: 66 slots per tile, 66 splits; short caches: >= 4 blocks per split."""
+    assert ops.pick_num_splits(131072, 8, 132, {}) == 64
+    assert ops.pick_num_splits(32768, 64, 132, {}) == 16
+    assert ops.pick_num_splits(4096, 8, 132, {}) == 16
+    assert ops.pick_num_splits(131072, 128, 132, {}) == 9
+    assert ops.pick_num_splits(1 << 20, 8, 132, {}) == ops._MAX_SPLITS
+    assert ops.pick_num_splits(131072, 8, 132, {"keys_per_split": 4096}) == 32
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4}) == 9
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4, "exact_waves": True}) == 8
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 5, "exact_waves": True}) == 10
-    assert ops.pick_num_splits(131072, 8, 132, {"programs_per_sm": 4, "exact_waves": True}) == 64
-    assert ops.pick_num_splits(131072, 8, 132, {}) == 64
+    assert ops.pick_num_splits(131072, 8, 132, {"programs_per_sm": 4, "exact_waves": True}) == 66
     assert ops.pick_num_splits(1000, 8, 132, {"exact_waves": True}) == 4
     assert ops.pick_num_splits(32768, 4096, 132, {"exact_waves": True}) == 1
 
@@ -249,6 +257,10 @@ def test_attention_config_validation():
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"num_warps": 0})
     with pytest.raises(ValueError, match="prefetch_desc needs block_n"):
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"prefetch_desc": True, "block_n": 128})
+    with pytest.raises(ValueError, match="keys_per_split must be a multiple of 64"):
+        ops.cache_attention(*args, scale=0.1, impl="torch", config={"keys_per_split": 100})
+    with pytest.raises(ValueError, match="keys_per_split must be a positive int"):
+        ops.cache_attention(*args, scale=0.1, impl="torch", config={"keys_per_split": 0})
 
 
 def test_attention_rejects_bad_input():
