@@ -101,6 +101,7 @@ def test_explicit_values():
         ["--cpu-smoke", "--rep-ms", "0"],
         ["--cpu-smoke", "--rounds", "0"],
         ["--cpu-smoke", "--sdpa-backends", "reference"],
+        ["--cpu-smoke", "--timing", "graph"],
     ],
 )
 def test_errors(argv, capsys):
