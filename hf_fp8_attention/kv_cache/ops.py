@@ -66,10 +66,12 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
 # Query rows per KV head (S_q * H_q / H_kv) up to which Q and P are fp16 (decode: memory-bound, the fp8
 # products would save nothing); above, both products run in e4m3 (chunked prefill: compute-bound).
 FP16_MAX_ROWS = 64
-# Split-KV: about KEYS_PER_SPLIT keys per program, at least one program per SM, at most 8 programs per SM
-# (`pick_num_splits`). H200, decode GQA 32/8 D=128, widened V, wide combine (session 5 of 2026-12-01, one
-# run, docs/results/decode_splits_h200_s5.log): 2048 keys per split was best at 1x128k (64 splits 0.092 ms,
-# 128 0.096, 32 0.112) and 8x32k (16 splits 0.167 ms, 32 0.174, 64 0.185); 1x4k: 16 splits (256 keys).
+# Split-KV default: one full wave, as many programs as the GPU holds at once (the compiled kernel's
+# residency per SM from its registers and shared memory, `_residency`, x SMs), split count rounded down.
+# H200, decode GQA 32/8 D=128 (widened V: 4 programs per SM), GPU time from CUDA-graph replays (session 5 of
+# 2026-12-01, docs/results/decode_splits_h200_s5.log): this was the fastest or within 0.3% of it at
+# 1x4k, 1x32k, 1x128k, 8x32k and 32x8k; ~2048 keys per split (KEYS_PER_SPLIT, config "keys_per_split")
+# was as fast at 1x128k but 1.6x slower at 1x32k (17 splits: one program per SM).
 KEYS_PER_SPLIT = 2048
 _MAX_SPLITS = 128
 # The fused combine runs under the interpreter (CPU tests: programs in sequence) but is refused on a GPU: on
@@ -123,17 +125,43 @@ def _check_config(config: dict) -> None:
                          f"got {config['keys_per_split']!r}")
 
 
-def pick_num_splits(length: int, tiles: int, sms: int, config: dict) -> int:
+def pick_num_splits(length: int, tiles: int, sms: int, config: dict, residency: int = 8) -> int:
     """Key splits for ``tiles`` (row tiles x B x H_kv) programs' worth of work on ``sms`` SMs, each split
-    >= 4 cache blocks, at most `_MAX_SPLITS`. Default: about KEYS_PER_SPLIT (config "keys_per_split") keys
-    per split, but at least one program per SM and at most 8 per SM (chunked prefill: many row tiles
-    already fill the GPU). With "programs_per_sm" or "exact_waves" (benchmarks): programs_per_sm (default
-    8) programs per SM, rounded up or, with "exact_waves", down so that they fit the slots."""
-    slots = config.get("programs_per_sm", 8) * sms
-    fill = slots // tiles if config.get("exact_waves") else cdiv(slots, tiles)
-    if "programs_per_sm" not in config and not config.get("exact_waves"):
-        fill = min(fill, max(cdiv(length, config.get("keys_per_split", KEYS_PER_SPLIT)), cdiv(sms, tiles)))
+    >= 4 cache blocks, at most `_MAX_SPLITS`. Default: ``residency`` (programs per SM the kernel can hold)
+    x SMs slots, split count rounded down so that the programs fit them (one wave). config
+    "programs_per_sm" replaces the residency, then rounded up unless "exact_waves"; "keys_per_split":
+    about that many keys per split, but at least one program per SM and at most 8 per SM."""
+    if "keys_per_split" in config:
+        fill = min(cdiv(8 * sms, tiles), max(cdiv(length, config["keys_per_split"]), cdiv(sms, tiles)))
+    elif "programs_per_sm" in config:
+        slots = config["programs_per_sm"] * sms
+        fill = slots // tiles if config.get("exact_waves") else cdiv(slots, tiles)
+    else:
+        fill = residency * sms // tiles
     return max(1, min(fill, cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
+
+
+# Programs per SM of each compiled attention variant, from its registers and shared memory (`_residency`).
+_RESIDENCY: dict = {}
+
+
+def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: dict) -> int:
+    """Programs of one compiled variant of ``kernel`` an SM holds at once: compiled (not launched) on the
+    first call of a variant, then read from `_RESIDENCY`. The limits: shared memory (+1 KiB reserved per
+    program), registers (32-thread warps, per-thread counts rounded up to 8), threads, 32 programs."""
+    hit = _RESIDENCY.get(key)
+    if hit is None:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        threads = getattr(props, "max_threads_per_multi_processor", 2048)
+        warps = kwargs["num_warps"]
+        hit = min(32, threads // (32 * warps), smem // (compiled.metadata.shared + 1024),
+                  regs // (cdiv(max(compiled.n_regs, 1), 8) * 8 * 32 * warps))
+        _RESIDENCY[key] = hit = max(1, hit)
+    return hit
 
 
 _GPU = None
@@ -157,10 +185,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
 
-    qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks from the length and
-    the GPU's SM count (`pick_num_splits`); tests and benchmarks force values. config (benchmarks; every
-    key optional): "keys_per_split" (default `KEYS_PER_SPLIT`), or "programs_per_sm" / "exact_waves" (the
-    split count from a number of programs per SM instead); "num_warps", "num_stages"; "block_n" keys per
+    qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks one wave of programs
+    from the compiled kernel's residency and the GPU's SM count (`pick_num_splits`, `_residency`; the
+    interpreter assumes 4 SMs x 8); tests and benchmarks force values. config (benchmarks; every key
+    optional): "keys_per_split" or "programs_per_sm" / "exact_waves" (other split counts, see
+    `pick_num_splits`); "num_warps", "num_stages"; "block_n" keys per
     loop iteration of the attention kernel (64 (default, one cache block), 128 or 256), in one-block
     softmax steps (the 64-key math bit for bit) or, with "tile_softmax" (default False; fp16 products only,
     ignored with qk_fp8), one step per block_n keys with V's descales folded into P (P's fp16 rounding
@@ -214,32 +243,14 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
         m_tiles = cdiv(n_rows, block_m)
         bh = B * H_kv
-        if num_splits is None:
-            sms = 4 if interp or not query.is_cuda else num_sms(query.device.index or 0)
-            num_splits = pick_num_splits(length, m_tiles * bh, sms, config)
-        keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
-        num_splits = cdiv(length, keys_per_split)
         dim_pad = next_power_of_2(D)
-        split = num_splits > 1
-        fused = split and bool(config.get("fused_combine", False))
-        if fused and query.is_cuda and os.environ.get("HF_FP8_KV_FUSED_COMBINE") != "1":
-            raise ValueError(_FUSED_COMBINE_REFUSED)
-        if split:  # O_part (splits, B * H_kv, rows, dim_pad) then ML_part (splits, B * H_kv, rows, 2), float32
-            n_o = num_splits * bh * n_rows * dim_pad
-            ws = torch.empty(n_o + num_splits * bh * n_rows * 2, dtype=torch.float32, device=query.device)
-            o_part, ml_part = ws, ws[n_o:]
-        else:
-            o_part = ml_part = out  # never read
-        counter = _counters(query.device, m_tiles * bh) if fused else out  # never read unless fused
         qs, ks, ds = query.stride(), k8.stride(), k_desc.stride()
         o_sb, o_ss = S_q * H_q * D, H_q * D  # `out` is contiguous
-        kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](
-            query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part, counter,
-            qs[0], qs[1], qs[2], cos_strides[0], cos_strides[1], ks[0], ks[1], ds[0], ds[1], o_sb, o_ss,
-            H_kv, S_q, length, float(scale), keys_per_split,
-            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=split,
+        want_fused = bool(config.get("fused_combine", False))
+        consts = dict(
+            GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=True,
             FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=config.get("block_n", KV_BLOCK), KV_BLOCK=KV_BLOCK,
-            TILE_SOFTMAX=bool(config.get("tile_softmax", False)), FUSED_COMBINE=fused,
+            TILE_SOFTMAX=bool(config.get("tile_softmax", False)), FUSED_COMBINE=want_fused,
             PREFETCH_DESC=bool(config.get("prefetch_desc", False)),
             WIDEN_V=bool(config.get("widen_v", True)) and not interp,
             # 2 warps for decode tiles (H200 sweeps, docs/results/kv_cache_debug_sweep_h200.log and
@@ -248,6 +259,39 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             num_stages=config.get("num_stages", 3),
             enable_fp_fusion=False,
         )
+
+        def args(o_part, ml_part, counter, keys_per_split):
+            return (query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part, counter,
+                    qs[0], qs[1], qs[2], cos_strides[0], cos_strides[1], ks[0], ks[1], ds[0], ds[1], o_sb, o_ss,
+                    H_kv, S_q, length, float(scale), keys_per_split)
+
+        if want_fused and query.is_cuda and os.environ.get("HF_FP8_KV_FUSED_COMBINE") != "1":
+            raise ValueError(_FUSED_COMBINE_REFUSED)
+        counter = _counters(query.device, m_tiles * bh) if want_fused else out  # never read unless fused
+        if num_splits is None:
+            on_gpu = query.is_cuda and not interp
+            sms = num_sms(query.device.index or 0) if on_gpu else 4
+            residency = 8
+            if on_gpu and "programs_per_sm" not in config and "keys_per_split" not in config:
+                key = (query.device, query.dtype, cos.dtype, tuple(consts.items()))
+                if key not in _RESIDENCY:  # the split variant's residency (first call of a variant only)
+                    part = torch.empty(16, dtype=torch.float32, device=query.device)
+                    _residency(kernels.cache_attn_kernel, query.device, key, args(part, part, counter, KV_BLOCK),
+                               consts)
+                residency = _RESIDENCY[key]
+            num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
+        keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
+        num_splits = cdiv(length, keys_per_split)
+        split = num_splits > 1
+        fused = split and want_fused
+        if split:  # O_part (splits, B * H_kv, rows, dim_pad) then ML_part (splits, B * H_kv, rows, 2), float32
+            n_o = num_splits * bh * n_rows * dim_pad
+            ws = torch.empty(n_o + num_splits * bh * n_rows * 2, dtype=torch.float32, device=query.device)
+            o_part, ml_part = ws, ws[n_o:]
+        else:
+            o_part = ml_part = out  # never read
+        consts["SPLIT"], consts["FUSED_COMBINE"] = split, fused
+        kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split), **consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if split and not fused and config.get("wide_combine", True) and num_splits <= _MAX_SPLITS:
             # one compiled variant per power of two of the split count (16 .. _MAX_SPLITS: at most 4)

@@ -225,24 +225,60 @@ def test_decode_speed_configs(qk_fp8, s_q):
 
 
 def test_split_count_rounding():
-    """Default: ~KEYS_PER_SPLIT (2048) keys per split, >= 1 program per SM, <= 8 per SM (H200, 132 SMs, GQA
-    32/8 decode: 1x128k 8 (batch, KV head) tiles -> 64 splits, 8x32k 64 tiles -> 16, 1x4k -> 16 (>= 4 blocks
-    per split), a 512-query chunk at 128k (128 tiles) -> 9, as many programs as 8 per SM allow).
-    programs_per_sm / exact_waves: exact_waves rounds the split count down so the programs fit
-    programs_per_sm x SMs: 8x32k at 4/SM: 8 splits (512 programs for 528 slots), not 9 (576, a second wave
-    of 48); 1x128k: 66 slots per tile, 66 splits; short caches: >= 4 blocks per split."""
-    assert ops.pick_num_splits(131072, 8, 132, {}) == 64
-    assert ops.pick_num_splits(32768, 64, 132, {}) == 16
-    assert ops.pick_num_splits(4096, 8, 132, {}) == 16
-    assert ops.pick_num_splits(131072, 128, 132, {}) == 9
-    assert ops.pick_num_splits(1 << 20, 8, 132, {}) == ops._MAX_SPLITS
-    assert ops.pick_num_splits(131072, 8, 132, {"keys_per_split": 4096}) == 32
+    """Default: one wave at the kernel's residency (programs per SM) x SMs, rounded down (H200, 132 SMs,
+    GQA 32/8 decode at 4 per SM: 1x128k 8 (batch, KV head) tiles -> 66 splits, 8x32k 64 tiles -> 8, 1x4k
+    -> 16 (>= 4 blocks per split), a 512-query chunk at 128k (128 tiles) -> 4, more tiles than slots -> 1).
+    keys_per_split: ~that many keys per split, >= 1 and <= 8 programs per SM. programs_per_sm: rounded up,
+    or down with exact_waves (8x32k at 4/SM: 8 splits, 512 programs for 528 slots, not 9: a second wave);
+    short caches: >= 4 blocks per split; never more than _MAX_SPLITS."""
+    assert ops.pick_num_splits(131072, 8, 132, {}, 4) == 66
+    assert ops.pick_num_splits(32768, 64, 132, {}, 4) == 8
+    assert ops.pick_num_splits(32768, 8, 132, {}, 4) == 66
+    assert ops.pick_num_splits(4096, 8, 132, {}, 4) == 16
+    assert ops.pick_num_splits(131072, 128, 132, {}, 4) == 4
+    assert ops.pick_num_splits(131072, 1024, 132, {}, 4) == 1
+    assert ops.pick_num_splits(1 << 20, 8, 132, {}, 8) == ops._MAX_SPLITS
+    assert ops.pick_num_splits(131072, 8, 132, {"keys_per_split": 2048}) == 64
+    assert ops.pick_num_splits(32768, 64, 132, {"keys_per_split": 2048}) == 16
+    assert ops.pick_num_splits(32768, 8, 132, {"keys_per_split": 2048}) == 17
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4}) == 9
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 4, "exact_waves": True}) == 8
     assert ops.pick_num_splits(32768, 64, 132, {"programs_per_sm": 5, "exact_waves": True}) == 10
     assert ops.pick_num_splits(131072, 8, 132, {"programs_per_sm": 4, "exact_waves": True}) == 66
-    assert ops.pick_num_splits(1000, 8, 132, {"exact_waves": True}) == 4
-    assert ops.pick_num_splits(32768, 4096, 132, {"exact_waves": True}) == 1
+    assert ops.pick_num_splits(1000, 8, 132, {"programs_per_sm": 8, "exact_waves": True}) == 4
+
+
+def test_residency_from_the_compiled_kernel(monkeypatch):
+    """Programs per SM of a compiled variant: the least of the shared-memory, register, thread and
+    32-program limits (H200: 228 KiB shared + 1 KiB reserved per program, 65536 registers, 2048 threads),
+    computed once per variant key."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(shared_memory_per_multiprocessor=233472, regs_per_multiprocessor=65536,
+                            max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    compiles = []
+
+    class Kernel:
+        def __init__(self, shared, regs):
+            self.shared, self.regs = shared, regs
+
+        def warmup(self, *args, grid, **kwargs):
+            compiles.append(kwargs["num_warps"])
+            return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared), n_regs=self.regs,
+                                   _init_handles=lambda: None)
+
+    monkeypatch.setattr(ops, "_RESIDENCY", {})
+    dev = torch.device("cpu")
+    # the widened-V decode build: 55.3 KB shared (4 fit), 183 registers x 64 threads (5 fit) -> 4
+    assert ops._residency(Kernel(56_600, 183), dev, "a", (), {"num_warps": 2}) == 4
+    assert ops._residency(Kernel(1, 1), dev, "a", (), {"num_warps": 2}) == 4  # cached per key
+    assert compiles == [2]
+    # register-bound: 255 -> 256 registers x 128 threads -> 2
+    assert ops._residency(Kernel(10_000, 255), dev, "b", (), {"num_warps": 4}) == 2
+    # thread-bound at 8 warps: 2048 / 256 -> 8; tiny kernels stop at 32 programs
+    assert ops._residency(Kernel(0, 16), dev, "c", (), {"num_warps": 8}) == 8
+    assert ops._residency(Kernel(0, 8), dev, "d", (), {"num_warps": 1}) == 32
 
 
 def test_attention_config_validation():
