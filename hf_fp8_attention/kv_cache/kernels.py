@@ -388,8 +388,8 @@ def cache_combine_wide_kernel(
     [SPLITS_PAD, HEAD_DIM_PAD] tile (every load in flight at once, where `cache_combine_kernel` walks the
     splits one by one: a chain of num_splits dependent L2 round trips with only B * H_kv programs at
     B = 1). Same formula as `_combine_rows`; the sums over splits run as a tree (tl.sum) instead of in split
-    order, so the result may differ from `cache_combine_kernel` in the last bits. SPLITS_PAD: a power of two
-    >= num_splits (the launcher's: max(16, next power of two), so at most 4 compiled variants)."""
+    order, so the result may differ from `cache_combine_kernel` in the last bits. SPLITS_PAD: a fixed power of
+    two >= num_splits (one compiled variant for every length)."""
     r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh_total = tl.num_programs(1)
