@@ -141,22 +141,35 @@ def _e4m3_to_f16_opaque(x):
 
 
 @triton.jit
+def _load_kv(ptrs, col_ok, d_ok, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """A [keys, HEAD_DIM_PAD] tile of fp8 codes: keys past `col_ok` (MASKED) and padded channels read as 0."""
+    if MASKED:
+        return tl.load(ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM == d_ok.shape[0]:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_keys(
     K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d,
     d_ok, HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     k_given=1.0, v_given=1.0, GIVEN_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
+    MASKED: tl.constexpr = True,
 ):
     """One online-softmax step over keys [start_n, start_n + TILE_N) (those below `hi`), start_n a multiple of
     KV_BLOCK -> updated (m_i, l_i, acc). TILE_N == KV_BLOCK: one K and one V descale (scalars). Larger: each
     score column gets its block's K descale (the same two roundings), and V's descales are folded into P
     relative to the tile's largest (P' = P * v_desc / v_max stays in [0, 256]; its rounding to fp16/e4m3
     replaces that of P), the product scaled by v_max. GIVEN_DESC (TILE_N == KV_BLOCK): the block's K and V
-    descales are k_given / v_given (loaded one iteration ahead by the caller), the same values."""
+    descales are k_given / v_given (loaded one iteration ahead by the caller), the same values.
+    MASKED False: the caller guarantees every key of the step lies below `hi` and is visible to every row
+    (`_key_range`'s interior): no key masks, no causal select, unpredicated loads; the same values."""
     cols = start_n + tl.arange(0, TILE_N)
-    col_ok = cols < hi  # the cache's end, the split's end, the tile's last causal key
     kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    col_ok = cols < hi  # the cache's end, the split's end, the tile's last causal key
+    k = _load_kv(K8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
     if QK_FP8:
         qk = tl.dot(q_op, tl.trans(k))
     else:
@@ -164,31 +177,42 @@ def _attend_keys(
     if TILE_N == KV_BLOCK:
         if GIVEN_DESC:
             k_desc = k_given
-        else:
+        elif MASKED:
             # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
             k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        else:
+            k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK)
         qk = qk * (row_scale[:, None] * k_desc)
-    else:
+    elif MASKED:
         k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
         qk = qk * (row_scale[:, None] * k_desc[None, :])
-    visible = col_ok[None, :] & (cols[None, :] <= row_limit[:, None])
-    qk = tl.where(visible, qk, float("-inf"))
+    else:
+        k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK)
+        qk = qk * (row_scale[:, None] * k_desc[None, :])
+    if MASKED:
+        visible = col_ok[None, :] & (cols[None, :] <= row_limit[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
     m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row that sees no key here: exp2 gives 0, not NaN
     p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))  # FA3's Max_offset: P in [0, 256] before its e4m3 cast
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V8 + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = _load_kv(V8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
     if WIDEN_V and not QK_FP8:
         v = _e4m3_to_f16_opaque(v)
     if TILE_N == KV_BLOCK:
         if GIVEN_DESC:
             v_scale = v_given
-        else:
+        elif MASKED:
             v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
+        else:
+            v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK)
         p_v = p
     else:
-        v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
+        if MASKED:
+            v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
+        else:
+            v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK)
         v_scale = tl.max(v_desc, 0)  # > 0: a block's descale is 1.0 when all its values are 0
         p_v = p * tl.math.div_rn(v_desc, v_scale)[None, :]
     if QK_FP8:
@@ -197,6 +221,41 @@ def _attend_keys(
         pv = tl.dot(p_v.to(tl.float16), v.to(tl.float16))
     acc = acc * alpha[:, None] + pv * v_scale
     return m_ij, l_i, acc
+
+
+@triton.jit
+def _key_range(
+    K8, V8, K_desc, V_desc, kv_base, desc_base, lo, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    TILE_SOFTMAX: tl.constexpr, PREFETCH_DESC: tl.constexpr, WIDEN_V: tl.constexpr, MASKED: tl.constexpr,
+):
+    """The online softmax over keys [lo, hi), BLOCK_N per iteration (lo a multiple of KV_BLOCK); MASKED False
+    only for an interior range: hi - lo a multiple of BLOCK_N, every key visible to every row."""
+    if PREFETCH_DESC:
+        tl.static_assert(BLOCK_N == KV_BLOCK)
+        k_next = tl.load(K_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
+        v_next = tl.load(V_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, KV_BLOCK)  # a split starts on a block, not always on a BLOCK_N tile
+        if PREFETCH_DESC:
+            k_cur = k_next
+            v_cur = v_next
+            nxt = start_n + KV_BLOCK
+            k_next = tl.load(K_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
+            v_next = tl.load(V_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
+            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
+                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, KV_BLOCK, KV_BLOCK,
+                                         k_cur, v_cur, True, WIDEN_V, MASKED)
+        elif TILE_SOFTMAX and not QK_FP8:
+            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
+                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK,
+                                         WIDEN_V=WIDEN_V, MASKED=MASKED)
+        else:
+            for j in tl.static_range(BLOCK_N // KV_BLOCK):
+                m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n + j * KV_BLOCK, hi,
+                                             q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM,
+                                             QK_FP8, KV_BLOCK, KV_BLOCK, WIDEN_V=WIDEN_V, MASKED=MASKED)
+    return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split", "stride_desc_b", "stride_desc_h"])
@@ -283,30 +342,16 @@ def cache_attn_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if PREFETCH_DESC:
-        tl.static_assert(BLOCK_N == KV_BLOCK)
-        k_next = tl.load(K_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
-        v_next = tl.load(V_desc + desc_base + lo // KV_BLOCK, mask=lo < hi, other=1.0)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, KV_BLOCK)  # a split starts on a block, not always on a BLOCK_N tile
-        if PREFETCH_DESC:
-            k_cur = k_next
-            v_cur = v_next
-            nxt = start_n + KV_BLOCK
-            k_next = tl.load(K_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
-            v_next = tl.load(V_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
-            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
-                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, KV_BLOCK, KV_BLOCK,
-                                         k_cur, v_cur, True, WIDEN_V)
-        elif TILE_SOFTMAX and not QK_FP8:
-            m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
-                                         row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK,
-                                         WIDEN_V=WIDEN_V)
-        else:
-            for j in tl.static_range(BLOCK_N // KV_BLOCK):
-                m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n + j * KV_BLOCK, hi,
-                                             q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM,
-                                             QK_FP8, KV_BLOCK, KV_BLOCK, WIDEN_V=WIDEN_V)
+    # interior [lo, mid): whole BLOCK_N tiles below hi that every row of the tile sees (keys up to the first
+    # row's causal limit): unmasked steps; then [mid, hi) masked (decode: at most the split's last tile)
+    first_limit = (pid_m * BLOCK_M) // GROUP + diag + 1
+    mid = lo + tl.maximum(tl.minimum(hi, first_limit) - lo, 0) // BLOCK_N * BLOCK_N
+    m_i, l_i, acc = _key_range(K8, V8, K_desc, V_desc, kv_base, desc_base, lo, mid, q_op, row_scale, row_limit,
+                               m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK, TILE_SOFTMAX,
+                               PREFETCH_DESC, WIDEN_V, False)
+    m_i, l_i, acc = _key_range(K8, V8, K_desc, V_desc, kv_base, desc_base, mid, hi, q_op, row_scale, row_limit,
+                               m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK, TILE_SOFTMAX,
+                               PREFETCH_DESC, WIDEN_V, True)
 
     if SPLIT:
         part_row = (pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r
