@@ -22,9 +22,10 @@ tile softmax steps, num_warps 2/4/8, num_stages 2/3/4, programs_per_sm 4/8/16; s
 the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``
 (on a GPU only with HF_FP8_KV_FUSED_COMBINE=1), and (not with --cpu-smoke) every ``DECODE_PRESETS``
 config, next to FA3 bf16. Grid configs set programs_per_sm (the split count from programs per SM, not the
-default's keys per split) and, without "fast", widen_v and wide_combine off. ``--sweep-fast`` (default
-both, off with --cpu-smoke): every grid config also with the speed keys (widen_v, exact_waves,
-wide_combine; prefetch_desc at block_n 64), tagged "fast" (twice the configs: narrow the grid or raise --sweep-budget-s). A config that fails to compile or
+default's one wave at the kernel's residency) and, without "fast", widen_v, wide_combine and prefetch_desc
+off. ``--sweep-fast`` (default both, off with --cpu-smoke): every grid config also with the speed keys
+(widen_v, exact_waves, wide_combine; prefetch_desc at block_n 64), tagged "fast" (twice the configs:
+narrow the grid or raise --sweep-budget-s). A config that fails to compile or
 run is recorded with its error; one whose SQNR vs the float32 reference is > 3 dB below the default's is
 reported and never picked. Table: per shape the best config, its ms, the default's, FA3's, the ratios and
 TB/s on the fp8 cache's bytes (K + V codes and descales); the config best over all shapes (geometric mean
@@ -805,7 +806,8 @@ def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
                 for tile in ([False, True] if block_n > 64 else [False]):
                     for per_sm in grid["programs_per_sm"]:
                         base = dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
-                                    programs_per_sm=per_sm, widen_v=False, wide_combine=False)
+                                    programs_per_sm=per_sm, widen_v=False, wide_combine=False,
+                                    prefetch_desc=False)
                         if fast in ("off", "both"):
                             configs.append(base)
                         if fast in ("on", "both"):
