@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import statistics
 
 import torch
 
@@ -170,3 +171,49 @@ def plot_panels(path: str, panels: dict[str, dict[str, tuple[list, list]]], *, x
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+GRAPH_CALLS = 20  # calls per captured graph (graph_ms)
+_FLUSH: dict = {}
+
+
+def graph_ms(fn, device, replays: int = 5) -> float:
+    """GPU ms of one ``fn()`` from CUDA-graph replays: GRAPH_CALLS calls captured in one graph, each after a
+    256 MB memset (L2 flushed, as do_bench does), the median replay time minus that of a graph of the
+    memsets alone, over GRAPH_CALLS. No host cost: launches are replayed by the GPU."""
+    dev = torch.device(device)
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        flush = _FLUSH[dev] = torch.empty(64 * 2**20, dtype=torch.int32, device=dev)
+    stream = torch.cuda.current_stream(dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocator pools)
+        fn()
+        fn()
+    stream.wait_stream(side)
+    graphs = []
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(graph)
+
+    def replay(graph) -> float:
+        graph.replay()  # warm
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    both, alone = replay(graphs[0]), replay(graphs[1])
+    del graphs
+    return max(both - alone, 0.0) / GRAPH_CALLS

@@ -53,7 +53,7 @@ Each ms is a median of CUDA-event timings (triton.testing.do_bench, L2 flushed b
 setup, FA3 attend-only, was at times 2x slower than FA3 append+attend: probably clocks still ramping); the
 ratio is
 FA3 bf16 ms / ms of the row (> 1: faster than FA3 bf16), append+attend rows against FA3's append+attend.
-``--timing graph``: each ms is instead the GPU time of one call from CUDA-graph replays (`graph_ms`: 20
+``--timing graph``: each ms is instead the GPU time of one call from CUDA-graph replays (`_common.graph_ms`: 20
 calls captured in one graph, each after a 256 MB memset that flushes L2; the memsets' own replay time,
 measured alone, subtracted), so the host's launch cost (Python, argument binding: 90-190 us per call on
 the H200 host, for FA3 and the fp8 cache alike) is excluded; a row that cannot be captured falls back to
@@ -352,52 +352,6 @@ def time_ms(fn: Callable, device, rep_ms: int, warmup_ms: int = 25) -> float:
         fn()
         runs.append((time.perf_counter() - start) * 1e3)
     return statistics.median(runs)
-
-
-GRAPH_CALLS = 20  # calls per captured graph (graph_ms)
-_FLUSH: dict = {}
-
-
-def graph_ms(fn: Callable, device, replays: int = 5) -> float:
-    """GPU ms of one ``fn()`` from CUDA-graph replays: GRAPH_CALLS calls captured in one graph, each after a
-    256 MB memset (L2 flushed, as do_bench does), the median replay time minus that of a graph of the
-    memsets alone, over GRAPH_CALLS. No host cost: launches are replayed by the GPU."""
-    dev = torch.device(device)
-    flush = _FLUSH.get(dev)
-    if flush is None:
-        flush = _FLUSH[dev] = torch.empty(64 * 2**20, dtype=torch.int32, device=dev)
-    stream = torch.cuda.current_stream(dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(stream)
-    with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocator pools)
-        fn()
-        fn()
-    stream.wait_stream(side)
-    graphs = []
-    for with_fn in (True, False):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                flush.zero_()
-                if with_fn:
-                    fn()
-        graphs.append(graph)
-
-    def replay(graph) -> float:
-        graph.replay()  # warm
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    both, alone = replay(graphs[0]), replay(graphs[1])
-    del graphs
-    return max(both - alone, 0.0) / GRAPH_CALLS
 
 
 def wall_s(fn: Callable, device):
@@ -715,7 +669,7 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                             try:
                                 if graph and row.get("timing") != "eager":
                                     try:
-                                        row["ms_rounds"].append(graph_ms(cand.fn, device))
+                                        row["ms_rounds"].append(_common.graph_ms(cand.fn, device))
                                         row["timing"] = "graph"
                                         continue
                                     except Exception as err:  # not capturable: eager, said in the notes

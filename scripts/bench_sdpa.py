@@ -20,6 +20,12 @@ N times, round-robin, and reports the median, so that slow drifts (clocks, tempe
     python scripts/bench_sdpa.py --head-dims 64 128 256 --seqlens 1024 4096 --modes none qkv --plot sdpa.png
     python scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_k+smooth_v --rounds 5 \
         --impls fp8_fa3 fp8_triton "quantize only" "add-back"      # mode-cost table at S=16k, both causal
+
+``--host``: per implementation and shape, the host cost of one call (30 calls launched back to back after a
+synchronize, timed before the closing one: the host alone) and the GPU time of one call from CUDA-graph
+replays (`_common.graph_ms`, L2 flushed; "not capturable" with the reason otherwise), next to the eager ms:
+
+    python scripts/bench_sdpa.py --seqlens 4096 --causal yes --modes none qk --impls "FA3 bf16" fp8_fa3 --host
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +78,9 @@ def parse_args(argv=None):
                    help="run only the implementations whose name contains one of these (e.g. 'FA3' fp8_triton)")
     p.add_argument("--json", type=str, default=None, help="write the rows to this file")
     p.add_argument("--plot", type=str, default=None, help="write a PNG of TFLOPS vs S (needs matplotlib)")
+    p.add_argument("--host", action="store_true",
+                   help="also the host cost of one call (HOST_CALLS calls launched back to back, no sync) and its "
+                   "GPU time from CUDA-graph replays, per implementation, at each shape")
     args = p.parse_args(argv)
     if args.kv_heads is None:
         args.kv_heads = args.heads
@@ -94,6 +104,37 @@ def parse_args(argv=None):
     if args.plot and not _common.have_matplotlib():
         p.error("--plot needs matplotlib (pip install matplotlib)")
     return args
+
+
+HOST_CALLS = 30  # few enough that the launch queue never fills: the loop measures the host alone
+
+
+def host_us(fn) -> float:
+    """Microseconds of host time per call: HOST_CALLS calls launched back to back after a synchronize (the
+    GPU drains the queue behind them), timed before the closing synchronize."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / HOST_CALLS * 1e6
+
+
+def host_rows(cands: dict, shape: dict) -> list[dict]:
+    """Per implementation: host us per call, GPU ms from CUDA-graph replays (None when not capturable: the
+    error is kept), and eager ms as measured by the main table."""
+    rows = []
+    for name, (cand, eager_ms) in cands.items():
+        row = dict(shape, impl=name, host_us=host_us(cand.fn), graph_ms=None, eager_ms=eager_ms, graph_error=None)
+        try:
+            row["graph_ms"] = _common.graph_ms(cand.fn, "cuda")
+        except Exception as err:  # not capturable: say why
+            row["graph_error"] = f"{type(err).__name__}: {str(err)[:100]}"
+            torch.cuda.synchronize()
+        rows.append(row)
+    return rows
 
 
 def _median_ms(fn, rep_ms):
@@ -334,7 +375,7 @@ def main(argv=None) -> int:
     dims = " ".join(map(str, args.head_dims))
     print(f"# B={args.batch} H={args.heads}/{args.kv_heads} D={dims}, bf16 inputs as BHSD views of BSHD")
     print(f"# SQNR vs torch SDPA {args.sqnr_ref}; fp8 accuracy modes: {', '.join(args.modes)}")
-    rows = []
+    rows, host = [], []
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     for d in args.head_dims:
         for s in args.seqlens:
@@ -360,6 +401,9 @@ def main(argv=None) -> int:
                     for name, cand in cands.items():
                         times[name].append(_median_ms(cand.fn, args.rep_ms))
                 times = {name: statistics.median(ts) for name, ts in times.items()}
+                if args.host:
+                    host.extend(host_rows({n: (cands[n], times[n]) for n in cands},
+                                          dict(S=s, causal=causal, D=d)))
                 base = times.get("FA3 bf16")
                 for name, ms in times.items():
                     timing_only = not cands[name].output
@@ -387,11 +431,20 @@ def main(argv=None) -> int:
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     _print_triton_summary(rows)
     _print_mode_costs(rows)
+    if host:
+        print(f"\nHost cost per call ({HOST_CALLS} calls launched back to back, no sync) and GPU time from CUDA-graph "
+              "replays (L2 flushed before each call); eager ms from the table above")
+        print("| S | causal | D | implementation | host us/call | GPU ms (graph) | eager ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in host:
+            gpu = _common.fmt(r["graph_ms"], ".3f") if r["graph_error"] is None else f"not capturable ({r['graph_error']})"
+            print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['D']} | {r['impl']} | {r['host_us']:.1f} | {gpu} "
+                  f"| {r['eager_ms']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {"device": dev, "torch": torch.__version__, "sqnr_ref": args.sqnr_ref, "modes": args.modes,
-                 "rounds": args.rounds, "rows": rows},
+                 "rounds": args.rounds, "rows": rows, "host": host},
                 f,
                 indent=1,
             )

@@ -425,6 +425,27 @@ def test_bench_sdpa_args():
     assert bench_sdpa.parse_args(["--modes", "none"]).mode_kwargs == {"none": {"hadamard": "none", "smooth_v": False}}
 
 
+def test_bench_sdpa_host_rows(monkeypatch):
+    """--host: each implementation called once to warm up, then HOST_CALLS times back to back; a graph
+    capture that raises becomes "not capturable" with its reason, the eager ms is carried over."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def graph_ms(fn, device):
+        if fn is broken.fn:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 0.5
+
+    monkeypatch.setattr(bench_sdpa._common, "graph_ms", graph_ms)
+    ok = bench_sdpa.Candidate("fp8_fa3", lambda: calls.append(1), mode="none")
+    broken = bench_sdpa.Candidate("other", lambda: None, mode="none")
+    rows = bench_sdpa.host_rows({"fp8_fa3": (ok, 1.25), "other": (broken, 2.0)}, dict(S=4096, causal=True, D=128))
+    assert len(calls) == bench_sdpa.HOST_CALLS + 1
+    assert rows[0]["graph_ms"] == 0.5 and rows[0]["eager_ms"] == 1.25 and rows[0]["host_us"] >= 0
+    assert rows[1]["graph_ms"] is None and "capturing" in rows[1]["graph_error"] and rows[1]["S"] == 4096
+    assert bench_sdpa.parse_args(["--host"]).host and not bench_sdpa.parse_args([]).host
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -1,0 +1,82 @@
+"""CUDA-graph capture of the fp8 paths: a captured call replayed on new inputs (copied into the captured
+tensors) equals an eager call on those inputs, bit for bit. Covers fp8_sdpa with the default accuracy modes
+(fa3 on SM 9.x, triton on SM 8.9+, prefill with and without smooth_v) and the FP8 cache's append and
+decode attend (static-cache + torch.compile "reduce-overhead" decoding replays such graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("needs a CUDA GPU with fp8 (SM 8.9+)", allow_module_level=True)
+
+from hf_fp8_attention import FP8CacheLayer, fp8_sdpa  # noqa: E402
+from hf_fp8_attention.dispatch import device_arch, kernel_available  # noqa: E402
+
+DEV = "cuda"
+_fa3 = device_arch(torch.device(DEV)) // 10 == 9 and kernel_available("fa3")
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed))
+
+
+def _captured(fn, *static):
+    """(graph, output) of ``fn(*static)`` captured after a warm-up on a side stream (compiles, autotuning)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    return graph, out
+
+
+@pytest.mark.parametrize("backend,smooth_v", [("fa3", "auto"), ("fa3", True), ("triton", "auto")])
+def test_fp8_sdpa_replays(backend, smooth_v):
+    if backend == "fa3" and not _fa3:
+        pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel")
+    B, H_q, H_kv, S, D = 2, 8, 2, 1024, 128
+
+    def inputs(seed):  # BHSD views of BSHD memory, as Transformers hands them over
+        return [(_randn(B, S, h, D, seed=seed + i) + (3.0 if i == 2 else 0.0)).bfloat16().transpose(1, 2)
+                for i, h in enumerate((H_q, H_kv, H_kv))]
+
+    def call(q, k, v):
+        return fp8_sdpa(q, k, v, is_causal=True, backend=backend, smooth_v=smooth_v)
+
+    static = inputs(0)
+    graph, out = _captured(call, *static)
+    for seed in (10, 20):
+        new = inputs(seed)
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(out, call(*new)), seed
+
+
+def test_fp8_cache_append_and_attend_replay():
+    # L a multiple of the 64-token block: the step's crop back to L is host-only, so every step starts from
+    # the same cache state
+    B, H_q, H_kv, D, L = 2, 32, 8, 128, 4992
+    layer = FP8CacheLayer(impl="triton")
+    layer.append(_randn(B, H_kv, L, D, seed=1).bfloat16(), _randn(B, H_kv, L, D, seed=2).bfloat16())
+    q = _randn(B, 1, H_q, D, seed=3).bfloat16()
+    k_new, v_new = (_randn(B, H_kv, 1, D, seed=s).bfloat16() for s in (4, 5))
+
+    def step(q, k_new, v_new):  # one decode step at a fixed length: append, attend, then back to L
+        layer.append(k_new, v_new)
+        out = layer.attend(q, None, None, scale=D**-0.5)
+        layer.crop(L)
+        return out
+
+    graph, out = _captured(step, q, k_new, v_new)
+    for seed in (10, 20):
+        new = [_randn(*t.shape, seed=seed + i).bfloat16() for i, t in enumerate((q, k_new, v_new))]
+        for dst, src in zip((q, k_new, v_new), new):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(out, step(*new)), seed
