@@ -177,10 +177,16 @@ GRAPH_CALLS = 20  # calls per captured graph (graph_ms)
 _FLUSH: dict = {}
 
 
+class GraphCaptureError(RuntimeError):
+    """``fn`` ran eagerly but could not be captured in a CUDA graph."""
+
+
 def graph_ms(fn, device, replays: int = 5) -> float:
     """GPU ms of one ``fn()`` from CUDA-graph replays: GRAPH_CALLS calls captured in one graph, each after a
     256 MB memset (L2 flushed, as do_bench does), the median replay time minus that of a graph of the
-    memsets alone, over GRAPH_CALLS. No host cost: launches are replayed by the GPU."""
+    memsets alone, over GRAPH_CALLS. No host cost: launches are replayed by the GPU. Errors of the eager
+    warm-up propagate as they are; a failed capture raises GraphCaptureError with its cause, the current
+    stream restored (torch leaves the capture stream current when capture_end raises)."""
     dev = torch.device(device)
     flush = _FLUSH.get(dev)
     if flush is None:
@@ -195,11 +201,16 @@ def graph_ms(fn, device, replays: int = 5) -> float:
     graphs = []
     for with_fn in (True, False):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                flush.zero_()
-                if with_fn:
-                    fn()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(GRAPH_CALLS):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+        except Exception as err:
+            torch.cuda.set_stream(stream)
+            torch.cuda.synchronize(dev)
+            raise GraphCaptureError(f"{type(err).__name__}: {err}") from err
         graphs.append(graph)
 
     def replay(graph) -> float:

@@ -130,9 +130,8 @@ def host_rows(cands: dict, shape: dict) -> list[dict]:
         row = dict(shape, impl=name, host_us=host_us(cand.fn), graph_ms=None, eager_ms=eager_ms, graph_error=None)
         try:
             row["graph_ms"] = _common.graph_ms(cand.fn, "cuda")
-        except Exception as err:  # not capturable: say why
-            row["graph_error"] = f"{type(err).__name__}: {str(err)[:100]}"
-            torch.cuda.synchronize()
+        except _common.GraphCaptureError as err:  # not capturable: say why
+            row["graph_error"] = str(err)[:120]
         rows.append(row)
     return rows
 

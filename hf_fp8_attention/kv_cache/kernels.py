@@ -16,16 +16,19 @@ row gets its own scale. QK_FP8: Q and P are rounded to e4m3 and both products ru
 prefill); otherwise (decode: few rows, memory-bound) Q and P are rounded to fp16 and the fp8 K/V tiles are
 widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches
 split the keys over programs (`num_splits`, a runtime value: no recompilation per length) merged by
-`cache_combine_kernel`, or (FUSED_COMBINE) by the split program of each row tile that finishes last (an
-atomic counter per tile).
+`cache_combine_wide_kernel` (the launcher's default), `cache_combine_kernel`, or (FUSED_COMBINE) by the split
+program of each row tile that finishes last (an atomic counter per tile). Inside a split, the key tiles that
+every row of the tile sees run unmasked (`_key_range` with MASKED False), the rest masked.
 
 Decode speed (sm_90 SASS of the 2-warp, 16-row decode build, triton 3.6): per 64 keys and thread the default
 loop runs 1137 instructions, 128 of them one-byte shared loads of V (LDS.U8: the fp8 V operand of P.V is
 not K-contiguous in memory, so no ldmatrix) and V's global copies are 8-byte; 255 registers hold it to 4
 programs per SM. WIDEN_V widens V to fp16 before the dot (`_e4m3_to_f16_opaque`): 811 instructions, 16-byte
 copies, 183 registers; PREFETCH_DESC takes the block descales' loads out of the softmax step;
-`cache_combine_wide_kernel` merges a row's splits with all loads in flight at once. WIDEN_V and the wide
-combine are the launcher's defaults since session 5 (H200: 1x128k GQA 32/8 0.114 -> 0.092 ms, 64 splits).
+`cache_combine_wide_kernel` merges a row's splits with their loads in flight together. WIDEN_V, PREFETCH_DESC
+and the wide combine are the launcher's defaults since session 5; with the interior/last split of the key
+loop the default build takes 242 registers (offline sm_90 compile, triton 3.6), still 4 programs per SM
+(bound by shared memory). H200, 1x128k GQA 32/8: 0.146 ms (the session-4 default) -> 0.085 ms.
 """
 
 from __future__ import annotations
@@ -427,31 +430,38 @@ def cache_combine_kernel(
 @triton.jit(do_not_specialize=["S_q", "num_splits"])
 def cache_combine_wide_kernel(
     Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Grid: (S_q * GROUP, B * H_kv): one query row per program, all its splits' partials loaded as one
-    [SPLITS_PAD, HEAD_DIM_PAD] tile (every load in flight at once, where `cache_combine_kernel` walks the
-    splits one by one: a chain of num_splits dependent L2 round trips with only B * H_kv programs at
-    B = 1). Same formula as `_combine_rows`; the sums over splits run as a tree (tl.sum) instead of in split
-    order, so the result may differ from `cache_combine_kernel` in the last bits. SPLITS_PAD: a fixed power of
-    two >= num_splits (one compiled variant for every length)."""
+    """Grid: (S_q * GROUP, B * H_kv): one query row per program, its splits' partials loaded CHUNK at a time
+    as [CHUNK, HEAD_DIM_PAD] tiles (a pipelined loop: the loads of the next chunks in flight while one is
+    summed, where `cache_combine_kernel` walks the splits one by one: a chain of num_splits dependent L2
+    round trips with only B * H_kv programs at B = 1), merged with a running max. Same formula as
+    `_combine_rows`; the sums run as a tree within a chunk (tl.sum) and chunk by chunk, so the result may
+    differ from `cache_combine_kernel` in the last bits. One compiled variant for every split count."""
     r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh_total = tl.num_programs(1)
     n_rows = S_q * GROUP
-    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_ok = offs_s < num_splits
-    part_row = (offs_s * bh_total + pid_bh).to(tl.int64) * n_rows + r
-    m = tl.load(ML_part + part_row * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(ML_part + part_row * 2 + 1, mask=s_ok, other=0.0)
-    o = tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)
-    l_sum = tl.sum(w * l, 0)
-    acc = tl.sum(o * w[:, None], 0)
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)
+    m_run = tl.max(tl.zeros([CHUNK], dtype=tl.float32), 0) - float("inf")
+    l_run = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for c in tl.range(0, num_splits, CHUNK):
+        offs_s = c + offs_c
+        s_ok = offs_s < num_splits
+        part_row = (offs_s * bh_total + pid_bh).to(tl.int64) * n_rows + r
+        m = tl.load(ML_part + part_row * 2, mask=s_ok, other=float("-inf"))
+        l = tl.load(ML_part + part_row * 2 + 1, mask=s_ok, other=0.0)
+        o = tl.load(O_part + part_row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: exp2 gives 0, not NaN
+        keep = tl.math.exp2(m_run - m_ref)
+        w = tl.math.exp2(m - m_ref)
+        l_run = l_run * keep + tl.sum(w * l, 0)
+        acc = acc * keep + tl.sum(o * w[:, None], 0)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
     b = pid_bh // H_kv
     h_kv = pid_bh % H_kv
     pos = r // GROUP

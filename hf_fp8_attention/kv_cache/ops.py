@@ -141,25 +141,36 @@ def pick_num_splits(length: int, tiles: int, sms: int, config: dict, residency: 
     return max(1, min(fill, cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS))
 
 
-# Programs per SM of each compiled attention variant, from its registers and shared memory (`_residency`).
+# Programs per SM of each compiled attention variant, from its registers and shared memory (`_residency`);
+# the H200's for the default decode build where the compiled kernel cannot be inspected.
 _RESIDENCY: dict = {}
+_FALLBACK_RESIDENCY = 4
 
 
 def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: dict) -> int:
     """Programs of one compiled variant of ``kernel`` an SM holds at once: compiled (not launched) on the
-    first call of a variant, then read from `_RESIDENCY`. The limits: shared memory (+1 KiB reserved per
-    program), registers (32-thread warps, per-thread counts rounded up to 8), threads, 32 programs."""
+    first call of a variant, then read from `_RESIDENCY`. The limits (CUDA's occupancy rules): shared
+    memory (+1 KiB reserved per program); registers, allocated per warp in units of 256 from each of the
+    SM's 4 sub-partitions (a quarter of the register file each); threads; 32 programs. A triton whose
+    warm-up returns no compiled kernel (a JIT cache hook, asynchronous compilation) gets `_FALLBACK_RESIDENCY`."""
     hit = _RESIDENCY.get(key)
     if hit is None:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
-        regs = getattr(props, "regs_per_multiprocessor", 65536)
-        threads = getattr(props, "max_threads_per_multi_processor", 2048)
         warps = kwargs["num_warps"]
-        hit = min(32, threads // (32 * warps), smem // (compiled.metadata.shared + 1024),
-                  regs // (cdiv(max(compiled.n_regs, 1), 8) * 8 * 32 * warps))
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            compiled._init_handles()
+            shared, n_regs = compiled.metadata.shared, compiled.n_regs
+        except (AttributeError, TypeError):
+            hit = _FALLBACK_RESIDENCY
+        else:
+            props = torch.cuda.get_device_properties(device)
+            smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+            regs = getattr(props, "regs_per_multiprocessor", 65536)
+            threads = getattr(props, "max_threads_per_multi_processor", 2048)
+            per_warp = cdiv(max(n_regs, 1) * 32, 256) * 256
+            warps_by_regs = regs // 4 // per_warp * 4
+            hit = min(32, threads // (32 * warps), smem // (shared + 1024), warps_by_regs // warps)
         _RESIDENCY[key] = hit = max(1, hit)
     return hit
 
@@ -201,13 +212,15 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     0.087 -> 0.085).
     "wide_combine" (default True): `cache_combine_wide_kernel` merges the splits, one program per query
     row loading all of its splits at once (sums over splits in tree order); False: `cache_combine_kernel`,
-    split by split (H200, 1x128k GQA 32/8, 64 splits: 22 us vs 2.5 us for the wide one).
+    split by split (H200, 1x128k GQA 32/8, 64 splits, profiler: 22 us vs 2.5 us for the wide one in its first
+    form, all splits of a row in one tile).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
     per 64 keys and thread: 128 LDS.U8 gone, 8-byte V copies become 16-byte; the loop 1137 -> 811
-    instructions, 183 registers instead of 255; +16 KB shared memory). The same operand values; on the
-    H200 the P.V dot's summation can differ in the last bit (1-10 of 4096-32768 outputs, <= 6e-5).
+    instructions, 183 registers instead of 255 before the key loop's interior split; +16 KB shared memory).
+    The same operand values; on the H200 the P.V dot's summation can differ in the last bit (1-10 of
+    4096-32768 outputs, <= 6e-5).
     """
     config = config or {}
     if config:
@@ -220,6 +233,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         raise ValueError(f"query heads ({H_q}) must be a multiple of the cache's KV heads ({H_kv})")
     if not 0 < S_q <= length:
         raise ValueError(f"{S_q} new queries against {length} cached tokens: the queries must be cached first")
+    if length > k8.shape[2] or cdiv(length, KV_BLOCK) > k_desc.shape[2]:
+        raise ValueError(f"{length} cached tokens asked of a cache holding {k8.shape[2]} "
+                         f"({k_desc.shape[2]} descale blocks)")
     group = H_q // H_kv
     n_rows = S_q * group
     if qk_fp8 is None:
@@ -255,7 +271,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             PREFETCH_DESC=bool(config.get("prefetch_desc", config.get("block_n", KV_BLOCK) == KV_BLOCK)),
             WIDEN_V=bool(config.get("widen_v", True)) and not interp,
             # 2 warps for decode tiles (H200 sweeps, docs/results/kv_cache_debug_sweep_h200.log and
-            # decode_splits_h200_s5.log: 2 warps beat 4 at every decode shape)
+            # decode_flags_h200_s5.log: 2 warps beat 4 at every decode shape)
             num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
             num_stages=config.get("num_stages", 3),
             enable_fp_fusion=False,
@@ -273,8 +289,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             on_gpu = query.is_cuda and not interp
             sms = num_sms(query.device.index or 0) if on_gpu else 4
             residency = 8
-            if on_gpu and "programs_per_sm" not in config and "keys_per_split" not in config:
-                key = (query.device, query.dtype, cos.dtype, tuple(consts.items()))
+            one_split = min(cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS) <= 1  # no warm-up compile for nothing
+            if on_gpu and not one_split and "programs_per_sm" not in config and "keys_per_split" not in config:
+                # everything the compiled variant depends on: constexprs, dtypes, Triton's specialization of
+                # H_kv == 1 and of the strides (divisible by 16, equal to 1)
+                key = (query.device, query.dtype, cos.dtype, tuple(consts.items()), H_kv == 1,
+                       tuple((x % 16 == 0, x == 1) for x in (*qs, *cos_strides, ks[0], ks[1], o_sb, o_ss)))
                 if key not in _RESIDENCY:  # the split variant's residency (first call of a variant only)
                     part = torch.empty(16, dtype=torch.float32, device=query.device)
                     _residency(kernels.cache_attn_kernel, query.device, key, args(part, part, counter, KV_BLOCK),
@@ -294,13 +314,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         consts["SPLIT"], consts["FUSED_COMBINE"] = split, fused
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split), **consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
-        if split and not fused and config.get("wide_combine", True) and num_splits <= _MAX_SPLITS:
-            # one compiled variant for every split count (a padding per power of two recompiled when a new
-            # length crossed one: 0.2 s on the H200)
+        if split and not fused and config.get("wide_combine", True):
+            # one compiled variant for every split count (chunks of 16 splits: a padding to 128 spilled at
+            # D=256, a padding per power of two recompiled when a new length crossed one)
             kernels.cache_combine_wide_kernel[(n_rows, bh)](
                 out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits,
-                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, SPLITS_PAD=next_power_of_2(_MAX_SPLITS),
-                num_warps=8, enable_fp_fusion=False,
+                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, CHUNK=16, num_warps=4, enable_fp_fusion=False,
             )
         elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))

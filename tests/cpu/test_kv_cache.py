@@ -249,9 +249,10 @@ def test_split_count_rounding():
 
 
 def test_residency_from_the_compiled_kernel(monkeypatch):
-    """Programs per SM of a compiled variant: the least of the shared-memory, register, thread and
-    32-program limits (H200: 228 KiB shared + 1 KiB reserved per program, 65536 registers, 2048 threads),
-    computed once per variant key."""
+    """Programs per SM of a compiled variant: the least of the shared-memory limit (228 KiB + 1 KiB reserved
+    per program), the register limit (per warp in units of 256 registers, from each of 4 sub-partitions of
+    16384), threads (2048) and 32 programs; computed once per variant key; a warm-up that returns no
+    compiled kernel gives the fallback."""
     from types import SimpleNamespace
 
     props = SimpleNamespace(shared_memory_per_multiprocessor=233472, regs_per_multiprocessor=65536,
@@ -260,25 +261,30 @@ def test_residency_from_the_compiled_kernel(monkeypatch):
     compiles = []
 
     class Kernel:
-        def __init__(self, shared, regs):
-            self.shared, self.regs = shared, regs
+        def __init__(self, shared, regs, compiled=True):
+            self.shared, self.regs, self.compiled = shared, regs, compiled
 
         def warmup(self, *args, grid, **kwargs):
             compiles.append(kwargs["num_warps"])
+            if not self.compiled:
+                return None
             return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared), n_regs=self.regs,
                                    _init_handles=lambda: None)
 
     monkeypatch.setattr(ops, "_RESIDENCY", {})
     dev = torch.device("cpu")
-    # the widened-V decode build: 55.3 KB shared (4 fit), 183 registers x 64 threads (5 fit) -> 4
+    # the widened-V decode build: 55.3 KB shared (4 fit); 183 registers: 2 warps per sub-partition -> 4
     assert ops._residency(Kernel(56_600, 183), dev, "a", (), {"num_warps": 2}) == 4
     assert ops._residency(Kernel(1, 1), dev, "a", (), {"num_warps": 2}) == 4  # cached per key
     assert compiles == [2]
-    # register-bound: 255 -> 256 registers x 128 threads -> 2
-    assert ops._residency(Kernel(10_000, 255), dev, "b", (), {"num_warps": 4}) == 2
-    # thread-bound at 8 warps: 2048 / 256 -> 8; tiny kernels stop at 32 programs
-    assert ops._residency(Kernel(0, 16), dev, "c", (), {"num_warps": 8}) == 8
-    assert ops._residency(Kernel(0, 8), dev, "d", (), {"num_warps": 1}) == 32
+    # register-bound by sub-partition: 190 registers -> 6144 per warp, 2 warps per quarter, 8 per SM -> 4
+    # programs of 2 warps (65536 / (192 x 64) would say 5), though shared memory (38.9 KB) allows 5
+    assert ops._residency(Kernel(39_834, 190), dev, "b", (), {"num_warps": 2}) == 4
+    # 255 registers x 4 warps -> 2; thread-bound at 8 warps -> 8; tiny kernels stop at 32 programs
+    assert ops._residency(Kernel(10_000, 255), dev, "c", (), {"num_warps": 4}) == 2
+    assert ops._residency(Kernel(0, 16), dev, "d", (), {"num_warps": 8}) == 8
+    assert ops._residency(Kernel(0, 8), dev, "e", (), {"num_warps": 1}) == 32
+    assert ops._residency(Kernel(0, 8, compiled=False), dev, "f", (), {"num_warps": 2}) == ops._FALLBACK_RESIDENCY
 
 
 def test_attention_config_validation():
@@ -297,6 +303,8 @@ def test_attention_config_validation():
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"keys_per_split": 100})
     with pytest.raises(ValueError, match="keys_per_split must be a positive int"):
         ops.cache_attention(*args, scale=0.1, impl="torch", config={"keys_per_split": 0})
+    with pytest.raises(ValueError, match="cached tokens asked of a cache holding"):
+        ops.cache_attention(*args[:-1], layer.k8.shape[2] + 1, scale=0.1, impl="torch")
 
 
 def test_attention_rejects_bad_input():

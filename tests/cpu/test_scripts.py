@@ -433,7 +433,7 @@ def test_bench_sdpa_host_rows(monkeypatch):
 
     def graph_ms(fn, device):
         if fn is broken.fn:
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise bench_sdpa._common.GraphCaptureError("RuntimeError: operation not permitted when stream is capturing")
         return 0.5
 
     monkeypatch.setattr(bench_sdpa._common, "graph_ms", graph_ms)
