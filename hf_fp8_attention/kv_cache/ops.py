@@ -315,11 +315,14 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split), **consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if split and not fused and config.get("wide_combine", True):
-            # one compiled variant for every split count (chunks of 16 splits: a padding to 128 spilled at
-            # D=256, a padding per power of two recompiled when a new length crossed one)
+            # two compiled variants at most, whatever the length: up to 16 splits one 16-split chunk (4 warps),
+            # more in one 128-split chunk at D <= 128 (8 warps; H200 1x128k, 66 splits: 16-split chunks took
+            # ~5 us more, 0.090 vs 0.086 ms) or 32-split chunks at D=256 (a 128-split tile spilled there)
+            chunk = 16 if num_splits <= 16 else (_MAX_SPLITS if dim_pad <= 128 else 32)
             kernels.cache_combine_wide_kernel[(n_rows, bh)](
                 out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits,
-                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, CHUNK=16, num_warps=4, enable_fp_fusion=False,
+                GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, CHUNK=chunk, num_warps=8 if chunk > 32 else 4,
+                enable_fp_fusion=False,
             )
         elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))

@@ -224,6 +224,18 @@ def test_decode_speed_configs(qk_fp8, s_q):
         assert _sqnr(got, exact) > ref_db - 1.5, name
 
 
+@pytest.mark.parametrize("D", [64, 256])
+def test_wide_combine_chunks(D):
+    """More than 16 splits (17): the wide combine's 128-split chunk (D <= 128) or its loop over 32-split
+    chunks (D=256, running max) agree with the split-by-split combine to rounding, as do 8 splits (the
+    16-split chunk)."""
+    exact, _, run = _gqa_case([1050, 38], 1, 9, False, D=D)  # 1088 keys = 17 blocks: 17 splits of one block
+    for splits in (8, 17):
+        wide, serial = run(splits), run(splits, wide_combine=False)
+        assert abs(_sqnr(wide, exact) - _sqnr(serial, exact)) < 0.05, splits
+        torch.testing.assert_close(wide, serial, rtol=1e-5, atol=1e-6)
+
+
 def test_split_count_rounding():
     """Default: one wave at the kernel's residency (programs per SM) x SMs, rounded down (H200, 132 SMs,
     GQA 32/8 decode at 4 per SM: 1x128k 8 (batch, KV head) tiles -> 66 splits, 8x32k 64 tiles -> 8, 1x4k
