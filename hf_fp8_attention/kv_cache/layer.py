@@ -78,11 +78,29 @@ class FP8CacheLayer(CacheLayerMixin):
         self.k_desc = torch.ones(B, H, capacity // KV_BLOCK, dtype=torch.float32, device=dev)
         self.v_desc = torch.ones(B, H, capacity // KV_BLOCK, dtype=torch.float32, device=dev)
         self.tails = torch.zeros(2, 2, B, H, KV_BLOCK, D, dtype=torch.float32, device=dev)
-        self._refresh_views()
 
-    def _refresh_views(self) -> None:
-        self.keys = self.k8[:, :, : self.length]
-        self.values = self.v8[:, :, : self.length]
+    # ``keys`` / ``values``: views made when read (generic code inspecting a layer), not at every append and
+    # crop (two slices per call were ~20 us of host time per decode step and layer on a CPU). Assigning
+    # anything but None (the base class's initial value) is refused: the fp8 storage is written by append.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        k8 = getattr(self, "k8", None)
+        return None if k8 is None else k8[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("FP8CacheLayer.keys is a view of the fp8 storage; write through append()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        v8 = getattr(self, "v8", None)
+        return None if v8 is None else v8[:, :, : self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("FP8CacheLayer.values is a view of the fp8 storage; write through append()")
 
     def _reserve(self, needed: int) -> None:
         capacity = self.k8.shape[2]
@@ -133,7 +151,6 @@ class FP8CacheLayer(CacheLayerMixin):
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
-        self._refresh_views()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized
@@ -171,7 +188,6 @@ class FP8CacheLayer(CacheLayerMixin):
         self._tail_index = 0
         if self.is_initialized:
             self.tails.zero_()
-            self._refresh_views()
 
     def _select(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (any LongTensor index along the batch, repeats allowed)."""
@@ -181,7 +197,6 @@ class FP8CacheLayer(CacheLayerMixin):
         self.k8, self.v8 = self.k8[index], self.v8[index]
         self.k_desc, self.v_desc = self.k_desc[index], self.v_desc[index]
         self.tails = self.tails[:, :, index]
-        self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -211,7 +226,6 @@ class FP8CacheLayer(CacheLayerMixin):
         if r:
             for slot, (codes, desc) in enumerate(((self.k8, self.k_desc), (self.v8, self.v_desc))):
                 tail[slot, :, :, :r] = codes[:, :, b0:keep].float() * desc[:, :, b0 // KV_BLOCK, None, None]
-        self._refresh_views()
 
     def offload(self):
         raise NotImplementedError("the fp8 cache does not offload to CPU; use a bf16 cache with offloading")

@@ -319,6 +319,23 @@ def test_attention_config_validation():
         ops.cache_attention(*args[:-1], layer.k8.shape[2] + 1, scale=0.1, impl="torch")
 
 
+def test_keys_values_are_views_of_the_cached_tokens():
+    """``keys`` / ``values`` (what generic code inspecting a layer reads) are made when read: the e4m3 codes of
+    the cached tokens after appends, crops and batch selection; assigning a tensor is refused."""
+    layer = FP8CacheLayer(impl="torch")
+    assert layer.keys is None and layer.values is None
+    _fill([layer], [70, 5], B=2, H=2, D=64)
+    assert layer.keys.shape == (2, 2, 75, 64) and layer.values.dtype == layer.v8.dtype
+    assert layer.keys.data_ptr() == layer.k8.data_ptr()
+    layer.crop(-10)
+    assert layer.keys.shape[2] == 65 and layer.values.shape[2] == 65
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.keys.shape[0] == 1 and torch.equal(layer.values.view(torch.uint8), layer.v8[:, :, :65].view(torch.uint8))
+    layer.keys = None  # the base class's initial assignment
+    with pytest.raises(AttributeError, match="write through append"):
+        layer.values = torch.zeros(1)
+
+
 def test_attention_rejects_bad_input():
     layer = FP8CacheLayer(impl="torch")
     _fill([layer], [10], B=1, H=2, D=64)
