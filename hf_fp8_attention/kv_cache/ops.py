@@ -47,16 +47,16 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     if rope:
         cos, sin = _unit_last(cos), _unit_last(sin)
     n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
-    from ..attention import _on_device
-    from .kernels import cache_write_kernel
+    on_device, _, _, kernels = _gpu_parts()
+    ks, vs, cs, ds = key.stride(), value.stride(), k8.stride(), k_desc.stride()  # read once: host time
 
-    with _on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
-        cache_write_kernel[(n_blocks, B * H)](
+    with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
+        kernels.cache_write_kernel[(n_blocks, B * H)](
             key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
             tail_in[0], tail_in[1], tail_out[0], tail_out[1],
-            key.stride(0), key.stride(2), key.stride(1), value.stride(0), value.stride(2), value.stride(1),
+            ks[0], ks[2], ks[1], vs[0], vs[2], vs[1],
             (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
-            k8.stride(0), k8.stride(1), k_desc.stride(0), k_desc.stride(1),
+            cs[0], cs[1], ds[0], ds[1],
             H, length, n,
             HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
             num_warps=4, enable_fp_fusion=False,
