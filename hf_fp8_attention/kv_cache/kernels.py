@@ -144,6 +144,15 @@ def _e4m3_to_f16_opaque(x):
 
 
 @triton.jit
+def _masked_load(ptrs, mask, other, MASKED: tl.constexpr):
+    """tl.load under `mask` (MASKED), or unpredicated (an interior step: every address is valid)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _load_kv(ptrs, col_ok, d_ok, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
     """A [keys, HEAD_DIM_PAD] tile of fp8 codes: keys past `col_ok` (MASKED) and padded channels read as 0."""
     if MASKED:
@@ -180,17 +189,11 @@ def _attend_keys(
     if TILE_N == KV_BLOCK:
         if GIVEN_DESC:
             k_desc = k_given
-        elif MASKED:
-            # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
-            k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
-        else:
-            k_desc = tl.load(K_desc + desc_base + start_n // KV_BLOCK)
+        else:  # masked: an unrolled sub-block past `hi` may lie past the descale buffer's end
+            k_desc = _masked_load(K_desc + desc_base + start_n // KV_BLOCK, start_n < hi, 1.0, MASKED)
         qk = qk * (row_scale[:, None] * k_desc)
-    elif MASKED:
-        k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
-        qk = qk * (row_scale[:, None] * k_desc[None, :])
     else:
-        k_desc = tl.load(K_desc + desc_base + cols // KV_BLOCK)
+        k_desc = _masked_load(K_desc + desc_base + cols // KV_BLOCK, col_ok, 0.0, MASKED)
         qk = qk * (row_scale[:, None] * k_desc[None, :])
     if MASKED:
         visible = col_ok[None, :] & (cols[None, :] <= row_limit[:, None])
@@ -206,16 +209,11 @@ def _attend_keys(
     if TILE_N == KV_BLOCK:
         if GIVEN_DESC:
             v_scale = v_given
-        elif MASKED:
-            v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK, mask=start_n < hi, other=1.0)
         else:
-            v_scale = tl.load(V_desc + desc_base + start_n // KV_BLOCK)
+            v_scale = _masked_load(V_desc + desc_base + start_n // KV_BLOCK, start_n < hi, 1.0, MASKED)
         p_v = p
     else:
-        if MASKED:
-            v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK, mask=col_ok, other=0.0)
-        else:
-            v_desc = tl.load(V_desc + desc_base + cols // KV_BLOCK)
+        v_desc = _masked_load(V_desc + desc_base + cols // KV_BLOCK, col_ok, 0.0, MASKED)
         v_scale = tl.max(v_desc, 0)  # > 0: a block's descale is 1.0 when all its values are 0
         p_v = p * tl.math.div_rn(v_desc, v_scale)[None, :]
     if QK_FP8:
