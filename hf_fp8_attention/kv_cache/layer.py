@@ -37,6 +37,28 @@ def _impl_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and arch is not None and arch >= 89 and kernel_available("triton") else "torch"
 
 
+class _CodesView:
+    """A layer's ``keys`` / ``values``: the e4m3 codes of its cached tokens, (B, H, length, D) views of the
+    storage attribute ``storage`` made when read (None before the first write). Assigning anything but None
+    (the base class's initial value) is refused: the fp8 storage is written by ``append``."""
+
+    def __init__(self, storage: str):
+        self.storage = storage
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        codes = getattr(layer, self.storage, None)
+        return None if codes is None else codes[:, :, : layer.length]
+
+    def __set__(self, layer, value) -> None:
+        if value is not None:
+            raise AttributeError(f"FP8CacheLayer.{self.name} is a view of the fp8 storage; write through append()")
+
+
 class FP8CacheLayer(CacheLayerMixin):
     """One full-attention layer's K/V in e4m3, a descale per KV_BLOCK tokens per KV head.
 
@@ -80,27 +102,9 @@ class FP8CacheLayer(CacheLayerMixin):
         self.tails = torch.zeros(2, 2, B, H, KV_BLOCK, D, dtype=torch.float32, device=dev)
 
     # ``keys`` / ``values``: views made when read (generic code inspecting a layer), not at every append and
-    # crop (two slices per call were ~20 us of host time per decode step and layer on a CPU). Assigning
-    # anything but None (the base class's initial value) is refused: the fp8 storage is written by append.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        k8 = getattr(self, "k8", None)
-        return None if k8 is None else k8[:, :, : self.length]
-
-    @keys.setter
-    def keys(self, value) -> None:
-        if value is not None:
-            raise AttributeError("FP8CacheLayer.keys is a view of the fp8 storage; write through append()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        v8 = getattr(self, "v8", None)
-        return None if v8 is None else v8[:, :, : self.length]
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise AttributeError("FP8CacheLayer.values is a view of the fp8 storage; write through append()")
+    # crop (two slices per call were ~20 us of host time per decode step and layer on a CPU).
+    keys = _CodesView("k8")
+    values = _CodesView("v8")
 
     def _reserve(self, needed: int) -> None:
         capacity = self.k8.shape[2]
