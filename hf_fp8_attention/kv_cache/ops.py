@@ -70,9 +70,8 @@ FP16_MAX_ROWS = 64
 # residency per SM from its registers and shared memory, `_residency`, x SMs), split count rounded down.
 # H200, decode GQA 32/8 D=128 (widened V: 4 programs per SM), GPU time from CUDA-graph replays (session 5 of
 # 2026-12-01, docs/results/decode_splits_h200_s5.log): this was the fastest or within 0.3% of it at
-# 1x4k, 1x32k, 1x128k, 8x32k and 32x8k; ~2048 keys per split (KEYS_PER_SPLIT, config "keys_per_split")
-# was as fast at 1x128k but 1.6x slower at 1x32k (17 splits: one program per SM).
-KEYS_PER_SPLIT = 2048
+# 1x4k, 1x32k, 1x128k, 8x32k and 32x8k; ~2048 keys per split (config "keys_per_split": 2048) was as fast
+# at 1x128k but 1.6x slower at 1x32k (17 splits: one program per SM).
 _MAX_SPLITS = 128
 # The fused combine runs under the interpreter (CPU tests: programs in sequence) but is refused on a GPU: on
 # the H200 (2026-12-01) its output differed from the two-launch combine (tests/gpu/test_kv_cache_gpu.py,
@@ -295,11 +294,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                 # H_kv == 1 and of the strides (divisible by 16, equal to 1)
                 key = (query.device, query.dtype, cos.dtype, tuple(consts.items()), H_kv == 1,
                        tuple((x % 16 == 0, x == 1) for x in (*qs, *cos_strides, ks[0], ks[1], o_sb, o_ss)))
-                if key not in _RESIDENCY:  # the split variant's residency (first call of a variant only)
+                residency = _RESIDENCY.get(key)
+                if residency is None:  # the split variant's residency (first call of a variant only)
                     part = torch.empty(16, dtype=torch.float32, device=query.device)
-                    _residency(kernels.cache_attn_kernel, query.device, key, args(part, part, counter, KV_BLOCK),
-                               consts)
-                residency = _RESIDENCY[key]
+                    residency = _residency(kernels.cache_attn_kernel, query.device, key,
+                                           args(part, part, counter, KV_BLOCK), consts)
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
