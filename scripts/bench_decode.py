@@ -605,6 +605,22 @@ def first_calls(x: AttentionShape) -> dict:
     return {"fill_s": x.fill_s, "first_attend_s": first, "first_append_s": append, "second_length_attend_s": second}
 
 
+def time_row(row: dict, fn: Callable, device, graph: bool, rep_ms: int, notes: list[str], label: str) -> float:
+    """One timing of a row's call: GPU time from CUDA-graph replays when ``graph`` and the call captures
+    (row["timing"] "graph"), else eager do_bench. A row that fails to capture is timed eagerly from then
+    on, its graph timings dropped, and the notes say why."""
+    if graph and row.get("timing") != "eager":
+        try:
+            ms = _common.graph_ms(fn, device)
+            row["timing"] = "graph"
+            return ms
+        except _common.GraphCaptureError as err:
+            row["ms_rounds"].clear()  # in place: the caller appends to this list
+            notes.append(f"{label}: not capturable in a CUDA graph ({str(err)[:160]}): eager timing")
+    row["timing"] = "eager"
+    return time_ms(fn, device, rep_ms)
+
+
 def run_attention(args, notes: list[str]) -> list[dict]:
     from hf_fp8_attention.metrics import sqnr_db
 
@@ -670,18 +686,8 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                         row = shape_rows[cand.name]
                         if row["error"] is None:
                             try:
-                                if graph and row.get("timing") != "eager":
-                                    try:
-                                        row["ms_rounds"].append(_common.graph_ms(cand.fn, device))
-                                        row["timing"] = "graph"
-                                        continue
-                                    except _common.GraphCaptureError as err:  # eager, said in the notes
-                                        row["timing"] = "eager"
-                                        row["ms_rounds"] = []
-                                        notes.append(f"{tag} {cand.name}: not capturable in a CUDA graph "
-                                                     f"({str(err)[:160]}): eager timing")
-                                row["timing"] = "eager"
-                                row["ms_rounds"].append(time_ms(cand.fn, device, args.rep_ms))
+                                row["ms_rounds"].append(time_row(row, cand.fn, device, graph, args.rep_ms, notes,
+                                                                 f"{tag} {cand.name}"))
                             except Exception as err:
                                 row["error"] = f"{type(err).__name__}: {err}"
                                 print(f"# {tag} {cand.name}: {row['error']}", file=sys.stderr)

@@ -300,6 +300,29 @@ def test_bf16_attention_fallbacks():
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_time_row_falls_back_to_eager(monkeypatch):
+    """--timing graph: a row is graph-timed while it captures; once a capture fails, its graph timings are
+    dropped (in the list the caller appends to), it is timed eagerly from then on and the notes say why."""
+    captures = iter([0.5, bd._common.GraphCaptureError("RuntimeError: not permitted while capturing")])
+
+    def graph_ms(fn, device):
+        got = next(captures)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    monkeypatch.setattr(bd._common, "graph_ms", graph_ms)
+    monkeypatch.setattr(bd, "time_ms", lambda fn, device, rep_ms: 2.0)
+    row, notes = {"ms_rounds": []}, []
+    for _ in range(3):
+        row["ms_rounds"].append(bd.time_row(row, lambda: None, "cuda", True, 10, notes, "1x4k fp8"))
+    assert row["ms_rounds"] == [2.0, 2.0] and row["timing"] == "eager"
+    assert len(notes) == 1 and "1x4k fp8: not capturable" in notes[0]
+    row = {"ms_rounds": []}
+    row["ms_rounds"].append(bd.time_row(row, lambda: None, "cpu", False, 10, notes, "eager"))
+    assert row == {"ms_rounds": [2.0], "timing": "eager"}
+
+
 def test_cpu_smoke_run(tmp_path, capsys):
     out_json = tmp_path / "decode.json"
     argv = ["--cpu-smoke", "--shapes", "1x128", "2x64", "--batches", "1", "2", "--prompts", "32",
