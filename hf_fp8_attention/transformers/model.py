@@ -27,7 +27,7 @@ from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
 from ..kv_cache import FP8Cache
-from ..options import AUTO_SMOOTH_V_BACKENDS, AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
+from ..options import AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
 from .bound import BoundMethod
@@ -463,8 +463,8 @@ def describe_backend(model) -> str:
             dims = sorted({m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)})
             modes = sorted({state.options.for_head_dim(d).hadamard for d in dims})
             extra.insert(0, f"hadamard=auto ({'/'.join(modes)})" if modes else "hadamard=auto")
-        if state.options.smooth_v == "auto":
-            on = backend in AUTO_SMOOTH_V_BACKENDS
+        if state.options.smooth_v == "auto":  # the rule of FP8AttentionOptions.for_keys, at its threshold
+            on = state.options.for_keys(backend, AUTO_SMOOTH_V_MIN_KEYS).smooth_v
             extra.append(f"smooth_v=auto (on from {AUTO_SMOOTH_V_MIN_KEYS} keys)" if on else "smooth_v=auto (off)")
         if extra:
             text += ", " + ", ".join(extra)
