@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from hf_fp8_attention._constants import SCALE_BLOCK
+from hf_fp8_attention._constants import SCALE_BLOCK, k_scale_block
 from hf_fp8_attention._intmath import cdiv
 
 
@@ -87,12 +87,14 @@ def make_inputs(S, H_q, H_kv, D, rope, B=1, device="cuda"):
     return q, k, v, cos, sin
 
 
-def traffic(q, k, v, cos=None, sin=None, block_scales=False) -> tuple[int, int]:
-    """(bytes read, bytes written) of one quantize pass, as the module docstring counts them."""
+def traffic(q, k, v, cos=None, sin=None, block_scales=False, int8=False) -> tuple[int, int]:
+    """(bytes read, bytes written) of one quantize pass, as the module docstring counts them (int8: int8 Q/K,
+    whose block scales count K's per `k_scale_block`)."""
     read = sum(t.numel() * t.element_size() for t in (q, k, v) + ((cos, sin) if cos is not None else ()))
     written = q.numel() + k.numel() + v.numel()
-    if block_scales:  # float32 descales, (B, H, cdiv(S, SCALE_BLOCK)) for q and for k
-        written += 4 * sum(t.shape[0] * t.shape[1] * cdiv(t.shape[2], SCALE_BLOCK) for t in (q, k))
+    if block_scales:  # float32 descales, (B, H, cdiv(S, block)) for q and for k
+        written += 4 * sum(t.shape[0] * t.shape[1] * cdiv(t.shape[2], block)
+                           for t, block in ((q, SCALE_BLOCK), (k, k_scale_block(int8))))
     return read, written
 
 
@@ -212,7 +214,8 @@ def _timed(fn, q, k, v, cos, sin, name, rep_ms):
     rope, kw = MODES[name]
     inputs = (q, k, v, cos, sin) if rope else (q, k, v)
     ms = device_ms(lambda *a: fn(*a, options=kw), inputs, rep_ms)
-    return ms, traffic(*inputs, block_scales=kw.get("qk_format") == "int8" or kw.get("qk_scales") == "block")
+    int8 = kw.get("qk_format") == "int8"
+    return ms, traffic(*inputs, block_scales=int8 or kw.get("qk_scales") == "block", int8=int8)
 
 
 def modes(args):

@@ -46,10 +46,10 @@ def reference_fp8_attention(
     q = q8.float().view(batch, s_q, h_kv, group, dim).permute(0, 2, 3, 1, 4)
     k = k8.float().permute(0, 2, 1, 3).unsqueeze(2)
     v = v8.float().permute(0, 2, 1, 3).unsqueeze(2)
-    if qkv.block_scales:  # a descale per SCALE_BLOCK tokens of one head: dequantize Q and K with them
-        per_token = lambda d, n: d.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :n]  # noqa: E731
-        q = q * per_token(qkv.q_block_descale, s_q).view(batch, h_kv, group, s_q, 1)
-        k = k * per_token(qkv.k_block_descale, s_kv).view(batch, h_kv, 1, s_kv, 1)
+    if qkv.block_scales:  # a descale per SCALE_BLOCK (Q) / k_scale_block (K) tokens: dequantize Q and K with them
+        per_token = lambda d, block, n: d.repeat_interleave(block, dim=-1)[..., :n]  # noqa: E731
+        q = q * per_token(qkv.q_block_descale, SCALE_BLOCK, s_q).view(batch, h_kv, group, s_q, 1)
+        k = k * per_token(qkv.k_block_descale, qkv.k_scale_block, s_kv).view(batch, h_kv, 1, s_kv, 1)
         qk_scale = torch.full((batch, h_kv, 1, 1, 1), scale, device=q8.device)
     else:
         qk_scale = (qkv.q_descale * qkv.k_descale * scale).view(batch, h_kv, 1, 1, 1)

@@ -123,14 +123,15 @@ def _launch(
     args = (
         q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part, cu_q, cu_k,
         *((qkv.q_block_descale, qkv.k_block_descale) if qkv.block_scales else (out, out)),
-        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, SCALE_BLOCK),
+        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, qkv.k_scale_block),
         stride_qb, q.stride(1), stride_kb, k.stride(1), *v_strides,
         out.stride(0), out.stride(1),
         h_kv, s_q, s_kv, float(scale), keys_per_split, int(s_kv >= 4096),
     )
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
                       NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1, VARLEN=varlen,
-                      BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=q.dtype == torch.int8)
+                      BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK,
+                      K_SCALE_BLOCK=qkv.k_scale_block, QK_INT8=q.dtype == torch.int8)
     if config is None:
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)

@@ -23,21 +23,31 @@ import triton.language as tl
 
 
 @triton.jit
+def _rows(scale, PER_ROW: tl.constexpr):
+    """A score scale as a (BLOCK_M, 1) column when it is per row, else the scalar."""
+    if PER_ROW:
+        return scale[:, None]
+    else:
+        return scale
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, INT8_CVT_ADD: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
     K_ptr/V_ptr point at key 0 of this (batch, KV head); row_limit (BLOCK_M,) is the last key each row
     may see (S_kv - 1 when not causal). qk_scale: the scalar score scale (base 2), or with BLOCK_SCALES
     the (BLOCK_M,) per-row one (the row's q block descale folded in); key j's block descale is then
-    read from Kb_ptr[j // SCALE_BLOCK]. QK_INT8: q/k int8, the dot gives int32; INT8_CVT_ADD: convert it
-    to float32 by the 1.5 * 2^23 add/subtract instead of I2F (both exact).
+    Kb_ptr[j // K_SCALE_BLOCK] (K_SCALE_BLOCK a multiple of BLOCK_N (int8): one per key tile, folded into
+    the row scales; or a divisor (e4m3 blocks of 16): widened to one per key). QK_INT8: q/k int8,
+    the dot gives int32 scores (exact), converted to float32.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -55,33 +65,28 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k))  # int8 q/k: an int32 dot, exact; e4m3: already float32
-        if QK_INT8:
-            if INT8_CVT_ADD:
-                # |qk| <= 256 * 127^2 < 2^22: the bits of qk + 1.5 * 2^23 as a float32 are 1.5 * 2^23 + qk
-                # exactly. On sm_90 the add becomes the int MMA's accumulator init (a register move per
-                # element) and the subtract an FADD: two full-rate instructions instead of one I2F, which
-                # may run at the MUFU rate. The autotuner picks one of the two (no measured winner yet).
-                qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-            else:
-                qk = qk.to(tl.float32)
-        if BLOCK_SCALES:
-            # The tile's BLOCK_N // SCALE_BLOCK key block descales, widened to one per key on chip. A gather
-            # of Kb_ptr + cols // SCALE_BLOCK instead made every thread copy each of its key columns' descale
-            # (sm_90, 128x128 tile, 8 warps: 32 4-byte cp.async, 16 shared loads, 32 selects and ~150
-            # integer instructions per key block, 905 instructions against e4m3's 525; 674 this way).
-            kb_idx = start_n // SCALE_BLOCK + tl.arange(0, BLOCK_N // SCALE_BLOCK)
+        if QK_INT8:  # sm_90: one full-rate I2FP per score
+            qk = qk.to(tl.float32)
+        if BLOCK_SCALES and K_SCALE_BLOCK >= BLOCK_N:
+            # One K descale per key tile, folded into the per-row scale: no per-score multiply (sm_90, int8,
+            # 64x128 tile, 4 warps: 626 instructions per key block; with a descale per 16 keys 695).
+            score_scale = qk_scale * tl.load(Kb_ptr + start_n // K_SCALE_BLOCK)
+        elif BLOCK_SCALES:
+            # The tile's BLOCK_N // K_SCALE_BLOCK key block descales, widened to one per key on chip (a gather
+            # of Kb_ptr + cols // K_SCALE_BLOCK made every thread copy each of its columns' descale).
+            kb_idx = start_n // K_SCALE_BLOCK + tl.arange(0, BLOCK_N // K_SCALE_BLOCK)
             if MASKED:
-                kb = tl.load(Kb_ptr + kb_idx, mask=kb_idx * SCALE_BLOCK < S_kv, other=1.0)
+                kb = tl.load(Kb_ptr + kb_idx, mask=kb_idx * K_SCALE_BLOCK < S_kv, other=1.0)
             else:  # key blocks below full_hi <= S_kv // BLOCK_N * BLOCK_N: all in range
                 kb = tl.load(Kb_ptr + kb_idx)
-            k_blk = tl.reshape(tl.broadcast_to(kb[:, None], (BLOCK_N // SCALE_BLOCK, SCALE_BLOCK)), (BLOCK_N,))
+            k_blk = tl.reshape(tl.broadcast_to(kb[:, None], (BLOCK_N // K_SCALE_BLOCK, K_SCALE_BLOCK)), (BLOCK_N,))
             qk = qk * k_blk[None, :]
-            scale_2d = qk_scale[:, None]
+            score_scale = qk_scale
         else:
-            scale_2d = qk_scale
+            score_scale = qk_scale
         if MASKED:
             visible = cols[None, :] <= row_limit[:, None]
-            qk = tl.where(visible, qk * scale_2d, float("-inf"))
+            qk = tl.where(visible, qk * _rows(score_scale, BLOCK_SCALES), float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row may see no key of this block (causal, or a split's range): keep its max finite
             # so that exp2 gives 0 instead of NaN.
@@ -89,8 +94,8 @@ def _attn_fwd_inner(
             # FA3's Max_offset: P = exp2(s - (max - 8)) lies in [0, 256] before its e4m3 cast.
             p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))
         else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * scale_2d - (m_ij[:, None] - 8.0))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * score_scale)
+            p = tl.math.exp2(qk * _rows(score_scale, BLOCK_SCALES) - (m_ij[:, None] - 8.0))
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -137,8 +142,8 @@ def _fp8_attn_fwd_kernel(
     H_kv, S_q, S_kv, sm_scale, keys_per_split, kv_len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT8_CVT_ADD: tl.constexpr = False,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
 
@@ -152,13 +157,14 @@ def _fp8_attn_fwd_kernel(
     VARLEN: b indexes packed sequences, rows [Cu_q[b], Cu_q[b + 1]) of Q/Out and [Cu_k[b], Cu_k[b + 1]) of
     K/V (batch-1 tensors, int32 offsets); S_q / S_kv are the longest lengths (grid and partials' size),
     stride_qb / stride_kb the token strides of Q / K; a tile past its sequence's end returns at once.
-    BLOCK_SCALES: Q and K descales per SCALE_BLOCK tokens of one head, Q_blk (B, H_q, n_blk_q) and K_blk
-    (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused); BLOCK_N a multiple of SCALE_BLOCK. QK_INT8:
-    Q and K are int8 (with BLOCK_SCALES); INT8_CVT_ADD: how their int32 scores become float32 (see
-    `_attn_fwd_inner`), an autotuned choice.
+    BLOCK_SCALES: Q descales per SCALE_BLOCK tokens and K descales per K_SCALE_BLOCK tokens of one head,
+    Q_blk (B, H_q, n_blk_q) and K_blk (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused);
+    K_SCALE_BLOCK a multiple or a divisor of BLOCK_N. QK_INT8:
+    Q and K are int8 (with BLOCK_SCALES).
     """
     if BLOCK_SCALES:
-        tl.static_assert(BLOCK_N % SCALE_BLOCK == 0, "a key tile holds whole scale blocks")
+        tl.static_assert(K_SCALE_BLOCK % BLOCK_N == 0 or BLOCK_N % K_SCALE_BLOCK == 0,
+                         "a key tile lies inside one K scale block or holds whole ones")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -223,12 +229,12 @@ def _fp8_attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, SCALE_BLOCK, QK_INT8, INT8_CVT_ADD,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, SCALE_BLOCK, QK_INT8, INT8_CVT_ADD,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8,
     )
 
     if NUM_SPLITS == 1:
@@ -302,12 +308,10 @@ def _fp8_attn_combine_kernel(
 
 
 def _prefill_configs():
-    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V), each also
-    # with the int8 scores' add/subtract conversion (pruned unless QK_INT8).
+    # The best four of a sweep on an H100 (D=128, S=4k/16k, causal and not, keys-contiguous V).
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "INT8_CVT_ADD": cvt}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
-        for cvt in (False, True)
     ]
 
 
@@ -316,9 +320,6 @@ def _prune_prefill(configs, named_args, **kwargs):
     def arg(name, default):
         return kwargs.get(name, named_args.get(name, default))
 
-    # The conversion choice only exists for int8 scores.
-    if not arg("QK_INT8", False):
-        configs = [c for c in configs if not c.kwargs["INT8_CVT_ADD"]]
     # 256-wide heads: a 128x128 fp32 score tile plus a 128x256 accumulator exceed the registers of
     # 8 warps; keep BLOCK_N 64 there.
     if arg("HEAD_DIM_PAD", 0) >= 256:

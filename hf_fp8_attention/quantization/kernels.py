@@ -44,12 +44,14 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import (_block_amax, _block_nonfinite, _finite_abs, _hadamard, _pow2_norm_bound, _sign_matrix,
-                        _to_fp8, _to_int8)
+from .tile_math import (_block_amax, _block_nonfinite, _block_scales, _finite_abs, _hadamard, _pow2_norm_bound,
+                        _sign_matrix, _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
 # cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
 # like the descales: (t * B + b) * H_KV + kv_head; a K/V head's mean is at its group index minus B * H_KV.
+# With BLOCK_SCALES and K_SCALE_BLOCK > SCALE_BLOCK, then per K scale block ((b * H_KV + kv_head) * N_BLK_KV +
+# block) its finite amax bits, then (QK_INT8) whether it holds a non-finite element.
 WS_PAD = tl.constexpr(32)
 
 
@@ -275,7 +277,8 @@ def qkv_quantize_kernel(
     D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr, ONE_TILE: tl.constexpr,
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, QK_MAX: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_MAX: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
     switched on); amax = max |x| over its finite elements (a rotated tensor: the power-of-two bound of its
@@ -289,10 +292,13 @@ def qkv_quantize_kernel(
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
     (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
     (sequence, KV head), cos/sin rows indexed by the packed token.
-    BLOCK_SCALES: q and k are quantized with one scale per SCALE_BLOCK rows of one head (from the P2 tile
-    itself: no extra read, no wait on other tiles' amax), whose descales go to q_blk_ptr (B, H_Q, N_BLK_Q)
-    and k_blk_ptr (B, H_KV, N_BLK_KV) float32 (N_BLK = cdiv(longest length, SCALE_BLOCK), SCALE_BLOCK
-    divides BLOCK_S); v keeps its per-group scale, and descale_ptr still gets every group's descale.
+    BLOCK_SCALES: q is quantized with one scale per SCALE_BLOCK rows of one head (from the P2 tile itself:
+    no extra read), k with one per K_SCALE_BLOCK rows: SCALE_BLOCK (like q) or a multiple of BLOCK_S (a K
+    tile's P1 merges its exact amax, of the rotated tile if k is rotated, into its block's workspace slot;
+    P2, after the group's P1s, reads it). The descales go to q_blk_ptr (B, H_Q, N_BLK_Q) and k_blk_ptr
+    (B, H_KV, N_BLK_KV) float32 (N_BLK_Q = cdiv(longest q length, SCALE_BLOCK), N_BLK_KV = cdiv(longest kv
+    length, K_SCALE_BLOCK); SCALE_BLOCK divides BLOCK_S); v keeps its per-group scale, and descale_ptr still
+    gets every group's descale.
     QK_MAX: the largest q/k code under BLOCK_SCALES, FP8_MAX or, with QK_INT8, 127: q and k then become int8,
     floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
     NaN), and the outputs are passed as uint8.
@@ -305,6 +311,12 @@ def qkv_quantize_kernel(
     lag = tl.minimum(LAG, n_items)
     amax_ptr = ws_ptr + WS_PAD
     done_ptr = amax_ptr + 3 * B * H_KV
+    kblk_ptr = done_ptr + 3 * B * H_KV  # BLOCK_SCALES: K block amax bits, then non-finite flags
+    n_kblk = B * H_KV * N_BLK_KV
+    K_LIKE_Q: tl.constexpr = K_SCALE_BLOCK == SCALE_BLOCK  # k's block scales from its P2 tile, like q's
+    if BLOCK_SCALES:
+        tl.static_assert(BLOCK_S % SCALE_BLOCK == 0, "a tile holds whole SCALE_BLOCK blocks")
+        tl.static_assert(K_LIKE_Q or K_SCALE_BLOCK % BLOCK_S == 0, "a K tile lies inside one K scale block")
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
     d_mask = offs_d < HALF
@@ -321,7 +333,7 @@ def qkv_quantize_kernel(
         item = ticket
         has_p1 = item < n_items
         has_p2 = item >= lag
-        (t1, _, _, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, grp1_tiles,
+        (t1, b1, h1, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, _,
          _, _) = _tile_setup(
             tl.minimum(item, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr,
             k_ptr, v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -379,6 +391,19 @@ def qkv_quantize_kernel(
                 m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
             # The int32 max of the bit patterns orders non-negative finite floats like the floats.
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
+            if BLOCK_SCALES and not K_LIKE_Q:
+                if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
+                    if HADAMARD_QK:
+                        kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                    else:
+                        kx1, kx2 = x1, x2
+                    valid1 = (row1 + out_rows) < seq1
+                    slot = (b1 * H_KV + h1).to(tl.int64) * N_BLK_KV + row1 // K_SCALE_BLOCK
+                    k_m = tl.max(_block_amax(kx1, kx2, valid1, BLOCK_S, BLOCK_S))
+                    tl.atomic_max(kblk_ptr + slot, k_m.to(tl.int32, bitcast=True), sem="relaxed")
+                    if QK_INT8:
+                        bad = tl.max(_block_nonfinite(kx1, kx2, valid1, BLOCK_S, BLOCK_S).to(tl.int32))
+                        tl.atomic_max(kblk_ptr + n_kblk + slot, bad, sem="relaxed")
             tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
@@ -406,22 +431,31 @@ def qkv_quantize_kernel(
                 if (t2 < 2) == HADAMARD_QK:
                     x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
             if BLOCK_SCALES:
-                # q and k: a scale per SCALE_BLOCK rows of this head, from this tile alone; v: the group's
-                valid2 = (row2 + out_rows) < seq2
-                blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
-                blk_pos = blk_amax > 0.0
-                blk_scale = tl.where(blk_pos, tl.math.div_rn(QK_MAX, blk_amax), 1.0)
-                blk_descale = tl.where(blk_pos, tl.math.div_rn(blk_amax, QK_MAX), 1.0)
-                if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
-                    blk_descale = tl.where(_block_nonfinite(x1, x2, valid2, BLOCK_S, SCALE_BLOCK), float("nan"),
-                                           blk_descale)
-                n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
-                blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
-                blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk + blk_idx
-                tl.store(blk_ptr, blk_descale, mask=blk_idx * SCALE_BLOCK < tl.where(t2 < 2, seq2, 0))
-                row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
-                                       (BLOCK_S,))
-                row_scale = tl.where(t2 < 2, row_scale, scale)[:, None]
+                if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
+                    valid2 = (row2 + out_rows) < seq2
+                    blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
+                    blk_scale, blk_descale = _block_scales(blk_amax, QK_MAX)
+                    if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
+                        blk_descale = tl.where(_block_nonfinite(x1, x2, valid2, BLOCK_S, SCALE_BLOCK),
+                                               float("nan"), blk_descale)
+                    blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
+                    n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
+                    blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk
+                    tl.store(blk_ptr + blk_idx, blk_descale, mask=blk_idx * SCALE_BLOCK < seq2)
+                    row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
+                                           (BLOCK_S,))
+                elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
+                    slot = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + row2 // K_SCALE_BLOCK
+                    k_amax = tl.atomic_max(kblk_ptr + slot, 0, sem="relaxed").to(tl.float32, bitcast=True)
+                    k_scale, k_descale = _block_scales(k_amax, QK_MAX)
+                    if QK_INT8:
+                        bad = tl.atomic_max(kblk_ptr + n_kblk + slot, 0, sem="relaxed") > 0
+                        k_descale = tl.where(bad, float("nan"), k_descale)
+                    tl.store(k_blk_ptr + slot, k_descale, mask=row2 % K_SCALE_BLOCK == 0)
+                    row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + k_scale
+                else:  # v: the group's
+                    row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + scale
+                row_scale = row_scale[:, None]
             else:
                 row_scale = scale
             if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes; a branch, not a select: one cast runs

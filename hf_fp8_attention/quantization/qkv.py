@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
@@ -171,7 +171,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     H_kv = k.shape[1]
     device = q.device
     q_out, k_out, v_out = outs
-    n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, SCALE_BLOCK)
+    k_block = k_scale_block(options.int8_qk)
+    n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_block)
     block_scales = options.block_scales
     if block_scales:  # every block a sequence reaches is written; longest-length padding is never read
         blocks = (torch.empty((B, H_q, n_blk_q), dtype=torch.float32, device=device),
@@ -182,10 +183,10 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     smooth_k, smooth_v = options.smooth_k, options.smooth_v
     half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
 
-    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters) and the
-    # (3, B, H_kv) float32 descales (overwritten).
+    # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters, with block scales
+    # the K blocks' amax bits and non-finite flags) and the (3, B, H_kv) float32 descales (overwritten).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
-    n_ws = pad + 2 * n_groups
+    n_ws = pad + 2 * n_groups + (2 * B * H_kv * n_blk_kv if block_scales and k_block > SCALE_BLOCK else 0)
     buf = torch.zeros((n_ws + n_groups,), dtype=torch.int32, device=device)
     means = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     if options.smooths:
@@ -226,7 +227,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
-        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, QK_INT8=options.int8_qk,
+        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_block, QK_INT8=options.int8_qk,
         QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
         num_warps=num_warps, enable_fp_fusion=False,
     )

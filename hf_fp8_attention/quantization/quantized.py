@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import SCALE_BLOCK
+from .._constants import SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv
 
 
@@ -49,8 +49,9 @@ class QuantizedQKV:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    # qk_scales="block": q and k were quantized with one scale per SCALE_BLOCK tokens of one head; their
-    # descales, (B, H_q, cdiv(S_q, SCALE_BLOCK)) and (B, H_kv, cdiv(S_kv, SCALE_BLOCK)) float32 (varlen: per
+    # qk_scales="block": q and k were quantized with one scale per SCALE_BLOCK (q) / `k_scale_block` (k)
+    # tokens of one head; their descales, (B, H_q, cdiv(S_q, SCALE_BLOCK)) and (B, H_kv, cdiv(S_kv,
+    # k_scale_block)) float32 (varlen: per
     # sequence, blocks counted from its first token, sized by the longest), replace q_descale / k_descale.
     q_block_descale: Optional[torch.Tensor] = None
     k_block_descale: Optional[torch.Tensor] = None
@@ -59,6 +60,11 @@ class QuantizedQKV:
     @property
     def block_scales(self) -> bool:
         return self.q_block_descale is not None
+
+    @property
+    def k_scale_block(self) -> int:
+        """Tokens per K block descale (block scales): 128 for int8 K, else 16."""
+        return k_scale_block(self.k.dtype == torch.int8)
 
     @property
     def is_varlen(self) -> bool:
@@ -78,7 +84,8 @@ class QuantizedQKV:
             one = slice(i, i + 1)
             blocks = {}
             if self.block_scales:
-                n_q, n_k = cdiv(rows_q.stop - rows_q.start, SCALE_BLOCK), cdiv(rows_k.stop - rows_k.start, SCALE_BLOCK)
+                n_q = cdiv(rows_q.stop - rows_q.start, SCALE_BLOCK)
+                n_k = cdiv(rows_k.stop - rows_k.start, self.k_scale_block)
                 blocks = dict(q_block_descale=self.q_block_descale[one, :, :n_q].contiguous(),
                               k_block_descale=self.k_block_descale[one, :, :n_k].contiguous())
             parts.append(QuantizedQKV(

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
@@ -139,9 +139,9 @@ def quantize_blocks_bhsd(x: torch.Tensor, block: int = SCALE_BLOCK, int8: bool =
     return (_to_int8(scaled) if int8 else _to_fp8(scaled)), descale
 
 
-def _quantize_blocks(x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_blocks_bhsd` with SCALE_BLOCK, the codes as (B, S, H, D) contiguous (qk_scales="block")."""
-    x_q, descale = quantize_blocks_bhsd(x, SCALE_BLOCK, int8)
+def _quantize_blocks(x: torch.Tensor, block: int, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blocks_bhsd`, the codes as (B, S, H, D) contiguous (qk_scales="block")."""
+    x_q, descale = quantize_blocks_bhsd(x, block, int8)
     return x_q.transpose(1, 2).contiguous(), descale
 
 
@@ -163,7 +163,8 @@ def quantize_qkv_fp8_reference(
             "v_only") by the normalised Hadamard matrix (rows rounded to the input dtype first, `_rotate`),
             and a rotated tensor's group amax is the power-of-two bound of its rows' norms
             (`_pow2_norm_bound`, no second rotation in the kernel's amax pass); qk_scales="block" gives q
-            and k one scale per SCALE_BLOCK (16) tokens of one head, the exact amax of each rotated block
+            and k one scale per SCALE_BLOCK (16) tokens of one head (int8 k: per INT8_K_SCALE_BLOCK (128)),
+            the exact amax of each rotated block
             (their per-group descales are still returned), v keeping its per-(batch, KV head) scale;
             qk_format="int8" makes those q and k int8.
         Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
@@ -207,8 +208,8 @@ def quantize_qkv_fp8_reference(
         v_add = v_mean - v_code_drift(code_mean, v_descale, options.rotates_v)
     blocks = {}
     if options.block_scales:
-        q8, q_blocks = _quantize_blocks(qf, options.int8_qk)
-        k8, k_blocks = _quantize_blocks(kf, options.int8_qk)
+        q8, q_blocks = _quantize_blocks(qf, SCALE_BLOCK, options.int8_qk)
+        k8, k_blocks = _quantize_blocks(kf, k_scale_block(options.int8_qk), options.int8_qk)
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
                         v_add=v_add, **blocks)
@@ -250,7 +251,7 @@ def quantize_qkv_fp8_varlen_reference(
         pad_to = lambda t, n: torch.nn.functional.pad(t, (0, n - t.shape[-1]), value=1.0)  # noqa: E731
         blocks = dict(
             q_block_descale=torch.cat([pad_to(p.q_block_descale, cdiv(max_seqlen_q, SCALE_BLOCK)) for p in parts]),
-            k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, SCALE_BLOCK)) for p in parts]),
+            k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, k_scale_block(options.int8_qk))) for p in parts]),
         )
     return QuantizedQKV(
         cat("q", 1), cat("k", 1), cat("v", 1), cat("q_descale"), cat("k_descale"), cat("v_descale"),

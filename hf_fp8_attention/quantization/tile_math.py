@@ -46,6 +46,15 @@ def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _block_scales(amax, QK_MAX: tl.constexpr):
+    """(scale, descale) of block amaxes (any shape): QK_MAX / amax and amax / QK_MAX, correctly rounded, or 1
+    and 1 for an all-zero block."""
+    positive = amax > 0.0
+    return (tl.where(positive, tl.math.div_rn(QK_MAX, amax), 1.0),
+            tl.where(positive, tl.math.div_rn(amax, QK_MAX), 1.0))
+
+
+@triton.jit
 def _sign_matrix(N: tl.constexpr, dtype: tl.constexpr):
     """(N, N) Sylvester Hadamard signs, H[i, j] = (-1)^popcount(i & j), entries +-1 (exact in any dtype);
     N <= 256."""

@@ -1,4 +1,4 @@
-"""qk_scales='block': one Q/K scale per SCALE_BLOCK (16) tokens of one head.
+"""qk_scales='block': one Q/K scale per SCALE_BLOCK (16) tokens of one head (int8 K: per 128, test_int8_qk.py).
 
 The quantize kernel (interpreted on CPU) equals the reference bit for bit (fp8 bytes and every block
 descale), the triton attention kernel with block descales tracks the reference backend, block scales beat
@@ -45,15 +45,18 @@ def _assert_blocks_equal(got, ref):
 )
 def test_kernel_block_scales_match_reference(H_q, H_kv, S, D, rope):
     q, k, v = make_qkv(2, H_q, H_kv, S, S, D, torch.bfloat16)
-    k[:, :, 3] *= 60  # one loud token: its block's scale must not leak into the others
+    q[:, :, 3] *= 60  # one loud token: its block's scale must not leak into the others
+    k[:, :, 3] *= 60
     cos, sin = make_rope(1, S, D, torch.float32) if rope else (None, None)
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=BLOCK)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=BLOCK)
     assert_identical(got, ref)
     _assert_blocks_equal(got, ref)
+    assert ref.q_block_descale.shape == (2, H_q, -(-S // SCALE_BLOCK))
     assert ref.k_block_descale.shape == (2, H_kv, -(-S // SCALE_BLOCK))
-    # the loud token's block has the largest K scale; the others are untouched by it
-    assert (ref.k_block_descale[:, :, 0] > 10 * ref.k_block_descale[:, :, 1:].amax(-1)).all()
+    # the loud token's block has the largest scale; the others are untouched by it
+    for blocks in (ref.q_block_descale, ref.k_block_descale):
+        assert (blocks[:, :, 0] > 10 * blocks[:, :, 1:].amax(-1)).all()
 
 
 @kernel_test
@@ -75,9 +78,9 @@ def test_kernel_block_scales_with_modes_and_varlen():
     ref = quantize_qkv_fp8_varlen_reference(*args, options=BLOCK)
     assert_identical(got, ref)
     for i, n in enumerate(lengths):  # blocks a sequence reaches; the rest of the row is never read
-        nb = -(-n // SCALE_BLOCK)
-        assert torch.equal(got.q_block_descale[i, :, :nb], ref.q_block_descale[i, :, :nb])
-        assert torch.equal(got.k_block_descale[i, :, :nb], ref.k_block_descale[i, :, :nb])
+        nq = nk = -(-n // SCALE_BLOCK)
+        assert torch.equal(got.q_block_descale[i, :, :nq], ref.q_block_descale[i, :, :nq])
+        assert torch.equal(got.k_block_descale[i, :, :nk], ref.k_block_descale[i, :, :nk])
 
 
 @kernel_test
@@ -86,6 +89,9 @@ def test_kernel_block_scales_with_modes_and_varlen():
     (40, 40, True, {"BLOCK_M": 16, "BLOCK_N": 32}),
     (24, 70, False, {"BLOCK_M": 32, "BLOCK_N": 16}),
     (1, 100, True, {"BLOCK_M": 16, "BLOCK_N": 16, "num_splits": 3}),
+    # int8's 128-token K blocks over several key tiles, and a split boundary inside one
+    (24, 300, True, {"BLOCK_M": 32, "BLOCK_N": 32}),
+    (1, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 3}),
 ])
 def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config, options):
     from hf_fp8_attention.backends.triton import _launch

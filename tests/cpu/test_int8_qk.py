@@ -1,4 +1,4 @@
-"""qk_format='int8': Q and K as int8 with a scale per 16 tokens of one head, Q.K^T as an int8 dot with int32
+"""qk_format='int8': Q and K as int8 with a scale per 16 (Q) / 128 (K) tokens of one head, Q.K^T as an int8 dot with int32
 accumulation (SageAttention's scheme), V and P e4m3.
 
 The quantize kernel (interpreted on CPU) equals the reference bit for bit (int8 codes, e4m3 V, every block
@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from test_quantize import make_qkv, make_rope
+from test_quantize import _interpreter_bf16_dot, make_qkv, make_rope  # noqa: F401 (fixture)
 
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.accuracy import MODES, make_inputs, score_modes
@@ -58,8 +58,10 @@ def test_reference_codes_and_scales():
 @kernel_test
 @pytest.mark.parametrize(
     "H_q,H_kv,S,D,rope",
-    [(4, 2, 150, 64, False), (2, 2, 77, 96, True), (4, 1, 50, 128, True), (2, 2, 40, 256, False)],
-    ids=["gqa-d64", "rope-d96", "rope-mqa-d128", "d256"],
+    [(4, 2, 150, 64, False), (2, 2, 77, 96, True), (4, 1, 50, 128, True), (2, 2, 40, 256, False),
+     (2, 1, 300, 128, True)],
+    # the last: K blocks of 128 tokens gathered from 32-row RoPE tiles (4 per block), a partial third block
+    ids=["gqa-d64", "rope-d96", "rope-mqa-d128", "d256", "rope-k-blocks-over-tiles"],
 )
 def test_kernel_matches_reference(H_q, H_kv, S, D, rope):
     q, k, v = make_qkv(2, H_q, H_kv, S, S, D, torch.bfloat16)
@@ -76,16 +78,16 @@ def test_kernel_matches_reference_varlen_smooth_and_non_finite():
     g = torch.Generator().manual_seed(0)
     qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
     qp[40, 1, 3] = float("nan")  # sequence 1, its only block
-    kp[70, 0, 9] = float("inf")  # sequence 2, block 1
+    kp[70, 0, 9] = float("inf")  # sequence 2 (tokens 42..105), its first K block
     cu = torch.tensor([0, 37, 42, 106], dtype=torch.int32)
     args = (qp, kp, vp, cu, cu, 64, 64)
     got, ref = quantize_qkv_fp8_varlen(*args, options=INT8), quantize_qkv_fp8_varlen_reference(*args, options=INT8)
     for t in (got, ref):  # the non-finite elements poison their block's descale only
-        assert torch.isnan(t.q_block_descale[1, 1, 0]) and torch.isnan(t.k_block_descale[2, 0, 1])
+        assert torch.isnan(t.q_block_descale[1, 1, 0]) and torch.isnan(t.k_block_descale[2, 0, 0])
         assert torch.isnan(t.q_block_descale[:, :, :1]).sum() == 1 and torch.isnan(t.k_block_descale).sum() == 1
     for i, n in enumerate(lengths):  # blocks each sequence reaches
-        nb = -(-n // 16)
-        for name in ("q_block_descale", "k_block_descale"):
+        for name, block in (("q_block_descale", 16), ("k_block_descale", 128)):
+            nb = -(-n // block)
             a, b = getattr(got, name)[i, :, :nb], getattr(ref, name)[i, :, :nb]
             assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)), (name, i)
     assert torch.equal(got.q, ref.q) and torch.equal(got.k, ref.k)
@@ -94,6 +96,19 @@ def test_kernel_matches_reference_varlen_smooth_and_non_finite():
     # the kernel's per-tile mean sums in another order: a code may move by one step
     _assert_equal(quantize_qkv_fp8(q, k, v, options=smooth), quantize_qkv_fp8_reference(q, k, v, options=smooth),
                   max_code_diff=1)
+
+
+@kernel_test
+@pytest.mark.usefixtures("_interpreter_bf16_dot")
+def test_kernel_matches_reference_rotated():
+    """hadamard="qk" with int8: a K block's scale is the exact amax of its rotated rows, merged over its
+    tiles (D=128: 64-row tiles, two per 128-token block) in the first pass."""
+    q, k, v = make_qkv(1, 2, 1, 200, 200, 128, torch.bfloat16, seed=3)
+    k[:, :, 130] *= 50  # a loud token in the second K block only
+    options = FP8AttentionOptions(qk_format="int8", hadamard="qk")
+    got, ref = quantize_qkv_fp8(q, k, v, options=options), quantize_qkv_fp8_reference(q, k, v, options=options)
+    _assert_equal(got, ref, max_code_diff=1)  # the kernel's tl.dot rotation may sum in another order
+    assert ref.k_block_descale.shape == (1, 1, 2) and ref.k_block_descale[0, 0, 1] > 10 * ref.k_block_descale[0, 0, 0]
 
 
 def test_accuracy_gain_over_e4m3():

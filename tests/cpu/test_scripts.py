@@ -499,6 +499,8 @@ def test_bench_quantize_traffic():
     assert bench_quantize.traffic(q, k, v) == (805306368, 402653184)
     assert bench_quantize.traffic(q, k, v, cos, cos) == (805306368 + 33554432, 402653184)
     assert bench_quantize.traffic(q, k, v, block_scales=True) == (805306368, 402653184 + 4 * 40 * 4096)
+    # int8: K's descales per 128 tokens (32 Q heads x 4096 blocks + 8 K heads x 512)
+    assert bench_quantize.traffic(q, k, v, block_scales=True, int8=True) == (805306368, 402653184 + 4 * (32 * 4096 + 8 * 512))
     q, k = meta(2, 4, 17, 64), meta(2, 2, 17, 64)  # 17 tokens: two scale blocks per head
     assert bench_quantize.traffic(q, k, k, block_scales=True) == (2 * 16 * 17 * 64, 16 * 17 * 64 + 4 * 2 * 6 * 2)
     assert bench_quantize.rate(2.0, (6_000_000_000, 2_000_000_000), 5000.0) == "4000 | 80%"
