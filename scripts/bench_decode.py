@@ -10,7 +10,7 @@
 
 Part 1 also times ``fp8 cache attend [NAME]`` rows: the same attend through ``ops.cache_attention`` with
 each config of ``kv_cache.ops.DECODE_PRESETS`` (``--cache-configs``; default all of them, none with
---cpu-smoke, ``none`` skips; with HF_FP8_KV_FUSED_COMBINE=1 also each with fused_combine, "NAME fused"),
+--cpu-smoke, ``none`` skips; also each with fused_combine, "NAME fused", and "fused": the default with it),
 next to the default config's row, each with its ratio to FA3 bf16 ("s4 default": the default before
 session 5, measured side by side); ``same_bits`` in the JSON says whether that config's output equals, bit
 for bit, the same config without its bit-neutral keys (prefetch_desc: the descale prefetch must not move a
@@ -19,8 +19,7 @@ bit).
 ``--sweep``: the fp8 cache attention step only (`ops.cache_attention`, GQA 32/8, D 128, S_q = 1, bf16
 queries) at B x S_kv 1x4k 1x32k 1x128k 8x32k over a grid of kernel configs (block_n 64/128/256, one-block or
 tile softmax steps, num_warps 2/4/8, num_stages 2/3/4, programs_per_sm 4/8/16; short do_bench windows), then
-the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``
-(on a GPU only with HF_FP8_KV_FUSED_COMBINE=1), and (not with --cpu-smoke) every ``DECODE_PRESETS``
+the 3 best per shape plus the default re-timed with longer windows, with and without ``fused_combine``, and (not with --cpu-smoke) every ``DECODE_PRESETS``
 config, next to FA3 bf16. Grid configs set programs_per_sm (the split count from programs per SM, not the
 default's one wave at the kernel's residency) and, without "fast", widen_v, wide_combine and prefetch_desc
 off. ``--sweep-fast`` (default both, off with --cpu-smoke): every grid config also with the speed keys
@@ -559,13 +558,13 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
 
 
 def cache_config_presets() -> dict:
-    """`kv_cache.ops.DECODE_PRESETS`, plus each with fused_combine ("NAME fused") where the fused combine
-    runs: on the CPU, or on a GPU with HF_FP8_KV_FUSED_COMBINE=1 (refused otherwise, kv_cache.ops)."""
+    """`kv_cache.ops.DECODE_PRESETS`, plus each with fused_combine ("NAME fused") and the default with it
+    ("fused": one launch, the last split program of a row tile merges the splits)."""
     from hf_fp8_attention.kv_cache.ops import DECODE_PRESETS
 
     presets = dict(DECODE_PRESETS)
-    if not torch.cuda.is_available() or os.environ.get("HF_FP8_KV_FUSED_COMBINE") == "1":
-        presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()})
+    presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()})
+    presets["fused"] = {"fused_combine": True}
     return presets
 
 
@@ -878,9 +877,7 @@ def run_sweep(args, notes: list[str]) -> dict:
             r["accurate"] = r["ms"] is not None and r["sqnr_db"] is not None and r["sqnr_db"] >= floor
         ranked = sorted((r for r in mine if r["accurate"] and r["config"]), key=lambda r: r["ms"])
         candidates = [{}] + [r["config"] for r in ranked[:SWEEP_TOP]]
-        # fused_combine is refused on GPUs unless HF_FP8_KV_FUSED_COMBINE=1 (kv_cache.ops._FUSED_COMBINE_REFUSED)
-        if device.type != "cuda" or os.environ.get("HF_FP8_KV_FUSED_COMBINE") == "1":
-            candidates += [{**c, "fused_combine": True} for c in list(candidates)]
+        candidates += [{**c, "fused_combine": True} for c in list(candidates)]
         names = {config_name(c) for c in candidates}
         if not args.cpu_smoke:  # the presets' own rows (the smoke run checks the script, not speed)
             candidates += [c for c in ops.DECODE_PRESETS.values() if config_name(c) not in names]

@@ -7,7 +7,6 @@ or "torch" (`reference.py`).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -73,17 +72,12 @@ FP16_MAX_ROWS = 64
 # 1x4k, 1x32k, 1x128k, 8x32k and 32x8k; ~2048 keys per split (config "keys_per_split": 2048) was as fast
 # at 1x128k but 1.6x slower at 1x32k (17 splits: one program per SM).
 _MAX_SPLITS = 128
-# The fused combine runs under the interpreter (CPU tests: programs in sequence) but is refused on a GPU: on
-# the H200 (2026-12-01) its output differed from the two-launch combine (tests/gpu/test_kv_cache_gpu.py,
-# fused_combine alone, 5000 keys, GQA 32/8). Likely cause, found offline (sm_90 SASS, triton 3.6): not an
-# ordering bug but FMA contraction. `cache_combine_kernel` was launched with fp fusion on (ptxas contracted
-# `l_sum += w * l` and `acc += o * w` into 17 FFMA per thread), the fused combine runs inside the attention
-# kernel, launched with it off (FMUL + FADD): two roundings vs one, not bit-equal; the interpreter (numpy)
-# never contracts, hence equal on CPU. The combine is now launched with fp fusion off too. Until a GPU run
-# confirms bit equality, fused_combine stays refused on GPUs unless HF_FP8_KV_FUSED_COMBINE=1 (benchmarks).
-_FUSED_COMBINE_REFUSED = ("config fused_combine is disabled on GPUs: its output differed from the two-launch "
-                          "combine on the H200 (likely the combine kernel's FMA contraction, fixed, not yet "
-                          "re-checked on a GPU; HF_FP8_KV_FUSED_COMBINE=1 allows it)")
+# The fused combine once differed from the two-launch combine on the H200: `cache_combine_kernel` ran with fp
+# fusion on (ptxas contracted `l_sum += w * l` and `acc += o * w` into FFMAs) and the fused one, inside the
+# attention kernel, with it off. Both run with it off since; on the H200 (session 6 of 2026-12-01, GQA 32/8,
+# 5000 keys, S_q 1/4/40, 5 and the default splits) the fused output equals the split-by-split combine's bit for
+# bit (tests/gpu/test_kv_cache_gpu.py guards it), and the wide combine's at S_q 1 and 4 (at 40 the wide one
+# sums the splits in tree order).
 CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine",
                "prefetch_desc", "exact_waves", "wide_combine", "widen_v", "keys_per_split")
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
@@ -205,7 +199,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     ignored with qk_fp8), one step per block_n keys with V's descales folded into P (P's fp16 rounding
     moves: ~2 dB lower SQNR where it dominates, 77 -> 75 dB on float32 CPU data); "fused_combine"
     (default False): the last split program of each row tile merges the splits, one launch instead of two
-    (interpreter only: refused on a GPU, see `_FUSED_COMBINE_REFUSED`); "prefetch_desc" (default: on at
+    (the split-by-split combine's arithmetic, bit for bit); "prefetch_desc" (default: on at
     block_n 64, the only block_n it takes): each iteration loads the next block's K/V descales, carried in
     registers (same values, same output; H200 graph-timed, session 5: 8x32k 0.159 -> 0.155 ms, 1x128k
     0.087 -> 0.085).
@@ -281,8 +275,6 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     qs[0], qs[1], qs[2], cos_strides[0], cos_strides[1], ks[0], ks[1], ds[0], ds[1], o_sb, o_ss,
                     H_kv, S_q, length, float(scale), keys_per_split)
 
-        if want_fused and query.is_cuda and os.environ.get("HF_FP8_KV_FUSED_COMBINE") != "1":
-            raise ValueError(_FUSED_COMBINE_REFUSED)
         counter = _counters(query.device, m_tiles * bh) if want_fused else out  # never read unless fused
         if num_splits is None:
             on_gpu = query.is_cuda and not interp

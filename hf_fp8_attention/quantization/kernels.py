@@ -363,6 +363,11 @@ def qkv_quantize_kernel(
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
         n_done = tl.atomic_add(done_ptr + grp2, 0, mask=has_p2, sem="acquire")
         amax_bits = tl.atomic_max(amax_ptr + grp2, 0, mask=has_p2, sem="relaxed")
+        if BLOCK_SCALES and not K_LIKE_Q:  # a k tile's block amax (and non-finite flag), read as early
+            k_slot2 = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + row2 // K_SCALE_BLOCK
+            k_p2 = has_p2 & (t2 == 1)
+            kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=k_p2, sem="relaxed")
+            kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=k_p2 & QK_INT8, sem="relaxed")
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
@@ -393,13 +398,14 @@ def qkv_quantize_kernel(
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             if BLOCK_SCALES and not K_LIKE_Q:
                 if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
+                    valid1 = (row1 + out_rows) < seq1
                     if HADAMARD_QK:
                         kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-                    else:
+                        k_m = tl.max(_block_amax(kx1, kx2, valid1, BLOCK_S, BLOCK_S))
+                    else:  # m: the same max over the same (finite, in-sequence) values
                         kx1, kx2 = x1, x2
-                    valid1 = (row1 + out_rows) < seq1
+                        k_m = m
                     slot = (b1 * H_KV + h1).to(tl.int64) * N_BLK_KV + row1 // K_SCALE_BLOCK
-                    k_m = tl.max(_block_amax(kx1, kx2, valid1, BLOCK_S, BLOCK_S))
                     tl.atomic_max(kblk_ptr + slot, k_m.to(tl.int32, bitcast=True), sem="relaxed")
                     if QK_INT8:
                         bad = tl.max(_block_nonfinite(kx1, kx2, valid1, BLOCK_S, BLOCK_S).to(tl.int32))
@@ -416,6 +422,9 @@ def qkv_quantize_kernel(
                 while n_done < grp2_tiles:
                     n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
                 amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
+                if BLOCK_SCALES and not K_LIKE_Q:
+                    kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=t2 == 1, sem="relaxed")
+                    kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=(t2 == 1) & QK_INT8, sem="relaxed")
             amax = amax_bits.to(tl.float32, bitcast=True)
             positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
             scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
@@ -445,13 +454,10 @@ def qkv_quantize_kernel(
                     row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
                                            (BLOCK_S,))
                 elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
-                    slot = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + row2 // K_SCALE_BLOCK
-                    k_amax = tl.atomic_max(kblk_ptr + slot, 0, sem="relaxed").to(tl.float32, bitcast=True)
-                    k_scale, k_descale = _block_scales(k_amax, QK_MAX)
+                    k_scale, k_descale = _block_scales(kb_bits.to(tl.float32, bitcast=True), QK_MAX)
                     if QK_INT8:
-                        bad = tl.atomic_max(kblk_ptr + n_kblk + slot, 0, sem="relaxed") > 0
-                        k_descale = tl.where(bad, float("nan"), k_descale)
-                    tl.store(k_blk_ptr + slot, k_descale, mask=row2 % K_SCALE_BLOCK == 0)
+                        k_descale = tl.where(kb_bad > 0, float("nan"), k_descale)
+                    tl.store(k_blk_ptr + k_slot2, k_descale, mask=row2 % K_SCALE_BLOCK == 0)
                     row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + k_scale
                 else:  # v: the group's
                     row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + scale

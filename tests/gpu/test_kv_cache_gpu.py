@@ -86,16 +86,28 @@ def test_attention_kernel_tracks_reference(s_q, shape):
     assert _sqnr(got, exact) > _sqnr(ref, exact) - 1.5
 
 
-def test_fused_combine_refused_on_gpu():
-    """fused_combine failed this module's bit-equality check on the H200 (2026-12-01): it is refused on GPUs."""
+def test_fused_combine_equals_split_by_split_combine():
+    """The fused combine (the last split program of a row tile merges, one launch) gives the split-by-split
+    combine kernel's output bit for bit (both without FMA contraction), at 5 and the default splits, and
+    leaves its arrival counters at zero."""
     from hf_fp8_attention.kv_cache import ops
 
+    B, H_q, H_kv, D, L = 2, 32, 8, 128, 5000
+    gen = torch.Generator(device=DEV).manual_seed(4)
     layer = FP8CacheLayer(impl="triton")
-    layer.append(*(torch.randn(1, 8, 5000, 128, device=DEV).bfloat16() for _ in range(2)), *_rope(5000, 0, 128))
-    q = torch.randn(1, 1, 32, 128, device=DEV).bfloat16()
-    with pytest.raises(ValueError, match="fused_combine is disabled"):
-        ops.cache_attention(q, *_rope(1, 4999, 128), layer.k8, layer.k_desc, layer.v8, layer.v_desc, 5000,
-                            scale=128**-0.5, impl="triton", config={"fused_combine": True})
+    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
+                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    for s_q in (1, 4, 40):
+        q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
+        args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+        for splits in (5, None):
+            fused = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
+                                        config={"fused_combine": True})
+            two = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
+                                      config={"wide_combine": False})
+            assert torch.equal(fused, two), (s_q, splits)
+    counters = ops._COUNTERS.get(torch.device(DEV, torch.cuda.current_device()))
+    assert counters is not None and not counters.any()
 
 
 @pytest.mark.parametrize("config", [dict(block_n=128), dict(block_n=256, num_warps=4, num_stages=2),
