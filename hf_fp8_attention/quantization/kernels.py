@@ -368,6 +368,10 @@ def qkv_quantize_kernel(
             k_p2 = has_p2 & (t2 == 1)
             kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=k_p2, sem="relaxed")
             kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=k_p2 & QK_INT8, sem="relaxed")
+        else:  # never read (P2's k branch runs only without K_LIKE_Q), but compiled: values of the same types
+            k_slot2 = grp2.to(tl.int64)
+            kb_bits = amax_bits
+            kb_bad = amax_bits
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
@@ -398,18 +402,17 @@ def qkv_quantize_kernel(
             tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
             if BLOCK_SCALES and not K_LIKE_Q:
                 if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
-                    valid1 = (row1 + out_rows) < seq1
                     if HADAMARD_QK:
                         kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-                        k_m = tl.max(_block_amax(kx1, kx2, valid1, BLOCK_S, BLOCK_S))
+                        k_m = tl.max(_block_amax(kx1, kx2, (row1 + out_rows) < seq1, BLOCK_S, BLOCK_S))
                     else:  # m: the same max over the same (finite, in-sequence) values
                         kx1, kx2 = x1, x2
                         k_m = m
                     slot = (b1 * H_KV + h1).to(tl.int64) * N_BLK_KV + row1 // K_SCALE_BLOCK
                     tl.atomic_max(kblk_ptr + slot, k_m.to(tl.int32, bitcast=True), sem="relaxed")
-                    if QK_INT8:
-                        bad = tl.max(_block_nonfinite(kx1, kx2, valid1, BLOCK_S, BLOCK_S).to(tl.int32))
-                        tl.atomic_max(kblk_ptr + n_kblk + slot, bad, sem="relaxed")
+                    if QK_INT8:  # flag a non-finite element (an atomic only where there is one)
+                        bad = tl.max(_block_nonfinite(kx1, kx2, BLOCK_S, BLOCK_S).to(tl.int32))
+                        tl.atomic_max(kblk_ptr + n_kblk + slot, 1, mask=bad > 0, sem="relaxed")
             tl.atomic_add(done_ptr + grp1, 1, sem="release")
         # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
         if has_p2:
@@ -445,7 +448,7 @@ def qkv_quantize_kernel(
                     blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
                     blk_scale, blk_descale = _block_scales(blk_amax, QK_MAX)
                     if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
-                        blk_descale = tl.where(_block_nonfinite(x1, x2, valid2, BLOCK_S, SCALE_BLOCK),
+                        blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, SCALE_BLOCK),
                                                float("nan"), blk_descale)
                     blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
                     n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)

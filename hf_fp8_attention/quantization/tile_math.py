@@ -29,12 +29,13 @@ def _to_int8(x, INT8_MAX: tl.constexpr):
 
 
 @triton.jit
-def _block_nonfinite(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
-    """Whether each SCALE_BLOCK rows of a tile (half tiles x1, x2; rows with `valid` False ignored) hold a
-    NaN or +-inf. (BLOCK_S // SCALE_BLOCK,) bool."""
-    bad = ((tl.abs(x1) < float("inf")) & (tl.abs(x2) < float("inf"))) == 0
-    bad = tl.where(valid[:, None], bad.to(tl.int32), 0)
-    return tl.max(tl.reshape(bad, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK * bad.shape[1])), 1) > 0
+def _block_nonfinite(x1, x2, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """Whether each SCALE_BLOCK rows of a tile (half tiles x1, x2; rows past the sequence must be 0) hold a
+    NaN or +-inf: x * 0 is NaN exactly there, so the block's sum of them is NaN (two operations per element;
+    the compare/select/max form took six). (BLOCK_S // SCALE_BLOCK,) bool."""
+    z = tl.sum(x1 * 0.0, 1) + tl.sum(x2 * 0.0, 1)
+    z = tl.sum(tl.reshape(z, (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)), 1)
+    return z != z
 
 
 @triton.jit
