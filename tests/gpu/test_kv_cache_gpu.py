@@ -183,9 +183,9 @@ def test_new_lengths_do_not_recompile(config):
     layer.append(torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16(),
                  torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16())
     q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
-    layer.attend(q, None, None, scale=0.1)  # warm: the split variant, the combine of <= 16 splits
-    layer.append(torch.randn(B, H_kv, 40000, D, device=DEV).bfloat16(), torch.randn(B, H_kv, 40000, D, device=DEV).bfloat16())
-    layer.attend(q, None, None, scale=0.1)  # the combine of > 16 splits (its second and last variant)
+    # the first split call (16 splits at 4000 keys) builds every variant: the split kernel and both wide
+    # combines (<= 16 and > 16 splits), so that crossing 16 splits later compiles nothing
+    layer.attend(q, None, None, scale=0.1)
     torch.cuda.synchronize()
     before = [_compiled_variants(fn) for fn in _cache_kernels()]
     for extra in (1, 17, 3000, 40000):
