@@ -51,7 +51,7 @@ MODES = {
     "qkv+smooth_k+smooth_v": {"hadamard": "qkv", "smooth_k": True, "smooth_v": True},
     # a Q/K scale per 16 tokens: the triton backend (reference on CPU) whatever backend the others use
     "block": {"qk_scales": "block"},
-    # int8 Q/K with a scale per 16 tokens (SageAttention's Q.K^T): the triton backend (reference on CPU)
+    # int8 Q/K with a scale per 16 (Q) / 128 (K) tokens (SageAttention's Q.K^T): the triton backend (reference on CPU)
     "int8": {"qk_format": "int8"},
     "int8+smooth_k": {"qk_format": "int8", "smooth_k": True},
     "int8+smooth_k+smooth_v": {"qk_format": "int8", "smooth_k": True, "smooth_v": True},

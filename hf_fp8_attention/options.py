@@ -50,7 +50,7 @@ class FP8AttentionOptions:
         else off (`for_keys` resolves it per call; `for_head_dim` alone takes it as off).
     qk_scales: "head" (one Q and one K scale per (batch, KV head), what FA3/FA4 take) or "block" (one per
         16 tokens of one head; backends that take them: triton, reference).
-    qk_format: "e4m3" or "int8": Q and K as int8 with a scale per 16 tokens of one head (so per-block
+    qk_format: "e4m3" or "int8": Q and K as int8 with a scale per 16 (Q) / 128 (K) tokens of one head (so per-block
         scales whatever qk_scales says), Q.K^T as an int8 dot with int32 accumulation (SageAttention's
         scheme; backends: triton, reference). V and P stay e4m3.
     """

@@ -117,7 +117,8 @@ def fp8_sdpa(
             16 tokens of one head, computed by the quantize kernel from the tiles it reads anyway: more
             accurate where a few tokens carry large values). "block" runs on the triton backend (reference
             on CPU); naming fa3/fa4 with it is an error.
-        qk_format: "e4m3" or "int8" (Q and K as int8 with a scale per 16 tokens, Q.K^T as an int8 dot with
+        qk_format: "e4m3" or "int8" (Q and K as int8 with a scale per 16 (Q) / 128 (K) tokens, one K scale per
+            key tile of the kernel, Q.K^T as an int8 dot with
             int32 accumulation, as SageAttention does; V and P stay e4m3). "int8" runs on the triton backend
             (reference on CPU); naming fa3/fa4 with it is an error.
     Returns:
