@@ -168,7 +168,7 @@ def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: di
     return hit
 
 
-# (device, dtype, GQA group, head dim, H_kv == 1): the wide combine's compiled variants (`_wide_chunk`) are
+# (device, dtype, GQA group, head dim, Triton's specialization of H_kv): the wide combine's variants (`_wide_chunk`) are
 # all built at the first split call of such a decode, so that a cache crossing 16 splits mid-generation does not
 # compile the second one between two tokens (0.3-0.4 s on the H200, session 6).
 _WIDE_WARMED: set = set()
@@ -323,7 +323,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             combine_args = (out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits)
             shape = dict(GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, enable_fp_fusion=False)
             wide = kernels.cache_combine_wide_kernel
-            warm_key = (query.device, query.dtype, group, D, H_kv == 1)
+            warm_key = (query.device, query.dtype, group, D, H_kv == 1, H_kv % 16 == 0)
             if warm_key not in _WIDE_WARMED and not interp:
                 for n in (16, _MAX_SPLITS):
                     c = _wide_chunk(n, dim_pad)

@@ -27,14 +27,16 @@ Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
   Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k.
 - Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix with tl.dot in
   P2 only, the (centred) rows rounded to the input dtype first so that the products with +-1 are exact
-  (one dot per half, no hi/lo split). P1 does not rotate: the group amax of a rotated tensor is the
+  (one dot per half, no hi/lo split). P1 does not rotate for the group amax: that of a rotated tensor is the
   power-of-two ceiling of max_row min(||x||_2, ||x||_1 / sqrt(D)) >= max |x H| (`tile_math._pow2_norm_bound`),
   so P1 costs two row reductions, not a matmul. For near-Gaussian rows this is ~3-6x the true amax of the
   rotated row (~2^2-2^3); e4m3 is a float format, so that moves the values' exponents, not their relative
   precision, and the smallest elements that become subnormal carry ~1e-4 of the energy. (||x||_2 alone was
   up to 2 sqrt(D) too large for a one-channel spike, which made the rotation worse than none on massive
   activations in a CPU check.)
-  Per-block scales (BLOCK_SCALES, int8) are still the exact amax of each rotated block, from P2's tile.
+  Per-block scales (BLOCK_SCALES) are the exact amax of each rotated block: q's (and e4m3 k's, 16 rows) from
+  P2's tile; int8 k's 128-row blocks span tiles, so P1 merges each K tile's exact amax into its block's
+  workspace slot, rotating the K tile (one more dot per K tile) when k is rotated.
 
 The kernel takes pointers, strides and constexprs only; the launcher is `qkv.py`. Launch it with
 `enable_fp_fusion=False` so that the RoPE mul/mul/add rounds like the torch reference (no FMA

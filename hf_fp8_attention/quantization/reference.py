@@ -251,7 +251,8 @@ def quantize_qkv_fp8_varlen_reference(
         pad_to = lambda t, n: torch.nn.functional.pad(t, (0, n - t.shape[-1]), value=1.0)  # noqa: E731
         blocks = dict(
             q_block_descale=torch.cat([pad_to(p.q_block_descale, cdiv(max_seqlen_q, SCALE_BLOCK)) for p in parts]),
-            k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, k_scale_block(options.int8_qk))) for p in parts]),
+            k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, k_scale_block(options.int8_qk)))
+                                       for p in parts]),
         )
     return QuantizedQKV(
         cat("q", 1), cat("k", 1), cat("v", 1), cat("q_descale"), cat("k_descale"), cat("v_descale"),

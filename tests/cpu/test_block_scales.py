@@ -89,9 +89,9 @@ def test_kernel_block_scales_with_modes_and_varlen():
     (40, 40, True, {"BLOCK_M": 16, "BLOCK_N": 32}),
     (24, 70, False, {"BLOCK_M": 32, "BLOCK_N": 16}),
     (1, 100, True, {"BLOCK_M": 16, "BLOCK_N": 16, "num_splits": 3}),
-    # int8's 128-token K blocks over several key tiles, and a split boundary inside one
+    # int8's 128-token K blocks over several key tiles, and split boundaries inside them (96-key splits)
     (24, 300, True, {"BLOCK_M": 32, "BLOCK_N": 32}),
-    (1, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 3}),
+    (1, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 4}),
 ])
 def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config, options):
     from hf_fp8_attention.backends.triton import _launch

@@ -99,7 +99,34 @@ def test_kernel_matches_reference_varlen_smooth_and_non_finite():
 
 
 @kernel_test
-@pytest.mark.usefixtures("_interpreter_bf16_dot")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth_k"])
+def test_varlen_k_blocks_over_tiles(smooth):
+    """Packed sequences, D=128 (64-row tiles, two per 128-token K block): a block's amax and its non-finite
+    flag are merged over its tiles, raised by a tile that does not store the descale, and a short
+    sequence's tail tiles touch nothing of the others."""
+    lengths = [150, 5, 200]
+    g = torch.Generator().manual_seed(0)
+    qp, kp, vp = (torch.randn(sum(lengths), h, 128, generator=g).bfloat16() for h in (4, 2, 2))
+    kp[70, 0, 9] = float("inf")  # sequence 0, block 0, its second tile
+    kp[155 + 195, 1, 3] = float("nan")  # sequence 2, block 1, its second tile
+    kp[155 + 100, 0, :] *= 50  # a loud token: sequence 2, block 0, second tile
+    cu = torch.tensor([0, 150, 155, 355], dtype=torch.int32)
+    options = FP8AttentionOptions(qk_format="int8", smooth_k=smooth)
+    args = (qp, kp, vp, cu, cu, 200, 200)
+    got, ref = quantize_qkv_fp8_varlen(*args, options=options), quantize_qkv_fp8_varlen_reference(*args, options=options)
+    assert got.k_block_descale.shape == ref.k_block_descale.shape == (3, 2, 2)
+    assert torch.isnan(got.k_block_descale[0, 0, 0]) and torch.isnan(got.k_block_descale[2, 1, 1])
+    assert int(torch.isnan(got.k_block_descale).sum()) == 2
+    for i, n in enumerate(lengths):
+        nb = -(-n // 128)
+        torch.testing.assert_close(got.k_block_descale[i, :, :nb], ref.k_block_descale[i, :, :nb],
+                                   rtol=0 if not smooth else 1e-5, atol=0, equal_nan=True)
+    # smooth_k: the kernel's mean sums in another order, a code may move by one step
+    assert (got.k.int() - ref.k.int()).abs().max() <= int(smooth) and torch.equal(got.q, ref.q)
+
+
+@kernel_test
 def test_kernel_matches_reference_rotated():
     """hadamard="qk" with int8: a K block's scale is the exact amax of its rotated rows, merged over its
     tiles (D=128: 64-row tiles, two per 128-token block) in the first pass."""
