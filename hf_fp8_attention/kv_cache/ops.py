@@ -97,6 +97,11 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # allocated inside a capture, the buffer would live in the graph's private pool and its zero-fill
+            # would only run at replay: later eager calls would share memory the graph owns
+            raise RuntimeError("fused_combine's arrival counters are allocated on its first call, which may not be "
+                               "inside a CUDA-graph capture: run one fused_combine call of this size eagerly first")
         buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 

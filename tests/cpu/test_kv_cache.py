@@ -184,6 +184,18 @@ def test_attention_kernel_keys_per_iteration(block_n, qk_fp8, s_q):
     assert not ops._COUNTERS[torch.device("cpu")].any()
 
 
+def test_fused_combine_counters_not_allocated_in_a_capture(monkeypatch):
+    """The counters buffer is allocated eagerly: a first allocation inside a CUDA-graph capture is an error
+    that says what to do (the check itself is device-independent; CUDA-ness is stood in for here)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(ops, "_COUNTERS", {})
+    device = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="eagerly first"):
+        ops._counters(device, 16)
+    monkeypatch.setattr(ops, "_COUNTERS", {device: torch.zeros(4096, dtype=torch.int32)})
+    assert ops._counters(device, 16) is ops._COUNTERS[device]  # already there: no allocation, no error
+
+
 def test_fused_combine_over_several_row_tiles():
     """Chunked prefill rows (40 queries x GQA 4: two 128-row tiles), 3 splits: each tile's last split program
     merges its own rows; equal to the combine kernel's result."""
