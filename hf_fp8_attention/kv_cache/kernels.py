@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..quantization.tile_math import _finite_abs, _to_fp8
+from ..quantization.tile_math import _amax_scales, _finite_abs, _to_fp8
 
 LOG2E = 1.4426950408889634
 
@@ -71,9 +71,7 @@ def _write_one(
     x2 = tl.where(from_tail[:, None], t2, s2)
     ok = valid[:, None] & d_ok[None, :]
     amax = tl.max(tl.max(tl.where(ok, tl.maximum(_finite_abs(x1), _finite_abs(x2)), 0.0), 1), 0)
-    positive = amax > 0
-    scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
-    descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
+    scale, descale = _amax_scales(amax, FP8_MAX)
     tl.store(Dst + dst_rows[:, None] + offs_d[None, :], _to_fp8(x1 * scale, FP8_MAX), mask=ok)
     tl.store(Dst + dst_rows[:, None] + (offs_d + HALF)[None, :], _to_fp8(x2 * scale, FP8_MAX), mask=ok)
     tl.store(Desc + desc_off, descale)
@@ -319,9 +317,8 @@ def cache_attn_kernel(
         q = q * c + tl.where(first[None, :], -qp, qp) * s
     # one scale per row in both modes (fp16 has range to spare, but a row of huge activations would not)
     q_amax = tl.max(_finite_abs(q), 1)
-    positive = q_amax > 0
-    q_scale = tl.where(positive, tl.math.div_rn(FP8_MAX, q_amax), 1.0)
-    row_scale = tl.where(positive, tl.math.div_rn(q_amax, FP8_MAX), 1.0) * (sm_scale * 1.4426950408889634)
+    q_scale, q_descale = _amax_scales(q_amax, FP8_MAX)
+    row_scale = q_descale * (sm_scale * 1.4426950408889634)
     if QK_FP8:
         q_op = _to_fp8(q * q_scale[:, None], FP8_MAX)
     else:

@@ -173,18 +173,19 @@ def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: di
     return hit
 
 
-# (device, dtype, GQA group, head dim, Triton's specialization of H_kv): the wide combine's variants (`_wide_chunk`) are
+# (device, dtype, GQA group, head dim, Triton's specialization of H_kv): the wide combine's variants (`_wide_variant`) are
 # all built at the first split call of such a decode, so that a cache crossing 16 splits mid-generation does not
 # compile the second one between two tokens (0.3-0.4 s on the H200, session 6).
 _WIDE_WARMED: set = set()
 
 
-def _wide_chunk(num_splits: int, dim_pad: int) -> int:
-    """Splits per chunk of `cache_combine_wide_kernel`: two compiled variants at most, whatever the length. Up
-    to 16 splits one 16-split chunk (4 warps), more in one 128-split chunk at D <= 128 (8 warps; H200 1x128k,
-    66 splits: 16-split chunks took ~5 us more, 0.090 vs 0.086 ms) or 32-split chunks at D=256 (a 128-split
-    tile spilled there)."""
-    return 16 if num_splits <= 16 else (_MAX_SPLITS if dim_pad <= 128 else 32)
+def _wide_variant(num_splits: int, dim_pad: int) -> dict:
+    """CHUNK (splits per chunk) and num_warps of `cache_combine_wide_kernel`: two compiled variants at most,
+    whatever the length. Up to 16 splits one 16-split chunk (4 warps), more in one 128-split chunk at D <= 128
+    (8 warps; H200 1x128k, 66 splits: 16-split chunks took ~5 us more, 0.090 vs 0.086 ms) or 32-split chunks
+    at D=256 (a 128-split tile spilled there)."""
+    chunk = 16 if num_splits <= 16 else (_MAX_SPLITS if dim_pad <= 128 else 32)
+    return dict(CHUNK=chunk, num_warps=8 if chunk > 32 else 4)
 
 
 _GPU = None
@@ -331,11 +332,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             warm_key = (query.device, query.dtype, group, D, H_kv == 1, H_kv % 16 == 0)
             if warm_key not in _WIDE_WARMED and not interp:
                 for n in (16, _MAX_SPLITS):
-                    c = _wide_chunk(n, dim_pad)
-                    wide.warmup(*combine_args, grid=(1,), CHUNK=c, num_warps=8 if c > 32 else 4, **shape)
+                    wide.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
                 _WIDE_WARMED.add(warm_key)
-            chunk = _wide_chunk(num_splits, dim_pad)
-            wide[(n_rows, bh)](*combine_args, CHUNK=chunk, num_warps=8 if chunk > 32 else 4, **shape)
+            wide[(n_rows, bh)](*combine_args, **_wide_variant(num_splits, dim_pad), **shape)
         elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))
             kernels.cache_combine_kernel[(cdiv(n_rows, block_r), bh)](

@@ -46,7 +46,7 @@ contraction), which keeps the amax, and so the descales, bit-identical.
 import triton
 import triton.language as tl
 
-from .tile_math import (_block_amax, _block_nonfinite, _block_scales, _finite_abs, _hadamard, _pow2_norm_bound,
+from .tile_math import (_amax_scales, _block_amax, _block_nonfinite, _finite_abs, _hadamard, _pow2_norm_bound,
                         _sign_matrix, _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
@@ -430,10 +430,7 @@ def qkv_quantize_kernel(
                 if BLOCK_SCALES and not K_LIKE_Q:
                     kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=t2 == 1, sem="relaxed")
                     kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=(t2 == 1) & QK_INT8, sem="relaxed")
-            amax = amax_bits.to(tl.float32, bitcast=True)
-            positive = amax > 0.0  # an all-zero (or all non-finite) group: scale 1
-            scale = tl.where(positive, tl.math.div_rn(FP8_MAX, amax), 1.0)
-            descale = tl.where(positive, tl.math.div_rn(amax, FP8_MAX), 1.0)
+            scale, descale = _amax_scales(amax_bits.to(tl.float32, bitcast=True), FP8_MAX)
             tl.store(descale_ptr + grp2, descale, mask=first2)
             x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
             if SMOOTH_K or SMOOTH_V:
@@ -448,7 +445,7 @@ def qkv_quantize_kernel(
                 if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
                     valid2 = (row2 + out_rows) < seq2
                     blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
-                    blk_scale, blk_descale = _block_scales(blk_amax, QK_MAX)
+                    blk_scale, blk_descale = _amax_scales(blk_amax, QK_MAX)
                     if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
                         blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, SCALE_BLOCK),
                                                float("nan"), blk_descale)
@@ -459,7 +456,7 @@ def qkv_quantize_kernel(
                     row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
                                            (BLOCK_S,))
                 elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
-                    k_scale, k_descale = _block_scales(kb_bits.to(tl.float32, bitcast=True), QK_MAX)
+                    k_scale, k_descale = _amax_scales(kb_bits.to(tl.float32, bitcast=True), QK_MAX)
                     if QK_INT8:
                         k_descale = tl.where(kb_bad > 0, float("nan"), k_descale)
                     tl.store(k_blk_ptr + k_slot2, k_descale, mask=row2 % K_SCALE_BLOCK == 0)

@@ -49,12 +49,12 @@ def _block_amax(x1, x2, valid, BLOCK_S: tl.constexpr, SCALE_BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _block_scales(amax, QK_MAX: tl.constexpr):
-    """(scale, descale) of block amaxes (any shape): QK_MAX / amax and amax / QK_MAX, correctly rounded, or 1
-    and 1 for an all-zero block."""
+def _amax_scales(amax, MAX: tl.constexpr):
+    """(scale, descale) of amaxes (any shape; a group's, a block's, a row's): MAX / amax and amax / MAX,
+    correctly rounded, or 1 and 1 where the amax is 0 (all-zero or all non-finite values)."""
     positive = amax > 0.0
-    return (tl.where(positive, tl.math.div_rn(QK_MAX, amax), 1.0),
-            tl.where(positive, tl.math.div_rn(amax, QK_MAX), 1.0))
+    return (tl.where(positive, tl.math.div_rn(MAX, amax), 1.0),
+            tl.where(positive, tl.math.div_rn(amax, MAX), 1.0))
 
 
 @triton.jit
