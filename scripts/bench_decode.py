@@ -581,7 +581,7 @@ def cache_config_fn(x: AttentionShape, config: dict, num_splits: int | None = No
     layer = x.layer
     return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, layer.k8, layer.k_desc, layer.v8, layer.v_desc,
                                        layer.length, scale=x.scale, impl=layer.impl, config=config,
-                                       num_splits=num_splits)[:, 0]
+                                       num_splits=num_splits, rotate=layer.rotate)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:
@@ -828,7 +828,7 @@ def run_sweep(args, notes: list[str]) -> dict:
     def step(x, config):
         return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, x.layer.k8, x.layer.k_desc, x.layer.v8,
                                            x.layer.v_desc, x.layer.length, scale=x.scale, impl="triton",
-                                           config=config)[:, 0]
+                                           config=config, rotate=x.layer.rotate)[:, 0]
 
     def measure(sh, config, rep_ms, warmup_ms):
         """(ms, sqnr) of one config at one shape; raises what the kernel raises."""

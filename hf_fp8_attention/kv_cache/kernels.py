@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..quantization.tile_math import _amax_scales, _finite_abs, _to_fp8
+from ..quantization.tile_math import _amax_scales, _finite_abs, _hadamard, _sign_matrix, _to_fp8
 
 LOG2E = 1.4426950408889634
 
@@ -45,11 +45,14 @@ LOG2E = 1.4426950408889634
 def _write_one(
     Src, Tail_in, Tail_out, Dst, Desc, Cos, Sin,
     src_rows, tail_rows, dst_rows, cos_rows, desc_off, from_tail, from_src, valid, keep_tail, offs_d, d_ok,
-    HALF: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
+    HALF: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr, ROTATE: tl.constexpr = False,
+    INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
 ):
     """One KV_BLOCK-token block of one head of K or V: gather it (tail rows + new rows, the new ones rotated
-    with APPLY_ROPE), quantize with one scale, store codes and descale, and the float32 values into
-    Tail_out where `keep_tail`. Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather."""
+    with APPLY_ROPE, then by the normalised Hadamard matrix with ROTATE), quantize with one scale, store codes
+    and descale, and the float32 values into Tail_out where `keep_tail` (rotated: the tail holds the values
+    as stored). Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather, and the rotation
+    is two half-size dots (`_hadamard`, the quantize kernel's; HALF a power of two)."""
     src_mask = from_src[:, None] & d_ok[None, :]
     s1 = tl.load(Src + src_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
     s2 = tl.load(Src + src_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
@@ -64,6 +67,8 @@ def _write_one(
         r2 = s2 * c2 + s1 * n2
         s1 = r1
         s2 = r2
+    if ROTATE:  # rows not from Src are 0 here and stay 0 (the tail's rows were rotated when written)
+        s1, s2 = _rotate_halves(s1, s2, Src.dtype.element_ty, INV_SQRT_D, ROT_F32)
     tail_mask = from_tail[:, None] & d_ok[None, :]
     t1 = tl.load(Tail_in + tail_rows[:, None] + offs_d[None, :], mask=tail_mask, other=0.0)
     t2 = tl.load(Tail_in + tail_rows[:, None] + (offs_d + HALF)[None, :], mask=tail_mask, other=0.0)
@@ -80,6 +85,19 @@ def _write_one(
     tl.store(Tail_out + tail_rows[:, None] + (offs_d + HALF)[None, :], x2, mask=keep)
 
 
+@triton.jit
+def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr):
+    """(x1, x2) @ (H_D / sqrt(D)) by `_hadamard`, x rounded to the input ``dtype`` (exact products with the
+    +-1 signs: what `reference.rotate` computes), or in float32 with ROT_F32: the CPU interpreter's bf16
+    dots are wrong, so its bf16 runs rotate in float32 (no bf16 rounding of x: close to the reference, not
+    bit for bit)."""
+    if ROT_F32:
+        r1, r2 = _hadamard(x1, x2, _sign_matrix(x1.shape[1], tl.float32), INV_SQRT_D)
+    else:
+        r1, r2 = _hadamard(x1, x2, _sign_matrix(x1.shape[1], dtype), INV_SQRT_D)
+    return r1, r2
+
+
 @triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h"])
 def cache_write_kernel(
     K_src, V_src, Cos, Sin, K8, V8, K_desc, V_desc, K_tail_in, V_tail_in, K_tail_out, V_tail_out,
@@ -87,7 +105,8 @@ def cache_write_kernel(
     stride_cache_b, stride_cache_h, stride_desc_b, stride_desc_h,
     H, length, n_new,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr, ROTATE_K: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0,
+    ROT_F32: tl.constexpr = False,
 ):
     """Grid: (number of blocks touched, B * H).
 
@@ -96,7 +115,9 @@ def cache_write_kernel(
     the tail buffer (its float32 value), one in [length, length + n_new) from K_src/V_src (B, n_new, H, D)
     strided views with unit stride over D (K rotated with Cos/Sin (B or 1, n_new, D) when APPLY_ROPE).
     Tail buffers: (B, H, KV_BLOCK, D) float32 contiguous, Tail_in read, Tail_out written with the partial
-    last block (two buffers: another program may still read Tail_in).
+    last block (two buffers: another program may still read Tail_in). ROTATE_K (power-of-two HEAD_DIM): K is
+    stored rotated by the normalised Hadamard matrix after RoPE (`cache_attn_kernel` rotates Q with
+    ROTATE_Q: the scores are unchanged, K's outlier channels are spread before the e4m3 rounding).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -121,7 +142,8 @@ def cache_write_kernel(
     cos_rows = b64 * stride_cb + j * stride_cs
     _write_one(K_src, K_tail_in, K_tail_out, K8, K_desc, Cos, Sin,
                b64 * stride_kb + j * stride_ks + h * stride_kh, tail_rows, dst_rows, cos_rows, desc_off,
-               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, APPLY_ROPE, FP8_MAX)
+               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, APPLY_ROPE, FP8_MAX, ROTATE_K,
+               INV_SQRT_D, ROT_F32)
     _write_one(V_src, V_tail_in, V_tail_out, V8, V_desc, Cos, Sin,
                b64 * stride_vb + j * stride_vs + h * stride_vh, tail_rows, dst_rows, cos_rows, desc_off,
                from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
@@ -268,6 +290,7 @@ def cache_attn_kernel(
     APPLY_ROPE: tl.constexpr, QK_FP8: tl.constexpr, SPLIT: tl.constexpr, FP8_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
     FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
+    ROTATE_Q: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -287,6 +310,9 @@ def cache_attn_kernel(
     PREFETCH_DESC (BLOCK_N == KV_BLOCK): the next block's K and V descales are loaded at the top of each
     iteration and carried to it (registers), so no descale load is waited on inside the softmax step (the
     V descale was a plain global load in the loop, its latency exposed once per block); same values.
+    ROTATE_Q (a cache written with ROTATE_K; power-of-two HEAD_DIM): the queries are rotated by the same
+    normalised Hadamard matrix after RoPE, as half tiles (`_hadamard`), then joined back into one tile.
+    INV_SQRT_D: HEAD_DIM ** -0.5 (with ROTATE_K / ROTATE_Q); ROT_F32: see `_rotate_halves` (interpreter).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -306,8 +332,26 @@ def cache_attn_kernel(
     # ---- the query tile: RoPE in float32, then e4m3 per row (QK_FP8) or bf16 ----
     q_rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    if APPLY_ROPE:
+    if ROTATE_Q:
+        tl.static_assert(HEAD_DIM == HEAD_DIM_PAD)
+        offs_h = tl.arange(0, HALF)
+        q1 = tl.load(Q + q_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(Q + q_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if APPLY_ROPE:  # the formula below, on half tiles (x + (-y) * s is x - y * s exactly)
+            c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
+            c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            r1 = q1 * c1 - q2 * n1
+            r2 = q2 * c2 + q1 * n2
+            q1 = r1
+            q2 = r2
+        q1, q2 = _rotate_halves(q1, q2, Q.dtype.element_ty, INV_SQRT_D, ROT_F32)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))  # [q1 | q2]
+    else:
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    if APPLY_ROPE and not ROTATE_Q:
         first = offs_d < HALF
         partner = tl.where(first, offs_d + HALF, offs_d - HALF)
         qp = tl.load(Q + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)

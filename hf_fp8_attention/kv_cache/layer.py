@@ -8,6 +8,11 @@ Two ways in:
 - any other model or attention: transformers calls `update` with rotated keys; it appends them and hands
   back the whole cache dequantized to the model dtype (correct, but a bf16 copy per call: no speedup).
 
+Hadamard rotation (``hadamard``, default on where the head_dim is a power of two in [32, 256]): K is stored
+rotated by the normalised Hadamard matrix after RoPE and the queries get the same rotation in the attention
+kernel, as the per-call path's default `hadamard="qk"` does: the scores are unchanged and K's outlier channels
+are spread over all channels before the e4m3 rounding. `dequantize` rotates K back.
+
 Memory: 1 byte per K/V element plus 4 bytes per block descale (0.05% at D=128), a (2, B, H, KV_BLOCK, D)
 float32 tail per layer, and up to ~3% spare capacity (the storage grows in steps, not per token).
 """
@@ -19,6 +24,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .._constants import FP8_DTYPE, KV_BLOCK
 from .._intmath import cdiv
+from ..quantization.hadamard import hadamard_matrix
 from . import ops
 from .reference import dequantize
 
@@ -64,16 +70,20 @@ class FP8CacheLayer(CacheLayerMixin):
 
     ``keys`` / ``values`` are the e4m3 codes of the cached tokens, (B, H, length, D) views (what generic code
     inspecting a cache layer reads for shapes and devices); `dequantize` gives the values. ``impl`` forces
-    "triton" or "torch" (tests); None picks from the device at the first write.
+    "triton" or "torch" (tests); None picks from the device at the first write. ``hadamard``: store K rotated
+    (and rotate the queries); None: on where the head_dim allows it (`ops.rotatable`), decided at the first
+    write; True with a head_dim that does not allow it is an error there.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, impl: str | None = None, **kwargs):
+    def __init__(self, impl: str | None = None, hadamard: bool | None = None, **kwargs):
         super().__init__()
         self.impl = impl
+        self.hadamard = hadamard
+        self.rotate = False  # resolved from hadamard and the head_dim at the first write
         self.length = 0
         self.dtype = None
         self.k8 = self.v8 = self.k_desc = self.v_desc = self.tails = None
@@ -90,6 +100,10 @@ class FP8CacheLayer(CacheLayerMixin):
         self.dtype = key_states.dtype
         if self.impl is None:
             self.impl = _impl_for(self.device)
+        if self.hadamard and not ops.rotatable(D):
+            raise ValueError(f"FP8CacheLayer(hadamard=True) needs a power-of-two head_dim in [32, 256], got {D}; "
+                             "use hadamard=False or None")
+        self.rotate = ops.rotatable(D) if self.hadamard is None else bool(self.hadamard)
         self._allocate(B, H, D, 0)
         self.is_initialized = True
 
@@ -151,7 +165,7 @@ class FP8CacheLayer(CacheLayerMixin):
         tail_in = self.tails[self._tail_index]
         tail_out = tail_in if self.impl == "torch" else self.tails[1 - self._tail_index]
         ops.write_blocks(key, value, cos, sin, self.k8, self.v8, self.k_desc, self.v_desc, tail_in, tail_out,
-                         self.length, impl=self.impl)
+                         self.length, impl=self.impl, rotate=self.rotate)
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
@@ -163,9 +177,12 @@ class FP8CacheLayer(CacheLayerMixin):
         return self.dequantize()
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached keys and values in the model dtype, (B, H, length, D)."""
-        return (dequantize(self.k8, self.k_desc, self.length).to(self.dtype),
-                dequantize(self.v8, self.v_desc, self.length).to(self.dtype))
+        """The cached keys and values in the model dtype, (B, H, length, D) (keys rotated back when stored
+        rotated: the normalised Hadamard matrix is its own inverse)."""
+        keys = dequantize(self.k8, self.k_desc, self.length)
+        if self.rotate:
+            keys = keys @ hadamard_matrix(keys.shape[-1], device=keys.device)
+        return keys.to(self.dtype), dequantize(self.v8, self.v_desc, self.length).to(self.dtype)
 
     # --- reads ---------------------------------------------------------------------------------------------
 
@@ -174,7 +191,7 @@ class FP8CacheLayer(CacheLayerMixin):
         """Attention of new queries (B, S_q, H_q, D), the last S_q cached positions (causal), against the
         cache -> (B, S_q, H_q, D) in query's dtype. cos/sin rotate the queries first (un-rotated input)."""
         return ops.cache_attention(query, cos, sin, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
-                                   scale=scale, impl=self.impl, qk_fp8=qk_fp8)
+                                   scale=scale, impl=self.impl, qk_fp8=qk_fp8, rotate=self.rotate)
 
     # --- what transformers' Cache and generate call ------------------------------------------------------
 
@@ -255,13 +272,14 @@ class FP8Cache(DynamicCache):
     `FP8CacheLayer`, sliding-window layers transformers' bf16 `DynamicSlidingWindowLayer` (their window
     is kept), and ``fp8_layers`` (a set of layer indices) restricts fp8 storage further (the others get
     a bf16 `DynamicLayer`). Without a config every layer is an `FP8CacheLayer`, created on first use.
-    ``impl``: "triton" / "torch" to force the kernels or their torch reference (tests).
+    ``impl``: "triton" / "torch" to force the kernels or their torch reference (tests). ``hadamard``: the
+    fp8 layers' K/Q rotation (`FP8CacheLayer`; None: on where the head_dim allows it).
     """
 
-    def __init__(self, config=None, fp8_layers=None, impl: str | None = None):
+    def __init__(self, config=None, fp8_layers=None, impl: str | None = None, hadamard: bool | None = None):
         self.impl = impl
         if config is None:
-            super(DynamicCache, self).__init__(layer_class_to_replicate=_replicator(impl))
+            super(DynamicCache, self).__init__(layer_class_to_replicate=_replicator(impl, hadamard))
             return
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layers = []
@@ -269,7 +287,7 @@ class FP8Cache(DynamicCache):
             if kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window))
             elif kind == "full_attention" and (fp8_layers is None or idx in fp8_layers):
-                layers.append(FP8CacheLayer(impl=impl))
+                layers.append(FP8CacheLayer(impl=impl, hadamard=hadamard))
             else:
                 layers.append(DynamicLayer())
         super(DynamicCache, self).__init__(layers=layers)
@@ -294,10 +312,11 @@ class FP8Cache(DynamicCache):
 
 
 class _replicator:
-    """A picklable zero-argument factory of `FP8CacheLayer(impl)` for `Cache.layer_class_to_replicate`."""
+    """A picklable zero-argument factory of `FP8CacheLayer(impl, hadamard)` for `Cache.layer_class_to_replicate`."""
 
-    def __init__(self, impl):
+    def __init__(self, impl, hadamard=None):
         self.impl = impl
+        self.hadamard = hadamard
 
     def __call__(self):
-        return FP8CacheLayer(impl=self.impl)
+        return FP8CacheLayer(impl=self.impl, hadamard=self.hadamard)

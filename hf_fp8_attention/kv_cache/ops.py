@@ -19,18 +19,40 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str) -> None:
+def _check_rotatable(D: int) -> None:
+    if not rotatable(D):
+        raise ValueError(f"the fp8 cache's Hadamard rotation needs a power-of-two head_dim in [32, 256], got {D}")
+
+
+def rotatable(head_dim: int) -> bool:
+    """Whether the cache can rotate K and Q by the Hadamard matrix at this head_dim (a power of two; the
+    kernels' half-tile dots need D / 2 >= 16)."""
+    return 32 <= head_dim <= 256 and not head_dim & (head_dim - 1)
+
+
+def _interp_bf16(dtype: torch.dtype) -> bool:
+    """bf16 under the CPU interpreter, whose bf16 dots are wrong: the kernels rotate in float32 there."""
+    return dtype == torch.bfloat16 and _gpu_parts()[1]()
+
+
+def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
+                 rotate: bool) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
-    first when given) into k8/v8 (B, H, capacity, D) e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK),
-    re-quantizing the partial block at ``length`` from tail_in (2, B, H, KV_BLOCK, D) float32 (K, V) and
-    leaving the new partial block's float32 values in tail_out (may be tail_in for impl="torch")."""
+    first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
+    e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
+    tail_in (2, B, H, KV_BLOCK, D) float32 (K, V) and leaving the new partial block's float32 values in
+    tail_out (may be tail_in for impl="torch")."""
     n = key.shape[2]
     b0 = length // KV_BLOCK * KV_BLOCK
+    if rotate:
+        _check_rotatable(key.shape[-1])
     if impl == "torch":
         r = length - b0
         k = key.float()
         if cos is not None:
             k = reference.apply_rope_reference(k, cos, sin)
+        if rotate:
+            k = reference.rotate(k, key.dtype)
         kx = torch.cat((tail_in[0, :, :, :r], k), dim=2)
         vx = torch.cat((tail_in[1, :, :, :r], value.float()), dim=2)
         end_full = (r + n) // KV_BLOCK * KV_BLOCK
@@ -58,6 +80,7 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             cs[0], cs[1], ds[0], ds[1],
             H, length, n,
             HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
+            ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=_interp_bf16(key.dtype),
             num_warps=4, enable_fp_fusion=False,
         )
 
@@ -205,9 +228,12 @@ def _gpu_parts():
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
                     qk_fp8: bool | None = None, num_splits: int | None = None,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, rotate: bool) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
+    rotate (required: a mismatch with the cache would be silently wrong): the cache's keys were written with
+    ``rotate`` (`write_blocks`; `FP8CacheLayer.rotate`), and the queries get the same Hadamard rotation after
+    RoPE.
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks one wave of programs
     from the compiled kernel's residency and the GPU's SM count (`pick_num_splits`, `_residency`; the
@@ -253,9 +279,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     n_rows = S_q * group
     if qk_fp8 is None:
         qk_fp8 = n_rows > FP16_MAX_ROWS
+    if rotate:
+        _check_rotatable(D)
     if impl == "torch":
         return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
-                                                   qk_fp8=qk_fp8)
+                                                   qk_fp8=qk_fp8, rotate=rotate)
     on_device, interpreting, num_sms, kernels = _gpu_parts()
     # Host time matters here (one decode step is tens of microseconds of GPU time): strides read once per
     # tensor, one workspace allocation for the split partials.
@@ -283,6 +311,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             TILE_SOFTMAX=bool(config.get("tile_softmax", False)), FUSED_COMBINE=want_fused,
             PREFETCH_DESC=bool(config.get("prefetch_desc", config.get("block_n", KV_BLOCK) == KV_BLOCK)),
             WIDEN_V=bool(config.get("widen_v", True)) and not interp,
+            ROTATE_Q=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=interp and query.dtype == torch.bfloat16,
             # 2 warps for decode tiles (H200 sweeps, docs/results/kv_cache_debug_sweep_h200.log and
             # decode_flags_h200_s5.log: 2 warps beat 4 at every decode shape)
             num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),

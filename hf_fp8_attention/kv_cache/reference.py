@@ -10,7 +10,13 @@ import torch
 
 from .._constants import FP8_DTYPE, KV_BLOCK
 from .._intmath import cdiv
-from ..quantization.reference import _finite_abs, _scales, _to_fp8, apply_rope_reference, quantize_blocks_bhsd
+from ..quantization.reference import _finite_abs, _rotate, _scales, _to_fp8, apply_rope_reference, quantize_blocks_bhsd
+
+
+def rotate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (..., D) float32 @ (H_D / sqrt(D)) as the cache kernels rotate K (write) and Q (attention): rows rounded to
+    ``dtype`` (the input's) first, float32 sums (the quantize kernel's rotation, `quantization.reference`)."""
+    return _rotate(x, dtype)
 
 
 def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,19 +32,22 @@ def dequantize(codes: torch.Tensor, descale: torch.Tensor, length: int) -> torch
 
 
 def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float,
-                              qk_fp8: bool) -> torch.Tensor:
+                              qk_fp8: bool, rotate: bool = False) -> torch.Tensor:
     """What `cache_attn_kernel` computes, with one softmax max per row instead of the online one.
 
     query (B, S_q, H_q, D) un-rotated when cos/sin (B or 1, S_q, D) are given; the queries are the last S_q
     of the ``length`` cached keys (bottom-right causal). Each query row (position, head) is scaled to an amax of
     448; qk_fp8: Q and P rounded to e4m3, else to fp16. Scores in base 2 with FA3's max offset
-    8 (P in [0, 256]), the row sum of the unrounded P. Returns (B, S_q, H_q, D) in query's dtype.
+    8 (P in [0, 256]), the row sum of the unrounded P. rotate: the cache holds Hadamard-rotated keys; the
+    queries are rotated the same way after RoPE (`rotate`). Returns (B, S_q, H_q, D) in query's dtype.
     """
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
     q = query.float().transpose(1, 2)  # (B, H_q, S_q, D)
     if cos is not None:
         q = apply_rope_reference(q, cos, sin)
+    if rotate:
+        q = _rotate(q, query.dtype)
     log2_scale = scale * math.log2(math.e)
     q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
     q_op = _to_fp8(q * q_scale[..., None]).float() if qk_fp8 else (q * q_scale[..., None]).half().float()

@@ -27,6 +27,7 @@ from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
 from ..kv_cache import FP8Cache
+from ..kv_cache.ops import rotatable
 from ..options import AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
@@ -215,7 +216,15 @@ def new_cache(model):
     state = model.__dict__.get(_STATE_ATTR)
     if state is None or state.kv_cache != "fp8":
         raise ValueError("new_cache needs a model prepared with prepare_model(model, kv_cache='fp8')")
-    return FP8Cache(config=model.config, fp8_layers=set(state.fp8_cache_layers))
+    return FP8Cache(config=model.config, fp8_layers=set(state.fp8_cache_layers),
+                    hadamard=_cache_hadamard(state.options.hadamard))
+
+
+def _cache_hadamard(hadamard: str) -> bool | None:
+    """The FP8 cache's K/Q rotation for the model's hadamard option: it follows the Q/K rotation ("auto":
+    where the head_dim allows it, as the per-call default; "qk"/"qkv": on; "none"/"v_only": off). The cache
+    never rotates V (its V blocks have their own scales)."""
+    return {"auto": None, "qk": True, "qkv": True}.get(hadamard, False)
 
 
 def _fp8_cache_pre_hook(module, args, kwargs):
@@ -323,8 +332,10 @@ def prepare_model(
             `FP8Cache`: K/V stored in e4m3 with a scale per 64 tokens per KV head, written once by the
             RoPE + quantize write kernel and read directly by the decode kernel; ``model(ids,
             use_cache=True)`` and ``model.generate(...)`` create it with no other argument
-            (`hf_fp8_attention.new_cache(model)` makes one to pass yourself). Takes any ``hadamard`` (it
-            shapes the first chunk's fp8 attention) but no other accuracy option, and needs fused RoPE;
+            (`hf_fp8_attention.new_cache(model)` makes one to pass yourself). Takes any ``hadamard``: it
+            shapes the first chunk's fp8 attention, and the cache stores K rotated (queries rotated to
+            match) where it rotates Q and K ("auto" where the head_dim allows, "qk", "qkv"; never V); no
+            other accuracy option, and needs fused RoPE;
             layers without the fused forward keep a bf16 cache. "bf16" keeps
             transformers' own cache (fp8 attention, RoPE unfused when a cache is used).
 
@@ -337,8 +348,9 @@ def prepare_model(
                                   qk_format=qk_format)
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
-    # hadamard only shapes the first chunk's fp8_sdpa (an exact rotation); the cache's kernels keep their own
-    # numerics (per-block K/V scales); the other options would have to be carried into them
+    # hadamard shapes the first chunk's fp8_sdpa and the cache's K/Q rotation (`_cache_hadamard`); the cache's
+    # kernels keep their own numerics otherwise (per-block K/V scales); other options would have to be
+    # carried into them
     unsupported = {k: v for k, v in options.changed().items() if k not in ("hadamard", "smooth_v")}
     if kv_cache == "fp8" and unsupported:
         raise ValueError(
@@ -476,6 +488,11 @@ def describe_backend(model) -> str:
     text += f", fused RoPE on {len(state.fused)}/{len(attention_modules(model))} layers"
     if state.kv_cache == "fp8":
         text += f", fp8 KV cache on {len(state.fp8_cache_layers)}/{len(attention_modules(model))} layers"
+        rotate = _cache_hadamard(state.options.hadamard)
+        dims = {m.head_dim for m in state.fused if isinstance(getattr(m, "head_dim", None), int)}
+        if rotate is None:
+            rotate = bool(dims) and all(rotatable(d) for d in dims)
+        text += " (K Hadamard-rotated)" if rotate else ""
     elif state.kv_cache == "bf16":
         text += ", transformers' KV cache (bf16)"
     return text

@@ -46,9 +46,10 @@ def _exact_last(query, cos, sin, layer, scale):
     return out.transpose(1, 2)
 
 
-def test_write_kernel_equals_reference_bf16():
+@pytest.mark.parametrize("hadamard", [None, False])  # None: K rotated (D=128)
+def test_write_kernel_equals_reference_bf16(hadamard):
     B, H, D = 2, 8, 128
-    kernel, ref = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="torch")
+    kernel, ref = FP8CacheLayer(impl="triton", hadamard=hadamard), FP8CacheLayer(impl="torch", hadamard=hadamard)
     gen = torch.Generator(device=DEV).manual_seed(0)
     length = 0
     for n in (1000, 1, 1, 63, 64, 129, 1):
@@ -66,10 +67,10 @@ def test_write_kernel_equals_reference_bf16():
 
 
 @pytest.mark.parametrize("s_q", [1, 4, 512])
-@pytest.mark.parametrize("shape", [(2, 32, 8, 128), (1, 8, 1, 64)])
-def test_attention_kernel_tracks_reference(s_q, shape):
+@pytest.mark.parametrize("shape,hadamard", [((2, 32, 8, 128), None), ((1, 8, 1, 64), None), ((2, 32, 8, 128), False)])
+def test_attention_kernel_tracks_reference(s_q, shape, hadamard):
     B, H_q, H_kv, D = shape
-    layer = FP8CacheLayer(impl="triton")
+    layer = FP8CacheLayer(impl="triton", hadamard=hadamard)
     gen = torch.Generator(device=DEV).manual_seed(1)
     L = 5000
     k = torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16()
@@ -102,9 +103,9 @@ def test_fused_combine_equals_split_by_split_combine():
         args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
         for splits in (5, None):
             fused = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
-                                        config={"fused_combine": True})
+                                        config={"fused_combine": True}, rotate=layer.rotate)
             two = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
-                                      config={"wide_combine": False})
+                                      config={"wide_combine": False}, rotate=layer.rotate)
             assert torch.equal(fused, two), (s_q, splits)
     counters = ops._COUNTERS.get(torch.device(DEV, torch.cuda.current_device()))
     assert counters is not None and not counters.any()
@@ -129,11 +130,12 @@ def test_attention_configs_track_reference(config):
         cos, sin = _rope(s_q, L - s_q, D)
         exact = _exact_last(q, cos, sin, layer, D**-0.5)
         args = (q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
-        default = ops.cache_attention(*args, scale=D**-0.5, impl="triton")
-        got = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=config)
+        default = ops.cache_attention(*args, scale=D**-0.5, impl="triton", rotate=layer.rotate)
+        got = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=config, rotate=layer.rotate)
         if not config.get("tile_softmax") and not {"programs_per_sm", "num_warps", "num_stages"} & set(config):
             # the same split count (the default's follows each compiled variant's residency)
-            same = [ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=5, config=c)
+            same = [ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=5, config=c,
+                                        rotate=layer.rotate)
                     for c in (config, {})]
             assert torch.equal(*same), s_q
         assert _sqnr(got, exact) > _sqnr(default, exact) - 3.0, s_q
@@ -180,7 +182,7 @@ def test_new_lengths_do_not_recompile(config):
     if config is not None:
         layer.attend = lambda q, cos, sin, scale: ops.cache_attention(
             q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length, scale=scale, impl="triton",
-            config=config)
+            config=config, rotate=layer.rotate)
     gen = torch.Generator(device=DEV).manual_seed(3)
     layer.append(torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16(),
                  torch.randn(B, H_kv, 4000, D, device=DEV, generator=gen).bfloat16())
