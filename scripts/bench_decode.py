@@ -43,10 +43,12 @@ side in one process, on the same random data (keys rotated by RoPE at their posi
   is_causal=True, backend=...)`` with K/V as a DynamicCache hands them (contiguous (B, H_kv, S_kv, D)):
   the whole cache is quantized on every call.
 - ``fp8 cache attend``: an `FP8CacheLayer` filled once by ``append`` (un-rotated keys + cos/sin), timed
-  ``layer.attend(q, cos, sin, scale=...)`` (q un-rotated; RoPE in the kernel). ``fp8 cache append+attend``:
-  what a decode step does, ``append`` of one token, ``attend`` over S_kv + 1, then ``crop(-1)`` back to
-  S_kv (host-only when S_kv is a multiple of 64, as in the default grid; its few microseconds of Python are
-  in the row).
+  the attention launch of a decode step, ``ops.cache_attention`` on the query as the step hands it over
+  (with the default Hadamard-rotated cache: RoPE and rotation already applied, float32, as the write launch
+  of `append_attend` leaves it; else un-rotated with RoPE in the kernel). ``fp8 cache append+attend``:
+  what a decode step of the model does, ``append_attend`` of one token (write launch, which also prepares
+  the query, then attention over S_kv + 1), then ``crop(-1)`` back to S_kv (host-only when S_kv is a
+  multiple of 64, as in the default grid; its few microseconds of Python are in the row).
 Each ms is a median of CUDA-event timings (triton.testing.do_bench, L2 flushed between calls), the best of
 ``--rounds`` (2) rounds over all rows of a shape (in a one-round H200 run the row timed first after a shape's
 setup, FA3 attend-only, was at times 2x slower than FA3 append+attend: probably clocks still ramping); the
@@ -477,6 +479,16 @@ class AttentionShape:
         self.fa3_k = self.fa3_v = None
         self.layer = FP8CacheLayer(impl=cache_impl)
         self.fill_s, _ = wall_s(lambda: self.layer.append(k_raw, self.v, cos[:, :S], sin[:, :S]), device)
+        # the attention launch's query as a decode step hands it over: with a rotating cache, RoPE and the
+        # Hadamard rotation applied by the write launch (float32; here in torch, the same values to rounding),
+        # else un-rotated with the rotary tables (RoPE in the attention kernel)
+        if self.layer.rotate:
+            from hf_fp8_attention.kv_cache import reference as cache_reference
+
+            roped = apply_rope_reference(self.q_raw.transpose(1, 2).float(), self.cos_q, self.sin_q)
+            self.attend_args = (cache_reference.rotate(roped, dt).transpose(1, 2).contiguous(), None, None)
+        else:
+            self.attend_args = (self.q_raw, self.cos_q, self.sin_q)
 
     def make_fa3_cache(self) -> None:
         B, S, H_kv, D = self.B, self.S, self.H_kv, self.D
@@ -540,11 +552,10 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
     q = x.q_raw
 
     def attend():
-        return layer.attend(q, x.cos_q, x.sin_q, scale=x.scale)[:, 0]
+        return cache_attend(x)
 
     def step():
-        layer.append(x.k_new, x.v_new, x.cos_new, x.sin_new)
-        out = layer.attend(q, x.cos_new, x.sin_new, scale=x.scale)
+        out = layer.append_attend(q, x.k_new, x.v_new, x.cos_new, x.sin_new, scale=x.scale)
         layer.crop(-1)
         return out[:, 0]
 
@@ -579,9 +590,17 @@ def cache_config_fn(x: AttentionShape, config: dict, num_splits: int | None = No
     from hf_fp8_attention.kv_cache import ops
 
     layer = x.layer
-    return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, layer.k8, layer.k_desc, layer.v8, layer.v_desc,
-                                       layer.length, scale=x.scale, impl=layer.impl, config=config,
-                                       num_splits=num_splits, rotate=layer.rotate)[:, 0]
+    return lambda: cache_attend(x, config, num_splits)
+
+
+def cache_attend(x, config=None, num_splits=None):
+    """The attention launch of a decode step from the FP8 cache (`AttentionShape.attend_args`), -> (B, H_q, D)."""
+    from hf_fp8_attention.kv_cache import ops
+
+    layer = x.layer
+    return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length,
+                               scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
+                               out_dtype=torch.bfloat16)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:
@@ -594,13 +613,18 @@ def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | No
 
 
 def first_calls(x: AttentionShape) -> dict:
-    """Wall times of the fp8 cache's first attend at this length, the first one-token append, and attend at
-    a second new length (S_kv + 1); the layer is cropped back to S_kv after."""
+    """Wall times of the fp8 cache's first decode step at this length (``append_attend``, S_kv -> S_kv + 1:
+    its first call compiles), the step at a second new length (S_kv + 2), and a plain one-token append; the
+    layer is cropped back to S_kv after."""
     layer, dev = x.layer, x.device
-    first, _ = wall_s(lambda: layer.attend(x.q_raw, x.cos_q, x.sin_q, scale=x.scale), dev)
+
+    def step():
+        return layer.append_attend(x.q_raw, x.k_new, x.v_new, x.cos_new, x.sin_new, scale=x.scale)
+
+    first, _ = wall_s(step, dev)
+    second, _ = wall_s(step, dev)
     append, _ = wall_s(lambda: layer.append(x.k_new, x.v_new, x.cos_new, x.sin_new), dev)
-    second, _ = wall_s(lambda: layer.attend(x.q_raw, x.cos_new, x.sin_new, scale=x.scale), dev)
-    layer.crop(-1)
+    layer.crop(-3)
     return {"fill_s": x.fill_s, "first_attend_s": first, "first_append_s": append, "second_length_attend_s": second}
 
 
@@ -826,9 +850,7 @@ def run_sweep(args, notes: list[str]) -> dict:
         shapes.append(dict(B=B, S=S, x=x, fa3=fa3, tag=f"{B}x{_k(S)}"))
 
     def step(x, config):
-        return lambda: ops.cache_attention(x.q_raw, x.cos_q, x.sin_q, x.layer.k8, x.layer.k_desc, x.layer.v8,
-                                           x.layer.v_desc, x.layer.length, scale=x.scale, impl="triton",
-                                           config=config, rotate=x.layer.rotate)[:, 0]
+        return lambda: cache_attend(x, config)
 
     def measure(sh, config, rep_ms, warmup_ms):
         """(ms, sqnr) of one config at one shape; raises what the kernel raises."""

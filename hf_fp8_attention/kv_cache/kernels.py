@@ -98,6 +98,41 @@ def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F3
     return r1, r2
 
 
+@triton.jit
+def _prepare_queries(
+    Q_src, Q_out, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
+    GROUP: tl.constexpr, Q_ROWS: tl.constexpr, HALF: tl.constexpr, APPLY_ROPE: tl.constexpr,
+    ROTATE: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr,
+):
+    """The new queries of KV head h (n_new positions x GROUP heads, <= Q_ROWS rows): RoPE, then the Hadamard
+    rotation with ROTATE, stored in float32 to Q_out (B, n_new, H * GROUP, 2 * HALF) contiguous: the same
+    values `cache_attn_kernel` computes from un-rotated queries with APPLY_ROPE / ROTATE_Q (the same operations
+    in the same order), computed once per decode step instead of once per split program."""
+    offs_r = tl.arange(0, Q_ROWS)
+    pos = offs_r // GROUP
+    head = h * GROUP + offs_r % GROUP
+    row_ok = offs_r < n_new * GROUP
+    offs_h = tl.arange(0, HALF)
+    rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh
+    q1 = tl.load(Q_src + rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(Q_src + rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if APPLY_ROPE:
+        c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
+        c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        r1 = q1 * c1 - q2 * n1
+        r2 = q2 * c2 + q1 * n2
+        q1 = r1
+        q2 = r2
+    if ROTATE:
+        q1, q2 = _rotate_halves(q1, q2, Q_src.dtype.element_ty, INV_SQRT_D, ROT_F32)
+    o = ((b64 * n_new + pos.to(tl.int64)) * (H * GROUP) + head) * (2 * HALF)
+    tl.store(Q_out + o[:, None] + offs_h[None, :], q1, mask=row_ok[:, None])
+    tl.store(Q_out + o[:, None] + (offs_h + HALF)[None, :], q2, mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h"])
 def cache_write_kernel(
     K_src, V_src, Cos, Sin, K8, V8, K_desc, V_desc, K_tail_in, V_tail_in, K_tail_out, V_tail_out,
@@ -107,6 +142,8 @@ def cache_write_kernel(
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
     KV_BLOCK: tl.constexpr, ROTATE_K: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0,
     ROT_F32: tl.constexpr = False,
+    Q_src=None, Q_out=None, stride_qb=0, stride_qs=0, stride_qh=0,
+    PREP_Q: tl.constexpr = False, GROUP: tl.constexpr = 1, Q_ROWS: tl.constexpr = 16,
 ):
     """Grid: (number of blocks touched, B * H).
 
@@ -118,6 +155,10 @@ def cache_write_kernel(
     last block (two buffers: another program may still read Tail_in). ROTATE_K (power-of-two HEAD_DIM): K is
     stored rotated by the normalised Hadamard matrix after RoPE (`cache_attn_kernel` rotates Q with
     ROTATE_Q: the scores are unchanged, K's outlier channels are spread before the e4m3 rounding).
+    PREP_Q (a decode step: the n_new queries are the new tokens, Q_src (B, n_new, H * GROUP, D) with unit
+    stride over D, n_new * GROUP <= Q_ROWS): the first block's program of each (batch, KV head) also writes
+    its queries with RoPE and the K rotation applied, float32, to Q_out (`_prepare_queries`), for
+    `cache_attn_kernel` to read without APPLY_ROPE / ROTATE_Q: no per-split-program rotation.
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -147,6 +188,10 @@ def cache_write_kernel(
     _write_one(V_src, V_tail_in, V_tail_out, V8, V_desc, Cos, Sin,
                b64 * stride_vb + j * stride_vs + h * stride_vh, tail_rows, dst_rows, cos_rows, desc_off,
                from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
+    if PREP_Q:
+        if blk == 0:
+            _prepare_queries(Q_src, Q_out, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb,
+                             stride_cs, GROUP, Q_ROWS, HALF, APPLY_ROPE, ROTATE_K, INV_SQRT_D, ROT_F32)
 
 
 @triton.jit

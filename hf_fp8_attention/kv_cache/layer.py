@@ -149,9 +149,11 @@ class FP8CacheLayer(CacheLayerMixin):
     # --- writes --------------------------------------------------------------------------------------------
 
     def append(self, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None = None,
-               sin: torch.Tensor | None = None) -> None:
+               sin: torch.Tensor | None = None, *, query: torch.Tensor | None = None,
+               q_out: torch.Tensor | None = None) -> None:
         """Quantize and store key/value (B, H, n, D) after the cached tokens; with cos/sin (B or 1, n, D) the
-        keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first."""
+        keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first. query / q_out:
+        see `ops.write_blocks` (what `append_attend` uses)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, H, _, D = self.k8.shape
@@ -165,10 +167,30 @@ class FP8CacheLayer(CacheLayerMixin):
         tail_in = self.tails[self._tail_index]
         tail_out = tail_in if self.impl == "torch" else self.tails[1 - self._tail_index]
         ops.write_blocks(key, value, cos, sin, self.k8, self.v8, self.k_desc, self.v_desc, tail_in, tail_out,
-                         self.length, impl=self.impl, rotate=self.rotate)
+                         self.length, impl=self.impl, rotate=self.rotate, query=query, q_out=q_out)
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
+
+    def append_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None,
+                      sin: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+        """One step of the fused path: ``append(key, value, cos, sin)`` (B, H, n, D), then the new queries
+        (B, n, H_q, D), the same n positions, attend from the cache -> (B, n, H_q, D) in query's dtype; what
+        `append` then `attend` give. A decode step (n * H_q / H <= `ops.FP16_MAX_ROWS` query rows per KV
+        head) on the kernels of a rotating cache hands the queries to the write launch, which stores them
+        with RoPE and the rotation applied (float32), so that the attention's split programs do not each
+        rotate them again (the same values)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        B, n, H_q, D = query.shape
+        if (self.impl != "triton" or not self.rotate or query.shape[0] != self.k8.shape[0] or key.shape[2] != n
+                or H_q % self.k8.shape[1] or n * (H_q // self.k8.shape[1]) > ops.FP16_MAX_ROWS):
+            self.append(key, value, cos, sin)
+            return self.attend(query, cos, sin, scale=scale)
+        q_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+        self.append(key, value, cos, sin, query=query, q_out=q_out)
+        return ops.cache_attention(q_out, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
+                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized

@@ -36,12 +36,17 @@ def _interp_bf16(dtype: torch.dtype) -> bool:
 
 
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
-                 rotate: bool) -> None:
+                 rotate: bool, query=None, q_out=None) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
     first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
     e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
     tail_in (2, B, H, KV_BLOCK, D) float32 (K, V) and leaving the new partial block's float32 values in
-    tail_out (may be tail_in for impl="torch")."""
+    tail_out (may be tail_in for impl="torch").
+
+    query (B, n, H * G, D) with q_out (B, n, H * G, D) float32 contiguous (impl="triton", power-of-two D,
+    n * G <= `FP16_MAX_ROWS`): the n new tokens' queries, written to q_out with RoPE (cos/sin) and the
+    rotation (``rotate``) applied, in float32, by the same launch: what `cache_attention` would compute from
+    them, for it to read without cos/sin and with rotate=False (a decode step: once, not per split program)."""
     n = key.shape[2]
     b0 = length // KV_BLOCK * KV_BLOCK
     if rotate:
@@ -70,6 +75,18 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
     on_device, _, _, kernels = _gpu_parts()
     ks, vs, cs, ds = key.stride(), value.stride(), k8.stride(), k_desc.stride()  # read once: host time
+    prep_q = query is not None
+    if prep_q:
+        group = query.shape[2] // H
+        if (impl != "triton" or not rotatable(D) or query.shape != (B, n, H * group, D) or n * group > FP16_MAX_ROWS
+                or q_out is None or q_out.dtype != torch.float32 or q_out.shape != query.shape
+                or not q_out.is_contiguous()):
+            raise ValueError("write_blocks(query=...) takes (B, n, H * G, D) queries of a power-of-two D, at most "
+                             f"{FP16_MAX_ROWS} rows per KV head, with a float32 contiguous q_out of that shape")
+        query = _unit_last(query)
+        qs = query.stride()
+    else:
+        group, qs = 1, (0, 0, 0)
 
     with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
         kernels.cache_write_kernel[(n_blocks, B * H)](
@@ -81,6 +98,8 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             H, length, n,
             HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
             ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=_interp_bf16(key.dtype),
+            Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, stride_qb=qs[0], stride_qs=qs[1],
+            stride_qh=qs[2], PREP_Q=prep_q, GROUP=group, Q_ROWS=max(16, next_power_of_2(n * group)),
             num_warps=4, enable_fp_fusion=False,
         )
 
@@ -228,12 +247,13 @@ def _gpu_parts():
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
                     qk_fp8: bool | None = None, num_splits: int | None = None,
-                    config: dict | None = None, rotate: bool) -> torch.Tensor:
+                    config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
     rotate (required: a mismatch with the cache would be silently wrong): the cache's keys were written with
     ``rotate`` (`write_blocks`; `FP8CacheLayer.rotate`), and the queries get the same Hadamard rotation after
-    RoPE.
+    RoPE; False for queries already rotated (`write_blocks(query=...)`, cos/sin then None). out_dtype: the
+    output's dtype (default: query's; pre-rotated queries are float32).
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks one wave of programs
     from the compiled kernel's residency and the GPU's SM count (`pick_num_splits`, `_residency`; the
@@ -282,8 +302,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     if rotate:
         _check_rotatable(D)
     if impl == "torch":
-        return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
-                                                   qk_fp8=qk_fp8, rotate=rotate)
+        out = reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
+                                                  qk_fp8=qk_fp8, rotate=rotate)
+        return out if out_dtype is None else out.to(out_dtype)
     on_device, interpreting, num_sms, kernels = _gpu_parts()
     # Host time matters here (one decode step is tens of microseconds of GPU time): strides read once per
     # tensor, one workspace allocation for the split partials.
@@ -297,7 +318,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             cos = sin = query
             cos_strides = (0, 0)
         interp = interpreting()
-        out = torch.empty(B, S_q, H_q, D, dtype=query.dtype, device=query.device)
+        out = torch.empty(B, S_q, H_q, D, dtype=out_dtype or query.dtype, device=query.device)
         block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
         m_tiles = cdiv(n_rows, block_m)
         bh = B * H_kv

@@ -186,11 +186,10 @@ def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, laye
     chunk (empty cache) then runs the plain fused fp8 attention on its own keys, which are all it sees;
     later chunks and decode steps read the cached fp8 blocks (`FP8CacheLayer.attend`). BHSD views in,
     BHSD out."""
-    first = layer.get_seq_length() == 0
-    layer.append(key, value, cos, sin)
-    if first:
+    if layer.get_seq_length() == 0:
+        layer.append(key, value, cos, sin)
         return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)
-    return layer.attend(query.transpose(1, 2), cos, sin, scale=scale).transpose(1, 2)
+    return layer.append_attend(query.transpose(1, 2), key, value, cos, sin, scale=scale).transpose(1, 2)
 
 
 def _attention_forward(self, hidden_states, position_embeddings, kwargs, attend):

@@ -431,6 +431,36 @@ def test_hadamard_rotation_of_the_cache():
     assert not auto.rotate
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_append_attend_equals_append_then_attend(dtype):
+    """A decode step of a rotating cache on the kernels (`append_attend`: the write launch stores the queries
+    with RoPE and the rotation applied, the attention reads them as they are) gives `append` then `attend`'s
+    output and storage bit for bit: S_q 1 and 4 at GQA 4 (4 and 16 query rows per KV head); 40 queries (160
+    rows, a prefill chunk) and the torch implementation take the plain path. A query count that is not the
+    appended one is refused."""
+    gen = torch.Generator().manual_seed(7)
+    D = 64
+    for impl in ("triton", "torch"):
+        fused, plain = FP8CacheLayer(impl=impl), FP8CacheLayer(impl=impl)
+        length = _fill([fused, plain], [150], B=2, H=2, D=D, dtype=dtype)
+        for s_q in (1, 4, 40):
+            k = torch.randn(2, 2, s_q, D, generator=gen).to(dtype)
+            v = torch.randn(2, 2, s_q, D, generator=gen).to(dtype)
+            q = torch.randn(2, s_q, 8, D, generator=gen).to(dtype)
+            cos, sin = _rope(s_q, length, D, dtype)
+            got = fused.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+            plain.append(k, v, cos, sin)
+            want = plain.attend(q, cos, sin, scale=D**-0.5)
+            length += s_q
+            assert got.dtype == dtype and torch.equal(got, want), (impl, s_q)
+            _assert_same_storage(fused, plain)
+    layer = FP8CacheLayer(impl="triton")
+    layer.append(torch.randn(1, 2, 8, D).half(), torch.randn(1, 2, 8, D).half())
+    with pytest.raises(ValueError, match="write_blocks"):
+        layer.append(torch.randn(1, 2, 1, D).half(), torch.randn(1, 2, 1, D).half(), query=torch.randn(1, 2, 8, D).half(),
+                     q_out=torch.empty(1, 2, 8, D))
+
+
 def test_memory_about_half_of_bf16_at_long_length():
     layer = FP8CacheLayer(impl="torch")
     B, H, D, L = 1, 1, 64, 32768

@@ -58,7 +58,10 @@ def test_fp8_sdpa_replays(backend, smooth_v):
         assert torch.equal(out, call(*new)), seed
 
 
-def test_fp8_cache_append_and_attend_replay():
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_fp8_cache_append_and_attend_replay(fused_step):
+    """A decode step (append then attend, or the model's `append_attend`: the write launch prepares the
+    rotated queries) captured and replayed on new inputs equals eager calls bit for bit."""
     # L a multiple of the 64-token block: the step's crop back to L is host-only, so every step starts from
     # the same cache state
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 4992
@@ -68,8 +71,11 @@ def test_fp8_cache_append_and_attend_replay():
     k_new, v_new = (_randn(B, H_kv, 1, D, seed=s).bfloat16() for s in (4, 5))
 
     def step(q, k_new, v_new):  # one decode step at a fixed length: append, attend, then back to L
-        layer.append(k_new, v_new)
-        out = layer.attend(q, None, None, scale=D**-0.5)
+        if fused_step:
+            out = layer.append_attend(q, k_new, v_new, None, None, scale=D**-0.5)
+        else:
+            layer.append(k_new, v_new)
+            out = layer.attend(q, None, None, scale=D**-0.5)
         layer.crop(L)
         return out
 

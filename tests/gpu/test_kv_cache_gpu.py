@@ -247,3 +247,29 @@ def test_prepared_model_generates_from_fp8_cache(backend):
     assert _cos(torch_out, eager) >= base - 2e-4, report
     out = model.generate(ids[:, :100], max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108)
+
+
+@pytest.mark.parametrize("s_q", [1, 4])
+def test_append_attend_tracks_append_then_attend(s_q):
+    """The model's decode step (`append_attend`: the write launch prepares the rotated queries, float32) against
+    `append` then `attend` (the attention kernel rotates them itself): the same arithmetic in two kernels, equal
+    to the output's bf16 rounding (the rotation's sums are exact for data like this), storage bit for bit."""
+    B, H_q, H_kv, D, L = 2, 32, 8, 128, 3000
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    fused, plain = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="triton")
+    k = torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16()
+    v = torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16()
+    for layer in (fused, plain):
+        layer.append(k, v, *_rope(L, 0, D))
+    assert fused.rotate
+    for step in range(3):
+        q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
+        k_new = torch.randn(B, H_kv, s_q, D, device=DEV, generator=gen).bfloat16()
+        v_new = torch.randn(B, H_kv, s_q, D, device=DEV, generator=gen).bfloat16()
+        cos, sin = _rope(s_q, fused.length, D)
+        got = fused.append_attend(q, k_new, v_new, cos, sin, scale=D**-0.5)
+        plain.append(k_new, v_new, cos, sin)
+        want = plain.attend(q, cos, sin, scale=D**-0.5)
+        assert got.dtype == torch.bfloat16 and got.shape == q.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
+        assert torch.equal(fused.k8[:, :, : fused.length].view(torch.uint8), plain.k8[:, :, : plain.length].view(torch.uint8))
