@@ -44,8 +44,8 @@ side in one process, on the same random data (keys rotated by RoPE at their posi
   the whole cache is quantized on every call.
 - ``fp8 cache attend``: an `FP8CacheLayer` filled once by ``append`` (un-rotated keys + cos/sin), timed
   the attention launch of a decode step, ``ops.cache_attention`` on the query as the step hands it over
-  (with the default Hadamard-rotated cache: RoPE and rotation already applied, float32, as the write launch
-  of `append_attend` leaves it; else un-rotated with RoPE in the kernel). ``fp8 cache append+attend``:
+  (with the default Hadamard-rotated cache: the fp16 operand and row descales that the write launch of
+  `append_attend` prepares; else un-rotated with RoPE in the kernel). ``fp8 cache append+attend``:
   what a decode step of the model does, ``append_attend`` of one token (write launch, which also prepares
   the query, then attention over S_kv + 1), then ``crop(-1)`` back to S_kv (host-only when S_kv is a
   multiple of 64, as in the default grid; its few microseconds of Python are in the row).
@@ -479,16 +479,16 @@ class AttentionShape:
         self.fa3_k = self.fa3_v = None
         self.layer = FP8CacheLayer(impl=cache_impl)
         self.fill_s, _ = wall_s(lambda: self.layer.append(k_raw, self.v, cos[:, :S], sin[:, :S]), device)
-        # the attention launch's query as a decode step hands it over: with a rotating cache, RoPE and the
-        # Hadamard rotation applied by the write launch (float32; here in torch, the same values to rounding),
-        # else un-rotated with the rotary tables (RoPE in the attention kernel)
+        # the attention launch's query as a decode step hands it over: with a rotating cache, the fp16 operand
+        # and row descales the write launch prepares (RoPE, rotation, row scale; here by the torch
+        # reference, the same values), else un-rotated with the rotary tables (RoPE in the attention kernel)
         if self.layer.rotate:
             from hf_fp8_attention.kv_cache import reference as cache_reference
 
-            roped = apply_rope_reference(self.q_raw.transpose(1, 2).float(), self.cos_q, self.sin_q)
-            self.attend_args = (cache_reference.rotate(roped, dt).transpose(1, 2).contiguous(), None, None)
+            q_op, q_desc = cache_reference.prepare_queries(self.q_raw, self.cos_q, self.sin_q, rotate=True)
+            self.attend_args, self.attend_descale = (q_op, None, None), q_desc
         else:
-            self.attend_args = (self.q_raw, self.cos_q, self.sin_q)
+            self.attend_args, self.attend_descale = (self.q_raw, self.cos_q, self.sin_q), None
 
     def make_fa3_cache(self) -> None:
         B, S, H_kv, D = self.B, self.S, self.H_kv, self.D
@@ -600,7 +600,7 @@ def cache_attend(x, config=None, num_splits=None):
     layer = x.layer
     return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length,
                                scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
-                               out_dtype=torch.bfloat16)[:, 0]
+                               out_dtype=torch.bfloat16, q_descale=x.attend_descale)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:

@@ -100,14 +100,15 @@ def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F3
 
 @triton.jit
 def _prepare_queries(
-    Q_src, Q_out, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
+    Q_src, Q_out, Q_desc, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
     GROUP: tl.constexpr, Q_ROWS: tl.constexpr, HALF: tl.constexpr, APPLY_ROPE: tl.constexpr,
-    ROTATE: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr,
+    ROTATE: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
-    """The new queries of KV head h (n_new positions x GROUP heads, <= Q_ROWS rows): RoPE, then the Hadamard
-    rotation with ROTATE, stored in float32 to Q_out (B, n_new, H * GROUP, 2 * HALF) contiguous: the same
-    values `cache_attn_kernel` computes from un-rotated queries with APPLY_ROPE / ROTATE_Q (the same operations
-    in the same order), computed once per decode step instead of once per split program."""
+    """The new queries of KV head h (n_new positions x GROUP heads, <= Q_ROWS rows) as `cache_attn_kernel`'s
+    decode build (fp16 products) makes its Q operand: RoPE, the Hadamard rotation with ROTATE, a scale per row
+    (amax -> FP8_MAX), rounded to fp16 -> Q_out (B, n_new, H * GROUP, 2 * HALF) float16 contiguous, and the
+    row's descale -> Q_desc (B, n_new, H * GROUP) float32: the same operations in the same order as that
+    kernel's prologue, done once per decode step instead of once per split program (Q_PREPARED there)."""
     offs_r = tl.arange(0, Q_ROWS)
     pos = offs_r // GROUP
     head = h * GROUP + offs_r % GROUP
@@ -128,9 +129,14 @@ def _prepare_queries(
         q2 = r2
     if ROTATE:
         q1, q2 = _rotate_halves(q1, q2, Q_src.dtype.element_ty, INV_SQRT_D, ROT_F32)
-    o = ((b64 * n_new + pos.to(tl.int64)) * (H * GROUP) + head) * (2 * HALF)
-    tl.store(Q_out + o[:, None] + offs_h[None, :], q1, mask=row_ok[:, None])
-    tl.store(Q_out + o[:, None] + (offs_h + HALF)[None, :], q2, mask=row_ok[:, None])
+    q_amax = tl.maximum(tl.max(_finite_abs(q1), 1), tl.max(_finite_abs(q2), 1))
+    q_scale, q_descale = _amax_scales(q_amax, FP8_MAX)
+    row = (b64 * n_new + pos.to(tl.int64)) * (H * GROUP) + head
+    o = row * (2 * HALF)
+    tl.store(Q_out + o[:, None] + offs_h[None, :], (q1 * q_scale[:, None]).to(tl.float16), mask=row_ok[:, None])
+    tl.store(Q_out + o[:, None] + (offs_h + HALF)[None, :], (q2 * q_scale[:, None]).to(tl.float16),
+             mask=row_ok[:, None])
+    tl.store(Q_desc + row, q_descale, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h"])
@@ -142,7 +148,7 @@ def cache_write_kernel(
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr,
     KV_BLOCK: tl.constexpr, ROTATE_K: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0,
     ROT_F32: tl.constexpr = False,
-    Q_src=None, Q_out=None, stride_qb=0, stride_qs=0, stride_qh=0,
+    Q_src=None, Q_out=None, Q_desc=None, stride_qb=0, stride_qs=0, stride_qh=0,
     PREP_Q: tl.constexpr = False, GROUP: tl.constexpr = 1, Q_ROWS: tl.constexpr = 16,
 ):
     """Grid: (number of blocks touched, B * H).
@@ -157,8 +163,9 @@ def cache_write_kernel(
     ROTATE_Q: the scores are unchanged, K's outlier channels are spread before the e4m3 rounding).
     PREP_Q (a decode step: the n_new queries are the new tokens, Q_src (B, n_new, H * GROUP, D) with unit
     stride over D, n_new * GROUP <= Q_ROWS): the first block's program of each (batch, KV head) also writes
-    its queries with RoPE and the K rotation applied, float32, to Q_out (`_prepare_queries`), for
-    `cache_attn_kernel` to read without APPLY_ROPE / ROTATE_Q: no per-split-program rotation.
+    its queries as the attention's fp16 operand with their row descales to Q_out / Q_desc
+    (`_prepare_queries`), for `cache_attn_kernel` to read with Q_PREPARED: no per-split-program RoPE,
+    rotation and row scaling.
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,8 +197,9 @@ def cache_write_kernel(
                from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
     if PREP_Q:
         if blk == 0:
-            _prepare_queries(Q_src, Q_out, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb,
-                             stride_cs, GROUP, Q_ROWS, HALF, APPLY_ROPE, ROTATE_K, INV_SQRT_D, ROT_F32)
+            _prepare_queries(Q_src, Q_out, Q_desc, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh,
+                             stride_cb, stride_cs, GROUP, Q_ROWS, HALF, APPLY_ROPE, ROTATE_K, INV_SQRT_D, ROT_F32,
+                             FP8_MAX)
 
 
 @triton.jit
@@ -336,6 +344,7 @@ def cache_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
     FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
     ROTATE_Q: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
+    Q_desc=None, Q_PREPARED: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -358,6 +367,8 @@ def cache_attn_kernel(
     ROTATE_Q (a cache written with ROTATE_K; power-of-two HEAD_DIM): the queries are rotated by the same
     normalised Hadamard matrix after RoPE, as half tiles (`_hadamard`), then joined back into one tile.
     INV_SQRT_D: HEAD_DIM ** -0.5 (with ROTATE_K / ROTATE_Q); ROT_F32: see `_rotate_halves` (interpreter).
+    Q_PREPARED (fp16 products only): Q is the fp16 operand and Q_desc (B, S_q, H_q) float32 its row
+    descales, as `cache_write_kernel`'s PREP_Q stores them (no APPLY_ROPE / ROTATE_Q here).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -377,41 +388,48 @@ def cache_attn_kernel(
     # ---- the query tile: RoPE in float32, then e4m3 per row (QK_FP8) or bf16 ----
     q_rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh
     q_mask = row_ok[:, None] & d_ok[None, :]
-    if ROTATE_Q:
-        tl.static_assert(HEAD_DIM == HEAD_DIM_PAD)
-        offs_h = tl.arange(0, HALF)
-        q1 = tl.load(Q + q_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(Q + q_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        if APPLY_ROPE:  # the formula below, on half tiles (x + (-y) * s is x - y * s exactly)
+    if Q_PREPARED:
+        tl.static_assert(not QK_FP8 and not APPLY_ROPE and not ROTATE_Q)
+        q_op = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+        q_row = (b64 * S_q + pos.to(tl.int64)) * (H_kv * GROUP) + head
+        q_descale = tl.load(Q_desc + q_row, mask=row_ok, other=1.0)
+        row_scale = q_descale * (sm_scale * 1.4426950408889634)
+    else:
+        if ROTATE_Q:
+            tl.static_assert(HEAD_DIM == HEAD_DIM_PAD)
+            offs_h = tl.arange(0, HALF)
+            q1 = tl.load(Q + q_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q2 = tl.load(Q + q_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            if APPLY_ROPE:  # the formula below, on half tiles (x + (-y) * s is x - y * s exactly)
+                c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
+                c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+                c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+                n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+                n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+                r1 = q1 * c1 - q2 * n1
+                r2 = q2 * c2 + q1 * n2
+                q1 = r1
+                q2 = r2
+            q1, q2 = _rotate_halves(q1, q2, Q.dtype.element_ty, INV_SQRT_D, ROT_F32)
+            q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))  # [q1 | q2]
+        else:
+            q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        if APPLY_ROPE and not ROTATE_Q:
+            first = offs_d < HALF
+            partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+            qp = tl.load(Q + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
             c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
-            c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            r1 = q1 * c1 - q2 * n1
-            r2 = q2 * c2 + q1 * n2
-            q1 = r1
-            q2 = r2
-        q1, q2 = _rotate_halves(q1, q2, Q.dtype.element_ty, INV_SQRT_D, ROT_F32)
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))  # [q1 | q2]
-    else:
-        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    if APPLY_ROPE and not ROTATE_Q:
-        first = offs_d < HALF
-        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-        qp = tl.load(Q + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
-        c = tl.load(Cos + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        s = tl.load(Sin + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        q = q * c + tl.where(first[None, :], -qp, qp) * s
-    # one scale per row in both modes (fp16 has range to spare, but a row of huge activations would not)
-    q_amax = tl.max(_finite_abs(q), 1)
-    q_scale, q_descale = _amax_scales(q_amax, FP8_MAX)
-    row_scale = q_descale * (sm_scale * 1.4426950408889634)
-    if QK_FP8:
-        q_op = _to_fp8(q * q_scale[:, None], FP8_MAX)
-    else:
-        q_op = (q * q_scale[:, None]).to(tl.float16)
+            c = tl.load(Cos + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            s = tl.load(Sin + c_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q = q * c + tl.where(first[None, :], -qp, qp) * s
+        # one scale per row in both modes (fp16 has range to spare, but a row of huge activations would not)
+        q_amax = tl.max(_finite_abs(q), 1)
+        q_scale, q_descale = _amax_scales(q_amax, FP8_MAX)
+        row_scale = q_descale * (sm_scale * 1.4426950408889634)
+        if QK_FP8:
+            q_op = _to_fp8(q * q_scale[:, None], FP8_MAX)
+        else:
+            q_op = (q * q_scale[:, None]).to(tl.float16)
 
     # ---- key range: this split's, cut at the last key the tile's last row may see ----
     diag = S_kv - S_q

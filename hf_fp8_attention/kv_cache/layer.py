@@ -150,10 +150,10 @@ class FP8CacheLayer(CacheLayerMixin):
 
     def append(self, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None, *, query: torch.Tensor | None = None,
-               q_out: torch.Tensor | None = None) -> None:
+               q_out: torch.Tensor | None = None, q_desc_out: torch.Tensor | None = None) -> None:
         """Quantize and store key/value (B, H, n, D) after the cached tokens; with cos/sin (B or 1, n, D) the
-        keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first. query / q_out:
-        see `ops.write_blocks` (what `append_attend` uses)."""
+        keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first. query / q_out /
+        q_desc_out: see `ops.write_blocks` (what `append_attend` uses)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, H, _, D = self.k8.shape
@@ -167,7 +167,8 @@ class FP8CacheLayer(CacheLayerMixin):
         tail_in = self.tails[self._tail_index]
         tail_out = tail_in if self.impl == "torch" else self.tails[1 - self._tail_index]
         ops.write_blocks(key, value, cos, sin, self.k8, self.v8, self.k_desc, self.v_desc, tail_in, tail_out,
-                         self.length, impl=self.impl, rotate=self.rotate, query=query, q_out=q_out)
+                         self.length, impl=self.impl, rotate=self.rotate, query=query, q_out=q_out,
+                         q_desc_out=q_desc_out)
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
@@ -177,9 +178,9 @@ class FP8CacheLayer(CacheLayerMixin):
         """One step of the fused path: ``append(key, value, cos, sin)`` (B, H, n, D), then the new queries
         (B, n, H_q, D), the same n positions, attend from the cache -> (B, n, H_q, D) in query's dtype; what
         `append` then `attend` give. A decode step (n * H_q / H <= `ops.FP16_MAX_ROWS` query rows per KV
-        head) on the kernels of a rotating cache hands the queries to the write launch, which stores them
-        with RoPE and the rotation applied (float32), so that the attention's split programs do not each
-        rotate them again (the same values)."""
+        head) on the kernels of a rotating cache hands the queries to the write launch, which stores them as
+        the attention's fp16 operand with RoPE, the rotation and the row scales applied, so that the split
+        programs of the attention launch do not each prepare them again (the same values)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, n, H_q, D = query.shape
@@ -187,10 +188,11 @@ class FP8CacheLayer(CacheLayerMixin):
                 or H_q % self.k8.shape[1] or n * (H_q // self.k8.shape[1]) > ops.FP16_MAX_ROWS):
             self.append(key, value, cos, sin)
             return self.attend(query, cos, sin, scale=scale)
-        q_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        self.append(key, value, cos, sin, query=query, q_out=q_out)
-        return ops.cache_attention(q_out, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
-                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype)
+        q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
+        q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
+        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc)
+        return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
+                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized

@@ -36,17 +36,18 @@ def _interp_bf16(dtype: torch.dtype) -> bool:
 
 
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
-                 rotate: bool, query=None, q_out=None) -> None:
+                 rotate: bool, query=None, q_out=None, q_desc_out=None) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
     first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
     e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
     tail_in (2, B, H, KV_BLOCK, D) float32 (K, V) and leaving the new partial block's float32 values in
     tail_out (may be tail_in for impl="torch").
 
-    query (B, n, H * G, D) with q_out (B, n, H * G, D) float32 contiguous (impl="triton", power-of-two D,
-    n * G <= `FP16_MAX_ROWS`): the n new tokens' queries, written to q_out with RoPE (cos/sin) and the
-    rotation (``rotate``) applied, in float32, by the same launch: what `cache_attention` would compute from
-    them, for it to read without cos/sin and with rotate=False (a decode step: once, not per split program)."""
+    query (B, n, H * G, D) with q_out (B, n, H * G, D) float16 and q_desc_out (B, n, H * G) float32, both
+    contiguous (impl="triton", power-of-two D, n * G <= `FP16_MAX_ROWS`): the n new tokens' queries as the
+    attention's decode build makes its operand from them (RoPE with cos/sin, the rotation with ``rotate``, a
+    scale per row, fp16), written by the same launch, for `cache_attention(q_out, ..., q_descale=q_desc_out)`
+    (a decode step: once, not in every split program; `reference.prepare_queries`)."""
     n = key.shape[2]
     b0 = length // KV_BLOCK * KV_BLOCK
     if rotate:
@@ -79,10 +80,12 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     if prep_q:
         group = query.shape[2] // H
         if (impl != "triton" or not rotatable(D) or query.shape != (B, n, H * group, D) or n * group > FP16_MAX_ROWS
-                or q_out is None or q_out.dtype != torch.float32 or q_out.shape != query.shape
-                or not q_out.is_contiguous()):
+                or q_out is None or q_out.dtype != torch.float16 or q_out.shape != query.shape
+                or not q_out.is_contiguous() or q_desc_out is None or q_desc_out.dtype != torch.float32
+                or q_desc_out.shape != query.shape[:3] or not q_desc_out.is_contiguous()):
             raise ValueError("write_blocks(query=...) takes (B, n, H * G, D) queries of a power-of-two D, at most "
-                             f"{FP16_MAX_ROWS} rows per KV head, with a float32 contiguous q_out of that shape")
+                             f"{FP16_MAX_ROWS} rows per KV head, with contiguous q_out (that shape, float16) and "
+                             "q_desc_out ((B, n, H * G), float32)")
         query = _unit_last(query)
         qs = query.stride()
     else:
@@ -98,7 +101,8 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             H, length, n,
             HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
             ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=_interp_bf16(key.dtype),
-            Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, stride_qb=qs[0], stride_qs=qs[1],
+            Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, Q_desc=q_desc_out if prep_q else key,
+            stride_qb=qs[0], stride_qs=qs[1],
             stride_qh=qs[2], PREP_Q=prep_q, GROUP=group, Q_ROWS=max(16, next_power_of_2(n * group)),
             num_warps=4, enable_fp_fusion=False,
         )
@@ -247,13 +251,15 @@ def _gpu_parts():
 
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
                     qk_fp8: bool | None = None, num_splits: int | None = None,
-                    config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None,
+                    q_descale: torch.Tensor | None = None) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
     rotate (required: a mismatch with the cache would be silently wrong): the cache's keys were written with
     ``rotate`` (`write_blocks`; `FP8CacheLayer.rotate`), and the queries get the same Hadamard rotation after
-    RoPE; False for queries already rotated (`write_blocks(query=...)`, cos/sin then None). out_dtype: the
-    output's dtype (default: query's; pre-rotated queries are float32).
+    RoPE. q_descale (B, S_q, H_q) float32: the queries are the decode build's prepared fp16 operand with
+    these row descales (`write_blocks(query=...)`, `reference.prepare_queries`): cos/sin None, rotate False,
+    fp16 products. out_dtype: the output's dtype (default: query's).
 
     qk_fp8: None picks by rows per KV head (`FP16_MAX_ROWS`). num_splits: None picks one wave of programs
     from the compiled kernel's residency and the GPU's SM count (`pick_num_splits`, `_residency`; the
@@ -301,9 +307,15 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         qk_fp8 = n_rows > FP16_MAX_ROWS
     if rotate:
         _check_rotatable(D)
+    if q_descale is not None:
+        if (cos is not None or rotate or qk_fp8 or query.dtype != torch.float16
+                or q_descale.shape != (B, S_q, H_q) or q_descale.dtype != torch.float32):
+            raise ValueError("cache_attention(q_descale=...) takes the prepared fp16 queries with (B, S_q, H_q) "
+                             "float32 descales, no cos/sin, rotate=False and fp16 products (qk_fp8 not True)")
+        qk_fp8 = False
     if impl == "torch":
         out = reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
-                                                  qk_fp8=qk_fp8, rotate=rotate)
+                                                  qk_fp8=qk_fp8, rotate=rotate, q_descale=q_descale)
         return out if out_dtype is None else out.to(out_dtype)
     on_device, interpreting, num_sms, kernels = _gpu_parts()
     # Host time matters here (one decode step is tens of microseconds of GPU time): strides read once per
@@ -333,12 +345,15 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             PREFETCH_DESC=bool(config.get("prefetch_desc", config.get("block_n", KV_BLOCK) == KV_BLOCK)),
             WIDEN_V=bool(config.get("widen_v", True)) and not interp,
             ROTATE_Q=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=interp and query.dtype == torch.bfloat16,
+            Q_PREPARED=q_descale is not None,
             # 2 warps for decode tiles (H200 sweeps, docs/results/kv_cache_debug_sweep_h200.log and
             # decode_flags_h200_s5.log: 2 warps beat 4 at every decode shape)
             num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
             num_stages=config.get("num_stages", 3),
             enable_fp_fusion=False,
         )
+
+        q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
 
         def args(o_part, ml_part, counter, keys_per_split):
             return (query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part, counter,
@@ -360,7 +375,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                 if residency is None:  # the split variant's residency (first call of a variant only)
                     part = torch.empty(16, dtype=torch.float32, device=query.device)
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
-                                           args(part, part, counter, KV_BLOCK), consts)
+                                           args(part, part, counter, KV_BLOCK), {**consts, "Q_desc": q_desc})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
@@ -373,7 +388,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         else:
             o_part = ml_part = out  # never read
         consts["SPLIT"], consts["FUSED_COMBINE"] = split, fused
-        kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split), **consts)
+        kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
+                                                             Q_desc=q_desc, **consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if split and not fused and config.get("wide_combine", True):
             combine_args = (out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits)

@@ -31,32 +31,50 @@ def dequantize(codes: torch.Tensor, descale: torch.Tensor, length: int) -> torch
     return codes[:, :, :length].float() * per_token[..., None]
 
 
+def prepare_queries(query, cos, sin, *, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode build's Q operand as `cache_write_kernel`'s PREP_Q stores it: query (B, S_q, H_q, D)
+    un-rotated -> RoPE (cos/sin), rotation (``rotate``), a scale per row -> (fp16 operand (B, S_q, H_q, D),
+    row descale (B, S_q, H_q) float32)."""
+    q = query.float().transpose(1, 2)
+    if cos is not None:
+        q = apply_rope_reference(q, cos, sin)
+    if rotate:
+        q = _rotate(q, query.dtype)
+    q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
+    return (q * q_scale[..., None]).half().transpose(1, 2).contiguous(), q_descale.transpose(1, 2).contiguous()
+
+
 def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float,
-                              qk_fp8: bool, rotate: bool = False) -> torch.Tensor:
+                              qk_fp8: bool, rotate: bool = False, q_descale=None) -> torch.Tensor:
     """What `cache_attn_kernel` computes, with one softmax max per row instead of the online one.
 
     query (B, S_q, H_q, D) un-rotated when cos/sin (B or 1, S_q, D) are given; the queries are the last S_q
     of the ``length`` cached keys (bottom-right causal). Each query row (position, head) is scaled to an amax of
     448; qk_fp8: Q and P rounded to e4m3, else to fp16. Scores in base 2 with FA3's max offset
     8 (P in [0, 256]), the row sum of the unrounded P. rotate: the cache holds Hadamard-rotated keys; the
-    queries are rotated the same way after RoPE (`rotate`). Returns (B, S_q, H_q, D) in query's dtype.
+    queries are rotated the same way after RoPE (`rotate`). q_descale (B, S_q, H_q): query is the prepared
+    fp16 operand with these row descales (`prepare_queries`; fp16 products). Returns (B, S_q, H_q, D) in
+    query's dtype.
     """
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
-    q = query.float().transpose(1, 2)  # (B, H_q, S_q, D)
-    if cos is not None:
-        q = apply_rope_reference(q, cos, sin)
-    if rotate:
-        q = _rotate(q, query.dtype)
     log2_scale = scale * math.log2(math.e)
-    q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
-    q_op = _to_fp8(q * q_scale[..., None]).float() if qk_fp8 else (q * q_scale[..., None]).half().float()
+    if q_descale is not None:
+        q_op, q_descale = query.float().transpose(1, 2), q_descale.transpose(1, 2)
+    else:
+        q = query.float().transpose(1, 2)  # (B, H_q, S_q, D)
+        if cos is not None:
+            q = apply_rope_reference(q, cos, sin)
+        if rotate:
+            q = _rotate(q, query.dtype)
+        q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
+        q_op = _to_fp8(q * q_scale[..., None]).float() if qk_fp8 else (q * q_scale[..., None]).half().float()
     row_scale = q_descale * log2_scale
     group = H_q // H_kv
     k_codes = k8[:, :, :length].float().repeat_interleave(group, dim=1)
     k_blk = k_desc[:, :, : cdiv(length, KV_BLOCK)].repeat_interleave(KV_BLOCK, dim=2)[:, :, :length]
     scores = (q_op @ k_codes.transpose(-1, -2)) * (row_scale[..., None] * k_blk.repeat_interleave(group, dim=1)[:, :, None])
-    visible = torch.ones(S_q, length, dtype=torch.bool, device=q.device).tril(length - S_q)
+    visible = torch.ones(S_q, length, dtype=torch.bool, device=query.device).tril(length - S_q)
     scores = scores.masked_fill(~visible, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)

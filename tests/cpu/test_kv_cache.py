@@ -454,8 +454,23 @@ def test_append_attend_equals_append_then_attend(dtype):
             length += s_q
             assert got.dtype == dtype and torch.equal(got, want), (impl, s_q)
             _assert_same_storage(fused, plain)
+    # the write launch's prepared queries are `reference.prepare_queries`' bit for bit, and the attention on
+    # them through the torch implementation is the reference's from the raw queries
     layer = FP8CacheLayer(impl="triton")
     layer.append(torch.randn(1, 2, 8, D).half(), torch.randn(1, 2, 8, D).half())
+    q = torch.randn(1, 3, 8, D, generator=gen).half() * 3
+    cos, sin = _rope(3, 8, D, torch.float16)
+    q_op, q_desc = torch.empty(q.shape, dtype=torch.float16), torch.empty(q.shape[:3])
+    layer.append(torch.randn(1, 2, 3, D).half(), torch.randn(1, 2, 3, D).half(), cos, sin, query=q, q_out=q_op,
+                 q_desc_out=q_desc)
+    want_op, want_desc = reference.prepare_queries(q, cos, sin, rotate=True)
+    assert torch.equal(q_op, want_op) and torch.equal(q_desc, want_desc)
+    cache = (layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length)
+    prepared = ops.cache_attention(q_op, None, None, *cache, scale=0.1, impl="torch", rotate=False, q_descale=q_desc,
+                                   out_dtype=torch.float16)
+    assert torch.equal(prepared, ops.cache_attention(q, cos, sin, *cache, scale=0.1, impl="torch", rotate=True))
+    with pytest.raises(ValueError, match="q_descale"):
+        ops.cache_attention(q_op, cos, sin, *cache, scale=0.1, impl="torch", rotate=False, q_descale=q_desc)
     with pytest.raises(ValueError, match="write_blocks"):
         layer.append(torch.randn(1, 2, 1, D).half(), torch.randn(1, 2, 1, D).half(), query=torch.randn(1, 2, 8, D).half(),
                      q_out=torch.empty(1, 2, 8, D))
