@@ -15,6 +15,7 @@ agreement, mean KL(bf16 || mode) in float32, mean cosine of the logit vectors. M
   bf16            sdpa attention, transformers' DynamicCache (the reference)
   fp8+bf16cache   prepare_model(backend, kv_cache="bf16"): fp8 attention over transformers' bf16 cache
   fp8+fp8cache    prepare_model(backend, kv_cache="fp8"): `FP8Cache`, e4m3 K/V with a scale per 64 tokens
+                  (K Hadamard-rotated where the model's hadamard option rotates Q and K: the default)
 Acceptance (issue 13): the FP8 cache's agreement at most 1 point below fp8+bf16cache's.
 
 (b) Perplexity on ``--windows`` disjoint windows of ``--seq-len`` tokens (scored as scripts/eval_perplexity.py

@@ -11,8 +11,10 @@ saturates an earlier scale, and blocks written across appends equal quantizing e
 bottom-right causal), BLOCK_N keys (1, 2 or 4 cache blocks) per loop iteration, in one-block softmax steps
 by default: K's block descale scales the block's scores and V's scales its P.V product, which is added to
 the accumulator in float32 (two-level accumulation); TILE_SOFTMAX: one step per BLOCK_N keys
-(`_attend_keys`). Q arrives un-rotated in the model dtype; RoPE is applied here in float32, then each query
-row gets its own scale. QK_FP8: Q and P are rounded to e4m3 and both products run in fp8 (chunked
+(`_attend_keys`). Q arrives un-rotated in the model dtype; RoPE is applied here in float32 (then, for a
+cache written with ROTATE_K, the same Hadamard rotation as K: ROTATE_Q), then each query row gets its own
+scale; or, in a decode step, the write launch has already made that operand (PREP_Q, `_prepare_queries`)
+and the attention reads it (Q_PREPARED). QK_FP8: Q and P are rounded to e4m3 and both products run in fp8 (chunked
 prefill); otherwise (decode: few rows, memory-bound) Q and P are rounded to fp16 and the fp8 K/V tiles are
 widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches
 split the keys over programs (`num_splits`, a runtime value: no recompilation per length) merged by
