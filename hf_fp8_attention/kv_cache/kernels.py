@@ -101,6 +101,30 @@ def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F3
 
 
 @triton.jit
+def _query_halves(Q, q_rows, Cos, Sin, c_rows, row_ok, HALF: tl.constexpr, APPLY_ROPE: tl.constexpr,
+                  ROTATE: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr):
+    """Query rows ``q_rows`` (element offsets, D contiguous) as float32 half tiles (channels [0, HALF) and
+    [HALF, 2 HALF)): RoPE with the Cos/Sin rows ``c_rows`` (x1 c1 - x2 s1, x2 c2 + x1 s2: the full-tile
+    formula x c + rotate_half(x) s exactly), then the Hadamard rotation with ROTATE. Shared by the write
+    launch's query preparation and the attention kernel's own prologue: the same operations in both."""
+    offs_h = tl.arange(0, HALF)
+    q1 = tl.load(Q + q_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(Q + q_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if APPLY_ROPE:
+        c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        r1 = q1 * c1 - q2 * n1
+        r2 = q2 * c2 + q1 * n2
+        q1 = r1
+        q2 = r2
+    if ROTATE:
+        q1, q2 = _rotate_halves(q1, q2, Q.dtype.element_ty, INV_SQRT_D, ROT_F32)
+    return q1, q2
+
+
+@triton.jit
 def _prepare_queries(
     Q_src, Q_out, Q_desc, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
     GROUP: tl.constexpr, Q_ROWS: tl.constexpr, HALF: tl.constexpr, APPLY_ROPE: tl.constexpr,
@@ -116,21 +140,9 @@ def _prepare_queries(
     head = h * GROUP + offs_r % GROUP
     row_ok = offs_r < n_new * GROUP
     offs_h = tl.arange(0, HALF)
-    rows = b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh
-    q1 = tl.load(Q_src + rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(Q_src + rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if APPLY_ROPE:
-        c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
-        c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        r1 = q1 * c1 - q2 * n1
-        r2 = q2 * c2 + q1 * n2
-        q1 = r1
-        q2 = r2
-    if ROTATE:
-        q1, q2 = _rotate_halves(q1, q2, Q_src.dtype.element_ty, INV_SQRT_D, ROT_F32)
+    q1, q2 = _query_halves(Q_src, b64 * stride_qb + pos.to(tl.int64) * stride_qs + head * stride_qh, Cos, Sin,
+                           b64 * stride_cb + pos.to(tl.int64) * stride_cs, row_ok, HALF, APPLY_ROPE, ROTATE,
+                           INV_SQRT_D, ROT_F32)
     q_amax = tl.maximum(tl.max(_finite_abs(q1), 1), tl.max(_finite_abs(q2), 1))
     q_scale, q_descale = _amax_scales(q_amax, FP8_MAX)
     row = (b64 * n_new + pos.to(tl.int64)) * (H * GROUP) + head
@@ -399,20 +411,8 @@ def cache_attn_kernel(
     else:
         if ROTATE_Q:
             tl.static_assert(HEAD_DIM == HEAD_DIM_PAD)
-            offs_h = tl.arange(0, HALF)
-            q1 = tl.load(Q + q_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            q2 = tl.load(Q + q_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            if APPLY_ROPE:  # the formula below, on half tiles (x + (-y) * s is x - y * s exactly)
-                c_rows = b64 * stride_cb + pos.to(tl.int64) * stride_cs
-                c1 = tl.load(Cos + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                c2 = tl.load(Cos + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                n1 = tl.load(Sin + c_rows[:, None] + offs_h[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                n2 = tl.load(Sin + c_rows[:, None] + (offs_h + HALF)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                r1 = q1 * c1 - q2 * n1
-                r2 = q2 * c2 + q1 * n2
-                q1 = r1
-                q2 = r2
-            q1, q2 = _rotate_halves(q1, q2, Q.dtype.element_ty, INV_SQRT_D, ROT_F32)
+            q1, q2 = _query_halves(Q, q_rows, Cos, Sin, b64 * stride_cb + pos.to(tl.int64) * stride_cs, row_ok, HALF,
+                                   APPLY_ROPE, True, INV_SQRT_D, ROT_F32)
             q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))  # [q1 | q2]
         else:
             q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)

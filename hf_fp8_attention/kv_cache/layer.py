@@ -9,9 +9,10 @@ Two ways in:
   back the whole cache dequantized to the model dtype (correct, but a bf16 copy per call: no speedup).
 
 Hadamard rotation (``hadamard``, default on where the head_dim is a power of two in [32, 256]): K is stored
-rotated by the normalised Hadamard matrix after RoPE and the queries get the same rotation in the attention
-kernel, as the per-call path's default `hadamard="qk"` does: the scores are unchanged and K's outlier channels
-are spread over all channels before the e4m3 rounding. `dequantize` rotates K back.
+rotated by the normalised Hadamard matrix after RoPE and the queries get the same rotation (in the attention
+kernel, or in a decode step through `append_attend` by the write launch, which prepares them once), as the
+per-call path's default `hadamard="qk"` does: the scores are unchanged and K's outlier channels are spread
+over all channels before the e4m3 rounding. `dequantize` rotates K back.
 
 Memory: 1 byte per K/V element plus 4 bytes per block descale (0.05% at D=128), a (2, B, H, KV_BLOCK, D)
 float32 tail per layer, and up to ~3% spare capacity (the storage grows in steps, not per token).

@@ -103,7 +103,8 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=_interp_bf16(key.dtype),
             Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, Q_desc=q_desc_out if prep_q else key,
             stride_qb=qs[0], stride_qs=qs[1],
-            stride_qh=qs[2], PREP_Q=prep_q, GROUP=group, Q_ROWS=max(16, next_power_of_2(n * group)),
+            stride_qh=qs[2], PREP_Q=prep_q, GROUP=group,
+            Q_ROWS=max(16, next_power_of_2(n * group)) if prep_q else 16,  # a constant unless used: no recompiles
             num_warps=4, enable_fp_fusion=False,
         )
 
@@ -255,9 +256,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     q_descale: torch.Tensor | None = None) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
-    rotate (required: a mismatch with the cache would be silently wrong): the cache's keys were written with
-    ``rotate`` (`write_blocks`; `FP8CacheLayer.rotate`), and the queries get the same Hadamard rotation after
-    RoPE. q_descale (B, S_q, H_q) float32: the queries are the decode build's prepared fp16 operand with
+    rotate (required: a mismatch with the cache would be silently wrong): rotate the raw queries after RoPE by
+    the Hadamard matrix, which a cache written with ``rotate`` (`write_blocks`; `FP8CacheLayer.rotate`)
+    needs; prepared queries (q_descale) are already in the cache's basis and take rotate=False. q_descale (B, S_q, H_q) float32: the queries are the decode build's prepared fp16 operand with
     these row descales (`write_blocks(query=...)`, `reference.prepare_queries`): cos/sin None, rotate False,
     fp16 products. out_dtype: the output's dtype (default: query's).
 
@@ -309,14 +310,16 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         _check_rotatable(D)
     if q_descale is not None:
         if (cos is not None or rotate or qk_fp8 or query.dtype != torch.float16
-                or q_descale.shape != (B, S_q, H_q) or q_descale.dtype != torch.float32):
-            raise ValueError("cache_attention(q_descale=...) takes the prepared fp16 queries with (B, S_q, H_q) "
-                             "float32 descales, no cos/sin, rotate=False and fp16 products (qk_fp8 not True)")
+                or q_descale.shape != (B, S_q, H_q) or q_descale.dtype != torch.float32
+                or not q_descale.is_contiguous() or q_descale.device != query.device):
+            raise ValueError("cache_attention(q_descale=...) takes the prepared fp16 queries with contiguous "
+                             "(B, S_q, H_q) float32 descales on their device, no cos/sin, rotate=False and fp16 "
+                             "products (qk_fp8 not True)")
         qk_fp8 = False
     if impl == "torch":
-        out = reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
-                                                  qk_fp8=qk_fp8, rotate=rotate, q_descale=q_descale)
-        return out if out_dtype is None else out.to(out_dtype)
+        return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
+                                                   qk_fp8=qk_fp8, rotate=rotate, q_descale=q_descale,
+                                                   out_dtype=out_dtype)
     on_device, interpreting, num_sms, kernels = _gpu_parts()
     # Host time matters here (one decode step is tens of microseconds of GPU time): strides read once per
     # tensor, one workspace allocation for the split partials.

@@ -45,7 +45,8 @@ def prepare_queries(query, cos, sin, *, rotate: bool) -> tuple[torch.Tensor, tor
 
 
 def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float,
-                              qk_fp8: bool, rotate: bool = False, q_descale=None) -> torch.Tensor:
+                              qk_fp8: bool, rotate: bool = False, q_descale=None,
+                              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """What `cache_attn_kernel` computes, with one softmax max per row instead of the online one.
 
     query (B, S_q, H_q, D) un-rotated when cos/sin (B or 1, S_q, D) are given; the queries are the last S_q
@@ -54,7 +55,7 @@ def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: i
     8 (P in [0, 256]), the row sum of the unrounded P. rotate: the cache holds Hadamard-rotated keys; the
     queries are rotated the same way after RoPE (`rotate`). q_descale (B, S_q, H_q): query is the prepared
     fp16 operand with these row descales (`prepare_queries`; fp16 products). Returns (B, S_q, H_q, D) in
-    query's dtype.
+    ``out_dtype`` (default: query's), rounded once from float32 as the kernel stores it.
     """
     B, S_q, H_q, D = query.shape
     H_kv = k8.shape[1]
@@ -83,5 +84,5 @@ def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: i
     p_r = p.to(FP8_DTYPE if qk_fp8 else torch.float16).float()
     v = dequantize(v8, v_desc, length).repeat_interleave(group, dim=1)
     out = (p_r @ v) / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    return out.transpose(1, 2).to(query.dtype)
+    return out.transpose(1, 2).to(out_dtype or query.dtype)
 

@@ -184,8 +184,9 @@ def _fp8_cache_layer(self, kwargs):
 def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, layer):
     """The new keys/values go into the fp8 cache (rotated and quantized once, by the write kernel). A first
     chunk (empty cache) then runs the plain fused fp8 attention on its own keys, which are all it sees;
-    later chunks and decode steps read the cached fp8 blocks (`FP8CacheLayer.attend`). BHSD views in,
-    BHSD out."""
+    later chunks and decode steps write and read the cached fp8 blocks in one step
+    (`FP8CacheLayer.append_attend`: in a decode step the write launch also prepares the queries). BHSD
+    views in, BHSD out."""
     if layer.get_seq_length() == 0:
         layer.append(key, value, cos, sin)
         return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)

@@ -471,6 +471,10 @@ def test_append_attend_equals_append_then_attend(dtype):
     assert torch.equal(prepared, ops.cache_attention(q, cos, sin, *cache, scale=0.1, impl="torch", rotate=True))
     with pytest.raises(ValueError, match="q_descale"):
         ops.cache_attention(q_op, cos, sin, *cache, scale=0.1, impl="torch", rotate=False, q_descale=q_desc)
+    strided = torch.empty(1, 8, 3).transpose(1, 2)  # (1, 3, 8), not contiguous: the kernel would misread it
+    strided.copy_(q_desc)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.cache_attention(q_op, None, None, *cache, scale=0.1, impl="triton", rotate=False, q_descale=strided)
     with pytest.raises(ValueError, match="write_blocks"):
         layer.append(torch.randn(1, 2, 1, D).half(), torch.randn(1, 2, 1, D).half(), query=torch.randn(1, 2, 8, D).half(),
                      q_out=torch.empty(1, 2, 8, D))

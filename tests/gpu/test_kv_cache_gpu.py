@@ -168,7 +168,8 @@ def _compiled_variants(fn) -> int:
 
 
 def _cache_kernels():
-    return (kernels.cache_attn_kernel, kernels.cache_combine_wide_kernel, kernels.cache_combine_kernel)
+    return (kernels.cache_write_kernel, kernels.cache_attn_kernel, kernels.cache_combine_wide_kernel,
+            kernels.cache_combine_kernel)
 
 
 @pytest.mark.parametrize("config", [None, dict(block_n=256)])
@@ -251,9 +252,10 @@ def test_prepared_model_generates_from_fp8_cache(backend):
 
 @pytest.mark.parametrize("s_q", [1, 4])
 def test_append_attend_tracks_append_then_attend(s_q):
-    """The model's decode step (`append_attend`: the write launch prepares the rotated queries, float32) against
-    `append` then `attend` (the attention kernel rotates them itself): the same arithmetic in two kernels, equal
-    to the output's bf16 rounding (the rotation's sums are exact for data like this), storage bit for bit."""
+    """The model's decode step (`append_attend`: the write launch prepares the queries as the fp16 operand with
+    row descales) against `append` then `attend` (the attention kernel prepares them itself): the same
+    operations (`_query_halves`) in two kernels whose rotation dots may sum in another order, so equal to the
+    output's bf16 rounding; storage (codes, descales) bit for bit."""
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 3000
     gen = torch.Generator(device=DEV).manual_seed(8)
     fused, plain = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="triton")
@@ -272,4 +274,8 @@ def test_append_attend_tracks_append_then_attend(s_q):
         want = plain.attend(q, cos, sin, scale=D**-0.5)
         assert got.dtype == torch.bfloat16 and got.shape == q.shape
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
-        assert torch.equal(fused.k8[:, :, : fused.length].view(torch.uint8), plain.k8[:, :, : plain.length].view(torch.uint8))
+        n, nb = fused.length, math.ceil(fused.length / 64)
+        for a, b in ((fused.k8, plain.k8), (fused.v8, plain.v8)):
+            assert torch.equal(a[:, :, :n].view(torch.uint8), b[:, :, :n].view(torch.uint8))
+        assert torch.equal(fused.k_desc[:, :, :nb], plain.k_desc[:, :, :nb])
+        assert torch.equal(fused.v_desc[:, :, :nb], plain.v_desc[:, :, :nb])
