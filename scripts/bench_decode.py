@@ -81,7 +81,11 @@ stop early), three modes on the same weights and prompts:
 Per run: prefill s (generate's start to the first logits processor call, synchronized), decode ms/token
 ((end - first call) / (new tokens - 1) forwards), total s, peak GiB (torch.cuda.max_memory_allocated,
 reset per run), cache GiB (`FP8Cache.memory_bytes()`, or the K/V bytes of a DynamicCache). Each mode first
-runs one untimed generate of 3 tokens at the same batch on a 256-token prompt (kernel compilation). The fp8
+runs one untimed generate of 3 tokens at the same batch (``--warmup full``, the default: on the timed prompt
+itself, so that every kernel variant the timed run takes is compiled; ``short``: on its first 256 tokens,
+cheaper, but kernels whose variants depend on the length still compile inside the timed prefill: in
+session 7 the FP8-cache mode's prefill at B=8 x 32k took 13.5 s that way vs 10.9 s when an earlier fp8
+mode had compiled them). The fp8
 cache row also counts its layers' calls: ``attend`` (the fast path) and ``update`` (transformers' generic
 path: the whole cache dequantized per call, correct but slow); a nonzero ``update`` count is reported.
 
@@ -221,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
     g.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, the 8B shape)")
+    g.add_argument("--warmup", choices=("full", "short"), default="full",
+                   help="untimed 3-token generate per mode before the timed one: on the timed prompt (full, "
+                        "default: every kernel variant compiled first) or on its first 256 tokens (short)")
     g = p.add_argument_group("--sweep: fp8 cache kernel configs (attention step only)")
     g.add_argument("--sweep", action="store_true", help="time a grid of cache_attention configs vs FA3 bf16 "
                    "(with --cpu-smoke: tiny shapes in the Triton interpreter)")
@@ -1158,7 +1165,7 @@ def run_generate(args, notes: list[str]) -> list[dict]:
         for P in args.prompts:
             gen = torch.Generator(device=device).manual_seed(args.seed + B * P)
             ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
-            warm_ids = ids[:, : min(P, WARMUP_PROMPT)]
+            warm_ids = ids if args.warmup == "full" else ids[:, : min(P, WARMUP_PROMPT)]
             for mode in args.modes:
                 row = {"B": B, "prompt": P, "mode": mode, "label": labels[mode], "attention": None, "error": None}
                 print(f"# generate B={B} prompt={_k(P)} {labels[mode]} ...", file=sys.stderr, flush=True)

@@ -82,6 +82,26 @@ def test_explicit_values():
     assert (args.part, args.bf16_attn, args.fp8_backend) == ("generate", "sdpa", "reference")
 
 
+@pytest.mark.parametrize("warmup,warm_len", [(None, 300), ("short", 256)])
+def test_generate_warmup_prompt(monkeypatch, warmup, warm_len):
+    """The untimed warm-up generate runs on the timed prompt itself by default (every length-dependent kernel
+    variant compiled before timing), on its first 256 tokens with --warmup short."""
+    calls = []
+
+    def fake(model, ids, new_tokens, *, measure=True):
+        calls.append((ids.shape[1], new_tokens, measure))
+        return {"prefill_s": 0.1, "decode_ms_per_token": 1.0, "total_s": 0.2, "peak_gib": None, "cache_gib": 0.0,
+                "cache_type": "DynamicCache", "cache_tokens": ids.shape[1] + new_tokens, "new_tokens": new_tokens,
+                "decode_steps": new_tokens - 1}
+
+    monkeypatch.setattr(bd, "timed_generate", fake)
+    argv = ["--cpu-smoke", "--part", "generate", "--modes", "bf16", "--bf16-attn", "sdpa", "--batches", "1",
+            "--prompts", "300", "--new-tokens", "4"] + (["--warmup", warmup] if warmup else [])
+    rows = bd.run_generate(bd.parse_args(argv), [])
+    assert calls == [(warm_len, 3, False), (300, 4, True)]
+    assert rows[0]["error"] is None
+
+
 @pytest.mark.parametrize(
     "argv",
     [
