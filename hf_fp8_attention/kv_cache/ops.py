@@ -30,11 +30,6 @@ def rotatable(head_dim: int) -> bool:
     return 32 <= head_dim <= 256 and not head_dim & (head_dim - 1)
 
 
-def _interp_bf16(dtype: torch.dtype) -> bool:
-    """bf16 under the CPU interpreter, whose bf16 dots are wrong: the kernels rotate in float32 there."""
-    return dtype == torch.bfloat16 and _gpu_parts()[1]()
-
-
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
                  rotate: bool, query=None, q_out=None, q_desc_out=None) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
@@ -74,7 +69,7 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     if rope:
         cos, sin = _unit_last(cos), _unit_last(sin)
     n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
-    on_device, _, _, kernels = _gpu_parts()
+    on_device, interpreting, _, kernels = _gpu_parts()
     ks, vs, cs, ds = key.stride(), value.stride(), k8.stride(), k_desc.stride()  # read once: host time
     prep_q = query is not None
     if prep_q:
@@ -100,7 +95,7 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             cs[0], cs[1], ds[0], ds[1],
             H, length, n,
             HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
-            ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=_interp_bf16(key.dtype),
+            ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=key.dtype == torch.bfloat16 and interpreting(),
             Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, Q_desc=q_desc_out if prep_q else key,
             stride_qb=qs[0], stride_qs=qs[1],
             stride_qh=qs[2], PREP_Q=prep_q, GROUP=group,

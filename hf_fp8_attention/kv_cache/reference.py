@@ -31,17 +31,24 @@ def dequantize(codes: torch.Tensor, descale: torch.Tensor, length: int) -> torch
     return codes[:, :, :length].float() * per_token[..., None]
 
 
-def prepare_queries(query, cos, sin, *, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode build's Q operand as `cache_write_kernel`'s PREP_Q stores it: query (B, S_q, H_q, D)
-    un-rotated -> RoPE (cos/sin), rotation (``rotate``), a scale per row -> (fp16 operand (B, S_q, H_q, D),
-    row descale (B, S_q, H_q) float32)."""
+def _scaled_queries(query, cos, sin, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (B, S_q, H_q, D) un-rotated -> RoPE (cos/sin), rotation (``rotate``), each row scaled to an amax
+    of 448: (the scaled rows (B, H_q, S_q, D) float32, not yet rounded; their descales (B, H_q, S_q))."""
     q = query.float().transpose(1, 2)
     if cos is not None:
         q = apply_rope_reference(q, cos, sin)
     if rotate:
         q = _rotate(q, query.dtype)
     q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
-    return (q * q_scale[..., None]).half().transpose(1, 2).contiguous(), q_descale.transpose(1, 2).contiguous()
+    return q * q_scale[..., None], q_descale
+
+
+def prepare_queries(query, cos, sin, *, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode build's Q operand as `cache_write_kernel`'s PREP_Q stores it: query (B, S_q, H_q, D)
+    un-rotated -> RoPE (cos/sin), rotation (``rotate``), a scale per row -> (fp16 operand (B, S_q, H_q, D),
+    row descale (B, S_q, H_q) float32)."""
+    q, q_descale = _scaled_queries(query, cos, sin, rotate)
+    return q.half().transpose(1, 2).contiguous(), q_descale.transpose(1, 2).contiguous()
 
 
 def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float,
@@ -63,13 +70,8 @@ def cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length: i
     if q_descale is not None:
         q_op, q_descale = query.float().transpose(1, 2), q_descale.transpose(1, 2)
     else:
-        q = query.float().transpose(1, 2)  # (B, H_q, S_q, D)
-        if cos is not None:
-            q = apply_rope_reference(q, cos, sin)
-        if rotate:
-            q = _rotate(q, query.dtype)
-        q_scale, q_descale = _scales(_finite_abs(q).amax(dim=-1))
-        q_op = _to_fp8(q * q_scale[..., None]).float() if qk_fp8 else (q * q_scale[..., None]).half().float()
+        q, q_descale = _scaled_queries(query, cos, sin, rotate)  # (B, H_q, S_q, D)
+        q_op = _to_fp8(q).float() if qk_fp8 else q.half().float()
     row_scale = q_descale * log2_scale
     group = H_q // H_kv
     k_codes = k8[:, :, :length].float().repeat_interleave(group, dim=1)

@@ -217,14 +217,14 @@ def new_cache(model):
     if state is None or state.kv_cache != "fp8":
         raise ValueError("new_cache needs a model prepared with prepare_model(model, kv_cache='fp8')")
     return FP8Cache(config=model.config, fp8_layers=set(state.fp8_cache_layers),
-                    hadamard=_cache_hadamard(state.options.hadamard))
+                    hadamard=_cache_hadamard(state.options))
 
 
-def _cache_hadamard(hadamard: str) -> bool | None:
-    """The FP8 cache's K/Q rotation for the model's hadamard option: it follows the Q/K rotation ("auto":
-    where the head_dim allows it, as the per-call default; "qk"/"qkv": on; "none"/"v_only": off). The cache
-    never rotates V (its V blocks have their own scales)."""
-    return {"auto": None, "qk": True, "qkv": True}.get(hadamard, False)
+def _cache_hadamard(options: FP8AttentionOptions) -> bool | None:
+    """The FP8 cache's K/Q rotation for the model's options: it follows their Q/K rotation ("auto": None,
+    where the head_dim allows it, as the per-call default; else `rotates_qk`). The cache never rotates V
+    (its V blocks have their own scales)."""
+    return None if options.hadamard == "auto" else options.rotates_qk
 
 
 def _fp8_cache_pre_hook(module, args, kwargs):
@@ -488,7 +488,7 @@ def describe_backend(model) -> str:
     text += f", fused RoPE on {len(state.fused)}/{len(attention_modules(model))} layers"
     if state.kv_cache == "fp8":
         text += f", fp8 KV cache on {len(state.fp8_cache_layers)}/{len(attention_modules(model))} layers"
-        rotate = _cache_hadamard(state.options.hadamard)
+        rotate = _cache_hadamard(state.options)
         dims = {m.head_dim for m in state.fused if isinstance(getattr(m, "head_dim", None), int)}
         if rotate is None:
             rotate = bool(dims) and all(rotatable(d) for d in dims)
