@@ -20,9 +20,11 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --rope --seqlens 16384
     python scripts/bench_quantize.py --sweep              # programs/SM x lag at S = 16k (tuning)
     python scripts/bench_quantize.py --impl some.module   # another module's quantize_qkv_fp8, same table
+    python scripts/bench_quantize.py --rope --compare old.qkv   # side by side with another copy, same process
     python scripts/bench_quantize.py --modes              # accuracy modes (S 4k/16k/32k), then --configs
     python scripts/bench_quantize.py --configs            # tile configs x programs/SM alone (S 16k/64k)
     python scripts/bench_quantize.py --modes --seqlens 16384 65536 --heads 32/8   # issue 14's check
+    python scripts/bench_quantize.py --modes --skip-configs                       # the modes table alone
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
 >= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
@@ -56,12 +58,16 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
     p.add_argument("--impl", type=str, default="hf_fp8_attention.quantization",
                    help="module whose quantize_qkv_fp8 is timed")
+    p.add_argument("--compare", type=str, default=None, metavar="MODULE",
+                   help="table: also time this module's quantize_qkv_fp8 on the same inputs (e.g. an older copy "
+                        "of hf_fp8_attention.quantization.qkv) and print the speedup")
     p.add_argument("--sweep", action="store_true",
                    help="time the launcher constants (_PROGRAMS_PER_SM, _LAG_PER_PROGRAM) at S=16k")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
     p.add_argument("--modes", action="store_true", help="ms, GB/s and %% of copy per accuracy mode, then --configs")
     p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
                    "rope, qk, int8")
+    p.add_argument("--skip-configs", action="store_true", help="--modes without the --configs tables that follow")
     return p.parse_args(argv)
 
 
@@ -140,9 +146,12 @@ def _heads(text):
     return tuple(map(int, text.split("/")))
 
 
-def table(fn, args):
-    print("| H_q/H_kv | S | rope | ms | GB/s (read + written) | % of copy | copy GB/s |")
-    print("|---|---|---|---|---|---|---|")
+def table(fn, args, other=None):
+    """ms, GB/s and % of copy of `fn` per shape; with `other` (--compare), its ms and fn's speedup over it,
+    timed in the same process on the same inputs."""
+    extra = f" {args.compare} ms | speedup |" if other else ""
+    print("| H_q/H_kv | S | rope | ms | GB/s (read + written) | % of copy | copy GB/s |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if other else ""))
     for heads in args.heads:
         H_q, H_kv = _heads(heads)
         for S in args.seqlens or [4096, 16384, 32768, 131072]:
@@ -150,8 +159,11 @@ def table(fn, args):
             copy = copy_gbs(*inputs[:3], args.rep_ms)
             inputs = inputs if args.rope else inputs[:3]
             ms = device_ms(fn, inputs, args.rep_ms)
-            print(f"| {heads} | {S} | {args.rope} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} | {copy:.0f} |",
-                  flush=True)
+            row = f"| {heads} | {S} | {args.rope} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} | {copy:.0f} |"
+            if other:
+                ms_other = device_ms(other, inputs, args.rep_ms)
+                row += f" {ms_other:.3f} | {ms_other / ms:.2f}x |"
+            print(row, flush=True)
             del inputs
             torch.cuda.empty_cache()
     for heads in args.heads:
@@ -200,11 +212,9 @@ MODES = {
 }
 MODES = {name: (rope, {"hadamard": "none", "smooth_v": False, **kw}) for name, (rope, kw) in MODES.items()}
 # --configs: (tile elements, num_warps, ONE_TILE) alternatives, today's first. RoPE: qkv._ONE_TILE_CONFIG;
-# otherwise qkv._TILE_ELEMS and the warps (ONE_TILE is off without RoPE). Offline sm_90 compile (qkv.py):
-# 255 registers + spills for qk and the RoPE config (BLOCK_S 32 @ 4 warps), no spill stack at 8 warps or
-# BLOCK_S 16: does it matter on the GPU?
+# otherwise qkv._TILE_ELEMS and the warps (ONE_TILE is off without RoPE). Registers: see qkv.py.
 ROPE_CONFIGS = [(4096, 4, True), (4096, 8, True), (2048, 4, True), (8192, 8, True), (8192, 8, False)]
-PLAIN_CONFIGS = [(8192, 4, False), (8192, 8, False), (4096, 4, False)]
+PLAIN_CONFIGS = [(4096, 4, False), (8192, 4, False), (8192, 8, False)]
 PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
 
@@ -304,11 +314,13 @@ def main(argv=None) -> int:
     elif args.modes or args.configs:
         if args.modes:
             modes(args)
-        configs(args)
+        if args.configs or not args.skip_configs:
+            configs(args)
     elif args.profile_host:
         profile_host(importlib.import_module(args.impl).quantize_qkv_fp8, args)
     else:
-        table(importlib.import_module(args.impl).quantize_qkv_fp8, args)
+        other = importlib.import_module(args.compare).quantize_qkv_fp8 if args.compare else None
+        table(importlib.import_module(args.impl).quantize_qkv_fp8, args, other)
     return 0
 
 

@@ -1,21 +1,29 @@
 """Triton kernel of the FP8 Q/K/V quantization: input BHSD (any strides), output BSHD fp8, one launch.
 
-Work is cut into tiles of BLOCK_S positions of one head of one tensor (t = 0, 1, 2 for q, k, v). Tile `i`
-is ordered q, k, v and, within a tensor, by ((b * H + h) * N_TILES + s), so the tiles of one scale group
-(the G = H_q / H_kv query heads of a KV head, or one k / v head) are contiguous. Each tile is read for two
-steps: P1 (the tile's contribution to the group's amax, atomically merged) and P2 (once every P1 of the
-group is done: quantize the tile with the group's scale). A persistent grid takes tickets from an atomic
-counter; ticket `t` does P1(t) (if t < n_tiles) and then P2(t - LAG) (if t >= LAG), so a tile's second
-read comes LAG tiles after its first and finds it in L2 as long as LAG tiles fit there.
+Work is cut into tiles of BLOCK_S positions of one head of one tensor (t = 0, 1, 2 for q, k, v), and
+tiles into work items: CHUNK consecutive tiles of one head (a runtime argument). Each item is read for
+two steps: P1 (its contribution to the group's amax, atomically merged once per item) and P2 (once every
+P1 of the group is done: quantize the item's tiles with the group's scale). A persistent grid takes
+tickets from an atomic counter; ticket `t` does P2(t - LAG) (if t >= LAG) and P1(t) (if t < n_items) tile
+by tile, side by side, and then publishes P1(t), so an item's second read comes LAG items after its first
+and finds it in L2 as long as LAG items fit there. Chunks cut the atomics and the waits to one set per item
+(session 8, H200: RoPE at 64k 1.18 -> 0.83 ms).
+Item order: q, k, v and, within a tensor, ((b * H + h) * N_CHUNKS + c), so the items of one scale group
+(the G = H_q / H_kv query heads of a KV head, or one k / v head) are contiguous. INTERLEAVE (with RoPE):
+per (b, KV head) a super-group of the G q heads and the k head, chunk-major ((c * (G + 1)) + member), so
+that consecutive items read the same cos/sin rows (L2 hits instead of one cos/sin read per head), then the
+v items as before; a q or k group then completes with its super-group.
 
-Deadlock freedom: with LAG >= the tiles of the largest group, every P1 that P2(t - LAG) waits on belongs
-to a smaller ticket. A program publishes its P1 before it waits, and it only ever holds its current
-ticket and the next one (taken early to hide the atomic's latency); by induction on the ticket, the smallest ticket whose P1 is
-unpublished is held by a program that reaches it, so every wait ends. The grid need not be co-resident.
-Under the interpreter programs run one after another and the ticket order alone makes every wait succeed.
+Deadlock freedom: with LAG >= the items of the largest group (super-group with INTERLEAVE), every P1 that
+P2(t - LAG) waits on belongs to a smaller ticket. A program waits for P2's group before its own P1 is
+published, but it only ever holds its current ticket and the next one (taken early to hide the atomic's
+latency): by induction on the ticket, the smallest ticket whose P1 is unpublished is held by a running
+program that waits on smaller (published) tickets only, so every wait ends. The grid need not be
+co-resident. Under the interpreter programs run one after another and the ticket order alone makes every
+wait succeed.
 
-ONE_TILE (the launcher sets it with RoPE): a program holds one tile at a time, P1's tile is loaded, rotated
-and published before P2's is loaded, instead of issuing both loads up front. It gives up the overlap of the
+ONE_TILE (the launcher sets it with RoPE): a program holds one tile at a time, P1's tile is loaded and
+reduced before P2's is loaded, instead of issuing both loads up front. It gives up the overlap of the
 two reads for about half the registers (x plus fp32 cos/sin per tile), so that several programs fit per SM.
 
 Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
@@ -136,32 +144,54 @@ def _rotate(x1, x2, c1, c2, s1, s2, rope_on, APPLY_ROPE: tl.constexpr):
 
 
 @triton.jit
-def _tile_setup(
-    item, B, H_Q, H_KV, S_Q, S_KV, N_TILES_Q, N_TILES_KV,
+def _item_setup(
+    item, B, H_Q, H_KV, S_Q, S_KV, NC_Q, NC_KV,
     q_ptr, k_ptr, v_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_cs, stride_sb, stride_ss, cu_q_ptr, cu_k_ptr,
-    BLOCK_S: tl.constexpr, VARLEN: tl.constexpr,
+    CHUNK_ROWS, VARLEN: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
-    """Tile `item` -> its tensor t, batch b, head h, first row, the tensor's head count, pointer, base
-    offset and strides, its sequence length, cos/sin base offsets, its scale group, the group's tile
-    count, whether it is the group's first tile, and the row of its sequence's first token in the output.
+    """Work item `item` (a chunk of CHUNK_ROWS rows of one head of q, k or v; the order is the module
+    docstring's) -> its tensor t, batch b, head h, first row, the tensor's head count, pointer, base offset and
+    strides, its sequence length, cos/sin base offsets, its scale group, the group's item count, whether it
+    is the group's first item, and the row of its sequence's first token in the output. NC_Q / NC_KV: chunks
+    per head of q and of k / v.
 
     VARLEN: b is a sequence of packed tokens, rows [cu[b], cu[b + 1]) of the (1, total, H, D) input
     (cu_q_ptr for q, cu_k_ptr for k and v); S_Q / S_KV are the longest sequence's length, so a shorter
-    sequence's tail tiles are empty (masked, amax 0)."""
-    n_q = B * H_Q * N_TILES_Q
-    n_kv = B * H_KV * N_TILES_KV
-    t = (item >= n_q).to(tl.int32) + (item >= n_q + n_kv).to(tl.int32)
-    local = item - _select3(t, 0, n_q, n_q + n_kv)
-    n_heads = tl.where(t == 0, H_Q, H_KV)
-    n_tiles = tl.where(t == 0, N_TILES_Q, N_TILES_KV)
-    group = tl.where(t == 0, H_Q // H_KV, 1)
-    bh = local // n_tiles
-    b = bh // n_heads
-    h = bh % n_heads
+    sequence's tail chunks are empty (masked, amax 0)."""
+    G = H_Q // H_KV
+    if INTERLEAVE:
+        nc = tl.maximum(NC_Q, NC_KV)
+        span = (G + 1) * nc  # items of one (b, kv head) super-group
+        n_a = B * H_KV * span
+        in_a = item < n_a
+        r = item % span
+        member = r % (G + 1)  # 0..G-1: the group's q heads, G: its k head
+        t = tl.where(in_a, (member == G).to(tl.int32), 2)
+        bkv = tl.where(in_a, item // span, (item - n_a) // NC_KV)  # b * H_KV + kv head
+        chunk = tl.where(in_a, r // (G + 1), (item - n_a) % NC_KV)
+        b = bkv // H_KV
+        h = tl.where(t == 0, (bkv % H_KV) * G + member, bkv % H_KV)
+        n_heads = tl.where(t == 0, H_Q, H_KV)
+        group_items = tl.where(t == 0, G * nc, tl.where(t == 1, nc, NC_KV))
+        first_of_group = (chunk == 0) & ((t > 0) | (member == 0))
+    else:
+        n_q = B * H_Q * NC_Q
+        n_kv = B * H_KV * NC_KV
+        t = (item >= n_q).to(tl.int32) + (item >= n_q + n_kv).to(tl.int32)
+        local = item - _select3(t, 0, n_q, n_q + n_kv)
+        n_heads = tl.where(t == 0, H_Q, H_KV)
+        n_chunks = tl.where(t == 0, NC_Q, NC_KV)
+        group = tl.where(t == 0, G, 1)
+        bh = local // n_chunks
+        b = bh // n_heads
+        h = bh % n_heads
+        chunk = local % n_chunks
+        group_items = group * n_chunks
+        first_of_group = (chunk == 0) & (h % group == 0)
     x_ptr = _select3(t, q_ptr, k_ptr, v_ptr)
     stride_b = _select3(t, stride_qb, stride_kb, stride_vb)
     stride_h = _select3(t, stride_qh, stride_kh, stride_vh)
@@ -182,10 +212,9 @@ def _tile_setup(
         cos_base = b64 * stride_cb
         sin_base = b64 * stride_sb
         out_start = b64 * seq_len
-    grp = (t * B + b) * H_KV + h // group
-    first_of_group = (local % n_tiles == 0) & (h % group == 0)
-    return (t, b, h, (local % n_tiles) * BLOCK_S, n_heads, x_ptr, x_base, stride_s, stride_d,
-            seq_len, cos_base, sin_base, grp, group * n_tiles, first_of_group, out_start)
+    grp = (t * B + b) * H_KV + tl.where(t == 0, h // G, h)
+    return (t, b, h, chunk * CHUNK_ROWS, n_heads, x_ptr, x_base, stride_s, stride_d,
+            seq_len, cos_base, sin_base, grp, group_items, first_of_group, out_start)
 
 
 @triton.jit
@@ -264,6 +293,30 @@ def _centre(x1, x2, mean_ptr, slot, on, valid, offs_d, d_mask, HALF: tl.constexp
 
 
 @triton.jit
+def _publish(amax_ptr, done_ptr, grp, m, on):
+    """P1's end: the item's amax into its group's (the int32 max of the bit patterns orders non-negative
+    finite floats like the floats), then (release) one more finished item of the group."""
+    if on:
+        tl.atomic_max(amax_ptr + grp, m.to(tl.int32, bitcast=True), sem="relaxed")
+        tl.atomic_add(done_ptr + grp, 1, sem="release")
+
+
+@triton.jit
+def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8_MAX: tl.constexpr):
+    """P2's start: waits until the group's `grp_items` P1s are published (with LAG usually at the first look;
+    atomics, not loads, so that no stale L1 line is read, the acquire ordering the amax read after the
+    release of every P1 it counted), stores the group's descale once (`first`) and returns its scale."""
+    n_done = tl.atomic_add(done_ptr + grp, 0, mask=on, sem="acquire")
+    if on:
+        while n_done < grp_items:
+            n_done = tl.atomic_add(done_ptr + grp, 0, sem="acquire")
+    amax_bits = tl.atomic_max(amax_ptr + grp, 0, mask=on, sem="relaxed")
+    scale, descale = _amax_scales(amax_bits.to(tl.float32, bitcast=True), FP8_MAX)
+    tl.store(descale_ptr + grp, descale, mask=on & first)
+    return scale
+
+
+@triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
@@ -280,15 +333,15 @@ def qkv_quantize_kernel(
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
-    QK_MAX: tl.constexpr,
+    QK_MAX: tl.constexpr, CHUNK, INTERLEAVE: tl.constexpr,
 ):
     """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
     switched on); amax = max |x| over its finite elements (a rotated tensor: the power-of-two bound of its
     rows' norms, see the module docstring), scale = FP8_MAX / amax (1 if amax is 0); every element is
     quantized with round-to-nearest-even into the BSHD fp8 output (NaN and +-inf as NaN), and
     descale = amax / FP8_MAX (1 if amax is 0) goes to descale[t, b, kv_head] of a (3, B, H_KV) buffer. `ws_ptr` is the
-    zeroed int32 workspace described at WS_PAD; LAG (in tiles) is at least the tile count of the largest
-    group. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds the K / V means
+    zeroed int32 workspace described at WS_PAD; LAG (in items) is at least the item count of the largest
+    group (super-group with INTERLEAVE). CHUNK: tiles per item. With SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds the K / V means
     (`centring_sums_kernel`, launched before).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
@@ -305,11 +358,15 @@ def qkv_quantize_kernel(
     floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
     NaN), and the outputs are passed as uint8.
 
-    Grid: (n_programs,), persistent: each program takes tickets until n_tiles + LAG are taken.
+    Grid: (n_programs,), persistent: each program takes tickets until n_items + LAG are taken.
     """
-    n_tiles_q = tl.cdiv(S_Q, BLOCK_S)
-    n_tiles_kv = tl.cdiv(S_KV, BLOCK_S)
-    n_items = B * H_Q * n_tiles_q + 2 * B * H_KV * n_tiles_kv
+    chunk_rows = BLOCK_S * CHUNK
+    nc_q = tl.cdiv(S_Q, chunk_rows)
+    nc_kv = tl.cdiv(S_KV, chunk_rows)
+    if INTERLEAVE:
+        n_items = B * H_KV * ((H_Q // H_KV + 1) * tl.maximum(nc_q, nc_kv) + nc_kv)
+    else:
+        n_items = B * H_Q * nc_q + 2 * B * H_KV * nc_kv
     lag = tl.minimum(LAG, n_items)
     amax_ptr = ws_ptr + WS_PAD
     done_ptr = amax_ptr + 3 * B * H_KV
@@ -336,21 +393,19 @@ def qkv_quantize_kernel(
         has_p1 = item < n_items
         has_p2 = item >= lag
         (t1, b1, h1, row1, _, x1_ptr, x1_base, stride1_s, stride1_d, seq1, cos1_base, sin1_base, grp1, _,
-         _, _) = _tile_setup(
-            tl.minimum(item, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr,
+         _, _) = _item_setup(
+            tl.minimum(item, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, nc_q, nc_kv, q_ptr,
             k_ptr, v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
-            cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
+            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE)
         (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
-         grp2_tiles, first2, out_start2) = _tile_setup(
-            tl.maximum(item - lag, 0), B, H_Q, H_KV, S_Q, S_KV, n_tiles_q, n_tiles_kv, q_ptr, k_ptr,
+         grp2_items, first2, out_start2) = _item_setup(
+            tl.maximum(item - lag, 0), B, H_Q, H_KV, S_Q, S_KV, nc_q, nc_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
-            cu_q_ptr, cu_k_ptr, BLOCK_S, VARLEN)
+            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE)
         if not ONE_TILE:
-            # ---- issue the loads of both tiles (nothing is read for a missing step: seq_len 0). The P1
-            # read marks its lines evict_last so they wait in L2 for the P2 read, which marks them
-            # evict_first (H100, S=16k: 0.289 -> 0.271 ms MHA, 0.180 -> 0.169 ms GQA 32/8). ----
+            # the first tiles' loads go out before the atomics below (see the loop for the others)
             lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
                 x1_ptr, x1_base, row1, tl.where(has_p1, seq1, 0), stride1_s, stride1_d,
                 cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
@@ -359,130 +414,130 @@ def qkv_quantize_kernel(
                 x2_ptr, x2_base, row2, tl.where(has_p2, seq2, 0), stride2_s, stride2_d,
                 cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
                 HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
-        # ---- atomics while the tiles are in flight: the next ticket, and a first look at P2's group.
-        # Atomics, not loads, so that no stale L1 line is read; the acquire orders the amax read after
-        # the release of every P1 it counted.
+        # ---- the next ticket early, then P2's group, before this item's P1 is published (deadlock-free
+        # all the same: module docstring) ----
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
-        n_done = tl.atomic_add(done_ptr + grp2, 0, mask=has_p2, sem="acquire")
-        amax_bits = tl.atomic_max(amax_ptr + grp2, 0, mask=has_p2, sem="relaxed")
-        if BLOCK_SCALES and not K_LIKE_Q:  # a k tile's block amax (and non-finite flag), read as early
-            k_slot2 = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + row2 // K_SCALE_BLOCK
-            k_p2 = has_p2 & (t2 == 1)
-            kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=k_p2, sem="relaxed")
-            kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=k_p2 & QK_INT8, sem="relaxed")
-        else:  # never read (P2's k branch runs only without K_LIKE_Q), but compiled: values of the same types
-            k_slot2 = grp2.to(tl.int64)
-            kb_bits = amax_bits
-            kb_bad = amax_bits
+        scale = _group_scale(done_ptr, amax_ptr, descale_ptr, grp2, grp2_items, has_p2, first2, FP8_MAX)
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
         else:
             smooth1 = False
             smooth2 = False
-        # ---- P1: publish the tile's contribution to its group's amax, before any wait ----
-        if has_p1:
-            if ONE_TILE:
-                lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
-                    x1_ptr, x1_base, row1, seq1, stride1_s, stride1_d,
-                    cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
-                    HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
-            x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
-            if SMOOTH_K or SMOOTH_V:
-                x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (row1 + out_rows) < seq1, offs_d,
-                                 d_mask, HALF, HEAD_DIM)
-            if HADAMARD_QK and HADAMARD_V:
-                m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
-            elif ROTATES:
-                if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
-                    m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+        m = tl.zeros((BLOCK_S,), dtype=tl.float32).max(axis=0)  # P1's running max over the chunk
+        # One step per tile: its P1 and its P2 (P2's group was waited for above; a session-8 variant that
+        # published the P1 tiles before waiting, with RoPE, was 8-15% slower at 16k-64k on the H200).
+        for j in tl.range(0, CHUNK):
+            r1 = row1 + j * BLOCK_S
+            r2 = row2 + j * BLOCK_S
+            if not ONE_TILE:
+                if j > 0:
+                    lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
+                        x1_ptr, x1_base, r1, tl.where(has_p1, seq1, 0), stride1_s, stride1_d,
+                        cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
+                        HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
+                    lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
+                        x2_ptr, x2_base, r2, tl.where(has_p2, seq2, 0), stride2_s, stride2_d,
+                        cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
+                        HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
+            # ---- P1: the tile's contribution to its group's amax (published after the chunk) ----
+            if has_p1:
+                if ONE_TILE:
+                    lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(
+                        x1_ptr, x1_base, r1, seq1, stride1_s, stride1_d,
+                        cos_ptr, cos1_base, stride_cs, stride_cd, sin_ptr, sin1_base, stride_ss, stride_sd, t1 < 2,
+                        HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_last")
+                x1, x2 = _rotate(lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1, t1 < 2, APPLY_ROPE)
+                if SMOOTH_K or SMOOTH_V:
+                    x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (r1 + out_rows) < seq1, offs_d,
+                                     d_mask, HALF, HEAD_DIM)
+                if HADAMARD_QK and HADAMARD_V:
+                    m_j = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+                elif ROTATES:
+                    if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
+                        m_j = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+                    else:
+                        m_j = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
                 else:
-                    m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-            else:
-                m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-            # The int32 max of the bit patterns orders non-negative finite floats like the floats.
-            tl.atomic_max(amax_ptr + grp1, m.to(tl.int32, bitcast=True), sem="relaxed")
-            if BLOCK_SCALES and not K_LIKE_Q:
-                if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
-                    if HADAMARD_QK:
-                        kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-                        k_m = tl.max(_block_amax(kx1, kx2, (row1 + out_rows) < seq1, BLOCK_S, BLOCK_S))
-                    else:  # m: the same max over the same (finite, in-sequence) values
-                        kx1, kx2 = x1, x2
-                        k_m = m
-                    slot = (b1 * H_KV + h1).to(tl.int64) * N_BLK_KV + row1 // K_SCALE_BLOCK
-                    tl.atomic_max(kblk_ptr + slot, k_m.to(tl.int32, bitcast=True), sem="relaxed")
-                    if QK_INT8:  # flag a non-finite element (an atomic only where there is one)
-                        bad = tl.max(_block_nonfinite(kx1, kx2, BLOCK_S, BLOCK_S).to(tl.int32))
-                        tl.atomic_max(kblk_ptr + n_kblk + slot, 1, mask=bad > 0, sem="relaxed")
-            tl.atomic_add(done_ptr + grp1, 1, sem="release")
-        # ---- P2: wait for the group if needed, scale, quantize into BSHD ----
-        if has_p2:
-            if ONE_TILE:
-                lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
-                    x2_ptr, x2_base, row2, seq2, stride2_s, stride2_d,
-                    cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
-                    HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
-            if n_done < grp2_tiles:
-                while n_done < grp2_tiles:
-                    n_done = tl.atomic_add(done_ptr + grp2, 0, sem="acquire")
-                amax_bits = tl.atomic_max(amax_ptr + grp2, 0, sem="relaxed")
+                    m_j = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+                m = tl.maximum(m, m_j)
                 if BLOCK_SCALES and not K_LIKE_Q:
-                    kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=t2 == 1, sem="relaxed")
-                    kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=(t2 == 1) & QK_INT8, sem="relaxed")
-            scale, descale = _amax_scales(amax_bits.to(tl.float32, bitcast=True), FP8_MAX)
-            tl.store(descale_ptr + grp2, descale, mask=first2)
-            x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
-            if SMOOTH_K or SMOOTH_V:
-                x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (row2 + out_rows) < seq2, offs_d,
-                                 d_mask, HALF, HEAD_DIM)
-            if HADAMARD_QK and HADAMARD_V:
-                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-            elif ROTATES:
-                if (t2 < 2) == HADAMARD_QK:
+                    if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
+                        if HADAMARD_QK:
+                            kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                            k_m = tl.max(_block_amax(kx1, kx2, (r1 + out_rows) < seq1, BLOCK_S, BLOCK_S))
+                        else:  # m_j: the same max over the same (finite, in-sequence) values
+                            kx1, kx2 = x1, x2
+                            k_m = m_j
+                        # (a chunk's tiles past the sequence touch no slot: past the longest one there is none)
+                        slot = (b1 * H_KV + h1).to(tl.int64) * N_BLK_KV + r1 // K_SCALE_BLOCK
+                        tl.atomic_max(kblk_ptr + slot, k_m.to(tl.int32, bitcast=True), mask=r1 < seq1, sem="relaxed")
+                        if QK_INT8:  # flag a non-finite element (an atomic only where there is one)
+                            bad = tl.max(_block_nonfinite(kx1, kx2, BLOCK_S, BLOCK_S).to(tl.int32))
+                            tl.atomic_max(kblk_ptr + n_kblk + slot, 1, mask=(bad > 0) & (r1 < seq1), sem="relaxed")
+            # ---- P2: scale, quantize into BSHD ----
+            if has_p2:
+                if ONE_TILE:
+                    lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2 = _load_tile(
+                        x2_ptr, x2_base, r2, seq2, stride2_s, stride2_d,
+                        cos_ptr, cos2_base, stride_cs, stride_cd, sin_ptr, sin2_base, stride_ss, stride_sd, t2 < 2,
+                        HEAD_DIM, HALF_BLOCK, BLOCK_S, D_CONTIG, APPLY_ROPE, "evict_first")
+                x1, x2 = _rotate(lo2, hi2, cos_lo2, cos_hi2, sin_lo2, sin_hi2, t2 < 2, APPLY_ROPE)
+                if SMOOTH_K or SMOOTH_V:
+                    x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (r2 + out_rows) < seq2, offs_d,
+                                     d_mask, HALF, HEAD_DIM)
+                if HADAMARD_QK and HADAMARD_V:
                     x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-            if BLOCK_SCALES:
-                if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
-                    valid2 = (row2 + out_rows) < seq2
-                    blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
-                    blk_scale, blk_descale = _amax_scales(blk_amax, QK_MAX)
-                    if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
-                        blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, SCALE_BLOCK),
-                                               float("nan"), blk_descale)
-                    blk_idx = row2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
-                    n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
-                    blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk
-                    tl.store(blk_ptr + blk_idx, blk_descale, mask=blk_idx * SCALE_BLOCK < seq2)
-                    row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
-                                           (BLOCK_S,))
-                elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
-                    k_scale, k_descale = _amax_scales(kb_bits.to(tl.float32, bitcast=True), QK_MAX)
-                    if QK_INT8:
-                        k_descale = tl.where(kb_bad > 0, float("nan"), k_descale)
-                    tl.store(k_blk_ptr + k_slot2, k_descale, mask=row2 % K_SCALE_BLOCK == 0)
-                    row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + k_scale
-                else:  # v: the group's
-                    row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + scale
-                row_scale = row_scale[:, None]
-            else:
-                row_scale = scale
-            if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes; a branch, not a select: one cast runs
-                if t2 < 2:
-                    y1 = _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
-                    y2 = _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+                elif ROTATES:
+                    if (t2 < 2) == HADAMARD_QK:
+                        x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                if BLOCK_SCALES:
+                    if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
+                        valid2 = (r2 + out_rows) < seq2
+                        blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
+                        blk_scale, blk_descale = _amax_scales(blk_amax, QK_MAX)
+                        if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
+                            blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, SCALE_BLOCK),
+                                                   float("nan"), blk_descale)
+                        blk_idx = r2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
+                        n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
+                        blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk
+                        tl.store(blk_ptr + blk_idx, blk_descale, mask=blk_idx * SCALE_BLOCK < seq2)
+                        row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
+                                               (BLOCK_S,))
+                    elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
+                        k_slot2 = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + r2 // K_SCALE_BLOCK
+                        in_seq = r2 < seq2
+                        kb_bits = tl.atomic_max(kblk_ptr + k_slot2, 0, mask=in_seq, sem="relaxed")
+                        k_scale, k_descale = _amax_scales(kb_bits.to(tl.float32, bitcast=True), QK_MAX)
+                        if QK_INT8:
+                            kb_bad = tl.atomic_max(kblk_ptr + n_kblk + k_slot2, 0, mask=in_seq, sem="relaxed")
+                            k_descale = tl.where(kb_bad > 0, float("nan"), k_descale)
+                        tl.store(k_blk_ptr + k_slot2, k_descale, mask=in_seq & (r2 % K_SCALE_BLOCK == 0))
+                        row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + k_scale
+                    else:  # v: the group's
+                        row_scale = tl.zeros((BLOCK_S,), dtype=tl.float32) + scale
+                    row_scale = row_scale[:, None]
                 else:
-                    y1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
-                    y2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
-            else:
-                y1 = _to_fp8(x1 * row_scale, FP8_MAX)
-                y2 = _to_fp8(x2 * row_scale, FP8_MAX)
-            mask = _tile_mask(row2, seq2, BLOCK_S, HALF, HALF_BLOCK)
-            out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
-            out_stride_s = n_heads2 * HEAD_DIM
-            out_tile = out_ptr + ((out_start2 + row2) * n_heads2 + h2) * HEAD_DIM
-            rows = out_rows[:, None] * out_stride_s
-            tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
-            tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
+                    row_scale = scale
+                if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes; a branch, not a select: one cast runs
+                    if t2 < 2:
+                        y1 = _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+                        y2 = _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+                    else:
+                        y1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
+                        y2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
+                else:
+                    y1 = _to_fp8(x1 * row_scale, FP8_MAX)
+                    y2 = _to_fp8(x2 * row_scale, FP8_MAX)
+                mask = _tile_mask(r2, seq2, BLOCK_S, HALF, HALF_BLOCK)
+                out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
+                out_stride_s = n_heads2 * HEAD_DIM
+                out_tile = out_ptr + ((out_start2 + r2) * n_heads2 + h2) * HEAD_DIM
+                rows = out_rows[:, None] * out_stride_s
+                tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
+                tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
+        _publish(amax_ptr, done_ptr, grp1, m, has_p1)
         ticket = next_ticket
 
 

@@ -20,25 +20,36 @@ from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quanti
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
 
-# Elements of one (BLOCK_S, D) tile, the two half tiles together: 16 KiB of bf16 per tile; a program has
-# two tiles in flight (the P1 of one ticket and the P2 of another), 4 warps (8 for D=256).
-_TILE_ELEMS = 8192
+# Elements of one (BLOCK_S, D) tile, the two half tiles together (8 KiB of bf16): a program has two tiles in
+# flight (the P1 of one item and the P2 of another), 4 warps (8 for D=256).
+_TILE_ELEMS = 4096
 # With RoPE: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
-# Registers per thread, D=128, offline sm_90 compile with triton 3.6 (the H200's), session 4 of 2026-12-01 (the
-# counts noted before the accuracy modes grew the kernel, 80-167, no longer hold): plain (BLOCK_S 64, 4 warps)
-# 241, no spills; hadamard qk 255 + 320 bytes of spill stack; RoPE with ONE_TILE (BLOCK_S 32, 4 warps, the
-# config below) 255 + 136 bytes of stack (qk: + 224); RoPE at 8 warps or BLOCK_S 16: 255, no stack. So at
-# most 2 programs per SM are resident: the kernel is latency-bound (2.4 TB/s at 64k), the lead for issue 14's
-# quantize bandwidth. Not timed on the GPU.
-# `scripts/bench_quantize.py --modes` times the alternatives.
+# Registers per thread, D=128, offline sm_90 compile with triton 3.6 (the H200's) with the unit channel
+# strides Triton specializes at run time (session 8; the session-4 counts of 241-255 with spills had them as
+# plain ints, i.e. gathers): plain 4096-element tiles 128, 8192 219-234; RoPE with ONE_TILE (the config
+# below) 152, hadamard qk 168; RoPE without ONE_TILE ~251. So 3 programs per SM with RoPE.
+# `scripts/bench_quantize.py --configs` times the alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Persistent programs per SM (fewer are resident: see the register counts above).
 _PROGRAMS_PER_SM = 8
-# P2 runs LAG tiles behind P1: LAG = the largest group's tile count + this many tiles per program, so that
+# P2 runs LAG items behind P1: LAG = the largest group's item count + this many items per program, so that
 # the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while
-# the tiles between a P1 read and its P2 read stay well inside L2. Both values from the sweep of
+# the items between a P1 read and its P2 read stay inside L2 where they can (a GQA 32/8 q group at 64k
+# is 64 MiB: they cannot). Both values from the sweep of
 # scripts/bench_quantize.py on the H100 (S=16k, H 32/32 and 32/8).
 _LAG_PER_PROGRAM = 0.5
+# Tiles per work item (kernels.py: one set of atomics and one wait per item, instead of per tile): `_CHUNK`
+# from `_CHUNK_LONG_ROWS` rows on, else `_CHUNK_SHORT` (a runtime argument: no recompilation). The q/k
+# interleaved item order (kernels.py) with RoPE from `_INTERLEAVE_ROWS` rows on (`_INTERLEAVE` None; True/
+# False: always/never whatever the length). H200, session 8 of 2026-12-02: a sweep (docs/results/
+# quantize_chunks_sweep_h200_s8.*; 4k: chunks of 4 tiles 0.073 ms vs 0.082 with 8; at 16k the interleaved
+# order 9% slower, at 64k 3% faster), then `bench_quantize.py --rope --compare` vs the previous kernel
+# (quant_compare_rope_h200_s8.log, RoPE, no accuracy mode): GQA 32/8 16k 0.266 -> 0.209 ms, 64k 1.184 ->
+# 0.899; MHA 16k 0.491 -> 0.397, 64k 2.229 -> 1.786; at 4k MHA it was slower (0.264 vs 0.131 ms; the old
+# kernel itself took 0.188 in the next run).
+_CHUNK, _CHUNK_SHORT, _CHUNK_LONG_ROWS = 8, 4, 16384
+_INTERLEAVE: bool | None = None
+_INTERLEAVE_ROWS = 32768
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,12 +68,19 @@ def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int, bool]:
     return half_block, block_s, num_warps, one_tile
 
 
-def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int) -> tuple[int, int]:
-    """(number of programs, LAG in tiles) of the persistent grid."""
-    n_tiles_q, n_tiles_kv = cdiv(S_q, block_s), cdiv(S_kv, block_s)
-    n_tiles = B * H_q * n_tiles_q + 2 * B * H_kv * n_tiles_kv
-    n_programs = max(1, min(n_sms * _PROGRAMS_PER_SM, n_tiles))
-    largest_group = max((H_q // H_kv) * n_tiles_q, n_tiles_kv)
+def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int,
+              chunk: int = 1, interleave: bool = False) -> tuple[int, int]:
+    """(number of programs, LAG in work items) of the persistent grid; an item is `chunk` tiles of one head
+    (kernels.py's item order; `interleave`: q and k heads row-interleaved per KV head)."""
+    rows = block_s * chunk
+    nc_q, nc_kv = cdiv(S_q, rows), cdiv(S_kv, rows)
+    group = H_q // H_kv
+    if interleave:
+        span = (group + 1) * max(nc_q, nc_kv)  # a KV head's q and k items
+        n_items, largest_group = B * H_kv * (span + nc_kv), max(span, nc_kv)
+    else:
+        n_items, largest_group = B * H_q * nc_q + 2 * B * H_kv * nc_kv, max(group * nc_q, nc_kv)
+    n_programs = max(1, min(n_sms * _PROGRAMS_PER_SM, n_items))
     return n_programs, largest_group + int(_LAG_PER_PROGRAM * n_programs)
 
 
@@ -206,7 +224,10 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
     workspace = buf[:n_ws]
     descale = buf[n_ws : n_ws + n_groups].view(torch.float32).view(3, B, H_kv)
-    n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device))
+    longest = max(S_q, S_kv)
+    chunk = _CHUNK if longest >= _CHUNK_LONG_ROWS else _CHUNK_SHORT
+    interleave = (apply_rope and longest >= _INTERLEAVE_ROWS) if _INTERLEAVE is None else _INTERLEAVE
+    n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device), chunk, interleave)
 
     if apply_rope:
         cos, sin, cos_strides, sin_strides = rope
@@ -228,7 +249,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_block, QK_INT8=options.int8_qk,
-        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX,
+        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     v_add = None

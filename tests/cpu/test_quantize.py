@@ -137,16 +137,32 @@ def test_kernel_matches_reference(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rop
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 @pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
-def test_kernel_multi_tile_min_lag(monkeypatch, rope):
-    """Several tiles per head with a ragged last one, GQA groups spanning heads, and the smallest legal
-    lag (the largest group's tile count), so tickets with a P1 only, with a P1 and a P2, and with a P2
-    only all occur."""
+@pytest.mark.parametrize("chunk,interleave", [(1, False), (2, False), (1, True), (2, True)],
+                         ids=["tile-items", "chunk2", "interleaved", "chunk2-interleaved"])
+def test_kernel_multi_tile_min_lag(monkeypatch, rope, chunk, interleave):
+    """Several tiles per head with a ragged last one (and, in chunks of 2 tiles, a ragged last item), GQA
+    groups spanning heads, both item orders, and the smallest legal lag (the largest group's item count,
+    a KV head's q and k items when interleaved), so tickets with a P1 only, with a P1 and a P2, and with a
+    P2 only all occur."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    monkeypatch.setattr(qkv_launcher, "_CHUNK_SHORT", chunk)
+    monkeypatch.setattr(qkv_launcher, "_INTERLEAVE", interleave)
     _, block_s, _, _ = qkv_launcher._tile_config(64, rope is not None)
-    S = 2 * block_s + 20  # 3 tiles per head, 24 in all
-    assert qkv_launcher._schedule(1, 4, 2, S, S, block_s, n_sms=1)[1] == 2 * 3  # G = 2 heads x 3 tiles
+    S = 2 * block_s + 20  # 3 tiles per head
+    n_chunks = -(-3 // chunk)
+    lag = qkv_launcher._schedule(1, 4, 2, S, S, block_s, 1, chunk, interleave)[1]
+    assert lag == (3 if interleave else 2) * n_chunks  # G = 2 q heads (+ the k head) x the chunks
     got, ref = _run_case(1, 4, 2, S, S, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)
+
+
+def test_schedule_items_and_lag():
+    """The launcher's item count matches the kernel's orders: GQA 32/8 at 64k, 32-row tiles, 8 per item."""
+    n_programs, lag = qkv_launcher._schedule(1, 32, 8, 65536, 65536, 32, 132, 8, False)
+    assert n_programs == 132 * qkv_launcher._PROGRAMS_PER_SM
+    assert lag == 4 * 256 + int(qkv_launcher._LAG_PER_PROGRAM * n_programs)  # a q group: 4 heads x 256 items
+    _, lag_i = qkv_launcher._schedule(1, 32, 8, 65536, 65536, 32, 132, 8, True)
+    assert lag_i == 5 * 256 + int(qkv_launcher._LAG_PER_PROGRAM * n_programs)  # + the k head
 
 
 # ---------------------------------------------------------------- fused accuracy modes ~= reference

@@ -541,7 +541,7 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     assert (qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config) == saved
     # (HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) at D=128, with RoPE then without
     rope = [(64, 32, 4, True), (64, 32, 8, True), (64, 16, 4, True), (64, 64, 8, True), (64, 64, 8, False)]
-    plain = [(64, 64, 4, False), (64, 64, 8, False), (64, 32, 4, False)]
+    plain = [(64, 32, 4, False), (64, 64, 4, False), (64, 64, 8, False)]
     expected = [(c, p) for configs in (rope, plain) for c in configs for p in (4, 8, 16) for _ in range(2)]
     assert [s[1:] for s in seen] == expected
     assert [s[0].hadamard for s in seen[:2]] == ["qk", "none"] and seen[-1][0].qk_format == "int8"
