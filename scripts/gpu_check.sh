@@ -14,6 +14,8 @@
 #                                        # long-context accuracy (fa3, triton)
 #   bash scripts/gpu_check.sh --centring # centring GPU tests, mode costs at 16k, long-context accuracy of qk and
 #                                        # qk+smooth_v (fa3, triton)
+#   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
+#                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -82,6 +84,15 @@ elif [ "$mode" = "--centring" ]; then  # centring in the quantize pass: its GPU 
     step "long_context_$b" timeout 90 python3 scripts/accuracy_report.py --seqlens 8192 32768 131072 --heads 8 \
       --backend "$b" --modes qk qk+smooth_v --json "$out/long_context_$b.json"
   done
+elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
+  step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_quantize_gpu.py tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py \
+    tests/gpu/test_int8_qk_gpu.py tests/gpu/test_centring_gpu.py
+elif [ "$mode" = "--quantize-bench" ]; then  # its speed: RoPE at 4k twice (noisy there), 16k, 64k; modes table
+  step quantize_rope timeout 120 python3 scripts/bench_quantize.py --rope --seqlens 4096 4096 16384 65536 \
+    --heads 32/8 32/32
+  step quantize_modes timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
+    --heads 32/8
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

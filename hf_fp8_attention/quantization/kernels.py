@@ -345,7 +345,7 @@ def qkv_quantize_kernel(
     (`centring_sums_kernel`, launched before).
     HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2 (power-of-two head dims).
     VARLEN: B sequences packed along the rows of a batch-1 input, int32 offsets cu_q_ptr / cu_k_ptr (B + 1,)
-    (see `_tile_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
+    (see `_item_setup`), S_Q / S_KV the longest lengths; outputs packed the same way, scales and offsets per
     (sequence, KV head), cos/sin rows indexed by the packed token.
     BLOCK_SCALES: q is quantized with one scale per SCALE_BLOCK rows of one head (from the P2 tile itself:
     no extra read), k with one per K_SCALE_BLOCK rows: SCALE_BLOCK (like q) or a multiple of BLOCK_S (a K
