@@ -20,7 +20,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --rope --seqlens 16384
     python scripts/bench_quantize.py --sweep              # programs/SM x lag at S = 16k (tuning)
     python scripts/bench_quantize.py --impl some.module   # another module's quantize_qkv_fp8, same table
-    python scripts/bench_quantize.py --rope --compare old.qkv   # side by side with another copy, same process
+    python scripts/bench_quantize.py --rope --compare old.qkv --rounds 5   # side by side with another copy, in turns
     python scripts/bench_quantize.py --modes              # accuracy modes (S 4k/16k/32k), then --configs
     python scripts/bench_quantize.py --configs            # tile configs x programs/SM alone (S 16k/64k)
     python scripts/bench_quantize.py --modes --seqlens 16384 65536 --heads 32/8   # issue 14's check
@@ -39,6 +39,7 @@ import argparse
 import datetime
 import importlib
 import itertools
+import statistics
 import sys
 import time
 
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rope", action="store_true", help="also pass HF-style bf16 cos/sin (B_c = 1)")
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
+    p.add_argument("--rounds", type=int, default=1, help="table: time each module this many times in turns and "
+                   "report the medians (small shapes are noisy: 4k took 0.131 and 0.188 ms in two runs)")
     p.add_argument("--impl", type=str, default="hf_fp8_attention.quantization",
                    help="module whose quantize_qkv_fp8 is timed")
     p.add_argument("--compare", type=str, default=None, metavar="MODULE",
@@ -68,7 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
                    "rope, qk, int8")
     p.add_argument("--skip-configs", action="store_true", help="--modes without the --configs tables that follow")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    return args
 
 
 def header(impl: str) -> str:
@@ -158,10 +164,16 @@ def table(fn, args, other=None):
             inputs = make_inputs(S, H_q, H_kv, args.head_dim, args.rope)
             copy = copy_gbs(*inputs[:3], args.rep_ms)
             inputs = inputs if args.rope else inputs[:3]
-            ms = device_ms(fn, inputs, args.rep_ms)
+            # --rounds: fn and other timed in turns, the median of each (slow drifts hit both alike)
+            times, times_other = [], []
+            for _ in range(args.rounds):
+                times.append(device_ms(fn, inputs, args.rep_ms))
+                if other:
+                    times_other.append(device_ms(other, inputs, args.rep_ms))
+            ms = statistics.median(times)
             row = f"| {heads} | {S} | {args.rope} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} | {copy:.0f} |"
             if other:
-                ms_other = device_ms(other, inputs, args.rep_ms)
+                ms_other = statistics.median(times_other)
                 row += f" {ms_other:.3f} | {ms_other / ms:.2f}x |"
             print(row, flush=True)
             del inputs

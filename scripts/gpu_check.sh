@@ -88,8 +88,8 @@ elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py \
     tests/gpu/test_int8_qk_gpu.py tests/gpu/test_centring_gpu.py
-elif [ "$mode" = "--quantize-bench" ]; then  # its speed: RoPE at 4k twice (noisy there), 16k, 64k; modes table
-  step quantize_rope timeout 120 python3 scripts/bench_quantize.py --rope --seqlens 4096 4096 16384 65536 \
+elif [ "$mode" = "--quantize-bench" ]; then  # its speed: RoPE 4k-64k (3 rounds: 4k is noisy); modes table
+  step quantize_rope timeout 150 python3 scripts/bench_quantize.py --rope --rounds 3 --seqlens 4096 16384 65536 \
     --heads 32/8 32/32
   step quantize_modes timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
     --heads 32/8

@@ -651,3 +651,34 @@ def test_accuracy_report_plot(tmp_path):
     bars = [(f, m, 20.0 + i) for i, (f, m) in enumerate([("gaussian", "none"), ("gaussian", "qkv"), ("needle S=512", "none")])]
     acc._plot(bars, str(tmp_path / "acc.png"))
     assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_bench_quantize_table_compare_rounds(monkeypatch, capsys):
+    """table with --compare and --rounds: both modules timed in turns on the same inputs, medians reported,
+    the speedup is the other's median over this one's."""
+    calls = []
+    times = {"new": iter([1.0, 3.0, 2.0]), "old": iter([4.0, 8.0, 6.0])}
+
+    def fn_new(*inputs):
+        calls.append(("new", inputs))
+
+    def fn_old(*inputs):
+        calls.append(("old", inputs))
+
+    def device_ms(fn, inputs, rep_ms):
+        fn(*inputs)
+        return next(times["new" if fn is fn_new else "old"])
+
+    monkeypatch.setattr(bench_quantize, "make_inputs", functools.partial(bench_quantize.make_inputs, device="cpu"))
+    monkeypatch.setattr(bench_quantize, "device_ms", device_ms)
+    monkeypatch.setattr(bench_quantize, "copy_gbs", lambda *a: 1000.0)
+    monkeypatch.setattr(bench_quantize, "host_us", lambda *a: (1.0, 2.0))
+    args = bench_quantize.parse_args(["--rope", "--seqlens", "64", "--heads", "4/2", "--rounds", "3",
+                                      "--compare", "some.module"])
+    bench_quantize.table(fn_new, args, fn_old)
+    assert [c[0] for c in calls] == ["new", "old"] * 3
+    assert all(all(a is b for a, b in zip(c[1], calls[0][1])) and len(c[1]) == 5 for c in calls)  # same inputs
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4/2 | 64 |")]
+    assert len(row) == 1 and "| 2.000 |" in row[0] and "| 6.000 | 3.00x |" in row[0]
+    with pytest.raises(SystemExit):
+        bench_quantize.parse_args(["--rounds", "0"])
