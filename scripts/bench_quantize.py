@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="module whose quantize_qkv_fp8 is timed")
     p.add_argument("--compare", type=str, default=None, metavar="MODULE",
                    help="table: also time this module's quantize_qkv_fp8 on the same inputs (e.g. an older copy "
-                        "of hf_fp8_attention.quantization.qkv) and print the speedup")
+                        "of hf_fp8_attention.quantization.qkv), print the speedup and whether the outputs are equal")
     p.add_argument("--sweep", action="store_true",
                    help="time the launcher constants (_PROGRAMS_PER_SM, _LAG_PER_PROGRAM) at S=16k")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
@@ -74,6 +74,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.compare and (args.modes or args.configs or args.sweep or args.profile_host):
+        p.error("--compare applies to the table only, not to --modes/--configs/--sweep/--profile-host")
     return args
 
 
@@ -152,29 +154,37 @@ def _heads(text):
     return tuple(map(int, text.split("/")))
 
 
+def same_output(fn, other, inputs) -> bool:
+    """Whether two quantizers give the same codes and descales on `inputs` (a --compare row whose modules
+    differ in numerics is flagged, not hidden)."""
+    a, b = fn(*inputs), other(*inputs)
+    return all(torch.equal(getattr(a, n).view(torch.uint8), getattr(b, n).view(torch.uint8))
+               and torch.equal(getattr(a, f"{n}_descale"), getattr(b, f"{n}_descale")) for n in ("q", "k", "v"))
+
+
 def table(fn, args, other=None):
     """ms, GB/s and % of copy of `fn` per shape; with `other` (--compare), its ms and fn's speedup over it,
     timed in the same process on the same inputs."""
-    extra = f" {args.compare} ms | speedup |" if other else ""
+    extra = f" {args.compare} ms | speedup | same output |" if other else ""
     print("| H_q/H_kv | S | rope | ms | GB/s (read + written) | % of copy | copy GB/s |" + extra)
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if other else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if other else ""))
     for heads in args.heads:
         H_q, H_kv = _heads(heads)
         for S in args.seqlens or [4096, 16384, 32768, 131072]:
             inputs = make_inputs(S, H_q, H_kv, args.head_dim, args.rope)
             copy = copy_gbs(*inputs[:3], args.rep_ms)
             inputs = inputs if args.rope else inputs[:3]
-            # --rounds: fn and other timed in turns, the median of each (slow drifts hit both alike)
+            # --rounds: fn and other timed in turns, which goes first alternating, the median of each (slow
+            # drifts hit both alike)
             times, times_other = [], []
-            for _ in range(args.rounds):
-                times.append(device_ms(fn, inputs, args.rep_ms))
-                if other:
-                    times_other.append(device_ms(other, inputs, args.rep_ms))
+            for i in range(args.rounds):
+                for which in ((0, 1) if i % 2 == 0 else (1, 0)) if other else (0,):
+                    (times, times_other)[which].append(device_ms((fn, other)[which], inputs, args.rep_ms))
             ms = statistics.median(times)
             row = f"| {heads} | {S} | {args.rope} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} | {copy:.0f} |"
             if other:
                 ms_other = statistics.median(times_other)
-                row += f" {ms_other:.3f} | {ms_other / ms:.2f}x |"
+                row += f" {ms_other:.3f} | {ms_other / ms:.2f}x | {'yes' if same_output(fn, other, inputs) else 'NO'} |"
             print(row, flush=True)
             del inputs
             torch.cuda.empty_cache()

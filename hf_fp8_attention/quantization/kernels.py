@@ -7,7 +7,7 @@ P1 of the group is done: quantize the item's tiles with the group's scale). A pe
 tickets from an atomic counter; ticket `t` does P2(t - LAG) (if t >= LAG) and P1(t) (if t < n_items) tile
 by tile, side by side, and then publishes P1(t), so an item's second read comes LAG items after its first
 and finds it in L2 as long as LAG items fit there. Chunks cut the atomics and the waits to one set per item
-(session 8, H200: RoPE at 64k 1.18 -> 0.83 ms).
+(session 8, H200, GQA 32/8: RoPE at 64k 1.18 -> 0.90 ms).
 Item order: q, k, v and, within a tensor, ((b * H + h) * N_CHUNKS + c), so the items of one scale group
 (the G = H_q / H_kv query heads of a KV head, or one k / v head) are contiguous. INTERLEAVE (with RoPE):
 per (b, KV head) a super-group of the G q heads and the k head, chunk-major ((c * (G + 1)) + member), so
@@ -18,7 +18,9 @@ Deadlock freedom: with LAG >= the items of the largest group (super-group with I
 P2(t - LAG) waits on belongs to a smaller ticket. A program waits for P2's group before its own P1 is
 published, but it only ever holds its current ticket and the next one (taken early to hide the atomic's
 latency): by induction on the ticket, the smallest ticket whose P1 is unpublished is held by a running
-program that waits on smaller (published) tickets only, so every wait ends. The grid need not be
+program that waits on smaller (published) tickets only, so every wait ends (if that ticket is a program's
+early-taken next one, the program's current ticket is smaller, hence published, and the program moves on
+to it). The grid need not be
 co-resident. Under the interpreter programs run one after another and the ticket order alone makes every
 wait succeed.
 
@@ -57,8 +59,8 @@ import triton.language as tl
 from .tile_math import (_amax_scales, _block_amax, _block_nonfinite, _finite_abs, _hadamard, _pow2_norm_bound,
                         _sign_matrix, _to_fp8, _to_int8)
 
-# Workspace (int32, zeroed by the launcher): [0] ticket counter, then WS_PAD ints so that the ticket's
-# cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
+# Workspace (int32, zeroed by the launcher): [0] ticket counter, [1] the NO_SPIN failure flag, the rest of
+# WS_PAD ints so that the ticket's cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
 # like the descales: (t * B + b) * H_KV + kv_head; a K/V head's mean is at its group index minus B * H_KV.
 # With BLOCK_SCALES and K_SCALE_BLOCK > SCALE_BLOCK, then per K scale block ((b * H_KV + kv_head) * N_BLK_KV +
 # block) its finite amax bits, then (QK_INT8) whether it holds a non-finite element.
@@ -302,12 +304,18 @@ def _publish(amax_ptr, done_ptr, grp, m, on):
 
 
 @triton.jit
-def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8_MAX: tl.constexpr):
+def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8_MAX: tl.constexpr,
+                 flag_ptr, NO_SPIN: tl.constexpr):
     """P2's start: waits until the group's `grp_items` P1s are published (with LAG usually at the first look;
     atomics, not loads, so that no stale L1 line is read, the acquire ordering the amax read after the
-    release of every P1 it counted), stores the group's descale once (`first`) and returns its scale."""
+    release of every P1 it counted), stores the group's descale once (`first`) and returns its scale.
+    NO_SPIN (the interpreter, whose programs run one after another: such a wait could never end): no wait;
+    an unfinished group sets `flag_ptr`, which the launcher turns into an error, so that a schedule bug
+    fails a CPU test instead of hanging it."""
     n_done = tl.atomic_add(done_ptr + grp, 0, mask=on, sem="acquire")
-    if on:
+    if NO_SPIN:
+        tl.atomic_max(flag_ptr, 1, mask=on & (n_done < grp_items), sem="relaxed")
+    elif on:
         while n_done < grp_items:
             n_done = tl.atomic_add(done_ptr + grp, 0, sem="acquire")
     amax_bits = tl.atomic_max(amax_ptr + grp, 0, mask=on, sem="relaxed")
@@ -333,7 +341,7 @@ def qkv_quantize_kernel(
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
-    QK_MAX: tl.constexpr, CHUNK, INTERLEAVE: tl.constexpr,
+    QK_MAX: tl.constexpr, CHUNK, INTERLEAVE: tl.constexpr, NO_SPIN: tl.constexpr = False,
 ):
     """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
     switched on); amax = max |x| over its finite elements (a rotated tensor: the power-of-two bound of its
@@ -417,7 +425,8 @@ def qkv_quantize_kernel(
         # ---- the next ticket early, then P2's group, before this item's P1 is published (deadlock-free
         # all the same: module docstring) ----
         next_ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
-        scale = _group_scale(done_ptr, amax_ptr, descale_ptr, grp2, grp2_items, has_p2, first2, FP8_MAX)
+        scale = _group_scale(done_ptr, amax_ptr, descale_ptr, grp2, grp2_items, has_p2, first2, FP8_MAX,
+                             ws_ptr + 1, NO_SPIN)
         if SMOOTH_K or SMOOTH_V:
             smooth1 = tl.where(t1 == 1, SMOOTH_K, tl.where(t1 == 2, SMOOTH_V, False))
             smooth2 = tl.where(t2 == 1, SMOOTH_K, tl.where(t2 == 2, SMOOTH_V, False))
@@ -426,7 +435,7 @@ def qkv_quantize_kernel(
             smooth2 = False
         m = tl.zeros((BLOCK_S,), dtype=tl.float32).max(axis=0)  # P1's running max over the chunk
         # One step per tile: its P1 and its P2 (P2's group was waited for above; a session-8 variant that
-        # published the P1 tiles before waiting, with RoPE, was 8-15% slower at 16k-64k on the H200).
+        # published the P1 tiles before waiting, with RoPE, was 8-17% slower at 16k-64k on the H200, another run).
         for j in tl.range(0, CHUNK):
             r1 = row1 + j * BLOCK_S
             r2 = row2 + j * BLOCK_S

@@ -19,15 +19,17 @@ from ..options import NO_MODES, FP8AttentionOptions
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
+from ..backends.triton import _interpreting
 
 # Elements of one (BLOCK_S, D) tile, the two half tiles together (8 KiB of bf16): a program has two tiles in
 # flight (the P1 of one item and the P2 of another), 4 warps (8 for D=256).
 _TILE_ELEMS = 4096
 # With RoPE: (tile elements, num_warps, ONE_TILE), ONE_TILE = one tile in flight (kernels.py).
 # Registers per thread, D=128, offline sm_90 compile with triton 3.6 (the H200's) with the unit channel
-# strides Triton specializes at run time (session 8; the session-4 counts of 241-255 with spills had them as
-# plain ints, i.e. gathers): plain 4096-element tiles 128, 8192 219-234; RoPE with ONE_TILE (the config
-# below) 152, hadamard qk 168; RoPE without ONE_TILE ~251. So 3 programs per SM with RoPE.
+# strides Triton specializes at run time (docs/results/quantize_registers_sm90_s8.log; the session-4 counts
+# of 241-255 with spills had them as plain ints, i.e. gathers): plain 4096-element tiles 128 (qk 167), 8192
+# 239; RoPE with ONE_TILE (the config below) 149-152, + qk 168; RoPE with two tiles in flight 255 + spills.
+# So 3 programs per SM with RoPE (4 warps).
 # `scripts/bench_quantize.py --configs` times the alternatives.
 _ONE_TILE_CONFIG = (4096, 4, True)  # H100 sweep (bench_quantize --modes): rope 0.56 ms vs 0.78 at (8192, 8)
 # Persistent programs per SM (fewer are resident: see the register counts above).
@@ -36,7 +38,9 @@ _PROGRAMS_PER_SM = 8
 # the P1s a P2 waits on are usually published when it starts (tickets in flight ~ the grid size) while
 # the items between a P1 read and its P2 read stay inside L2 where they can (a GQA 32/8 q group at 64k
 # is 64 MiB: they cannot). Both values from the sweep of
-# scripts/bench_quantize.py on the H100 (S=16k, H 32/32 and 32/8).
+# scripts/bench_quantize.py on the H100 (S=16k, H 32/32 and 32/8), when items were single tiles: not re-tuned
+# since items hold 4-8 tiles (session 8), so the slack alone is now ~0.5 x 1056 items of up to 64 KiB
+# (~33 MiB with RoPE at >= 16k): `bench_quantize.py --sweep` re-times it.
 _LAG_PER_PROGRAM = 0.5
 # Tiles per work item (kernels.py: one set of atomics and one wait per item, instead of per tile): `_CHUNK`
 # from `_CHUNK_LONG_ROWS` rows on, else `_CHUNK_SHORT` (a runtime argument: no recompilation). The q/k
@@ -59,8 +63,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int, bool]:
     """(HALF_BLOCK, BLOCK_S, num_warps, ONE_TILE) for a head dim; D=96 pads its 48-wide halves to 64.
-    BLOCK_S: 128 for D=64, 64 for D=96/128, 32 for D=256 with 8192-element tiles. RoPE keeps one tile in
-    flight (`_ONE_TILE_CONFIG`): its tiles carry cos/sin."""
+    BLOCK_S with 4096-element tiles (both configs today): 64 for D=64, 32 for D=96/128, 16 for D=256. RoPE
+    keeps one tile in flight (`_ONE_TILE_CONFIG`): its tiles carry cos/sin."""
     half_block = next_power_of_2(head_dim // 2)
     tile_elems, num_warps, one_tile = _ONE_TILE_CONFIG if apply_rope else (_TILE_ELEMS, 4, False)
     block_s = max(16, min(128, tile_elems // (2 * half_block)))
@@ -249,9 +253,12 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_block, QK_INT8=options.int8_qk,
-        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave,
+        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=_interpreting(),
         num_warps=num_warps, enable_fp_fusion=False,
     )
+    if _interpreting() and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
+        raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "
+                           f"for {n_programs} programs): a launcher bug")
     v_add = None
     if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
         codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes

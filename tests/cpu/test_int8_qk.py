@@ -72,6 +72,23 @@ def test_kernel_matches_reference(H_q, H_kv, S, D, rope):
 
 
 @kernel_test
+@pytest.mark.parametrize("chunk,interleave", [(3, False), (3, True)], ids=["chunk3", "chunk3-interleaved"])
+def test_kernel_chunks_span_k_blocks(chunk, interleave, monkeypatch):
+    """Work items of 3 tiles of 32 rows (D=128) against 128-row K blocks: blocks span items and items span
+    blocks, at the smallest lag, in both item orders."""
+    from hf_fp8_attention.quantization import qkv as qkv_launcher
+
+    monkeypatch.setattr(qkv_launcher, "_CHUNK_SHORT", chunk)
+    monkeypatch.setattr(qkv_launcher, "_INTERLEAVE", interleave)
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    q, k, v = make_qkv(1, 2, 1, 300, 300, 128, torch.bfloat16)
+    k[:, :, 200] *= 60  # a loud token in the second K block, third item
+    cos, sin = make_rope(1, 300, 128, torch.float32)
+    _assert_equal(quantize_qkv_fp8(q, k, v, cos, sin, options=INT8),
+                  quantize_qkv_fp8_reference(q, k, v, cos, sin, options=INT8))
+
+
+@kernel_test
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_kernel_matches_reference_varlen_smooth_and_non_finite():
     lengths = [37, 5, 64]

@@ -156,8 +156,26 @@ def test_kernel_multi_tile_min_lag(monkeypatch, rope, chunk, interleave):
     assert_identical(got, ref)
 
 
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.parametrize("S_q,S_kv", [(20, 150), (150, 20)], ids=["short-q", "short-kv"])
+@pytest.mark.parametrize("interleave", [False, True], ids=["tensor-major", "interleaved"])
+def test_item_orders_unequal_lengths(monkeypatch, S_q, S_kv, interleave):
+    """q and k/v of different lengths (no RoPE), chunks of 2 tiles: q and k chunk counts differ, so in the
+    interleaved order the shorter tensor's chunks past its end are empty items that still count for their
+    group, at the smallest lag."""
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    monkeypatch.setattr(qkv_launcher, "_CHUNK_SHORT", 2)
+    monkeypatch.setattr(qkv_launcher, "_INTERLEAVE", interleave)
+    got, ref = _run_case(2, 4, 2, S_q, S_kv, 64, torch.bfloat16, "bshd", None, DEVICE)
+    assert_identical(got, ref)
+
+
 def test_schedule_items_and_lag():
-    """The launcher's item count matches the kernel's orders: GQA 32/8 at 64k, 32-row tiles, 8 per item."""
+    """The launcher's item count matches the kernel's orders (programs = items when there are fewer items than
+    slots), and its LAG covers the largest group: GQA 32/8 at 64k, 32-row tiles, 8 per item."""
+    # B=2, H 4/2, S_q 100, S_kv 300, 32-row tiles in items of 2: 2 and 5 chunks per head
+    assert qkv_launcher._schedule(2, 4, 2, 100, 300, 32, 100, 2, False)[0] == 2 * 4 * 2 + 2 * 2 * 2 * 5
+    assert qkv_launcher._schedule(2, 4, 2, 100, 300, 32, 100, 2, True)[0] == 2 * 2 * ((2 + 1) * 5 + 5)
     n_programs, lag = qkv_launcher._schedule(1, 32, 8, 65536, 65536, 32, 132, 8, False)
     assert n_programs == 132 * qkv_launcher._PROGRAMS_PER_SM
     assert lag == 4 * 256 + int(qkv_launcher._LAG_PER_PROGRAM * n_programs)  # a q group: 4 heads x 256 items
@@ -413,3 +431,14 @@ def test_reference_output_layout_and_dtypes():
         assert getattr(out, n).dtype == FP8_DTYPE and getattr(out, n).is_contiguous()
         assert getattr(out, f"{n}_descale").shape == (2, 2)
         assert getattr(out, f"{n}_descale").dtype == torch.float32
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+def test_too_small_lag_fails_instead_of_hanging(monkeypatch):
+    """Under the interpreter (programs run one after another) a P2 scheduled before its group's P1s could
+    never be served: the kernel's NO_SPIN check fails the call instead of spinning forever."""
+    schedule = qkv_launcher._schedule
+    monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
+    monkeypatch.setattr(qkv_launcher, "_schedule", lambda *a, **k: (schedule(*a, **k)[0], schedule(*a, **k)[1] - 1))
+    with pytest.raises(RuntimeError, match="too small"):
+        _run_case(1, 4, 2, 70, 70, 64, torch.bfloat16, "bshd", None, DEVICE)

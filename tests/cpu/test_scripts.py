@@ -654,16 +654,26 @@ def test_accuracy_report_plot(tmp_path):
 
 
 def test_bench_quantize_table_compare_rounds(monkeypatch, capsys):
-    """table with --compare and --rounds: both modules timed in turns on the same inputs, medians reported,
-    the speedup is the other's median over this one's."""
+    """table with --compare and --rounds: both modules timed in turns (which goes first alternating) on the
+    same inputs, medians reported, the speedup is the other's median over this one's, and a module whose
+    output differs is flagged."""
+    import types
+
     calls = []
     times = {"new": iter([1.0, 3.0, 2.0]), "old": iter([4.0, 8.0, 6.0])}
+    codes = torch.zeros(4, dtype=torch.uint8)
+
+    def result(offset):
+        parts = {n: codes + (offset if n == "v" else 0) for n in "qkv"}
+        return types.SimpleNamespace(**parts, **{f"{n}_descale": torch.ones(2) for n in "qkv"})
 
     def fn_new(*inputs):
         calls.append(("new", inputs))
+        return result(0)
 
     def fn_old(*inputs):
         calls.append(("old", inputs))
+        return result(old_offset)
 
     def device_ms(fn, inputs, rep_ms):
         fn(*inputs)
@@ -675,10 +685,16 @@ def test_bench_quantize_table_compare_rounds(monkeypatch, capsys):
     monkeypatch.setattr(bench_quantize, "host_us", lambda *a: (1.0, 2.0))
     args = bench_quantize.parse_args(["--rope", "--seqlens", "64", "--heads", "4/2", "--rounds", "3",
                                       "--compare", "some.module"])
-    bench_quantize.table(fn_new, args, fn_old)
-    assert [c[0] for c in calls] == ["new", "old"] * 3
-    assert all(all(a is b for a, b in zip(c[1], calls[0][1])) and len(c[1]) == 5 for c in calls)  # same inputs
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4/2 | 64 |")]
-    assert len(row) == 1 and "| 2.000 |" in row[0] and "| 6.000 | 3.00x |" in row[0]
+    for old_offset, same in ((0, "yes"), (1, "NO")):
+        calls.clear()
+        times = {"new": iter([1.0, 3.0, 2.0]), "old": iter([4.0, 8.0, 6.0])}
+        bench_quantize.table(fn_new, args, fn_old)
+        order = [c[0] for c in calls]
+        assert order == ["new", "old", "old", "new", "new", "old", "new", "old"]  # 3 rounds, then the check
+        assert all(all(a is b for a, b in zip(c[1], calls[0][1])) and len(c[1]) == 5 for c in calls)
+        row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4/2 | 64 |")]
+        assert len(row) == 1 and "| 2.000 |" in row[0] and f"| 6.000 | 3.00x | {same} |" in row[0]
     with pytest.raises(SystemExit):
         bench_quantize.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        bench_quantize.parse_args(["--modes", "--compare", "some.module"])
