@@ -581,7 +581,8 @@ def cache_config_presets() -> dict:
     from hf_fp8_attention.kv_cache.ops import DECODE_PRESETS
 
     presets = dict(DECODE_PRESETS)
-    presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()})
+    presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()
+                    if "fused_combine" not in c})
     presets["fused"] = {"fused_combine": True}
     return presets
 

@@ -129,7 +129,12 @@ BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
 DECODE_PRESETS = {
     "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False),
     "no prefetch": dict(prefetch_desc=False),
+    "fused auto": dict(fused_combine="auto"),
 }
+# fused_combine="auto": fused up to this many splits. H200 sweep of session 8 (decode_sweep_h200_s8.log, eager
+# do_bench): 8x32k (few splits) 0.156 ms fused vs 0.167 not; 1x128k (66 splits, merged by the last program
+# of each row tile) 0.110 vs 0.093. Not yet timed as "auto" (the preset above is for that).
+FUSED_AUTO_MAX_SPLITS = 16
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
 # memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
@@ -155,6 +160,9 @@ def _check_config(config: dict) -> None:
     if "block_n" in config and config["block_n"] not in BLOCK_N_CHOICES:
         raise ValueError(f"cache_attention config: block_n must be one of {BLOCK_N_CHOICES} (multiples of the "
                          f"cache block {KV_BLOCK}), got {config['block_n']!r}")
+    if config.get("fused_combine", False) not in (True, False, "auto"):
+        raise ValueError(f"cache_attention config: fused_combine must be True, False or 'auto', "
+                         f"got {config['fused_combine']!r}")
     if config.get("prefetch_desc") and config.get("block_n", KV_BLOCK) != KV_BLOCK:
         raise ValueError(f"cache_attention config: prefetch_desc needs block_n {KV_BLOCK}, got {config['block_n']!r}")
     for key in ("programs_per_sm", "num_warps", "num_stages", "keys_per_split"):
@@ -267,7 +275,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     ignored with qk_fp8), one step per block_n keys with V's descales folded into P (P's fp16 rounding
     moves: ~2 dB lower SQNR where it dominates, 77 -> 75 dB on float32 CPU data); "fused_combine"
     (default False): the last split program of each row tile merges the splits, one launch instead of two
-    (the split-by-split combine's arithmetic, bit for bit); "prefetch_desc" (default: on at
+    (the split-by-split combine's arithmetic, bit for bit); "auto": fused up to `FUSED_AUTO_MAX_SPLITS`
+    splits (a second compiled variant; its counters are allocated at the first fused call, which may not be
+    inside a CUDA-graph capture); "prefetch_desc" (default: on at
     block_n 64, the only block_n it takes): each iteration loads the next block's K/V descales, carried in
     registers (same values, same output; H200 graph-timed, session 5: 8x32k 0.159 -> 0.155 ms, 1x128k
     0.087 -> 0.085).
@@ -335,7 +345,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         dim_pad = next_power_of_2(D)
         qs, ks, ds = query.stride(), k8.stride(), k_desc.stride()
         o_sb, o_ss = S_q * H_q * D, H_q * D  # `out` is contiguous
-        want_fused = bool(config.get("fused_combine", False))
+        fused_cfg = config.get("fused_combine", False)
+        want_fused = fused_cfg is True  # "auto" decides below, from the split count
         consts = dict(
             GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=True,
             FP8_MAX=FP8_MAX, BLOCK_M=block_m, BLOCK_N=config.get("block_n", KV_BLOCK), KV_BLOCK=KV_BLOCK,
@@ -359,6 +370,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     H_kv, S_q, length, float(scale), keys_per_split)
 
         counter = _counters(query.device, m_tiles * bh) if want_fused else out  # never read unless fused
+        # (for "auto" the residency below is the unfused variant's: the split count does not depend on it)
         if num_splits is None:
             on_gpu = query.is_cuda and not interp
             sms = num_sms(query.device.index or 0) if on_gpu else 4
@@ -378,6 +390,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
         split = num_splits > 1
+        if fused_cfg == "auto" and split and num_splits <= FUSED_AUTO_MAX_SPLITS:
+            want_fused = True
+            counter = _counters(query.device, m_tiles * bh)
         fused = split and want_fused
         if split:  # O_part (splits, B * H_kv, rows, dim_pad) then ML_part (splits, B * H_kv, rows, 2), float32
             n_o = num_splits * bh * n_rows * dim_pad

@@ -256,6 +256,19 @@ def test_wide_combine_chunks(D):
         torch.testing.assert_close(wide, serial, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_combine_auto():
+    """fused_combine="auto": fused (the split-by-split arithmetic in the last split program) up to
+    FUSED_AUTO_MAX_SPLITS splits, the default two launches above; any other value is refused."""
+    assert ops.FUSED_AUTO_MAX_SPLITS == 16
+    _, _, run = _gqa_case([600, 36], 1, 6, False)
+    for splits in (3, 6):
+        assert torch.equal(run(splits, fused_combine="auto"), run(splits, fused_combine=True)), splits
+    _, _, run = _gqa_case([1050, 38], 1, 9, False)  # 1088 keys: 17 splits of one block
+    assert torch.equal(run(17, fused_combine="auto"), run(17))
+    with pytest.raises(ValueError, match="fused_combine must be"):
+        run(3, fused_combine="yes")
+
+
 def test_split_count_rounding():
     """Default: one wave at the kernel's residency (programs per SM) x SMs, rounded down (H200, 132 SMs,
     GQA 32/8 decode at 4 per SM: 1x128k 8 (batch, KV head) tiles -> 66 splits, 8x32k 64 tiles -> 8, 1x4k
