@@ -75,7 +75,7 @@ def _tile_config(head_dim: int, apply_rope: bool) -> tuple[int, int, int, bool]:
 def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_sms: int,
               chunk: int = 1, interleave: bool = False) -> tuple[int, int]:
     """(number of programs, LAG in work items) of the persistent grid; an item is `chunk` tiles of one head
-    (kernels.py's item order; `interleave`: q and k heads row-interleaved per KV head)."""
+    (kernels.py's item order; `interleave`: a KV head's q and k heads interleaved chunk by chunk)."""
     rows = block_s * chunk
     nc_q, nc_kv = cdiv(S_q, rows), cdiv(S_kv, rows)
     group = H_q // H_kv
@@ -232,6 +232,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     chunk = _CHUNK if longest >= _CHUNK_LONG_ROWS else _CHUNK_SHORT
     interleave = (apply_rope and longest >= _INTERLEAVE_ROWS) if _INTERLEAVE is None else _INTERLEAVE
     n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device), chunk, interleave)
+    interp = _interpreting()
 
     if apply_rope:
         cos, sin, cos_strides, sin_strides = rope
@@ -253,10 +254,10 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
         BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_block, QK_INT8=options.int8_qk,
-        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=_interpreting(),
+        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=interp,
         num_warps=num_warps, enable_fp_fusion=False,
     )
-    if _interpreting() and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
+    if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
         raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "
                            f"for {n_programs} programs): a launcher bug")
     v_add = None
