@@ -14,6 +14,8 @@
 #                                        # long-context accuracy (fa3, triton)
 #   bash scripts/gpu_check.sh --centring # centring GPU tests, mode costs at 16k, long-context accuracy of qk and
 #                                        # qk+smooth_v (fa3, triton)
+#   bash scripts/gpu_check.sh --decode   # FP8 cache + CUDA-graph GPU tests, decode step graph-timed with the
+#                                        # DECODE_PRESETS next to the default (1x4k, 1x128k, 8x32k)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
@@ -84,6 +86,13 @@ elif [ "$mode" = "--centring" ]; then  # centring in the quantize pass: its GPU 
     step "long_context_$b" timeout 90 python3 scripts/accuracy_report.py --seqlens 8192 32768 131072 --heads 8 \
       --backend "$b" --modes qk qk+smooth_v --json "$out/long_context_$b.json"
   done
+elif [ "$mode" = "--decode" ]; then  # the decode step: cache / CUDA-graph GPU tests, graph-timed presets
+  step decode_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kv_cache_gpu.py \
+    tests/gpu/test_cuda_graphs_gpu.py
+  step decode_graph timeout 200 python3 scripts/bench_decode.py --part attention --timing graph --rounds 3 \
+    --shapes 1x4k 1x128k 8x32k --gqa 32/8 --head-dims 128 --sdpa-backends fa3 \
+    --cache-configs ${DECODE_CONFIGS:-fused "fused auto" pdl "fused auto pdl" "n128 s2" "n128 s2 fused auto pdl"} \
+    --out-json "$out/decode_graph.json"
 elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py \

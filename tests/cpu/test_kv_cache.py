@@ -269,6 +269,17 @@ def test_fused_combine_auto():
         run(3, fused_combine="yes")
 
 
+def test_pdl_config():
+    """config "pdl": True or False only; off the GPU (the interpreter has no griddepcontrol) it changes
+    nothing: the default's output bit for bit, with either combine."""
+    _, _, run = _gqa_case([600, 36], 1, 6, False)
+    for splits in (1, 3):
+        assert torch.equal(run(splits, pdl=True), run(splits)), splits
+        assert torch.equal(run(splits, pdl=True, wide_combine=False), run(splits, wide_combine=False)), splits
+    with pytest.raises(ValueError, match="pdl must be"):
+        run(3, pdl=1)
+
+
 def test_split_count_rounding():
     """Default: one wave at the kernel's residency (programs per SM) x SMs, rounded down (H200, 132 SMs,
     GQA 32/8 decode at 4 per SM: 1x128k 8 (batch, KV head) tiles -> 66 splits, 8x32k 64 tiles -> 8, 1x4k

@@ -111,6 +111,50 @@ def test_fused_combine_equals_split_by_split_combine():
     assert counters is not None and not counters.any()
 
 
+def test_pdl_combine_equals_plain_launch():
+    """config "pdl" (the wide combine launched with programmatic dependent launch, waiting on the GPU for the
+    attention grid): the plain launch's output bit for bit, eagerly and replayed from a CUDA graph, at 5
+    and the default splits (the GPU's; 1x and 8x lengths of decode shapes), S_q 1/4/40, also with
+    block_n 128."""
+    from hf_fp8_attention.kv_cache import ops
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    B, H_q, H_kv, D, L = 2, 32, 8, 128, 20000
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    layer = FP8CacheLayer(impl="triton")
+    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
+                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    for s_q in (1, 4, 40):
+        q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
+        args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+        for splits in (5, None):
+            for extra in ({}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False}):
+                def run(**config):
+                    return ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
+                                               config={**extra, **config}, rotate=layer.rotate)
+
+                plain = run()
+                assert torch.equal(run(pdl=True), plain), (s_q, splits, extra)
+    # CUDA-graph capture and replay of the PDL launches (decode shape, default splits)
+    q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
+    args = (q, *_rope(1, L - 1, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+    eager = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True}, rotate=layer.rotate)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True}, rotate=layer.rotate)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True},
+                                       rotate=layer.rotate)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
 @pytest.mark.parametrize("config", [dict(block_n=128), dict(block_n=256, num_warps=4, num_stages=2),
                                     dict(block_n=256, tile_softmax=True),
                                     dict(block_n=128, tile_softmax=True, programs_per_sm=16)])
