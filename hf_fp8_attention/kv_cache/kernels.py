@@ -256,7 +256,7 @@ def _attend_keys(
     K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d,
     d_ok, HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     k_given=1.0, v_given=1.0, GIVEN_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
-    MASKED: tl.constexpr = True,
+    MASKED: tl.constexpr = True, TMA: tl.constexpr = False, kv_row=0,
 ):
     """One online-softmax step over keys [start_n, start_n + TILE_N) (those below `hi`), start_n a multiple of
     KV_BLOCK -> updated (m_i, l_i, acc). TILE_N == KV_BLOCK: one K and one V descale (scalars). Larger: each
@@ -265,11 +265,19 @@ def _attend_keys(
     replaces that of P), the product scaled by v_max. GIVEN_DESC (TILE_N == KV_BLOCK): the block's K and V
     descales are k_given / v_given (loaded one iteration ahead by the caller), the same values.
     MASKED False: the caller guarantees every key of the step lies below `hi` and is visible to every row
-    (`_key_range`'s interior): no key masks, no causal select, unpredicated loads; the same values."""
+    (`_key_range`'s interior): no key masks, no causal select, unpredicated loads; the same values.
+    TMA (fp16 products, HEAD_DIM a power of two): K8 / V8 are tensor descriptors over the caches as
+    (B * H_kv * capacity, HEAD_DIM) rows with [TILE_N, HEAD_DIM] blocks, this head's first row ``kv_row``:
+    the tiles arrive by TMA; keys past ``hi`` (read whole, or zero past the tensor's end) are masked in
+    the scores as before and zeroed in V (their codes may be anything, NaN included)."""
     cols = start_n + tl.arange(0, TILE_N)
-    kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
     col_ok = cols < hi  # the cache's end, the split's end, the tile's last causal key
-    k = _load_kv(K8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
+    if TMA:
+        tl.static_assert(not QK_FP8 and HEAD_DIM == d_ok.shape[0])
+        k = K8.load([kv_row + start_n, 0])
+    else:
+        kv_rows = kv_base + cols.to(tl.int64) * HEAD_DIM
+        k = _load_kv(K8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
     if QK_FP8:
         qk = tl.dot(q_op, tl.trans(k))
     else:
@@ -291,9 +299,14 @@ def _attend_keys(
     p = tl.math.exp2(qk - (m_ij[:, None] - 8.0))  # FA3's Max_offset: P in [0, 256] before its e4m3 cast
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(V8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
+    if TMA:
+        v = V8.load([kv_row + start_n, 0])
+    else:
+        v = _load_kv(V8 + kv_rows[:, None] + offs_d[None, :], col_ok, d_ok, HEAD_DIM, MASKED)
     if WIDEN_V and not QK_FP8:
         v = _e4m3_to_f16_opaque(v)
+    if TMA and MASKED:
+        v = tl.where(col_ok[:, None], v.to(tl.float16), 0.0)
     if TILE_N == KV_BLOCK:
         if GIVEN_DESC:
             v_scale = v_given
@@ -317,6 +330,7 @@ def _key_range(
     K8, V8, K_desc, V_desc, kv_base, desc_base, lo, hi, q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     TILE_SOFTMAX: tl.constexpr, PREFETCH_DESC: tl.constexpr, WIDEN_V: tl.constexpr, MASKED: tl.constexpr,
+    TMA: tl.constexpr = False, kv_row=0,
 ):
     """The online softmax over keys [lo, hi), BLOCK_N per iteration (lo a multiple of KV_BLOCK); MASKED False
     only for an interior range: hi - lo a multiple of BLOCK_N, every key visible to every row."""
@@ -334,16 +348,17 @@ def _key_range(
             v_next = tl.load(V_desc + desc_base + nxt // KV_BLOCK, mask=nxt < hi, other=1.0)
             m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
                                          row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, KV_BLOCK, KV_BLOCK,
-                                         k_cur, v_cur, True, WIDEN_V, MASKED)
+                                         k_cur, v_cur, True, WIDEN_V, MASKED, TMA, kv_row)
         elif TILE_SOFTMAX and not QK_FP8:
             m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n, hi, q_op, row_scale,
                                          row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK,
-                                         WIDEN_V=WIDEN_V, MASKED=MASKED)
+                                         WIDEN_V=WIDEN_V, MASKED=MASKED, TMA=TMA, kv_row=kv_row)
         else:
             for j in tl.static_range(BLOCK_N // KV_BLOCK):
                 m_i, l_i, acc = _attend_keys(K8, V8, K_desc, V_desc, kv_base, desc_base, start_n + j * KV_BLOCK, hi,
                                              q_op, row_scale, row_limit, m_i, l_i, acc, offs_d, d_ok, HEAD_DIM,
-                                             QK_FP8, KV_BLOCK, KV_BLOCK, WIDEN_V=WIDEN_V, MASKED=MASKED)
+                                             QK_FP8, KV_BLOCK, KV_BLOCK, WIDEN_V=WIDEN_V, MASKED=MASKED, TMA=TMA,
+                                             kv_row=kv_row)
     return m_i, l_i, acc
 
 
@@ -359,7 +374,7 @@ def cache_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, TILE_SOFTMAX: tl.constexpr,
     FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
     ROTATE_Q: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
-    Q_desc=None, Q_PREPARED: tl.constexpr = False, PDL: tl.constexpr = False,
+    Q_desc=None, Q_PREPARED: tl.constexpr = False, PDL: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -388,6 +403,9 @@ def cache_attn_kernel(
     programmatic dependent launch (`cache_combine_wide_kernel` with PDL) start as soon as every program has
     begun: the combine's programs are placed while the last splits run and wait (griddepcontrol.wait) for
     this grid's completion and its memory, instead of being launched after it.
+    TMA (decode builds: fp16 products, power-of-two HEAD_DIM, contiguous caches): K8 and V8 are tensor
+    descriptors over the caches as (B * H_kv * capacity, HEAD_DIM) rows with [BLOCK_N or KV_BLOCK, HEAD_DIM]
+    blocks (`_attend_keys`): K/V tiles arrive by TMA instead of per-thread copies.
     """
     if PDL:
         gdc_launch_dependents()
@@ -452,6 +470,7 @@ def cache_attn_kernel(
     hi = tl.minimum(hi, last_pos + diag + 1)
 
     kv_base = b64 * stride_cache_b + h_kv.to(tl.int64) * stride_cache_h
+    kv_row = (kv_base // HEAD_DIM).to(tl.int32)  # TMA: this head's first row of the (rows, HEAD_DIM) view
     desc_base = b64 * stride_desc_b + h_kv * stride_desc_h
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -462,10 +481,10 @@ def cache_attn_kernel(
     mid = lo + tl.maximum(tl.minimum(hi, first_limit) - lo, 0) // BLOCK_N * BLOCK_N
     m_i, l_i, acc = _key_range(K8, V8, K_desc, V_desc, kv_base, desc_base, lo, mid, q_op, row_scale, row_limit,
                                m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK, TILE_SOFTMAX,
-                               PREFETCH_DESC, WIDEN_V, False)
+                               PREFETCH_DESC, WIDEN_V, False, TMA, kv_row)
     m_i, l_i, acc = _key_range(K8, V8, K_desc, V_desc, kv_base, desc_base, mid, hi, q_op, row_scale, row_limit,
                                m_i, l_i, acc, offs_d, d_ok, HEAD_DIM, QK_FP8, BLOCK_N, KV_BLOCK, TILE_SOFTMAX,
-                               PREFETCH_DESC, WIDEN_V, True)
+                               PREFETCH_DESC, WIDEN_V, True, TMA, kv_row)
 
     if SPLIT:
         part_row = (pid_split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + offs_r

@@ -121,7 +121,7 @@ _MAX_SPLITS = 128
 # bit (tests/gpu/test_kv_cache_gpu.py guards it), and the wide combine's at S_q 1 and 4 (at 40 the wide one
 # sums the splits in tree order).
 CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_softmax", "fused_combine",
-               "prefetch_desc", "exact_waves", "wide_combine", "widen_v", "keys_per_split", "pdl")
+               "prefetch_desc", "exact_waves", "wide_combine", "widen_v", "keys_per_split", "pdl", "tma")
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
 # Named decode configs that benchmarks time next to the default (bench_decode.py --part attention):
 # "s4 default" is the default before session 5 (8 programs per SM, the split-by-split combine, V's fp8 tile
@@ -134,6 +134,10 @@ DECODE_PRESETS = {
     "fused auto pdl": dict(fused_combine="auto", pdl=True),
     "n128 s2": dict(block_n=128, num_stages=2, prefetch_desc=False),
     "n128 s2 fused auto pdl": dict(block_n=128, num_stages=2, prefetch_desc=False, fused_combine="auto", pdl=True),
+    "tma": dict(tma=True),
+    "tma s4": dict(tma=True, num_stages=4),
+    "tma fused auto": dict(tma=True, fused_combine="auto"),
+    "tma n128 s2": dict(tma=True, block_n=128, num_stages=2, prefetch_desc=False),
 }
 # config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
 # its programs are placed while the attention's last splits run, instead of after them. Not yet measured as
@@ -141,8 +145,9 @@ DECODE_PRESETS = {
 PDL_DEFAULT = False
 # fused_combine="auto": fused up to this many splits. H200 sweep of session 8 (decode_sweep_h200_s8.log, eager
 # do_bench): 8x32k (few splits) 0.156 ms fused vs 0.167 not; 1x128k (66 splits, merged by the last program
-# of each row tile) 0.110 vs 0.093. Not yet timed as "auto" (the preset above is for that).
-FUSED_AUTO_MAX_SPLITS = 16
+# of each row tile) 0.110 vs 0.093. Graph-timed, session 9 (decode_attention_graph_h200_s9.log): 8x32k (8
+# splits) 0.154 fused vs 0.163, 1x4k (16-17 splits) 0.016 vs 0.013, 1x128k (64) 0.105 vs 0.089: fused up to 8.
+FUSED_AUTO_MAX_SPLITS = 8
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
 # memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
@@ -168,8 +173,9 @@ def _check_config(config: dict) -> None:
     if "block_n" in config and config["block_n"] not in BLOCK_N_CHOICES:
         raise ValueError(f"cache_attention config: block_n must be one of {BLOCK_N_CHOICES} (multiples of the "
                          f"cache block {KV_BLOCK}), got {config['block_n']!r}")
-    if not isinstance(config.get("pdl", False), bool):
-        raise ValueError(f"cache_attention config: pdl must be True or False, got {config['pdl']!r}")
+    for key in ("pdl", "tma"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"cache_attention config: {key} must be True or False, got {config[key]!r}")
     if config.get("fused_combine", False) not in (True, False, "auto"):
         raise ValueError(f"cache_attention config: fused_combine must be True, False or 'auto', "
                          f"got {config['fused_combine']!r}")
@@ -249,14 +255,14 @@ def _wide_variant(num_splits: int, dim_pad: int) -> dict:
 
 
 _GPU = None
-_PDL_OK: dict = {}
+_SM90: dict = {}
 
 
-def _pdl_ok(device: torch.device) -> bool:
-    """Whether ``device`` takes programmatic dependent launch (sm_90+), cached per device (host time)."""
-    ok = _PDL_OK.get(device)
+def _sm90(device: torch.device) -> bool:
+    """Whether ``device`` is sm_90+ (programmatic dependent launch, TMA), cached per device (host time)."""
+    ok = _SM90.get(device)
     if ok is None:
-        ok = _PDL_OK[device] = torch.cuda.get_device_capability(device) >= (9, 0)
+        ok = _SM90[device] = torch.cuda.get_device_capability(device) >= (9, 0)
     return ok
 
 
@@ -307,6 +313,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
     with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
     for them on the GPU (the same output bit for bit).
+    "tma" (default False; fp16 products, power-of-two D, contiguous caches, sm_90+, not the interpreter;
+    ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors (`cache_attn_kernel`'s TMA).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
@@ -385,9 +393,17 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         )
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
+        k_src, v_src = k8, v8
+        if (config.get("tma") and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
+                and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            tile = consts["BLOCK_N"] if consts["TILE_SOFTMAX"] else KV_BLOCK
+            k_src, v_src = (TensorDescriptor.from_tensor(t.view(-1, D), [tile, D]) for t in (k8, v8))
+            consts["TMA"] = True
 
         def args(o_part, ml_part, counter, keys_per_split):
-            return (query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part, counter,
+            return (query, cos, sin, k_src, v_src, k_desc, v_desc, out, o_part, ml_part, counter,
                     qs[0], qs[1], qs[2], cos_strides[0], cos_strides[1], ks[0], ks[1], ds[0], ds[1], o_sb, o_ss,
                     H_kv, S_q, length, float(scale), keys_per_split)
 
@@ -424,7 +440,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             o_part = ml_part = out  # never read
         wide_combine = split and not fused and config.get("wide_combine", True)
         pdl = (wide_combine and config.get("pdl", PDL_DEFAULT) and query.is_cuda and not interp
-               and _pdl_ok(query.device))
+               and _sm90(query.device))
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
                                                              Q_desc=q_desc, **consts)
