@@ -800,7 +800,7 @@ def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
                     for per_sm in grid["programs_per_sm"]:
                         base = dict(block_n=block_n, tile_softmax=tile, num_warps=warps, num_stages=stages,
                                     programs_per_sm=per_sm, widen_v=False, wide_combine=False,
-                                    prefetch_desc=False)
+                                    prefetch_desc=False, fused_combine=False)
                         if fast in ("off", "both"):
                             configs.append(base)
                         if fast in ("on", "both"):
@@ -810,7 +810,8 @@ def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
 
 def config_name(config: dict) -> str:
     """{} -> "default"; else e.g. "n128 tile w4 s3 p8 fused" (block_n, softmax per tile, warps, stages,
-    programs per SM, fused combine), the keys left out taking cache_attention's defaults."""
+    programs per SM, fused combine ("fused" True, "fused auto"), "no-tma", "pdl"), the keys left out taking
+    cache_attention's defaults."""
     parts = [] if "block_n" not in config else [f"n{config['block_n']}"]
     if config.get("tile_softmax"):
         parts.append("tile")
@@ -818,8 +819,11 @@ def config_name(config: dict) -> str:
                                                       ("p", "programs_per_sm")) if key in config]
     if not parts:
         parts.append("default")
-    if config.get("fused_combine"):
+    if config.get("fused_combine") is True:
         parts.append("fused")
+    elif config.get("fused_combine") == "auto":
+        parts.append("fused auto")
+    parts += [tag for tag, key, value in (("no-tma", "tma", False), ("pdl", "pdl", True)) if config.get(key, not value) == value]
     speed = [tag for tag, key in (("widen", "widen_v"), ("pf", "prefetch_desc"), ("waves", "exact_waves"),
                                   ("wide", "wide_combine")) if config.get(key)]
     if speed:

@@ -125,29 +125,30 @@ CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_so
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
 # Named decode configs that benchmarks time next to the default (bench_decode.py --part attention):
 # "s4 default" is the default before session 5 (8 programs per SM, the split-by-split combine, V's fp8 tile
-# as the P.V operand, no descale prefetch); "no prefetch": today's default without the descale prefetch.
+# as the P.V operand, no descale prefetch); "s8 default" the one before session 9 (pointer loads, always the
+# wide combine); "no tma" / "unfused": today's default less one of the two session-9 changes.
 DECODE_PRESETS = {
-    "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False),
-    "no prefetch": dict(prefetch_desc=False),
-    "fused auto": dict(fused_combine="auto"),
-    "pdl": dict(pdl=True),
-    "fused auto pdl": dict(fused_combine="auto", pdl=True),
-    "n128 s2": dict(block_n=128, num_stages=2, prefetch_desc=False),
-    "n128 s2 fused auto pdl": dict(block_n=128, num_stages=2, prefetch_desc=False, fused_combine="auto", pdl=True),
-    "tma": dict(tma=True),
-    "tma s4": dict(tma=True, num_stages=4),
-    "tma fused auto": dict(tma=True, fused_combine="auto"),
-    "tma n128 s2": dict(tma=True, block_n=128, num_stages=2, prefetch_desc=False),
+    "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False, tma=False,
+                       fused_combine=False),
+    "s8 default": dict(tma=False, fused_combine=False),
+    "no tma": dict(tma=False),
+    "unfused": dict(fused_combine=False),
+    "pdl": dict(fused_combine=False, pdl=True),
 }
 # config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
-# its programs are placed while the attention's last splits run, instead of after them. Not yet measured as
-# the default (the presets above are for that).
+# its programs are placed while the attention's last splits run, instead of after them. Not the default:
+# H200 graph-timed, session 9 (decode_attention_graph_pdl_h200_s9.log): 1x128k 0.090 vs 0.089 ms without.
 PDL_DEFAULT = False
 # fused_combine="auto": fused up to this many splits. H200 sweep of session 8 (decode_sweep_h200_s8.log, eager
 # do_bench): 8x32k (few splits) 0.156 ms fused vs 0.167 not; 1x128k (66 splits, merged by the last program
 # of each row tile) 0.110 vs 0.093. Graph-timed, session 9 (decode_attention_graph_h200_s9.log): 8x32k (8
 # splits) 0.154 fused vs 0.163, 1x4k (16-17 splits) 0.016 vs 0.013, 1x128k (64) 0.105 vs 0.089: fused up to 8.
 FUSED_AUTO_MAX_SPLITS = 8
+# "auto" decides by the split count of a cache this long (the one-wave count of the batch's geometry), not of
+# the call's length: one (batch, heads, rows) shape keeps one compiled build as its cache grows (B=1 GQA 32/8
+# on the H200: 66 splits, never fused; B=8: 8, always fused), so that no generation compiles the other
+# build mid-way when its cache crosses 8 splits. An explicit num_splits decides by itself.
+_LONG = 1 << 40
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
 # memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
@@ -164,6 +165,15 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
                                "inside a CUDA-graph capture: run one fused_combine call of this size eagerly first")
         buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
+
+
+def _counters_if_free(device: torch.device, n: int) -> torch.Tensor | None:
+    """`_counters`, or None where it would have to allocate inside a CUDA-graph capture ("auto" then takes
+    the two-launch combine instead of refusing the call)."""
+    buf = _COUNTERS.get(device)
+    if (buf is None or buf.numel() < n) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    return _counters(device, n)
 
 
 def _check_config(config: dict) -> None:
@@ -299,10 +309,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     softmax steps (the 64-key math bit for bit) or, with "tile_softmax" (default False; fp16 products only,
     ignored with qk_fp8), one step per block_n keys with V's descales folded into P (P's fp16 rounding
     moves: ~2 dB lower SQNR where it dominates, 77 -> 75 dB on float32 CPU data); "fused_combine"
-    (default False): the last split program of each row tile merges the splits, one launch instead of two
-    (the split-by-split combine's arithmetic, bit for bit); "auto": fused up to `FUSED_AUTO_MAX_SPLITS`
-    splits (a second compiled variant; its counters are allocated at the first fused call, which may not be
-    inside a CUDA-graph capture); "prefetch_desc" (default: on at
+    (default "auto": decode builds (fp16 products) fused where a long cache of this batch geometry takes at
+    most `FUSED_AUTO_MAX_SPLITS` splits (`_LONG`), or where an explicit num_splits is at most that; chunked
+    prefill (e4m3 products, not measured fused) never; a second compiled variant; its counters are
+    allocated at the first fused call, which may not be inside a CUDA-graph capture); True: the last split
+    program of each row tile merges the splits, one launch instead of two (the split-by-split combine's
+    arithmetic, bit for bit); False: never; "prefetch_desc" (default: on at
     block_n 64, the only block_n it takes): each iteration loads the next block's K/V descales, carried in
     registers (same values, same output; H200 graph-timed, session 5: 8x32k 0.159 -> 0.155 ms, 1x128k
     0.087 -> 0.085).
@@ -313,8 +325,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
     with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
     for them on the GPU (the same output bit for bit).
-    "tma" (default False; fp16 products, power-of-two D, contiguous caches, sm_90+, not the interpreter;
-    ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors (`cache_attn_kernel`'s TMA).
+    "tma" (default True; applies to fp16 products, power-of-two D, contiguous caches, sm_90+, not the
+    interpreter; ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors (`cache_attn_kernel`'s
+    TMA; H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms, 8x32k 0.155 vs 0.163, 1x4k 0.012 vs 0.013).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
@@ -375,7 +388,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         dim_pad = next_power_of_2(D)
         qs, ks, ds = query.stride(), k8.stride(), k_desc.stride()
         o_sb, o_ss = S_q * H_q * D, H_q * D  # `out` is contiguous
-        fused_cfg = config.get("fused_combine", False)
+        fused_cfg = config.get("fused_combine", "auto")
         want_fused = fused_cfg is True  # "auto" decides below, from the split count
         consts = dict(
             GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, APPLY_ROPE=rope, QK_FP8=bool(qk_fp8), SPLIT=True,
@@ -394,7 +407,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
         k_src, v_src = k8, v8
-        if (config.get("tma") and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
+        if (config.get("tma", True) and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
                 and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -408,7 +421,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     H_kv, S_q, length, float(scale), keys_per_split)
 
         counter = _counters(query.device, m_tiles * bh) if want_fused else out  # never read unless fused
-        # (for "auto" the residency below is the unfused variant's: the split count does not depend on it)
+        wave_splits = num_splits  # "auto" fuses by this: the split count of a long cache, fixed per geometry
         if num_splits is None:
             on_gpu = query.is_cuda and not interp
             sms = num_sms(query.device.index or 0) if on_gpu else 4
@@ -417,20 +430,30 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             if on_gpu and not one_split and "programs_per_sm" not in config and "keys_per_split" not in config:
                 # everything the compiled variant depends on: constexprs, dtypes, Triton's specialization of
                 # H_kv == 1 and of the strides (divisible by 16, equal to 1)
-                key = (query.device, query.dtype, cos.dtype, tuple(consts.items()), H_kv == 1,
+                # (FUSED_COMBINE left out: the fused and unfused builds share the key loop and its residency)
+                key = (query.device, query.dtype, cos.dtype,
+                       tuple(kv for kv in consts.items() if kv[0] != "FUSED_COMBINE"), H_kv == 1,
                        tuple((x % 16 == 0, x == 1) for x in (*qs, *cos_strides, ks[0], ks[1], o_sb, o_ss)))
                 residency = _RESIDENCY.get(key)
                 if residency is None:  # the split variant's residency (first call of a variant only)
                     part = torch.empty(16, dtype=torch.float32, device=query.device)
+                    warm, warm_counter = consts, counter
+                    if fused_cfg == "auto" and not qk_fp8:  # compile the build this call will launch, not both
+                        guess = pick_num_splits(_LONG, m_tiles * bh, sms, config, _FALLBACK_RESIDENCY)
+                        free = _counters_if_free(query.device, m_tiles * bh)
+                        if guess <= FUSED_AUTO_MAX_SPLITS and free is not None:
+                            warm, warm_counter = {**consts, "FUSED_COMBINE": True}, free
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
-                                           args(part, part, counter, KV_BLOCK), {**consts, "Q_desc": q_desc})
+                                           args(part, part, warm_counter, KV_BLOCK), {**warm, "Q_desc": q_desc})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
+            wave_splits = pick_num_splits(_LONG, m_tiles * bh, sms, config, residency)
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
         split = num_splits > 1
-        if fused_cfg == "auto" and split and num_splits <= FUSED_AUTO_MAX_SPLITS:
-            want_fused = True
-            counter = _counters(query.device, m_tiles * bh)
+        if fused_cfg == "auto" and split and not qk_fp8 and wave_splits <= FUSED_AUTO_MAX_SPLITS:
+            free = _counters_if_free(query.device, m_tiles * bh)
+            if free is not None:  # a first call inside a CUDA-graph capture: the two launches instead
+                want_fused, counter = True, free
         fused = split and want_fused
         if split:  # O_part (splits, B * H_kv, rows, dim_pad) then ML_part (splits, B * H_kv, rows, 2), float32
             n_o = num_splits * bh * n_rows * dim_pad

@@ -431,6 +431,8 @@ def test_sweep_arguments(capsys):
     assert bd.config_name({}) == "default" and bd.config_name({"fused_combine": True}) == "default fused"
     assert bd.config_name(dict(block_n=256, tile_softmax=True, num_warps=4, num_stages=3, programs_per_sm=8,
                                fused_combine=True)) == "n256 tile w4 s3 p8 fused"
+    assert bd.config_name({"fused_combine": "auto", "tma": False, "pdl": True}) == "default fused auto no-tma pdl"
+    assert bd.config_name({"fused_combine": False, "tma": True}) == "default"
     for argv in (["--sweep", "--cpu-smoke", "--sweep-block-n", "96"], ["--sweep", "--cpu-smoke", "--gqa", "4/2", "8/1"],
                  ["--sweep", "--cpu-smoke", "--sweep-stages", "0"]):
         _usage_error(argv, capsys)

@@ -159,11 +159,14 @@ def _gqa_case(fills, s_q, seed, qk_fp8, D=64, group=4):
     exact = _exact(query, cos, sin, torch_ref, D**-0.5)
     ref_db = _sqnr(torch_ref.attend(query, cos, sin, scale=D**-0.5, qk_fp8=qk_fp8), exact)
 
-    def run(splits, **config):
+    def run(splits, **config):  # fused_combine False unless given: the tests name the combine they check
         return ops.cache_attention(query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length,
-                                   scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits, config=config,
-                                   rotate=kernel.rotate)
+                                   scale=D**-0.5, impl="triton", qk_fp8=qk_fp8, num_splits=splits,
+                                   config={"fused_combine": False, **config}, rotate=kernel.rotate)
 
+    run.default = lambda splits: ops.cache_attention(  # the launcher's defaults (config None)
+        query, cos, sin, kernel.k8, kernel.k_desc, kernel.v8, kernel.v_desc, length, scale=D**-0.5, impl="triton",
+        qk_fp8=qk_fp8, num_splits=splits, rotate=kernel.rotate)
     return exact, ref_db, run
 
 
@@ -199,8 +202,10 @@ def test_fused_combine_counters_not_allocated_in_a_capture(monkeypatch):
     device = torch.device("cuda", 0)
     with pytest.raises(RuntimeError, match="eagerly first"):
         ops._counters(device, 16)
+    assert ops._counters_if_free(device, 16) is None  # "auto": the two launches instead
     monkeypatch.setattr(ops, "_COUNTERS", {device: torch.zeros(4096, dtype=torch.int32)})
     assert ops._counters(device, 16) is ops._COUNTERS[device]  # already there: no allocation, no error
+    assert ops._counters_if_free(device, 16) is ops._COUNTERS[device]
 
 
 def test_fused_combine_over_several_row_tiles():
@@ -258,12 +263,15 @@ def test_wide_combine_chunks(D):
 
 def test_fused_combine_auto():
     """fused_combine="auto": fused (the split-by-split arithmetic in the last split program) up to
-    FUSED_AUTO_MAX_SPLITS (8) splits, the default two launches above; any other value is refused."""
+    FUSED_AUTO_MAX_SPLITS (8) splits (an explicit count; else the count of a long cache of the call's geometry,
+    `test_fused_auto_by_geometry`), the two launches above; it is the default; any other value is refused."""
     assert ops.FUSED_AUTO_MAX_SPLITS == 8
     _, _, run = _gqa_case([600, 36], 1, 6, False)
     for splits in (3, 5):  # 636 keys: 3 and 5 splits of 256 / 128 keys
         assert torch.equal(run(splits, fused_combine="auto"), run(splits, fused_combine=True)), splits
+        assert torch.equal(run.default(splits), run(splits, fused_combine=True)), splits  # "auto" is the default
     assert torch.equal(run(10, fused_combine="auto"), run(10))  # 10 splits of one block: two launches
+    assert torch.equal(run.default(10), run(10))
     with pytest.raises(ValueError, match="fused_combine must be"):
         run(3, fused_combine="yes")
 
@@ -277,6 +285,38 @@ def test_pdl_config():
         assert torch.equal(run(splits, pdl=True, wide_combine=False), run(splits, wide_combine=False)), splits
     with pytest.raises(ValueError, match="pdl must be"):
         run(3, pdl=1)
+
+
+def test_fused_auto_by_geometry(monkeypatch):
+    """The default "auto" combine decides by the geometry's split count for a long cache, not by the call's:
+    one decode shape keeps one compiled build as its cache grows (so a growing cache never compiles the other
+    build mid-generation). The interpreter's geometry is 4 SMs x 8 programs: B=1 x 2 KV heads -> 16 splits
+    for a long cache: never fused, even at 300 keys (2 splits); B=2 -> 8: fused at 300 and 636 keys; chunked
+    prefill rows (e4m3 products) never fused."""
+    _, _, _, kernels = ops._gpu_parts()
+    real, seen = kernels.cache_attn_kernel, []
+
+    class Spy:  # records each attention launch's SPLIT / FUSED_COMBINE, then launches it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["SPLIT"], kwargs["FUSED_COMBINE"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(kernels, "cache_attn_kernel", Spy())
+    for B, s_q, fills, fused in ((1, 1, [300], False), (1, 1, [600, 36], False), (2, 1, [300], True),
+                                 (2, 1, [600, 36], True), (2, 40, [600, 36], False)):
+        layer = FP8CacheLayer(impl="triton")
+        length = _fill([layer], fills, B=B, dtype=torch.float32)
+        query = torch.randn(B, s_q, 8, 64, generator=torch.Generator().manual_seed(1))
+        cos, sin = _rope(s_q, length - s_q, 64)
+        seen.clear()
+        ops.cache_attention(query, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, length, scale=0.125,
+                            impl="triton", rotate=layer.rotate)
+        assert seen == [(True, fused)], (B, s_q, length, seen)
 
 
 def test_split_count_rounding():

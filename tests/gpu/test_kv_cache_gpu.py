@@ -105,7 +105,7 @@ def test_fused_combine_equals_split_by_split_combine():
             fused = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
                                         config={"fused_combine": True}, rotate=layer.rotate)
             two = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
-                                      config={"wide_combine": False}, rotate=layer.rotate)
+                                      config={"wide_combine": False, "fused_combine": False}, rotate=layer.rotate)
             assert torch.equal(fused, two), (s_q, splits)
     counters = ops._COUNTERS.get(torch.device(DEV, torch.cuda.current_device()))
     assert counters is not None and not counters.any()
@@ -130,25 +130,26 @@ def test_pdl_combine_equals_plain_launch():
         args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
         for splits in (5, None):
             for extra in ({}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False}):
-                def run(**config):
+                def run(**config):  # the wide combine (PDL applies to it only)
                     return ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
-                                               config={**extra, **config}, rotate=layer.rotate)
+                                               config={**extra, "fused_combine": False, **config},
+                                               rotate=layer.rotate)
 
                 plain = run()
                 assert torch.equal(run(pdl=True), plain), (s_q, splits, extra)
     # CUDA-graph capture and replay of the PDL launches (decode shape, default splits)
     q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
     args = (q, *_rope(1, L - 1, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
-    eager = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True}, rotate=layer.rotate)
+    pdl = {"pdl": True, "fused_combine": False}
+    eager = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=pdl, rotate=layer.rotate)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True}, rotate=layer.rotate)
+        ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=pdl, rotate=layer.rotate)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config={"pdl": True},
-                                       rotate=layer.rotate)
+        captured = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=pdl, rotate=layer.rotate)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -156,7 +157,7 @@ def test_pdl_combine_equals_plain_launch():
 
 
 def test_tma_loads_track_plain_loads():
-    """config "tma" (K/V tiles by TMA through tensor descriptors): the pointer loads' output to the last bit
+    """config "tma" (the default: K/V tiles by TMA through tensor descriptors): the pointer loads' output to the last bit
     of the P.V sums (the operands are the same values; at most 1% of outputs differ, by <= 1e-2), the same
     SQNR against the float32 attention to 0.05 dB, at 5 and the default splits, S_q 1/4, a length that
     ends inside a block (masked last tiles), with block_n 128 and with the fused combine."""
@@ -175,12 +176,13 @@ def test_tma_loads_track_plain_loads():
         exact = _exact_last(q, cos, sin, layer, D**-0.5)
         args = (q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
         for splits in (5, None):
-            for extra in ({}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False}, {"fused_combine": True}):
+            for extra in ({"fused_combine": False}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False},
+                          {"fused_combine": True}):
                 def run(**config):
                     return ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
                                                config={**extra, **config}, rotate=layer.rotate)
 
-                plain, tma = run(), run(tma=True)
+                plain, tma = run(tma=False), run()  # TMA: the default
                 where = (s_q, splits, extra)
                 assert torch.isfinite(tma).all(), where
                 assert (tma != plain).float().mean().item() <= 0.01, where
