@@ -87,11 +87,11 @@ elif [ "$mode" = "--centring" ]; then  # centring in the quantize pass: its GPU 
       --backend "$b" --modes qk qk+smooth_v --json "$out/long_context_$b.json"
   done
 elif [ "$mode" = "--decode" ]; then  # the decode step: cache / CUDA-graph GPU tests, graph-timed presets
-  step decode_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kv_cache_gpu.py \
+  step decode_tests timeout 320 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_kv_cache_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py
   step decode_graph timeout 200 python3 scripts/bench_decode.py --part attention --timing graph --rounds 3 \
     --shapes 1x4k 1x128k 8x32k --gqa 32/8 --head-dims 128 --sdpa-backends fa3 \
-    --cache-configs ${DECODE_CONFIGS:-"s8 default" "no tma" unfused pdl} \
+    --cache-configs ${DECODE_CONFIGS:-"s8 default" tma "tma unfused" pdl} \
     --out-json "$out/decode_graph.json"
 elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \

@@ -125,19 +125,27 @@ CONFIG_KEYS = ("programs_per_sm", "num_warps", "num_stages", "block_n", "tile_so
 BLOCK_N_CHOICES = tuple(KV_BLOCK * n for n in (1, 2, 4))
 # Named decode configs that benchmarks time next to the default (bench_decode.py --part attention):
 # "s4 default" is the default before session 5 (8 programs per SM, the split-by-split combine, V's fp8 tile
-# as the P.V operand, no descale prefetch); "s8 default" the one before session 9 (pointer loads, always the
-# wide combine); "no tma" / "unfused": today's default less one of the two session-9 changes.
+# as the P.V operand, no descale prefetch); "s8 default" the one before session 9 (always the wide combine);
+# "tma" / "tma unfused": K/V by TMA (`TMA_DEFAULT`); "pdl": the wide combine with programmatic launch.
 DECODE_PRESETS = {
-    "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False, tma=False,
+    "s4 default": dict(programs_per_sm=8, wide_combine=False, widen_v=False, prefetch_desc=False,
                        fused_combine=False),
-    "s8 default": dict(tma=False, fused_combine=False),
-    "no tma": dict(tma=False),
-    "unfused": dict(fused_combine=False),
+    "s8 default": dict(fused_combine=False),
+    "tma": dict(tma=True),
+    "tma unfused": dict(tma=True, fused_combine=False),
     "pdl": dict(fused_combine=False, pdl=True),
 }
+# config "tma" (K/V tiles by TMA): not the default. H200, session 9 (decode_attention_graph_h200_s9.log),
+# GPU time from CUDA-graph replays: 1x128k 0.084 vs 0.089 ms, 8x32k 0.153 vs 0.153 (fused), 1x4k 0.012 vs
+# 0.013; but in the same run the eager wall time of a decode step at a second new length rose from
+# 0.44-0.61 to 1.38 ms (8x32k; 1x4k 0.62-0.80 -> 1.19), the first call at 1x4k from 4.6-5.0 to 6.2 s, and
+# eager generate (B=8, 32k prompt) decoded at 56.7 ms/token where session 8's defaults took 31.8 (another
+# host): host cost in the descriptor launch path, not yet profiled. Eager decode is host-bound, so the
+# default stays on pointer loads.
+TMA_DEFAULT = False
 # config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
 # its programs are placed while the attention's last splits run, instead of after them. Not the default:
-# H200 graph-timed, session 9 (decode_attention_graph_pdl_h200_s9.log): 1x128k 0.090 vs 0.089 ms without.
+# H200 graph-timed, session 9 (decode_attention_graph_presets_h200_s9.log): 1x128k 0.090 vs 0.089 ms without.
 PDL_DEFAULT = False
 # fused_combine="auto": fused up to this many splits. H200 sweep of session 8 (decode_sweep_h200_s8.log, eager
 # do_bench): 8x32k (few splits) 0.156 ms fused vs 0.167 not; 1x128k (66 splits, merged by the last program
@@ -325,9 +333,10 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
     with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
     for them on the GPU (the same output bit for bit).
-    "tma" (default True; applies to fp16 products, power-of-two D, contiguous caches, sm_90+, not the
-    interpreter; ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors (`cache_attn_kernel`'s
-    TMA; H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms, 8x32k 0.155 vs 0.163, 1x4k 0.012 vs 0.013).
+    "tma" (default `TMA_DEFAULT`, False; applies to fp16 products, power-of-two D, contiguous caches, sm_90+,
+    not the interpreter; ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors
+    (`cache_attn_kernel`'s TMA): less GPU time (H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms), more
+    host time per eager call (see `TMA_DEFAULT`).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
@@ -407,7 +416,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
         k_src, v_src = k8, v8
-        if (config.get("tma", True) and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
+        if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
                 and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()):
             from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -157,7 +157,7 @@ def test_pdl_combine_equals_plain_launch():
 
 
 def test_tma_loads_track_plain_loads():
-    """config "tma" (the default: K/V tiles by TMA through tensor descriptors): the pointer loads' output to the last bit
+    """config "tma" (K/V tiles by TMA through tensor descriptors): the pointer loads' output to the last bit
     of the P.V sums (the operands are the same values; at most 1% of outputs differ, by <= 1e-2), the same
     SQNR against the float32 attention to 0.05 dB, at 5 and the default splits, S_q 1/4, a length that
     ends inside a block (masked last tiles), with block_n 128 and with the fused combine."""
@@ -182,7 +182,7 @@ def test_tma_loads_track_plain_loads():
                     return ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
                                                config={**extra, **config}, rotate=layer.rotate)
 
-                plain, tma = run(tma=False), run()  # TMA: the default
+                plain, tma = run(), run(tma=True)
                 where = (s_q, splits, extra)
                 assert torch.isfinite(tma).all(), where
                 assert (tma != plain).float().mean().item() <= 0.01, where
