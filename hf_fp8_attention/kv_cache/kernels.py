@@ -31,6 +31,9 @@ copies, 183 registers; PREFETCH_DESC takes the block descales' loads out of the 
 and the wide combine are the launcher's defaults since session 5; with the interior/last split of the key
 loop the default build takes 242 registers (offline sm_90 compile, triton 3.6), still 4 programs per SM
 (bound by shared memory). H200, 1x128k GQA 32/8: 0.146 ms (the session-4 default) -> 0.085 ms.
+Two launch options, off by default (`ops.TMA_DEFAULT`, `ops.PDL_DEFAULT`): TMA (K/V tiles by tensor
+descriptors: 168 registers, 1x128k 0.084 ms graph-timed, but more host time per eager call) and PDL (the wide
+combine placed while the last splits run: no gain measured).
 """
 
 from __future__ import annotations
