@@ -810,7 +810,8 @@ def sweep_configs(grid: dict, fast: str = "off") -> list[dict]:
 
 def config_name(config: dict) -> str:
     """{} -> "default"; else e.g. "n128 tile w4 s3 p8 fused" (block_n, softmax per tile, warps, stages,
-    programs per SM, fused combine ("fused" True, "fused auto"), "no-tma", "pdl"), the keys left out taking
+    programs per SM, combine: "fused" (True) / "unfused" (False) / nothing for the default "auto"; "tma",
+    "pdl" or "no-tma", "no-pdl" where they differ from the launcher's defaults), the keys left out taking
     cache_attention's defaults."""
     parts = [] if "block_n" not in config else [f"n{config['block_n']}"]
     if config.get("tile_softmax"):
@@ -819,11 +820,16 @@ def config_name(config: dict) -> str:
                                                       ("p", "programs_per_sm")) if key in config]
     if not parts:
         parts.append("default")
-    if config.get("fused_combine") is True:
+    from hf_fp8_attention.kv_cache.ops import PDL_DEFAULT, TMA_DEFAULT
+
+    fused = config.get("fused_combine", "auto")  # the launcher's default: "auto", untagged
+    if fused is True:
         parts.append("fused")
-    elif config.get("fused_combine") == "auto":
-        parts.append("fused auto")
-    parts += [tag for tag, key, value in (("no-tma", "tma", False), ("pdl", "pdl", True)) if config.get(key, not value) == value]
+    elif fused is False:
+        parts.append("unfused")
+    for key, default in (("tma", TMA_DEFAULT), ("pdl", PDL_DEFAULT)):  # tagged where they differ from it
+        if key in config and bool(config[key]) != default:
+            parts.append(key if config[key] else f"no-{key}")
     speed = [tag for tag, key in (("widen", "widen_v"), ("pf", "prefetch_desc"), ("waves", "exact_waves"),
                                   ("wide", "wide_combine")) if config.get(key)]
     if speed:

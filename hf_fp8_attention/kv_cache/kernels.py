@@ -18,8 +18,9 @@ and the attention reads it (Q_PREPARED). QK_FP8: Q and P are rounded to e4m3 and
 prefill); otherwise (decode: few rows, memory-bound) Q and P are rounded to fp16 and the fp8 K/V tiles are
 widened to fp16 in registers, exactly (every e4m3 value is an fp16 value; P lies in [0, 256]). Long caches
 split the keys over programs (`num_splits`, a runtime value: no recompilation per length) merged by
-`cache_combine_wide_kernel` (the launcher's default), `cache_combine_kernel`, or (FUSED_COMBINE) by the split
-program of each row tile that finishes last (an atomic counter per tile). Inside a split, the key tiles that
+`cache_combine_wide_kernel`, `cache_combine_kernel`, or (FUSED_COMBINE) by the split program of each row
+tile that finishes last (an atomic counter per tile); the launcher's default fuses decode where the batch's
+geometry takes at most 8 splits, else the wide combine (`ops.FUSED_AUTO_MAX_SPLITS`). Inside a split, the key tiles that
 every row of the tile sees run unmasked (`_key_range` with MASKED False), the rest masked.
 
 Decode speed (sm_90 SASS of the 2-warp, 16-row decode build, triton 3.6): per 64 keys and thread the default

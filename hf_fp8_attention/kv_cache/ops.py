@@ -159,8 +159,11 @@ FUSED_AUTO_MAX_SPLITS = 8
 _LONG = 1 << 40
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
-# memset launch per call). Shared by every call on the device: calls on concurrent streams would race.
+# memset launch per call). Shared by every call on the device: fused calls on concurrent streams would race
+# (the cache's calls run on one stream). A buffer outgrown by a larger call is kept alive (`_RETIRED`): a
+# CUDA graph captured earlier may still point at it.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -171,6 +174,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
             # would only run at replay: later eager calls would share memory the graph owns
             raise RuntimeError("fused_combine's arrival counters are allocated on its first call, which may not be "
                                "inside a CUDA-graph capture: run one fused_combine call of this size eagerly first")
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
@@ -194,7 +199,7 @@ def _check_config(config: dict) -> None:
     for key in ("pdl", "tma"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"cache_attention config: {key} must be True or False, got {config[key]!r}")
-    if config.get("fused_combine", False) not in (True, False, "auto"):
+    if not any(config.get("fused_combine", False) is ok for ok in (True, False)) and config.get("fused_combine") != "auto":
         raise ValueError(f"cache_attention config: fused_combine must be True, False or 'auto', "
                          f"got {config['fused_combine']!r}")
     if config.get("prefetch_desc") and config.get("block_n", KV_BLOCK) != KV_BLOCK:
@@ -257,7 +262,7 @@ def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: di
     return hit
 
 
-# (device, dtype, GQA group, head dim, Triton's specialization of H_kv): the wide combine's variants (`_wide_variant`) are
+# (device, dtype, GQA group, head dim, Triton's specialization of H_kv, pdl): the wide combine's variants (`_wide_variant`) are
 # all built at the first split call of such a decode, so that a cache crossing 16 splits mid-generation does not
 # compile the second one between two tokens (0.3-0.4 s on the H200, session 6).
 _WIDE_WARMED: set = set()
@@ -320,7 +325,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     (default "auto": decode builds (fp16 products) fused where a long cache of this batch geometry takes at
     most `FUSED_AUTO_MAX_SPLITS` splits (`_LONG`), or where an explicit num_splits is at most that; chunked
     prefill (e4m3 products, not measured fused) never; a second compiled variant; its counters are
-    allocated at the first fused call, which may not be inside a CUDA-graph capture); True: the last split
+    allocated at the first fused call: "auto" takes the two launches where that call is inside a CUDA-graph
+    capture, True refuses it); True: the last split
     program of each row tile merges the splits, one launch instead of two (the split-by-split combine's
     arithmetic, bit for bit); False: never; "prefetch_desc" (default: on at
     block_n 64, the only block_n it takes): each iteration loads the next block's K/V descales, carried in
@@ -417,7 +423,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
         k_src, v_src = k8, v8
         if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
-                and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()):
+                and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()
+                and k8.numel() // D < 2**31):  # the kernel's TMA row index is int32
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             tile = consts["BLOCK_N"] if consts["TILE_SOFTMAX"] else KV_BLOCK
@@ -448,10 +455,15 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     part = torch.empty(16, dtype=torch.float32, device=query.device)
                     warm, warm_counter = consts, counter
                     if fused_cfg == "auto" and not qk_fp8:  # compile the build this call will launch, not both
+                        # (a guess at the residency of the H200's decode build: where the real one differs,
+                        # the launch below may compile the other build, once, at this first call)
                         guess = pick_num_splits(_LONG, m_tiles * bh, sms, config, _FALLBACK_RESIDENCY)
-                        free = _counters_if_free(query.device, m_tiles * bh)
-                        if guess <= FUSED_AUTO_MAX_SPLITS and free is not None:
+                        free = _counters_if_free(query.device, m_tiles * bh) if guess <= FUSED_AUTO_MAX_SPLITS else None
+                        if free is not None:
                             warm, warm_counter = {**consts, "FUSED_COMBINE": True}, free
+                    # the PDL switch as the launch will set it (a constexpr: another build otherwise)
+                    warm = {**warm, "PDL": bool(config.get("pdl", PDL_DEFAULT)) and not warm["FUSED_COMBINE"]
+                            and config.get("wide_combine", True) and _sm90(query.device)}
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
                                            args(part, part, warm_counter, KV_BLOCK), {**warm, "Q_desc": q_desc})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)

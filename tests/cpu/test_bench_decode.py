@@ -431,8 +431,11 @@ def test_sweep_arguments(capsys):
     assert bd.config_name({}) == "default" and bd.config_name({"fused_combine": True}) == "default fused"
     assert bd.config_name(dict(block_n=256, tile_softmax=True, num_warps=4, num_stages=3, programs_per_sm=8,
                                fused_combine=True)) == "n256 tile w4 s3 p8 fused"
-    assert bd.config_name({"fused_combine": "auto", "tma": False, "pdl": True}) == "default fused auto no-tma pdl"
-    assert bd.config_name({"fused_combine": False, "tma": True}) == "default"
+    assert bd.config_name({"fused_combine": "auto", "tma": True, "pdl": True}) == "default tma pdl"
+    assert bd.config_name({"fused_combine": False, "tma": False}) == "default unfused"
+    from hf_fp8_attention.kv_cache.ops import DECODE_PRESETS
+    names = [bd.config_name(c) for c in DECODE_PRESETS.values()]
+    assert "default" not in names and len(set(names)) == len(names), names  # every preset timed, none merged
     for argv in (["--sweep", "--cpu-smoke", "--sweep-block-n", "96"], ["--sweep", "--cpu-smoke", "--gqa", "4/2", "8/1"],
                  ["--sweep", "--cpu-smoke", "--sweep-stages", "0"]):
         _usage_error(argv, capsys)
@@ -461,9 +464,10 @@ def test_sweep_smoke_run(tmp_path, capsys, monkeypatch):
     sweep = data["sweep"]
     assert data["mode"] == "sweep cpu-smoke" and sweep["configs"] == 3 and sweep["skipped"] == 0
     rows = sweep["rows"]
-    assert [(r["shape"], r["name"]) for r in rows] == [(s, n) for n in ("default", "n128 w4 s2 p4", "n128 tile w4 s2 p4")
+    assert [(r["shape"], r["name"]) for r in rows] == [(s, n) for n in ("default", "n128 w4 s2 p4 unfused",
+                                                                       "n128 tile w4 s2 p4 unfused")
                                                        for s in ("1x512", "2x384")]
-    assert calls.count("n128 tile w4 s2 p4") == 1  # failed once, not retried at the second shape
+    assert calls.count("n128 tile w4 s2 p4 unfused") == 1  # failed once, not retried at the second shape
     for r in rows:
         if "tile" in r["name"]:
             assert "no compile today" in r["error"] and r["ms"] is None
@@ -471,11 +475,11 @@ def test_sweep_smoke_run(tmp_path, capsys, monkeypatch):
             assert r["error"] is None and r["ms"] > 0 and r["sqnr_db"] > 20
     assert any("no compile today" in n for n in data["notes"])
     for best in sweep["best"]:
-        assert set(best["retimed"]) == {"default", "n128 w4 s2 p4", "default fused", "n128 w4 s2 p4 fused"}
+        assert set(best["retimed"]) == {"default", "n128 w4 s2 p4 unfused", "default fused", "n128 w4 s2 p4 fused"}
         assert best["best"] in best["retimed"] and best["best_ms"] > 0 and best["default_ms"] > 0
         assert best["fa3_ms"] is None and best["best_vs_fa3"] is None and best["best_tbps"] > 0
         assert best["bytes"] == 2 * best["B"] * 2 * (best["S_kv"] * 64 + best["S_kv"] // 64 * 4)
         # fused and two-launch results are the same numbers
         retimed = best["retimed"]
         assert retimed["default fused"]["sqnr_db"] == retimed["default"]["sqnr_db"]
-    assert sweep["overall"]["name"] == "n128 w4 s2 p4"
+    assert sweep["overall"]["name"] == "n128 w4 s2 p4 unfused"

@@ -87,6 +87,16 @@ def test_attention_kernel_tracks_reference(s_q, shape, hadamard):
     assert _sqnr(got, exact) > _sqnr(ref, exact) - 1.5
 
 
+def _offset_layer(B, H_kv, L, D, seed):
+    """A triton cache layer holding L tokens (K ~ N(0, 1) with RoPE, V ~ N(0, 1) + 3, bf16) and the generator
+    that made them (for the queries)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    layer = FP8CacheLayer(impl="triton")
+    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
+                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    return layer, gen
+
+
 def test_fused_combine_equals_split_by_split_combine():
     """The fused combine (the last split program of a row tile merges, one launch) gives the split-by-split
     combine kernel's output bit for bit (both without FMA contraction), at 5 and the default splits, and
@@ -94,10 +104,7 @@ def test_fused_combine_equals_split_by_split_combine():
     from hf_fp8_attention.kv_cache import ops
 
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 5000
-    gen = torch.Generator(device=DEV).manual_seed(4)
-    layer = FP8CacheLayer(impl="triton")
-    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
-                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    layer, gen = _offset_layer(B, H_kv, L, D, seed=4)
     for s_q in (1, 4, 40):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
         args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
@@ -121,10 +128,7 @@ def test_pdl_combine_equals_plain_launch():
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90+")
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 20000
-    gen = torch.Generator(device=DEV).manual_seed(7)
-    layer = FP8CacheLayer(impl="triton")
-    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
-                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    layer, gen = _offset_layer(B, H_kv, L, D, seed=7)
     for s_q in (1, 4, 40):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
         args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
@@ -136,6 +140,7 @@ def test_pdl_combine_equals_plain_launch():
                                                rotate=layer.rotate)
 
                 plain = run()
+                _poison_free_memory()  # a combine reading before the partials are stored would read NaN
                 assert torch.equal(run(pdl=True), plain), (s_q, splits, extra)
     # CUDA-graph capture and replay of the PDL launches (decode shape, default splits)
     q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
@@ -151,25 +156,33 @@ def test_pdl_combine_equals_plain_launch():
     with torch.cuda.graph(graph):
         captured = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=pdl, rotate=layer.rotate)
     for _ in range(3):
+        captured.fill_(float("nan"))
         graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+
+
+def _poison_free_memory(mib: int = 256):
+    """Fill a large block with NaN and free it: the caching allocator hands (parts of) it to the next
+    allocations, so a workspace read before it is written reads NaN instead of a previous call's values."""
+    block = torch.full((mib << 18,), float("nan"), device=DEV)
+    del block
 
 
 def test_tma_loads_track_plain_loads():
     """config "tma" (K/V tiles by TMA through tensor descriptors): the pointer loads' output to the last bit
     of the P.V sums (the operands are the same values; at most 1% of outputs differ, by <= 1e-2), the same
     SQNR against the float32 attention to 0.05 dB, at 5 and the default splits, S_q 1/4, a length that
-    ends inside a block (masked last tiles), with block_n 128 and with the fused combine."""
+    ends inside a block (masked last tiles) with NaN codes past it, with block_n 128, the fused combine and
+    tile_softmax (the descriptor's block then 256 keys)."""
     from hf_fp8_attention.kv_cache import ops
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm_90+")
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 20011
-    gen = torch.Generator(device=DEV).manual_seed(8)
-    layer = FP8CacheLayer(impl="triton")
-    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
-                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    layer, gen = _offset_layer(B, H_kv, L, D, seed=8)
+    for codes in (layer.k8, layer.v8):  # past the cache's end: NaN codes, which the masked tiles must not let in
+        codes[:, :, L:].view(torch.uint8).fill_(0x7F)
     for s_q in (1, 4):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
         cos, sin = _rope(s_q, L - s_q, D)
@@ -177,7 +190,7 @@ def test_tma_loads_track_plain_loads():
         args = (q, cos, sin, layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
         for splits in (5, None):
             for extra in ({"fused_combine": False}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False},
-                          {"fused_combine": True}):
+                          {"fused_combine": True}, {"block_n": 256, "tile_softmax": True, "num_stages": 2}):
                 def run(**config):
                     return ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
                                                config={**extra, **config}, rotate=layer.rotate)
@@ -200,10 +213,7 @@ def test_attention_configs_track_reference(config):
     from hf_fp8_attention.kv_cache import ops
 
     B, H_q, H_kv, D, L = 2, 32, 8, 128, 5000
-    layer = FP8CacheLayer(impl="triton")
-    gen = torch.Generator(device=DEV).manual_seed(4)
-    layer.append(torch.randn(B, H_kv, L, D, device=DEV, generator=gen).bfloat16(),
-                 (torch.randn(B, H_kv, L, D, device=DEV, generator=gen) + 3).bfloat16(), *_rope(L, 0, D))
+    layer, gen = _offset_layer(B, H_kv, L, D, seed=4)
     for s_q in (1, 4, 40):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
         cos, sin = _rope(s_q, L - s_q, D)
