@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", type=_tokens, nargs="+", default=None, help="prompt lengths (default: 4k 32k)")
     g.add_argument("--new-tokens", type=int, default=None, help=f"default: {NEW_TOKENS} ({NEW_TOKENS_QUICK} with --quick)")
     g.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    g.add_argument("--generate-cache-presets", nargs="*", default=[], metavar="NAME",
+                   help="extra 'fp8 attention + fp8 cache [NAME]' rows: the fp8_cache mode with the cache attention's "
+                        "default config replaced by kv_cache.ops.DECODE_PRESETS[NAME] (e.g. tma: its eager host cost "
+                        "shows here, not in the graph-timed attention part)")
     g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
@@ -297,6 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rep-ms and --rounds must be >= 1")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be >= 1")
+    bad = [n for n in args.generate_cache_presets if n not in cache_config_presets()]
+    if bad:
+        parser.error(f"--generate-cache-presets {bad}: expected some of {list(cache_config_presets())}")
     if len(set(args.modes)) != len(args.modes):
         parser.error("--modes: a mode is listed twice")
     if args.fp8_backend is not None:
@@ -1071,6 +1078,28 @@ def cache_bytes(cache) -> int | None:
 
 
 @contextlib.contextmanager
+def cache_config_override(config: dict | None):
+    """Inside: every `kv_cache.ops.cache_attention` call (the FP8 cache's) runs with ``config`` under the
+    call's own config keys (None: unchanged)."""
+    if config is None:
+        yield
+        return
+    from hf_fp8_attention.kv_cache import ops
+
+    real = ops.cache_attention
+
+    def with_config(*args, **kwargs):
+        kwargs["config"] = {**config, **(kwargs.get("config") or {})}
+        return real(*args, **kwargs)
+
+    ops.cache_attention = with_config
+    try:
+        yield
+    finally:
+        ops.cache_attention = real
+
+
+@contextlib.contextmanager
 def count_cache_calls():
     """Counts `FP8CacheLayer.attend` (the fused fast path) and `FP8CacheLayer.update` (transformers' generic
     path, the whole cache dequantized per call) while the block runs; the methods are restored after."""
@@ -1177,12 +1206,14 @@ def run_generate(args, notes: list[str]) -> list[dict]:
             gen = torch.Generator(device=device).manual_seed(args.seed + B * P)
             ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
             warm_ids = ids if args.warmup == "full" else ids[:, : min(P, WARMUP_PROMPT)]
-            for mode in args.modes:
-                row = {"B": B, "prompt": P, "mode": mode, "label": labels[mode], "attention": None, "error": None}
-                print(f"# generate B={B} prompt={_k(P)} {labels[mode]} ...", file=sys.stderr, flush=True)
+            for mode, preset in [(m, None) for m in args.modes] + [("fp8_cache", n) for n in args.generate_cache_presets]:
+                label = labels[mode] + (f" [{preset}]" if preset else "")
+                row = {"B": B, "prompt": P, "mode": mode, "label": label, "attention": None, "error": None,
+                       "cache_preset": preset}
+                print(f"# generate B={B} prompt={_k(P)} {label} ...", file=sys.stderr, flush=True)
                 try:
                     row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
-                    with count_cache_calls() as calls:
+                    with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)):
                         timed_generate(model, warm_ids, 3, measure=False)
                         _free(device)
                         calls.update(attend=0, update=0)

@@ -102,6 +102,37 @@ def test_generate_warmup_prompt(monkeypatch, warmup, warm_len):
     assert rows[0]["error"] is None
 
 
+def test_generate_cache_presets(monkeypatch, capsys):
+    """--generate-cache-presets NAME: an extra fp8_cache row whose cache attention calls run with that
+    DECODE_PRESETS config (the override gone after it); an unknown name is a usage error."""
+    from hf_fp8_attention.kv_cache import ops
+
+    seen = []
+    real = ops.cache_attention
+
+    def fake(model, ids, new_tokens, *, measure=True):
+        seen.append(ops.cache_attention is real)  # False inside the override
+        return {"prefill_s": 0.1, "decode_ms_per_token": 1.0, "total_s": 0.2, "peak_gib": None, "cache_gib": 0.0,
+                "cache_type": "FP8Cache", "cache_tokens": ids.shape[1] + new_tokens, "new_tokens": new_tokens,
+                "decode_steps": new_tokens - 1}
+
+    monkeypatch.setattr(bd, "timed_generate", fake)
+    monkeypatch.setattr(bd, "switch_mode", lambda *a: "stub")
+    argv = ["--cpu-smoke", "--part", "generate", "--modes", "fp8_cache", "--bf16-attn", "sdpa", "--batches", "1",
+            "--prompts", "64", "--new-tokens", "2", "--generate-cache-presets", "tma"]
+    rows = bd.run_generate(bd.parse_args(argv), [])
+    assert [r["label"] for r in rows] == ["fp8 attention + fp8 cache", "fp8 attention + fp8 cache [tma]"]
+    assert [r["cache_preset"] for r in rows] == [None, "tma"]
+    assert seen == [True, True, False, False] and ops.cache_attention is real
+    calls = []
+    monkeypatch.setattr(ops, "cache_attention", lambda *a, **kw: calls.append(kw["config"]))
+    with bd.cache_config_override({"tma": True, "fused_combine": False}):
+        ops.cache_attention(config={"fused_combine": True})
+        ops.cache_attention()
+    assert calls == [{"tma": True, "fused_combine": True}, {"tma": True, "fused_combine": False}]
+    _usage_error(["--cpu-smoke", "--generate-cache-presets", "nope"], capsys, "nope")
+
+
 @pytest.mark.parametrize(
     "argv",
     [
