@@ -199,7 +199,8 @@ def _check_config(config: dict) -> None:
     for key in ("pdl", "tma"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"cache_attention config: {key} must be True or False, got {config[key]!r}")
-    if not any(config.get("fused_combine", False) is ok for ok in (True, False)) and config.get("fused_combine") != "auto":
+    fused = config.get("fused_combine", "auto")
+    if not (fused is True or fused is False or fused == "auto"):  # identity: 1 / 0 are refused
         raise ValueError(f"cache_attention config: fused_combine must be True, False or 'auto', "
                          f"got {config['fused_combine']!r}")
     if config.get("prefetch_desc") and config.get("block_n", KV_BLOCK) != KV_BLOCK:
@@ -287,6 +288,12 @@ def _sm90(device: torch.device) -> bool:
     if ok is None:
         ok = _SM90[device] = torch.cuda.get_device_capability(device) >= (9, 0)
     return ok
+
+
+def _pdl_on(config: dict, wide_combine: bool, device: torch.device) -> bool:
+    """Whether the wide combine of a GPU call goes by programmatic dependent launch (config "pdl", sm_90+):
+    the attention build's PDL constexpr, decided once here for its warm-up and its launch."""
+    return bool(wide_combine and config.get("pdl", PDL_DEFAULT) and _sm90(device))
 
 
 def _gpu_parts():
@@ -462,8 +469,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                         if free is not None:
                             warm, warm_counter = {**consts, "FUSED_COMBINE": True}, free
                     # the PDL switch as the launch will set it (a constexpr: another build otherwise)
-                    warm = {**warm, "PDL": bool(config.get("pdl", PDL_DEFAULT)) and not warm["FUSED_COMBINE"]
-                            and config.get("wide_combine", True) and _sm90(query.device)}
+                    warm = {**warm, "PDL": _pdl_on(config, not warm["FUSED_COMBINE"]
+                                                   and config.get("wide_combine", True), query.device)}
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
                                            args(part, part, warm_counter, KV_BLOCK), {**warm, "Q_desc": q_desc})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
@@ -483,8 +490,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         else:
             o_part = ml_part = out  # never read
         wide_combine = split and not fused and config.get("wide_combine", True)
-        pdl = (wide_combine and config.get("pdl", PDL_DEFAULT) and query.is_cuda and not interp
-               and _sm90(query.device))
+        pdl = query.is_cuda and not interp and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
                                                              Q_desc=q_desc, **consts)
