@@ -80,7 +80,9 @@ stop early), three modes on the same weights and prompts:
 - ``fp8 + fp8 cache``: ``prepare_model(model, kv_cache="fp8")``: generate gets an `FP8Cache`.
 Per run: prefill s (generate's start to the first logits processor call, synchronized), decode ms/token
 ((end - first call) / (new tokens - 1) forwards), total s, peak GiB (torch.cuda.max_memory_allocated,
-reset per run), cache GiB (`FP8Cache.memory_bytes()`, or the K/V bytes of a DynamicCache). Each mode first
+reset per run), cache GiB (`FP8Cache.memory_bytes()`, or the K/V bytes of a DynamicCache);
+``--generate-rounds N`` times each mode N times, round-robin over the modes, and reports the medians (the
+lent H200's host speed drifts within minutes, and eager decode is host-bound). Each mode first
 runs one untimed generate of 3 tokens at the same batch (``--warmup full``, the default: on the timed prompt
 itself, so that every kernel variant the timed run takes is compiled; ``short``: on its first 256 tokens,
 cheaper, but kernels whose variants depend on the length still compile inside the timed prefill: in
@@ -229,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
     g.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, the 8B shape)")
+    g.add_argument("--generate-rounds", type=int, default=1,
+                   help="timed generates per mode, interleaved round-robin over the modes of a (B, prompt); the "
+                        "table reports each quantity's median over the rounds (the lent H200's host speed "
+                        "drifts: one mode's decode went from 25.8 to 46.7 ms/token between two rounds)")
     g.add_argument("--warmup", choices=("full", "short"), default="full",
                    help="untimed 3-token generate per mode before the timed one: on the timed prompt (full, "
                         "default: every kernel variant compiled first) or on its first 256 tokens (short)")
@@ -297,8 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batches must be positive")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (one prefill token, then decode steps)")
-    if args.rep_ms < 1 or args.rounds < 1:
-        parser.error("--rep-ms and --rounds must be >= 1")
+    if args.rep_ms < 1 or args.rounds < 1 or args.generate_rounds < 1:
+        parser.error("--rep-ms, --rounds and --generate-rounds must be >= 1")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be >= 1")
     bad = [n for n in args.generate_cache_presets if n not in cache_config_presets()]
@@ -602,9 +608,6 @@ BIT_NEUTRAL_KEYS = ("prefetch_desc",)
 def cache_config_fn(x: AttentionShape, config: dict, num_splits: int | None = None) -> Callable:
     """The fp8 cache attend of ``x`` (its layer's cache, q un-rotated + RoPE tables) with a kernel config
     (and a forced split count)."""
-    from hf_fp8_attention.kv_cache import ops
-
-    layer = x.layer
     return lambda: cache_attend(x, config, num_splits)
 
 
@@ -1175,6 +1178,57 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool =
     return result
 
 
+def timed_mode(model, row: dict, ids, warm_ids, rnd: int, args, bf16_name: str, notes: list[str], device) -> None:
+    """One timed generate of ``row``'s mode (its untimed warm-up generate first in round 0), appended to
+    row["rounds"]; an error (OOM, anything else) is kept in the row, which later rounds then skip."""
+    B, P, mode, preset = row["B"], row["prompt"], row["mode"], row["cache_preset"]
+    tag = f" round {rnd + 1}/{args.generate_rounds}" if args.generate_rounds > 1 else ""
+    print(f"# generate B={B} prompt={_k(P)} {row['label']}{tag} ...", file=sys.stderr, flush=True)
+    try:
+        row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
+        with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)):
+            if rnd == 0:
+                timed_generate(model, warm_ids, 3, measure=False)
+                _free(device)
+            calls.update(attend=0, update=0)
+            run = timed_generate(model, ids, args.new_tokens)
+        if mode == "fp8_cache":
+            run["fp8_cache_calls"] = dict(calls)
+            if calls["update"] and rnd == 0:
+                notes.append(f"B={B} prompt={_k(P)} fp8 cache: {calls['update']} calls took "
+                             "transformers' generic path (whole cache dequantized per call)")
+        row["rounds"].append(run)
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # one mode failing at one shape: report and keep going
+        row["error"] = f"{type(err).__name__}: {err}"
+        print(f"# {row['error']}", file=sys.stderr)
+    _free(device)
+    if row["error"] is None:
+        run = row["rounds"][-1]
+        print(f"#   prefill {run['prefill_s']:.3f} s, decode {run['decode_ms_per_token']:.2f} ms/token, "
+              f"peak {_common.fmt(run['peak_gib'], '.1f')} GiB, cache {_common.fmt(run['cache_gib'], '.3g')} GiB "
+              f"({run['cache_type']})", file=sys.stderr, flush=True)
+
+
+_ROUND_MEDIANS = ("prefill_s", "decode_ms_per_token", "total_s")
+
+
+def summarize_rounds(row: dict) -> None:
+    """The row's reported values from its rounds: the median of each timed quantity (each on its own), the
+    largest peak memory, the rest (cache size, type, counts) from the last round. A row with an error and
+    no round keeps only the error."""
+    runs = row["rounds"]
+    if not runs:
+        return
+    row.update({k: v for k, v in runs[-1].items()})
+    for key in _ROUND_MEDIANS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    peaks = [r["peak_gib"] for r in runs if r.get("peak_gib") is not None]
+    row["peak_gib"] = max(peaks) if peaks else None
+
+
 def run_generate(args, notes: list[str]) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
@@ -1206,36 +1260,24 @@ def run_generate(args, notes: list[str]) -> list[dict]:
             gen = torch.Generator(device=device).manual_seed(args.seed + B * P)
             ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
             warm_ids = ids if args.warmup == "full" else ids[:, : min(P, WARMUP_PROMPT)]
-            for mode, preset in [(m, None) for m in args.modes] + [("fp8_cache", n) for n in args.generate_cache_presets]:
+            runs = [(m, None) for m in args.modes] + [("fp8_cache", n) for n in args.generate_cache_presets]
+            shape_rows = []
+            for mode, preset in runs:
                 label = labels[mode] + (f" [{preset}]" if preset else "")
-                row = {"B": B, "prompt": P, "mode": mode, "label": label, "attention": None, "error": None,
-                       "cache_preset": preset}
-                print(f"# generate B={B} prompt={_k(P)} {label} ...", file=sys.stderr, flush=True)
-                try:
-                    row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
-                    with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)):
-                        timed_generate(model, warm_ids, 3, measure=False)
-                        _free(device)
-                        calls.update(attend=0, update=0)
-                        row.update(timed_generate(model, ids, args.new_tokens))
-                    if mode == "fp8_cache":
-                        row["fp8_cache_calls"] = dict(calls)
-                        if calls["update"]:
-                            notes.append(f"B={B} prompt={_k(P)} fp8 cache: {calls['update']} calls took "
-                                         "transformers' generic path (whole cache dequantized per call)")
-                except torch.OutOfMemoryError:
-                    row["error"] = "OOM"
-                except Exception as err:  # one mode failing at one shape: report and keep going
-                    row["error"] = f"{type(err).__name__}: {err}"
-                    print(f"# {row['error']}", file=sys.stderr)
-                _free(device)
+                shape_rows.append({"B": B, "prompt": P, "mode": mode, "label": label, "attention": None,
+                                   "error": None, "cache_preset": preset, "rounds": []})
+            for rnd in range(args.generate_rounds):
+                for row in shape_rows:
+                    if row["error"] is None:
+                        timed_mode(model, row, ids, warm_ids, rnd, args, bf16_name, notes, device)
+            for row in shape_rows:
+                summarize_rounds(row)
                 rows.append(row)
-                if row["error"] is None:
-                    print(f"#   prefill {row['prefill_s']:.3f} s, decode {row['decode_ms_per_token']:.2f} ms/token, "
-                          f"peak {_common.fmt(row['peak_gib'], '.1f')} GiB, cache {_common.fmt(row['cache_gib'], '.3g')} GiB "
-                          f"({row['cache_type']})", file=sys.stderr, flush=True)
             del ids, warm_ids
             _free(device)
+    if args.generate_rounds > 1:
+        notes.append(f"generate: each mode timed {args.generate_rounds} times, interleaved round-robin; the table "
+                     "gives each quantity's median (every round in the JSON rows' \"rounds\")")
     hfa.unprepare_model(model)
     del model
     _free(device)

@@ -263,10 +263,71 @@ def _residency(kernel, device: torch.device, key: tuple, args: tuple, kwargs: di
     return hit
 
 
-# (device, dtype, GQA group, head dim, Triton's specialization of H_kv, pdl): the wide combine's variants (`_wide_variant`) are
-# all built at the first split call of such a decode, so that a cache crossing 16 splits mid-generation does not
-# compile the second one between two tokens (0.3-0.4 s on the H200, session 6).
+# `_wide_key`: the wide combine's variants (`_wide_variant`) are all built at the first split call of such a
+# decode, so that a cache crossing 16 splits mid-generation does not compile the second one between two tokens
+# (0.3-0.4 s on the H200, session 6).
 _WIDE_WARMED: set = set()
+# The first call of a decode geometry that will take the wide combine starts its two builds in a background
+# thread before compiling the attention build (Triton's compiler passes release the GIL and ptxas runs as a
+# subprocess), and the launch waits for them (`_WIDE_PENDING`: warm key -> Future). CONCURRENT_WARMUP
+# False: one after the other, in the caller's thread (benchmarks compare the first-call times).
+CONCURRENT_WARMUP = True
+_WIDE_PENDING: dict = {}
+_WARM_POOL = None
+
+
+def _wide_key(out: torch.Tensor, group: int, D: int, H_kv: int, pdl: bool) -> tuple:
+    """What the wide combine's builds for output ``out`` depend on besides CHUNK (the strides of a contiguous
+    `out` follow from these): a `_WIDE_WARMED` / `_WIDE_PENDING` key."""
+    return (out.device, out.dtype, group, D, H_kv == 1, H_kv % 16 == 0, pdl)
+
+
+def _wide_shape(group: int, D: int, dim_pad: int, pdl: bool) -> dict:
+    """The wide combine's constexprs and compile options but CHUNK / num_warps (`_wide_variant`)."""
+    shape = dict(GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, enable_fp_fusion=False)
+    if pdl:  # a compile option too: its own variants
+        shape.update(PDL=True, launch_pdl=True)
+    return shape
+
+
+def _warm_wide(device: torch.device, combine_args: tuple, dim_pad: int, shape: dict) -> None:
+    """Compile (not launch) the wide combine's two variants for calls like ``combine_args`` on ``device``."""
+    from . import kernels
+
+    with torch.cuda.device(device):  # Triton files a build under the thread's current device
+        for n in (16, _MAX_SPLITS):
+            kernels.cache_combine_wide_kernel.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
+
+
+def _start_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,
+                       shape: dict) -> None:
+    """Start `_warm_wide` in the background thread (once per warm key; inline without CONCURRENT_WARMUP)."""
+    global _WARM_POOL
+    if warm_key in _WIDE_WARMED or warm_key in _WIDE_PENDING:
+        return
+    if not CONCURRENT_WARMUP:
+        _warm_wide(device, combine_args, dim_pad, shape)
+        _WIDE_WARMED.add(warm_key)
+        return
+    if _WARM_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WARM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-cache-warmup")
+    _WIDE_PENDING[warm_key] = _WARM_POOL.submit(_warm_wide, device, combine_args, dim_pad, shape)
+
+
+def _finish_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,
+                        shape: dict) -> None:
+    """Before a wide-combine launch: wait for the background builds of this warm key (re-raising their error),
+    or build both variants now where none were started."""
+    if warm_key in _WIDE_WARMED:
+        return
+    pending = _WIDE_PENDING.pop(warm_key, None)
+    if pending is not None:
+        pending.result()
+    else:
+        _warm_wide(device, combine_args, dim_pad, shape)
+    _WIDE_WARMED.add(warm_key)
 
 
 def _wide_variant(num_splits: int, dim_pad: int) -> dict:
@@ -469,8 +530,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                         if free is not None:
                             warm, warm_counter = {**consts, "FUSED_COMBINE": True}, free
                     # the PDL switch as the launch will set it (a constexpr: another build otherwise)
-                    warm = {**warm, "PDL": _pdl_on(config, not warm["FUSED_COMBINE"]
-                                                   and config.get("wide_combine", True), query.device)}
+                    wide_guess = not warm["FUSED_COMBINE"] and config.get("wide_combine", True)
+                    warm = {**warm, "PDL": _pdl_on(config, wide_guess, query.device)}
+                    if wide_guess:  # its combine's builds compile meanwhile (num_splits: not specialized)
+                        _start_wide_warmup(_wide_key(out, group, D, H_kv, warm["PDL"]), query.device,
+                                           (out, part, part, o_sb, o_ss, H_kv, S_q, 2), dim_pad,
+                                           _wide_shape(group, D, dim_pad, warm["PDL"]))
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
                                            args(part, part, warm_counter, KV_BLOCK), {**warm, "Q_desc": q_desc})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
@@ -497,16 +562,12 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if wide_combine:
             combine_args = (out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits)
-            shape = dict(GROUP=group, HEAD_DIM=D, HEAD_DIM_PAD=dim_pad, enable_fp_fusion=False)
-            if pdl:  # a compile option too: its own variants
-                shape.update(PDL=True, launch_pdl=True)
-            wide = kernels.cache_combine_wide_kernel
-            warm_key = (query.device, query.dtype, group, D, H_kv == 1, H_kv % 16 == 0, pdl)
-            if warm_key not in _WIDE_WARMED and not interp:
-                for n in (16, _MAX_SPLITS):
-                    wide.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
-                _WIDE_WARMED.add(warm_key)
-            wide[(n_rows, bh)](*combine_args, **_wide_variant(num_splits, dim_pad), **shape)
+            shape = _wide_shape(group, D, dim_pad, pdl)
+            if not interp:
+                _finish_wide_warmup(_wide_key(out, group, D, H_kv, pdl), query.device, combine_args, dim_pad,
+                                    shape)
+            kernels.cache_combine_wide_kernel[(n_rows, bh)](*combine_args, **_wide_variant(num_splits, dim_pad),
+                                                            **shape)
         elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))
             kernels.cache_combine_kernel[(cdiv(n_rows, block_r), bh)](

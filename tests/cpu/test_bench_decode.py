@@ -133,6 +133,43 @@ def test_generate_cache_presets(monkeypatch, capsys):
     _usage_error(["--cpu-smoke", "--generate-cache-presets", "nope"], capsys, "nope")
 
 
+def test_generate_rounds_interleave_modes_and_report_medians(monkeypatch, capsys):
+    """--generate-rounds 3: the modes of a shape are timed round-robin (a, b, a, b, a, b; one untimed warm-up
+    generate per mode, in round 1), each row keeps its rounds and reports each quantity's median and the
+    largest peak; a mode that fails stops being timed and keeps its error; 0 rounds is a usage error."""
+    order = []
+    clock = iter(range(100))
+
+    def fake(model, ids, new_tokens, *, measure=True):
+        order.append((bd.switch_mode.last, measure))
+        if bd.switch_mode.last == "fp8_bf16_cache" and len(order) > 4:
+            raise RuntimeError("boom")
+        t = next(clock)
+        return {"prefill_s": float(t), "decode_ms_per_token": 10.0 * t, "total_s": t + 0.5, "peak_gib": float(t),
+                "cache_gib": 0.0, "cache_type": "X", "cache_tokens": 1, "new_tokens": new_tokens,
+                "decode_steps": new_tokens - 1}
+
+    def switch(model, mode, *a):
+        switch.last = mode
+        return mode
+
+    monkeypatch.setattr(bd, "timed_generate", fake)
+    monkeypatch.setattr(bd, "switch_mode", switch)
+    argv = ["--cpu-smoke", "--part", "generate", "--modes", "fp8_cache", "fp8_bf16_cache", "--bf16-attn", "sdpa",
+            "--batches", "1", "--prompts", "64", "--new-tokens", "2", "--generate-rounds", "3"]
+    notes = []
+    rows = bd.run_generate(bd.parse_args(argv), notes)
+    assert order == [("fp8_cache", False), ("fp8_cache", True), ("fp8_bf16_cache", False), ("fp8_bf16_cache", True),
+                     ("fp8_cache", True), ("fp8_bf16_cache", True), ("fp8_cache", True)]
+    a, b = rows
+    # fp8_cache's timed runs took clock values 1, 4, 5 (warm-ups 0 and 2, b's timed run 3)
+    assert [r["prefill_s"] for r in a["rounds"]] == [1.0, 4.0, 5.0]
+    assert (a["prefill_s"], a["decode_ms_per_token"], a["total_s"], a["peak_gib"]) == (4.0, 40.0, 4.5, 5.0)
+    assert b["error"] == "RuntimeError: boom" and len(b["rounds"]) == 1 and b["prefill_s"] == 3.0
+    assert any("3 times" in n for n in notes)
+    _usage_error(["--cpu-smoke", "--generate-rounds", "0"], capsys, "generate-rounds")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

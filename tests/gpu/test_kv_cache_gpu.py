@@ -292,6 +292,45 @@ def test_new_lengths_do_not_recompile(config):
     assert after == before and before[0] > 0 and before[1] > 0
 
 
+def test_first_call_builds_wide_combine_in_background(monkeypatch):
+    """The first call of a decode geometry that takes the wide combine compiles its two builds in the warm-up
+    thread while the attention build compiles, and launches only after them: the output equals the one of
+    the serial warm-up (CONCURRENT_WARMUP False) bit for bit, nothing is left pending, and the variants are
+    filed under the cache's device (a later length compiles nothing)."""
+    import threading
+
+    from hf_fp8_attention.kv_cache import ops
+
+    B, H_q, H_kv, D, L = 1, 24, 8, 128, 6000  # GQA 3: a geometry no other test of this module builds
+    layer, gen = _offset_layer(B, H_kv, L, D, seed=9)
+    q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
+    cos, sin = _rope(1, L - 1, D)
+    threads = []
+    real_warm = ops._warm_wide
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return real_warm(*args)
+
+    monkeypatch.setattr(ops, "_warm_wide", recording)
+    outs = {}
+    for concurrent in (True, False):
+        monkeypatch.setattr(ops, "CONCURRENT_WARMUP", concurrent)
+        monkeypatch.setattr(ops, "_RESIDENCY", {})  # a first call again: the warm-up branch runs
+        monkeypatch.setattr(ops, "_WIDE_WARMED", set())
+        monkeypatch.setattr(ops, "_WIDE_PENDING", {})
+        outs[concurrent] = layer.attend(q, cos, sin, scale=D**-0.5)
+        assert not ops._WIDE_PENDING
+    assert threads[0].startswith("fp8-cache-warmup") and not threads[1].startswith("fp8-cache-warmup"), threads
+    assert torch.equal(outs[True], outs[False])
+    before = [_compiled_variants(fn) for fn in _cache_kernels()]
+    layer.append(torch.randn(B, H_kv, 3000, D, device=DEV, generator=gen).bfloat16(),
+                 torch.randn(B, H_kv, 3000, D, device=DEV, generator=gen).bfloat16(), *_rope(3000, L, D))
+    layer.attend(q, *_rope(1, L + 2999, D), scale=D**-0.5)
+    torch.cuda.synchronize()
+    assert [_compiled_variants(fn) for fn in _cache_kernels()] == before
+
+
 def _cos(a, b):
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
