@@ -140,8 +140,12 @@ DECODE_PRESETS = {
 # 0.013; but in the same run the eager wall time of a decode step at a second new length rose from
 # 0.44-0.61 to 1.38 ms (8x32k; 1x4k 0.62-0.80 -> 1.19), the first call at 1x4k from 4.6-5.0 to 6.2 s, and
 # eager generate (B=8, 32k prompt) decoded at 56.7 ms/token where session 8's defaults took 31.8 (another
-# host): host cost in the descriptor launch path, not yet profiled. Eager decode is host-bound, so the
-# default stays on pointer loads.
+# host). Session 10 measured that host cost (first_call_h200_s10.log: fresh processes, steady eager
+# append_attend, thread CPU time = wall time): 333-604 us per step with TMA vs 200-284 without (1x4k, two
+# rounds), 507 vs 203 at 8x32k (per launch: two TensorDescriptor builds and Triton 3.6's tensor-map encoding
+# of both; cProfile puts no Python function on the difference, so it is C time, not profiled further);
+# eager generate B=8 x 32k, 2 interleaved rounds: 39.75 vs 32.27 ms/token (median). The first call is not
+# slower (4.31 / 3.82 s vs 4.39 / 3.13). Eager decode is host-bound: the default stays on pointer loads.
 TMA_DEFAULT = False
 # config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
 # its programs are placed while the attention's last splits run, instead of after them. Not the default:
@@ -155,7 +159,9 @@ FUSED_AUTO_MAX_SPLITS = 8
 # "auto" decides by the split count of a cache this long (the one-wave count of the batch's geometry), not of
 # the call's length: one (batch, heads, rows) shape keeps one compiled build as its cache grows (B=1 GQA 32/8
 # on the H200: 66 splits, never fused; B=8: 8, always fused), so that no generation compiles the other
-# build mid-way when its cache crosses 8 splits. An explicit num_splits decides by itself.
+# build mid-way when its cache crosses 8 splits. An explicit num_splits decides by itself. (Session 10: eager
+# generate B=8 x 32k at 45.35 ms/token fused vs 30.70 unfused in one run was the host's drift: interleaved,
+# 25.81 vs 25.90 in one round and 46.65 vs 40.16 in the next, generate_host_drift_h200_s10.log.)
 _LONG = 1 << 40
 
 # FUSED_COMBINE's arrival counters, one zeroed int32 buffer per device that the kernel leaves zeroed (no
