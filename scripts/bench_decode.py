@@ -81,10 +81,12 @@ stop early), three modes on the same weights and prompts:
 Per run: prefill s (generate's start to the first logits processor call, synchronized), decode ms/token
 ((end - first call) / (new tokens - 1) forwards), total s, peak GiB (torch.cuda.max_memory_allocated,
 reset per run), cache GiB (`FP8Cache.memory_bytes()`, or the K/V bytes of a DynamicCache);
-``--generate-rounds N`` times each mode N times, round-robin over the modes, and reports the medians (the
-lent H200's host speed drifts within minutes, and eager decode is host-bound). Each mode first
+``--generate-rounds N`` times each mode N times, round-robin over the modes (every other round in reverse
+order), and reports the medians (the lent H200's host speed drifts within minutes, and eager decode is
+host-bound); a mode that fails in any round reports its error only. Each mode first
 runs one untimed generate of 3 tokens at the same batch (``--warmup full``, the default: on the timed prompt
-itself, so that every kernel variant the timed run takes is compiled; ``short``: on its first 256 tokens,
+itself, so that every kernel variant the timed run takes is compiled; in the first round only;
+``short``: on its first 256 tokens,
 cheaper, but kernels whose variants depend on the length still compile inside the timed prefill: in
 session 7 the FP8-cache mode's prefill at B=8 x 32k took 13.5 s that way vs 10.9 s when an earlier fp8
 mode had compiled them). The fp8
@@ -1216,10 +1218,10 @@ _ROUND_MEDIANS = ("prefill_s", "decode_ms_per_token", "total_s")
 
 def summarize_rounds(row: dict) -> None:
     """The row's reported values from its rounds: the median of each timed quantity (each on its own), the
-    largest peak memory, the rest (cache size, type, counts) from the last round. A row with an error and
-    no round keeps only the error."""
+    largest peak memory, the rest (cache size, type, counts) from the last round. A row with an error (in
+    any round) reports only the error; the rounds before it stay in row["rounds"]."""
     runs = row["rounds"]
-    if not runs:
+    if not runs or row["error"] is not None:
         return
     row.update({k: v for k, v in runs[-1].items()})
     for key in _ROUND_MEDIANS:
@@ -1267,7 +1269,9 @@ def run_generate(args, notes: list[str]) -> list[dict]:
                 shape_rows.append({"B": B, "prompt": P, "mode": mode, "label": label, "attention": None,
                                    "error": None, "cache_preset": preset, "rounds": []})
             for rnd in range(args.generate_rounds):
-                for row in shape_rows:
+                # every other round in reverse (a b, b a, a b, ...): a drift within a round does not favour
+                # one mode every time
+                for row in shape_rows if rnd % 2 == 0 else shape_rows[::-1]:
                     if row["error"] is None:
                         timed_mode(model, row, ids, warm_ids, rnd, args, bf16_name, notes, device)
             for row in shape_rows:
@@ -1283,7 +1287,8 @@ def run_generate(args, notes: list[str]) -> list[dict]:
     _free(device)
     for r in rows:
         base = next((x for x in rows if x["B"] == r["B"] and x["prompt"] == r["prompt"] and x["mode"] == "bf16"), None)
-        ok = base is not None and base.get("decode_ms_per_token") and r.get("decode_ms_per_token")
+        ok = (base is not None and base["error"] is None and r["error"] is None and base.get("decode_ms_per_token")
+              and r.get("decode_ms_per_token"))
         r["decode_vs_bf16"] = base["decode_ms_per_token"] / r["decode_ms_per_token"] if ok else None
     return rows
 

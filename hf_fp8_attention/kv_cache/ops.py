@@ -276,7 +276,9 @@ _WIDE_WARMED: set = set()
 # The first call of a decode geometry that will take the wide combine starts its two builds in a background
 # thread before compiling the attention build (Triton's compiler passes release the GIL and ptxas runs as a
 # subprocess), and the launch waits for them (`_WIDE_PENDING`: warm key -> Future). CONCURRENT_WARMUP
-# False: one after the other, in the caller's thread (benchmarks compare the first-call times).
+# False: one after the other, in the caller's thread (benchmarks compare the first-call times). Where the
+# residency guess predicted the wide combine but the launch fuses (a GPU whose decode build holds more
+# programs per SM than `_FALLBACK_RESIDENCY`), the builds finish unused; the entry stays for a later wide call.
 CONCURRENT_WARMUP = True
 _WIDE_PENDING: dict = {}
 _WARM_POOL = None
@@ -319,7 +321,10 @@ def _start_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tupl
         from concurrent.futures import ThreadPoolExecutor
 
         _WARM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-cache-warmup")
-    _WIDE_PENDING[warm_key] = _WARM_POOL.submit(_warm_wide, device, combine_args, dim_pad, shape)
+    try:
+        _WIDE_PENDING[warm_key] = _WARM_POOL.submit(_warm_wide, device, combine_args, dim_pad, shape)
+    except RuntimeError:  # the interpreter is shutting down: no new threads; the launch builds them inline
+        pass
 
 
 def _finish_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,

@@ -294,14 +294,17 @@ def test_new_lengths_do_not_recompile(config):
 
 def test_first_call_builds_wide_combine_in_background(monkeypatch):
     """The first call of a decode geometry that takes the wide combine compiles its two builds in the warm-up
-    thread while the attention build compiles, and launches only after them: the output equals the one of
-    the serial warm-up (CONCURRENT_WARMUP False) bit for bit, nothing is left pending, and the variants are
-    filed under the cache's device (a later length compiles nothing)."""
+    thread while the attention build compiles, and launches only after them: both variants (<= 16 and > 16
+    splits) are built by that call, nothing is left pending, the output equals the one of the serial
+    warm-up (CONCURRENT_WARMUP False), and the variants are filed under the cache's device: a later length
+    past 16 splits compiles nothing."""
     import threading
 
     from hf_fp8_attention.kv_cache import ops
 
-    B, H_q, H_kv, D, L = 1, 24, 8, 128, 6000  # GQA 3: a geometry no other test of this module builds
+    # GQA 3: a geometry no other test of this module builds; 4000 keys: 16 splits (the <= 16 variant), the
+    # later 7000: more (the other one)
+    B, H_q, H_kv, D, L = 1, 24, 8, 128, 4000
     layer, gen = _offset_layer(B, H_kv, L, D, seed=9)
     q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
     cos, sin = _rope(1, L - 1, D)
@@ -314,6 +317,7 @@ def test_first_call_builds_wide_combine_in_background(monkeypatch):
 
     monkeypatch.setattr(ops, "_warm_wide", recording)
     outs = {}
+    wide_before = _compiled_variants(kernels.cache_combine_wide_kernel)
     for concurrent in (True, False):
         monkeypatch.setattr(ops, "CONCURRENT_WARMUP", concurrent)
         monkeypatch.setattr(ops, "_RESIDENCY", {})  # a first call again: the warm-up branch runs
@@ -321,12 +325,14 @@ def test_first_call_builds_wide_combine_in_background(monkeypatch):
         monkeypatch.setattr(ops, "_WIDE_PENDING", {})
         outs[concurrent] = layer.attend(q, cos, sin, scale=D**-0.5)
         assert not ops._WIDE_PENDING
+        if concurrent:
+            assert _compiled_variants(kernels.cache_combine_wide_kernel) == wide_before + 2
     assert threads[0].startswith("fp8-cache-warmup") and not threads[1].startswith("fp8-cache-warmup"), threads
     assert torch.equal(outs[True], outs[False])
     before = [_compiled_variants(fn) for fn in _cache_kernels()]
     layer.append(torch.randn(B, H_kv, 3000, D, device=DEV, generator=gen).bfloat16(),
                  torch.randn(B, H_kv, 3000, D, device=DEV, generator=gen).bfloat16(), *_rope(3000, L, D))
-    layer.attend(q, *_rope(1, L + 2999, D), scale=D**-0.5)
+    layer.attend(q, *_rope(1, L + 2999, D), scale=D**-0.5)  # > 16 splits: the other wide variant
     torch.cuda.synchronize()
     assert [_compiled_variants(fn) for fn in _cache_kernels()] == before
 
