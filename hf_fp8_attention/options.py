@@ -83,22 +83,52 @@ class FP8AttentionOptions:
     # --- what the kernels need -------------------------------------------------------------------------
     def for_head_dim(self, head_dim: int) -> "FP8AttentionOptions":
         """These options with hadamard="auto" resolved for ``head_dim`` (what the kernels run), and a
-        smooth_v="auto" that `for_keys` has not resolved taken as off (the quantizers called directly)."""
-        options = self if self.smooth_v != "auto" else dataclasses.replace(self, smooth_v=False)
-        if options.hadamard != "auto":
-            return options
-        # measured for e4m3 Q/K with per-head scales; per-block scales and int8 (triton) were measured without
-        rotatable = not head_dim & (head_dim - 1) and head_dim <= MAX_HADAMARD_DIM and not options.block_scales
-        return dataclasses.replace(options, hadamard=AUTO_HADAMARD if rotatable else "none")
+        smooth_v="auto" that `for_keys` has not resolved taken as off (the quantizers called directly).
+        Memoized (`_RESOLVED`): every attention call resolves its options, and a dataclass replace with its
+        validation costs microseconds of host time."""
+        if self.hadamard != "auto" and self.smooth_v != "auto":
+            return self
+        key = (self, "head_dim", head_dim, AUTO_HADAMARD)
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            options = self if self.smooth_v != "auto" else dataclasses.replace(self, smooth_v=False)
+            if options.hadamard == "auto":
+                # measured for e4m3 Q/K with per-head scales; per-block scales and int8 (triton) were measured
+                # without
+                rotatable = (not head_dim & (head_dim - 1) and head_dim <= MAX_HADAMARD_DIM
+                             and not options.block_scales)
+                options = dataclasses.replace(options, hadamard=AUTO_HADAMARD if rotatable else "none")
+            hit = _RESOLVED[key] = options
+        return hit
 
     def for_keys(self, backend: str, n_keys: int) -> "FP8AttentionOptions":
         """These options with smooth_v="auto" resolved for one call: on when ``backend`` is one of
         `AUTO_SMOOTH_V_BACKENDS` and the call has at least `AUTO_SMOOTH_V_MIN_KEYS` keys (``n_keys``: the key
-        length, the longest sequence's for a packed batch)."""
+        length, the longest sequence's for a packed batch). Memoized as `for_head_dim`."""
         if self.smooth_v != "auto":
             return self
-        return dataclasses.replace(
-            self, smooth_v=backend in AUTO_SMOOTH_V_BACKENDS and n_keys >= AUTO_SMOOTH_V_MIN_KEYS)
+        smooth = backend in AUTO_SMOOTH_V_BACKENDS and n_keys >= AUTO_SMOOTH_V_MIN_KEYS
+        key = (self, "smooth_v", smooth)
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            hit = _RESOLVED[key] = dataclasses.replace(self, smooth_v=smooth)
+        return hit
+
+    @classmethod
+    def of(cls, hadamard="auto", smooth_k=False, smooth_v="auto", qk_scales="head",
+           qk_format="e4m3") -> "FP8AttentionOptions":
+        """``cls(...)`` from the public keyword arguments, memoized by their types and values (a call's
+        options are built on every call); unhashable or new values are validated by the constructor."""
+        key = tuple((type(x), x) for x in (hadamard, smooth_k, smooth_v, qk_scales, qk_format))
+        try:
+            hit = _BUILT.get(key)
+        except TypeError:  # unhashable: the constructor says what is wrong with it
+            return cls(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+        if hit is None:
+            hit = cls(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+            if len(_BUILT) < _MEMO_MAX:
+                _BUILT[key] = hit
+        return hit
 
     @property
     def rotates_qk(self) -> bool:
@@ -164,6 +194,12 @@ class FP8AttentionOptions:
             raise ValueError(f"unknown fp8 attention option(s) {unknown}; known: {sorted(known)}")
         return cls(**value)
 
+
+# Memo tables of `FP8AttentionOptions.for_head_dim` / `for_keys` (keyed by the options and what they resolve
+# from: a few entries per process) and `FP8AttentionOptions.of` (bounded: the keys are user arguments).
+_RESOLVED: dict = {}
+_BUILT: dict = {}
+_MEMO_MAX = 256
 
 DEFAULT_OPTIONS = FP8AttentionOptions()
 # No accuracy mode at all: the quantizers' default when called directly (their tests compare plain e4m3).

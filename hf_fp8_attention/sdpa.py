@@ -125,7 +125,7 @@ def fp8_sdpa(
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
     _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
-    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
     is_causal = bool(is_causal)
     plan = _plan(query, backend, options)
     if backend is None and not query.is_meta and runs_bf16(
@@ -202,7 +202,7 @@ def fp8_sdpa_varlen(
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (query, key, value))
     _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin)
     is_causal = bool(is_causal)
-    options = FP8AttentionOptions(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
     if torch.compiler.is_compiling() or query.is_meta:
         # the offsets cannot be read while tracing (or have no values): the op validates and measures them
         # when it runs

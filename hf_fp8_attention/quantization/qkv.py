@@ -185,6 +185,24 @@ def _outputs(shapes, options: FP8AttentionOptions, device) -> tuple[torch.Tensor
                  for shape, dtype in zip(shapes, (qk_dtype, qk_dtype, FP8_DTYPE)))
 
 
+@functools.lru_cache(maxsize=256)
+def _constexprs(options: FP8AttentionOptions, D: int, d_contig: bool, apply_rope: bool, varlen: bool, chunk: int,
+                interleave: bool, interp: bool) -> dict:
+    """`qkv_quantize_kernel`'s constexprs and compile options for one launch (built once per configuration:
+    host time; the caller must not modify the dict)."""
+    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
+    int8 = options.int8_qk
+    return dict(
+        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
+        D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
+        HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
+        SMOOTH_K=options.smooth_k, SMOOTH_V=options.smooth_v, VARLEN=varlen,
+        BLOCK_SCALES=options.block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
+        QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=interp,
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+
+
 def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions) -> QuantizedQKV:
     """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
@@ -203,7 +221,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         blocks = (None, None)
     apply_rope = rope is not None
     smooth_k, smooth_v = options.smooth_k, options.smooth_v
-    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
+    block_s = _tile_config(D, apply_rope)[1]
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters, with block scales
     # the K blocks' amax bits and non-finite flags) and the (3, B, H_kv) float32 descales (overwritten).
@@ -249,13 +267,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
-        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
-        D_CONTIG=d_contig, APPLY_ROPE=apply_rope, ONE_TILE=one_tile,
-        HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, VARLEN=varlen is not None,
-        BLOCK_SCALES=block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_block, QK_INT8=options.int8_qk,
-        QK_MAX=INT8_MAX if options.int8_qk else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=interp,
-        num_warps=num_warps, enable_fp_fusion=False,
+        **_constexprs(options, D, d_contig, apply_rope, varlen is not None, chunk, interleave, interp),
     )
     if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
         raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "

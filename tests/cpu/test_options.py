@@ -82,6 +82,38 @@ def test_bad_values_and_types(kwargs, exc, match):
                         backend="reference", **kwargs)
 
 
+def test_built_and_resolved_options_are_memoized():
+    """`FP8AttentionOptions.of` (what fp8_sdpa builds from its keywords on every call) and the per-call
+    resolutions return one object per distinct input, equal to what the constructor / an unmemoized
+    resolution gives; the memo keys by type too, so 1 (refused) never hits True's entry, and unhashable
+    values get the constructor's message."""
+    import dataclasses
+
+    from hf_fp8_attention import options as opts
+
+    a = FP8AttentionOptions.of("qk", True, "auto", "head", "e4m3")
+    assert a == FP8AttentionOptions("qk", True, "auto", "head", "e4m3")
+    assert FP8AttentionOptions.of("qk", True, "auto", "head", "e4m3") is a
+    assert FP8AttentionOptions.of() == FP8AttentionOptions()
+    with pytest.raises(TypeError, match="smooth_k must be True or False, got 1"):
+        FP8AttentionOptions.of("qk", 1, "auto", "head", "e4m3")
+    with pytest.raises(ValueError, match=r"hadamard=\['qk'\] is not supported"):
+        FP8AttentionOptions.of(["qk"])
+    for o in (FP8AttentionOptions(), FP8AttentionOptions(smooth_v=True), FP8AttentionOptions(qk_format="int8")):
+        for d in (64, 96, 128):
+            r = o.for_head_dim(d)
+            assert r is o.for_head_dim(d)
+            expect = o if o.smooth_v != "auto" else dataclasses.replace(o, smooth_v=False)
+            if expect.hadamard == "auto":
+                rot = d in (64, 128) and not o.block_scales
+                expect = dataclasses.replace(expect, hadamard=opts.AUTO_HADAMARD if rot else "none")
+            assert r == expect, (o, d)
+        for backend, n in (("fa3", 1), ("fa3", opts.AUTO_SMOOTH_V_MIN_KEYS), ("triton", 10**6)):
+            assert o.for_keys(backend, n) is o.for_keys(backend, n)
+    resolved = FP8AttentionOptions().for_head_dim(128).for_keys("fa3", 1)
+    assert resolved.for_head_dim(128) is resolved and resolved.for_keys("fa3", 10**6) is resolved
+
+
 def test_scale_must_be_a_number_not_a_bool():
     q = torch.randn(1, 2, 8, 64).bfloat16()
     with pytest.raises(ValueError, match="scale must be a positive finite float"):
