@@ -88,7 +88,7 @@ class FP8AttentionOptions:
         validation costs microseconds of host time."""
         if self.hadamard != "auto" and self.smooth_v != "auto":
             return self
-        key = (self, "head_dim", head_dim, AUTO_HADAMARD)
+        key = (self, "head_dim", head_dim, AUTO_HADAMARD, MAX_HADAMARD_DIM)  # the module constants it reads
         hit = _RESOLVED.get(key)
         if hit is None:
             options = self if self.smooth_v != "auto" else dataclasses.replace(self, smooth_v=False)
@@ -119,7 +119,7 @@ class FP8AttentionOptions:
            qk_format="e4m3") -> "FP8AttentionOptions":
         """``cls(...)`` from the public keyword arguments, memoized by their types and values (a call's
         options are built on every call); unhashable or new values are validated by the constructor."""
-        key = tuple((type(x), x) for x in (hadamard, smooth_k, smooth_v, qk_scales, qk_format))
+        key = (cls, *((type(x), x) for x in (hadamard, smooth_k, smooth_v, qk_scales, qk_format)))
         try:
             hit = _BUILT.get(key)
         except TypeError:  # unhashable: the constructor says what is wrong with it

@@ -186,11 +186,12 @@ def _outputs(shapes, options: FP8AttentionOptions, device) -> tuple[torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
-def _constexprs(options: FP8AttentionOptions, D: int, d_contig: bool, apply_rope: bool, varlen: bool, chunk: int,
-                interleave: bool, interp: bool) -> dict:
+def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: bool, apply_rope: bool, varlen: bool,
+                chunk: int, interleave: bool, interp: bool) -> dict:
     """`qkv_quantize_kernel`'s constexprs and compile options for one launch (built once per configuration:
-    host time; the caller must not modify the dict)."""
-    half_block, block_s, num_warps, one_tile = _tile_config(D, apply_rope)
+    host time; the caller must not modify the dict). ``tile``: the launch's `_tile_config` (part of the key:
+    benchmarks and tests change the tile configs at run time)."""
+    half_block, block_s, num_warps, one_tile = tile
     int8 = options.int8_qk
     return dict(
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, BLOCK_S=block_s,
@@ -221,7 +222,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         blocks = (None, None)
     apply_rope = rope is not None
     smooth_k, smooth_v = options.smooth_k, options.smooth_v
-    block_s = _tile_config(D, apply_rope)[1]
+    tile = _tile_config(D, apply_rope)
+    block_s = tile[1]
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters, with block scales
     # the K blocks' amax bits and non-finite flags) and the (3, B, H_kv) float32 descales (overwritten).
@@ -267,7 +269,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
         B, H_q, H_kv, S_q, S_kv, lag,
         *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
-        **_constexprs(options, D, d_contig, apply_rope, varlen is not None, chunk, interleave, interp),
+        **_constexprs(options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp),
     )
     if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
         raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "

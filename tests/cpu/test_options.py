@@ -112,6 +112,46 @@ def test_built_and_resolved_options_are_memoized():
             assert o.for_keys(backend, n) is o.for_keys(backend, n)
     resolved = FP8AttentionOptions().for_head_dim(128).for_keys("fa3", 1)
     assert resolved.for_head_dim(128) is resolved and resolved.for_keys("fa3", 10**6) is resolved
+    assert FP8AttentionOptions().for_keys("fa3", opts.AUTO_SMOOTH_V_MIN_KEYS).smooth_v is True
+    assert FP8AttentionOptions().for_keys("fa3", opts.AUTO_SMOOTH_V_MIN_KEYS - 1).smooth_v is False
+
+
+def test_options_memo_follows_the_module_constants(monkeypatch):
+    """The resolutions read AUTO_HADAMARD / MAX_HADAMARD_DIM / AUTO_SMOOTH_V_MIN_KEYS: a changed constant is
+    not answered from an entry made under the old one."""
+    from hf_fp8_attention import options as opts
+
+    o = FP8AttentionOptions()
+    assert o.for_head_dim(128).hadamard == "qk" and o.for_keys("fa3", 100).smooth_v is False
+    monkeypatch.setattr(opts, "AUTO_HADAMARD", "qkv")
+    assert o.for_head_dim(128).hadamard == "qkv"
+    monkeypatch.setattr(opts, "MAX_HADAMARD_DIM", 64)
+    assert o.for_head_dim(128).hadamard == "none"
+    monkeypatch.setattr(opts, "AUTO_SMOOTH_V_MIN_KEYS", 100)
+    assert o.for_keys("fa3", 100).smooth_v is True
+
+
+def test_quantize_constexprs_follow_the_tile_config(monkeypatch):
+    """The quantize launch's memoized constexprs take the tile config of the launch (benchmarks and tests
+    change `_ONE_TILE_CONFIG` / `_TILE_ELEMS` at run time): BLOCK_S / HALF_BLOCK / num_warps / ONE_TILE are
+    those of `_tile_config` now, not of the first launch."""
+    from hf_fp8_attention.quantization import qkv
+
+    o = FP8AttentionOptions(hadamard="none", smooth_v=False)
+    seen = []
+    monkeypatch.setattr(qkv, "qkv_quantize_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: seen.append(kw))})())
+    monkeypatch.setattr(qkv, "_interpreting", lambda: False)
+    x = torch.randn(1, 2, 64, 128).bfloat16()
+    cos = torch.ones(1, 64, 128)
+    for config in (qkv._ONE_TILE_CONFIG, (8192, 8, True)):
+        monkeypatch.setattr(qkv, "_ONE_TILE_CONFIG", config)
+        qkv.quantize_qkv_fp8(x, x, x, cos, cos, options=o)
+        half_block, block_s, num_warps, one_tile = qkv._tile_config(128, True)
+        kw = seen[-1]
+        assert (kw["HALF_BLOCK"], kw["BLOCK_S"], kw["num_warps"], kw["ONE_TILE"]) == (
+            half_block, block_s, num_warps, one_tile), config
+    assert seen[0]["BLOCK_S"] != seen[1]["BLOCK_S"]
 
 
 def test_scale_must_be_a_number_not_a_bool():
