@@ -17,7 +17,8 @@
 #   bash scripts/gpu_check.sh --decode   # FP8 cache + CUDA-graph GPU tests, decode step graph-timed with the
 #                                        # DECODE_PRESETS next to the default (1x4k, 1x128k, 8x32k)
 #   bash scripts/gpu_check.sh --generate # end-to-end generate B=8 x 32k: bf16 FA3, the FP8 cache's default and
-#                                        # its "tma" / "s8 default" presets (eager: host cost included)
+#                                        # its "tma" preset, 2 interleaved rounds (the host drifts; eager: host
+#                                        # cost included)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
@@ -95,9 +96,10 @@ elif [ "$mode" = "--decode" ]; then  # the decode step: cache / CUDA-graph GPU t
     --shapes 1x4k 1x128k 8x32k --gqa 32/8 --head-dims 128 --sdpa-backends fa3 \
     --cache-configs ${DECODE_CONFIGS:-"s8 default" tma "tma unfused" pdl} \
     --out-json "$out/decode_graph.json"
-elif [ "$mode" = "--generate" ]; then  # end to end, B=8 x 32k: bf16 FA3 vs the FP8 cache (default, tma, s8 default)
+elif [ "$mode" = "--generate" ]; then  # end to end, B=8 x 32k: bf16 FA3 vs the FP8 cache (default, tma), 2 rounds
   step generate timeout 420 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 --batches 8 \
-    --prompts 32768 --modes bf16 fp8_cache --generate-cache-presets tma "s8 default" --out-json "$out/generate.json"
+    --prompts 32768 --modes bf16 fp8_cache --generate-cache-presets tma --generate-rounds 2 \
+    --out-json "$out/generate.json"
 elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py \
