@@ -300,11 +300,10 @@ def _wide_shape(group: int, D: int, dim_pad: int, pdl: bool) -> dict:
 
 def _warm_wide(device: torch.device, combine_args: tuple, dim_pad: int, shape: dict) -> None:
     """Compile (not launch) the wide combine's two variants for calls like ``combine_args`` on ``device``."""
-    from . import kernels
-
+    wide = _gpu_parts()[3].cache_combine_wide_kernel
     with torch.cuda.device(device):  # Triton files a build under the thread's current device
         for n in (16, _MAX_SPLITS):
-            kernels.cache_combine_wide_kernel.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
+            wide.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
 
 
 def _start_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,
@@ -475,6 +474,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             cos = sin = query
             cos_strides = (0, 0)
         interp = interpreting()
+        on_gpu = query.is_cuda and not interp
         out = torch.empty(B, S_q, H_q, D, dtype=out_dtype or query.dtype, device=query.device)
         block_m = min(128 if qk_fp8 else 64, max(16, next_power_of_2(n_rows)))
         m_tiles = cdiv(n_rows, block_m)
@@ -501,7 +501,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
         k_src, v_src = k8, v8
-        if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and query.is_cuda and not interp
+        if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and on_gpu
                 and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()
                 and k8.numel() // D < 2**31):  # the kernel's TMA row index is int32
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -518,7 +518,6 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         counter = _counters(query.device, m_tiles * bh) if want_fused else out  # never read unless fused
         wave_splits = num_splits  # "auto" fuses by this: the split count of a long cache, fixed per geometry
         if num_splits is None:
-            on_gpu = query.is_cuda and not interp
             sms = num_sms(query.device.index or 0) if on_gpu else 4
             residency = 8
             one_split = min(cdiv(length, 4 * KV_BLOCK), _MAX_SPLITS) <= 1  # no warm-up compile for nothing
@@ -566,7 +565,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         else:
             o_part = ml_part = out  # never read
         wide_combine = split and not fused and config.get("wide_combine", True)
-        pdl = query.is_cuda and not interp and _pdl_on(config, wide_combine, query.device)
+        pdl = on_gpu and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
                                                              Q_desc=q_desc, **consts)

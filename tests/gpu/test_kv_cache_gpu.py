@@ -97,6 +97,13 @@ def _offset_layer(B, H_kv, L, D, seed):
     return layer, gen
 
 
+def _attend_args(q, layer, L):
+    """`ops.cache_attention`'s positional arguments for queries q (B, S_q, H_q, D), the last S_q of the L
+    tokens of ``layer`` (un-rotated: RoPE tables for their positions)."""
+    s_q, D = q.shape[1], q.shape[3]
+    return (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+
+
 def test_fused_combine_equals_split_by_split_combine():
     """The fused combine (the last split program of a row tile merges, one launch) gives the split-by-split
     combine kernel's output bit for bit (both without FMA contraction), at 5 and the default splits, and
@@ -107,7 +114,7 @@ def test_fused_combine_equals_split_by_split_combine():
     layer, gen = _offset_layer(B, H_kv, L, D, seed=4)
     for s_q in (1, 4, 40):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
-        args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+        args = _attend_args(q, layer, L)
         for splits in (5, None):
             fused = ops.cache_attention(*args, scale=D**-0.5, impl="triton", num_splits=splits,
                                         config={"fused_combine": True}, rotate=layer.rotate)
@@ -131,7 +138,7 @@ def test_pdl_combine_equals_plain_launch():
     layer, gen = _offset_layer(B, H_kv, L, D, seed=7)
     for s_q in (1, 4, 40):
         q = torch.randn(B, s_q, H_q, D, device=DEV, generator=gen).bfloat16() * 2
-        args = (q, *_rope(s_q, L - s_q, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+        args = _attend_args(q, layer, L)
         for splits in (5, None):
             for extra in ({}, {"block_n": 128, "num_stages": 2, "prefetch_desc": False}):
                 def run(**config):  # the wide combine (PDL applies to it only)
@@ -144,7 +151,7 @@ def test_pdl_combine_equals_plain_launch():
                 assert torch.equal(run(pdl=True), plain), (s_q, splits, extra)
     # CUDA-graph capture and replay of the PDL launches (decode shape, default splits)
     q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
-    args = (q, *_rope(1, L - 1, D), layer.k8, layer.k_desc, layer.v8, layer.v_desc, L)
+    args = _attend_args(q, layer, L)
     pdl = {"pdl": True, "fused_combine": False}
     eager = ops.cache_attention(*args, scale=D**-0.5, impl="triton", config=pdl, rotate=layer.rotate)
     stream = torch.cuda.Stream()
