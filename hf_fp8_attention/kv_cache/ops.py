@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._constants import FP8_MAX, KV_BLOCK, SUPPORTED_HEAD_DIMS
+from .. import _launch
 from .._intmath import cdiv, next_power_of_2
 from . import reference
 
@@ -86,22 +87,29 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     else:
         group, qs = 1, (0, 0, 0)
 
+    cb, cc = ((cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)) if rope else (0, 0)
+    cos, sin = (cos, sin) if rope else (key, key)
+    q_src, q_o, q_d = (query, q_out, q_desc_out) if prep_q else (key, key, key)
+    consts = dict(
+        HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
+        ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=key.dtype == torch.bfloat16 and interpreting(),
+        Q_src=q_src, Q_out=q_o, Q_desc=q_d, stride_qb=qs[0], stride_qs=qs[1], stride_qh=qs[2], PREP_Q=prep_q,
+        GROUP=group, Q_ROWS=max(16, next_power_of_2(n * group)) if prep_q else 16,  # a constant unless used
+        num_warps=4, enable_fp_fusion=False,
+    )
+    tails = (tail_in[0], tail_in[1], tail_out[0], tail_out[1])
+    args = (key, value, cos, sin, k8, v8, k_desc, v_desc, *tails,
+            ks[0], ks[2], ks[1], vs[0], vs[2], vs[1], cb, cc, cs[0], cs[1], ds[0], ds[1], H, length, n)
+    # The direct launch's key (`_launch`): what this launch's specialization depends on besides the
+    # do-not-specialize ints (length, n, the descale strides): the dtypes, the specialized ints' values,
+    # the constexprs, the pointers' alignment (Q_ROWS varies with n only where PREP_Q).
+    key_ = None
+    if _launch.ENABLED and k8.is_cuda and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails,
+                                                          q_src, q_o, q_d):
+        key_ = (k8.device, key.dtype, value.dtype, cos.dtype, q_src.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs,
+                rope, bool(rotate), prep_q, group, consts["Q_ROWS"], D)
     with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
-        kernels.cache_write_kernel[(n_blocks, B * H)](
-            key, value, cos if rope else key, sin if rope else key, k8, v8, k_desc, v_desc,
-            tail_in[0], tail_in[1], tail_out[0], tail_out[1],
-            ks[0], ks[2], ks[1], vs[0], vs[2], vs[1],
-            (cos.stride(0) if cos.shape[0] > 1 else 0) if rope else 0, cos.stride(1) if rope else 0,
-            cs[0], cs[1], ds[0], ds[1],
-            H, length, n,
-            HEAD_DIM=D, HALF_PAD=next_power_of_2(D // 2), APPLY_ROPE=rope, FP8_MAX=FP8_MAX, KV_BLOCK=KV_BLOCK,
-            ROTATE_K=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=key.dtype == torch.bfloat16 and interpreting(),
-            Q_src=query if prep_q else key, Q_out=q_out if prep_q else key, Q_desc=q_desc_out if prep_q else key,
-            stride_qb=qs[0], stride_qs=qs[1],
-            stride_qh=qs[2], PREP_Q=prep_q, GROUP=group,
-            Q_ROWS=max(16, next_power_of_2(n * group)) if prep_q else 16,  # a constant unless used: no recompiles
-            num_warps=4, enable_fp_fusion=False,
-        )
+        _launch.launch(kernels.cache_write_kernel, key_, (n_blocks, B * H), args, consts)
 
 
 # Query rows per KV head (S_q * H_q / H_kv) up to which Q and P are fp16 (decode: memory-bound, the fp8
@@ -567,8 +575,14 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         wide_combine = split and not fused and config.get("wide_combine", True)
         pdl = on_gpu and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
-        kernels.cache_attn_kernel[(m_tiles, bh, num_splits)](*args(o_part, ml_part, counter, keys_per_split),
-                                                             Q_desc=q_desc, **consts)
+        key = None  # the direct launch's (`_launch`): S_q, S_kv, keys_per_split and the descale strides vary
+        if _launch.ENABLED and on_gpu and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part,
+                                                          ml_part, counter, q_desc):
+            key = (query.device, query.dtype, cos.dtype, out.dtype, q_desc.dtype, k_desc.dtype, qs, cos_strides,
+                   ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))
+        consts["Q_desc"] = q_desc
+        launch_args = args(o_part, ml_part, counter, keys_per_split)
+        _launch.launch(kernels.cache_attn_kernel, key, (m_tiles, bh, num_splits), launch_args, consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if wide_combine:
             combine_args = (out, o_part, ml_part, o_sb, o_ss, H_kv, S_q, num_splits)
@@ -576,8 +590,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             if not interp:
                 _finish_wide_warmup(_wide_key(out, group, D, H_kv, pdl), query.device, combine_args, dim_pad,
                                     shape)
-            kernels.cache_combine_wide_kernel[(n_rows, bh)](*combine_args, **_wide_variant(num_splits, dim_pad),
-                                                            **shape)
+            variant = {**_wide_variant(num_splits, dim_pad), **shape}
+            key = None
+            if _launch.ENABLED and on_gpu and _launch.aligned(out, o_part, ml_part):
+                key = (query.device, out.dtype, o_sb, o_ss, H_kv, tuple(variant.values()))
+            _launch.launch(kernels.cache_combine_wide_kernel, key, (n_rows, bh), combine_args, variant)
         elif split and not fused:
             block_r = min(64, max(16, next_power_of_2(n_rows)))
             kernels.cache_combine_kernel[(cdiv(n_rows, block_r), bh)](

@@ -420,3 +420,52 @@ def test_append_attend_tracks_append_then_attend(s_q):
             assert torch.equal(a[:, :, :n].view(torch.uint8), b[:, :, :n].view(torch.uint8))
         assert torch.equal(fused.k_desc[:, :, :nb], plain.k_desc[:, :, :nb])
         assert torch.equal(fused.v_desc[:, :, :nb], plain.v_desc[:, :, :nb])
+
+
+@pytest.mark.parametrize("config", [None, {"tma": True}, {"fused_combine": True}])
+def test_direct_launches_equal_the_jit(config, monkeypatch):
+    """Decode steps (append_attend, 1x and 2x GQA 32/8, D=128) through the compiled kernels' own launchers
+    (`_launch`, after each key's first call) give the outputs and cache bytes of the JIT's launches bit for
+    bit, across lengths that cross block and split boundaries; the binder re-checks every direct launch's
+    specialization (VERIFY, on in the GPU tests); a query view at an odd offset takes the JIT."""
+    from hf_fp8_attention import _launch
+    from hf_fp8_attention.kv_cache import ops
+
+    assert _launch.VERIFY
+    if config:
+        real = ops.cache_attention
+        monkeypatch.setattr(ops, "cache_attention", lambda *a, **kw: real(*a, **{**kw, "config": config}))
+    H_q, H_kv, D = 32, 8, 128
+    for B in (1, 2):
+        runs = {}
+        for enabled in (False, True):
+            monkeypatch.setattr(_launch, "ENABLED", enabled)
+            for fn in (kernels.cache_write_kernel, kernels.cache_attn_kernel, kernels.cache_combine_wide_kernel):
+                _launch.direct(fn).plans.clear()
+            layer, gen = _offset_layer(B, H_kv, 4030, D, seed=21)
+            outs = []
+            for step in range(70):  # 4030 -> 4100: crosses a 64-key block and a split size
+                q = torch.randn(B, 1, H_q, D, device=DEV, generator=gen).bfloat16()
+                k = torch.randn(B, H_kv, 1, D, device=DEV, generator=gen).bfloat16()
+                v = torch.randn(B, H_kv, 1, D, device=DEV, generator=gen).bfloat16()
+                cos, sin = _rope(1, layer.length, D)
+                outs.append(layer.append_attend(q, k, v, cos, sin, scale=D**-0.5))
+            runs[enabled] = (torch.stack(outs), layer.k8[:, :, : layer.length].clone(),
+                             layer.v8[:, :, : layer.length].clone(), layer.k_desc[:, :, : math.ceil(layer.length / 64)],
+                             layer.v_desc[:, :, : math.ceil(layer.length / 64)])
+            if enabled:
+                plans = [len(_launch.direct(fn).plans) for fn in (kernels.cache_write_kernel, kernels.cache_attn_kernel)]
+                assert all(p >= 1 for p in plans), plans  # the fast path ran
+        for a, b in zip(runs[False], runs[True]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn \
+                else torch.equal(a, b)
+    # a misaligned query (a view 2 bytes into its storage) is not keyed: the JIT launches it, correctly
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    layer, gen = _offset_layer(1, H_kv, 4030, D, seed=22)
+    buf = torch.randn(H_q * D + 1, device=DEV, generator=gen).bfloat16()
+    q = buf[1:].view(1, 1, H_q, D)
+    assert q.data_ptr() % 16
+    cos, sin = _rope(1, layer.length - 1, D)
+    out = layer.attend(q, cos, sin, scale=D**-0.5)
+    ref = layer.attend(q.clone(), cos, sin, scale=D**-0.5)
+    assert torch.equal(out, ref)
