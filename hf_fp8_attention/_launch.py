@@ -18,7 +18,7 @@ Triton types wider ints as int64). With ``VERIFY`` on (the GPU tests turn it on)
 runs the JIT's binder and checks that its specialization equals the one recorded with the key, raising
 otherwise.
 
-The fast path is used only with Triton's launch hooks unset (profilers such as proton set them) and falls
+The fast path is used only with Triton's launch hooks unset or empty (profilers such as proton set them) and falls
 back to the JIT for everything else: a first call, a None key, a kernel whose launch returned no compiled
 kernel, a Triton outside 3.6-3.9 (the versions whose launcher was read: `kernel.run(grid, stream, function,
 packed metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = False`` turns it off (benchmarks compare both).
@@ -44,6 +44,12 @@ def _triton():
         version = tuple(int(x) for x in triton.__version__.split(".")[:2])
         _TRITON = (knobs.runtime, driver.active.get_current_stream, (3, 6) <= version <= (3, 9))
     return _TRITON
+
+
+def _unhooked(hook) -> bool:
+    """No launch hook to call: None, or an empty `knobs.HookChain` (what Triton 3.6 holds by default; the JIT
+    hands the chain to the launcher, which calls it: nothing runs when it is empty)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
 def aligned(*tensors) -> bool:
@@ -80,7 +86,7 @@ class DirectLauncher:
         plan = self.plans.get(key) if key is not None else None
         if plan is not None:
             hooks, stream, _ = _triton()
-            if hooks.launch_enter_hook is None and hooks.launch_exit_hook is None:
+            if _unhooked(hooks.launch_enter_hook) and _unhooked(hooks.launch_exit_hook):
                 kernel, tail, spec, device = plan
                 defaults = self._defaults
                 if VERIFY:

@@ -45,6 +45,11 @@ class _Jit:
         return launch
 
 
+class HookChain:  # the name and `calls` list of triton.knobs.HookChain
+    def __init__(self):
+        self.calls = []
+
+
 class _Hooks:
     launch_enter_hook = None
     launch_exit_hook = None
@@ -78,12 +83,16 @@ def test_none_key_hooks_disabled_and_other_triton_take_the_jit(fake_triton, monk
     _launch.launch(fn, "k", (1,), (1, 2, 3), {})
     fake_triton.launch_enter_hook = lambda *a: None  # a profiler's hook: the JIT calls it, so the JIT runs
     _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    fake_triton.launch_enter_hook = HookChain()  # Triton 3.6's default: an empty chain, nothing to call
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    fake_triton.launch_enter_hook.calls.append(lambda *a: None)
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
     fake_triton.launch_enter_hook = None
     monkeypatch.setattr(_launch, "ENABLED", False)
     _launch.launch(fn, "k", (1,), (1, 2, 3), {})
     monkeypatch.setattr(_launch, "ENABLED", True)
     _launch.launch(fn, "k", (1,), (1, 2, 3), {})
-    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit", "jit", "direct"]
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit", "direct", "jit", "jit", "direct"]
     other = _Jit()  # a Triton whose launcher was not read: never direct
     monkeypatch.setattr(_launch, "_TRITON", (fake_triton, lambda d: "s", False))
     for _ in range(2):
