@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate-cache-presets", nargs="*", default=[], metavar="NAME",
                    help="extra 'fp8 attention + fp8 cache [NAME]' rows: the fp8_cache mode with the cache attention's "
                         "default config replaced by kv_cache.ops.DECODE_PRESETS[NAME] (e.g. tma: its eager host cost "
-                        "shows here, not in the graph-timed attention part)")
+                        "shows here, not in the graph-timed attention part), or 'jit launches': the default with "
+                        "the decode kernels launched through Triton's JIT instead of directly (_launch)")
     g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
@@ -272,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.cpu_smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this machine has none); --cpu-smoke runs tiny shapes on the CPU")
     args.device = "cpu" if args.cpu_smoke else "cuda"
-    presets = cache_config_presets()
+    # (the JIT preset is the generate part's: the attention part times configs, not how they launch)
+    presets = {n: c for n, c in cache_config_presets().items() if n != JIT_PRESET}
     if args.cache_configs is None:  # the CPU smoke run's cache is the torch reference: configs change nothing
         args.cache_configs = [] if args.cpu_smoke else list(presets)
     elif args.cache_configs == ["none"]:
@@ -599,7 +601,26 @@ def cache_config_presets() -> dict:
     presets.update({f"{n} fused": {**c, "fused_combine": True} for n, c in DECODE_PRESETS.items()
                     if "fused_combine" not in c})
     presets["fused"] = {"fused_combine": True}
+    presets[JIT_PRESET] = {}  # the default config, every kernel launched through Triton's JIT (`direct_launches`)
     return presets
+
+
+# The preset that turns the decode kernels' direct launches off (`hf_fp8_attention._launch`): the host time
+# those save shows as the difference to the default row.
+JIT_PRESET = "jit launches"
+
+
+@contextlib.contextmanager
+def direct_launches(enabled: bool):
+    """Inside: `_launch.ENABLED` set to ``enabled`` (restored after)."""
+    from hf_fp8_attention import _launch
+
+    before = _launch.ENABLED
+    _launch.ENABLED = enabled
+    try:
+        yield
+    finally:
+        _launch.ENABLED = before
 
 
 # the config keys that must not change a bit of the output (kv_cache.ops.cache_attention's docstring; widen_v
@@ -1188,7 +1209,8 @@ def timed_mode(model, row: dict, ids, warm_ids, rnd: int, args, bf16_name: str, 
     print(f"# generate B={B} prompt={_k(P)} {row['label']}{tag} ...", file=sys.stderr, flush=True)
     try:
         row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
-        with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)):
+        with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)), \
+                direct_launches(preset != JIT_PRESET):
             if rnd == 0:
                 timed_generate(model, warm_ids, 3, measure=False)
                 _free(device)

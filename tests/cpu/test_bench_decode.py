@@ -554,3 +554,16 @@ def test_sweep_smoke_run(tmp_path, capsys, monkeypatch):
         retimed = best["retimed"]
         assert retimed["default fused"]["sqnr_db"] == retimed["default"]["sqnr_db"]
     assert sweep["overall"]["name"] == "n128 w4 s2 p4 unfused"
+
+
+def test_jit_preset_turns_direct_launches_off_for_its_rows_only(capsys):
+    """'jit launches' (generate part): the default config with `_launch.ENABLED` off inside, restored after;
+    not offered to the attention part, whose rows time configs."""
+    from hf_fp8_attention import _launch
+
+    assert bd.cache_config_presets()[bd.JIT_PRESET] == {}
+    before = _launch.ENABLED
+    with bd.direct_launches(False):
+        assert _launch.ENABLED is False
+    assert _launch.ENABLED == before
+    _usage_error(["--part", "attention", "--cpu-smoke", "--cache-configs", bd.JIT_PRESET], capsys, "cache-configs")
