@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .. import _launch as direct
 from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
@@ -264,13 +265,17 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
-    qkv_quantize_kernel[(n_programs,)](
-        q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
-        blocks[0] if block_scales else buf, blocks[1] if block_scales else buf, n_blk_q, n_blk_kv,
-        B, H_q, H_kv, S_q, S_kv, lag,
-        *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides,
-        **_constexprs(options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp),
-    )
+    const_key = (options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp)
+    tensors = (q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
+               blocks[0] if block_scales else buf, blocks[1] if block_scales else buf)
+    ints = (n_blk_q, n_blk_kv, B, H_q, H_kv, S_q, S_kv, lag,
+            *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
+    # The direct launch's key (`hf_fp8_attention._launch`; the kernel specializes every int, so their exact
+    # values are in it: a new shape takes the JIT once, then its repeats launch directly)
+    key = None
+    if direct.ENABLED and not interp and device.type == "cuda" and direct.aligned(*tensors):
+        key = (device, tuple(t.dtype for t in tensors), ints, const_key)
+    direct.launch(qkv_quantize_kernel, key, (n_programs,), (*tensors, *ints), _constexprs(*const_key))
     if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
         raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "
                            f"for {n_programs} programs): a launcher bug")
