@@ -16,12 +16,13 @@ arguments are None, the device, and whether every pointer is 16-byte aligned (`a
 ``do_not_specialize`` in the kernel (lengths, split sizes) may vary freely under one key (and stay below 2**31:
 Triton types wider ints as int64). With ``VERIFY`` on (the GPU tests turn it on), every direct launch also
 runs the JIT's binder and checks that its specialization equals the one recorded with the key, raising
-otherwise.
+otherwise (the specialization and the compile options).
 
 The fast path is used only with Triton's launch hooks unset or empty (profilers such as proton set them) and falls
 back to the JIT for everything else: a first call, a None key, a kernel whose launch returned no compiled
-kernel, a Triton outside 3.6-3.9 (the versions whose launcher was read: `kernel.run(grid, stream, function,
-packed metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = False`` turns it off (benchmarks compare both).
+kernel, a kernel with pre-run hooks, a current CUDA device other than the key's first call's, a Triton other
+than 3.6 and 3.9 (the versions whose JIT and launcher were read: `kernel.run(grid, stream, function, packed
+metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = False`` turns it off (benchmarks compare both).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 ENABLED = True
 VERIFY = False
 _MAX_PLANS = 512  # per kernel; a bound, not a working set (one per decode geometry and configuration)
+_READ = ((3, 6), (3, 9))  # the Triton versions whose JIT run() and launcher were read for this
 _TRITON = None  # (knobs.runtime, driver's get_current_stream, whether this Triton's launcher is the one read)
 
 
@@ -42,7 +44,7 @@ def _triton():
         from triton.runtime import driver
 
         version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-        _TRITON = (knobs.runtime, driver.active.get_current_stream, (3, 6) <= version <= (3, 9))
+        _TRITON = (knobs.runtime, driver.active.get_current_stream, version in _READ)
     return _TRITON
 
 
@@ -86,8 +88,9 @@ class DirectLauncher:
         plan = self.plans.get(key) if key is not None else None
         if plan is not None:
             hooks, stream, _ = _triton()
-            if _unhooked(hooks.launch_enter_hook) and _unhooked(hooks.launch_exit_hook):
-                kernel, tail, spec, device = plan
+            kernel, tail, spec, device = plan
+            if (_unhooked(hooks.launch_enter_hook) and _unhooked(hooks.launch_exit_hook)
+                    and not getattr(self.fn, "pre_run_hooks", None) and torch.cuda.current_device() == device):
                 defaults = self._defaults
                 if VERIFY:
                     self._verify(args, kwargs, spec, device)
@@ -96,7 +99,8 @@ class DirectLauncher:
                            None, *args, *[kwargs[n] if n in kwargs else defaults[n] for n in tail])
                 return kernel
         kernel = self.fn[grid](*args, **kwargs)
-        if key is not None and _triton()[2] and not hasattr(kernel, "result") and hasattr(kernel, "run"):
+        if (key is not None and plan is None and _triton()[2] and not hasattr(kernel, "result")
+                and hasattr(kernel, "run")):  # (a plan that was passed over above stays: not replaced)
             names, _ = self._layout()
             if len(self.plans) >= _MAX_PLANS:
                 self.plans.clear()
@@ -105,9 +109,10 @@ class DirectLauncher:
         return kernel
 
     def _spec(self, args, kwargs, device):
-        """The JIT binder's specialization of these arguments (what selects the compiled kernel)."""
+        """The JIT binder's specialization of these arguments and its compile options (what selects the
+        compiled kernel)."""
         binder = self.fn.device_caches[device][4]
-        return binder(*args, **kwargs)[1]
+        return binder(*args, **kwargs)[1:]
 
     def _verify(self, args, kwargs, spec, device):
         now = self._spec(args, kwargs, device)

@@ -106,8 +106,9 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     key_ = None
     if _launch.ENABLED and k8.is_cuda and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails,
                                                           q_src, q_o, q_d):
-        key_ = (k8.device, key.dtype, value.dtype, cos.dtype, sin.dtype, q_src.dtype, ks, vs, cb, cc, cs[0], cs[1],
-                H, qs, rope, bool(rotate), prep_q, group, consts["Q_ROWS"], D)
+        key_ = (k8.device, key.dtype, value.dtype, cos.dtype, sin.dtype, q_src.dtype, k8.dtype, v8.dtype,
+                k_desc.dtype, v_desc.dtype, tail_in.dtype, tail_out.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs, rope,
+                bool(rotate), prep_q, group, consts["Q_ROWS"], D)
     with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
         _launch.launch(kernels.cache_write_kernel, key_, (n_blocks, B * H), args, consts)
 
@@ -570,6 +571,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             if free is not None:  # a first call inside a CUDA-graph capture: the two launches instead
                 want_fused, counter = True, free
         fused = split and want_fused
+        if not fused:
+            counter = out  # never read; one dtype for every unfused launch (the direct launch's key)
         if split:  # O_part (splits, B * H_kv, rows, dim_pad) then ML_part (splits, B * H_kv, rows, 2), float32
             n_o = num_splits * bh * n_rows * dim_pad
             ws = torch.empty(n_o + num_splits * bh * n_rows * 2, dtype=torch.float32, device=query.device)
@@ -582,8 +585,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         key = None  # the direct launch's (`_launch`): S_q, S_kv, keys_per_split and the descale strides vary
         if _launch.ENABLED and on_gpu and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part,
                                                           ml_part, counter, q_desc):
-            key = (query.device, query.dtype, cos.dtype, sin.dtype, out.dtype, q_desc.dtype, k_desc.dtype, qs,
-                   cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))
+            key = (query.device, query.dtype, cos.dtype, sin.dtype, out.dtype, q_desc.dtype, k8.dtype, v8.dtype,
+                   k_desc.dtype, v_desc.dtype, qs, cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))
         consts["Q_desc"] = q_desc
         launch_args = args(o_part, ml_part, counter, keys_per_split)
         _launch.launch(kernels.cache_attn_kernel, key, (m_tiles, bh, num_splits), launch_args, consts)

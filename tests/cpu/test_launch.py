@@ -146,3 +146,19 @@ def test_a_wrapper_forwarding_attributes_gets_its_own_launcher(fake_triton):
     spy = Spy()
     _launch.launch(spy, "k", (1,), (1, 2, 3), {})
     assert spy.calls == 1 and _launch.direct(spy) is not _launch.direct(fn)
+
+
+def test_another_current_device_or_pre_run_hooks_take_the_jit(fake_triton, monkeypatch):
+    """A key's plan launches on the device of its first call: with another current device (a caller that did
+    not switch to its tensors' device) the JIT launches, as it would have; so does a kernel with pre-run
+    hooks (the JIT runs them)."""
+    fn = _Jit()
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fn.pre_run_hooks = [lambda *a, **k: None]
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    fn.pre_run_hooks = []
+    _launch.launch(fn, "k", (1,), (1, 2, 3), {})
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "direct"]
