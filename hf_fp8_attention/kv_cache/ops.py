@@ -152,7 +152,7 @@ DECODE_PRESETS = {
 # host). Session 10 measured that host cost (first_call_h200_s10.log: fresh processes, steady eager
 # append_attend, thread CPU time = wall time): 333-604 us per step with TMA vs 200-284 without (1x4k, two
 # rounds), 507 vs 203 at 8x32k (per launch: two TensorDescriptor builds and Triton 3.6's tensor-map encoding
-# of both; cProfile puts no Python function on the difference, so it is C time, not profiled further);
+# of both; that cProfile put no Python function on the difference: session 11's did, below);
 # eager generate B=8 x 32k, 2 interleaved rounds: 39.75 vs 32.27 ms/token (median). The first call is not
 # slower (4.31 / 3.82 s vs 4.39 / 3.13). Eager decode is host-bound: the default stays on pointer loads.
 # Session 11 (decode_host_direct_h200_s11.log), both with direct launches (`_launch`): still +53-83 us per
