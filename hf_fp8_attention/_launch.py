@@ -27,10 +27,13 @@ metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 ENABLED = True
 VERIFY = False
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are decorated, as Triton does
 _MAX_PLANS = 512  # per kernel; a bound, not a working set (one per decode geometry and configuration)
 _READ = ((3, 6), (3, 9))  # the Triton versions whose JIT run() and launcher were read for this
 _TRITON = None  # (knobs.runtime, driver's get_current_stream, whether this Triton's launcher is the one read)
@@ -52,6 +55,13 @@ def _unhooked(hook) -> bool:
     """No launch hook to call: None, or an empty `knobs.HookChain` (what Triton 3.6 holds by default; the JIT
     hands the chain to the launcher, which calls it: nothing runs when it is empty)."""
     return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
+def wanted(t: torch.Tensor) -> bool:
+    """Whether a launch for ``t``'s device builds a key at all: direct launches on, a CUDA tensor, not the
+    interpreter (whose kernels are not compiled). The call sites' one gate (tests replace it to check their
+    keys on the CPU: tests/cpu/test_launch.py)."""
+    return ENABLED and t.is_cuda and not _INTERPRETING
 
 
 def aligned(*tensors) -> bool:

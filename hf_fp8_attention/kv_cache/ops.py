@@ -104,8 +104,8 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     # do-not-specialize ints (length, n, the descale strides): the dtypes, the specialized ints' values,
     # the constexprs, the pointers' alignment (Q_ROWS varies with n only where PREP_Q).
     key_ = None
-    if _launch.ENABLED and k8.is_cuda and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails,
-                                                          q_src, q_o, q_d):
+    if _launch.wanted(k8) and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails, q_src, q_o,
+                                              q_d):
         key_ = (k8.device, key.dtype, value.dtype, cos.dtype, sin.dtype, q_src.dtype, k8.dtype, v8.dtype,
                 k_desc.dtype, v_desc.dtype, tail_in.dtype, tail_out.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs, rope,
                 bool(rotate), prep_q, group, consts["Q_ROWS"], D)
@@ -583,8 +583,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         pdl = on_gpu and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         key = None  # the direct launch's (`_launch`): S_q, S_kv, keys_per_split and the descale strides vary
-        if _launch.ENABLED and on_gpu and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part,
-                                                          ml_part, counter, q_desc):
+        if _launch.wanted(query) and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+                                                     counter, q_desc):
             key = (query.device, query.dtype, cos.dtype, sin.dtype, out.dtype, q_desc.dtype, k8.dtype, v8.dtype,
                    k_desc.dtype, v_desc.dtype, qs, cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))
         consts["Q_desc"] = q_desc
@@ -599,7 +599,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                                     shape)
             variant = {**_wide_variant(num_splits, dim_pad), **shape}
             key = None
-            if _launch.ENABLED and on_gpu and _launch.aligned(out, o_part, ml_part):
+            if _launch.wanted(out) and _launch.aligned(out, o_part, ml_part):
                 key = (query.device, out.dtype, o_sb, o_ss, H_kv, tuple(variant.values()))
             _launch.launch(kernels.cache_combine_wide_kernel, key, (n_rows, bh), combine_args, variant)
         elif split and not fused:

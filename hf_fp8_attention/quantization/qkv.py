@@ -273,7 +273,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     # The direct launch's key (`hf_fp8_attention._launch`; the kernel specializes every int, so their exact
     # values are in it: a new shape takes the JIT once, then its repeats launch directly)
     key = None
-    if direct.ENABLED and not interp and device.type == "cuda" and direct.aligned(*tensors):
+    if direct.wanted(q) and direct.aligned(*tensors):
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)
     direct.launch(qkv_quantize_kernel, key, (n_programs,), (*tensors, *ints), _constexprs(*const_key))
     if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s

@@ -162,3 +162,118 @@ def test_another_current_device_or_pre_run_hooks_take_the_jit(fake_triton, monke
     fn.pre_run_hooks = []
     _launch.launch(fn, "k", (1,), (1, 2, 3), {})
     assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "direct"]
+
+
+# --- the call sites' keys against Triton's specialization, on the CPU (interpreter) ---------------------------
+
+
+def _triton_spec(fn, args, kwargs):
+    """What Triton's JIT binder specializes for this call (3.6/3.9 rules, via its native function): per
+    parameter, a constexpr's value or the argument's (type, 16 / 1 / alignment) specialization, honouring the
+    kernel's do_not_specialize lists; plus the launch options (num_warps, ...)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    sig = inspect.signature(fn.fn)
+    dns = set(fn.kwargs.get("do_not_specialize") or ())
+    dns_oa = set(fn.kwargs.get("do_not_specialize_on_alignment") or ())
+    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+    bound.apply_defaults()
+    spec = []
+    for name, p in sig.parameters.items():
+        value = bound.arguments[name]
+        if "constexpr" in str(p.annotation):
+            spec.append((name, "constexpr", value))
+        elif value is None:
+            spec.append((name, None))
+        else:
+            spec.append((name, native_specialize_impl(BaseBackend, value, False, name not in dns, name not in dns_oa)))
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in sig.parameters))
+    return tuple(spec), options
+
+
+@pytest.fixture
+def recorded_keys(monkeypatch):
+    """Every launch of the cache and quantize kernels on the CPU, keyed as on a GPU (`_launch.wanted` says
+    yes), recorded with Triton's specialization of its arguments, then launched (interpreter)."""
+    if not hasattr(__import__("triton.runtime.interpreter", fromlist=["x"]), "InterpretedFunction"):
+        pytest.skip("needs triton's interpreter")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU interpreter test")
+    seen = []
+
+    def record(fn, key, grid, args, kwargs):
+        if key is not None:
+            seen.append((fn.fn.__name__, key, _triton_spec(fn, args, kwargs)))
+        return fn[grid](*args, **kwargs)
+
+    monkeypatch.setattr(_launch, "wanted", lambda t: True)
+    monkeypatch.setattr(_launch, "launch", record)
+    return seen
+
+
+def _assert_keys_determine_specs(seen):
+    by_key = {}
+    for name, key, spec in seen:
+        by_key.setdefault((name, key), set()).add(spec)
+    bad = {k: v for k, v in by_key.items() if len(v) > 1}
+    assert not bad, f"keys with more than one specialization: {bad}"
+    return by_key
+
+
+def test_cache_launch_keys_determine_triton_specialization(recorded_keys):
+    """Two launches of a cache kernel with one key always specialize alike (what makes a direct launch
+    safe), over appends of 1 / several tokens, with and without RoPE (cos batch 1 or B), decode steps with
+    prepared queries, several query lengths, batch sizes, head counts, dtypes and a transposed key layout; and
+    different specializations got different keys (each key seen maps to one)."""
+    from hf_fp8_attention.kv_cache import FP8CacheLayer
+
+    gen = torch.Generator().manual_seed(0)
+    D = 64
+    # pairs that differ in one thing only (the rotation; the dtype; the cos batch), so that a key missing
+    # that thing would put two specializations under one key
+    for B, H_q, H_kv, dtype, rope_b, hadamard in ((1, 4, 2, torch.bfloat16, 1, None),
+                                                  (1, 4, 2, torch.bfloat16, 1, False),
+                                                  (1, 4, 2, torch.float16, 1, None),
+                                                  (2, 4, 1, torch.float16, 2, None),
+                                                  (2, 4, 1, torch.float16, 1, None),
+                                                  (2, 2, 2, torch.float32, 1, False)):
+        layer = FP8CacheLayer(impl="triton", hadamard=hadamard)
+        length = 0
+        for n in (130, 1, 1, 5):
+            k = torch.randn(B, n, H_kv, D, generator=gen).to(dtype).transpose(1, 2)  # a BSHD view
+            v = torch.randn(B, H_kv, n, D, generator=gen).to(dtype)
+            pos = torch.arange(length, length + n).float()[:, None] * 0.01
+            cos = torch.cat([pos.cos()] * D, -1)[None].expand(rope_b, n, D).to(dtype).contiguous()
+            sin = torch.cat([pos.sin()] * D, -1)[None].expand(rope_b, n, D).to(dtype).contiguous()
+            q = torch.randn(B, n, H_q, D, generator=gen).to(dtype)
+            if n == 1 and layer.rotate:
+                layer.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+            else:
+                layer.append(k, v, cos, sin)
+                layer.attend(q, cos, sin, scale=D**-0.5)
+            length += n
+    by_key = _assert_keys_determine_specs(recorded_keys)
+    names = {name for name, _ in by_key}
+    assert {"cache_write_kernel", "cache_attn_kernel"} <= names, names
+    assert len(by_key) >= 6  # the scenarios made several keys, not one
+
+
+def test_quantize_launch_keys_determine_triton_specialization(recorded_keys):
+    """The quantize launch's key (exact ints, dtypes, constexpr configuration) specializes alike under one
+    key, over layouts, GQA, dtypes and RoPE."""
+    from hf_fp8_attention.quantization import quantize_qkv_fp8
+
+    gen = torch.Generator().manual_seed(1)
+    for B, H_q, H_kv, S, D, dtype, layout in ((1, 4, 2, 40, 64, torch.bfloat16, "bshd"),
+                                              (2, 2, 2, 17, 64, torch.float16, "bhsd"),
+                                              (1, 4, 2, 40, 64, torch.bfloat16, "bshd")):
+        shape = lambda h: (B, S, h, D) if layout == "bshd" else (B, h, S, D)
+        q, k, v = (torch.randn(*shape(h), generator=gen).to(dtype) for h in (H_q, H_kv, H_kv))
+        if layout == "bshd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        quantize_qkv_fp8(q, k, v)
+    by_key = _assert_keys_determine_specs(recorded_keys)
+    assert len(recorded_keys) == 3 and len(by_key) == 2  # the repeated configuration found its key again
