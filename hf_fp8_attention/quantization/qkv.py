@@ -230,6 +230,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     # the K blocks' amax bits and non-finite flags) and the (3, B, H_kv) float32 descales (overwritten).
     n_groups, pad = 3 * B * H_kv, WS_PAD.value
     n_ws = pad + 2 * n_groups + (2 * B * H_kv * n_blk_kv if block_scales and k_block > SCALE_BLOCK else 0)
+    n_ws = cdiv(n_ws, 4) * 4  # the descales start 16-byte aligned (B * H_kv odd: SmolLM2's 3 KV heads at B=1),
+    # as the direct launch's key wants (`_launch.aligned`; a misaligned pointer takes the JIT every call)
     buf = torch.zeros((n_ws + n_groups,), dtype=torch.int32, device=device)
     means = buf  # never read: SMOOTH_K = SMOOTH_V = False removes the accesses
     if options.smooths:

@@ -118,6 +118,7 @@ KERNEL_CASES = [
     pytest.param(2, 4, 1, 17, 17, 96, torch.float16, "bhsd", (2, torch.bfloat16), id="rope-bcB-bf16-mqa-d96"),
     pytest.param(2, 2, 2, 13, 13, 128, torch.float16, "bshd", (2, torch.float32), id="rope-bcB-fp32-mha-d128"),
     pytest.param(1, 4, 2, 11, 11, 96, torch.bfloat16, "bshd", (1, torch.bfloat16), id="rope-bc1-bf16-gqa-d96"),
+    pytest.param(1, 9, 3, 21, 21, 64, torch.bfloat16, "bshd", (1, torch.bfloat16), id="rope-gqa3-odd-groups-d64"),
 ]
 
 
@@ -442,3 +443,13 @@ def test_too_small_lag_fails_instead_of_hanging(monkeypatch):
     monkeypatch.setattr(qkv_launcher, "_schedule", lambda *a, **k: (schedule(*a, **k)[0], schedule(*a, **k)[1] - 1))
     with pytest.raises(RuntimeError, match="too small"):
         _run_case(1, 4, 2, 70, 70, 64, torch.bfloat16, "bshd", None, DEVICE)
+
+
+def test_descales_start_16_byte_aligned():
+    """The (3, B, H_kv) descales follow the kernel's workspace in one buffer: they start on a 16-byte boundary
+    for every B * H_kv (odd ones included, e.g. SmolLM2's 3 KV heads at B=1), so that the launch can take the
+    direct path (`hf_fp8_attention._launch.aligned`)."""
+    for B, H_q, H_kv in ((1, 9, 3), (1, 4, 1), (3, 2, 1), (2, 4, 2)):
+        q, k, v = make_qkv(B, H_q, H_kv, 8, 8, 64, torch.bfloat16, "bshd")
+        got = quantize_qkv_fp8(*_to(DEVICE, q, k, v))
+        assert got.q_descale.data_ptr() % 16 == 0, (B, H_kv)  # the start of the kernel's descale pointer
