@@ -155,8 +155,8 @@ DECODE_PRESETS = {
 # of both; that cProfile put no Python function on the difference: session 11's did, below);
 # eager generate B=8 x 32k, 2 interleaved rounds: 39.75 vs 32.27 ms/token (median). The first call is not
 # slower (4.31 / 3.82 s vs 4.39 / 3.13). Eager decode is host-bound: the default stays on pointer loads.
-# Session 11 (decode_host_direct_h200_s11.log), both with direct launches (`_launch`): still +53-83 us per
-# step (1x4k 351 vs 268, 1x128k 294 vs 238, 8x32k 220 vs 176 us; medians of 8 alternating blocks) against
+# Session 11 (decode_host_direct_h200_s11.log), both with direct launches (`_launch`): still +44-83 us per
+# step (1x4k 351 vs 268, 1x128k 294 vs 238, 8x32k 219 vs 176 us; 4th of 8 alternating blocks) against
 # a GPU gain of ~4 us per step at 1x128k; a cProfile puts Triton 3.6's tensor-descriptor wrapper (a Python
 # loop over all 51 arguments per launch, then the two tensor-map encodings) on it.
 TMA_DEFAULT = False
