@@ -18,11 +18,12 @@ Triton types wider ints as int64). With ``VERIFY`` on (the GPU tests turn it on)
 runs the JIT's binder and checks that its specialization equals the one recorded with the key, raising
 otherwise (the specialization and the compile options).
 
-The fast path is used only with Triton's launch hooks unset or empty (profilers such as proton set them) and falls
-back to the JIT for everything else: a first call, a None key, a kernel whose launch returned no compiled
+The fast path is used only with Triton's launch hooks unset or empty (profilers such as proton set them)
+and falls back to the JIT for everything else: a first call, a None key, a kernel whose launch returned no compiled
 kernel, a kernel with pre-run hooks, a current CUDA device other than the key's first call's, a Triton other
 than 3.6 and 3.9 (the versions whose JIT and launcher were read: `kernel.run(grid, stream, function, packed
-metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = False`` turns it off (benchmarks compare both).
+metadata, launch metadata, hooks, *all parameters)`; 3.6 measured). ``ENABLED = False`` turns it off
+(benchmarks compare both).
 """
 
 from __future__ import annotations

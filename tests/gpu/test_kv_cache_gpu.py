@@ -454,7 +454,8 @@ def test_direct_launches_equal_the_jit(config, monkeypatch):
                              layer.v8[:, :, : layer.length].clone(), layer.k_desc[:, :, : math.ceil(layer.length / 64)],
                              layer.v_desc[:, :, : math.ceil(layer.length / 64)])
             if enabled:
-                plans = [len(_launch.direct(fn).plans) for fn in (kernels.cache_write_kernel, kernels.cache_attn_kernel)]
+                plans = [len(_launch.direct(fn).plans)
+                         for fn in (kernels.cache_write_kernel, kernels.cache_attn_kernel)]
                 assert all(p >= 1 for p in plans), plans  # the fast path ran
         for a, b in zip(runs[False], runs[True]):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn \
