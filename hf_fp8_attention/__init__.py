@@ -10,7 +10,7 @@ op) -> `backends` (fa3, fa4, triton, reference: one registry, `dispatch.plan_att
 
 from .backends import ATTN_IMPLEMENTATIONS, BACKENDS
 from .dispatch import plan_attention, resolve_backend
-from .kv_cache import FP8Cache, FP8CacheLayer
+from .kv_cache import FP8Cache, FP8CacheLayer, FP8StaticCache, FP8StaticCacheLayer
 from .options import FP8AttentionOptions
 from .quantization import QuantizedQKV, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from .sdpa import fp8_sdpa, fp8_sdpa_varlen
@@ -26,6 +26,8 @@ __all__ = [
     "FP8AttentionOptions",
     "FP8Cache",
     "FP8CacheLayer",
+    "FP8StaticCache",
+    "FP8StaticCacheLayer",
     "QuantizedQKV",
     "describe_backend",
     "fp8_sdpa",

@@ -51,14 +51,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _write_one(
     Src, Tail_in, Tail_out, Dst, Desc, Cos, Sin,
-    src_rows, tail_rows, dst_rows, cos_rows, desc_off, from_tail, from_src, valid, keep_tail, offs_d, d_ok,
+    src_rows, tail_rows, dst_rows, cos_rows, desc_off, from_tail, from_src, valid, keep_tail, offs_d, d_ok, block_ok,
     HALF: tl.constexpr, APPLY_ROPE: tl.constexpr, FP8_MAX: tl.constexpr, ROTATE: tl.constexpr = False,
     INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
 ):
     """One KV_BLOCK-token block of one head of K or V: gather it (tail rows + new rows, the new ones rotated
     with APPLY_ROPE, then by the normalised Hadamard matrix with ROTATE), quantize with one scale, store codes
-    and descale, and the float32 values into Tail_out where `keep_tail` (rotated: the tail holds the values
-    as stored). Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather, and the rotation
+    and descale (where ``block_ok``: the block holds tokens), and the float32 values into Tail_out where
+    `keep_tail` (rotated: the tail holds the values as stored). Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather, and the rotation
     is two half-size dots (`_hadamard`, the quantize kernel's; HALF a power of two)."""
     src_mask = from_src[:, None] & d_ok[None, :]
     s1 = tl.load(Src + src_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
@@ -86,7 +86,7 @@ def _write_one(
     scale, descale = _amax_scales(amax, FP8_MAX)
     tl.store(Dst + dst_rows[:, None] + offs_d[None, :], _to_fp8(x1 * scale, FP8_MAX), mask=ok)
     tl.store(Dst + dst_rows[:, None] + (offs_d + HALF)[None, :], _to_fp8(x2 * scale, FP8_MAX), mask=ok)
-    tl.store(Desc + desc_off, descale)
+    tl.store(Desc + desc_off, descale, mask=block_ok)
     keep = keep_tail[:, None] & d_ok[None, :]
     tl.store(Tail_out + tail_rows[:, None] + offs_d[None, :], x1, mask=keep)
     tl.store(Tail_out + tail_rows[:, None] + (offs_d + HALF)[None, :], x2, mask=keep)
@@ -158,7 +158,7 @@ def _prepare_queries(
     tl.store(Q_desc + row, q_descale, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h"])
+@triton.jit(do_not_specialize=["length", "n_new", "stride_desc_b", "stride_desc_h", "capacity", "tail_slot_stride"])
 def cache_write_kernel(
     K_src, V_src, Cos, Sin, K8, V8, K_desc, V_desc, K_tail_in, V_tail_in, K_tail_out, V_tail_out,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_cb, stride_cs,
@@ -169,6 +169,7 @@ def cache_write_kernel(
     ROT_F32: tl.constexpr = False,
     Q_src=None, Q_out=None, Q_desc=None, stride_qb=0, stride_qs=0, stride_qh=0,
     PREP_Q: tl.constexpr = False, GROUP: tl.constexpr = 1, Q_ROWS: tl.constexpr = 16,
+    Len=None, capacity=0, tail_slot_stride=0, DEVICE_LEN: tl.constexpr = False,
 ):
     """Grid: (number of blocks touched, B * H).
 
@@ -185,12 +186,29 @@ def cache_write_kernel(
     its queries as the attention's fp16 operand with their row descales to Q_out / Q_desc
     (`_prepare_queries`), for `cache_attn_kernel` to read with Q_PREPARED: no per-split-program RoPE,
     rotation and row scaling.
+    DEVICE_LEN (the static cache: a CUDA graph replays one launch at every length): ``length`` is read from
+    Len (an int64 scalar tensor) instead; the grid covers the most blocks n_new tokens can touch
+    (cdiv(KV_BLOCK - 1 + n_new, KV_BLOCK)), programs past the last one store nothing, and no position at or
+    past ``capacity`` is written. The tails are two parity slots, tail_slot_stride elements apart: a
+    block's partial values live in slot (block index) % 2, so the block-0 program reads slot
+    (length // KV_BLOCK) % 2 of the Tail_in pointers and the program of the new last block writes slot
+    ((length + n_new) // KV_BLOCK) % 2 of the Tail_out ones. With n_new <= KV_BLOCK those are one program
+    (it loads the tail before the block's amax reduction and stores it after) or two programs on two
+    slots; a longer write must read from a copy of the tails (the launcher's job).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     HALF: tl.constexpr = HEAD_DIM // 2
+    if DEVICE_LEN:
+        length = tl.load(Len).to(tl.int32)
+        slot_in = ((length // KV_BLOCK) % 2).to(tl.int64) * tail_slot_stride
+        slot_out = (((length + n_new) // KV_BLOCK) % 2).to(tl.int64) * tail_slot_stride
+        K_tail_in += slot_in
+        V_tail_in += slot_in
+        K_tail_out += slot_out
+        V_tail_out += slot_out
     start = (length // KV_BLOCK + blk) * KV_BLOCK
     offs_t = tl.arange(0, KV_BLOCK)
     offs_d = tl.arange(0, HALF_PAD)
@@ -200,6 +218,10 @@ def cache_write_kernel(
     from_tail = pos < length
     from_src = (pos >= length) & (pos < end)
     valid = pos < end
+    block_ok = start < end
+    if DEVICE_LEN:
+        valid = valid & (pos < capacity)
+        block_ok = block_ok & (start < capacity)
     keep_tail = valid & (pos >= end // KV_BLOCK * KV_BLOCK)  # the partial last block
     j = tl.where(from_src, pos - length, 0).to(tl.int64)
     b64 = b.to(tl.int64)
@@ -209,11 +231,11 @@ def cache_write_kernel(
     cos_rows = b64 * stride_cb + j * stride_cs
     _write_one(K_src, K_tail_in, K_tail_out, K8, K_desc, Cos, Sin,
                b64 * stride_kb + j * stride_ks + h * stride_kh, tail_rows, dst_rows, cos_rows, desc_off,
-               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, APPLY_ROPE, FP8_MAX, ROTATE_K,
+               from_tail, from_src, valid, keep_tail, offs_d, d_ok, block_ok, HALF, APPLY_ROPE, FP8_MAX, ROTATE_K,
                INV_SQRT_D, ROT_F32)
     _write_one(V_src, V_tail_in, V_tail_out, V8, V_desc, Cos, Sin,
                b64 * stride_vb + j * stride_vs + h * stride_vh, tail_rows, dst_rows, cos_rows, desc_off,
-               from_tail, from_src, valid, keep_tail, offs_d, d_ok, HALF, False, FP8_MAX)
+               from_tail, from_src, valid, keep_tail, offs_d, d_ok, block_ok, HALF, False, FP8_MAX)
     if PREP_Q:
         if blk == 0:
             _prepare_queries(Q_src, Q_out, Q_desc, Cos, Sin, b64, h, H, n_new, stride_qb, stride_qs, stride_qh,
@@ -366,7 +388,7 @@ def _key_range(
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split", "stride_desc_b", "stride_desc_h"])
+@triton.jit(do_not_specialize=["S_q", "S_kv", "keys_per_split", "stride_desc_b", "stride_desc_h", "capacity"])
 def cache_attn_kernel(
     Q, Cos, Sin, K8, V8, K_desc, V_desc, Out, O_part, ML_part, Counter,
     stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
@@ -379,6 +401,7 @@ def cache_attn_kernel(
     FUSED_COMBINE: tl.constexpr, PREFETCH_DESC: tl.constexpr = False, WIDEN_V: tl.constexpr = False,
     ROTATE_Q: tl.constexpr = False, INV_SQRT_D: tl.constexpr = 1.0, ROT_F32: tl.constexpr = False,
     Q_desc=None, Q_PREPARED: tl.constexpr = False, PDL: tl.constexpr = False, TMA: tl.constexpr = False,
+    Len=None, capacity=0, DEVICE_LEN: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, num_splits). BLOCK_N: keys per loop iteration, a multiple
     of the cache's KV_BLOCK; keys_per_split a multiple of KV_BLOCK (not necessarily of BLOCK_N: the last tile
@@ -410,9 +433,19 @@ def cache_attn_kernel(
     TMA (decode builds: fp16 products, power-of-two HEAD_DIM, contiguous caches): K8 and V8 are tensor
     descriptors over the caches as (B * H_kv * capacity, HEAD_DIM) rows with [BLOCK_N or KV_BLOCK, HEAD_DIM]
     blocks (`_attend_keys`): K/V tiles arrive by TMA instead of per-thread copies.
+    DEVICE_LEN (the static cache): S_kv is the length read from Len (an int64 scalar tensor: the cached
+    tokens before the queries' own) plus S_q, at most ``capacity``; with SPLIT the grid's split count is the
+    most a cache of ``capacity`` keys takes, and the split size is what the launcher would pick at this
+    length (at most num_programs(2) splits of >= 4 blocks, `ops.pick_num_splits`): the splits past the
+    keys store empty partials (max -inf, sum 0), which every combine adds as zeros.
     """
     if PDL:
         gdc_launch_dependents()
+    if DEVICE_LEN:
+        S_kv = tl.minimum(tl.load(Len).to(tl.int32) + S_q, capacity)
+        if SPLIT:
+            n_used = tl.minimum(tl.num_programs(2), tl.cdiv(S_kv, 4 * KV_BLOCK))
+            keys_per_split = tl.cdiv(tl.cdiv(S_kv, n_used), KV_BLOCK) * KV_BLOCK
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)

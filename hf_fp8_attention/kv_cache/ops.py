@@ -32,7 +32,8 @@ def rotatable(head_dim: int) -> bool:
 
 
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
-                 rotate: bool, query=None, q_out=None, q_desc_out=None) -> None:
+                 rotate: bool, query=None, q_out=None, q_desc_out=None,
+                 device_length: torch.Tensor | None = None) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
     first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
     e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
@@ -43,8 +44,19 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     contiguous (impl="triton", power-of-two D, n * G <= `FP16_MAX_ROWS`): the n new tokens' queries as the
     attention's decode build makes its operand from them (RoPE with cos/sin, the rotation with ``rotate``, a
     scale per row, fp16), written by the same launch, for `cache_attention(q_out, ..., q_descale=q_desc_out)`
-    (a decode step: once, not in every split program; `reference.prepare_queries`)."""
+    (a decode step: once, not in every split program; `reference.prepare_queries`).
+
+    device_length (the static cache, `static.FP8StaticCacheLayer`): the cached length is this int64 scalar
+    tensor's value, read on the device (no host sync: a CUDA graph replays the launch at every length;
+    ``length`` is ignored), and tail_in / tail_out are (2, 2, B, H, KV_BLOCK, D) parity slots (the
+    kernel's DEVICE_LEN): tail_out the layer's, tail_in the same tensor or, for n > KV_BLOCK, a copy of it.
+    impl="torch" reads the length on the host."""
     n = key.shape[2]
+    if device_length is not None and impl == "torch":
+        length = int(device_length)
+        tail_in = tail_in[length // KV_BLOCK % 2]
+        tail_out = tail_out[(length + n) // KV_BLOCK % 2]
+        device_length = None
     b0 = length // KV_BLOCK * KV_BLOCK
     if rotate:
         _check_rotatable(key.shape[-1])
@@ -69,7 +81,18 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     rope = cos is not None
     if rope:
         cos, sin = _unit_last(cos), _unit_last(sin)
-    n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
+    static = device_length is not None
+    if static:
+        if n > KV_BLOCK and tail_in.data_ptr() == tail_out.data_ptr():
+            raise ValueError(f"write_blocks(device_length=...) of {n} > {KV_BLOCK} tokens reads the tails from a "
+                             "copy (tail_in), not from the tensor it writes (tail_out)")
+        n_blocks = cdiv(KV_BLOCK - 1 + n, KV_BLOCK)
+        slot_stride = tail_out.stride(0)
+        if tail_in.stride(0) != slot_stride:
+            raise ValueError("write_blocks(device_length=...): tail_in and tail_out must share their layout")
+        tail_in, tail_out = tail_in[0], tail_out[0]
+    else:
+        n_blocks = cdiv(length + n, KV_BLOCK) - length // KV_BLOCK
     on_device, interpreting, _, kernels = _gpu_parts()
     ks, vs, cs, ds = key.stride(), value.stride(), k8.stride(), k_desc.stride()  # read once: host time
     prep_q = query is not None
@@ -104,8 +127,10 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     # do-not-specialize ints (length, n, the descale strides): the dtypes, the specialized ints' values,
     # the constexprs, the pointers' alignment (Q_ROWS varies with n only where PREP_Q).
     key_ = None
-    if _launch.wanted(k8) and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails, q_src, q_o,
-                                              q_d):
+    if static:  # the static cache's launches are few (CUDA-graph replays): always through the JIT
+        consts.update(Len=device_length, capacity=k8.shape[2], tail_slot_stride=slot_stride, DEVICE_LEN=True)
+    elif _launch.wanted(k8) and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails, q_src, q_o,
+                                                q_d):
         key_ = (k8.device, key.dtype, value.dtype, cos.dtype, sin.dtype, q_src.dtype, k8.dtype, v8.dtype,
                 k_desc.dtype, v_desc.dtype, tail_in.dtype, tail_out.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs, rope,
                 bool(rotate), prep_q, group, consts["Q_ROWS"], D)
@@ -395,7 +420,8 @@ def _gpu_parts():
 def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, scale: float, impl: str,
                     qk_fp8: bool | None = None, num_splits: int | None = None,
                     config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None,
-                    q_descale: torch.Tensor | None = None) -> torch.Tensor:
+                    q_descale: torch.Tensor | None = None,
+                    device_length: torch.Tensor | None = None) -> torch.Tensor:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
     rotate (required: a mismatch with the cache would be silently wrong): rotate the raw queries after RoPE by
@@ -441,8 +467,16 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     instructions, 183 registers instead of 255 before the key loop's interior split; +16 KB shared memory).
     The same operand values; on the H200 the P.V dot's summation can differ in the last bit (1-10 of
     4096-32768 outputs, <= 6e-5).
+
+    device_length (the static cache): an int64 scalar tensor holding the number of tokens cached before the
+    queries' own, read on the device (the kernel's DEVICE_LEN; no host sync, one launch a CUDA graph replays
+    at every length); ``length`` is then the cache's capacity, from which the grid's split count is planned
+    (the kernel sizes the splits from the real length as this launcher would: the same output as a call
+    with the length given). Not with "tma". impl="torch" reads the length on the host.
     """
     config = config or {}
+    if device_length is not None and impl == "torch":
+        length, device_length = int(device_length) + query.shape[1], None
     if config:
         _check_config(config)
     B, S_q, H_q, D = query.shape
@@ -514,7 +548,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
         k_src, v_src = k8, v8
-        if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and on_gpu
+        if (config.get("tma", TMA_DEFAULT) and not qk_fp8 and D == dim_pad and on_gpu and device_length is None
                 and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()
                 and k8.numel() // D < 2**31):  # the kernel's TMA row index is int32
             from triton.tools.tensor_descriptor import TensorDescriptor
@@ -583,7 +617,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         pdl = on_gpu and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         key = None  # the direct launch's (`_launch`): S_q, S_kv, keys_per_split and the descale strides vary
-        if _launch.wanted(query) and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+        if device_length is not None:  # the static cache: the JIT (few launches: CUDA-graph replays)
+            consts.update(Len=device_length, capacity=k8.shape[2], DEVICE_LEN=True)
+        elif _launch.wanted(query) and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part,
                                                      counter, q_desc):
             key = (query.device, query.dtype, cos.dtype, sin.dtype, out.dtype, q_desc.dtype, k8.dtype, v8.dtype,
                    k_desc.dtype, v_desc.dtype, qs, cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))

@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
-from ..kv_cache import FP8Cache
+from ..kv_cache import FP8Cache, FP8StaticCache, FP8StaticCacheLayer
 from ..quantization.reference import rotate_half
 from ..sdpa import fp8_sdpa
 from .attention import module_options
@@ -132,15 +132,17 @@ def cache_arg(kwargs):
 
 
 def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args, kwargs,
-                      with_cache: bool = False) -> bool:
+                      with_cache: bool = False, static: bool = False) -> bool:
     """Whether the fused forward computes this call. with_cache: the call's cache is an `FP8Cache` (checked
-    by the caller), which the fused forward writes and reads itself; any other cache goes to the class one."""
+    by the caller), which the fused forward writes and reads itself; any other cache goes to the class one.
+    static: an `FP8StaticCache` layer, whose 2-D mask (the filled slots, `masks.fp8_attention_mask`) the
+    fused forward takes (`_check_static_mask` refuses padding)."""
     window = _window(self)
     return (
         not args
         and getattr(self.config, "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
         and (with_cache or cache_arg(kwargs) is None)
-        and attention_mask is None
+        and (attention_mask is None or (static and attention_mask.dim() == 2))
         and kwargs.get("cu_seq_lens_q") is None  # packed sequences: the adapter runs them as varlen
         and not self.training
         and not kwargs.get("output_attentions", False)
@@ -164,8 +166,11 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
     dtype/head_dim.
     """
     layer = _fp8_cache_layer(self, kwargs)
+    static = isinstance(layer, FP8StaticCacheLayer)
     if layer is not None and _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args,
-                                               kwargs, with_cache=True):
+                                               kwargs, with_cache=True, static=static):
+        if static:
+            _check_static_mask(attention_mask, layer, hidden_states.shape[-2])
         return _attention_forward(self, hidden_states, position_embeddings, kwargs,
                                   functools.partial(_fp8_with_cache, layer=layer))
     if not _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, args, kwargs):
@@ -173,10 +178,23 @@ def _fused_rope_forward(self, hidden_states, position_embeddings=None, attention
     return _attention_forward(self, hidden_states, position_embeddings, kwargs, _fp8_rope_in_kernel)
 
 
+def _check_static_mask(attention_mask, layer, n_new: int) -> None:
+    """An `FP8StaticCache` step attends causally over the filled slots and ignores the mask: refuse a padded
+    batch. Checked where a chunk (n_new > 1, a prefill) runs outside a compiled step (a host sync there);
+    decode steps extend an unpadded batch with unpadded tokens."""
+    if attention_mask is None or n_new == 1 or torch.compiler.is_compiling() or not layer.is_initialized:
+        return
+    filled = layer.cumulative_length + n_new
+    if not bool((attention_mask.sum(-1) == filled).all()):
+        raise ValueError("FP8StaticCache does not take padded batches (its attention reads every filled slot); "
+                         "generate sequences of one length, or use FP8Cache (prepare_model(kv_cache='fp8') "
+                         "without cache_implementation='static')")
+
+
 def _fp8_cache_layer(self, kwargs):
     """This module's `FP8CacheLayer` in the call's cache, or None (no FP8Cache, or a bf16 layer there)."""
     cache = cache_arg(kwargs)
-    if not isinstance(cache, FP8Cache) or not isinstance(getattr(self, "layer_idx", None), int):
+    if not isinstance(cache, (FP8Cache, FP8StaticCache)) or not isinstance(getattr(self, "layer_idx", None), int):
         return None
     return cache.fp8_layer(self.layer_idx)
 
@@ -186,7 +204,10 @@ def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, laye
     chunk (empty cache) then runs the plain fused fp8 attention on its own keys, which are all it sees;
     later chunks and decode steps write and read the cached fp8 blocks in one step
     (`FP8CacheLayer.append_attend`: in a decode step the write launch also prepares the queries). BHSD
-    views in, BHSD out."""
+    views in, BHSD out. A static layer (`FP8StaticCacheLayer`, length on the device) always writes and
+    reads the cache in one step (its first chunk too)."""
+    if isinstance(layer, FP8StaticCacheLayer):
+        return layer.append_attend(query.transpose(1, 2), key, value, cos, sin, scale=scale).transpose(1, 2)
     if layer.get_seq_length() == 0:
         layer.append(key, value, cos, sin)
         return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)

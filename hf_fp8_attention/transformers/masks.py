@@ -32,6 +32,24 @@ def _is_sliding_causal(mask_function) -> bool:
     return False
 
 
+def _static_filled_mask(batch_size: int, q_length: int, kv_length: int, q_offset: torch.Tensor,
+                        attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A compiled step of a static cache (its length a device tensor ``q_offset``): the (B, kv_length) bool
+    mask of the filled slots (those below q_offset + q_length) that the padding mask keeps, built on the
+    device (no host sync, one shape at every step: one compiled step and its CUDA graph serve every length).
+    `FP8StaticCache`'s fused forward attends the filled slots itself and ignores it. (Eager calls keep the
+    flash-style mask below, cut at the last query, which the adapter needs: it aligns the queries with the
+    last keys.)"""
+    filled = torch.arange(kv_length, device=q_offset.device) < q_offset + q_length
+    mask = filled.expand(batch_size, kv_length)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = attention_mask[:, :kv_length].to(device=q_offset.device, dtype=torch.bool)
+        if keep.shape[-1] < kv_length:  # a mask as long as the tokens so far: the slots past it are unfilled
+            keep = torch.nn.functional.pad(keep, (0, kv_length - keep.shape[-1]), value=True)
+        mask = mask & keep
+    return mask
+
+
 def fp8_attention_mask(
     batch_size: int,
     q_length: int,
@@ -51,6 +69,9 @@ def fp8_attention_mask(
     bf16: transformers gives no mask at all to names without a mask function, which would drop padding.
     """
     plain = mask_function in (causal_mask_function, bidirectional_mask_function)
+    if (mask_function is causal_mask_function and isinstance(q_offset, torch.Tensor) and kv_offset == 0
+            and torch.compiler.is_compiling()):  # a compiled static-cache step: no host read of the length
+        return _static_filled_mask(batch_size, q_length, kv_length, q_offset, attention_mask)
     if plain or _is_sliding_causal(mask_function):
         # The adapter assumes the queries are the last q_length of the keys (bottom-right), true for no
         # cache and for dynamic caches. A StaticCache has empty slots after the queries: pass a mask that

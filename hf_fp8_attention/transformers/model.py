@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.masking_utils import create_masks_for_generate
 from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
-from ..kv_cache import FP8Cache
+from ..kv_cache import FP8Cache, FP8StaticCache
 from ..kv_cache.ops import rotatable
 from ..options import AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
@@ -244,16 +245,50 @@ def _fp8_cache_pre_hook(module, args, kwargs):
     return args, kwargs
 
 
+def new_static_cache(model, max_cache_len: int):
+    """A fresh `FP8StaticCache` of ``max_cache_len`` tokens for a model prepared with kv_cache="fp8": fp8
+    layers where the fused forward attends from them, transformers' static layers elsewhere."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None or state.kv_cache != "fp8":
+        raise ValueError("new_static_cache needs a model prepared with prepare_model(model, kv_cache='fp8')")
+    return FP8StaticCache(config=model.config, max_cache_len=max_cache_len, fp8_layers=set(state.fp8_cache_layers),
+                          hadamard=_cache_hadamard(state.options))
+
+
 def _prepare_fp8_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs):
-    """generate's cache preparation, then its default DynamicCache (not one the user passed, not another
-    cache_implementation) swapped for an FP8Cache."""
+    """generate's cache preparation, then its fresh default caches (not one the user passed) swapped: a
+    DynamicCache for an FP8Cache, a StaticCache (cache_implementation="static") for an FP8StaticCache of
+    the same length (generate then compiles the decode step on a GPU, as for its own static cache)."""
     result = type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
     for name in ("cache", "past_key_values"):
         cache = model_kwargs.get(name)
-        if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-                and cache.get_seq_length() == 0):
+        if cache is None or getattr(cache, "_is_user_defined", False):
+            continue
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             model_kwargs[name] = new_cache(model)
+        elif type(cache) is StaticCache and not cache.is_initialized:
+            model_kwargs[name] = new_static_cache(model, cache.max_cache_len)
     return result
+
+
+def _fp8_masks_for_generate(model, *args, **kwargs):
+    """generate's mask for a compileable cache (built outside the compiled step), with an `FP8StaticCache`:
+    none (its fused forward attends the filled slots; a mask growing by one column per token would make the
+    compiled step recompile), after refusing a padded batch at the first step (one host sync). Any other
+    cache: the model's or transformers' function."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, FP8StaticCache):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and kwargs.get("is_first_iteration", True) and not bool(mask.all()):
+            raise ValueError("FP8StaticCache does not take padded batches (its attention reads every filled slot); "
+                             "generate sequences of one length, or use FP8Cache (without "
+                             "cache_implementation='static')")
+        return None
+    try:  # a model's own (a method or a staticmethod: bound as the class binds it)
+        own = inspect.getattr_static(type(model), "create_masks_for_generate")
+    except AttributeError:
+        return create_masks_for_generate(*args, **kwargs)
+    return own.__get__(model, type(model))(*args, **kwargs)
 
 
 def _apply_kv_cache(model, state: PreparedState) -> None:
@@ -271,6 +306,8 @@ def _apply_kv_cache(model, state: PreparedState) -> None:
     state.cache_hook_id = handle.id
     if hasattr(type(model), "_prepare_cache_for_generation") and "_prepare_cache_for_generation" not in model.__dict__:
         model.__dict__["_prepare_cache_for_generation"] = BoundMethod(_prepare_fp8_cache_for_generation, model)
+    if hasattr(type(model), "generate") and "create_masks_for_generate" not in model.__dict__:
+        model.__dict__["create_masks_for_generate"] = BoundMethod(_fp8_masks_for_generate, model)
 
 
 def _undo_kv_cache(model, state: PreparedState) -> None:
@@ -281,6 +318,9 @@ def _undo_kv_cache(model, state: PreparedState) -> None:
     bound = model.__dict__.get("_prepare_cache_for_generation")
     if getattr(bound, "__func__", None) is _prepare_fp8_cache_for_generation:
         del model.__dict__["_prepare_cache_for_generation"]
+    bound = model.__dict__.get("create_masks_for_generate")
+    if getattr(bound, "__func__", None) is _fp8_masks_for_generate:
+        del model.__dict__["create_masks_for_generate"]
 
 
 _STEPS = (
