@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default config replaced by kv_cache.ops.DECODE_PRESETS[NAME] (e.g. tma: its eager host cost "
                         "shows here, not in the graph-timed attention part), or 'jit launches': the default with "
                         "the decode kernels launched through Triton's JIT instead of directly (_launch)")
+    g.add_argument("--static", action="store_true",
+                   help="also time bf16 and fp8_cache with cache_implementation='static': transformers compiles the "
+                        "decode step (torch.compile, CUDA graphs; GPU only); fp8_cache gets an FP8StaticCache")
+    g.add_argument("--static-bf16-attn", choices=("sdpa", "flash_attention_3", "eager"), default="sdpa",
+                   help="bf16 attention of the static bf16 row (default sdpa: transformers' compiled recipe)")
     g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
                    help="attention of the bf16 mode; auto: fa3 when flash_attn_interface imports, else sdpa")
     g.add_argument("--fp8-backend", default=None, help="prepare_model's backend (default: picked from the GPU)")
@@ -1169,7 +1174,9 @@ def _step_clock(device):
 
 
 @torch.inference_mode()
-def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool = True) -> dict:
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool = True, static: bool = False) -> dict:
+    """One greedy generate of ``new_tokens``; static: with cache_implementation="static" (on a GPU,
+    transformers compiles the decode step: torch.compile, mode "reduce-overhead", CUDA graphs)."""
     from transformers import LogitsProcessorList
 
     device = ids.device
@@ -1177,6 +1184,8 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool =
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, use_cache=True, pad_token_id=0, return_dict_in_generate=True,
                   logits_processor=LogitsProcessorList([clock]))
+    if static:
+        kwargs["cache_implementation"] = "static"
     if device.type == "cuda" and measure:
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -1191,11 +1200,14 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool =
         "prefill_s": clock.times[0] - start,
         "decode_steps": steps,
         "decode_ms_per_token": (end - clock.times[0]) / steps * 1e3 if steps > 0 else None,
+        # the median step: a one-off stall (a CUDA-graph recording) moves the mean, not this
+        "decode_ms_median": statistics.median(b - a for a, b in zip(clock.times, clock.times[1:])) * 1e3
+        if steps > 1 else None,
         "total_s": end - start,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "cache_gib": _gib(cache_bytes(cache)),
         "cache_type": type(cache).__name__,
-        "cache_tokens": cache.get_seq_length() if cache is not None else None,
+        "cache_tokens": int(cache.get_seq_length()) if cache is not None else None,  # a tensor for static caches
     }
     del out, cache
     return result
@@ -1204,18 +1216,25 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, *, measure: bool =
 def timed_mode(model, row: dict, ids, warm_ids, rnd: int, args, bf16_name: str, notes: list[str], device) -> None:
     """One timed generate of ``row``'s mode (its untimed warm-up generate first in round 0), appended to
     row["rounds"]; an error (OOM, anything else) is kept in the row, which later rounds then skip."""
-    B, P, mode, preset = row["B"], row["prompt"], row["mode"], row["cache_preset"]
+    B, P, mode, preset, static = row["B"], row["prompt"], row["mode"], row["cache_preset"], row.get("static", False)
     tag = f" round {rnd + 1}/{args.generate_rounds}" if args.generate_rounds > 1 else ""
     print(f"# generate B={B} prompt={_k(P)} {row['label']}{tag} ...", file=sys.stderr, flush=True)
     try:
-        row["attention"] = switch_mode(model, mode, bf16_name, args.fp8_backend)
+        row["attention"] = switch_mode(model, mode, args.static_bf16_attn if static else bf16_name, args.fp8_backend)
         with count_cache_calls() as calls, cache_config_override(cache_config_presets().get(preset)), \
                 direct_launches(preset != JIT_PRESET):
             if rnd == 0:
-                timed_generate(model, warm_ids, 3, measure=False)
+                # static: the timed shapes (the cache length is the prompt plus the new tokens, and generate
+                # compiles the decode step for it; the warm-up takes the compile and the graph recording)
+                t_warm = time.perf_counter()
+                if static:
+                    timed_generate(model, ids, args.new_tokens, measure=False, static=True)
+                else:
+                    timed_generate(model, warm_ids, 3, measure=False)
+                row["warmup_s"] = time.perf_counter() - t_warm
                 _free(device)
             calls.update(attend=0, update=0)
-            run = timed_generate(model, ids, args.new_tokens)
+            run = timed_generate(model, ids, args.new_tokens, static=static)
         if mode == "fp8_cache":
             run["fp8_cache_calls"] = dict(calls)
             if calls["update"] and rnd == 0:
@@ -1230,12 +1249,13 @@ def timed_mode(model, row: dict, ids, warm_ids, rnd: int, args, bf16_name: str, 
     _free(device)
     if row["error"] is None:
         run = row["rounds"][-1]
-        print(f"#   prefill {run['prefill_s']:.3f} s, decode {run['decode_ms_per_token']:.2f} ms/token, "
+        print(f"#   prefill {run['prefill_s']:.3f} s, decode {run['decode_ms_per_token']:.2f} ms/token "
+              f"(median step {_common.fmt(run.get('decode_ms_median'), '.2f')}), "
               f"peak {_common.fmt(run['peak_gib'], '.1f')} GiB, cache {_common.fmt(run['cache_gib'], '.3g')} GiB "
               f"({run['cache_type']})", file=sys.stderr, flush=True)
 
 
-_ROUND_MEDIANS = ("prefill_s", "decode_ms_per_token", "total_s")
+_ROUND_MEDIANS = ("prefill_s", "decode_ms_per_token", "decode_ms_median", "total_s")
 
 
 def summarize_rounds(row: dict) -> None:
@@ -1284,12 +1304,15 @@ def run_generate(args, notes: list[str]) -> list[dict]:
             gen = torch.Generator(device=device).manual_seed(args.seed + B * P)
             ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
             warm_ids = ids if args.warmup == "full" else ids[:, : min(P, WARMUP_PROMPT)]
-            runs = [(m, None) for m in args.modes] + [("fp8_cache", n) for n in args.generate_cache_presets]
+            runs = [(m, None, False) for m in args.modes] + [("fp8_cache", n, False) for n in args.generate_cache_presets]
+            if args.static:  # transformers' compiled recipe: its StaticCache (bf16) vs the FP8StaticCache
+                runs += [(m, None, True) for m in ("bf16", "fp8_cache") if m in args.modes]
             shape_rows = []
-            for mode, preset in runs:
-                label = labels[mode] + (f" [{preset}]" if preset else "")
+            for mode, preset, static in runs:
+                label = (f"{args.static_bf16_attn} (no fp8)" if static and mode == "bf16" else labels[mode])
+                label += (f" [{preset}]" if preset else "") + (", static cache, compiled" if static else "")
                 shape_rows.append({"B": B, "prompt": P, "mode": mode, "label": label, "attention": None,
-                                   "error": None, "cache_preset": preset, "rounds": []})
+                                   "error": None, "cache_preset": preset, "static": static, "rounds": []})
             for rnd in range(args.generate_rounds):
                 # every other round in reverse (a b, b a, a b, ...): a drift within a round does not favour
                 # one mode every time
@@ -1308,7 +1331,9 @@ def run_generate(args, notes: list[str]) -> list[dict]:
     del model
     _free(device)
     for r in rows:
-        base = next((x for x in rows if x["B"] == r["B"] and x["prompt"] == r["prompt"] and x["mode"] == "bf16"), None)
+        # each row against the bf16 row of its kind (eager vs eager, static compiled vs static compiled)
+        base = next((x for x in rows if x["B"] == r["B"] and x["prompt"] == r["prompt"] and x["mode"] == "bf16"
+                     and x.get("static", False) == r.get("static", False)), None)
         ok = (base is not None and base["error"] is None and r["error"] is None and base.get("decode_ms_per_token")
               and r.get("decode_ms_per_token"))
         r["decode_vs_bf16"] = base["decode_ms_per_token"] / r["decode_ms_per_token"] if ok else None
@@ -1316,16 +1341,17 @@ def run_generate(args, notes: list[str]) -> list[dict]:
 
 
 def generate_table(rows: list[dict]) -> str:
-    headers = ["B", "prompt", "mode", "prefill s", "decode ms/token", "decode vs bf16", "total s", "peak GiB",
-               "cache GiB", "cache"]
+    headers = ["B", "prompt", "mode", "prefill s", "decode ms/token", "median step ms", "decode vs bf16", "total s",
+               "peak GiB", "cache GiB", "cache"]
     out = []
     for r in rows:
         if r.get("error"):
-            out.append([r["B"], _k(r["prompt"]), r["label"], r["error"], *["-"] * 6])
+            out.append([r["B"], _k(r["prompt"]), r["label"], r["error"], *["-"] * 7])
             continue
         ratio = r.get("decode_vs_bf16")
         out.append([r["B"], _k(r["prompt"]), r["label"], _common.fmt(r["prefill_s"], ".3f"),
-                    _common.fmt(r["decode_ms_per_token"], ".2f"), "-" if ratio is None else f"{ratio:.2f}x",
+                    _common.fmt(r["decode_ms_per_token"], ".2f"), _common.fmt(r.get("decode_ms_median"), ".2f"),
+                    "-" if ratio is None else f"{ratio:.2f}x",
                     _common.fmt(r["total_s"], ".2f"), _common.fmt(r["peak_gib"], ".1f"),
                     _common.fmt(r["cache_gib"], ".3g"), r["cache_type"]])
     return _common.markdown_table(headers, out)

@@ -88,7 +88,7 @@ def test_generate_warmup_prompt(monkeypatch, warmup, warm_len):
     variant compiled before timing), on its first 256 tokens with --warmup short."""
     calls = []
 
-    def fake(model, ids, new_tokens, *, measure=True):
+    def fake(model, ids, new_tokens, *, measure=True, static=False):
         calls.append((ids.shape[1], new_tokens, measure))
         return {"prefill_s": 0.1, "decode_ms_per_token": 1.0, "total_s": 0.2, "peak_gib": None, "cache_gib": 0.0,
                 "cache_type": "DynamicCache", "cache_tokens": ids.shape[1] + new_tokens, "new_tokens": new_tokens,
@@ -102,6 +102,35 @@ def test_generate_warmup_prompt(monkeypatch, warmup, warm_len):
     assert rows[0]["error"] is None
 
 
+def test_generate_static_rows(monkeypatch):
+    """--static: extra bf16 (sdpa) and fp8_cache rows generated with cache_implementation="static", each
+    warmed up on the timed prompt and token count (the compiled step is built for that cache length) and
+    compared with the static bf16 row, not the eager one."""
+    calls = []
+
+    def fake(model, ids, new_tokens, *, measure=True, static=False):
+        calls.append((ids.shape[1], new_tokens, measure, static))
+        ms = 2.0 if static else 4.0
+        return {"prefill_s": 0.1, "decode_ms_per_token": ms, "decode_ms_median": ms / 2, "total_s": 0.2,
+                "peak_gib": None, "cache_gib": 0.0, "cache_type": "StaticCache" if static else "DynamicCache",
+                "cache_tokens": ids.shape[1] + new_tokens, "new_tokens": new_tokens, "decode_steps": new_tokens - 1}
+
+    monkeypatch.setattr(bd, "timed_generate", fake)
+    monkeypatch.setattr(bd, "switch_mode", lambda model, mode, name, backend: f"{mode} {name}")
+    argv = ["--cpu-smoke", "--part", "generate", "--modes", "bf16", "fp8_cache", "--bf16-attn", "sdpa",
+            "--batches", "1", "--prompts", "300", "--new-tokens", "4", "--static"]
+    rows = bd.run_generate(bd.parse_args(argv), [])
+    assert [(r["mode"], r["static"]) for r in rows] == [("bf16", False), ("fp8_cache", False), ("bf16", True),
+                                                        ("fp8_cache", True)]
+    assert all(r["error"] is None for r in rows)
+    assert calls[4:] == [(300, 4, False, True), (300, 4, True, True)] * 2  # warm-up = the timed call
+    assert rows[2]["label"] == "sdpa (no fp8), static cache, compiled" and rows[2]["attention"] == "bf16 sdpa"
+    assert "static cache, compiled" in rows[3]["label"]
+    assert [r["decode_vs_bf16"] for r in rows] == [1.0, 1.0, 1.0, 1.0]  # static vs static: 2.0 / 2.0
+    table = bd.generate_table(rows)
+    assert "median step ms" in table and "1.00" in table
+
+
 def test_generate_cache_presets(monkeypatch, capsys):
     """--generate-cache-presets NAME: an extra fp8_cache row whose cache attention calls run with that
     DECODE_PRESETS config (the override gone after it); an unknown name is a usage error."""
@@ -110,7 +139,7 @@ def test_generate_cache_presets(monkeypatch, capsys):
     seen = []
     real = ops.cache_attention
 
-    def fake(model, ids, new_tokens, *, measure=True):
+    def fake(model, ids, new_tokens, *, measure=True, static=False):
         seen.append(ops.cache_attention is real)  # False inside the override
         return {"prefill_s": 0.1, "decode_ms_per_token": 1.0, "total_s": 0.2, "peak_gib": None, "cache_gib": 0.0,
                 "cache_type": "FP8Cache", "cache_tokens": ids.shape[1] + new_tokens, "new_tokens": new_tokens,
@@ -141,7 +170,7 @@ def test_generate_rounds_interleave_modes_and_report_medians(monkeypatch, capsys
     order = []
     clock = iter(range(100))
 
-    def fake(model, ids, new_tokens, *, measure=True):
+    def fake(model, ids, new_tokens, *, measure=True, static=False):
         order.append((bd.switch_mode.last, measure))
         if bd.switch_mode.last == "fp8_bf16_cache" and order.count(("fp8_bf16_cache", True)) == 2:  # round 2
             raise RuntimeError("boom")
