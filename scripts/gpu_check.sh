@@ -20,6 +20,8 @@
 #   bash scripts/gpu_check.sh --generate # end-to-end generate B=8 x 32k: bf16 FA3, the FP8 cache's default and
 #                                        # its "tma" preset, 2 interleaved rounds (the host drifts; eager: host
 #                                        # cost included)
+#   bash scripts/gpu_check.sh --static   # FP8StaticCache GPU tests; --static-bench: compiled generate (static
+#                                        # caches, bf16 sdpa vs fp8; STATIC_BATCHES / STATIC_PROMPTS pick shapes)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
@@ -105,6 +107,13 @@ elif [ "$mode" = "--generate" ]; then  # end to end, B=8 x 32k: bf16 FA3 vs the 
   step generate timeout 420 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 --batches 8 \
     --prompts 32768 --modes bf16 fp8_cache --generate-cache-presets tma --generate-rounds 2 \
     --out-json "$out/generate.json"
+elif [ "$mode" = "--static" ]; then  # FP8StaticCache: its GPU tests (static layer, CUDA graph, compiled generate)
+  step static_tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_static_cache_gpu.py
+elif [ "$mode" = "--static-bench" ]; then  # compiled generate: transformers' StaticCache (sdpa) vs FP8StaticCache
+  step generate_static timeout 560 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
+    --modes bf16 fp8_cache --static --batches ${STATIC_BATCHES:-1 8} --prompts ${STATIC_PROMPTS:-4096} \
+    --out-json "$out/generate_static.json"
 elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_varlen_gpu.py tests/gpu/test_block_scales_gpu.py \

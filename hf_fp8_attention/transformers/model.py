@@ -267,7 +267,8 @@ def _prepare_fp8_cache_for_generation(model, generation_config, model_kwargs, *a
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             model_kwargs[name] = new_cache(model)
         elif type(cache) is StaticCache and not cache.is_initialized:
-            model_kwargs[name] = new_static_cache(model, cache.max_cache_len)
+            # its full layers' length (transformers 5.17 also names it cache.max_cache_len; 5.24 does not)
+            model_kwargs[name] = new_static_cache(model, max(layer.max_cache_len for layer in cache.layers))
     return result
 
 
