@@ -230,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default config replaced by kv_cache.ops.DECODE_PRESETS[NAME] (e.g. tma: its eager host cost "
                         "shows here, not in the graph-timed attention part), or 'jit launches': the default with "
                         "the decode kernels launched through Triton's JIT instead of directly (_launch)")
-    g.add_argument("--static", action="store_true",
-                   help="also time bf16 and fp8_cache with cache_implementation='static': transformers compiles the "
-                        "decode step (torch.compile, CUDA graphs; GPU only); fp8_cache gets an FP8StaticCache")
+    g.add_argument("--static", nargs="?", const="also", choices=("also", "only"), default=None,
+                   help="also (or 'only') time bf16 and fp8_cache with cache_implementation='static': transformers "
+                        "compiles the decode step (torch.compile, CUDA graphs; GPU only); fp8_cache gets an "
+                        "FP8StaticCache")
     g.add_argument("--static-bf16-attn", choices=("sdpa", "flash_attention_3", "eager"), default="sdpa",
                    help="bf16 attention of the static bf16 row (default sdpa: transformers' compiled recipe)")
     g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
@@ -1305,6 +1306,8 @@ def run_generate(args, notes: list[str]) -> list[dict]:
             ids = torch.randint(3, config.vocab_size, (B, P), device=device, generator=gen)
             warm_ids = ids if args.warmup == "full" else ids[:, : min(P, WARMUP_PROMPT)]
             runs = [(m, None, False) for m in args.modes] + [("fp8_cache", n, False) for n in args.generate_cache_presets]
+            if args.static == "only":
+                runs = []
             if args.static:  # transformers' compiled recipe: its StaticCache (bf16) vs the FP8StaticCache
                 runs += [(m, None, True) for m in ("bf16", "fp8_cache") if m in args.modes]
             shape_rows = []

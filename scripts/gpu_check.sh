@@ -21,7 +21,8 @@
 #                                        # its "tma" preset, 2 interleaved rounds (the host drifts; eager: host
 #                                        # cost included)
 #   bash scripts/gpu_check.sh --static   # FP8StaticCache GPU tests; --static-bench: compiled generate (static
-#                                        # caches, bf16 sdpa vs fp8; STATIC_BATCHES / STATIC_PROMPTS pick shapes)
+#                                        # caches, bf16 sdpa vs fp8; STATIC_BATCHES / STATIC_PROMPTS / STATIC_ROWS
+#                                        # (also|only) / STATIC_BF16 (sdpa|flash_attention_3) pick the runs)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
@@ -112,7 +113,8 @@ elif [ "$mode" = "--static" ]; then  # FP8StaticCache: its GPU tests (static lay
     tests/gpu/test_static_cache_gpu.py
 elif [ "$mode" = "--static-bench" ]; then  # compiled generate: transformers' StaticCache (sdpa) vs FP8StaticCache
   step generate_static timeout 560 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
-    --modes bf16 fp8_cache --static --batches ${STATIC_BATCHES:-1 8} --prompts ${STATIC_PROMPTS:-4096} \
+    --modes bf16 fp8_cache --static ${STATIC_ROWS:-also} --batches ${STATIC_BATCHES:-1 8} \
+    --prompts ${STATIC_PROMPTS:-4096} --static-bf16-attn ${STATIC_BF16:-sdpa} \
     --out-json "$out/generate_static.json"
 elif [ "$mode" = "--quantize" ]; then  # the quantize kernel's GPU tests (about 6-7 minutes on the H200)
   step quantize_tests timeout 540 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \

@@ -129,6 +129,9 @@ def test_generate_static_rows(monkeypatch):
     assert [r["decode_vs_bf16"] for r in rows] == [1.0, 1.0, 1.0, 1.0]  # static vs static: 2.0 / 2.0
     table = bd.generate_table(rows)
     assert "median step ms" in table and "1.00" in table
+    calls.clear()
+    rows = bd.run_generate(bd.parse_args(argv[:-1] + ["--static", "only"]), [])
+    assert [(r["mode"], r["static"]) for r in rows] == [("bf16", True), ("fp8_cache", True)]
 
 
 def test_generate_cache_presets(monkeypatch, capsys):
