@@ -143,6 +143,11 @@ class FP8StaticCacheLayer(FP8CacheLayer):
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over these buffers
             for t in (self.k8, self.v8, self.k_desc, self.v_desc, self.tails, self.cumulative_length):
                 torch._dynamo.mark_static_address(t)
+            if dev.type == "cuda":
+                # the fused combine's arrival counters (one per batch row, KV head and row tile; a decode step has
+                # one tile, a long chunk more), allocated here, outside the compiled step: a first allocation in
+                # its warm-up would land in the CUDA-graph pool, which must hold no tensor that outlives a step
+                ops._counters(dev, 4 * B * H)
 
     def _reserve(self, needed: int) -> None:  # never grows
         return None
