@@ -204,9 +204,13 @@ def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, laye
     chunk (empty cache) then runs the plain fused fp8 attention on its own keys, which are all it sees;
     later chunks and decode steps write and read the cached fp8 blocks in one step
     (`FP8CacheLayer.append_attend`: in a decode step the write launch also prepares the queries). BHSD
-    views in, BHSD out. A static layer (`FP8StaticCacheLayer`, length on the device) always writes and
-    reads the cache in one step (its first chunk too)."""
+    views in, BHSD out. A static layer (`FP8StaticCacheLayer`, length on the device) does the same where it
+    can read its length: a first chunk outside a compiled step (one host sync; generate's prefill); inside
+    one, and in decode steps, it writes and reads the cache in one step (`append_attend`)."""
     if isinstance(layer, FP8StaticCacheLayer):
+        if query.shape[2] > 1 and not torch.compiler.is_compiling() and layer.length == 0:
+            layer.append(key, value, cos, sin)
+            return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)
         return layer.append_attend(query.transpose(1, 2), key, value, cos, sin, scale=scale).transpose(1, 2)
     if layer.get_seq_length() == 0:
         layer.append(key, value, cos, sin)
