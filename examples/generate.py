@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the FP8 cache for fp8 attention, transformers' "
         "cache for sdpa/eager; fp8/bf16/off: prepare_model's kv_cache (off: no cache at all)",
     )
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="generate with cache_implementation='static' (transformers' fast-generation recipe: on a GPU it "
+        "compiles the decode step with CUDA graphs; the FP8 cache becomes an FP8StaticCache); the warm-up then "
+        "generates --max-new-tokens tokens, so that the timed call reuses the compiled step",
+    )
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="model dtype (fp8 attention needs bf16/fp16)")
     p.add_argument("--hadamard", default=None, choices=HADAMARD_MODES, help="passed to prepare_model")
@@ -144,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.kv_cache == "fp8" and args.attn not in ATTN_IMPLEMENTATIONS:
         parser.error(f"--kv-cache fp8 needs an fp8 --attn (got {args.attn}); sdpa/eager keep transformers' cache")
     args.cache_mode = cache_mode(args.attn, args.kv_cache)
+    if args.static and args.cache_mode in ("off", "bf16") and args.attn in ATTN_IMPLEMENTATIONS:
+        parser.error(f"--static needs a cache that compiles: --kv-cache fp8 (or auto) with fp8 attention, "
+                     f"got --kv-cache {args.kv_cache}")
     return args
 
 
@@ -201,16 +211,20 @@ def _cache_of(output):
 
 @torch.inference_mode()
 def generate(model, tokenizer, inputs, *, max_new_tokens: int, warmup: int, attn: str, backend: str,
-             use_cache: bool = False) -> Generation:
+             use_cache: bool = False, static: bool = False) -> Generation:
     """Greedy generation of up to ``max_new_tokens`` (EOS may stop it), timed after ``warmup`` untimed
     2-token calls. With ``use_cache`` generate makes the model's cache (an FP8Cache for a model prepared
-    with kv_cache="fp8"); the cache class is recorded."""
+    with kv_cache="fp8"); the cache class is recorded. ``static``: cache_implementation="static" (an
+    FP8StaticCache for such a model; generate compiles the decode step on a GPU), warmed up with
+    ``max_new_tokens`` (the compiled step is built for the cache's length)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen_kwargs = dict(do_sample=False, use_cache=use_cache, pad_token_id=pad_id)
+    if static:
+        gen_kwargs["cache_implementation"] = "static"
     for _ in range(warmup):
-        model.generate(**inputs, max_new_tokens=2, **gen_kwargs)
+        model.generate(**inputs, max_new_tokens=max_new_tokens if static else 2, **gen_kwargs)
     _sync(device)
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **gen_kwargs)
@@ -291,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     inputs = encode_prompt(tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
     print(f"prompt: {args.prompt!r} ({inputs['input_ids'].shape[1]} tokens)")
-    common = dict(max_new_tokens=args.max_new_tokens, warmup=args.warmup)
+    common = dict(max_new_tokens=args.max_new_tokens, warmup=args.warmup, static=args.static)
 
     baseline = None
     if args.compare:

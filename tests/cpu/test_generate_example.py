@@ -425,5 +425,18 @@ def test_main_fp8_with_other_caches(tiny_model, kv_cache, cache_class, capsys):
     assert ("no KV cache" in out) == (kv_cache == "off")
 
 
+@needs_fp8_api
+def test_main_static_cache(tiny_model, capsys):
+    """--static: generate with cache_implementation="static": the FP8 cache becomes an FP8StaticCache (the
+    baseline keeps transformers' StaticCache); the tokens are the dynamic FP8 cache's. --static with a cache
+    that cannot compile (fp8 attention over a bf16 cache) is a usage error."""
+    static = _run(tiny_model, "--attn", "fp8_reference", "--static", "--compare")
+    assert static["result"].cache == "FP8StaticCache" and static["baseline"].cache == "StaticCache"
+    assert static["result"].token_ids == _run(tiny_model, "--attn", "fp8_reference")["result"].token_ids
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--attn", "fp8_reference", "--kv-cache", "bf16", "--static", "--device", "cpu"])
+    assert "--static needs" in capsys.readouterr().err
+
+
 def test_main_plain_attention_keeps_its_cache(tiny_model):
     assert _run(tiny_model, "--attn", "sdpa")["result"].cache == "DynamicCache"
