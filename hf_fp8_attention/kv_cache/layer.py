@@ -327,13 +327,19 @@ class FP8Cache(DynamicCache):
 
     def memory_bytes(self) -> int:
         """Bytes held by all layers (fp8 layers with their descales and tails; bf16 layers' K/V)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, FP8CacheLayer):
-                total += layer.memory_bytes()
-            elif getattr(layer, "keys", None) is not None and layer.is_initialized:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        return total
+        return layers_memory_bytes(self.layers)
+
+
+def layers_memory_bytes(layers) -> int:
+    """Bytes a cache's layers hold: `FP8CacheLayer.memory_bytes` for fp8 layers (static ones included), the
+    keys and values of initialized bf16 layers."""
+    total = 0
+    for layer in layers:
+        if isinstance(layer, FP8CacheLayer):
+            total += layer.memory_bytes()
+        elif getattr(layer, "keys", None) is not None and layer.is_initialized:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
 
 
 class _replicator:

@@ -32,7 +32,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from .._constants import FP8_DTYPE, KV_BLOCK
 from .._intmath import cdiv
 from . import ops
-from .layer import FP8CacheLayer, _layer_types
+from .layer import FP8CacheLayer, _layer_types, layers_memory_bytes
 from .reference import dequantize
 
 
@@ -292,11 +292,5 @@ class FP8StaticCache(StaticCache):
 
     def memory_bytes(self) -> int:
         """Bytes held by all layers (fp8 layers with their descales, tails and length; bf16 layers' K/V)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, FP8StaticCacheLayer):
-                total += layer.memory_bytes()
-            elif getattr(layer, "keys", None) is not None and layer.is_initialized:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        return total
+        return layers_memory_bytes(self.layers)
 
