@@ -42,6 +42,10 @@ def _step(query: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor, co
     """Append key/value (B, H, n, D) at the device ``length``, then (query (B, n, H_q, D) given) attend from
     the cache; ``length`` += n. The body of both custom ops."""
     B, H, n, D = key.shape
+    if impl == "torch" and key.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the FP8 static cache's torch implementation reads its length on the host, which a "
+                           "CUDA graph cannot capture: compiled generation with it needs the Triton kernels "
+                           "(SM 8.9+ with triton installed)")
     tails_in = tails if n <= KV_BLOCK else tails.clone()  # a long write reads its tails from a copy
     out = None
     if query is not None and impl == "triton" and rotate and n * (query.shape[2] // H) <= ops.FP16_MAX_ROWS:
@@ -157,8 +161,13 @@ class FP8StaticCacheLayer(FP8CacheLayer):
         if key.shape[:2] != (B, H) or key.shape[-1] != D or value.shape != key.shape:
             raise ValueError(f"appending keys {tuple(key.shape)} / values {tuple(value.shape)} to a static cache of "
                              f"(B, H, D) = {(B, H, D)}")
-        if key.shape[2] > self.capacity_tokens:
-            raise ValueError(f"{key.shape[2]} new tokens exceed the static cache's {self.max_cache_len}")
+        n = key.shape[2]
+        if n > self.max_cache_len:
+            raise ValueError(f"{n} new tokens exceed the static cache's {self.max_cache_len}")
+        if n > 1 and not torch.compiler.is_compiling() and self.length + n > self.max_cache_len:
+            # chunks (a prefill) outside a compiled step: one host read of the length (decode steps are not
+            # checked: generate sizes the cache for them; past the end the kernels store nothing)
+            raise ValueError(f"{self.length} cached + {n} new tokens exceed the static cache's {self.max_cache_len}")
 
     def append(self, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None, **unused) -> None:
@@ -193,13 +202,14 @@ class FP8StaticCacheLayer(FP8CacheLayer):
         return self.dequantize()
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole storage in the model dtype (unwritten slots 0), keys rotated back when stored rotated."""
+        """The first max_cache_len slots in the model dtype (unwritten slots 0: the mask's kv length), keys
+        rotated back when stored rotated."""
         from ..quantization.hadamard import hadamard_matrix
 
-        keys = dequantize(self.k8, self.k_desc, self.capacity_tokens)
+        keys = dequantize(self.k8, self.k_desc, self.max_cache_len)
         if self.rotate:
             keys = keys @ hadamard_matrix(keys.shape[-1], device=keys.device)
-        return keys.to(self.dtype), dequantize(self.v8, self.v_desc, self.capacity_tokens).to(self.dtype)
+        return keys.to(self.dtype), dequantize(self.v8, self.v_desc, self.max_cache_len).to(self.dtype)
 
     # --- what transformers' Cache and generate call ------------------------------------------------------
 

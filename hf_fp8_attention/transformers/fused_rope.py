@@ -135,14 +135,17 @@ def _takes_fused_path(self, hidden_states, position_embeddings, attention_mask, 
                       with_cache: bool = False, static: bool = False) -> bool:
     """Whether the fused forward computes this call. with_cache: the call's cache is an `FP8Cache` (checked
     by the caller), which the fused forward writes and reads itself; any other cache goes to the class one.
-    static: an `FP8StaticCache` layer, whose 2-D mask (the filled slots, `masks.fp8_attention_mask`) the
-    fused forward takes (`_check_static_mask` refuses padding)."""
+    static: an `FP8StaticCache` layer, whose mask the fused forward takes and ignores (it attends the filled
+    slots): the 2-D one of eager calls (`_check_static_mask` refuses padding there) or, while compiling, the
+    4-D one `masks.fp8_attention_mask` builds for a static cache (a 4-D mask of the caller's own in eager
+    goes to the class forward)."""
     window = _window(self)
     return (
         not args
         and getattr(self.config, "_attn_implementation", None) in ATTN_IMPLEMENTATIONS
         and (with_cache or cache_arg(kwargs) is None)
-        and (attention_mask is None or (static and attention_mask.dim() == 2))
+        and (attention_mask is None
+             or (static and (attention_mask.dim() == 2 or torch.compiler.is_compiling())))
         and kwargs.get("cu_seq_lens_q") is None  # packed sequences: the adapter runs them as varlen
         and not self.training
         and not kwargs.get("output_attentions", False)
@@ -182,7 +185,7 @@ def _check_static_mask(attention_mask, layer, n_new: int) -> None:
     """An `FP8StaticCache` step attends causally over the filled slots and ignores the mask: refuse a padded
     batch. Checked where a chunk (n_new > 1, a prefill) runs outside a compiled step (a host sync there);
     decode steps extend an unpadded batch with unpadded tokens."""
-    if attention_mask is None or n_new == 1 or torch.compiler.is_compiling() or not layer.is_initialized:
+    if attention_mask is None or n_new == 1 or torch.compiler.is_compiling():
         return
     filled = layer.cumulative_length + n_new
     if not bool((attention_mask.sum(-1) == filled).all()):

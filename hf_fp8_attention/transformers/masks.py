@@ -32,21 +32,23 @@ def _is_sliding_causal(mask_function) -> bool:
     return False
 
 
-def _static_filled_mask(batch_size: int, q_length: int, kv_length: int, q_offset: torch.Tensor,
+def _static_causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset: torch.Tensor,
                         attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """A compiled step of a static cache (its length a device tensor ``q_offset``): the (B, kv_length) bool
-    mask of the filled slots (those below q_offset + q_length) that the padding mask keeps, built on the
-    device (no host sync, one shape at every step: one compiled step and its CUDA graph serve every length).
-    `FP8StaticCache`'s fused forward attends the filled slots itself and ignores it. (Eager calls keep the
-    flash-style mask below, cut at the last query, which the adapter needs: it aligns the queries with the
-    last keys.)"""
-    filled = torch.arange(kv_length, device=q_offset.device) < q_offset + q_length
-    mask = filled.expand(batch_size, kv_length)
+    """A compiled step of a static cache (its length a device tensor ``q_offset``): the (B, 1, q_length,
+    kv_length) bool mask sdpa would get, query i seeing the slots up to q_offset + i that the 2-D padding mask
+    keeps, built on the device (no host sync, one shape at every step: one compiled step and its CUDA graph
+    serve every length). The adapter runs such a mask in bf16 (correct); `FP8StaticCache`'s fused forward
+    attends the filled slots itself and ignores it. (Eager calls keep the flash-style 2-D mask below, cut at
+    the last query, which the adapter runs in fp8: it aligns the queries with the last keys.)"""
+    device = q_offset.device
+    rows = q_offset + torch.arange(q_length, device=device)
+    mask = (torch.arange(kv_length, device=device)[None, :] <= rows[:, None])[None, None]
+    mask = mask.expand(batch_size, 1, q_length, kv_length)
     if attention_mask is not None and attention_mask.dim() == 2:
-        keep = attention_mask[:, :kv_length].to(device=q_offset.device, dtype=torch.bool)
+        keep = attention_mask[:, :kv_length].to(device=device, dtype=torch.bool)
         if keep.shape[-1] < kv_length:  # a mask as long as the tokens so far: the slots past it are unfilled
             keep = torch.nn.functional.pad(keep, (0, kv_length - keep.shape[-1]), value=True)
-        mask = mask & keep
+        mask = mask & keep[:, None, None, :]
     return mask
 
 
@@ -71,7 +73,7 @@ def fp8_attention_mask(
     plain = mask_function in (causal_mask_function, bidirectional_mask_function)
     if (mask_function is causal_mask_function and isinstance(q_offset, torch.Tensor) and kv_offset == 0
             and torch.compiler.is_compiling()):  # a compiled static-cache step: no host read of the length
-        return _static_filled_mask(batch_size, q_length, kv_length, q_offset, attention_mask)
+        return _static_causal_mask(batch_size, q_length, kv_length, q_offset, attention_mask)
     if plain or _is_sliding_causal(mask_function):
         # The adapter assumes the queries are the last q_length of the keys (bottom-right), true for no
         # cache and for dynamic caches. A StaticCache has empty slots after the queries: pass a mask that

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from .._constants import SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
-from ..kv_cache import FP8Cache, FP8StaticCache
+from ..kv_cache import FP8Cache, FP8StaticCache, FP8StaticCacheLayer
 from ..kv_cache.ops import rotatable
 from ..options import AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
@@ -266,10 +266,22 @@ def _prepare_fp8_cache_for_generation(model, generation_config, model_kwargs, *a
             continue
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             model_kwargs[name] = new_cache(model)
-        elif type(cache) is StaticCache and not cache.is_initialized:
+        elif type(cache) is StaticCache and not cache.is_initialized and not getattr(cache, "offloading", False):
             # its full layers' length (transformers 5.17 also names it cache.max_cache_len; 5.24 does not)
-            model_kwargs[name] = new_static_cache(model, max(layer.max_cache_len for layer in cache.layers))
+            fp8 = new_static_cache(model, max(layer.max_cache_len for layer in cache.layers))
+            if _static_kernels(model) and any(isinstance(layer, FP8StaticCacheLayer) for layer in fp8.layers):
+                model_kwargs[name] = fp8
     return result
+
+
+def _static_kernels(model) -> bool:
+    """Whether an FP8StaticCache on the model's device runs the Triton kernels (CUDA SM 8.9+): its torch
+    implementation reads the length on the host, which a compiled step's CUDA graph cannot capture. On a CPU
+    generate does not compile (the swap is kept: eager, correct)."""
+    from ..kv_cache.layer import _impl_for
+
+    device = _model_device(model)
+    return device.type != "cuda" or _impl_for(device) == "triton"
 
 
 def _fp8_masks_for_generate(model, *args, **kwargs):

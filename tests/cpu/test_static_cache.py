@@ -13,7 +13,7 @@ from transformers import LlamaConfig, MistralConfig, StaticCache
 import hf_fp8_attention as hfa
 from hf_fp8_attention._constants import KV_BLOCK
 from hf_fp8_attention.kv_cache import FP8CacheLayer, FP8StaticCache, FP8StaticCacheLayer, ops
-from hf_fp8_attention.transformers.masks import _static_filled_mask
+from hf_fp8_attention.transformers.masks import _static_causal_mask
 from hf_fp8_attention.transformers.model import _cache_kwarg
 
 D = 64
@@ -79,7 +79,7 @@ def test_write_validation():
     layer.append(torch.randn(1, 2, 100, D).half(), torch.randn(1, 2, 100, D).half())
     with pytest.raises(ValueError, match="exceed"):
         layer.append(torch.randn(1, 2, 200, D).half(), torch.randn(1, 2, 200, D).half())
-    with pytest.raises(RuntimeError):  # 100 + 60 > 128: the torch write cannot store past the storage
+    with pytest.raises(ValueError, match="100 cached"):  # a chunk past the end, checked outside compiled steps
         layer.append(torch.randn(1, 2, 60, D).half(), torch.randn(1, 2, 60, D).half())
     tails = torch.zeros(2, 2, 1, 2, KV_BLOCK, D)
     with pytest.raises(ValueError, match="copy"):
@@ -142,15 +142,15 @@ def test_static_cache_layers_from_config():
         FP8StaticCache(config=llama, max_cache_len=100, offloading=True)
 
 
-def test_static_filled_mask():
-    """A compiled static step's mask: the filled slots (below the device length + the queries) that the
-    padding mask keeps, one shape at every length."""
+def test_static_causal_mask():
+    """A compiled static step's mask: query i sees the slots up to the device length + i that the padding mask
+    keeps (4-D, as sdpa takes it), one shape at every length."""
     pad = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
-    got = _static_filled_mask(2, 1, 8, torch.tensor(4), pad)
-    want = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    got = _static_causal_mask(2, 1, 8, torch.tensor(4), pad)
+    want = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)[:, None, None]
     assert torch.equal(got, want)
-    assert torch.equal(_static_filled_mask(1, 2, 6, torch.tensor(1), None),
-                       torch.tensor([[1, 1, 1, 0, 0, 0]], dtype=torch.bool))
+    two = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(_static_causal_mask(1, 2, 6, torch.tensor(1), None), two[None, None])
 
 
 def _tiny_llama(seed=0):
@@ -205,3 +205,65 @@ def test_prepared_model_with_the_static_cache():
     assert "create_masks_for_generate" not in model.__dict__
     out = model.generate(ids, cache_implementation="static", **kw)
     assert type(out.get("cache", out.get("past_key_values"))) is StaticCache
+
+
+def _steps(model, cache, forward, ids, n=3):
+    name = _cache_kwarg(model)
+    with torch.no_grad():
+        out = [model(ids, use_cache=True, **{name: cache}).logits[:, -1]]
+        for t in range(n):
+            out.append(forward(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache}).logits[:, -1])
+    return torch.stack(out, 1).float()
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_compiled_steps_of_layers_off_the_fused_path():
+    """While compiling, a static cache's mask is the 4-D causal one over the filled slots: layers that are not
+    the FP8 static cache's fused ones (a bf16 StaticLayer next to fp8 layers, or transformers' own
+    StaticCache under fp8 attention) run it in bf16 and stay right (they once got a 2-D mask that the
+    adapter aligned at the cache's last slot: zero attention). Compiled tokens equal eager ones."""
+    from transformers.generation import CompileConfig
+
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    model = _tiny_llama()
+    hfa.prepare_model(model, backend="reference", kv_cache="fp8")
+    compiled = torch.compile(model.forward, backend="aot_eager")
+    eager = _steps(model, FP8StaticCache(config=model.config, max_cache_len=128, fp8_layers={1}), model, ids)
+    got = _steps(model, FP8StaticCache(config=model.config, max_cache_len=128, fp8_layers={1}), compiled, ids)
+    assert _cos(got, eager) > 0.999, _cos(got, eager)  # fp8 (eager adapter) vs bf16 (compiled) in layer 0
+    torch._dynamo.reset()
+    model = _tiny_llama()
+    hfa.prepare_model(model, backend="reference", kv_cache="bf16")  # transformers' caches, fp8 attention
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    config = CompileConfig(backend="aot_eager")
+    config._compile_all_devices = True
+    assert torch.equal(model.generate(ids, compile_config=config, **kw), model.generate(ids, **kw))
+
+
+def test_generic_path_and_padding():
+    """An unprepared sdpa model with an FP8StaticCache of a length that is not a multiple of a block: the
+    generic `update` hands back max_cache_len slots (what the mask announces), logits close to transformers'
+    StaticCache. A prepared model refuses a padded batch at its first chunk, called directly."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+    want = _steps(model, StaticCache(config=config, max_cache_len=100), model, ids)
+    got = _steps(model, FP8StaticCache(config=config, max_cache_len=100, impl="torch"), model, ids)
+    assert _cos(got, want) > 0.999, _cos(got, want)
+    model = _tiny_llama()
+    hfa.prepare_model(model, backend="reference", kv_cache="fp8")
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="padded"):
+        model(ids, attention_mask=mask, use_cache=True,
+              **{_cache_kwarg(model): FP8StaticCache(config=model.config, max_cache_len=64)})
