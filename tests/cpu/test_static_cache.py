@@ -166,7 +166,7 @@ def test_prepared_model_with_the_static_cache():
     """Prefill 90 then 6 decode steps: the static cache gives the dynamic FP8 cache's logits bit for bit
     (reference backend), eagerly and through `torch.compile(fullgraph=True)` (aot_eager: CPU); generate with
     cache_implementation="static" gets an FP8StaticCache and the dynamic cache's tokens, also with the
-    decode step compiled; a padded batch is refused; unprepare_model removes the mask override."""
+    decode step compiled and with beam search; a padded batch is refused; unprepare_model removes the mask override."""
     from transformers.generation import CompileConfig
 
     model = _tiny_llama()
@@ -197,6 +197,8 @@ def test_prepared_model_with_the_static_cache():
     config._compile_all_devices = True  # generate compiles on GPUs only unless told
     assert torch.equal(model.generate(ids, cache_implementation="static", compile_config=config, **kw)["sequences"],
                        want)
+    beams = {**kw, "num_beams": 3, "return_dict_in_generate": False}  # reorder_cache in place, batch 2 x 3
+    assert torch.equal(model.generate(ids, cache_implementation="static", **beams), model.generate(ids, **beams))
     padded = torch.ones_like(ids)
     padded[1, :3] = 0
     with pytest.raises(ValueError, match="padded"):
