@@ -20,8 +20,9 @@ Two ways in: ``generate(..., cache_implementation="static")`` on a model prepare
 (its fp8 layers where the fused forward attends from them; the others stay transformers' static layers),
 and generate compiles the decode step on a GPU as it does for its own static cache; or
 ``past_key_values=FP8StaticCache(config=model.config, max_cache_len=...)``. Limits: no padded batches (the
-fused forward refuses a padding mask where it can see one: outside a compiled step), the batch size is
-fixed (beam search reorders in place; nothing changes the batch size), no offloading.
+fused forward refuses a padding mask where it can see one: outside a compiled step, i.e. at the prefill),
+the batch size is fixed (beam search reorders in place; nothing changes the batch size), no offloading, and
+compiled steps need the Triton kernels (the torch implementation reads the length on the host).
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ class FP8StaticCacheLayer(FP8CacheLayer):
 
     ``max_cache_len``: tokens it holds (storage rounded up to a block of KV_BLOCK). ``impl`` / ``hadamard``:
     as `FP8CacheLayer`. ``cumulative_length``: the cached length, an int64 scalar on the cache's device.
-    A write past the capacity stores nothing past it (the kernels mask it; the torch path raises).
+    Writes past ``max_cache_len``: a chunk (n > 1) outside a compiled step is refused (one host read of the
+    length); a decode step is not checked (generate sizes the cache for its tokens): the kernels store
+    nothing past the storage, the torch path raises.
     """
 
     is_compileable = True
