@@ -33,7 +33,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from .._constants import FP8_DTYPE, KV_BLOCK
 from .._intmath import cdiv
 from . import ops
-from .layer import FP8CacheLayer, _layer_types, layers_memory_bytes
+from .layer import FP8CacheLayer, _CodesView, _layer_types, layers_memory_bytes
 from .reference import dequantize
 
 
@@ -48,26 +48,31 @@ def _step(query: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor, co
                            "CUDA graph cannot capture: compiled generation with it needs the Triton kernels "
                            "(SM 8.9+ with triton installed)")
     tails_in = tails if n <= KV_BLOCK else tails.clone()  # a long write reads its tails from a copy
-    out = None
-    if query is not None and impl == "triton" and rotate and n * (query.shape[2] // H) <= ops.FP16_MAX_ROWS:
-        # a decode step: the write launch prepares the queries once (`FP8CacheLayer.append_attend`)
+    # a decode step: the write launch prepares the queries once (`FP8CacheLayer.append_attend`)
+    prep = query is not None and impl == "triton" and rotate and n * (query.shape[2] // H) <= ops.FP16_MAX_ROWS
+    q_op = q_desc = None
+    if prep:
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
-        ops.write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tails_in, tails, 0, impl=impl, rotate=rotate,
-                         query=query, q_out=q_op, q_desc_out=q_desc, device_length=length)
+    ops.write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tails_in, tails, 0, impl=impl, rotate=rotate,
+                     query=query if prep else None, q_out=q_op, q_desc_out=q_desc, device_length=length)
+    out = None
+    if prep:
         out = ops.cache_attention(q_op, None, None, k8, k_desc, v8, v_desc, k8.shape[2], scale=scale, impl=impl,
                                   rotate=False, out_dtype=query.dtype, q_descale=q_desc, device_length=length)
-    else:
-        ops.write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tails_in, tails, 0, impl=impl, rotate=rotate,
-                         device_length=length)
-        if query is not None:
-            out = ops.cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, k8.shape[2], scale=scale, impl=impl,
-                                      rotate=rotate, device_length=length)
+    elif query is not None:
+        out = ops.cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, k8.shape[2], scale=scale, impl=impl,
+                                  rotate=rotate, device_length=length)
     length.add_(n)
     return out
 
 
 _MUTATED = ("k8", "v8", "k_desc", "v_desc", "tails", "length")
+
+# raised where a padded batch meets an FP8StaticCache (the prefill's fused forward, generate's first step)
+PADDED_BATCH_ERROR = ("FP8StaticCache does not take padded batches (its attention reads every filled slot); generate "
+                      "sequences of one length, or use FP8Cache (prepare_model(kv_cache='fp8') without "
+                      "cache_implementation='static')")
 
 
 @torch.library.custom_op("hf_fp8_attention::fp8_cache_step", mutates_args=_MUTATED)
@@ -97,19 +102,12 @@ def _fp8_cache_write_fake(*unused):
     return None
 
 
-class _FullView:
+class _FullView(_CodesView):
     """A static layer's ``keys`` / ``values``: its whole e4m3 storage (B, H, capacity, D), as transformers'
     `StaticLayer` exposes its whole buffers (None before the first write); written only through the ops."""
 
-    def __init__(self, storage: str):
-        self.storage = storage
-
     def __get__(self, layer, owner=None):
         return self if layer is None else getattr(layer, self.storage, None)
-
-    def __set__(self, layer, value) -> None:
-        if value is not None:
-            raise AttributeError("FP8StaticCacheLayer's keys / values are its fp8 storage; write through append()")
 
 
 class FP8StaticCacheLayer(FP8CacheLayer):

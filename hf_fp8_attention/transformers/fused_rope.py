@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from .._constants import SUPPORTED_HEAD_DIMS, SUPPORTED_INPUT_DTYPES
 from ..backends import ATTN_IMPLEMENTATIONS
 from ..kv_cache import FP8Cache, FP8StaticCache, FP8StaticCacheLayer
+from ..kv_cache.static import PADDED_BATCH_ERROR
 from ..quantization.reference import rotate_half
 from ..sdpa import fp8_sdpa
 from .attention import module_options
@@ -189,9 +190,7 @@ def _check_static_mask(attention_mask, layer, n_new: int) -> None:
         return
     filled = layer.cumulative_length + n_new
     if not bool((attention_mask.sum(-1) == filled).all()):
-        raise ValueError("FP8StaticCache does not take padded batches (its attention reads every filled slot); "
-                         "generate sequences of one length, or use FP8Cache (prepare_model(kv_cache='fp8') "
-                         "without cache_implementation='static')")
+        raise ValueError(PADDED_BATCH_ERROR)
 
 
 def _fp8_cache_layer(self, kwargs):
@@ -210,12 +209,11 @@ def _fp8_with_cache(self, query, key, value, cos, sin, *, is_causal, scale, laye
     views in, BHSD out. A static layer (`FP8StaticCacheLayer`, length on the device) does the same where it
     can read its length: a first chunk outside a compiled step (one host sync; generate's prefill); inside
     one, and in decode steps, it writes and reads the cache in one step (`append_attend`)."""
-    if isinstance(layer, FP8StaticCacheLayer):
-        if query.shape[2] > 1 and not torch.compiler.is_compiling() and layer.length == 0:
-            layer.append(key, value, cos, sin)
-            return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)
-        return layer.append_attend(query.transpose(1, 2), key, value, cos, sin, scale=scale).transpose(1, 2)
-    if layer.get_seq_length() == 0:
+    if isinstance(layer, FP8StaticCacheLayer):  # its length is read on the host only where that is allowed
+        first = query.shape[2] > 1 and not torch.compiler.is_compiling() and layer.length == 0
+    else:
+        first = layer.get_seq_length() == 0
+    if first:
         layer.append(key, value, cos, sin)
         return _fp8_rope_in_kernel(self, query, key, value, cos, sin, is_causal=is_causal, scale=scale)
     return layer.append_attend(query.transpose(1, 2), key, value, cos, sin, scale=scale).transpose(1, 2)

@@ -29,6 +29,7 @@ from ..backends import ATTN_IMPLEMENTATIONS
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
 from ..kv_cache import FP8Cache, FP8StaticCache, FP8StaticCacheLayer
 from ..kv_cache.ops import rotatable
+from ..kv_cache.static import PADDED_BATCH_ERROR
 from ..options import AUTO_SMOOTH_V_MIN_KEYS, FP8AttentionOptions
 from . import fused_rope
 from .attention import OPTIONS_ATTR, register
@@ -268,8 +269,10 @@ def _prepare_fp8_cache_for_generation(model, generation_config, model_kwargs, *a
             model_kwargs[name] = new_cache(model)
         elif type(cache) is StaticCache and not cache.is_initialized and not getattr(cache, "offloading", False):
             # its full layers' length (transformers 5.17 also names it cache.max_cache_len; 5.24 does not)
+            if not _static_kernels(model):
+                continue
             fp8 = new_static_cache(model, max(layer.max_cache_len for layer in cache.layers))
-            if _static_kernels(model) and any(isinstance(layer, FP8StaticCacheLayer) for layer in fp8.layers):
+            if any(isinstance(layer, FP8StaticCacheLayer) for layer in fp8.layers):
                 model_kwargs[name] = fp8
     return result
 
@@ -293,9 +296,7 @@ def _fp8_masks_for_generate(model, *args, **kwargs):
     if isinstance(cache, FP8StaticCache):
         mask = kwargs.get("attention_mask")
         if mask is not None and kwargs.get("is_first_iteration", True) and not bool(mask.all()):
-            raise ValueError("FP8StaticCache does not take padded batches (its attention reads every filled slot); "
-                             "generate sequences of one length, or use FP8Cache (without "
-                             "cache_implementation='static')")
+            raise ValueError(PADDED_BATCH_ERROR)
         return None
     try:  # a model's own (a method or a staticmethod: bound as the class binds it)
         own = inspect.getattr_static(type(model), "create_masks_for_generate")
