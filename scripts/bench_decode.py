@@ -152,6 +152,11 @@ FA3_ROW = "FA3 bf16"
 FA3_STEP_ROW = "FA3 bf16 append+attend"
 CACHE_ROW = "fp8 cache attend"
 CACHE_STEP_ROW = "fp8 cache append+attend"
+# --static: the FP8StaticCacheLayer's rows (length on the device; K/V by TMA unless "[tma off]")
+STATIC_ROW = "fp8 static cache attend"
+STATIC_POINTER_ROW = "fp8 static cache attend [tma off]"
+STATIC_STEP_ROW = "fp8 static cache append+attend"
+STEP_ROWS = (FA3_STEP_ROW, CACHE_STEP_ROW, STATIC_STEP_ROW)  # outputs at another position: no SQNR
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -231,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows here, not in the graph-timed attention part), or 'jit launches': the default with "
                         "the decode kernels launched through Triton's JIT instead of directly (_launch)")
     g.add_argument("--static", nargs="?", const="also", choices=("also", "only"), default=None,
-                   help="also (or 'only') time bf16 and fp8_cache with cache_implementation='static': transformers "
-                        "compiles the decode step (torch.compile, CUDA graphs; GPU only); fp8_cache gets an "
-                        "FP8StaticCache")
+                   help="generate: also (or 'only') time bf16 and fp8_cache with cache_implementation='static': "
+                        "transformers compiles the decode step (torch.compile, CUDA graphs; GPU only); fp8_cache "
+                        "gets an FP8StaticCache. Attention step: adds the FP8StaticCacheLayer's rows (its "
+                        "attention with the length on the device, TMA by default and with tma off, and its "
+                        "append+attend step)")
     g.add_argument("--static-bf16-attn", choices=("sdpa", "flash_attention_3", "eager"), default="sdpa",
                    help="bf16 attention of the static bf16 row (default sdpa: transformers' compiled recipe)")
     g.add_argument("--bf16-attn", choices=BF16_ATTN, default="auto",
@@ -482,8 +489,8 @@ class AttentionShape:
     as a DynamicCache holds it (B, H_kv, S_kv, D) and as FA3 wants it ((B, S_kv + 1, H_kv, D), one free
     slot for the appended token); an FP8CacheLayer filled by ``append``."""
 
-    def __init__(self, B, S, H_q, H_kv, D, device, seed, cache_impl):
-        from hf_fp8_attention import FP8CacheLayer
+    def __init__(self, B, S, H_q, H_kv, D, device, seed, cache_impl, static=False):
+        from hf_fp8_attention import FP8CacheLayer, FP8StaticCacheLayer
         from hf_fp8_attention.quantization.reference import apply_rope_reference
 
         self.B, self.S, self.H_q, self.H_kv, self.D, self.device = B, S, H_q, H_kv, D, device
@@ -509,6 +516,11 @@ class AttentionShape:
         self.fa3_k = self.fa3_v = None
         self.layer = FP8CacheLayer(impl=cache_impl)
         self.fill_s, _ = wall_s(lambda: self.layer.append(k_raw, self.v, cos[:, :S], sin[:, :S]), device)
+        self.static = None
+        if static:  # the same tokens in a static layer with room for the step's token (same blocks, same codes)
+            self.static = FP8StaticCacheLayer(S + 1, impl=cache_impl)
+            self.static.append(k_raw, self.v, cos[:, :S], sin[:, :S])
+            self.static_before = self.static.cumulative_length - 1  # attend-only: the query is the last cached
         # the attention launch's query as a decode step hands it over: with a rotating cache, the fp16 operand
         # and row descales the write launch prepares (RoPE, rotation, row scale; here by the torch
         # reference, the same values), else un-rotated with the rotary tables (RoPE in the attention kernel)
@@ -591,6 +603,19 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
 
     cands.append(Candidate(CACHE_ROW, attend, FA3_ROW))
     cands.append(Candidate(CACHE_STEP_ROW, step, FA3_STEP_ROW))
+    if x.static is not None:
+        st = x.static
+
+        def static_step():  # the length put back on the device (capturable), not by crop (a host read)
+            out = st.append_attend(q, x.k_new, x.v_new, x.cos_new, x.sin_new, scale=x.scale)
+            st.cumulative_length.sub_(1)
+            return out[:, 0]
+
+        cands.append(Candidate(STATIC_ROW, lambda: static_attend(x), FA3_ROW, "TMA (the static default)"))
+        cands.append(Candidate(STATIC_POINTER_ROW, lambda: static_attend(x, {"tma": False}), FA3_ROW,
+                               "pointer loads"))
+        cands.append(Candidate(STATIC_STEP_ROW, static_step, FA3_STEP_ROW,
+                               "write + attend + length update, then one length decrement (a 1-thread kernel)"))
     presets = cache_config_presets()
     for name in cache_configs:
         cands.append(Candidate(f"{CACHE_ROW} [{name}]", cache_config_fn(x, presets[name]), FA3_ROW,
@@ -648,6 +673,17 @@ def cache_attend(x, config=None, num_splits=None):
     return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length,
                                scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
                                out_dtype=torch.bfloat16, q_descale=x.attend_descale)[:, 0]
+
+
+def static_attend(x, config=None):
+    """`cache_attend` from the static layer of ``x``: the length read on the device (`FP8StaticCacheLayer`'s
+    attention launch, split count planned from its capacity), -> (B, H_q, D)."""
+    from hf_fp8_attention.kv_cache import ops
+
+    st = x.static
+    return ops.cache_attention(*x.attend_args, st.k8, st.k_desc, st.v8, st.v_desc, st.k8.shape[2], scale=x.scale,
+                               impl=st.impl, config=config, rotate=False, out_dtype=torch.bfloat16,
+                               q_descale=x.attend_descale, device_length=x.static_before)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:
@@ -713,7 +749,8 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                 t0 = time.perf_counter()
                 x = None
                 try:
-                    x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, cache_impl)
+                    x = AttentionShape(B, S, H_q, H_kv, D, device, args.seed + S + B, cache_impl,
+                                       static=args.static is not None)
                     firsts = first_calls(x)
                     cands = attention_candidates(x, backends, with_fa3, notes, args.cache_configs)
                 except Exception as err:  # OOM, or the fp8 cache failing at this shape: say so, next shape
@@ -731,7 +768,7 @@ def run_attention(args, notes: list[str]) -> list[dict]:
                     try:
                         first, out = wall_s(cand.fn, device)
                         row["first_call_ms"] = first * 1e3
-                        if out is not None and cand.name not in (FA3_STEP_ROW, CACHE_STEP_ROW):
+                        if out is not None and cand.name not in STEP_ROWS:
                             row["sqnr_db"] = sqnr_db(out.float(), x.ref)
                     except Exception as err:  # one implementation failing at one shape: report, keep going
                         row["error"] = f"{type(err).__name__}: {err}"

@@ -23,6 +23,9 @@
 #   bash scripts/gpu_check.sh --static   # FP8StaticCache GPU tests; --static-bench: compiled generate (static
 #                                        # caches, bf16 sdpa vs fp8; STATIC_BATCHES / STATIC_PROMPTS / STATIC_ROWS
 #                                        # (also|only) / STATIC_BF16 (sdpa|flash_attention_3) pick the runs)
+#   bash scripts/gpu_check.sh --static-decode  # FP8StaticCache GPU tests, then the decode step graph-timed with
+#                                        # the static layer's rows (TMA default, tma off, its step) (1x4k, 1x128k,
+#                                        # 8x32k)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
@@ -111,6 +114,12 @@ elif [ "$mode" = "--generate" ]; then  # end to end, B=8 x 32k: bf16 FA3 vs the 
 elif [ "$mode" = "--static" ]; then  # FP8StaticCache: its GPU tests (static layer, CUDA graph, compiled generate)
   step static_tests timeout 400 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_static_cache_gpu.py
+elif [ "$mode" = "--static-decode" ]; then  # FP8StaticCache GPU tests + the decode step graph-timed with its rows
+  step static_tests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_static_cache_gpu.py
+  step decode_graph_static timeout 240 python3 scripts/bench_decode.py --part attention --timing graph --rounds 3 \
+    --shapes 1x4k 1x128k 8x32k --gqa 32/8 --head-dims 128 --sdpa-backends --static \
+    --cache-configs ${DECODE_CONFIGS:-tma} --out-json "$out/decode_graph_static.json"
 elif [ "$mode" = "--static-bench" ]; then  # compiled generate: transformers' StaticCache (sdpa) vs FP8StaticCache
   step generate_static timeout 560 python3 scripts/bench_decode.py --part generate --fp8-backend fa3 \
     --modes bf16 fp8_cache --static ${STATIC_ROWS:-also} --batches ${STATIC_BATCHES:-1 8} \

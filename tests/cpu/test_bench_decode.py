@@ -370,6 +370,22 @@ def test_fa3_rows_against_the_fp8_cache(fake_fa3):
     assert fake_fa3[0]["k_cache"] == (2, 193, 2, 64)  # S_kv + 1 slots, BSHD
 
 
+def test_static_rows_equal_the_dynamic_cache():
+    """--static's attention rows: the FP8StaticCacheLayer's attention (length on the device, with and without
+    TMA) equals the dynamic layer's bit for bit on the same tokens, and its step (write + attend, then the
+    length put back) equals the dynamic step's and leaves the length where it was."""
+    x = bd.AttentionShape(2, 192, 8, 2, 64, torch.device("cpu"), 3, "torch", static=True)
+    cands = {c.name: c for c in bd.attention_candidates(x, [], False, [])}
+    assert [n for n in cands if "static" in n] == [bd.STATIC_ROW, bd.STATIC_POINTER_ROW, bd.STATIC_STEP_ROW]
+    want = cands[bd.CACHE_ROW].fn()
+    assert torch.equal(cands[bd.STATIC_ROW].fn(), want)
+    assert torch.equal(cands[bd.STATIC_POINTER_ROW].fn(), want)
+    assert cands[bd.STATIC_ROW].baseline == bd.FA3_ROW and cands[bd.STATIC_STEP_ROW].baseline == bd.FA3_STEP_ROW
+    for _ in range(2):  # twice: the step leaves the cache as it found it
+        assert torch.equal(cands[bd.STATIC_STEP_ROW].fn(), cands[bd.CACHE_STEP_ROW].fn())
+        assert int(x.static.cumulative_length) == 192
+
+
 def test_fa3_step_without_rotary_support(fake_fa3, monkeypatch):
     """A wheel whose kvcache call refuses the rotary tables: the row is timed with q/k rotated outside, and
     the notes say so; the result is the same attention."""

@@ -106,6 +106,42 @@ def test_one_cuda_graph_serves_every_length():
     _same_storage(dyn, st, dyn.length)
 
 
+@pytest.mark.parametrize("B, n", [(1, 5000), (2, 777)])
+def test_static_attention_takes_tma_by_default(B, n, monkeypatch):
+    """The static cache's attention (device length) loads K/V by TMA by default (`ops.STATIC_TMA_DEFAULT`):
+    its descriptors are built, and its output equals the pointer loads' (tma=False) and tracks the dynamic
+    layer's at the same length."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from hf_fp8_attention.kv_cache import ops
+
+    gen = torch.Generator(device=DEV).manual_seed(n)
+    dyn, st = FP8CacheLayer(impl="triton"), FP8StaticCacheLayer(n + 64, impl="triton")
+    q, k, v = _tokens(B, n, gen)
+    cos, sin = _rope(n, 0, D)
+    dyn.append(k, v, cos, sin)
+    st.append(k, v, cos, sin)
+    q1 = q[:, -1:]
+    c1, s1 = cos[:, -1:], sin[:, -1:]
+    before = st.cumulative_length - 1  # the query is the last cached token
+    built = []
+    real = TensorDescriptor.from_tensor.__func__
+    monkeypatch.setattr(TensorDescriptor, "from_tensor",
+                        classmethod(lambda cls, *a, **kw: built.append(1) or real(cls, *a, **kw)))
+
+    def attend(config):
+        return ops.cache_attention(q1, c1, s1, st.k8, st.k_desc, st.v8, st.v_desc, st.k8.shape[2],
+                                   scale=D**-0.5, impl="triton", rotate=st.rotate, config=config,
+                                   device_length=before)
+
+    tma = attend(None)
+    assert len(built) == 2, "the static attention did not build its K/V tensor descriptors"
+    pointer = attend({"tma": False})
+    assert len(built) == 2
+    torch.testing.assert_close(tma, pointer, rtol=0, atol=1e-4)
+    _close(tma, dyn.attend(q1, c1, s1, scale=D**-0.5))
+
+
 def test_compiled_generate_with_the_static_fp8_cache():
     """generate(cache_implementation="static") on a model prepared with kv_cache="fp8": the cache is an
     FP8StaticCache, the decode step is compiled (fullgraph; transformers' default mode: reduce-overhead, CUDA
