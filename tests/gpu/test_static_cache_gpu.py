@@ -125,9 +125,9 @@ def test_static_attention_takes_tma_by_default(B, n, monkeypatch):
     c1, s1 = cos[:, -1:], sin[:, -1:]
     before = st.cumulative_length - 1  # the query is the last cached token
     built = []
-    real = TensorDescriptor.from_tensor.__func__
+    real = TensorDescriptor.from_tensor  # (a staticmethod in Triton 3.6)
     monkeypatch.setattr(TensorDescriptor, "from_tensor",
-                        classmethod(lambda cls, *a, **kw: built.append(1) or real(cls, *a, **kw)))
+                        staticmethod(lambda *a, **kw: built.append(1) or real(*a, **kw)))
 
     def attend(config):
         return ops.cache_attention(q1, c1, s1, st.k8, st.k_desc, st.v8, st.v_desc, st.k8.shape[2],
