@@ -13,24 +13,27 @@ import contextlib
 
 import torch
 
-from .backends import get_backend_fn
+from .backends import get_backend_fn, triton_reads_v_keys_contiguous
 from .options import FP8AttentionOptions
 from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
 from .quantization.qkv import add_v_mean
 from .quantization.quantized import rows_bhsd
 
 
-def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions) -> QuantizedQKV:
+def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions,
+             v_keys_contiguous: bool = False) -> QuantizedQKV:
     """Q/K/V -> `QuantizedQKV` with the planned quantizer: the Triton kernel (CUDA, SM 8.9+), which fuses
     RoPE, the Hadamard rotation and the mean subtraction into its one launch, or the torch reference
     (bit-identical without hadamard/smoothing, within an fp8 ulp on a few elements with them).
 
     varlen: None, or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of validated offsets.
+    v_keys_contiguous: V's codes keys-contiguous (the layout the triton backend reads at long prefills).
     """
     fixed, packed = QUANTIZERS[quantizer]
     if varlen is None:
-        return fixed(query, key, value, cos, sin, options=options)
-    return packed(query, key, value, *varlen, cos, sin, options=options, check=False)
+        return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous)
+    return packed(query, key, value, *varlen, cos, sin, options=options, check=False,
+                  v_keys_contiguous=v_keys_contiguous)
 
 
 def restore_output(out: torch.Tensor, qkv: QuantizedQKV) -> torch.Tensor:
@@ -108,8 +111,12 @@ def fp8_attention(
     # head dim
     options = options.for_keys(backend, key.shape[2] if varlen is None else max_seqlen_k)
     options = options.for_head_dim(query.shape[-1])
+    # the triton backend reads V keys-contiguous at long prefills: the quantizer writes it so (no copy)
+    v_keys = backend == "triton" and triton_reads_v_keys_contiguous(
+        query.shape[2] if varlen is None else max_seqlen_q, query.shape[1], key.shape[1],
+        key.shape[2] if varlen is None else max_seqlen_k, query.shape[-1])
     with _on_device(query):
-        qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options)
+        qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys)
         out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)

@@ -115,6 +115,19 @@ def _per_sequence(fn: BackendFn) -> BackendFn:
     return run
 
 
+# The triton backend's V layout. Query rows per KV head (S_q * H_q / H_kv) up to which it runs its decode path
+# (small tiles, split keys; BSHD V); prefill reads V keys-contiguous from S_kv * D of this on (H100, triton 3.6:
+# the on-chip transpose of BSHD V tiles halves the kernel's speed; a copy costs more only below it).
+TRITON_DECODE_MAX_ROWS = 64
+TRITON_V_KEYS_MIN_KEYS_X_DIM = 2048 * 128
+
+
+def triton_reads_v_keys_contiguous(s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int) -> bool:
+    """Whether the triton backend reads V keys-contiguous at this shape (copying a BSHD V first): what
+    `attention.fp8_attention` asks the quantizer to write, so that no copy is made."""
+    return s_q * (h_q // h_kv) > TRITON_DECODE_MAX_ROWS and s_kv * dim >= TRITON_V_KEYS_MIN_KEYS_X_DIM
+
+
 def get_backend(name: str) -> Backend:
     try:
         return REGISTRY[name]
@@ -126,4 +139,5 @@ def get_backend_fn(name: str) -> BackendFn:
     return get_backend(name).fn
 
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn",
+           "triton_reads_v_keys_contiguous"]

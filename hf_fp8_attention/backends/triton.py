@@ -3,8 +3,8 @@
 Launches the kernels of `triton_attention.py`: the autotuned prefill kernel, or, when a KV head has few
 query rows (decode), a small-tile kernel whose keys are split over several programs and merged by a
 combine kernel. Same semantics as `reference.py` (FA3's fp8 rounding), within online-softmax rounding.
-Long prefills first copy V to a keys-contiguous layout (fp8 wgmma needs P.V's B operand K-major); a
-quantizer that writes V that way (a BSHD view with unit stride over keys) saves the copy.
+Long prefills read V keys-contiguous (fp8 wgmma needs P.V's B operand K-major): `attention.fp8_attention`
+has the quantizer write it so (a BSHD view with unit stride over keys); a BSHD V handed in is copied first.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ import torch
 from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS
 from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
+from . import TRITON_DECODE_MAX_ROWS, triton_reads_v_keys_contiguous
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Query rows per KV head (S_q * H_q / H_kv) up to which the decode path (small tiles, split keys) runs.
-_DECODE_MAX_ROWS = 64
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
 _SPLIT_MIN_KEYS = 8192
-# Prefill copies BSHD V to keys-contiguous when S_kv * D reaches this (H100, triton 3.6: the on-chip
-# transpose of BSHD V tiles halves the kernel's speed; the copy costs more only at S_kv * D < 256k).
-_V_COPY_MIN_KEYS_X_DIM = 2048 * 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,9 +88,9 @@ def _launch(
     if not varlen:
         cu_q = cu_k = out  # never read
     bh = batch * h_kv
-    decode = n_rows <= _DECODE_MAX_ROWS
-    if v_keys_contiguous is None:
-        v_keys_contiguous = not decode and s_kv * dim >= _V_COPY_MIN_KEYS_X_DIM
+    decode = n_rows <= TRITON_DECODE_MAX_ROWS
+    if v_keys_contiguous is None:  # (the quantizer writes it so where fp8_attention asked it to: no copy)
+        v_keys_contiguous = triton_reads_v_keys_contiguous(s_q, h_q, h_kv, s_kv, dim)
     if v_keys_contiguous and v.stride(1) != 1:
         v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # BSHD view of (B, H_kv, D, S_kv)
     v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))

@@ -329,7 +329,7 @@ def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_KV,
-    B, H_Q, H_KV, S_Q, S_KV, LAG,
+    B, H_Q, H_KV, S_Q, S_KV, LAG, V_ROWS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -342,6 +342,7 @@ def qkv_quantize_kernel(
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
     QK_MAX: tl.constexpr, CHUNK, INTERLEAVE: tl.constexpr, NO_SPIN: tl.constexpr = False,
+    V_KEYS_CONTIG: tl.constexpr = False,
 ):
     """Per group: x is the tile after RoPE (q, k), the centring (k, v) and the Hadamard rotation (as
     switched on); amax = max |x| over its finite elements (a rotated tensor: the power-of-two bound of its
@@ -365,6 +366,10 @@ def qkv_quantize_kernel(
     QK_MAX: the largest q/k code under BLOCK_SCALES, FP8_MAX or, with QK_INT8, 127: q and k then become int8,
     floor(x * QK_MAX / block amax + 0.5) clamped to +-QK_MAX (non-finite elements 0, their block's descale
     NaN), and the outputs are passed as uint8.
+
+    V_KEYS_CONTIG: v's codes go to keys-contiguous (B, H_KV, HEAD_DIM, V_ROWS) memory (VARLEN: batch 1, rows
+    packed), the layout the Triton attention reads V in on Hopper, instead of BSHD; V_ROWS is S_KV (VARLEN:
+    the packed total). The same codes.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_items + LAG are taken.
     """
@@ -540,12 +545,25 @@ def qkv_quantize_kernel(
                     y1 = _to_fp8(x1 * row_scale, FP8_MAX)
                     y2 = _to_fp8(x2 * row_scale, FP8_MAX)
                 mask = _tile_mask(r2, seq2, BLOCK_S, HALF, HALF_BLOCK)
-                out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
-                out_stride_s = n_heads2 * HEAD_DIM
-                out_tile = out_ptr + ((out_start2 + r2) * n_heads2 + h2) * HEAD_DIM
-                rows = out_rows[:, None] * out_stride_s
-                tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
-                tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
+                if V_KEYS_CONTIG:
+                    transposed = t2 == 2
+                else:
+                    transposed = False
+                if transposed:  # v, keys-contiguous: channel c of row r at c * V_ROWS + r of its head
+                    if VARLEN:
+                        v_head = h2.to(tl.int64) * HEAD_DIM * V_ROWS + out_start2 + r2
+                    else:
+                        v_head = (b2 * H_KV + h2).to(tl.int64) * HEAD_DIM * V_ROWS + r2
+                    cols = offs_d.to(tl.int64)[None, :] * V_ROWS
+                    tl.store(v_out_ptr + v_head + cols + out_rows[:, None], y1, mask=mask)
+                    tl.store(v_out_ptr + v_head + HALF * V_ROWS + cols + out_rows[:, None], y2, mask=mask)
+                else:
+                    out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
+                    out_stride_s = n_heads2 * HEAD_DIM
+                    out_tile = out_ptr + ((out_start2 + r2) * n_heads2 + h2) * HEAD_DIM
+                    rows = out_rows[:, None] * out_stride_s
+                    tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
+                    tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
         _publish(amax_ptr, done_ptr, grp1, m, has_p1)
         ticket = next_ticket
 

@@ -92,7 +92,7 @@ def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_
 def quantize_qkv_fp8(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES,
+    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -103,6 +103,9 @@ def quantize_qkv_fp8(
         cos, sin: optional (B_c, S_q, D), B_c in {1, B}, any float dtype and strides; only with
             S_q == S_kv (prefill).
         options: `FP8AttentionOptions`, as in `quantize_qkv_fp8_reference` (hadamard needs a power-of-two D).
+        v_keys_contiguous: store V's codes keys-contiguous, (B, H_kv, D, S_kv) memory, and return v as its
+            BSHD view (unit stride over keys): the layout the Triton backend reads V in on Hopper, written
+            by this launch instead of a copy afterwards. The same codes.
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
@@ -125,19 +128,19 @@ def quantize_qkv_fp8(
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
     device = q.device
-    outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device)
+    outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device, v_keys_contiguous)
     rope = None
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
-    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options)
+    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_keys_contiguous)
 
 
 def quantize_qkv_fp8_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES, check: bool = True,
+    options: FP8AttentionOptions = NO_MODES, check: bool = True, v_keys_contiguous: bool = False,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8` for N sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -149,6 +152,8 @@ def quantize_qkv_fp8_varlen(
         cos, sin: optional (total_q, D) or (1, total_q, D) rotary tables per packed token; needs
             cu_seqlens_q == cu_seqlens_k.
         check: validate the offsets (one host sync); callers that built them on the host pass False.
+        v_keys_contiguous: v's codes in (1, H_kv, D, total_kv) memory, returned as its BSHD view (see
+            `quantize_qkv_fp8`).
     Returns:
         QuantizedQKV with q (1, total_q, H_q, D), k/v (1, total_kv, H_kv, D) e4m3 and (N, H_kv) descales,
         one scale per (sequence, KV head): equal to `quantize_qkv_fp8_varlen_reference` (each sequence
@@ -172,23 +177,31 @@ def quantize_qkv_fp8_varlen(
         if total_q != total_k:
             raise ValueError("fused RoPE needs the same packed sequences for queries and keys (prefill)")
         rope = (cos, sin, (0, cos.stride(-2), cos.stride(-1)), (0, sin.stride(-2), sin.stride(-1)))
-    outs = _outputs(((1, total_q, H_q, D), (1, total_k, H_kv, D), (1, total_k, H_kv, D)), options, device)
+    outs = _outputs(((1, total_q, H_q, D), (1, total_k, H_kv, D), (1, total_k, H_kv, D)), options, device,
+                    v_keys_contiguous)
     # (1, H, total, D) views: the kernel reads rows through the head/token/channel strides only
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
-    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, options)
+    return _launch(qb, kb, vb, outs, rope, n_seqs, int(max_seqlen_q), int(max_seqlen_k), varlen, options,
+                   v_keys_contiguous)
 
 
-def _outputs(shapes, options: FP8AttentionOptions, device) -> tuple[torch.Tensor, ...]:
-    """Empty BSHD q, k, v outputs: e4m3, q and k int8 with qk_format="int8"."""
+def _outputs(shapes, options: FP8AttentionOptions, device, v_keys_contiguous: bool) -> tuple[torch.Tensor, ...]:
+    """Empty BSHD q, k, v outputs: e4m3, q and k int8 with qk_format="int8"; v_keys_contiguous: v a BSHD view
+    of (B, H, D, S) memory."""
     qk_dtype = torch.int8 if options.int8_qk else FP8_DTYPE
-    return tuple(torch.empty(shape, dtype=dtype, device=device)
-                 for shape, dtype in zip(shapes, (qk_dtype, qk_dtype, FP8_DTYPE)))
+    q_out, k_out = (torch.empty(shape, dtype=qk_dtype, device=device) for shape in shapes[:2])
+    b, s, h, d = shapes[2]
+    if v_keys_contiguous:
+        v_out = torch.empty((b, h, d, s), dtype=FP8_DTYPE, device=device).permute(0, 3, 1, 2)
+    else:
+        v_out = torch.empty(shapes[2], dtype=FP8_DTYPE, device=device)
+    return q_out, k_out, v_out
 
 
 @functools.lru_cache(maxsize=256)
 def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: bool, apply_rope: bool, varlen: bool,
-                chunk: int, interleave: bool, interp: bool) -> dict:
+                chunk: int, interleave: bool, interp: bool, v_keys_contiguous: bool) -> dict:
     """`qkv_quantize_kernel`'s constexprs and compile options for one launch (built once per configuration:
     host time; the caller must not modify the dict). ``tile``: the launch's `_tile_config` (part of the key:
     benchmarks and tests change the tile configs at run time)."""
@@ -201,11 +214,12 @@ def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: boo
         SMOOTH_K=options.smooth_k, SMOOTH_V=options.smooth_v, VARLEN=varlen,
         BLOCK_SCALES=options.block_scales, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
         QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX, CHUNK=chunk, INTERLEAVE=interleave, NO_SPIN=interp,
-        num_warps=num_warps, enable_fp_fusion=False,
+        V_KEYS_CONTIG=v_keys_contiguous, num_warps=num_warps, enable_fp_fusion=False,
     )
 
 
-def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions) -> QuantizedQKV:
+def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
+            v_keys_contiguous: bool = False) -> QuantizedQKV:
     """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
@@ -267,10 +281,12 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
-    const_key = (options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp)
+    const_key = (options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp,
+                 bool(v_keys_contiguous))
     tensors = (q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
                blocks[0] if block_scales else buf, blocks[1] if block_scales else buf)
-    ints = (n_blk_q, n_blk_kv, B, H_q, H_kv, S_q, S_kv, lag,
+    v_rows = v_out.shape[1]  # S_kv, or the packed total (the keys-contiguous layout's row count)
+    ints = (n_blk_q, n_blk_kv, B, H_q, H_kv, S_q, S_kv, lag, v_rows,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     # The direct launch's key (`hf_fp8_attention._launch`; the kernel specializes every int, so their exact
     # values are in it: a new shape takes the JIT once, then its repeats launch directly)

@@ -20,7 +20,8 @@ class QuantizedQKV:
     """FP8 Q/K/V in BSHD layout plus the per-(batch, KV head) descales FA3 takes.
 
     q: (B, S_q, H_q, D) float8_e4m3fn, contiguous.
-    k, v: (B, S_kv, H_kv, D) float8_e4m3fn, contiguous.
+    k, v: (B, S_kv, H_kv, D) float8_e4m3fn, contiguous; v may instead be a BSHD view of keys-contiguous
+        (B, H_kv, D, S_kv) memory (`keys_contiguous`; the quantizers' ``v_keys_contiguous``).
     q_descale, k_descale, v_descale: (B, H_kv) float32. One Q scale per KV group: the G = H_q / H_kv query
         heads that share a KV head share a scale, which is the granularity FA3's q_descale has.
     """
@@ -145,6 +146,12 @@ def rows_bhsd(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a packed (total, H, D) tensor as a (1, H, S, D) view: one sequence of a varlen
     batch in the fixed-length layout."""
     return x[start:stop].transpose(0, 1).unsqueeze(0)
+
+
+def keys_contiguous(v: torch.Tensor) -> torch.Tensor:
+    """A BSHD tensor's values in keys-contiguous (B, H, D, S) memory, returned as its BSHD view (unit stride
+    over keys): the V layout `quantize_qkv_fp8(v_keys_contiguous=True)` writes."""
+    return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

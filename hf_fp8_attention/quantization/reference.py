@@ -15,7 +15,7 @@ from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_bloc
 from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
-from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args, rows_bhsd
+from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args, keys_contiguous, rows_bhsd
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def _quantize_blocks(x: torch.Tensor, block: int, int8: bool = False) -> tuple[t
 def quantize_qkv_fp8_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES,
+    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -167,6 +167,7 @@ def quantize_qkv_fp8_reference(
             the exact amax of each rotated block
             (their per-group descales are still returned), v keeping its per-(batch, KV head) scale;
             qk_format="int8" makes those q and k int8.
+        v_keys_contiguous: v's codes in keys-contiguous memory (`quantized.keys_contiguous`), as the kernel's.
         Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
@@ -211,6 +212,8 @@ def quantize_qkv_fp8_reference(
         q8, q_blocks = _quantize_blocks(qf, SCALE_BLOCK, options.int8_qk)
         k8, k_blocks = _quantize_blocks(kf, k_scale_block(options.int8_qk), options.int8_qk)
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
+    if v_keys_contiguous:
+        v8 = keys_contiguous(v8)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
                         v_add=v_add, **blocks)
 
@@ -219,7 +222,7 @@ def quantize_qkv_fp8_varlen_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES, check: bool = True,
+    options: FP8AttentionOptions = NO_MODES, check: bool = True, v_keys_contiguous: bool = False,
 ) -> QuantizedQKV:
     """`quantize_qkv_fp8_reference` on each sequence of a packed batch (see `quantize_qkv_fp8_varlen`).
 
@@ -254,8 +257,9 @@ def quantize_qkv_fp8_varlen_reference(
             k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, k_scale_block(options.int8_qk)))
                                        for p in parts]),
         )
+    v8 = cat("v", 1)
     return QuantizedQKV(
-        cat("q", 1), cat("k", 1), cat("v", 1), cat("q_descale"), cat("k_descale"), cat("v_descale"),
+        cat("q", 1), cat("k", 1), keys_contiguous(v8) if v_keys_contiguous else v8, cat("q_descale"), cat("k_descale"), cat("v_descale"),
         v_mean=cat("v_mean") if options.smooth_v else None, v_rotated=options.rotates_v,
         v_add=cat("v_add") if options.smooth_v else None,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),

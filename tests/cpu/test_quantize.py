@@ -453,3 +453,34 @@ def test_descales_start_16_byte_aligned():
         q, k, v = make_qkv(B, H_q, H_kv, 8, 8, 64, torch.bfloat16, "bshd")
         got = quantize_qkv_fp8(*_to(DEVICE, q, k, v))
         assert got.q_descale.data_ptr() % 16 == 0, (B, H_kv)  # the start of the kernel's descale pointer
+
+
+# ---------------------------------------------------------------- keys-contiguous V
+
+
+@pytest.mark.skipif(ON_CUDA, reason="GPU version in tests/gpu/test_quantize_gpu.py")
+@pytest.mark.parametrize("B,H_kv,S,D,rope,options", [
+    pytest.param(2, 2, 37, 64, None, {}, id="plain-d64"),
+    pytest.param(1, 2, 70, 128, (1, torch.float32), {"hadamard": "qk", "smooth_v": True}, id="rope-qk-smooth_v-d128"),
+    pytest.param(2, 1, 40, 96, None, {"qk_format": "int8"}, id="int8-d96"),
+])
+def test_kernel_writes_keys_contiguous_v(B, H_kv, S, D, rope, options):
+    """v_keys_contiguous: V's codes land in (B, H_kv, D, S) memory (a BSHD view with unit stride over keys),
+    equal byte for byte to the BSHD launch's and to the reference's; q, k and the descales are unchanged."""
+    q, k, v = make_qkv(B, 2 * H_kv, H_kv, S, S, D, torch.bfloat16, "bshd", seed=3)
+    cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
+    opts = FP8AttentionOptions(**options)
+    bshd = quantize_qkv_fp8(q, k, v, cos, sin, options=opts)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=opts, v_keys_contiguous=True)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=opts, v_keys_contiguous=True)
+    for t in (got.v, ref.v):
+        assert t.shape == (B, S, H_kv, D) and t.stride() == (H_kv * D * S, 1, D * S, S)
+    assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(bshd.v))
+    for name in ("q", "k", "q_descale", "k_descale", "v_descale"):
+        a, b = getattr(got, name), getattr(bshd, name)
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b), name
+    if options.get("smooth_v"):
+        assert torch.equal(got.v_add, bshd.v_add)
+    else:
+        assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(ref.v))

@@ -142,3 +142,38 @@ def test_rejects_bad_inputs():
         triton_fp8_attention(odd, is_causal=False, scale=0.1, out_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="out_dtype"):
         triton_fp8_attention(qkv, is_causal=False, scale=0.1, out_dtype=torch.int8)
+
+
+def test_quantizer_writes_the_v_layout_the_backend_reads(monkeypatch):
+    """A prefill the triton backend reads V keys-contiguous for (thresholds lowered to a tiny shape): the
+    fused pipeline has the quantizer write V so, and the backend gets a unit key stride (no copy of its own);
+    the output equals the pipeline whose quantizer writes BSHD V (then copied by the backend) bit for bit."""
+    import hf_fp8_attention.attention as attention
+    import hf_fp8_attention.backends as backends
+    from hf_fp8_attention.options import FP8AttentionOptions
+
+    monkeypatch.setattr(backends, "TRITON_V_KEYS_MIN_KEYS_X_DIM", 48 * 64)
+    seen = []
+    real = triton_backend._launch
+
+    def spy(qkv, *args, **kwargs):
+        seen.append(qkv.v.stride(1))
+        return real(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "_launch", spy)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 48, 4, 64, generator=g).bfloat16().transpose(1, 2)  # 96 rows per KV head: prefill path
+    k = torch.randn(1, 48, 2, 64, generator=g).bfloat16().transpose(1, 2)
+    v = torch.randn(1, 48, 2, 64, generator=g).bfloat16().transpose(1, 2)
+    opts = FP8AttentionOptions()
+
+    def run():
+        return attention.fp8_attention(q, k, v, None, None, None, None, None, None, True, 0.125, "triton", "triton",
+                                       opts)
+
+    assert backends.triton_reads_v_keys_contiguous(48, 4, 2, 48, 64)
+    fused = run()
+    monkeypatch.setattr(attention, "triton_reads_v_keys_contiguous", lambda *a: False)
+    copied = run()
+    assert seen == [1, 2 * 64]  # keys-contiguous from the quantizer, then BSHD (the backend copies it)
+    assert torch.equal(fused, copied)

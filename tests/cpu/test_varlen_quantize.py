@@ -100,3 +100,21 @@ def test_check_cu_seqlens_errors(cu_q, cu_k, causal, match):
                          is_causal=causal)
     with pytest.raises(ValueError, match="int32"):
         check_cu_seqlens(torch.tensor([0, 6]), torch.tensor([0, 6]), 6, 6)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_kernel_writes_keys_contiguous_v_packed():
+    """v_keys_contiguous on packed sequences: V's codes in (1, H_kv, D, total) memory, byte for byte the BSHD
+    launch's and the reference's (each sequence at its packed rows)."""
+    from test_quantize import _fp8_bytes
+
+    q, k, v, cu_q, cu_k = packed([37, 5, 20], [37, 5, 20], 4, 2, 64)
+    bshd = quantize_qkv_fp8_varlen(q, k, v, cu_q, cu_k, 37, 37)
+    got = quantize_qkv_fp8_varlen(q, k, v, cu_q, cu_k, 37, 37, v_keys_contiguous=True)
+    ref = quantize_qkv_fp8_varlen_reference(q, k, v, cu_q, cu_k, 37, 37, v_keys_contiguous=True)
+    assert got.v.shape == (1, 62, 2, 64) and got.v.stride() == (2 * 64 * 62, 1, 64 * 62, 62)
+    assert ref.v.stride() == got.v.stride()
+    assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(bshd.v))
+    assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(ref.v))
+    assert torch.equal(got.v_descale, bshd.v_descale)

@@ -235,3 +235,34 @@ def test_fp8_sdpa_fused_modes_gpu(monkeypatch):
         err = ((out.float() - exact).norm() / exact.norm()).item()
         err_ref = ((out_ref.float() - exact).norm() / exact.norm()).item()
         assert err <= 1.05 * err_ref + 1e-4, f"{hadamard}, smooth_k={smooth_k}, smooth_v={smooth_v}: {err} vs {err_ref}"
+
+
+@pytest.mark.parametrize("S,rope", [(4096, True), (1000, False)], ids=["4k-rope", "1000-plain"])
+def test_keys_contiguous_v_gpu(S, rope):
+    """v_keys_contiguous on the GPU: V's codes in (B, H_kv, D, S) memory equal the BSHD launch's byte for byte
+    (GQA 32/8, D 128, B 2), and fp8_sdpa's triton path gives the output the backend's own copy of a BSHD V
+    gives (at 4k the pipeline asks the quantizer for keys-contiguous V; at 1000 keys neither path does)."""
+    from hf_fp8_attention import fp8_sdpa
+    import hf_fp8_attention.attention as attention
+
+    g = torch.Generator(device="cuda").manual_seed(S)
+    q = torch.randn(2, S, 32, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    k = torch.randn(2, S, 8, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    v = (torch.randn(2, S, 8, 128, device="cuda", generator=g) + 1).bfloat16().transpose(1, 2)
+    cos = sin = None
+    if rope:
+        ang = torch.arange(S, device="cuda")[:, None] * 0.01 * torch.arange(1, 129, device="cuda")[None]
+        cos, sin = ang.cos()[None].bfloat16(), ang.sin()[None].bfloat16()
+    bshd = quantize_qkv_fp8(q, k, v, cos, sin)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, v_keys_contiguous=True)
+    assert got.v.stride(1) == 1 and got.v.shape == bshd.v.shape
+    assert torch.equal(got.v.view(torch.uint8), bshd.v.view(torch.uint8))
+    assert torch.equal(got.v_descale, bshd.v_descale)
+    fused = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
+    real = attention.triton_reads_v_keys_contiguous
+    try:
+        attention.triton_reads_v_keys_contiguous = lambda *a: False
+        copied = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
+    finally:
+        attention.triton_reads_v_keys_contiguous = real
+    assert torch.equal(fused, copied)
