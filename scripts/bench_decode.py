@@ -152,9 +152,9 @@ FA3_ROW = "FA3 bf16"
 FA3_STEP_ROW = "FA3 bf16 append+attend"
 CACHE_ROW = "fp8 cache attend"
 CACHE_STEP_ROW = "fp8 cache append+attend"
-# --static: the FP8StaticCacheLayer's rows (length on the device; K/V by TMA unless "[tma off]")
+# --static: the FP8StaticCacheLayer's rows (length on the device; its default config, and with "tma")
 STATIC_ROW = "fp8 static cache attend"
-STATIC_POINTER_ROW = "fp8 static cache attend [tma off]"
+STATIC_TMA_ROW = "fp8 static cache attend [tma]"
 STATIC_STEP_ROW = "fp8 static cache append+attend"
 STEP_ROWS = (FA3_STEP_ROW, CACHE_STEP_ROW, STATIC_STEP_ROW)  # outputs at another position: no SQNR
 
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate: also (or 'only') time bf16 and fp8_cache with cache_implementation='static': "
                         "transformers compiles the decode step (torch.compile, CUDA graphs; GPU only); fp8_cache "
                         "gets an FP8StaticCache. Attention step: adds the FP8StaticCacheLayer's rows (its "
-                        "attention with the length on the device, TMA by default and with tma off, and its "
+                        "attention with the length on the device, by default and with tma, and its "
                         "append+attend step)")
     g.add_argument("--static-bf16-attn", choices=("sdpa", "flash_attention_3", "eager"), default="sdpa",
                    help="bf16 attention of the static bf16 row (default sdpa: transformers' compiled recipe)")
@@ -611,9 +611,9 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
             st.cumulative_length.sub_(1)
             return out[:, 0]
 
-        cands.append(Candidate(STATIC_ROW, lambda: static_attend(x), FA3_ROW, "TMA (the static default)"))
-        cands.append(Candidate(STATIC_POINTER_ROW, lambda: static_attend(x, {"tma": False}), FA3_ROW,
-                               "pointer loads"))
+        cands.append(Candidate(STATIC_ROW, lambda: static_attend(x), FA3_ROW, "the static layer's default"))
+        cands.append(Candidate(STATIC_TMA_ROW, lambda: static_attend(x, {"tma": True}), FA3_ROW,
+                               "K/V by TMA where the GPU has it (sm_90+)"))
         cands.append(Candidate(STATIC_STEP_ROW, static_step, FA3_STEP_ROW,
                                "write + attend + length update, then one length decrement (a 1-thread kernel)"))
     presets = cache_config_presets()

@@ -24,7 +24,7 @@
 #                                        # caches, bf16 sdpa vs fp8; STATIC_BATCHES / STATIC_PROMPTS / STATIC_ROWS
 #                                        # (also|only) / STATIC_BF16 (sdpa|flash_attention_3) pick the runs)
 #   bash scripts/gpu_check.sh --static-decode  # FP8StaticCache GPU tests, then the decode step graph-timed with
-#                                        # the static layer's rows (TMA default, tma off, its step) (1x4k, 1x128k,
+#                                        # the static layer's rows (default, tma, its step) (1x4k, 1x128k,
 #                                        # 8x32k)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)

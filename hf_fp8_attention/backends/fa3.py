@@ -14,6 +14,7 @@ import functools
 import torch
 
 from ..quantization import QuantizedQKV
+from ..quantization.quantized import channels_contiguous
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,10 +34,10 @@ def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
     # v_descale, softmax_scale, causal, window_size_left, window_size_right, attention_chunk, softcap,
     # rotary_interleaved, scheduler_metadata, num_splits, pack_gqa, sm_margin, sinks.
     if qkv.is_varlen:  # packed sequences: (total, H, D) tensors, offsets and longest lengths, (N, H_kv) descales
-        q, k, v = qkv.q[0], qkv.k[0], qkv.v[0]
+        q, k, v = qkv.q[0], qkv.k[0], channels_contiguous(qkv.v[0])
         varlen = (qkv.cu_seqlens_q, qkv.cu_seqlens_k, None, None, None, qkv.max_seqlen_q, qkv.max_seqlen_k)
     else:
-        q, k, v = qkv.q, qkv.k, qkv.v
+        q, k, v = qkv.q, qkv.k, channels_contiguous(qkv.v)  # (a keys-contiguous V: FA3 reads BSHD)
         varlen = (None,) * 7
     out = fwd(
         q, k, v, None, None, None, None,

@@ -185,11 +185,12 @@ DECODE_PRESETS = {
 # a GPU gain of ~4 us per step at 1x128k; a cProfile puts Triton 3.6's tensor-descriptor wrapper (a Python
 # loop over all 51 arguments per launch, then the two tensor-map encodings) on it.
 TMA_DEFAULT = False
-# The static cache (calls with ``device_length``) takes TMA by default: its decode steps run as CUDA-graph
-# replays (transformers compiles them with mode "reduce-overhead"), which replay the tensor maps encoded at
-# capture, so TMA's host cost above is paid once per captured graph, not per step, and its GPU time is less
-# (1x128k: 0.084 vs 0.089 ms above).
-STATIC_TMA_DEFAULT = True
+# The static cache (calls with ``device_length``): TMA off by default too. Its steps are CUDA-graph replays,
+# which would hide TMA's host cost, but its pointer-load build is as fast: H200, session 13, graph-timed
+# (decode_attention_graph_static_h200_s13.log), static TMA vs static pointer loads: 1x4k 0.0132 vs 0.0128 ms,
+# 1x128k 0.0839 vs 0.0834, 8x32k 0.1492 vs 0.1508 (another run, stride_probe_h200_s13.log: 0.0131 vs 0.0127,
+# 0.0855 vs 0.0843, 0.1509 vs 0.1525); an eager step would pay +44-83 us of host time for nothing.
+STATIC_TMA_DEFAULT = False
 # config "pdl": the wide combine launched with programmatic dependent launch (sm_90+, not the interpreter):
 # its programs are placed while the attention's last splits run, instead of after them. Not the default:
 # H200 graph-timed, session 9 (decode_attention_graph_presets_h200_s9.log): 1x128k 0.090 vs 0.089 ms without.
@@ -461,10 +462,11 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
     with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
     for them on the GPU (the same output bit for bit).
-    "tma" (default `TMA_DEFAULT`, False, or with device_length `STATIC_TMA_DEFAULT`, True; applies to fp16 products, power-of-two D, contiguous caches, sm_90+,
-    not the interpreter; ignored elsewhere): K/V tiles loaded by TMA through tensor descriptors
-    (`cache_attn_kernel`'s TMA): less GPU time (H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms), more
-    host time per eager call (see `TMA_DEFAULT`).
+    "tma" (default `TMA_DEFAULT`, False, or with device_length `STATIC_TMA_DEFAULT`, False; applies to fp16
+    products, power-of-two D, contiguous caches, sm_90+, not the interpreter; ignored elsewhere): K/V tiles
+    loaded by TMA through tensor descriptors (`cache_attn_kernel`'s TMA): less GPU time for the dynamic
+    cache's build (H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms; the static build's pointer loads
+    are as fast, see `STATIC_TMA_DEFAULT`), more host time per eager call (see `TMA_DEFAULT`).
     "widen_v" (default True; fp16 products): V's e4m3 tile widened to fp16 in its load layout by inline
     PTX (GPU only; the interpreter takes the plain cast, the same values), so it reaches the P.V operand
     through 16-byte shared stores and ldmatrix.trans instead of one-byte shared loads (sm_90 SASS, 2 warps,
@@ -477,8 +479,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     queries' own, read on the device (the kernel's DEVICE_LEN; no host sync, one launch a CUDA graph replays
     at every length); ``length`` is then the cache's capacity, from which the grid's split count is planned
     (the kernel sizes the splits from the real length as this launcher would: the same output as a call
-    with the length given). "tma" defaults to `STATIC_TMA_DEFAULT` (True) there: the static cache's steps are
-    CUDA-graph replays, which hide its host cost. impl="torch" reads the length on the host.
+    with the length given). "tma" defaults to `STATIC_TMA_DEFAULT` (False) there. impl="torch" reads the length
+    on the host.
     """
     config = config or {}
     if device_length is not None and impl == "torch":

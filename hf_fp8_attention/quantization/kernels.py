@@ -368,8 +368,8 @@ def qkv_quantize_kernel(
     NaN), and the outputs are passed as uint8.
 
     V_KEYS_CONTIG: v's codes go to keys-contiguous (B, H_KV, HEAD_DIM, V_ROWS) memory (VARLEN: batch 1, rows
-    packed), the layout the Triton attention reads V in on Hopper, instead of BSHD; V_ROWS is S_KV (VARLEN:
-    the packed total). The same codes.
+    packed), the layout the Triton attention reads V in for long prefills, instead of BSHD; V_ROWS is S_KV
+    (VARLEN: the packed total), 0 (unread) without V_KEYS_CONTIG. The same codes.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_items + LAG are taken.
     """
@@ -554,9 +554,10 @@ def qkv_quantize_kernel(
                         v_head = h2.to(tl.int64) * HEAD_DIM * V_ROWS + out_start2 + r2
                     else:
                         v_head = (b2 * H_KV + h2).to(tl.int64) * HEAD_DIM * V_ROWS + r2
-                    cols = offs_d.to(tl.int64)[None, :] * V_ROWS
-                    tl.store(v_out_ptr + v_head + cols + out_rows[:, None], y1, mask=mask)
-                    tl.store(v_out_ptr + v_head + HALF * V_ROWS + cols + out_rows[:, None], y2, mask=mask)
+                    cols1 = offs_d.to(tl.int64)[None, :] * V_ROWS
+                    cols2 = (offs_d + HALF).to(tl.int64)[None, :] * V_ROWS
+                    tl.store(v_out_ptr + v_head + cols1 + out_rows[:, None], y1, mask=mask)
+                    tl.store(v_out_ptr + v_head + cols2 + out_rows[:, None], y2, mask=mask)
                 else:
                     out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
                     out_stride_s = n_heads2 * HEAD_DIM

@@ -1,4 +1,5 @@
-"""Launcher of the Triton FP8 Q/K/V quantization. Input BHSD (any strides), output BSHD contiguous fp8.
+"""Launcher of the Triton FP8 Q/K/V quantization. Input BHSD (any strides), output BSHD contiguous fp8 (V
+optionally keys-contiguous: a BSHD view of (B, H, D, S) memory).
 
 One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
 schedule) plus one small zero-fill of its counters. This is the only module that reads strides, allocates
@@ -104,11 +105,13 @@ def quantize_qkv_fp8(
             S_q == S_kv (prefill).
         options: `FP8AttentionOptions`, as in `quantize_qkv_fp8_reference` (hadamard needs a power-of-two D).
         v_keys_contiguous: store V's codes keys-contiguous, (B, H_kv, D, S_kv) memory, and return v as its
-            BSHD view (unit stride over keys): the layout the Triton backend reads V in on Hopper, written
-            by this launch instead of a copy afterwards. The same codes.
+            BSHD view (unit stride over keys): the layout the Triton backend reads V in for long prefills
+            (`backends.triton_reads_v_keys_contiguous`), written by this launch instead of a copy afterwards.
+            The same codes.
 
     Returns:
-        QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous; q_descale,
+        QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous (v keys-contiguous
+        with v_keys_contiguous); q_descale,
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
         float32 with smooth_v (V's centring offset, before any rotation). Identical to
         `quantize_qkv_fp8_reference` but for summation orders: the float64 sums of the offsets and, with
@@ -285,7 +288,9 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
                  bool(v_keys_contiguous))
     tensors = (q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
                blocks[0] if block_scales else buf, blocks[1] if block_scales else buf)
-    v_rows = v_out.shape[1]  # S_kv, or the packed total (the keys-contiguous layout's row count)
+    # keys-contiguous V's row count (S_kv, or the packed total); 0 otherwise (unread: no specialization, key
+    # or recompile follows a packed total that only it would carry)
+    v_rows = v_out.shape[1] if v_keys_contiguous else 0
     ints = (n_blk_q, n_blk_kv, B, H_q, H_kv, S_q, S_kv, lag, v_rows,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     # The direct launch's key (`hf_fp8_attention._launch`; the kernel specializes every int, so their exact

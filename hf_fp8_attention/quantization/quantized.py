@@ -154,6 +154,12 @@ def keys_contiguous(v: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def channels_contiguous(v: torch.Tensor) -> torch.Tensor:
+    """V with unit stride over channels, as FlashAttention's kernels take it: a keys-contiguous V
+    (`keys_contiguous`) copied back to BSHD, any other returned as it is."""
+    return v if v.stride(-1) == 1 else v.contiguous()
+
+
 def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -259,7 +259,8 @@ def quantize_qkv_fp8_varlen_reference(
         )
     v8 = cat("v", 1)
     return QuantizedQKV(
-        cat("q", 1), cat("k", 1), keys_contiguous(v8) if v_keys_contiguous else v8, cat("q_descale"), cat("k_descale"), cat("v_descale"),
+        cat("q", 1), cat("k", 1), keys_contiguous(v8) if v_keys_contiguous else v8,
+        cat("q_descale"), cat("k_descale"), cat("v_descale"),
         v_mean=cat("v_mean") if options.smooth_v else None, v_rotated=options.rotates_v,
         v_add=cat("v_add") if options.smooth_v else None,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),

@@ -371,15 +371,16 @@ def test_fa3_rows_against_the_fp8_cache(fake_fa3):
 
 
 def test_static_rows_equal_the_dynamic_cache():
-    """--static's attention rows: the FP8StaticCacheLayer's attention (length on the device, with and without
-    TMA) equals the dynamic layer's bit for bit on the same tokens, and its step (write + attend, then the
-    length put back) equals the dynamic step's and leaves the length where it was."""
+    """--static's attention rows: the FP8StaticCacheLayer's attention (length on the device; the "[tma]" row's
+    config is ignored by the torch implementation here) equals the dynamic layer's bit for bit on the same
+    tokens, and its step (write + attend, then the length put back) equals the dynamic step's and leaves the
+    length where it was."""
     x = bd.AttentionShape(2, 192, 8, 2, 64, torch.device("cpu"), 3, "torch", static=True)
     cands = {c.name: c for c in bd.attention_candidates(x, [], False, [])}
-    assert [n for n in cands if "static" in n] == [bd.STATIC_ROW, bd.STATIC_POINTER_ROW, bd.STATIC_STEP_ROW]
+    assert [n for n in cands if "static" in n] == [bd.STATIC_ROW, bd.STATIC_TMA_ROW, bd.STATIC_STEP_ROW]
     want = cands[bd.CACHE_ROW].fn()
     assert torch.equal(cands[bd.STATIC_ROW].fn(), want)
-    assert torch.equal(cands[bd.STATIC_POINTER_ROW].fn(), want)
+    assert torch.equal(cands[bd.STATIC_TMA_ROW].fn(), want)
     assert cands[bd.STATIC_ROW].baseline == bd.FA3_ROW and cands[bd.STATIC_STEP_ROW].baseline == bd.FA3_STEP_ROW
     for _ in range(2):  # twice: the step leaves the cache as it found it
         assert torch.equal(cands[bd.STATIC_STEP_ROW].fn(), cands[bd.CACHE_STEP_ROW].fn())

@@ -520,8 +520,8 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
 
     seen = []
 
-    def launch(q, k, v, outs, rope, *rest):
-        seen.append((rest[-1], qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
+    def launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous=False):
+        seen.append((options, qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
 
     saved = qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config
     monkeypatch.setattr(qkv, "_launch", launch)

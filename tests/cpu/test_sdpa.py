@@ -272,6 +272,23 @@ def test_fa4_wiring_passes_descales(monkeypatch):
         assert sqnr_db(out_qk, out) > 30.0
 
 
+def test_fa4_takes_a_keys_contiguous_v_as_bshd(monkeypatch):
+    """A QuantizedQKV whose V is keys-contiguous (`quantize_qkv_fp8(v_keys_contiguous=True)`, the triton
+    backend's layout) reaches FA4 with unit channel stride, the same values: its answer is the BSHD one's."""
+    from hf_fp8_attention import quantize_qkv_fp8_reference
+
+    fake = _RecordingFA4()
+    monkeypatch.setattr(fa4_module, "_load_kernel", lambda: fake)
+    q, k, v = _qkv(2, 4, 2, 32, 32, 64, seed=6)
+    bshd = quantize_qkv_fp8_reference(q, k, v)
+    keys = quantize_qkv_fp8_reference(q, k, v, v_keys_contiguous=True)
+    assert keys.v.stride(-1) != 1
+    want = fa4_module.fa4_fp8_attention(bshd, is_causal=True, scale=0.125, out_dtype=torch.bfloat16)
+    got = fa4_module.fa4_fp8_attention(keys, is_causal=True, scale=0.125, out_dtype=torch.bfloat16)
+    assert fake.calls[-1]["v"].stride(-1) == 1
+    assert torch.equal(got, want)
+
+
 def test_custom_op_opcheck_and_compile():
     q, k, v = _qkv(1, 4, 2, 16, 16, 64, seed=5)
     options = ("none", False, False, "head", "e4m3")

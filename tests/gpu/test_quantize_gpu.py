@@ -258,11 +258,15 @@ def test_keys_contiguous_v_gpu(S, rope):
     assert got.v.stride(1) == 1 and got.v.shape == bshd.v.shape
     assert torch.equal(got.v.view(torch.uint8), bshd.v.view(torch.uint8))
     assert torch.equal(got.v_descale, bshd.v_descale)
-    fused = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
+    asked = []
+    quantize = attention.quantize
     real = attention.triton_reads_v_keys_contiguous
     try:
+        attention.quantize = lambda *a: asked.append(a[-1]) or quantize(*a)
+        fused = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
         attention.triton_reads_v_keys_contiguous = lambda *a: False
         copied = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
     finally:
-        attention.triton_reads_v_keys_contiguous = real
+        attention.quantize, attention.triton_reads_v_keys_contiguous = quantize, real
+    assert asked == [S * 128 >= 2048 * 128, False]  # what the pipeline asked the quantizer for
     assert torch.equal(fused, copied)

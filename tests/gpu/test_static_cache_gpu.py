@@ -107,14 +107,17 @@ def test_one_cuda_graph_serves_every_length():
 
 
 @pytest.mark.parametrize("B, n", [(1, 5000), (2, 777)])
-def test_static_attention_takes_tma_by_default(B, n, monkeypatch):
-    """The static cache's attention (device length) loads K/V by TMA by default (`ops.STATIC_TMA_DEFAULT`):
-    its descriptors are built, and its output equals the pointer loads' (tma=False) and tracks the dynamic
+def test_static_attention_tma_opt_in(B, n, monkeypatch):
+    """The static cache's attention (device length) with config "tma": K/V tensor descriptors are built
+    (never by default, `ops.STATIC_TMA_DEFAULT`), and the output tracks the pointer loads' (the same operands:
+    at most 1% of outputs differ, by <= 1e-2, as `test_tma_loads_track_plain_loads` allows) and the dynamic
     layer's at the same length."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from hf_fp8_attention.kv_cache import ops
 
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90+")
     gen = torch.Generator(device=DEV).manual_seed(n)
     dyn, st = FP8CacheLayer(impl="triton"), FP8StaticCacheLayer(n + 64, impl="triton")
     q, k, v = _tokens(B, n, gen)
@@ -134,12 +137,14 @@ def test_static_attention_takes_tma_by_default(B, n, monkeypatch):
                                    scale=D**-0.5, impl="triton", rotate=st.rotate, config=config,
                                    device_length=before)
 
-    tma = attend(None)
-    assert len(built) == 2, "the static attention did not build its K/V tensor descriptors"
-    pointer = attend({"tma": False})
-    assert len(built) == 2
-    torch.testing.assert_close(tma, pointer, rtol=0, atol=1e-4)
-    _close(tma, dyn.attend(q1, c1, s1, scale=D**-0.5))
+    pointer = attend(None)
+    assert not built, "the static attention built tensor descriptors by default"
+    tma = attend({"tma": True})
+    assert len(built) == 2, "config tma did not build the K/V tensor descriptors"
+    assert torch.isfinite(tma).all()
+    assert (tma != pointer).float().mean().item() <= 0.01
+    torch.testing.assert_close(tma, pointer, rtol=1e-2, atol=1e-2)
+    _close(pointer, dyn.attend(q1, c1, s1, scale=D**-0.5))
 
 
 def test_compiled_generate_with_the_static_fp8_cache():
