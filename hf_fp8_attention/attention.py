@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from .backends import get_backend_fn, triton_reads_v_keys_contiguous
+from .backends import get_backend, get_backend_fn
 from .options import FP8AttentionOptions
 from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
 from .quantization.qkv import add_v_mean
@@ -111,8 +111,10 @@ def fp8_attention(
     # head dim
     options = options.for_keys(backend, key.shape[2] if varlen is None else max_seqlen_k)
     options = options.for_head_dim(query.shape[-1])
-    # the triton backend reads V keys-contiguous at long prefills: the quantizer writes it so (no copy)
-    v_keys = backend == "triton" and triton_reads_v_keys_contiguous(
+    # a backend that reads V keys-contiguous at this shape (triton's long prefills) gets it so from the
+    # quantizer, not by a copy of its own
+    reads_v_keys = get_backend(backend).v_keys_contiguous
+    v_keys = reads_v_keys is not None and reads_v_keys(
         query.shape[2] if varlen is None else max_seqlen_q, query.shape[1], key.shape[1],
         key.shape[2] if varlen is None else max_seqlen_k, query.shape[-1])
     with _on_device(query):

@@ -611,8 +611,9 @@ def attention_candidates(x: AttentionShape, backends: list[str], with_fa3: bool,
             st.cumulative_length.sub_(1)
             return out[:, 0]
 
-        cands.append(Candidate(STATIC_ROW, lambda: static_attend(x), FA3_ROW, "the static layer's default"))
-        cands.append(Candidate(STATIC_TMA_ROW, lambda: static_attend(x, {"tma": True}), FA3_ROW,
+        cands.append(Candidate(STATIC_ROW, lambda: cache_attend(x, static=True), FA3_ROW,
+                               "the static layer's default"))
+        cands.append(Candidate(STATIC_TMA_ROW, lambda: cache_attend(x, {"tma": True}, static=True), FA3_ROW,
                                "K/V by TMA where the GPU has it (sm_90+)"))
         cands.append(Candidate(STATIC_STEP_ROW, static_step, FA3_STEP_ROW,
                                "write + attend + length update, then one length decrement (a 1-thread kernel)"))
@@ -665,25 +666,18 @@ def cache_config_fn(x: AttentionShape, config: dict, num_splits: int | None = No
     return lambda: cache_attend(x, config, num_splits)
 
 
-def cache_attend(x, config=None, num_splits=None):
-    """The attention launch of a decode step from the FP8 cache (`AttentionShape.attend_args`), -> (B, H_q, D)."""
+def cache_attend(x, config=None, num_splits=None, static=False):
+    """The attention launch of a decode step from the FP8 cache (`AttentionShape.attend_args`), -> (B, H_q, D).
+    ``static``: from the static layer of ``x``, the length read on the device (`FP8StaticCacheLayer`'s launch,
+    its split count planned from the capacity)."""
     from hf_fp8_attention.kv_cache import ops
 
-    layer = x.layer
-    return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, layer.length,
+    layer = x.static if static else x.layer
+    length, device_length = (layer.k8.shape[2], x.static_before) if static else (layer.length, None)
+    return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, length,
                                scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
-                               out_dtype=torch.bfloat16, q_descale=x.attend_descale)[:, 0]
-
-
-def static_attend(x, config=None):
-    """`cache_attend` from the static layer of ``x``: the length read on the device (`FP8StaticCacheLayer`'s
-    attention launch, split count planned from its capacity), -> (B, H_q, D)."""
-    from hf_fp8_attention.kv_cache import ops
-
-    st = x.static
-    return ops.cache_attention(*x.attend_args, st.k8, st.k_desc, st.v8, st.v_desc, st.k8.shape[2], scale=x.scale,
-                               impl=st.impl, config=config, rotate=False, out_dtype=torch.bfloat16,
-                               q_descale=x.attend_descale, device_length=x.static_before)[:, 0]
+                               out_dtype=torch.bfloat16, q_descale=x.attend_descale,
+                               device_length=device_length)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:

@@ -34,6 +34,9 @@ class Backend:
     native_varlen: runs packed sequences in one launch (else one call per sequence).
     block_scales: takes per-block Q/K scales (``qk_scales="block"``).
     int8_qk: takes int8 Q/K with per-block scales (``qk_format="int8"``).
+    v_keys_contiguous: None, or ``(s_q, h_q, h_kv, s_kv, head_dim) -> bool``: the shapes at which the backend
+        reads V keys-contiguous (`quantization.quantized.keys_contiguous`), which the pipeline then has the
+        quantizer write (`attention.fp8_attention`).
     """
 
     name: str
@@ -45,6 +48,7 @@ class Backend:
     native_varlen: bool
     block_scales: bool
     int8_qk: bool
+    v_keys_contiguous: Callable[[int, int, int, int, int], bool] | None = None
 
     @property
     def needs_cuda(self) -> bool:
@@ -64,6 +68,19 @@ class Backend:
         return fn if self.native_varlen else _per_sequence(fn)
 
 
+# The triton backend's V layout. Query rows per KV head (S_q * H_q / H_kv) up to which it runs its decode path
+# (small tiles, split keys; BSHD V); prefill reads V keys-contiguous from S_kv * D of this on (H100, triton 3.6:
+# the on-chip transpose of BSHD V tiles halves the kernel's speed; a copy costs more only below it).
+TRITON_DECODE_MAX_ROWS = 64
+TRITON_V_KEYS_MIN_KEYS_X_DIM = 2048 * 128
+
+
+def triton_reads_v_keys_contiguous(s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int) -> bool:
+    """Whether the triton backend reads V keys-contiguous at this shape (copying a BSHD V first): its
+    registry record's ``v_keys_contiguous``."""
+    return s_q * (h_q // h_kv) > TRITON_DECODE_MAX_ROWS and s_kv * dim >= TRITON_V_KEYS_MIN_KEYS_X_DIM
+
+
 REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -78,7 +95,7 @@ REGISTRY: dict[str, Backend] = {
         # Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
                 package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
-                int8_qk=True),
+                int8_qk=True, v_keys_contiguous=triton_reads_v_keys_contiguous),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
                 min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True),
     )
@@ -113,19 +130,6 @@ def _per_sequence(fn: BackendFn) -> BackendFn:
         return torch.cat(parts, dim=1)
 
     return run
-
-
-# The triton backend's V layout. Query rows per KV head (S_q * H_q / H_kv) up to which it runs its decode path
-# (small tiles, split keys; BSHD V); prefill reads V keys-contiguous from S_kv * D of this on (H100, triton 3.6:
-# the on-chip transpose of BSHD V tiles halves the kernel's speed; a copy costs more only below it).
-TRITON_DECODE_MAX_ROWS = 64
-TRITON_V_KEYS_MIN_KEYS_X_DIM = 2048 * 128
-
-
-def triton_reads_v_keys_contiguous(s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int) -> bool:
-    """Whether the triton backend reads V keys-contiguous at this shape (copying a BSHD V first): what
-    `attention.fp8_attention` asks the quantizer to write, so that no copy is made."""
-    return s_q * (h_q // h_kv) > TRITON_DECODE_MAX_ROWS and s_kv * dim >= TRITON_V_KEYS_MIN_KEYS_X_DIM
 
 
 def get_backend(name: str) -> Backend:

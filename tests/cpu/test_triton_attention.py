@@ -148,6 +148,8 @@ def test_quantizer_writes_the_v_layout_the_backend_reads(monkeypatch):
     """A prefill the triton backend reads V keys-contiguous for (thresholds lowered to a tiny shape): the
     fused pipeline has the quantizer write V so, and the backend gets a unit key stride (no copy of its own);
     the output equals the pipeline whose quantizer writes BSHD V (then copied by the backend) bit for bit."""
+    import dataclasses
+
     import hf_fp8_attention.attention as attention
     import hf_fp8_attention.backends as backends
     from hf_fp8_attention.options import FP8AttentionOptions
@@ -173,7 +175,9 @@ def test_quantizer_writes_the_v_layout_the_backend_reads(monkeypatch):
 
     assert backends.triton_reads_v_keys_contiguous(48, 4, 2, 48, 64)
     fused = run()
-    monkeypatch.setattr(attention, "triton_reads_v_keys_contiguous", lambda *a: False)
+    # the triton record without its V layout: the quantizer writes BSHD V, the backend copies it
+    monkeypatch.setitem(backends.REGISTRY, "triton",
+                        dataclasses.replace(backends.REGISTRY["triton"], v_keys_contiguous=None))
     copied = run()
     assert seen == [1, 2 * 64]  # keys-contiguous from the quantizer, then BSHD (the backend copies it)
     assert torch.equal(fused, copied)

@@ -242,8 +242,11 @@ def test_keys_contiguous_v_gpu(S, rope):
     """v_keys_contiguous on the GPU: V's codes in (B, H_kv, D, S) memory equal the BSHD launch's byte for byte
     (GQA 32/8, D 128, B 2), and fp8_sdpa's triton path gives the output the backend's own copy of a BSHD V
     gives (at 4k the pipeline asks the quantizer for keys-contiguous V; at 1000 keys neither path does)."""
-    from hf_fp8_attention import fp8_sdpa
+    import dataclasses
+
     import hf_fp8_attention.attention as attention
+    import hf_fp8_attention.backends as backends
+    from hf_fp8_attention import fp8_sdpa
 
     g = torch.Generator(device="cuda").manual_seed(S)
     q = torch.randn(2, S, 32, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
@@ -260,13 +263,14 @@ def test_keys_contiguous_v_gpu(S, rope):
     assert torch.equal(got.v_descale, bshd.v_descale)
     asked = []
     quantize = attention.quantize
-    real = attention.triton_reads_v_keys_contiguous
+    record = backends.REGISTRY["triton"]
     try:
         attention.quantize = lambda *a: asked.append(a[-1]) or quantize(*a)
         fused = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
-        attention.triton_reads_v_keys_contiguous = lambda *a: False
+        # the triton record without its V layout: BSHD V from the quantizer, copied by the backend
+        backends.REGISTRY["triton"] = dataclasses.replace(record, v_keys_contiguous=None)
         copied = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
     finally:
-        attention.quantize, attention.triton_reads_v_keys_contiguous = quantize, real
+        attention.quantize, backends.REGISTRY["triton"] = quantize, record
     assert asked == [S * 128 >= 2048 * 128, False]  # what the pipeline asked the quantizer for
     assert torch.equal(fused, copied)
