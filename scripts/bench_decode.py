@@ -524,11 +524,16 @@ class AttentionShape:
         # the attention launch's query as a decode step hands it over: with a rotating cache, the fp16 operand
         # and row descales the write launch prepares (RoPE, rotation, row scale; here by the torch
         # reference, the same values), else un-rotated with the rotary tables (RoPE in the attention kernel)
+        # and, with a rotating cache, the length as the write launch stores it for the attention launch
+        # (`FP8CacheLayer.append_attend`: the DEVICE_LEN build reads it; attend-only: the query is the last
+        # cached, so the tokens before it are S - 1)
+        self.dynamic_before = None
         if self.layer.rotate:
             from hf_fp8_attention.kv_cache import reference as cache_reference
 
             q_op, q_desc = cache_reference.prepare_queries(self.q_raw, self.cos_q, self.sin_q, rotate=True)
             self.attend_args, self.attend_descale = (q_op, None, None), q_desc
+            self.dynamic_before = torch.full((), S - 1, dtype=torch.int64, device=device)
         else:
             self.attend_args, self.attend_descale = (self.q_raw, self.cos_q, self.sin_q), None
 
@@ -667,13 +672,14 @@ def cache_config_fn(x: AttentionShape, config: dict, num_splits: int | None = No
 
 
 def cache_attend(x, config=None, num_splits=None, static=False):
-    """The attention launch of a decode step from the FP8 cache (`AttentionShape.attend_args`), -> (B, H_q, D).
-    ``static``: from the static layer of ``x``, the length read on the device (`FP8StaticCacheLayer`'s launch,
-    its split count planned from the capacity)."""
+    """The attention launch of a decode step from the FP8 cache (`AttentionShape.attend_args`), -> (B, H_q, D),
+    as `FP8CacheLayer.append_attend` launches it (with a rotating cache: the length read on the device, its
+    split count planned from the host length). ``static``: from the static layer of ``x`` (`FP8StaticCacheLayer`'s
+    launch, its split count planned from the capacity)."""
     from hf_fp8_attention.kv_cache import ops
 
     layer = x.static if static else x.layer
-    length, device_length = (layer.k8.shape[2], x.static_before) if static else (layer.length, None)
+    length, device_length = (layer.k8.shape[2], x.static_before) if static else (layer.length, x.dynamic_before)
     return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, length,
                                scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
                                out_dtype=torch.bfloat16, q_descale=x.attend_descale,

@@ -18,7 +18,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
 
     python scripts/bench_quantize.py                      # S = 4k, 16k, 32k, 128k; H 32/32 and 32/8
     python scripts/bench_quantize.py --rope --seqlens 16384
-    python scripts/bench_quantize.py --sweep              # programs/SM x lag at S = 16k (tuning)
+    python scripts/bench_quantize.py --sweep              # scheduling constants at S = 16k, 64k (tuning)
     python scripts/bench_quantize.py --impl some.module   # another module's quantize_qkv_fp8, same table
     python scripts/bench_quantize.py --rope --compare old.qkv --rounds 5   # side by side with another copy, in turns
     python scripts/bench_quantize.py --modes              # accuracy modes (S 4k/16k/32k), then --configs
@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="table: also time this module's quantize_qkv_fp8 on the same inputs (e.g. an older copy "
                         "of hf_fp8_attention.quantization.qkv), print the speedup and whether the outputs are equal")
     p.add_argument("--sweep", action="store_true",
-                   help="time the launcher constants (_PROGRAMS_PER_SM, _LAG_PER_PROGRAM) at S=16k")
+                   help="time the launcher's scheduling constants (SWEEP_GRID) at --seqlens (default 16k, 64k)")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
     p.add_argument("--modes", action="store_true", help="ms, GB/s and %% of copy per accuracy mode, then --configs")
     p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
@@ -193,29 +193,69 @@ def table(fn, args, other=None):
         print(f"host, H {heads}, S=128: {launch:.1f} us/call launched, {synced:.1f} us/call synchronized")
 
 
+# --sweep: the launcher's scheduling constants (qkv.py), each list's first value is not necessarily today's
+SWEEP_GRID = {
+    "_PROGRAMS_PER_SM": (3, 8),
+    "_LAG_PER_PROGRAM": (0.05, 0.15, 0.5),
+    "_CHUNK": (2, 4, 8),
+    "_INTERLEAVE": (None, False),
+}
+SWEEP_MODES = ("rope", "rope+qk")
+
+
 def sweep(args):
-    """Times the launcher's scheduling constants at S=16k for each head configuration."""
+    """Times the launcher's scheduling constants (`SWEEP_GRID`: programs per SM, LAG slack per program, tiles
+    per item from 16k rows, the interleaved q/k order) for modes `SWEEP_MODES` at --seqlens (default 16k and
+    64k) for each head configuration; prints each config's P1 -> P2 window (LAG items x item bytes, bf16) and,
+    per shape and mode, the fastest config next to today's. The module is restored afterwards."""
     from hf_fp8_attention.quantization import qkv
 
-    fn = qkv.quantize_qkv_fp8
-    names = ("_PROGRAMS_PER_SM", "_LAG_PER_PROGRAM")
+    names = tuple(SWEEP_GRID)
     saved = {n: getattr(qkv, n) for n in names}
-    print("| H_q/H_kv | programs/SM | lag/program | ms | GB/s | % of copy |")
-    print("|---|---|---|---|---|---|")
+    best = {}
+    print("| H_q/H_kv | S | mode | " + " | ".join(n.strip("_").lower() for n in names)
+          + " | window MiB | ms | % of copy |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
     try:
         for heads in args.heads:
-            inputs = make_inputs(16384, *_heads(heads), args.head_dim, args.rope)
-            copy = copy_gbs(*inputs[:3], 50)
-            inputs = inputs if args.rope else inputs[:3]
-            for config in itertools.product((2, 4, 8), (0.25, 0.5, 1.0)):
-                for name, value in zip(names, config):
-                    setattr(qkv, name, value)
-                ms = device_ms(fn, inputs, 50)
-                print(f"| {heads} | {' | '.join(map(str, config))} | {ms:.3f} | {rate(ms, traffic(*inputs), copy)} |",
-                      flush=True)
+            H_q, H_kv = _heads(heads)
+            for S in args.seqlens or [16384, 65536]:
+                q, k, v, cos, sin = make_inputs(S, H_q, H_kv, args.head_dim, rope=True)
+                copy = copy_gbs(q, k, v, 50)
+                for config in itertools.product(*SWEEP_GRID.values()):
+                    for name, value in zip(names, config):
+                        setattr(qkv, name, value)
+                    chunk = qkv._CHUNK if S >= qkv._CHUNK_LONG_ROWS else qkv._CHUNK_SHORT
+                    interleave = (S >= qkv._INTERLEAVE_ROWS) if qkv._INTERLEAVE is None else qkv._INTERLEAVE
+                    _, block_s, _, _ = qkv._tile_config(args.head_dim, True)
+                    n_prog, lag = qkv._schedule(1, H_q, H_kv, S, S, block_s, qkv._num_sms(q.device), chunk,
+                                                interleave)
+                    window = lag * chunk * block_s * args.head_dim * 2 / 2**20
+                    for mode in SWEEP_MODES:
+                        ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, mode, 50)
+                        pct = 100 * sum(nbytes) / ms / 1e6 / copy
+                        today = config == tuple(saved.values())
+                        key = (heads, S, mode)
+                        if key not in best or ms < best[key][0]:
+                            best[key] = (ms, pct, config)
+                        if today:
+                            best[key + ("today",)] = (ms, pct, config)
+                        print(f"| {heads} | {S} | {mode} | {' | '.join(map(str, config))}{' *' if today else ''} "
+                              f"| {window:.0f} | {ms:.3f} | {pct:.0f}% |", flush=True)
+                del q, k, v, cos, sin
+                torch.cuda.empty_cache()
     finally:
         for name, value in saved.items():
             setattr(qkv, name, value)
+    print("\nfastest config per shape and mode (" + ", ".join(names) + "), against today's:")
+    print("| H_q/H_kv | S | mode | fastest | ms | % of copy | today ms | today % of copy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, (ms, pct, config) in best.items():
+        if key[-1] == "today":
+            continue
+        t = best.get(key + ("today",))
+        today = f"{t[0]:.3f} | {t[1]:.0f}%" if t else "- | -"
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {config} | {ms:.3f} | {pct:.0f}% | {today} |")
 
 
 # name -> (rope, quantize_qkv_fp8 options). Each mode names everything it switches on (the defaults are

@@ -170,6 +170,7 @@ def cache_write_kernel(
     Q_src=None, Q_out=None, Q_desc=None, stride_qb=0, stride_qs=0, stride_qh=0,
     PREP_Q: tl.constexpr = False, GROUP: tl.constexpr = 1, Q_ROWS: tl.constexpr = 16,
     Len=None, capacity=0, tail_slot_stride=0, DEVICE_LEN: tl.constexpr = False,
+    Len_out=None, LEN_OUT: tl.constexpr = False,
 ):
     """Grid: (number of blocks touched, B * H).
 
@@ -195,12 +196,18 @@ def cache_write_kernel(
     ((length + n_new) // KV_BLOCK) % 2 of the Tail_out ones. With n_new <= KV_BLOCK those are one program
     (it loads the tail before the block's amax reduction and stores it after) or two programs on two
     slots; a longer write must read from a copy of the tails (the launcher's job).
+    LEN_OUT (the dynamic cache's decode step, not with DEVICE_LEN): the first program also stores ``length``
+    (the tokens cached before these) into Len_out, an int64 scalar tensor, for the `cache_attn_kernel`
+    launch that follows on the stream to read as its DEVICE_LEN length (that build is faster on the H200).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     HALF: tl.constexpr = HEAD_DIM // 2
+    if LEN_OUT:
+        tl.static_assert(not DEVICE_LEN)
+        tl.store(Len_out, length.to(tl.int64), mask=(blk == 0) & (bh == 0))
     if DEVICE_LEN:
         length = tl.load(Len).to(tl.int32)
         slot_in = ((length // KV_BLOCK) % 2).to(tl.int64) * tail_slot_stride

@@ -106,6 +106,9 @@ class FP8CacheLayer(CacheLayerMixin):
                              "use hadamard=False or None")
         self.rotate = ops.rotatable(D) if self.hadamard is None else bool(self.hadamard)
         self._allocate(B, H, D, 0)
+        # the decode step's length on the device: stored by its write launch, read by its attention launch
+        # (`append_attend`; the DEVICE_LEN build, less GPU time than a length argument's)
+        self._length_dev = torch.zeros((), dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
     def _allocate(self, B: int, H: int, D: int, capacity: int) -> None:
@@ -142,19 +145,22 @@ class FP8CacheLayer(CacheLayerMixin):
         return 0 if self.k8 is None else self.k8.shape[2]
 
     def memory_bytes(self) -> int:
-        """Bytes this layer holds on its device (codes, descales, tails; spare capacity included)."""
+        """Bytes this layer holds on its device (codes, descales, tails, the length scalar; spare capacity
+        included)."""
         if self.k8 is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.k8, self.v8, self.k_desc, self.v_desc, self.tails))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.k8, self.v8, self.k_desc, self.v_desc, self.tails, self._length_dev))
 
     # --- writes --------------------------------------------------------------------------------------------
 
     def append(self, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None, *, query: torch.Tensor | None = None,
-               q_out: torch.Tensor | None = None, q_desc_out: torch.Tensor | None = None) -> None:
+               q_out: torch.Tensor | None = None, q_desc_out: torch.Tensor | None = None,
+               length_out: torch.Tensor | None = None) -> None:
         """Quantize and store key/value (B, H, n, D) after the cached tokens; with cos/sin (B or 1, n, D) the
         keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first. query / q_out /
-        q_desc_out: see `ops.write_blocks` (what `append_attend` uses)."""
+        q_desc_out / length_out: see `ops.write_blocks` (what `append_attend` uses)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, H, _, D = self.k8.shape
@@ -169,7 +175,7 @@ class FP8CacheLayer(CacheLayerMixin):
         tail_out = tail_in if self.impl == "torch" else self.tails[1 - self._tail_index]
         ops.write_blocks(key, value, cos, sin, self.k8, self.v8, self.k_desc, self.v_desc, tail_in, tail_out,
                          self.length, impl=self.impl, rotate=self.rotate, query=query, q_out=q_out,
-                         q_desc_out=q_desc_out)
+                         q_desc_out=q_desc_out, length_out=length_out)
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
@@ -181,7 +187,9 @@ class FP8CacheLayer(CacheLayerMixin):
         `append` then `attend` give. A decode step (n * H_q / H <= `ops.FP16_MAX_ROWS` query rows per KV
         head) on the kernels of a rotating cache hands the queries to the write launch, which stores them as
         the attention's fp16 operand with RoPE, the rotation and the row scales applied, so that the split
-        programs of the attention launch do not each prepare them again (the same values)."""
+        programs of the attention launch do not each prepare them again (the same values), and stores the
+        cached length before the new tokens in a device scalar that the attention launch reads (its DEVICE_LEN
+        build: less GPU time, the same output; `ops.cache_attention`'s device_length)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, n, H_q, D = query.shape
@@ -191,9 +199,10 @@ class FP8CacheLayer(CacheLayerMixin):
             return self.attend(query, cos, sin, scale=scale)
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
-        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc)
+        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=self._length_dev)
         return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
-                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc)
+                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc,
+                                   device_length=self._length_dev)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized

@@ -33,7 +33,7 @@ def rotatable(head_dim: int) -> bool:
 
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
                  rotate: bool, query=None, q_out=None, q_desc_out=None,
-                 device_length: torch.Tensor | None = None) -> None:
+                 device_length: torch.Tensor | None = None, length_out: torch.Tensor | None = None) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
     first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
     e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
@@ -50,8 +50,20 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     tensor's value, read on the device (no host sync: a CUDA graph replays the launch at every length;
     ``length`` is ignored), and tail_in / tail_out are (2, 2, B, H, KV_BLOCK, D) parity slots (the
     kernel's DEVICE_LEN): tail_out the layer's, tail_in the same tensor or, for n > KV_BLOCK, a copy of it.
-    impl="torch" reads the length on the host."""
+    impl="torch" reads the length on the host.
+
+    length_out (not with device_length): an int64 scalar tensor on the cache's device that receives
+    ``length`` (the tokens cached before these), written by the same launch (the kernel's LEN_OUT), for a
+    following `cache_attention(..., device_length=length_out)` of these tokens' queries."""
     n = key.shape[2]
+    if length_out is not None:
+        if device_length is not None:
+            raise ValueError("write_blocks: length_out is for a host length, not with device_length")
+        if length_out.dtype != torch.int64 or length_out.numel() != 1 or length_out.device != k8.device:
+            raise ValueError("write_blocks(length_out=...) takes a one-element int64 tensor on the cache's device, "
+                             f"got {length_out.dtype} of {length_out.numel()} elements on {length_out.device}")
+        if impl == "torch":
+            length_out.fill_(length)
     if device_length is not None and impl == "torch":
         length = int(device_length)
         tail_in = tail_in[length // KV_BLOCK % 2]
@@ -127,13 +139,16 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
     # do-not-specialize ints (length, n, the descale strides): the dtypes, the specialized ints' values,
     # the constexprs, the pointers' alignment (Q_ROWS varies with n only where PREP_Q).
     key_ = None
+    len_out = length_out is not None
+    if len_out:
+        consts.update(Len_out=length_out, LEN_OUT=True)
     if static:  # the static cache's launches are few (CUDA-graph replays): always through the JIT
         consts.update(Len=device_length, capacity=k8.shape[2], tail_slot_stride=slot_stride, DEVICE_LEN=True)
     elif _launch.wanted(k8) and _launch.aligned(key, value, cos, sin, k8, v8, k_desc, v_desc, *tails, q_src, q_o,
-                                                q_d):
+                                                q_d, *((length_out,) if len_out else ())):
         key_ = (k8.device, key.dtype, value.dtype, cos.dtype, sin.dtype, q_src.dtype, k8.dtype, v8.dtype,
                 k_desc.dtype, v_desc.dtype, tail_in.dtype, tail_out.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs, rope,
-                bool(rotate), prep_q, group, consts["Q_ROWS"], D)
+                bool(rotate), prep_q, group, consts["Q_ROWS"], D, len_out)
     with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
         _launch.launch(kernels.cache_write_kernel, key_, (n_blocks, B * H), args, consts)
 
@@ -475,12 +490,16 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     The same operand values; on the H200 the P.V dot's summation can differ in the last bit (1-10 of
     4096-32768 outputs, <= 6e-5).
 
-    device_length (the static cache): an int64 scalar tensor holding the number of tokens cached before the
-    queries' own, read on the device (the kernel's DEVICE_LEN; no host sync, one launch a CUDA graph replays
-    at every length); ``length`` is then the cache's capacity, from which the grid's split count is planned
+    device_length: an int64 scalar tensor holding the number of tokens cached before the queries' own, read on
+    the device (the kernel's DEVICE_LEN build). The static cache: no host sync, one launch a CUDA graph replays
+    at every length; ``length`` is then the cache's capacity, from which the grid's split count is planned
     (the kernel sizes the splits from the real length as this launcher would: the same output as a call
-    with the length given). "tma" defaults to `STATIC_TMA_DEFAULT` (False) there. impl="torch" reads the length
-    on the host.
+    with the length given). The dynamic cache's decode step (`FP8CacheLayer.append_attend`): ``length`` is
+    the real length, and the tensor holds ``length - S_q``, stored by the write launch before it
+    (`write_blocks(length_out=...)`): the same output; the DEVICE_LEN build took less GPU time on the H200
+    (session 14, graph-timed, GQA 32/8: 1x128k 84.3 vs 89.1 us, 8x32k 152.5 vs 155.1, 1x4k 11.7 vs 13.3;
+    docs/results/devlen_probe_h200_s14.log). "tma" defaults to `STATIC_TMA_DEFAULT` (False) there. impl="torch"
+    reads the length on the host.
     """
     config = config or {}
     if device_length is not None and impl == "torch":
@@ -546,7 +565,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
             PREFETCH_DESC=bool(config.get("prefetch_desc", config.get("block_n", KV_BLOCK) == KV_BLOCK)),
             WIDEN_V=bool(config.get("widen_v", True)) and not interp,
             ROTATE_Q=bool(rotate), INV_SQRT_D=D**-0.5, ROT_F32=interp and query.dtype == torch.bfloat16,
-            Q_PREPARED=q_descale is not None,
+            Q_PREPARED=q_descale is not None, DEVICE_LEN=device_length is not None,
             # 2 warps for decode tiles (H200 sweeps, docs/results/kv_cache_debug_sweep_h200.log and
             # decode_flags_h200_s5.log: 2 warps beat 4 at every decode shape)
             num_warps=config.get("num_warps", 8 if block_m >= 128 else (2 if block_m <= 16 else 4)),
@@ -555,6 +574,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         )
 
         q_desc = out if q_descale is None else q_descale  # never read unless Q_PREPARED
+        # DEVICE_LEN's tensor and capacity: launch arguments, not in the keys (capacity is not specialized)
+        len_args = {} if device_length is None else dict(Len=device_length, capacity=k8.shape[2])
         k_src, v_src = k8, v8
         tma_default = TMA_DEFAULT if device_length is None else STATIC_TMA_DEFAULT
         if (config.get("tma", tma_default) and not qk_fp8 and D == dim_pad and on_gpu
@@ -603,7 +624,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                                            (out, part, part, o_sb, o_ss, H_kv, S_q, 2), dim_pad,
                                            _wide_shape(group, D, dim_pad, warm["PDL"]))
                     residency = _residency(kernels.cache_attn_kernel, query.device, key,
-                                           args(part, part, warm_counter, KV_BLOCK), {**warm, "Q_desc": q_desc})
+                                           args(part, part, warm_counter, KV_BLOCK),
+                                           {**warm, "Q_desc": q_desc, **len_args})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
             wave_splits = pick_num_splits(_LONG, m_tiles * bh, sms, config, residency)
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
@@ -626,12 +648,13 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         pdl = on_gpu and _pdl_on(config, wide_combine, query.device)
         consts["SPLIT"], consts["FUSED_COMBINE"], consts["PDL"] = split, fused, pdl
         key = None  # the direct launch's (`_launch`): S_q, S_kv, keys_per_split and the descale strides vary
-        if device_length is not None:  # the static cache: the JIT (few launches: CUDA-graph replays)
-            consts.update(Len=device_length, capacity=k8.shape[2], DEVICE_LEN=True)
-        elif _launch.wanted(query) and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part,
-                                                     counter, q_desc):
+        dev_len = device_length is not None
+        if _launch.wanted(query) and _launch.aligned(query, cos, sin, k8, v8, k_desc, v_desc, out, o_part, ml_part,
+                                                     counter, q_desc, *((device_length,) if dev_len else ())):
             key = (query.device, query.dtype, cos.dtype, sin.dtype, out.dtype, q_desc.dtype, k8.dtype, v8.dtype,
-                   k_desc.dtype, v_desc.dtype, qs, cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()))
+                   k_desc.dtype, v_desc.dtype, qs, cos_strides, ks[0], ks[1], o_sb, o_ss, H_kv, tuple(consts.values()),
+                   device_length.dtype if dev_len else None)
+        consts.update(len_args)
         consts["Q_desc"] = q_desc
         launch_args = args(o_part, ml_part, counter, keys_per_split)
         _launch.launch(kernels.cache_attn_kernel, key, (m_tiles, bh, num_splits), launch_args, consts)

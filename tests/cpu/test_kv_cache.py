@@ -494,6 +494,58 @@ def test_hadamard_rotation_of_the_cache():
     assert not auto.rotate
 
 
+def test_decode_step_reads_its_length_from_the_device(monkeypatch):
+    """The fused decode step's write launch stores the cached length before the new token (LEN_OUT) and its
+    attention launch reads it (DEVICE_LEN), split over several key ranges: the output and storage equal
+    `append` then `attend` (a host length argument) bit for bit, at lengths across a block boundary."""
+    from hf_fp8_attention import _launch
+
+    launches = []
+    real = _launch.launch
+
+    def spy(fn, key, grid, args, kwargs):
+        launches.append((fn.fn.__name__, grid, kwargs.get("DEVICE_LEN", False), kwargs.get("LEN_OUT", False)))
+        return real(fn, key, grid, args, kwargs)
+
+    monkeypatch.setattr(_launch, "launch", spy)
+    gen = torch.Generator().manual_seed(3)
+    D = 64
+    fused, plain = FP8CacheLayer(impl="triton"), FP8CacheLayer(impl="triton")
+    length = _fill([fused, plain], [1086], B=1, H=2, D=D)
+    for _ in range(3):  # 1086 -> 1089: crosses the block boundary at 1088
+        k = torch.randn(1, 2, 1, D, generator=gen).half()
+        v = torch.randn(1, 2, 1, D, generator=gen).half()
+        q = torch.randn(1, 1, 8, D, generator=gen).half()
+        cos, sin = _rope(1, length, D, torch.float16)
+        launches.clear()
+        got = fused.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+        step = list(launches)
+        plain.append(k, v, cos, sin)
+        want = plain.attend(q, cos, sin, scale=D**-0.5)
+        assert int(fused._length_dev) == length
+        length += 1
+        assert torch.equal(got, want)
+        _assert_same_storage(fused, plain)
+        writes = [x for x in step if x[0] == "cache_write_kernel"]
+        attns = [x for x in step if x[0] == "cache_attn_kernel"]
+        assert len(writes) == 1 and writes[0][3] and not writes[0][2]
+        assert len(attns) == 1 and attns[0][2] and attns[0][1][2] > 1, step  # DEVICE_LEN, split
+    # write_blocks refuses a length_out it cannot write or that contradicts a device length
+    args = (k, v, None, None, fused.k8, fused.v8, fused.k_desc, fused.v_desc, fused.tails[0], fused.tails[1],
+            fused.length)
+    with pytest.raises(ValueError, match="int64"):
+        ops.write_blocks(*args, impl="triton", rotate=True, length_out=torch.zeros((), dtype=torch.int32))
+    with pytest.raises(ValueError, match="not with device_length"):
+        ops.write_blocks(*args, impl="triton", rotate=True, length_out=fused._length_dev,
+                         device_length=fused._length_dev)
+    # the torch implementation fills it on the host's word
+    out = torch.zeros((), dtype=torch.int64)
+    ref = FP8CacheLayer(impl="torch")
+    _fill([ref], [5], B=1, H=2, D=D)
+    ref.append(k, v, length_out=out)
+    assert int(out) == 5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_append_attend_equals_append_then_attend(dtype):
     """A decode step of a rotating cache on the kernels (`append_attend`: the write launch stores the queries
@@ -512,6 +564,8 @@ def test_append_attend_equals_append_then_attend(dtype):
             q = torch.randn(2, s_q, 8, D, generator=gen).to(dtype)
             cos, sin = _rope(s_q, length, D, dtype)
             got = fused.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+            if impl == "triton" and s_q * 4 <= ops.FP16_MAX_ROWS:  # the fused step: its length on the device
+                assert int(fused._length_dev) == length, (s_q, int(fused._length_dev), length)
             plain.append(k, v, cos, sin)
             want = plain.attend(q, cos, sin, scale=D**-0.5)
             length += s_q
