@@ -79,6 +79,9 @@ class FP8CacheLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = True
+    # The decode step (`append_attend`) hands its length to the attention launch on the device (True) or as
+    # an argument (False: the build before session 14; benchmarks compare the two)
+    DEVICE_LENGTH = True
 
     def __init__(self, impl: str | None = None, hadamard: bool | None = None, **kwargs):
         super().__init__()
@@ -199,10 +202,11 @@ class FP8CacheLayer(CacheLayerMixin):
             return self.attend(query, cos, sin, scale=scale)
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
-        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=self._length_dev)
+        dev_len = self._length_dev if self.DEVICE_LENGTH else None
+        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=dev_len)
         return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
                                    scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc,
-                                   device_length=self._length_dev)
+                                   device_length=dev_len)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized
