@@ -160,10 +160,11 @@ class FP8CacheLayer(CacheLayerMixin):
     def append(self, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None, *, query: torch.Tensor | None = None,
                q_out: torch.Tensor | None = None, q_desc_out: torch.Tensor | None = None,
-               length_out: torch.Tensor | None = None) -> None:
+               length_out: torch.Tensor | None = None, warm_only: bool = False) -> None:
         """Quantize and store key/value (B, H, n, D) after the cached tokens; with cos/sin (B or 1, n, D) the
         keys are un-rotated and the write applies RoPE (float32, rotate-half convention) first. query / q_out /
-        q_desc_out / length_out: see `ops.write_blocks` (what `append_attend` uses)."""
+        q_desc_out / length_out / warm_only: see `ops.write_blocks` (what `append_attend` uses; warm_only
+        reserves the room and compiles the write build, nothing else changes)."""
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         B, H, _, D = self.k8.shape
@@ -178,7 +179,9 @@ class FP8CacheLayer(CacheLayerMixin):
         tail_out = tail_in if self.impl == "torch" else self.tails[1 - self._tail_index]
         ops.write_blocks(key, value, cos, sin, self.k8, self.v8, self.k_desc, self.v_desc, tail_in, tail_out,
                          self.length, impl=self.impl, rotate=self.rotate, query=query, q_out=q_out,
-                         q_desc_out=q_desc_out, length_out=length_out)
+                         q_desc_out=q_desc_out, length_out=length_out, warm_only=warm_only)
+        if warm_only:
+            return
         if tail_out is not tail_in:
             self._tail_index = 1 - self._tail_index
         self.length += n
@@ -203,6 +206,20 @@ class FP8CacheLayer(CacheLayerMixin):
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
         dev_len = self._length_dev if self.DEVICE_LENGTH else None
+        if ops.CONCURRENT_WARMUP:  # a new geometry's first step: its write and attention builds compile side by side
+            step_key = (query.device, query.dtype, key.dtype, value.dtype, tuple(query.shape), tuple(key.shape),
+                        key.stride(), value.stride(), query.stride(), None if cos is None else (cos.dtype, cos.shape[0]),
+                        self.rotate, dev_len is not None)
+            if step_key not in ops._STEP_WARMED:
+                self._reserve(self.length + n)  # the write's storage as it will be (strides of a grown cache)
+                ops.warm_decode_step(
+                    step_key,
+                    lambda: self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc,
+                                        length_out=dev_len, warm_only=True),
+                    lambda: ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc,
+                                                self.length + n, scale=scale, impl=self.impl, rotate=False,
+                                                out_dtype=query.dtype, q_descale=q_desc, device_length=dev_len,
+                                                warm_only=True))
         self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=dev_len)
         return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
                                    scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc,

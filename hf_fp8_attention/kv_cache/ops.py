@@ -33,7 +33,8 @@ def rotatable(head_dim: int) -> bool:
 
 def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out, length: int, *, impl: str,
                  rotate: bool, query=None, q_out=None, q_desc_out=None,
-                 device_length: torch.Tensor | None = None, length_out: torch.Tensor | None = None) -> None:
+                 device_length: torch.Tensor | None = None, length_out: torch.Tensor | None = None,
+                 warm_only: bool = False) -> None:
     """Append key/value (B, H, n, D) after ``length`` cached tokens (key rotated with cos/sin (B or 1, n, D)
     first when given, then by the normalised Hadamard matrix with ``rotate``) into k8/v8 (B, H, capacity, D)
     e4m3 and k_desc/v_desc (B, H, capacity // KV_BLOCK), re-quantizing the partial block at ``length`` from
@@ -54,7 +55,10 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
 
     length_out (not with device_length): an int64 scalar tensor on the cache's device that receives
     ``length`` (the tokens cached before these), written by the same launch (the kernel's LEN_OUT), for a
-    following `cache_attention(..., device_length=length_out)` of these tokens' queries."""
+    following `cache_attention(..., device_length=length_out)` of these tokens' queries.
+
+    warm_only (impl="triton"): compile the build this call would launch (Triton's warm-up) and return, nothing
+    launched or written (`warm_decode_step`)."""
     n = key.shape[2]
     if length_out is not None:
         if device_length is not None:
@@ -62,8 +66,10 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
         if length_out.dtype != torch.int64 or length_out.numel() != 1 or length_out.device != k8.device:
             raise ValueError("write_blocks(length_out=...) takes a one-element int64 tensor on the cache's device, "
                              f"got {length_out.dtype} of {length_out.numel()} elements on {length_out.device}")
-        if impl == "torch":
+        if impl == "torch" and not warm_only:
             length_out.fill_(length)
+    if warm_only and impl == "torch":
+        return
     if device_length is not None and impl == "torch":
         length = int(device_length)
         tail_in = tail_in[length // KV_BLOCK % 2]
@@ -150,6 +156,10 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
                 k_desc.dtype, v_desc.dtype, tail_in.dtype, tail_out.dtype, ks, vs, cb, cc, cs[0], cs[1], H, qs, rope,
                 bool(rotate), prep_q, group, consts["Q_ROWS"], D, len_out)
     with on_device(k8):  # the cache's GPU (device_map="auto" spreads layers over several)
+        if warm_only:
+            if not interpreting():  # (the interpreter compiles nothing)
+                kernels.cache_write_kernel.warmup(*args, grid=(n_blocks, B * H), **consts)
+            return
         _launch.launch(kernels.cache_write_kernel, key_, (n_blocks, B * H), args, consts)
 
 
@@ -378,11 +388,45 @@ def _start_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tupl
     if _WARM_POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _WARM_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-cache-warmup")
+        _WARM_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-cache-warmup")
     try:
         _WIDE_PENDING[warm_key] = _WARM_POOL.submit(_warm_wide, device, combine_args, dim_pad, shape)
     except RuntimeError:  # the interpreter is shutting down: no new threads; the launch builds them inline
         pass
+
+
+# `warm_decode_step`: the decode-step geometries whose builds were warmed (a heuristic key: a geometry it
+# misses compiles its builds one after the other at its first launches, as without the warm-up)
+_STEP_WARMED: set = set()
+
+
+def warm_decode_step(step_key: tuple, warm_write, warm_attend) -> None:
+    """At the first decode step of a geometry (``step_key`` not seen; `CONCURRENT_WARMUP`): compile the write
+    launch's build in the background thread (``warm_write()``: `write_blocks(..., warm_only=True)`) while this
+    thread compiles the attention build (``warm_attend()``: `cache_attention(..., warm_only=True)`, which also
+    starts the wide combine's builds in the background), then wait for the write build; the step's launches
+    then find their builds compiled. Without it the three compiles ran one after the other: write, then
+    attention next to the combine's. Session 14 (H200, fresh processes, empty Triton cache, B=1 x 4k and 8 x 32k,
+    GQA 32/8, D=128): the first step took 3.9-5.1 s with the DEVICE_LEN attention build, 3.3-4.0 s with the
+    length argument's (docs/results/first_call_probe_h200_s14.log), against the 5 s line."""
+    global _WARM_POOL
+    if step_key in _STEP_WARMED:
+        return
+    _STEP_WARMED.add(step_key)
+    if not CONCURRENT_WARMUP:
+        return
+    if _WARM_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WARM_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-cache-warmup")
+    try:
+        pending = _WARM_POOL.submit(warm_write)
+    except RuntimeError:  # the interpreter is shutting down: the launches build inline
+        return
+    try:
+        warm_attend()
+    finally:
+        pending.result()
 
 
 def _finish_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,
@@ -442,7 +486,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     qk_fp8: bool | None = None, num_splits: int | None = None,
                     config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None,
                     q_descale: torch.Tensor | None = None,
-                    device_length: torch.Tensor | None = None) -> torch.Tensor:
+                    device_length: torch.Tensor | None = None, warm_only: bool = False) -> torch.Tensor | None:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
     rotate (required: a mismatch with the cache would be silently wrong): rotate the raw queries after RoPE by
@@ -500,6 +544,9 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     (session 14, graph-timed, GQA 32/8: 1x128k 84.3 vs 89.1 us, 8x32k 152.5 vs 155.1, 1x4k 11.7 vs 13.3;
     docs/results/devlen_probe_h200_s14.log). "tma" defaults to `STATIC_TMA_DEFAULT` (False) there. impl="torch"
     reads the length on the host.
+
+    warm_only (impl="triton"): compile the attention build this call would launch (and start its combine's
+    background builds) and return None, nothing launched (`warm_decode_step`).
     """
     config = config or {}
     if device_length is not None and impl == "torch":
@@ -532,6 +579,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                              "products (qk_fp8 not True)")
         qk_fp8 = False
     if impl == "torch":
+        if warm_only:
+            return None
         return reference.cache_attention_reference(query, cos, sin, k8, k_desc, v8, v_desc, length, scale=scale,
                                                    qk_fp8=qk_fp8, rotate=rotate, q_descale=q_descale,
                                                    out_dtype=out_dtype)
@@ -657,6 +706,10 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         consts.update(len_args)
         consts["Q_desc"] = q_desc
         launch_args = args(o_part, ml_part, counter, keys_per_split)
+        if warm_only:
+            if not interp:
+                kernels.cache_attn_kernel.warmup(*launch_args, grid=(m_tiles, bh, num_splits), **consts)
+            return None
         _launch.launch(kernels.cache_attn_kernel, key, (m_tiles, bh, num_splits), launch_args, consts)
         # fp fusion off in both combines, as in the attention kernel (and its fused combine): no FMA contraction
         if wide_combine:

@@ -715,3 +715,36 @@ def test_model_without_fused_forward_keeps_bf16_cache(caplog):
     assert "fp8 KV cache on 0/2 layers" in hfa.describe_backend(model)
     out = model(torch.randint(0, 100, (1, 12)), use_cache=True)
     assert type(getattr(out, "cache", None) or out.past_key_values) is DynamicCache
+
+
+def test_warm_decode_step_compiles_the_write_build_beside_the_attention_build(monkeypatch):
+    """`ops.warm_decode_step` runs the write warm-up in the background thread while the caller's thread runs the
+    attention warm-up, once per step key, re-raises the background's error, and does nothing without
+    CONCURRENT_WARMUP; a warm-only append changes nothing but the reserved room."""
+    import threading
+
+    monkeypatch.setattr(ops, "_STEP_WARMED", set())
+    calls = []
+    ops.warm_decode_step(("a",), lambda: calls.append(("write", threading.current_thread().name)),
+                         lambda: calls.append(("attend", threading.current_thread().name)))
+    ops.warm_decode_step(("a",), lambda: calls.append("again"), lambda: calls.append("again"))
+    names = dict(calls)
+    assert set(names) == {"write", "attend"} and len(calls) == 2
+    assert names["write"].startswith("fp8-cache-warmup") and names["attend"] == threading.current_thread().name
+
+    def fail():
+        raise RuntimeError("write build failed")
+
+    with pytest.raises(RuntimeError, match="write build failed"):
+        ops.warm_decode_step(("b",), fail, lambda: None)
+    monkeypatch.setattr(ops, "CONCURRENT_WARMUP", False)
+    ops.warm_decode_step(("c",), lambda: calls.append("off"), lambda: calls.append("off"))
+    assert "off" not in calls
+
+    layer = FP8CacheLayer(impl="triton")
+    _fill([layer], [70], B=1, H=2, D=64)
+    before = (layer.length, layer._tail_index, _codes(layer.k8[:, :, :70]).clone(), layer.tails.clone())
+    k = torch.randn(1, 2, 1, 64).half()
+    layer.append(k, k, warm_only=True, length_out=layer._length_dev)
+    assert (layer.length, layer._tail_index) == before[:2] and int(layer._length_dev) == 0
+    assert torch.equal(_codes(layer.k8[:, :, :70]), before[2]) and torch.equal(layer.tails, before[3])
