@@ -679,11 +679,14 @@ def cache_attend(x, config=None, num_splits=None, static=False):
     from hf_fp8_attention.kv_cache import ops
 
     layer = x.static if static else x.layer
-    length, device_length = (layer.k8.shape[2], x.static_before) if static else (layer.length, x.dynamic_before)
+    if static:
+        length, device_length = layer.k8.shape[2], x.static_before
+    else:  # as the decode step: the device length where `FP8CacheLayer.DEVICE_LENGTH` has it read
+        length, device_length = layer.length, (x.dynamic_before if type(layer).DEVICE_LENGTH else None)
     return ops.cache_attention(*x.attend_args, layer.k8, layer.k_desc, layer.v8, layer.v_desc, length,
                                scale=x.scale, impl=layer.impl, config=config, num_splits=num_splits, rotate=False,
                                out_dtype=torch.bfloat16, q_descale=x.attend_descale,
-                               device_length=device_length)[:, 0]
+                               device_length=device_length, static=static)[:, 0]
 
 
 def same_bits_without_neutral_keys(x: AttentionShape, config: dict) -> bool | None:

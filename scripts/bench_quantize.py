@@ -205,9 +205,11 @@ SWEEP_MODES = ("rope", "rope+qk")
 
 def sweep(args):
     """Times the launcher's scheduling constants (`SWEEP_GRID`: programs per SM, LAG slack per program, tiles
-    per item from 16k rows, the interleaved q/k order) for modes `SWEEP_MODES` at --seqlens (default 16k and
-    64k) for each head configuration; prints each config's P1 -> P2 window (LAG items x item bytes, bf16) and,
-    per shape and mode, the fastest config next to today's. The module is restored afterwards."""
+    per item from 16k rows, the interleaved q/k order) for modes `SWEEP_MODES` (both with RoPE, whatever
+    --rope says) at --seqlens (default 16k and 64k) for each head configuration; prints each config's P1 -> P2
+    window (LAG items x item bytes, bf16) and, per shape and mode, the fastest config next to today's. Below
+    `qkv._CHUNK_LONG_ROWS` (16k) rows `_CHUNK` is not used and below `qkv._INTERLEAVE_ROWS` (32k) the
+    interleave's None means False: those rows repeat a configuration. The module is restored afterwards."""
     from hf_fp8_attention.quantization import qkv
 
     names = tuple(SWEEP_GRID)

@@ -440,11 +440,12 @@ def cache_attn_kernel(
     TMA (decode builds: fp16 products, power-of-two HEAD_DIM, contiguous caches): K8 and V8 are tensor
     descriptors over the caches as (B * H_kv * capacity, HEAD_DIM) rows with [BLOCK_N or KV_BLOCK, HEAD_DIM]
     blocks (`_attend_keys`): K/V tiles arrive by TMA instead of per-thread copies.
-    DEVICE_LEN (the static cache): S_kv is the length read from Len (an int64 scalar tensor: the cached
-    tokens before the queries' own) plus S_q, at most ``capacity``; with SPLIT the grid's split count is the
-    most a cache of ``capacity`` keys takes, and the split size is what the launcher would pick at this
-    length (at most num_programs(2) splits of >= 4 blocks, `ops.pick_num_splits`): the splits past the
-    keys store empty partials (max -inf, sum 0), which every combine adds as zeros.
+    DEVICE_LEN (the static cache; the dynamic cache's decode step): S_kv is the length read from Len (an
+    int64 scalar tensor: the cached tokens before the queries' own) plus S_q, at most ``capacity``; with
+    SPLIT the split size is what the launcher would pick at this length (at most num_programs(2) splits of
+    >= 4 blocks, `ops.pick_num_splits`). The static cache's grid has the split count the most a cache of
+    ``capacity`` keys takes (the splits past the keys store empty partials (max -inf, sum 0), which every
+    combine adds as zeros); the dynamic step's grid is planned from its host length, the same plan.
     """
     if PDL:
         gdc_launch_dependents()

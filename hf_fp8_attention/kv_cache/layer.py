@@ -208,8 +208,8 @@ class FP8CacheLayer(CacheLayerMixin):
         dev_len = self._length_dev if self.DEVICE_LENGTH else None
         if ops.CONCURRENT_WARMUP:  # a new geometry's first step: its write and attention builds compile side by side
             step_key = (query.device, query.dtype, key.dtype, value.dtype, tuple(query.shape), tuple(key.shape),
-                        key.stride(), value.stride(), query.stride(), None if cos is None else (cos.dtype, cos.shape[0]),
-                        self.rotate, dev_len is not None)
+                        key.stride(), value.stride(), query.stride(),
+                        None if cos is None else (cos.dtype, cos.shape[0]), self.rotate, dev_len is not None)
             if step_key not in ops._STEP_WARMED:
                 self._reserve(self.length + n)  # the write's storage as it will be (strides of a grown cache)
                 ops.warm_decode_step(

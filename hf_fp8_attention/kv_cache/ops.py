@@ -95,6 +95,8 @@ def write_blocks(key, value, cos, sin, k8, v8, k_desc, v_desc, tail_in, tail_out
             tail_out[slot, :, :, : r + n - end_full] = x[:, :, end_full:]
         return
     B, H, _, D = k8.shape
+    if warm_only and any(t is not None and t.stride(-1) != 1 for t in (key, value, cos, sin, query)):
+        return  # (the launch would copy them first: no copies from a warm-up thread; it compiles inline)
     key, value = _unit_last(key), _unit_last(value)
     rope = cos is not None
     if rope:
@@ -210,7 +212,7 @@ DECODE_PRESETS = {
 # a GPU gain of ~4 us per step at 1x128k; a cProfile puts Triton 3.6's tensor-descriptor wrapper (a Python
 # loop over all 51 arguments per launch, then the two tensor-map encodings) on it.
 TMA_DEFAULT = False
-# The static cache (calls with ``device_length``): TMA off by default too. Its steps are CUDA-graph replays,
+# The static cache (calls with ``static=True``): TMA off by default too. Its steps are CUDA-graph replays,
 # which would hide TMA's host cost, but its pointer-load build is as fast: H200, session 13, graph-timed
 # (decode_attention_graph_static_h200_s13.log), static TMA vs static pointer loads: 1x4k 0.0132 vs 0.0128 ms,
 # 1x128k 0.0839 vs 0.0834, 8x32k 0.1492 vs 0.1508 (another run, stride_probe_h200_s13.log: 0.0131 vs 0.0127,
@@ -375,22 +377,27 @@ def _warm_wide(device: torch.device, combine_args: tuple, dim_pad: int, shape: d
             wide.warmup(*combine_args, grid=(1,), **_wide_variant(n, dim_pad), **shape)
 
 
+def _warm_pool():
+    """The background compile threads (two: the write build and the combine's builds of a first decode step)."""
+    global _WARM_POOL
+    if _WARM_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WARM_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-cache-warmup")
+    return _WARM_POOL
+
+
 def _start_wide_warmup(warm_key: tuple, device: torch.device, combine_args: tuple, dim_pad: int,
                        shape: dict) -> None:
     """Start `_warm_wide` in the background thread (once per warm key; inline without CONCURRENT_WARMUP)."""
-    global _WARM_POOL
     if warm_key in _WIDE_WARMED or warm_key in _WIDE_PENDING:
         return
     if not CONCURRENT_WARMUP:
         _warm_wide(device, combine_args, dim_pad, shape)
         _WIDE_WARMED.add(warm_key)
         return
-    if _WARM_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _WARM_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-cache-warmup")
     try:
-        _WIDE_PENDING[warm_key] = _WARM_POOL.submit(_warm_wide, device, combine_args, dim_pad, shape)
+        _WIDE_PENDING[warm_key] = _warm_pool().submit(_warm_wide, device, combine_args, dim_pad, shape)
     except RuntimeError:  # the interpreter is shutting down: no new threads; the launch builds them inline
         pass
 
@@ -408,19 +415,15 @@ def warm_decode_step(step_key: tuple, warm_write, warm_attend) -> None:
     then find their builds compiled. Without it the three compiles ran one after the other: write, then
     attention next to the combine's. Session 14 (H200, fresh processes, empty Triton cache, B=1 x 4k and 8 x 32k,
     GQA 32/8, D=128): the first step took 3.9-5.1 s with the DEVICE_LEN attention build, 3.3-4.0 s with the
-    length argument's (docs/results/first_call_probe_h200_s14.log), against the 5 s line."""
-    global _WARM_POOL
+    length argument's (docs/results/first_call_probe_h200_s14.log), against the 5 s line; with this warm-up
+    2.7-3.1 s (first_call_probe_warm_h200_s14.log)."""
     if step_key in _STEP_WARMED:
         return
     _STEP_WARMED.add(step_key)
     if not CONCURRENT_WARMUP:
         return
-    if _WARM_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _WARM_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fp8-cache-warmup")
     try:
-        pending = _WARM_POOL.submit(warm_write)
+        pending = _warm_pool().submit(warm_write)
     except RuntimeError:  # the interpreter is shutting down: the launches build inline
         return
     try:
@@ -486,7 +489,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                     qk_fp8: bool | None = None, num_splits: int | None = None,
                     config: dict | None = None, rotate: bool, out_dtype: torch.dtype | None = None,
                     q_descale: torch.Tensor | None = None,
-                    device_length: torch.Tensor | None = None, warm_only: bool = False) -> torch.Tensor | None:
+                    device_length: torch.Tensor | None = None, warm_only: bool = False,
+                    static: bool = False) -> torch.Tensor | None:
     """New queries (B, S_q, H_q, D) (un-rotated when cos/sin are given) against the first ``length`` cached
     tokens, the queries being the last S_q of them -> (B, S_q, H_q, D) contiguous in query's dtype.
     rotate (required: a mismatch with the cache would be silently wrong): rotate the raw queries after RoPE by
@@ -521,7 +525,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     "pdl" (default `PDL_DEFAULT`; the wide combine, sm_90+, not the interpreter): the combine is launched
     with programmatic dependent launch, its programs placed while the attention's last splits run and waiting
     for them on the GPU (the same output bit for bit).
-    "tma" (default `TMA_DEFAULT`, False, or with device_length `STATIC_TMA_DEFAULT`, False; applies to fp16
+    "tma" (default `TMA_DEFAULT`, False, or with ``static`` `STATIC_TMA_DEFAULT`, False; applies to fp16
     products, power-of-two D, contiguous caches, sm_90+, not the interpreter; ignored elsewhere): K/V tiles
     loaded by TMA through tensor descriptors (`cache_attn_kernel`'s TMA): less GPU time for the dynamic
     cache's build (H200 graph-timed, session 9: 1x128k 0.084 vs 0.089 ms; the static build's pointer loads
@@ -542,8 +546,10 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
     the real length, and the tensor holds ``length - S_q``, stored by the write launch before it
     (`write_blocks(length_out=...)`): the same output; the DEVICE_LEN build took less GPU time on the H200
     (session 14, graph-timed, GQA 32/8: 1x128k 84.3 vs 89.1 us, 8x32k 152.5 vs 155.1, 1x4k 11.7 vs 13.3;
-    docs/results/devlen_probe_h200_s14.log). "tma" defaults to `STATIC_TMA_DEFAULT` (False) there. impl="torch"
-    reads the length on the host.
+    docs/results/devlen_probe_h200_s14.log). With device_length an explicit num_splits (or a config's split
+    plan) is capped at cdiv(length, 4 * KV_BLOCK), as the kernel caps it. impl="torch" reads the length on
+    the host. static: the call is the static cache's (``length`` its capacity): "tma" defaults to
+    `STATIC_TMA_DEFAULT` (False) instead of `TMA_DEFAULT`.
 
     warm_only (impl="triton"): compile the attention build this call would launch (and start its combine's
     background builds) and return None, nothing launched (`warm_decode_step`).
@@ -626,7 +632,7 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
         # DEVICE_LEN's tensor and capacity: launch arguments, not in the keys (capacity is not specialized)
         len_args = {} if device_length is None else dict(Len=device_length, capacity=k8.shape[2])
         k_src, v_src = k8, v8
-        tma_default = TMA_DEFAULT if device_length is None else STATIC_TMA_DEFAULT
+        tma_default = STATIC_TMA_DEFAULT if static else TMA_DEFAULT
         if (config.get("tma", tma_default) and not qk_fp8 and D == dim_pad and on_gpu
                 and _sm90(query.device) and k8.is_contiguous() and v8.is_contiguous()
                 and k8.numel() // D < 2**31):  # the kernel's TMA row index is int32
@@ -677,6 +683,8 @@ def cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, length: int, *, sca
                                            {**warm, "Q_desc": q_desc, **len_args})
             num_splits = pick_num_splits(length, m_tiles * bh, sms, config, residency)
             wave_splits = pick_num_splits(_LONG, m_tiles * bh, sms, config, residency)
+        if device_length is not None:  # the kernel caps its splits at blocks of >= 4 (DEVICE_LEN): plan the same
+            num_splits = max(1, min(num_splits, cdiv(length, 4 * KV_BLOCK)))
         keys_per_split = cdiv(cdiv(length, num_splits), KV_BLOCK) * KV_BLOCK
         num_splits = cdiv(length, keys_per_split)
         split = num_splits > 1

@@ -59,10 +59,11 @@ def _step(query: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor, co
     out = None
     if prep:
         out = ops.cache_attention(q_op, None, None, k8, k_desc, v8, v_desc, k8.shape[2], scale=scale, impl=impl,
-                                  rotate=False, out_dtype=query.dtype, q_descale=q_desc, device_length=length)
+                                  rotate=False, out_dtype=query.dtype, q_descale=q_desc, device_length=length,
+                                  static=True)
     elif query is not None:
         out = ops.cache_attention(query, cos, sin, k8, k_desc, v8, v_desc, k8.shape[2], scale=scale, impl=impl,
-                                  rotate=rotate, device_length=length)
+                                  rotate=rotate, device_length=length, static=True)
     length.add_(n)
     return out
 

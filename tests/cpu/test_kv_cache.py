@@ -530,6 +530,28 @@ def test_decode_step_reads_its_length_from_the_device(monkeypatch):
         attns = [x for x in step if x[0] == "cache_attn_kernel"]
         assert len(writes) == 1 and writes[0][3] and not writes[0][2]
         assert len(attns) == 1 and attns[0][2] and attns[0][1][2] > 1, step  # DEVICE_LEN, split
+    # with the switch off, the step takes the length as an argument: no LEN_OUT, no DEVICE_LEN, the same output
+    monkeypatch.setattr(FP8CacheLayer, "DEVICE_LENGTH", False)
+    q = torch.randn(1, 1, 8, D, generator=gen).half()
+    cos, sin = _rope(1, length, D, torch.float16)
+    launches.clear()
+    got = fused.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+    plain.append(k, v, cos, sin)
+    assert torch.equal(got, plain.attend(q, cos, sin, scale=D**-0.5))
+    assert not any(x[2] or x[3] for x in launches) and {x[0] for x in launches} >= {"cache_write_kernel",
+                                                                                   "cache_attn_kernel"}
+    # an explicit split count is planned as the kernel caps it (splits of >= 4 blocks): the output of the host
+    # length's launch with that capped count (8 -> 5 at 1090 keys; more splits would sum in another order)
+    before = torch.full((), fused.length - 1, dtype=torch.int64)
+    cache = (fused.k8, fused.k_desc, fused.v8, fused.v_desc, fused.length)
+    q_op, q_desc = reference.prepare_queries(q, cos, sin, rotate=True)
+    for splits in (3, 8):
+        capped = min(splits, -(-fused.length // (4 * KV_BLOCK)))
+        host = ops.cache_attention(q_op, None, None, *cache, scale=D**-0.5, impl="triton", rotate=False,
+                                   q_descale=q_desc, num_splits=capped)
+        dev = ops.cache_attention(q_op, None, None, *cache, scale=D**-0.5, impl="triton", rotate=False,
+                                  q_descale=q_desc, num_splits=splits, device_length=before)
+        assert torch.equal(host, dev), splits
     # write_blocks refuses a length_out it cannot write or that contradicts a device length
     args = (k, v, None, None, fused.k8, fused.v8, fused.k_desc, fused.v_desc, fused.tails[0], fused.tails[1],
             fused.length)

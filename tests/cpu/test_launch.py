@@ -258,6 +258,29 @@ def test_cache_launch_keys_determine_triton_specialization(recorded_keys):
     assert len(by_key) >= 6  # the scenarios made several keys, not one
 
 
+def test_device_length_launch_keys_determine_triton_specialization(recorded_keys):
+    """The DEVICE_LEN attention launches (the static cache's, and the dynamic cache's decode step with its
+    length on the device) take direct-launch keys that specialize alike, across capacities, rotations, dtypes
+    and batch sizes."""
+    from hf_fp8_attention import FP8StaticCacheLayer
+    from hf_fp8_attention.kv_cache import FP8CacheLayer
+
+    gen = torch.Generator().manual_seed(2)
+    D = 64
+    for B, H_q, H_kv, dtype, cap, hadamard in ((1, 4, 2, torch.float16, 200, None), (1, 4, 2, torch.float16, 300, None),
+                                               (1, 4, 2, torch.float16, 200, False), (2, 4, 1, torch.bfloat16, 200, None)):
+        for layer in (FP8StaticCacheLayer(cap, impl="triton", hadamard=hadamard),
+                      FP8CacheLayer(impl="triton", hadamard=hadamard)):
+            for n in (130, 1, 1, 5):
+                k = torch.randn(B, H_kv, n, D, generator=gen).to(dtype)
+                v = torch.randn(B, H_kv, n, D, generator=gen).to(dtype)
+                q = torch.randn(B, n, H_q, D, generator=gen).to(dtype)
+                layer.append_attend(q, k, v, None, None, scale=D**-0.5)
+    by_key = _assert_keys_determine_specs(recorded_keys)
+    attn_keys = [key for name, key in by_key if name == "cache_attn_kernel"]
+    assert any(key[-1] is not None for key in attn_keys)  # device-length launches got keys (their tensor's dtype)
+
+
 def test_quantize_launch_keys_determine_triton_specialization(recorded_keys):
     """The quantize launch's key (exact ints, dtypes, constexpr configuration) specializes alike under one
     key, over layouts, GQA, dtypes and RoPE."""
