@@ -267,8 +267,10 @@ def test_device_length_launch_keys_determine_triton_specialization(recorded_keys
 
     gen = torch.Generator().manual_seed(2)
     D = 64
-    for B, H_q, H_kv, dtype, cap, hadamard in ((1, 4, 2, torch.float16, 200, None), (1, 4, 2, torch.float16, 300, None),
-                                               (1, 4, 2, torch.float16, 200, False), (2, 4, 1, torch.bfloat16, 200, None)):
+    for B, H_q, H_kv, dtype, cap, hadamard in ((1, 4, 2, torch.float16, 200, None),
+                                               (1, 4, 2, torch.float16, 300, None),
+                                               (1, 4, 2, torch.float16, 200, False),
+                                               (2, 4, 1, torch.bfloat16, 200, None)):
         for layer in (FP8StaticCacheLayer(cap, impl="triton", hadamard=hadamard),
                       FP8CacheLayer(impl="triton", hadamard=hadamard)):
             for n in (130, 1, 1, 5):
