@@ -92,6 +92,7 @@ class FP8CacheLayer(CacheLayerMixin):
         self.dtype = None
         self.k8 = self.v8 = self.k_desc = self.v_desc = self.tails = None
         self._tail_index = 0
+        self._warm_sig = None  # `append_attend`: the geometry of this layer's last warm-up check
 
     # --- storage -------------------------------------------------------------------------------------------
 
@@ -206,7 +207,11 @@ class FP8CacheLayer(CacheLayerMixin):
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
         dev_len = self._length_dev if self.DEVICE_LENGTH else None
-        if ops.CONCURRENT_WARMUP:  # a new geometry's first step: its write and attention builds compile side by side
+        # a new geometry's first step: its write and attention builds compile side by side (the full key is
+        # built only when this layer's batch / query count / heads / build differ from its last step's)
+        sig = (B, n, H_q, dev_len is not None)
+        if ops.CONCURRENT_WARMUP and sig != self._warm_sig:
+            self._warm_sig = sig
             step_key = (query.device, query.dtype, key.dtype, value.dtype, tuple(query.shape), tuple(key.shape),
                         key.stride(), value.stride(), query.stride(),
                         None if cos is None else (cos.dtype, cos.shape[0]), self.rotate, dev_len is not None)

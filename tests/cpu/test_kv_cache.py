@@ -530,6 +530,7 @@ def test_decode_step_reads_its_length_from_the_device(monkeypatch):
         attns = [x for x in step if x[0] == "cache_attn_kernel"]
         assert len(writes) == 1 and writes[0][3] and not writes[0][2]
         assert len(attns) == 1 and attns[0][2] and attns[0][1][2] > 1, step  # DEVICE_LEN, split
+    assert fused._warm_sig == (1, 1, 8, True)  # the warm-up check's geometry: its full key is not rebuilt per step
     # with the switch off, the step takes the length as an argument: no LEN_OUT, no DEVICE_LEN, the same output
     monkeypatch.setattr(FP8CacheLayer, "DEVICE_LENGTH", False)
     q = torch.randn(1, 1, 8, D, generator=gen).half()
