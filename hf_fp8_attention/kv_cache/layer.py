@@ -207,6 +207,16 @@ class FP8CacheLayer(CacheLayerMixin):
         q_op = torch.empty(query.shape, dtype=torch.float16, device=query.device)
         q_desc = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
         dev_len = self._length_dev if self.DEVICE_LENGTH else None
+
+        def write(warm_only=False):
+            self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=dev_len,
+                        warm_only=warm_only)
+
+        def attend(length, warm_only=False):
+            return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, length,
+                                       scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype,
+                                       q_descale=q_desc, device_length=dev_len, warm_only=warm_only)
+
         # a new geometry's first step: its write and attention builds compile side by side (the full key is
         # built only when this layer's batch / query count / heads / build differ from its last step's)
         sig = (B, n, H_q, dev_len is not None)
@@ -215,20 +225,11 @@ class FP8CacheLayer(CacheLayerMixin):
             step_key = (query.device, query.dtype, key.dtype, value.dtype, tuple(query.shape), tuple(key.shape),
                         key.stride(), value.stride(), query.stride(),
                         None if cos is None else (cos.dtype, cos.shape[0]), self.rotate, dev_len is not None)
-            if step_key not in ops._STEP_WARMED:
-                self._reserve(self.length + n)  # the write's storage as it will be (strides of a grown cache)
-                ops.warm_decode_step(
-                    step_key,
-                    lambda: self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc,
-                                        length_out=dev_len, warm_only=True),
-                    lambda: ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc,
-                                                self.length + n, scale=scale, impl=self.impl, rotate=False,
-                                                out_dtype=query.dtype, q_descale=q_desc, device_length=dev_len,
-                                                warm_only=True))
-        self.append(key, value, cos, sin, query=query, q_out=q_op, q_desc_out=q_desc, length_out=dev_len)
-        return ops.cache_attention(q_op, None, None, self.k8, self.k_desc, self.v8, self.v_desc, self.length,
-                                   scale=scale, impl=self.impl, rotate=False, out_dtype=query.dtype, q_descale=q_desc,
-                                   device_length=dev_len)
+            self._reserve(self.length + n)  # the write's storage as it will be (strides of a grown cache)
+            ops.warm_decode_step(step_key, lambda: write(warm_only=True),
+                                 lambda: attend(self.length + n, warm_only=True))
+        write()
+        return attend(self.length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """transformers' generic path (keys already rotated): append, then return the whole cache dequantized
