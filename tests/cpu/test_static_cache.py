@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from cache_steps import static_and_dynamic_step
 from transformers import LlamaConfig, MistralConfig, StaticCache
 
 import hf_fp8_attention as hfa
@@ -45,12 +46,7 @@ def _run(dyn, st, chunks, seed=3, B=2):
         v = (torch.randn(B, 2, n, D, generator=gen) + 2).half()
         q = torch.randn(B, n, 8, D, generator=gen).half()
         cos, sin = _rope(n, length)
-        if length == 0:
-            dyn.append(k, v, cos, sin)
-            want = dyn.attend(q, cos, sin, scale=D**-0.5)
-        else:
-            want = dyn.append_attend(q, k, v, cos, sin, scale=D**-0.5)
-        got = st.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+        got, want = static_and_dynamic_step(dyn, st, q, k, v, cos, sin, scale=D**-0.5)
         length += n
         assert torch.equal(got, want), (n, length, (got.float() - want.float()).abs().max().item())
         _same_storage(dyn, st)

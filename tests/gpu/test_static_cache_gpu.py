@@ -13,6 +13,7 @@ if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
 
 import hf_fp8_attention as hfa  # noqa: E402
 from hf_fp8_attention.kv_cache import FP8CacheLayer, FP8StaticCacheLayer  # noqa: E402
+from cache_steps import static_and_dynamic_step  # noqa: E402
 
 DEV = "cuda"
 H_Q, H_KV, D = 32, 8, 128
@@ -58,12 +59,7 @@ def test_static_layer_tracks_the_dynamic_layer(B):
     for n in [700] + [1] * 70 + [100] + [1] * 5:
         q, k, v = _tokens(B, n, gen)
         cos, sin = _rope(n, length, D)
-        if length == 0:
-            dyn.append(k, v, cos, sin)
-            want = dyn.attend(q, cos, sin, scale=D**-0.5)
-        else:
-            want = dyn.append_attend(q, k, v, cos, sin, scale=D**-0.5)
-        got = st.append_attend(q, k, v, cos, sin, scale=D**-0.5)
+        got, want = static_and_dynamic_step(dyn, st, q, k, v, cos, sin, scale=D**-0.5)
         length += n
         _close(got, want)
     assert int(st.cumulative_length) == length
