@@ -17,6 +17,7 @@ import torch
 from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS
 from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
+from ..quantization.quantized import keys_contiguous
 from .. import backends as _registry  # its TRITON_* constants, read at call time (tests patch them)
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
@@ -92,7 +93,7 @@ def _launch(
     if v_keys_contiguous is None:  # (the quantizer writes it so where fp8_attention asked it to: no copy)
         v_keys_contiguous = _registry.triton_reads_v_keys_contiguous(s_q, h_q, h_kv, s_kv, dim)
     if v_keys_contiguous and v.stride(1) != 1:
-        v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # BSHD view of (B, H_kv, D, S_kv)
+        v = keys_contiguous(v)  # BSHD view of (B, H_kv, D, S_kv)
     v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
 
     if config is None and decode:

@@ -16,6 +16,7 @@ from hf_fp8_attention import quantize_qkv_fp8_reference
 from hf_fp8_attention.backends.reference import reference_fp8_attention
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.quantization import QuantizedQKV
+from hf_fp8_attention.quantization.quantized import keys_contiguous
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -123,7 +124,7 @@ def test_keys_contiguous_v_and_out_dtypes():
     vt = _launch(qkv, True, 0.125, torch.float32, config=config, v_keys_contiguous=True)
     torch.testing.assert_close(vt, base, rtol=0, atol=0)
     # A BSHD view of keys-contiguous V memory is read in place.
-    v_view = qkv.v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    v_view = keys_contiguous(qkv.v)
     view_qkv = QuantizedQKV(qkv.q, qkv.k, v_view, qkv.q_descale, qkv.k_descale, qkv.v_descale)
     torch.testing.assert_close(_launch(view_qkv, True, 0.125, torch.float32, config=config), base, rtol=0, atol=0)
     for dtype in (torch.bfloat16, torch.float16):
