@@ -28,6 +28,11 @@ def k_scale_block(int8: bool) -> int:
     return INT8_K_SCALE_BLOCK if int8 else SCALE_BLOCK
 # qk_format="int8": Q/K values are round(x * INT8_MAX / block amax), symmetric in [-127, 127].
 INT8_MAX = 127.0
+# v_scales="block": tokens per V scale, one scale per V_SCALE_BLOCK tokens of one KV head. A multiple of the
+# triton kernel's key tiles (16..128), so that a key tile has one V descale, which multiplies its float32 P.V
+# product; and the height of the single-pass quantize kernel's tile (`quantization.block_kernel`), so that
+# the tile that writes a block has all of it.
+V_SCALE_BLOCK = 128
 # FP8 KV cache (`kv_cache`): tokens per K/V scale, one scale per KV_BLOCK tokens of one KV head, computed by
 # the kernel that writes the block (a block that grows across appends is re-quantized whole). The cache
 # attention kernel's key tile is one block, so V's block descale multiplies that tile's P.V product.

@@ -3,7 +3,7 @@
 Triton launches and the FA3/FA4 extension calls cannot be traced by dynamo; the op hides them and its fake
 computes only the output's shape and dtype. One op serves fixed-length and packed (varlen) batches, as
 FA3's ``_flash_attn_forward`` does: the ``cu_seqlens_*`` arguments are optional. The arguments are those of
-`attention.fp8_attention`, with the `FP8AttentionOptions` object flattened into its four fields: the only
+`attention.fp8_attention`, with the `FP8AttentionOptions` object flattened into its fields: the only
 place it is.
 
 Autograd: straight-through. The backward is a second opaque op that recomputes the exact attention in the
@@ -27,7 +27,7 @@ from .options import FP8AttentionOptions
 _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int? max_seqlen_q, "
     "int? max_seqlen_k, Tensor? cos, Tensor? sin, bool is_causal, float scale, str backend, str quantizer, "
-    "str hadamard, bool smooth_k, bool? smooth_v, str qk_scales, str qk_format) -> Tensor"
+    "str hadamard, bool smooth_k, bool? smooth_v, str qk_scales, str qk_format, str v_scales) -> Tensor"
 )
 _N_OPTIONS = len(dataclasses.fields(FP8AttentionOptions))
 

@@ -117,6 +117,7 @@ def check_backend(backend: str, device: torch.device) -> None:
 _CAPABILITIES = (
     ("int8_qk", "qk_format='int8'", lambda b: f"{b.name} multiplies e4m3 Q and K only"),
     ("block_scales", "qk_scales='block'", lambda b: f"it takes a Q/K scale per 16 tokens, {b.name} one per (batch, KV head)"),
+    ("v_block_scales", "v_scales='block'", lambda b: f"it takes a V scale per 128 tokens, {b.name} one per (batch, KV head)"),
 )
 
 

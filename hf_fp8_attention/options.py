@@ -33,6 +33,7 @@ AUTO_SMOOTH_V_MIN_KEYS = 32768
 AUTO_SMOOTH_V_BACKENDS = ("fa3", "fa4", "reference")
 QK_SCALES = ("head", "block")
 QK_FORMATS = ("e4m3", "int8")
+V_SCALES = ("head", "block")
 MAX_HADAMARD_DIM = 256
 
 
@@ -53,6 +54,11 @@ class FP8AttentionOptions:
     qk_format: "e4m3" or "int8": Q and K as int8 with a scale per 16 (Q) / 128 (K) tokens of one head (so per-block
         scales whatever qk_scales says), Q.K^T as an int8 dot with int32 accumulation (SageAttention's
         scheme; backends: triton, reference). V and P stay e4m3.
+    v_scales: "head" (one V scale per (batch, KV head), what FA3/FA4 take) or "block" (one per V_SCALE_BLOCK
+        (128) tokens of one KV head; backends: triton, reference). Needs per-block Q/K scales (qk_scales="block"
+        or qk_format="int8") and no smooth_v: then every scale is per block, and the quantizer reads Q/K/V
+        once (`quantization.block_kernel`) instead of twice (a per-head scale needs the whole head's amax
+        before its first element is written). The per-(batch, KV head) descales are then not computed (NaN).
     """
 
     hadamard: str = "auto"
@@ -60,6 +66,7 @@ class FP8AttentionOptions:
     smooth_v: bool | str = "auto"
     qk_scales: str = "head"
     qk_format: str = "e4m3"
+    v_scales: str = "head"
 
     def __post_init__(self):
         if self.hadamard is None:
@@ -79,6 +86,14 @@ class FP8AttentionOptions:
             raise ValueError(f"qk_scales={self.qk_scales!r} is not supported; accepted values: {QK_SCALES}")
         if not isinstance(self.qk_format, str) or self.qk_format not in QK_FORMATS:
             raise ValueError(f"qk_format={self.qk_format!r} is not supported; accepted values: {QK_FORMATS}")
+        if not isinstance(self.v_scales, str) or self.v_scales not in V_SCALES:
+            raise ValueError(f"v_scales={self.v_scales!r} is not supported; accepted values: {V_SCALES}")
+        if self.v_scales == "block" and not self.block_scales:
+            raise ValueError("v_scales='block' needs per-block Q/K scales too (qk_scales='block' or qk_format='int8'): "
+                             "with every scale per block the quantizer reads Q/K/V once")
+        if self.v_scales == "block" and self.smooth_v is True:
+            raise ValueError("smooth_v=True cannot be combined with v_scales='block' (its add-back corrects a "
+                             "per-head V scale's drift; the triton kernel needs no V centring: smooth_v='auto' or False)")
 
     # --- what the kernels need -------------------------------------------------------------------------
     def for_head_dim(self, head_dim: int) -> "FP8AttentionOptions":
@@ -107,7 +122,8 @@ class FP8AttentionOptions:
         length, the longest sequence's for a packed batch). Memoized as `for_head_dim`."""
         if self.smooth_v != "auto":
             return self
-        smooth = backend in AUTO_SMOOTH_V_BACKENDS and n_keys >= AUTO_SMOOTH_V_MIN_KEYS
+        smooth = (backend in AUTO_SMOOTH_V_BACKENDS and n_keys >= AUTO_SMOOTH_V_MIN_KEYS
+                  and not self.v_block_scales)  # V block scales exclude it (the constructor says why)
         key = (self, "smooth_v", smooth)
         hit = _RESOLVED.get(key)
         if hit is None:
@@ -116,16 +132,17 @@ class FP8AttentionOptions:
 
     @classmethod
     def of(cls, hadamard="auto", smooth_k=False, smooth_v="auto", qk_scales="head",
-           qk_format="e4m3") -> "FP8AttentionOptions":
+           qk_format="e4m3", v_scales="head") -> "FP8AttentionOptions":
         """``cls(...)`` from the public keyword arguments, memoized by their types and values (a call's
         options are built on every call); unhashable or new values are validated by the constructor."""
-        key = (cls, *((type(x), x) for x in (hadamard, smooth_k, smooth_v, qk_scales, qk_format)))
+        args = (hadamard, smooth_k, smooth_v, qk_scales, qk_format, v_scales)
+        key = (cls, *((type(x), x) for x in args))
         try:
             hit = _BUILT.get(key)
         except TypeError:  # unhashable: the constructor says what is wrong with it
-            return cls(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+            return cls(*args)
         if hit is None:
-            hit = cls(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+            hit = cls(*args)
             if len(_BUILT) < _MEMO_MAX:
                 _BUILT[key] = hit
         return hit
@@ -151,6 +168,12 @@ class FP8AttentionOptions:
     @property
     def int8_qk(self) -> bool:
         return self.qk_format == "int8"
+
+    @property
+    def v_block_scales(self) -> bool:
+        """V scales per V_SCALE_BLOCK tokens: with the per-block Q/K scales it needs, every scale is per block
+        and the quantizer takes its single-pass kernel."""
+        return self.v_scales == "block"
 
     @property
     def smooths(self) -> bool:

@@ -86,7 +86,7 @@ def fp8_sdpa(
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool | str = "auto", qk_scales: str = "head",
-    qk_format: str = "e4m3",
+    qk_format: str = "e4m3", v_scales: str = "head",
 ) -> torch.Tensor:
     """FP8 scaled dot-product attention with per-(batch, KV head) scales.
 
@@ -121,11 +121,14 @@ def fp8_sdpa(
             key tile of the kernel, Q.K^T as an int8 dot with
             int32 accumulation, as SageAttention does; V and P stay e4m3). "int8" runs on the triton backend
             (reference on CPU); naming fa3/fa4 with it is an error.
+        v_scales: "head" or "block" (one V scale per 128 tokens of one KV head; needs qk_scales="block" or
+            qk_format="int8", and not smooth_v=True). With every scale per block the quantize kernel reads
+            Q/K/V once instead of twice. The triton backend (reference on CPU); fa3/fa4 with it is an error.
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """
     _check_inputs(query, key, value, is_causal=is_causal, scale=scale, cos=cos, sin=sin)
-    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format, v_scales)
     is_causal = bool(is_causal)
     plan = _plan(query, backend, options)
     if backend is None and not query.is_meta and runs_bf16(
@@ -171,7 +174,7 @@ def fp8_sdpa_varlen(
     is_causal: bool = False, scale: float | None = None, cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None, backend: str | None = None,
     hadamard: str = "auto", smooth_k: bool = False, smooth_v: bool | str = "auto", qk_scales: str = "head",
-    qk_format: str = "e4m3",
+    qk_format: str = "e4m3", v_scales: str = "head",
 ) -> torch.Tensor:
     """`fp8_sdpa` over variable-length sequences packed along the tokens (FlashAttention's varlen layout).
 
@@ -202,7 +205,7 @@ def fp8_sdpa_varlen(
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (query, key, value))
     _check_inputs(q4, k4, v4, is_causal=False, scale=scale, cos=cos, sin=sin)
     is_causal = bool(is_causal)
-    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format)
+    options = FP8AttentionOptions.of(hadamard, smooth_k, smooth_v, qk_scales, qk_format, v_scales)
     if torch.compiler.is_compiling() or query.is_meta:
         # the offsets cannot be read while tracing (or have no values): the op validates and measures them
         # when it runs

@@ -34,6 +34,7 @@ class Backend:
     native_varlen: runs packed sequences in one launch (else one call per sequence).
     block_scales: takes per-block Q/K scales (``qk_scales="block"``).
     int8_qk: takes int8 Q/K with per-block scales (``qk_format="int8"``).
+    v_block_scales: takes per-block V scales (``v_scales="block"``).
     v_keys_contiguous: None, or ``(s_q, h_q, h_kv, s_kv, head_dim) -> bool``: the shapes at which the backend
         reads V keys-contiguous (`quantization.quantized.keys_contiguous`), which the pipeline then has the
         quantizer write (`attention.fp8_attention`).
@@ -48,6 +49,7 @@ class Backend:
     native_varlen: bool
     block_scales: bool
     int8_qk: bool
+    v_block_scales: bool = False
     v_keys_contiguous: Callable[[int, int, int, int, int], bool] | None = None
 
     @property
@@ -95,9 +97,10 @@ REGISTRY: dict[str, Backend] = {
         # Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
                 package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
-                int8_qk=True, v_keys_contiguous=triton_reads_v_keys_contiguous),
+                int8_qk=True, v_block_scales=True, v_keys_contiguous=triton_reads_v_keys_contiguous),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
-                min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True),
+                min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True,
+                v_block_scales=True),
     )
 }
 BACKENDS = tuple(REGISTRY)

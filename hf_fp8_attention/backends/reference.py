@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._constants import FP8_DTYPE, SCALE_BLOCK
+from .._constants import FP8_DTYPE, SCALE_BLOCK, V_SCALE_BLOCK
 from ..quantization import QuantizedQKV
 
 # P is multiplied by 2**P_LOG2_OFFSET before its e4m3 cast (FA3's Max_offset for 8-bit inputs).
@@ -30,7 +30,7 @@ def reference_fp8_attention(
 
     Args:
         qkv: q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) float8_e4m3fn; descales (B, H_kv) float32, or
-            per-block Q/K descales (`QuantizedQKV.block_scales`).
+            per-block Q/K descales (`QuantizedQKV.block_scales`) and optionally V ones (`v_block_scales`).
         is_causal: causal mask aligned to the bottom right (query i sees keys j <= i + S_kv - S_q).
         scale: softmax scale applied to Q.K^T.
         out_dtype: dtype of the result.
@@ -46,14 +46,19 @@ def reference_fp8_attention(
     q = q8.float().view(batch, s_q, h_kv, group, dim).permute(0, 2, 3, 1, 4)
     k = k8.float().permute(0, 2, 1, 3).unsqueeze(2)
     v = v8.float().permute(0, 2, 1, 3).unsqueeze(2)
+    per_token = lambda d, block, n: d.repeat_interleave(block, dim=-1)[..., :n]  # noqa: E731
     if qkv.block_scales:  # a descale per SCALE_BLOCK (Q) / k_scale_block (K) tokens: dequantize Q and K with them
-        per_token = lambda d, block, n: d.repeat_interleave(block, dim=-1)[..., :n]  # noqa: E731
         q = q * per_token(qkv.q_block_descale, SCALE_BLOCK, s_q).view(batch, h_kv, group, s_q, 1)
         k = k * per_token(qkv.k_block_descale, qkv.k_scale_block, s_kv).view(batch, h_kv, 1, s_kv, 1)
         qk_scale = torch.full((batch, h_kv, 1, 1, 1), scale, device=q8.device)
     else:
         qk_scale = (qkv.q_descale * qkv.k_descale * scale).view(batch, h_kv, 1, 1, 1)
-    v_descale = qkv.v_descale.view(batch, h_kv, 1, 1, 1)
+    if qkv.v_block_scales:  # a descale per V_SCALE_BLOCK keys: dequantize V with them (the triton kernel
+        # multiplies each key tile's float32 P.V product by its descale, the same sum in another order)
+        v = v * per_token(qkv.v_block_descale, V_SCALE_BLOCK, s_kv).view(batch, h_kv, 1, s_kv, 1)
+        v_descale = torch.ones((batch, h_kv, 1, 1, 1), device=q8.device)
+    else:
+        v_descale = qkv.v_descale.view(batch, h_kv, 1, 1, 1)
     p_scale = float(2**P_LOG2_OFFSET)
 
     out = torch.empty(batch, h_kv, group, s_q, dim, dtype=torch.float32, device=q8.device)

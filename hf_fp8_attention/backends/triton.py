@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS
+from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS, V_SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
 from ..quantization.quantized import keys_contiguous
@@ -120,7 +120,8 @@ def _launch(
     args = (
         q, k, v, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, o_part, ml_part, cu_q, cu_k,
         *((qkv.q_block_descale, qkv.k_block_descale) if qkv.block_scales else (out, out)),
-        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, qkv.k_scale_block),
+        qkv.v_block_descale if qkv.v_block_scales else out,
+        cdiv(s_q, SCALE_BLOCK), cdiv(s_kv, qkv.k_scale_block), cdiv(s_kv, V_SCALE_BLOCK),
         stride_qb, q.stride(1), stride_kb, k.stride(1), *v_strides,
         out.stride(0), out.stride(1),
         h_kv, s_q, s_kv, float(scale), keys_per_split, int(s_kv >= 4096),
@@ -128,7 +129,8 @@ def _launch(
     constexprs = dict(GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, IS_CAUSAL=bool(is_causal),
                       NUM_SPLITS=num_splits, V_KEYS_CONTIGUOUS=v.stride(1) == 1, VARLEN=varlen,
                       BLOCK_SCALES=qkv.block_scales, SCALE_BLOCK=SCALE_BLOCK,
-                      K_SCALE_BLOCK=qkv.k_scale_block, QK_INT8=q.dtype == torch.int8)
+                      K_SCALE_BLOCK=qkv.k_scale_block, QK_INT8=q.dtype == torch.int8,
+                      V_BLOCK_SCALES=qkv.v_block_scales, V_SCALE_BLOCK=V_SCALE_BLOCK)
     if config is None:
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)
@@ -141,6 +143,7 @@ def _launch(
         _fp8_attn_combine_kernel[(cdiv(n_rows, block_r), bh)](
             out, qkv.v_descale, o_part, ml_part, cu_q, out.stride(0), out.stride(1), h_kv, s_q, bh,
             GROUP=group, HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, NUM_SPLITS=num_splits, BLOCK_R=block_r, VARLEN=varlen,
+            V_BLOCK_SCALES=qkv.v_block_scales,
         )
     return out
 

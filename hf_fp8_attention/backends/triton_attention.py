@@ -34,11 +34,12 @@ def _rows(scale, PER_ROW: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
+    K_ptr, V_ptr, Kb_ptr, Vb_ptr, stride_kn, stride_vn, stride_vd,
     offs_d, mask_d, row_limit,
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
+    V_BLOCK_SCALES: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
@@ -47,7 +48,9 @@ def _attn_fwd_inner(
     the (BLOCK_M,) per-row one (the row's q block descale folded in); key j's block descale is then
     Kb_ptr[j // K_SCALE_BLOCK] (K_SCALE_BLOCK a multiple of BLOCK_N (int8): one per key tile, folded into
     the row scales; or a divisor (e4m3 blocks of 16): widened to one per key). QK_INT8: q/k int8,
-    the dot gives int32 scores (exact), converted to float32.
+    the dot gives int32 scores (exact), converted to float32. V_BLOCK_SCALES: key j's V descale is
+    Vb_ptr[j // V_SCALE_BLOCK] (a multiple of BLOCK_N: one per key tile), multiplying the tile's float32 P.V
+    product before it is added.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -110,7 +113,10 @@ def _attn_fwd_inner(
         # small P.V terms of long rows (V with a channel offset: 16.8 dB at 8k, 3.6 dB at 128k on the H200);
         # this keeps the error flat in S for a few % of speed. tests/gpu/test_long_context_gpu.py guards it
         # against a compiler folding the add back into the MMA.
-        acc += tl.dot(p.to(tl.float8e4nv), v)
+        if V_BLOCK_SCALES:  # start_n < hi <= S_kv: the tile's block exists
+            acc += tl.dot(p.to(tl.float8e4nv), v) * tl.load(Vb_ptr + start_n // V_SCALE_BLOCK)
+        else:
+            acc += tl.dot(p.to(tl.float8e4nv), v)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -136,13 +142,15 @@ def _sequence(Cu_q, Cu_k, b, S_q, S_kv, stride_qb, stride_kb, stride_vb, stride_
 
 @triton.jit
 def _fp8_attn_fwd_kernel(
-    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k, Q_blk, K_blk, n_blk_q, n_blk_k,
+    Q, K, V, Out, Q_descale, K_descale, V_descale, O_part, ML_part, Cu_q, Cu_k, Q_blk, K_blk, V_blk,
+    n_blk_q, n_blk_k, n_blk_v,
     stride_qb, stride_qs, stride_kb, stride_kn, stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_os,
     H_kv, S_q, S_kv, sm_scale, keys_per_split, kv_len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
+    V_BLOCK_SCALES: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
@@ -160,8 +168,11 @@ def _fp8_attn_fwd_kernel(
     BLOCK_SCALES: Q descales per SCALE_BLOCK tokens and K descales per K_SCALE_BLOCK tokens of one head,
     Q_blk (B, H_q, n_blk_q) and K_blk (B, H_kv, n_blk_k) float32 (Q_descale / K_descale unused);
     K_SCALE_BLOCK a multiple or a divisor of BLOCK_N. QK_INT8:
-    Q and K are int8 (with BLOCK_SCALES).
+    Q and K are int8 (with BLOCK_SCALES). V_BLOCK_SCALES: V descales per V_SCALE_BLOCK keys (a multiple of
+    BLOCK_N), V_blk (B, H_kv, n_blk_v) float32 (V_descale unused); partials are then already descaled.
     """
+    if V_BLOCK_SCALES:
+        tl.static_assert(V_SCALE_BLOCK % BLOCK_N == 0, "a key tile lies inside one V scale block")
     if BLOCK_SCALES:
         tl.static_assert(K_SCALE_BLOCK % BLOCK_N == 0 or BLOCK_N % K_SCALE_BLOCK == 0,
                          "a key tile lies inside one K scale block or holds whole ones")
@@ -203,6 +214,7 @@ def _fp8_attn_fwd_kernel(
     else:
         qk_scale = sm_scale * tl.load(Q_descale + desc_idx) * tl.load(K_descale + desc_idx) * 1.4426950408889634
         Kb_ptr = K_blk
+    Vb_ptr = V_blk + desc_idx.to(tl.int64) * n_blk_v  # read only with V_BLOCK_SCALES
 
     # Key ranges: [lo, full_hi) needs no mask, [max(lo, full_hi), mask_hi) does.
     diag = S_kv - S_q
@@ -227,19 +239,21 @@ def _fp8_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, Vb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, stride_kn, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, Vb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK,
     )
 
     if NUM_SPLITS == 1:
-        v_descale = tl.load(V_descale + desc_idx)
-        out = acc * (v_descale / l_i)[:, None]
+        if V_BLOCK_SCALES:
+            out = acc / l_i[:, None]
+        else:
+            out = acc * (tl.load(V_descale + desc_idx) / l_i)[:, None]
         o_rows = o_base + pos.to(tl.int64) * stride_os + head * HEAD_DIM
         tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & mask_d[None, :])
@@ -258,13 +272,13 @@ def _fp8_attn_combine_kernel(
     stride_ob, stride_os,
     H_kv, S_q, BH,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, VARLEN: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, VARLEN: tl.constexpr, V_BLOCK_SCALES: tl.constexpr = False,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_R), B * H_kv). Merges the split partials of `_fp8_attn_fwd_kernel`.
 
     Each split's acc and sum are rescaled by exp2(its max - the overall max) (0 for a split in which the
-    row saw no key), summed, divided by the summed row sum and multiplied by v_descale. VARLEN: as in
-    `_fp8_attn_fwd_kernel` (S_q is the longest length).
+    row saw no key), summed, divided by the summed row sum and multiplied by v_descale (not with
+    V_BLOCK_SCALES: the partials are descaled). VARLEN: as in `_fp8_attn_fwd_kernel` (S_q is the longest length).
     """
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -298,7 +312,10 @@ def _fp8_attn_combine_kernel(
         w = tl.math.exp2(m_s - m_max)
         l_sum += w * l_s
         acc += o_s * w[:, None]
-    v_descale = tl.load(V_descale + pid_bh)
+    if V_BLOCK_SCALES:
+        v_descale = 1.0
+    else:
+        v_descale = tl.load(V_descale + pid_bh)
     out = acc * (v_descale / tl.where(row_ok, l_sum, 1.0))[:, None]
     pos = offs_r // GROUP
     head = h_kv * GROUP + offs_r % GROUP
@@ -331,7 +348,8 @@ def _prune_prefill(configs, named_args, **kwargs):
 # Prefill: autotuned once per (head_dim, causal, V layout, short/long keys), results kept per process.
 fp8_attn_fwd_prefill = triton.autotune(
     configs=_prefill_configs(),
-    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "VARLEN", "BLOCK_SCALES", "QK_INT8", "kv_len_bucket"],
+    key=["HEAD_DIM_PAD", "IS_CAUSAL", "V_KEYS_CONTIGUOUS", "VARLEN", "BLOCK_SCALES", "QK_INT8", "V_BLOCK_SCALES",
+         "kv_len_bucket"],
     prune_configs_by={"early_config_prune": _prune_prefill},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_fp8_attn_fwd_kernel)

@@ -325,6 +325,68 @@ def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8
 
 
 @triton.jit
+def _block_row_scales(x1, x2, valid, row0, seq_len, blk_ptr, BLOCK_S: tl.constexpr, BLK: tl.constexpr,
+                      MAX: tl.constexpr, INT8: tl.constexpr):
+    """Per-block scales of a tile (half tiles x1, x2 of rows [row0, row0 + BLOCK_S); rows past the sequence
+    are 0 and `valid` False): the exact amax of each BLK rows (BLK divides BLOCK_S) over the finite
+    elements gives scale MAX / amax and descale amax / MAX (1 and 1 for amax 0); the descales of the blocks
+    the sequence reaches go to blk_ptr[row0 // BLK + i] (blk_ptr: the head's first block). INT8: int8 has
+    no NaN, so a block holding a non-finite element gets a NaN descale. Returns the (BLOCK_S,) row scales."""
+    blk_amax = _block_amax(x1, x2, valid, BLOCK_S, BLK)  # (BLOCK_S // BLK,)
+    blk_scale, blk_descale = _amax_scales(blk_amax, MAX)
+    if INT8:
+        blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, BLK), float("nan"), blk_descale)
+    blk_idx = row0 // BLK + tl.arange(0, BLOCK_S // BLK)
+    tl.store(blk_ptr + blk_idx, blk_descale, mask=blk_idx * BLK < seq_len)
+    return tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // BLK, BLK)), (BLOCK_S,))
+
+
+@triton.jit
+def _store_codes(x1, x2, row_scale, t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
+                 q_out_ptr, k_out_ptr, v_out_ptr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                 BLOCK_S: tl.constexpr, FP8_MAX: tl.constexpr, QK_MAX: tl.constexpr, QK_INT8: tl.constexpr,
+                 V_KEYS_CONTIG: tl.constexpr, VARLEN: tl.constexpr):
+    """Quantizes rows [row0, row0 + BLOCK_S) of head h of tensor t (0 q, 1 k, 2 v) with `row_scale` (a scalar or
+    a (BLOCK_S, 1) column) and stores the rows below seq_len: BSHD at token out_start + row (out_start: the
+    sequence's first output token), or, for v with V_KEYS_CONTIG, keys-contiguous (see `qkv_quantize_kernel`).
+    QK_INT8: q and k as int8, v as e4m3, all stored as bytes (the outputs passed as uint8)."""
+    HALF = HEAD_DIM // 2  # constexpr
+    offs_d = tl.arange(0, HALF_BLOCK)
+    out_rows = tl.arange(0, BLOCK_S)
+    if QK_INT8:  # a branch, not a select: one cast runs
+        if t < 2:
+            y1 = _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+            y2 = _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
+        else:
+            y1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
+            y2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
+    else:
+        y1 = _to_fp8(x1 * row_scale, FP8_MAX)
+        y2 = _to_fp8(x2 * row_scale, FP8_MAX)
+    mask = _tile_mask(row0, seq_len, BLOCK_S, HALF, HALF_BLOCK)
+    if V_KEYS_CONTIG:
+        transposed = t == 2
+    else:
+        transposed = False
+    if transposed:  # v, keys-contiguous: channel c of row r at c * V_ROWS + r of its head
+        if VARLEN:
+            v_head = h.to(tl.int64) * HEAD_DIM * V_ROWS + out_start + row0
+        else:
+            v_head = (b * H_KV + h).to(tl.int64) * HEAD_DIM * V_ROWS + row0
+        cols1 = offs_d.to(tl.int64)[None, :] * V_ROWS
+        cols2 = (offs_d + HALF).to(tl.int64)[None, :] * V_ROWS
+        tl.store(v_out_ptr + v_head + cols1 + out_rows[:, None], y1, mask=mask)
+        tl.store(v_out_ptr + v_head + cols2 + out_rows[:, None], y2, mask=mask)
+    else:
+        out_ptr = _select3(t, q_out_ptr, k_out_ptr, v_out_ptr)
+        out_stride_s = n_heads * HEAD_DIM
+        out_tile = out_ptr + ((out_start + row0) * n_heads + h) * HEAD_DIM
+        rows = out_rows[:, None] * out_stride_s
+        tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
+        tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
+
+
+@triton.jit
 def qkv_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, descale_ptr, ws_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
@@ -507,18 +569,10 @@ def qkv_quantize_kernel(
                         x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
                 if BLOCK_SCALES:
                     if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
-                        valid2 = (r2 + out_rows) < seq2
-                        blk_amax = _block_amax(x1, x2, valid2, BLOCK_S, SCALE_BLOCK)  # (BLOCK_S // SCALE_BLOCK,)
-                        blk_scale, blk_descale = _amax_scales(blk_amax, QK_MAX)
-                        if QK_INT8:  # int8 has no NaN: a block holding a non-finite element gets a NaN descale
-                            blk_descale = tl.where(_block_nonfinite(x1, x2, BLOCK_S, SCALE_BLOCK),
-                                                   float("nan"), blk_descale)
-                        blk_idx = r2 // SCALE_BLOCK + tl.arange(0, BLOCK_S // SCALE_BLOCK)
                         n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)
                         blk_ptr = tl.where(t2 == 0, q_blk_ptr, k_blk_ptr) + (b2 * n_heads2 + h2).to(tl.int64) * n_blk
-                        tl.store(blk_ptr + blk_idx, blk_descale, mask=blk_idx * SCALE_BLOCK < seq2)
-                        row_scale = tl.reshape(tl.broadcast_to(blk_scale[:, None], (BLOCK_S // SCALE_BLOCK, SCALE_BLOCK)),
-                                               (BLOCK_S,))
+                        row_scale = _block_row_scales(x1, x2, (r2 + out_rows) < seq2, r2, seq2, blk_ptr,
+                                                      BLOCK_S, SCALE_BLOCK, QK_MAX, QK_INT8)
                     elif t2 == 1:  # k: its K block's scale, from the amax every tile of the block merged in P1
                         k_slot2 = (b2 * H_KV + h2).to(tl.int64) * N_BLK_KV + r2 // K_SCALE_BLOCK
                         in_seq = r2 < seq2
@@ -534,37 +588,9 @@ def qkv_quantize_kernel(
                     row_scale = row_scale[:, None]
                 else:
                     row_scale = scale
-                if QK_INT8:  # q and k as int8, v as e4m3, all stored as bytes; a branch, not a select: one cast runs
-                    if t2 < 2:
-                        y1 = _to_int8(x1 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
-                        y2 = _to_int8(x2 * row_scale, QK_MAX).to(tl.uint8, bitcast=True)
-                    else:
-                        y1 = _to_fp8(x1 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
-                        y2 = _to_fp8(x2 * row_scale, FP8_MAX).to(tl.uint8, bitcast=True)
-                else:
-                    y1 = _to_fp8(x1 * row_scale, FP8_MAX)
-                    y2 = _to_fp8(x2 * row_scale, FP8_MAX)
-                mask = _tile_mask(r2, seq2, BLOCK_S, HALF, HALF_BLOCK)
-                if V_KEYS_CONTIG:
-                    transposed = t2 == 2
-                else:
-                    transposed = False
-                if transposed:  # v, keys-contiguous: channel c of row r at c * V_ROWS + r of its head
-                    if VARLEN:
-                        v_head = h2.to(tl.int64) * HEAD_DIM * V_ROWS + out_start2 + r2
-                    else:
-                        v_head = (b2 * H_KV + h2).to(tl.int64) * HEAD_DIM * V_ROWS + r2
-                    cols1 = offs_d.to(tl.int64)[None, :] * V_ROWS
-                    cols2 = (offs_d + HALF).to(tl.int64)[None, :] * V_ROWS
-                    tl.store(v_out_ptr + v_head + cols1 + out_rows[:, None], y1, mask=mask)
-                    tl.store(v_out_ptr + v_head + cols2 + out_rows[:, None], y2, mask=mask)
-                else:
-                    out_ptr = _select3(t2, q_out_ptr, k_out_ptr, v_out_ptr)
-                    out_stride_s = n_heads2 * HEAD_DIM
-                    out_tile = out_ptr + ((out_start2 + r2) * n_heads2 + h2) * HEAD_DIM
-                    rows = out_rows[:, None] * out_stride_s
-                    tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
-                    tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
+                _store_codes(x1, x2, row_scale, t2, b2, h2, r2, seq2, out_start2, n_heads2, H_KV, V_ROWS,
+                             q_out_ptr, k_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, BLOCK_S, FP8_MAX, QK_MAX,
+                             QK_INT8, V_KEYS_CONTIG, VARLEN)
         _publish(amax_ptr, done_ptr, grp1, m, has_p1)
         ticket = next_ticket
 

@@ -2,7 +2,8 @@
 optionally keys-contiguous: a BSHD view of (B, H, D, S) memory).
 
 One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
-schedule) plus one small zero-fill of its counters. This is the only module that reads strides, allocates
+schedule) plus one small zero-fill of its counters; or, when every scale is per block (v_scales="block"),
+a plain grid of `block_kernel.qkv_block_quantize_kernel`, which reads every element once. This is the only module that reads strides, allocates
 and builds grids; the math is the one of `reference.py`, bit for bit but for summation orders (see
 `quantize_qkv_fp8`).
 """
@@ -15,9 +16,10 @@ from typing import Optional
 import torch
 
 from .. import _launch as direct
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_block
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
+from .block_kernel import qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
@@ -56,6 +58,10 @@ _LAG_PER_PROGRAM = 0.5
 _CHUNK, _CHUNK_SHORT, _CHUNK_LONG_ROWS = 8, 4, 16384
 _INTERLEAVE: bool | None = None
 _INTERLEAVE_ROWS = 32768
+# The single-pass kernel (v_scales="block"): warps per program, whose tile is V_SCALE_BLOCK rows x D, keyed by
+# (padded half head dim, RoPE). 32 fp32 elements per thread and half tile at D=128 with 8 warps (RoPE adds
+# its cos/sin half tiles). Not tuned: `scripts/bench_quantize.py --configs` times the alternatives.
+_BLOCK_WARPS = {(32, False): 4, (32, True): 4, (64, False): 8, (64, True): 8, (128, False): 16, (128, True): 16}
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,6 +232,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
+    if options.v_block_scales:
+        return _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous)
     H_q, D = q.shape[1], q.shape[3]
     H_kv = k.shape[1]
     device = q.device
@@ -308,6 +316,67 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         code_mean = _centring_means(codes, codes, None, B, S_kv, varlen, False, True)[1]
         v_add = v_mean - v_code_drift(code_mean, descale[2], options.rotates_v)
     return bundle(descale, v_add)
+
+
+def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
+                   v_keys_contiguous: bool) -> QuantizedQKV:
+    """`_launch` when every scale is per block: one launch of `qkv_block_quantize_kernel` (one program per
+    V_SCALE_BLOCK rows of one head, every element read once), after `centring_sums_kernel` with smooth_k.
+    The per-(batch, KV head) descales are not computed: NaN (`QuantizedQKV.v_block_descale`)."""
+    H_q, D = q.shape[1], q.shape[3]
+    H_kv = k.shape[1]
+    device = q.device
+    int8 = options.int8_qk
+    k_block = k_scale_block(int8)
+    n_blk = (cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_block), cdiv(S_kv, V_SCALE_BLOCK))
+    # every block a sequence reaches is written; longest-length padding is never read
+    blocks = tuple(torch.empty((B, h, n), dtype=torch.float32, device=device)
+                   for h, n in zip((H_q, H_kv, H_kv), n_blk))
+    descale = torch.full((3, B, H_kv), float("nan"), dtype=torch.float32, device=device)
+    extra = {}
+    if varlen is not None:
+        extra = dict(zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"), varlen))
+    qkv = QuantizedQKV(*outs, descale[0], descale[1], descale[2], v_rotated=options.rotates_v,
+                       q_block_descale=blocks[0], k_block_descale=blocks[1], v_block_descale=blocks[2], **extra)
+    if S_q == 0 or S_kv == 0 or B == 0:
+        return qkv
+    means = blocks[2]  # never read without SMOOTH_K
+    if options.smooth_k:
+        means = _centring_means(k, v, rope, B, S_kv, varlen, True, False)
+    if rope is not None:
+        cos, sin, cos_strides, sin_strides = rope
+    else:
+        cos = sin = blocks[2]  # never read: APPLY_ROPE=False removes the loads
+        cos_strides = sin_strides = (0, 0, 0)
+    cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (blocks[2], blocks[2])  # read only with VARLEN
+    half_block = next_power_of_2(D // 2)
+    n_tiles = B * H_q * cdiv(S_q, V_SCALE_BLOCK) + 2 * B * H_kv * cdiv(S_kv, V_SCALE_BLOCK)
+    out_ptrs = tuple(t.view(torch.uint8) for t in outs) if int8 else outs  # one pointer type for the q/k/v select
+    tensors = (q, k, v, cos, sin, *out_ptrs, means, cu_q, cu_k, *blocks)
+    ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0,
+            *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
+    const_key = (options, D, half_block, q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1,
+                 rope is not None, varlen is not None, bool(v_keys_contiguous), _BLOCK_WARPS[(half_block, rope is not None)])
+    key = None
+    if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
+        key = (device, tuple(t.dtype for t in tensors), ints, const_key)
+    direct.launch(qkv_block_quantize_kernel, key, (n_tiles,), (*tensors, *ints), _block_constexprs(*const_key))
+    return qkv
+
+
+@functools.lru_cache(maxsize=256)
+def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, apply_rope: bool,
+                      varlen: bool, v_keys_contiguous: bool, num_warps: int) -> dict:
+    """`qkv_block_quantize_kernel`'s constexprs and compile options for one configuration (the caller must not
+    modify the dict)."""
+    int8 = options.int8_qk
+    return dict(
+        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=V_SCALE_BLOCK, D_CONTIG=d_contig,
+        APPLY_ROPE=apply_rope, HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
+        SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
+        V_SCALE_BLOCK=V_SCALE_BLOCK, QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX,
+        V_KEYS_CONTIG=v_keys_contiguous, num_warps=num_warps, enable_fp_fusion=False,
+    )
 
 
 # Rows of one K / V head per program of `centring_sums_kernel` (256: 2048 programs at S=16k, H_kv=32, each

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import SCALE_BLOCK, k_scale_block
+from .._constants import SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv
 
 
@@ -57,6 +57,14 @@ class QuantizedQKV:
     q_block_descale: Optional[torch.Tensor] = None
     k_block_descale: Optional[torch.Tensor] = None
     # qk_format="int8": q and k are torch.int8 (codes in [-127, 127]) with those per-block descales.
+    # v_scales="block" (with q/k block scales): v was quantized with one scale per V_SCALE_BLOCK tokens of one
+    # KV head, (B, H_kv, cdiv(S_kv, V_SCALE_BLOCK)) float32 (varlen as above); q/k/v_descale are then NaN
+    # (not computed: the single-pass quantizer never sees a whole head).
+    v_block_descale: Optional[torch.Tensor] = None
+
+    @property
+    def v_block_scales(self) -> bool:
+        return self.v_block_descale is not None
 
     @property
     def block_scales(self) -> bool:
@@ -89,6 +97,9 @@ class QuantizedQKV:
                 n_k = cdiv(rows_k.stop - rows_k.start, self.k_scale_block)
                 blocks = dict(q_block_descale=self.q_block_descale[one, :, :n_q].contiguous(),
                               k_block_descale=self.k_block_descale[one, :, :n_k].contiguous())
+            if self.v_block_scales:
+                n_v = cdiv(rows_k.stop - rows_k.start, V_SCALE_BLOCK)
+                blocks["v_block_descale"] = self.v_block_descale[one, :, :n_v].contiguous()
             parts.append(QuantizedQKV(
                 self.q[:, rows_q], self.k[:, rows_k], self.v[:, rows_k],
                 self.q_descale[one], self.k_descale[one], self.v_descale[one],

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, k_scale_block
+from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
@@ -166,7 +166,9 @@ def quantize_qkv_fp8_reference(
             and k one scale per SCALE_BLOCK (16) tokens of one head (int8 k: per INT8_K_SCALE_BLOCK (128)),
             the exact amax of each rotated block
             (their per-group descales are still returned), v keeping its per-(batch, KV head) scale;
-            qk_format="int8" makes those q and k int8.
+            qk_format="int8" makes those q and k int8; v_scales="block" (with them) gives v one scale per
+            V_SCALE_BLOCK (128) tokens of one KV head, the exact amax of each (rotated) block, and then no
+            per-group descale is computed (q/k/v_descale NaN), as the single-pass kernel.
         v_keys_contiguous: v's codes in keys-contiguous memory (`quantized.keys_contiguous`), as the kernel's.
         Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
@@ -212,6 +214,9 @@ def quantize_qkv_fp8_reference(
         q8, q_blocks = _quantize_blocks(qf, SCALE_BLOCK, options.int8_qk)
         k8, k_blocks = _quantize_blocks(kf, k_scale_block(options.int8_qk), options.int8_qk)
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
+    if options.v_block_scales:
+        v8, blocks["v_block_descale"] = _quantize_blocks(vf, V_SCALE_BLOCK)
+        q_descale, k_descale, v_descale = (torch.full_like(d, float("nan")) for d in (q_descale, k_descale, v_descale))
     if v_keys_contiguous:
         v8 = keys_contiguous(v8)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
@@ -257,6 +262,9 @@ def quantize_qkv_fp8_varlen_reference(
             k_block_descale=torch.cat([pad_to(p.k_block_descale, cdiv(max_seqlen_k, k_scale_block(options.int8_qk)))
                                        for p in parts]),
         )
+        if options.v_block_scales:
+            blocks["v_block_descale"] = torch.cat([pad_to(p.v_block_descale, cdiv(max_seqlen_k, V_SCALE_BLOCK))
+                                                   for p in parts])
     v8 = cat("v", 1)
     return QuantizedQKV(
         cat("q", 1), cat("k", 1), keys_contiguous(v8) if v_keys_contiguous else v8,

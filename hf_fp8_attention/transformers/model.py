@@ -358,6 +358,7 @@ def prepare_model(
     qk_scales: str = "head",
     qk_format: str = "e4m3",
     kv_cache: str = "off",
+    v_scales: str = "head",
 ):
     """Switch a loaded model to fp8 attention. Returns the same model.
 
@@ -374,6 +375,8 @@ def prepare_model(
         qk_scales: "head" or "block" (a Q/K scale per 16 tokens; runs on the triton backend, which
             backend=None then picks on a GPU).
         qk_format: "e4m3" or "int8" (int8 Q/K with per-block scales; the triton backend, as for "block").
+        v_scales: "head" or "block" (a V scale per 128 tokens; with per-block Q/K scales, so that the quantize
+            kernel reads Q/K/V once; the triton backend, as for "block").
             The options are validated once as an `FP8AttentionOptions`, stored on the model's configs
             as the dict ``fp8_attention_options`` and passed to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel (on the
@@ -399,7 +402,7 @@ def prepare_model(
     (see `describe_backend`).
     """
     options = FP8AttentionOptions(hadamard=hadamard, smooth_k=smooth_k, smooth_v=smooth_v, qk_scales=qk_scales,
-                                  qk_format=qk_format)
+                                  qk_format=qk_format, v_scales=v_scales)
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
     # hadamard shapes the first chunk's fp8_sdpa and the cache's K/Q rotation (`_cache_hadamard`); the cache's

@@ -1,0 +1,86 @@
+"""Single-pass Triton kernel of the FP8 Q/K/V quantization, for options whose every scale is per block
+(``v_scales="block"``, which needs ``qk_scales="block"`` or ``qk_format="int8"``).
+
+Each program owns one tile of ROWS (= V_SCALE_BLOCK, 128) rows of one head of q, k or v, a multiple of every
+scale block (q 16, k 16 or 128 (int8), v 128). It reads the tile once, applies RoPE (q, k), K's centring
+(smooth_k, means from `centring_sums_kernel` launched before) and the Hadamard rotation as switched on, takes
+each block's exact amax from the registers, and writes the codes and the block descales. No program waits on
+another: no workspace, atomics or persistent grid. The two-pass kernel (`kernels.qkv_quantize_kernel`) must
+read every element twice, because a per-head scale needs the whole head's amax before its first code is
+written; here every byte is read once and written once.
+
+Same math as `reference.quantize_qkv_fp8_reference` with v_scales="block" (bit for bit without Hadamard; with
+it, up to tl.dot's summation order, as the two-pass kernel). Launch with ``enable_fp_fusion=False`` (RoPE's
+mul/mul/add rounded as the reference).
+"""
+
+import triton
+import triton.language as tl
+
+from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes
+from .tile_math import _hadamard, _sign_matrix
+
+
+@triton.jit
+def qkv_block_quantize_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+    q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
+    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V,
+    B, H_Q, H_KV, S_Q, S_KV, V_ROWS,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    D_CONTIG: tl.constexpr, APPLY_ROPE: tl.constexpr,
+    HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
+    QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
+):
+    """Grid: (B * H_Q * cdiv(S_Q, ROWS) + 2 * B * H_KV * cdiv(S_KV, ROWS),): the q tiles, then k's, then v's
+    (`kernels._item_setup`'s order with items of one tile). Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and
+    QK_INT8 / QK_MAX as in `kernels.qkv_quantize_kernel`. Block descales: q_blk_ptr (B, H_Q, N_BLK_Q) per
+    SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK rows, v_blk_ptr (B, H_KV, N_BLK_V) per
+    V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest sequence). SMOOTH_K: mean_ptr (2, B, H_KV,
+    HEAD_DIM) float32 holds K's means in its first half. HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2."""
+    tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS % V_SCALE_BLOCK == 0,
+                     "a tile holds whole scale blocks")
+    (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, _,
+     out_start) = _item_setup(
+        tl.program_id(0), B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
+        stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
+        cu_q_ptr, cu_k_ptr, ROWS, VARLEN, False)
+    if row0 < seq_len:  # (VARLEN: a shorter sequence's tiles past its end have nothing to do)
+        lo, hi, c_lo, c_hi, s_lo, s_hi = _load_tile(
+            x_ptr, x_base, row0, seq_len, stride_s, stride_d, cos_ptr, cos_base, stride_cs, stride_cd,
+            sin_ptr, sin_base, stride_ss, stride_sd, t < 2, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, APPLY_ROPE,
+            "evict_first")
+        x1, x2 = _rotate(lo, hi, c_lo, c_hi, s_lo, s_hi, t < 2, APPLY_ROPE)
+        HALF = HEAD_DIM // 2  # constexpr
+        offs_d = tl.arange(0, HALF_BLOCK)
+        valid = (row0 + tl.arange(0, ROWS)) < seq_len
+        if SMOOTH_K:  # k's group index less B * H_KV is its mean's slot
+            x1, x2 = _centre(x1, x2, mean_ptr, grp - B * H_KV, tl.where(t == 1, True, False), valid, offs_d,
+                             offs_d < HALF, HALF, HEAD_DIM)
+        if HADAMARD_QK or HADAMARD_V:
+            signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
+            if HADAMARD_QK and HADAMARD_V:
+                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+            elif (t < 2) == HADAMARD_QK:  # a branch, not a select: the rotation runs only where it applies
+                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+        head = (b * n_heads + h).to(tl.int64)
+        if t == 0:
+            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, q_blk_ptr + head * N_BLK_Q,
+                                          ROWS, SCALE_BLOCK, QK_MAX, QK_INT8)
+        elif t == 1:
+            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
+                                          ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
+        else:
+            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V,
+                                          ROWS, V_SCALE_BLOCK, FP8_MAX, False)
+        _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
+                     q_out_ptr, k_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,
+                     V_KEYS_CONTIG, VARLEN)
