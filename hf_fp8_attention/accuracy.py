@@ -57,6 +57,10 @@ MODES = {
     "int8+smooth_k+smooth_v": {"qk_format": "int8", "smooth_k": True, "smooth_v": True},
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
+    # every scale per block (V per 128 tokens too): the single-pass quantize kernel; triton (reference on CPU)
+    "block_qkv": {"qk_scales": "block", "v_scales": "block"},
+    "int8+block_v": {"qk_format": "int8", "v_scales": "block"},
+    "int8+smooth_k+block_v": {"qk_format": "int8", "smooth_k": True, "v_scales": "block"},
 }
 # A mode names everything it switches on: no rotation and no V centring unless it says so (the defaults are
 # hadamard="auto" and smooth_v="auto", which centres V on fa3 from 32k keys).
@@ -110,7 +114,7 @@ def _fp8_output(q, k, v, kwargs: dict, *, backend, is_causal: bool) -> torch.Ten
     from .options import FP8AttentionOptions
     from .sdpa import fp8_sdpa
 
-    block = FP8AttentionOptions(**kwargs).block_scales and backend not in ("triton", "reference")
+    block = FP8AttentionOptions(**kwargs).block_scales and backend not in ("triton", "reference")  # (V's need Q/K's)
     return fp8_sdpa(q, k, v, is_causal=is_causal, backend=None if block else backend, **kwargs)
 
 

@@ -113,11 +113,12 @@ def check_backend(backend: str, device: torch.device) -> None:
 
 
 # Options only some backends serve: (the FP8AttentionOptions property and the Backend field of the same name,
-# how the user asked for it, why a backend without it cannot serve it). int8 first: it implies block scales.
+# how the user asked for it, why a backend without it cannot serve it). V block scales and int8 first: they
+# imply (V: need) Q/K block scales, and the message names the first one missing.
 _CAPABILITIES = (
+    ("v_block_scales", "v_scales='block'", lambda b: f"it takes a V scale per 128 tokens, {b.name} one per (batch, KV head)"),
     ("int8_qk", "qk_format='int8'", lambda b: f"{b.name} multiplies e4m3 Q and K only"),
     ("block_scales", "qk_scales='block'", lambda b: f"it takes a Q/K scale per 16 tokens, {b.name} one per (batch, KV head)"),
-    ("v_block_scales", "v_scales='block'", lambda b: f"it takes a V scale per 128 tokens, {b.name} one per (batch, KV head)"),
 )
 
 

@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from hf_fp8_attention._constants import SCALE_BLOCK, k_scale_block
+from hf_fp8_attention._constants import SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from hf_fp8_attention._intmath import cdiv
 
 
@@ -101,14 +101,16 @@ def make_inputs(S, H_q, H_kv, D, rope, B=1, device="cuda"):
     return q, k, v, cos, sin
 
 
-def traffic(q, k, v, cos=None, sin=None, block_scales=False, int8=False) -> tuple[int, int]:
+def traffic(q, k, v, cos=None, sin=None, block_scales=False, int8=False, v_blocks=False) -> tuple[int, int]:
     """(bytes read, bytes written) of one quantize pass, as the module docstring counts them (int8: int8 Q/K,
-    whose block scales count K's per `k_scale_block`)."""
+    whose block scales count K's per `k_scale_block`; v_blocks: V's descales per V_SCALE_BLOCK too)."""
     read = sum(t.numel() * t.element_size() for t in (q, k, v) + ((cos, sin) if cos is not None else ()))
     written = q.numel() + k.numel() + v.numel()
     if block_scales:  # float32 descales, (B, H, cdiv(S, block)) for q and for k
         written += 4 * sum(t.shape[0] * t.shape[1] * cdiv(t.shape[2], block)
                            for t, block in ((q, SCALE_BLOCK), (k, k_scale_block(int8))))
+    if v_blocks:
+        written += 4 * v.shape[0] * v.shape[1] * cdiv(v.shape[2], V_SCALE_BLOCK)
     return read, written
 
 
@@ -273,6 +275,10 @@ MODES = {
     "int8": (False, {"qk_format": "int8"}),
     "rope+int8": (True, {"qk_format": "int8"}),
     "int8+smooth_k": (False, {"qk_format": "int8", "smooth_k": True}),
+    # every scale per block: the single-pass kernel (qkv._launch_blocks)
+    "block_qkv": (False, {"qk_scales": "block", "v_scales": "block"}),
+    "rope+block_qkv": (True, {"qk_scales": "block", "v_scales": "block"}),
+    "rope+int8+block_v": (True, {"qk_format": "int8", "v_scales": "block"}),
 }
 MODES = {name: (rope, {"hadamard": "none", "smooth_v": False, **kw}) for name, (rope, kw) in MODES.items()}
 # --configs: (tile elements, num_warps, ONE_TILE) alternatives, today's first. RoPE: qkv._ONE_TILE_CONFIG;
@@ -281,6 +287,9 @@ ROPE_CONFIGS = [(4096, 4, True), (4096, 8, True), (2048, 4, True), (8192, 8, Tru
 PLAIN_CONFIGS = [(4096, 4, False), (8192, 4, False), (8192, 8, False)]
 PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
+# --configs, the single-pass kernel (every scale per block): num_warps per 128-row tile (qkv._BLOCK_WARPS)
+BLOCK_WARPS = (4, 8, 16)
+BLOCK_MODES = ("rope+block_qkv", "block_qkv", "rope+int8+block_v")
 
 
 def _timed(fn, q, k, v, cos, sin, name, rep_ms):
@@ -289,7 +298,8 @@ def _timed(fn, q, k, v, cos, sin, name, rep_ms):
     inputs = (q, k, v, cos, sin) if rope else (q, k, v)
     ms = device_ms(lambda *a: fn(*a, options=kw), inputs, rep_ms)
     int8 = kw.get("qk_format") == "int8"
-    return ms, traffic(*inputs, block_scales=int8 or kw.get("qk_scales") == "block", int8=int8)
+    return ms, traffic(*inputs, block_scales=int8 or kw.get("qk_scales") == "block", int8=int8,
+                       v_blocks=kw.get("v_scales") == "block")
 
 
 def modes(args):
@@ -354,6 +364,37 @@ def configs(args):
                 torch.cuda.empty_cache()
     finally:
         qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config = saved
+    block_configs(args)
+
+
+def block_configs(args):
+    """ms and % of copy of the single-pass kernel's num_warps alternatives (`qkv._BLOCK_WARPS`, restored)."""
+    from hf_fp8_attention.quantization import qkv
+
+    saved = dict(qkv._BLOCK_WARPS)
+    print("
+single-pass kernel (every scale per block): num_warps per program; ms (% of copy); * today's")
+    print(f"| H_q/H_kv | S | copy GB/s | num_warps | {' | '.join(BLOCK_MODES)} |")
+    print(f"|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
+    half = args.head_dim // 2
+    half = 1 << (half - 1).bit_length()
+    try:
+        for heads, S in itertools.product(args.heads, args.seqlens or [16384, 65536]):
+            q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+            copy = copy_gbs(q, k, v, 50)
+            for warps in BLOCK_WARPS:
+                qkv._BLOCK_WARPS.update({(half, False): warps, (half, True): warps})
+                cells = []
+                for name in BLOCK_MODES:
+                    ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
+                    cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+                mark = "*" if warps == saved[(half, True)] else ""
+                print(f"| {heads} | {S} | {copy:.0f} | {warps}{mark} | {' | '.join(cells)} |", flush=True)
+            del q, k, v, cos, sin
+            torch.cuda.empty_cache()
+    finally:
+        qkv._BLOCK_WARPS.clear()
+        qkv._BLOCK_WARPS.update(saved)
 
 
 def profile_host(fn, args):

@@ -216,8 +216,8 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
         out.append(kernel_only("triton fp8 kernel only", triton_fp8_attention))
     for backend in backends:
         for mode, kwargs in modes.items():
-            if kwargs.get("qk_scales") == "block" and backend != "triton":
-                continue  # per-block Q/K scales: the triton kernel only
+            if (kwargs.get("qk_scales") == "block" or kwargs.get("qk_format") == "int8") and backend != "triton":
+                continue  # per-block Q/K (and V) scales: the triton kernel only
             tag = "" if mode == "none" else f" [{mode}]"
 
             def run(backend=backend, kwargs=kwargs):
