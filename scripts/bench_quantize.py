@@ -25,12 +25,15 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --configs            # tile configs x programs/SM alone (S 16k/64k)
     python scripts/bench_quantize.py --modes --seqlens 16384 65536 --heads 32/8   # issue 14's check
     python scripts/bench_quantize.py --modes --skip-configs                       # the modes table alone
+    python scripts/bench_quantize.py --modes --skip-configs --only-modes rope rope+qk rope+block_qkv
+    python scripts/bench_quantize.py --block-configs      # the single-pass kernel's num_warps alone
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
 >= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
 (`qkv._ONE_TILE_CONFIG` for RoPE, `qkv._TILE_ELEMS` and num_warps otherwise) with `qkv._PROGRAMS_PER_SM`
 4 / 8 / 16 for modes rope+qk, rope, qk, int8 (* marks today's config), at --seqlens if given (else 16k and
-64k), and restores the module afterwards.
+64k), and restores the module afterwards; its last table times the single-pass kernel (modes with every scale
+per block: `block_qkv`, v_scales="block") with 4 / 8 / 16 warps (`qkv._BLOCK_WARPS`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
                    "rope, qk, int8")
     p.add_argument("--skip-configs", action="store_true", help="--modes without the --configs tables that follow")
+    p.add_argument("--block-configs", action="store_true",
+                   help="only the single-pass kernel's num_warps table (the last table of --configs)")
+    p.add_argument("--only-modes", nargs="+", default=None, choices=sorted(MODES), metavar="MODE",
+                   help="--modes: time these modes only (the first is the 'x none' column's base)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -314,7 +321,7 @@ def modes(args):
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
             copy = copy_gbs(q, k, v, rep)
             base = None
-            for name in MODES:
+            for name in args.only_modes or MODES:
                 ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, rep)
                 base = base or ms
                 print(f"| {heads} | {S} | {name} | {ms:.3f} | {ms / base:.2f} | {rate(ms, nbytes, copy)} "
@@ -372,8 +379,7 @@ def block_configs(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = dict(qkv._BLOCK_WARPS)
-    print("
-single-pass kernel (every scale per block): num_warps per program; ms (% of copy); * today's")
+    print("\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); * today's")
     print(f"| H_q/H_kv | S | copy GB/s | num_warps | {' | '.join(BLOCK_MODES)} |")
     print(f"|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
     half = args.head_dim // 2
@@ -414,7 +420,9 @@ def main(argv=None) -> int:
         print("bench_quantize: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(header(args.impl), flush=True)
-    if args.sweep:
+    if args.block_configs:
+        block_configs(args)
+    elif args.sweep:
         sweep(args)
     elif args.modes or args.configs:
         if args.modes:
