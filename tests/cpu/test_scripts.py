@@ -501,6 +501,9 @@ def test_bench_quantize_traffic():
     assert bench_quantize.traffic(q, k, v, block_scales=True) == (805306368, 402653184 + 4 * 40 * 4096)
     # int8: K's descales per 128 tokens (32 Q heads x 4096 blocks + 8 K heads x 512)
     assert bench_quantize.traffic(q, k, v, block_scales=True, int8=True) == (805306368, 402653184 + 4 * (32 * 4096 + 8 * 512))
+    # V's descales per 128 tokens too (8 V heads x 512)
+    assert bench_quantize.traffic(q, k, v, block_scales=True, int8=True, v_blocks=True) == (
+        805306368, 402653184 + 4 * (32 * 4096 + 2 * 8 * 512))
     q, k = meta(2, 4, 17, 64), meta(2, 2, 17, 64)  # 17 tokens: two scale blocks per head
     assert bench_quantize.traffic(q, k, k, block_scales=True) == (2 * 16 * 17 * 64, 16 * 17 * 64 + 4 * 2 * 6 * 2)
     assert bench_quantize.rate(2.0, (6_000_000_000, 2_000_000_000), 5000.0) == "4000 | 80%"
@@ -521,9 +524,13 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     seen = []
 
     def launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous=False):
-        seen.append((options, qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
+        if options.v_block_scales:  # the single-pass kernel: its warps
+            seen.append((options, qkv._BLOCK_WARPS[(64, rope is not None)]))
+        else:
+            seen.append((options, qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
 
     saved = qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config
+    saved_warps = dict(qkv._BLOCK_WARPS)
     monkeypatch.setattr(qkv, "_launch", launch)
     monkeypatch.setattr(bench_quantize, "make_inputs", functools.partial(bench_quantize.make_inputs, device="cpu"))
     monkeypatch.setattr(bench_quantize, "device_ms", lambda fn, inputs, rep_ms: (fn(*inputs), 0.5)[1])
@@ -543,10 +550,14 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     rope = [(64, 32, 4, True), (64, 32, 8, True), (64, 16, 4, True), (64, 64, 8, True), (64, 64, 8, False)]
     plain = [(64, 32, 4, False), (64, 64, 4, False), (64, 64, 8, False)]
     expected = [(c, p) for configs in (rope, plain) for c in configs for p in (4, 8, 16) for _ in range(2)]
-    assert [s[1:] for s in seen] == expected
-    assert [s[0].hadamard for s in seen[:2]] == ["qk", "none"] and seen[-1][0].qk_format == "int8"
+    assert [s[1:] for s in seen[:len(expected)]] == expected
+    assert [s[0].hadamard for s in seen[:2]] == ["qk", "none"] and seen[len(expected) - 1][0].qk_format == "int8"
+    # then the single-pass kernel: each of its modes at 4, 8, 16 warps
+    block = seen[len(expected):]
+    assert [w for _, w in block] == [w for w in (4, 8, 16) for _ in bench_quantize.BLOCK_MODES]
+    assert all(o.v_block_scales for o, _ in block) and qkv._BLOCK_WARPS == saved_warps
     out = capsys.readouterr().out
-    assert out.count("| 4/2 | 64 |") == 24 and out.count("* | 8 |") == 2
+    assert out.count("| 4/2 | 64 |") == 27 and out.count("* | 8 |") == 2 and out.count("| 8* |") == 1
 
 
 # ------------------------------------------------------------------------------------------------------

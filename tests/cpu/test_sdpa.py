@@ -291,7 +291,7 @@ def test_fa4_takes_a_keys_contiguous_v_as_bshd(monkeypatch):
 
 def test_custom_op_opcheck_and_compile():
     q, k, v = _qkv(1, 4, 2, 16, 16, 64, seed=5)
-    options = ("none", False, False, "head", "e4m3")
+    options = ("none", False, False, "head", "e4m3", "head")
     torch.library.opcheck(fp8_sdpa_op, (q, k, v, None, None, None, None, None, None, True, 0.125, "reference",
                                         "reference", *options))
 
