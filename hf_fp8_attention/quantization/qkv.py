@@ -59,9 +59,11 @@ _CHUNK, _CHUNK_SHORT, _CHUNK_LONG_ROWS = 8, 4, 16384
 _INTERLEAVE: bool | None = None
 _INTERLEAVE_ROWS = 32768
 # The single-pass kernel (v_scales="block"): warps per program, whose tile is V_SCALE_BLOCK rows x D, keyed by
-# (padded half head dim, RoPE). 32 fp32 elements per thread and half tile at D=128 with 8 warps (RoPE adds
-# its cos/sin half tiles). Not tuned: `scripts/bench_quantize.py --configs` times the alternatives.
-_BLOCK_WARPS = {(32, False): 4, (32, True): 4, (64, False): 8, (64, True): 8, (128, False): 16, (128, True): 16}
+# (padded half head dim, RoPE). H200, session 15 (`bench_quantize.py --block-configs`, docs/results/
+# quantize_block_warps_h200_s15.log), D=128, 16k and 64k, H 32/32 and 32/8: without RoPE 4 warps 81-84% of
+# copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
+# tiles need the registers). D=64 / D=256: the same elements per thread, not measured.
+_BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 
 
 @functools.lru_cache(maxsize=None)
