@@ -12,7 +12,7 @@
 # its teacher-forced prompts (0: perplexity only); CACHE_EXTRA: --ppl-extra modes (e.g. fp8+bf16cache).
 # --cache-fa3: as --cache-triton with the fa3 backend (needs the FA3 wheel: call 3).
 # --vblock-ppl: perplexity of the triton backend with every scale per block (v_scales="block") next to its
-# neighbours, and their real-activation SQNR (needs the gguf wheel only).
+# neighbours (VBLOCK_ATTN: other --attn specs), and their real-activation SQNR (needs the gguf wheel only).
 # --cache-triton: only the FP8 cache's accuracy with the triton backend (fp8 without a cache = fp8_triton, the
 # cache's own kernels' numerics); needs only the gguf wheel, so it can run in call 2: carry [".gguf_b", ".wiki",
 # ".whl_gguf"] (.whl_gguf: the gguf wheel alone) and append "&& bash scripts/gpu_smollm2.sh --cache-triton".
@@ -42,9 +42,9 @@ if [ "$mode" = "--cache-triton" ] || [ "$mode" = "--cache-fa3" ]; then
 fi
 if [ "$mode" = "--vblock-ppl" ]; then
   step perplexity_vblock timeout ${PPL_TIMEOUT:-260} python3 scripts/eval_perplexity.py --model "$gguf" \
-    --text-file "$text" --seq-len 2048 --no-progress --json "$out/perplexity_vblock.json" --attn sdpa \
+    --text-file "$text" --seq-len 2048 --no-progress --json "$out/perplexity_vblock.json" --attn ${VBLOCK_ATTN:-sdpa \
     fp8_triton fp8_triton:qk_scales=block fp8_triton:qk_scales=block,v_scales=block fp8_triton:qk_format=int8 \
-    fp8_triton:qk_format=int8,v_scales=block
+    fp8_triton:qk_format=int8,v_scales=block}
   step real_vblock timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
     --seq 1024 --windows 2 --backend triton --modes none block block_qkv int8 int8+block_v --json "$out/real_vblock.json"
   echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
