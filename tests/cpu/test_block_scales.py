@@ -94,16 +94,27 @@ def test_kernel_block_scales_with_modes_and_varlen():
     (1, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 4}),
 ])
 def test_triton_attention_block_scales_track_reference(s_q, s_kv, causal, config, options):
+    q, k, v = small_gqa(s_q, s_kv)
+    k[:, :, 7] *= 40
+    got, ref = triton_and_reference(q, k, v, options, causal, config)
+    assert sqnr_db(got, ref) > 30
+
+
+def small_gqa(s_q: int, s_kv: int, seed: int = 1):
+    """bf16 q (1, 4, s_q, 64), k/v (1, 2, s_kv, 64), BHSD views of BSHD memory."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
+    return mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
+
+
+def triton_and_reference(q, k, v, options, causal: bool, config: dict):
+    """The triton kernel (interpreted, explicit config) and the reference backend on the reference quantizer's
+    codes, float32 outputs, scale 0.125."""
     from hf_fp8_attention.backends.triton import _launch
 
-    g = torch.Generator().manual_seed(1)
-    mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
-    q, k, v = mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
-    k[:, :, 7] *= 40
     qkv = quantize_qkv_fp8_reference(q, k, v, options=options)
-    got = _launch(qkv, causal, 0.125, torch.float32, config=config)
-    ref = reference_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.float32)
-    assert sqnr_db(got, ref) > 30
+    return (_launch(qkv, causal, 0.125, torch.float32, config=config),
+            reference_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.float32))
 
 
 def test_block_scales_gain_on_k_outliers():

@@ -10,11 +10,11 @@ import os
 
 import pytest
 import torch
+from test_block_scales import small_gqa, triton_and_reference
 from test_quantize import _interpreter_bf16_dot, _fp8_bytes, _ordinal, make_qkv, make_rope  # noqa: F401
 
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention._constants import SCALE_BLOCK, V_SCALE_BLOCK
-from hf_fp8_attention.backends.reference import reference_fp8_attention
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import (
@@ -124,15 +124,9 @@ def test_single_pass_kernel_hadamard_varlen_and_nonfinite():
     (1, 300, True, {"BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 4}),
 ])
 def test_triton_attention_v_block_scales_track_reference(s_q, s_kv, causal, config, options):
-    from hf_fp8_attention.backends.triton import _launch
-
-    g = torch.Generator().manual_seed(1)
-    mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
-    q, k, v = mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
+    q, k, v = small_gqa(s_q, s_kv)
     v[:, :, 130:200] *= 300  # a loud stretch: per-block V descales that differ 300x between tiles
-    qkv = quantize_qkv_fp8_reference(q, k, v, options=options)
-    got = _launch(qkv, causal, 0.125, torch.float32, config=config)
-    ref = reference_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.float32)
+    got, ref = triton_and_reference(q, k, v, options, causal, config)
     assert sqnr_db(got, ref) > 30
     # the reference itself against float64 attention on the bf16 inputs (bottom-right causal mask)
     mask = torch.ones(s_q, s_kv, dtype=torch.bool).tril(s_kv - s_q) if causal else None
