@@ -641,7 +641,8 @@ def test_prepare_model_validates_options_once():
     assert not hasattr(model.config, "fp8_attention_options")
     hfa.prepare_model(model, backend="reference", smooth_v=True)
     assert model.config.fp8_attention_options == {
-        "hadamard": "auto", "smooth_k": False, "smooth_v": True, "qk_scales": "head", "qk_format": "e4m3"}
+        "hadamard": "auto", "smooth_k": False, "smooth_v": True, "qk_scales": "head", "qk_format": "e4m3",
+        "v_scales": "head"}
 
 
 def test_unknown_option_on_the_config_is_an_error():
