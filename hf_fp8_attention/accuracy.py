@@ -57,10 +57,9 @@ MODES = {
     "int8+smooth_k+smooth_v": {"qk_format": "int8", "smooth_k": True, "smooth_v": True},
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
-    # every scale per block (V per 128 tokens too): the single-pass quantize kernel; triton (reference on CPU)
+    # every scale per block (V per 128 tokens too): the single-pass quantize kernel; triton (reference on CPU).
+    # (int8 Q/K with V block scales: refused on CUDA for now, `quantization.qkv.INT8_V_BLOCKS_ON_GPU`)
     "block_qkv": {"qk_scales": "block", "v_scales": "block"},
-    "int8+block_v": {"qk_format": "int8", "v_scales": "block"},
-    "int8+smooth_k+block_v": {"qk_format": "int8", "smooth_k": True, "v_scales": "block"},
 }
 # A mode names everything it switches on: no rotation and no V centring unless it says so (the defaults are
 # hadamard="auto" and smooth_v="auto", which centres V on fa3 from 32k keys).

@@ -285,7 +285,6 @@ MODES = {
     # every scale per block: the single-pass kernel (qkv._launch_blocks)
     "block_qkv": (False, {"qk_scales": "block", "v_scales": "block"}),
     "rope+block_qkv": (True, {"qk_scales": "block", "v_scales": "block"}),
-    "rope+int8+block_v": (True, {"qk_format": "int8", "v_scales": "block"}),
 }
 MODES = {name: (rope, {"hadamard": "none", "smooth_v": False, **kw}) for name, (rope, kw) in MODES.items()}
 # --configs: (tile elements, num_warps, ONE_TILE) alternatives, today's first. RoPE: qkv._ONE_TILE_CONFIG;
@@ -296,7 +295,7 @@ PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
 # --configs, the single-pass kernel (every scale per block): num_warps per 128-row tile (qkv._BLOCK_WARPS)
 BLOCK_WARPS = (4, 8, 16)
-BLOCK_MODES = ("rope+block_qkv", "block_qkv", "rope+int8+block_v")
+BLOCK_MODES = ("rope+block_qkv", "block_qkv")  # (int8 + V blocks: refused on CUDA, qkv.INT8_V_BLOCKS_ON_GPU)
 
 
 def _timed(fn, q, k, v, cos, sin, name, rep_ms):

