@@ -18,7 +18,21 @@ import triton
 import triton.language as tl
 
 from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes
-from .tile_math import _hadamard, _sign_matrix
+from .tile_math import _amax_scales, _finite_abs, _hadamard, _sign_matrix
+
+
+@triton.jit
+def _tile_scale(x1, x2, valid, row0, seq_len, blk_ptr, ROWS: tl.constexpr, MAX: tl.constexpr, INT8: tl.constexpr):
+    """`kernels._block_row_scales` for a block as tall as the tile (v, int8 k): the tile's exact amax over its
+    finite elements as scalars, no reshape; the descale goes to blk_ptr[row0 // ROWS] (INT8: NaN when the tile
+    holds a non-finite element). Returns the (ROWS,) row scales."""
+    amax = tl.max(tl.where(valid, tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)), 1), 0.0))
+    scale, descale = _amax_scales(amax, MAX)
+    if INT8:  # x * 0 is NaN exactly where x is not finite (rows past the sequence are 0)
+        z = tl.sum(tl.sum(x1 * 0.0, 1) + tl.sum(x2 * 0.0, 1))
+        descale = tl.where(z != z, float("nan"), descale)
+    tl.store(blk_ptr + row0 // ROWS, descale, mask=row0 < seq_len)
+    return tl.zeros((ROWS,), dtype=tl.float32) + scale
 
 
 @triton.jit
@@ -45,8 +59,8 @@ def qkv_block_quantize_kernel(
     SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK rows, v_blk_ptr (B, H_KV, N_BLK_V) per
     V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest sequence). SMOOTH_K: mean_ptr (2, B, H_KV,
     HEAD_DIM) float32 holds K's means in its first half. HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2."""
-    tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS % V_SCALE_BLOCK == 0,
-                     "a tile holds whole scale blocks")
+    tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS == V_SCALE_BLOCK,
+                     "a tile holds whole q/k scale blocks and is one V block")
     (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, _,
      out_start) = _item_setup(
         tl.program_id(0), B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
@@ -76,11 +90,14 @@ def qkv_block_quantize_kernel(
             row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, q_blk_ptr + head * N_BLK_Q,
                                           ROWS, SCALE_BLOCK, QK_MAX, QK_INT8)
         elif t == 1:
-            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
-                                          ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
+            if K_SCALE_BLOCK == ROWS:  # int8 k
+                row_scale = _tile_scale(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K, ROWS, QK_MAX,
+                                        QK_INT8)
+            else:
+                row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
+                                              ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
         else:
-            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V,
-                                          ROWS, V_SCALE_BLOCK, FP8_MAX, False)
+            row_scale = _tile_scale(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V, ROWS, FP8_MAX, False)
         _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
                      q_out_ptr, k_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,
                      V_KEYS_CONTIG, VARLEN)

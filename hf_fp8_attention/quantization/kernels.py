@@ -331,16 +331,7 @@ def _block_row_scales(x1, x2, valid, row0, seq_len, blk_ptr, BLOCK_S: tl.constex
     are 0 and `valid` False): the exact amax of each BLK rows (BLK divides BLOCK_S) over the finite
     elements gives scale MAX / amax and descale amax / MAX (1 and 1 for amax 0); the descales of the blocks
     the sequence reaches go to blk_ptr[row0 // BLK + i] (blk_ptr: the head's first block). INT8: int8 has
-    no NaN, so a block holding a non-finite element gets a NaN descale. Returns the (BLOCK_S,) row scales.
-    A block as tall as the tile (the single-pass kernel's V and int8 K) takes scalars: no reshape."""
-    if BLK == BLOCK_S:
-        amax = tl.max(tl.where(valid, tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)), 1), 0.0))
-        scale, descale = _amax_scales(amax, MAX)
-        if INT8:  # x * 0 is NaN exactly where x is not finite (rows past the sequence are 0)
-            z = tl.sum(tl.sum(x1 * 0.0, 1) + tl.sum(x2 * 0.0, 1))
-            descale = tl.where(z != z, float("nan"), descale)
-        tl.store(blk_ptr + row0 // BLK, descale, mask=row0 < seq_len)
-        return tl.zeros((BLOCK_S,), dtype=tl.float32) + scale
+    no NaN, so a block holding a non-finite element gets a NaN descale. Returns the (BLOCK_S,) row scales."""
     blk_amax = _block_amax(x1, x2, valid, BLOCK_S, BLK)  # (BLOCK_S // BLK,)
     blk_scale, blk_descale = _amax_scales(blk_amax, MAX)
     if INT8:
