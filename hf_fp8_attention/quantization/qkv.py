@@ -21,7 +21,7 @@ from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .block_kernel import qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
-from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
+from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_int8_v_blocks, check_rope_args
 from .reference import v_code_drift
 from ..backends.triton import _interpreting
 
@@ -63,13 +63,6 @@ _INTERLEAVE_ROWS = 32768
 # quantize_block_warps_h200_s15.log), D=128, 16k and 64k, H 32/32 and 32/8: without RoPE 4 warps 81-84% of
 # copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
 # tiles need the registers). D=64 / D=256: the same elements per thread, not measured.
-# int8 Q/K with V block scales on a GPU: refused (NotImplementedError) until checked there. Session 15's GPU run
-# of fp8_sdpa with them (B=1, S=4096, H 32/8, D 64 and 128) gave wrong outputs (SQNR < 0 dB against bf16 SDPA;
-# the triton attention kernel agreed with the reference backend on the same codes, so the codes were wrong),
-# while the kernel equalled the reference at B=2, S=4103 and e4m3 block scales passed at every shape. The
-# block-scale helper was rewritten since (a block as tall as the tile takes scalars, no reshape) and not run on
-# a GPU. CPU (interpreter and reference) runs are not affected. Tests and probes set it to check the kernel.
-INT8_V_BLOCKS_ON_GPU = False
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 
 
@@ -336,11 +329,7 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     H_kv = k.shape[1]
     device = q.device
     int8 = options.int8_qk
-    if int8 and device.type == "cuda" and not INT8_V_BLOCKS_ON_GPU:
-        raise NotImplementedError(
-            "qk_format='int8' with v_scales='block' is not available on CUDA: its single-pass quantize kernel gave "
-            "wrong codes in a GPU test (hf_fp8_attention.quantization.qkv.INT8_V_BLOCKS_ON_GPU says more); use "
-            "qk_scales='block' with v_scales='block' (e4m3 Q/K), or qk_format='int8' with v_scales='head'")
+    check_int8_v_blocks(options, device)
     k_block = k_scale_block(int8)
     n_blk = (cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_block), cdiv(S_kv, V_SCALE_BLOCK))
     # every block a sequence reaches is written; longest-length padding is never read
