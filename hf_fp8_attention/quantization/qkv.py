@@ -354,7 +354,8 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (blocks[2], blocks[2])  # read only with VARLEN
     half_block = next_power_of_2(D // 2)
     n_tiles = B * H_q * cdiv(S_q, V_SCALE_BLOCK) + 2 * B * H_kv * cdiv(S_kv, V_SCALE_BLOCK)
-    out_ptrs = tuple(t.view(torch.uint8) for t in outs) if int8 else outs  # one pointer type for the q/k/v select
+    # int8 q/k stored as bytes (one pointer type for their select); v always through its e4m3 pointer
+    out_ptrs = (*(t.view(torch.uint8) for t in outs[:2]), outs[2]) if int8 else outs
     tensors = (q, k, v, cos, sin, *out_ptrs, means, cu_q, cu_k, *blocks)
     ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
