@@ -25,7 +25,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --configs            # tile configs x programs/SM alone (S 16k/64k)
     python scripts/bench_quantize.py --modes --seqlens 16384 65536 --heads 32/8   # issue 14's check
     python scripts/bench_quantize.py --modes --skip-configs                       # the modes table alone
-    python scripts/bench_quantize.py --modes --skip-configs --only-modes rope rope+qk rope+block_qkv
+    python scripts/bench_quantize.py --modes --skip-configs --only-modes rope rope+qk rope+block+block_v
     python scripts/bench_quantize.py --block-configs      # the single-pass kernel's num_warps alone
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
@@ -33,7 +33,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
 (`qkv._ONE_TILE_CONFIG` for RoPE, `qkv._TILE_ELEMS` and num_warps otherwise) with `qkv._PROGRAMS_PER_SM`
 4 / 8 / 16 for modes rope+qk, rope, qk, int8 (* marks today's config), at --seqlens if given (else 16k and
 64k), and restores the module afterwards; its last table times the single-pass kernel (modes with every scale
-per block: `block_qkv`, v_scales="block") with 4 / 8 / 16 warps (`qkv._BLOCK_WARPS`).
+per block: `block+block_v`, v_scales="block") with 4 / 8 / 16 warps (`qkv._BLOCK_WARPS`).
 """
 
 from __future__ import annotations
@@ -283,8 +283,8 @@ MODES = {
     "rope+int8": (True, {"qk_format": "int8"}),
     "int8+smooth_k": (False, {"qk_format": "int8", "smooth_k": True}),
     # every scale per block: the single-pass kernel (qkv._launch_blocks)
-    "block_qkv": (False, {"qk_scales": "block", "v_scales": "block"}),
-    "rope+block_qkv": (True, {"qk_scales": "block", "v_scales": "block"}),
+    "block+block_v": (False, {"qk_scales": "block", "v_scales": "block"}),
+    "rope+block+block_v": (True, {"qk_scales": "block", "v_scales": "block"}),
 }
 MODES = {name: (rope, {"hadamard": "none", "smooth_v": False, **kw}) for name, (rope, kw) in MODES.items()}
 # --configs: (tile elements, num_warps, ONE_TILE) alternatives, today's first. RoPE: qkv._ONE_TILE_CONFIG;
@@ -295,7 +295,7 @@ PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
 # --configs, the single-pass kernel (every scale per block): num_warps per 128-row tile (qkv._BLOCK_WARPS)
 BLOCK_WARPS = (4, 8, 16)
-BLOCK_MODES = ("rope+block_qkv", "block_qkv")  # (int8 + V blocks: refused on CUDA, qkv.INT8_V_BLOCKS_ON_GPU)
+BLOCK_MODES = ("rope+block+block_v", "block+block_v")  # (int8 + V blocks: refused on CUDA, quantized.INT8_V_BLOCKS_ON_GPU)
 
 
 def _timed(fn, q, k, v, cos, sin, name, rep_ms):
@@ -378,11 +378,12 @@ def block_configs(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = dict(qkv._BLOCK_WARPS)
-    print("\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); * today's")
-    print(f"| H_q/H_kv | S | copy GB/s | num_warps | {' | '.join(BLOCK_MODES)} |")
-    print(f"|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
+    print(f"\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); today's: "
+          f"{saved.get((half, True))} with RoPE, {saved.get((half, False))} without")
+    print(f"| H_q/H_kv | S | copy GB/s | num_warps | {' | '.join(BLOCK_MODES)} |")
+    print(f"|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
     try:
         for heads, S in itertools.product(args.heads, args.seqlens or [16384, 65536]):
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
@@ -393,8 +394,7 @@ def block_configs(args):
                 for name in BLOCK_MODES:
                     ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
                     cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
-                mark = "*" if warps == saved[(half, True)] else ""
-                print(f"| {heads} | {S} | {copy:.0f} | {warps}{mark} | {' | '.join(cells)} |", flush=True)
+                print(f"| {heads} | {S} | {copy:.0f} | {warps} | {' | '.join(cells)} |", flush=True)
             del q, k, v, cos, sin
             torch.cuda.empty_cache()
     finally:

@@ -142,15 +142,15 @@ elif [ "$mode" = "--vblock" ]; then  # v_scales="block" (every scale per block: 
     tests/gpu/test_v_block_scales_gpu.py tests/gpu/test_block_scales_gpu.py tests/gpu/test_int8_qk_gpu.py \
     tests/gpu/test_quantize_gpu.py
   step quantize_vblock timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
-    --heads 32/32 32/8 --only-modes rope rope+qk rope+block_qkv rope+int8 none block_qkv
+    --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v rope+int8 none block+block_v
   step quantize_block_warps timeout 100 python3 scripts/bench_quantize.py --block-configs --seqlens 16384 65536 \
     --heads 32/32 32/8
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
-    --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block_qkv int8 \
+    --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block+block_v int8 \
     --json "$out/sdpa_vblock.json"
   step accuracy_vblock timeout 120 python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 \
-    --backend triton --modes none block block_qkv int8 int8+smooth_k \
+    --backend triton --modes none block block+block_v int8 int8+smooth_k \
     --json "$out/accuracy_vblock.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \

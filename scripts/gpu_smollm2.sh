@@ -45,7 +45,7 @@ if [ "$mode" = "--vblock-ppl" ]; then
     --text-file "$text" --seq-len 2048 --no-progress --json "$out/perplexity_vblock.json" --attn ${VBLOCK_ATTN:-sdpa \
     fp8_triton fp8_triton:qk_scales=block fp8_triton:qk_scales=block,v_scales=block fp8_triton:qk_format=int8}
   step real_vblock timeout 120 python3 scripts/accuracy_report.py --model "$gguf" --text-file "$text" --families real \
-    --seq 1024 --windows 2 --backend triton --modes none block block_qkv int8 --json "$out/real_vblock.json"
+    --seq 1024 --windows 2 --backend triton --modes none block block+block_v int8 --json "$out/real_vblock.json"
   echo "gpu_smollm2: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
   exit $status
 fi

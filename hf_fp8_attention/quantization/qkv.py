@@ -62,7 +62,7 @@ _INTERLEAVE_ROWS = 32768
 # (padded half head dim, RoPE). H200, session 15 (`bench_quantize.py --block-configs`, docs/results/
 # quantize_block_warps_h200_s15.log), D=128, 16k and 64k, H 32/32 and 32/8: without RoPE 4 warps 81-84% of
 # copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
-# tiles need the registers). D=64 / D=256: the same elements per thread, not measured.
+# tiles need the registers). D=64 / D=256: warps scaled with the tile (not measured); other head dims: 8.
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 
 
@@ -360,7 +360,8 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1,
-                 rope is not None, varlen is not None, bool(v_keys_contiguous), _BLOCK_WARPS[(half_block, rope is not None)])
+                 rope is not None, varlen is not None, bool(v_keys_contiguous),
+                 _BLOCK_WARPS.get((half_block, rope is not None), 8))
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)

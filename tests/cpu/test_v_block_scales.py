@@ -135,6 +135,27 @@ def test_triton_attention_v_block_scales_track_reference(s_q, s_kv, causal, conf
     assert sqnr_db(ref.double(), exact) > 25
 
 
+@kernel_test
+@pytest.mark.parametrize("options", [BLOCK_QKV, INT8_BLOCK_V], ids=["e4m3", "int8"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_attention_v_block_scales_varlen(options, causal):
+    """Packed sequences (one longer than a V block) in one launch, keys-contiguous V: each sequence's output
+    equals the reference backend's on that sequence alone (`QuantizedQKV.sequences`)."""
+    from hf_fp8_attention.backends.reference import reference_fp8_attention
+    from hf_fp8_attention.backends.triton import _launch
+
+    lengths = [37, 200, 140]
+    g = torch.Generator().manual_seed(2)
+    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    vp[150:170] *= 300
+    cu = torch.tensor([0, 37, 237, 377], dtype=torch.int32)
+    qkv = quantize_qkv_fp8_varlen(qp, kp, vp, cu, cu, 200, 200, options=options, v_keys_contiguous=True)
+    got = _launch(qkv, causal, 0.125, torch.float32, config={"BLOCK_M": 32, "BLOCK_N": 64})
+    for i, part in enumerate(qkv.sequences()):
+        ref = reference_fp8_attention(part, is_causal=causal, scale=0.125, out_dtype=torch.float32)
+        assert sqnr_db(got[:, cu[i]:cu[i + 1]], ref) > 30, i
+
+
 @pytest.mark.parametrize("s", [256, 4096], ids=["short", "long"])
 def test_v_block_scales_gain_on_a_huge_v_token(s):
     """The last token's V x10^4 (a massive activation): with causal attention no earlier query sees it, but a
@@ -179,6 +200,14 @@ def test_v_block_scales_options_and_backend_choice(monkeypatch):
     monkeypatch.setattr(dispatch, "kernel_available", lambda name: True)
     monkeypatch.setenv(dispatch.ARCH_ENV, "90")
     assert dispatch.plan_attention(torch.device("cuda"), None, BLOCK_QKV).backend == "triton"
+    # int8 Q/K with V block scales: refused on CUDA by the planner (before any work), not on CPU
+    import hf_fp8_attention.quantization.quantized as quantized
+
+    with pytest.raises(NotImplementedError, match="INT8_V_BLOCKS_ON_GPU"):
+        dispatch.plan_attention(torch.device("cuda"), "triton", INT8_BLOCK_V)
+    quantized.check_int8_v_blocks(INT8_BLOCK_V, torch.device("cpu"))  # no error on CPU
+    monkeypatch.setattr(quantized, "INT8_V_BLOCKS_ON_GPU", True)
+    assert dispatch.plan_attention(torch.device("cuda"), "triton", INT8_BLOCK_V).backend == "triton"
     # end to end on CPU (reference backend): the output is attention
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 200, 64, generator=g).bfloat16() for _ in range(3))
