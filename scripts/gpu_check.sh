@@ -141,6 +141,8 @@ elif [ "$mode" = "--vblock" ]; then  # v_scales="block" (every scale per block: 
   step vblock_tests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
     tests/gpu/test_v_block_scales_gpu.py tests/gpu/test_block_scales_gpu.py tests/gpu/test_int8_qk_gpu.py \
     tests/gpu/test_quantize_gpu.py
+  # the int8 + V-block check of session 15 (quantizer vs reference per shape, the refusal's switch on)
+  step vblock_probe2 timeout 150 python3 docs/results/vblock_probe2_s15.py.txt
   step quantize_vblock timeout 120 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
     --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v rope+int8 none block+block_v
   step quantize_block_warps timeout 100 python3 scripts/bench_quantize.py --block-configs --seqlens 16384 65536 \
