@@ -135,7 +135,7 @@ def _launch(
         grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]), bh, 1)  # noqa: E731
         fp8_attn_fwd_prefill[grid](*args, **constexprs)
         return out
-    launch = {key: config[key] for key in ("num_warps", "num_stages", "V_SCALE_ROWS") if key in config}
+    launch = {key: config[key] for key in ("num_warps", "num_stages") if key in config}
     grid = (cdiv(n_rows, config["BLOCK_M"]), bh, num_splits)
     _fp8_attn_fwd_kernel[grid](*args, **constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, **launch)
     if num_splits > 1:

@@ -39,7 +39,7 @@ def _attn_fwd_inner(
     lo, hi, S_kv, qk_scale,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
-    V_BLOCK_SCALES: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, V_SCALE_ROWS: tl.constexpr = False,
+    V_BLOCK_SCALES: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
 ):
     """Key blocks [lo, hi) in steps of BLOCK_N. MASKED: apply the causal limit and the end of the keys.
 
@@ -113,10 +113,7 @@ def _attn_fwd_inner(
         # small P.V terms of long rows (V with a channel offset: 16.8 dB at 8k, 3.6 dB at 128k on the H200);
         # this keeps the error flat in S for a few % of speed. tests/gpu/test_long_context_gpu.py guards it
         # against a compiler folding the add back into the MMA.
-        if V_BLOCK_SCALES and V_SCALE_ROWS:  # the descale loaded once per row (same address)
-            v_row = tl.load(Vb_ptr + (start_n // V_SCALE_BLOCK + tl.zeros_like(m_i).to(tl.int32)))
-            acc += tl.dot(p.to(tl.float8e4nv), v) * v_row[:, None]
-        elif V_BLOCK_SCALES:  # start_n < hi <= S_kv: the tile's block exists
+        if V_BLOCK_SCALES:  # start_n < hi <= S_kv: the tile's block exists
             acc += tl.dot(p.to(tl.float8e4nv), v) * tl.load(Vb_ptr + start_n // V_SCALE_BLOCK)
         else:
             acc += tl.dot(p.to(tl.float8e4nv), v)
@@ -154,7 +151,7 @@ def _fp8_attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_SCALES: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, QK_INT8: tl.constexpr,
     V_BLOCK_SCALES: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, V_SCALE_ROWS: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(S_q * GROUP, BLOCK_M), B * H_kv, NUM_SPLITS).
 
@@ -244,12 +241,12 @@ def _fp8_attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, Vb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, lo, full_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, False, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK, V_SCALE_ROWS,
+        BLOCK_N, EVEN_D, False, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_ptr, V_ptr, Kb_ptr, Vb_ptr, stride_kn, stride_vn, stride_vd,
         offs_d, mask_d, row_limit, tl.maximum(lo, full_hi), mask_hi, S_kv, qk_scale,
-        BLOCK_N, EVEN_D, True, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK, V_SCALE_ROWS,
+        BLOCK_N, EVEN_D, True, BLOCK_SCALES, K_SCALE_BLOCK, QK_INT8, V_BLOCK_SCALES, V_SCALE_BLOCK,
     )
 
     if NUM_SPLITS == 1:

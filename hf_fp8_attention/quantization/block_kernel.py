@@ -17,51 +17,8 @@ mul/mul/add rounded as the reference).
 import triton
 import triton.language as tl
 
-from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes, _tile_mask
-from .tile_math import _amax_scales, _finite_abs, _hadamard, _sign_matrix, _to_fp8
-
-
-@triton.jit
-def _store_v(x1, x2, row_scale, b, h, row0, seq_len, out_start, H_KV, V_ROWS, v_out_ptr,
-             HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr, FP8_MAX: tl.constexpr,
-             V_KEYS_CONTIG: tl.constexpr, VARLEN: tl.constexpr):
-    """V's codes, e4m3 through an e4m3 pointer whatever the Q/K format, BSHD or keys-contiguous (the layouts of
-    `kernels._store_codes`). Kept apart from q/k's stores: with int8 Q/K, V's codes cast to bytes in a branch
-    shared with them came out wrong on the H200 when stored keys-contiguous (session 15,
-    docs/results/vblock_probe2_s15.log: D 64/128, S a multiple of 128; BSHD V and D=256 were right)."""
-    HALF = HEAD_DIM // 2  # constexpr
-    offs_d = tl.arange(0, HALF_BLOCK)
-    out_rows = tl.arange(0, ROWS)
-    y1 = _to_fp8(x1 * row_scale, FP8_MAX)
-    y2 = _to_fp8(x2 * row_scale, FP8_MAX)
-    mask = _tile_mask(row0, seq_len, ROWS, HALF, HALF_BLOCK)
-    if V_KEYS_CONTIG:  # channel c of row r at c * V_ROWS + r of its head
-        if VARLEN:
-            v_head = h.to(tl.int64) * HEAD_DIM * V_ROWS + out_start + row0
-        else:
-            v_head = (b * H_KV + h).to(tl.int64) * HEAD_DIM * V_ROWS + row0
-        tl.store(v_out_ptr + v_head + offs_d.to(tl.int64)[None, :] * V_ROWS + out_rows[:, None], y1, mask=mask)
-        tl.store(v_out_ptr + v_head + (offs_d + HALF).to(tl.int64)[None, :] * V_ROWS + out_rows[:, None], y2,
-                 mask=mask)
-    else:
-        out_tile = v_out_ptr + ((out_start + row0) * H_KV + h) * HEAD_DIM
-        rows = out_rows[:, None] * (H_KV * HEAD_DIM)
-        tl.store(out_tile + rows + offs_d[None, :], y1, mask=mask)
-        tl.store(out_tile + rows + (offs_d + HALF)[None, :], y2, mask=mask)
-
-
-@triton.jit
-def _tile_scale(x1, x2, valid, row0, seq_len, blk_ptr, ROWS: tl.constexpr, MAX: tl.constexpr, INT8: tl.constexpr):
-    """`kernels._block_row_scales` for a block as tall as the tile (v, int8 k): the tile's exact amax over its
-    finite elements as scalars, no reshape; the descale goes to blk_ptr[row0 // ROWS] (INT8: NaN when the tile
-    holds a non-finite element). Returns the (ROWS,) row scales."""
-    amax = tl.max(tl.where(valid, tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)), 1), 0.0))
-    scale, descale = _amax_scales(amax, MAX)
-    if INT8:  # x * 0 is NaN exactly where x is not finite (rows past the sequence are 0)
-        z = tl.sum(tl.sum(x1 * 0.0, 1) + tl.sum(x2 * 0.0, 1))
-        descale = tl.where(z != z, float("nan"), descale)
-    tl.store(blk_ptr + row0 // ROWS, descale, mask=row0 < seq_len)
-    return tl.zeros((ROWS,), dtype=tl.float32) + scale
+from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes
+from .tile_math import _hadamard, _sign_matrix
 
 
 @triton.jit
@@ -119,17 +76,15 @@ def qkv_block_quantize_kernel(
             row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, q_blk_ptr + head * N_BLK_Q,
                                           ROWS, SCALE_BLOCK, QK_MAX, QK_INT8)
         elif t == 1:
-            if K_SCALE_BLOCK == ROWS:  # int8 k
-                row_scale = _tile_scale(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K, ROWS, QK_MAX,
-                                        QK_INT8)
-            else:
-                row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
-                                              ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
+            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
+                                          ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
         else:
-            row_scale = _tile_scale(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V, ROWS, FP8_MAX, False)
-        if t == 2:
-            _store_v(x1, x2, row_scale[:, None], b, h, row0, seq_len, out_start, H_KV, V_ROWS, v_out_ptr,
-                     HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, V_KEYS_CONTIG, VARLEN)
+            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V,
+                                          ROWS, V_SCALE_BLOCK, FP8_MAX, False)
+        if t == 2:  # v through its own e4m3 pointer, as the e4m3 build stores it (QK_INT8 off: no byte cast)
+            _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
+                         v_out_ptr, v_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False,
+                         V_KEYS_CONTIG, VARLEN)
         else:  # (k's pointer stands in for v's: q/k pointers share a type, v's is e4m3)
             _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
                          q_out_ptr, k_out_ptr, k_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,

@@ -3,8 +3,8 @@ optionally keys-contiguous: a BSHD view of (B, H, D, S) memory).
 
 One launch whatever the shapes: a persistent grid of `qkv_quantize_kernel` (see kernels.py for the ticket
 schedule) plus one small zero-fill of its counters; or, when every scale is per block (v_scales="block"),
-a plain grid of `block_kernel.qkv_block_quantize_kernel`, which reads every element once. This is the only module that reads strides, allocates
-and builds grids; the math is the one of `reference.py`, bit for bit but for summation orders (see
+a plain grid of `block_kernel.qkv_block_quantize_kernel`, which reads every element once. This is the only
+module that reads strides, allocates and builds grids; the math is the one of `reference.py`, bit for bit but for summation orders (see
 `quantize_qkv_fp8`).
 """
 

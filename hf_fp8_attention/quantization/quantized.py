@@ -113,8 +113,8 @@ class QuantizedQKV:
 # of fp8_sdpa with them (B=1, S=4096, H 32/8, D 64 and 128) gave wrong outputs (SQNR < 0 dB against bf16 SDPA);
 # a probe (docs/results/vblock_probe2_s15.log) then found the single-pass quantize kernel's V codes wrong
 # wherever V was written keys-contiguous (D 64/128; Q/K codes and every block descale right; e4m3 Q/K, BSHD V
-# and D=256 right). V's store has since been split from q/k's (`block_kernel._store_v`: e4m3 through an e4m3
-# pointer, no byte cast in a shared branch); not run on a GPU. CPU runs (interpreter, reference) are not
+# and D=256 right). V's codes have since been stored as the e4m3 build stores them (through their own e4m3
+# pointer, no byte cast in a branch shared with int8 q/k: `block_kernel`); not run on a GPU. CPU runs (interpreter, reference) are not
 # affected. GPU tests and probes set it to check the kernel.
 INT8_V_BLOCKS_ON_GPU = False
 

@@ -195,20 +195,25 @@ def quantize_qkv_fp8_reference(
         v_mean = v_mean.squeeze(2)
     # a rotated tensor's group amax is the power-of-two bound of its (unrotated) rows' norms
     bounds = [None, None, None]
+    grouped = not options.v_block_scales  # every scale per block: no per-group scale (NaN), as the single-pass kernel
     for i, (x, rotated) in enumerate(((qf, options.rotates_qk), (kf, options.rotates_qk), (vf, options.rotates_v))):
-        if rotated:
+        if rotated and grouped:
             bounds[i] = _pow2_norm_bound(x, h_kv)
     if options.rotates_qk:
         qf, kf = _rotate(qf, q.dtype), _rotate(kf, q.dtype)
     if options.rotates_v:
         vf = _rotate(vf, q.dtype)
-    q8, q_descale = _quantize_grouped(qf, h_kv, bounds[0])
-    k8, k_descale = _quantize_grouped(kf, h_kv, bounds[1])
-    v8, v_descale = _quantize_grouped(vf, h_kv, bounds[2])
     v_add = None
-    if options.smooth_v:
-        code_mean = _finite_mean(v8.transpose(1, 2).float()).squeeze(2)
-        v_add = v_mean - v_code_drift(code_mean, v_descale, options.rotates_v)
+    if grouped:
+        q8, q_descale = _quantize_grouped(qf, h_kv, bounds[0])
+        k8, k_descale = _quantize_grouped(kf, h_kv, bounds[1])
+        v8, v_descale = _quantize_grouped(vf, h_kv, bounds[2])
+        if options.smooth_v:
+            code_mean = _finite_mean(v8.transpose(1, 2).float()).squeeze(2)
+            v_add = v_mean - v_code_drift(code_mean, v_descale, options.rotates_v)
+    else:
+        q_descale, k_descale, v_descale = (torch.full((q.shape[0], h_kv), float("nan"), device=q.device)
+                                           for _ in range(3))
     blocks = {}
     if options.block_scales:
         q8, q_blocks = _quantize_blocks(qf, SCALE_BLOCK, options.int8_qk)
@@ -216,7 +221,6 @@ def quantize_qkv_fp8_reference(
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     if options.v_block_scales:
         v8, blocks["v_block_descale"] = _quantize_blocks(vf, V_SCALE_BLOCK)
-        q_descale, k_descale, v_descale = (torch.full_like(d, float("nan")) for d in (q_descale, k_descale, v_descale))
     if v_keys_contiguous:
         v8 = keys_contiguous(v8)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,

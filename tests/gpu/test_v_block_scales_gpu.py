@@ -32,7 +32,7 @@ def _rope(s, d):
 @pytest.mark.parametrize("qk", ["block", "int8"])
 def test_single_pass_kernel_matches_reference_gpu(d, rope, qk, b, s, monkeypatch, request):
     v_keys = rope or b == 1  # both V layouts
-    if qk == "int8" and v_keys and d < 256:  # INT8_V_BLOCKS_ON_GPU; the change since (block_kernel._store_v) not run
+    if qk == "int8" and v_keys and d < 256:  # INT8_V_BLOCKS_ON_GPU; the V store change since not run
         request.applymarker(pytest.mark.xfail(reason="session 15: int8 Q/K, V written keys-contiguous: wrong V codes",
                                               strict=True))
     monkeypatch.setattr(quantized_module, "INT8_V_BLOCKS_ON_GPU", True)
