@@ -58,7 +58,6 @@ MODES = {
     "block+qkv": {"qk_scales": "block", "hadamard": "qkv"},
     "block+qkv+smooth_k": {"qk_scales": "block", "hadamard": "qkv", "smooth_k": True},
     # every scale per block (V per 128 tokens too): the single-pass quantize kernel; triton (reference on CPU).
-    # (int8 Q/K with V block scales: refused on CUDA for now, `quantization.quantized.INT8_V_BLOCKS_ON_GPU`)
     "block+block_v": {"qk_scales": "block", "v_scales": "block"},
 }
 # A mode names everything it switches on: no rotation and no V centring unless it says so (the defaults are

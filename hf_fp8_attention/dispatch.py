@@ -28,7 +28,6 @@ from transformers.utils import logging as hf_logging
 from . import speed_table
 from .backends import BACKENDS, REGISTRY, Backend
 from .options import DEFAULT_OPTIONS, FP8AttentionOptions
-from .quantization.quantized import check_int8_v_blocks
 from .speed_table import SpeedTable
 
 logger = hf_logging.get_logger("hf_fp8_attention")
@@ -208,7 +207,6 @@ def plan_attention(device: torch.device, requested: str | None = None,
         name = requested
     else:
         name = _auto_pick(device, options)
-    check_int8_v_blocks(options, device)
     return Plan(name, quantizer_for(device))
 
 

@@ -59,8 +59,7 @@ class FP8AttentionOptions:
         or qk_format="int8") and no smooth_v: then every scale is per block, and the quantizer reads Q/K/V
         once (`quantization.block_kernel`; K twice with smooth_k, for its mean) instead of twice (a per-head
         scale needs the whole head's amax before its first element is written). The per-(batch, KV head)
-        descales are then not computed (NaN). With qk_format="int8" it is refused on CUDA for now
-        (`quantization.quantized.INT8_V_BLOCKS_ON_GPU`).
+        descales are then not computed (NaN).
     """
 
     hadamard: str = "auto"

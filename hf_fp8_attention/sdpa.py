@@ -123,8 +123,7 @@ def fp8_sdpa(
             (reference on CPU); naming fa3/fa4 with it is an error.
         v_scales: "head" or "block" (one V scale per 128 tokens of one KV head; needs qk_scales="block" or
             qk_format="int8", and not smooth_v=True). With every scale per block the quantize kernel reads
-            Q/K/V once instead of twice. The triton backend (reference on CPU); fa3/fa4 with it is an error;
-            with qk_format="int8" it is refused on CUDA for now (`quantization.quantized.INT8_V_BLOCKS_ON_GPU`).
+            Q/K/V once instead of twice. The triton backend (reference on CPU); fa3/fa4 with it is an error.
     Returns:
         (B, H_q, S_q, D) in the input dtype: a transposed view of a contiguous (B, S_q, H_q, D) tensor.
     """

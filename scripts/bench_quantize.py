@@ -295,7 +295,7 @@ PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
 # --configs, the single-pass kernel (every scale per block): num_warps per 128-row tile (qkv._BLOCK_WARPS)
 BLOCK_WARPS = (4, 8, 16)
-BLOCK_MODES = ("rope+block+block_v", "block+block_v")  # (int8 + V blocks: refused on CUDA, quantized.INT8_V_BLOCKS_ON_GPU)
+BLOCK_MODES = ("rope+block+block_v", "block+block_v")
 
 
 def _timed(fn, q, k, v, cos, sin, name, rep_ms):

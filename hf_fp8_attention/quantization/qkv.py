@@ -21,7 +21,7 @@ from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .block_kernel import qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
-from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_int8_v_blocks, check_rope_args
+from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
 from ..backends.triton import _interpreting
 
@@ -329,7 +329,6 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     H_kv = k.shape[1]
     device = q.device
     int8 = options.int8_qk
-    check_int8_v_blocks(options, device)
     k_block = k_scale_block(int8)
     n_blk = (cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_block), cdiv(S_kv, V_SCALE_BLOCK))
     # every block a sequence reaches is written; longest-length padding is never read

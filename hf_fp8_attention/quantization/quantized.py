@@ -109,26 +109,6 @@ class QuantizedQKV:
         return parts
 
 
-# int8 Q/K with V block scales on a GPU: refused (NotImplementedError) until checked there. Session 15's GPU run
-# of fp8_sdpa with them (B=1, S=4096, H 32/8, D 64 and 128) gave wrong outputs (SQNR < 0 dB against bf16 SDPA);
-# a probe (docs/results/vblock_probe2_s15.log) then found the single-pass quantize kernel's V codes wrong
-# wherever V was written keys-contiguous (D 64/128; Q/K codes and every block descale right; e4m3 Q/K, BSHD V
-# and D=256 right). V's codes have since been stored as the e4m3 build stores them (through their own e4m3
-# pointer, no byte cast in a branch shared with int8 q/k: `block_kernel`); not run on a GPU. CPU runs (interpreter, reference) are not
-# affected. GPU tests and probes set it to check the kernel.
-INT8_V_BLOCKS_ON_GPU = False
-
-
-def check_int8_v_blocks(options, device: torch.device) -> None:
-    """Raise NotImplementedError for qk_format="int8" with v_scales="block" on a CUDA device (see
-    `INT8_V_BLOCKS_ON_GPU`); called by the planner, before any work, and by the quantize launcher."""
-    if options.int8_qk and options.v_block_scales and torch.device(device).type == "cuda" and not INT8_V_BLOCKS_ON_GPU:
-        raise NotImplementedError(
-            "qk_format='int8' with v_scales='block' is not available on CUDA yet: its quantize kernel gave wrong "
-            "codes in a GPU test (hf_fp8_attention.quantization.quantized.INT8_V_BLOCKS_ON_GPU); use "
-            "qk_scales='block' with v_scales='block' (e4m3 Q/K), or qk_format='int8' with v_scales='head'")
-
-
 def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> None:
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together, got only one of them")

@@ -376,8 +376,7 @@ def prepare_model(
             backend=None then picks on a GPU).
         qk_format: "e4m3" or "int8" (int8 Q/K with per-block scales; the triton backend, as for "block").
         v_scales: "head" or "block" (a V scale per 128 tokens; with per-block Q/K scales, so that the quantize
-            kernel reads Q/K/V once; the triton backend, as for "block"; with qk_format="int8" refused on
-            CUDA for now, `quantization.quantized.INT8_V_BLOCKS_ON_GPU`).
+            kernel reads Q/K/V once; the triton backend, as for "block").
             The options are validated once as an `FP8AttentionOptions`, stored on the model's configs
             as the dict ``fp8_attention_options`` and passed to every fp8_sdpa call of this model.
         fuse_rope: on Llama/Mistral/Qwen2/Qwen3 attention, fuse RoPE into the fp8 quantize kernel (on the

@@ -1,9 +1,8 @@
 """v_scales='block' on the GPU: the single-pass quantize kernel equals the reference bit for bit at real sizes,
 the triton backend with every scale per block stays > 25 dB from bf16 SDPA (causal and not, D 64/128/256),
-and per-block V scales keep the tokens before a huge V token at long context. int8 Q/K with V block scales
-is refused on CUDA (`quantized.INT8_V_BLOCKS_ON_GPU`): its kernel is checked with the switch on, the shape that
-failed in session 15 (int8 Q/K, V keys-contiguous, D 64/128) strict known failures: a fix makes them pass, and the
-mark must go with the switch."""
+and per-block V scales keep the tokens before a huge V token at long context. With int8 Q/K too: session 15's
+first kernel wrote wrong V codes wherever V was keys-contiguous (D 64/128; fp8_sdpa below 0 dB), which these
+tests caught on the H200."""
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
-from hf_fp8_attention.quantization import quantized as quantized_module
 from hf_fp8_attention.quantization import quantize_qkv_fp8, quantize_qkv_fp8_reference
 
 _fp8_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -30,12 +28,8 @@ def _rope(s, d):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("qk", ["block", "int8"])
-def test_single_pass_kernel_matches_reference_gpu(d, rope, qk, b, s, monkeypatch, request):
+def test_single_pass_kernel_matches_reference_gpu(d, rope, qk, b, s):
     v_keys = rope or b == 1  # both V layouts
-    if qk == "int8" and v_keys and d < 256:  # INT8_V_BLOCKS_ON_GPU; the V store change since not run
-        request.applymarker(pytest.mark.xfail(reason="session 15: int8 Q/K, V written keys-contiguous: wrong V codes",
-                                              strict=True))
-    monkeypatch.setattr(quantized_module, "INT8_V_BLOCKS_ON_GPU", True)
     g = torch.Generator(device="cuda").manual_seed(d)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
     k[:, :, 100] *= 80
@@ -54,10 +48,12 @@ def test_single_pass_kernel_matches_reference_gpu(d, rope, qk, b, s, monkeypatch
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_triton_every_scale_per_block_vs_bf16_gpu(causal, d):
+@pytest.mark.parametrize("qk", ["block", "int8"])
+def test_triton_every_scale_per_block_vs_bf16_gpu(causal, d, qk):
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, 4096, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
-    out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", qk_scales="block", v_scales="block")
+    kw = {"qk_scales": "block"} if qk == "block" else {"qk_format": "int8"}
+    out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", v_scales="block", **kw)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert sqnr_db(out.float(), ref.float()) > 25
 
@@ -76,8 +72,3 @@ def test_v_block_scales_keep_the_tokens_before_a_huge_v_token_gpu(s):
     assert sqnr_db(block, exact) > sqnr_db(head, exact) + 1.0
     assert sqnr_db(block, exact) > 20
 
-
-def test_int8_with_v_block_scales_is_refused_on_cuda_gpu():
-    q = torch.randn(1, 4, 256, 64, device="cuda").bfloat16()
-    with pytest.raises(NotImplementedError, match="INT8_V_BLOCKS_ON_GPU"):
-        fp8_sdpa(q, q, q, backend="triton", qk_format="int8", v_scales="block")
