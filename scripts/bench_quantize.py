@@ -27,6 +27,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --modes --skip-configs                       # the modes table alone
     python scripts/bench_quantize.py --modes --skip-configs --only-modes rope rope+qk rope+block+block_v
     python scripts/bench_quantize.py --block-configs      # the single-pass kernel's num_warps alone
+    python scripts/bench_quantize.py --rope-configs       # RoPE + every scale per block: q/k kernel tiles
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
 >= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-configs", action="store_true", help="--modes without the --configs tables that follow")
     p.add_argument("--block-configs", action="store_true",
                    help="only the single-pass kernel's num_warps table (the last table of --configs)")
+    p.add_argument("--rope-configs", action="store_true",
+                   help="only the table of qkv._ROPE_TILES alternatives (RoPE with every scale per block)")
     p.add_argument("--only-modes", nargs="+", default=None, choices=sorted(MODES), metavar="MODE",
                    help="--modes: time these modes only (the first is the 'x none' column's base)")
     args = p.parse_args(argv)
@@ -402,6 +405,43 @@ def block_configs(args):
         qkv._BLOCK_WARPS.update(saved)
 
 
+# --rope-configs: (rows, heads per program, num_warps, prefetch) of `block_kernel.qk_rope_block_kernel`; None:
+# the single-pass kernel alone (q, k and v in one launch, RoPE in its 128-row tiles)
+ROPE_TILES = (None, (16, 8, 4, True), (32, 8, 4, True), (32, 8, 4, False), (32, 16, 4, True), (32, 4, 4, True),
+              (64, 8, 4, True), (64, 8, 8, True), (32, 8, 8, True), (16, 16, 4, True), (16, 8, 2, True))
+
+
+def rope_configs(args):
+    """ms and % of copy of mode rope+block+block_v per q/k RoPE tile (`qkv._ROPE_TILES`, restored)."""
+    from hf_fp8_attention.quantization import qkv
+
+    saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT)
+    half = args.head_dim // 2
+    half = 1 << (half - 1).bit_length()
+    print(f"\nRoPE with every scale per block (rope+block+block_v): q/k tile (rows, heads per program, warps, "
+          f"prefetch), None = one launch of the single-pass kernel; ms (% of copy); today's: {saved[0].get(half)}")
+    shapes = list(itertools.product(args.heads, args.seqlens or [16384, 65536]))
+    print(f"| tile | {' | '.join(f'{h} {S}' for h, S in shapes)} |")
+    print(f"|---|{'---|' * len(shapes)}")
+    rows = {tile: [] for tile in ROPE_TILES}
+    try:
+        for heads, S in shapes:
+            q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+            copy = copy_gbs(q, k, v, 50)
+            for tile in ROPE_TILES:
+                qkv._ROPE_TILES[half] = tile
+                ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, "rope+block+block_v", 50)
+                rows[tile].append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+            del q, k, v, cos, sin
+            torch.cuda.empty_cache()
+    finally:
+        qkv._ROPE_TILES.clear()
+        qkv._ROPE_TILES.update(saved[0])
+    for tile, cells in rows.items():
+        mark = "*" if tile == saved[0].get(half) else ""
+        print(f"| {tile}{mark} | {' | '.join(cells)} |", flush=True)
+
+
 def profile_host(fn, args):
     import cProfile
     import pstats
@@ -421,6 +461,8 @@ def main(argv=None) -> int:
     print(header(args.impl), flush=True)
     if args.block_configs:
         block_configs(args)
+    elif args.rope_configs:
+        rope_configs(args)
     elif args.sweep:
         sweep(args)
     elif args.modes or args.configs:

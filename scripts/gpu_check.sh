@@ -31,6 +31,8 @@
 #   bash scripts/gpu_check.sh --vblock   # v_scales="block": its GPU tests with the quantize / block / int8 ones,
 #                                        # quantize % of copy (RoPE, 16k/64k) and the single-pass kernel's warps;
 #                                        # --vblock-bench: triton speed and accuracy with every scale per block
+#   bash scripts/gpu_check.sh --rope-tiles  # the q/k RoPE kernel (RoPE + every scale per block): its GPU tests,
+#                                        # the tile sweep (bench_quantize --rope-configs) and the modes table
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -147,6 +149,12 @@ elif [ "$mode" = "--vblock" ]; then  # v_scales="block" (every scale per block: 
     --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v rope+int8 none block+block_v
   step quantize_block_warps timeout 100 python3 scripts/bench_quantize.py --block-configs --seqlens 16384 65536 \
     --heads 32/32 32/8
+elif [ "$mode" = "--rope-tiles" ]; then
+  step rope_tiles_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_v_block_scales_gpu.py \
+    tests/gpu/test_int8_qk_gpu.py
+  step rope_tiles timeout 200 python3 scripts/bench_quantize.py --rope-configs --seqlens 16384 65536 --heads 32/32 32/8
+  step quantize_rope_modes timeout 100 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
+    --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
     --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block+block_v int8 \

@@ -26,7 +26,7 @@ def qkv_block_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
     q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V,
-    B, H_Q, H_KV, S_Q, S_KV, V_ROWS,
+    B, H_Q, H_KV, S_Q, S_KV, V_ROWS, ITEM0,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -40,7 +40,8 @@ def qkv_block_quantize_kernel(
     QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
 ):
     """Grid: (B * H_Q * cdiv(S_Q, ROWS) + 2 * B * H_KV * cdiv(S_KV, ROWS),): the q tiles, then k's, then v's
-    (`kernels._item_setup`'s order with items of one tile). Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and
+    (`kernels._item_setup`'s order with items of one tile); program i does tile i + ITEM0, so a launch of the
+    v tiles alone (`qk_rope_block_kernel` doing q and k) has ITEM0 = the q and k tiles and a grid of the rest. Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and
     QK_INT8 / QK_MAX as in `kernels.qkv_quantize_kernel`, except that v_out_ptr is e4m3 with int8 Q/K too. Block descales: q_blk_ptr (B, H_Q, N_BLK_Q) per
     SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK rows, v_blk_ptr (B, H_KV, N_BLK_V) per
     V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest sequence). SMOOTH_K: mean_ptr (2, B, H_KV,
@@ -49,7 +50,7 @@ def qkv_block_quantize_kernel(
                      "a tile holds whole q/k scale blocks and is one V block")
     (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, _,
      out_start) = _item_setup(
-        tl.program_id(0), B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
+        tl.program_id(0) + ITEM0, B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
         stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
         cu_q_ptr, cu_k_ptr, ROWS, VARLEN, False)
@@ -89,3 +90,116 @@ def qkv_block_quantize_kernel(
             _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
                          q_out_ptr, k_out_ptr, k_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,
                          False, VARLEN)
+
+
+@triton.jit
+def qk_rope_block_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr, k_blk_ptr,
+    N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
+    cos/sin read once per tile of rows instead of once per head. Program (r, b, c) loads the cos/sin rows
+    [r * ROWS, (r + 1) * ROWS) of sequence b once and then, one head after another, quantizes those rows of
+    HEADS heads of the concatenated list (q's H_Q heads, then k's H_KV). ROWS (32 or 64) is a multiple of both
+    scale blocks, so every block's amax is in the tile: RoPE's x plus cos/sin half tiles then fit the registers
+    that a 128-row tile overflowed (RoPE at 4 warps: 255 registers and spills; session 15). PREFETCH: the
+    next head's tile is loaded before the current one is processed (two tiles of x in flight).
+
+    Same math, per element, as the single-pass kernel (RoPE -> K centring -> Hadamard -> block amax), so the
+    same bit-exact match with the reference. VARLEN: q and k share one cu_seqlens (cu_ptr), RoPE's rows
+    being the same tokens; S is the longest sequence. Grid: (cdiv(S, ROWS), B, cdiv(H_Q + H_KV, HEADS))."""
+    tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
+    row0 = tl.program_id(0) * ROWS
+    b = tl.program_id(1)
+    hh0 = tl.program_id(2) * HEADS
+    if VARLEN:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
+        q_base0 = start * stride_qs
+        k_base0 = start * stride_ks
+        cos_base = start * stride_cs
+        sin_base = start * stride_ss
+        out_start = start
+    else:
+        seq_len = S
+        b64 = b.to(tl.int64)
+        q_base0 = b64 * stride_qb
+        k_base0 = b64 * stride_kb
+        cos_base = b64 * stride_cb
+        sin_base = b64 * stride_sb
+        out_start = b64 * S
+    if row0 < seq_len:
+        # cos / sin of the tile's rows, once (rows past the sequence 0)
+        c1, c2, _, _, _, _ = _load_tile(cos_ptr, cos_base, row0, seq_len, stride_cs, stride_cd, cos_ptr, 0, 0, 0,
+                                        cos_ptr, 0, 0, 0, False, HEAD_DIM, HALF_BLOCK, ROWS, False, False,
+                                        "evict_last")
+        s1, s2, _, _, _, _ = _load_tile(sin_ptr, sin_base, row0, seq_len, stride_ss, stride_sd, sin_ptr, 0, 0, 0,
+                                        sin_ptr, 0, 0, 0, False, HEAD_DIM, HALF_BLOCK, ROWS, False, False,
+                                        "evict_last")
+        HALF = HEAD_DIM // 2  # constexpr
+        offs_d = tl.arange(0, HALF_BLOCK)
+        valid = (row0 + tl.arange(0, ROWS)) < seq_len
+        n_total = H_Q + H_KV
+        hh = hh0
+        t = (hh >= H_Q).to(tl.int32)
+        h = hh - t * H_Q
+        lo, hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0, tl.where(hh < n_total, seq_len, 0),
+                          stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+                          HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
+        for j in tl.range(0, HEADS):
+            cur_lo, cur_hi, cur_t, cur_h = lo, hi, t, h
+            if PREFETCH:  # the next head's tile (seq_len 0 past the list: nothing loaded)
+                hh = hh0 + j + 1
+                t = (hh >= H_Q).to(tl.int32)
+                h = hh - t * H_Q
+                lo, hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0,
+                                  tl.where((hh < n_total) & (j + 1 < HEADS), seq_len, 0),
+                                  stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+                                  HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
+            if hh0 + j < n_total:
+                if not PREFETCH and j > 0:
+                    cur_t = ((hh0 + j) >= H_Q).to(tl.int32)
+                    cur_h = hh0 + j - cur_t * H_Q
+                    cur_lo, cur_hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, cur_t, cur_h, row0, seq_len,
+                                              stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+                                              HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
+                x1, x2 = _rotate(cur_lo, cur_hi, c1, c2, s1, s2, True, True)
+                if SMOOTH_K:  # k head h's mean is at slot b * H_KV + h
+                    x1, x2 = _centre(x1, x2, mean_ptr, b * H_KV + cur_h, tl.where(cur_t == 1, True, False), valid, offs_d,
+                                     offs_d < HALF, HALF, HEAD_DIM)
+                if HADAMARD_QK:
+                    x1, x2 = _hadamard(x1, x2, _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty), INV_SQRT_D)
+                if cur_t == 0:
+                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
+                                                  q_blk_ptr + (b * H_Q + cur_h).to(tl.int64) * N_BLK_Q,
+                                                  ROWS, SCALE_BLOCK, FP8_MAX, False)
+                else:
+                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
+                                                  k_blk_ptr + (b * H_KV + cur_h).to(tl.int64) * N_BLK_K,
+                                                  ROWS, K_SCALE_BLOCK, FP8_MAX, False)
+                _store_codes(x1, x2, row_scale[:, None], cur_t, b, cur_h, row0, seq_len, out_start,
+                             tl.where(cur_t == 0, H_Q, H_KV), H_KV, 0, q_out_ptr, k_out_ptr, k_out_ptr,
+                             HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, False, VARLEN)
+
+
+@triton.jit
+def _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0, seq_len,
+             stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+             HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr, D_CONTIG: tl.constexpr):
+    """The two input half tiles of rows [row0, row0 + ROWS) of head h of q (t = 0) or k (t = 1); seq_len 0
+    loads nothing."""
+    is_q = t == 0
+    x_ptr = tl.where(is_q, q_ptr, k_ptr)
+    base = tl.where(is_q, q_base0 + h.to(tl.int64) * stride_qh, k_base0 + h.to(tl.int64) * stride_kh)
+    lo, hi, _, _, _, _ = _load_tile(x_ptr, base, row0, seq_len, tl.where(is_q, stride_qs, stride_ks),
+                                    tl.where(is_q, stride_qd, stride_kd), x_ptr, 0, 0, 0, x_ptr, 0, 0, 0, False,
+                                    HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, False, "evict_first")
+    return lo, hi

@@ -19,7 +19,7 @@ from .. import _launch as direct
 from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
-from .block_kernel import qkv_block_quantize_kernel
+from .block_kernel import qk_rope_block_kernel, qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
@@ -64,6 +64,13 @@ _INTERLEAVE_ROWS = 32768
 # copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
 # tiles need the registers). D=64 / D=256: warps scaled with the tile (not measured); other head dims: 8.
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
+# With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
+# (cos/sin once per tile of rows, a loop over heads) and v through the single-pass kernel without RoPE (a
+# second launch): (rows per tile, heads per program, num_warps, prefetch) per padded half head dim; None
+# keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
+_ROPE_TILES: dict[int, tuple[int, int, int, bool] | None] = {32: (64, 8, 4, True), 64: (32, 8, 4, True),
+                                                             128: (16, 8, 4, True)}
+_ROPE_TILE_DEFAULT = (16, 8, 4, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -352,20 +359,56 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
         cos_strides = sin_strides = (0, 0, 0)
     cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (blocks[2], blocks[2])  # read only with VARLEN
     half_block = next_power_of_2(D // 2)
-    n_tiles = B * H_q * cdiv(S_q, V_SCALE_BLOCK) + 2 * B * H_kv * cdiv(S_kv, V_SCALE_BLOCK)
+    d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
+    n_q, n_kv = B * H_q * cdiv(S_q, V_SCALE_BLOCK), B * H_kv * cdiv(S_kv, V_SCALE_BLOCK)
+    item0, apply_rope = 0, rope is not None
+    rope_tile = _ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT) if apply_rope and not int8 else None
+    if rope_tile is not None and (varlen is None or varlen[0] is varlen[1]):  # q, k share RoPE's rows
+        _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
+                        varlen is not None, options, D, half_block, d_contig, rope_tile)
+        item0, apply_rope = n_q + n_kv, False  # v alone below
     # int8 q/k stored as bytes (one pointer type for their select); v always through its e4m3 pointer
     out_ptrs = (*(t.view(torch.uint8) for t in outs[:2]), outs[2]) if int8 else outs
     tensors = (q, k, v, cos, sin, *out_ptrs, means, cu_q, cu_k, *blocks)
-    ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0,
+    ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0, item0,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
-    const_key = (options, D, half_block, q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1,
-                 rope is not None, varlen is not None, bool(v_keys_contiguous),
-                 _BLOCK_WARPS.get((half_block, rope is not None), 8))
+    const_key = (options, D, half_block, d_contig, apply_rope, varlen is not None, bool(v_keys_contiguous),
+                 _BLOCK_WARPS.get((half_block, apply_rope), 8))
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)
-    direct.launch(qkv_block_quantize_kernel, key, (n_tiles,), (*tensors, *ints), _block_constexprs(*const_key))
+    direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
+                  _block_constexprs(*const_key))
     return qkv
+
+
+def _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, varlen: bool,
+                    options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
+                    rope_tile: tuple[int, int, int, bool]) -> None:
+    """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales; `_launch_blocks` then does v)."""
+    H_q, H_kv = q.shape[1], k.shape[1]
+    rows, heads, warps, prefetch = rope_tile
+    tensors = (q, k, cos, sin, outs[0], outs[1], means, cu, blocks[0], blocks[1])
+    ints = (n_blk[0], n_blk[1], B, H_q, H_kv, S, *q.stride(), *k.stride(), *cos_strides, *sin_strides)
+    const_key = (options, D, half_block, d_contig, varlen, rope_tile)
+    key = None
+    if direct.wanted(q) and direct.aligned(*tensors):
+        key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
+    grid = (cdiv(S, rows), B, cdiv(H_q + H_kv, heads))
+    direct.launch(qk_rope_block_kernel, key, grid, (*tensors, *ints), _rope_constexprs(*const_key))
+
+
+@functools.lru_cache(maxsize=256)
+def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
+                     rope_tile: tuple[int, int, int, bool]) -> dict:
+    """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
+    rows, heads, warps, prefetch = rope_tile
+    return dict(
+        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=rows, HEADS=heads, D_CONTIG=d_contig,
+        HADAMARD_QK=options.rotates_qk, INV_SQRT_D=D**-0.5, SMOOTH_K=options.smooth_k, VARLEN=varlen,
+        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch, num_warps=warps,
+        enable_fp_fusion=False,
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -78,6 +78,73 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 
 
 @kernel_test
+@pytest.mark.parametrize("tile", [(16, 8, 4, True), (32, 4, 4, False), (64, 16, 8, True)], ids=str)
+@pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
+    (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
+    (1, 4, 4, 70, 128, {"smooth_k": True}),
+    (1, 3, 1, 40, 96, {"hadamard": "qk"}),  # padded half tile; Hadamard needs a power-of-two D: see below
+    (1, 2, 1, 33, 256, {}),
+], ids=["gqa-d64", "smooth_k-d128", "mqa-d96", "d256"])
+def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monkeypatch):
+    """RoPE with e4m3 block scales: q/k through `qk_rope_block_kernel` (cos/sin once per row tile, a loop over
+    heads; with and without prefetch), v through the single-pass kernel's v tiles alone: the same codes and
+    block descales as the reference. cos/sin per batch, with halves that differ (the kernel reads both)."""
+    import hf_fp8_attention.quantization.qkv as qkv
+
+    if extra.get("hadamard") and D & (D - 1):
+        extra = {}
+    monkeypatch.setattr(qkv, "_ROPE_TILES", {})
+    monkeypatch.setattr(qkv, "_ROPE_TILE_DEFAULT", tile)
+    calls = []
+    real = qkv._launch_qk_rope
+    monkeypatch.setattr(qkv, "_launch_qk_rope", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(B, H_q, H_kv, S, S, D, torch.bfloat16, seed=D)
+    q[:, :, S // 2] *= 40
+    k[:, :, 3] *= 30
+    g = torch.Generator().manual_seed(2)
+    cos, sin = (torch.randn(B, S, D, generator=g) for _ in range(2))
+    options = FP8AttentionOptions(qk_scales="block", v_scales="block", **{"hadamard": "none", **extra})
+    for v_keys in (False, True):
+        got = quantize_qkv_fp8(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
+        ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
+        if options.rotates_qk:  # tl.dot's summation order: at most one e4m3 ulp, as the single-pass kernel
+            for n in "qk":
+                ulp = (_ordinal(getattr(got, n)) - _ordinal(getattr(ref, n))).abs()
+                assert int(ulp.max()) <= 1 and int((ulp > 0).sum()) <= 0.01 * ulp.numel(), n
+            assert torch.equal(_codes(got.v), _codes(ref.v))
+        else:
+            assert_same_blocks(got, ref)
+    assert len(calls) == 2
+
+
+@kernel_test
+def test_qk_rope_kernel_varlen():
+    """Packed sequences sharing one cu_seqlens tensor take the q/k RoPE kernel; two equal but distinct tensors
+    take the single-pass kernel's RoPE path; both equal the reference."""
+    import hf_fp8_attention.quantization.qkv as qkv
+
+    lengths = [37, 5, 90]
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+    qp, kp, vp = (torch.randn(total, h, 128, generator=g).bfloat16() for h in (4, 2, 2))
+    cos, sin = (torch.randn(1, total, 128, generator=g) for _ in range(2))
+    cu = torch.tensor([0, 37, 42, 132], dtype=torch.int32)
+    calls = []
+    real = qkv._launch_qk_rope
+    qkv_launch = qkv._launch_qk_rope
+    try:
+        qkv._launch_qk_rope = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        for cu_k, n_calls in ((cu, 1), (cu.clone(), 1)):
+            args = (qp, kp, vp, cu, cu_k, 90, 90)
+            got = quantize_qkv_fp8_varlen(*args, cos, sin, options=BLOCK_QKV, v_keys_contiguous=True)
+            ref = quantize_qkv_fp8_varlen_reference(*args, cos, sin, options=BLOCK_QKV, v_keys_contiguous=True)
+            assert_same_blocks(got, ref, lengths)
+            assert len(calls) == n_calls
+    finally:
+        qkv._launch_qk_rope = qkv_launch
+
+
+@kernel_test
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_single_pass_kernel_hadamard_varlen_and_nonfinite():
     # Hadamard on q/k/v: the same codes up to tl.dot's summation order (at most one e4m3 ulp)
