@@ -405,10 +405,10 @@ def block_configs(args):
         qkv._BLOCK_WARPS.update(saved)
 
 
-# --rope-configs: (rows, heads per program, num_warps, prefetch) of `block_kernel.qk_rope_block_kernel`; None:
-# the single-pass kernel alone (q, k and v in one launch, RoPE in its 128-row tiles)
-ROPE_TILES = (None, (16, 8, 4, True), (32, 8, 4, True), (32, 8, 4, False), (32, 16, 4, True), (32, 4, 4, True),
-              (64, 8, 4, True), (64, 8, 8, True), (32, 8, 8, True), (16, 16, 4, True), (16, 8, 2, True))
+# --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest) of
+# `block_kernel.qk_rope_block_kernel`; None: the single-pass kernel alone (q, k and v in one launch)
+ROPE_TILES = (None, *((*t, order) for order in (True, False) for t in (
+    (16, 8, 4, True), (32, 8, 4, True), (32, 16, 4, True), (64, 8, 4, True), (16, 8, 2, True))))
 
 
 def rope_configs(args):

@@ -103,7 +103,7 @@ def qk_rope_block_kernel(
     FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
     HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
     cos/sin read once per tile of rows instead of once per head. Program (r, b, c) loads the cos/sin rows
@@ -111,15 +111,23 @@ def qk_rope_block_kernel(
     HEADS heads of the concatenated list (q's H_Q heads, then k's H_KV). ROWS (32 or 64) is a multiple of both
     scale blocks, so every block's amax is in the tile: RoPE's x plus cos/sin half tiles then fit the registers
     that a 128-row tile overflowed (RoPE at 4 warps: 255 registers and spills; session 15). PREFETCH: the
-    next head's tile is loaded before the current one is processed (two tiles of x in flight).
+    next head's tile is loaded before the current one is processed (two tiles of x in flight). HEADS_FASTEST:
+    program ids run over the head chunks of one row tile before the next row tile (programs in flight then
+    read whole token rows, all heads, as a copy does), else over the row tiles of one head chunk first.
 
     Same math, per element, as the single-pass kernel (RoPE -> K centring -> Hadamard -> block amax), so the
     same bit-exact match with the reference. VARLEN: q and k share one cu_seqlens (cu_ptr), RoPE's rows
-    being the same tokens; S is the longest sequence. Grid: (cdiv(S, ROWS), B, cdiv(H_Q + H_KV, HEADS))."""
+    being the same tokens; S is the longest sequence. Grid: (cdiv(S, ROWS) * cdiv(H_Q + H_KV, HEADS), B)."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
-    row0 = tl.program_id(0) * ROWS
+    n_chunks = tl.cdiv(H_Q + H_KV, HEADS)
+    if HEADS_FASTEST:
+        row0 = (tl.program_id(0) // n_chunks) * ROWS
+        hh0 = (tl.program_id(0) % n_chunks) * HEADS
+    else:
+        n_tiles = tl.cdiv(S, ROWS)
+        row0 = (tl.program_id(0) % n_tiles) * ROWS
+        hh0 = (tl.program_id(0) // n_tiles) * HEADS
     b = tl.program_id(1)
-    hh0 = tl.program_id(2) * HEADS
     if VARLEN:
         start = tl.load(cu_ptr + b).to(tl.int64)
         seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)

@@ -66,11 +66,11 @@ _INTERLEAVE_ROWS = 32768
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 # With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
 # (cos/sin once per tile of rows, a loop over heads) and v through the single-pass kernel without RoPE (a
-# second launch): (rows per tile, heads per program, num_warps, prefetch) per padded half head dim; None
-# keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
-_ROPE_TILES: dict[int, tuple[int, int, int, bool] | None] = {32: (64, 8, 4, True), 64: (32, 8, 4, True),
-                                                             128: (16, 8, 4, True)}
-_ROPE_TILE_DEFAULT = (16, 8, 4, True)
+# second launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest) per padded half head
+# dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
+_ROPE_TILES: dict[int, tuple[int, int, int, bool, bool] | None] = {
+    32: (64, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 4, True, True)}
+_ROPE_TILE_DEFAULT = (16, 8, 4, True, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,29 +384,29 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
 
 def _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, varlen: bool,
                     options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
-                    rope_tile: tuple[int, int, int, bool]) -> None:
+                    rope_tile: tuple[int, int, int, bool, bool]) -> None:
     """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales; `_launch_blocks` then does v)."""
     H_q, H_kv = q.shape[1], k.shape[1]
-    rows, heads, warps, prefetch = rope_tile
+    rows, heads = rope_tile[:2]
     tensors = (q, k, cos, sin, outs[0], outs[1], means, cu, blocks[0], blocks[1])
     ints = (n_blk[0], n_blk[1], B, H_q, H_kv, S, *q.stride(), *k.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, d_contig, varlen, rope_tile)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
-    grid = (cdiv(S, rows), B, cdiv(H_q + H_kv, heads))
+    grid = (cdiv(S, rows) * cdiv(H_q + H_kv, heads), B)
     direct.launch(qk_rope_block_kernel, key, grid, (*tensors, *ints), _rope_constexprs(*const_key))
 
 
 @functools.lru_cache(maxsize=256)
 def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
-                     rope_tile: tuple[int, int, int, bool]) -> dict:
+                     rope_tile: tuple[int, int, int, bool, bool]) -> dict:
     """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
-    rows, heads, warps, prefetch = rope_tile
+    rows, heads, warps, prefetch, heads_fastest = rope_tile
     return dict(
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=rows, HEADS=heads, D_CONTIG=d_contig,
         HADAMARD_QK=options.rotates_qk, INV_SQRT_D=D**-0.5, SMOOTH_K=options.smooth_k, VARLEN=varlen,
-        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch, num_warps=warps,
+        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch, HEADS_FASTEST=heads_fastest, num_warps=warps,
         enable_fp_fusion=False,
     )
 
