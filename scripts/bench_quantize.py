@@ -297,7 +297,7 @@ PLAIN_CONFIGS = [(4096, 4, False), (8192, 4, False), (8192, 8, False)]
 PROGRAMS_PER_SM = (4, 8, 16)
 CONFIG_MODES = {True: ("rope+qk", "rope"), False: ("qk", "int8")}
 # --configs, the single-pass kernel (every scale per block): num_warps per 128-row tile (qkv._BLOCK_WARPS)
-BLOCK_WARPS = (4, 8, 16)
+BLOCK_WARPS = (4, 8)
 BLOCK_MODES = ("rope+block+block_v", "block+block_v")
 
 
@@ -380,29 +380,31 @@ def block_configs(args):
     """ms and % of copy of the single-pass kernel's num_warps alternatives (`qkv._BLOCK_WARPS`, restored)."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = dict(qkv._BLOCK_WARPS)
+    saved = dict(qkv._BLOCK_WARPS), qkv._BLOCK_HEADS_FASTEST
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
     print(f"\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); today's: "
-          f"{saved.get((half, True))} with RoPE, {saved.get((half, False))} without")
-    print(f"| H_q/H_kv | S | copy GB/s | num_warps | {' | '.join(BLOCK_MODES)} |")
-    print(f"|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
+          f"{saved[0].get((half, True))} with RoPE, {saved[0].get((half, False))} without; heads fastest: {saved[1]}")
+    print(f"| H_q/H_kv | S | copy GB/s | num_warps | heads fastest | {' | '.join(BLOCK_MODES)} |")
+    print(f"|---|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
     try:
         for heads, S in itertools.product(args.heads, args.seqlens or [16384, 65536]):
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
             copy = copy_gbs(q, k, v, 50)
-            for warps in BLOCK_WARPS:
+            for warps, order in itertools.product(BLOCK_WARPS, (True, False)):
                 qkv._BLOCK_WARPS.update({(half, False): warps, (half, True): warps})
+                qkv._BLOCK_HEADS_FASTEST = order
                 cells = []
                 for name in BLOCK_MODES:
                     ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
                     cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
-                print(f"| {heads} | {S} | {copy:.0f} | {warps} | {' | '.join(cells)} |", flush=True)
+                print(f"| {heads} | {S} | {copy:.0f} | {warps} | {order} | {' | '.join(cells)} |", flush=True)
             del q, k, v, cos, sin
             torch.cuda.empty_cache()
     finally:
         qkv._BLOCK_WARPS.clear()
-        qkv._BLOCK_WARPS.update(saved)
+        qkv._BLOCK_WARPS.update(saved[0])
+        qkv._BLOCK_HEADS_FASTEST = saved[1]
 
 
 # --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest) of

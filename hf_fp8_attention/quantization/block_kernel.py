@@ -37,10 +37,10 @@ def qkv_block_quantize_kernel(
     HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
-    QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
+    QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     """Grid: (B * H_Q * cdiv(S_Q, ROWS) + 2 * B * H_KV * cdiv(S_KV, ROWS),): the q tiles, then k's, then v's
-    (`kernels._item_setup`'s order with items of one tile); program i does tile i + ITEM0, so a launch of the
+    (`kernels._item_setup`'s order with items of one tile; HEADS_FASTEST: its order within a tensor); program i does tile i + ITEM0, so a launch of the
     v tiles alone (`qk_rope_block_kernel` doing q and k) has ITEM0 = the q and k tiles and a grid of the rest. Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and
     QK_INT8 / QK_MAX as in `kernels.qkv_quantize_kernel`, except that v_out_ptr is e4m3 with int8 Q/K too. Block descales: q_blk_ptr (B, H_Q, N_BLK_Q) per
     SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK rows, v_blk_ptr (B, H_KV, N_BLK_V) per
@@ -53,7 +53,7 @@ def qkv_block_quantize_kernel(
         tl.program_id(0) + ITEM0, B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
         stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
-        cu_q_ptr, cu_k_ptr, ROWS, VARLEN, False)
+        cu_q_ptr, cu_k_ptr, ROWS, VARLEN, False, HEADS_FASTEST)
     if row0 < seq_len:  # (VARLEN: a shorter sequence's tiles past its end have nothing to do)
         lo, hi, c_lo, c_hi, s_lo, s_hi = _load_tile(
             x_ptr, x_base, row0, seq_len, stride_s, stride_d, cos_ptr, cos_base, stride_cs, stride_cd,

@@ -153,7 +153,7 @@ def _item_setup(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_cs, stride_sb, stride_ss, cu_q_ptr, cu_k_ptr,
-    CHUNK_ROWS, VARLEN: tl.constexpr, INTERLEAVE: tl.constexpr,
+    CHUNK_ROWS, VARLEN: tl.constexpr, INTERLEAVE: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     """Work item `item` (a chunk of CHUNK_ROWS rows of one head of q, k or v; the order is the module
     docstring's) -> its tensor t, batch b, head h, first row, the tensor's head count, pointer, base offset and
@@ -163,7 +163,11 @@ def _item_setup(
 
     VARLEN: b is a sequence of packed tokens, rows [cu[b], cu[b + 1]) of the (1, total, H, D) input
     (cu_q_ptr for q, cu_k_ptr for k and v); S_Q / S_KV are the longest sequence's length, so a shorter
-    sequence's tail chunks are empty (masked, amax 0)."""
+    sequence's tail chunks are empty (masked, amax 0).
+
+    HEADS_FASTEST (the single-pass kernel, whose items wait on nothing): within a tensor, the heads of a chunk
+    before the next chunk, so that the items in flight read whole token rows, as a copy does; the two-pass
+    kernel keeps a group's items contiguous."""
     G = H_Q // H_KV
     if INTERLEAVE:
         nc = tl.maximum(NC_Q, NC_KV)
@@ -188,10 +192,14 @@ def _item_setup(
         n_heads = tl.where(t == 0, H_Q, H_KV)
         n_chunks = tl.where(t == 0, NC_Q, NC_KV)
         group = tl.where(t == 0, G, 1)
-        bh = local // n_chunks
+        if HEADS_FASTEST:
+            bh = local % (B * n_heads)
+            chunk = local // (B * n_heads)
+        else:
+            bh = local // n_chunks
+            chunk = local % n_chunks
         b = bh // n_heads
         h = bh % n_heads
-        chunk = local % n_chunks
         group_items = group * n_chunks
         first_of_group = (chunk == 0) & (h % group == 0)
     x_ptr = _select3(t, q_ptr, k_ptr, v_ptr)
@@ -472,13 +480,13 @@ def qkv_quantize_kernel(
             tl.minimum(item, n_items - 1), B, H_Q, H_KV, S_Q, S_KV, nc_q, nc_kv, q_ptr,
             k_ptr, v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
-            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE)
+            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE, False)
         (t2, b2, h2, row2, n_heads2, x2_ptr, x2_base, stride2_s, stride2_d, seq2, cos2_base, sin2_base, grp2,
          grp2_items, first2, out_start2) = _item_setup(
             tl.maximum(item - lag, 0), B, H_Q, H_KV, S_Q, S_KV, nc_q, nc_kv, q_ptr, k_ptr,
             v_ptr, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd, stride_cb, stride_cs, stride_sb, stride_ss,
-            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE)
+            cu_q_ptr, cu_k_ptr, chunk_rows, VARLEN, INTERLEAVE, False)
         if not ONE_TILE:
             # the first tiles' loads go out before the atomics below (see the loop for the others)
             lo1, hi1, cos_lo1, cos_hi1, sin_lo1, sin_hi1 = _load_tile(

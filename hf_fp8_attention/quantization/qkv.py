@@ -71,6 +71,9 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool] | None] = {
     32: (64, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 4, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True)
+# The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
+# first (False; `kernels._item_setup`).
+_BLOCK_HEADS_FASTEST = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -373,7 +376,7 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0, item0,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, d_contig, apply_rope, varlen is not None, bool(v_keys_contiguous),
-                 _BLOCK_WARPS.get((half_block, apply_rope), 8))
+                 _BLOCK_WARPS.get((half_block, apply_rope), 8), _BLOCK_HEADS_FASTEST)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)
@@ -413,7 +416,7 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
 
 @functools.lru_cache(maxsize=256)
 def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, apply_rope: bool,
-                      varlen: bool, v_keys_contiguous: bool, num_warps: int) -> dict:
+                      varlen: bool, v_keys_contiguous: bool, num_warps: int, heads_fastest: bool) -> dict:
     """`qkv_block_quantize_kernel`'s constexprs and compile options for one configuration (the caller must not
     modify the dict)."""
     int8 = options.int8_qk
@@ -422,7 +425,7 @@ def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_c
         APPLY_ROPE=apply_rope, HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
         V_SCALE_BLOCK=V_SCALE_BLOCK, QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX,
-        V_KEYS_CONTIG=v_keys_contiguous, num_warps=num_warps, enable_fp_fusion=False,
+        V_KEYS_CONTIG=v_keys_contiguous, HEADS_FASTEST=heads_fastest, num_warps=num_warps, enable_fp_fusion=False,
     )
 
 

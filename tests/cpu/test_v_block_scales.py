@@ -119,6 +119,27 @@ def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monke
 
 
 @kernel_test
+@pytest.mark.parametrize("heads_fastest", [True, False])
+def test_single_pass_kernel_item_orders(heads_fastest, monkeypatch):
+    """Both item orders of the single-pass kernel (heads of a row tile first, or row tiles of a head first)
+    write the same codes and block descales as the reference, packed sequences of unequal lengths included."""
+    import hf_fp8_attention.quantization.qkv as qkv
+
+    monkeypatch.setattr(qkv, "_BLOCK_HEADS_FASTEST", heads_fastest)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, seed=7)
+    v[:, :, 200] *= 60
+    got = quantize_qkv_fp8(q, k, v, options=BLOCK_QKV, v_keys_contiguous=True)
+    assert_same_blocks(got, quantize_qkv_fp8_reference(q, k, v, options=BLOCK_QKV, v_keys_contiguous=True))
+    lengths = [130, 7, 260]
+    g = torch.Generator().manual_seed(1)
+    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    cu = torch.tensor([0, 130, 137, 397], dtype=torch.int32)
+    args = (qp, kp, vp, cu, cu, 260, 260)
+    got = quantize_qkv_fp8_varlen(*args, options=BLOCK_QKV)
+    assert_same_blocks(got, quantize_qkv_fp8_varlen_reference(*args, options=BLOCK_QKV), lengths)
+
+
+@kernel_test
 def test_qk_rope_kernel_varlen():
     """Packed sequences sharing one cu_seqlens tensor take the q/k RoPE kernel; two equal but distinct tensors
     take the single-pass kernel's RoPE path; both equal the reference."""
