@@ -62,17 +62,26 @@ _INTERLEAVE_ROWS = 32768
 # (padded half head dim, RoPE). H200, session 15 (`bench_quantize.py --block-configs`, docs/results/
 # quantize_block_warps_h200_s15.log), D=128, 16k and 64k, H 32/32 and 32/8: without RoPE 4 warps 81-84% of
 # copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
-# tiles need the registers). D=64 / D=256: warps scaled with the tile (not measured); other head dims: 8.
+# tiles need the registers; since session 16 only int8 Q/K takes RoPE here). D=64 / D=256: warps scaled with
+# the tile (not measured); other head dims: 8.
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 # With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
 # (cos/sin once per tile of rows, a loop over heads) and v through the single-pass kernel without RoPE (a
 # second launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest) per padded half head
-# dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
+# dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`. H200, session 16, D=128, 16k and
+# 64k, H 32/32 and 32/8 (`bench_quantize.py --rope-configs`, docs/results/quantize_rope_tiles*_h200_s16.log):
+# the one-kernel path 36-37% of copy; (16, 8, 4, True, True) 75-79% (89 registers, 5 programs per SM; 16- to
+# 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps 59-65%), 77-81% once the v tiles ran
+# heads fastest (below). GQA 32/8 at 16k (0.1 ms) swung between 71-73% and 40-49% across runs and configs. D=64 / D=256 keep its 16
+# elements per thread (offline sm_90 counts: 92 / 91 registers; docs/results/rope_kernel_registers_sm90_s16.*),
+# not timed.
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool] | None] = {
-    32: (64, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 4, True, True)}
+    32: (32, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 8, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
-# first (False; `kernels._item_setup`).
+# first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
+# docs/results/quantize_block_order_h200_s16.log), 64k at 4 warps: without RoPE 81-82% of copy vs 76%; the
+# v tiles after the q/k RoPE kernel 79-81% vs 78-79%.
 _BLOCK_HEADS_FASTEST = True
 
 
