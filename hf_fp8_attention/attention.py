@@ -105,6 +105,8 @@ def fp8_attention(
         if max_seqlen_q is None or max_seqlen_k is None:
             max_seqlen_q, max_seqlen_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
                                                            is_causal=is_causal, rope=cos is not None)
+            if cos is not None:  # checked equal just above (see `sdpa.fp8_sdpa_varlen`)
+                cu_seqlens_k = cu_seqlens_q
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     # what the kernels run: smooth_v="auto" from the backend and the key length (a packed batch: its longest
     # sequence; here, inside the op, so that eager and compiled calls decide alike), hadamard="auto" from the

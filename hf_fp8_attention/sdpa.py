@@ -214,7 +214,10 @@ def fp8_sdpa_varlen(
         # validated where they are (offsets built on the host cost no device sync), then moved to the device
         max_q, max_k = longest_sequences(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0],
                                          is_causal=is_causal, rope=cos is not None)
-        varlen = (*(t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k)), max_q, max_k)
+        cu_q, cu_k = (t.to(query.device, non_blocking=True) for t in (cu_seqlens_q, cu_seqlens_k))
+        # fused RoPE: the offsets were just checked equal; one tensor for both lets the quantizer take its q/k
+        # RoPE kernel (`qkv._launch_blocks`), whose programs read q's and k's rows of one sequence together
+        varlen = (cu_q, cu_q if cos is not None else cu_k, max_q, max_k)
     plan = _plan(query, backend, options)
     # bf16 needs the longest lengths on the host (not while compiling) and a one-launch bf16 varlen (FA3)
     if backend is None and varlen[2] is not None and runs_bf16(

@@ -318,3 +318,23 @@ def test_prepare_model_takes_v_scales():
         out = model(ids).logits.float()
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
     hfa.unprepare_model(model)
+
+
+def test_varlen_rope_passes_one_offsets_tensor(monkeypatch):
+    """fp8_sdpa_varlen with fused RoPE checks the query and key offsets equal and then hands one tensor for both
+    to the pipeline (what lets the quantizer take its q/k RoPE kernel); without RoPE each keeps its own."""
+    import hf_fp8_attention.sdpa as sdpa_module
+    from hf_fp8_attention import fp8_sdpa_varlen
+
+    seen = []
+    real = sdpa_module._run
+    monkeypatch.setattr(sdpa_module, "_run", lambda q, k, v, varlen, *a: seen.append(varlen) or real(q, k, v, varlen, *a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(50, h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    cos, sin = (t[0] for t in make_rope(1, 50, 64, torch.bfloat16))
+    cu_q, cu_k = torch.tensor([0, 20, 50], dtype=torch.int32), torch.tensor([0, 20, 50], dtype=torch.int32)
+    with_rope = fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, cos=cos[None], sin=sin[None],
+                                backend="reference", qk_scales="block", v_scales="block")
+    fp8_sdpa_varlen(q, k, v, cu_q, cu_k, is_causal=True, backend="reference", qk_scales="block", v_scales="block")
+    assert seen[0][0] is seen[0][1] and seen[1][0] is not seen[1][1]
+    assert torch.isfinite(with_rope).all()
