@@ -524,13 +524,13 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     seen = []
 
     def launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous=False):
-        if options.v_block_scales:  # the single-pass kernel: its warps
-            seen.append((options, qkv._BLOCK_WARPS[(64, rope is not None)]))
+        if options.v_block_scales:  # the single-pass kernel: its warps and item order
+            seen.append((options, qkv._BLOCK_WARPS[(64, rope is not None)], qkv._BLOCK_HEADS_FASTEST))
         else:
             seen.append((options, qkv._tile_config(q.shape[-1], rope is not None), qkv._PROGRAMS_PER_SM))
 
     saved = qkv._ONE_TILE_CONFIG, qkv._TILE_ELEMS, qkv._PROGRAMS_PER_SM, qkv._tile_config
-    saved_warps = dict(qkv._BLOCK_WARPS)
+    saved_warps, saved_order, saved_rope = dict(qkv._BLOCK_WARPS), qkv._BLOCK_HEADS_FASTEST, dict(qkv._ROPE_TILES)
     monkeypatch.setattr(qkv, "_launch", launch)
     monkeypatch.setattr(bench_quantize, "make_inputs", functools.partial(bench_quantize.make_inputs, device="cpu"))
     monkeypatch.setattr(bench_quantize, "device_ms", lambda fn, inputs, rep_ms: (fn(*inputs), 0.5)[1])
@@ -552,12 +552,20 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     expected = [(c, p) for configs in (rope, plain) for c in configs for p in (4, 8, 16) for _ in range(2)]
     assert [s[1:] for s in seen[:len(expected)]] == expected
     assert [s[0].hadamard for s in seen[:2]] == ["qk", "none"] and seen[len(expected) - 1][0].qk_format == "int8"
-    # then the single-pass kernel: each of its modes at 4, 8, 16 warps
+    # then the single-pass kernel: each of its modes at 4 and 8 warps, each in both item orders
     block = seen[len(expected):]
-    assert [w for _, w in block] == [w for w in (4, 8, 16) for _ in bench_quantize.BLOCK_MODES]
-    assert all(o.v_block_scales for o, _ in block) and qkv._BLOCK_WARPS == saved_warps
+    assert [s[1:] for s in block] == [(w, order) for w in (4, 8) for order in (True, False)
+                                      for _ in bench_quantize.BLOCK_MODES]
+    assert all(s[0].v_block_scales for s in block)
+    assert qkv._BLOCK_WARPS == saved_warps and qkv._BLOCK_HEADS_FASTEST is saved_order
     out = capsys.readouterr().out
-    assert out.count("| 4/2 | 64 |") == 27 and out.count("* | 8 |") == 2 and f"{saved_warps[(64, True)]} with RoPE, {saved_warps[(64, False)]} without" in out
+    assert out.count("| 4/2 | 64 |") == 28 and out.count("* | 8 |") == 2 and f"{saved_warps[(64, True)]} with RoPE, {saved_warps[(64, False)]} without" in out
+    # --rope-configs: every q/k RoPE tile reaches the launcher, the table is restored
+    seen.clear()
+    monkeypatch.setattr(qkv, "_launch", lambda *a, **kw: seen.append(qkv._ROPE_TILES.get(64)))
+    bench_quantize.rope_configs(args)
+    assert seen == list(bench_quantize.ROPE_TILES) and qkv._ROPE_TILES == saved_rope
+    assert capsys.readouterr().out.count("\n| (16, 8, 4, True, True)* |") == 1
 
 
 # ------------------------------------------------------------------------------------------------------
