@@ -4,6 +4,7 @@ The quantize kernel (interpreted on CPU) equals the reference bit for bit (fp8 b
 descale), the triton attention kernel with block descales tracks the reference backend, block scales beat
 per-head scales where K has outliers, and the option is refused where the kernel cannot take it."""
 
+import itertools
 import os
 
 import pytest
@@ -70,9 +71,7 @@ def test_kernel_block_scales_with_modes_and_varlen():
         torch.testing.assert_close(getattr(got, f"{n}_block_descale"), getattr(ref, f"{n}_block_descale"),
                                    rtol=1e-5, atol=0)
     lengths = [37, 5, 64]
-    g = torch.Generator().manual_seed(0)
-    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
-    cu = torch.tensor([0, 37, 42, 106], dtype=torch.int32)
+    qp, kp, vp, cu = packed_gqa(lengths, 0)
     args = (qp, kp, vp, cu, cu, 64, 64)
     got = quantize_qkv_fp8_varlen(*args, options=BLOCK)
     ref = quantize_qkv_fp8_varlen_reference(*args, options=BLOCK)
@@ -105,6 +104,15 @@ def small_gqa(s_q: int, s_kv: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     mk = lambda h, s: torch.randn(1, s, h, 64, generator=g).bfloat16().transpose(1, 2)  # noqa: E731
     return mk(4, s_q), mk(2, s_kv), mk(2, s_kv)
+
+
+def packed_gqa(lengths: list[int], seed: int):
+    """bf16 packed sequences of `lengths` tokens: q (total, 4, 64), k/v (total, 2, 64), and their int32
+    offsets."""
+    g = torch.Generator().manual_seed(seed)
+    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return qp, kp, vp, cu
 
 
 def triton_and_reference(q, k, v, options, causal: bool, config: dict):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from test_block_scales import small_gqa, triton_and_reference
+from test_block_scales import packed_gqa, small_gqa, triton_and_reference
 from test_quantize import _interpreter_bf16_dot, _fp8_bytes, _ordinal, make_qkv, make_rope  # noqa: F401
 
 from hf_fp8_attention import fp8_sdpa
@@ -131,9 +131,7 @@ def test_single_pass_kernel_item_orders(heads_fastest, monkeypatch):
     got = quantize_qkv_fp8(q, k, v, options=BLOCK_QKV, v_keys_contiguous=True)
     assert_same_blocks(got, quantize_qkv_fp8_reference(q, k, v, options=BLOCK_QKV, v_keys_contiguous=True))
     lengths = [130, 7, 260]
-    g = torch.Generator().manual_seed(1)
-    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
-    cu = torch.tensor([0, 130, 137, 397], dtype=torch.int32)
+    qp, kp, vp, cu = packed_gqa(lengths, 1)
     args = (qp, kp, vp, cu, cu, 260, 260)
     got = quantize_qkv_fp8_varlen(*args, options=BLOCK_QKV)
     assert_same_blocks(got, quantize_qkv_fp8_varlen_reference(*args, options=BLOCK_QKV), lengths)
@@ -182,9 +180,7 @@ def test_single_pass_kernel_hadamard_varlen_and_nonfinite():
                                    rtol=1e-5, atol=0)
     # packed sequences, one longer than a V block; int8 Q/K
     lengths = [37, 5, 140]
-    g = torch.Generator().manual_seed(0)
-    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
-    cu = torch.tensor([0, 37, 42, 182], dtype=torch.int32)
+    qp, kp, vp, cu = packed_gqa(lengths, 0)
     args = (qp, kp, vp, cu, cu, 140, 140)
     for v_keys in (False, True):
         got = quantize_qkv_fp8_varlen(*args, options=INT8_BLOCK_V, v_keys_contiguous=v_keys)
@@ -234,10 +230,8 @@ def test_triton_attention_v_block_scales_varlen(options, causal):
     from hf_fp8_attention.backends.triton import _launch
 
     lengths = [37, 200, 140]
-    g = torch.Generator().manual_seed(2)
-    qp, kp, vp = (torch.randn(sum(lengths), h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    qp, kp, vp, cu = packed_gqa(lengths, 2)
     vp[150:170] *= 300
-    cu = torch.tensor([0, 37, 237, 377], dtype=torch.int32)
     qkv = quantize_qkv_fp8_varlen(qp, kp, vp, cu, cu, 200, 200, options=options, v_keys_contiguous=True)
     got = _launch(qkv, causal, 0.125, torch.float32, config={"BLOCK_M": 32, "BLOCK_N": 64})
     for i, part in enumerate(qkv.sequences()):
