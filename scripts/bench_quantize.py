@@ -384,7 +384,8 @@ def block_configs(args):
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
     print(f"\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); today's: "
-          f"{saved[0].get((half, True))} with RoPE, {saved[0].get((half, False))} without; heads fastest: {saved[1]}")
+          f"{saved[0].get((half, True))} with RoPE, {saved[0].get((half, False))} without; heads fastest: {saved[1]} "
+          f"(with RoPE and e4m3 Q/K it does v alone, without RoPE; q/k then: --rope-configs)")
     print(f"| H_q/H_kv | S | copy GB/s | num_warps | heads fastest | {' | '.join(BLOCK_MODES)} |")
     print(f"|---|---|---|---|---|{'---|' * len(BLOCK_MODES)}")
     try:

@@ -108,7 +108,7 @@ def qk_rope_block_kernel(
     """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
     cos/sin read once per tile of rows instead of once per head. Program (r, b, c) loads the cos/sin rows
     [r * ROWS, (r + 1) * ROWS) of sequence b once and then, one head after another, quantizes those rows of
-    HEADS heads of the concatenated list (q's H_Q heads, then k's H_KV). ROWS (32 or 64) is a multiple of both
+    HEADS heads of the concatenated list (q's H_Q heads, then k's H_KV). ROWS (16-64) is a multiple of both
     scale blocks, so every block's amax is in the tile: RoPE's x plus cos/sin half tiles then fit the registers
     that a 128-row tile overflowed (RoPE at 4 warps: 255 registers and spills; session 15). PREFETCH: the
     next head's tile is loaded before the current one is processed (two tiles of x in flight). HEADS_FASTEST:
@@ -117,17 +117,20 @@ def qk_rope_block_kernel(
 
     Same math, per element, as the single-pass kernel (RoPE -> K centring -> Hadamard -> block amax), so the
     same bit-exact match with the reference. VARLEN: q and k share one cu_seqlens (cu_ptr), RoPE's rows
-    being the same tokens; S is the longest sequence. Grid: (cdiv(S, ROWS) * cdiv(H_Q + H_KV, HEADS), B)."""
+    being the same tokens; S is the longest sequence. Grid: (B * cdiv(S, ROWS) * cdiv(H_Q + H_KV, HEADS),), b
+    slowest (one axis: a packed batch may hold more sequences than a grid's second axis, 65535)."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
     n_chunks = tl.cdiv(H_Q + H_KV, HEADS)
+    n_tiles = tl.cdiv(S, ROWS)
+    pid = tl.program_id(0)
+    b = pid // (n_tiles * n_chunks)
+    local = pid % (n_tiles * n_chunks)
     if HEADS_FASTEST:
-        row0 = (tl.program_id(0) // n_chunks) * ROWS
-        hh0 = (tl.program_id(0) % n_chunks) * HEADS
+        row0 = (local // n_chunks) * ROWS
+        hh0 = (local % n_chunks) * HEADS
     else:
-        n_tiles = tl.cdiv(S, ROWS)
-        row0 = (tl.program_id(0) % n_tiles) * ROWS
-        hh0 = (tl.program_id(0) // n_tiles) * HEADS
-    b = tl.program_id(1)
+        row0 = (local % n_tiles) * ROWS
+        hh0 = (local // n_tiles) * HEADS
     if VARLEN:
         start = tl.load(cu_ptr + b).to(tl.int64)
         seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)

@@ -62,8 +62,9 @@ _INTERLEAVE_ROWS = 32768
 # (padded half head dim, RoPE). H200, session 15 (`bench_quantize.py --block-configs`, docs/results/
 # quantize_block_warps_h200_s15.log), D=128, 16k and 64k, H 32/32 and 32/8: without RoPE 4 warps 81-84% of
 # copy vs 56-68% with 8 and 47-67% with 16; with RoPE 16 warps 39-40% vs 32-39% with 8 (its cos/sin half
-# tiles need the registers; since session 16 only int8 Q/K takes RoPE here). D=64 / D=256: warps scaled with
-# the tile (not measured); other head dims: 8.
+# tiles need the registers; since session 16 RoPE comes here only with int8 Q/K, or packed sequences whose q
+# and k offsets are separate tensors). D=64 / D=256: warps scaled with the tile (not measured); other head
+# dims: 8.
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 # With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
 # (cos/sin once per tile of rows, a loop over heads) and v through the single-pass kernel without RoPE (a
@@ -180,7 +181,9 @@ def quantize_qkv_fp8_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) offsets on q's device; every sequence has >= 1 token.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (they size the tile grid).
         cos, sin: optional (total_q, D) or (1, total_q, D) rotary tables per packed token; needs
-            cu_seqlens_q == cu_seqlens_k.
+            cu_seqlens_q == cu_seqlens_k. With every scale per block, passing one tensor for both (the same
+            object) lets q and k take the faster RoPE kernel (`_launch_blocks`); equal separate tensors
+            take the single-pass kernel's RoPE path, same results.
         check: validate the offsets (one host sync); callers that built them on the host pass False.
         v_keys_contiguous: v's codes in (1, H_kv, D, total_kv) memory, returned as its BSHD view (see
             `quantize_qkv_fp8`).
@@ -343,6 +346,8 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
                    v_keys_contiguous: bool) -> QuantizedQKV:
     """`_launch` when every scale is per block: one launch of `qkv_block_quantize_kernel` (one program per
     V_SCALE_BLOCK rows of one head, every element read once), after `centring_sums_kernel` with smooth_k.
+    With RoPE and e4m3 Q/K (and packed sequences sharing one offsets tensor), two launches: q and k through
+    `qk_rope_block_kernel` (`_ROPE_TILES`), then the single-pass kernel's v tiles alone.
     The per-(batch, KV head) descales are not computed: NaN (`QuantizedQKV.v_block_descale`)."""
     H_q, D = q.shape[1], q.shape[3]
     H_kv = k.shape[1]
@@ -406,7 +411,7 @@ def _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu, b
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
-    grid = (cdiv(S, rows) * cdiv(H_q + H_kv, heads), B)
+    grid = (B * cdiv(S, rows) * cdiv(H_q + H_kv, heads),)
     direct.launch(qk_rope_block_kernel, key, grid, (*tensors, *ints), _rope_constexprs(*const_key))
 
 

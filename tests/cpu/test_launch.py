@@ -283,6 +283,29 @@ def test_device_length_launch_keys_determine_triton_specialization(recorded_keys
     assert any(key[-1] is not None for key in attn_keys)  # device-length launches got keys (their tensor's dtype)
 
 
+def test_block_quantize_launch_keys_determine_triton_specialization(recorded_keys):
+    """The same for every scale per block: the q/k RoPE kernel and the single-pass kernel (its v tiles after
+    the RoPE kernel, or everything), over cos batch 1 or B, RoPE or none, and packed sequences with one
+    offsets tensor or two."""
+    from hf_fp8_attention.options import FP8AttentionOptions
+    from hf_fp8_attention.quantization import quantize_qkv_fp8, quantize_qkv_fp8_varlen
+
+    options = FP8AttentionOptions(qk_scales="block", v_scales="block", hadamard="none")
+    gen = torch.Generator().manual_seed(2)
+    for B, S, rope_b in ((1, 40, 1), (2, 40, 1), (2, 40, 2), (2, 32, None), (1, 40, 1)):
+        q, k, v = (torch.randn(B, S, h, 64, generator=gen).bfloat16().transpose(1, 2) for h in (4, 2, 2))
+        cos, sin = (torch.randn(rope_b, S, 64, generator=gen) for _ in range(2)) if rope_b else (None, None)
+        quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    qp, kp, vp = (torch.randn(50, h, 64, generator=gen).bfloat16() for h in (4, 2, 2))
+    cos, sin = (torch.randn(1, 50, 64, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+    for cu_k in (cu, cu.clone()):
+        quantize_qkv_fp8_varlen(qp, kp, vp, cu, cu_k, 30, 30, cos, sin, options=options)
+    _assert_keys_determine_specs(recorded_keys)
+    names = [name for name, _, _ in recorded_keys]
+    assert names.count("qk_rope_block_kernel") == 5 and names.count("qkv_block_quantize_kernel") == 7
+
+
 def test_quantize_launch_keys_determine_triton_specialization(recorded_keys):
     """The quantize launch's key (exact ints, dtypes, constexpr configuration) specializes alike under one
     key, over layouts, GQA, dtypes and RoPE."""

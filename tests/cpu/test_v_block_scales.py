@@ -83,17 +83,16 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
     (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
     (1, 4, 4, 70, 128, {"smooth_k": True}),
-    (1, 3, 1, 40, 96, {"hadamard": "qk"}),  # padded half tile; Hadamard needs a power-of-two D: see below
+    (1, 4, 2, 48, 128, {"hadamard": "qk"}),
+    (1, 3, 1, 40, 96, {}),  # padded half tile
     (1, 2, 1, 33, 256, {}),
-], ids=["gqa-d64", "smooth_k-d128", "mqa-d96", "d256"])
+], ids=["gqa-d64", "smooth_k-d128", "hadamard-d128", "mqa-d96", "d256"])
 def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monkeypatch):
     """RoPE with e4m3 block scales: q/k through `qk_rope_block_kernel` (cos/sin once per row tile, a loop over
     heads; with and without prefetch), v through the single-pass kernel's v tiles alone: the same codes and
     block descales as the reference. cos/sin per batch, with halves that differ (the kernel reads both)."""
     import hf_fp8_attention.quantization.qkv as qkv
 
-    if extra.get("hadamard") and D & (D - 1):
-        extra = {}
     monkeypatch.setattr(qkv, "_ROPE_TILES", {})
     monkeypatch.setattr(qkv, "_ROPE_TILE_DEFAULT", tile)
     calls = []
