@@ -421,17 +421,19 @@ def rope_configs(args):
     saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT)
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
-    print(f"\nRoPE with every scale per block (rope+block+block_v): q/k tile (rows, heads per program, warps, "
-          f"prefetch), None = one launch of the single-pass kernel; ms (% of copy); today's: {saved[0].get(half)}")
+    today = saved[0].get(half, saved[1])
+    print(f"\nRoPE with every scale per block (rope+block+block_v), D={args.head_dim}: q/k tile (rows, heads per "
+          f"program, warps, prefetch, heads fastest), None = one launch of the single-pass kernel; ms (% of copy); "
+          f"today's: {today}")
     shapes = list(itertools.product(args.heads, args.seqlens or [16384, 65536]))
     print(f"| tile | {' | '.join(f'{h} {S}' for h, S in shapes)} |")
     print(f"|---|{'---|' * len(shapes)}")
-    rows = {tile: [] for tile in ROPE_TILES}
+    rows = {tile: [] for tile in (*ROPE_TILES, today)}  # today's tile (D=64/256's) timed even if not listed
     try:
         for heads, S in shapes:
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
             copy = copy_gbs(q, k, v, 50)
-            for tile in ROPE_TILES:
+            for tile in rows:
                 qkv._ROPE_TILES[half] = tile
                 ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, "rope+block+block_v", 50)
                 rows[tile].append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
@@ -441,7 +443,7 @@ def rope_configs(args):
         qkv._ROPE_TILES.clear()
         qkv._ROPE_TILES.update(saved[0])
     for tile, cells in rows.items():
-        mark = "*" if tile == saved[0].get(half) else ""
+        mark = "*" if tile == today else ""
         print(f"| {tile}{mark} | {' | '.join(cells)} |", flush=True)
 
 
