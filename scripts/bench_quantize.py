@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rope", action="store_true", help="also pass HF-style bf16 cos/sin (B_c = 1)")
     p.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement (ms)")
+    p.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                   help="eager: do_bench (includes host time where it exceeds the GPU's, ~0.1 ms shapes); graph: "
+                   "GPU time from CUDA-graph replays, L2 flushed (scripts/_common.graph_ms)")
     p.add_argument("--rounds", type=int, default=1, help="table: time each module this many times in turns and "
                    "report the medians (small shapes are noisy: 4k took 0.131 and 0.188 ms in two runs)")
     p.add_argument("--impl", type=str, default="hf_fp8_attention.quantization",
@@ -124,7 +127,17 @@ def traffic(q, k, v, cos=None, sin=None, block_scales=False, int8=False, v_block
     return read, written
 
 
+# --timing: "eager" (do_bench: an event pair around each call, so a call whose host work outlasts the GPU's
+# head start, the L2 flush, is timed with the gap) or "graph" (`_common.graph_ms`: CUDA-graph replays, GPU
+# time alone)
+TIMING = "eager"
+
+
 def device_ms(fn, inputs, rep_ms):
+    if TIMING == "graph":
+        import _common
+
+        return _common.graph_ms(lambda: fn(*inputs), inputs[0].device)
     import triton.testing
 
     return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=rep_ms, return_mode="median")
@@ -459,11 +472,13 @@ def profile_host(fn, args):
 
 
 def main(argv=None) -> int:
+    global TIMING
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_quantize: needs a CUDA GPU", file=sys.stderr)
         return 2
-    print(header(args.impl), flush=True)
+    TIMING = args.timing
+    print(header(args.impl) + (", timing: CUDA-graph replays" if TIMING == "graph" else ""), flush=True)
     if args.block_configs:
         block_configs(args)
     elif args.rope_configs:

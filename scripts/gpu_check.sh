@@ -159,6 +159,9 @@ elif [ "$mode" = "--rope-tiles" ]; then
   done
   step quantize_rope_modes timeout 100 python3 scripts/bench_quantize.py --modes --skip-configs --seqlens 16384 65536 \
     --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
+  # the same from CUDA-graph replays: GPU time alone (GQA 32/8 at 16k, ~0.1 ms, swung 40-73% eagerly)
+  step quantize_rope_modes_graph timeout 100 python3 scripts/bench_quantize.py --timing graph --modes --skip-configs \
+    --seqlens 16384 65536 --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
     --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block+block_v int8 \

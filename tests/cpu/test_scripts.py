@@ -515,6 +515,19 @@ def test_bench_quantize_without_cuda(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_quantize_graph_timing(monkeypatch):
+    """--timing graph routes every timing through `_common.graph_ms` (the call itself, on the inputs' device);
+    eager keeps do_bench."""
+    calls = []
+    monkeypatch.setattr(common, "graph_ms", lambda fn, device: calls.append((fn(), device)) or 0.25)
+    monkeypatch.setattr(bench_quantize, "TIMING", "graph")
+    x = torch.ones(3)
+    assert bench_quantize.device_ms(lambda t: t.sum(), (x,), 10) == 0.25
+    assert calls == [(torch.tensor(3.0), x.device)]
+    assert bench_quantize.parse_args(["--timing", "graph"]).timing == "graph"
+    assert bench_quantize.parse_args([]).timing == "eager"
+
+
 def test_bench_quantize_dry_run(monkeypatch, capsys):
     """--modes / --configs on CPU with the kernel launch replaced: every mode's explicit options pass
     quantize_qkv_fp8's checks, each tile config and programs/SM reaches the launcher, the module is restored."""
