@@ -151,7 +151,7 @@ elif [ "$mode" = "--vblock" ]; then  # v_scales="block" (every scale per block: 
     --heads 32/32 32/8
 elif [ "$mode" = "--rope-tiles" ]; then
   step rope_tiles_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_v_block_scales_gpu.py \
-    tests/gpu/test_int8_qk_gpu.py
+    tests/gpu/test_int8_qk_gpu.py tests/gpu/test_cuda_graphs_gpu.py
   step rope_tiles timeout 200 python3 scripts/bench_quantize.py --rope-configs --seqlens 16384 65536 --heads 32/32 32/8
   for d in 64 256; do  # their tiles were scaled from D=128's by elements per thread, not timed (session 16)
     step rope_tiles_d$d timeout 120 python3 scripts/bench_quantize.py --rope-configs --seqlens 65536 --heads 32/8 \

@@ -35,8 +35,12 @@ def _captured(fn, *static):
     return graph, out
 
 
-@pytest.mark.parametrize("backend,smooth_v", [("fa3", "auto"), ("fa3", True), ("triton", "auto")])
-def test_fp8_sdpa_replays(backend, smooth_v):
+@pytest.mark.parametrize("backend,smooth_v,extra", [
+    ("fa3", "auto", {}), ("fa3", True, {}), ("triton", "auto", {}),
+    # every scale per block with fused RoPE: the q/k RoPE kernel then the single-pass kernel's v tiles
+    ("triton", "auto", {"qk_scales": "block", "v_scales": "block", "rope": True}),
+])
+def test_fp8_sdpa_replays(backend, smooth_v, extra):
     if backend == "fa3" and not _fa3:
         pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel")
     B, H_q, H_kv, S, D = 2, 8, 2, 1024, 128
@@ -45,8 +49,14 @@ def test_fp8_sdpa_replays(backend, smooth_v):
         return [(_randn(B, S, h, D, seed=seed + i) + (3.0 if i == 2 else 0.0)).bfloat16().transpose(1, 2)
                 for i, h in enumerate((H_q, H_kv, H_kv))]
 
+    extra = dict(extra)
+    if extra.pop("rope", False):
+        pos = torch.arange(S, device=DEV, dtype=torch.float32)[:, None]
+        emb = torch.cat([pos * 1e-2 * torch.arange(1, D // 2 + 1, device=DEV)] * 2, dim=-1)[None]
+        extra.update(cos=emb.cos().bfloat16(), sin=emb.sin().bfloat16())
+
     def call(q, k, v):
-        return fp8_sdpa(q, k, v, is_causal=True, backend=backend, smooth_v=smooth_v)
+        return fp8_sdpa(q, k, v, is_causal=True, backend=backend, smooth_v=smooth_v, **extra)
 
     static = inputs(0)
     graph, out = _captured(call, *static)
