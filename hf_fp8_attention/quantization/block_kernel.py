@@ -40,12 +40,14 @@ def qkv_block_quantize_kernel(
     QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     """Grid: (B * H_Q * cdiv(S_Q, ROWS) + 2 * B * H_KV * cdiv(S_KV, ROWS),): the q tiles, then k's, then v's
-    (`kernels._item_setup`'s order with items of one tile; HEADS_FASTEST: its order within a tensor); program i does tile i + ITEM0, so a launch of the
-    v tiles alone (`qk_rope_block_kernel` doing q and k) has ITEM0 = the q and k tiles and a grid of the rest. Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and
-    QK_INT8 / QK_MAX as in `kernels.qkv_quantize_kernel`, except that v_out_ptr is e4m3 with int8 Q/K too. Block descales: q_blk_ptr (B, H_Q, N_BLK_Q) per
-    SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK rows, v_blk_ptr (B, H_KV, N_BLK_V) per
-    V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest sequence). SMOOTH_K: mean_ptr (2, B, H_KV,
-    HEAD_DIM) float32 holds K's means in its first half. HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2."""
+    (`kernels._item_setup`'s order with items of one tile; HEADS_FASTEST: its order within a tensor); program
+    i does tile i + ITEM0, so a launch of the v tiles alone (`qk_rope_block_kernel` doing q and k) has ITEM0 =
+    the q and k tiles and a grid of the rest. Inputs, outputs, VARLEN, V_KEYS_CONTIG / V_ROWS and QK_INT8 /
+    QK_MAX as in `kernels.qkv_quantize_kernel`, except that v_out_ptr is e4m3 with int8 Q/K too. Block
+    descales: q_blk_ptr (B, H_Q, N_BLK_Q) per SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK
+    rows, v_blk_ptr (B, H_KV, N_BLK_V) per V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest
+    sequence). SMOOTH_K: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds K's means in its first half.
+    HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS == V_SCALE_BLOCK,
                      "a tile holds whole q/k scale blocks and is one V block")
     (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, _,
@@ -184,8 +186,8 @@ def qk_rope_block_kernel(
                                               HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
                 x1, x2 = _rotate(cur_lo, cur_hi, c1, c2, s1, s2, True, True)
                 if SMOOTH_K:  # k head h's mean is at slot b * H_KV + h
-                    x1, x2 = _centre(x1, x2, mean_ptr, b * H_KV + cur_h, tl.where(cur_t == 1, True, False), valid, offs_d,
-                                     offs_d < HALF, HALF, HEAD_DIM)
+                    x1, x2 = _centre(x1, x2, mean_ptr, b * H_KV + cur_h, tl.where(cur_t == 1, True, False), valid,
+                                     offs_d, offs_d < HALF, HALF, HEAD_DIM)
                 if HADAMARD_QK:
                     x1, x2 = _hadamard(x1, x2, _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty), INV_SQRT_D)
                 if cur_t == 0:

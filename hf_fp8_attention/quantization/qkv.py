@@ -73,9 +73,9 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # 64k, H 32/32 and 32/8 (`bench_quantize.py --rope-configs`, docs/results/quantize_rope_tiles*_h200_s16.log):
 # the one-kernel path 36-37% of copy; (16, 8, 4, True, True) 75-79% (89 registers, 5 programs per SM; 16- to
 # 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps 59-65%), 77-81% once the v tiles ran
-# heads fastest (below). GQA 32/8 at 16k (0.1 ms) swung between 71-73% and 40-49% across runs and configs. D=64 / D=256 keep its 16
-# elements per thread (offline sm_90 counts: 92 / 91 registers; docs/results/rope_kernel_registers_sm90_s16.*),
-# not timed.
+# heads fastest (below). GQA 32/8 at 16k (0.1 ms) swung between 71-73% and 40-49% across runs and configs.
+# D=64 / D=256 keep its 16 elements per thread (offline sm_90 counts: 92 / 91 registers;
+# docs/results/rope_kernel_registers_sm90_s16.*), not timed.
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool] | None] = {
     32: (32, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 8, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True)
@@ -423,8 +423,8 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
     return dict(
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=rows, HEADS=heads, D_CONTIG=d_contig,
         HADAMARD_QK=options.rotates_qk, INV_SQRT_D=D**-0.5, SMOOTH_K=options.smooth_k, VARLEN=varlen,
-        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch, HEADS_FASTEST=heads_fastest, num_warps=warps,
-        enable_fp_fusion=False,
+        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch,
+        HEADS_FASTEST=heads_fastest, num_warps=warps, enable_fp_fusion=False,
     )
 
 
@@ -439,7 +439,8 @@ def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_c
         APPLY_ROPE=apply_rope, HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
         V_SCALE_BLOCK=V_SCALE_BLOCK, QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX,
-        V_KEYS_CONTIG=v_keys_contiguous, HEADS_FASTEST=heads_fastest, num_warps=num_warps, enable_fp_fusion=False,
+        V_KEYS_CONTIG=v_keys_contiguous, HEADS_FASTEST=heads_fastest, num_warps=num_warps,
+        enable_fp_fusion=False,
     )
 
 
