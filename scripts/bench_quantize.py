@@ -377,7 +377,7 @@ def configs(args):
                     cells = []
                     for name in names:
                         ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
-                        cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+                        cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.1f}%)")
                     today = saved[0] if rope else (saved[1], 4, False)
                     mark = "*" if config == today and pps == saved[2] else ""
                     print(f"| {heads} | {S} | {copy:.0f} | {config}{mark} | {pps} | {' | '.join(cells)} |",
@@ -411,7 +411,7 @@ def block_configs(args):
                 cells = []
                 for name in BLOCK_MODES:
                     ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
-                    cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+                    cells.append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.1f}%)")
                 print(f"| {heads} | {S} | {copy:.0f} | {warps} | {order} | {' | '.join(cells)} |", flush=True)
             del q, k, v, cos, sin
             torch.cuda.empty_cache()
@@ -421,10 +421,10 @@ def block_configs(args):
         qkv._BLOCK_HEADS_FASTEST = saved[1]
 
 
-# --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest) of
+# --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest, v in the same launch) of
 # `block_kernel.qk_rope_block_kernel`; None: the single-pass kernel alone (q, k and v in one launch)
-ROPE_TILES = (None, *((*t, order) for order in (True, False) for t in (
-    (16, 8, 4, True), (32, 8, 4, True), (32, 16, 4, True), (64, 8, 4, True), (16, 8, 2, True))))
+ROPE_TILES = (None, *((*t, fused) for fused in (True, False) for t in (
+    (16, 8, 4, True, True), (32, 8, 4, True, True), (32, 8, 8, True, True), (16, 8, 4, True, False))))
 
 
 def rope_configs(args):
@@ -436,7 +436,8 @@ def rope_configs(args):
     half = 1 << (half - 1).bit_length()
     today = saved[0].get(half, saved[1])
     print(f"\nRoPE with every scale per block (rope+block+block_v), D={args.head_dim}: q/k tile (rows, heads per "
-          f"program, warps, prefetch, heads fastest), None = one launch of the single-pass kernel; ms (% of copy); "
+          f"program, warps, prefetch, heads fastest, v in the same launch), None = one launch of the single-pass "
+          f"kernel; ms (% of copy); "
           f"today's: {today}")
     shapes = list(itertools.product(args.heads, args.seqlens or [16384, 65536]))
     print(f"| tile | {' | '.join(f'{h} {S}' for h, S in shapes)} |")
@@ -449,7 +450,7 @@ def rope_configs(args):
             for tile in rows:
                 qkv._ROPE_TILES[half] = tile
                 ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, "rope+block+block_v", 50)
-                rows[tile].append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.0f}%)")
+                rows[tile].append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.1f}%)")
             del q, k, v, cos, sin
             torch.cuda.empty_cache()
     finally:

@@ -62,9 +62,10 @@ print("flash_attn_interface:", importlib.util.find_spec("flash_attn_interface") 
 PY
 status=0
 step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
-  local name=$1; shift
+  local name=$1 t0=$SECONDS; shift
   "$@" 2>&1 | tee "$out/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: $name FAILED"; status=1; }
+  echo "gpu_check: $name took $((SECONDS - t0)) s"
 }
 if [ "$mode" = "--multi" ]; then
   nvidia-smi topo -m 2>&1 | tee "$out/topo.txt"

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes
-from .tile_math import _hadamard, _sign_matrix
+from .tile_math import _amax_scales, _block_amax, _hadamard, _sign_matrix
 
 
 @triton.jit
@@ -96,15 +96,17 @@ def qkv_block_quantize_kernel(
 
 @triton.jit
 def qk_rope_block_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr, k_blk_ptr,
-    N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_ptr,
+    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V, B, H_Q, H_KV, S, V_ROWS, N_QK,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_cs, stride_cd,
     stride_sb, stride_ss, stride_sd,
     FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
+    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr,
+    INV_SQRT_D: tl.constexpr, SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
     PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
@@ -120,11 +122,46 @@ def qk_rope_block_kernel(
     Same math, per element, as the single-pass kernel (RoPE -> K centring -> Hadamard -> block amax), so the
     same bit-exact match with the reference. VARLEN: q and k share one cu_seqlens (cu_ptr), RoPE's rows
     being the same tokens; S is the longest sequence. Grid: (B * cdiv(S, ROWS) * cdiv(H_Q + H_KV, HEADS),), b
-    slowest (one axis: a packed batch may hold more sequences than a grid's second axis, 65535)."""
+    slowest (one axis: a packed batch may hold more sequences than a grid's second axis, 65535).
+
+    V in the same launch: programs from N_QK on (the q/k programs' count) each quantize one V block
+    (V_SCALE_BLOCK rows of one KV head; order (b, block, head), heads fastest) in tiles of ROWS rows: a
+    first pass over the block's tiles takes its amax, a second re-reads them (from L2) and writes the codes,
+    e4m3, BSHD or, with V_KEYS_CONTIG, keys-contiguous (V_ROWS rows per head; `kernels._store_codes`);
+    HADAMARD_V rotates them. The block's descale goes to v_blk_ptr (B, H_KV, N_BLK_V). A grid of N_QK
+    programs leaves V to another launch (the single-pass kernel's v tiles)."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
+    tl.static_assert(V_SCALE_BLOCK % ROWS == 0, "a V block is whole tiles")
+    pid = tl.program_id(0)
+    if pid >= N_QK:
+        _v_block_program(pid - N_QK, v_ptr, v_out_ptr, v_blk_ptr, cu_ptr, N_BLK_V, B, H_KV, S, V_ROWS,
+                         stride_vb, stride_vh, stride_vs, stride_vd, FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG,
+                         HADAMARD_V, INV_SQRT_D, VARLEN, V_SCALE_BLOCK, V_KEYS_CONTIG)
+    else:
+        _qk_rope_program(pid, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr,
+                         k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
+                         stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                         stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
+                         FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, HEADS, D_CONTIG, HADAMARD_QK, INV_SQRT_D, SMOOTH_K,
+                         VARLEN, SCALE_BLOCK, K_SCALE_BLOCK, PREFETCH, HEADS_FASTEST)
+
+
+@triton.jit
+def _qk_rope_program(
+    pid, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr, k_blk_ptr,
+    N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+):
+    """Program `pid` of `qk_rope_block_kernel`'s q/k part (its docstring)."""
     n_chunks = tl.cdiv(H_Q + H_KV, HEADS)
     n_tiles = tl.cdiv(S, ROWS)
-    pid = tl.program_id(0)
     b = pid // (n_tiles * n_chunks)
     local = pid % (n_tiles * n_chunks)
     if HEADS_FASTEST:
@@ -215,4 +252,72 @@ def _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0, seq_len,
     lo, hi, _, _, _, _ = _load_tile(x_ptr, base, row0, seq_len, tl.where(is_q, stride_qs, stride_ks),
                                     tl.where(is_q, stride_qd, stride_kd), x_ptr, 0, 0, 0, x_ptr, 0, 0, 0, False,
                                     HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, False, "evict_first")
+    return lo, hi
+
+
+@triton.jit
+def _v_block_program(
+    item, v_ptr, v_out_ptr, v_blk_ptr, cu_ptr, N_BLK_V, B, H_KV, S, V_ROWS,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    D_CONTIG: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr, VARLEN: tl.constexpr,
+    V_SCALE_BLOCK: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
+):
+    """V block `item` of `qk_rope_block_kernel` (its docstring): the same codes and descale as the
+    single-pass kernel's v tile (one exact amax over the block's valid elements, then x * (FP8_MAX / amax)),
+    from two passes over ROWS-row tiles; the second pass's loads hit L2."""
+    n_blocks = tl.cdiv(S, V_SCALE_BLOCK)
+    b = item // (n_blocks * H_KV)
+    local = item % (n_blocks * H_KV)
+    blk = local // H_KV
+    h = local % H_KV
+    if VARLEN:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
+        base = start * stride_vs + h.to(tl.int64) * stride_vh
+        out_start = start
+    else:
+        seq_len = S
+        b64 = b.to(tl.int64)
+        base = b64 * stride_vb + h.to(tl.int64) * stride_vh
+        out_start = b64 * S
+    row_base = blk * V_SCALE_BLOCK
+    if row_base < seq_len:
+        N_SUB: tl.constexpr = V_SCALE_BLOCK // ROWS
+        if HADAMARD_V:
+            signs = _sign_matrix(HALF_BLOCK, v_ptr.dtype.element_ty)
+        amax = tl.zeros((1,), dtype=tl.float32)
+        lo, hi = _v_tile(v_ptr, base, row_base, seq_len, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK, ROWS,
+                         D_CONTIG, "evict_last")
+        for i in tl.range(0, N_SUB):  # amax; the next tile's loads issued before this one is reduced
+            x1, x2 = lo.to(tl.float32), hi.to(tl.float32)
+            row0 = row_base + i * ROWS
+            lo, hi = _v_tile(v_ptr, base, row0 + ROWS, tl.where(i + 1 < N_SUB, seq_len, 0), stride_vs,
+                             stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, "evict_last")
+            if HADAMARD_V:
+                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+            valid = (row0 + tl.arange(0, ROWS)) < seq_len
+            amax = tl.maximum(amax, _block_amax(x1, x2, valid, ROWS, ROWS))
+        scale, descale = _amax_scales(amax, FP8_MAX)
+        tl.store(v_blk_ptr + (b * H_KV + h).to(tl.int64) * N_BLK_V + blk + tl.arange(0, 1), descale)
+        lo, hi = _v_tile(v_ptr, base, row_base, seq_len, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK, ROWS,
+                         D_CONTIG, "evict_first")
+        for i in tl.range(0, N_SUB):  # codes
+            x1, x2 = lo.to(tl.float32), hi.to(tl.float32)
+            row0 = row_base + i * ROWS
+            lo, hi = _v_tile(v_ptr, base, row0 + ROWS, tl.where(i + 1 < N_SUB, seq_len, 0), stride_vs,
+                             stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, "evict_first")
+            if HADAMARD_V:
+                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+            _store_codes(x1, x2, scale[:, None], 2, b, h, row0, seq_len, out_start, H_KV, H_KV, V_ROWS,
+                         v_out_ptr, v_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False,
+                         V_KEYS_CONTIG, VARLEN)
+
+
+@triton.jit
+def _v_tile(v_ptr, base, row0, seq_len, stride_vs, stride_vd, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
+            ROWS: tl.constexpr, D_CONTIG: tl.constexpr, EVICT: tl.constexpr):
+    """The two input half tiles of rows [row0, row0 + ROWS) of one V head (rows >= seq_len 0)."""
+    lo, hi, _, _, _, _ = _load_tile(v_ptr, base, row0, seq_len, stride_vs, stride_vd, v_ptr, 0, 0, 0, v_ptr, 0, 0,
+                                    0, False, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, False, EVICT)
     return lo, hi

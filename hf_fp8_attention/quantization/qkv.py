@@ -76,9 +76,9 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # heads fastest (below). GQA 32/8 at 16k (0.1 ms) swung between 71-73% and 40-49% across runs and configs.
 # D=64 / D=256 keep its 16 elements per thread (offline sm_90 counts: 92 / 91 registers;
 # docs/results/rope_kernel_registers_sm90_s16.*), not timed.
-_ROPE_TILES: dict[int, tuple[int, int, int, bool, bool] | None] = {
-    32: (32, 8, 4, True, True), 64: (16, 8, 4, True, True), 128: (16, 8, 8, True, True)}
-_ROPE_TILE_DEFAULT = (16, 8, 4, True, True)
+_ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, bool] | None] = {
+    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, True), 128: (16, 8, 8, True, True, True)}
+_ROPE_TILE_DEFAULT = (16, 8, 4, True, True, True)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
 # docs/results/quantize_block_order_h200_s16.log), 64k at 4 warps: without RoPE 81-82% of copy vs 76%; the
@@ -381,8 +381,11 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     item0, apply_rope = 0, rope is not None
     rope_tile = _ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT) if apply_rope and not int8 else None
     if rope_tile is not None and (varlen is None or varlen[0] is varlen[1]):  # q, k share RoPE's rows
-        _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
-                        varlen is not None, options, D, half_block, d_contig, rope_tile)
+        v_rows = outs[2].shape[1] if v_keys_contiguous else 0
+        _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
+                        v_rows, varlen is not None, options, D, half_block, d_contig, rope_tile)
+        if rope_tile[5]:  # v was in that launch
+            return qkv
         item0, apply_rope = n_q + n_kv, False  # v alone below
     # int8 q/k stored as bytes (one pointer type for their select); v always through its e4m3 pointer
     out_ptrs = (*(t.view(torch.uint8) for t in outs[:2]), outs[2]) if int8 else outs
@@ -399,31 +402,36 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     return qkv
 
 
-def _launch_qk_rope(q, k, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, varlen: bool,
-                    options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
-                    rope_tile: tuple[int, int, int, bool, bool]) -> None:
-    """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales; `_launch_blocks` then does v)."""
+def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, v_rows: int,
+                    varlen: bool, options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
+                    rope_tile: tuple[int, int, int, bool, bool, bool]) -> None:
+    """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales) and, when the tile's last flag is set, v
+    in the same launch (else `_launch_blocks` then does v). v_rows: V's keys-contiguous row count, else 0."""
     H_q, H_kv = q.shape[1], k.shape[1]
     rows, heads = rope_tile[:2]
-    tensors = (q, k, cos, sin, outs[0], outs[1], means, cu, blocks[0], blocks[1])
-    ints = (n_blk[0], n_blk[1], B, H_q, H_kv, S, *q.stride(), *k.stride(), *cos_strides, *sin_strides)
-    const_key = (options, D, half_block, d_contig, varlen, rope_tile)
+    d_contig = d_contig and v.stride(3) == 1
+    tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
+    n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
+    n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] else 0
+    ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, *q.stride(), *k.stride(), *v.stride(), *cos_strides,
+            *sin_strides)
+    const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
-    grid = (B * cdiv(S, rows) * cdiv(H_q + H_kv, heads),)
-    direct.launch(qk_rope_block_kernel, key, grid, (*tensors, *ints), _rope_constexprs(*const_key))
+    direct.launch(qk_rope_block_kernel, key, (n_qk + n_v,), (*tensors, *ints), _rope_constexprs(*const_key))
 
 
 @functools.lru_cache(maxsize=256)
 def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
-                     rope_tile: tuple[int, int, int, bool, bool]) -> dict:
+                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, bool]) -> dict:
     """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
-    rows, heads, warps, prefetch, heads_fastest = rope_tile
+    rows, heads, warps, prefetch, heads_fastest, _ = rope_tile
     return dict(
         FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=rows, HEADS=heads, D_CONTIG=d_contig,
-        HADAMARD_QK=options.rotates_qk, INV_SQRT_D=D**-0.5, SMOOTH_K=options.smooth_k, VARLEN=varlen,
-        SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False), PREFETCH=prefetch,
+        HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
+        SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False),
+        V_SCALE_BLOCK=V_SCALE_BLOCK, V_KEYS_CONTIG=v_keys_contiguous, PREFETCH=prefetch,
         HEADS_FASTEST=heads_fastest, num_warps=warps, enable_fp_fusion=False,
     )
 

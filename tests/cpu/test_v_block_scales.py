@@ -78,19 +78,21 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 
 
 @kernel_test
-@pytest.mark.parametrize("tile", [(16, 8, 4, True, True), (32, 4, 4, False, False), (64, 16, 8, True, True)],
-                         ids=str)
+@pytest.mark.parametrize("tile", [(16, 8, 4, True, True, True), (32, 4, 4, False, False, False),
+                                  (64, 16, 8, True, True, True)], ids=str)
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
     (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
     (1, 4, 4, 70, 128, {"smooth_k": True}),
     (1, 4, 2, 48, 128, {"hadamard": "qk"}),
+    (1, 2, 2, 300, 128, {"hadamard": "qkv"}),  # V blocks of 128 rows over several tiles, the last partial
     (1, 3, 1, 40, 96, {}),  # padded half tile
     (1, 2, 1, 33, 256, {}),
-], ids=["gqa-d64", "smooth_k-d128", "hadamard-d128", "mqa-d96", "d256"])
+], ids=["gqa-d64", "smooth_k-d128", "hadamard-d128", "hadamard-qkv-d128", "mqa-d96", "d256"])
 def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monkeypatch):
     """RoPE with e4m3 block scales: q/k through `qk_rope_block_kernel` (cos/sin once per row tile, a loop over
-    heads; with and without prefetch), v through the single-pass kernel's v tiles alone: the same codes and
-    block descales as the reference. cos/sin per batch, with halves that differ (the kernel reads both)."""
+    heads; with and without prefetch), v in the same launch (each V block in two passes over the tile's rows)
+    or through the single-pass kernel's v tiles alone: the same codes and block descales as the reference.
+    cos/sin per batch, with halves that differ (the kernel reads both)."""
     import hf_fp8_attention.quantization.qkv as qkv
 
     monkeypatch.setattr(qkv, "_ROPE_TILES", {})
@@ -101,6 +103,7 @@ def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monke
     q, k, v = make_qkv(B, H_q, H_kv, S, S, D, torch.bfloat16, seed=D)
     q[:, :, S // 2] *= 40
     k[:, :, 3] *= 30
+    v[:, :, S - 1] *= 50  # the last V block's amax from its last tile
     g = torch.Generator().manual_seed(2)
     cos, sin = (torch.randn(B, S, D, generator=g) for _ in range(2))
     options = FP8AttentionOptions(qk_scales="block", v_scales="block", **{"hadamard": "none", **extra})
@@ -108,10 +111,12 @@ def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monke
         got = quantize_qkv_fp8(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
         ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
         if options.rotates_qk:  # tl.dot's summation order: at most one e4m3 ulp, as the single-pass kernel
-            for n in "qk":
+            for n in "qkv" if options.rotates_v else "qk":
                 ulp = (_ordinal(getattr(got, n)) - _ordinal(getattr(ref, n))).abs()
                 assert int(ulp.max()) <= 1 and int((ulp > 0).sum()) <= 0.01 * ulp.numel(), n
-            assert torch.equal(_codes(got.v), _codes(ref.v))
+            if not options.rotates_v:
+                assert torch.equal(_codes(got.v), _codes(ref.v))
+            torch.testing.assert_close(got.v_block_descale, ref.v_block_descale, rtol=1e-6, atol=0)
         else:
             assert_same_blocks(got, ref)
     assert len(calls) == 2
