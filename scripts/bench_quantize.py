@@ -144,11 +144,18 @@ def device_ms(fn, inputs, rep_ms):
 
 
 def copy_gbs(q, k, v, rep_ms) -> float:
-    """GB/s (2 * bytes / time) of a CUDA device-to-device bf16 copy of q+k+v's bytes."""
+    """GB/s (2 * bytes / time) of a CUDA device-to-device bf16 copy of q+k+v's bytes. With graph timing, the
+    faster of the graph-timed and the eager copy (one graph-timed 32/32 64k copy read 2716 GB/s against
+    4150-4225 eagerly, session 17: the % of copy then read 122%); the higher bandwidth keeps every % an
+    under- rather than an over-statement."""
     n = q.numel() + k.numel() + v.numel()
     src = torch.empty(n, dtype=q.dtype, device=q.device)
     dst = torch.empty_like(src)
     ms = device_ms(dst.copy_, (src,), rep_ms)
+    if TIMING == "graph":
+        import triton.testing
+
+        ms = min(ms, triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=rep_ms, return_mode="median"))
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * q.element_size() / ms / 1e6

@@ -67,18 +67,20 @@ _INTERLEAVE_ROWS = 32768
 # dims: 8.
 _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (128, False): 8, (128, True): 16}
 # With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
-# (cos/sin once per tile of rows, a loop over heads) and v through the single-pass kernel without RoPE (a
-# second launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest) per padded half head
-# dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`. H200, session 16, D=128, 16k and
-# 64k, H 32/32 and 32/8 (`bench_quantize.py --rope-configs`, docs/results/quantize_rope_tiles*_h200_s16.log):
-# the one-kernel path 36-37% of copy; (16, 8, 4, True, True) 75-79% (89 registers, 5 programs per SM; 16- to
-# 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps 59-65%), 77-81% once the v tiles ran
-# heads fastest (below). GQA 32/8 at 16k (0.1 ms) swung between 71-73% and 40-49% across runs and configs.
-# D=64 / D=256 keep its 16 elements per thread (offline sm_90 counts: 92 / 91 registers;
-# docs/results/rope_kernel_registers_sm90_s16.*), not timed.
+# (cos/sin once per tile of rows, a loop over heads) and v either in the same launch (each V block of 128 rows
+# in two passes over its tiles, the second from L2) or through the single-pass kernel without RoPE (a second
+# launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest, v in the same launch) per
+# padded half head dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
+# H200, `bench_quantize.py --rope-configs` at 64k (docs/results/quantize_rope_tiles*_h200_s16.log, _s17.log):
+# the one-kernel path 35-42% of copy. D=128 (session 16, 32/32 and 32/8): (16, 8, 4, True, True) 75-79% (89
+# registers, 5 programs per SM; 16- to 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps
+# 59-65%), 77-81% once the v tiles ran heads fastest; session 17: v in the same launch 77.9% / 77.7% vs
+# 80.5% / 78.3% in its own (kept apart). D=64 (32/8, session 17): (32, 8, 4) 73.5% with v in the launch vs
+# 72.2%, 16-row tiles 62%. D=256 (32/8): (32, 8, 4) 79.6% with v vs 78.2%, (16, 8, 8) 76.9%. At 16k (~0.1-0.2
+# ms) eager timings swing (32/8: 40-73% across runs); graph-timed, 74-75%.
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, bool] | None] = {
-    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, True), 128: (16, 8, 8, True, True, True)}
-_ROPE_TILE_DEFAULT = (16, 8, 4, True, True, True)
+    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (32, 8, 4, True, True, True)}
+_ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
 # docs/results/quantize_block_order_h200_s16.log), 64k at 4 warps: without RoPE 81-82% of copy vs 76%; the

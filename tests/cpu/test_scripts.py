@@ -578,7 +578,7 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     monkeypatch.setattr(qkv, "_launch", lambda *a, **kw: seen.append(qkv._ROPE_TILES.get(64)))
     bench_quantize.rope_configs(args)
     assert seen == list(bench_quantize.ROPE_TILES) and qkv._ROPE_TILES == saved_rope
-    assert capsys.readouterr().out.count("\n| (16, 8, 4, True, True, True)* |") == 1
+    assert capsys.readouterr().out.count("\n| (16, 8, 4, True, True, False)* |") == 1
 
 
 # ------------------------------------------------------------------------------------------------------
