@@ -184,7 +184,8 @@ def ws_supported(qkv, is_causal: bool) -> str | None:
     return None
 
 
-def ws_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None):
+def ws_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
+                     warp_specialize: bool = True, split_loops: bool = True):
     """`fp8_attn_fwd_ws_kernel` on a `QuantizedQKV` that `ws_supported` accepts: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default WS_CONFIG_DEFAULT; WS False in the
     interpreter (no warps to specialize)."""
@@ -218,7 +219,8 @@ def ws_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: t
         out.stride(0), out.stride(1), H_q, H_kv, S_q, S_kv, float(scale),
         GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_SCALES=blocks, SCALE_BLOCK=SCALE_BLOCK,
         K_SCALE_BLOCK=qkv.k_scale_block, V_BLOCK_SCALES=qkv.v_block_scales, V_SCALE_BLOCK=V_SCALE_BLOCK,
-        BLOCK_M=block_m, BLOCK_N=block_n, WS=os.environ.get("TRITON_INTERPRET") != "1", SPLIT_LOOPS=True,
+        BLOCK_M=block_m, BLOCK_N=block_n, WS=warp_specialize and os.environ.get("TRITON_INTERPRET") != "1",
+        SPLIT_LOOPS=split_loops,
         num_warps=warps, num_stages=stages,
     )
     return out
