@@ -33,8 +33,8 @@
 #                                        # --vblock-bench: triton speed and accuracy with every scale per block
 #   bash scripts/gpu_check.sh --rope-tiles  # the q/k RoPE kernel (RoPE + every scale per block): its GPU tests,
 #                                        # the tile sweep (bench_quantize --rope-configs) and the modes table
-#   bash scripts/gpu_check.sh --ws       # the warp-specialized Triton kernel (backends/triton_ws.py): GPU
-#                                        # tests, bench_ws_attention (kernels alone vs FA3 fp8)
+#   bash scripts/gpu_check.sh --ws       # the experimental TMA kernel (backends/triton_ws.py): GPU tests,
+#                                        # its warp-specialized builds probed one process each (probe_ws.py)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -165,12 +165,14 @@ elif [ "$mode" = "--rope-tiles" ]; then
   # the same from CUDA-graph replays: GPU time alone (GQA 32/8 at 16k, ~0.1 ms, swung 40-73% eagerly)
   step quantize_rope_modes_graph timeout 100 python3 scripts/bench_quantize.py --timing graph --modes --skip-configs \
     --seqlens 16384 65536 --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
-elif [ "$mode" = "--ws" ]; then  # the warp-specialized Triton kernel: GPU tests, then against FA3 fp8, kernels alone
-  step ws_tests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py
-  step ws_bench timeout 300 python3 scripts/bench_ws_attention.py --seqlens 16384 65536 --heads 32/32 32/8 \
-    --causal both --json "$out/ws_bench.json"
-  step ws_bench_block timeout 120 python3 scripts/bench_ws_attention.py --seqlens 16384 --heads 32/8 --causal both \
-    --modes block+block_v --configs 128,128,4,2 128,128,4,3
+elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU tests (no warp specialization),
+  # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
+  step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py
+  for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
+    set -- $v
+    timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \
+      | tee -a "$out/ws_probe.log" || echo "split=$1 variant=$2 config=$3: rc $? (hang or error)" | tee -a "$out/ws_probe.log"
+  done
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
     --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block+block_v int8 \

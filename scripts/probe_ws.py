@@ -21,6 +21,7 @@ p.add_argument("--seq", type=int, default=4096)
 p.add_argument("--heads", type=int, default=8)
 p.add_argument("--causal", type=int, default=0)
 p.add_argument("--bench", type=int, default=0)
+p.add_argument("--variant", type=int, default=0, help="triton_ws.ws_fp8_attention's variant bits")
 a = p.parse_args()
 from hf_fp8_attention.backends import triton_ws
 from hf_fp8_attention.backends.triton import _launch
@@ -29,13 +30,14 @@ from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
 
 cfg = tuple(int(x) for x in a.config.split(","))
-name = f"ws={a.ws} split={a.split} config={cfg} S={a.seq} H={a.heads} causal={a.causal}"
+name = f"ws={a.ws} split={a.split} variant={a.variant} config={cfg} S={a.seq} H={a.heads} causal={a.causal}"
 S, H, D = a.seq, a.heads, 128
 q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 opts = FP8AttentionOptions(hadamard="none")
 qkv = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
 run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16,  # noqa: E731
-                                         config=cfg, warp_specialize=bool(a.ws), split_loops=bool(a.split))
+                                         config=cfg, warp_specialize=bool(a.ws), split_loops=bool(a.split),
+                                         variant=a.variant)
 t0 = time.perf_counter()
 out = run()
 torch.cuda.synchronize()
