@@ -167,7 +167,7 @@ elif [ "$mode" = "--rope-tiles" ]; then
     --seqlens 16384 65536 --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
 elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU tests (no warp specialization),
   # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
-  step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py
+  step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py -k "${WS_TESTS_K:-not nothing}"
   for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
     set -- $v
     timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \
