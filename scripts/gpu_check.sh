@@ -33,8 +33,8 @@
 #                                        # --vblock-bench: triton speed and accuracy with every scale per block
 #   bash scripts/gpu_check.sh --rope-tiles  # the q/k RoPE kernel (RoPE + every scale per block): its GPU tests,
 #                                        # the tile sweep (bench_quantize --rope-configs) and the modes table
-#   bash scripts/gpu_check.sh --ws       # the experimental TMA kernel (backends/triton_ws.py): GPU tests,
-#                                        # its warp-specialized builds probed one process each (probe_ws.py)
+#   bash scripts/gpu_check.sh --ws       # the experimental kernels: triton_ws's GPU tests, then the Gluon kernel
+#                                        # and triton_ws's warp-specialized builds probed one process each
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -168,6 +168,18 @@ elif [ "$mode" = "--rope-tiles" ]; then
 elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU tests (no warp specialization),
   # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
   step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py -k "${WS_TESTS_K:-not nothing}"
+  # the Gluon kernel (backends/gluon_attention.py): correctness at 4k, then speed at 16k if it finished
+  for v in "0 128,128,8,2 128" "1 128,128,8,2 128" "0 128,128,8,3 128" "1 128,128,8,2 64"; do
+    set -- $v
+    timeout 30 python3 scripts/probe_ws.py --gluon 1 --causal $1 --config $2 --head-dim $3 2>&1 | grep -v Warn \
+      | tee -a "$out/gluon_probe.log" || echo "gluon causal=$1 config=$2 D=$3: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
+  done
+  if grep -q "gluon config=(128, 128, 8, 2) S=4096 H=8 D=128 causal=0: finished" "$out/gluon_probe.log"; then
+    for c in 0 1; do
+      timeout 60 python3 scripts/probe_ws.py --gluon 1 --config 128,128,8,2 --causal $c --seq 16384 --heads 32 --bench 1 2>&1 \
+        | grep -v Warn | tee -a "$out/gluon_probe.log"
+    done
+  fi
   for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
     set -- $v
     timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""One variant of the warp-specialized kernel in its own process (a hung kernel is killed by the caller's
-timeout): B=1, H=8, D=128, non-causal/causal; prints whether it finished, whether its loop was warp
-specialized, SQNR against the current Triton kernel and TFLOPS next to FA3 fp8 and that kernel.
+"""One build of an experimental attention kernel in its own process (a hung kernel is killed by the caller's
+timeout): the TMA kernel of `backends/triton_ws.py` (warp specialized by triton or not), or with --gluon 1
+the Gluon kernel of `backends/gluon_attention.py`. B=1, H=8, S=4096, D=128 by default; prints whether it
+finished, whether the triton build's loop was warp specialized, SQNR against the current Triton kernel,
+and with --bench 1 TFLOPS next to that kernel and FA3 fp8.
 
     timeout 60 python scripts/probe_ws.py --ws 1 --split 1 --config 128,128,4,2 --seq 4096 --causal 0
+    timeout 60 python scripts/probe_ws.py --gluon 1 --config 128,128,8,2 --causal 1
 """
 import argparse
 import importlib.util
@@ -22,28 +25,36 @@ p.add_argument("--heads", type=int, default=8)
 p.add_argument("--causal", type=int, default=0)
 p.add_argument("--bench", type=int, default=0)
 p.add_argument("--variant", type=int, default=0, help="triton_ws.ws_fp8_attention's variant bits")
+p.add_argument("--gluon", type=int, default=0, help="the Gluon kernel (--config: BM,BN,warps,stages)")
+p.add_argument("--head-dim", type=int, default=128)
 a = p.parse_args()
-from hf_fp8_attention.backends import triton_ws
+from hf_fp8_attention.backends import gluon_attention, triton_ws
 from hf_fp8_attention.backends.triton import _launch
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
 
 cfg = tuple(int(x) for x in a.config.split(","))
-name = f"ws={a.ws} split={a.split} variant={a.variant} config={cfg} S={a.seq} H={a.heads} causal={a.causal}"
-S, H, D = a.seq, a.heads, 128
+name = (f"gluon config={cfg}" if a.gluon else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
+    f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal}"
+S, H, D = a.seq, a.heads, a.head_dim
 q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 opts = FP8AttentionOptions(hadamard="none")
 qkv = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
-run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16,  # noqa: E731
-                                         config=cfg, warp_specialize=bool(a.ws), split_loops=bool(a.split),
-                                         variant=a.variant)
+if a.gluon:
+    run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
+                                                      out_dtype=torch.bfloat16, config=cfg)
+else:
+    run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
+                                             out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
+                                             split_loops=bool(a.split), variant=a.variant)
 t0 = time.perf_counter()
 out = run()
 torch.cuda.synchronize()
 old = _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16)
-print(f"{name}: finished in {time.perf_counter() - t0:.1f} s, warp specialized: "
-      f"{triton_ws.last_compiled_is_warp_specialized()}, SQNR vs triton kernel {sqnr_db(out, old):.1f} dB", flush=True)
+ws = "gluon partitions" if a.gluon else triton_ws.last_compiled_is_warp_specialized()
+print(f"{name}: finished in {time.perf_counter() - t0:.1f} s, warp specialized: {ws}, "
+      f"SQNR vs triton kernel {sqnr_db(out, old):.1f} dB, finite: {bool(torch.isfinite(out).all())}", flush=True)
 if a.bench:
     flops = 4 * H * S * S * D / (2 if a.causal else 1)
     ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")

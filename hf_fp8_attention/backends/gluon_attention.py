@@ -1,0 +1,218 @@
+"""Experimental, not dispatched, not yet run on a GPU: the FP8 attention forward for Hopper written in Gluon
+(`triton.experimental.gluon`), with the warp specialization spelled out instead of left to triton's pass
+(which hangs or returns NaN on this loop with triton 3.6: `triton_ws.py`).
+
+One program per BLOCK_M query rows of one query head. Two partitions (`gl.warp_specialize`):
+- a loader (one warp): TMA copies of K tiles (BLOCK_N keys x D) and keys-contiguous V tiles (D x BLOCK_N)
+  into a ring of STAGES shared-memory slots, each slot with a "ready" mbarrier per tensor (TMA byte count)
+  and one "empty" mbarrier the consumer arrives on once both tiles are used;
+- the consumer (the kernel's num_warps, two warp groups at 8): S = Q K^T with an asynchronous
+  `warpgroup_mma` (Q from shared memory, loaded once), the online softmax in registers, P cast to e4m3 and
+  fed from registers to the P.V `warpgroup_mma` whose result is added to the float32 accumulator
+  (two-level accumulation, as the Triton kernel).
+
+The math is `triton_attention._fp8_attn_fwd_kernel`'s (FA3's fp8 numerics: base-2 softmax with the row
+max offset by 8, P in [0, 256] before its e4m3 cast): per-(batch, KV head) descales; e4m3 Q/K/V; D 64 or
+128; causal bottom-right aligned (the blocks below the tile's first row's diagonal unmasked, the rest and
+the key tail masked). K and Q are read through 2-D descriptors over (B * S, H * D): rows past a sequence's
+end belong to the next sequence (their scores are masked, those query rows never stored); V's descriptor
+is bounded by S_kv, so its padding reads as zeros.
+
+Status: compiles for sm_90 offline (`tests/cpu/test_gluon_attention.py` compiles it when triton has the
+Hopper Gluon API); correctness and speed on the H200 are open (`scripts/probe_ws.py --gluon`).
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (the decorators below need triton's runtime)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LOG2E = gl.constexpr(1.4426950408889634)
+# the TMA global -> shared copy: `async_copy_global_to_shared` in triton 3.6 (the H200's), renamed `async_load`
+# later (3.9 raises on the old name)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, k_row0, k_col, v_row, n_blocks,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA producer: key block j into slot j % STAGES once the consumer released the slot's previous use."""
+    for j in range(n_blocks):
+        slot = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(kv_empty.index(slot), phase ^ 1)  # a fresh slot passes (parity 1 of a new barrier)
+        mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+        _tma_load(desc_k, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.expect(v_ready.index(slot), desc_vt.block_type.nbytes)
+        _tma_load(desc_vt, [v_row, j * BLOCK_N], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, qk_scale, row_limit,
+                  s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Key block j: scores, online softmax (base 2, max offset by 8), the block's P.V added in float32."""
+    slot = j % STAGES
+    phase = (j // STAGES) & 1
+    mbarrier.wait(k_ready.index(slot), phase)
+    k_tile = k_smem.index(slot)
+    qk = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    if MASKED:
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0
+        p = gl.exp2(qk - (m_new - 8.0)[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        p = gl.exp2(qk * qk_scale - (m_new - 8.0)[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
+    mbarrier.wait(v_ready.index(slot), phase)
+    v_tile = v_smem.index(slot)
+    pv = warpgroup_mma(p8, v_tile.permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+    mbarrier.arrive(kv_empty.index(slot), count=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    return acc, l_i, m_new
+
+
+@gluon.jit
+def _softmax_partition(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base, stride_os, h_col, m0, S_q,
+                       S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                       NUM_WARPS: gl.constexpr):
+    """The consumer: every key block of the tile, then the normalised output stored (rows below S_q)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 32])
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    if IS_CAUSAL:
+        row_limit = rows + (S_kv - S_q)
+    else:
+        row_limit = gl.zeros([BLOCK_M], gl.int32, gl.SliceLayout(1, s_layout)) + (S_kv - 1)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    for j in range(0, n_full):
+        acc, l_i, m_i = _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                                      qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False, s_layout,
+                                      o_layout)
+    for j in range(n_full, n_blocks):
+        acc, l_i, m_i = _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                                      qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, s_layout,
+                                      o_layout)
+    out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
+    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    ptrs = Out + o_base + o_rows.to(gl.int64)[:, None] * stride_os + h_col + o_cols[None, :]
+    gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
+
+
+@gluon.jit
+def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob, stride_os,
+                              H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                              IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
+    (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
+    (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D)."""
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    if IS_CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m  # heaviest tiles first
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    h_kv = h // GROUP
+    m0 = pid_m * BLOCK_M
+    desc_idx = b * H_kv + h_kv
+    qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
+    v_descale = gl.load(V_descale + desc_idx)
+    if IS_CAUSAL:
+        hi = gl.minimum(m0 + BLOCK_M + S_kv - S_q, S_kv)
+        full_hi = gl.maximum(gl.minimum(m0 + S_kv - S_q + 1, S_kv), 0)
+    else:
+        hi = S_kv
+        full_hi = S_kv
+    n_blocks = (hi + BLOCK_N - 1) // BLOCK_N
+    n_full = full_hi // BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, desc_q.block_type.shape, desc_q.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_vt.dtype, [STAGES] + desc_vt.block_type.shape, desc_vt.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=1)
+    mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+    _tma_load(desc_q, [b * S_q + m0, h * HEAD_DIM], q_bar, q_smem)
+    mbarrier.wait(q_bar, 0)
+
+    gl.warp_specialize([
+        (_softmax_partition, (q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out,
+                              b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks,
+                              qk_scale, v_descale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+        (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv, h_kv * HEAD_DIM,
+                           desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+    ], [1], [24])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(kv_empty.index(i))
+
+
+GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
+
+
+def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None):
+    """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
+    contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .._constants import FP8_DTYPE
+    from .._intmath import cdiv
+
+    q, k, v = qkv.q, qkv.k, qkv.v
+    B, S_q, H_q, D = q.shape
+    S_kv, H_kv = k.shape[1], k.shape[2]
+    problems = []
+    if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
+        problems.append("packed sequences and block scales are not supported")
+    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in (64, 128):
+        problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
+    if not (q.is_contiguous() and k.is_contiguous()) or v.stride(1) != 1 or S_kv % 16 or v.stride(3) % 16:
+        problems.append("needs contiguous BSHD Q/K, keys-contiguous V and a key count that is a multiple of 16")
+    if is_causal and S_q != S_kv:
+        problems.append("causal needs S_q == S_kv")
+    if problems:
+        raise ValueError("gluon fp8 attention: " + "; ".join(problems))
+    block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
+
+    def desc(t, shape, strides, block):
+        return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
+
+    desc_q = desc(q, [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
+    desc_k = desc(k, [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
+    desc_vt = desc(v, [B * H_kv * D, S_kv], [v.stride(3), 1], [D, block_n])
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    fp8_attn_fwd_gluon_kernel[(cdiv(S_q, block_m), B * H_q)](
+        desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
+        H_q, H_kv, S_q, S_kv, float(scale), GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, num_warps=warps,
+    )
+    return out
