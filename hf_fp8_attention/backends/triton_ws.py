@@ -8,7 +8,8 @@ per-row Q block descales, the per-key K block descales: here scalar loads instea
 output, and on one accumulator through the MMA with two loops. On the GPU, the builds that compile hang at
 BLOCK_M=128 (every variant tried) and return NaN at BLOCK_M=64 (331 TFLOPS, 0.36x FA3 fp8 at 16k). Built
 without warp specialization (WS=False) it gives the current kernel's bits (H200: SQNR inf at 4k). Kept
-with its probe so that a later triton (or a Gluon rewrite of the loop) can be checked in one call.
+with its probe so that a later triton can be checked in one call; `gluon_attention.py` is the same loop
+with the warp specialization written out in Gluon.
 
 The math is `triton_attention._fp8_attn_fwd_kernel`'s (FA3's fp8 numerics: base-2 online softmax with the
 row max offset by 8, P cast to e4m3, each key block's P.V added in float32): one program per BLOCK_M query
