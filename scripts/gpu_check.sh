@@ -169,17 +169,24 @@ elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU 
   # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
   step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py -k "${WS_TESTS_K:-not nothing}"
   # the Gluon kernel (backends/gluon_attention.py): correctness at 4k, then speed at 16k if it finished
-  for v in "0 128,128,8,2 128" "1 128,128,8,2 128" "0 128,128,8,3 128" "1 128,128,8,2 64"; do
+  # (consumers causal config D)
+  for v in "1 0 128,128,8,2 128" "1 1 128,128,8,2 128" "2 0 128,128,4,2 128" "2 1 128,128,4,3 128" \
+           "1 1 128,128,8,2 64"; do
     set -- $v
-    timeout 30 python3 scripts/probe_ws.py --gluon 1 --causal $1 --config $2 --head-dim $3 2>&1 | grep -v Warn \
-      | tee -a "$out/gluon_probe.log" || echo "gluon causal=$1 config=$2 D=$3: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
+    timeout 30 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --causal $2 --config $3 --head-dim $4 2>&1 \
+      | grep -v Warn | tee -a "$out/gluon_probe.log" \
+      || echo "gluon consumers=$1 causal=$2 config=$3 D=$4: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
   done
-  if grep -q "gluon config=(128, 128, 8, 2) S=4096 H=8 D=128 causal=0: finished" "$out/gluon_probe.log"; then
-    for c in 0 1; do
-      timeout 60 python3 scripts/probe_ws.py --gluon 1 --config 128,128,8,2 --causal $c --seq 16384 --heads 32 --bench 1 2>&1 \
-        | grep -v Warn | tee -a "$out/gluon_probe.log"
-    done
-  fi
+  for v in "1 128,128,8,2" "2 128,128,4,2"; do  # speed at 16k of the builds that finished at 4k
+    set -- $v
+    if grep -q "gluon consumers=$1 config=($(echo $2 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0: finished" \
+        "$out/gluon_probe.log"; then
+      for c in 0 1; do
+        timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --config $2 --causal $c --seq 16384 \
+          --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log"
+      done
+    fi
+  done
   for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
     set -- $v
     timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \

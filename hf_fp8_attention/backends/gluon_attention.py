@@ -120,10 +120,14 @@ def _softmax_partition(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, 
 def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob, stride_os,
                               H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1):
     """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
     (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
-    (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D)."""
+    (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D).
+    CONSUMERS 2: two consumer partitions of NUM_WARPS warps (the default one and a worker), each with half of
+    the tile's rows and its own arrive on a slot's "empty" barrier (count 2), so that neither waits for the
+    other between key blocks (one consumer's softmax can overlap the other's MMAs, as FA3's two warp groups
+    do); every consumer goes through all of the tile's key blocks (masking is per row)."""
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     if IS_CAUSAL:
@@ -155,18 +159,32 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=CONSUMERS)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     _tma_load(desc_q, [b * S_q + m0, h * HEAD_DIM], q_bar, q_smem)
     mbarrier.wait(q_bar, 0)
 
-    gl.warp_specialize([
-        (_softmax_partition, (q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out,
-                              b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks,
-                              qk_scale, v_descale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
-        (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv, h_kv * HEAD_DIM,
-                           desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
-    ], [1], [24])
+    o_base = b.to(gl.int64) * stride_ob
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_softmax_partition, (q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base, stride_os,
+                                  h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M,
+                                  BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+            (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
+                               h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+        ], [1], [24])
+    else:
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        gl.warp_specialize([
+            (_softmax_partition, (q_smem.slice(0, HALF_M), k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base,
+                                  stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale,
+                                  HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+            (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
+                               h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+            (_softmax_partition, (q_smem.slice(HALF_M, HALF_M), k_smem, v_smem, k_ready, v_ready, kv_empty, Out,
+                                  o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv, n_full, n_blocks, qk_scale,
+                                  v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+        ], [1, NUM_WARPS], [24, 240])
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -178,9 +196,12 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 
 
-def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None):
+def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
+                        consumers: int = 1):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
-    contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype."""
+    contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
+    config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
+    each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2))."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -199,6 +220,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append("needs contiguous BSHD Q/K, keys-contiguous V and a key count that is a multiple of 16")
     if is_causal and S_q != S_kv:
         problems.append("causal needs S_q == S_kv")
+    if consumers not in (1, 2):
+        problems.append(f"consumers is 1 or 2, got {consumers}")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
@@ -213,6 +236,6 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     fp8_attn_fwd_gluon_kernel[(cdiv(S_q, block_m), B * H_q)](
         desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
         H_q, H_kv, S_q, S_kv, float(scale), GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, num_warps=warps,
     )
     return out

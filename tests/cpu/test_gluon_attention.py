@@ -4,6 +4,7 @@ the warp-specialized partitions, the asynchronous wgmma), and its launcher refus
 Whether it computes the right thing is a GPU question (`scripts/probe_ws.py --gluon`)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -22,10 +23,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_fp8_attention.backends import gluon_attention as G
 
-D, causal = int(sys.argv[1]), sys.argv[2] == "1"
+D, causal, consumers = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 fn = G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
-cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps)
+warps = warps // consumers  # two consumers of half the rows: 4 warps each
+cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
+          CONSUMERS=consumers)
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -38,7 +41,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal):
+def _compile_sm90(D, causal, consumers):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -46,7 +49,7 @@ def _compile_sm90(D, causal):
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), "1" if causal else "0"], env=env,
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), "1" if causal else "0", str(consumers)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -60,10 +63,14 @@ def _ptxas_ok():
 
 
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
-@pytest.mark.parametrize("D,causal", [(128, False), (64, True)])
-def test_gluon_kernel_builds_for_sm90(D, causal):
-    kernel = _compile_sm90(D, causal)
-    assert "wgmma.mma_async" in kernel["ptx"] and "setmaxnreg" in kernel["ptx"]  # MMAs; partitions' registers
+@pytest.mark.parametrize("D,causal,consumers", [(128, False, 1), (64, True, 1), (128, True, 2)])
+def test_gluon_kernel_builds_for_sm90(D, causal, consumers):
+    kernel = _compile_sm90(D, causal, consumers)
+    assert "wgmma.mma_async" in kernel["ptx"]
+    # each consumer partition syncs its own warps before it releases a slot: one named barrier per consumer
+    syncs = set(re.findall(r"bar\.sync\s+(\d+), (\d+)", kernel["ptx"]))
+    warps = gluon_attention.GLUON_CONFIG_DEFAULT[2] // consumers
+    assert len({n for n, t in syncs if int(t) == 32 * warps}) == consumers, syncs
     assert kernel["shared"] <= 227 * 1024  # the ring of K/V slots, Q and the layout scratch fit an SM
 
 
