@@ -169,21 +169,21 @@ elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU 
   # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
   step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py -k "${WS_TESTS_K:-not nothing}"
   # the Gluon kernel (backends/gluon_attention.py): correctness at 4k, then speed at 16k if it finished
-  # (consumers causal config D)
-  for v in "1 0 128,128,8,2 128" "1 1 128,128,8,2 128" "2 0 128,128,4,2 128" "2 1 128,128,4,3 128" \
-           "1 1 128,128,8,2 64"; do
+  # (consumers pipeline causal config D)
+  for v in "1 0 0 128,128,8,2 128" "1 0 1 128,128,8,2 128" "2 0 0 128,128,4,2 128" "2 0 1 128,128,4,3 128" \
+           "1 0 1 128,128,8,2 64" "1 1 0 128,128,8,2 128" "2 1 0 128,128,4,2 128"; do
     set -- $v
-    timeout 30 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --causal $2 --config $3 --head-dim $4 2>&1 \
-      | grep -v Warn | tee -a "$out/gluon_probe.log" \
-      || echo "gluon consumers=$1 causal=$2 config=$3 D=$4: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
+    timeout 30 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --pipeline $2 --causal $3 --config $4 \
+      --head-dim $5 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log" \
+      || echo "gluon consumers=$1 pipeline=$2 causal=$3 config=$4 D=$5: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
   done
-  for v in "1 128,128,8,2" "2 128,128,4,2"; do  # speed at 16k of the builds that finished at 4k
+  for v in "1 0 128,128,8,2" "2 0 128,128,4,2" "1 1 128,128,8,2" "2 1 128,128,4,2"; do  # 16k speed of those that ran
     set -- $v
-    if grep -q "gluon consumers=$1 config=($(echo $2 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0: finished" \
+    if grep -q "gluon consumers=$1 pipeline=$2 config=($(echo $3 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0: finished" \
         "$out/gluon_probe.log"; then
       for c in 0 1; do
-        timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --config $2 --causal $c --seq 16384 \
-          --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log"
+        timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --pipeline $2 --config $3 --causal $c \
+          --seq 16384 --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log"
       done
     fi
   done

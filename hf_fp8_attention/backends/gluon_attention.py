@@ -50,16 +50,17 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 
 
 @gluon.jit
-def _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, qk_scale, row_limit,
-                  s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Key block j: scores, online softmax (base 2, max offset by 8), the block's P.V added in float32."""
-    slot = j % STAGES
-    phase = (j // STAGES) & 1
-    mbarrier.wait(k_ready.index(slot), phase)
-    k_tile = k_smem.index(slot)
-    qk = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+def _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES: gl.constexpr):
+    """Issues S = Q K_j^T (asynchronous wgmma) once key block j's tile has landed."""
+    mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
+    return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_pv(j, qk, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Block j's online softmax (base 2, max offset by 8) on its scores qk, then P (e4m3, from registers)
+    times V issued as an asynchronous wgmma: (its pending result, alpha, l_i, the new max)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
@@ -72,20 +73,42 @@ def _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     p8 = gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
-    mbarrier.wait(v_ready.index(slot), phase)
-    v_tile = v_smem.index(slot)
-    pv = warpgroup_mma(p8, v_tile.permute((1, 0)), o_zero, use_acc=False, is_async=True)
-    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-    mbarrier.arrive(kv_empty.index(slot), count=1)
+    slot = j % STAGES
+    mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
+    pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    return pv, alpha, l_i, m_new
+
+
+@gluon.jit
+def _attend_block(j, qk_in, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, qk_scale,
+                  row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+                  PIPELINE: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Key block j: scores, softmax, the block's P.V added to the float32 accumulator (two-level
+    accumulation), then the slot released. PIPELINE: qk_in holds block j's scores (issued during block
+    j - 1), and block j + 1's are issued before this block's softmax, so that the tensor cores work under it
+    (the last block issues itself again: one spare MMA per tile); they are returned. Else the scores are
+    computed here and qk_in is returned unused."""
+    if PIPELINE:
+        qk_next = _scores(q_smem, k_smem, k_ready, gl.minimum(j + 1, n_blocks - 1), s_zero, STAGES)
+        pv, alpha, l_i, m_new = _softmax_pv(j, qk_in, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero,
+                                            BLOCK_N, STAGES, MASKED, s_layout, o_layout)
+        qk_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, pv))
+    else:
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(q_smem, k_smem, k_ready, j, s_zero, STAGES), ))
+        pv, alpha, l_i, m_new = _softmax_pv(j, qk, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero,
+                                            BLOCK_N, STAGES, MASKED, s_layout, o_layout)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        qk_next = qk_in
+    mbarrier.arrive(kv_empty.index(j % STAGES), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
-    return acc, l_i, m_new
+    return acc, l_i, m_new, qk_next
 
 
 @gluon.jit
 def _softmax_partition(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base, stride_os, h_col, m0, S_q,
                        S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                       NUM_WARPS: gl.constexpr):
+                       NUM_WARPS: gl.constexpr, PIPELINE: gl.constexpr):
     """The consumer: every key block of the tile, then the normalised output stored (rows below S_q)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -101,14 +124,17 @@ def _softmax_partition(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    qk = s_zero
+    if PIPELINE:  # block 0's scores before the loop (n_blocks >= 1: every row sees a key)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(q_smem, k_smem, k_ready, 0, s_zero, STAGES), ))
     for j in range(0, n_full):
-        acc, l_i, m_i = _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                      qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False, s_layout,
-                                      o_layout)
+        acc, l_i, m_i, qk = _attend_block(j, qk, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False,
+                                          PIPELINE, s_layout, o_layout)
     for j in range(n_full, n_blocks):
-        acc, l_i, m_i = _attend_block(j, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                      qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, s_layout,
-                                      o_layout)
+        acc, l_i, m_i, qk = _attend_block(j, qk, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
+                                          PIPELINE, s_layout, o_layout)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -120,14 +146,16 @@ def _softmax_partition(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, 
 def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob, stride_os,
                               H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1):
+                              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
+                              PIPELINE: gl.constexpr = False):
     """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
     (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
     (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D).
     CONSUMERS 2: two consumer partitions of NUM_WARPS warps (the default one and a worker), each with half of
     the tile's rows and its own arrive on a slot's "empty" barrier (count 2), so that neither waits for the
     other between key blocks (one consumer's softmax can overlap the other's MMAs, as FA3's two warp groups
-    do); every consumer goes through all of the tile's key blocks (masking is per row)."""
+    do); every consumer goes through all of the tile's key blocks (masking is per row). PIPELINE: block
+    j + 1's scores are computed while block j's softmax runs (`_attend_block`)."""
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     if IS_CAUSAL:
@@ -159,7 +187,10 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+        if CONSUMERS == 2:  # (a literal count: triton 3.9's init takes no constexpr)
+            mbarrier.init(kv_empty.index(i), count=2)
+        else:
+            mbarrier.init(kv_empty.index(i), count=1)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     _tma_load(desc_q, [b * S_q + m0, h * HEAD_DIM], q_bar, q_smem)
     mbarrier.wait(q_bar, 0)
@@ -169,7 +200,7 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         gl.warp_specialize([
             (_softmax_partition, (q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base, stride_os,
                                   h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M,
-                                  BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+                                  BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, PIPELINE)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
         ], [1], [24])
@@ -178,12 +209,12 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         gl.warp_specialize([
             (_softmax_partition, (q_smem.slice(0, HALF_M), k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base,
                                   stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale,
-                                  HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+                                  HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, PIPELINE)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
             (_softmax_partition, (q_smem.slice(HALF_M, HALF_M), k_smem, v_smem, k_ready, v_ready, kv_empty, Out,
                                   o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv, n_full, n_blocks, qk_scale,
-                                  v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS)),
+                                  v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, PIPELINE)),
         ], [1, NUM_WARPS], [24, 240])
 
     mbarrier.invalidate(q_bar)
@@ -197,11 +228,12 @@ GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the c
 
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
-                        consumers: int = 1):
+                        consumers: int = 1, pipeline: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
-    each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2))."""
+    each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pipeline: the next block's
+    scores under this block's softmax."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -236,6 +268,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     fp8_attn_fwd_gluon_kernel[(cdiv(S_q, block_m), B * H_q)](
         desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
         H_q, H_kv, S_q, S_kv, float(scale), GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers,
+        PIPELINE=bool(pipeline), num_warps=warps,
     )
     return out
