@@ -187,6 +187,12 @@ elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU 
       done
     fi
   done
+  # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL) once it agreed at 4k
+  if grep -E "gluon consumers=1 pipeline=0 config=\(128, 128, 8, 2\) S=4096 H=8 D=128 causal=0: finished.*SQNR vs triton kernel (3[0-9]|[4-9][0-9]|inf)" \
+      "$out/gluon_probe.log" > /dev/null; then
+    step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=gluon timeout 240 python3 -m pytest -q -x \
+      -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
+  fi
   for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
     set -- $v
     timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \

@@ -227,6 +227,24 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 
 
+def refusal(qkv, is_causal: bool) -> str | None:
+    """Why `gluon_fp8_attention` cannot take this call ("; "-joined), or None."""
+    from .._constants import FP8_DTYPE
+
+    q, k, v = qkv.q, qkv.k, qkv.v
+    S_q, D, S_kv = q.shape[1], q.shape[-1], k.shape[1]
+    problems = []
+    if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
+        problems.append("packed sequences and block scales are not supported")
+    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in (64, 128):
+        problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
+    if not (q.is_contiguous() and k.is_contiguous()) or v.stride(1) != 1 or S_kv % 16 or v.stride(3) % 16:
+        problems.append("needs contiguous BSHD Q/K, keys-contiguous V and a key count that is a multiple of 16")
+    if is_causal and S_q != S_kv:
+        problems.append("causal needs S_q == S_kv")
+    return "; ".join(problems) or None
+
+
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pipeline: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
@@ -237,25 +255,16 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .._constants import FP8_DTYPE
     from .._intmath import cdiv
 
+    problems = refusal(qkv, is_causal)
+    if consumers not in (1, 2):
+        problems = (problems + "; " if problems else "") + f"consumers is 1 or 2, got {consumers}"
+    if problems:
+        raise ValueError("gluon fp8 attention: " + problems)
     q, k, v = qkv.q, qkv.k, qkv.v
     B, S_q, H_q, D = q.shape
     S_kv, H_kv = k.shape[1], k.shape[2]
-    problems = []
-    if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
-        problems.append("packed sequences and block scales are not supported")
-    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in (64, 128):
-        problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
-    if not (q.is_contiguous() and k.is_contiguous()) or v.stride(1) != 1 or S_kv % 16 or v.stride(3) % 16:
-        problems.append("needs contiguous BSHD Q/K, keys-contiguous V and a key count that is a multiple of 16")
-    if is_causal and S_q != S_kv:
-        problems.append("causal needs S_q == S_kv")
-    if consumers not in (1, 2):
-        problems.append(f"consumers is 1 or 2, got {consumers}")
-    if problems:
-        raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
 
     def desc(t, shape, strides, block):

@@ -9,6 +9,7 @@ has the quantizer write it so (a BSHD view with unit stride over keys); a BSHD V
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -22,6 +23,12 @@ from .. import backends as _registry  # its TRITON_* constants, read at call tim
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Opt-in, experimental: HF_FP8_ATTENTION_TRITON_KERNEL=gluon (one consumer partition) or gluon-2c (two) sends the
+# prefill calls that `gluon_attention.gluon_fp8_attention` takes (Hopper, per-head scales, e4m3, D 64/128,
+# keys-contiguous V, key count a multiple of 16) to the Gluon kernel instead of the autotuned one. Not yet
+# run on a GPU (session 17): for checking it with the GPU tests and benchmarks, not for use.
+KERNEL_ENV = "HF_FP8_ATTENTION_TRITON_KERNEL"
+_KERNELS = {"default": None, "gluon": 1, "gluon-2c": 2}
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
 _SPLIT_MIN_KEYS = 8192
@@ -51,6 +58,24 @@ def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
         raise ValueError(f"triton fp8 attention supports head_dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"triton fp8 attention writes {_OUT_DTYPES}, got out_dtype={out_dtype}")
+
+
+def _on_hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
+    """(qkv with this V, consumer count) when `KERNEL_ENV` asks for the Gluon kernel and it takes this
+    prefill call, else None (the default: one dictionary lookup)."""
+    choice = os.environ.get(KERNEL_ENV, "default")
+    if choice not in _KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {sorted(_KERNELS)}")
+    if _KERNELS[choice] is None or not _on_hopper(qkv.q):
+        return None
+    from . import gluon_attention
+
+    qkv = dataclasses.replace(qkv, v=v)
+    return None if gluon_attention.refusal(qkv, is_causal) else (qkv, _KERNELS[choice])
 
 
 def _launch(
@@ -106,6 +131,12 @@ def _launch(
         if s_kv < _SPLIT_MIN_KEYS and not _interpreting():
             splits = 1
         config["num_splits"] = min(64, next_power_of_2(max(1, splits)))
+    route = _gluon_route(qkv, v, is_causal) if config is None and not decode else None
+    if route is not None:  # opt-in experimental kernel (KERNEL_ENV)
+        from . import gluon_attention
+
+        return gluon_attention.gluon_fp8_attention(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
+                                                   config=(128, 128, 8 // route[1], 2), consumers=route[1])
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
 

@@ -89,3 +89,47 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
                            v_keys_contiguous=True)
     with pytest.raises(ValueError, match="causal needs S_q == S_kv"):
         gluon_attention.gluon_fp8_attention(qkv, is_causal=True, scale=0.125, out_dtype=torch.bfloat16)
+
+
+def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):
+    """HF_FP8_ATTENTION_TRITON_KERNEL=gluon / gluon-2c sends the Triton backend's prefill calls that the Gluon
+    kernel takes to it (on Hopper); unset, for decode, block scales or off Hopper the usual kernel runs; a
+    value it does not know is an error."""
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    calls = []
+
+    def fake(qkv, **kw):
+        calls.append((qkv, kw))
+        return torch.zeros(qkv.q.shape, dtype=kw["out_dtype"])
+
+    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention", fake)
+    monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 128, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    plain = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
+    block = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none", qk_scales="block"),
+                             v_keys_contiguous=True)
+    decode = quantize_qkv_fp8(q[:, :, :1], k, v, options=FP8AttentionOptions(hadamard="none"),
+                              v_keys_contiguous=True)
+
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    want = triton_backend._launch(plain, True, 0.125, torch.bfloat16)
+    assert not calls and torch.isfinite(want).all()
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-2c")
+    triton_backend._launch(plain, True, 0.125, torch.bfloat16)
+    assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)
+    assert calls[0][0].v.stride(1) == 1 and calls[0][1]["is_causal"] is True
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon")
+    for qkv in (block, decode):
+        triton_backend._launch(qkv, False, 0.125, torch.bfloat16)
+    triton_backend._launch(plain, False, 0.125, torch.bfloat16, config={"BLOCK_M": 64, "BLOCK_N": 32})
+    assert len(calls) == 1  # block scales, decode and an explicit config keep the Triton kernel
+    triton_backend._launch(plain, False, 0.125, torch.float32)
+    assert len(calls) == 2 and calls[1][1]["consumers"] == 1 and calls[1][1]["out_dtype"] == torch.float32
+    monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: False)
+    triton_backend._launch(plain, False, 0.125, torch.bfloat16)
+    assert len(calls) == 2
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="HF_FP8_ATTENTION_TRITON_KERNEL='fastest'"):
+        triton_backend._launch(plain, False, 0.125, torch.bfloat16)
