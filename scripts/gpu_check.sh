@@ -165,38 +165,61 @@ elif [ "$mode" = "--rope-tiles" ]; then
   # the same from CUDA-graph replays: GPU time alone (GQA 32/8 at 16k, ~0.1 ms, swung 40-73% eagerly)
   step quantize_rope_modes_graph timeout 100 python3 scripts/bench_quantize.py --timing graph --modes --skip-configs \
     --seqlens 16384 65536 --heads 32/32 32/8 --only-modes rope rope+qk rope+block+block_v block+block_v
-elif [ "$mode" = "--ws" ]; then  # the TMA kernel of backends/triton_ws.py: GPU tests (no warp specialization),
-  # then its warp-specialized builds, one process each under a timeout (they hang on triton 3.6)
-  step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py -k "${WS_TESTS_K:-not nothing}"
-  # the Gluon kernel (backends/gluon_attention.py): correctness at 4k, then speed at 16k if it finished
-  # (consumers pipeline causal config D)
-  for v in "1 0 0 128,128,8,2 128" "1 0 1 128,128,8,2 128" "2 0 0 128,128,4,2 128" "2 0 1 128,128,4,3 128" \
-           "1 0 1 128,128,8,2 64" "1 1 0 128,128,8,2 128" "2 1 0 128,128,4,2 128"; do
+elif [ "$mode" = "--ws" ]; then  # the experimental kernels: triton_ws's GPU tests (no warp specialization), then
+  # the Gluon kernel and triton_ws's warp-specialized builds, one process each under a timeout (a hang is rc 124)
+  : > "$out/gluon_probe.log"; : > "$out/ws_probe.log"  # fresh logs: their lines gate the later steps
+  probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, 30 s
+    local log=$1 label=$2; shift 2
+    timeout 30 python3 scripts/probe_ws.py "$@" > "$out/probe_one.txt" 2>&1
+    local rc=$?
+    grep -v Warn "$out/probe_one.txt" | tee -a "$log"
+    [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
+  }
+  step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py \
+    -k "${WS_TESTS_K:-not nothing}"
+  # the Gluon kernel (backends/gluon_attention.py), 4k: (consumers pipeline causal config D batch kv-heads)
+  for v in "1 0 0 128,128,8,2 128 1 8" "1 0 1 128,128,8,2 128 1 8" "2 0 0 128,128,4,2 128 1 8" \
+           "2 0 1 128,128,4,3 128 1 8" "1 0 1 128,128,8,2 64 1 8" "1 1 0 128,128,8,2 128 1 8" \
+           "2 1 0 128,128,4,2 128 1 8"; do
     set -- $v
-    timeout 30 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --pipeline $2 --causal $3 --config $4 \
-      --head-dim $5 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log" \
-      || echo "gluon consumers=$1 pipeline=$2 causal=$3 config=$4 D=$5: rc $? (hang or error)" | tee -a "$out/gluon_probe.log"
+    probe "$out/gluon_probe.log" "gluon $v" --gluon 1 --consumers $1 --pipeline $2 --causal $3 --config $4 \
+      --head-dim $5 --batch $6 --kv-heads $7
   done
-  for v in "1 0 128,128,8,2" "2 0 128,128,4,2" "1 1 128,128,8,2" "2 1 128,128,4,2"; do  # 16k speed of those that ran
+  # GQA 8/2, two sequences of 4144 keys (not a multiple of 128: the 2-D descriptors read the next sequence's rows)
+  for c in 0 1; do
+    probe "$out/gluon_probe.log" "gluon gqa causal=$c" --gluon 1 --config 128,128,8,2 --causal $c --seq 4144 \
+      --batch 2 --kv-heads 2
+  done
+  sqnr_ok() {  # sqnr_ok PATTERN: a finished probe line matching PATTERN with SQNR >= 30 dB and finite output
+    grep -F "$1" "$out/gluon_probe.log" | grep "finite: True" \
+      | awk -F'SQNR vs triton kernel ' '{split($2, a, " "); if (a[1] == "inf" || a[1] + 0 >= 30) ok = 1} END {exit !ok}'
+  }
+  for v in "1 0 128,128,8,2" "2 0 128,128,4,2" "1 1 128,128,8,2" "2 1 128,128,4,2"; do  # 16k speed of those that agreed
     set -- $v
-    if grep -q "gluon consumers=$1 pipeline=$2 config=($(echo $3 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0: finished" \
-        "$out/gluon_probe.log"; then
+    if sqnr_ok "gluon consumers=$1 pipeline=$2 config=($(echo $3 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0 "; then
       for c in 0 1; do
-        timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers $1 --pipeline $2 --config $3 --causal $c \
-          --seq 16384 --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_probe.log"
+        probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pipeline $2 --config $3 \
+          --causal $c --seq 16384 --heads 32 --bench 1
       done
     fi
   done
-  # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL) once it agreed at 4k
-  if grep -E "gluon consumers=1 pipeline=0 config=\(128, 128, 8, 2\) S=4096 H=8 D=128 causal=0: finished.*SQNR vs triton kernel (3[0-9]|[4-9][0-9]|inf)" \
-      "$out/gluon_probe.log" > /dev/null; then
+  # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL) once it agreed at 4k, then a
+  # check that routed calls reached it
+  if sqnr_ok "gluon consumers=1 pipeline=0 config=(128, 128, 8, 2) S=4096 H=8 D=128 causal=0 "; then
     step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=gluon timeout 240 python3 -m pytest -q -x \
       -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
+    step gluon_routed env HF_FP8_ATTENTION_TRITON_KERNEL=gluon timeout 60 python3 -c "
+import torch
+from hf_fp8_attention import fp8_sdpa
+from hf_fp8_attention.backends import gluon_attention
+q, k, v = (torch.randn(1, h, 4096, 128, device='cuda', dtype=torch.bfloat16) for h in (8, 2, 2))
+fp8_sdpa(q, k, v, is_causal=True, backend='triton')
+print('gluon kernel calls:', gluon_attention.CALLS)
+assert gluon_attention.CALLS > 0"
   fi
   for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do
     set -- $v
-    timeout 25 python3 scripts/probe_ws.py --ws 1 --split $1 --variant $2 --config $3 2>&1 | grep -v Warn \
-      | tee -a "$out/ws_probe.log" || echo "split=$1 variant=$2 config=$3: rc $? (hang or error)" | tee -a "$out/ws_probe.log"
+    probe "$out/ws_probe.log" "ws split=$1 variant=$2 config=$3" --ws 1 --split $1 --variant $2 --config $3
   done
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \

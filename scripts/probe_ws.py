@@ -22,6 +22,8 @@ p.add_argument("--split", type=int, default=1)
 p.add_argument("--config", default="128,128,4,2")
 p.add_argument("--seq", type=int, default=4096)
 p.add_argument("--heads", type=int, default=8)
+p.add_argument("--kv-heads", type=int, default=0, help="KV heads (default: --heads)")
+p.add_argument("--batch", type=int, default=1)
 p.add_argument("--causal", type=int, default=0)
 p.add_argument("--bench", type=int, default=0)
 p.add_argument("--variant", type=int, default=0, help="triton_ws.ws_fp8_attention's variant bits")
@@ -37,10 +39,11 @@ from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
 
 cfg = tuple(int(x) for x in a.config.split(","))
-name = (f"gluon consumers={a.consumers} pipeline={a.pipeline} config={cfg}" if a.gluon else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
-    f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal}"
-S, H, D = a.seq, a.heads, a.head_dim
-q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+name = (f"gluon consumers={a.consumers} pipeline={a.pipeline} config={cfg}" if a.gluon
+        else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
+    f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
+S, H, D, B, H_kv = a.seq, a.heads, a.head_dim, a.batch, a.kv_heads or a.heads
+q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv, H_kv))
 opts = FP8AttentionOptions(hadamard="none")
 qkv = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
 if a.gluon:
@@ -59,7 +62,7 @@ ws = "gluon partitions" if a.gluon else triton_ws.last_compiled_is_warp_speciali
 print(f"{name}: finished in {time.perf_counter() - t0:.1f} s, warp specialized: {ws}, "
       f"SQNR vs triton kernel {sqnr_db(out, old):.1f} dB, finite: {bool(torch.isfinite(out).all())}", flush=True)
 if a.bench:
-    flops = 4 * H * S * S * D / (2 if a.causal else 1)
+    flops = 4 * B * H * S * S * D / (2 if a.causal else 1)
     ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
     ms_old = triton.testing.do_bench(lambda: _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16), warmup=10,
                                      rep=100, return_mode="median")

@@ -118,7 +118,8 @@ def fp8_attn_fwd_ws_kernel(
     desc_idx = b * H_kv + h_kv
     if BLOCK_SCALES:
         qk_scale = _scalars_to_rows(Q_blk + (b * H_q + h).to(tl.int64) * n_blk_q + m0 // SCALE_BLOCK,
-                                    tl.cdiv(S_q - m0, SCALE_BLOCK), BLOCK_M, SCALE_BLOCK) * (sm_scale * 1.4426950408889634)
+                                    tl.cdiv(S_q - m0, SCALE_BLOCK), BLOCK_M, SCALE_BLOCK)
+        qk_scale = qk_scale * (sm_scale * 1.4426950408889634)
         Kb_ptr = K_blk + desc_idx.to(tl.int64) * n_blk_k
     else:
         qk_scale = sm_scale * tl.load(Q_descale + desc_idx) * tl.load(K_descale + desc_idx) * 1.4426950408889634
@@ -173,7 +174,7 @@ def fp8_attn_fwd_ws_kernel(
 # only then (offline sm_90 compiles, session 17: with 8 warps the loop stays one partition); the pass adds
 # the producer warps itself. This config's warp-specialized build hangs on the H200 (module docstring).
 WS_CONFIG_DEFAULT = (128, 128, 4, 2)
-WS_HEAD_DIMS = (64, 128)
+WS_HEAD_DIMS = (64, 128)  # D=256 spills at BLOCK_N 64 (offline sm_90: 280 bytes of stack)
 _LAST_COMPILED = None  # the CompiledKernel of the last launch (None in the interpreter)
 
 
@@ -181,7 +182,7 @@ def last_compiled_is_warp_specialized() -> bool | None:
     """Whether the last launched `fp8_attn_fwd_ws_kernel` binary has its key loop warp specialized (a
     ``ttg.warp_specialize`` op in its TTGIR); None when nothing compiled was launched (interpreter)."""
     asm = getattr(_LAST_COMPILED, "asm", None)
-    return None if asm is None else "ttg.warp_specialize" in asm.get("ttgir", "")  # D=256 spills at BLOCK_N 64 (offline sm_90: 280 bytes of stack)
+    return None if asm is None else "ttg.warp_specialize" in asm.get("ttgir", "")
 
 
 def ws_supported(qkv, is_causal: bool) -> str | None:
@@ -203,6 +204,8 @@ def ws_supported(qkv, is_causal: bool) -> str | None:
         return "causal with S_q != S_kv"
     if k.shape[1] % 16 or v.stride(3) % 16:
         return "key count not a multiple of 16 (TMA strides)"
+    if v.stride(2) != q.shape[-1] * v.stride(3) or v.stride(0) != k.shape[2] * v.stride(2):
+        return "layout (V not packed (B, H_kv, D, rows) memory)"
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not Hopper"
     return None

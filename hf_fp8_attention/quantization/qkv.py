@@ -76,10 +76,12 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # registers, 5 programs per SM; 16- to 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps
 # 59-65%), 77-81% once the v tiles ran heads fastest; session 17: v in the same launch 77.9% / 77.7% vs
 # 80.5% / 78.3% in its own (kept apart). D=64 (32/8, session 17): (32, 8, 4) 73.5% with v in the launch vs
-# 72.2%, 16-row tiles 62%. D=256 (32/8): (32, 8, 4) 79.6% with v vs 78.2%, (16, 8, 8) 76.9%. At 16k (~0.1-0.2
-# ms) eager timings swing (32/8: 40-73% across runs); graph-timed, 74-75%.
+# 72.2%, 16-row tiles 62%. D=256 (32/8): (32, 8, 4) 79.6% with v vs 78.2%, but it spills (offline sm_90: 255
+# registers, 80 bytes of stack; docs/results/rope_v_kernel_registers_sm90_s17.log), so (16, 8, 4) with v:
+# 78.7%, 153 registers. At 16k (~0.1-0.2 ms) eager timings swing (32/8: 40-73% across runs); graph-timed,
+# 74-75%.
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, bool] | None] = {
-    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (32, 8, 4, True, True, True)}
+    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (16, 8, 4, True, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,

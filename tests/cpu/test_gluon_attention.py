@@ -3,6 +3,7 @@ builds for sm_90 with the installed triton (an offline compile through ptxas: la
 the warp-specialized partitions, the asynchronous wgmma), and its launcher refuses what it cannot run.
 Whether it computes the right thing is a GPU question (`scripts/probe_ws.py --gluon`)."""
 
+import dataclasses
 import os
 import re
 
@@ -89,6 +90,20 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
                            v_keys_contiguous=True)
     with pytest.raises(ValueError, match="causal needs S_q == S_kv"):
         gluon_attention.gluon_fp8_attention(qkv, is_causal=True, scale=0.125, out_dtype=torch.bfloat16)
+    ok = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
+    assert gluon_attention.refusal(ok, True) is None
+    for kw, message in ((dict(consumers=2), "16 x the warps per consumer"),  # 8 warps on 64 rows
+                        (dict(config=(128, 128, 8, 1), pipeline=True), "pipeline needs at least 2 stages"),
+                        (dict(consumers=3), "consumers is 1 or 2")):
+        with pytest.raises(ValueError, match=message):
+            gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, **kw)
+    no_keys = quantize_qkv_fp8(q, k[:, :, :0], v[:, :, :0], options=FP8AttentionOptions(hadamard="none"),
+                               v_keys_contiguous=True)
+    assert "at least one key" in gluon_attention.refusal(no_keys, False)
+    # V as a keys-contiguous view whose head stride is not D rows apart: refused, not read wrongly
+    wide = torch.zeros(1, 1, 64 + 8, 64, dtype=ok.v.dtype)[:, :, :64].permute(0, 3, 1, 2)  # 8 spare rows per head
+    assert wide.shape == ok.v.shape and wide.stride(1) == 1 and wide.stride(2) != 64 * wide.stride(3)
+    assert "keys-contiguous V" in gluon_attention.refusal(dataclasses.replace(ok, v=wide), False)
 
 
 def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):

@@ -36,9 +36,9 @@ def _qkv(b, h_q, h_kv, s, d, options, seed=0, v_keys=True):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,h_q,h_kv,s,d,options", [
     (1, 4, 2, 160, 64, {}),  # GQA; 160 queries: two full 64-row tiles and a partial one
-    (2, 2, 2, 96, 128, BLOCK),  # every scale per block, two sequences
+    (2, 2, 2, 112, 128, BLOCK),  # every scale per block, two sequences; a key tail (2-D descriptors: next rows)
     (1, 3, 1, 48, 64, BLOCK),  # MQA, fewer rows than one query tile
-], ids=["gqa-d64", "block-d128-b2", "mqa-block-short"])
+], ids=["gqa-d64", "block-d128-b2-tail", "mqa-block-short"])
 def test_ws_kernel_equals_the_triton_kernel(variant, causal, b, h_q, h_kv, s, d, options):
     qkv = _qkv(b, h_q, h_kv, s, d, options)
     assert triton_ws.ws_supported(qkv, causal) is None

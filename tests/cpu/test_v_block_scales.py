@@ -142,16 +142,19 @@ def test_single_pass_kernel_item_orders(heads_fastest, monkeypatch):
 
 
 @kernel_test
-def test_qk_rope_kernel_varlen():
-    """Packed sequences sharing one cu_seqlens tensor take the q/k RoPE kernel; two equal but distinct tensors
-    take the single-pass kernel's RoPE path; both equal the reference."""
+@pytest.mark.parametrize("D", [128, 64], ids=["d128-v-apart", "d64-v-in-launch"])
+def test_qk_rope_kernel_varlen(D):
+    """Packed sequences sharing one cu_seqlens tensor take the q/k RoPE kernel (D=64's tile quantizes V in the
+    same launch, D=128's apart); two equal but distinct tensors take the single-pass kernel's RoPE path; both
+    equal the reference."""
     import hf_fp8_attention.quantization.qkv as qkv
 
+    assert qkv._ROPE_TILES[D // 2][5] == (D == 64)  # which V path each case covers
     lengths = [37, 5, 90]
     total = sum(lengths)
     g = torch.Generator().manual_seed(0)
-    qp, kp, vp = (torch.randn(total, h, 128, generator=g).bfloat16() for h in (4, 2, 2))
-    cos, sin = (torch.randn(1, total, 128, generator=g) for _ in range(2))
+    qp, kp, vp = (torch.randn(total, h, D, generator=g).bfloat16() for h in (4, 2, 2))
+    cos, sin = (torch.randn(1, total, D, generator=g) for _ in range(2))
     cu = torch.tensor([0, 37, 42, 132], dtype=torch.int32)
     calls = []
     real = qkv._launch_qk_rope
