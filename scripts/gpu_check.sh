@@ -35,6 +35,7 @@
 #                                        # the tile sweep (bench_quantize --rope-configs) and the modes table
 #   bash scripts/gpu_check.sh --ws       # the experimental kernels: triton_ws's GPU tests, then the Gluon kernel
 #                                        # and triton_ws's warp-specialized builds probed one process each
+#                                        # (up to ~10 min when everything runs to its timeout)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -168,9 +169,9 @@ elif [ "$mode" = "--rope-tiles" ]; then
 elif [ "$mode" = "--ws" ]; then  # the experimental kernels: triton_ws's GPU tests (no warp specialization), then
   # the Gluon kernel and triton_ws's warp-specialized builds, one process each under a timeout (a hang is rc 124)
   : > "$out/gluon_probe.log"; : > "$out/ws_probe.log"  # fresh logs: their lines gate the later steps
-  probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, 30 s
+  probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, PROBE_S seconds (default 30)
     local log=$1 label=$2; shift 2
-    timeout 30 python3 scripts/probe_ws.py "$@" > "$out/probe_one.txt" 2>&1
+    timeout "${PROBE_S:-30}" python3 scripts/probe_ws.py "$@" > "$out/probe_one.txt" 2>&1
     local rc=$?
     grep -v Warn "$out/probe_one.txt" | tee -a "$log"
     [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
@@ -198,7 +199,7 @@ elif [ "$mode" = "--ws" ]; then  # the experimental kernels: triton_ws's GPU tes
     set -- $v
     if sqnr_ok "gluon consumers=$1 pipeline=$2 config=($(echo $3 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0 "; then
       for c in 0 1; do
-        probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pipeline $2 --config $3 \
+        PROBE_S=90 probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pipeline $2 --config $3 \
           --causal $c --seq 16384 --heads 32 --bench 1
       done
     fi
