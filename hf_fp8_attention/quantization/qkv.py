@@ -413,7 +413,6 @@ def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu
     in the same launch (else `_launch_blocks` then does v). v_rows: V's keys-contiguous row count, else 0."""
     H_q, H_kv = q.shape[1], k.shape[1]
     rows, heads = rope_tile[:2]
-    d_contig = d_contig and v.stride(3) == 1
     tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
     n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
     n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] else 0
