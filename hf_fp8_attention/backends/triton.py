@@ -27,7 +27,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # prefill calls that `gluon_attention.gluon_fp8_attention` takes (Hopper, per-head scales, e4m3, D 64/128,
 # keys-contiguous V, key count a multiple of 16) to the Gluon kernel instead of the autotuned one. Not yet
 # run on a GPU (session 17): for checking it with the GPU tests and benchmarks, not for use.
-KERNEL_ENV = "HF_FP8_ATTENTION_TRITON_KERNEL"
+KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _KERNELS = {"default": None, "gluon": 1, "gluon-2c": 2}
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).

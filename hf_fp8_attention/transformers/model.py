@@ -15,6 +15,7 @@ sees the values from before (`_configs_as_before`).
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from transformers.masking_utils import create_masks_for_generate
 from transformers.utils import logging as hf_logging
 
 from .._constants import SUPPORTED_INPUT_DTYPES
-from ..backends import ATTN_IMPLEMENTATIONS
+from ..backends import ATTN_IMPLEMENTATIONS, TRITON_KERNEL_ENV
 from ..dispatch import describe_dispatch, device_arch, plan_attention, speed_table_for
 from ..kv_cache import FP8Cache, FP8StaticCache, FP8StaticCacheLayer
 from ..kv_cache.ops import rotatable
@@ -524,6 +525,9 @@ def describe_backend(model) -> str:
         text = f"fp8 attention: reference ({where}; pure-torch emulation of the fp8 math, no speedup)"
     else:
         text = f"fp8 attention: {backend} ({where})"
+    if backend == "triton" and os.environ.get(TRITON_KERNEL_ENV, "default") != "default":
+        # (opt-in, experimental: the Gluon kernel takes the prefill calls it supports on Hopper)
+        text += f", prefill through the experimental {os.environ[TRITON_KERNEL_ENV]} kernel where it applies"
     if impl == "fp8":
         text += ", backend picked per call from the device; " + describe_dispatch(device, None, options)
     if state is not None:

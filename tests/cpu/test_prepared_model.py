@@ -231,6 +231,20 @@ def test_describe_sliding_window_depends_on_length(caplog):
     assert text.endswith("fused RoPE on 2/2 layers")
 
 
+def test_describe_names_the_opt_in_gluon_prefill_kernel(monkeypatch):
+    """HF_FP8_ATTENTION_TRITON_KERNEL (experimental) changes what the triton backend's prefill runs: said."""
+    model = tiny()
+    hfa.prepare_model(model, backend="reference")
+    model.config._attn_implementation = "fp8_triton"  # (prepare_model refuses triton on CPU tensors)
+    monkeypatch.delenv("HF_FP8_ATTENTION_TRITON_KERNEL", raising=False)
+    assert hfa.describe_backend(model).startswith("fp8 attention: triton")
+    assert "experimental" not in hfa.describe_backend(model)
+    monkeypatch.setenv("HF_FP8_ATTENTION_TRITON_KERNEL", "gluon-2c")
+    assert "prefill through the experimental gluon-2c kernel" in hfa.describe_backend(model)
+    model.config._attn_implementation = "fp8_reference"
+    assert "experimental" not in hfa.describe_backend(model)
+
+
 def test_describe_unchanged_on_a_supported_model(caplog):
     model = tiny()
     assert not _prepare_warnings(caplog, model)
