@@ -428,10 +428,11 @@ def block_configs(args):
         qkv._BLOCK_HEADS_FASTEST = saved[1]
 
 
-# --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest, v in the same launch) of
-# `block_kernel.qk_rope_block_kernel`; None: the single-pass kernel alone (q, k and v in one launch)
+# --rope-configs: (rows, heads per program, num_warps, prefetch, heads fastest, v: 1 in the same launch after
+# q/k, 2 in it first, 0 apart) of `block_kernel.qk_rope_block_kernel`; None: the single-pass kernel alone
 ROPE_TILES = (None, *((*t, fused) for fused in (True, False) for t in (
-    (16, 8, 4, True, True), (32, 8, 4, True, True), (32, 8, 8, True, True), (16, 8, 4, True, False))))
+    (16, 8, 4, True, True), (32, 8, 4, True, True), (32, 8, 8, True, True), (16, 8, 4, True, False))),
+    (16, 8, 4, True, True, 2), (32, 8, 4, True, True, 2))
 
 
 def rope_configs(args):
@@ -443,9 +444,8 @@ def rope_configs(args):
     half = 1 << (half - 1).bit_length()
     today = saved[0].get(half, saved[1])
     print(f"\nRoPE with every scale per block (rope+block+block_v), D={args.head_dim}: q/k tile (rows, heads per "
-          f"program, warps, prefetch, heads fastest, v in the same launch), None = one launch of the single-pass "
-          f"kernel; ms (% of copy); "
-          f"today's: {today}")
+          f"program, warps, prefetch, heads fastest, v: 1 in the same launch, 2 there first, 0/False apart), "
+          f"None = one launch of the single-pass kernel; ms (% of copy); today's: {today}")
     shapes = list(itertools.product(args.heads, args.seqlens or [16384, 65536]))
     print(f"| tile | {' | '.join(f'{h} {S}' for h, S in shapes)} |")
     print(f"|---|{'---|' * len(shapes)}")

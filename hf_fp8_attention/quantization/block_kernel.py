@@ -97,7 +97,7 @@ def qkv_block_quantize_kernel(
 @triton.jit
 def qk_rope_block_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_ptr,
-    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V, B, H_Q, H_KV, S, V_ROWS, N_QK,
+    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V, B, H_Q, H_KV, S, V_ROWS, N_QK, N_V_FIRST,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -129,17 +129,25 @@ def qk_rope_block_kernel(
     first pass over the block's tiles takes its amax, a second re-reads them (from L2) and writes the codes,
     e4m3, BSHD or, with V_KEYS_CONTIG, keys-contiguous (V_ROWS rows per head; `kernels._store_codes`);
     HADAMARD_V rotates them. The block's descale goes to v_blk_ptr (B, H_KV, N_BLK_V). A grid of N_QK
-    programs leaves V to another launch (the single-pass kernel's v tiles)."""
+    programs leaves V to another launch (the single-pass kernel's v tiles). N_V_FIRST > 0: the V programs
+    come first instead (programs [0, N_V_FIRST) are V blocks, the q/k ones follow), so that the longer
+    two-pass V programs do not form the launch's tail."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
     tl.static_assert(V_SCALE_BLOCK % ROWS == 0, "a V block is whole tiles")
     pid = tl.program_id(0)
-    if pid >= N_QK:
-        _v_block_program(pid - N_QK, v_ptr, v_out_ptr, v_blk_ptr, cu_ptr, N_BLK_V, B, H_KV, S, V_ROWS,
+    if N_V_FIRST > 0:
+        is_v = pid < N_V_FIRST
+        v_item = pid
+    else:
+        is_v = pid >= N_QK
+        v_item = pid - N_QK
+    if is_v:
+        _v_block_program(v_item, v_ptr, v_out_ptr, v_blk_ptr, cu_ptr, N_BLK_V, B, H_KV, S, V_ROWS,
                          stride_vb, stride_vh, stride_vs, stride_vd, FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG,
                          HADAMARD_V, INV_SQRT_D, VARLEN, V_SCALE_BLOCK, V_KEYS_CONTIG)
     else:
-        _qk_rope_program(pid, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr,
-                         k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
+        _qk_rope_program(pid - N_V_FIRST, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr,
+                         q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
                          stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                          stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
                          FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, HEADS, D_CONTIG, HADAMARD_QK, INV_SQRT_D, SMOOTH_K,

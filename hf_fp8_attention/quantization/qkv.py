@@ -69,8 +69,9 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # With RoPE and e4m3 Q/K (every scale per block), q and k go through `block_kernel.qk_rope_block_kernel`
 # (cos/sin once per tile of rows, a loop over heads) and v either in the same launch (each V block of 128 rows
 # in two passes over its tiles, the second from L2) or through the single-pass kernel without RoPE (a second
-# launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest, v in the same launch) per
-# padded half head dim; None keeps the one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
+# launch): (rows per tile, heads per program, num_warps, prefetch, heads fastest, v: 0 in its own launch, 1 in
+# the same launch after the q/k programs, 2 in the same launch first) per padded half head dim; None keeps the
+# one-kernel path. Other head dims: `_ROPE_TILE_DEFAULT`.
 # H200, `bench_quantize.py --rope-configs` at 64k (docs/results/quantize_rope_tiles*_h200_s16.log, _s17.log):
 # the one-kernel path 35-42% of copy. D=128 (session 16, 32/32 and 32/8): (16, 8, 4, True, True) 75-79% (89
 # registers, 5 programs per SM; 16- to 64-row tiles within 1-3% of it; without prefetch 62-65%, with 8 warps
@@ -80,7 +81,7 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # registers, 80 bytes of stack; docs/results/rope_v_kernel_registers_sm90_s17.log), so (16, 8, 4) with v:
 # 78.7%, 153 registers. At 16k (~0.1-0.2 ms) eager timings swing (32/8: 40-73% across runs); graph-timed,
 # 74-75%.
-_ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, bool] | None] = {
+_ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
     32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (16, 8, 4, True, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
@@ -408,16 +409,17 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
 
 def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, v_rows: int,
                     varlen: bool, options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
-                    rope_tile: tuple[int, int, int, bool, bool, bool]) -> None:
-    """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales) and, when the tile's last flag is set, v
-    in the same launch (else `_launch_blocks` then does v). v_rows: V's keys-contiguous row count, else 0."""
+                    rope_tile: tuple[int, int, int, bool, bool, int]) -> None:
+    """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales) and, when the tile's last entry is 1 or 2,
+    v in the same launch (its programs after the q/k ones, or first; 0: `_launch_blocks` then does v).
+    v_rows: V's keys-contiguous row count, else 0."""
     H_q, H_kv = q.shape[1], k.shape[1]
     rows, heads = rope_tile[:2]
     tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
     n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
     n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] else 0
-    ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, *q.stride(), *k.stride(), *v.stride(), *cos_strides,
-            *sin_strides)
+    ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, n_v if rope_tile[5] == 2 else 0, *q.stride(), *k.stride(),
+            *v.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
@@ -427,7 +429,7 @@ def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu
 
 @functools.lru_cache(maxsize=256)
 def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
-                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, bool]) -> dict:
+                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, int]) -> dict:
     """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
     rows, heads, warps, prefetch, heads_fastest, _ = rope_tile
     return dict(

@@ -79,7 +79,7 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 
 @kernel_test
 @pytest.mark.parametrize("tile", [(16, 8, 4, True, True, True), (32, 4, 4, False, False, False),
-                                  (64, 16, 8, True, True, True)], ids=str)
+                                  (64, 16, 8, True, True, True), (16, 8, 4, True, True, 2)], ids=str)
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
     (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
     (1, 4, 4, 70, 128, {"smooth_k": True}),
