@@ -233,17 +233,18 @@ CALLS = 0  # launches so far (gpu_check checks that routed tests reached the ker
 def refusal(qkv, is_causal: bool) -> str | None:
     """Why `gluon_fp8_attention` cannot take this call ("; "-joined), or None."""
     from .._constants import FP8_DTYPE
+    from ..quantization.quantized import keys_contiguous_rows
 
     q, k, v = qkv.q, qkv.k, qkv.v
-    S_q, D, S_kv, H_kv = q.shape[1], q.shape[-1], k.shape[1], k.shape[2]
+    S_q, D, S_kv = q.shape[1], q.shape[-1], k.shape[1]
     problems = []
     if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
         problems.append("packed sequences and block scales are not supported")
     if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in (64, 128):
         problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
     # keys-contiguous V: packed (B, H_kv, D, rows) memory, rows >= S_kv a multiple of 16 (TMA strides)
-    v_packed = (v.stride(1) == 1 and v.stride(3) % 16 == 0 and v.stride(3) >= S_kv
-                and v.stride(2) == D * v.stride(3) and v.stride(0) == H_kv * v.stride(2))
+    v_rows = keys_contiguous_rows(v)
+    v_packed = v_rows is not None and v_rows % 16 == 0 and v_rows >= S_kv
     if not (q.is_contiguous() and k.is_contiguous()) or not v_packed or S_kv % 16:
         problems.append("needs contiguous BSHD Q/K, keys-contiguous V and a key count that is a multiple of 16")
     if S_kv == 0:

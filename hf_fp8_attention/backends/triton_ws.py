@@ -190,22 +190,22 @@ def ws_supported(qkv, is_causal: bool) -> str | None:
     import torch
 
     from .._constants import FP8_DTYPE
+    from ..quantization.quantized import keys_contiguous_rows
 
     q, k, v = qkv.q, qkv.k, qkv.v
+    v_rows = keys_contiguous_rows(v)
     if qkv.is_varlen:
         return "packed sequences"
     if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE:
         return "int8 Q/K"
     if q.shape[-1] not in WS_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (takes {WS_HEAD_DIMS})"
-    if not (q.is_contiguous() and k.is_contiguous()) or v.stride(1) != 1:
-        return "layout (contiguous BSHD Q/K and keys-contiguous V needed)"
+    if not (q.is_contiguous() and k.is_contiguous()) or v_rows is None:
+        return "layout (contiguous BSHD Q/K and keys-contiguous V, packed (B, H_kv, D, rows), needed)"
     if is_causal and q.shape[1] != k.shape[1]:
         return "causal with S_q != S_kv"
-    if k.shape[1] % 16 or v.stride(3) % 16:
+    if k.shape[1] % 16 or v_rows % 16:
         return "key count not a multiple of 16 (TMA strides)"
-    if v.stride(2) != q.shape[-1] * v.stride(3) or v.stride(0) != k.shape[2] * v.stride(2):
-        return "layout (V not packed (B, H_kv, D, rows) memory)"
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not Hopper"
     return None

@@ -165,6 +165,16 @@ def keys_contiguous(v: torch.Tensor) -> torch.Tensor:
     return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def keys_contiguous_rows(v: torch.Tensor) -> int | None:
+    """The row count of the packed (B, H, D, rows) memory that a BSHD ``v`` is a view of (unit stride over
+    keys, heads D rows apart, batches H heads apart: what `keys_contiguous` and the quantizer write and a TMA
+    descriptor over (B * H * D, S) reads), or None for any other layout."""
+    rows = v.stride(3)
+    if v.stride(1) != 1 or v.stride(2) != v.shape[3] * rows or v.stride(0) != v.shape[2] * v.stride(2):
+        return None
+    return rows
+
+
 def channels_contiguous(v: torch.Tensor) -> torch.Tensor:
     """V with unit stride over channels, as FlashAttention's kernels take it: a keys-contiguous V
     (`keys_contiguous`) copied back to BSHD, any other returned as it is."""

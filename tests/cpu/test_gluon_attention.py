@@ -104,6 +104,11 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     wide = torch.zeros(1, 1, 64 + 8, 64, dtype=ok.v.dtype)[:, :, :64].permute(0, 3, 1, 2)  # 8 spare rows per head
     assert wide.shape == ok.v.shape and wide.stride(1) == 1 and wide.stride(2) != 64 * wide.stride(3)
     assert "keys-contiguous V" in gluon_attention.refusal(dataclasses.replace(ok, v=wide), False)
+    from hf_fp8_attention.quantization.quantized import keys_contiguous_rows
+
+    bshd = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none")).v
+    assert keys_contiguous_rows(ok.v) == 64 and keys_contiguous_rows(wide) is None
+    assert keys_contiguous_rows(bshd) is None
 
 
 def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):
