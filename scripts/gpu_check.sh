@@ -34,8 +34,9 @@
 #   bash scripts/gpu_check.sh --rope-tiles  # the q/k RoPE kernel (RoPE + every scale per block): its GPU tests,
 #                                        # the tile sweep (bench_quantize --rope-configs) and the modes table
 #   bash scripts/gpu_check.sh --ws       # the experimental Gluon kernel: probes (one process each, timeouts),
-#                                        # 16k speed, the triton backend's GPU tests through it; TRITON_WS=1
-#                                        # adds triton_ws's GPU tests and warp-specialized builds
+#                                        # 16k/64k speed, the triton backend's GPU tests through it (GLUON_ROUTE);
+#                                        # ROPE_SWEEP=1 adds the q/k RoPE tile sweep at 64k; TRITON_WS=1 adds
+#                                        # triton_ws's GPU tests and warp-specialized builds
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -180,38 +181,40 @@ elif [ "$mode" = "--ws" ]; then  # the experimental kernels: the Gluon kernel (a
     step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py \
       -k "${WS_TESTS_K:-not nothing}"
   fi
-  # the Gluon kernel (backends/gluon_attention.py), 4k: (consumers pipeline causal config D batch kv-heads)
+  # the Gluon kernel (backends/gluon_attention.py), 4k: (consumers pingpong causal config D batch kv-heads)
   for v in "1 0 0 128,128,8,2 128 1 8" "1 0 1 128,128,8,2 128 1 8" "2 0 0 128,128,4,2 128 1 8" \
-           "2 0 1 128,128,4,3 128 1 8" "1 0 1 128,128,8,2 64 1 8" "1 1 0 128,128,8,2 128 1 8" \
-           "2 1 0 128,128,4,2 128 1 8"; do
+           "2 1 0 128,128,4,2 128 1 8" "2 1 1 128,128,4,2 128 1 8" "2 1 1 128,128,4,3 64 1 8"; do
     set -- $v
-    probe "$out/gluon_probe.log" "gluon $v" --gluon 1 --consumers $1 --pipeline $2 --causal $3 --config $4 \
+    probe "$out/gluon_probe.log" "gluon $v" --gluon 1 --consumers $1 --pingpong $2 --causal $3 --config $4 \
       --head-dim $5 --batch $6 --kv-heads $7
   done
   # GQA 8/2, two sequences of 4144 keys (not a multiple of 128: the 2-D descriptors read the next sequence's rows)
-  for c in 0 1; do
-    probe "$out/gluon_probe.log" "gluon gqa causal=$c" --gluon 1 --config 128,128,8,2 --causal $c --seq 4144 \
-      --batch 2 --kv-heads 2
+  for v in "1 0 0" "1 0 1" "2 1 0" "2 1 1"; do
+    set -- $v
+    probe "$out/gluon_probe.log" "gluon gqa $v" --gluon 1 --consumers $1 --pingpong $2 \
+      --config 128,128,$((8 / $1)),2 --causal $3 --seq 4144 --batch 2 --kv-heads 2
   done
   sqnr_ok() {  # sqnr_ok PATTERN: a finished probe line matching PATTERN with SQNR >= 30 dB and finite output
     grep -F "$1" "$out/gluon_probe.log" | grep "finite: True" \
       | awk -F'SQNR vs triton kernel ' '{split($2, a, " "); if (a[1] == "inf" || a[1] + 0 >= 30) ok = 1} END {exit !ok}'
   }
-  for v in "1 0 128,128,8,2" "2 0 128,128,4,2" "1 1 128,128,8,2" "2 1 128,128,4,2"; do  # 16k speed of those that agreed
+  # speed (16k; 64k for the ping-pong build) of those that agreed at 4k, next to the Triton kernel and FA3 fp8
+  for v in "1 0 128,128,8,2 16384" "2 0 128,128,4,2 16384" "2 1 128,128,4,2 16384" "2 1 128,128,4,3 16384" \
+           "2 1 128,128,4,2 65536"; do
     set -- $v
-    if sqnr_ok "gluon consumers=$1 pipeline=$2 config=($(echo $3 | sed 's/,/, /g')) S=4096 H=8 D=128 causal=0 "; then
+    if sqnr_ok "gluon consumers=$1 pingpong=$2 config=(128, 128, $((8 / $1)), 2) S=4096 H=8 D=128 causal=0 "; then
       for c in 0 1; do
-        PROBE_S=90 probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pipeline $2 --config $3 \
-          --causal $c --seq 16384 --heads 32 --bench 1
+        PROBE_S=120 probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pingpong $2 \
+          --config $3 --causal $c --seq $4 --heads 32 --bench 1
       done
     fi
   done
-  # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL) once it agreed at 4k, then a
-  # check that routed calls reached it
-  if sqnr_ok "gluon consumers=1 pipeline=0 config=(128, 128, 8, 2) S=4096 H=8 D=128 causal=0 "; then
-    step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=gluon timeout 240 python3 -m pytest -q -x \
-      -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
-    step gluon_routed env HF_FP8_ATTENTION_TRITON_KERNEL=gluon timeout 60 python3 -c "
+  # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL, GLUON_ROUTE: gluon-pp by
+  # default) once it agreed at 4k, then a check that routed calls reached it
+  if sqnr_ok "gluon consumers=2 pingpong=1 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=1 "; then
+    step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 240 python3 -m pytest \
+      -q -x -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
+    step gluon_routed env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 60 python3 -c "
 import torch
 from hf_fp8_attention import fp8_sdpa
 from hf_fp8_attention.backends import gluon_attention
@@ -219,6 +222,9 @@ q, k, v = (torch.randn(1, h, 4096, 128, device='cuda', dtype=torch.bfloat16) for
 fp8_sdpa(q, k, v, is_causal=True, backend='triton')
 print('gluon kernel calls:', gluon_attention.CALLS)
 assert gluon_attention.CALLS > 0"
+  fi
+  if [ -n "${ROPE_SWEEP:-}" ]; then  # the q/k RoPE tile sweep at 64k (V programs first: tile entry 2)
+    step rope_tiles timeout 120 python3 scripts/bench_quantize.py --rope-configs --seqlens 65536 --heads 32/32 32/8
   fi
   if [ "${TRITON_WS:-0}" = 1 ]; then
     for v in "1 1 128,128,4,2" "1 1 64,128,4,3" "0 2 128,128,4,2" "0 3 64,128,4,3"; do

@@ -50,17 +50,10 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 
 
 @gluon.jit
-def _scores(q_smem, k_smem, k_ready, j, s_zero, STAGES: gl.constexpr):
-    """Issues S = Q K_j^T (asynchronous wgmma) once key block j's tile has landed."""
-    mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
-    return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _softmax_pv(j, qk, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, MASKED: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Block j's online softmax (base 2, max offset by 8) on its scores qk, then P (e4m3, from registers)
-    times V issued as an asynchronous wgmma: (its pending result, alpha, l_i, the new max)."""
+def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
+             s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
+    in registers, alpha, l_i, the new max)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
@@ -73,43 +66,65 @@ def _softmax_pv(j, qk, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero, B
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     p8 = gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
-    slot = j % STAGES
-    mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
-    pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-    return pv, alpha, l_i, m_new
+    return p8, alpha, l_i, m_new
 
 
 @gluon.jit
-def _attend_block(j, qk_in, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, qk_scale,
+def _turn_wait(turn, g, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong (two consumers): consumer C's MMA group g waits until the other consumer issued its group
+    g - 1 + C, so that the tensor cores take the two consumers' groups in turn and one consumer's softmax runs
+    under the other's MMAs (FA3's warp-group scheduler barrier, here one mbarrier per consumer)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(C), (g + 1 + C) & 1)  # consumer 0's first group passes (a fresh barrier)
+
+
+@gluon.jit
+def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - C), count=1)
+
+
+@gluon.jit
+def _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-                  PIPELINE: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """Key block j: scores, softmax, the block's P.V added to the float32 accumulator (two-level
-    accumulation), then the slot released. PIPELINE: qk_in holds block j's scores (issued during block
-    j - 1), and block j + 1's are issued before this block's softmax, so that the tensor cores work under it
-    (the last block issues itself again: one spare MMA per tile); they are returned. Else the scores are
-    computed here and qk_in is returned unused."""
-    if PIPELINE:
-        qk_next = _scores(q_smem, k_smem, k_ready, gl.minimum(j + 1, n_blocks - 1), s_zero, STAGES)
-        pv, alpha, l_i, m_new = _softmax_pv(j, qk_in, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero,
-                                            BLOCK_N, STAGES, MASKED, s_layout, o_layout)
-        qk_next, pv = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, pv))
+                  NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                  o_layout: gl.constexpr):
+    """Key block j, its scores qk in registers: the softmax, then P.V_j and (NEXT) the scores of block j + 1
+    issued back to back as one asynchronous MMA group (so the tensor cores run both while no second score tile
+    is live: FA3's intra-warpgroup overlap without its register cost, which two-level accumulation cannot
+    afford), P.V_j's result added to the float32 accumulator (two-level accumulation) while block j + 1's
+    scores are still computing, and the slot released: (acc, l_i, the new max, block j + 1's scores)."""
+    p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout)
+    slot = j % STAGES
+    mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
+    if NEXT:
+        mbarrier.wait(k_ready.index((j + 1) % STAGES), ((j + 1) // STAGES) & 1)
+    _turn_wait(turn, j + 1, C, PINGPONG)
+    pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    if NEXT:
+        qk_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                is_async=True)
+        _turn_pass(turn, C, PINGPONG)
+        pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv, ))  # groups finish in order: P.V_j is done
     else:
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(q_smem, k_smem, k_ready, j, s_zero, STAGES), ))
-        pv, alpha, l_i, m_new = _softmax_pv(j, qk, l_i, m_i, v_smem, v_ready, qk_scale, row_limit, o_zero,
-                                            BLOCK_N, STAGES, MASKED, s_layout, o_layout)
+        _turn_pass(turn, C, PINGPONG)
         pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-        qk_next = qk_in
-    mbarrier.arrive(kv_empty.index(j % STAGES), count=1)
+        qk_next = qk
+    mbarrier.arrive(kv_empty.index(slot), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    if NEXT:
+        qk_next = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, ))
     return acc, l_i, m_new, qk_next
 
 
 @gluon.jit
-def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base, stride_os, h_col,
-                       m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
+def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base, stride_os,
+                       h_col, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                       NUM_WARPS: gl.constexpr, PIPELINE: gl.constexpr):
-    """The consumer: every key block of the tile, then the normalised output stored (rows below S_q)."""
+                       NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer C: every key block of the tile, then the normalised output stored (rows below S_q). Block 0's
+    scores first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks
+    before n_full unmasked, the rest masked, the last one without a next (masked: exact for a full block)."""
     mbarrier.wait(q_bar, 0)  # Q's tile landed (a completed phase: returns at once; explicit for each partition)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -125,17 +140,24 @@ def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    qk = s_zero
-    if PIPELINE:  # block 0's scores before the loop (n_blocks >= 1: every row sees a key)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(q_smem, k_smem, k_ready, 0, s_zero, STAGES), ))
-    for j in range(0, n_full):
-        acc, l_i, m_i, qk = _attend_block(j, qk, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                          kv_empty, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False,
-                                          PIPELINE, s_layout, o_layout)
-    for j in range(n_full, n_blocks):
-        acc, l_i, m_i, qk = _attend_block(j, qk, n_blocks, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                          kv_empty, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
-                                          PIPELINE, s_layout, o_layout)
+    mbarrier.wait(k_ready.index(0), 0)  # n_blocks >= 1: every row sees a key
+    _turn_wait(turn, 0, C, PINGPONG)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _turn_pass(turn, C, PINGPONG)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    last = n_blocks - 1
+    n_unmasked = gl.minimum(n_full, last)
+    for j in range(0, n_unmasked):
+        acc, l_i, m_i, qk = _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                                          turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False, True,
+                                          C, PINGPONG, s_layout, o_layout)
+    for j in range(n_unmasked, last):
+        acc, l_i, m_i, qk = _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                                          turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, True,
+                                          C, PINGPONG, s_layout, o_layout)
+    acc, l_i, m_i, qk = _attend_block(last, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                                      turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, False, C,
+                                      PINGPONG, s_layout, o_layout)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -148,15 +170,15 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
                               H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                              PIPELINE: gl.constexpr = False):
+                              PINGPONG: gl.constexpr = False):
     """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
     (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
     (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D).
     CONSUMERS 2: two consumer partitions of NUM_WARPS warps (the default one and a worker), each with half of
     the tile's rows and its own arrive on a slot's "empty" barrier (count 2), so that neither waits for the
     other between key blocks (one consumer's softmax can overlap the other's MMAs, as FA3's two warp groups
-    do); every consumer goes through all of the tile's key blocks (masking is per row). PIPELINE: block
-    j + 1's scores are computed while block j's softmax runs (`_attend_block`)."""
+    do); every consumer goes through all of the tile's key blocks (masking is per row). PINGPONG (two
+    consumers): their MMA groups issued in turn (`_turn_wait`)."""
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     if IS_CAUSAL:
@@ -184,7 +206,10 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -199,9 +224,9 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
     o_base = b.to(gl.int64) * stride_ob
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (_softmax_partition, (q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, Out, o_base,
+            (_softmax_partition, (q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base,
                                   stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale,
-                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, PIPELINE)),
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0, False)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
         ], [1], [24])
@@ -209,17 +234,20 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         HALF_M: gl.constexpr = BLOCK_M // 2
         gl.warp_specialize([
             (_softmax_partition, (q_smem.slice(0, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                  Out, o_base, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale,
-                                  v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, PIPELINE)),
+                                  turn, Out, o_base, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks,
+                                  qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0,
+                                  PINGPONG)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
             (_softmax_partition, (q_smem.slice(HALF_M, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready,
-                                  kv_empty, Out, o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv, n_full,
-                                  n_blocks, qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
-                                  NUM_WARPS, PIPELINE)),
+                                  kv_empty, turn, Out, o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv,
+                                  n_full, n_blocks, qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES,
+                                  IS_CAUSAL, NUM_WARPS, 1, PINGPONG)),
         ], [1, NUM_WARPS], [24, 240])
 
     mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(turn.index(0))
+    mbarrier.invalidate(turn.index(1))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
@@ -255,12 +283,12 @@ def refusal(qkv, is_causal: bool) -> str | None:
 
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
-                        consumers: int = 1, pipeline: bool = False):
+                        consumers: int = 1, pingpong: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
-    each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pipeline: the next block's
-    scores under this block's softmax."""
+    each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pingpong (two consumers): their
+    MMA groups issued in turn."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -273,8 +301,10 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     elif block_m // consumers != 16 * warps:  # each warp of a consumer owns 16 rows of the wgmma tile
         problems.append(f"BLOCK_M / consumers must be 16 x the warps per consumer, got BLOCK_M={block_m}, "
                         f"consumers={consumers}, warps={warps}")
-    if pipeline and stages < 2:  # block j + 1's tile waits for a slot that block j still holds
-        problems.append("pipeline needs at least 2 stages")
+    if stages < 2:  # block j + 1's scores are issued while block j still holds its slot
+        problems.append(f"needs at least 2 stages, got {stages}")
+    if pingpong and consumers != 2:
+        problems.append("pingpong needs 2 consumers")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v
@@ -296,6 +326,6 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
         H_q, H_kv, S_q, S_kv, float(scale), GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers,
-        PIPELINE=bool(pipeline), num_warps=warps,
+        PINGPONG=bool(pingpong), num_warps=warps,
     )
     return out

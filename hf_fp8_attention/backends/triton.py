@@ -28,7 +28,9 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # keys-contiguous V, key count a multiple of 16) to the Gluon kernel instead of the autotuned one. Not yet
 # run on a GPU (session 17): for checking it with the GPU tests and benchmarks, not for use.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
-_KERNELS = {"default": None, "gluon": 1, "gluon-2c": 2}
+_KERNELS = {"default": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
+            "gluon-2c": dict(config=(128, 128, 4, 2), consumers=2),
+            "gluon-pp": dict(config=(128, 128, 4, 2), consumers=2, pingpong=True)}
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
 _SPLIT_MIN_KEYS = 8192
@@ -65,7 +67,7 @@ def _on_hopper(t: torch.Tensor) -> bool:
 
 
 def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
-    """(qkv with this V, consumer count) when `KERNEL_ENV` asks for the Gluon kernel and it takes this
+    """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` asks for the Gluon kernel and it takes this
     prefill call, else None (the default: one dictionary lookup)."""
     choice = os.environ.get(KERNEL_ENV, "default")
     if choice not in _KERNELS:
@@ -136,7 +138,7 @@ def _launch(
         from . import gluon_attention
 
         return gluon_attention.gluon_fp8_attention(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
-                                                   config=(128, 128, 8 // route[1], 2), consumers=route[1])
+                                                   **route[1])
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
 

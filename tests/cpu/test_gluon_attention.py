@@ -29,7 +29,7 @@ fn = G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers)
+          CONSUMERS=consumers, PINGPONG=consumers == 2)
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -93,7 +93,8 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     ok = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
     assert gluon_attention.refusal(ok, True) is None
     for kw, message in ((dict(consumers=2), "16 x the warps per consumer"),  # 8 warps on 64 rows
-                        (dict(config=(128, 128, 8, 1), pipeline=True), "pipeline needs at least 2 stages"),
+                        (dict(config=(128, 128, 8, 1)), "needs at least 2 stages"),
+                        (dict(pingpong=True), "pingpong needs 2 consumers"),
                         (dict(consumers=3), "consumers is 1 or 2")):
         with pytest.raises(ValueError, match=message):
             gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, **kw)
@@ -139,6 +140,11 @@ def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-2c")
     triton_backend._launch(plain, True, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)
+    assert not calls[0][1].get("pingpong")
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
+    triton_backend._launch(plain, True, 0.125, torch.bfloat16)
+    assert len(calls) == 2 and calls[1][1]["pingpong"] is True and calls[1][1]["consumers"] == 2
+    calls.pop()
     assert calls[0][0].v.stride(1) == 1 and calls[0][1]["is_causal"] is True
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon")
     for qkv in (block, decode):
