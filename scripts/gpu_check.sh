@@ -37,6 +37,8 @@
 #                                        # 16k/64k speed, the triton backend's GPU tests through it (GLUON_ROUTE);
 #                                        # ROPE_SWEEP=1 adds the q/k RoPE tile sweep at 64k; TRITON_WS=1 adds
 #                                        # triton_ws's GPU tests and warp-specialized builds
+#   bash scripts/gpu_check.sh --gluon-default  # the Triton backend's default prefill kernel (Gluon at D=128 on
+#                                        # Hopper): its GPU tests, CUDA-graph replays, fp8_triton speed at 16k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -232,6 +234,12 @@ assert gluon_attention.CALLS > 0"
       probe "$out/ws_probe.log" "ws split=$1 variant=$2 config=$3" --ws 1 --split $1 --variant $2 --config $3
     done
   fi
+elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
+  # Hopper): its GPU tests and CUDA-graph replay, then fp8_triton next to FA3 bf16 / fp8 at 16k
+  step gluon_default_tests timeout 200 python3 -m pytest -q -x -p no:cacheprovider -rs \
+    tests/gpu/test_triton_attention_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "triton_attention or replays"
+  step gluon_default_sdpa timeout 120 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
+    --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/gluon_default_sdpa.json"
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
     --sqnr-ref off --impls fp8_triton "quantize only" --modes none block block+block_v int8 \

@@ -74,7 +74,7 @@ class Backend:
 # (small tiles, split keys; BSHD V); prefill reads V keys-contiguous from S_kv * D of this on (H100, triton 3.6:
 # the on-chip transpose of BSHD V tiles halves the kernel's speed; a copy costs more only below it).
 TRITON_DECODE_MAX_ROWS = 64
-# Opt-in, experimental: the Triton backend's prefill through the Gluon kernel (`triton.py`'s KERNEL_ENV)
+# The Triton backend's prefill kernel: auto (the Gluon kernel on Hopper at D=128), triton, gluon* (`triton.py`)
 TRITON_KERNEL_ENV = "HF_FP8_ATTENTION_TRITON_KERNEL"
 TRITON_V_KEYS_MIN_KEYS_X_DIM = 2048 * 128
 

@@ -23,14 +23,17 @@ from .. import backends as _registry  # its TRITON_* constants, read at call tim
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Opt-in, experimental: HF_FP8_ATTENTION_TRITON_KERNEL=gluon (one consumer partition) or gluon-2c (two) sends the
-# prefill calls that `gluon_attention.gluon_fp8_attention` takes (Hopper, per-head scales, e4m3, D 64/128,
-# keys-contiguous V, key count a multiple of 16) to the Gluon kernel instead of the autotuned one. Not yet
-# run on a GPU (session 17): for checking it with the GPU tests and benchmarks, not for use.
+# The prefill kernel (HF_FP8_ATTENTION_TRITON_KERNEL): "auto" (unset) sends the prefill calls that
+# `gluon_attention.gluon_fp8_attention` takes (per-head scales, e4m3, keys-contiguous V, key count a multiple of
+# 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers: on the H200 it measured 0.92-0.94x FA3 fp8
+# against the Triton kernel's 0.80-0.85x at 16k/64k (session 18, docs/results/gluon_probe2_h200_s18.log); every
+# other call keeps the autotuned Triton kernel. "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
+# "gluon-2c" (two) and "gluon-pp" (two, their MMAs in turn): the Gluon kernel wherever it applies, D 64 too.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
-_KERNELS = {"default": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
-            "gluon-2c": dict(config=(128, 128, 4, 2), consumers=2),
-            "gluon-pp": dict(config=(128, 128, 4, 2), consumers=2, pingpong=True)}
+_GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
+_KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
+            "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True)}
+_AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
 _SPLIT_MIN_KEYS = 8192
@@ -66,18 +69,28 @@ def _on_hopper(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
 
 
-def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
-    """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` asks for the Gluon kernel and it takes this
-    prefill call, else None (the default: one dictionary lookup)."""
-    choice = os.environ.get(KERNEL_ENV, "default")
+def kernel_choice() -> str:
+    """The `KERNEL_ENV` value ("auto" when unset); a value it does not know is an error."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in _KERNELS:
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {sorted(_KERNELS)}")
-    if _KERNELS[choice] is None or not _on_hopper(qkv.q):
+    return choice
+
+
+def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
+    """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` sends this prefill call to
+    the Gluon kernel and it takes it, else None."""
+    kernel = _KERNELS[kernel_choice()]
+    if kernel is None or not _on_hopper(qkv.q):
         return None
+    if kernel == "auto":
+        if qkv.q.shape[-1] not in _AUTO_HEAD_DIMS:
+            return None
+        kernel = _GLUON_2C
     from . import gluon_attention
 
     qkv = dataclasses.replace(qkv, v=v)
-    return None if gluon_attention.refusal(qkv, is_causal) else (qkv, _KERNELS[choice])
+    return None if gluon_attention.refusal(qkv, is_causal) else (qkv, kernel)
 
 
 def _launch(
@@ -134,7 +147,7 @@ def _launch(
             splits = 1
         config["num_splits"] = min(64, next_power_of_2(max(1, splits)))
     route = _gluon_route(qkv, v, is_causal) if config is None and not decode else None
-    if route is not None:  # opt-in experimental kernel (KERNEL_ENV)
+    if route is not None:  # the Gluon kernel (KERNEL_ENV)
         from . import gluon_attention
 
         return gluon_attention.gluon_fp8_attention(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,

@@ -525,9 +525,13 @@ def describe_backend(model) -> str:
         text = f"fp8 attention: reference ({where}; pure-torch emulation of the fp8 math, no speedup)"
     else:
         text = f"fp8 attention: {backend} ({where})"
-    if backend == "triton" and os.environ.get(TRITON_KERNEL_ENV, "default") != "default":
-        # (opt-in, experimental: the Gluon kernel takes the prefill calls it supports on Hopper)
-        text += f", prefill through the experimental {os.environ[TRITON_KERNEL_ENV]} kernel where it applies"
+    if backend == "triton":  # which prefill kernel (`backends/triton.py`'s KERNEL_ENV)
+        kernel = os.environ.get(TRITON_KERNEL_ENV, "auto")
+        if kernel == "auto" and arch == 90:
+            text += (", prefill at head_dim 128 through the Gluon kernel where it applies "
+                     f"({TRITON_KERNEL_ENV}=triton: the Triton kernel)")
+        elif kernel != "auto":
+            text += f", prefill kernel {kernel} ({TRITON_KERNEL_ENV})"
     if impl == "fp8":
         text += ", backend picked per call from the device; " + describe_dispatch(device, None, options)
     if state is not None:

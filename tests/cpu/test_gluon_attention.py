@@ -112,10 +112,11 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     assert keys_contiguous_rows(bshd) is None
 
 
-def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):
-    """HF_FP8_ATTENTION_TRITON_KERNEL=gluon / gluon-2c sends the Triton backend's prefill calls that the Gluon
-    kernel takes to it (on Hopper); unset, for decode, block scales or off Hopper the usual kernel runs; a
-    value it does not know is an error."""
+def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
+    """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
+    kernel takes to its two-consumer build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
+    gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the Triton
+    kernel runs; a value it does not know is an error."""
     from hf_fp8_attention.backends import triton as triton_backend
 
     calls = []
@@ -136,7 +137,16 @@ def test_triton_backend_routes_prefill_to_gluon_only_on_request(monkeypatch):
 
     monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
     want = triton_backend._launch(plain, True, 0.125, torch.bfloat16)
-    assert not calls and torch.isfinite(want).all()
+    assert not calls and torch.isfinite(want).all()  # auto: D=64 keeps the Triton kernel
+    q128, k128, v128 = (torch.randn(1, h, 128, 128, generator=g).bfloat16() for h in (4, 2, 2))
+    plain128 = quantize_qkv_fp8(q128, k128, v128, options=FP8AttentionOptions(hadamard="none"),
+                                v_keys_contiguous=True)
+    triton_backend._launch(plain128, False, 0.125, torch.bfloat16)
+    assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
+    assert torch.isfinite(triton_backend._launch(plain128, False, 0.125, torch.bfloat16)).all()
+    assert len(calls) == 1
+    calls.clear()
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-2c")
     triton_backend._launch(plain, True, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)

@@ -231,18 +231,25 @@ def test_describe_sliding_window_depends_on_length(caplog):
     assert text.endswith("fused RoPE on 2/2 layers")
 
 
-def test_describe_names_the_opt_in_gluon_prefill_kernel(monkeypatch):
-    """HF_FP8_ATTENTION_TRITON_KERNEL (experimental) changes what the triton backend's prefill runs: said."""
+def test_describe_names_the_triton_prefill_kernel(monkeypatch):
+    """HF_FP8_ATTENTION_TRITON_KERNEL picks the triton backend's prefill kernel: auto (unset) takes the Gluon
+    kernel on Hopper at head_dim 128, which is said there and not elsewhere; any other value is said."""
+    from hf_fp8_attention.transformers import model as model_module
+
     model = tiny()
     hfa.prepare_model(model, backend="reference")
     model.config._attn_implementation = "fp8_triton"  # (prepare_model refuses triton on CPU tensors)
     monkeypatch.delenv("HF_FP8_ATTENTION_TRITON_KERNEL", raising=False)
     assert hfa.describe_backend(model).startswith("fp8 attention: triton")
-    assert "experimental" not in hfa.describe_backend(model)
+    assert "prefill" not in hfa.describe_backend(model)  # not Hopper: the Triton kernel, nothing to say
+    monkeypatch.setattr(model_module, "device_arch", lambda device: 90)
+    assert "prefill at head_dim 128 through the Gluon kernel where it applies" in hfa.describe_backend(model)
+    monkeypatch.setenv("HF_FP8_ATTENTION_TRITON_KERNEL", "triton")
+    assert "prefill kernel triton (HF_FP8_ATTENTION_TRITON_KERNEL)" in hfa.describe_backend(model)
     monkeypatch.setenv("HF_FP8_ATTENTION_TRITON_KERNEL", "gluon-2c")
-    assert "prefill through the experimental gluon-2c kernel" in hfa.describe_backend(model)
+    assert "prefill kernel gluon-2c" in hfa.describe_backend(model)
     model.config._attn_implementation = "fp8_reference"
-    assert "experimental" not in hfa.describe_backend(model)
+    assert "prefill" not in hfa.describe_backend(model)
 
 
 def test_describe_unchanged_on_a_supported_model(caplog):
