@@ -236,9 +236,9 @@ assert gluon_attention.CALLS > 0"
   fi
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): its GPU tests and CUDA-graph replay, then fp8_triton next to FA3 bf16 / fp8 at 16k
-  step gluon_default_tests timeout 200 python3 -m pytest -q -x -p no:cacheprovider -rs \
+  step gluon_default_tests timeout 150 python3 -m pytest -q -x -p no:cacheprovider -rs \
     tests/gpu/test_triton_attention_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "triton_attention or replays"
-  step gluon_default_sdpa timeout 120 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
+  step gluon_default_sdpa timeout 90 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
     --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/gluon_default_sdpa.json"
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \

@@ -25,14 +25,16 @@ from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The prefill kernel (HF_FP8_ATTENTION_TRITON_KERNEL): "auto" (unset) sends the prefill calls that
 # `gluon_attention.gluon_fp8_attention` takes (per-head scales, e4m3, keys-contiguous V, key count a multiple of
-# 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers: on the H200 it measured 0.92-0.94x FA3 fp8
-# against the Triton kernel's 0.80-0.85x at 16k/64k (session 18, docs/results/gluon_probe2_h200_s18.log); every
-# other call keeps the autotuned Triton kernel. "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
+# 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers whose MMAs take turns ("gluon-pp"): on the
+# H200 it measured 0.89-0.94x FA3 fp8 against the Triton kernel's 0.80-0.85x at 16k/64k (session 18,
+# docs/results/gluon_probe2_h200_s18.log; "gluon-2c", the same without turns, 0.93x at 16k: within the run-to-run
+# spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel. "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two) and "gluon-pp" (two, their MMAs in turn): the Gluon kernel wherever it applies, D 64 too.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True)}
+_AUTO_KERNEL = _KERNELS["gluon-pp"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).
@@ -86,7 +88,7 @@ def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
     if kernel == "auto":
         if qkv.q.shape[-1] not in _AUTO_HEAD_DIMS:
             return None
-        kernel = _GLUON_2C
+        kernel = _AUTO_KERNEL
     from . import gluon_attention
 
     qkv = dataclasses.replace(qkv, v=v)

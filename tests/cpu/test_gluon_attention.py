@@ -114,7 +114,7 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
-    kernel takes to its two-consumer build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
+    kernel takes to its two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
     gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the Triton
     kernel runs; a value it does not know is an error."""
     from hf_fp8_attention.backends import triton as triton_backend
@@ -143,6 +143,7 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
                                 v_keys_contiguous=True)
     triton_backend._launch(plain128, False, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)
+    assert calls[0][1]["pingpong"] is True
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
     assert torch.isfinite(triton_backend._launch(plain128, False, 0.125, torch.bfloat16)).all()
     assert len(calls) == 1
