@@ -24,7 +24,7 @@ Measured on the H200 (triton 3.6, session 18, `docs/results/gluon_probe2_h200_s1
 kernel (SQNR inf, or 90-105 dB where the last key block takes the masked path), including GQA with two
 sequences and a key tail. H=32, D=128, TFLOPS against FA3 fp8 in the same run, non-causal / causal: two
 consumers 0.93x / 0.93x at 16k (832 / 813); with ping-pong (the backend's default) 0.89x / 0.92x at 16k, 0.94x /
-0.92x at 64k (847 / 844); one 8-warp consumer 0.80x / 0.76x; the Triton kernel 0.80-0.85x.
+0.92x at 64k (847 / 844); one 8-warp consumer 0.80x / 0.76x; the Triton kernel 0.73-0.86x.
 """
 
 from __future__ import annotations

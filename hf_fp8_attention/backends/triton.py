@@ -26,7 +26,7 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The prefill kernel (HF_FP8_ATTENTION_TRITON_KERNEL): "auto" (unset) sends the prefill calls that
 # `gluon_attention.gluon_fp8_attention` takes (per-head scales, e4m3, keys-contiguous V, key count a multiple of
 # 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers whose MMAs take turns ("gluon-pp"): on the
-# H200 it measured 0.89-0.94x FA3 fp8 against the Triton kernel's 0.80-0.85x at 16k/64k (session 18,
+# H200 it measured 0.89-0.94x FA3 fp8 against the Triton kernel's 0.73-0.86x at 16k/64k (session 18,
 # docs/results/gluon_probe2_h200_s18.log; "gluon-2c", the same without turns, 0.93x at 16k: within the run-to-run
 # spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel. "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two) and "gluon-pp" (two, their MMAs in turn): the Gluon kernel wherever it applies, D 64 too.
