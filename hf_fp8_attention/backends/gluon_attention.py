@@ -41,17 +41,25 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, k_row0, k_col, v_row, n_blocks,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA producer: key block j into slot j % STAGES once the consumer released the slot's previous use."""
+def _load_blocks(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, it0, k_row0, k_col, v_row, n_blocks,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA producer of one tile: its key block j is the ring's use it0 + j, into slot (it0 + j) % STAGES once
+    the consumers released the slot's previous use."""
     for j in range(n_blocks):
-        slot = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(kv_empty.index(slot), phase ^ 1)  # a fresh slot passes (parity 1 of a new barrier)
+        it = it0 + j
+        slot = it % STAGES
+        mbarrier.wait(kv_empty.index(slot), ((it // STAGES) & 1) ^ 1)  # a fresh slot passes (parity 1)
         mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
         _tma_load(desc_k, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
         mbarrier.expect(v_ready.index(slot), desc_vt.block_type.nbytes)
         _tma_load(desc_vt, [v_row, j * BLOCK_N], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, k_row0, k_col, v_row, n_blocks,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _load_blocks(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, 0, k_row0, k_col, v_row, n_blocks,
+                 BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -90,24 +98,26 @@ def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
+def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                   o_layout: gl.constexpr):
-    """Key block j, its scores qk in registers: the softmax, then P.V_j and (NEXT) the scores of block j + 1
-    issued back to back as one asynchronous MMA group (so the tensor cores run both while no second score tile
-    is live: FA3's intra-warpgroup overlap without its register cost, which two-level accumulation cannot
-    afford), P.V_j's result added to the float32 accumulator (two-level accumulation) while block j + 1's
-    scores are still computing, and the slot released: (acc, l_i, the new max, block j + 1's scores)."""
+    """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
+    softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as one asynchronous MMA group
+    (so the tensor cores run both while no second score tile is live: FA3's intra-warpgroup overlap without
+    its register cost, which two-level accumulation cannot afford), P.V_j's result added to the float32
+    accumulator (two-level accumulation) while block j + 1's scores are still computing, and the slot
+    released: (acc, l_i, the new max, block j + 1's scores)."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout)
-    slot = j % STAGES
-    mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
+    it = it0 + j
+    slot = it % STAGES
+    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
     if NEXT:
-        mbarrier.wait(k_ready.index((j + 1) % STAGES), ((j + 1) // STAGES) & 1)
-    _turn_wait(turn, j + 1, C, PINGPONG)
+        mbarrier.wait(k_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
+    _turn_wait(turn, g0 + j + 1, C, PINGPONG)
     pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
     if NEXT:
-        qk_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
+        qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
         _turn_pass(turn, C, PINGPONG)
         pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv, ))  # groups finish in order: P.V_j is done
@@ -123,14 +133,14 @@ def _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready
 
 
 @gluon.jit
-def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base, stride_os,
-                       h_col, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                       NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer C: every key block of the tile, then the normalised output stored (rows below S_q). Block 0's
-    scores first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks
-    before n_full unmasked, the rest masked, the last one without a next (masked: exact for a full block)."""
-    mbarrier.wait(q_bar, 0)  # Q's tile landed (a completed phase: returns at once; explicit for each partition)
+def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, Out, o_base, stride_os, h_col,
+                  m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
+                  C: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
+    g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
+    first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
+    n_full unmasked, the rest masked, the last one without a next (masked: exact for a full block)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -145,29 +155,41 @@ def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    mbarrier.wait(k_ready.index(0), 0)  # n_blocks >= 1: every row sees a key
-    _turn_wait(turn, 0, C, PINGPONG)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(k_ready.index(it0 % STAGES), (it0 // STAGES) & 1)  # n_blocks >= 1: every row sees a key
+    _turn_wait(turn, g0, C, PINGPONG)
+    qk = warpgroup_mma(q_smem, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     _turn_pass(turn, C, PINGPONG)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     last = n_blocks - 1
     n_unmasked = gl.minimum(n_full, last)
     for j in range(0, n_unmasked):
-        acc, l_i, m_i, qk = _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                          turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, False, True,
-                                          C, PINGPONG, s_layout, o_layout)
+        acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
+                                          False, True, C, PINGPONG, s_layout, o_layout)
     for j in range(n_unmasked, last):
-        acc, l_i, m_i, qk = _attend_block(j, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                          turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, True,
-                                          C, PINGPONG, s_layout, o_layout)
-    acc, l_i, m_i, qk = _attend_block(last, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                      turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True, False, C,
-                                      PINGPONG, s_layout, o_layout)
+        acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
+                                          True, True, C, PINGPONG, s_layout, o_layout)
+    acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                      kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
+                                      False, C, PINGPONG, s_layout, o_layout)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     ptrs = Out + o_base + o_rows.to(gl.int64)[:, None] * stride_os + h_col + o_cols[None, :]
     gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
+
+
+@gluon.jit
+def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base, stride_os,
+                       h_col, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                       NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer C of the one-tile kernel."""
+    mbarrier.wait(q_bar, 0)  # Q's tile landed (a completed phase: returns at once; explicit for each partition)
+    _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, 0, 0, Out, o_base, stride_os, h_col, m0,
+                  S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
+                  NUM_WARPS, C, PINGPONG)
 
 
 @gluon.jit
