@@ -38,7 +38,8 @@
 #                                        # ROPE_SWEEP=1 adds the q/k RoPE tile sweep at 64k; TRITON_WS=1 adds
 #                                        # triton_ws's GPU tests and warp-specialized builds
 #   bash scripts/gpu_check.sh --gluon-default  # the Triton backend's default prefill kernel (Gluon at D=128 on
-#                                        # Hopper): its GPU tests, CUDA-graph replays, fp8_triton speed at 16k
+#                                        # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the
+#                                        # persistent build's probes, fp8_triton speed at 16k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -235,9 +236,19 @@ assert gluon_attention.CALLS > 0"
     done
   fi
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
-  # Hopper): its GPU tests and CUDA-graph replay, then fp8_triton next to FA3 bf16 / fp8 at 16k
+  # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
+  # two sequences, 16k speed), then fp8_triton next to FA3 bf16 / fp8 at 16k
+  tests_k="replays"; [ "${GLUON_TESTS:-}" = all ] && tests_k="triton_attention or replays"
   step gluon_default_tests timeout 150 python3 -m pytest -q -x -p no:cacheprovider -rs \
-    tests/gpu/test_triton_attention_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "triton_attention or replays"
+    tests/gpu/test_triton_attention_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "$tests_k"
+  for c in 0 1; do
+    timeout 40 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2 \
+      --causal $c --seq 4144 --batch 2 --kv-heads 2 2>&1 | grep -v Warn | tee -a "$out/gluon_persistent.log"
+  done
+  for c in 0 1; do
+    timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2 \
+      --causal $c --seq 16384 --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_persistent.log"
+  done
   step gluon_default_sdpa timeout 90 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
     --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/gluon_default_sdpa.json"
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy

@@ -31,6 +31,7 @@ p.add_argument("--gluon", type=int, default=0, help="the Gluon kernel (--config:
 p.add_argument("--head-dim", type=int, default=128)
 p.add_argument("--consumers", type=int, default=1, help="the Gluon kernel's consumer partitions (1 or 2)")
 p.add_argument("--pingpong", type=int, default=0, help="the Gluon kernel: two consumers' MMAs issued in turn")
+p.add_argument("--persistent", type=int, default=0, help="the Gluon kernel: one program per SM over the tiles")
 a = p.parse_args()
 from hf_fp8_attention.backends import gluon_attention, triton_ws
 from hf_fp8_attention.backends.triton import _launch
@@ -39,7 +40,7 @@ from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
 
 cfg = tuple(int(x) for x in a.config.split(","))
-name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} config={cfg}" if a.gluon
+name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}" if a.gluon
         else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
     f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
 S, H, D, B, H_kv = a.seq, a.heads, a.head_dim, a.batch, a.kv_heads or a.heads
@@ -49,7 +50,7 @@ qkv = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
 if a.gluon:
     run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                                       out_dtype=torch.bfloat16, config=cfg, consumers=a.consumers,
-                                                      pingpong=bool(a.pingpong))
+                                                      pingpong=bool(a.pingpong), persistent=bool(a.persistent))
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),

@@ -29,6 +29,8 @@ consumers 0.93x / 0.93x at 16k (832 / 813); with ping-pong (the backend's defaul
 
 from __future__ import annotations
 
+import functools
+
 import triton  # noqa: F401  (the decorators below need triton's runtime)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -281,8 +283,159 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         mbarrier.invalidate(kv_empty.index(i))
 
 
+@gluon.jit
+def _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          IS_CAUSAL: gl.constexpr):
+    """Tile t of the persistent kernel: query blocks fastest (the programs working at one time share a head's
+    K and V in L2, as the one-tile kernel's grid), the causal ones from the heaviest: (b, h, h_kv, m0, n_full,
+    n_blocks) as in the one-tile kernel."""
+    pid_m = t % n_m
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    bh = t // n_m
+    b = bh // H_q
+    h = bh % H_q
+    m0 = pid_m * BLOCK_M
+    if IS_CAUSAL:
+        hi = gl.minimum(m0 + BLOCK_M + S_kv - S_q, S_kv)
+        full_hi = gl.maximum(gl.minimum(m0 + S_kv - S_q + 1, S_kv), 0)
+    else:
+        hi = S_kv
+        full_hi = S_kv
+    return b, h, h // GROUP, m0, full_hi // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                               kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr,
+                               HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The persistent kernel's TMA producer: per tile, Q into one of two buffers once the consumers released
+    its use two tiles back, then the tile's key blocks through the ring, whose uses run on across tiles (so
+    the next tile's first blocks load under this tile's last ones and its output store)."""
+    it = 0
+    i = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, h_kv, m0, n_full, n_blocks = _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        buf = i % 2
+        mbarrier.wait(q_empty.index(buf), ((i // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(buf), desc_q.block_type.nbytes)
+        _tma_load(desc_q, [b * S_q + m0, h * HEAD_DIM], q_ready.index(buf), q_smem.index(buf))
+        _load_blocks(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, it, b * S_kv, h_kv * HEAD_DIM,
+                     (b * H_kv + h_kv) * HEAD_DIM, n_blocks, BLOCK_N, STAGES)
+        it += n_blocks
+        i += 1
+
+
+@gluon.jit
+def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out, Q_descale,
+                         K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv, S_q, S_kv, sm_scale,
+                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
+                         PINGPONG: gl.constexpr):
+    """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
+    MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    it = 0
+    g = 0
+    i = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, h_kv, m0, n_full, n_blocks = _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        desc_idx = b * H_kv + h_kv
+        qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
+        v_descale = gl.load(V_descale + desc_idx)
+        buf = i % 2
+        mbarrier.wait(q_ready.index(buf), (i // 2) & 1)
+        _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+                      it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
+                      n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
+                      PINGPONG)
+        mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
+        it += n_blocks
+        g += n_blocks + 1
+        i += 1
+
+
+@gluon.jit
+def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob,
+                                         stride_os, H_q, H_kv, S_q, S_kv, sm_scale, n_tiles, n_m,
+                                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                                         NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
+                                         PINGPONG: gl.constexpr = False):
+    """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q and
+    n_m = cdiv(S_q, BLOCK_M)): grid (min(n_tiles, SMs),), program p takes tiles p, p + grid, ... (`_tile`).
+    Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
+    consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
+    one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
+    during the previous tile."""
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
+    v_smem = gl.allocate_shared_memory(desc_vt.dtype, [STAGES] + desc_vt.block_type.shape, desc_vt.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+        if CONSUMERS == 2:  # (a literal count: triton 3.9's init takes no constexpr)
+            mbarrier.init(q_empty.index(i), count=2)
+        else:
+            mbarrier.init(q_empty.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        if CONSUMERS == 2:
+            mbarrier.init(kv_empty.index(i), count=2)
+        else:
+            mbarrier.init(kv_empty.index(i), count=1)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
+                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
+                                    NUM_WARPS, CONSUMERS, 0, False)),
+            (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                                          v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
+                                          IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        ], [1], [24])
+    else:
+        gl.warp_specialize([
+            (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
+                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
+                                    NUM_WARPS, CONSUMERS, 0, PINGPONG)),
+            (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                                          v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
+                                          IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+            (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
+                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
+                                    NUM_WARPS, CONSUMERS, 1, PINGPONG)),
+        ], [1, NUM_WARPS], [24, 240])
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+        mbarrier.invalidate(turn.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(kv_empty.index(i))
+
+
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 CALLS = 0  # launches so far (gpu_check checks that routed tests reached the kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def refusal(qkv, is_causal: bool) -> str | None:
@@ -310,12 +463,13 @@ def refusal(qkv, is_causal: bool) -> str | None:
 
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
-                        consumers: int = 1, pingpong: bool = False):
+                        consumers: int = 1, pingpong: bool = False, persistent: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
     each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pingpong (two consumers): their
-    MMA groups issued in turn."""
+    MMA groups issued in turn; persistent: one program per SM looping over the tiles
+    (`fp8_attn_fwd_gluon_persistent_kernel`)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -349,10 +503,15 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     CALLS += 1
     if out.numel() == 0:
         return out
-    fp8_attn_fwd_gluon_kernel[(cdiv(S_q, block_m), B * H_q)](
-        desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
-        H_q, H_kv, S_q, S_kv, float(scale), GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers,
-        PINGPONG=bool(pingpong), num_warps=warps,
-    )
+    args = (desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
+            H_q, H_kv, S_q, S_kv, float(scale))
+    meta = dict(GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_M=block_m, BLOCK_N=block_n,
+                STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, PINGPONG=bool(pingpong), num_warps=warps)
+    n_m = cdiv(S_q, block_m)
+    if persistent:
+        n_tiles = n_m * B * H_q
+        grid = (min(n_tiles, _num_sms(q.device.index or 0)),)
+        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, **meta)
+    else:
+        fp8_attn_fwd_gluon_kernel[(n_m, B * H_q)](*args, **meta)
     return out

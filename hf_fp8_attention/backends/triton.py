@@ -28,12 +28,15 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers whose MMAs take turns ("gluon-pp"): on the
 # H200 it measured 0.89-0.94x FA3 fp8 against the Triton kernel's 0.73-0.86x at 16k/64k (session 18,
 # docs/results/gluon_probe2_h200_s18.log; "gluon-2c", the same without turns, 0.93x at 16k: within the run-to-run
-# spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel. "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
-# "gluon-2c" (two) and "gluon-pp" (two, their MMAs in turn): the Gluon kernel wherever it applies, D 64 too.
+# spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel.
+# "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
+# "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
+# looping over the tiles; not yet run on a GPU): the Gluon kernel wherever it applies, D 64 too.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
-            "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True)}
+            "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
+            "gluon-pp-persistent": dict(_GLUON_2C, pingpong=True, persistent=True)}
 _AUTO_KERNEL = _KERNELS["gluon-pp"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch

@@ -24,8 +24,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_fp8_attention.backends import gluon_attention as G
 
-D, causal, consumers = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
-fn = G.fp8_attn_fwd_gluon_kernel
+D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
+fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
@@ -42,7 +42,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers):
+def _compile_sm90(D, causal, consumers, persistent=False):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -50,8 +50,9 @@ def _compile_sm90(D, causal, consumers):
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), "1" if causal else "0", str(consumers)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0"]
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -64,9 +65,10 @@ def _ptxas_ok():
 
 
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
-@pytest.mark.parametrize("D,causal,consumers", [(128, False, 1), (64, True, 1), (128, True, 2)])
-def test_gluon_kernel_builds_for_sm90(D, causal, consumers):
-    kernel = _compile_sm90(D, causal, consumers)
+@pytest.mark.parametrize("D,causal,consumers,persistent", [(128, False, 1, False), (64, True, 1, False),
+                                                          (128, True, 2, False), (128, False, 2, True)])
+def test_gluon_kernel_builds_for_sm90(D, causal, consumers, persistent):
+    kernel = _compile_sm90(D, causal, consumers, persistent)
     assert "wgmma.mma_async" in kernel["ptx"]
     # each consumer partition syncs its own warps before it releases a slot: one named barrier per consumer
     syncs = set(re.findall(r"bar\.sync\s+(\d+), (\d+)", kernel["ptx"]))
