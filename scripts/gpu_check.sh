@@ -39,7 +39,8 @@
 #                                        # triton_ws's GPU tests and warp-specialized builds
 #   bash scripts/gpu_check.sh --gluon-default  # the Triton backend's default prefill kernel (Gluon at D=128 on
 #                                        # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the
-#                                        # persistent build's probes, fp8_triton speed at 16k
+#                                        # persistent build's probes, fp8_triton speed at 16k (GLUON_SDPA=0:
+#                                        # without it)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -239,7 +240,7 @@ elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefi
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
   # two sequences, 16k speed), then fp8_triton next to FA3 bf16 / fp8 at 16k
   tests_k="replays"; [ "${GLUON_TESTS:-}" = all ] && tests_k="triton_attention or replays"
-  step gluon_default_tests timeout 150 python3 -m pytest -q -x -p no:cacheprovider -rs \
+  step gluon_default_tests timeout ${GLUON_TESTS_S:-150} python3 -m pytest -q -x -p no:cacheprovider -rs \
     tests/gpu/test_triton_attention_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "$tests_k"
   for c in 0 1; do
     timeout 40 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2 \
@@ -249,7 +250,7 @@ elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefi
     timeout 60 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2 \
       --causal $c --seq 16384 --heads 32 --bench 1 2>&1 | grep -v Warn | tee -a "$out/gluon_persistent.log"
   done
-  step gluon_default_sdpa timeout 90 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
+  [ "${GLUON_SDPA:-1}" = 0 ] || step gluon_default_sdpa timeout 90 python3 scripts/bench_sdpa.py --seqlens 16384 --causal both --modes none \
     --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/gluon_default_sdpa.json"
 elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale per block: speed, accuracy
   step sdpa_vblock timeout 300 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 --causal both --rounds 2 \
