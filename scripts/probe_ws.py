@@ -33,6 +33,11 @@ p.add_argument("--consumers", type=int, default=1, help="the Gluon kernel's cons
 p.add_argument("--pingpong", type=int, default=0, help="the Gluon kernel: two consumers' MMAs issued in turn")
 p.add_argument("--persistent", type=int, default=0, help="the Gluon kernel: one program per SM over the tiles")
 a = p.parse_args()
+import os
+
+from hf_fp8_attention.backends import triton as triton_backend
+
+os.environ[triton_backend.KERNEL_ENV] = "triton"  # the reference column is the Triton kernel, not the default route
 from hf_fp8_attention.backends import gluon_attention, triton_ws
 from hf_fp8_attention.backends.triton import _launch
 from hf_fp8_attention.metrics import sqnr_db
