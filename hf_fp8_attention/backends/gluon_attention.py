@@ -24,7 +24,9 @@ Measured on the H200 (triton 3.6, session 18, `docs/results/gluon_probe2_h200_s1
 kernel (SQNR inf, or 90-105 dB where the last key block takes the masked path), including GQA with two
 sequences and a key tail. H=32, D=128, TFLOPS against FA3 fp8 in the same run, non-causal / causal: two
 consumers 0.93x / 0.93x at 16k (832 / 813); with ping-pong (the backend's default) 0.89x / 0.92x at 16k, 0.94x /
-0.92x at 64k (847 / 844); one 8-warp consumer 0.80x / 0.76x; the Triton kernel 0.73-0.86x.
+0.92x at 64k (847 / 844); one 8-warp consumer 0.80x / 0.76x; the Triton kernel 0.73-0.86x. The persistent
+build (`docs/results/gluon_persistent_h200_s18.log`): bit-equal to the one-tile build, 848 / 806 TFLOPS at 16k
+against its 831 / 799 and FA3 fp8's 925 / 887 in the same run (0.92x / 0.91x).
 """
 
 from __future__ import annotations

@@ -31,7 +31,10 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel.
 # "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
-# looping over the tiles; not yet run on a GPU): the Gluon kernel wherever it applies, D 64 too.
+# looping over the tiles: 1-2% faster than gluon-pp at 16k in one run, bit-equal in its probes, the backend's GPU
+# tests not yet run through it): the Gluon kernel wherever it applies, D 64 too. The Gluon kernel reads V
+# keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`): shorter calls keep the
+# Triton kernel.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
