@@ -41,6 +41,9 @@
 #                                        # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the
 #                                        # persistent build's probes, fp8_triton speed at 16k (GLUON_SDPA=0:
 #                                        # without it)
+#   bash scripts/gpu_check.sh --gluon-check  # the Gluon kernel: 4k probes vs float32, 16k speed (GLUON_BENCH),
+#                                        # the backend's GPU tests, the Triton kernel's, CUDA graphs (GLUON_TESTS=0:
+#                                        # not), GLUON_SDPA=1: bench_sdpa 4k-64k, GLUON_MODEL=1: whole model 128k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -74,6 +77,13 @@ step() {  # step NAME CMD...: run, log to $out/NAME.log, remember failures
   "$@" 2>&1 | tee "$out/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: $name FAILED"; status=1; }
   echo "gpu_check: $name took $((SECONDS - t0)) s"
+}
+probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, PROBE_S seconds (default 30)
+  local log=$1 label=$2; shift 2
+  timeout "${PROBE_S:-30}" python3 scripts/probe_ws.py "$@" > "$out/probe_one.txt" 2>&1
+  local rc=$?
+  grep -v Warn "$out/probe_one.txt" | tee -a "$log"
+  [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
 }
 if [ "$mode" = "--multi" ]; then
   nvidia-smi topo -m 2>&1 | tee "$out/topo.txt"
@@ -174,13 +184,6 @@ elif [ "$mode" = "--rope-tiles" ]; then
 elif [ "$mode" = "--ws" ]; then  # the experimental kernels: the Gluon kernel (and with TRITON_WS=1 triton_ws's GPU
   # tests and warp-specialized builds), one process each under a timeout (a hang is rc 124)
   : > "$out/gluon_probe.log"; : > "$out/ws_probe.log"  # fresh logs: their lines gate the later steps
-  probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, PROBE_S seconds (default 30)
-    local log=$1 label=$2; shift 2
-    timeout "${PROBE_S:-30}" python3 scripts/probe_ws.py "$@" > "$out/probe_one.txt" 2>&1
-    local rc=$?
-    grep -v Warn "$out/probe_one.txt" | tee -a "$log"
-    [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
-  }
   if [ "${TRITON_WS:-0}" = 1 ]; then  # triton_ws (ruled out on triton 3.6, session 17): only when asked
     step ws_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_triton_ws_gpu.py \
       -k "${WS_TESTS_K:-not nothing}"
@@ -206,16 +209,18 @@ elif [ "$mode" = "--ws" ]; then  # the experimental kernels: the Gluon kernel (a
   for v in "1 0 128,128,8,2 16384" "2 0 128,128,4,2 16384" "2 1 128,128,4,2 16384" "2 1 128,128,4,3 16384" \
            "2 1 128,128,4,2 65536"; do
     set -- $v
-    if sqnr_ok "gluon consumers=$1 pingpong=$2 config=(128, 128, $((8 / $1)), 2) S=4096 H=8 D=128 causal=0 "; then
+    if sqnr_ok "gluon consumers=$1 pingpong=$2 persistent=0 config=(128, 128, $((8 / $1)), 2) S=4096 H=8 D=128 causal=0 "; then
       for c in 0 1; do
         PROBE_S=120 probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pingpong $2 \
           --config $3 --causal $c --seq $4 --heads 32 --bench 1
       done
+    else
+      echo "gpu_check: gluon bench $v skipped (no 4k probe line of that build agreed)"
     fi
   done
   # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL, GLUON_ROUTE: gluon-pp by
   # default) once it agreed at 4k, then a check that routed calls reached it
-  if sqnr_ok "gluon consumers=2 pingpong=1 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=1 "; then
+  if sqnr_ok "gluon consumers=2 pingpong=1 persistent=0 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=1 "; then
     step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 240 python3 -m pytest \
       -q -x -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
     step gluon_routed env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 60 python3 -c "
@@ -226,6 +231,8 @@ q, k, v = (torch.randn(1, h, 4096, 128, device='cuda', dtype=torch.bfloat16) for
 fp8_sdpa(q, k, v, is_causal=True, backend='triton')
 print('gluon kernel calls:', gluon_attention.CALLS)
 assert gluon_attention.CALLS > 0"
+  else
+    echo "gpu_check: gluon_backend_tests skipped (the 4k ping-pong probe did not agree)"; status=1
   fi
   if [ -n "${ROPE_SWEEP:-}" ]; then  # the q/k RoPE tile sweep at 64k (V programs first: tile entry 2)
     step rope_tiles timeout 120 python3 scripts/bench_quantize.py --rope-configs --seqlens 65536 --heads 32/32 32/8
@@ -236,6 +243,34 @@ assert gluon_attention.CALLS > 0"
       probe "$out/ws_probe.log" "ws split=$1 variant=$2 config=$3" --ws 1 --split $1 --variant $2 --config $3
     done
   fi
+elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against float32 and the Triton kernel (MHA
+  # one-tile; GQA 8/2 with two sequences of 4144 keys, persistent), then GLUON_BENCH (default "0 16384|1 16384":
+  # "persistent S" pairs, ping-pong, H=32, causal and not) next to the Triton kernel and FA3 fp8; GLUON_TESTS=1
+  # (default): the backend's GPU tests through GLUON_ROUTE (default: the backend's own route), the Triton
+  # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays; GLUON_SDPA=1: fp8_triton next to
+  # FA3 bf16 / fp8 at 4k-64k (bench_sdpa); GLUON_MODEL=1: the whole model at 128k (benchmark_model)
+  PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 --causal 0
+  PROBE_S=60 probe "$out/gluon_check.log" "gluon gqa" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
+    --config 128,128,4,2 --causal 1 --seq 4144 --batch 2 --kv-heads 2
+  IFS='|' read -ra bench_list <<< "${GLUON_BENCH-0 16384|1 16384}"
+  for v in "${bench_list[@]}"; do
+    set -- $v
+    for c in 0 1; do
+      PROBE_S=150 probe "$out/gluon_check.log" "gluon bench $v causal=$c" --gluon 1 --consumers 2 --pingpong 1 \
+        --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1
+    done
+  done
+  if [ "${GLUON_TESTS:-1}" = 1 ]; then
+    step gluon_backend_tests env ${GLUON_ROUTE:+HF_FP8_ATTENTION_TRITON_KERNEL=$GLUON_ROUTE} timeout 240 python3 -m \
+      pytest -q -x -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
+    step triton_kernel_tests env HF_FP8_ATTENTION_TRITON_KERNEL=triton timeout 200 python3 -m pytest -q -x \
+      -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py
+    step graph_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_cuda_graphs_gpu.py -k replays
+  fi
+  [ "${GLUON_SDPA:-0}" = 1 ] && step sdpa timeout 240 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 \
+    --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/sdpa.json"
+  [ "${GLUON_MODEL:-0}" = 1 ] && step model timeout 300 python3 scripts/benchmark_model.py --seqlens 131072 \
+    --warmup 1 --repeats 2 --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json"
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
   # two sequences, 16k speed), then fp8_triton next to FA3 bf16 / fp8 at 16k

@@ -7,6 +7,9 @@ and with --bench 1 TFLOPS next to that kernel and FA3 fp8.
 
     timeout 60 python scripts/probe_ws.py --ws 1 --split 1 --config 128,128,4,2 --seq 4096 --causal 0
     timeout 60 python scripts/probe_ws.py --gluon 1 --config 128,128,8,2 --causal 1
+
+Where the scores fit in 8 GiB it also prints the SQNR of the probed kernel and of the Triton kernel against
+float32 attention of the same bf16 inputs.
 """
 import argparse
 import importlib.util
@@ -45,13 +48,21 @@ from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
 
 cfg = tuple(int(x) for x in a.config.split(","))
-name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}" if a.gluon
-        else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
-    f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
 S, H, D, B, H_kv = a.seq, a.heads, a.head_dim, a.batch, a.kv_heads or a.heads
 q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv, H_kv))
 opts = FP8AttentionOptions(hadamard="none")
 qkv = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
+exact = None
+if S * S * B * H <= 2**31:  # float32 attention of the same bf16 inputs (up to 8 GiB of scores)
+    g = H // H_kv
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), is_causal=bool(a.causal),
+        scale=D**-0.5).transpose(1, 2)
+old = _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16)
+vs_exact = lambda out: f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else ""  # noqa: E731
+name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}" if a.gluon
+        else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
+    f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
 if a.gluon:
     run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                                       out_dtype=torch.bfloat16, config=cfg, consumers=a.consumers,
@@ -63,11 +74,11 @@ else:
 t0 = time.perf_counter()
 out = run()
 torch.cuda.synchronize()
-first_s = time.perf_counter() - t0  # this kernel's first call alone (compile + run), before the reference's
-old = _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16)
+first_s = time.perf_counter() - t0  # this kernel's first call alone (compile + run)
 ws = "gluon partitions" if a.gluon else triton_ws.last_compiled_is_warp_specialized()
 print(f"{name}: finished in {first_s:.1f} s, warp specialized: {ws}, "
-      f"SQNR vs triton kernel {sqnr_db(out, old):.1f} dB, finite: {bool(torch.isfinite(out).all())}", flush=True)
+      f"SQNR vs triton kernel {sqnr_db(out, old):.1f} dB, finite: {bool(torch.isfinite(out).all())}"
+      f"{vs_exact(out)}{' (triton kernel' + vs_exact(old) + ')' if exact is not None else ''}", flush=True)
 if a.bench:
     flops = 4 * B * H * S * S * D / (2 if a.causal else 1)
     ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")

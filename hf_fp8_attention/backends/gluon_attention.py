@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 
-import triton  # noqa: F401  (the decorators below need triton's runtime)
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -107,11 +107,12 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                   o_layout: gl.constexpr):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
-    softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as one asynchronous MMA group
-    (so the tensor cores run both while no second score tile is live: FA3's intra-warpgroup overlap without
-    its register cost, which two-level accumulation cannot afford), P.V_j's result added to the float32
-    accumulator (two-level accumulation) while block j + 1's scores are still computing, and the slot
-    released: (acc, l_i, the new max, block j + 1's scores)."""
+    softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
+    groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
+    overlap with one score tile less in flight, the registers that two-level accumulation needs), P.V_j's
+    group waited for alone (groups complete in order), its result added to the float32 accumulator
+    (two-level accumulation) and the slot released while block j + 1's scores are still computing:
+    (acc, l_i, the new max, block j + 1's scores)."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout)
     it = it0 + j
     slot = it % STAGES
@@ -429,6 +430,22 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
         mbarrier.invalidate(kv_empty.index(i))
 
 
+def triton_problem() -> str | None:
+    """Why the installed triton cannot build these kernels, or None: they need the list form of
+    `gl.warp_specialize` ([(function, args), ...], worker warps, worker registers), which triton 3.6 has and
+    3.5 does not (it takes the default partition and the workers as separate arguments)."""
+    import inspect
+
+    try:
+        params = inspect.signature(gl.warp_specialize).parameters
+    except (TypeError, ValueError):  # not introspectable: let the compile decide
+        return None
+    if "functions_and_args" not in params:
+        return (f"the Gluon kernel needs triton >= 3.6 (gl.warp_specialize's list form); triton {triton.__version__} "
+                "is installed")
+    return None
+
+
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 CALLS = 0  # launches so far (gpu_check checks that routed tests reached the kernel)
 
@@ -461,6 +478,8 @@ def refusal(qkv, is_causal: bool) -> str | None:
         problems.append("needs at least one key")
     if is_causal and S_q != S_kv:
         problems.append("causal needs S_q == S_kv")
+    if any(t.data_ptr() % 16 for t in (q, k, v)):  # TMA descriptors take 16-byte aligned global addresses
+        problems.append("needs Q, K and V at 16-byte aligned addresses")
     return "; ".join(problems) or None
 
 
@@ -478,7 +497,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     from .._intmath import cdiv
 
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
-    problems = [p for p in (refusal(qkv, is_causal),) if p]
+    problems = [p for p in (triton_problem(), refusal(qkv, is_causal)) if p]
     if consumers not in (1, 2):
         problems.append(f"consumers is 1 or 2, got {consumers}")
     elif block_m // consumers != 16 * warps:  # each warp of a consumer owns 16 rows of the wgmma tile
@@ -494,17 +513,18 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     B, S_q, H_q, D = q.shape
     S_kv, H_kv = k.shape[1], k.shape[2]
 
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    global CALLS
+    CALLS += 1
+    if out.numel() == 0:  # (before the descriptors: a TMA descriptor takes no empty dimension)
+        return out
+
     def desc(t, shape, strides, block):
         return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 
     desc_q = desc(q, [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
     desc_k = desc(k, [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
     desc_vt = desc(v, [B * H_kv * D, S_kv], [v.stride(3), 1], [D, block_n])
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    global CALLS
-    CALLS += 1
-    if out.numel() == 0:
-        return out
     args = (desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
             H_q, H_kv, S_q, S_kv, float(scale))
     meta = dict(GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_M=block_m, BLOCK_N=block_n,

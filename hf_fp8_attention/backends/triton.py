@@ -33,8 +33,10 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
 # looping over the tiles: 1-2% faster than gluon-pp at 16k in one run, bit-equal in its probes, the backend's GPU
 # tests not yet run through it): the Gluon kernel wherever it applies, D 64 too. The Gluon kernel reads V
-# keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`): shorter calls keep the
-# Triton kernel.
+# keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`), and takes key counts
+# that are multiples of 16 (`gluon_attention.refusal`); auto also wants S_q >= 128 (a full query tile per head):
+# other calls keep the Triton kernel. The Gluon kernel needs triton >= 3.6 (`gluon_unavailable`): with an older
+# triton auto keeps the Triton kernel and a gluon* value is an error.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
@@ -85,14 +87,36 @@ def kernel_choice() -> str:
     return choice
 
 
+@functools.lru_cache(maxsize=None)
+def gluon_unavailable() -> str | None:
+    """Why the installed triton cannot run the Gluon kernel (`gluon_attention.triton_problem`, or its import
+    failing), or None."""
+    try:
+        from . import gluon_attention
+    except ImportError as error:  # an older triton without triton.experimental.gluon's Hopper module
+        import triton
+
+        return f"the Gluon kernel does not import with triton {triton.__version__} ({error})"
+    return gluon_attention.triton_problem()
+
+
 def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
     """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` sends this prefill call to
-    the Gluon kernel and it takes it, else None."""
-    kernel = _KERNELS[kernel_choice()]
+    the Gluon kernel and it takes it, else None. auto falls back to the Triton kernel where the installed triton
+    cannot build the Gluon kernel; a gluon* value there is an error."""
+    choice = kernel_choice()
+    kernel = _KERNELS[choice]
     if kernel is None or not _on_hopper(qkv.q):
         return None
+    problem = gluon_unavailable()
+    if problem is not None:
+        if kernel == "auto":
+            return None
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: {problem}; unset it (auto) or set 'triton'")
     if kernel == "auto":
-        if qkv.q.shape[-1] not in _AUTO_HEAD_DIMS:
+        # D=128 only (measured), and a full query tile: the Gluon kernel gives every query head its own
+        # BLOCK_M-row tiles, where the Triton kernel packs a KV head's query heads into its rows
+        if qkv.q.shape[-1] not in _AUTO_HEAD_DIMS or qkv.q.shape[1] < _AUTO_KERNEL["config"][0]:
             return None
         kernel = _AUTO_KERNEL
     from . import gluon_attention

@@ -35,7 +35,8 @@ from .bound import BoundMethod
 logger = hf_logging.get_logger(__name__)
 
 # Attention classes whose forward is "project, optional per-head q/k RMSNorm, rotate-half RoPE on the
-# full head_dim, cache update, attention, o_proj" in transformers 5.17 and 5.24, so the fused-RoPE forward
+# full head_dim, cache update, attention, o_proj" in transformers 5.17, 5.24 and 5.25 (whose four
+# modeling files equal 5.24's), so the fused-RoPE forward
 # below computes exactly what they compute. Matched by module path and class name, never by shape alone.
 _FUSED_ROPE_CLASSES = {
     "transformers.models.llama.modeling_llama": "LlamaAttention",
@@ -44,8 +45,8 @@ _FUSED_ROPE_CLASSES = {
     "transformers.models.qwen3.modeling_qwen3": "Qwen3Attention",
 }
 # The transformers minor releases whose attention forwards `_fused_rope_forward` was checked against
-# (inclusive, any patch release: >=5.17,<5.25).
-FUSED_ROPE_CHECKED = ("5.17", "5.24")
+# (inclusive, any patch release: >=5.17,<5.26).
+FUSED_ROPE_CHECKED = ("5.17", "5.25")
 TRANSFORMERS_VERSION = transformers.__version__  # read by `version_checked` (tests patch it)
 
 # Self-check: the fused forward's steps with RoPE done in torch the way Transformers does it

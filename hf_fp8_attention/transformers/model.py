@@ -15,7 +15,6 @@ sees the values from before (`_configs_as_before`).
 from __future__ import annotations
 
 import inspect
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -526,8 +525,14 @@ def describe_backend(model) -> str:
     else:
         text = f"fp8 attention: {backend} ({where})"
     if backend == "triton":  # which prefill kernel (`backends/triton.py`'s KERNEL_ENV)
-        kernel = os.environ.get(TRITON_KERNEL_ENV, "auto")
-        if kernel == "auto" and arch == 90:
+        from ..backends import triton as triton_backend
+
+        kernel = triton_backend.kernel_choice()  # (an unknown value: the error the first call would raise)
+        unavailable = triton_backend.gluon_unavailable() if arch == 90 and kernel != "triton" else None
+        if unavailable is not None:
+            text += f", prefill through the Triton kernel ({unavailable})" if kernel == "auto" else \
+                f", prefill kernel {kernel} ({TRITON_KERNEL_ENV}) cannot run: {unavailable}"
+        elif kernel == "auto" and arch == 90:
             text += (", prefill at head_dim 128 through the Gluon kernel where it applies "
                      f"({TRITON_KERNEL_ENV}=triton: the Triton kernel)")
         elif kernel != "auto":

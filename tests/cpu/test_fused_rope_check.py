@@ -72,10 +72,10 @@ def fused_layers(model) -> int:
 
 
 def test_version_range():
-    assert fused_rope.FUSED_ROPE_CHECKED == ("5.17", "5.24")
-    for version in ("5.17.0", "5.17.3", "5.20.1", "5.24.0", "5.24.9", "5.24.0.dev0"):
+    assert fused_rope.FUSED_ROPE_CHECKED == ("5.17", "5.25")
+    for version in ("5.17.0", "5.17.3", "5.20.1", "5.24.0", "5.24.9", "5.25.0", "5.25.0.dev0"):
         assert fused_rope.version_checked(version), version
-    for version in ("5.16.2", "5.25.0", "5.25.0.dev0", "6.0.0", "4.57.1"):
+    for version in ("5.16.2", "5.26.0", "5.26.0.dev0", "6.0.0", "4.57.1"):
         assert not fused_rope.version_checked(version), version
 
 
@@ -178,7 +178,7 @@ def test_class_forward_that_raises_is_refused(tiny_llama_path, monkeypatch, capl
     assert hfa.describe_backend(model).endswith("fused RoPE on 0/2 layers")
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.16.1"])
+@pytest.mark.parametrize("version", ["5.26.0", "5.16.1"])
 def test_outside_version_gate_nothing_is_fused(tiny_llama_path, monkeypatch, caplog, version):
     model = load(tiny_llama_path)
     model.set_attn_implementation("fp8_reference")
@@ -190,7 +190,7 @@ def test_outside_version_gate_nothing_is_fused(tiny_llama_path, monkeypatch, cap
         hfa.prepare_model(model, backend="reference")
     messages = refusals(caplog)
     assert len(messages) == 1 and f"this is transformers {version}" in messages[0], messages
-    assert "5.17 to 5.24.x" in messages[0]
+    assert "5.17 to 5.25.x" in messages[0]
     assert not checks  # no self-check either
     assert fused_layers(model) == 0
     assert hfa.describe_backend(model).endswith("fused RoPE on 0/2 layers")

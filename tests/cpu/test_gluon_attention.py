@@ -1,7 +1,9 @@
-"""The Gluon FP8 attention kernel (`backends/gluon_attention.py`, experimental, not yet run on a GPU): it
-builds for sm_90 with the installed triton (an offline compile through ptxas: layouts, shared memory,
-the warp-specialized partitions, the asynchronous wgmma), and its launcher refuses what it cannot run.
-Whether it computes the right thing is a GPU question (`scripts/probe_ws.py --gluon`)."""
+"""The Gluon FP8 attention kernel (`backends/gluon_attention.py`, the Triton backend's default prefill kernel on
+Hopper at head_dim 128): it builds for sm_90 with the installed triton (an offline compile through ptxas:
+layouts, shared memory, the warp-specialized partitions, the asynchronous wgmma), its launcher refuses what it
+cannot run, and the backend routes to it as `HF_FP8_ATTENTION_TRITON_KERNEL` says. Gluon kernels do not run
+under TRITON_INTERPRET: whether it computes the right thing is checked on the GPU (`scripts/probe_ws.py
+--gluon`, and the backend's GPU tests through it: `scripts/gpu_check.sh --ws`)."""
 
 import dataclasses
 import os
@@ -25,11 +27,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from hf_fp8_attention.backends import gluon_attention as G
 
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
+pingpong = sys.argv[5] == "1"
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers, PINGPONG=consumers == 2)
+          CONSUMERS=consumers, PINGPONG=pingpong)
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -42,7 +45,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers, persistent=False):
+def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -50,7 +53,8 @@ def _compile_sm90(D, causal, consumers, persistent=False):
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0"]
+    pingpong = consumers == 2 if pingpong is None else pingpong
+    flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0"]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -65,10 +69,11 @@ def _ptxas_ok():
 
 
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
-@pytest.mark.parametrize("D,causal,consumers,persistent", [(128, False, 1, False), (64, True, 1, False),
-                                                          (128, True, 2, False), (128, False, 2, True)])
-def test_gluon_kernel_builds_for_sm90(D, causal, consumers, persistent):
-    kernel = _compile_sm90(D, causal, consumers, persistent)
+@pytest.mark.parametrize("D,causal,consumers,persistent,pingpong", [
+    (128, False, 1, False, False), (64, True, 1, False, False), (128, True, 2, False, True),
+    (128, False, 2, False, False), (128, False, 2, True, True), (64, True, 1, True, False)])
+def test_gluon_kernel_builds_for_sm90(D, causal, consumers, persistent, pingpong):
+    kernel = _compile_sm90(D, causal, consumers, persistent, pingpong)
     assert "wgmma.mma_async" in kernel["ptx"]
     # each consumer partition syncs its own warps before it releases a slot: one named barrier per consumer
     syncs = set(re.findall(r"bar\.sync\s+(\d+), (\d+)", kernel["ptx"]))
@@ -112,6 +117,28 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     bshd = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none")).v
     assert keys_contiguous_rows(ok.v) == 64 and keys_contiguous_rows(wide) is None
     assert keys_contiguous_rows(bshd) is None
+    # Q at an address TMA cannot take (1 byte into its buffer): refused
+    shifted = torch.empty(ok.q.numel() + 1, dtype=ok.q.dtype)[1:].view(ok.q.shape)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16
+    assert "16-byte aligned" in gluon_attention.refusal(dataclasses.replace(ok, q=shifted), False)
+
+
+def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
+    """triton 3.5's gl.warp_specialize (default partition and workers as separate arguments) cannot build the
+    kernel: the launcher says so instead of failing inside the compile."""
+
+    def old_form(default_args, default_partition, worker_args, worker_partitions, worker_num_warps,
+                 worker_num_regs):
+        raise AssertionError("not called")
+
+    assert gluon_attention.triton_problem() is None  # the installed triton (>= 3.6)
+    monkeypatch.setattr(gluon_attention.gl, "warp_specialize", old_form)
+    assert "needs triton >= 3.6" in gluon_attention.triton_problem()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 64, 64, generator=g).bfloat16() for h in (2, 1, 1))
+    ok = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
+    with pytest.raises(ValueError, match="needs triton >= 3.6"):
+        gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16)
 
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
@@ -172,3 +199,23 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="HF_FP8_ATTENTION_TRITON_KERNEL='fastest'"):
         triton_backend._launch(plain, False, 0.125, torch.bfloat16)
+    monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
+    calls.clear()
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent")
+    triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
+    assert len(calls) == 1 and calls[0][1]["persistent"] is True and calls[0][1]["pingpong"] is True
+    monkeypatch.delenv(triton_backend.KERNEL_ENV)
+    triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
+    assert len(calls) == 2 and "persistent" not in calls[1][1]
+    # auto: fewer query rows than one Gluon tile (128) keep the Triton kernel
+    short = quantize_qkv_fp8(q128[:, :, :64], k128, v128, options=FP8AttentionOptions(hadamard="none"),
+                             v_keys_contiguous=True)
+    triton_backend._launch(short, False, 0.125, torch.bfloat16)
+    assert len(calls) == 2
+    # a triton that cannot build the Gluon kernel: auto keeps the Triton kernel, a gluon* value is an error
+    monkeypatch.setattr(triton_backend, "gluon_unavailable", lambda: "the Gluon kernel needs triton >= 3.6")
+    assert torch.isfinite(triton_backend._launch(plain128, False, 0.125, torch.bfloat16)).all()
+    assert len(calls) == 2
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
+    with pytest.raises(ValueError, match="'gluon-pp': the Gluon kernel needs triton >= 3.6; unset it"):
+        triton_backend._launch(plain128, False, 0.125, torch.bfloat16)

@@ -248,6 +248,17 @@ def test_describe_names_the_triton_prefill_kernel(monkeypatch):
     assert "prefill kernel triton (HF_FP8_ATTENTION_TRITON_KERNEL)" in hfa.describe_backend(model)
     monkeypatch.setenv("HF_FP8_ATTENTION_TRITON_KERNEL", "gluon-2c")
     assert "prefill kernel gluon-2c" in hfa.describe_backend(model)
+    # a triton that cannot build the Gluon kernel: auto says the Triton kernel runs, a gluon* value that it fails
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "gluon_unavailable", lambda: "the Gluon kernel needs triton >= 3.6")
+    assert "prefill kernel gluon-2c (HF_FP8_ATTENTION_TRITON_KERNEL) cannot run: the Gluon kernel needs triton >= 3.6" \
+        in hfa.describe_backend(model)
+    monkeypatch.delenv("HF_FP8_ATTENTION_TRITON_KERNEL")
+    assert "prefill through the Triton kernel (the Gluon kernel needs triton >= 3.6)" in hfa.describe_backend(model)
+    monkeypatch.setenv("HF_FP8_ATTENTION_TRITON_KERNEL", "fastest")  # unknown: the error a call would raise
+    with pytest.raises(ValueError, match="HF_FP8_ATTENTION_TRITON_KERNEL='fastest'"):
+        hfa.describe_backend(model)
     model.config._attn_implementation = "fp8_reference"
     assert "prefill" not in hfa.describe_backend(model)
 

@@ -39,17 +39,21 @@ def _captured(fn, *static):
     ("fa3", "auto", {}), ("fa3", True, {}), ("triton", "auto", {}),
     # every scale per block with fused RoPE: the q/k RoPE kernel then the single-pass kernel's v tiles
     ("triton", "auto", {"qk_scales": "block", "v_scales": "block", "rope": True}),
+    # 2048 keys x D=128 reach the keys-contiguous V that the Triton backend's prefill on Hopper hands to the
+    # Gluon kernel (its default route there): the TMA descriptors are built per call, outside the graph
+    ("triton", "auto", {"seq": 2048}),
 ])
 def test_fp8_sdpa_replays(backend, smooth_v, extra):
     if backend == "fa3" and not _fa3:
         pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel")
-    B, H_q, H_kv, S, D = 2, 8, 2, 1024, 128
+    extra = dict(extra)
+    B, H_q, H_kv, S, D = 2, 8, 2, extra.pop("seq", 1024), 128
+    gluon_calls = _gluon_calls()
 
     def inputs(seed):  # BHSD views of BSHD memory, as Transformers hands them over
         return [(_randn(B, S, h, D, seed=seed + i) + (3.0 if i == 2 else 0.0)).bfloat16().transpose(1, 2)
                 for i, h in enumerate((H_q, H_kv, H_kv))]
 
-    extra = dict(extra)
     if extra.pop("rope", False):
         pos = torch.arange(S, device=DEV, dtype=torch.float32)[:, None]
         emb = torch.cat([pos * 1e-2 * torch.arange(1, D // 2 + 1, device=DEV)] * 2, dim=-1)[None]
@@ -66,6 +70,23 @@ def test_fp8_sdpa_replays(backend, smooth_v, extra):
             dst.copy_(src)
         graph.replay()
         assert torch.equal(out, call(*new)), seed
+    if S >= 2048 and backend == "triton" and _gluon_default():
+        assert _gluon_calls() > gluon_calls  # the captured prefill ran the Gluon kernel
+
+
+def _gluon_calls() -> int:
+    from hf_fp8_attention.backends import gluon_attention
+
+    return gluon_attention.CALLS
+
+
+def _gluon_default() -> bool:
+    """Whether the Triton backend's D=128 prefill goes to the Gluon kernel here (Hopper, auto, a triton that
+    builds it)."""
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    return (device_arch(torch.device(DEV)) // 10 == 9 and triton_backend.kernel_choice() == "auto"
+            and triton_backend.gluon_unavailable() is None)
 
 
 @pytest.mark.parametrize("fused_step", [False, True])
