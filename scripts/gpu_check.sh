@@ -247,7 +247,7 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   # one-tile; GQA 8/2 with two sequences of 4144 keys, persistent), then GLUON_BENCH (default "0 16384|1 16384":
   # "persistent S" pairs, ping-pong, H=32, causal and not) next to the Triton kernel and FA3 fp8; GLUON_TESTS=1
   # (default): the backend's GPU tests through GLUON_ROUTE (default: the backend's own route), the Triton
-  # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays; GLUON_SDPA=1: fp8_triton next to
+  # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays (=backend: the first only); GLUON_SDPA=1: fp8_triton next to
   # FA3 bf16 / fp8 at 4k-64k (bench_sdpa); GLUON_MODEL=1: the whole model at 128k (benchmark_model)
   PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 --causal 0
   PROBE_S=60 probe "$out/gluon_check.log" "gluon gqa" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
@@ -260,9 +260,11 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
         --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1
     done
   done
-  if [ "${GLUON_TESTS:-1}" = 1 ]; then
+  if [ "${GLUON_TESTS:-1}" != 0 ]; then
     step gluon_backend_tests env ${GLUON_ROUTE:+HF_FP8_ATTENTION_TRITON_KERNEL=$GLUON_ROUTE} timeout 240 python3 -m \
       pytest -q -x -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
+  fi
+  if [ "${GLUON_TESTS:-1}" = 1 ]; then
     step triton_kernel_tests env HF_FP8_ATTENTION_TRITON_KERNEL=triton timeout 200 python3 -m pytest -q -x \
       -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py
     step graph_tests timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_cuda_graphs_gpu.py -k replays

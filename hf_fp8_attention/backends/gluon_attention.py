@@ -287,15 +287,40 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
 
 
 @gluon.jit
-def _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _num_my_tiles(n_tiles):
+    """How many tiles this program of the persistent grid takes: one per round of num_programs tiles, and one
+    of the last, partial round if its place there (`_my_tile`) is below the round's size."""
+    p = gl.program_id(0)
+    grid = gl.num_programs(0)
+    rounds = n_tiles // grid
+    last = p + (rounds % 2) * (grid - 1 - 2 * p)
+    return rounds + (last < n_tiles - rounds * grid).to(gl.int32)
+
+
+@gluon.jit
+def _my_tile(k):
+    """The tile this program takes in round k: place p of the round in even rounds, num_programs - 1 - p in odd
+    ones (a snake: the program that took a round's heaviest causal tile takes the next round's lightest)."""
+    p = gl.program_id(0)
+    grid = gl.num_programs(0)
+    return k * grid + p + (k % 2) * (grid - 1 - 2 * p)
+
+
+@gluon.jit
+def _tile(t, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           IS_CAUSAL: gl.constexpr):
-    """Tile t of the persistent kernel: query blocks fastest (the programs working at one time share a head's
-    K and V in L2, as the one-tile kernel's grid), the causal ones from the heaviest: (b, h, h_kv, m0, n_full,
-    n_blocks) as in the one-tile kernel."""
-    pid_m = t % n_m
+    """Tile t of the persistent kernel: (b, h, h_kv, m0, n_full, n_blocks) as in the one-tile kernel.
+    Non-causal: query blocks fastest (the programs working at one time share a head's K and V in L2, as the
+    one-tile kernel's grid). Causal: heaviest first over all heads (heads fastest), so that with the snake of
+    `_my_tile` every program's blocks add up to nearly the same count (modelled at 16k x 32 heads on 132 SMs:
+    the busiest program 0.5% over the mean, against 6% with query blocks fastest and plain rounds)."""
     if IS_CAUSAL:
-        pid_m = n_m - 1 - pid_m
-    bh = t // n_m
+        n_bh = n_tiles // n_m
+        pid_m = n_m - 1 - t // n_bh
+        bh = t % n_bh
+    else:
+        pid_m = t % n_m
+        bh = t // n_m
     b = bh // H_q
     h = bh % H_q
     m0 = pid_m * BLOCK_M
@@ -318,8 +343,9 @@ def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, 
     the next tile's first blocks load under this tile's last ones and its output store)."""
     it = 0
     i = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, h_kv, m0, n_full, n_blocks = _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for k in range(_num_my_tiles(n_tiles)):
+        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M,
+                                                 BLOCK_N, IS_CAUSAL)
         buf = i % 2
         mbarrier.wait(q_empty.index(buf), ((i // 2) & 1) ^ 1)
         mbarrier.expect(q_ready.index(buf), desc_q.block_type.nbytes)
@@ -343,8 +369,9 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
     it = 0
     g = 0
     i = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        b, h, h_kv, m0, n_full, n_blocks = _tile(t, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for k in range(_num_my_tiles(n_tiles)):
+        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M,
+                                                 BLOCK_N, IS_CAUSAL)
         desc_idx = b * H_kv + h_kv
         qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
         v_descale = gl.load(V_descale + desc_idx)
@@ -368,7 +395,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
                                          PINGPONG: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q and
-    n_m = cdiv(S_q, BLOCK_M)): grid (min(n_tiles, SMs),), program p takes tiles p, p + grid, ... (`_tile`).
+    n_m = cdiv(S_q, BLOCK_M)): grid (min(n_tiles, SMs),), each program one tile per round of grid tiles
+    (`_my_tile`, `_tile`).
     Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load

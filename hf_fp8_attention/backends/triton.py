@@ -31,8 +31,11 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel.
 # "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
-# looping over the tiles: 1-2% faster than gluon-pp at 16k in one run, bit-equal in its probes, the backend's GPU
-# tests not yet run through it): the Gluon kernel wherever it applies, D 64 too. The Gluon kernel reads V
+# looping over the tiles, causal ones in a balanced order; bit-equal to gluon-pp in its probes, the backend's GPU
+# tests pass through it; in session 19's probes 0.89x FA3 fp8 at 4k causal against gluon-pp's 0.75x and equal at
+# 16k, but slower than gluon-pp at 4k through bench_sdpa in another run of the same session, unexplained: not the
+# default until one run times both there, docs/results/gluon_persistent_snake_h200_s19.log): the Gluon kernel
+# wherever it applies, D 64 too. The Gluon kernel reads V
 # keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`), and takes key counts
 # that are multiples of 16 (`gluon_attention.refusal`); auto also wants S_q >= 128 (a full query tile per head):
 # other calls keep the Triton kernel. The Gluon kernel needs triton >= 3.6 (`gluon_unavailable`): with an older

@@ -219,3 +219,33 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
     with pytest.raises(ValueError, match="'gluon-pp': the Gluon kernel needs triton >= 3.6; unset it"):
         triton_backend._launch(plain128, False, 0.125, torch.bfloat16)
+
+
+def _snake(n_tiles, grid):
+    """A Python mirror of the persistent kernel's schedule (`_num_my_tiles`, `_my_tile`): program p's tiles."""
+    out = []
+    for p in range(grid):
+        rounds = n_tiles // grid
+        last = p + (rounds % 2) * (grid - 1 - 2 * p)
+        count = rounds + int(last < n_tiles - rounds * grid)
+        out.append([k * grid + p + (k % 2) * (grid - 1 - 2 * p) for k in range(count)])
+    return out
+
+
+@pytest.mark.parametrize("n_tiles,grid", [(4096, 132), (1024, 132), (132, 132), (133, 132), (7, 7), (300, 132),
+                                          (265, 132), (1, 1)])
+def test_persistent_schedule_takes_every_tile_once(n_tiles, grid):
+    """Every tile goes to exactly one program, and with the causal order (heaviest first over all heads, tile t
+    of work n_m - t // heads) the busiest program's blocks are within a few percent of the mean at 4k-64k
+    (the order the kernel's `_tile` uses; plain rounds left 6-14% at 4k-16k)."""
+    tiles = _snake(n_tiles, grid)
+    flat = sorted(t for ts in tiles for t in ts)
+    assert flat == list(range(n_tiles))
+    for s in (4096, 16384, 65536):
+        n_m, heads, sms = s // 128, 32, 132
+        work = [n_m - t // heads for t in range(n_m * heads)]
+        loads = [sum(work[t] for t in ts) for ts in _snake(len(work), sms)]
+        plain = [sum(work[t] for t in range(p, len(work), sms)) for p in range(sms)]
+        mean = sum(work) / sms
+        assert max(loads) / mean < 1.03, (s, max(loads) / mean)
+        assert max(loads) < max(plain)
