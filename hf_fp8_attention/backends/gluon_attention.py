@@ -26,7 +26,11 @@ sequences and a key tail. H=32, D=128, TFLOPS against FA3 fp8 in the same run, n
 consumers 0.93x / 0.93x at 16k (832 / 813); with ping-pong (the backend's default) 0.89x / 0.92x at 16k, 0.94x /
 0.92x at 64k (847 / 844); one 8-warp consumer 0.80x / 0.76x; the Triton kernel 0.73-0.86x. The persistent
 build (`docs/results/gluon_persistent_h200_s18.log`): bit-equal to the one-tile build, 848 / 806 TFLOPS at 16k
-against its 831 / 799 and FA3 fp8's 925 / 887 in the same run (0.92x / 0.91x).
+against its 831 / 799 and FA3 fp8's 925 / 887 in the same run (0.92x / 0.91x). Session 19
+(`docs/results/gluon_persistent_snake_h200_s19.log`): with the snake schedule the persistent build ran 689 TFLOPS
+at 4k causal against the one-tile build's 588 (FA3 fp8 777-780), equal at 16k; `bench_sdpa` timed it slower at
+4k in a later run (unexplained), so the backend's default stays the one-tile build. Half the exponentials
+by a polynomial on the FMA pipe (FA4's split) was 6-11% slower (`gluon_exp2_h200_s19.log`).
 """
 
 from __future__ import annotations
