@@ -160,9 +160,6 @@ def _launch(
     group = h_q // h_kv
     n_rows = s_q * group
     dim_pad = next_power_of_2(dim)
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    if not varlen:
-        cu_q = cu_k = out  # never read
     bh = batch * h_kv
     decode = n_rows <= _registry.TRITON_DECODE_MAX_ROWS
     if v_keys_contiguous is None:  # (the quantizer writes it so where fp8_attention asked it to: no copy)
@@ -189,6 +186,9 @@ def _launch(
                                                    **route[1])
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)  # (after the Gluon route: it allocates its own)
+    if not varlen:
+        cu_q = cu_k = out  # never read
 
     num_splits = (config or {}).get("num_splits", 1)
     block_n = (config or {}).get("BLOCK_N", 128)
