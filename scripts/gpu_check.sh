@@ -84,6 +84,11 @@ probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, PR
   local rc=$?
   grep -v Warn "$out/probe_one.txt" | tee -a "$log"
   [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
+  return $rc
+}
+sqnr_ok() {  # sqnr_ok LOG PATTERN: a finished probe line in LOG matching PATTERN, SQNR >= 30 dB vs the Triton kernel, finite
+  grep -F "$2" "$1" | grep "finite: True" \
+    | awk -F'SQNR vs triton kernel ' '{split($2, a, " "); if (a[1] == "inf" || a[1] + 0 >= 30) ok = 1} END {exit !ok}'
 }
 if [ "$mode" = "--multi" ]; then
   nvidia-smi topo -m 2>&1 | tee "$out/topo.txt"
@@ -201,15 +206,11 @@ elif [ "$mode" = "--ws" ]; then  # the experimental kernels: the Gluon kernel (a
     probe "$out/gluon_probe.log" "gluon gqa $v" --gluon 1 --consumers $1 --pingpong $2 \
       --config 128,128,$((8 / $1)),2 --causal $3 --seq 4144 --batch 2 --kv-heads 2
   done
-  sqnr_ok() {  # sqnr_ok PATTERN: a finished probe line matching PATTERN with SQNR >= 30 dB and finite output
-    grep -F "$1" "$out/gluon_probe.log" | grep "finite: True" \
-      | awk -F'SQNR vs triton kernel ' '{split($2, a, " "); if (a[1] == "inf" || a[1] + 0 >= 30) ok = 1} END {exit !ok}'
-  }
   # speed (16k; 64k for the ping-pong build) of those that agreed at 4k, next to the Triton kernel and FA3 fp8
   for v in "1 0 128,128,8,2 16384" "2 0 128,128,4,2 16384" "2 1 128,128,4,2 16384" "2 1 128,128,4,3 16384" \
            "2 1 128,128,4,2 65536"; do
     set -- $v
-    if sqnr_ok "gluon consumers=$1 pingpong=$2 persistent=0 config=(128, 128, $((8 / $1)), 2) S=4096 H=8 D=128 causal=0 "; then
+    if sqnr_ok "$out/gluon_probe.log" "gluon consumers=$1 pingpong=$2 persistent=0 config=(128, 128, $((8 / $1)), 2) S=4096 H=8 D=128 causal=0 "; then
       for c in 0 1; do
         PROBE_S=120 probe "$out/gluon_probe.log" "gluon bench $v causal=$c" --gluon 1 --consumers $1 --pingpong $2 \
           --config $3 --causal $c --seq $4 --heads 32 --bench 1
@@ -220,7 +221,7 @@ elif [ "$mode" = "--ws" ]; then  # the experimental kernels: the Gluon kernel (a
   done
   # the backend's GPU tests through the Gluon kernel (HF_FP8_ATTENTION_TRITON_KERNEL, GLUON_ROUTE: gluon-pp by
   # default) once it agreed at 4k, then a check that routed calls reached it
-  if sqnr_ok "gluon consumers=2 pingpong=1 persistent=0 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=1 "; then
+  if sqnr_ok "$out/gluon_probe.log" "gluon consumers=2 pingpong=1 persistent=0 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=1 "; then
     step gluon_backend_tests env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 240 python3 -m pytest \
       -q -x -p no:cacheprovider tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py
     step gluon_routed env HF_FP8_ATTENTION_TRITON_KERNEL=${GLUON_ROUTE:-gluon-pp} timeout 60 python3 -c "
@@ -249,15 +250,21 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   # (default): the backend's GPU tests through GLUON_ROUTE (default: the backend's own route), the Triton
   # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays (=backend: the first only); GLUON_SDPA=1: fp8_triton next to
   # FA3 bf16 / fp8 at 4k-64k (bench_sdpa); GLUON_MODEL=1: the whole model at 128k (benchmark_model)
-  PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 --causal 0
+  : > "$out/gluon_check.log"
+  PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 \
+    --causal 0 || status=1
   PROBE_S=60 probe "$out/gluon_check.log" "gluon gqa" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
-    --config 128,128,4,2 --causal 1 --seq 4144 --batch 2 --kv-heads 2
+    --config 128,128,4,2 --causal 1 --seq 4144 --batch 2 --kv-heads 2 || status=1
+  for p in "persistent=0 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=0 " "persistent=1 config=(128, 128, 4, 2) S=4144 "; do
+    sqnr_ok "$out/gluon_check.log" "$p" || { echo "gpu_check: gluon probe '$p' below 30 dB vs the Triton kernel"; status=1; }
+  done
   IFS='|' read -ra bench_list <<< "${GLUON_BENCH-0 16384|1 16384}"
   for v in "${bench_list[@]}"; do
     set -- $v
+    if [ $# -ne 2 ]; then echo "gpu_check: GLUON_BENCH entry '$v' is not 'persistent S'"; status=1; continue; fi
     for c in 0 1; do
       PROBE_S=150 probe "$out/gluon_check.log" "gluon bench $v causal=$c" --gluon 1 --consumers 2 --pingpong 1 \
-        --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1
+        --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1 || status=1
     done
   done
   if [ "${GLUON_TESTS:-1}" != 0 ]; then

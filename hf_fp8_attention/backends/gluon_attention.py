@@ -462,14 +462,19 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
         mbarrier.invalidate(kv_empty.index(i))
 
 
+@functools.lru_cache(maxsize=1)
 def triton_problem() -> str | None:
     """Why the installed triton cannot build these kernels, or None: they need the list form of
     `gl.warp_specialize` ([(function, args), ...], worker warps, worker registers), which triton 3.6 has and
-    3.5 does not (it takes the default partition and the workers as separate arguments)."""
+    3.5 does not (it takes the default partition and the workers as separate arguments). Cached: the launcher
+    asks on every call (a test that patches `gl` clears it)."""
     import inspect
 
+    warp_specialize = getattr(gl, "warp_specialize", None)
+    if warp_specialize is None:
+        return f"the Gluon kernel needs gl.warp_specialize, which triton {triton.__version__} lacks"
     try:
-        params = inspect.signature(gl.warp_specialize).parameters
+        params = inspect.signature(warp_specialize).parameters
     except (TypeError, ValueError):  # not introspectable: let the compile decide
         return None
     if "functions_and_args" not in params:

@@ -96,7 +96,7 @@ def gluon_unavailable() -> str | None:
     failing), or None."""
     try:
         from . import gluon_attention
-    except ImportError as error:  # an older triton without triton.experimental.gluon's Hopper module
+    except (ImportError, AttributeError) as error:  # an older triton without gluon's Hopper module or names
         import triton
 
         return f"the Gluon kernel does not import with triton {triton.__version__} ({error})"

@@ -528,11 +528,12 @@ def describe_backend(model) -> str:
         from ..backends import triton as triton_backend
 
         kernel = triton_backend.kernel_choice()  # (an unknown value: the error the first call would raise)
-        unavailable = triton_backend.gluon_unavailable() if arch == 90 and kernel != "triton" else None
+        hopper = arch is not None and arch // 10 == 9  # where the Gluon route applies (`_on_hopper`)
+        unavailable = triton_backend.gluon_unavailable() if hopper and kernel != "triton" else None
         if unavailable is not None:
             text += f", prefill through the Triton kernel ({unavailable})" if kernel == "auto" else \
                 f", prefill kernel {kernel} ({TRITON_KERNEL_ENV}) cannot run: {unavailable}"
-        elif kernel == "auto" and arch == 90:
+        elif kernel == "auto" and hopper:
             text += (", prefill at head_dim 128 through the Gluon kernel where it applies "
                      f"({TRITON_KERNEL_ENV}=triton: the Triton kernel)")
         elif kernel != "auto":

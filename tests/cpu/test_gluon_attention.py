@@ -131,14 +131,26 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
                  worker_num_regs):
         raise AssertionError("not called")
 
+    gluon_attention.triton_problem.cache_clear()
     assert gluon_attention.triton_problem() is None  # the installed triton (>= 3.6)
     monkeypatch.setattr(gluon_attention.gl, "warp_specialize", old_form)
+    assert gluon_attention.triton_problem() is None  # cached: asked once per process
+    gluon_attention.triton_problem.cache_clear()
     assert "needs triton >= 3.6" in gluon_attention.triton_problem()
+    monkeypatch.delattr(gluon_attention.gl, "warp_specialize")
+    gluon_attention.triton_problem.cache_clear()
+    assert "lacks" in gluon_attention.triton_problem()
+    monkeypatch.setattr(gluon_attention.gl, "warp_specialize", old_form, raising=False)
+    gluon_attention.triton_problem.cache_clear()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 64, 64, generator=g).bfloat16() for h in (2, 1, 1))
     ok = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
-    with pytest.raises(ValueError, match="needs triton >= 3.6"):
-        gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16)
+    try:
+        with pytest.raises(ValueError, match="needs triton >= 3.6"):
+            gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16)
+    finally:
+        monkeypatch.undo()
+        gluon_attention.triton_problem.cache_clear()  # later tests see the installed triton again
 
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
