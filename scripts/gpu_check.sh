@@ -250,12 +250,18 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   # (default): the backend's GPU tests through GLUON_ROUTE (default: the backend's own route), the Triton
   # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays (=backend: the first only); GLUON_SDPA=1: fp8_triton next to
   # FA3 bf16 / fp8 at 4k-64k (bench_sdpa); GLUON_MODEL=1: the whole model at 128k (benchmark_model)
+  # GLUON_VORDER=1: every probe with V's keys in wgmma order (--v-order 1; the bench lines then also time the
+  # build on V in key order, A/B); GLUON_SDPA_ROUTES="R1 R2 ...": bench_sdpa's fp8_triton and kernel alone at
+  # GLUON_SDPA_SEQS (default 4096) once per HF_FP8_ATTENTION_TRITON_KERNEL value, one process each
+  vo="--v-order ${GLUON_VORDER:-0}"
   : > "$out/gluon_check.log"
   PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 \
-    --causal 0 || status=1
+    --causal 0 $vo || status=1
+  PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k causal" --gluon 1 --consumers 2 --pingpong 1 \
+    --config 128,128,4,2 --causal 1 $vo || status=1
   PROBE_S=60 probe "$out/gluon_check.log" "gluon gqa" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
-    --config 128,128,4,2 --causal 1 --seq 4144 --batch 2 --kv-heads 2 || status=1
-  for p in "persistent=0 config=(128, 128, 4, 2) S=4096 H=8 D=128 causal=0 " "persistent=1 config=(128, 128, 4, 2) S=4144 "; do
+    --config 128,128,4,2 --causal 1 --seq 4144 --batch 2 --kv-heads 2 $vo || status=1
+  for p in "persistent=0 config=(128, 128, 4, 2)" "persistent=1 config=(128, 128, 4, 2)"; do
     sqnr_ok "$out/gluon_check.log" "$p" || { echo "gpu_check: gluon probe '$p' below 30 dB vs the Triton kernel"; status=1; }
   done
   IFS='|' read -ra bench_list <<< "${GLUON_BENCH-0 16384|1 16384}"
@@ -264,7 +270,7 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
     if [ $# -ne 2 ]; then echo "gpu_check: GLUON_BENCH entry '$v' is not 'persistent S'"; status=1; continue; fi
     for c in 0 1; do
       PROBE_S=150 probe "$out/gluon_check.log" "gluon bench $v causal=$c" --gluon 1 --consumers 2 --pingpong 1 \
-        --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1 || status=1
+        --persistent $1 --config 128,128,4,2 --causal $c --seq $2 --heads 32 --bench 1 $vo || status=1
     done
   done
   if [ "${GLUON_TESTS:-1}" != 0 ]; then
@@ -278,6 +284,11 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   fi
   [ "${GLUON_SDPA:-0}" = 1 ] && step sdpa timeout 240 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 \
     --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/sdpa.json"
+  for r in ${GLUON_SDPA_ROUTES:-}; do
+    step "sdpa_$r" env HF_FP8_ATTENTION_TRITON_KERNEL=$r timeout 200 python3 scripts/bench_sdpa.py --seqlens \
+      ${GLUON_SDPA_SEQS:-4096} --causal both --modes none --sqnr-ref off --impls "FA3" fp8_triton "triton fp8" \
+      --rep-ms 100 --json "$out/sdpa_$r.json"
+  done
   [ "${GLUON_MODEL:-0}" = 1 ] && step model timeout 300 python3 scripts/benchmark_model.py --seqlens 131072 \
     --warmup 1 --repeats 2 --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json"
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on

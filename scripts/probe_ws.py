@@ -12,6 +12,7 @@ Where the scores fit in 8 GiB it also prints the SQNR of the probed kernel and o
 float32 attention of the same bf16 inputs.
 """
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -35,6 +36,7 @@ p.add_argument("--head-dim", type=int, default=128)
 p.add_argument("--consumers", type=int, default=1, help="the Gluon kernel's consumer partitions (1 or 2)")
 p.add_argument("--pingpong", type=int, default=0, help="the Gluon kernel: two consumers' MMAs issued in turn")
 p.add_argument("--persistent", type=int, default=0, help="the Gluon kernel: one program per SM over the tiles")
+p.add_argument("--v-order", type=int, default=0, help="the Gluon kernel: V's keys in wgmma order (reordered here)")
 a = p.parse_args()
 import os
 
@@ -58,15 +60,20 @@ if S * S * B * H <= 2**31:  # float32 attention of the same bf16 inputs (up to 8
     exact = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), is_causal=bool(a.causal),
         scale=D**-0.5).transpose(1, 2)
-old = _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16)
+ref_qkv = qkv  # the Triton kernel's input (V in key order)
+old = _launch(ref_qkv, bool(a.causal), D**-0.5, torch.bfloat16)
 vs_exact = lambda out: f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else ""  # noqa: E731
-name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}" if a.gluon
+name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
+        + (f" v_order={a.v_order}" if a.v_order else "") if a.gluon
         else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
     f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
 if a.gluon:
+    if a.v_order:  # the same codes, keys reordered (the reference column reads ref_qkv)
+        qkv = dataclasses.replace(qkv, v=gluon_attention.wgmma_key_order(qkv.v))
     run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                                       out_dtype=torch.bfloat16, config=cfg, consumers=a.consumers,
-                                                      pingpong=bool(a.pingpong), persistent=bool(a.persistent))
+                                                      pingpong=bool(a.pingpong), persistent=bool(a.persistent),
+                                                      v_wgmma_order=bool(a.v_order))
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
@@ -82,7 +89,7 @@ print(f"{name}: finished in {first_s:.1f} s, warp specialized: {ws}, "
 if a.bench:
     flops = 4 * B * H * S * S * D / (2 if a.causal else 1)
     ms = triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median")
-    ms_old = triton.testing.do_bench(lambda: _launch(qkv, bool(a.causal), D**-0.5, torch.bfloat16), warmup=10,
+    ms_old = triton.testing.do_bench(lambda: _launch(ref_qkv, bool(a.causal), D**-0.5, torch.bfloat16), warmup=10,
                                      rep=100, return_mode="median")
     line = f"{name}: ws {flops / ms / 1e9:.0f} TFLOPS, triton kernel {flops / ms_old / 1e9:.0f}"
     if importlib.util.find_spec("flash_attn_interface"):
@@ -92,5 +99,15 @@ if a.bench:
                                                                    out_dtype=torch.bfloat16), warmup=10, rep=100,
                                          return_mode="median")
         line += f", FA3 fp8 {flops / ms_fa3 / 1e9:.0f} (ws / FA3 {ms_fa3 / ms:.2f})"
+    if a.gluon and a.v_order:  # the same build with V in key order, timed between two more runs of this one
+        natural = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
+            ref_qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16, config=cfg,
+            consumers=a.consumers, pingpong=bool(a.pingpong), persistent=bool(a.persistent))
+        natural()
+        torch.cuda.synchronize()
+        ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (natural, run, natural, run)]
+        line += (f"; A/B natural order {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, wgmma order "
+                 f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS (wgmma / natural "
+                 f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
     print(line, flush=True)
 sys.exit(0)

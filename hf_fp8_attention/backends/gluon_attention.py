@@ -72,9 +72,12 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 
 @gluon.jit
 def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
-             s_layout: gl.constexpr, o_layout: gl.constexpr):
+             s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
-    in registers, alpha, l_i, the new max)."""
+    in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in `V_WGMMA_ORDER` order
+    within every 16 (`wgmma_key_order`), so P's columns are relabelled to match: the score accumulator's
+    registers then already sit where the A operand wants them (a register renaming; otherwise the layout
+    conversion moves them between threads with shuffles and selects)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
@@ -86,7 +89,11 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
         p = gl.exp2(qk * qk_scale - (m_new - 8.0)[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
+    p8 = p.to(gl.float8e4nv)
+    if V_WGMMA_ORDER:  # column bits (b3 b2 b1 b0) -> (b2 b1 b3 b0): the key at position k of V's 16-key group
+        R: gl.constexpr = p8.shape[0]
+        p8 = gl.reshape(gl.permute(gl.reshape(p8, [R, BLOCK_N // 16, 2, 2, 2, 2]), [0, 1, 3, 4, 2, 5]), [R, BLOCK_N])
+    p8 = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4))
     return p8, alpha, l_i, m_new
 
 
@@ -109,7 +116,7 @@ def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr):
+                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -117,7 +124,8 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     group waited for alone (groups complete in order), its result added to the float32 accumulator
     (two-level accumulation) and the slot released while block j + 1's scores are still computing:
     (acc, l_i, the new max, block j + 1's scores)."""
-    p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout)
+    p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
+                                     V_WGMMA_ORDER)
     it = it0 + j
     slot = it % STAGES
     mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
@@ -145,7 +153,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
 def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, Out, o_base, stride_os, h_col,
                   m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
-                  C: gl.constexpr, PINGPONG: gl.constexpr):
+                  C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -174,14 +182,14 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
     for j in range(0, n_unmasked):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                          False, True, C, PINGPONG, s_layout, o_layout)
+                                          False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
     for j in range(n_unmasked, last):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                          True, True, C, PINGPONG, s_layout, o_layout)
+                                          True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
     acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                       kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
-                                      False, C, PINGPONG, s_layout, o_layout)
+                                      False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -193,12 +201,13 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
 def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base, stride_os,
                        h_col, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                       NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr):
+                       NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr,
+                       V_WGMMA_ORDER: gl.constexpr):
     """Consumer C of the one-tile kernel."""
     mbarrier.wait(q_bar, 0)  # Q's tile landed (a completed phase: returns at once; explicit for each partition)
     _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, 0, 0, Out, o_base, stride_os, h_col, m0,
                   S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
-                  NUM_WARPS, C, PINGPONG)
+                  NUM_WARPS, C, PINGPONG, V_WGMMA_ORDER)
 
 
 @gluon.jit
@@ -206,7 +215,7 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
                               H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                              PINGPONG: gl.constexpr = False):
+                              PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
     """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
     (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
     (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D).
@@ -262,7 +271,7 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         gl.warp_specialize([
             (_softmax_partition, (q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base,
                                   stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale,
-                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0, False)),
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0, False, V_WGMMA_ORDER)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
         ], [1], [24])
@@ -272,13 +281,13 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
             (_softmax_partition, (q_smem.slice(0, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty,
                                   turn, Out, o_base, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks,
                                   qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0,
-                                  PINGPONG)),
+                                  PINGPONG, V_WGMMA_ORDER)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
             (_softmax_partition, (q_smem.slice(HALF_M, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready,
                                   kv_empty, turn, Out, o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv,
                                   n_full, n_blocks, qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES,
-                                  IS_CAUSAL, NUM_WARPS, 1, PINGPONG)),
+                                  IS_CAUSAL, NUM_WARPS, 1, PINGPONG, V_WGMMA_ORDER)),
         ], [1, NUM_WARPS], [24, 240])
 
     mbarrier.invalidate(q_bar)
@@ -366,7 +375,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
-                         PINGPONG: gl.constexpr):
+                         PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
@@ -384,7 +393,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
-                      PINGPONG)
+                      PINGPONG, V_WGMMA_ORDER)
         mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
@@ -397,7 +406,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                                         PINGPONG: gl.constexpr = False):
+                                         PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q and
     n_m = cdiv(S_q, BLOCK_M)): grid (min(n_tiles, SMs),), each program one tile per round of grid tiles
     (`_my_tile`, `_tile`).
@@ -433,7 +442,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
                                     S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 0, False)),
+                                    NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
                                           IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -443,14 +452,14 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
                                     S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 0, PINGPONG)),
+                                    NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
                                           IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
                                     S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 1, PINGPONG)),
+                                    NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -520,14 +529,34 @@ def refusal(qkv, is_causal: bool) -> str | None:
     return "; ".join(problems) or None
 
 
+def wgmma_key_order(v):
+    """A keys-contiguous V (`quantized.keys_contiguous`) with its keys reordered within every 16 as
+    `V_WGMMA_ORDER` reads them: position k of a group holds key 2 (k // 4) + k % 2 + 8 ((k // 2) % 2), i.e.
+    the bits (k3 k2 k1 k0) of a position name key (k1 k3 k2 k0). That is where the wgmma score accumulator's
+    thread q keeps the columns that the P.V operand's thread q needs at k = 4q.. (fp8: 4 consecutive k per
+    register). S_kv must be a multiple of 16. Returns the same kind of BSHD view over new memory."""
+    import torch
+
+    B, S_kv, H, D = v.shape
+    if S_kv % 16:
+        raise ValueError(f"wgmma key order needs a key count that is a multiple of 16, got {S_kv}")
+    k = torch.arange(16, device=v.device)
+    key = 2 * (k // 4) + k % 2 + 8 * ((k // 2) % 2)
+    index = (torch.arange(0, S_kv, 16, device=v.device)[:, None] + key).reshape(-1)
+    packed = v.permute(0, 2, 3, 1)  # (B, H, D, S_kv) view of the keys-contiguous memory
+    return packed[..., index].contiguous().permute(0, 3, 1, 2)
+
+
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
-                        consumers: int = 1, pingpong: bool = False, persistent: bool = False):
+                        consumers: int = 1, pingpong: bool = False, persistent: bool = False,
+                        v_wgmma_order: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
     each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pingpong (two consumers): their
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
-    (`fp8_attn_fwd_gluon_persistent_kernel`)."""
+    (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
+    kernel then relabels P instead of moving it between threads)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -565,7 +594,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     args = (desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
             H_q, H_kv, S_q, S_kv, float(scale))
     meta = dict(GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_M=block_m, BLOCK_N=block_n,
-                STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, PINGPONG=bool(pingpong), num_warps=warps)
+                STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, PINGPONG=bool(pingpong),
+                V_WGMMA_ORDER=bool(v_wgmma_order), num_warps=warps)
     n_m = cdiv(S_q, block_m)
     if persistent:
         n_tiles = n_m * B * H_q

@@ -27,12 +27,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from hf_fp8_attention.backends import gluon_attention as G
 
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
-pingpong = sys.argv[5] == "1"
+pingpong, v_order = sys.argv[5] == "1", sys.argv[6] == "1"
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers, PINGPONG=pingpong)
+          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order)
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -45,7 +45,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None):
+def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -54,7 +54,8 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None):
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
-    flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0"]
+    flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
+             "1" if v_order else "0"]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,6 +81,53 @@ def test_gluon_kernel_builds_for_sm90(D, causal, consumers, persistent, pingpong
     warps = gluon_attention.GLUON_CONFIG_DEFAULT[2] // consumers
     assert len({n for n, t in syncs if int(t) == 32 * warps}) == consumers, syncs
     assert kernel["shared"] <= 227 * 1024  # the ring of K/V slots, Q and the layout scratch fit an SM
+
+
+@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
+@pytest.mark.parametrize("causal,persistent", [(False, False), (True, True)])
+def test_wgmma_key_order_moves_no_p_between_threads(causal, persistent):
+    """With V in wgmma key order the kernel relabels P instead of converting its layout: the build has fewer
+    warp shuffles (those left are the row max / sum reductions) than the build on V in key order."""
+    natural = _compile_sm90(128, causal, 2, persistent, True)
+    relabelled = _compile_sm90(128, causal, 2, persistent, True, v_order=True)
+    shuffles = [k["ptx"].count("shfl.sync") for k in (natural, relabelled)]
+    assert shuffles[1] < shuffles[0], shuffles
+
+
+def _accumulator_cols(q):
+    """Columns of one 32-column chunk of a wgmma m64nNk32 float32 accumulator that thread q (lane % 4) of a
+    quad holds, in register order, for one of its two rows (PTX ISA, wgmma D fragment): 8 i + 2 q + {0, 1}."""
+    return [8 * i + 2 * q + e for i in range(4) for e in range(2)]
+
+
+def _a_operand_ks(q):
+    """k indices of one k32 step of an e4m3 wgmma A operand from registers that thread q holds for one row,
+    in register/byte order (PTX ISA, wgmma A fragment for 8-bit types): 4 q + {0..3}, then 16 + 4 q + {0..3}."""
+    return [16 * a + 4 * q + byte for a in range(2) for byte in range(4)]
+
+
+def test_wgmma_key_order_is_the_fragment_relabelling():
+    """`wgmma_key_order` stores key sigma(k) at position k of every 16, where sigma is the column relabelling of
+    the kernel's reshape/permute (bits (k3 k2 k1 k0) -> (k1 k3 k2 k0)); with it, the k that thread q's A operand
+    holds name exactly the score columns its accumulator holds, so P needs no data movement; the keys come
+    back with the inverse order, and a key count that is not a multiple of 16 is refused."""
+    sigma = torch.arange(16).reshape(2, 2, 2, 2).permute(1, 2, 0, 3).reshape(16)  # P'[k] = P[sigma[k]]
+    for q in range(4):
+        held = set(_accumulator_cols(q))
+        wanted = {16 * (k // 16) + int(sigma[k % 16]) for k in _a_operand_ks(q)}
+        assert wanted == held, (q, sorted(wanted), sorted(held))
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 48, 3, 8, generator=g).to(torch.float8_e4m3fn)
+    from hf_fp8_attention.quantization.quantized import keys_contiguous, keys_contiguous_rows
+
+    kc = keys_contiguous(v)
+    perm = gluon_attention.wgmma_key_order(kc)
+    assert keys_contiguous_rows(perm) == 48 and perm.shape == v.shape
+    key = (torch.arange(0, 48, 16)[:, None] + sigma).reshape(-1)
+    assert torch.equal(perm.float(), v[:, key].float())
+    assert torch.equal(perm[:, torch.argsort(key)].float(), v.float())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gluon_attention.wgmma_key_order(keys_contiguous(v[:, :40]))
 
 
 def test_gluon_launcher_refuses_what_it_cannot_run():
