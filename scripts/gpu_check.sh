@@ -251,8 +251,9 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   # kernel's (HF_FP8_ATTENTION_TRITON_KERNEL=triton) and the CUDA-graph replays (=backend: the first only); GLUON_SDPA=1: fp8_triton next to
   # FA3 bf16 / fp8 at 4k-64k (bench_sdpa); GLUON_MODEL=1: the whole model at 128k (benchmark_model)
   # GLUON_VORDER=1: every probe with V's keys in wgmma order (--v-order 1; the bench lines then also time the
-  # build on V in key order, A/B); GLUON_SDPA_ROUTES="R1 R2 ...": bench_sdpa's fp8_triton and kernel alone at
-  # GLUON_SDPA_SEQS (default 4096) once per HF_FP8_ATTENTION_TRITON_KERNEL value, one process each
+  # build on V in key order, A/B); GLUON_SDPA_ROUTES="R1 R2 ...": bench_sdpa's fp8_triton and kernel alone once per
+  # HF_FP8_ATTENTION_TRITON_KERNEL value (one process each) for each of GLUON_SDPA_CFGS ("ARGS|ARGS...", default
+  # "--seqlens 4096"), GLUON_SDPA_ROUNDS round-robin rounds (default 1)
   vo="--v-order ${GLUON_VORDER:-0}"
   : > "$out/gluon_check.log"
   PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 \
@@ -284,10 +285,13 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   fi
   [ "${GLUON_SDPA:-0}" = 1 ] && step sdpa timeout 240 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 \
     --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/sdpa.json"
-  for r in ${GLUON_SDPA_ROUTES:-}; do
-    step "sdpa_$r" env HF_FP8_ATTENTION_TRITON_KERNEL=$r timeout 200 python3 scripts/bench_sdpa.py --seqlens \
-      ${GLUON_SDPA_SEQS:-4096} --causal both --modes none --sqnr-ref off --impls "FA3" fp8_triton "triton fp8" \
-      --rep-ms 100 --json "$out/sdpa_$r.json"
+  IFS='|' read -ra sdpa_cfgs <<< "${GLUON_SDPA_CFGS:---seqlens 4096}"
+  for i in "${!sdpa_cfgs[@]}"; do
+    for r in ${GLUON_SDPA_ROUTES:-}; do
+      step "sdpa_${r}_$i" env HF_FP8_ATTENTION_TRITON_KERNEL=$r timeout 240 python3 scripts/bench_sdpa.py \
+        ${sdpa_cfgs[$i]} --causal both --modes none --sqnr-ref off --impls "FA3" fp8_triton "triton fp8" \
+        --rep-ms 100 --rounds ${GLUON_SDPA_ROUNDS:-1} --json "$out/sdpa_${r}_$i.json"
+    done
   done
   [ "${GLUON_MODEL:-0}" = 1 ] && step model timeout 300 python3 scripts/benchmark_model.py --seqlens 131072 \
     --warmup 1 --repeats 2 --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json"
