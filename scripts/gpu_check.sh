@@ -253,7 +253,8 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   # GLUON_VORDER=1: every probe with V's keys in wgmma order (--v-order 1; the bench lines then also time the
   # build on V in key order, A/B); GLUON_SDPA_ROUTES="R1 R2 ...": bench_sdpa's fp8_triton and kernel alone once per
   # HF_FP8_ATTENTION_TRITON_KERNEL value (one process each) for each of GLUON_SDPA_CFGS ("ARGS|ARGS...", default
-  # "--seqlens 4096"), GLUON_SDPA_ROUNDS round-robin rounds (default 1)
+  # "--seqlens 4096"), GLUON_SDPA_ROUNDS round-robin rounds (default 1); GLUON_PROBES="ARGS|ARGS...": more
+  # bench probes (probe_ws.py arguments after the ping-pong build's)
   vo="--v-order ${GLUON_VORDER:-0}"
   : > "$out/gluon_check.log"
   PROBE_S=60 probe "$out/gluon_check.log" "gluon 4k" --gluon 1 --consumers 2 --pingpong 1 --config 128,128,4,2 \
@@ -285,6 +286,11 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   fi
   [ "${GLUON_SDPA:-0}" = 1 ] && step sdpa timeout 240 python3 scripts/bench_sdpa.py --seqlens 4096 16384 65536 \
     --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/sdpa.json"
+  IFS='|' read -ra extra_probes <<< "${GLUON_PROBES:-}"  # "ARGS|ARGS...": more bench probes of the ping-pong build
+  for v in "${extra_probes[@]}"; do
+    PROBE_S=150 probe "$out/gluon_check.log" "gluon probe $v" --gluon 1 --consumers 2 --pingpong 1 \
+      --config 128,128,4,2 --bench 1 $v || status=1
+  done
   IFS='|' read -ra sdpa_cfgs <<< "${GLUON_SDPA_CFGS:---seqlens 4096}"
   for i in "${!sdpa_cfgs[@]}"; do
     for r in ${GLUON_SDPA_ROUTES:-}; do

@@ -36,6 +36,8 @@ p.add_argument("--head-dim", type=int, default=128)
 p.add_argument("--consumers", type=int, default=1, help="the Gluon kernel's consumer partitions (1 or 2)")
 p.add_argument("--pingpong", type=int, default=0, help="the Gluon kernel: two consumers' MMAs issued in turn")
 p.add_argument("--persistent", type=int, default=0, help="the Gluon kernel: one program per SM over the tiles")
+p.add_argument("--order", type=int, default=-1, help="the persistent Gluon kernel's causal tile order: 1 heads "
+               "fastest, 0 head by head, -1 the launcher's pick")
 p.add_argument("--v-order", type=int, default=0, help="the Gluon kernel: V's keys in wgmma order (reordered here)")
 a = p.parse_args()
 import os
@@ -64,7 +66,7 @@ ref_qkv = qkv  # the Triton kernel's input (V in key order)
 old = _launch(ref_qkv, bool(a.causal), D**-0.5, torch.bfloat16)
 vs_exact = lambda out: f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else ""  # noqa: E731
 name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
-        + (f" v_order={a.v_order}" if a.v_order else "") if a.gluon
+        + (f" v_order={a.v_order}" if a.v_order else "") + (f" order={a.order}" if a.order >= 0 else "") if a.gluon
         else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
     f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
 if a.gluon:
@@ -73,7 +75,8 @@ if a.gluon:
     run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                                       out_dtype=torch.bfloat16, config=cfg, consumers=a.consumers,
                                                       pingpong=bool(a.pingpong), persistent=bool(a.persistent),
-                                                      v_wgmma_order=bool(a.v_order))
+                                                      v_wgmma_order=bool(a.v_order),
+                                                      heads_fastest=None if a.order < 0 else bool(a.order))
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
@@ -108,6 +111,16 @@ if a.bench:
         ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (natural, run, natural, run)]
         line += (f"; A/B natural order {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, wgmma order "
                  f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS (wgmma / natural "
+                 f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
+    if a.gluon and a.persistent:  # the one-tile build of the same config, timed between two more runs of this one
+        one_tile = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
+            qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16, config=cfg,
+            consumers=a.consumers, pingpong=bool(a.pingpong), v_wgmma_order=bool(a.v_order))
+        one_tile()
+        torch.cuda.synchronize()
+        ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (one_tile, run) * 2]
+        line += (f"; A/B one-tile {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, persistent "
+                 f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS (persistent / one-tile "
                  f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
     print(line, flush=True)
 sys.exit(0)

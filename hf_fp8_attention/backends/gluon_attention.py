@@ -320,17 +320,24 @@ def _my_tile(k):
 
 
 @gluon.jit
-def _tile(t, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          IS_CAUSAL: gl.constexpr):
+def _tile(t, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """Tile t of the persistent kernel: (b, h, h_kv, m0, n_full, n_blocks) as in the one-tile kernel.
     Non-causal: query blocks fastest (the programs working at one time share a head's K and V in L2, as the
-    one-tile kernel's grid). Causal: heaviest first over all heads (heads fastest), so that with the snake of
-    `_my_tile` every program's blocks add up to nearly the same count (modelled at 16k x 32 heads on 132 SMs:
-    the busiest program 0.5% over the mean, against 6% with query blocks fastest and plain rounds)."""
+    one-tile kernel's grid). Causal: heaviest first, with heads_fastest (nonzero) over all heads, so that with
+    the snake of `_my_tile` every program's blocks add up to nearly the same count (modelled at 16k x 32 heads
+    on 132 SMs: the busiest program 0.5% over the mean, against 6% with query blocks fastest and plain rounds),
+    but with every head's K and V in use at once; with heads_fastest 0 head by head (query blocks fastest,
+    heaviest first within a head: the one-tile grid's L2 reuse, 3% over the mean once there are a few rounds
+    of tiles). The launcher picks (`persistent_heads_fastest`)."""
     if IS_CAUSAL:
-        n_bh = n_tiles // n_m
-        pid_m = n_m - 1 - t // n_bh
-        bh = t % n_bh
+        if heads_fastest != 0:
+            n_bh = n_tiles // n_m
+            pid_m = n_m - 1 - t // n_bh
+            bh = t % n_bh
+        else:
+            pid_m = n_m - 1 - t % n_m
+            bh = t // n_m
     else:
         pid_m = t % n_m
         bh = t // n_m
@@ -348,7 +355,7 @@ def _tile(t, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr, BLOCK_M: g
 
 @gluon.jit
 def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                               kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr,
+                               kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr,
                                HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The persistent kernel's TMA producer: per tile, Q into one of two buffers once the consumers released
@@ -357,8 +364,8 @@ def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, 
     it = 0
     i = 0
     for k in range(_num_my_tiles(n_tiles)):
-        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M,
-                                                 BLOCK_N, IS_CAUSAL)
+        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv,
+                                                 GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
         buf = i % 2
         mbarrier.wait(q_empty.index(buf), ((i // 2) & 1) ^ 1)
         mbarrier.expect(q_ready.index(buf), desc_q.block_type.nbytes)
@@ -371,8 +378,8 @@ def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, 
 
 @gluon.jit
 def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out, Q_descale,
-                         K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv, S_q, S_kv, sm_scale,
-                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                         K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q,
+                         S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
@@ -383,8 +390,8 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
     g = 0
     i = 0
     for k in range(_num_my_tiles(n_tiles)):
-        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, BLOCK_M,
-                                                 BLOCK_N, IS_CAUSAL)
+        b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv,
+                                                 GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
         desc_idx = b * H_kv + h_kv
         qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
         v_descale = gl.load(V_descale + desc_idx)
@@ -402,14 +409,14 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
 
 @gluon.jit
 def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob,
-                                         stride_os, H_q, H_kv, S_q, S_kv, sm_scale, n_tiles, n_m,
+                                         stride_os, H_q, H_kv, S_q, S_kv, sm_scale, n_tiles, n_m, heads_fastest,
                                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
-    """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q and
-    n_m = cdiv(S_q, BLOCK_M)): grid (min(n_tiles, SMs),), each program one tile per round of grid tiles
-    (`_my_tile`, `_tile`).
+    """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
+    n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
+    one tile per round of grid tiles (`_my_tile`, `_tile`).
     Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
@@ -440,26 +447,26 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     if CONSUMERS == 1:
         gl.warp_specialize([
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
-                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
-                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER)),
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
+                                    heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                                          v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
-                                          IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                          v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
+                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [24])
     else:
         gl.warp_specialize([
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
-                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
-                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER)),
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
+                                    heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                                          v_ready, kv_empty, n_tiles, n_m, H_q, H_kv, S_q, S_kv, GROUP, HEAD_DIM,
-                                          IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                          v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
+                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
-                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m, H_q, H_kv,
-                                    S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES,
-                                    NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER)),
+                                    Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
+                                    heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -529,6 +536,16 @@ def refusal(qkv, is_causal: bool) -> str | None:
     return "; ".join(problems) or None
 
 
+PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES = 32 << 20  # half the H200's 60 MB L2
+
+
+def persistent_heads_fastest(k, is_causal: bool) -> bool:
+    """The persistent kernel's causal tile order: heads fastest (best balanced) while every head's K and V
+    together fit well in L2 (PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES), else head by head (L2 reuse as the one-tile
+    grid's). e4m3 K and V: 2 bytes per element of K."""
+    return bool(is_causal) and 2 * k.numel() <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
+
+
 def wgmma_key_order(v):
     """A keys-contiguous V (`quantized.keys_contiguous`) with its keys reordered within every 16 as
     `V_WGMMA_ORDER` reads them: position k of a group holds key 2 (k // 4) + k % 2 + 8 ((k // 2) % 2), i.e.
@@ -549,14 +566,15 @@ def wgmma_key_order(v):
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
-                        v_wgmma_order: bool = False):
+                        v_wgmma_order: bool = False, heads_fastest: bool | None = None):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
     each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pingpong (two consumers): their
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
     (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
-    kernel then relabels P instead of moving it between threads)."""
+    kernel then relabels P instead of moving it between threads); heads_fastest (persistent, causal): the tile
+    order (`_tile`), None: `persistent_heads_fastest`."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -600,7 +618,9 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     if persistent:
         n_tiles = n_m * B * H_q
         grid = (min(n_tiles, _num_sms(q.device.index or 0)),)
-        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, **meta)
+        if heads_fastest is None:
+            heads_fastest = persistent_heads_fastest(k, is_causal)
+        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, int(heads_fastest), **meta)
     else:
         fp8_attn_fwd_gluon_kernel[(n_m, B * H_q)](*args, **meta)
     return out
