@@ -309,3 +309,25 @@ def test_persistent_schedule_takes_every_tile_once(n_tiles, grid):
         mean = sum(work) / sms
         assert max(loads) / mean < 1.03, (s, max(loads) / mean)
         assert max(loads) < max(plain)
+    # head by head (the order above K/V that outgrow L2: query blocks fastest, heaviest first in each head):
+    # within 4% once there are a few rounds of tiles (16k x 32 heads, 4k x 8 x 32 heads, 64k x 32)
+    for s, heads in ((16384, 32), (4096, 256), (65536, 32)):
+        n_m = s // 128
+        work = [n_m - t % n_m for t in range(n_m * heads)]
+        loads = [sum(work[t] for t in ts) for ts in _snake(len(work), 132)]
+        assert max(loads) / (sum(work) / 132) < 1.04, (s, heads)
+
+
+def test_persistent_causal_order_follows_the_kv_bytes():
+    """Heads fastest while all heads' e4m3 K and V fit in half the L2, head by head beyond; non-causal tiles
+    keep their order (the flag is for causal only)."""
+    def k(b, s, h_kv):
+        return torch.empty(b, s, h_kv, 128, dtype=torch.float8_e4m3fn, device="meta")
+
+    limit = gluon_attention.PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
+    assert gluon_attention.persistent_heads_fastest(k(1, 4096, 32), True)  # 32 MiB: fits
+    assert gluon_attention.persistent_heads_fastest(k(1, 8192, 8), True)
+    assert not gluon_attention.persistent_heads_fastest(k(1, 16384, 32), True)
+    assert not gluon_attention.persistent_heads_fastest(k(8, 4096, 32), True)
+    assert not gluon_attention.persistent_heads_fastest(k(1, 4096, 32), False)
+    assert 2 * k(1, 8192, 32).numel() > limit
