@@ -29,7 +29,10 @@ build (`docs/results/gluon_persistent_h200_s18.log`): bit-equal to the one-tile 
 against its 831 / 799 and FA3 fp8's 925 / 887 in the same run (0.92x / 0.91x). Session 19
 (`docs/results/gluon_persistent_snake_h200_s19.log`): with the snake schedule the persistent build ran 689 TFLOPS
 at 4k causal against the one-tile build's 588 (FA3 fp8 777-780), equal at 16k; `bench_sdpa` timed it slower at
-4k in a later run (unexplained), so the backend's default stays the one-tile build. Half the exponentials
+4k in a later run (not seen again in session 20: 0.200 vs 0.235 ms at 4k causal). Session 20
+(`docs/results/gluon_persistent_order_h200_s20.log`): with the causal order picked by the K/V bytes
+(`persistent_heads_fastest`) it ran 1.02-1.18x the one-tile build causal (16k, 8 x 4k, 4k, 8k MHA and GQA) and
+1.00x non-causal, timed in the same processes: the backend's default since. Half the exponentials
 by a polynomial on the FMA pipe (FA4's split) was 6-11% slower (`gluon_exp2_h200_s19.log`).
 """
 

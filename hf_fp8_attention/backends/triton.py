@@ -25,17 +25,19 @@ from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The prefill kernel (HF_FP8_ATTENTION_TRITON_KERNEL): "auto" (unset) sends the prefill calls that
 # `gluon_attention.gluon_fp8_attention` takes (per-head scales, e4m3, keys-contiguous V, key count a multiple of
-# 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers whose MMAs take turns ("gluon-pp"): on the
+# 16) on Hopper at head_dim 128 to the Gluon kernel with two consumers whose MMAs take turns, in its persistent
+# build ("gluon-pp-persistent", below; until session 19 the one-tile "gluon-pp"). The one-tile build: on the
 # H200 it measured 0.89-0.94x FA3 fp8 against the Triton kernel's 0.73-0.86x at 16k/64k (session 18,
 # docs/results/gluon_probe2_h200_s18.log; "gluon-2c", the same without turns, 0.93x at 16k: within the run-to-run
 # spread, and the backend's GPU tests ran through gluon-pp); every other call keeps the autotuned Triton kernel.
 # "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
-# looping over the tiles, causal ones in a balanced order; bit-equal to gluon-pp in its probes, the backend's GPU
-# tests pass through it; in session 19's probes 0.89x FA3 fp8 at 4k causal against gluon-pp's 0.75x and equal at
-# 16k, but slower than gluon-pp at 4k through bench_sdpa in another run of the same session, unexplained: not the
-# default until one run times both there, docs/results/gluon_persistent_snake_h200_s19.log): the Gluon kernel
-# wherever it applies, D 64 too. The Gluon kernel reads V
+# looping over the tiles, causal ones heaviest first, heads fastest while all heads' K/V fit in half the L2 and
+# head by head beyond (`gluon_attention.persistent_heads_fastest`); bit-equal to gluon-pp in its probes): the
+# Gluon kernel wherever it applies, D 64 too. auto takes gluon-pp-persistent since session 20: timed against
+# gluon-pp in the same processes (docs/results/gluon_persistent_order_h200_s20.log) 1.02x causal at 16k,
+# 1.07x at 8 x 4k, 1.17x at 4k, 1.08-1.12x at 8k (MHA, GQA 32/8), 1.00x non-causal; bench_sdpa's kernel alone
+# (docs/results/sdpa_routes_h200_s20.log, the earlier heads-fastest-only order) 0-4% faster non-causal. The Gluon kernel reads V
 # keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`), and takes key counts
 # that are multiples of 16 (`gluon_attention.refusal`); auto also wants S_q >= 128 (a full query tile per head):
 # other calls keep the Triton kernel. The Gluon kernel needs triton >= 3.6 (`gluon_unavailable`): with an older
@@ -45,7 +47,7 @@ _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
             "gluon-pp-persistent": dict(_GLUON_2C, pingpong=True, persistent=True)}
-_AUTO_KERNEL = _KERNELS["gluon-pp"]
+_AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
 # cost more than it saved, at 16k splitting was faster; launch overhead dominates short decodes).

@@ -203,7 +203,7 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
-    kernel takes to its two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
+    kernel takes to its persistent two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
     gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the Triton
     kernel runs; a value it does not know is an error."""
     from hf_fp8_attention.backends import triton as triton_backend
@@ -232,7 +232,7 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
                                 v_keys_contiguous=True)
     triton_backend._launch(plain128, False, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["consumers"] == 2 and calls[0][1]["config"] == (128, 128, 4, 2)
-    assert calls[0][1]["pingpong"] is True
+    assert calls[0][1]["pingpong"] is True and calls[0][1]["persistent"] is True  # auto: the persistent build
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
     assert torch.isfinite(triton_backend._launch(plain128, False, 0.125, torch.bfloat16)).all()
     assert len(calls) == 1
@@ -264,9 +264,10 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent")
     triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["persistent"] is True and calls[0][1]["pingpong"] is True
-    monkeypatch.delenv(triton_backend.KERNEL_ENV)
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
     triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
     assert len(calls) == 2 and "persistent" not in calls[1][1]
+    monkeypatch.delenv(triton_backend.KERNEL_ENV)
     # auto: fewer query rows than one Gluon tile (128) keep the Triton kernel
     short = quantize_qkv_fp8(q128[:, :, :64], k128, v128, options=FP8AttentionOptions(hadamard="none"),
                              v_keys_contiguous=True)
