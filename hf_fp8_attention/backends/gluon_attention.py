@@ -78,9 +78,9 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
              s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
-    every 16 (`wgmma_key_order`; a probe option, measured and not adopted), so P's columns are relabelled to match: the score accumulator's
-    registers then already sit where the A operand wants them (a register renaming; otherwise the layout
-    conversion moves them between threads with shuffles and selects)."""
+    every 16 (`wgmma_key_order`; a probe option, measured and not adopted), so P's columns are relabelled to
+    match: the score accumulator's registers then already sit where the A operand wants them (a register
+    renaming; otherwise the layout conversion moves them between threads with shuffles and selects)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
