@@ -65,18 +65,18 @@ if S * S * B * H <= 2**31:  # float32 attention of the same bf16 inputs (up to 8
 ref_qkv = qkv  # the Triton kernel's input (V in key order)
 old = _launch(ref_qkv, bool(a.causal), D**-0.5, torch.bfloat16)
 vs_exact = lambda out: f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else ""  # noqa: E731
-name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
-        + (f" v_order={a.v_order}" if a.v_order else "") + (f" order={a.order}" if a.order >= 0 else "") if a.gluon
-        else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
+gluon_name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
+              + (f" v_order={a.v_order}" if a.v_order else "") + (f" order={a.order}" if a.order >= 0 else ""))
+name = (gluon_name if a.gluon else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
     f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}"
+gluon_args = dict(is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16, config=cfg,
+                  consumers=a.consumers, pingpong=bool(a.pingpong))
 if a.gluon:
     if a.v_order:  # the same codes, keys reordered (the reference column reads ref_qkv)
         qkv = dataclasses.replace(qkv, v=gluon_attention.wgmma_key_order(qkv.v))
-    run = lambda: gluon_attention.gluon_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
-                                                      out_dtype=torch.bfloat16, config=cfg, consumers=a.consumers,
-                                                      pingpong=bool(a.pingpong), persistent=bool(a.persistent),
-                                                      v_wgmma_order=bool(a.v_order),
-                                                      heads_fastest=None if a.order < 0 else bool(a.order))
+    run = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
+        qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
+        heads_fastest=None if a.order < 0 else bool(a.order), **gluon_args)
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
@@ -102,25 +102,23 @@ if a.bench:
                                                                    out_dtype=torch.bfloat16), warmup=10, rep=100,
                                          return_mode="median")
         line += f", FA3 fp8 {flops / ms_fa3 / 1e9:.0f} (ws / FA3 {ms_fa3 / ms:.2f})"
-    if a.gluon and a.v_order:  # the same build with V in key order, timed between two more runs of this one
-        natural = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
-            ref_qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16, config=cfg,
-            consumers=a.consumers, pingpong=bool(a.pingpong), persistent=bool(a.persistent))
-        natural()
+
+    def against(other, other_name, this_name, ratio_name):
+        """other timed between two more runs of this build (alternating), as TFLOPS and the time ratio."""
+        other()
         torch.cuda.synchronize()
-        ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (natural, run, natural, run)]
-        line += (f"; A/B natural order {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, wgmma order "
-                 f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS (wgmma / natural "
-                 f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
-    if a.gluon and a.persistent:  # the one-tile build of the same config, timed between two more runs of this one
-        one_tile = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
-            qkv, is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloat16, config=cfg,
-            consumers=a.consumers, pingpong=bool(a.pingpong), v_wgmma_order=bool(a.v_order))
-        one_tile()
-        torch.cuda.synchronize()
-        ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (one_tile, run) * 2]
-        line += (f"; A/B one-tile {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, persistent "
-                 f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS (persistent / one-tile "
-                 f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
+        ab = [triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median") for f in (other, run) * 2]
+        return (f"; A/B {other_name} {flops / ab[0] / 1e9:.0f} / {flops / ab[2] / 1e9:.0f}, {this_name} "
+                f"{flops / ab[1] / 1e9:.0f} / {flops / ab[3] / 1e9:.0f} TFLOPS ({ratio_name} "
+                f"{(ab[0] + ab[2]) / (ab[1] + ab[3]):.3f})")
+
+    if a.gluon and a.v_order:  # the same build with V in key order
+        line += against(lambda: gluon_attention.gluon_fp8_attention(ref_qkv, persistent=bool(a.persistent),
+                                                                    **gluon_args),
+                        "natural order", "wgmma order", "wgmma / natural")
+    if a.gluon and a.persistent:  # the one-tile build of the same config
+        line += against(lambda: gluon_attention.gluon_fp8_attention(qkv, v_wgmma_order=bool(a.v_order),
+                                                                    **gluon_args),
+                        "one-tile", "persistent", "persistent / one-tile")
     print(line, flush=True)
 sys.exit(0)

@@ -37,11 +37,11 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Gluon kernel wherever it applies, D 64 too. auto takes gluon-pp-persistent since session 20: timed against
 # gluon-pp in the same processes (docs/results/gluon_persistent_order_h200_s20.log) 1.02x causal at 16k,
 # 1.07x at 8 x 4k, 1.17x at 4k, 1.08-1.12x at 8k (MHA, GQA 32/8), 1.00x non-causal; bench_sdpa's kernel alone
-# (docs/results/sdpa_routes_h200_s20.log, the earlier heads-fastest-only order) 0-4% faster non-causal. The Gluon kernel reads V
-# keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`), and takes key counts
-# that are multiples of 16 (`gluon_attention.refusal`); auto also wants S_q >= 128 (a full query tile per head):
-# other calls keep the Triton kernel. The Gluon kernel needs triton >= 3.6 (`gluon_unavailable`): with an older
-# triton auto keeps the Triton kernel and a gluon* value is an error.
+# (docs/results/sdpa_routes_h200_s20.log, the earlier heads-fastest-only order) 0-4% faster non-causal. The
+# Gluon kernel reads V keys-contiguous, which prefill has from S_kv * D >= 256k (`TRITON_V_KEYS_MIN_KEYS_X_DIM`),
+# and takes key counts that are multiples of 16 (`gluon_attention.refusal`); auto also wants S_q >= 128 (a full
+# query tile per head): other calls keep the Triton kernel. The Gluon kernel needs triton >= 3.6
+# (`gluon_unavailable`): with an older triton auto keeps the Triton kernel and a gluon* value is an error.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
