@@ -53,6 +53,16 @@ from hf_fp8_attention._constants import SCALE_BLOCK, V_SCALE_BLOCK, k_scale_bloc
 from hf_fp8_attention._intmath import cdiv
 
 
+def _rope_tile(text: str) -> tuple[int, int, int, bool, bool, int]:
+    parts = text.split(",")
+    if len(parts) != 6 or not all(x.strip().isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"a tile is 6 comma-separated integers R,H,W,P,F,V, got {text!r}")
+    rows, heads, warps, prefetch, fastest, v = (int(x) for x in parts)
+    if v not in (0, 1, 2, 3) or prefetch > 1 or fastest > 1 or min(rows, heads, warps) < 1:
+        raise argparse.ArgumentTypeError(f"tile {text!r}: P and F are 0/1, V is 0-3, R, H, W >= 1")
+    return rows, heads, warps, bool(prefetch), bool(fastest), v
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=None,
@@ -82,6 +92,10 @@ def parse_args(argv=None):
                    help="only the single-pass kernel's num_warps table (the last table of --configs)")
     p.add_argument("--rope-configs", action="store_true",
                    help="only the table of qkv._ROPE_TILES alternatives (RoPE with every scale per block)")
+    p.add_argument("--rope-tiles", nargs="+", default=None, metavar="R,H,W,P,F,V", type=_rope_tile,
+                   help="--rope-configs: time these tiles instead of ROPE_TILES (rows, heads per program, warps, "
+                   "prefetch 0/1, heads fastest 0/1, v: 0 apart, 1 in the launch, 2 there first, 3 apart on a "
+                   "second stream); --rounds: each tile that many times, in turns (median)")
     p.add_argument("--only-modes", nargs="+", default=None, choices=sorted(MODES), metavar="MODE",
                    help="--modes: time these modes only (the first is the 'x none' column's base)")
     args = p.parse_args(argv)
@@ -449,14 +463,21 @@ def rope_configs(args):
     shapes = list(itertools.product(args.heads, args.seqlens or [16384, 65536]))
     print(f"| tile | {' | '.join(f'{h} {S}' for h, S in shapes)} |")
     print(f"|---|{'---|' * len(shapes)}")
-    rows = {tile: [] for tile in (*ROPE_TILES, today)}  # today's tile (D=64/256's) timed even if not listed
+    # today's tile (D=64/256's) timed even if not listed
+    rows = {tile: [] for tile in (*(args.rope_tiles or ROPE_TILES), today)}
+    rounds = getattr(args, "rounds", 1) if args.rope_tiles else 1
     try:
         for heads, S in shapes:
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
             copy = copy_gbs(q, k, v, 50)
-            for tile in rows:
-                qkv._ROPE_TILES[half] = tile
-                ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, "rope+block+block_v", 50)
+            times = {tile: [] for tile in rows}
+            for _ in range(rounds):  # the tiles in turns, each round
+                for tile in rows:
+                    qkv._ROPE_TILES[half] = tile
+                    ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, "rope+block+block_v", 50)
+                    times[tile].append(ms)
+            for tile, t in times.items():
+                ms = statistics.median(t)
                 rows[tile].append(f"{ms:.3f} ({100 * sum(nbytes) / ms / 1e6 / copy:.1f}%)")
             del q, k, v, cos, sin
             torch.cuda.empty_cache()

@@ -44,6 +44,9 @@
 #   bash scripts/gpu_check.sh --gluon-check  # the Gluon kernel: 4k probes vs float32, 16k speed (GLUON_BENCH),
 #                                        # the backend's GPU tests, the Triton kernel's, CUDA graphs (GLUON_TESTS=0:
 #                                        # not), GLUON_SDPA=1: bench_sdpa 4k-64k, GLUON_MODEL=1: whole model 128k
+#   bash scripts/gpu_check.sh --backlog  # q/k RoPE tiles at 64k (ROPE_TILES_SWEEP) + the second-stream V test,
+#                                        # then BACKLOG (default "d64 host model"): one layer at D=64, host time
+#                                        # at 4k, the whole model at 128k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -324,6 +327,25 @@ elif [ "$mode" = "--vblock-bench" ]; then  # the triton backend with every scale
   step accuracy_vblock timeout 120 python3 scripts/accuracy_report.py --seq 4096 --heads 32 --head-dim 128 \
     --backend triton --modes none block block+block_v int8 int8+smooth_k \
     --json "$out/accuracy_vblock.json"
+elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (ROPE_TILES_SWEEP, tiles R,H,W,P,F,V;
+  # V 3 = v's launch on a second stream) with their GPU test, then what session 20 left unmeasured (BACKLOG, default
+  # "d64 host model"): one layer at D=64, the launch path's host time at 4k, the whole model at 128k
+  step v_side_test timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_v_block_scales_gpu.py \
+    -k "second_stream or (single_pass and 128 and block)"
+  step rope_tiles timeout 240 python3 scripts/bench_quantize.py --rope-configs --seqlens 65536 --heads 32/8 32/32 \
+    --rounds "${ROPE_ROUNDS:-3}" --rope-tiles ${ROPE_TILES_SWEEP:-16,8,4,1,1,0 16,8,4,1,1,3}
+  for b in ${BACKLOG-d64 host model}; do
+    case "$b" in
+      d64) step sdpa_d64 timeout 200 python3 scripts/bench_sdpa.py --head-dim 64 --seqlens 4096 16384 65536 \
+             --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" \
+             --json "$out/sdpa_d64.json" ;;
+      host) step sdpa_host timeout 150 python3 scripts/bench_sdpa.py --seqlens 4096 --causal yes --modes none \
+             --impls "FA3 bf16" fp8_fa3 fp8_triton --host --json "$out/sdpa_host.json" ;;
+      model) step model timeout 330 python3 scripts/benchmark_model.py --seqlens 131072 --warmup 1 --repeats 2 \
+             --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json" ;;
+      *) echo "gpu_check: unknown BACKLOG entry '$b'"; status=1 ;;
+    esac
+  done
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

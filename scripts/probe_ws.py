@@ -64,7 +64,8 @@ if S * S * B * H <= 2**31:  # float32 attention of the same bf16 inputs (up to 8
         scale=D**-0.5).transpose(1, 2)
 ref_qkv = qkv  # the Triton kernel's input (V in key order)
 old = _launch(ref_qkv, bool(a.causal), D**-0.5, torch.bfloat16)
-vs_exact = lambda out: f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else ""  # noqa: E731
+vs_exact = lambda out: (  # noqa: E731
+    f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else "")
 gluon_name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
               + (f" v_order={a.v_order}" if a.v_order else "") + (f" order={a.order}" if a.order >= 0 else ""))
 name = (gluon_name if a.gluon else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \

@@ -10,6 +10,7 @@ module that reads strides, allocates and builds grids; the math is the one of `r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -81,6 +82,10 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # registers, 80 bytes of stack; docs/results/rope_v_kernel_registers_sm90_s17.log), so (16, 8, 4) with v:
 # 78.7%, 153 registers. At 16k (~0.1-0.2 ms) eager timings swing (32/8: 40-73% across runs); graph-timed,
 # 74-75%.
+# The last entry's values: V_APART (0 / False), V_AFTER (1 / True), V_FIRST (2), V_SIDE (3: apart, its launch
+# on a second CUDA stream that runs beside the q/k launch, so that neither launch's tail nor the gap between
+# them leaves the memory bus idle; CPU tensors take V_APART's order).
+V_APART, V_AFTER, V_FIRST, V_SIDE = 0, 1, 2, 3
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
     32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (16, 8, 4, True, True, True)}
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
@@ -383,13 +388,16 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     half_block = next_power_of_2(D // 2)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
     n_q, n_kv = B * H_q * cdiv(S_q, V_SCALE_BLOCK), B * H_kv * cdiv(S_kv, V_SCALE_BLOCK)
-    item0, apply_rope = 0, rope is not None
+    item0, apply_rope, side = 0, rope is not None, None
     rope_tile = _ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT) if apply_rope and not int8 else None
     if rope_tile is not None and (varlen is None or varlen[0] is varlen[1]):  # q, k share RoPE's rows
         v_rows = outs[2].shape[1] if v_keys_contiguous else 0
+        if rope_tile[5] == V_SIDE and device.type == "cuda":  # v's launch below, beside this one
+            main, side = torch.cuda.current_stream(device), _side_stream(device)
+            side.wait_stream(main)  # the inputs and the outputs' allocations are ready on main
         _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
                         v_rows, varlen is not None, options, D, half_block, d_contig, rope_tile)
-        if rope_tile[5]:  # v was in that launch
+        if rope_tile[5] in (V_AFTER, V_FIRST):  # v was in that launch
             return qkv
         item0, apply_rope = n_q + n_kv, False  # v alone below
     # int8 q/k stored as bytes (one pointer type for their select); v always through its e4m3 pointer
@@ -402,9 +410,18 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)
-    direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
-                  _block_constexprs(*const_key))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
+                      _block_constexprs(*const_key))
+    if side is not None:  # every later use on main (the caller's reads, the allocator's reuse of v) waits for it
+        main.wait_stream(side)
     return qkv
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second stream of V_SIDE (one per device, made once)."""
+    return torch.cuda.Stream(device)
 
 
 def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, v_rows: int,
@@ -417,8 +434,8 @@ def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu
     rows, heads = rope_tile[:2]
     tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
     n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
-    n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] else 0
-    ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, n_v if rope_tile[5] == 2 else 0, *q.stride(), *k.stride(),
+    n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] in (V_AFTER, V_FIRST) else 0
+    ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, n_v if rope_tile[5] == V_FIRST else 0, *q.stride(), *k.stride(),
             *v.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile)
     key = None

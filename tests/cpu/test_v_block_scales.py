@@ -78,7 +78,7 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 
 
 @kernel_test
-@pytest.mark.parametrize("tile", [(16, 8, 4, True, True, True), (32, 4, 4, False, False, False),
+@pytest.mark.parametrize("tile", [(16, 8, 4, True, True, True), (32, 4, 4, False, False, 3),
                                   (64, 16, 8, True, True, True), (16, 8, 4, True, True, 2)], ids=str)
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
     (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
@@ -91,8 +91,9 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monkeypatch):
     """RoPE with e4m3 block scales: q/k through `qk_rope_block_kernel` (cos/sin once per row tile, a loop over
     heads; with and without prefetch), v in the same launch (each V block in two passes over the tile's rows)
-    or through the single-pass kernel's v tiles alone: the same codes and block descales as the reference.
-    cos/sin per batch, with halves that differ (the kernel reads both)."""
+    or through the single-pass kernel's v tiles alone (V_SIDE, 3: on CPU tensors in order on one stream): the
+    same codes and block descales as the reference. cos/sin per batch, with halves that differ (the kernel
+    reads both)."""
     import hf_fp8_attention.quantization.qkv as qkv
 
     monkeypatch.setattr(qkv, "_ROPE_TILES", {})

@@ -72,3 +72,49 @@ def test_v_block_scales_keep_the_tokens_before_a_huge_v_token_gpu(s):
     assert sqnr_db(block, exact) > sqnr_db(head, exact) + 1.0
     assert sqnr_db(block, exact) > 20
 
+
+
+@pytest.mark.parametrize("v_keys", [False, True])
+def test_v_on_a_second_stream_equals_v_apart_gpu(v_keys, monkeypatch):
+    """The q/k RoPE tile's V_SIDE (v's launch on a second stream beside the q/k launch): the codes and
+    descales of V_APART bit for bit, eagerly and replayed from a CUDA graph (the capture forks and joins the
+    second stream), and the caller's stream sees v's codes without a synchronize (a kernel on it reads them
+    right after the call)."""
+    import hf_fp8_attention.quantization.qkv as qkv
+
+    b, s, d = 2, 8192 + 64, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g).bfloat16().transpose(1, 2) for h in (32, 8, 8))
+    v[:, :, 5000] *= 300
+    cos, sin = _rope(s, d)
+    options = FP8AttentionOptions(qk_scales="block", v_scales="block")
+    tile = qkv._ROPE_TILES[d // 2]
+
+    def run(v_mode):
+        monkeypatch.setitem(qkv._ROPE_TILES, d // 2, (*tile[:5], v_mode))
+        out = quantize_qkv_fp8(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
+        checksum = out.v.view(torch.uint8).sum(dtype=torch.int64)  # on the caller's stream, no synchronize
+        return out, checksum
+
+    want, want_sum = run(qkv.V_APART)
+    got, got_sum = run(qkv.V_SIDE)
+    torch.cuda.synchronize()
+    assert int(got_sum) == int(want_sum)
+    for n in ("q", "k", "v"):
+        assert torch.equal(getattr(got, n).view(torch.uint8), getattr(want, n).view(torch.uint8)), n
+        assert torch.equal(getattr(got, f"{n}_block_descale"), getattr(want, f"{n}_block_descale")), n
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(qkv.V_SIDE)  # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=stream):
+            captured, _ = run(qkv.V_SIDE)
+    torch.cuda.current_stream().wait_stream(stream)
+    for n in ("q", "k", "v"):
+        getattr(captured, n).view(torch.uint8).zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for n in ("q", "k", "v"):
+        assert torch.equal(getattr(captured, n).view(torch.uint8), getattr(want, n).view(torch.uint8)), n
+        assert torch.equal(getattr(captured, f"{n}_block_descale"), getattr(want, f"{n}_block_descale")), n
