@@ -450,10 +450,12 @@ ROPE_TILES = (None, *((*t, fused) for fused in (True, False) for t in (
 
 
 def rope_configs(args):
-    """ms and % of copy of mode rope+block+block_v per q/k RoPE tile (`qkv._ROPE_TILES`, restored)."""
+    """ms and % of copy of mode rope+block+block_v per q/k RoPE tile (`qkv._ROPE_TILES`, restored); a V_SIDE
+    tile (v: 3) takes the second stream at every size (`qkv._V_SIDE_MIN_ROWS` 0 here, restored)."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT)
+    saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT, qkv._V_SIDE_MIN_ROWS)
+    qkv._V_SIDE_MIN_ROWS = 0  # a V_SIDE tile takes the second stream at every size here
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
     today = saved[0].get(half, saved[1])
@@ -484,6 +486,7 @@ def rope_configs(args):
     finally:
         qkv._ROPE_TILES.clear()
         qkv._ROPE_TILES.update(saved[0])
+        qkv._V_SIDE_MIN_ROWS = saved[2]
     for tile, cells in rows.items():
         mark = "*" if tile == today else ""
         print(f"| {tile}{mark} | {' | '.join(cells)} |", flush=True)

@@ -44,9 +44,11 @@
 #   bash scripts/gpu_check.sh --gluon-check  # the Gluon kernel: 4k probes vs float32, 16k speed (GLUON_BENCH),
 #                                        # the backend's GPU tests, the Triton kernel's, CUDA graphs (GLUON_TESTS=0:
 #                                        # not), GLUON_SDPA=1: bench_sdpa 4k-64k, GLUON_MODEL=1: whole model 128k
-#   bash scripts/gpu_check.sh --backlog  # q/k RoPE tiles at 64k (ROPE_TILES_SWEEP) + the second-stream V test,
-#                                        # then BACKLOG (default "d64 host model"): one layer at D=64, host time
-#                                        # at 4k, the whole model at 128k
+#   bash scripts/gpu_check.sh --backlog  # q/k RoPE tiles (ROPE_TILES_SWEEP at ROPE_SEQLENS, default 64k; ROPE_TIMING
+#                                        # "eager graph") + the second-stream V test, then BACKLOG (default "d64
+#                                        # host model"; also "tests": the quantizer's and triton backend's GPU
+#                                        # tests, "sdpa": one layer 16k/64k): one layer at D=64, host time at 4k,
+#                                        # the whole model at 128k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -332,10 +334,18 @@ elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (R
   # "d64 host model"): one layer at D=64, the launch path's host time at 4k, the whole model at 128k
   step v_side_test timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_v_block_scales_gpu.py \
     -k "second_stream or (single_pass and 128 and block)"
-  step rope_tiles timeout 240 python3 scripts/bench_quantize.py --rope-configs --seqlens 65536 --heads 32/8 32/32 \
-    --rounds "${ROPE_ROUNDS:-3}" --rope-tiles ${ROPE_TILES_SWEEP:-16,8,4,1,1,0 16,8,4,1,1,3}
+  for t in ${ROPE_TIMING:-eager}; do
+    step "rope_tiles_$t" timeout 240 python3 scripts/bench_quantize.py --rope-configs --seqlens ${ROPE_SEQLENS:-65536} \
+      --heads 32/8 32/32 --timing "$t" --rounds "${ROPE_ROUNDS:-3}" \
+      --rope-tiles ${ROPE_TILES_SWEEP:-16,8,4,1,1,0 16,8,4,1,1,3}
+  done
   for b in ${BACKLOG-d64 host model}; do
     case "$b" in
+      tests) step quantize_tests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs \
+             tests/gpu/test_v_block_scales_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_quantize_gpu.py \
+             tests/gpu/test_triton_attention_gpu.py ;;
+      sdpa) step sdpa timeout 200 python3 scripts/bench_sdpa.py --seqlens 16384 65536 --causal both --modes none \
+             --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" --json "$out/sdpa.json" ;;
       d64) step sdpa_d64 timeout 200 python3 scripts/bench_sdpa.py --head-dim 64 --seqlens 4096 16384 65536 \
              --causal both --modes none --sqnr-ref off --impls "FA3" fp8_fa3 fp8_triton "triton fp8" \
              --json "$out/sdpa_d64.json" ;;

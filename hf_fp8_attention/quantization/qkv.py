@@ -84,10 +84,23 @@ _BLOCK_WARPS = {(32, False): 4, (32, True): 8, (64, False): 4, (64, True): 16, (
 # 74-75%.
 # The last entry's values: V_APART (0 / False), V_AFTER (1 / True), V_FIRST (2), V_SIDE (3: apart, its launch
 # on a second CUDA stream that runs beside the q/k launch, so that neither launch's tail nor the gap between
-# them leaves the memory bus idle; CPU tensors take V_APART's order).
+# them leaves the memory bus idle; CPU tensors, and inputs of fewer than `_V_SIDE_MIN_ROWS` rows of q, k and v
+# together, B * (S_q * H_q + 2 * S_kv * H_kv), take V_APART's order on one stream). The heads per program are
+# a maximum: the q and k heads (H_q + H_kv) are cut into the fewest chunks of at most that many, all of one
+# size but the last (`_heads_per_program`).
+# Session 21 (docs/results/quantize_rope_side_stream*_h200_s21.log, 3 rounds in turns, medians), D=128:
+# - 64k, eager: V_SIDE 80.2% / 81.5% of copy (32/8 / 32/32) vs V_APART 78.4% / 80.6%; with 20 heads at 32/8
+#   (two chunks of 20) 82.1%, 16 at 32/32 (four of 16) 82.6%: a maximum of 20 takes both. A second run: the
+#   kept tile 82.0% / 82.7% (graph-timed 82.1% / 83.0%), the same tile with v apart 79.5% / 81.5%, session
+#   17's (16, 8, 4, v apart) 78.4% / 80.7%.
+# - GPU time (graph-timed) V_SIDE is faster at every size: 4k 69.7% / 75.8% vs 60.6% / 64.1% apart, 16k
+#   79.4% / 81.1% vs 73.9% / 77.2%. But the second stream costs host time (events, stream switches): eager
+#   calls at 4k and 16k, bound by the host, took 0.29-0.30 ms with it vs 0.21-0.23 without. Hence the
+#   threshold: from 3 Mi rows (32/8 at 64k, 32/32 at 32k; ~0.35 ms of GPU work) the GPU time covers the host's.
 V_APART, V_AFTER, V_FIRST, V_SIDE = 0, 1, 2, 3
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
-    32: (32, 8, 4, True, True, True), 64: (16, 8, 4, True, True, False), 128: (16, 8, 4, True, True, True)}
+    32: (32, 8, 4, True, True, True), 64: (16, 20, 4, True, True, V_SIDE), 128: (16, 8, 4, True, True, True)}
+_V_SIDE_MIN_ROWS = 3 << 20
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
@@ -392,7 +405,9 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     rope_tile = _ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT) if apply_rope and not int8 else None
     if rope_tile is not None and (varlen is None or varlen[0] is varlen[1]):  # q, k share RoPE's rows
         v_rows = outs[2].shape[1] if v_keys_contiguous else 0
-        if rope_tile[5] == V_SIDE and device.type == "cuda":  # v's launch below, beside this one
+        if (rope_tile[5] == V_SIDE and device.type == "cuda"
+                and B * (S_q * H_q + 2 * S_kv * H_kv) >= _V_SIDE_MIN_ROWS):
+            # v's launch below, beside this one
             main, side = torch.cuda.current_stream(device), _side_stream(device)
             side.wait_stream(main)  # the inputs and the outputs' allocations are ready on main
         _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
@@ -431,7 +446,8 @@ def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu
     v in the same launch (its programs after the q/k ones, or first; 0: `_launch_blocks` then does v).
     v_rows: V's keys-contiguous row count, else 0."""
     H_q, H_kv = q.shape[1], k.shape[1]
-    rows, heads = rope_tile[:2]
+    rows, heads = rope_tile[0], _heads_per_program(H_q + H_kv, rope_tile[1])
+    rope_tile = (rows, heads, *rope_tile[2:])
     tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
     n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
     n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] in (V_AFTER, V_FIRST) else 0
@@ -442,6 +458,12 @@ def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
     direct.launch(qk_rope_block_kernel, key, (n_qk + n_v,), (*tensors, *ints), _rope_constexprs(*const_key))
+
+
+def _heads_per_program(n_heads: int, most: int) -> int:
+    """Heads per program of `qk_rope_block_kernel`: n_heads (q's and k's) in the fewest chunks of at most
+    `most`, of equal size but the last (40 heads at most 20: 20 + 20; 64: 16 x 4; 9 at most 8: 5 + 4)."""
+    return cdiv(n_heads, cdiv(n_heads, most))
 
 
 @functools.lru_cache(maxsize=256)

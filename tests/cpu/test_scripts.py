@@ -577,15 +577,15 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     seen.clear()
     monkeypatch.setattr(qkv, "_launch", lambda *a, **kw: seen.append(qkv._ROPE_TILES.get(64)))
     bench_quantize.rope_configs(args)
-    assert seen == list(bench_quantize.ROPE_TILES) and qkv._ROPE_TILES == saved_rope
-    assert capsys.readouterr().out.count("\n| (16, 8, 4, True, True, False)* |") == 1
+    assert seen == list(dict.fromkeys((*bench_quantize.ROPE_TILES, saved_rope[64]))) and qkv._ROPE_TILES == saved_rope
+    assert capsys.readouterr().out.count(f"\n| {saved_rope[64]}* |") == 1
     # --rope-tiles: the given tiles (and today's) instead, each --rounds times in turns
     seen.clear()
     args = bench_quantize.parse_args(["--rope-configs", "--seqlens", "64", "--heads", "4/2", "--rounds", "2",
                                       "--rope-tiles", "16,10,4,1,1,3", "32,5,2,0,1,0"])
     bench_quantize.rope_configs(args)
     tiles = [(16, 10, 4, True, True, 3), (32, 5, 2, False, True, 0), saved_rope[64]]
-    assert seen == tiles * 2 and qkv._ROPE_TILES == saved_rope
+    assert seen == tiles * 2 and qkv._ROPE_TILES == saved_rope and qkv._V_SIDE_MIN_ROWS == 3 << 20
     out = capsys.readouterr().out
     assert all(out.count(f"\n| {t}{'*' if t == saved_rope[64] else ''} |") == 1 for t in tiles)
     for bad in ("16,8,4,1,1,4", "16,8,4", "16,8,4,2,1,0", "a,8,4,1,1,0"):

@@ -81,7 +81,7 @@ def test_single_pass_kernel_matches_reference(B, H_q, H_kv, S, D, rope, options,
 @pytest.mark.parametrize("tile", [(16, 8, 4, True, True, True), (32, 4, 4, False, False, 3),
                                   (64, 16, 8, True, True, True), (16, 8, 4, True, True, 2)], ids=str)
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,extra", [
-    (2, 6, 3, 150, 64, {}),  # 9 heads: a partial head chunk; S not a multiple of the rows
+    (2, 6, 3, 150, 64, {}),  # 9 heads: chunks of 5 + 4 (at most 8), 3 x 3 (at most 4); S not a multiple of the rows
     (1, 4, 4, 70, 128, {"smooth_k": True}),
     (1, 4, 2, 48, 128, {"hadamard": "qk"}),
     (1, 2, 2, 300, 128, {"hadamard": "qkv"}),  # V blocks of 128 rows over several tiles, the last partial
@@ -142,6 +142,20 @@ def test_single_pass_kernel_item_orders(heads_fastest, monkeypatch):
     assert_same_blocks(got, quantize_qkv_fp8_varlen_reference(*args, options=BLOCK_QKV), lengths)
 
 
+def test_qk_rope_heads_per_program():
+    """The tile's heads per program is a maximum: the fewest chunks of at most that many heads, equal but the
+    last, covering every head once."""
+    from hf_fp8_attention.quantization.qkv import _heads_per_program
+
+    assert [_heads_per_program(n, 20) for n in (40, 64, 72, 24, 16, 9, 1)] == [20, 16, 18, 12, 16, 9, 1]
+    assert [_heads_per_program(n, 8) for n in (40, 64, 9, 3)] == [8, 8, 5, 3]
+    for n in range(1, 130):
+        for most in (1, 4, 8, 16, 20):
+            h = _heads_per_program(n, most)
+            chunks = -(-n // h)
+            assert h <= most and chunks == -(-n // most) and (chunks - 1) * h < n <= chunks * h
+
+
 @kernel_test
 @pytest.mark.parametrize("D", [128, 64], ids=["d128-v-apart", "d64-v-in-launch"])
 def test_qk_rope_kernel_varlen(D):
@@ -150,7 +164,7 @@ def test_qk_rope_kernel_varlen(D):
     equal the reference."""
     import hf_fp8_attention.quantization.qkv as qkv
 
-    assert qkv._ROPE_TILES[D // 2][5] == (D == 64)  # which V path each case covers
+    assert (qkv._ROPE_TILES[D // 2][5] in (qkv.V_AFTER, qkv.V_FIRST)) == (D == 64)  # which V path each case covers
     lengths = [37, 5, 90]
     total = sum(lengths)
     g = torch.Generator().manual_seed(0)

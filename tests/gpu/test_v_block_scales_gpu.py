@@ -89,6 +89,14 @@ def test_v_on_a_second_stream_equals_v_apart_gpu(v_keys, monkeypatch):
     cos, sin = _rope(s, d)
     options = FP8AttentionOptions(qk_scales="block", v_scales="block")
     tile = qkv._ROPE_TILES[d // 2]
+    sides = []
+    real_side = qkv._side_stream
+    monkeypatch.setattr(qkv, "_side_stream", lambda device: sides.append(device) or real_side(device))
+    assert b * s * (32 + 2 * 8) < qkv._V_SIDE_MIN_ROWS
+    monkeypatch.setitem(qkv._ROPE_TILES, d // 2, (*tile[:5], qkv.V_SIDE))
+    quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    assert not sides  # under the threshold: one stream
+    monkeypatch.setattr(qkv, "_V_SIDE_MIN_ROWS", 0)
 
     def run(v_mode):
         monkeypatch.setitem(qkv._ROPE_TILES, d // 2, (*tile[:5], v_mode))
@@ -97,7 +105,9 @@ def test_v_on_a_second_stream_equals_v_apart_gpu(v_keys, monkeypatch):
         return out, checksum
 
     want, want_sum = run(qkv.V_APART)
+    assert not sides
     got, got_sum = run(qkv.V_SIDE)
+    assert len(sides) == 1  # the second stream was taken
     torch.cuda.synchronize()
     assert int(got_sum) == int(want_sum)
     for n in ("q", "k", "v"):
