@@ -341,7 +341,7 @@ elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (R
   done
   for b in ${BACKLOG-d64 host model}; do
     case "$b" in
-      tests) step quantize_tests timeout 300 python3 -m pytest -q -p no:cacheprovider -rs \
+      tests) step quantize_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
              tests/gpu/test_v_block_scales_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_quantize_gpu.py \
              tests/gpu/test_triton_attention_gpu.py ;;
       sdpa) step sdpa timeout 200 python3 scripts/bench_sdpa.py --seqlens 16384 65536 --causal both --modes none \
