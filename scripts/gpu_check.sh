@@ -47,7 +47,8 @@
 #   bash scripts/gpu_check.sh --backlog  # q/k RoPE tiles (ROPE_TILES_SWEEP at ROPE_SEQLENS, default 64k; ROPE_TIMING
 #                                        # "eager graph") + the second-stream V test, then BACKLOG (default "d64
 #                                        # host model"; also "tests": the quantizer's and triton backend's GPU
-#                                        # tests, "sdpa": one layer 16k/64k): one layer at D=64, host time at 4k,
+#                                        # tests, "sdpa": one layer 16k/64k, "gluon64": the Gluon kernel at D=64,
+#                                        # probes and one layer per route): one layer at D=64, host time at 4k,
 #                                        # the whole model at 128k
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
@@ -351,6 +352,18 @@ elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (R
              --json "$out/sdpa_d64.json" ;;
       host) step sdpa_host timeout 150 python3 scripts/bench_sdpa.py --seqlens 4096 --causal yes --modes none \
              --impls "FA3 bf16" fp8_fa3 fp8_triton --host --json "$out/sdpa_host.json" ;;
+      gluon64) : > "$out/gluon64.log"  # the Gluon kernel at D=64 (auto keeps the Triton kernel there): agreement
+             # with the Triton kernel at 4k (MHA; GQA 8/2 with two sequences), then one layer with each route
+             PROBE_S=90 probe "$out/gluon64.log" "gluon d64" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
+               --config 128,128,4,2 --causal 1 --head-dim 64 || status=1
+             PROBE_S=90 probe "$out/gluon64.log" "gluon d64 gqa" --gluon 1 --consumers 2 --pingpong 1 --persistent 1 \
+               --config 128,128,4,2 --causal 1 --head-dim 64 --seq 4144 --batch 2 --kv-heads 2 || status=1
+             sqnr_ok "$out/gluon64.log" "D=64" || { echo "gpu_check: gluon d64 below 30 dB vs the Triton kernel"; status=1; }
+             for r in gluon-pp-persistent triton; do
+               step "sdpa_d64_$r" env HF_FP8_ATTENTION_TRITON_KERNEL=$r timeout 200 python3 scripts/bench_sdpa.py \
+                 --head-dim 64 --seqlens 4096 16384 65536 --causal both --modes none --sqnr-ref off \
+                 --impls "FA3" fp8_triton "triton fp8" --json "$out/sdpa_d64_$r.json"
+             done ;;
       model) step model timeout 330 python3 scripts/benchmark_model.py --seqlens 131072 --warmup 1 --repeats 2 \
              --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json" ;;
       *) echo "gpu_check: unknown BACKLOG entry '$b'"; status=1 ;;
