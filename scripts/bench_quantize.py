@@ -101,6 +101,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rope_tiles and not args.rope_configs:
+        p.error("--rope-tiles goes with --rope-configs")
     if args.compare and (args.modes or args.configs or args.sweep or args.profile_host):
         p.error("--compare applies to the table only, not to --modes/--configs/--sweep/--profile-host")
     return args
@@ -455,7 +457,6 @@ def rope_configs(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT, qkv._V_SIDE_MIN_ROWS)
-    qkv._V_SIDE_MIN_ROWS = 0  # a V_SIDE tile takes the second stream at every size here
     half = args.head_dim // 2
     half = 1 << (half - 1).bit_length()
     today = saved[0].get(half, saved[1])
@@ -469,6 +470,7 @@ def rope_configs(args):
     rows = {tile: [] for tile in (*(args.rope_tiles or ROPE_TILES), today)}
     rounds = getattr(args, "rounds", 1) if args.rope_tiles else 1
     try:
+        qkv._V_SIDE_MIN_ROWS = 0  # a V_SIDE tile takes the second stream at every size here
         for heads, S in shapes:
             q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
             copy = copy_gbs(q, k, v, 50)

@@ -411,8 +411,13 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
             # v's launch below, beside this one
             main, side = torch.cuda.current_stream(device), _side_stream(device)
             side.wait_stream(main)  # the inputs and the outputs' allocations are ready on main
-        _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
-                        v_rows, varlen is not None, options, D, half_block, d_contig, rope_tile)
+        try:
+            _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, blocks, n_blk, B, S_q,
+                            v_rows, varlen is not None, options, D, half_block, d_contig, rope_tile)
+        except BaseException:
+            if side is not None:  # joined again: a CUDA-graph capture then reports this error, not an unjoined stream
+                main.wait_stream(side)
+            raise
         if rope_tile[5] in (V_AFTER, V_FIRST):  # v was in that launch
             return qkv
         item0, apply_rope = n_q + n_kv, False  # v alone below
@@ -426,17 +431,22 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):  # as `_launch`: every specialized int is in the key
         key = (device, tuple(t.dtype for t in tensors), ints, const_key)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
-                      _block_constexprs(*const_key))
-    if side is not None:  # every later use on main (the caller's reads, the allocator's reuse of v) waits for it
-        main.wait_stream(side)
+    try:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
+                          _block_constexprs(*const_key))
+    finally:
+        if side is not None:  # every later use on main (the caller's reads, the allocator's reuse of v) waits for it
+            main.wait_stream(side)
     return qkv
 
 
 @functools.lru_cache(maxsize=None)
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream of V_SIDE (one per device, made once)."""
+    """The second stream of V_SIDE (one per device, made once). It comes from torch's pool of streams, which
+    hands the same few streams out in turn, so it may be a stream other code also uses: the results stay right
+    (v's launch only waits for more), but the overlap can be lost. A CUDA-graph capture in one thread while
+    another thread quantizes eagerly on the same device shares this stream: capture such calls in one thread."""
     return torch.cuda.Stream(device)
 
 

@@ -591,6 +591,8 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
     for bad in ("16,8,4,1,1,4", "16,8,4", "16,8,4,2,1,0", "a,8,4,1,1,0"):
         with pytest.raises(SystemExit):
             bench_quantize.parse_args(["--rope-configs", "--rope-tiles", bad])
+    with pytest.raises(SystemExit):  # tiles without the table they are for
+        bench_quantize.parse_args(["--modes", "--rope-tiles", "16,8,4,1,1,0"])
 
 
 # ------------------------------------------------------------------------------------------------------

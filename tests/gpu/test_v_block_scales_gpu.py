@@ -113,6 +113,14 @@ def test_v_on_a_second_stream_equals_v_apart_gpu(v_keys, monkeypatch):
     for n in ("q", "k", "v"):
         assert torch.equal(getattr(got, n).view(torch.uint8), getattr(want, n).view(torch.uint8)), n
         assert torch.equal(getattr(got, f"{n}_block_descale"), getattr(want, f"{n}_block_descale")), n
+    other = torch.cuda.Stream()  # a caller on a stream of its own: joined to that stream, not the default one
+    other.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(other):
+        on_other, other_sum = run(qkv.V_SIDE)
+    torch.cuda.synchronize()
+    assert int(other_sum) == int(want_sum)
+    for n in ("q", "k", "v"):
+        assert torch.equal(getattr(on_other, n).view(torch.uint8), getattr(want, n).view(torch.uint8)), n
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
