@@ -468,7 +468,7 @@ def rope_configs(args):
     print(f"|---|{'---|' * len(shapes)}")
     # today's tile (D=64/256's) timed even if not listed
     rows = {tile: [] for tile in (*(args.rope_tiles or ROPE_TILES), today)}
-    rounds = getattr(args, "rounds", 1) if args.rope_tiles else 1
+    rounds = args.rounds if args.rope_tiles else 1
     try:
         qkv._V_SIDE_MIN_ROWS = 0  # a V_SIDE tile takes the second stream at every size here
         for heads, S in shapes:

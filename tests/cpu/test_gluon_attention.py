@@ -203,9 +203,9 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
-    kernel takes to its persistent two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the Triton kernel;
-    gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the Triton
-    kernel runs; a value it does not know is an error."""
+    kernel takes to its persistent two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the
+    Triton kernel; gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the
+    Triton kernel runs; a value it does not know is an error."""
     from hf_fp8_attention.backends import triton as triton_backend
 
     calls = []

@@ -73,7 +73,6 @@ def test_v_block_scales_keep_the_tokens_before_a_huge_v_token_gpu(s):
     assert sqnr_db(block, exact) > 20
 
 
-
 @pytest.mark.parametrize("v_keys", [False, True])
 def test_v_on_a_second_stream_equals_v_apart_gpu(v_keys, monkeypatch):
     """The q/k RoPE tile's V_SIDE (v's launch on a second stream beside the q/k launch): the codes and
