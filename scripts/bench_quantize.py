@@ -28,6 +28,12 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --modes --skip-configs --only-modes rope rope+qk rope+block+block_v
     python scripts/bench_quantize.py --block-configs      # the single-pass kernel's num_warps alone
     python scripts/bench_quantize.py --rope-configs       # RoPE + every scale per block: q/k kernel tiles
+    python scripts/bench_quantize.py --split --rounds 3   # per-head scales: persistent kernel vs split path
+
+--split times each per-head-scale mode (SPLIT_MODES, or --only-modes) both ways, the persistent two-pass
+kernel and the split path (`qkv._SPLIT_MIN_ROWS` huge / 0, restored), in turns for --rounds (medians), checks
+that both give the same codes and descales (bit for bit; with Hadamard tl.dot's summation order may move an
+fp8 code: then the row says how many bytes differ), at --seqlens (else 4k, 16k, 64k).
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
 >= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
@@ -63,6 +69,13 @@ def _rope_tile(text: str) -> tuple[int, int, int, bool, bool, int]:
     return rows, heads, warps, bool(prefetch), bool(fastest), v
 
 
+def _split_tile(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"a split tile is 2 comma-separated positive integers R,W, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", type=int, nargs="+", default=None,
@@ -96,13 +109,21 @@ def parse_args(argv=None):
                    help="--rope-configs: time these tiles instead of ROPE_TILES (rows, heads per program, warps, "
                    "prefetch 0/1, heads fastest 0/1, v: 0 apart, 1 in the launch, 2 there first, 3 apart on a "
                    "second stream); --rounds: each tile that many times, in turns (median)")
+    p.add_argument("--split", action="store_true",
+                   help="per-head-scale modes: the persistent kernel vs the split path, in turns (--rounds)")
+    p.add_argument("--split-tiles", nargs="+", default=None, metavar="R,W", type=_split_tile,
+                   help="--split: time the split path with these single-pass tiles (rows, num_warps) instead of "
+                   "today's (qkv._SPLIT_TILES), each a column")
     p.add_argument("--only-modes", nargs="+", default=None, choices=sorted(MODES), metavar="MODE",
-                   help="--modes: time these modes only (the first is the 'x none' column's base)")
+                   help="--modes / --split: time these modes only (--modes: the first is the 'x none' column's "
+                   "base)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.rope_tiles and not args.rope_configs:
         p.error("--rope-tiles goes with --rope-configs")
+    if args.split_tiles and not args.split:
+        p.error("--split-tiles goes with --split")
     if args.compare and (args.modes or args.configs or args.sweep or args.profile_host):
         p.error("--compare applies to the table only, not to --modes/--configs/--sweep/--profile-host")
     return args
@@ -494,6 +515,69 @@ def rope_configs(args):
         print(f"| {tile}{mark} | {' | '.join(cells)} |", flush=True)
 
 
+# --split: modes with per-(batch, KV head) scales (the fa3/fa4 path), the default prefill path (rope+qk) first
+SPLIT_MODES = ("rope+qk", "rope", "none", "qk", "rope+qk+smooth_v")
+
+
+def _byte_diff(a, b) -> int:
+    """Codes (q, k, v) and descales that differ between two QuantizedQKV: the fp8 bytes plus descale entries."""
+    n = sum(int((getattr(a, x).view(torch.uint8) != getattr(b, x).view(torch.uint8)).sum()) for x in "qkv")
+    return n + sum(int((getattr(a, f"{x}_descale") != getattr(b, f"{x}_descale")).sum()) for x in "qkv")
+
+
+def split_paths(args):
+    """ms and % of copy of the per-head-scale modes through the persistent kernel and through the split path
+    (`qkv._SPLIT_MIN_ROWS`; --split-tiles: each of those tiles, `qkv._SPLIT_TILES`; both restored), in turns;
+    the best split column's speedup and how many output bytes differ from the persistent kernel's."""
+    from hf_fp8_attention.quantization import qkv
+
+    saved = (qkv._SPLIT_MIN_ROWS, dict(qkv._SPLIT_TILES))
+    half = 1 << (args.head_dim // 2 - 1).bit_length()
+    today = saved[1].get(half, qkv._SPLIT_TILE_DEFAULT)
+    paths = {"persistent": None, **{f"split {r},{w}": (r, w) for r, w in (args.split_tiles or [today])}}
+    print(f"\nPer-(batch, KV head) scales, D={args.head_dim}: persistent two-pass kernel vs the split path (two "
+          f"launches; tiles rows,warps; today's {today}, from {saved[0]} rows), ms (% of copy), median of "
+          f"{args.rounds} round(s) in turns")
+    print(f"| H_q/H_kv | S | mode | {' | '.join(paths)} | best split speedup | bytes differ |")
+    print(f"|---|---|---|{'---|' * len(paths)}---|---|")
+
+    def use(tile):
+        qkv._SPLIT_MIN_ROWS = 1 << 62 if tile is None else 0
+        if tile is not None:
+            qkv._SPLIT_TILES[half] = tile
+
+    try:
+        for heads in args.heads:
+            for S in args.seqlens or [4096, 16384, 65536]:
+                q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+                copy = copy_gbs(q, k, v, 50)
+                for name in args.only_modes or SPLIT_MODES:
+                    rope, kw = MODES[name]
+                    inputs = (q, k, v, cos, sin) if rope else (q, k, v)
+                    times = {p: [] for p in paths}
+                    for _ in range(args.rounds):
+                        for path, tile in paths.items():
+                            use(tile)
+                            ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
+                            times[path].append(ms)
+                    ms = {p: statistics.median(t) for p, t in times.items()}
+                    best = min((p for p in paths if paths[p] is not None), key=ms.get)
+                    use(None)
+                    persistent = qkv.quantize_qkv_fp8(*inputs, options=kw)
+                    use(paths[best])
+                    differ = _byte_diff(persistent, qkv.quantize_qkv_fp8(*inputs, options=kw))
+                    cells = [f"{ms[p]:.3f} ({100 * sum(nbytes) / ms[p] / 1e6 / copy:.1f}%)" for p in paths]
+                    print(f"| {heads} | {S} | {name} | {' | '.join(cells)} | {ms['persistent'] / ms[best]:.2f}x "
+                          f"({best}) | {differ} |", flush=True)
+                    del persistent
+                del q, k, v, cos, sin
+                torch.cuda.empty_cache()
+    finally:
+        qkv._SPLIT_MIN_ROWS = saved[0]
+        qkv._SPLIT_TILES.clear()
+        qkv._SPLIT_TILES.update(saved[1])
+
+
 def profile_host(fn, args):
     import cProfile
     import pstats
@@ -513,7 +597,9 @@ def main(argv=None) -> int:
         return 2
     TIMING = args.timing
     print(header(args.impl) + (", timing: CUDA-graph replays" if TIMING == "graph" else ""), flush=True)
-    if args.block_configs:
+    if args.split:
+        split_paths(args)
+    elif args.block_configs:
         block_configs(args)
     elif args.rope_configs:
         rope_configs(args)

@@ -50,6 +50,9 @@
 #                                        # tests, "sdpa": one layer 16k/64k, "gluon64": the Gluon kernel at D=64,
 #                                        # probes and one layer per route): one layer at D=64, host time at 4k,
 #                                        # the whole model at 128k
+#   bash scripts/gpu_check.sh --split    # per-head scales: the split path vs the persistent kernel (bench_quantize
+#                                        # --split, eager and graph-timed), their GPU tests; SPLIT_SDPA=1: one
+#                                        # layer (GQA 32/8, fp8_fa3, modes none and qk, 4k-64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -371,6 +374,20 @@ elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (R
       *) echo "gpu_check: unknown BACKLOG entry '$b'"; status=1 ;;
     esac
   done
+elif [ "$mode" = "--split" ]; then  # session 22: per-(batch, KV head) scales through the split path (two
+  # launches of the single-pass kernels) vs the persistent two-pass kernel: timed in turns, eagerly (SPLIT_SEQLENS,
+  # SPLIT_ROUNDS; SPLIT_TILES "R,W ...": the split path's tiles to compare) and graph-timed (SPLIT_GRAPH=0: not),
+  # their GPU tests (both paths), then SPLIT_SDPA=1: one layer, GQA 32/8, fp8_fa3 with modes none and qk (the
+  # default rotation) at 4k-64k
+  step split_eager timeout 330 python3 scripts/bench_quantize.py --split --rounds "${SPLIT_ROUNDS:-2}" \
+    --seqlens ${SPLIT_SEQLENS:-4096 16384 65536} --heads 32/8 32/32 ${SPLIT_TILES:+--split-tiles $SPLIT_TILES}
+  [ "${SPLIT_GRAPH:-1}" = 1 ] && step split_graph timeout 200 python3 scripts/bench_quantize.py --split --timing graph \
+    --rounds 2 --seqlens 4096 16384 --heads 32/8 --only-modes rope+qk none ${SPLIT_TILES:+--split-tiles $SPLIT_TILES}
+  step split_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_quantize_gpu.py \
+    tests/gpu/test_varlen_gpu.py -k "${SPLIT_TESTS_K:-split or matches_reference or modes_match or keys_contiguous or special}"
+  [ "${SPLIT_SDPA:-0}" = 1 ] && step split_sdpa timeout 240 python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens 4096 16384 65536 --causal both --modes none qk --sqnr-ref off --rep-ms 100 \
+    --impls "FA3" fp8_fa3 "quantize only" --json "$out/split_sdpa.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

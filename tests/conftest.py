@@ -13,6 +13,7 @@ variable HF_FP8_INTERPRETER_FP8_PATCH ("applied", "skipped: <why>", "not needed:
 
 import os
 
+import pytest
 import torch
 
 PATCH_STATUS_ENV = "HF_FP8_INTERPRETER_FP8_PATCH"
@@ -72,3 +73,24 @@ if torch.cuda.is_available():
     from hf_fp8_attention import _launch
 
     _launch.VERIFY = True
+
+
+# Per-(batch, KV head) scales go through the persistent two-pass kernel or, from `qkv._SPLIT_MIN_ROWS` rows on,
+# the split path (two launches): tests of the quantizer's results take both (`quantize_path`), tests of the
+# persistent kernel's schedule pin it (`persistent_path`), whatever today's threshold is.
+QUANTIZE_PATH_ROWS = {"persistent": 1 << 62, "split": 0}
+
+
+@pytest.fixture(params=sorted(QUANTIZE_PATH_ROWS))
+def quantize_path(request, monkeypatch):
+    from hf_fp8_attention.quantization import qkv
+
+    monkeypatch.setattr(qkv, "_SPLIT_MIN_ROWS", QUANTIZE_PATH_ROWS[request.param])
+    return request.param
+
+
+@pytest.fixture
+def persistent_path(monkeypatch):
+    from hf_fp8_attention.quantization import qkv
+
+    monkeypatch.setattr(qkv, "_SPLIT_MIN_ROWS", QUANTIZE_PATH_ROWS["persistent"])

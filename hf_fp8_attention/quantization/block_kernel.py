@@ -12,20 +12,34 @@ written; here every byte is read once and written once.
 Same math as `reference.quantize_qkv_fp8_reference` with v_scales="block" (bit for bit without Hadamard; with
 it, up to tl.dot's summation order, as the two-pass kernel). Launch with ``enable_fp_fusion=False`` (RoPE's
 mul/mul/add rounded as the reference).
+
+PASS (a constexpr of both kernels) also makes them the two launches of the per-(batch, KV head) scales
+("split" path, `qkv._launch_split`), instead of the persistent two-pass kernel: PASS_AMAX reads every tile
+once and merges its amax into its group's (`kernels._group_amax`: the same value as that kernel's P1, atomic
+max of the int32 bits, a zeroed buffer); PASS_CODES, a second launch, reads every tile again and writes its
+codes with the group's scale, and the group's first tile writes the group's descale. Same codes and descales as
+the persistent kernel (`kernels.qkv_quantize_kernel`), bit for bit but for tl.dot's summation order with
+Hadamard. Each tile is then read twice from memory (the persistent kernel's second read comes partly from L2),
+but both launches stream at close to the copy bandwidth, where the persistent kernel's programs wait on each
+other's groups.
 """
 
 import triton
 import triton.language as tl
 
-from .kernels import _block_row_scales, _centre, _item_setup, _load_tile, _rotate, _store_codes
+from .kernels import (_block_row_scales, _centre, _group_amax, _group_scale_of, _item_setup, _load_tile, _rotate,
+                      _store_codes)
 from .tile_math import _amax_scales, _block_amax, _hadamard, _sign_matrix
+
+# PASS: every scale per block (one launch), or the amax / codes launch of per-(batch, KV head) scales
+PASS_BLOCK, PASS_AMAX, PASS_CODES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
 def qkv_block_quantize_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
     q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_q_ptr, cu_k_ptr,
-    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V,
+    q_blk_ptr, k_blk_ptr, v_blk_ptr, amax_ptr, descale_ptr, N_BLK_Q, N_BLK_K, N_BLK_V,
     B, H_Q, H_KV, S_Q, S_KV, V_ROWS, ITEM0,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -38,6 +52,7 @@ def qkv_block_quantize_kernel(
     SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     QK_INT8: tl.constexpr, QK_MAX: tl.constexpr, V_KEYS_CONTIG: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    SMOOTH_V: tl.constexpr = False, PASS: tl.constexpr = PASS_BLOCK,
 ):
     """Grid: (B * H_Q * cdiv(S_Q, ROWS) + 2 * B * H_KV * cdiv(S_KV, ROWS),): the q tiles, then k's, then v's
     (`kernels._item_setup`'s order with items of one tile; HEADS_FASTEST: its order within a tensor); program
@@ -46,11 +61,17 @@ def qkv_block_quantize_kernel(
     QK_MAX as in `kernels.qkv_quantize_kernel`, except that v_out_ptr is e4m3 with int8 Q/K too. Block
     descales: q_blk_ptr (B, H_Q, N_BLK_Q) per SCALE_BLOCK rows, k_blk_ptr (B, H_KV, N_BLK_K) per K_SCALE_BLOCK
     rows, v_blk_ptr (B, H_KV, N_BLK_V) per V_SCALE_BLOCK rows, float32 (N_BLK_*: blocks of the longest
-    sequence). SMOOTH_K: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds K's means in its first half.
-    HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2."""
-    tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS == V_SCALE_BLOCK,
-                     "a tile holds whole q/k scale blocks and is one V block")
-    (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, _,
+    sequence). SMOOTH_K / SMOOTH_V: mean_ptr (2, B, H_KV, HEAD_DIM) float32 holds K's / V's means (SMOOTH_V only
+    with PASS_AMAX / PASS_CODES: V's block scales exclude it). HADAMARD_* needs HALF_BLOCK == HEAD_DIM // 2.
+    PASS_AMAX / PASS_CODES (module docstring): amax_ptr the (3, B, H_KV) int32 group amax bits (zeroed before
+    the amax launch), descale_ptr the (3, B, H_KV) float32 descales (written by the codes launch), groups indexed
+    as `kernels._item_setup`'s; the block pointers unread, and QK_INT8 off."""
+    if PASS == PASS_BLOCK:
+        tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0 and ROWS == V_SCALE_BLOCK,
+                         "a tile holds whole q/k scale blocks and is one V block")
+    else:
+        tl.static_assert(not QK_INT8, "per-head scales are e4m3")
+    (t, b, h, row0, n_heads, x_ptr, x_base, stride_s, stride_d, seq_len, cos_base, sin_base, grp, _, first,
      out_start) = _item_setup(
         tl.program_id(0) + ITEM0, B, H_Q, H_KV, S_Q, S_KV, tl.cdiv(S_Q, ROWS), tl.cdiv(S_KV, ROWS), q_ptr, k_ptr, v_ptr,
         stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -65,39 +86,49 @@ def qkv_block_quantize_kernel(
         HALF = HEAD_DIM // 2  # constexpr
         offs_d = tl.arange(0, HALF_BLOCK)
         valid = (row0 + tl.arange(0, ROWS)) < seq_len
-        if SMOOTH_K:  # k's group index less B * H_KV is its mean's slot
-            x1, x2 = _centre(x1, x2, mean_ptr, grp - B * H_KV, tl.where(t == 1, True, False), valid, offs_d,
+        if SMOOTH_K or SMOOTH_V:  # a k or v group index less B * H_KV is its mean's slot
+            x1, x2 = _centre(x1, x2, mean_ptr, grp - B * H_KV,
+                             tl.where(t == 1, SMOOTH_K, tl.where(t == 2, SMOOTH_V, False)), valid, offs_d,
                              offs_d < HALF, HALF, HEAD_DIM)
-        if HADAMARD_QK or HADAMARD_V:
-            signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
-            if HADAMARD_QK and HADAMARD_V:
-                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-            elif (t < 2) == HADAMARD_QK:  # a branch, not a select: the rotation runs only where it applies
-                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
-        head = (b * n_heads + h).to(tl.int64)
-        if t == 0:
-            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, q_blk_ptr + head * N_BLK_Q,
-                                          ROWS, SCALE_BLOCK, QK_MAX, QK_INT8)
-        elif t == 1:
-            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
-                                          ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
+        if PASS == PASS_AMAX:  # the tile's share of its group's amax; no code written
+            m = _group_amax(x1, x2, t, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
+            tl.atomic_max(amax_ptr + grp, m.to(tl.int32, bitcast=True), sem="relaxed")
         else:
-            row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V,
-                                          ROWS, V_SCALE_BLOCK, FP8_MAX, False)
-        if t == 2:  # v through its own e4m3 pointer, as the e4m3 build stores it (QK_INT8 off: no byte cast)
-            _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
-                         v_out_ptr, v_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False,
-                         V_KEYS_CONTIG, VARLEN)
-        else:  # (k's pointer stands in for v's: q/k pointers share a type, v's is e4m3)
-            _store_codes(x1, x2, row_scale[:, None], t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
-                         q_out_ptr, k_out_ptr, k_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,
-                         False, VARLEN)
+            if HADAMARD_QK or HADAMARD_V:
+                signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
+                if HADAMARD_QK and HADAMARD_V:
+                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                elif (t < 2) == HADAMARD_QK:  # a branch, not a select: the rotation runs only where it applies
+                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+            if PASS == PASS_CODES:
+                row_scale = _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX)
+            else:
+                head = (b * n_heads + h).to(tl.int64)
+                if t == 0:
+                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, q_blk_ptr + head * N_BLK_Q,
+                                                  ROWS, SCALE_BLOCK, QK_MAX, QK_INT8)
+                elif t == 1:
+                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, k_blk_ptr + head * N_BLK_K,
+                                                  ROWS, K_SCALE_BLOCK, QK_MAX, QK_INT8)
+                else:
+                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len, v_blk_ptr + head * N_BLK_V,
+                                                  ROWS, V_SCALE_BLOCK, FP8_MAX, False)
+                row_scale = row_scale[:, None]
+            if t == 2:  # v through its own e4m3 pointer, as the e4m3 build stores it (QK_INT8 off: no byte cast)
+                _store_codes(x1, x2, row_scale, t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
+                             v_out_ptr, v_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False,
+                             V_KEYS_CONTIG, VARLEN)
+            else:  # (k's pointer stands in for v's: q/k pointers share a type, v's is e4m3)
+                _store_codes(x1, x2, row_scale, t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
+                             q_out_ptr, k_out_ptr, k_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, QK_MAX, QK_INT8,
+                             False, VARLEN)
 
 
 @triton.jit
 def qk_rope_block_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_ptr,
-    q_blk_ptr, k_blk_ptr, v_blk_ptr, N_BLK_Q, N_BLK_K, N_BLK_V, B, H_Q, H_KV, S, V_ROWS, N_QK, N_V_FIRST,
+    q_blk_ptr, k_blk_ptr, v_blk_ptr, amax_ptr, descale_ptr, N_BLK_Q, N_BLK_K, N_BLK_V, B, H_Q, H_KV, S, V_ROWS, N_QK,
+    N_V_FIRST,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -107,7 +138,7 @@ def qk_rope_block_kernel(
     HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr,
     INV_SQRT_D: tl.constexpr, SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
-    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr, PASS: tl.constexpr = PASS_BLOCK,
 ):
     """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
     cos/sin read once per tile of rows instead of once per head. Program (r, b, c) loads the cos/sin rows
@@ -131,7 +162,12 @@ def qk_rope_block_kernel(
     HADAMARD_V rotates them. The block's descale goes to v_blk_ptr (B, H_KV, N_BLK_V). A grid of N_QK
     programs leaves V to another launch (the single-pass kernel's v tiles). N_V_FIRST > 0: the V programs
     come first instead (programs [0, N_V_FIRST) are V blocks, the q/k ones follow), so that the longer
-    two-pass V programs do not form the launch's tail."""
+    two-pass V programs do not form the launch's tail.
+
+    PASS_AMAX / PASS_CODES (module docstring; amax_ptr, descale_ptr as in `qkv_block_quantize_kernel`): q and
+    k with their per-(batch, KV head) scales, in the same programs and order; the grid is N_QK (v goes through
+    `qkv_block_quantize_kernel`). PASS_AMAX merges a program's consecutive heads of one group in registers
+    first: one atomic per group it touches, not per head."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
     tl.static_assert(V_SCALE_BLOCK % ROWS == 0, "a V block is whole tiles")
     pid = tl.program_id(0)
@@ -151,7 +187,7 @@ def qk_rope_block_kernel(
                          stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                          stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
                          FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, HEADS, D_CONTIG, HADAMARD_QK, INV_SQRT_D, SMOOTH_K,
-                         VARLEN, SCALE_BLOCK, K_SCALE_BLOCK, PREFETCH, HEADS_FASTEST)
+                         VARLEN, SCALE_BLOCK, K_SCALE_BLOCK, PREFETCH, HEADS_FASTEST, amax_ptr, descale_ptr, PASS)
 
 
 @triton.jit
@@ -165,7 +201,7 @@ def _qk_rope_program(
     FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
     HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr, amax_ptr, descale_ptr, PASS: tl.constexpr,
 ):
     """Program `pid` of `qk_rope_block_kernel`'s q/k part (its docstring)."""
     n_chunks = tl.cdiv(H_Q + H_KV, HEADS)
@@ -206,6 +242,9 @@ def _qk_rope_program(
         offs_d = tl.arange(0, HALF_BLOCK)
         valid = (row0 + tl.arange(0, ROWS)) < seq_len
         n_total = H_Q + H_KV
+        G = H_Q // H_KV
+        m_run = tl.zeros((ROWS,), dtype=tl.float32).max(axis=0)  # PASS_AMAX: the amax of group g_run so far
+        g_run = pid * 0 - 1
         hh = hh0
         t = (hh >= H_Q).to(tl.int32)
         h = hh - t * H_Q
@@ -233,19 +272,32 @@ def _qk_rope_program(
                 if SMOOTH_K:  # k head h's mean is at slot b * H_KV + h
                     x1, x2 = _centre(x1, x2, mean_ptr, b * H_KV + cur_h, tl.where(cur_t == 1, True, False), valid,
                                      offs_d, offs_d < HALF, HALF, HEAD_DIM)
-                if HADAMARD_QK:
-                    x1, x2 = _hadamard(x1, x2, _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty), INV_SQRT_D)
-                if cur_t == 0:
-                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
-                                                  q_blk_ptr + (b * H_Q + cur_h).to(tl.int64) * N_BLK_Q,
-                                                  ROWS, SCALE_BLOCK, FP8_MAX, False)
+                grp = (cur_t * B + b) * H_KV + tl.where(cur_t == 0, cur_h // G, cur_h)  # `_item_setup`'s
+                if PASS == PASS_AMAX:  # the previous group's amax out when the group changes (heads in order)
+                    m = _group_amax(x1, x2, cur_t, HADAMARD_QK, HADAMARD_QK, INV_SQRT_D)
+                    tl.atomic_max(amax_ptr + g_run, m_run.to(tl.int32, bitcast=True),
+                                  mask=(grp != g_run) & (g_run >= 0), sem="relaxed")
+                    m_run = tl.where(grp != g_run, m, tl.maximum(m_run, m))
+                    g_run = grp
                 else:
-                    row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
-                                                  k_blk_ptr + (b * H_KV + cur_h).to(tl.int64) * N_BLK_K,
-                                                  ROWS, K_SCALE_BLOCK, FP8_MAX, False)
-                _store_codes(x1, x2, row_scale[:, None], cur_t, b, cur_h, row0, seq_len, out_start,
-                             tl.where(cur_t == 0, H_Q, H_KV), H_KV, 0, q_out_ptr, k_out_ptr, k_out_ptr,
-                             HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, False, VARLEN)
+                    if HADAMARD_QK:
+                        x1, x2 = _hadamard(x1, x2, _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty), INV_SQRT_D)
+                    if PASS == PASS_CODES:
+                        first = (row0 == 0) & ((cur_t == 1) | (cur_h % G == 0))
+                        row_scale = _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX)
+                    elif cur_t == 0:
+                        row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
+                                                      q_blk_ptr + (b * H_Q + cur_h).to(tl.int64) * N_BLK_Q,
+                                                      ROWS, SCALE_BLOCK, FP8_MAX, False)[:, None]
+                    else:
+                        row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
+                                                      k_blk_ptr + (b * H_KV + cur_h).to(tl.int64) * N_BLK_K,
+                                                      ROWS, K_SCALE_BLOCK, FP8_MAX, False)[:, None]
+                    _store_codes(x1, x2, row_scale, cur_t, b, cur_h, row0, seq_len, out_start,
+                                 tl.where(cur_t == 0, H_Q, H_KV), H_KV, 0, q_out_ptr, k_out_ptr, k_out_ptr,
+                                 HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, False, VARLEN)
+        if PASS == PASS_AMAX:  # the last group's
+            tl.atomic_max(amax_ptr + g_run, m_run.to(tl.int32, bitcast=True), mask=g_run >= 0, sem="relaxed")
 
 
 @triton.jit

@@ -333,6 +333,33 @@ def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8
 
 
 @triton.jit
+def _group_amax(x1, x2, t, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    """A tile's share of its per-group scale's amax (half tiles x1, x2 of tensor t after RoPE and centring, rows
+    past the sequence 0): max |x| over its finite elements, or, where the tensor is rotated (HADAMARD_QK for q
+    and k, HADAMARD_V for v), the power-of-two bound of its rows' norms, which needs no rotation."""
+    if HADAMARD_QK and HADAMARD_V:
+        m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+    elif HADAMARD_QK or HADAMARD_V:
+        if (t < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
+            m = _pow2_norm_bound(x1, x2, INV_SQRT_D)
+        else:
+            m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+    else:
+        m = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+    return m
+
+
+@triton.jit
+def _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX: tl.constexpr):
+    """The split path's codes launch (`block_kernel`, PASS_CODES): group grp's scale from the amax bits the
+    amax launch merged (a launch before: a plain load sees them); the group's first tile (`first`) stores its
+    descale."""
+    scale, descale = _amax_scales(tl.load(amax_ptr + grp).to(tl.float32, bitcast=True), FP8_MAX)
+    tl.store(descale_ptr + grp, descale, mask=first)
+    return scale
+
+
+@triton.jit
 def _block_row_scales(x1, x2, valid, row0, seq_len, blk_ptr, BLOCK_S: tl.constexpr, BLK: tl.constexpr,
                       MAX: tl.constexpr, INT8: tl.constexpr):
     """Per-block scales of a tile (half tiles x1, x2 of rows [row0, row0 + BLOCK_S); rows past the sequence
@@ -535,15 +562,7 @@ def qkv_quantize_kernel(
                 if SMOOTH_K or SMOOTH_V:
                     x1, x2 = _centre(x1, x2, mean_ptr, grp1 - B * H_KV, smooth1, (r1 + out_rows) < seq1, offs_d,
                                      d_mask, HALF, HEAD_DIM)
-                if HADAMARD_QK and HADAMARD_V:
-                    m_j = _pow2_norm_bound(x1, x2, INV_SQRT_D)
-                elif ROTATES:
-                    if (t1 < 2) == HADAMARD_QK:  # a branch, not a select: one of the two runs
-                        m_j = _pow2_norm_bound(x1, x2, INV_SQRT_D)
-                    else:
-                        m_j = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
-                else:
-                    m_j = tl.max(tl.maximum(_finite_abs(x1), _finite_abs(x2)))
+                m_j = _group_amax(x1, x2, t1, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
                 m = tl.maximum(m, m_j)
                 if BLOCK_SCALES and not K_LIKE_Q:
                     if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block

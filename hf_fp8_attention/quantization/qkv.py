@@ -20,7 +20,7 @@ from .. import _launch as direct
 from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
-from .block_kernel import qk_rope_block_kernel, qkv_block_quantize_kernel
+from .block_kernel import PASS_AMAX, PASS_BLOCK, PASS_CODES, qk_rope_block_kernel, qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
 from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
 from .reference import v_code_drift
@@ -101,6 +101,15 @@ V_APART, V_AFTER, V_FIRST, V_SIDE = 0, 1, 2, 3
 _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
     32: (32, 8, 4, True, True, True), 64: (16, 20, 4, True, True, V_SIDE), 128: (16, 8, 4, True, True, True)}
 _V_SIDE_MIN_ROWS = 3 << 20
+# Per-(batch, KV head) scales take `_launch_split` (two launches of single-pass kernels) instead of the
+# persistent two-pass kernel from this many rows of q, k and v together (the count of `_V_SIDE_MIN_ROWS`).
+_SPLIT_MIN_ROWS = 0
+# The split path's single-pass kernel tiles, (rows, num_warps) per padded half head dim (other head dims:
+# `_SPLIT_TILE_DEFAULT`). Offline sm_90 compile (triton 3.6), D=128 with Hadamard on q/k, registers of the
+# amax / codes pass: (128 rows, 4 warps) 255 + 352 bytes of stack / 255; (128, 8) 215 / 177; (64, 8) 122 / 103;
+# (32, 4) 117 / 94. `bench_quantize.py --split --split-tiles` times them.
+_SPLIT_TILES: dict[int, tuple[int, int]] = {32: (128, 8), 64: (64, 8), 128: (32, 8)}
+_SPLIT_TILE_DEFAULT = (64, 8)
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
@@ -276,7 +285,9 @@ def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: boo
 
 def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
             v_keys_contiguous: bool = False) -> QuantizedQKV:
-    """One launch of the kernel. q/k/v (B or 1, H, S, D) any strides; outs the fp8 BSHD outputs; rope None or
+    """The quantize launches: every scale per block `_launch_blocks`, else the persistent two-pass kernel
+    (`_launch_persistent`) or the split path (`_launch_split`, `_split_wanted`). q/k/v (B or 1, H, S, D), any
+    strides; outs the fp8 BSHD outputs; rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
     if options.v_block_scales:
@@ -293,10 +304,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
                   torch.empty((B, H_kv, n_blk_kv), dtype=torch.float32, device=device))
     else:
         blocks = (None, None)
-    apply_rope = rope is not None
     smooth_k, smooth_v = options.smooth_k, options.smooth_v
-    tile = _tile_config(D, apply_rope)
-    block_s = tile[1]
 
     # One zero-filled int32 buffer: the kernel's workspace (ticket, amax bits, P1 counters, with block scales
     # the K blocks' amax bits and non-finite flags) and the (3, B, H_kv) float32 descales (overwritten).
@@ -323,18 +331,41 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
     workspace = buf[:n_ws]
     descale = buf[n_ws : n_ws + n_groups].view(torch.float32).view(3, B, H_kv)
+    d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
+    if _split_wanted(options, rope, varlen, D, B * (S_q * H_q + 2 * S_kv * H_kv)):
+        _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means,
+                      buf[pad : pad + n_groups], descale, d_contig)
+    else:
+        _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means, buf,
+                           workspace, descale, blocks, d_contig)
+    v_add = None
+    if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
+        codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes
+        code_mean = _centring_means(codes, codes, None, B, S_kv, varlen, False, True)[1]
+        v_add = v_mean - v_code_drift(code_mean, descale[2], options.rotates_v)
+    return bundle(descale, v_add)
+
+
+def _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
+                       v_keys_contiguous: bool, means, buf, workspace, descale, blocks, d_contig: bool) -> None:
+    """`_launch`'s persistent two-pass kernel (`kernels.qkv_quantize_kernel`), one launch; its arguments are
+    `_launch`'s (buf: the zeroed int32 buffer, workspace its head, blocks the block descales or Nones)."""
+    H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
+    device = q.device
+    block_scales = options.block_scales
+    n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_scale_block(options.int8_qk))
+    apply_rope = rope is not None
+    tile = _tile_config(D, apply_rope)
     longest = max(S_q, S_kv)
     chunk = _CHUNK if longest >= _CHUNK_LONG_ROWS else _CHUNK_SHORT
     interleave = (apply_rope and longest >= _INTERLEAVE_ROWS) if _INTERLEAVE is None else _INTERLEAVE
-    n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, block_s, _num_sms(device), chunk, interleave)
+    n_programs, lag = _schedule(B, H_q, H_kv, S_q, S_kv, tile[1], _num_sms(device), chunk, interleave)
     interp = _interpreting()
-
     if apply_rope:
         cos, sin, cos_strides, sin_strides = rope
     else:
         cos = sin = buf  # never read: APPLY_ROPE=False removes the loads
         cos_strides = sin_strides = (0, 0, 0)
-    d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
     cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (buf, buf)  # never read without VARLEN
 
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
@@ -345,7 +376,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
                blocks[0] if block_scales else buf, blocks[1] if block_scales else buf)
     # keys-contiguous V's row count (S_kv, or the packed total); 0 otherwise (unread: no specialization, key
     # or recompile follows a packed total that only it would carry)
-    v_rows = v_out.shape[1] if v_keys_contiguous else 0
+    v_rows = outs[2].shape[1] if v_keys_contiguous else 0
     ints = (n_blk_q, n_blk_kv, B, H_q, H_kv, S_q, S_kv, lag, v_rows,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     # The direct launch's key (`hf_fp8_attention._launch`; the kernel specializes every int, so their exact
@@ -357,12 +388,68 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     if interp and int(buf[1]) != 0:  # kernels.py NO_SPIN: a P2 came before its group's P1s
         raise RuntimeError(f"quantize schedule: a P2 step came before its group's P1 steps (LAG {lag} too small "
                            f"for {n_programs} programs): a launcher bug")
-    v_add = None
-    if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
-        codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes
-        code_mean = _centring_means(codes, codes, None, B, S_kv, varlen, False, True)[1]
-        v_add = v_mean - v_code_drift(code_mean, descale[2], options.rotates_v)
-    return bundle(descale, v_add)
+
+
+def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, rows: int) -> bool:
+    """Whether `_launch` takes the split path (`_launch_split`) for per-(batch, KV head) scales: e4m3 Q/K with
+    per-head scales (with block scales the persistent kernel's P2 sets them from the tile), from
+    `_SPLIT_MIN_ROWS` rows of q, k and v together (`_V_SIDE_MIN_ROWS`'s count), and with RoPE only where q and
+    k take `qk_rope_block_kernel` (a rotary tile for the head dim, and packed sequences sharing one offsets
+    tensor): the single-pass kernel's own RoPE path streams at half the copy bandwidth (`_BLOCK_WARPS`)."""
+    if options.block_scales or rows < _SPLIT_MIN_ROWS:
+        return False
+    if rope is None:
+        return True
+    return (_ROPE_TILES.get(next_power_of_2(D // 2), _ROPE_TILE_DEFAULT) is not None
+            and (varlen is None or varlen[0] is varlen[1]))
+
+
+def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions, v_keys_contiguous: bool,
+                  means, amax, descale, d_contig: bool) -> None:
+    """Per-(batch, KV head) scales in two passes of separate launches (`block_kernel`'s PASS_AMAX, then
+    PASS_CODES): the amax launch merges every tile's amax into `amax` ((3, B, H_kv) int32, zeroed), the codes
+    launch writes the codes and `descale` ((3, B, H_kv) float32). With RoPE, q and k go through
+    `qk_rope_block_kernel` (`_ROPE_TILES`' rows, heads and warps) and v through the single-pass kernel's v tiles,
+    else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps)."""
+    H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
+    half_block = next_power_of_2(D // 2)
+    if rope is not None:
+        cos, sin, cos_strides, sin_strides = rope
+    else:
+        cos = sin = amax  # never read: APPLY_ROPE=False removes the loads
+        cos_strides = sin_strides = (0, 0, 0)
+    cu_q, cu_k = (varlen[0], varlen[1]) if varlen is not None else (amax, amax)  # read only with VARLEN
+    v_rows = outs[2].shape[1] if v_keys_contiguous else 0
+    rows, warps = _SPLIT_TILES.get(half_block, _SPLIT_TILE_DEFAULT)
+    n_q, n_kv = B * H_q * cdiv(S_q, rows), B * H_kv * cdiv(S_kv, rows)
+    item0 = 0 if rope is None else n_q + n_kv  # with RoPE the v tiles alone
+    no_blocks = (descale, descale, descale)  # the block pointers, never read
+    tensors = (q, k, v, cos, sin, *outs, means, cu_q, cu_k, *no_blocks, amax, descale)
+    ints = (1, 1, 1, B, H_q, H_kv, S_q, S_kv, v_rows, item0, *q.stride(), *k.stride(), *v.stride(), *cos_strides,
+            *sin_strides)
+    use_direct = direct.wanted(q) and direct.aligned(*tensors)
+    rope_tile = None
+    if rope is not None:
+        rope_tile = (*_ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT)[:5], V_APART)
+
+    def block_launch(pass_: int) -> None:
+        const_key = (options, D, half_block, d_contig, False, varlen is not None, bool(v_keys_contiguous), warps,
+                     _BLOCK_HEADS_FASTEST, pass_, rows)
+        key = (q.device, tuple(t.dtype for t in tensors), ints, const_key) if use_direct else None
+        direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
+                      _block_constexprs(*const_key))
+
+    def rope_launch(pass_: int) -> None:
+        _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, no_blocks, (1, 1, 1), B,
+                        S_q, 0, varlen is not None, options, D, half_block, d_contig, rope_tile,
+                        group=(amax, descale, pass_))
+
+    block_launch(PASS_AMAX.value)
+    if rope is not None:
+        rope_launch(PASS_AMAX.value)
+    block_launch(PASS_CODES.value)
+    if rope is not None:
+        rope_launch(PASS_CODES.value)
 
 
 def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
@@ -423,7 +510,7 @@ def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attent
         item0, apply_rope = n_q + n_kv, False  # v alone below
     # int8 q/k stored as bytes (one pointer type for their select); v always through its e4m3 pointer
     out_ptrs = (*(t.view(torch.uint8) for t in outs[:2]), outs[2]) if int8 else outs
-    tensors = (q, k, v, cos, sin, *out_ptrs, means, cu_q, cu_k, *blocks)
+    tensors = (q, k, v, cos, sin, *out_ptrs, means, cu_q, cu_k, *blocks, blocks[2], blocks[2])
     ints = (*n_blk, B, H_q, H_kv, S_q, S_kv, outs[2].shape[1] if v_keys_contiguous else 0, item0,
             *q.stride(), *k.stride(), *v.stride(), *cos_strides, *sin_strides)
     const_key = (options, D, half_block, d_contig, apply_rope, varlen is not None, bool(v_keys_contiguous),
@@ -452,19 +539,21 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, v_rows: int,
                     varlen: bool, options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
-                    rope_tile: tuple[int, int, int, bool, bool, int]) -> None:
+                    rope_tile: tuple[int, int, int, bool, bool, int], group=None) -> None:
     """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales) and, when the tile's last entry is 1 or 2,
     v in the same launch (its programs after the q/k ones, or first; 0: `_launch_blocks` then does v).
-    v_rows: V's keys-contiguous row count, else 0."""
+    v_rows: V's keys-contiguous row count, else 0. group: None, or (amax bits, descales, PASS_AMAX or
+    PASS_CODES) for one pass of the per-(batch, KV head) scales (`_launch_split`; v never in the launch)."""
     H_q, H_kv = q.shape[1], k.shape[1]
     rows, heads = rope_tile[0], _heads_per_program(H_q + H_kv, rope_tile[1])
     rope_tile = (rows, heads, *rope_tile[2:])
-    tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks)
+    amax, descale, pass_ = group if group is not None else (blocks[2], blocks[2], PASS_BLOCK.value)
+    tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks, amax, descale)
     n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
-    n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] in (V_AFTER, V_FIRST) else 0
+    n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] in (V_AFTER, V_FIRST) and group is None else 0
     ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, n_v if rope_tile[5] == V_FIRST else 0, *q.stride(), *k.stride(),
             *v.stride(), *cos_strides, *sin_strides)
-    const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile)
+    const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile, pass_)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
@@ -479,7 +568,7 @@ def _heads_per_program(n_heads: int, most: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
-                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, int]) -> dict:
+                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, int], pass_: int) -> dict:
     """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
     rows, heads, warps, prefetch, heads_fastest, _ = rope_tile
     return dict(
@@ -487,23 +576,24 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False),
         V_SCALE_BLOCK=V_SCALE_BLOCK, V_KEYS_CONTIG=v_keys_contiguous, PREFETCH=prefetch,
-        HEADS_FASTEST=heads_fastest, num_warps=warps, enable_fp_fusion=False,
+        HEADS_FASTEST=heads_fastest, PASS=pass_, num_warps=warps, enable_fp_fusion=False,
     )
 
 
 @functools.lru_cache(maxsize=256)
 def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, apply_rope: bool,
-                      varlen: bool, v_keys_contiguous: bool, num_warps: int, heads_fastest: bool) -> dict:
+                      varlen: bool, v_keys_contiguous: bool, num_warps: int, heads_fastest: bool,
+                      pass_: int = 0, rows: int = V_SCALE_BLOCK) -> dict:
     """`qkv_block_quantize_kernel`'s constexprs and compile options for one configuration (the caller must not
-    modify the dict)."""
+    modify the dict); `rows` per tile (a V block, but in the split path's passes)."""
     int8 = options.int8_qk
     return dict(
-        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=V_SCALE_BLOCK, D_CONTIG=d_contig,
+        FP8_MAX=FP8_MAX, HEAD_DIM=D, HALF_BLOCK=half_block, ROWS=rows, D_CONTIG=d_contig,
         APPLY_ROPE=apply_rope, HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(int8),
         V_SCALE_BLOCK=V_SCALE_BLOCK, QK_INT8=int8, QK_MAX=INT8_MAX if int8 else FP8_MAX,
-        V_KEYS_CONTIG=v_keys_contiguous, HEADS_FASTEST=heads_fastest, num_warps=num_warps,
-        enable_fp_fusion=False,
+        V_KEYS_CONTIG=v_keys_contiguous, HEADS_FASTEST=heads_fastest, SMOOTH_V=options.smooth_v is True,
+        PASS=pass_, num_warps=num_warps, enable_fp_fusion=False,
     )
 
 

@@ -130,6 +130,7 @@ def _run_case(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rope, device):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="GPU equality lives in tests/gpu/test_quantize_gpu.py")
+@pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("B,H_q,H_kv,S_q,S_kv,D,dtype,layout,rope", KERNEL_CASES)
 def test_kernel_matches_reference(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rope):
     got, ref = _run_case(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rope, DEVICE)
@@ -140,7 +141,7 @@ def test_kernel_matches_reference(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rop
 @pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
 @pytest.mark.parametrize("chunk,interleave", [(1, False), (2, False), (1, True), (2, True)],
                          ids=["tile-items", "chunk2", "interleaved", "chunk2-interleaved"])
-def test_kernel_multi_tile_min_lag(monkeypatch, rope, chunk, interleave):
+def test_kernel_multi_tile_min_lag(monkeypatch, persistent_path, rope, chunk, interleave):
     """Several tiles per head with a ragged last one (and, in chunks of 2 tiles, a ragged last item), GQA
     groups spanning heads, both item orders, and the smallest legal lag (the largest group's item count,
     a KV head's q and k items when interleaved), so tickets with a P1 only, with a P1 and a P2, and with a
@@ -160,7 +161,7 @@ def test_kernel_multi_tile_min_lag(monkeypatch, rope, chunk, interleave):
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 @pytest.mark.parametrize("S_q,S_kv", [(20, 150), (150, 20)], ids=["short-q", "short-kv"])
 @pytest.mark.parametrize("interleave", [False, True], ids=["tensor-major", "interleaved"])
-def test_item_orders_unequal_lengths(monkeypatch, S_q, S_kv, interleave):
+def test_item_orders_unequal_lengths(monkeypatch, persistent_path, S_q, S_kv, interleave):
     """q and k/v of different lengths (no RoPE), chunks of 2 tiles: q and k chunk counts differ, so in the
     interleaved order the shorter tensor's chunks past its end are empty items that still count for their
     group, at the smallest lag."""
@@ -168,6 +169,36 @@ def test_item_orders_unequal_lengths(monkeypatch, S_q, S_kv, interleave):
     monkeypatch.setattr(qkv_launcher, "_CHUNK_SHORT", 2)
     monkeypatch.setattr(qkv_launcher, "_INTERLEAVE", interleave)
     got, ref = _run_case(2, 4, 2, S_q, S_kv, 64, torch.bfloat16, "bshd", None, DEVICE)
+    assert_identical(got, ref)
+
+
+def test_split_wanted():
+    """The split path takes per-(batch, KV head) e4m3 scales from `_SPLIT_MIN_ROWS` rows on, and RoPE only where
+    q and k go through the RoPE kernel: not with block scales (int8 included), nor packed sequences whose q and
+    k offsets are separate tensors."""
+    rows = qkv_launcher._SPLIT_MIN_ROWS
+    plain, rope = FP8AttentionOptions(hadamard="none", smooth_v=False), ("cos", "sin", (0, 0, 0), (0, 0, 0))
+    cu = torch.zeros(3, dtype=torch.int32)
+    assert qkv_launcher._split_wanted(plain, None, None, 128, rows)
+    assert qkv_launcher._split_wanted(plain, rope, None, 128, rows)
+    assert qkv_launcher._split_wanted(plain, rope, (cu, cu, 5, 5), 128, rows)
+    assert not qkv_launcher._split_wanted(plain, rope, (cu, cu.clone(), 5, 5), 128, rows)
+    assert qkv_launcher._split_wanted(plain, None, (cu, cu.clone(), 5, 5), 128, rows)
+    if rows > 0:
+        assert not qkv_launcher._split_wanted(plain, None, None, 128, rows - 1)
+    for block in ({"qk_scales": "block"}, {"qk_format": "int8"}):
+        assert not qkv_launcher._split_wanted(FP8AttentionOptions(**block, smooth_v=False), None, None, 128, rows)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
+def test_split_path_multi_tile_gqa(monkeypatch, rope):
+    """The split path over several 128-row tiles per head with a ragged last one, GQA groups whose q heads
+    span two programs of the RoPE kernel (G = 3, 4 heads per program: its in-register group merge flushes
+    mid-program, and two programs merge into one group), two batches: the reference's codes and descales."""
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 0)
+    monkeypatch.setitem(qkv_launcher._ROPE_TILES, 32, (16, 4, 4, True, True, qkv_launcher.V_AFTER))
+    got, ref = _run_case(2, 6, 2, 300, 300, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)
 
 
@@ -242,6 +273,7 @@ MODE_CASES = [
 
 
 @pytest.mark.skipif(ON_CUDA, reason="GPU version in tests/gpu/test_quantize_gpu.py")
+@pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,dtype,rope,hadamard,smooth_k,smooth_v", MODE_CASES)
 def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard, smooth_k, smooth_v):
     q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype, "bshd")
@@ -252,7 +284,7 @@ def test_kernel_modes_match_reference(B, H_q, H_kv, S, D, dtype, rope, hadamard,
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
-def test_kernel_smooth_min_lag_multi_tile(monkeypatch):
+def test_kernel_smooth_min_lag_multi_tile(monkeypatch, persistent_path):
     """Smoothed groups of several tiles at the smallest lag (P2s start while their group's P1s still run):
     the means come from the kernel launched before, every P2 waits for its group's P1s."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
@@ -279,7 +311,7 @@ def test_launcher_rejects_bad_modes():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf * 0 and x / 0 in the interpreter
 @pytest.mark.parametrize("options", [{}, {"smooth_k": True, "smooth_v": True}, {"qk_scales": "block"}],
                          ids=["plain", "smooth", "block"])
-def test_kernel_special_values_match_reference(options):
+def test_kernel_special_values_match_reference(options, quantize_path):
     """All-zero head, NaN in one head, inf in another: same bytes and descales as the reference (which
     keeps them local: see test_reference_non_finite_stay_local)."""
     q, k, v = make_qkv(1, 4, 2, 6, 6, 64, torch.bfloat16, "bshd")
@@ -435,7 +467,7 @@ def test_reference_output_layout_and_dtypes():
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
-def test_too_small_lag_fails_instead_of_hanging(monkeypatch):
+def test_too_small_lag_fails_instead_of_hanging(monkeypatch, persistent_path):
     """Under the interpreter (programs run one after another) a P2 scheduled before its group's P1s could
     never be served: the kernel's NO_SPIN check fails the call instead of spinning forever."""
     schedule = qkv_launcher._schedule
@@ -445,7 +477,7 @@ def test_too_small_lag_fails_instead_of_hanging(monkeypatch):
         _run_case(1, 4, 2, 70, 70, 64, torch.bfloat16, "bshd", None, DEVICE)
 
 
-def test_descales_start_16_byte_aligned():
+def test_descales_start_16_byte_aligned(quantize_path):
     """The (3, B, H_kv) descales follow the kernel's workspace in one buffer: they start on a 16-byte boundary
     for every B * H_kv (odd ones included, e.g. SmolLM2's 3 KV heads at B=1), so that the launch can take the
     direct path (`hf_fp8_attention._launch.aligned`)."""
@@ -464,7 +496,7 @@ def test_descales_start_16_byte_aligned():
     pytest.param(1, 2, 70, 128, (1, torch.float32), {"hadamard": "qk", "smooth_v": True}, id="rope-qk-smooth_v-d128"),
     pytest.param(2, 1, 40, 96, None, {"qk_format": "int8"}, id="int8-d96"),
 ])
-def test_kernel_writes_keys_contiguous_v(B, H_kv, S, D, rope, options):
+def test_kernel_writes_keys_contiguous_v(B, H_kv, S, D, rope, options, quantize_path):
     """v_keys_contiguous: V's codes land in (B, H_kv, D, S) memory (a BSHD view with unit stride over keys),
     equal byte for byte to the BSHD launch's and to the reference's; q, k and the descales are unchanged."""
     q, k, v = make_qkv(B, 2 * H_kv, H_kv, S, S, D, torch.bfloat16, "bshd", seed=3)

@@ -98,6 +98,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("B,H_q,H_kv,S_q,S_kv,D,dtype,layout,rope", CASES)
 def test_kernel_matches_reference_gpu(B, H_q, H_kv, S_q, S_kv, D, dtype, layout, rope):
     q, k, v = make_qkv(B, H_q, H_kv, S_q, S_kv, D, dtype, layout)
@@ -109,7 +110,7 @@ def test_kernel_matches_reference_gpu(B, H_q, H_kv, S_q, S_kv, D, dtype, layout,
 
 @pytest.mark.parametrize("rope", [None, (1, torch.float32)], ids=["plain", "rope"])
 @pytest.mark.parametrize("lag_per_program", [0.5, 0.0], ids=["default-lag", "min-lag"])
-def test_kernel_min_lag_gpu(monkeypatch, rope, lag_per_program):
+def test_kernel_min_lag_gpu(monkeypatch, persistent_path, rope, lag_per_program):
     """With the smallest legal lag, P2s start while their group's P1s are still running, so the spin-wait
     and the acquire/release pairing are exercised. Repeated: a race would show as a result that changes
     between runs."""
@@ -121,7 +122,7 @@ def test_kernel_min_lag_gpu(monkeypatch, rope, lag_per_program):
         assert_close_fp8(quantize_qkv_fp8(q, k, v, cos, sin), ref, rope is not None)
 
 
-def test_single_launch_many_chunks_min_lag_gpu(monkeypatch):
+def test_single_launch_many_chunks_min_lag_gpu(monkeypatch, persistent_path):
     """Thousands of tiles per launch at the smallest legal lag (a Llama-8B-like prefill), several times:
     the ticket schedule must neither deadlock nor race."""
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)
@@ -131,7 +132,7 @@ def test_single_launch_many_chunks_min_lag_gpu(monkeypatch):
         assert_close_fp8(quantize_qkv_fp8(q, k, v), ref, rope=False)
 
 
-def test_special_values_gpu():
+def test_special_values_gpu(quantize_path):
     """All-zero group, NaN and +-inf: NaN stays NaN (the clamp must propagate it), inf gives NaN."""
     q, k, v = make_qkv(1, 4, 2, 66, 66, 64, torch.bfloat16, "bshd")
     q[:, 0:2] = 0.0
@@ -184,6 +185,7 @@ MODE_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("B,H_q,H_kv,S,D,dtype,rope,hadamard,smooth_k,smooth_v", MODE_CASES)
 def test_kernel_modes_match_reference_gpu(B, H_q, H_kv, S, D, dtype, rope, hadamard, smooth_k, smooth_v):
     q, k, v = make_qkv(B, H_q, H_kv, S, S, D, dtype)
@@ -196,7 +198,7 @@ def test_kernel_modes_match_reference_gpu(B, H_q, H_kv, S, D, dtype, rope, hadam
 
 @pytest.mark.parametrize("one_tile_config", [(8192, 8, True), (4096, 4, True), (8192, 8, False)],
                          ids=lambda c: "x".join(map(str, c)))
-def test_kernel_modes_min_lag_gpu(monkeypatch, one_tile_config):
+def test_kernel_modes_min_lag_gpu(monkeypatch, persistent_path, one_tile_config):
     """Smoothing at the smallest legal lag, repeated: P2s reach groups whose statistics are not out yet, and
     the reducer (the group's last P1) must publish them; a race or a deadlock would show here. Also runs
     each `_ONE_TILE_CONFIG` that scripts/bench_quantize.py --modes compares."""
@@ -238,7 +240,7 @@ def test_fp8_sdpa_fused_modes_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("S,rope", [(4096, True), (1000, False)], ids=["4k-rope", "1000-plain"])
-def test_keys_contiguous_v_gpu(S, rope):
+def test_keys_contiguous_v_gpu(S, rope, quantize_path):
     """v_keys_contiguous on the GPU: V's codes in (B, H_kv, D, S) memory equal the BSHD launch's byte for byte
     (GQA 32/8, D 128, B 2), and fp8_sdpa's triton path gives the output the backend's own copy of a BSHD V
     gives (at 4k the pipeline asks the quantizer for keys-contiguous V; at 1000 keys neither path does)."""
@@ -274,3 +276,25 @@ def test_keys_contiguous_v_gpu(S, rope):
         attention.quantize, backends.REGISTRY["triton"] = quantize, record
     assert asked == [S * 128 >= 2048 * 128, False]  # what the pipeline asked the quantizer for
     assert torch.equal(fused, copied)
+
+
+@pytest.mark.parametrize("mode", ["rope+qk", "rope", "none", "qk+smooth_v"])
+def test_split_path_equals_persistent_gpu(monkeypatch, mode):
+    """The split path (two launches) against the persistent two-pass kernel on a Llama-8B-like prefill (GQA 32/8,
+    16k): the same descales and codes, bit for bit but for tl.dot's summation order with Hadamard (then at most
+    one ulp on MODES_ULP_FRACTION of a tensor's codes); and the same results in a second call (no state left
+    behind in the amax buffer)."""
+    q, k, v = make_qkv(1, 32, 8, 16384, 16384, 128, torch.bfloat16, seed=7)
+    cos, sin = make_rope(1, 16384, 128, torch.bfloat16) if mode.startswith("rope") else (None, None)
+    options = FP8AttentionOptions(hadamard="qk" if "qk" in mode else "none", smooth_v="smooth_v" in mode)
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 1 << 62)
+    persistent = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 0)
+    for _ in range(2):
+        split = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
+        if "qk" in mode:
+            assert_close_modes(split, persistent, False, "qk")
+        else:
+            assert_close_fp8(split, persistent, False)
+            if split.v_add is not None:
+                assert torch.equal(split.v_add, persistent.v_add)

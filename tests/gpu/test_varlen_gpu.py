@@ -38,6 +38,7 @@ def _bf16_each(q, k, v, cu_q, cu_k, causal):
     return torch.cat(outs)
 
 
+@pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen_quantize_kernel_matches_reference_gpu(d):
     q, k, v, cu_q, cu_k = _packed(LENGTHS, LENGTHS, 8, 2, d)
