@@ -69,11 +69,15 @@ def _rope_tile(text: str) -> tuple[int, int, int, bool, bool, int]:
     return rows, heads, warps, bool(prefetch), bool(fastest), v
 
 
-def _split_tile(text: str) -> tuple[int, int]:
-    parts = text.split(",")
-    if len(parts) != 2 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
-        raise argparse.ArgumentTypeError(f"a split tile is 2 comma-separated positive integers R,W, got {text!r}")
-    return int(parts[0]), int(parts[1])
+def _split_tile(text: str) -> tuple[tuple[int, int], tuple[int, int, int] | None]:
+    """'R,W' (the single-pass kernel's rows and warps) or 'R,W:r,h,w' (and the RoPE kernel's rows, heads per
+    program, warps)."""
+    block, _, rope = text.partition(":")
+    parts, rope_parts = block.split(","), rope.split(",") if rope else []
+    if (len(parts) != 2 or len(rope_parts) not in (0, 3)
+            or not all(x.strip().isdigit() and int(x) > 0 for x in parts + rope_parts)):
+        raise argparse.ArgumentTypeError(f"a split tile is R,W or R,W:r,h,w (positive integers), got {text!r}")
+    return (int(parts[0]), int(parts[1])), (tuple(int(x) for x in rope_parts) if rope_parts else None)
 
 
 def parse_args(argv=None):
@@ -112,8 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--split", action="store_true",
                    help="per-head-scale modes: the persistent kernel vs the split path, in turns (--rounds)")
     p.add_argument("--split-tiles", nargs="+", default=None, metavar="R,W", type=_split_tile,
-                   help="--split: time the split path with these single-pass tiles (rows, num_warps) instead of "
-                   "today's (qkv._SPLIT_TILES), each a column")
+                   help="--split: time the split path with these tiles instead of today's, each a column: the "
+                   "single-pass kernel's (rows, num_warps; qkv._SPLIT_TILES), and after ':' the RoPE kernel's (rows, "
+                   "heads per program, num_warps; qkv._SPLIT_ROPE_TILES; default today's)")
     p.add_argument("--only-modes", nargs="+", default=None, choices=sorted(MODES), metavar="MODE",
                    help="--modes / --split: time these modes only (--modes: the first is the 'x none' column's "
                    "base)")
@@ -531,20 +536,22 @@ def split_paths(args):
     the best split column's speedup and how many output bytes differ from the persistent kernel's."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = (qkv._SPLIT_MIN_ROWS, dict(qkv._SPLIT_TILES))
+    saved = (qkv._SPLIT_MIN_ROWS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
     half = 1 << (args.head_dim // 2 - 1).bit_length()
-    today = saved[1].get(half, qkv._SPLIT_TILE_DEFAULT)
-    paths = {"persistent": None, **{f"split {r},{w}": (r, w) for r, w in (args.split_tiles or [today])}}
+    today = (saved[1].get(half, qkv._SPLIT_TILE_DEFAULT), saved[2].get(half, qkv._SPLIT_ROPE_TILE_DEFAULT))
+    tiles = [(block, rope or today[1]) for block, rope in args.split_tiles or [today]]
+    paths = {"persistent": None,
+             **{f"split {','.join(map(str, b))}:{','.join(map(str, r))}": (b, r) for b, r in tiles}}
     print(f"\nPer-(batch, KV head) scales, D={args.head_dim}: persistent two-pass kernel vs the split path (two "
-          f"launches; tiles rows,warps; today's {today}, from {saved[0]} rows), ms (% of copy), median of "
-          f"{args.rounds} round(s) in turns")
+          f"launches; tiles rows,warps:RoPE rows,heads,warps; today's {today}, from {saved[0]} rows), ms (% of "
+          f"copy), median of {args.rounds} round(s) in turns")
     print(f"| H_q/H_kv | S | mode | {' | '.join(paths)} | best split speedup | bytes differ |")
     print(f"|---|---|---|{'---|' * len(paths)}---|---|")
 
     def use(tile):
         qkv._SPLIT_MIN_ROWS = 1 << 62 if tile is None else 0
         if tile is not None:
-            qkv._SPLIT_TILES[half] = tile
+            qkv._SPLIT_TILES[half], qkv._SPLIT_ROPE_TILES[half] = tile
 
     try:
         for heads in args.heads:
@@ -574,8 +581,9 @@ def split_paths(args):
                 torch.cuda.empty_cache()
     finally:
         qkv._SPLIT_MIN_ROWS = saved[0]
-        qkv._SPLIT_TILES.clear()
-        qkv._SPLIT_TILES.update(saved[1])
+        for d, old in ((qkv._SPLIT_TILES, saved[1]), (qkv._SPLIT_ROPE_TILES, saved[2])):
+            d.clear()
+            d.update(old)
 
 
 def profile_host(fn, args):

@@ -103,13 +103,23 @@ _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
 _V_SIDE_MIN_ROWS = 3 << 20
 # Per-(batch, KV head) scales take `_launch_split` (two launches of single-pass kernels) instead of the
 # persistent two-pass kernel from this many rows of q, k and v together (the count of `_V_SIDE_MIN_ROWS`).
-_SPLIT_MIN_ROWS = 0
+# H200, session 22 (`bench_quantize.py --split`, eager, 2 rounds in turns, D=128, docs/results/
+# quantize_split_h200_s22.log): the split path with (64, 8) tiles 1.24x / 1.28x the persistent kernel with RoPE
+# and the Q/K rotation (the default prefill) at 16k (32/8 / 32/32), 1.30x / 1.31x at 64k; RoPE alone 1.12-1.46x,
+# Hadamard alone 1.33-1.40x, plain 1.01-1.07x; the same codes and descales. At 4k (32/8: 196 Ki rows, 32/32:
+# 384 Ki) its four launches lose with RoPE (0.45-0.86x), hence 512 Ki rows: 8k at 32/32, 16k at 32/8.
+_SPLIT_MIN_ROWS = 1 << 19
 # The split path's single-pass kernel tiles, (rows, num_warps) per padded half head dim (other head dims:
 # `_SPLIT_TILE_DEFAULT`). Offline sm_90 compile (triton 3.6), D=128 with Hadamard on q/k, registers of the
 # amax / codes pass: (128 rows, 4 warps) 255 + 352 bytes of stack / 255; (128, 8) 215 / 177; (64, 8) 122 / 103;
 # (32, 4) 117 / 94. `bench_quantize.py --split --split-tiles` times them.
 _SPLIT_TILES: dict[int, tuple[int, int]] = {32: (128, 8), 64: (64, 8), 128: (32, 8)}
 _SPLIT_TILE_DEFAULT = (64, 8)
+# With RoPE, q and k go through `qk_rope_block_kernel` in both passes: (rows per tile, heads per program at most,
+# num_warps) per padded half head dim (prefetch on, heads fastest; `_ROPE_TILES`' entries for every scale per
+# block); None: no split path with RoPE for that head dim.
+_SPLIT_ROPE_TILES: dict[int, tuple[int, int, int] | None] = {32: (32, 8, 4), 64: (16, 20, 4), 128: (16, 8, 4)}
+_SPLIT_ROPE_TILE_DEFAULT = (16, 8, 4)
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
@@ -400,7 +410,7 @@ def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, rows: int)
         return False
     if rope is None:
         return True
-    return (_ROPE_TILES.get(next_power_of_2(D // 2), _ROPE_TILE_DEFAULT) is not None
+    return (_SPLIT_ROPE_TILES.get(next_power_of_2(D // 2), _SPLIT_ROPE_TILE_DEFAULT) is not None
             and (varlen is None or varlen[0] is varlen[1]))
 
 
@@ -409,7 +419,7 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
     """Per-(batch, KV head) scales in two passes of separate launches (`block_kernel`'s PASS_AMAX, then
     PASS_CODES): the amax launch merges every tile's amax into `amax` ((3, B, H_kv) int32, zeroed), the codes
     launch writes the codes and `descale` ((3, B, H_kv) float32). With RoPE, q and k go through
-    `qk_rope_block_kernel` (`_ROPE_TILES`' rows, heads and warps) and v through the single-pass kernel's v tiles,
+    `qk_rope_block_kernel` (`_SPLIT_ROPE_TILES`) and v through the single-pass kernel's v tiles,
     else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps)."""
     H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
     half_block = next_power_of_2(D // 2)
@@ -430,7 +440,7 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
     use_direct = direct.wanted(q) and direct.aligned(*tensors)
     rope_tile = None
     if rope is not None:
-        rope_tile = (*_ROPE_TILES.get(half_block, _ROPE_TILE_DEFAULT)[:5], V_APART)
+        rope_tile = (*_SPLIT_ROPE_TILES.get(half_block, _SPLIT_ROPE_TILE_DEFAULT), True, True, V_APART)
 
     def block_launch(pass_: int) -> None:
         const_key = (options, D, half_block, d_contig, False, varlen is not None, bool(v_keys_contiguous), warps,

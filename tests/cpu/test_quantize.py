@@ -197,7 +197,7 @@ def test_split_path_multi_tile_gqa(monkeypatch, rope):
     span two programs of the RoPE kernel (G = 3, 4 heads per program: its in-register group merge flushes
     mid-program, and two programs merge into one group), two batches: the reference's codes and descales."""
     monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 0)
-    monkeypatch.setitem(qkv_launcher._ROPE_TILES, 32, (16, 4, 4, True, True, qkv_launcher.V_AFTER))
+    monkeypatch.setitem(qkv_launcher._SPLIT_ROPE_TILES, 32, (16, 4, 4))
     got, ref = _run_case(2, 6, 2, 300, 300, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)
 
