@@ -31,7 +31,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --split --rounds 3   # per-head scales: persistent kernel vs split path
 
 --split times each per-head-scale mode (SPLIT_MODES, or --only-modes) both ways, the persistent two-pass
-kernel and the split path (`qkv._SPLIT_MIN_ROWS` huge / 0, restored), in turns for --rounds (medians), checks
+kernel and the split path (`qkv._SPLIT_MIN_ELEMENTS` huge / 0, restored), in turns for --rounds (medians), checks
 that both give the same codes and descales (bit for bit; with Hadamard tl.dot's summation order may move an
 fp8 code: then the row says how many bytes differ), at --seqlens (else 4k, 16k, 64k).
 
@@ -532,11 +532,11 @@ def _byte_diff(a, b) -> int:
 
 def split_paths(args):
     """ms and % of copy of the per-head-scale modes through the persistent kernel and through the split path
-    (`qkv._SPLIT_MIN_ROWS`; --split-tiles: each of those tiles, `qkv._SPLIT_TILES`; both restored), in turns;
+    (`qkv._SPLIT_MIN_ELEMENTS`; --split-tiles: each of those tiles, `qkv._SPLIT_TILES`; both restored), in turns;
     the best split column's speedup and how many output bytes differ from the persistent kernel's."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = (qkv._SPLIT_MIN_ROWS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
+    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
     half = 1 << (args.head_dim // 2 - 1).bit_length()
     today = (saved[1].get(half, qkv._SPLIT_TILE_DEFAULT), saved[2].get(half, qkv._SPLIT_ROPE_TILE_DEFAULT))
     tiles = [(block, rope or today[1]) for block, rope in args.split_tiles or [today]]
@@ -549,7 +549,7 @@ def split_paths(args):
     print(f"|---|---|---|{'---|' * len(paths)}---|---|")
 
     def use(tile):
-        qkv._SPLIT_MIN_ROWS = 1 << 62 if tile is None else 0
+        qkv._SPLIT_MIN_ELEMENTS = 1 << 62 if tile is None else 0
         if tile is not None:
             qkv._SPLIT_TILES[half], qkv._SPLIT_ROPE_TILES[half] = tile
 
@@ -580,7 +580,7 @@ def split_paths(args):
                 del q, k, v, cos, sin
                 torch.cuda.empty_cache()
     finally:
-        qkv._SPLIT_MIN_ROWS = saved[0]
+        qkv._SPLIT_MIN_ELEMENTS = saved[0]
         for d, old in ((qkv._SPLIT_TILES, saved[1]), (qkv._SPLIT_ROPE_TILES, saved[2])):
             d.clear()
             d.update(old)

@@ -75,17 +75,17 @@ if torch.cuda.is_available():
     _launch.VERIFY = True
 
 
-# Per-(batch, KV head) scales go through the persistent two-pass kernel or, from `qkv._SPLIT_MIN_ROWS` rows on,
-# the split path (two launches): tests of the quantizer's results take both (`quantize_path`), tests of the
+# Per-(batch, KV head) scales go through the persistent two-pass kernel or, from `qkv._SPLIT_MIN_ELEMENTS`
+# elements on, the split path (two launches): tests of the quantizer's results take both (`quantize_path`), tests of the
 # persistent kernel's schedule pin it (`persistent_path`), whatever today's threshold is.
-QUANTIZE_PATH_ROWS = {"persistent": 1 << 62, "split": 0}
+QUANTIZE_PATH_ELEMENTS = {"persistent": 1 << 62, "split": 0}
 
 
-@pytest.fixture(params=sorted(QUANTIZE_PATH_ROWS))
+@pytest.fixture(params=sorted(QUANTIZE_PATH_ELEMENTS))
 def quantize_path(request, monkeypatch):
     from hf_fp8_attention.quantization import qkv
 
-    monkeypatch.setattr(qkv, "_SPLIT_MIN_ROWS", QUANTIZE_PATH_ROWS[request.param])
+    monkeypatch.setattr(qkv, "_SPLIT_MIN_ELEMENTS", QUANTIZE_PATH_ELEMENTS[request.param])
     return request.param
 
 
@@ -93,4 +93,4 @@ def quantize_path(request, monkeypatch):
 def persistent_path(monkeypatch):
     from hf_fp8_attention.quantization import qkv
 
-    monkeypatch.setattr(qkv, "_SPLIT_MIN_ROWS", QUANTIZE_PATH_ROWS["persistent"])
+    monkeypatch.setattr(qkv, "_SPLIT_MIN_ELEMENTS", QUANTIZE_PATH_ELEMENTS["persistent"])

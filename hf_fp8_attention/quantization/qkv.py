@@ -102,13 +102,15 @@ _ROPE_TILES: dict[int, tuple[int, int, int, bool, bool, int] | None] = {
     32: (32, 8, 4, True, True, True), 64: (16, 20, 4, True, True, V_SIDE), 128: (16, 8, 4, True, True, True)}
 _V_SIDE_MIN_ROWS = 3 << 20
 # Per-(batch, KV head) scales take `_launch_split` (two launches of single-pass kernels) instead of the
-# persistent two-pass kernel from this many rows of q, k and v together (the count of `_V_SIDE_MIN_ROWS`).
-# H200, session 22 (`bench_quantize.py --split`, eager, 2 rounds in turns, D=128, docs/results/
-# quantize_split_h200_s22.log): the split path with (64, 8) tiles 1.24x / 1.28x the persistent kernel with RoPE
-# and the Q/K rotation (the default prefill) at 16k (32/8 / 32/32), 1.30x / 1.31x at 64k; RoPE alone 1.12-1.46x,
-# Hadamard alone 1.33-1.40x, plain 1.01-1.07x; the same codes and descales. At 4k (32/8: 196 Ki rows, 32/32:
-# 384 Ki) its four launches lose with RoPE (0.45-0.86x), hence 512 Ki rows: 8k at 32/32, 16k at 32/8.
-_SPLIT_MIN_ROWS = 1 << 19
+# persistent two-pass kernel from this many elements of q, k and v together, B * (S_q * H_q + 2 * S_kv * H_kv) * D.
+# H200, session 22 (`bench_quantize.py --split`, eager, 2 rounds in turns, docs/results/quantize_split*_h200_s22.log),
+# the split path against the persistent kernel, same codes and descales:
+# - D=128, with RoPE and the Q/K rotation (the default prefill): 1.24-1.25x at 8k-16k (32/8), 1.24-1.28x at 8k-16k
+#   (32/32), 1.30-1.32x at 64k; RoPE alone 1.12-1.46x but 0.88x at 8k 32/8; the rotation alone 1.20-1.41x; plain
+#   1.01-1.07x. At 4k its four launches lose with RoPE (0.45-0.86x).
+# - D=64 (32/8): 0.77-0.81x at 16k, 1.10-1.18x at 64k. D=256 (32/8): 1.40-2.03x at 16k and 64k.
+# 96 Mi elements: D=128 from 16k at 32/8 (8k at 32/32), D=64 from 32k, D=256 from 8k.
+_SPLIT_MIN_ELEMENTS = 96 << 20
 # The split path's single-pass kernel tiles, (rows, num_warps) per padded half head dim (other head dims:
 # `_SPLIT_TILE_DEFAULT`). Offline sm_90 compile (triton 3.6), D=128 with Hadamard on q/k, registers of the
 # amax / codes pass: (128 rows, 4 warps) 255 + 352 bytes of stack / 255; (128, 8) 215 / 177; (64, 8) 122 / 103;
@@ -342,7 +344,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     workspace = buf[:n_ws]
     descale = buf[n_ws : n_ws + n_groups].view(torch.float32).view(3, B, H_kv)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
-    if _split_wanted(options, rope, varlen, D, B * (S_q * H_q + 2 * S_kv * H_kv)):
+    if _split_wanted(options, rope, varlen, D, B * (S_q * H_q + 2 * S_kv * H_kv) * D):
         _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means,
                       buf[pad : pad + n_groups], descale, d_contig)
     else:
@@ -400,13 +402,13 @@ def _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8At
                            f"for {n_programs} programs): a launcher bug")
 
 
-def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, rows: int) -> bool:
+def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, elements: int) -> bool:
     """Whether `_launch` takes the split path (`_launch_split`) for per-(batch, KV head) scales: e4m3 Q/K with
     per-head scales (with block scales the persistent kernel's P2 sets them from the tile), from
-    `_SPLIT_MIN_ROWS` rows of q, k and v together (`_V_SIDE_MIN_ROWS`'s count), and with RoPE only where q and
+    `_SPLIT_MIN_ELEMENTS` elements of q, k and v together, and with RoPE only where q and
     k take `qk_rope_block_kernel` (a rotary tile for the head dim, and packed sequences sharing one offsets
     tensor): the single-pass kernel's own RoPE path streams at half the copy bandwidth (`_BLOCK_WARPS`)."""
-    if options.block_scales or rows < _SPLIT_MIN_ROWS:
+    if options.block_scales or elements < _SPLIT_MIN_ELEMENTS:
         return False
     if rope is None:
         return True

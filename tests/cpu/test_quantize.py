@@ -173,10 +173,10 @@ def test_item_orders_unequal_lengths(monkeypatch, persistent_path, S_q, S_kv, in
 
 
 def test_split_wanted():
-    """The split path takes per-(batch, KV head) e4m3 scales from `_SPLIT_MIN_ROWS` rows on, and RoPE only where
+    """The split path takes per-(batch, KV head) e4m3 scales from `_SPLIT_MIN_ELEMENTS` elements on, and RoPE only where
     q and k go through the RoPE kernel: not with block scales (int8 included), nor packed sequences whose q and
     k offsets are separate tensors."""
-    rows = qkv_launcher._SPLIT_MIN_ROWS
+    rows = qkv_launcher._SPLIT_MIN_ELEMENTS  # the elements of q, k and v together
     plain, rope = FP8AttentionOptions(hadamard="none", smooth_v=False), ("cos", "sin", (0, 0, 0), (0, 0, 0))
     cu = torch.zeros(3, dtype=torch.int32)
     assert qkv_launcher._split_wanted(plain, None, None, 128, rows)
@@ -196,7 +196,7 @@ def test_split_path_multi_tile_gqa(monkeypatch, rope):
     """The split path over several 128-row tiles per head with a ragged last one, GQA groups whose q heads
     span two programs of the RoPE kernel (G = 3, 4 heads per program: its in-register group merge flushes
     mid-program, and two programs merge into one group), two batches: the reference's codes and descales."""
-    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 0)
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ELEMENTS", 0)
     monkeypatch.setitem(qkv_launcher._SPLIT_ROPE_TILES, 32, (16, 4, 4))
     got, ref = _run_case(2, 6, 2, 300, 300, 64, torch.bfloat16, "bshd", rope, DEVICE)
     assert_identical(got, ref)

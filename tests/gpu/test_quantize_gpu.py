@@ -287,9 +287,9 @@ def test_split_path_equals_persistent_gpu(monkeypatch, mode):
     q, k, v = make_qkv(1, 32, 8, 16384, 16384, 128, torch.bfloat16, seed=7)
     cos, sin = make_rope(1, 16384, 128, torch.bfloat16) if mode.startswith("rope") else (None, None)
     options = FP8AttentionOptions(hadamard="qk" if "qk" in mode else "none", smooth_v="smooth_v" in mode)
-    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 1 << 62)
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ELEMENTS", 1 << 62)
     persistent = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
-    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ROWS", 0)
+    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ELEMENTS", 0)
     for _ in range(2):
         split = quantize_qkv_fp8(q, k, v, cos, sin, options=options)
         if "qk" in mode:
