@@ -1,6 +1,7 @@
 """CUDA-graph capture of the fp8 paths: a captured call replayed on new inputs (copied into the captured
 tensors) equals an eager call on those inputs, bit for bit. Covers fp8_sdpa with the default accuracy modes
-(fa3 on SM 9.x, triton on SM 8.9+, prefill with and without smooth_v) and the FP8 cache's append and
+(fa3 on SM 9.x, triton on SM 8.9+, prefill with and without smooth_v; the quantizer's persistent kernel and its
+split path) and the FP8 cache's append and
 decode attend (static-cache + torch.compile "reduce-overhead" decoding replays such graphs)."""
 
 from __future__ import annotations
@@ -42,11 +43,18 @@ def _captured(fn, *static):
     # 2048 keys x D=128 reach the keys-contiguous V that the Triton backend's prefill on Hopper hands to the
     # Gluon kernel (its default route there): the TMA descriptors are built per call, outside the graph
     ("triton", "auto", {"seq": 2048}),
+    # the quantizer's split path (per-head scales in two launches of the single-pass kernels; at these sizes
+    # only when forced): plain with smooth_v, and fused RoPE through the q/k RoPE kernel
+    ("fa3", True, {"split": True}), ("fa3", "auto", {"split": True, "rope": True}),
 ])
-def test_fp8_sdpa_replays(backend, smooth_v, extra):
+def test_fp8_sdpa_replays(backend, smooth_v, extra, monkeypatch):
     if backend == "fa3" and not _fa3:
         pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel")
     extra = dict(extra)
+    if extra.pop("split", False):
+        from hf_fp8_attention.quantization import qkv
+
+        monkeypatch.setattr(qkv, "_SPLIT_MIN_ELEMENTS", 0)
     B, H_q, H_kv, S, D = 2, 8, 2, extra.pop("seq", 1024), 128
     check_gluon = S >= 2048 and backend == "triton" and _gluon_default()
     gluon_calls = _gluon_calls() if check_gluon else 0
