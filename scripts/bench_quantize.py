@@ -543,7 +543,7 @@ def split_paths(args):
     paths = {"persistent": None,
              **{f"split {','.join(map(str, b))}:{','.join(map(str, r))}": (b, r) for b, r in tiles}}
     print(f"\nPer-(batch, KV head) scales, D={args.head_dim}: persistent two-pass kernel vs the split path (two "
-          f"launches; tiles rows,warps:RoPE rows,heads,warps; today's {today}, from {saved[0]} rows), ms (% of "
+          f"launches; tiles rows,warps:RoPE rows,heads,warps; today's {today}, from {saved[0]} elements), ms (% of "
           f"copy), median of {args.rounds} round(s) in turns")
     print(f"| H_q/H_kv | S | mode | {' | '.join(paths)} | best split speedup | bytes differ |")
     print(f"|---|---|---|{'---|' * len(paths)}---|---|")

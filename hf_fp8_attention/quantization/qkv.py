@@ -108,7 +108,9 @@ _V_SIDE_MIN_ROWS = 3 << 20
 # - D=128, with RoPE and the Q/K rotation (the default prefill): 1.24-1.25x at 8k-16k (32/8), 1.24-1.28x at 8k-16k
 #   (32/32), 1.30-1.32x at 64k; RoPE alone 1.12-1.46x but 0.88x at 8k 32/8; the rotation alone 1.20-1.41x; plain
 #   1.01-1.07x. At 4k its four launches lose with RoPE (0.45-0.86x).
-# - D=64 (32/8): 0.77-0.81x at 16k, 1.10-1.18x at 64k. D=256 (32/8): 1.40-2.03x at 16k and 64k.
+# - D=64 (32/8): 0.77-0.81x at 16k, 1.11-1.26x at 32k, 1.10-1.18x at 64k. D=256 (32/8): 1.40-2.03x at 16k, 64k.
+# - Graph-timed (GPU time alone, 32/8), the split path is faster at every size: D=128 1.07-1.13x at 4k, 1.05-1.28x
+#   at 8k-16k; D=64 1.13-1.18x at 16k. Its losses above are the host's: four launches instead of one.
 # 96 Mi elements: D=128 from 16k at 32/8 (8k at 32/32), D=64 from 32k, D=256 from 8k.
 _SPLIT_MIN_ELEMENTS = 96 << 20
 # The split path's single-pass kernel tiles, (rows, num_warps) per padded half head dim (other head dims:
