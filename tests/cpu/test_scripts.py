@@ -595,6 +595,38 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
         bench_quantize.parse_args(["--modes", "--rope-tiles", "16,8,4,1,1,0"])
 
 
+def test_bench_quantize_split_dry_run(monkeypatch, capsys):
+    """--split on CPU (the interpreted kernels, a tiny shape): every column runs its path, the split columns
+    with their tiles (what the split launcher sees), both paths give the same bytes, the module is restored;
+    malformed --split-tiles, or --split-tiles without --split, are refused."""
+    from hf_fp8_attention.quantization import qkv
+
+    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
+    seen, real = [], qkv._launch_split
+
+    def spy(*a, **kw):
+        seen.append((qkv._SPLIT_TILES.get(32), qkv._SPLIT_ROPE_TILES.get(32)))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(qkv, "_launch_split", spy)
+    monkeypatch.setattr(bench_quantize, "make_inputs", functools.partial(bench_quantize.make_inputs, device="cpu"))
+    monkeypatch.setattr(bench_quantize, "device_ms", lambda fn, inputs, rep_ms: (fn(*inputs), 0.5)[1])
+    args = bench_quantize.parse_args(["--split", "--seqlens", "40", "--heads", "4/2", "--head-dim", "64",
+                                      "--only-modes", "rope+qk", "none", "--split-tiles", "32,4", "16,4:16,3,4"])
+    bench_quantize.split_paths(args)
+    today_rope = saved[2][32]
+    columns = [((32, 4), today_rope), ((16, 4), (16, 3, 4))]
+    assert seen == (columns + columns[:1]) * 2  # timed in turns, then the best (ties: the first) re-run
+    assert (qkv._SPLIT_MIN_ELEMENTS, qkv._SPLIT_TILES, qkv._SPLIT_ROPE_TILES) == saved
+    out = capsys.readouterr().out
+    assert out.count("| 0 |\n") == 2 and "| persistent | split 32,4:" in out and "split 16,4:16,3,4 |" in out
+    for bad in ("32", "32,4:16,3", "0,4", "a,4", "32,4,1"):
+        with pytest.raises(SystemExit):
+            bench_quantize.parse_args(["--split", "--split-tiles", bad])
+    with pytest.raises(SystemExit):
+        bench_quantize.parse_args(["--modes", "--split-tiles", "32,4"])
+
+
 # ------------------------------------------------------------------------------------------------------
 # accuracy_report
 # ------------------------------------------------------------------------------------------------------
