@@ -77,7 +77,14 @@ def _split_tile(text: str) -> tuple[tuple[int, int], tuple[int, int, int] | None
     if (len(parts) != 2 or len(rope_parts) not in (0, 3)
             or not all(x.strip().isdigit() and int(x) > 0 for x in parts + rope_parts)):
         raise argparse.ArgumentTypeError(f"a split tile is R,W or R,W:r,h,w (positive integers), got {text!r}")
-    return (int(parts[0]), int(parts[1])), (tuple(int(x) for x in rope_parts) if rope_parts else None)
+    (rows, warps), rope_tile = (int(x) for x in parts), tuple(int(x) for x in rope_parts) or None
+    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+    # the kernels' shapes: power-of-two tiles and warps; the RoPE kernel's rows whole q/k scale blocks (16) and
+    # a divisor of a V block (128)
+    if not (pow2(rows) and pow2(warps) and (rope_tile is None or (rope_tile[0] in (16, 32, 64, 128)
+                                                                    and pow2(rope_tile[2])))):
+        raise argparse.ArgumentTypeError(f"split tile {text!r}: rows and warps are powers of two, RoPE rows 16-128")
+    return (rows, warps), rope_tile
 
 
 def parse_args(argv=None):
@@ -115,7 +122,7 @@ def parse_args(argv=None):
                    "second stream); --rounds: each tile that many times, in turns (median)")
     p.add_argument("--split", action="store_true",
                    help="per-head-scale modes: the persistent kernel vs the split path, in turns (--rounds)")
-    p.add_argument("--split-tiles", nargs="+", default=None, metavar="R,W", type=_split_tile,
+    p.add_argument("--split-tiles", nargs="+", default=None, metavar="R,W[:r,h,w]", type=_split_tile,
                    help="--split: time the split path with these tiles instead of today's, each a column: the "
                    "single-pass kernel's (rows, num_warps; qkv._SPLIT_TILES), and after ':' the RoPE kernel's (rows, "
                    "heads per program, num_warps; qkv._SPLIT_ROPE_TILES; default today's)")
@@ -129,6 +136,9 @@ def parse_args(argv=None):
         p.error("--rope-tiles goes with --rope-configs")
     if args.split_tiles and not args.split:
         p.error("--split-tiles goes with --split")
+    per_block = [m for m in args.only_modes or () if {"qk_scales", "qk_format", "v_scales"} & set(MODES[m][1])]
+    if args.split and per_block:
+        p.error(f"--split times per-(batch, KV head) scales; {per_block} have per-block scales (one path only)")
     if args.compare and (args.modes or args.configs or args.sweep or args.profile_host):
         p.error("--compare applies to the table only, not to --modes/--configs/--sweep/--profile-host")
     return args
@@ -525,9 +535,14 @@ SPLIT_MODES = ("rope+qk", "rope", "none", "qk", "rope+qk+smooth_v")
 
 
 def _byte_diff(a, b) -> int:
-    """Codes (q, k, v) and descales that differ between two QuantizedQKV: the fp8 bytes plus descale entries."""
+    """Entries that differ between two QuantizedQKV: the fp8 bytes of q, k, v, the descales, and smooth_v's
+    V mean and add-back."""
     n = sum(int((getattr(a, x).view(torch.uint8) != getattr(b, x).view(torch.uint8)).sum()) for x in "qkv")
-    return n + sum(int((getattr(a, f"{x}_descale") != getattr(b, f"{x}_descale")).sum()) for x in "qkv")
+    n += sum(int((getattr(a, f"{x}_descale") != getattr(b, f"{x}_descale")).sum()) for x in "qkv")
+    for name in ("v_mean", "v_add"):
+        x, y = getattr(a, name), getattr(b, name)
+        n += (x is None) != (y is None) or (x is not None and int((x != y).sum()))
+    return int(n)
 
 
 def split_paths(args):

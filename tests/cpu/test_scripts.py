@@ -8,6 +8,7 @@ dir (as tests/cpu/test_generate_example.py does); benchmark_model runs its --tin
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -620,11 +621,17 @@ def test_bench_quantize_split_dry_run(monkeypatch, capsys):
     assert (qkv._SPLIT_MIN_ELEMENTS, qkv._SPLIT_TILES, qkv._SPLIT_ROPE_TILES) == saved
     out = capsys.readouterr().out
     assert out.count("| 0 |\n") == 2 and "| persistent | split 32,4:" in out and "split 16,4:16,3,4 |" in out
-    for bad in ("32", "32,4:16,3", "0,4", "a,4", "32,4,1"):
+    # the difference count sees smooth_v's add-back
+    a = qkv.quantize_qkv_fp8(*bench_quantize.make_inputs(16, 2, 1, 64, False)[:3], options={"smooth_v": True})
+    b = dataclasses.replace(a, v_add=a.v_add + 1)
+    assert bench_quantize._byte_diff(a, a) == 0 and bench_quantize._byte_diff(a, b) == a.v_add.numel()
+    for bad in ("32", "32,4:16,3", "0,4", "a,4", "32,4,1", "48,4", "32,6", "32,4:8,3,4", "32,4:16,3,3"):
         with pytest.raises(SystemExit):
             bench_quantize.parse_args(["--split", "--split-tiles", bad])
     with pytest.raises(SystemExit):
         bench_quantize.parse_args(["--modes", "--split-tiles", "32,4"])
+    with pytest.raises(SystemExit):  # per-block modes have one path: nothing to compare
+        bench_quantize.parse_args(["--split", "--only-modes", "rope", "int8"])
 
 
 # ------------------------------------------------------------------------------------------------------

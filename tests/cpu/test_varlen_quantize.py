@@ -52,8 +52,9 @@ VARLEN_CASES = [
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: x / 0 in the untaken branch of a where
 @pytest.mark.usefixtures("quantize_path")
 @pytest.mark.parametrize("lq,lk,H_q,H_kv,D,rope,mode", VARLEN_CASES)
-def test_kernel_matches_reference(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch):
-    _check_varlen(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch)
+def test_kernel_matches_reference(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch, quantize_path):
+    # the split path's RoPE needs one offsets tensor for q and k; the persistent kernel keeps two equal ones
+    _check_varlen(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch, share_offsets=quantize_path == "split")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -65,11 +66,11 @@ def test_kernel_matches_reference_interleaved(lq, lk, H_q, H_kv, D, rope, mode, 
     _check_varlen(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch)
 
 
-def _check_varlen(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch):
+def _check_varlen(lq, lk, H_q, H_kv, D, rope, mode, monkeypatch, share_offsets=False):
     monkeypatch.setattr(qkv_launcher, "_LAG_PER_PROGRAM", 0.0)  # smallest lag: waits across sequences
     device = "cuda" if ON_CUDA else "cpu"
     q, k, v, cu_q, cu_k = (t.to(device) for t in packed(lq, lk, H_q, H_kv, D))
-    if lq == lk:  # one offsets tensor: RoPE can take the split path's RoPE kernel
+    if share_offsets and lq == lk:  # one offsets tensor: RoPE can take the split path's RoPE kernel
         cu_k = cu_q
     cos = sin = None
     if rope:
@@ -107,7 +108,7 @@ def test_check_cu_seqlens_errors(cu_q, cu_k, causal, match):
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_kernel_writes_keys_contiguous_v_packed():
+def test_kernel_writes_keys_contiguous_v_packed(quantize_path):
     """v_keys_contiguous on packed sequences: V's codes in (1, H_kv, D, total) memory, byte for byte the BSHD
     launch's and the reference's (each sequence at its packed rows)."""
     from test_quantize import _fp8_bytes

@@ -51,10 +51,13 @@ def test_fp8_sdpa_replays(backend, smooth_v, extra, monkeypatch):
     if backend == "fa3" and not _fa3:
         pytest.skip("needs Hopper (SM 9.x) and the FA3 wheel")
     extra = dict(extra)
+    split_calls = None
     if extra.pop("split", False):
         from hf_fp8_attention.quantization import qkv
 
         monkeypatch.setattr(qkv, "_SPLIT_MIN_ELEMENTS", 0)
+        split_calls, launch_split = [], qkv._launch_split
+        monkeypatch.setattr(qkv, "_launch_split", lambda *a, **kw: split_calls.append(1) or launch_split(*a, **kw))
     B, H_q, H_kv, S, D = 2, 8, 2, extra.pop("seq", 1024), 128
     check_gluon = S >= 2048 and backend == "triton" and _gluon_default()
     gluon_calls = _gluon_calls() if check_gluon else 0
@@ -81,6 +84,8 @@ def test_fp8_sdpa_replays(backend, smooth_v, extra, monkeypatch):
         assert torch.equal(out, call(*new)), seed
     if check_gluon:
         assert _gluon_calls() > gluon_calls  # the captured prefill ran the Gluon kernel
+    if split_calls is not None:
+        assert split_calls  # the quantizer took the split path
 
 
 def _gluon_calls() -> int:
