@@ -56,7 +56,7 @@ import time
 import torch
 
 from hf_fp8_attention._constants import SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
-from hf_fp8_attention._intmath import cdiv
+from hf_fp8_attention._intmath import cdiv, next_power_of_2
 
 
 def _rope_tile(text: str) -> tuple[int, int, int, bool, bool, int]:
@@ -453,8 +453,7 @@ def block_configs(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = dict(qkv._BLOCK_WARPS), qkv._BLOCK_HEADS_FASTEST
-    half = args.head_dim // 2
-    half = 1 << (half - 1).bit_length()
+    half = next_power_of_2(args.head_dim // 2)
     print(f"\nsingle-pass kernel (every scale per block): num_warps per program; ms (% of copy); today's: "
           f"{saved[0].get((half, True))} with RoPE, {saved[0].get((half, False))} without; heads fastest: {saved[1]} "
           f"(with RoPE and e4m3 Q/K it does v alone, without RoPE; q/k then: --rope-configs)")
@@ -493,8 +492,7 @@ def rope_configs(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = (dict(qkv._ROPE_TILES), qkv._ROPE_TILE_DEFAULT, qkv._V_SIDE_MIN_ROWS)
-    half = args.head_dim // 2
-    half = 1 << (half - 1).bit_length()
+    half = next_power_of_2(args.head_dim // 2)
     today = saved[0].get(half, saved[1])
     print(f"\nRoPE with every scale per block (rope+block+block_v), D={args.head_dim}: q/k tile (rows, heads per "
           f"program, warps, prefetch, heads fastest, v: 1 in the same launch, 2 there first, 0/False apart), "
@@ -552,7 +550,7 @@ def split_paths(args):
     from hf_fp8_attention.quantization import qkv
 
     saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
-    half = 1 << (args.head_dim // 2 - 1).bit_length()
+    half = next_power_of_2(args.head_dim // 2)
     today = (saved[1].get(half, qkv._SPLIT_TILE_DEFAULT), saved[2].get(half, qkv._SPLIT_ROPE_TILE_DEFAULT))
     tiles = [(block, rope or today[1]) for block, rope in args.split_tiles or [today]]
     paths = {"persistent": None,

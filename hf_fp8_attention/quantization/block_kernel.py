@@ -274,6 +274,7 @@ def _qk_rope_program(
                                      offs_d, offs_d < HALF, HALF, HEAD_DIM)
                 grp = (cur_t * B + b) * H_KV + tl.where(cur_t == 0, cur_h // G, cur_h)  # `_item_setup`'s
                 if PASS == PASS_AMAX:  # the previous group's amax out when the group changes (heads in order)
+                    # q and k only: HADAMARD_QK stands for both flags, so the rotated case is picked at compile time
                     m = _group_amax(x1, x2, cur_t, HADAMARD_QK, HADAMARD_QK, INV_SQRT_D)
                     tl.atomic_max(amax_ptr + g_run, m_run.to(tl.int32, bitcast=True),
                                   mask=(grp != g_run) & (g_run >= 0), sem="relaxed")

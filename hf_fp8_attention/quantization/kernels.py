@@ -327,9 +327,7 @@ def _group_scale(done_ptr, amax_ptr, descale_ptr, grp, grp_items, on, first, FP8
         while n_done < grp_items:
             n_done = tl.atomic_add(done_ptr + grp, 0, sem="acquire")
     amax_bits = tl.atomic_max(amax_ptr + grp, 0, mask=on, sem="relaxed")
-    scale, descale = _amax_scales(amax_bits.to(tl.float32, bitcast=True), FP8_MAX)
-    tl.store(descale_ptr + grp, descale, mask=on & first)
-    return scale
+    return _scale_of_bits(amax_bits, descale_ptr, grp, on & first, FP8_MAX)
 
 
 @triton.jit
@@ -350,13 +348,20 @@ def _group_amax(x1, x2, t, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr, 
 
 
 @triton.jit
+def _scale_of_bits(amax_bits, descale_ptr, grp, store, FP8_MAX: tl.constexpr):
+    """Group grp's scale from its merged amax bits (int32 bit pattern of the float amax); where `store`, its
+    descale goes to descale_ptr[grp] (one tile of the group stores it)."""
+    scale, descale = _amax_scales(amax_bits.to(tl.float32, bitcast=True), FP8_MAX)
+    tl.store(descale_ptr + grp, descale, mask=store)
+    return scale
+
+
+@triton.jit
 def _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX: tl.constexpr):
     """The split path's codes launch (`block_kernel`, PASS_CODES): group grp's scale from the amax bits the
     amax launch merged (a launch before: a plain load sees them); the group's first tile (`first`) stores its
     descale."""
-    scale, descale = _amax_scales(tl.load(amax_ptr + grp).to(tl.float32, bitcast=True), FP8_MAX)
-    tl.store(descale_ptr + grp, descale, mask=first)
-    return scale
+    return _scale_of_bits(tl.load(amax_ptr + grp), descale_ptr, grp, first, FP8_MAX)
 
 
 @triton.jit

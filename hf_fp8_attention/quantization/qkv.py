@@ -351,7 +351,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
                       buf[pad : pad + n_groups], descale, d_contig)
     else:
         _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means, buf,
-                           workspace, descale, blocks, d_contig)
+                           workspace, descale, blocks, (n_blk_q, n_blk_kv), d_contig)
     v_add = None
     if smooth_v:  # smooth_v's add-back: v_mean minus the mean of the dequantized centred V (QuantizedQKV.v_add)
         codes = v_out.permute(0, 2, 1, 3)  # (B or 1, H_kv, S, D) view of the e4m3 codes
@@ -361,13 +361,14 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
 
 def _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
-                       v_keys_contiguous: bool, means, buf, workspace, descale, blocks, d_contig: bool) -> None:
+                       v_keys_contiguous: bool, means, buf, workspace, descale, blocks, n_blks, d_contig: bool) -> None:
     """`_launch`'s persistent two-pass kernel (`kernels.qkv_quantize_kernel`), one launch; its arguments are
-    `_launch`'s (buf: the zeroed int32 buffer, workspace its head, blocks the block descales or Nones)."""
+    `_launch`'s (buf: the zeroed int32 buffer, workspace its head sized for n_blks, blocks the block descales or
+    Nones, n_blks their (q, k) block counts)."""
     H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
     device = q.device
     block_scales = options.block_scales
-    n_blk_q, n_blk_kv = cdiv(S_q, SCALE_BLOCK), cdiv(S_kv, k_scale_block(options.int8_qk))
+    n_blk_q, n_blk_kv = n_blks
     apply_rope = rope is not None
     tile = _tile_config(D, apply_rope)
     longest = max(S_q, S_kv)
@@ -597,7 +598,7 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
 @functools.lru_cache(maxsize=256)
 def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, apply_rope: bool,
                       varlen: bool, v_keys_contiguous: bool, num_warps: int, heads_fastest: bool,
-                      pass_: int = 0, rows: int = V_SCALE_BLOCK) -> dict:
+                      pass_: int = PASS_BLOCK.value, rows: int = V_SCALE_BLOCK) -> dict:
     """`qkv_block_quantize_kernel`'s constexprs and compile options for one configuration (the caller must not
     modify the dict); `rows` per tile (a V block, but in the split path's passes)."""
     int8 = options.int8_qk
