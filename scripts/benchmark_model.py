@@ -4,6 +4,7 @@
     python scripts/benchmark_model.py                                  # S = 4k..128k, 32 layers, H100
     python scripts/benchmark_model.py --layers 4 --seqlens 8192 32768  # quick
     python scripts/benchmark_model.py --impls sdpa fa3_bf16 fp8_fa3 fp8_fa3:hadamard=qkv --plot prefill.png
+    python scripts/benchmark_model.py --layers 2 --seqlens 131072 --impls fa3_bf16 fp8_fa3 --profile  # time per kind
 
 The model is built from a LlamaConfig (32 layers, hidden 4096, 32/8 heads, head_dim 128, MLP 14336, vocab
 128256) directly on the GPU in bf16 with N(0, 0.02) weights (transformers' init skipped); speed does not
@@ -19,6 +20,9 @@ Implementations (``--impls``):
 - ``flash_attention_3``: transformers' own, when ``is_flash_attn_3_available()``.
 - ``fp8``, ``fp8_fa3``, ``fp8_triton`` (if the package has that backend), ... via
   ``hf_fp8_attention.prepare_model``; ``name:key=value`` passes prepare_model kwargs (e.g. hadamard=qkv).
+``--profile``: after the timed runs, one more forward under torch.profiler; its CUDA kernels' time summed per
+category (attention, quantize, matmul, other: `kernel_category`) is printed as a second table, so that the
+share a faster attention can change is visible (it does not change the timed rows).
 Unavailable implementations are skipped with a note. Memory at 128k: weights 15 GiB, the hidden states
 1 GiB per tensor, one MLP intermediate 3.5 GiB per tensor; ~30 GiB peak, fine on 80 GB.
 """
@@ -68,6 +72,15 @@ DEFAULT_SEQLENS = [4096, 8192, 16384, 32768, 65536, 131072]
 FA3_BF16 = "fa3_bf16"
 LABELS = {"sdpa": "sdpa", FA3_BF16: "FA3 bf16", "flash_attention_3": "transformers flash_attention_3"}
 EXTRA_IMPLS = (FA3_BF16, "flash_attention_3")
+# --profile: a CUDA kernel's category, the first pattern its name matches (case-insensitive); else "other".
+# Quantize first (this package's quantize / RoPE / centring kernels), then attention (FA3's flash::, torch's
+# flash / efficient / cuDNN SDPA kernels, this package's fp8_attn kernels), then the matmuls (cuBLAS / CUTLASS).
+KERNEL_CATEGORIES = (
+    ("quantize", r"quantize|rope_block|centring_sums|add_v_mean"),
+    ("attention", r"flash|fmha|attn|attention|sdpa"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|wgmma"),
+)
+PROFILE_COLUMNS = tuple(c for c, _ in KERNEL_CATEGORIES) + ("other",)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -97,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="one more forward per (S, implementation) under torch.profiler: CUDA kernel ms per category")
     p.add_argument("--plot", default=None, help="write a PNG: seconds vs S and speedup vs sdpa (needs matplotlib)")
     return p
 
@@ -120,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("needs a CUDA GPU (this machine has none); for a CPU smoke run use --device cpu --tiny")
     if device.type != "cuda" and not args.tiny:
         parser.error(f"--device {args.device}: the 8B-shaped model only makes sense on a GPU; add --tiny")
+    if args.profile and device.type != "cuda":
+        parser.error("--profile sums CUDA kernel times: it needs --device cuda")
     if args.plot and not _common.have_matplotlib():
         parser.error("--plot needs matplotlib (pip install matplotlib)")
     if args.impls is None:
@@ -287,6 +304,65 @@ def time_prefill(model, ids: torch.Tensor, *, warmup: int, repeats: int) -> dict
     }
 
 
+def kernel_category(name: str) -> str:
+    """The --profile category of a CUDA kernel name (`KERNEL_CATEGORIES`)."""
+    import re
+
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return category
+    return "other"
+
+
+def kernel_ms_by_category(kernels) -> dict:
+    """{category: ms, ..., "total": ms} from (name, microseconds) pairs of CUDA kernels."""
+    ms = dict.fromkeys(PROFILE_COLUMNS, 0.0)
+    for name, us in kernels:
+        ms[kernel_category(name)] += us / 1e3
+    ms["total"] = sum(ms[c] for c in PROFILE_COLUMNS)
+    return ms
+
+
+def profile_prefill(model, ids: torch.Tensor) -> dict:
+    """One forward under torch.profiler (CUDA activity): `kernel_ms_by_category` of its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefill(model, ids)  # nothing left to compile or tune inside the profiled run
+    _sync(ids.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill(model, ids)
+        _sync(ids.device)
+    kernels = []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "device_time", None)
+        if us is None:  # older torch names it after CUDA
+            us = e.cuda_time
+        kernels.append((e.name, us))
+    if not kernels:
+        raise RuntimeError("the profiler recorded no CUDA kernel")
+    return kernel_ms_by_category(kernels)
+
+
+def format_profile_table(rows: list[dict]) -> str:
+    """--profile's table: kernel ms per category, and attention + quantize against FA3 bf16's attention."""
+    headers = ["S", "implementation", *(f"{c} ms" for c in PROFILE_COLUMNS), "kernels ms",
+               "attn+quantize vs FA3 bf16"]
+    out = []
+    for r in rows:
+        p = r.get("profile")
+        if not p:
+            continue
+        fa3 = next((x["profile"] for x in rows if x["S"] == r["S"] and x["impl"] == FA3_BF16 and x.get("profile")),
+                   None)
+        mine = p["attention"] + p["quantize"]
+        ratio = fa3["attention"] / mine if fa3 and mine else None
+        out.append([r["S"], r["label"], *(_common.fmt(p[c], ".1f") for c in PROFILE_COLUMNS),
+                    _common.fmt(p["total"], ".1f"), _common.fmt(ratio, ".2f") + ("x" if ratio else "")])
+    return _common.markdown_table(headers, out)
+
+
 def format_table(rows: list[dict]) -> str:
     headers = ["S", "implementation", "s (median)", "tokens/s", "peak GiB", "vs sdpa", "vs FA3 bf16"]
     out = []
@@ -373,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"S": s, "impl": spec, "label": labels[spec], "s": None, "peak_gib": None}
             try:
                 row.update(time_prefill(model, ids, warmup=args.warmup, repeats=args.repeats))
+                if args.profile:
+                    row["profile"] = profile_prefill(model, ids)
             except torch.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as err:  # one implementation failing at one S: report and keep going
@@ -416,6 +494,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n# {title}")
     print(f"# median of {args.repeats} runs after {args.warmup} warmup; " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(format_table(rows))
+    if args.profile:
+        print("\n# CUDA kernel time of one profiled forward, per category (KERNEL_CATEGORIES)")
+        print(format_profile_table(rows))
     return {**header, "rows": rows}
 
 

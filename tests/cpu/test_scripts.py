@@ -342,10 +342,47 @@ def test_bench_model_needs_cuda(capsys):
         ["--tiny", "--device", "cpu", "--impls", "sdpa", "sdpa"],
         ["--tiny", "--device", "cpu", "--impls", "flash_attention_9"],
         ["--tiny", "--device", "cpu", "--impls", "fa3_bf16:x=1"],
+        ["--tiny", "--device", "cpu", "--profile"],  # CUDA kernel times only
     ],
 )
 def test_bench_model_errors(argv, capsys):
     _expect_usage_error(bench_model.parse_args, argv, capsys)
+
+
+@pytest.mark.parametrize("name,category", [
+    ("void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<>>>(Params)", "attention"),
+    ("fp8_attn_fwd_gluon_persistent_kernel", "attention"),
+    ("_fp8_attn_fwd_kernel", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),  # before the matmul's "cutlass"
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("qk_rope_block_kernel", "quantize"),
+    ("qkv_block_quantize_kernel", "quantize"),
+    ("qkv_quantize_kernel", "quantize"),
+    ("centring_sums_kernel", "quantize"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),
+])
+def test_bench_model_kernel_category(name, category):
+    assert bench_model.kernel_category(name) == category
+
+
+def test_bench_model_profile_table():
+    bf16 = bench_model.kernel_ms_by_category([("flash::FlashAttnFwdSm90", 6000.0), ("nvjet_gemm", 2500.0),
+                                              ("elementwise_kernel", 500.0)])
+    assert bf16 == {"quantize": 0.0, "attention": 6.0, "matmul": 2.5, "other": 0.5, "total": 9.0}
+    fp8 = bench_model.kernel_ms_by_category([("flash::FlashAttnFwdSm90", 4000.0), ("qk_rope_block_kernel", 200.0),
+                                             ("qkv_block_quantize_kernel", 100.0), ("nvjet_gemm", 2500.0)])
+    assert fp8["quantize"] == pytest.approx(0.3) and fp8["total"] == pytest.approx(6.8)
+    rows = [{"S": 8, "impl": "fa3_bf16", "label": "FA3 bf16", "profile": bf16},
+            {"S": 8, "impl": "fp8_fa3", "label": "fp8_fa3", "profile": fp8},
+            {"S": 8, "impl": "sdpa", "label": "sdpa", "error": "OOM"}]  # no profile: no line
+    lines = bench_model.format_profile_table(rows).splitlines()
+    assert len(lines) == 4 and "attn+quantize vs FA3 bf16" in lines[0]
+    assert lines[2].split("|")[-2].strip() == "1.00x"
+    assert lines[3].split("|")[-2].strip() == f"{6.0 / 4.3:.2f}x"  # 6.0 ms / (4.0 + 0.3) ms
 
 
 def test_bench_model_defaults():
