@@ -326,7 +326,7 @@ elif [ "$mode" = "--under" ]; then
     PROBE_S=60 probe "$out/under.log" "under $u gqa" $pp --under $1 --acc-mma $2 --causal 1 --seq 4144 --batch 2 \
       --kv-heads 2 || status=1
   done
-  for S in ${UNDER_SEQLENS:-16384 65536}; do
+  for S in ${UNDER_SEQLENS-16384 65536}; do
     for c in 0 1; do
       for u in "1 0" "1 1"; do
         set -- $u
@@ -335,7 +335,7 @@ elif [ "$mode" = "--under" ]; then
       done
     done
   done
-  for off in ${UNDER_OFFSETS:-0 4}; do  # float32 reference at 16k x 8 heads (8 GiB of scores at most)
+  for off in ${UNDER_OFFSETS-0 4}; do  # float32 reference at 16k x 8 heads (8 GiB of scores at most)
     for u in "0 0" "1 0" "1 1"; do
       set -- $u
       PROBE_S=150 probe "$out/under.log" "under $u offset $off" $pp --under $1 --acc-mma $2 --causal 0 --seq 16384 \
