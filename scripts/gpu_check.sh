@@ -57,7 +57,9 @@
 #                                        # two-level and one-level accumulation): 4k probes vs float32, 16k/64k
 #                                        # speed A/B against the backend's order and FA3 fp8 (UNDER_SEQLENS),
 #                                        # 16k accuracy with a V channel offset (UNDER_OFFSETS), then the whole
-#                                        # model's kernel time per category (2 layers, 16k/128k; UNDER_MODEL=0: not)
+#                                        # model's kernel time per category (2 layers, 16k/128k; UNDER_MODEL=0: not);
+#                                        # UNDER_BUILDS "under acc_mma|...": the builds (default "1 0|1 1");
+#                                        # UNDER_FA3=1: FA3's pack_gqa choices timed (probe_fa3.py)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -318,7 +320,8 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
 elif [ "$mode" = "--under" ]; then
   : > "$out/under.log"
   pp="--gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2"
-  for u in "1 0" "1 1"; do
+  IFS='|' read -ra builds <<< "${UNDER_BUILDS:-1 0|1 1}"  # "under acc_mma" pairs
+  for u in "${builds[@]}"; do
     set -- $u
     for c in 0 1; do
       PROBE_S=60 probe "$out/under.log" "under $u 4k causal=$c" $pp --under $1 --acc-mma $2 --causal $c || status=1
@@ -328,7 +331,7 @@ elif [ "$mode" = "--under" ]; then
   done
   for S in ${UNDER_SEQLENS-16384 65536}; do
     for c in 0 1; do
-      for u in "1 0" "1 1"; do
+      for u in "${builds[@]}"; do
         set -- $u
         PROBE_S=150 probe "$out/under.log" "under $u bench $S causal=$c" $pp --under $1 --acc-mma $2 --causal $c \
           --seq $S --heads 32 --bench 1 || status=1
@@ -336,7 +339,7 @@ elif [ "$mode" = "--under" ]; then
     done
   done
   for off in ${UNDER_OFFSETS-0 4}; do  # float32 reference at 16k x 8 heads (8 GiB of scores at most)
-    for u in "0 0" "1 0" "1 1"; do
+    for u in "0 0" "${builds[@]}"; do
       set -- $u
       PROBE_S=150 probe "$out/under.log" "under $u offset $off" $pp --under $1 --acc-mma $2 --causal 0 --seq 16384 \
         --heads 8 --v-offset $off --bench 1 || status=1
@@ -345,6 +348,8 @@ elif [ "$mode" = "--under" ]; then
   [ "${UNDER_MODEL:-1}" = 0 ] || step model_profile timeout 300 python3 scripts/benchmark_model.py --layers 2 \
     --seqlens 16384 131072 --warmup 1 --repeats 3 --impls fa3_bf16 fp8_fa3 fp8_triton --profile \
     --json "$out/model_profile.json"
+  [ "${UNDER_FA3:-0}" = 0 ] || step fa3_knobs timeout 300 python3 scripts/probe_fa3.py \
+    --seqlens ${UNDER_FA3_SEQLENS:-16384 65536 131072} --causal both
   grep -h "TFLOPS\|SQNR" "$out/under.log" | sed 's/^/  /' | cut -c1-400
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with

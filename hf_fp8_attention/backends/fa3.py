@@ -24,9 +24,11 @@ def _load_kernel():
     return torch.ops.flash_attn_3.fwd.default
 
 
-def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype,
+                      pack_gqa: bool | None = None) -> torch.Tensor:
     """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``; varlen `qkv`:
-    FA3's own varlen path (cu_seqlens), output (1, total_q, H_q, D)."""
+    FA3's own varlen path (cu_seqlens), output (1, total_q, H_q, D). pack_gqa: FA3's option (the query heads
+    of one KV head in one tile); None: FA3's heuristic (`scripts/probe_fa3.py` times the choices)."""
     fwd = _load_kernel()
     # Positional schema of flash_attn_3::fwd (tokenspeed-fa3 3.0.0): q, k, v, k_new, v_new, qv, out,
     # cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
@@ -45,7 +47,7 @@ def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
         None, None, None, None, None, None,
         qkv.q_descale, qkv.k_descale, qkv.v_descale,
         scale, is_causal, -1, -1, 0, 0.0,
-        True, None, 1, None, 0, None,
+        True, None, 1, pack_gqa, 0, None,
     )[0]
     if qkv.is_varlen:
         out = out.unsqueeze(0)

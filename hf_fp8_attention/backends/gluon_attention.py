@@ -119,7 +119,7 @@ def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
+                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ACC_IN_MMA: gl.constexpr = False):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -135,7 +135,11 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     if NEXT:
         mbarrier.wait(k_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
     _turn_wait(turn, g0 + j + 1, C, PINGPONG)
-    pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    if ACC_IN_MMA:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True)
+    else:
+        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
     if NEXT:
         qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
@@ -146,7 +150,10 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
         pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         qk_next = qk
     mbarrier.arrive(kv_empty.index(slot), count=1)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    if ACC_IN_MMA:
+        acc = pv
+    else:
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
     if NEXT:
         qk_next = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, ))
     return acc, l_i, m_new, qk_next
@@ -276,14 +283,17 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         for j in range(0, n_unmasked):
             acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                               kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                              False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                              False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
+                                          ACC_IN_MMA)
         for j in range(n_unmasked, last):
             acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                               kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                              True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                              True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
+                                          ACC_IN_MMA)
         acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
-                                          False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                          False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
+                                          ACC_IN_MMA)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -696,8 +706,6 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"needs at least 2 stages, got {stages}")
     if pingpong and consumers != 2:
         problems.append("pingpong needs 2 consumers")
-    if acc_in_mma and not softmax_under_pv:
-        problems.append("acc_in_mma needs softmax_under_pv")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v

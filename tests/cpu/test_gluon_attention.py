@@ -164,7 +164,6 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     for kw, message in ((dict(consumers=2), "16 x the warps per consumer"),  # 8 warps on 64 rows
                         (dict(config=(128, 128, 8, 1)), "needs at least 2 stages"),
                         (dict(pingpong=True), "pingpong needs 2 consumers"),
-                        (dict(acc_in_mma=True), "acc_in_mma needs softmax_under_pv"),
                         (dict(consumers=3), "consumers is 1 or 2")):
         with pytest.raises(ValueError, match=message):
             gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, **kw)
