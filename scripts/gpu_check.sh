@@ -53,13 +53,8 @@
 #   bash scripts/gpu_check.sh --split    # per-head scales: the split path vs the persistent kernel (bench_quantize
 #                                        # --split, eager and graph-timed), their GPU tests; SPLIT_SDPA=1: one
 #                                        # layer (GQA 32/8, fp8_fa3, modes none and qk, 4k-64k)
-#   bash scripts/gpu_check.sh --under    # the Gluon kernel in FA3's loop order (softmax under the previous P.V;
-#                                        # two-level and one-level accumulation): 4k probes vs float32, 16k/64k
-#                                        # speed A/B against the backend's order and FA3 fp8 (UNDER_SEQLENS),
-#                                        # 16k accuracy with a V channel offset (UNDER_OFFSETS), then the whole
-#                                        # model's kernel time per category (2 layers, 16k/128k; UNDER_MODEL=0: not);
-#                                        # UNDER_BUILDS "under acc_mma|...": the builds (default "1 0|1 1");
-#                                        # UNDER_FA3=1: FA3's pack_gqa choices timed (probe_fa3.py)
+#   bash scripts/gpu_check.sh --pack     # FA3's pack_gqa: probe_fa3 (PACK_SEQLENS), one layer GQA 32/8 (fp8_fa3,
+#                                        # modes none and qk, 4k-64k), the fa3 GPU tests and CUDA-graph replays
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -317,40 +312,13 @@ elif [ "$mode" = "--gluon-check" ]; then  # the Gluon kernel: 4k probes against 
   done
   [ "${GLUON_MODEL:-0}" = 1 ] && step model timeout 300 python3 scripts/benchmark_model.py --seqlens 131072 \
     --warmup 1 --repeats 2 --impls fa3_bf16 fp8_fa3 fp8_triton --json "$out/model.json"
-elif [ "$mode" = "--under" ]; then
-  : > "$out/under.log"
-  pp="--gluon 1 --consumers 2 --pingpong 1 --persistent 1 --config 128,128,4,2"
-  IFS='|' read -ra builds <<< "${UNDER_BUILDS:-1 0|1 1}"  # "under acc_mma" pairs
-  for u in "${builds[@]}"; do
-    set -- $u
-    for c in 0 1; do
-      PROBE_S=60 probe "$out/under.log" "under $u 4k causal=$c" $pp --under $1 --acc-mma $2 --causal $c || status=1
-    done
-    PROBE_S=60 probe "$out/under.log" "under $u gqa" $pp --under $1 --acc-mma $2 --causal 1 --seq 4144 --batch 2 \
-      --kv-heads 2 || status=1
-  done
-  for S in ${UNDER_SEQLENS-16384 65536}; do
-    for c in 0 1; do
-      for u in "${builds[@]}"; do
-        set -- $u
-        PROBE_S=150 probe "$out/under.log" "under $u bench $S causal=$c" $pp --under $1 --acc-mma $2 --causal $c \
-          --seq $S --heads 32 --bench 1 || status=1
-      done
-    done
-  done
-  for off in ${UNDER_OFFSETS-0 4}; do  # float32 reference at 16k x 8 heads (8 GiB of scores at most)
-    for u in "0 0" "${builds[@]}"; do
-      set -- $u
-      PROBE_S=150 probe "$out/under.log" "under $u offset $off" $pp --under $1 --acc-mma $2 --causal 0 --seq 16384 \
-        --heads 8 --v-offset $off --bench 1 || status=1
-    done
-  done
-  [ "${UNDER_MODEL:-1}" = 0 ] || step model_profile timeout 300 python3 scripts/benchmark_model.py --layers 2 \
-    --seqlens 16384 131072 --warmup 1 --repeats 3 --impls fa3_bf16 fp8_fa3 fp8_triton --profile \
-    --json "$out/model_profile.json"
-  [ "${UNDER_FA3:-0}" = 0 ] || step fa3_knobs timeout 300 python3 scripts/probe_fa3.py \
-    --seqlens ${UNDER_FA3_SEQLENS:-16384 65536 131072} --causal both
-  grep -h "TFLOPS\|SQNR" "$out/under.log" | sed 's/^/  /' | cut -c1-400
+elif [ "$mode" = "--pack" ]; then  # session 23: FA3's pack_gqa (fa3.pack_gqa_choice): its choices timed
+  # (probe_fa3.py at PACK_SEQLENS), one layer GQA 32/8 with fp8_fa3 (modes none and qk, 4k-64k), its GPU tests
+  step fa3_knobs timeout 200 python3 scripts/probe_fa3.py --seqlens ${PACK_SEQLENS:-4096 8192 32768} --causal both
+  step pack_sdpa timeout 240 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens 4096 16384 65536 --causal both \
+    --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/pack_sdpa.json"
+  step pack_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_sdpa_gpu.py \
+    tests/gpu/test_varlen_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "${PACK_TESTS_K:-fa3 or replays}"
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
   # two sequences, 16k speed), then fp8_triton next to FA3 bf16 / fp8 at 16k

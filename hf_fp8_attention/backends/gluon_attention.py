@@ -33,7 +33,12 @@ at 4k causal against the one-tile build's 588 (FA3 fp8 777-780), equal at 16k; `
 (`docs/results/gluon_persistent_order_h200_s20.log`): with the causal order picked by the K/V bytes
 (`persistent_heads_fastest`) it ran 1.02-1.18x the one-tile build causal (16k, 8 x 4k, 4k, 8k MHA and GQA) and
 1.00x non-causal, timed in the same processes: the backend's default since. Half the exponentials
-by a polynomial on the FMA pipe (FA4's split) was 6-11% slower (`gluon_exp2_h200_s19.log`).
+by a polynomial on the FMA pipe (FA4's split) was 6-11% slower (`gluon_exp2_h200_s19.log`). Session 23, two
+builds measured and not kept (their code: commit e1ec818 and the one after): FA3's loop order (block j's
+softmax under P.V_{j-1}) ran 0.52-0.69x FA3 fp8 with two-level accumulation and 0.71-0.78x with one-level
+(`gluon_fa3_order_h200_s23.log`); one-level accumulation in this order (P.V accumulated by the MMA, FA3's
+numerics) +0.8% non-causal and -3% causal against two-level, at 11.7 dB SQNR against float32 with a V channel
+offset of 4 at 16k where two-level keeps 51 dB (`gluon_acc_in_mma_h200_s23.log`).
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ACC_IN_MMA: gl.constexpr = False):
+                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -135,11 +140,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     if NEXT:
         mbarrier.wait(k_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
     _turn_wait(turn, g0 + j + 1, C, PINGPONG)
-    if ACC_IN_MMA:
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True)
-    else:
-        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
     if NEXT:
         qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
@@ -150,106 +151,17 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
         pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         qk_next = qk
     mbarrier.arrive(kv_empty.index(slot), count=1)
-    if ACC_IN_MMA:
-        acc = pv
-    else:
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
     if NEXT:
         qk_next = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, ))
     return acc, l_i, m_new, qk_next
 
 
 @gluon.jit
-def _attend_under(j, it0, g0, p8, acc, alpha_prev, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
-                  qk_scale, row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  MASKED: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ACC_IN_MMA: gl.constexpr):
-    """FA3's order (SOFTMAX_UNDER_PV), key block j >= 1 with block j - 1's P (p8) pending: block j's scores
-    and P.V_{j-1} issued as one MMA group (scores first), the scores waited for alone and block j's softmax
-    run while P.V_{j-1} is still on the tensor cores, then P.V_{j-1} waited for and its slot released.
-    acc holds the blocks before j - 1 at the max of block j - 2; alpha_prev takes it to block j - 1's.
-    ACC_IN_MMA: acc rescaled first and P.V accumulated into it by the MMA (FA3's one-level accumulation);
-    else P.V into a zeroed float32 tile added to acc (two-level). (p8 of block j, acc, alpha of block j,
-    l_i, the new max)."""
-    it = it0 + j
-    prev = (it - 1) % STAGES
-    mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
-    mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-    _turn_wait(turn, g0 + j, C, PINGPONG)
-    qk = warpgroup_mma(q_smem, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    if ACC_IN_MMA:
-        acc = acc * gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout))[:, None]
-        pv = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc, use_acc=True, is_async=True)
-    else:
-        pv = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-    _turn_pass(turn, C, PINGPONG)
-    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # groups finish in order: the scores are done
-    p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
-                                     V_WGMMA_ORDER)
-    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-    mbarrier.arrive(kv_empty.index(prev), count=1)
-    if ACC_IN_MMA:
-        acc = pv
-    else:
-        acc = acc * gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout))[:, None] + pv
-    return p8, acc, alpha, l_i, m_new
-
-
-@gluon.jit
-def _consume_tile_under(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, n_full, n_blocks,
-                        qk_scale, row_limit, acc, l_i, m_i, s_zero, o_zero, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                        o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ACC_IN_MMA: gl.constexpr):
-    """`_consume_tile`'s key loop in FA3's order (`_attend_under`): block 0's scores and softmax, blocks
-    1.. each under the previous block's P.V, the last block's P.V alone. (acc, l_i) of the tile."""
-    mbarrier.wait(k_ready.index(it0 % STAGES), (it0 // STAGES) & 1)  # n_blocks >= 1: every row sees a key
-    _turn_wait(turn, g0, C, PINGPONG)
-    qk = warpgroup_mma(q_smem, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _turn_pass(turn, C, PINGPONG)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-    last = n_blocks - 1
-    n_unmasked = gl.minimum(n_full, last)
-    if n_unmasked > 0:
-        p8, alpha, l_i, m_i = _softmax(0, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, False, s_layout, o_layout,
-                                       V_WGMMA_ORDER)
-    else:
-        p8, alpha, l_i, m_i = _softmax(0, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, True, s_layout, o_layout,
-                                       V_WGMMA_ORDER)
-    for j in range(1, n_unmasked):
-        p8, acc, alpha, l_i, m_i = _attend_under(j, it0, g0, p8, acc, alpha, l_i, m_i, q_smem, k_smem, v_smem,
-                                                 k_ready, v_ready, kv_empty, turn, qk_scale, row_limit, s_zero,
-                                                 o_zero, BLOCK_N, STAGES, False, C, PINGPONG, s_layout, o_layout,
-                                                 V_WGMMA_ORDER, ACC_IN_MMA)
-    for j in range(gl.maximum(n_unmasked, 1), n_blocks):
-        p8, acc, alpha, l_i, m_i = _attend_under(j, it0, g0, p8, acc, alpha, l_i, m_i, q_smem, k_smem, v_smem,
-                                                 k_ready, v_ready, kv_empty, turn, qk_scale, row_limit, s_zero,
-                                                 o_zero, BLOCK_N, STAGES, True, C, PINGPONG, s_layout, o_layout,
-                                                 V_WGMMA_ORDER, ACC_IN_MMA)
-    it = it0 + last
-    slot = it % STAGES
-    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
-    _turn_wait(turn, g0 + n_blocks, C, PINGPONG)
-    a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    if ACC_IN_MMA:
-        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), acc * a, use_acc=True, is_async=True)
-    else:
-        pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-    _turn_pass(turn, C, PINGPONG)
-    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-    mbarrier.arrive(kv_empty.index(slot), count=1)
-    if ACC_IN_MMA:
-        acc = pv
-    else:
-        acc = acc * a + pv
-    return acc, l_i
-
-
-@gluon.jit
 def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, Out, o_base, stride_os, h_col,
                   m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
-                  C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr,
-                  SOFTMAX_UNDER_PV: gl.constexpr = False, ACC_IN_MMA: gl.constexpr = False):
+                  C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -268,32 +180,24 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    if SOFTMAX_UNDER_PV:
-        acc, l_i = _consume_tile_under(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, n_full,
-                                       n_blocks, qk_scale, row_limit, acc, l_i, m_i, s_zero, o_zero, BLOCK_N,
-                                       STAGES, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ACC_IN_MMA)
-    else:
-        mbarrier.wait(k_ready.index(it0 % STAGES), (it0 // STAGES) & 1)  # n_blocks >= 1: every row sees a key
-        _turn_wait(turn, g0, C, PINGPONG)
-        qk = warpgroup_mma(q_smem, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _turn_pass(turn, C, PINGPONG)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        last = n_blocks - 1
-        n_unmasked = gl.minimum(n_full, last)
-        for j in range(0, n_unmasked):
-            acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                              kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                              False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
-                                          ACC_IN_MMA)
-        for j in range(n_unmasked, last):
-            acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                              kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                              True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
-                                          ACC_IN_MMA)
-        acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                          kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
-                                          False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER,
-                                          ACC_IN_MMA)
+    mbarrier.wait(k_ready.index(it0 % STAGES), (it0 // STAGES) & 1)  # n_blocks >= 1: every row sees a key
+    _turn_wait(turn, g0, C, PINGPONG)
+    qk = warpgroup_mma(q_smem, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _turn_pass(turn, C, PINGPONG)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    last = n_blocks - 1
+    n_unmasked = gl.minimum(n_full, last)
+    for j in range(0, n_unmasked):
+        acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
+                                          False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+    for j in range(n_unmasked, last):
+        acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                          kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
+                                          True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+    acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
+                                      kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
+                                      False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -306,12 +210,12 @@ def _softmax_partition(q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty
                        h_col, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                        NUM_WARPS: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr,
-                       V_WGMMA_ORDER: gl.constexpr, SOFTMAX_UNDER_PV: gl.constexpr, ACC_IN_MMA: gl.constexpr):
+                       V_WGMMA_ORDER: gl.constexpr):
     """Consumer C of the one-tile kernel."""
     mbarrier.wait(q_bar, 0)  # Q's tile landed (a completed phase: returns at once; explicit for each partition)
     _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, 0, 0, Out, o_base, stride_os, h_col, m0,
                   S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL,
-                  NUM_WARPS, C, PINGPONG, V_WGMMA_ORDER, SOFTMAX_UNDER_PV, ACC_IN_MMA)
+                  NUM_WARPS, C, PINGPONG, V_WGMMA_ORDER)
 
 
 @gluon.jit
@@ -319,8 +223,7 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
                               H_q, H_kv, S_q, S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                              PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
-                              SOFTMAX_UNDER_PV: gl.constexpr = False, ACC_IN_MMA: gl.constexpr = False):
+                              PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
     """Grid (cdiv(S_q, BLOCK_M), B * H_q); num_warps = NUM_WARPS. desc_q over Q (B * S_q, H_q * D), block
     (BLOCK_M, D); desc_k over K (B * S_kv, H_kv * D), block (BLOCK_N, D); desc_vt over keys-contiguous V
     (B * H_kv * D, S_kv) with the buffer's row stride, block (D, BLOCK_N). Out (B, S_q, H_q, D).
@@ -376,8 +279,7 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
         gl.warp_specialize([
             (_softmax_partition, (q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, Out, o_base,
                                   stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale,
-                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0, False, V_WGMMA_ORDER,
-                                  SOFTMAX_UNDER_PV, ACC_IN_MMA)),
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0, False, V_WGMMA_ORDER)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
         ], [1], [24])
@@ -387,14 +289,13 @@ def fp8_attn_fwd_gluon_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale
             (_softmax_partition, (q_smem.slice(0, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready, kv_empty,
                                   turn, Out, o_base, stride_os, h * HEAD_DIM, m0, S_q, S_kv, n_full, n_blocks,
                                   qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, 0,
-                                  PINGPONG, V_WGMMA_ORDER, SOFTMAX_UNDER_PV, ACC_IN_MMA)),
+                                  PINGPONG, V_WGMMA_ORDER)),
             (_load_partition, (desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, b * S_kv,
                                h_kv * HEAD_DIM, desc_idx * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
             (_softmax_partition, (q_smem.slice(HALF_M, HALF_M), q_bar, k_smem, v_smem, k_ready, v_ready,
                                   kv_empty, turn, Out, o_base, stride_os, h * HEAD_DIM, m0 + HALF_M, S_q, S_kv,
                                   n_full, n_blocks, qk_scale, v_descale, HALF_M, BLOCK_N, HEAD_DIM, STAGES,
-                                  IS_CAUSAL, NUM_WARPS, 1, PINGPONG, V_WGMMA_ORDER, SOFTMAX_UNDER_PV,
-                                  ACC_IN_MMA)),
+                                  IS_CAUSAL, NUM_WARPS, 1, PINGPONG, V_WGMMA_ORDER)),
         ], [1, NUM_WARPS], [24, 240])
 
     mbarrier.invalidate(q_bar)
@@ -489,8 +390,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
-                         PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, SOFTMAX_UNDER_PV: gl.constexpr,
-                         ACC_IN_MMA: gl.constexpr):
+                         PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
@@ -508,7 +408,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
-                      PINGPONG, V_WGMMA_ORDER, SOFTMAX_UNDER_PV, ACC_IN_MMA)
+                      PINGPONG, V_WGMMA_ORDER)
         mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
@@ -521,8 +421,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                                         PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
-                              SOFTMAX_UNDER_PV: gl.constexpr = False, ACC_IN_MMA: gl.constexpr = False):
+                                         PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`).
@@ -558,8 +457,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER,
-                                    SOFTMAX_UNDER_PV, ACC_IN_MMA)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -569,16 +467,14 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER,
-                                    SOFTMAX_UNDER_PV, ACC_IN_MMA)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER,
-                                    SOFTMAX_UNDER_PV, ACC_IN_MMA)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -678,8 +574,7 @@ def wgmma_key_order(v):
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
-                        v_wgmma_order: bool = False, heads_fastest: bool | None = None,
-                        softmax_under_pv: bool = False, acc_in_mma: bool = False):
+                        v_wgmma_order: bool = False, heads_fastest: bool | None = None):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -687,9 +582,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
     (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
     kernel then relabels P instead of moving it between threads); heads_fastest (persistent, causal): the tile
-    order (`_tile`), None: `persistent_heads_fastest`; softmax_under_pv: FA3's loop order (`_attend_under`:
-    a block's softmax under the previous block's P.V); acc_in_mma (with softmax_under_pv): P.V accumulated by
-    the MMA into the float32 output (FA3's one-level accumulation) instead of added to it."""
+    order (`_tile`), None: `persistent_heads_fastest`."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -728,8 +621,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
             H_q, H_kv, S_q, S_kv, float(scale))
     meta = dict(GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_M=block_m, BLOCK_N=block_n,
                 STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, PINGPONG=bool(pingpong),
-                V_WGMMA_ORDER=bool(v_wgmma_order), SOFTMAX_UNDER_PV=bool(softmax_under_pv),
-                ACC_IN_MMA=bool(acc_in_mma), num_warps=warps)
+                V_WGMMA_ORDER=bool(v_wgmma_order), num_warps=warps)
     n_m = cdiv(S_q, block_m)
     if persistent:
         n_tiles = n_m * B * H_q

@@ -28,13 +28,11 @@ from hf_fp8_attention.backends import gluon_attention as G
 
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
 pingpong, v_order = sys.argv[5] == "1", sys.argv[6] == "1"
-under, acc_in_mma = sys.argv[7] == "1", sys.argv[8] == "1"
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order, SOFTMAX_UNDER_PV=under,
-          ACC_IN_MMA=acc_in_mma)
+          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order)
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -47,8 +45,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, under=False,
-                  acc_in_mma=False):
+def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -58,7 +55,7 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
     flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
-             "1" if v_order else "0", "1" if under else "0", "1" if acc_in_mma else "0"]
+             "1" if v_order else "0"]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,17 +81,6 @@ def test_gluon_kernel_builds_for_sm90(D, causal, consumers, persistent, pingpong
     warps = gluon_attention.GLUON_CONFIG_DEFAULT[2] // consumers
     assert len({n for n, t in syncs if int(t) == 32 * warps}) == consumers, syncs
     assert kernel["shared"] <= 227 * 1024  # the ring of K/V slots, Q and the layout scratch fit an SM
-
-
-@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
-@pytest.mark.parametrize("causal,acc_in_mma", [(False, False), (False, True), (True, True)])
-def test_gluon_fa3_order_builds_for_sm90(causal, acc_in_mma):
-    """FA3's loop order (softmax under the previous block's P.V), persistent ping-pong build: it compiles, its
-    MMAs are the same count as the backend's order (one score and one P.V wgmma per block, unrolled alike).
-    (Spills depend on the triton version: none for one-level with triton 3.6, the device's; a few with 3.9.)"""
-    base = _compile_sm90(128, causal, 2, True, True)
-    kernel = _compile_sm90(128, causal, 2, True, True, under=True, acc_in_mma=acc_in_mma)
-    assert kernel["ptx"].count("wgmma.mma_async") == base["ptx"].count("wgmma.mma_async")
 
 
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")

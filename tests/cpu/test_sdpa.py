@@ -300,3 +300,31 @@ def test_custom_op_opcheck_and_compile():
         return fp8_sdpa(q, k, v, is_causal=True, backend="reference") + 1
 
     assert torch.equal(f(q, k, v), fp8_sdpa(q, k, v, is_causal=True, backend="reference") + 1)
+
+
+def test_fa3_wiring_pack_gqa(monkeypatch):
+    """fa3_fp8_attention's call of FA3's op: pack_gqa (the 33rd positional argument of flash_attn_3::fwd) is
+    True for non-causal GQA, None (FA3's heuristic) for causal or MHA, and what the caller passes otherwise;
+    descales in their slots."""
+    from hf_fp8_attention.backends import fa3 as fa3_module
+
+    calls = []
+
+    def fake_fwd(*args):
+        calls.append(args)
+        return (torch.zeros(args[0].shape, dtype=torch.bfloat16),)
+
+    monkeypatch.setattr(fa3_module, "_load_kernel", lambda: fake_fwd)
+    gqa = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 64, seed=7))
+    mha = quantize_qkv_fp8_reference(*_qkv(1, 2, 2, 32, 32, 64, seed=7))
+    for qkv, causal, pack, want in ((gqa, False, "auto", True), (gqa, True, "auto", None),
+                                    (mha, False, "auto", None), (gqa, False, None, None),
+                                    (gqa, True, True, True), (gqa, False, False, False)):
+        out = fa3_module.fa3_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.bfloat16,
+                                           pack_gqa=pack)
+        args = calls[-1]
+        assert len(args) == 35 and args[32] is want, (causal, pack, args[32])
+        assert args[20] is qkv.q_descale and args[22] is qkv.v_descale and args[24] is causal
+        assert out.shape == qkv.q.shape
+    with pytest.raises(ValueError, match="pack_gqa"):
+        fa3_module.fa3_fp8_attention(gqa, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, pack_gqa="yes")
