@@ -24,13 +24,23 @@ def _load_kernel():
     return torch.ops.flash_attn_3.fwd.default
 
 
+PACK_GQA_MIN_QUERIES = 8192  # pack_gqa_choice: from this many query rows on (measured: 4k lost 1.6-3.4%)
+
+
 def pack_gqa_choice(qkv: QuantizedQKV, is_causal: bool) -> bool | None:
-    """FA3's pack_gqa for this call (the query heads of one KV head in one tile): True for non-causal GQA,
-    else None (FA3's own heuristic, which packs when it fills tiles better: short or packed queries).
-    Measured on the H200 (`scripts/probe_fa3.py`, GQA 32/8, D=128, docs/results/fa3_pack_gqa_h200_s23.log):
-    non-causal packed 933 / 952 / 944 TFLOPS against the heuristic's 910 / 921 / 929 at 16k / 64k / 128k
-    (+1.6-3.4%), bit-identical output; causal mixed (+1.5% at 16k, -1.2% at 64k, equal at 128k): left to FA3."""
-    return True if qkv.q.shape[-2] != qkv.k.shape[-2] and not is_causal else None
+    """FA3's pack_gqa for this call (the query heads of one KV head share a tile): True for non-causal GQA with
+    at least PACK_GQA_MIN_QUERIES query rows, else None (FA3's own heuristic, which packs packed sequences and
+    query counts far from a multiple of its tile, and otherwise does not).
+    Measured on the H200 (`scripts/probe_fa3.py`, GQA 32/8, D=128, fp8, two runs:
+    docs/results/fa3_pack_gqa_h200_s23.log, fa3_pack_gqa2_h200_s23.log; there the heuristic does not pack, so
+    heuristic vs pack_gqa=False is the same kernel and shows the noise, 0.1-2.4% but 8% once at 8k causal):
+    - non-causal, packed vs heuristic: 4k -1.6%; 8k +3.6%, 16k +2.5%, 32k +2.5%, 64k +3.4%, 128k +1.6%;
+    - causal: -3.2% at 4k, +5.6% at 8k, +1.5% at 16k, +1.1% at 32k, -1.2% at 64k, +0.1% at 128k: no
+      consistent gain, left to FA3;
+    - output bit-identical in every case."""
+    if qkv.is_varlen or is_causal or qkv.q.shape[-2] == qkv.k.shape[-2]:
+        return None
+    return True if qkv.q.shape[1] >= PACK_GQA_MIN_QUERIES else None
 
 
 def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype,

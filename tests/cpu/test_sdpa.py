@@ -4,6 +4,7 @@ Accuracy thresholds: SQNR > 25 dB against a float32 SDPA on Gaussian inputs (tor
 the fp8 error itself is measured, and must also stay under the bar that bf16-vs-fp8 comparisons use.
 """
 
+import dataclasses
 import logging
 
 import pytest
@@ -304,8 +305,8 @@ def test_custom_op_opcheck_and_compile():
 
 def test_fa3_wiring_pack_gqa(monkeypatch):
     """fa3_fp8_attention's call of FA3's op: pack_gqa (the 33rd positional argument of flash_attn_3::fwd) is
-    True for non-causal GQA, None (FA3's heuristic) for causal or MHA, and what the caller passes otherwise;
-    descales in their slots."""
+    True for non-causal GQA from PACK_GQA_MIN_QUERIES query rows, None (FA3's heuristic) for causal, MHA or
+    fewer rows, and what the caller passes otherwise; descales in their slots."""
     from hf_fp8_attention.backends import fa3 as fa3_module
 
     calls = []
@@ -315,16 +316,23 @@ def test_fa3_wiring_pack_gqa(monkeypatch):
         return (torch.zeros(args[0].shape, dtype=torch.bfloat16),)
 
     monkeypatch.setattr(fa3_module, "_load_kernel", lambda: fake_fwd)
+    monkeypatch.setattr(fa3_module, "PACK_GQA_MIN_QUERIES", 32)
     gqa = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 64, seed=7))
+    short = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 31, 31, 64, seed=7))  # below PACK_GQA_MIN_QUERIES
     mha = quantize_qkv_fp8_reference(*_qkv(1, 2, 2, 32, 32, 64, seed=7))
     for qkv, causal, pack, want in ((gqa, False, "auto", True), (gqa, True, "auto", None),
-                                    (mha, False, "auto", None), (gqa, False, None, None),
-                                    (gqa, True, True, True), (gqa, False, False, False)):
+                                    (short, False, "auto", None), (mha, False, "auto", None),
+                                    (gqa, False, None, None), (gqa, True, True, True), (gqa, False, False, False)):
         out = fa3_module.fa3_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.bfloat16,
                                            pack_gqa=pack)
         args = calls[-1]
         assert len(args) == 35 and args[32] is want, (causal, pack, args[32])
         assert args[20] is qkv.q_descale and args[22] is qkv.v_descale and args[24] is causal
         assert out.shape == qkv.q.shape
+    # packed sequences: FA3's heuristic (it packs them itself)
+    cu = torch.tensor([0, 32], dtype=torch.int32)
+    packed = dataclasses.replace(gqa, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=32, max_seqlen_k=32)
+    fa3_module.fa3_fp8_attention(packed, is_causal=False, scale=0.125, out_dtype=torch.bfloat16)
+    assert calls[-1][32] is None and calls[-1][7] is cu
     with pytest.raises(ValueError, match="pack_gqa"):
         fa3_module.fa3_fp8_attention(gqa, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, pack_gqa="yes")
