@@ -28,8 +28,8 @@ PACK_GQA_MIN_QUERIES = 8192  # pack_gqa_choice: from this many query rows on (me
 
 
 def pack_gqa_choice(qkv: QuantizedQKV, is_causal: bool) -> bool | None:
-    """FA3's pack_gqa for this call (the query heads of one KV head share a tile): True for non-causal GQA with
-    at least PACK_GQA_MIN_QUERIES query rows, else None (FA3's own heuristic, which packs packed sequences and
+    """FA3's pack_gqa for this call (the query heads of one KV head share a tile): True for non-causal GQA at
+    head_dim 128 with at least PACK_GQA_MIN_QUERIES query rows, else None (FA3's own heuristic, which packs packed sequences and
     query counts far from a multiple of its tile, and otherwise does not).
     Measured on the H200 (`scripts/probe_fa3.py`, GQA 32/8, D=128, fp8, two runs:
     docs/results/fa3_pack_gqa_h200_s23.log, fa3_pack_gqa2_h200_s23.log; there the heuristic does not pack, so
@@ -37,8 +37,11 @@ def pack_gqa_choice(qkv: QuantizedQKV, is_causal: bool) -> bool | None:
     - non-causal, packed vs heuristic: 4k -1.6%; 8k +3.6%, 16k +2.5%, 32k +2.5%, 64k +3.4%, 128k +1.6%;
     - causal: -3.2% at 4k, +5.6% at 8k, +1.5% at 16k, +1.1% at 32k, -1.2% at 64k, +0.1% at 128k: no
       consistent gain, left to FA3;
-    - output bit-identical in every case."""
-    if qkv.is_varlen or is_causal or qkv.q.shape[-2] == qkv.k.shape[-2]:
+    - output bit-identical in every case;
+    - head_dim 64 and 256 (GQA 32/8, non-causal; the speed table's run with packing at every head_dim,
+      docs/results/tune_dispatch_h200_s23.md, fp8 quantization included, against the table before): D=256
+      -3.3% to -4.7% at 8k-128k in five of seven shapes, D=64 mixed (-3% to +3%): left to FA3."""
+    if qkv.is_varlen or is_causal or qkv.q.shape[-2] == qkv.k.shape[-2] or qkv.q.shape[-1] != 128:
         return None
     return True if qkv.q.shape[1] >= PACK_GQA_MIN_QUERIES else None
 

@@ -317,11 +317,13 @@ def test_fa3_wiring_pack_gqa(monkeypatch):
 
     monkeypatch.setattr(fa3_module, "_load_kernel", lambda: fake_fwd)
     monkeypatch.setattr(fa3_module, "PACK_GQA_MIN_QUERIES", 32)
-    gqa = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 64, seed=7))
-    short = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 31, 31, 64, seed=7))  # below PACK_GQA_MIN_QUERIES
-    mha = quantize_qkv_fp8_reference(*_qkv(1, 2, 2, 32, 32, 64, seed=7))
+    gqa = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 128, seed=7))
+    short = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 31, 31, 128, seed=7))  # below PACK_GQA_MIN_QUERIES
+    mha = quantize_qkv_fp8_reference(*_qkv(1, 2, 2, 32, 32, 128, seed=7))
+    d64 = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 64, seed=7))  # head_dim 64: not measured faster
     for qkv, causal, pack, want in ((gqa, False, "auto", True), (gqa, True, "auto", None),
                                     (short, False, "auto", None), (mha, False, "auto", None),
+                                    (d64, False, "auto", None),
                                     (gqa, False, None, None), (gqa, True, True, True), (gqa, False, False, False)):
         out = fa3_module.fa3_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.bfloat16,
                                            pack_gqa=pack)
