@@ -38,9 +38,10 @@ def pack_gqa_choice(qkv: QuantizedQKV, is_causal: bool) -> bool | None:
     - causal: -3.2% at 4k, +5.6% at 8k, +1.5% at 16k, +1.1% at 32k, -1.2% at 64k, +0.1% at 128k: no
       consistent gain, left to FA3;
     - output bit-identical in every case;
-    - head_dim 64 and 256 (GQA 32/8, non-causal; the speed table's run with packing at every head_dim,
-      docs/results/tune_dispatch_h200_s23.md, fp8 quantization included, against the table before): D=256
-      -3.3% to -4.7% at 8k-128k in five of seven shapes, D=64 mixed (-3% to +3%): left to FA3."""
+    - head_dim 256 and 64, non-causal, side by side (fa3_pack_gqa_dims_h200_s23.log): D=256 -1.1% at 16k and
+      64k; D=64 +1.6% / +0.9% against the heuristic but +0.6% / +0.1% against pack_gqa=False, the same kernel:
+      noise. The speed table's run with packing at every head_dim (tune_dispatch_h200_s23.md, quantization
+      included, against the table before it) had D=256 3-5% slower in five of seven shapes. Left to FA3."""
     if qkv.is_varlen or is_causal or qkv.q.shape[-2] == qkv.k.shape[-2] or qkv.q.shape[-1] != 128:
         return None
     return True if qkv.q.shape[1] >= PACK_GQA_MIN_QUERIES else None
