@@ -24,27 +24,20 @@ def _load_kernel():
     return torch.ops.flash_attn_3.fwd.default
 
 
-PACK_GQA_MIN_QUERIES = 8192  # pack_gqa_choice: from this many query rows on (measured: 4k lost 1.6-3.4%)
+PACK_GQA_MIN_QUERIES = 8192  # pack_gqa_choice: from this many query rows per sequence (4k lost 1.6-3.4%)
 
 
 def pack_gqa_choice(qkv: QuantizedQKV, is_causal: bool) -> bool | None:
     """FA3's pack_gqa for this call (the query heads of one KV head share a tile): True for non-causal GQA at
-    head_dim 128 with at least PACK_GQA_MIN_QUERIES query rows, else None (FA3's own heuristic, which packs packed sequences and
-    query counts far from a multiple of its tile, and otherwise does not).
-    Measured on the H200 (`scripts/probe_fa3.py`, GQA 32/8, D=128, fp8, two runs:
-    docs/results/fa3_pack_gqa_h200_s23.log, fa3_pack_gqa2_h200_s23.log; there the heuristic does not pack, so
-    heuristic vs pack_gqa=False is the same kernel and shows the noise, 0.1-2.4% but 8% once at 8k causal):
-    - non-causal, packed vs heuristic: 4k -1.6%; 8k +3.6%, 16k +2.5%, 32k +2.5%, 64k +3.4%, 128k +1.6%;
-    - causal: -3.2% at 4k, +5.6% at 8k, +1.5% at 16k, +1.1% at 32k, -1.2% at 64k, +0.1% at 128k: no
-      consistent gain, left to FA3;
-    - output bit-identical in every case;
-    - head_dim 256 and 64, non-causal, side by side (fa3_pack_gqa_dims_h200_s23.log): D=256 -1.1% at 16k and
-      64k; D=64 +1.6% / +0.9% against the heuristic but +0.6% / +0.1% against pack_gqa=False, the same kernel:
-      noise. The speed table's run with packing at every head_dim (tune_dispatch_h200_s23.md, quantization
-      included, against the table before it) had D=256 3-5% slower in five of seven shapes. Left to FA3."""
+    head_dim 128 with at least PACK_GQA_MIN_QUERIES query rows per sequence, else None (FA3's own heuristic,
+    which packs packed sequences and query counts far from a multiple of its tile, and otherwise does not).
+    Measured on the H200 with `scripts/probe_fa3.py`, one run per length (README, session 23): non-causal GQA
+    32/8 at D=128 packed +1.6% to +3.6% from 8k to 128k (8k marginal: +1.2% against the unpacked kernel timed
+    twice, whose two timings differed by 0.1-3.8%, once 8%), -1.6% at 4k; causal without a consistent sign;
+    D=256 -1.1%, D=64 within the noise; output bit-identical."""
     if qkv.is_varlen or is_causal or qkv.q.shape[-2] == qkv.k.shape[-2] or qkv.q.shape[-1] != 128:
         return None
-    return True if qkv.q.shape[1] >= PACK_GQA_MIN_QUERIES else None
+    return True if qkv.q.shape[1] >= PACK_GQA_MIN_QUERIES else None  # BSHD: shape[1] is S_q
 
 
 def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype,
@@ -54,7 +47,7 @@ def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
     `pack_gqa_choice`; None: FA3's heuristic (`scripts/probe_fa3.py` times the choices)."""
     if pack_gqa == "auto":
         pack_gqa = pack_gqa_choice(qkv, is_causal)
-    elif pack_gqa not in (None, True, False):
+    elif pack_gqa is not None and not isinstance(pack_gqa, bool):
         raise ValueError(f"pack_gqa is 'auto', None, True or False, got {pack_gqa!r}")
     fwd = _load_kernel()
     # Positional schema of flash_attn_3::fwd (tokenspeed-fa3 3.0.0): q, k, v, k_new, v_new, qv, out,

@@ -351,6 +351,10 @@ def test_bench_model_errors(argv, capsys):
 
 @pytest.mark.parametrize("name,category", [
     ("void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<>>>(Params)", "attention"),
+    # FA3's kernels as the profiler names them: inside CUTLASS's device_kernel (attention before "cutlass")
+    ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90"
+     "<2, cute::tuple<cute::C<1>, cute::C<1>, cute::C<1>>, cute::tuple<cute::C<128>, cute::C<176>>>>>>(Params)",
+     "attention"),
     ("fp8_attn_fwd_gluon_persistent_kernel", "attention"),
     ("_fp8_attn_fwd_kernel", "attention"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),

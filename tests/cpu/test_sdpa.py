@@ -305,8 +305,8 @@ def test_custom_op_opcheck_and_compile():
 
 def test_fa3_wiring_pack_gqa(monkeypatch):
     """fa3_fp8_attention's call of FA3's op: pack_gqa (the 33rd positional argument of flash_attn_3::fwd) is
-    True for non-causal GQA from PACK_GQA_MIN_QUERIES query rows, None (FA3's heuristic) for causal, MHA or
-    fewer rows, and what the caller passes otherwise; descales in their slots."""
+    True for non-causal GQA at head_dim 128 from PACK_GQA_MIN_QUERIES query rows per sequence, None (FA3's
+    heuristic) for causal, MHA, other head dims, fewer rows per sequence or packed sequences, and what the caller passes otherwise; descales in their slots."""
     from hf_fp8_attention.backends import fa3 as fa3_module
 
     calls = []
@@ -321,9 +321,10 @@ def test_fa3_wiring_pack_gqa(monkeypatch):
     short = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 31, 31, 128, seed=7))  # below PACK_GQA_MIN_QUERIES
     mha = quantize_qkv_fp8_reference(*_qkv(1, 2, 2, 32, 32, 128, seed=7))
     d64 = quantize_qkv_fp8_reference(*_qkv(1, 4, 2, 32, 32, 64, seed=7))  # head_dim 64: not measured faster
+    batch = quantize_qkv_fp8_reference(*_qkv(2, 4, 2, 31, 31, 128, seed=7))  # 62 rows, but 31 per sequence
     for qkv, causal, pack, want in ((gqa, False, "auto", True), (gqa, True, "auto", None),
                                     (short, False, "auto", None), (mha, False, "auto", None),
-                                    (d64, False, "auto", None),
+                                    (d64, False, "auto", None), (batch, False, "auto", None),
                                     (gqa, False, None, None), (gqa, True, True, True), (gqa, False, False, False)):
         out = fa3_module.fa3_fp8_attention(qkv, is_causal=causal, scale=0.125, out_dtype=torch.bfloat16,
                                            pack_gqa=pack)
@@ -336,5 +337,6 @@ def test_fa3_wiring_pack_gqa(monkeypatch):
     packed = dataclasses.replace(gqa, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=32, max_seqlen_k=32)
     fa3_module.fa3_fp8_attention(packed, is_causal=False, scale=0.125, out_dtype=torch.bfloat16)
     assert calls[-1][32] is None and calls[-1][7] is cu
-    with pytest.raises(ValueError, match="pack_gqa"):
-        fa3_module.fa3_fp8_attention(gqa, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, pack_gqa="yes")
+    for bad in ("yes", 1, 0.0):  # (1 == True: refused, not passed on as an int)
+        with pytest.raises(ValueError, match="pack_gqa"):
+            fa3_module.fa3_fp8_attention(gqa, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, pack_gqa=bad)

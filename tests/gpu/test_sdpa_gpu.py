@@ -62,17 +62,21 @@ def test_fa3_vs_bf16_sdpa(s, causal, h_q, h_kv, d):
 @fa3
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,s_q,s_kv", [(2, 1000, 1000), (1, 4096, 4096), (3, 7, 300)])
-def test_fa3_pack_gqa_choices_agree(causal, b, s_q, s_kv):
+def test_fa3_pack_gqa_choices_agree(causal, b, s_q, s_kv, monkeypatch):
     """FA3's pack_gqa changes which query rows share a tile, not what a row computes: every choice gives the
-    same output as FA3's heuristic (bit-identical in probe_fa3's runs at 16k-128k; a 60 dB floor here), and
-    the default (`pack_gqa_choice`: True for non-causal GQA) is one of them."""
+    same output as FA3's heuristic (bit-identical in probe_fa3's runs at 4k-128k; a 60 dB floor here). The
+    default (`pack_gqa_choice`, its row threshold lowered to these shapes) packs the non-causal ones."""
     from hf_fp8_attention import quantize_qkv_fp8
+    from hf_fp8_attention.backends import fa3 as fa3_module
     from hf_fp8_attention.backends.fa3 import fa3_fp8_attention
+
+    monkeypatch.setattr(fa3_module, "PACK_GQA_MIN_QUERIES", 1000)
 
     q, k, v = _qkv(b, 8, 2, s_q, s_kv, 128, seed=s_q)
     qkv = quantize_qkv_fp8(q, k, v)
     run = lambda pack: fa3_fp8_attention(qkv, is_causal=causal, scale=128**-0.5,  # noqa: E731
                                          out_dtype=torch.bfloat16, pack_gqa=pack)
+    assert fa3_module.pack_gqa_choice(qkv, causal) is (True if not causal and s_q >= 1000 else None)
     heuristic = run(None)
     assert torch.isfinite(heuristic).all()
     for pack in (True, False, "auto"):
