@@ -325,11 +325,10 @@ def kernel_ms_by_category(kernels) -> dict:
 
 
 def profile_prefill(model, ids: torch.Tensor) -> dict:
-    """One forward under torch.profiler (CUDA activity): `kernel_ms_by_category` of its kernels."""
+    """One forward under torch.profiler (CUDA activity): `kernel_ms_by_category` of its kernels. Called after
+    `time_prefill` on the same model and ids, whose runs left nothing to compile or tune."""
     from torch.profiler import ProfilerActivity, profile
 
-    prefill(model, ids)  # nothing left to compile or tune inside the profiled run
-    _sync(ids.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         prefill(model, ids)
         _sync(ids.device)
