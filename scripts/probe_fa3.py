@@ -11,11 +11,16 @@ baseline of bench_sdpa), plus the largest difference of each fp8 choice's output
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
+import os
 import statistics
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,8 +53,10 @@ def main(argv=None):
     from hf_fp8_attention.quantization import quantize_qkv_fp8
 
     D = a.head_dim
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, B=1, H {a.heads}, D={D}, "
-          f"median of {a.rounds} round(s) in turns", flush=True)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    vers = ", ".join(f"{k} {v}" for k, v in _common.versions().items())
+    print(f"# {_common.device_name('cuda')}, {vers}, {when}; B=1, H {a.heads}, D={D}, median of {a.rounds} "
+          "round(s) in turns", flush=True)
     print("| S | causal | FA3 bf16 TFLOPS (pack None / True) | FA3 fp8 TFLOPS (None / True / False) | "
           "fp8 vs bf16 (None / True / False) | max |out - out(None)| (True / False) |")
     print("|---|---|---|---|---|---|")
