@@ -26,6 +26,9 @@ synchronize, timed before the closing one: the host alone) and the GPU time of o
 replays (`_common.graph_ms`, L2 flushed; "not capturable" with the reason otherwise), next to the eager ms:
 
     python scripts/bench_sdpa.py --seqlens 4096 --causal yes --modes none qk --impls "FA3 bf16" fp8_fa3 --host
+
+``--host-profile FILE`` (with ``--host``): a cProfile of each implementation's host loop, written to FILE
+(functions by own time and by cumulative time, `HOST_PROFILE_TOP` each), to see where a call's host time goes.
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--host", action="store_true",
                    help="also the host cost of one call (HOST_CALLS calls launched back to back, no sync) and its "
                    "GPU time from CUDA-graph replays, per implementation, at each shape")
+    p.add_argument("--host-profile", type=str, default=None, metavar="FILE",
+                   help="with --host: write a cProfile of each implementation's host loop to FILE")
     args = p.parse_args(argv)
+    if args.host_profile and not args.host:
+        p.error("--host-profile needs --host")
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.heads % args.kv_heads:
@@ -122,12 +129,37 @@ def host_us(fn) -> float:
     return elapsed / HOST_CALLS * 1e6
 
 
-def host_rows(cands: dict, shape: dict) -> list[dict]:
+HOST_PROFILE_TOP = 40  # functions listed per sort order in --host-profile's file
+
+
+def host_profile(fn, title: str) -> str:
+    """pstats text of a cProfile over `host_us`'s loop (its first call and the synchronizes included): the top
+    `HOST_PROFILE_TOP` functions by own time, then by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    host_us(fn)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    text.write(f"## {title}: {HOST_CALLS + 1} calls\n")
+    stats.sort_stats("tottime").print_stats(HOST_PROFILE_TOP)
+    stats.sort_stats("cumulative").print_stats(HOST_PROFILE_TOP)
+    return text.getvalue()
+
+
+def host_rows(cands: dict, shape: dict, profile: list[str] | None = None) -> list[dict]:
     """Per implementation: host us per call, GPU ms from CUDA-graph replays (None when not capturable: the
-    error is kept), and eager ms as measured by the main table."""
+    error is kept), and eager ms as measured by the main table. `profile`: a list that gets each
+    implementation's `host_profile` text."""
     rows = []
     for name, (cand, eager_ms) in cands.items():
         row = dict(shape, impl=name, host_us=host_us(cand.fn), graph_ms=None, eager_ms=eager_ms, graph_error=None)
+        if profile is not None:
+            profile.append(host_profile(cand.fn, f"{name} {shape}"))
         try:
             row["graph_ms"] = _common.graph_ms(cand.fn, "cuda")
         except _common.GraphCaptureError as err:  # not capturable: say why
@@ -380,6 +412,7 @@ def main(argv=None) -> int:
     print(f"# B={args.batch} H={args.heads}/{args.kv_heads} D={dims}, bf16 inputs as BHSD views of BSHD")
     print(f"# SQNR vs torch SDPA {args.sqnr_ref}; fp8 accuracy modes: {', '.join(args.modes)}")
     rows, host = [], []
+    profiles = [] if args.host_profile else None
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     for d in args.head_dims:
         for s in args.seqlens:
@@ -407,7 +440,7 @@ def main(argv=None) -> int:
                 times = {name: statistics.median(ts) for name, ts in times.items()}
                 if args.host:
                     host.extend(host_rows({n: (cands[n], times[n]) for n in cands},
-                                          dict(S=s, causal=causal, D=d)))
+                                          dict(S=s, causal=causal, D=d), profiles))
                 base = times.get("FA3 bf16")
                 for name, ms in times.items():
                     timing_only = not cands[name].output
@@ -444,6 +477,10 @@ def main(argv=None) -> int:
             gpu = _common.fmt(r["graph_ms"], ".3f") if r["graph_error"] is None else f"not capturable ({r['graph_error']})"
             print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['D']} | {r['impl']} | {r['host_us']:.1f} | {gpu} "
                   f"| {r['eager_ms']:.3f} |")
+    if profiles:
+        with open(args.host_profile, "w") as f:
+            f.write("\n".join(profiles))
+        print(f"# host profiles: {args.host_profile}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

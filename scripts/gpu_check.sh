@@ -55,6 +55,9 @@
 #                                        # layer (GQA 32/8, fp8_fa3, modes none and qk, 4k-64k)
 #   bash scripts/gpu_check.sh --pack     # FA3's pack_gqa: probe_fa3 (PACK_SEQLENS), one layer GQA 32/8 (fp8_fa3,
 #                                        # modes none and qk, 4k-64k), the fa3 GPU tests and CUDA-graph replays
+#   bash scripts/gpu_check.sh --host     # host time of one call (bench_sdpa --host, GQA 32/8, HOST_SEQLENS default
+#                                        # 4k 16k, causal, mode qk) with a cProfile of each call's host loop
+#                                        # ($OUT/host_profile.txt)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -319,6 +322,10 @@ elif [ "$mode" = "--pack" ]; then  # session 23: FA3's pack_gqa (fa3.pack_gqa_ch
     --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/pack_sdpa.json"
   step pack_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_sdpa_gpu.py \
     tests/gpu/test_varlen_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "${PACK_TESTS_K:-fa3 or replays}"
+elif [ "$mode" = "--host" ]; then  # session 24: where one call's host time goes
+  step host timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096 16384} \
+    --causal yes --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" --host \
+    --host-profile "$out/host_profile.txt" --json "$out/host.json"
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
   # two sequences, 16k speed), then fp8_triton next to FA3 bf16 / fp8 at 16k
