@@ -58,6 +58,9 @@
 #   bash scripts/gpu_check.sh --host     # host time of one call (bench_sdpa --host, GQA 32/8, HOST_SEQLENS default
 #                                        # 4k 16k, causal, mode qk) with a cProfile of each call's host loop
 #                                        # ($OUT/host_profile.txt)
+#   bash scripts/gpu_check.sh --fwht     # the Hadamard rotation by the fast transform vs tl.dot (HF_FP8_ATTENTION_HADAMARD
+#                                        # fwht / dot, separate processes in turns): quantize modes graph-timed (4k-64k,
+#                                        # GQA 32/8), one layer fp8_fa3 (modes none and qk), the rotation's GPU tests
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -322,6 +325,20 @@ elif [ "$mode" = "--pack" ]; then  # session 23: FA3's pack_gqa (fa3.pack_gqa_ch
     --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/pack_sdpa.json"
   step pack_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_sdpa_gpu.py \
     tests/gpu/test_varlen_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "${PACK_TESTS_K:-fa3 or replays}"
+elif [ "$mode" = "--fwht" ]; then  # session 24: tile_math._hadamard by FWHT vs tl.dot, in turns
+  for r in 1 2; do
+    for h in dot fwht; do
+      step "fwht_quant_${h}_$r" env HF_FP8_ATTENTION_HADAMARD=$h timeout 150 python3 scripts/bench_quantize.py --modes \
+        --skip-configs --only-modes none qk rope rope+qk --seqlens 4096 16384 65536 --heads 32/8 --timing graph
+    done
+  done
+  for h in dot fwht; do
+    step "fwht_sdpa_$h" env HF_FP8_ATTENTION_HADAMARD=$h timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 \
+      --seqlens 4096 16384 65536 --causal both --modes none qk --sqnr-ref fp32 --rep-ms 100 \
+      --impls "FA3" fp8_fa3 "quantize only" --json "$out/fwht_sdpa_$h.json"
+  done
+  step fwht_tests timeout ${FWHT_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_quantize_gpu.py \
+    tests/gpu/test_centring_gpu.py tests/gpu/test_kv_cache_gpu.py tests/gpu/test_randomized_gpu.py
 elif [ "$mode" = "--host" ]; then  # session 24: where one call's host time goes
   step host timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096 16384} \
     --causal yes --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" --host \

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..quantization.tile_math import _amax_scales, _finite_abs, _hadamard, _sign_matrix, _to_fp8
+from ..quantization.tile_math import _amax_scales, _finite_abs, _hadamard, _to_fp8
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +59,7 @@ def _write_one(
     with APPLY_ROPE, then by the normalised Hadamard matrix with ROTATE), quantize with one scale, store codes
     and descale (where ``block_ok``: the block holds tokens), and the float32 values into Tail_out where
     `keep_tail` (rotated: the tail holds the values as stored). Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather, and the rotation
-    is two half-size dots (`_hadamard`, the quantize kernel's; HALF a power of two)."""
+    is two half-size fast Walsh-Hadamard transforms (`_hadamard`, the quantize kernel's; HALF a power of two)."""
     src_mask = from_src[:, None] & d_ok[None, :]
     s1 = tl.load(Src + src_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
     s2 = tl.load(Src + src_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
@@ -99,9 +99,9 @@ def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F3
     dots are wrong, so its bf16 runs rotate in float32 (no bf16 rounding of x: close to the reference, not
     bit for bit)."""
     if ROT_F32:
-        r1, r2 = _hadamard(x1, x2, _sign_matrix(x1.shape[1], tl.float32), INV_SQRT_D)
+        r1, r2 = _hadamard(x1, x2, tl.float32, INV_SQRT_D)
     else:
-        r1, r2 = _hadamard(x1, x2, _sign_matrix(x1.shape[1], dtype), INV_SQRT_D)
+        r1, r2 = _hadamard(x1, x2, dtype, INV_SQRT_D)
     return r1, r2
 
 

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .kernels import (_block_row_scales, _centre, _group_amax, _group_scale_of, _item_setup, _load_tile, _rotate,
                       _store_codes)
-from .tile_math import _amax_scales, _block_amax, _hadamard, _sign_matrix
+from .tile_math import _amax_scales, _block_amax, _hadamard
 
 # PASS: every scale per block (one launch), or the amax / codes launch of per-(batch, KV head) scales
 PASS_BLOCK, PASS_AMAX, PASS_CODES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -95,11 +95,11 @@ def qkv_block_quantize_kernel(
             tl.atomic_max(amax_ptr + grp, m.to(tl.int32, bitcast=True), sem="relaxed")
         else:
             if HADAMARD_QK or HADAMARD_V:
-                signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
+                dtype: tl.constexpr = q_ptr.dtype.element_ty
                 if HADAMARD_QK and HADAMARD_V:
-                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                    x1, x2 = _hadamard(x1, x2, dtype, INV_SQRT_D)
                 elif (t < 2) == HADAMARD_QK:  # a branch, not a select: the rotation runs only where it applies
-                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                    x1, x2 = _hadamard(x1, x2, dtype, INV_SQRT_D)
             if PASS == PASS_CODES:
                 row_scale = _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX)
             else:
@@ -282,7 +282,7 @@ def _qk_rope_program(
                     g_run = grp
                 else:
                     if HADAMARD_QK:
-                        x1, x2 = _hadamard(x1, x2, _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty), INV_SQRT_D)
+                        x1, x2 = _hadamard(x1, x2, q_ptr.dtype.element_ty, INV_SQRT_D)
                     if PASS == PASS_CODES:
                         first = (row0 == 0) & ((cur_t == 1) | (cur_h % G == 0))
                         row_scale = _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX)
@@ -345,8 +345,6 @@ def _v_block_program(
     row_base = blk * V_SCALE_BLOCK
     if row_base < seq_len:
         N_SUB: tl.constexpr = V_SCALE_BLOCK // ROWS
-        if HADAMARD_V:
-            signs = _sign_matrix(HALF_BLOCK, v_ptr.dtype.element_ty)
         amax = tl.zeros((1,), dtype=tl.float32)
         lo, hi = _v_tile(v_ptr, base, row_base, seq_len, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK, ROWS,
                          D_CONTIG, "evict_last")
@@ -356,7 +354,7 @@ def _v_block_program(
             lo, hi = _v_tile(v_ptr, base, row0 + ROWS, tl.where(i + 1 < N_SUB, seq_len, 0), stride_vs,
                              stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, "evict_last")
             if HADAMARD_V:
-                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                x1, x2 = _hadamard(x1, x2, v_ptr.dtype.element_ty, INV_SQRT_D)
             valid = (row0 + tl.arange(0, ROWS)) < seq_len
             amax = tl.maximum(amax, _block_amax(x1, x2, valid, ROWS, ROWS))
         scale, descale = _amax_scales(amax, FP8_MAX)
@@ -369,7 +367,7 @@ def _v_block_program(
             lo, hi = _v_tile(v_ptr, base, row0 + ROWS, tl.where(i + 1 < N_SUB, seq_len, 0), stride_vs,
                              stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, "evict_first")
             if HADAMARD_V:
-                x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                x1, x2 = _hadamard(x1, x2, v_ptr.dtype.element_ty, INV_SQRT_D)
             _store_codes(x1, x2, scale[:, None], 2, b, h, row0, seq_len, out_start, H_KV, H_KV, V_ROWS,
                          v_out_ptr, v_out_ptr, v_out_ptr, HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False,
                          V_KEYS_CONTIG, VARLEN)

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .tile_math import (_amax_scales, _block_amax, _block_nonfinite, _finite_abs, _hadamard, _pow2_norm_bound,
-                        _sign_matrix, _to_fp8, _to_int8)
+                        _to_fp8, _to_int8)
 
 # Workspace (int32, zeroed by the launcher): [0] ticket counter, [1] the NO_SPIN failure flag, the rest of
 # WS_PAD ints so that the ticket's cache line is its own, then amax bits per group, then finished-P1 count per group. Groups are indexed
@@ -496,11 +496,7 @@ def qkv_quantize_kernel(
     d_mask = offs_d < HALF
     out_rows = tl.arange(0, BLOCK_S)
     ROTATES: tl.constexpr = HADAMARD_QK or HADAMARD_V
-    if ROTATES:
-        # the dot's inputs: the rows rounded to the input dtype, exact products with +-1 (see _dot_signs)
-        signs = _sign_matrix(HALF_BLOCK, q_ptr.dtype.element_ty)
-    else:
-        signs = 0
+    rot_dtype: tl.constexpr = q_ptr.dtype.element_ty  # the rotation's inputs: rows rounded to the input dtype
 
     ticket = tl.atomic_add(ws_ptr, 1, sem="relaxed")
     while ticket < n_items + lag:
@@ -572,7 +568,7 @@ def qkv_quantize_kernel(
                 if BLOCK_SCALES and not K_LIKE_Q:
                     if t1 == 1:  # k: the tile's exact amax (of the rotated tile if k is rotated) for its K block
                         if HADAMARD_QK:
-                            kx1, kx2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                            kx1, kx2 = _hadamard(x1, x2, rot_dtype, INV_SQRT_D)
                             k_m = tl.max(_block_amax(kx1, kx2, (r1 + out_rows) < seq1, BLOCK_S, BLOCK_S))
                         else:  # m_j: the same max over the same (finite, in-sequence) values
                             kx1, kx2 = x1, x2
@@ -595,10 +591,10 @@ def qkv_quantize_kernel(
                     x1, x2 = _centre(x1, x2, mean_ptr, grp2 - B * H_KV, smooth2, (r2 + out_rows) < seq2, offs_d,
                                      d_mask, HALF, HEAD_DIM)
                 if HADAMARD_QK and HADAMARD_V:
-                    x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                    x1, x2 = _hadamard(x1, x2, rot_dtype, INV_SQRT_D)
                 elif ROTATES:
                     if (t2 < 2) == HADAMARD_QK:
-                        x1, x2 = _hadamard(x1, x2, signs, INV_SQRT_D)
+                        x1, x2 = _hadamard(x1, x2, rot_dtype, INV_SQRT_D)
                 if BLOCK_SCALES:
                     if t2 == 0 or (K_LIKE_Q and t2 == 1):  # a scale per SCALE_BLOCK rows, from this tile alone
                         n_blk = tl.where(t2 == 0, N_BLK_Q, N_BLK_KV)

@@ -1,6 +1,8 @@
 """Per-tile arithmetic of the quantize kernel (`kernels.qkv_quantize_kernel`): non-finite-safe amax and
-e4m3 / int8 casts, per-block amax, the Hadamard rotation by tl.dot and the power-of-two norm bound that
+e4m3 / int8 casts, per-block amax, the Hadamard rotation (a fast Walsh-Hadamard transform) and the power-of-two norm bound that
 stands for a rotated group's amax. Jitted helpers only: no launches, no pointers."""
+
+import os
 
 import triton
 import triton.language as tl
@@ -75,16 +77,71 @@ def _dot_signs(x, signs):
     dtype) first: the products with +-1 are exact, so the accumulation is the only other rounding (none when
     the row's values span fewer than ~16 binades: then any summation order gives the same bits). The rounding
     to 16 bits (2^-9 relative for bf16) is far below e4m3's 2^-4. Not tf32: its 10-bit inputs would flip
-    fp8s the reference cannot follow."""
+    fp8s the reference cannot follow. `_hadamard`'s HADAMARD_BY_DOT form."""
     return tl.dot(x.to(signs.dtype), signs, out_dtype=tl.float32)
 
 
 @triton.jit
-def _hadamard(x1, x2, signs, INV_SQRT_D: tl.constexpr):
-    """x @ (H_D / sqrt(D)) for the half tiles x = [x1, x2]. Sylvester: H_D = [[H, H], [H, -H]] with
-    H = H_{D/2} (`signs`), so x @ H_D = [x1 @ H + x2 @ H, x1 @ H - x2 @ H]: two half-size dots."""
-    p = _dot_signs(x1, signs)
-    r = _dot_signs(x2, signs)
+def _butterfly(x, S: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform on the last axis of x (R, N): every pair of columns
+    (i, i + S) within a block of 2S columns -> (x_i + x_(i+S), x_i - x_(i+S)). Written as reshape / permute /
+    split / join, which the compiler turns into register moves and, for pairs held by different threads of a
+    warp, shuffles (offline sm_90 compile, triton 3.6: no shared memory, unlike tl.dot's operand layouts)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    if S == 1:
+        a, b = tl.split(tl.reshape(x, (R, N // 2, 2)))
+        y = tl.reshape(tl.join(a + b, a - b), (R, N))
+    else:
+        a, b = tl.split(tl.permute(tl.reshape(x, (R, N // (2 * S), 2, S)), (0, 1, 3, 2)))
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, N))
+    return y
+
+
+@triton.jit
+def _fwht(x):
+    """x (R, N) float32 @ H_N (Sylvester signs, not normalised), N a power of two <= 256: log2(N) butterfly
+    stages, N log2(N) additions per row instead of tl.dot's N^2 multiply-adds."""
+    N: tl.constexpr = x.shape[1]
+    tl.static_assert(N <= 256 and (N & (N - 1)) == 0, "the fast Walsh-Hadamard transform wants N = 2^k <= 256")
+    x = _butterfly(x, 1)
+    if N > 2:
+        x = _butterfly(x, 2)
+    if N > 4:
+        x = _butterfly(x, 4)
+    if N > 8:
+        x = _butterfly(x, 8)
+    if N > 16:
+        x = _butterfly(x, 16)
+    if N > 32:
+        x = _butterfly(x, 32)
+    if N > 64:
+        x = _butterfly(x, 64)
+    if N > 128:
+        x = _butterfly(x, 128)
+    return x
+
+
+# `_hadamard` by tl.dot against the sign matrix (the form before session 24) instead of the fast transform:
+# HF_FP8_ATTENTION_HADAMARD=dot, read at import (benchmarks time both, in separate processes).
+HADAMARD_BY_DOT = tl.constexpr(os.environ.get("HF_FP8_ATTENTION_HADAMARD", "fwht") == "dot")
+
+
+@triton.jit
+def _hadamard(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    """x @ (H_D / sqrt(D)) for the float32 half tiles x = [x1, x2] (R, D/2), the rows rounded to ``dtype`` (the
+    input dtype; float32: no rounding) first. Sylvester: H_D = [[H, H], [H, -H]] with H = H_{D/2}, so x @ H_D =
+    [x1 @ H + x2 @ H, x1 @ H - x2 @ H]. Each x_i @ H by the fast Walsh-Hadamard transform (`_fwht`): the
+    products with +-1 are exact and, for rows whose values span fewer than ~16 binades, so is every float32
+    partial sum, so the result is the reference's (`reference._rotate`: x rounded, then a float32 matmul) bit
+    for bit; otherwise they differ in summation order only. HADAMARD_BY_DOT: two half-size tl.dot instead."""
+    if HADAMARD_BY_DOT:
+        signs = _sign_matrix(x1.shape[1], dtype)
+        p = _dot_signs(x1, signs)
+        r = _dot_signs(x2, signs)
+    else:
+        p = _fwht(x1.to(dtype).to(tl.float32))
+        r = _fwht(x2.to(dtype).to(tl.float32))
     return (p + r) * INV_SQRT_D, (p - r) * INV_SQRT_D
 
 
