@@ -29,11 +29,16 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
     python scripts/bench_quantize.py --block-configs      # the single-pass kernel's num_warps alone
     python scripts/bench_quantize.py --rope-configs       # RoPE + every scale per block: q/k kernel tiles
     python scripts/bench_quantize.py --split --rounds 3   # per-head scales: persistent kernel vs split path
+    python scripts/bench_quantize.py --kernel-times --only-modes none qk rope rope+qk --seqlens 16384
 
 --split times each per-head-scale mode (SPLIT_MODES, or --only-modes) both ways, the persistent two-pass
 kernel and the split path (`qkv._SPLIT_MIN_ELEMENTS` huge / 0, restored), in turns for --rounds (medians), checks
 that both give the same codes and descales (bit for bit; with Hadamard tl.dot's summation order may move an
 fp8 code: then the row says how many bytes differ), at --seqlens (else 4k, 16k, 64k).
+
+--kernel-times: per mode (--only-modes, else none, qk, rope, rope+qk) and shape, each CUDA kernel of one call
+(`KERNEL_CALLS` calls under torch.profiler, us per call; L2 not flushed between them), to see which launch of a
+path costs what.
 
 --modes prints per mode ms, the ratio to mode none, GB/s and % of copy (issue 14's line, quantize with RoPE
 >= 80% of copy at S=64k: rows rope and rope+qk, the default prefill path, at S=65536), then --configs. --configs times the launcher's tile configs
@@ -108,6 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="time the launcher's scheduling constants (SWEEP_GRID) at --seqlens (default 16k, 64k)")
     p.add_argument("--profile-host", action="store_true", help="cProfile of the host-time loop (top 20)")
+    p.add_argument("--kernel-times", action="store_true",
+                   help="CUDA kernel us per call, by kernel, per mode (torch.profiler)")
     p.add_argument("--modes", action="store_true", help="ms, GB/s and %% of copy per accuracy mode, then --configs")
     p.add_argument("--configs", action="store_true", help="only the tile configs x programs/SM of modes rope+qk, "
                    "rope, qk, int8")
@@ -599,6 +606,46 @@ def split_paths(args):
             d.update(old)
 
 
+KERNEL_CALLS = 20
+
+
+def kernel_times(args):
+    """Per mode and shape: each CUDA kernel's microseconds per call (`KERNEL_CALLS` calls after a warm-up under
+    torch.profiler), by kernel name, and their sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_fp8_attention.quantization import qkv
+
+    print("| H_q/H_kv | S | mode | kernel | launches per call | us per call |")
+    print("|---|---|---|---|---|---|")
+    for heads in args.heads:
+        for S in args.seqlens or [16384, 65536]:
+            q, k, v, cos, sin = make_inputs(S, *_heads(heads), args.head_dim, rope=True)
+            for name in args.only_modes or ("none", "qk", "rope", "rope+qk"):
+                rope, kw = MODES[name]
+                inputs = (q, k, v, cos, sin) if rope else (q, k, v)
+                qkv.quantize_qkv_fp8(*inputs, options=kw)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(KERNEL_CALLS):
+                        qkv.quantize_qkv_fp8(*inputs, options=kw)
+                    torch.cuda.synchronize()
+                per_kernel: dict = {}
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        us = getattr(e, "device_time", None)
+                        n_us = per_kernel.setdefault(e.name, [0, 0.0])
+                        n_us[0] += 1
+                        n_us[1] += e.cuda_time if us is None else us
+                for kname, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
+                    print(f"| {heads} | {S} | {name} | {kname[:60]} | {n / KERNEL_CALLS:.0f} | {us / KERNEL_CALLS:.1f} |")
+                total = sum(us for _, us in per_kernel.values()) / KERNEL_CALLS
+                print(f"| {heads} | {S} | {name} | all | {sum(n for n, _ in per_kernel.values()) / KERNEL_CALLS:.0f} "
+                      f"| {total:.1f} |", flush=True)
+            del q, k, v, cos, sin
+            torch.cuda.empty_cache()
+
+
 def profile_host(fn, args):
     import cProfile
     import pstats
@@ -620,6 +667,8 @@ def main(argv=None) -> int:
     print(header(args.impl) + (", timing: CUDA-graph replays" if TIMING == "graph" else ""), flush=True)
     if args.split:
         split_paths(args)
+    elif args.kernel_times:
+        kernel_times(args)
     elif args.block_configs:
         block_configs(args)
     elif args.rope_configs:

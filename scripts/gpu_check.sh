@@ -60,7 +60,9 @@
 #                                        # ($OUT/host_profile.txt)
 #   bash scripts/gpu_check.sh --fwht     # the Hadamard rotation by the fast transform vs tl.dot (HF_FP8_ATTENTION_HADAMARD
 #                                        # fwht / dot, separate processes in turns): quantize modes graph-timed (4k-64k,
-#                                        # GQA 32/8), one layer fp8_fa3 (modes none and qk), the rotation's GPU tests
+#                                        # GQA 32/8), one layer fp8_fa3 (modes none and qk), the rotation's GPU tests;
+#                                        # FWHT_PART=check: kernel times per mode (bench_quantize --kernel-times) and
+#                                        # the GPU tests of the quantizer, the FP8 cache and centring
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -325,6 +327,11 @@ elif [ "$mode" = "--pack" ]; then  # session 23: FA3's pack_gqa (fa3.pack_gqa_ch
     --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/pack_sdpa.json"
   step pack_tests timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_sdpa_gpu.py \
     tests/gpu/test_varlen_gpu.py tests/gpu/test_cuda_graphs_gpu.py -k "${PACK_TESTS_K:-fa3 or replays}"
+elif [ "$mode" = "--fwht" ] && [ "${FWHT_PART:-}" = check ]; then  # the rotation's GPU tests, kernel times
+  step fwht_kernels timeout 120 python3 scripts/bench_quantize.py --kernel-times --only-modes none qk rope rope+qk \
+    --seqlens 4096 16384 65536 --heads 32/8
+  step fwht_tests timeout ${FWHT_TESTS_S:-400} python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_quantize_gpu.py \
+    tests/gpu/test_kv_cache_gpu.py tests/gpu/test_centring_gpu.py -k "${FWHT_TESTS_K:-not nothing}"
 elif [ "$mode" = "--fwht" ]; then  # session 24: tile_math._hadamard by FWHT vs tl.dot, in turns
   for r in 1 2; do
     for h in dot fwht; do
