@@ -65,7 +65,7 @@
 #                                        # the GPU tests of the quantizer, the FP8 cache and centring
 #   bash scripts/gpu_check.sh --retune   # the speed table re-measured (tune_dispatch, $OUT/sm90.{json,md}; commit the
 #                                        # json as hf_fp8_attention/tables/sm90.json), one layer GQA 32/8 (fp8_fa3, modes
-#                                        # none and qk, 8k-64k), the randomized GPU tests
+#                                        # none and qk, 8k-64k), host time at 4k with its profile, the randomized GPU tests
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -353,6 +353,9 @@ elif [ "$mode" = "--retune" ]; then  # session 24: after the rotation's change
   step tune timeout 240 python3 scripts/tune_dispatch.py --out "$out/sm90.json" --markdown "$out/sm90.md"
   step retune_sdpa timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens 8192 16384 65536 --causal both \
     --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/retune_sdpa.json"
+  step retune_host timeout 120 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens 4096 --causal yes --modes qk \
+    --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --host --host-profile "$out/host_profile.txt" \
+    --json "$out/retune_host.json"
   step retune_tests timeout ${RETUNE_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_randomized_gpu.py
 elif [ "$mode" = "--host" ]; then  # session 24: where one call's host time goes
   step host timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096 16384} \
