@@ -1,0 +1,59 @@
+"""The fast Walsh-Hadamard transform behind the quantize kernels' rotation (`tile_math._hadamard`), against the
+matrix product it replaces, in the Triton interpreter (the GPU quantize tests cover it inside the kernels)."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from hf_fp8_attention.quantization import hadamard_matrix
+from hf_fp8_attention.quantization.tile_math import HADAMARD_BY_DOT, _fwht, _hadamard
+
+ON_CUDA = torch.cuda.is_available()
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, y_ptr, R: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(y_ptr + offs, _fwht(tl.load(x_ptr + offs)))
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, y_ptr, R: tl.constexpr, HALF: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    """x (R, 2 * HALF) bf16 -> float32 x @ H_D / sqrt(D) through the half tiles, as the quantize kernels call it."""
+    rows = tl.arange(0, R)[:, None] * (2 * HALF)
+    cols = tl.arange(0, HALF)[None, :]
+    x1 = tl.load(x_ptr + rows + cols).to(tl.float32)
+    x2 = tl.load(x_ptr + rows + cols + HALF).to(tl.float32)
+    y1, y2 = _hadamard(x1, x2, x_ptr.dtype.element_ty, INV_SQRT_D)
+    tl.store(y_ptr + rows + cols, y1)
+    tl.store(y_ptr + rows + cols + HALF, y2)
+
+
+def _signs(n: int) -> torch.Tensor:
+    return hadamard_matrix(n, device="cpu", dtype=torch.float64, normalized=False)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.parametrize("n", [2, 4, 8, 16, 32, 64, 128, 256])
+def test_fwht_equals_the_sign_matrix_product(n):
+    """Integers: every partial sum is exact, so the transform must give the product bit for bit, at every size
+    the rotation uses (D/2 up to 128) and the largest it allows."""
+    x = torch.randint(-1000, 1000, (4, n), generator=torch.Generator().manual_seed(n)).float()
+    y = torch.empty_like(x)
+    _fwht_kernel[(1,)](x, y, R=4, N=n)
+    assert torch.equal(y, (x.double() @ _signs(n)).float())
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_hadamard_halves_equal_the_reference_rotation(d):
+    """bf16 rows through the half tiles: x @ H_D / sqrt(D), the sums in float32. The rows' values are multiples
+    of 1/16 below 8 (8 significant bits, 7 binades), so every partial sum is exact in float32 and the result is
+    the exact product rounded once, bit for bit."""
+    assert not HADAMARD_BY_DOT  # the default form (HF_FP8_ATTENTION_HADAMARD unset)
+    x = (torch.randint(-127, 128, (16, d), generator=torch.Generator().manual_seed(d)) / 16).to(torch.bfloat16)
+    y = torch.empty(16, d)
+    _hadamard_kernel[(1,)](x, y, R=16, HALF=d // 2, INV_SQRT_D=d**-0.5)
+    ref = (x.double() @ _signs(d)).float() * d**-0.5  # exact sums, rounded once to float32, as the kernel's
+    assert torch.equal(y, ref)
