@@ -95,9 +95,9 @@ def _write_one(
 @triton.jit
 def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr):
     """(x1, x2) @ (H_D / sqrt(D)) by `_hadamard`, x rounded to the input ``dtype`` (exact products with the
-    +-1 signs: what `reference.rotate` computes), or in float32 with ROT_F32: the CPU interpreter's bf16
-    dots are wrong, so its bf16 runs rotate in float32 (no bf16 rounding of x: close to the reference, not
-    bit for bit)."""
+    +-1 signs: what `reference.rotate` computes), or in float32 with ROT_F32 (no bf16 rounding of x: close
+    to the reference, not bit for bit), which the CPU interpreter's bf16 runs take: its bf16 dots were wrong
+    when the rotation was a dot (`tile_math.HADAMARD_BY_DOT`, still selectable)."""
     if ROT_F32:
         r1, r2 = _hadamard(x1, x2, tl.float32, INV_SQRT_D)
     else:

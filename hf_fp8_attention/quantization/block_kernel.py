@@ -10,7 +10,7 @@ read every element twice, because a per-head scale needs the whole head's amax b
 written; here every byte is read once and written once.
 
 Same math as `reference.quantize_qkv_fp8_reference` with v_scales="block" (bit for bit without Hadamard; with
-it, up to tl.dot's summation order, as the two-pass kernel). Launch with ``enable_fp_fusion=False`` (RoPE's
+it, up to the rotation's summation order, as the two-pass kernel). Launch with ``enable_fp_fusion=False`` (RoPE's
 mul/mul/add rounded as the reference).
 
 PASS (a constexpr of both kernels) also makes them the two launches of the per-(batch, KV head) scales
@@ -18,7 +18,7 @@ PASS (a constexpr of both kernels) also makes them the two launches of the per-(
 once and merges its amax into its group's (`kernels._group_amax`: the same value as that kernel's P1, atomic
 max of the int32 bits, a zeroed buffer); PASS_CODES, a second launch, reads every tile again and writes its
 codes with the group's scale, and the group's first tile writes the group's descale. Same codes and descales as
-the persistent kernel (`kernels.qkv_quantize_kernel`), bit for bit but for tl.dot's summation order with
+the persistent kernel (`kernels.qkv_quantize_kernel`), bit for bit but for the rotation's summation order with
 Hadamard. Each tile is then read twice from memory (the persistent kernel's second read comes partly from L2),
 but both launches stream at close to the copy bandwidth, where the persistent kernel's programs wait on each
 other's groups.
