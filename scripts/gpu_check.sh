@@ -351,7 +351,7 @@ elif [ "$mode" = "--fwht" ]; then  # session 24: tile_math._hadamard by FWHT vs 
     tests/gpu/test_centring_gpu.py tests/gpu/test_kv_cache_gpu.py tests/gpu/test_randomized_gpu.py
 elif [ "$mode" = "--retune" ]; then  # session 24: after the rotation's change
   step tune timeout 240 python3 scripts/tune_dispatch.py --out "$out/sm90.json" --markdown "$out/sm90.md"
-  step retune_sdpa timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens 8192 16384 65536 --causal both \
+  step retune_sdpa timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${RETUNE_SEQLENS:-8192 16384 65536} --causal both \
     --modes none qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --json "$out/retune_sdpa.json"
   step retune_host timeout 120 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens 4096 --causal yes --modes qk \
     --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 "quantize only" --host --host-profile "$out/host_profile.txt" \
