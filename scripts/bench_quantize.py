@@ -33,7 +33,7 @@ timed with time.perf_counter before the closing synchronize (so GPU time is not 
 
 --split times each per-head-scale mode (SPLIT_MODES, or --only-modes) both ways, the persistent two-pass
 kernel and the split path (`qkv._SPLIT_MIN_ELEMENTS` huge / 0, restored), in turns for --rounds (medians), checks
-that both give the same codes and descales (bit for bit; with Hadamard tl.dot's summation order may move an
+that both give the same codes and descales (bit for bit; with Hadamard the rotation's summation order may move an
 fp8 code: then the row says how many bytes differ), at --seqlens (else 4k, 16k, 64k).
 
 --kernel-times: per mode (--only-modes, else none, qk, rope, rope+qk) and shape, each CUDA kernel of one call
@@ -638,7 +638,8 @@ def kernel_times(args):
                         n_us[0] += 1
                         n_us[1] += e.cuda_time if us is None else us
                 for kname, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
-                    print(f"| {heads} | {S} | {name} | {kname[:60]} | {n / KERNEL_CALLS:.0f} | {us / KERNEL_CALLS:.1f} |")
+                    print(f"| {heads} | {S} | {name} | {kname[:60]} | {n / KERNEL_CALLS:.0f} "
+                          f"| {us / KERNEL_CALLS:.1f} |")
                 total = sum(us for _, us in per_kernel.values()) / KERNEL_CALLS
                 print(f"| {heads} | {S} | {name} | all | {sum(n for n, _ in per_kernel.values()) / KERNEL_CALLS:.0f} "
                       f"| {total:.1f} |", flush=True)

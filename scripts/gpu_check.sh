@@ -428,7 +428,8 @@ elif [ "$mode" = "--backlog" ]; then  # session 21: the q/k RoPE tiles at 64k (R
 elif [ "$mode" = "--split" ]; then  # session 22: per-(batch, KV head) scales through the split path (two
   # launches of the single-pass kernels) vs the persistent two-pass kernel: timed in turns, eagerly (SPLIT_SEQLENS,
   # SPLIT_HEADS, SPLIT_MODES, SPLIT_ROUNDS; SPLIT_TILES "R,W[:r,h,w] ...": the split path's tiles to compare;
-  # SPLIT_DIMS "64 256": other head dims) and graph-timed (SPLIT_GRAPH=0: not), their GPU tests (both paths,
+  # SPLIT_DIMS "64 256": other head dims) and graph-timed (SPLIT_GRAPH=0: not; SPLIT_GRAPH_SEQLENS, _HEADS, _MODES),
+  # their GPU tests (both paths,
   # and the CUDA-graph replays; SPLIT_TESTS=0: not), then SPLIT_SDPA=1: one layer, GQA 32/8, fp8_fa3 with modes none and qk (the default
   # rotation) at 4k-64k
   step split_eager timeout 330 python3 scripts/bench_quantize.py --split --rounds "${SPLIT_ROUNDS:-2}" \
@@ -439,7 +440,8 @@ elif [ "$mode" = "--split" ]; then  # session 22: per-(batch, KV head) scales th
       --seqlens 16384 65536 --heads 32/8 --only-modes rope+qk none
   done
   [ "${SPLIT_GRAPH:-1}" = 1 ] && step split_graph timeout 200 python3 scripts/bench_quantize.py --split --timing graph \
-    --rounds 2 --seqlens 4096 16384 --heads 32/8 --only-modes rope+qk none ${SPLIT_TILES:+--split-tiles $SPLIT_TILES}
+    --rounds 2 --seqlens ${SPLIT_GRAPH_SEQLENS:-4096 16384} --heads ${SPLIT_GRAPH_HEADS:-32/8} \
+    --only-modes ${SPLIT_GRAPH_MODES:-rope+qk none} ${SPLIT_TILES:+--split-tiles $SPLIT_TILES}
   [ "${SPLIT_TESTS:-1}" = 1 ] && step split_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_quantize_gpu.py \
     tests/gpu/test_varlen_gpu.py -k "${SPLIT_TESTS_K:-split or matches_reference or modes_match or keys_contiguous or special}"
   [ "${SPLIT_TESTS:-1}" = 1 ] && step split_graph_tests timeout 200 python3 -m pytest -q -p no:cacheprovider -rs \

@@ -59,7 +59,7 @@ def _write_one(
     with APPLY_ROPE, then by the normalised Hadamard matrix with ROTATE), quantize with one scale, store codes
     and descale (where ``block_ok``: the block holds tokens), and the float32 values into Tail_out where
     `keep_tail` (rotated: the tail holds the values as stored). Half tiles (x1 = channels [0, HALF), x2 = [HALF, D)): RoPE needs no gather, and the rotation
-    is two half-size fast Walsh-Hadamard transforms (`_hadamard`, the quantize kernel's; HALF a power of two)."""
+    is two half-size dots (`_hadamard`'s tl.dot form; HALF a power of two)."""
     src_mask = from_src[:, None] & d_ok[None, :]
     s1 = tl.load(Src + src_rows[:, None] + offs_d[None, :], mask=src_mask, other=0.0).to(tl.float32)
     s2 = tl.load(Src + src_rows[:, None] + (offs_d + HALF)[None, :], mask=src_mask, other=0.0).to(tl.float32)
@@ -94,14 +94,16 @@ def _write_one(
 
 @triton.jit
 def _rotate_halves(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, ROT_F32: tl.constexpr):
-    """(x1, x2) @ (H_D / sqrt(D)) by `_hadamard`, x rounded to the input ``dtype`` (exact products with the
-    +-1 signs: what `reference.rotate` computes), or in float32 with ROT_F32 (no bf16 rounding of x: close
-    to the reference, not bit for bit), which the CPU interpreter's bf16 runs take: its bf16 dots were wrong
-    when the rotation was a dot (`tile_math.HADAMARD_BY_DOT`, still selectable)."""
+    """(x1, x2) @ (H_D / sqrt(D)) by `_hadamard` in its tl.dot form (the cache kept it when the quantizers
+    took the fast transform in session 24: offline, the transform took the decode kernel from 185 to 254
+    registers; neither form was timed in the cache), x rounded to the input ``dtype`` (exact products with the
+    +-1 signs: what `reference.rotate` computes), or in float32 with ROT_F32: the CPU interpreter's bf16
+    dots are wrong, so its bf16 runs rotate in float32 (no bf16 rounding of x: close to the reference, not
+    bit for bit)."""
     if ROT_F32:
-        r1, r2 = _hadamard(x1, x2, tl.float32, INV_SQRT_D)
+        r1, r2 = _hadamard(x1, x2, tl.float32, INV_SQRT_D, True)
     else:
-        r1, r2 = _hadamard(x1, x2, dtype, INV_SQRT_D)
+        r1, r2 = _hadamard(x1, x2, dtype, INV_SQRT_D, True)
     return r1, r2
 
 

@@ -1,6 +1,7 @@
 """Per-tile arithmetic of the quantize kernel (`kernels.qkv_quantize_kernel`): non-finite-safe amax and
-e4m3 / int8 casts, per-block amax, the Hadamard rotation (a fast Walsh-Hadamard transform) and the power-of-two norm bound that
-stands for a rotated group's amax. Jitted helpers only: no launches, no pointers."""
+e4m3 / int8 casts, per-block amax, the Hadamard rotation (a fast Walsh-Hadamard transform) and the
+power-of-two norm bound that stands for a rotated group's amax. Jitted helpers only: no launches, no
+pointers."""
 
 import os
 
@@ -85,8 +86,9 @@ def _dot_signs(x, signs):
 def _butterfly(x, S: tl.constexpr):
     """One stage of the fast Walsh-Hadamard transform on the last axis of x (R, N): every pair of columns
     (i, i + S) within a block of 2S columns -> (x_i + x_(i+S), x_i - x_(i+S)). Written as reshape / permute /
-    split / join, which the compiler turns into register moves and, for pairs held by different threads of a
-    warp, shuffles (offline sm_90 compile, triton 3.6: no shared memory, unlike tl.dot's operand layouts)."""
+    split / join, which the compiler turns into register moves, warp shuffles for pairs held by different threads
+    and a few shared-memory layout conversions (offline sm_90 compile, triton 3.6: the split path's codes passes
+    have 6-8 shared-memory stores with it, 24-40 with tl.dot's rotation and 0-2 without a rotation)."""
     R: tl.constexpr = x.shape[0]
     N: tl.constexpr = x.shape[1]
     if S == 1:
@@ -100,42 +102,32 @@ def _butterfly(x, S: tl.constexpr):
 
 @triton.jit
 def _fwht(x):
-    """x (R, N) float32 @ H_N (Sylvester signs, not normalised), N a power of two <= 256: log2(N) butterfly
-    stages, N log2(N) additions per row instead of tl.dot's N^2 multiply-adds."""
+    """x (R, N) float32 @ H_N (Sylvester signs, not normalised), N a power of two <= 256: log2(N) butterfly stages,
+    N log2(N) additions per row instead of tl.dot's N^2 multiply-adds."""
     N: tl.constexpr = x.shape[1]
     tl.static_assert(N <= 256 and (N & (N - 1)) == 0, "the fast Walsh-Hadamard transform wants N = 2^k <= 256")
-    x = _butterfly(x, 1)
-    if N > 2:
-        x = _butterfly(x, 2)
-    if N > 4:
-        x = _butterfly(x, 4)
-    if N > 8:
-        x = _butterfly(x, 8)
-    if N > 16:
-        x = _butterfly(x, 16)
-    if N > 32:
-        x = _butterfly(x, 32)
-    if N > 64:
-        x = _butterfly(x, 64)
-    if N > 128:
-        x = _butterfly(x, 128)
+    for i in tl.static_range(8):  # stride 2^i while it is below N (unrolled at compile time)
+        if (1 << i) < N:
+            x = _butterfly(x, 1 << i)
     return x
 
 
 # `_hadamard` by tl.dot against the sign matrix (the form before session 24) instead of the fast transform:
 # HF_FP8_ATTENTION_HADAMARD=dot, read at import (benchmarks time both, in separate processes).
-HADAMARD_BY_DOT = tl.constexpr(os.environ.get("HF_FP8_ATTENTION_HADAMARD", "fwht") == "dot")
+HADAMARD_DOT_FORM = os.environ.get("HF_FP8_ATTENTION_HADAMARD", "fwht") == "dot"
+HADAMARD_BY_DOT = tl.constexpr(HADAMARD_DOT_FORM)
 
 
 @triton.jit
-def _hadamard(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr):
+def _hadamard(x1, x2, dtype: tl.constexpr, INV_SQRT_D: tl.constexpr, BY_DOT: tl.constexpr = False):
     """x @ (H_D / sqrt(D)) for the float32 half tiles x = [x1, x2] (R, D/2), the rows rounded to ``dtype`` (the
     input dtype; float32: no rounding) first. Sylvester: H_D = [[H, H], [H, -H]] with H = H_{D/2}, so x @ H_D =
     [x1 @ H + x2 @ H, x1 @ H - x2 @ H]. Each x_i @ H by the fast Walsh-Hadamard transform (`_fwht`): the
     products with +-1 are exact and, for rows whose values span fewer than ~16 binades, so is every float32
     partial sum, so the result is the reference's (`reference._rotate`: x rounded, then a float32 matmul) bit
-    for bit; otherwise they differ in summation order only. HADAMARD_BY_DOT: two half-size tl.dot instead."""
-    if HADAMARD_BY_DOT:
+    for bit; otherwise they differ in summation order only. BY_DOT (a call site's choice) or HADAMARD_BY_DOT
+    (every call site): two half-size tl.dot against the sign matrix instead."""
+    if BY_DOT or HADAMARD_BY_DOT:
         signs = _sign_matrix(x1.shape[1], dtype)
         p = _dot_signs(x1, signs)
         r = _dot_signs(x2, signs)

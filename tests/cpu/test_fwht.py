@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from hf_fp8_attention.quantization import hadamard_matrix
-from hf_fp8_attention.quantization.tile_math import HADAMARD_BY_DOT, _fwht, _hadamard
+from hf_fp8_attention.quantization.tile_math import HADAMARD_DOT_FORM, _fwht, _hadamard
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -19,13 +19,15 @@ def _fwht_kernel(x_ptr, y_ptr, R: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, y_ptr, R: tl.constexpr, HALF: tl.constexpr, INV_SQRT_D: tl.constexpr):
-    """x (R, 2 * HALF) bf16 -> float32 x @ H_D / sqrt(D) through the half tiles, as the quantize kernels call it."""
+def _hadamard_kernel(x_ptr, y_ptr, R: tl.constexpr, HALF: tl.constexpr, INV_SQRT_D: tl.constexpr,
+                     DTYPE: tl.constexpr):
+    """x (R, 2 * HALF) -> float32 x @ H_D / sqrt(D) through the half tiles, the rows rounded to DTYPE first, as
+    the quantize kernels call it (with their input dtype)."""
     rows = tl.arange(0, R)[:, None] * (2 * HALF)
     cols = tl.arange(0, HALF)[None, :]
     x1 = tl.load(x_ptr + rows + cols).to(tl.float32)
     x2 = tl.load(x_ptr + rows + cols + HALF).to(tl.float32)
-    y1, y2 = _hadamard(x1, x2, x_ptr.dtype.element_ty, INV_SQRT_D)
+    y1, y2 = _hadamard(x1, x2, DTYPE, INV_SQRT_D)
     tl.store(y_ptr + rows + cols, y1)
     tl.store(y_ptr + rows + cols + HALF, y2)
 
@@ -46,14 +48,20 @@ def test_fwht_equals_the_sign_matrix_product(n):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
+@pytest.mark.skipif(HADAMARD_DOT_FORM, reason="HF_FP8_ATTENTION_HADAMARD=dot: the interpreter's bf16 dots are wrong")
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_hadamard_halves_equal_the_reference_rotation(d):
-    """bf16 rows through the half tiles: x @ H_D / sqrt(D), the sums in float32. The rows' values are multiples
-    of 1/16 below 8 (8 significant bits, 7 binades), so every partial sum is exact in float32 and the result is
-    the exact product rounded once, bit for bit."""
-    assert not HADAMARD_BY_DOT  # the default form (HF_FP8_ATTENTION_HADAMARD unset)
-    x = (torch.randint(-127, 128, (16, d), generator=torch.Generator().manual_seed(d)) / 16).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hadamard_halves_equal_the_reference_rotation(d, dtype):
+    """Rows through the half tiles, rounded to bf16 first (the rotation's ``dtype`` argument), then x @ H_D /
+    sqrt(D) with float32 sums. bf16 rows hold multiples of 1/16 below 8; float32 rows the same plus 1/4096,
+    off the bf16 grid, so that the rounding is exercised. Either way the rounded values have 8 significant bits
+    over 7 binades, every partial sum is exact in float32, and the result is the exact product of the
+    bf16-rounded rows rounded once, bit for bit."""
+    ints = torch.randint(-127, 128, (16, d), generator=torch.Generator().manual_seed(d)) / 16
+    x = ints.to(dtype) if dtype == torch.bfloat16 else ints + 2.0**-12
     y = torch.empty(16, d)
-    _hadamard_kernel[(1,)](x, y, R=16, HALF=d // 2, INV_SQRT_D=d**-0.5)
-    ref = (x.double() @ _signs(d)).float() * d**-0.5  # exact sums, rounded once to float32, as the kernel's
+    _hadamard_kernel[(1,)](x, y, R=16, HALF=d // 2, INV_SQRT_D=d**-0.5, DTYPE=tl.bfloat16)
+    rounded = x.to(torch.bfloat16).double()
+    assert dtype == torch.bfloat16 or not torch.equal(rounded, x.double())  # the float32 rows do get rounded
+    ref = (rounded @ _signs(d)).float() * d**-0.5  # exact sums, rounded once to float32, as the kernel's
     assert torch.equal(y, ref)

@@ -217,7 +217,7 @@ def test_schedule_items_and_lag():
 
 # ---------------------------------------------------------------- fused accuracy modes ~= reference
 
-# Hadamard and smoothing change summation orders (tl.dot; the rows' norms; chunked float64 means), so a
+# Hadamard and smoothing change summation orders (the rotation's sums; the rows' norms; chunked float64 means), so a
 # result near an e4m3 rounding boundary may land one ulp away. Tolerances: at most this fraction of the fp8
 # values of a tensor one ulp off (none further), and descales to 1e-6 relative; rotated tensors' descales
 # (powers of two / 448 from the norm bound, equal unless a norm sits within an ulp of a power of two) keep

@@ -1,8 +1,8 @@
 """v_scales='block': one V scale per V_SCALE_BLOCK (128) tokens of one KV head, with per-block Q/K scales.
 
 The single-pass quantize kernel (interpreted on CPU) equals the reference bit for bit (codes and every block
-descale; up to tl.dot's order with Hadamard), the triton attention kernel with V block descales tracks the
-reference backend (one descale per key tile, splits included), V block scales gain where one token of V is
+descale; up to the rotation's summation order with Hadamard), the triton attention kernel with V block
+descales tracks the reference backend (one descale per key tile, splits included), V block scales gain where one token of V is
 huge and lose nothing on Gaussian inputs (float64 exact attention, short and long context), and the option is
 refused where it cannot run."""
 
@@ -111,7 +111,7 @@ def test_qk_rope_kernel_matches_reference(tile, B, H_q, H_kv, S, D, extra, monke
     for v_keys in (False, True):
         got = quantize_qkv_fp8(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
         ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=options, v_keys_contiguous=v_keys)
-        if options.rotates_qk:  # tl.dot's summation order: at most one e4m3 ulp, as the single-pass kernel
+        if options.rotates_qk:  # the rotation's summation order: at most one e4m3 ulp, as the single-pass kernel
             for n in "qkv" if options.rotates_v else "qk":
                 ulp = (_ordinal(getattr(got, n)) - _ordinal(getattr(ref, n))).abs()
                 assert int(ulp.max()) <= 1 and int((ulp > 0).sum()) <= 0.01 * ulp.numel(), n
@@ -189,7 +189,7 @@ def test_qk_rope_kernel_varlen(D):
 @kernel_test
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_single_pass_kernel_hadamard_varlen_and_nonfinite():
-    # Hadamard on q/k/v: the same codes up to tl.dot's summation order (at most one e4m3 ulp)
+    # Hadamard on q/k/v: the same codes up to the rotation's summation order (at most one e4m3 ulp)
     q, k, v = make_qkv(1, 4, 2, 150, 150, 128, torch.bfloat16, seed=4)
     options = FP8AttentionOptions(hadamard="qkv", qk_scales="block", v_scales="block")
     got, ref = (f(q, k, v, options=options) for f in (quantize_qkv_fp8, quantize_qkv_fp8_reference))

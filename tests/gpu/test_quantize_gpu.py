@@ -4,7 +4,7 @@ The kernels are compiled with enable_fp_fusion=False, so the RoPE mul/mul/add sh
 torch reference; still, at most one fp8 ulp is tolerated on a tiny fraction of RoPE elements in case the
 backend contracts anyway. Descales must be identical, and inputs without RoPE bit-identical.
 
-Fused accuracy modes (hadamard, smooth_k, smooth_v) change the fp32 summation order (tl.dot, tile-wise
+Fused accuracy modes (hadamard, smooth_k, smooth_v) change the fp32 summation order (the rotation's sums, tile-wise
 means): at most MODES_ULP_FRACTION of a tensor's fp8 values one ulp off, descales to 1e-6 relative (1e-4
 for RoPE-rotated Hadamard tensors, whose fp32 values enter the dot as bf16 hi + lo), as in the CPU tests.
 
@@ -281,7 +281,7 @@ def test_keys_contiguous_v_gpu(S, rope, quantize_path):
 @pytest.mark.parametrize("mode", ["rope+qk", "rope", "none", "qk+smooth_v"])
 def test_split_path_equals_persistent_gpu(monkeypatch, mode):
     """The split path (two launches) against the persistent two-pass kernel on a Llama-8B-like prefill (GQA 32/8,
-    16k): the same descales and codes, bit for bit but for tl.dot's summation order with Hadamard (then at most
+    16k): the same descales and codes, bit for bit but for the rotation's summation order with Hadamard (then at most
     one ulp on MODES_ULP_FRACTION of a tensor's codes) and smooth_v's add-back; twice (a race in the amax
     merge would show as a difference between calls)."""
     q, k, v = make_qkv(1, 32, 8, 16384, 16384, 128, torch.bfloat16, seed=7)
