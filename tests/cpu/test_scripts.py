@@ -488,6 +488,41 @@ def test_bench_sdpa_host_rows(monkeypatch):
     assert bench_sdpa.parse_args(["--host"]).host and not bench_sdpa.parse_args([]).host
 
 
+def test_bench_sdpa_host_profile(monkeypatch):
+    """--host-profile: each implementation's profile (its own loop of HOST_CALLS + 1 calls) as a table of us per
+    call with the function that did the work in it; refused without --host."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def busy():
+        return sum(i * i for i in range(2000))
+
+    calls = []
+    ok = bench_sdpa.Candidate("fp8_fa3", lambda: calls.append(busy()), mode="none")
+    profiles = []
+    monkeypatch.setattr(bench_sdpa._common, "graph_ms", lambda fn, device: 0.5)
+    bench_sdpa.host_rows({"fp8_fa3": (ok, 1.0)}, dict(S=4096, causal=True, D=128), profiles)
+    assert len(calls) == 2 * (bench_sdpa.HOST_CALLS + 1)  # host_us's loop, then the profiled one
+    (text,) = profiles
+    lines = text.splitlines()
+    assert lines[0].startswith("## fp8_fa3") and f"{bench_sdpa.HOST_CALLS + 1} calls" in lines[0]
+    assert lines[1] == "| own us | cumulative us | calls per call | function |"
+    rows = [line for line in lines[3:] if line.startswith("| ")]
+    assert 0 < len(rows) <= bench_sdpa.HOST_PROFILE_TOP
+    busy_row = next(r for r in rows if " busy" in r)
+    own, cum, per_call = (float(c) for c in busy_row.split("|")[1:4])
+    assert per_call == 1.0 and 0 < own <= cum  # called once per call, its time counted
+    assert bench_sdpa.parse_args(["--host", "--host-profile", "p.txt"]).host_profile == "p.txt"
+
+
+def test_bench_sdpa_host_profile_needs_host(capsys):
+    _expect_usage_error(bench_sdpa.parse_args, ["--host-profile", "p.txt"], capsys, match="--host")
+
+
+def test_bench_quantize_kernel_times_args():
+    assert bench_quantize.parse_args(["--kernel-times"]).kernel_times
+    assert not bench_quantize.parse_args([]).kernel_times
+
+
 @pytest.mark.parametrize(
     "argv",
     [
