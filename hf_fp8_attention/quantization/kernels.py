@@ -37,8 +37,9 @@ Accuracy modes, in the reference's order RoPE -> centring -> Hadamard -> amax:
   Gaussian V's output from 23 dB at 8k to 0.4 dB at 64k.
 - Hadamard (HADAMARD_QK / HADAMARD_V) multiplies the tile by the normalised Sylvester matrix in P2 only
   (`tile_math._hadamard`: a fast Walsh-Hadamard transform per half tile, then the stage joining the halves),
-  the (centred) rows rounded to the input dtype first so that the products with +-1 are exact. P1 does not rotate for the group amax: that of a rotated tensor is the
-  power-of-two ceiling of max_row min(||x||_2, ||x||_1 / sqrt(D)) >= max |x H| (`tile_math._pow2_norm_bound`),
+  the (centred) rows rounded to the input dtype first so that the products with +-1 are exact. P1 does not
+  rotate for the group amax: that of a rotated tensor is the power-of-two ceiling of
+  max_row min(||x||_2, ||x||_1 / sqrt(D)) >= max |x H| (`tile_math._pow2_norm_bound`),
   so P1 costs two row reductions, not a matmul. For near-Gaussian rows this is ~3-6x the true amax of the
   rotated row (~2^2-2^3); e4m3 is a float format, so that moves the values' exponents, not their relative
   precision, and the smallest elements that become subnormal carry ~1e-4 of the energy. (||x||_2 alone was

@@ -189,9 +189,9 @@ def quantize_qkv_fp8(
         k_descale, v_descale (B, H_kv) float32 (views of one (3, B, H_kv) buffer); v_mean (B, H_kv, D)
         float32 with smooth_v (V's centring offset, before any rotation). Identical to
         `quantize_qkv_fp8_reference` but for summation orders: the float64 sums of the offsets and, with
-        hadamard, the rotation's sums and the rows' squared norms. These change bits only for rows whose values span more
-        than ~16 binades or a squared norm within an ulp of a power of two: then a few fp8 values may be
-        one ulp apart.
+        hadamard, the rotation's sums and the rows' squared norms. These change bits only for rows whose values
+        span more than ~16 binades or a squared norm within an ulp of a power of two: then a few fp8 values may
+        be one ulp apart.
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;

@@ -102,8 +102,8 @@ def _butterfly(x, S: tl.constexpr):
 
 @triton.jit
 def _fwht(x):
-    """x (R, N) float32 @ H_N (Sylvester signs, not normalised), N a power of two <= 256: log2(N) butterfly stages,
-    N log2(N) additions per row instead of tl.dot's N^2 multiply-adds."""
+    """x (R, N) float32 @ H_N (Sylvester signs, not normalised), N a power of two <= 256: log2(N) butterfly
+    stages, N log2(N) additions per row instead of tl.dot's N^2 multiply-adds."""
     N: tl.constexpr = x.shape[1]
     tl.static_assert(N <= 256 and (N & (N - 1)) == 0, "the fast Walsh-Hadamard transform wants N = 2^k <= 256")
     for i in tl.static_range(8):  # stride 2^i while it is below N (unrolled at compile time)
