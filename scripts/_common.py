@@ -181,6 +181,18 @@ class GraphCaptureError(RuntimeError):
     """``fn`` ran eagerly but could not be captured in a CUDA graph."""
 
 
+def cuda_kernel_times(prof) -> list[tuple[str, float]]:
+    """(name, microseconds) of each CUDA kernel a finished `torch.profiler.profile` recorded (its `device_time`;
+    older torch names it `cuda_time`)."""
+    out = []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "device_time", None)
+        out.append((e.name, e.cuda_time if us is None else us))
+    return out
+
+
 def graph_ms(fn, device, replays: int = 5) -> float:
     """GPU ms of one ``fn()`` from CUDA-graph replays: GRAPH_CALLS calls captured in one graph, each after a
     256 MB memset (L2 flushed, as do_bench does), the median replay time minus that of a graph of the

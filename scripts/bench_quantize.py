@@ -54,6 +54,7 @@ import argparse
 import datetime
 import importlib
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -62,6 +63,9 @@ import torch
 
 from hf_fp8_attention._constants import SCALE_BLOCK, V_SCALE_BLOCK, k_scale_block
 from hf_fp8_attention._intmath import cdiv, next_power_of_2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def _rope_tile(text: str) -> tuple[int, int, int, bool, bool, int]:
@@ -194,8 +198,6 @@ TIMING = "eager"
 
 def device_ms(fn, inputs, rep_ms):
     if TIMING == "graph":
-        import _common
-
         return _common.graph_ms(lambda: fn(*inputs), inputs[0].device)
     import triton.testing
 
@@ -631,12 +633,10 @@ def kernel_times(args):
                         qkv.quantize_qkv_fp8(*inputs, options=kw)
                     torch.cuda.synchronize()
                 per_kernel: dict = {}
-                for e in prof.events():
-                    if e.device_type == torch.autograd.DeviceType.CUDA:
-                        us = getattr(e, "device_time", None)
-                        n_us = per_kernel.setdefault(e.name, [0, 0.0])
-                        n_us[0] += 1
-                        n_us[1] += e.cuda_time if us is None else us
+                for kname, us in _common.cuda_kernel_times(prof):
+                    n_us = per_kernel.setdefault(kname, [0, 0.0])
+                    n_us[0] += 1
+                    n_us[1] += us
                 for kname, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
                     print(f"| {heads} | {S} | {name} | {kname[:60]} | {n / KERNEL_CALLS:.0f} "
                           f"| {us / KERNEL_CALLS:.1f} |")

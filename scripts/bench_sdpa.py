@@ -27,8 +27,9 @@ replays (`_common.graph_ms`, L2 flushed; "not capturable" with the reason otherw
 
     python scripts/bench_sdpa.py --seqlens 4096 --causal yes --modes none qk --impls "FA3 bf16" fp8_fa3 --host
 
-``--host-profile FILE`` (with ``--host``): a cProfile of each implementation's host loop, written to FILE
-(functions by own time and by cumulative time, `HOST_PROFILE_TOP` each), to see where a call's host time goes.
+``--host-profile FILE`` (with ``--host``): a cProfile of each implementation's host loop, written to FILE (the
+`HOST_PROFILE_TOP` functions with the most own time, µs per call own and cumulative), to see where a call's host
+time goes.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def host_us(fn) -> float:
     return elapsed / HOST_CALLS * 1e6
 
 
-HOST_PROFILE_TOP = 40  # functions listed per sort order in --host-profile's file
+HOST_PROFILE_TOP = 40  # functions listed per implementation in --host-profile's file
 
 
 def host_profile(fn, title: str) -> str:

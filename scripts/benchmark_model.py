@@ -332,14 +332,7 @@ def profile_prefill(model, ids: torch.Tensor) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         prefill(model, ids)
         _sync(ids.device)
-    kernels = []
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = getattr(e, "device_time", None)
-        if us is None:  # older torch names it after CUDA
-            us = e.cuda_time
-        kernels.append((e.name, us))
+    kernels = _common.cuda_kernel_times(prof)
     if not kernels:
         raise RuntimeError("the profiler recorded no CUDA kernel")
     return kernel_ms_by_category(kernels)

@@ -114,8 +114,7 @@ def _fwht(x):
 
 # `_hadamard` by tl.dot against the sign matrix (the form before session 24) instead of the fast transform:
 # HF_FP8_ATTENTION_HADAMARD=dot, read at import (benchmarks time both, in separate processes).
-HADAMARD_DOT_FORM = os.environ.get("HF_FP8_ATTENTION_HADAMARD", "fwht") == "dot"
-HADAMARD_BY_DOT = tl.constexpr(HADAMARD_DOT_FORM)
+HADAMARD_BY_DOT = tl.constexpr(os.environ.get("HF_FP8_ATTENTION_HADAMARD", "fwht") == "dot")
 
 
 @triton.jit

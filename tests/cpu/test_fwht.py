@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from hf_fp8_attention.quantization import hadamard_matrix
-from hf_fp8_attention.quantization.tile_math import HADAMARD_DOT_FORM, _fwht, _hadamard
+from hf_fp8_attention.quantization.tile_math import HADAMARD_BY_DOT, _fwht, _hadamard
 
 ON_CUDA = torch.cuda.is_available()
 
@@ -48,7 +48,7 @@ def test_fwht_equals_the_sign_matrix_product(n):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
-@pytest.mark.skipif(HADAMARD_DOT_FORM, reason="HF_FP8_ATTENTION_HADAMARD=dot: the interpreter's bf16 dots are wrong")
+@pytest.mark.skipif(HADAMARD_BY_DOT.value, reason="HF_FP8_ATTENTION_HADAMARD=dot: the interpreter's bf16 dots are wrong")
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hadamard_halves_equal_the_reference_rotation(d, dtype):

@@ -389,6 +389,17 @@ def test_bench_model_profile_table():
     assert lines[3].split("|")[-2].strip() == f"{6.0 / 4.3:.2f}x"  # 6.0 ms / (4.0 + 0.3) ms
 
 
+def test_cuda_kernel_times():
+    """The profiler's CUDA kernels with their device time (cuda_time where device_time is missing); CPU events
+    are not kernels."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda name, kind, **t: type("E", (), dict(name=name, device_type=kind, **t))()  # noqa: E731
+    prof = type("P", (), {"events": lambda self: [event("gemm", cuda, device_time=5.0),
+                                                  event("aten::mm", cpu, device_time=9.0),
+                                                  event("old_torch_kernel", cuda, cuda_time=2.0)]})()
+    assert common.cuda_kernel_times(prof) == [("gemm", 5.0), ("old_torch_kernel", 2.0)]
+
+
 def test_bench_model_defaults():
     args = bench_model.parse_args(["--tiny", "--device", "cpu"])
     assert args.seqlens == [4096, 8192, 16384, 32768, 65536, 131072]
