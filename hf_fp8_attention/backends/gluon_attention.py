@@ -48,7 +48,8 @@ import functools
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 # the TMA global -> shared copy: `async_copy_global_to_shared` in triton 3.6 (the H200's), renamed `async_load`
@@ -80,12 +81,14 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 
 @gluon.jit
 def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
-             s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
+             s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr,
+             ROWSUM_MMA: gl.constexpr = False):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
     every 16 (`wgmma_key_order`; a probe option, measured and not adopted), so P's columns are relabelled to
     match: the score accumulator's registers then already sit where the A operand wants them (a register
-    renaming; otherwise the layout conversion moves them between threads with shuffles and selects)."""
+    renaming; otherwise the layout conversion moves them between threads with shuffles and selects).
+    ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
@@ -96,7 +99,8 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
         m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
         p = gl.exp2(qk * qk_scale - (m_new - 8.0)[:, None])
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    if not ROWSUM_MMA:
+        l_i = l_i * alpha + gl.sum(p, 1)
     p8 = p.to(gl.float8e4nv)
     if V_WGMMA_ORDER:  # column bits (b3 b2 b1 b0) -> (b2 b1 b3 b0): the key at position k of V's 16-key group
         R: gl.constexpr = p8.shape[0]
@@ -124,16 +128,20 @@ def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, qk_scale,
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
+                  o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None, r_zero=None,
+                  ROWSUM_MMA: gl.constexpr = False):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
     overlap with one score tile less in flight, the registers that two-level accumulation needs), P.V_j's
     group waited for alone (groups complete in order), its result added to the float32 accumulator
     (two-level accumulation) and the slot released while block j + 1's scores are still computing:
-    (acc, l_i, the new max, block j + 1's scores)."""
+    (acc, l_i, the new max, block j + 1's scores). ROWSUM_MMA: the row sums of P come from a third MMA, P times
+    a column block of ones (`ones_smem`, (8, BLOCK_N) e4m3, read as (BLOCK_N, 8)), issued after P.V and waited
+    for with it: l_i is then (rows, 8), every column the row's sum, and the softmax has no additions and no
+    shuffles for it."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
-                                     V_WGMMA_ORDER)
+                                     V_WGMMA_ORDER, ROWSUM_MMA)
     it = it0 + j
     slot = it % STAGES
     mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
@@ -141,17 +149,27 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
         mbarrier.wait(k_ready.index((it + 1) % STAGES), ((it + 1) // STAGES) & 1)
     _turn_wait(turn, g0 + j + 1, C, PINGPONG)
     pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    if ROWSUM_MMA:
+        rs = warpgroup_mma(p8, ones_smem.permute((1, 0)), r_zero, use_acc=False, is_async=True)
     if NEXT:
         qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
         _turn_pass(turn, C, PINGPONG)
-        pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv, ))  # groups finish in order: P.V_j is done
+        if ROWSUM_MMA:
+            pv, rs = warpgroup_mma_wait(num_outstanding=1, deps=(pv, rs))
+        else:
+            pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv, ))  # groups finish in order: P.V_j is done
     else:
         _turn_pass(turn, C, PINGPONG)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        if ROWSUM_MMA:
+            pv, rs = warpgroup_mma_wait(num_outstanding=0, deps=(pv, rs))
+        else:
+            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         qk_next = qk
     mbarrier.arrive(kv_empty.index(slot), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
+    if ROWSUM_MMA:
+        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, r_zero.type.layout))[:, None] + rs
     if NEXT:
         qk_next = warpgroup_mma_wait(num_outstanding=0, deps=(qk_next, ))
     return acc, l_i, m_new, qk_next
@@ -161,7 +179,8 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
 def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0, g0, Out, o_base, stride_os, h_col,
                   m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
-                  C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
+                  C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
+                  ROWSUM_MMA: gl.constexpr = False):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -176,10 +195,17 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
     else:
         row_limit = gl.zeros([BLOCK_M], gl.int32, gl.SliceLayout(1, s_layout)) + (S_kv - 1)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    if ROWSUM_MMA:  # the row sums as the (BLOCK_M, 8) accumulator of P times ones (`_attend_block`)
+        r_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, 8, 32])
+        r_zero = gl.zeros([BLOCK_M, 8], gl.float32, r_layout)
+        l_i = r_zero
+    else:
+        r_zero = s_zero  # unused
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     mbarrier.wait(k_ready.index(it0 % STAGES), (it0 // STAGES) & 1)  # n_blocks >= 1: every row sees a key
     _turn_wait(turn, g0, C, PINGPONG)
     qk = warpgroup_mma(q_smem, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -190,14 +216,19 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
     for j in range(0, n_unmasked):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                          False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                          False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
+                                          r_zero, ROWSUM_MMA)
     for j in range(n_unmasked, last):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
-                                          True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                          True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
+                                          r_zero, ROWSUM_MMA)
     acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                       kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
-                                      False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER)
+                                      False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem, r_zero,
+                                      ROWSUM_MMA)
+    if ROWSUM_MMA:
+        l_i = gl.max(l_i, 1)  # (its 8 columns are equal)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -390,7 +421,8 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          S_kv, sm_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
-                         PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr):
+                         PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
+                         ROWSUM_MMA: gl.constexpr = False):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
@@ -408,7 +440,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
-                      PINGPONG, V_WGMMA_ORDER)
+                      PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA)
         mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
@@ -421,14 +453,16 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
-                                         PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False):
+                                         PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
+                                         ROWSUM_MMA: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`).
     Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
-    during the previous tile."""
+    during the previous tile. ROWSUM_MMA: the consumers take the row sums of P from an MMA with a block of ones
+    (`_attend_block`), written to shared memory here once."""
     q_smem = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
     k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_smem = gl.allocate_shared_memory(desc_vt.dtype, [STAGES] + desc_vt.block_type.shape, desc_vt.layout)
@@ -438,6 +472,14 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    if ROWSUM_MMA:  # P.V's B operand shape for the row sums: (8, BLOCK_N) ones, keys contiguous like V's tiles
+        ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N],
+                                              gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
+        ones_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NUM_WARPS, 1], [1, 0])
+        ones_smem.store(gl.full([8, BLOCK_N], 1.0, gl.float32, ones_layout).to(gl.float8e4nv))
+        fence_async_shared()
+    else:
+        ones_smem = turn  # unused
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
@@ -457,7 +499,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
+                                    ROWSUM_MMA)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -467,14 +510,16 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
+                                    ROWSUM_MMA)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
-                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER)),
+                                    BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
+                                    ROWSUM_MMA)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -574,7 +619,7 @@ def wgmma_key_order(v):
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
-                        v_wgmma_order: bool = False, heads_fastest: bool | None = None):
+                        v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -582,7 +627,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
     (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
     kernel then relabels P instead of moving it between threads); heads_fastest (persistent, causal): the tile
-    order (`_tile`), None: `persistent_heads_fastest`."""
+    order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
+    (`_attend_block`'s ROWSUM_MMA)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -599,6 +645,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"needs at least 2 stages, got {stages}")
     if pingpong and consumers != 2:
         problems.append("pingpong needs 2 consumers")
+    if rowsum_mma and not persistent:
+        problems.append("rowsum_mma is built into the persistent kernel only")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v
@@ -628,7 +676,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         grid = (min(n_tiles, _num_sms(q.device.index or 0)),)
         if heads_fastest is None:
             heads_fastest = persistent_heads_fastest(k, is_causal)
-        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, int(heads_fastest), **meta)
+        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, int(heads_fastest),
+                                                   ROWSUM_MMA=bool(rowsum_mma), **meta)
     else:
         fp8_attn_fwd_gluon_kernel[(n_m, B * H_q)](*args, **meta)
     return out
