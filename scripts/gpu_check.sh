@@ -66,6 +66,9 @@
 #   bash scripts/gpu_check.sh --retune   # the speed table re-measured (tune_dispatch, $OUT/sm90.{json,md}; commit the
 #                                        # json as hf_fp8_attention/tables/sm90.json), one layer GQA 32/8 (fp8_fa3, modes
 #                                        # none and qk, 8k-64k), host time at 4k with its profile, the randomized GPU tests
+#   bash scripts/gpu_check.sh --rowsum   # the Gluon kernel's row sums by MMA (its default since session 25): its GPU
+#                                        # tests, the Triton backend's and the CUDA-graph replays, bench_sdpa's
+#                                        # kernels alone (GQA 32/8, 16k/64k, 2 rounds), ROWSUM_PROBES: probe_ws A/B
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -449,6 +452,23 @@ elif [ "$mode" = "--split" ]; then  # session 22: per-(batch, KV head) scales th
   [ "${SPLIT_SDPA:-0}" = 1 ] && step split_sdpa timeout 240 python3 scripts/bench_sdpa.py --kv-heads 8 \
     --seqlens 4096 16384 65536 --causal both --modes none qk --sqnr-ref off --rep-ms 100 \
     --impls "FA3" fp8_fa3 "quantize only" --json "$out/split_sdpa.json"
+elif [ "$mode" = "--rowsum" ]; then  # session 25: the Gluon kernel's row sums by MMA (the default persistent build):
+  # its GPU tests against the build that sums in the softmax, the Triton backend's GPU tests and the CUDA-graph
+  # replays through it (ROWSUM_TESTS=0: not), then bench_sdpa's kernels alone and end to end (GQA 32/8, D=128,
+  # ROWSUM_SEQLENS default 16k 64k, causal both, 2 rounds) and probe_ws A/B at ROWSUM_PROBES ("S causal|...")
+  [ "${ROWSUM_TESTS:-1}" = 1 ] && step rowsum_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/gpu/test_gluon_gpu.py tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py \
+    tests/gpu/test_cuda_graphs_gpu.py -k "${ROWSUM_TESTS_K:-gluon or triton or long or replays}"
+  step rowsum_sdpa timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${ROWSUM_SEQLENS:-16384 65536} \
+    --causal both --rounds 2 --modes none --sqnr-ref off --rep-ms 150 \
+    --impls "FA3" "FA3 fp8 kernel only" "triton fp8 kernel only" fp8_triton --json "$out/rowsum_sdpa.json"
+  IFS='|' read -ra probes <<< "${ROWSUM_PROBES-}"
+  for p in "${probes[@]}"; do
+    read -r s c <<< "$p"
+    timeout 90 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --rowsum-mma 1 \
+      --bench 1 --config 128,128,4,2 --heads 32 --kv-heads 8 --seq "$s" --causal "$c" 2>&1 | grep -v Warn \
+      | tee -a "$out/rowsum_probe.log"
+  done
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

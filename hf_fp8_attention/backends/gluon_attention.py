@@ -150,7 +150,9 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     _turn_wait(turn, g0 + j + 1, C, PINGPONG)
     pv = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
     if ROWSUM_MMA:
-        rs = warpgroup_mma(p8, ones_smem.permute((1, 0)), r_zero, use_acc=False, is_async=True)
+        # (P as the A operand of this MMA's own layout: the same registers, no data moves)
+        p8_r = gl.convert_layout(p8, gl.DotOperandLayout(operand_index=0, parent=r_zero.type.layout, k_width=4))
+        rs = warpgroup_mma(p8_r, ones_smem.permute((1, 0)), r_zero, use_acc=False, is_async=True)
     if NEXT:
         qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
@@ -476,7 +478,9 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
         ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N],
                                               gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
         ones_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NUM_WARPS, 1], [1, 0])
-        ones_smem.store(gl.full([8, BLOCK_N], 1.0, gl.float32, ones_layout).to(gl.float8e4nv))
+        # e4m3 1.0 is the byte 0x38, bitcast: a cast of a float32 splat gave zeros in half the bytes (H200,
+        # triton 3.6)
+        ones_smem.store(gl.full([8, BLOCK_N], 0x38, gl.uint8, ones_layout).to(gl.float8e4nv, bitcast=True))
         fence_async_shared()
     else:
         ones_smem = turn  # unused

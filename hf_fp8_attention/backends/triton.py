@@ -44,9 +44,17 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (`gluon_unavailable`): with an older triton auto keeps the Triton kernel and a gluon* value is an error.
 KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
+# Since session 25 the persistent build takes the row sums of P from an MMA with a block of ones
+# (`gluon_attention._attend_block`'s ROWSUM_MMA): H200, probe_ws A/B in the same processes
+# (docs/results/gluon_rowsum_mma_h200_s25.log), GQA 32/8, D=128: non-causal 1.02x at 16k and 1.06x at 64k,
+# causal 1.00x at 16k and 64k, 0.98-1.01x at 4k; 46-54 dB against the build without, the same SQNR against
+# float32 (26.4 dB at 4k causal) or higher with a V channel offset of 4 (52.2 vs 50.4 dB). "gluon-pp-persistent-
+# alu-sums" keeps the sums in the softmax (sessions 20-24).
+_GLUON_PP_PERSISTENT = dict(_GLUON_2C, pingpong=True, persistent=True)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
-            "gluon-pp-persistent": dict(_GLUON_2C, pingpong=True, persistent=True)}
+            "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
+            "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch

@@ -27,12 +27,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from hf_fp8_attention.backends import gluon_attention as G
 
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
-pingpong, v_order = sys.argv[5] == "1", sys.argv[6] == "1"
+pingpong, v_order, rowsum = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order)
+          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order, **({"ROWSUM_MMA": rowsum} if persistent else {}))
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
@@ -45,7 +45,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False):
+def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, rowsum_mma=False):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -55,7 +55,7 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
     flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
-             "1" if v_order else "0"]
+             "1" if v_order else "0", "1" if rowsum_mma else "0"]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -92,6 +92,20 @@ def test_wgmma_key_order_moves_no_p_between_threads(causal, persistent):
     relabelled = _compile_sm90(128, causal, 2, persistent, True, v_order=True)
     shuffles = [k["ptx"].count("shfl.sync") for k in (natural, relabelled)]
     assert shuffles[1] < shuffles[0], shuffles
+
+
+@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
+@pytest.mark.parametrize("causal", [False, True])
+def test_rowsum_mma_build_sums_rows_on_the_tensor_cores(causal):
+    """ROWSUM_MMA (the default persistent build): P's row sums come from an m64n8k32 wgmma against the ones
+    tile, so the build has those MMAs, fewer warp shuffles (the row-sum reduction is gone; the row max's stays)
+    and fewer float additions than the build that sums in the softmax, and its shared memory still fits an SM."""
+    alu = _compile_sm90(128, causal, 2, True, True)
+    mma = _compile_sm90(128, causal, 2, True, True, rowsum_mma=True)
+    assert "m64n8k32" in mma["ptx"] and "m64n8k32" not in alu["ptx"]
+    for op in ("shfl.sync", "add.f32"):
+        assert mma["ptx"].count(op) < alu["ptx"].count(op), op
+    assert mma["shared"] <= 227 * 1024
 
 
 def _accumulator_cols(q):
@@ -264,6 +278,11 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent")
     triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
     assert len(calls) == 1 and calls[0][1]["persistent"] is True and calls[0][1]["pingpong"] is True
+    assert calls[0][1]["rowsum_mma"] is True
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent-alu-sums")
+    triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
+    assert len(calls) == 2 and calls[1][1]["persistent"] is True and "rowsum_mma" not in calls[1][1]
+    calls.pop()
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
     triton_backend._launch(plain128, True, 0.125, torch.bfloat16)
     assert len(calls) == 2 and "persistent" not in calls[1][1]

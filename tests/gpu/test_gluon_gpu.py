@@ -1,0 +1,50 @@
+"""The Gluon kernel's row sums by MMA (`gluon_attention._attend_block`'s ROWSUM_MMA, the default persistent build)
+against the build that sums P in the softmax, on the GPU: the same attention to fp8 rounding, no worse against
+float32 attention, with and without a V channel offset (where the sums' consistency with the e4m3 P matters),
+causal and not, GQA with a key tail inside the last block."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_fp8_attention.metrics import sqnr_db
+from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import quantize_qkv_fp8
+
+
+def _hopper_gluon() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    return triton_backend.gluon_unavailable() is None
+
+
+pytestmark = pytest.mark.skipif(not _hopper_gluon(), reason="needs a Hopper GPU and a triton that builds Gluon")
+
+
+@pytest.mark.parametrize("S", [1040, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("v_offset", [0.0, 4.0])
+def test_rowsum_mma_matches_softmax_sums(S, causal, v_offset):
+    from hf_fp8_attention.backends import gluon_attention
+
+    torch.manual_seed(7)
+    B, H, H_kv, D = 1, 8, 2, 128
+    q, k = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv))
+    v = torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) + v_offset
+    qkv = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
+    kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.float32, config=(128, 128, 4, 2), consumers=2,
+              pingpong=True, persistent=True)
+    by_mma = gluon_attention.gluon_fp8_attention(qkv, rowsum_mma=True, **kw)
+    in_softmax = gluon_attention.gluon_fp8_attention(qkv, **kw)
+    exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(H // H_kv, 1),
+                                           v.float().repeat_interleave(H // H_kv, 1), is_causal=causal,
+                                           scale=D**-0.5).transpose(1, 2)
+    assert torch.isfinite(by_mma).all()
+    assert sqnr_db(by_mma, in_softmax) > 40.0
+    # per row too: a row whose sum lost keys (half the ones tile zero) shows as a norm ratio far from 1
+    ratio = by_mma.norm(dim=-1) / in_softmax.norm(dim=-1)
+    assert (ratio - 1).abs().max() < 0.05, (ratio.min().item(), ratio.max().item())
+    assert sqnr_db(by_mma, exact) > sqnr_db(in_softmax, exact) - 0.5
+    assert sqnr_db(by_mma, exact) > 25.0
