@@ -552,35 +552,26 @@ def _byte_diff(a, b) -> int:
     return int(n)
 
 
-V_APART = "split, v apart"
-
-
 def split_paths(args):
     """ms and % of copy of the per-head-scale modes through the persistent kernel and through the split path
     (`qkv._SPLIT_MIN_ELEMENTS`; --split-tiles: each of those tiles, `qkv._SPLIT_TILES`; both restored), in turns;
-    with RoPE also the split path with v in launches of its own (`qkv._SPLIT_V_WITH_QK` off: four launches
-    instead of two); the best split column's speedup over the persistent kernel, v with q/k over v apart, and
-    how many output bytes differ from the persistent kernel's (the best column's and v apart's)."""
+    the best split column's speedup and how many output bytes differ from the persistent kernel's."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES), qkv._SPLIT_V_WITH_QK)
+    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
     half = next_power_of_2(args.head_dim // 2)
     today = (saved[1].get(half, qkv._SPLIT_TILE_DEFAULT), saved[2].get(half, qkv._SPLIT_ROPE_TILE_DEFAULT))
     tiles = [(block, rope or today[1]) for block, rope in args.split_tiles or [today]]
     paths = {"persistent": None,
-             **{f"split {','.join(map(str, b))}:{','.join(map(str, r))}": (b, r) for b, r in tiles},
-             V_APART: today}
+             **{f"split {','.join(map(str, b))}:{','.join(map(str, r))}": (b, r) for b, r in tiles}}
     print(f"\nPer-(batch, KV head) scales, D={args.head_dim}: persistent two-pass kernel vs the split path (two "
-          f"launches, v with q/k; tiles rows,warps:RoPE rows,heads,warps; today's {today}, from {saved[0]} elements) "
-          f"and, with RoPE, the split path with v apart (four launches), ms (% of copy), median of {args.rounds} "
-          f"round(s) in turns")
-    print(f"| H_q/H_kv | S | mode | {' | '.join(paths)} | best split speedup | v with q/k vs apart | bytes differ |")
-    print(f"|---|---|---|{'---|' * len(paths)}---|---|---|")
+          f"launches; tiles rows,warps:RoPE rows,heads,warps; today's {today}, from {saved[0]} elements), ms (% of "
+          f"copy), median of {args.rounds} round(s) in turns")
+    print(f"| H_q/H_kv | S | mode | {' | '.join(paths)} | best split speedup | bytes differ |")
+    print(f"|---|---|---|{'---|' * len(paths)}---|---|")
 
-    def use(path):
-        tile = paths[path]
+    def use(tile):
         qkv._SPLIT_MIN_ELEMENTS = 1 << 62 if tile is None else 0
-        qkv._SPLIT_V_WITH_QK = path != V_APART
         if tile is not None:
             qkv._SPLIT_TILES[half], qkv._SPLIT_ROPE_TILES[half] = tile
 
@@ -592,31 +583,26 @@ def split_paths(args):
                 for name in args.only_modes or SPLIT_MODES:
                     rope, kw = MODES[name]
                     inputs = (q, k, v, cos, sin) if rope else (q, k, v)
-                    timed = [p for p in paths if rope or p != V_APART]  # without RoPE v apart is the same path
-                    times = {p: [] for p in timed}
+                    times = {p: [] for p in paths}
                     for _ in range(args.rounds):
-                        for path in timed:
-                            use(path)
+                        for path, tile in paths.items():
+                            use(tile)
                             ms, nbytes = _timed(qkv.quantize_qkv_fp8, q, k, v, cos, sin, name, 50)
                             times[path].append(ms)
                     ms = {p: statistics.median(t) for p, t in times.items()}
-                    best = min((p for p in timed if paths[p] is not None and p != V_APART), key=ms.get)
-                    use("persistent")
+                    best = min((p for p in paths if paths[p] is not None), key=ms.get)
+                    use(None)
                     persistent = qkv.quantize_qkv_fp8(*inputs, options=kw)
-                    differ = []
-                    for path in (best, V_APART) if rope else (best,):
-                        use(path)
-                        differ.append(str(_byte_diff(persistent, qkv.quantize_qkv_fp8(*inputs, options=kw))))
-                    cells = [f"{ms[p]:.3f} ({100 * sum(nbytes) / ms[p] / 1e6 / copy:.1f}%)" if p in ms else "-"
-                             for p in paths]
-                    apart = f"{ms[V_APART] / ms[best]:.2f}x" if V_APART in ms else "-"
+                    use(paths[best])
+                    differ = _byte_diff(persistent, qkv.quantize_qkv_fp8(*inputs, options=kw))
+                    cells = [f"{ms[p]:.3f} ({100 * sum(nbytes) / ms[p] / 1e6 / copy:.1f}%)" for p in paths]
                     print(f"| {heads} | {S} | {name} | {' | '.join(cells)} | {ms['persistent'] / ms[best]:.2f}x "
-                          f"({best}) | {apart} | {' / '.join(differ)} |", flush=True)
+                          f"({best}) | {differ} |", flush=True)
                     del persistent
                 del q, k, v, cos, sin
                 torch.cuda.empty_cache()
     finally:
-        qkv._SPLIT_MIN_ELEMENTS, qkv._SPLIT_V_WITH_QK = saved[0], saved[3]
+        qkv._SPLIT_MIN_ELEMENTS = saved[0]
         for d, old in ((qkv._SPLIT_TILES, saved[1]), (qkv._SPLIT_ROPE_TILES, saved[2])):
             d.clear()
             d.update(old)

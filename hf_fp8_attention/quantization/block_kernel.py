@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .kernels import (_block_row_scales, _centre, _group_amax, _group_scale_of, _item_setup, _load_tile, _rotate,
-                      _select3, _store_codes)
+                      _store_codes)
 from .tile_math import _amax_scales, _block_amax, _hadamard
 
 # PASS: every scale per block (one launch), or the amax / codes launch of per-(batch, KV head) scales
@@ -139,7 +139,6 @@ def qk_rope_block_kernel(
     INV_SQRT_D: tl.constexpr, SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     K_SCALE_BLOCK: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, V_KEYS_CONTIG: tl.constexpr,
     PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr, PASS: tl.constexpr = PASS_BLOCK,
-    SMOOTH_V: tl.constexpr = False, V_HEADS: tl.constexpr = False,
 ):
     """Q and K with RoPE and e4m3 per-block scales: the q/k half of `qkv_block_quantize_kernel`'s work, with
     cos/sin read once per tile of rows instead of once per head. Program (r, b, c) loads the cos/sin rows
@@ -166,12 +165,9 @@ def qk_rope_block_kernel(
     two-pass V programs do not form the launch's tail.
 
     PASS_AMAX / PASS_CODES (module docstring; amax_ptr, descale_ptr as in `qkv_block_quantize_kernel`): q and
-    k with their per-(batch, KV head) scales, in the same programs and order; the grid is N_QK. PASS_AMAX
-    merges a program's consecutive heads of one group in registers first: one atomic per group it touches, not
-    per head. V_HEADS (these passes only): v's H_KV heads continue the list of heads after k's (q, k, v), so
-    that one launch per pass does all three: v's tiles without RoPE, centred with SMOOTH_V (its means at
-    mean_ptr's V half), rotated with HADAMARD_V, stored as the other v paths do (V_KEYS_CONTIG, V_ROWS);
-    without it v goes through `qkv_block_quantize_kernel`, a launch of its own per pass."""
+    k with their per-(batch, KV head) scales, in the same programs and order; the grid is N_QK (v goes through
+    `qkv_block_quantize_kernel`). PASS_AMAX merges a program's consecutive heads of one group in registers
+    first: one atomic per group it touches, not per head."""
     tl.static_assert(ROWS % SCALE_BLOCK == 0 and ROWS % K_SCALE_BLOCK == 0, "a tile holds whole scale blocks")
     tl.static_assert(V_SCALE_BLOCK % ROWS == 0, "a V block is whole tiles")
     pid = tl.program_id(0)
@@ -186,38 +182,29 @@ def qk_rope_block_kernel(
                          stride_vb, stride_vh, stride_vs, stride_vd, FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG,
                          HADAMARD_V, INV_SQRT_D, VARLEN, V_SCALE_BLOCK, V_KEYS_CONTIG)
     else:
-        tl.static_assert(not V_HEADS or PASS != PASS_BLOCK, "v heads in the q/k list only in the split passes")
-        _qk_rope_program(pid - N_V_FIRST, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
-                         mean_ptr, cu_ptr, q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S, V_ROWS,
+        _qk_rope_program(pid - N_V_FIRST, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr,
+                         q_blk_ptr, k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
                          stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
-                         stride_vb, stride_vh, stride_vs, stride_vd,
                          stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
-                         FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, HEADS, D_CONTIG, HADAMARD_QK, HADAMARD_V, INV_SQRT_D,
-                         SMOOTH_K, SMOOTH_V, VARLEN, SCALE_BLOCK, K_SCALE_BLOCK, PREFETCH, HEADS_FASTEST,
-                         V_KEYS_CONTIG, V_HEADS, amax_ptr, descale_ptr, PASS)
+                         FP8_MAX, HEAD_DIM, HALF_BLOCK, ROWS, HEADS, D_CONTIG, HADAMARD_QK, INV_SQRT_D, SMOOTH_K,
+                         VARLEN, SCALE_BLOCK, K_SCALE_BLOCK, PREFETCH, HEADS_FASTEST, amax_ptr, descale_ptr, PASS)
 
 
 @triton.jit
 def _qk_rope_program(
-    pid, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, mean_ptr, cu_ptr, q_blk_ptr,
-    k_blk_ptr, N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S, V_ROWS,
+    pid, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, mean_ptr, cu_ptr, q_blk_ptr, k_blk_ptr,
+    N_BLK_Q, N_BLK_K, B, H_Q, H_KV, S,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_cs, stride_cd,
     stride_sb, stride_ss, stride_sd,
     FP8_MAX: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, HADAMARD_V: tl.constexpr,
-    INV_SQRT_D: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, VARLEN: tl.constexpr,
-    SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    V_KEYS_CONTIG: tl.constexpr, V_HEADS: tl.constexpr, amax_ptr, descale_ptr, PASS: tl.constexpr,
+    HEADS: tl.constexpr, D_CONTIG: tl.constexpr, HADAMARD_QK: tl.constexpr, INV_SQRT_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, VARLEN: tl.constexpr, SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_FASTEST: tl.constexpr, amax_ptr, descale_ptr, PASS: tl.constexpr,
 ):
-    """Program `pid` of `qk_rope_block_kernel`'s q/k part (its docstring; V_HEADS: and v's heads)."""
-    if V_HEADS:
-        n_total = H_Q + 2 * H_KV
-    else:
-        n_total = H_Q + H_KV
-    n_chunks = tl.cdiv(n_total, HEADS)
+    """Program `pid` of `qk_rope_block_kernel`'s q/k part (its docstring)."""
+    n_chunks = tl.cdiv(H_Q + H_KV, HEADS)
     n_tiles = tl.cdiv(S, ROWS)
     b = pid // (n_tiles * n_chunks)
     local = pid % (n_tiles * n_chunks)
@@ -232,7 +219,6 @@ def _qk_rope_program(
         seq_len = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
         q_base0 = start * stride_qs
         k_base0 = start * stride_ks
-        v_base0 = start * stride_vs
         cos_base = start * stride_cs
         sin_base = start * stride_ss
         out_start = start
@@ -241,7 +227,6 @@ def _qk_rope_program(
         b64 = b.to(tl.int64)
         q_base0 = b64 * stride_qb
         k_base0 = b64 * stride_kb
-        v_base0 = b64 * stride_vb
         cos_base = b64 * stride_cb
         sin_base = b64 * stride_sb
         out_start = b64 * S
@@ -256,62 +241,50 @@ def _qk_rope_program(
         HALF = HEAD_DIM // 2  # constexpr
         offs_d = tl.arange(0, HALF_BLOCK)
         valid = (row0 + tl.arange(0, ROWS)) < seq_len
+        n_total = H_Q + H_KV
         G = H_Q // H_KV
         m_run = tl.zeros((ROWS,), dtype=tl.float32).max(axis=0)  # PASS_AMAX: the amax of group g_run so far
         g_run = pid * 0 - 1
         hh = hh0
-        t, h = _list_head(hh, H_Q, H_KV, V_HEADS)
-        lo, hi = _qk_tile(q_ptr, k_ptr, v_ptr, q_base0, k_base0, v_base0, t, h, row0,
-                          tl.where(hh < n_total, seq_len, 0), stride_qh, stride_qs, stride_qd, stride_kh, stride_ks,
-                          stride_kd, stride_vh, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, V_HEADS)
+        t = (hh >= H_Q).to(tl.int32)
+        h = hh - t * H_Q
+        lo, hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0, tl.where(hh < n_total, seq_len, 0),
+                          stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+                          HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
         for j in tl.range(0, HEADS):
             cur_lo, cur_hi, cur_t, cur_h = lo, hi, t, h
             if PREFETCH:  # the next head's tile (seq_len 0 past the list: nothing loaded)
                 hh = hh0 + j + 1
-                t, h = _list_head(hh, H_Q, H_KV, V_HEADS)
-                lo, hi = _qk_tile(q_ptr, k_ptr, v_ptr, q_base0, k_base0, v_base0, t, h, row0,
+                t = (hh >= H_Q).to(tl.int32)
+                h = hh - t * H_Q
+                lo, hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0,
                                   tl.where((hh < n_total) & (j + 1 < HEADS), seq_len, 0),
                                   stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
-                                  stride_vh, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, V_HEADS)
+                                  HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
             if hh0 + j < n_total:
                 if not PREFETCH and j > 0:
-                    cur_t, cur_h = _list_head(hh0 + j, H_Q, H_KV, V_HEADS)
-                    cur_lo, cur_hi = _qk_tile(q_ptr, k_ptr, v_ptr, q_base0, k_base0, v_base0, cur_t, cur_h, row0,
-                                              seq_len, stride_qh, stride_qs, stride_qd, stride_kh, stride_ks,
-                                              stride_kd, stride_vh, stride_vs, stride_vd, HEAD_DIM, HALF_BLOCK,
-                                              ROWS, D_CONTIG, V_HEADS)
-                if V_HEADS:  # v: no RoPE
-                    x1, x2 = _rotate(cur_lo, cur_hi, c1, c2, s1, s2, cur_t < 2, True)
-                else:
-                    x1, x2 = _rotate(cur_lo, cur_hi, c1, c2, s1, s2, True, True)
-                if V_HEADS and (SMOOTH_K or SMOOTH_V):  # k head h's mean at slot b * H_KV + h, v's B * H_KV on
-                    x1, x2 = _centre(x1, x2, mean_ptr, (tl.where(cur_t == 2, B, 0) + b) * H_KV + cur_h,
-                                     tl.where(cur_t == 1, SMOOTH_K, tl.where(cur_t == 2, SMOOTH_V, False)), valid,
-                                     offs_d, offs_d < HALF, HALF, HEAD_DIM)
-                elif SMOOTH_K:  # k head h's mean is at slot b * H_KV + h
+                    cur_t = ((hh0 + j) >= H_Q).to(tl.int32)
+                    cur_h = hh0 + j - cur_t * H_Q
+                    cur_lo, cur_hi = _qk_tile(q_ptr, k_ptr, q_base0, k_base0, cur_t, cur_h, row0, seq_len,
+                                              stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+                                              HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG)
+                x1, x2 = _rotate(cur_lo, cur_hi, c1, c2, s1, s2, True, True)
+                if SMOOTH_K:  # k head h's mean is at slot b * H_KV + h
                     x1, x2 = _centre(x1, x2, mean_ptr, b * H_KV + cur_h, tl.where(cur_t == 1, True, False), valid,
                                      offs_d, offs_d < HALF, HALF, HEAD_DIM)
                 grp = (cur_t * B + b) * H_KV + tl.where(cur_t == 0, cur_h // G, cur_h)  # `_item_setup`'s
                 if PASS == PASS_AMAX:  # the previous group's amax out when the group changes (heads in order)
-                    if V_HEADS:
-                        m = _group_amax(x1, x2, cur_t, HADAMARD_QK, HADAMARD_V, INV_SQRT_D)
-                    else:  # q and k only: HADAMARD_QK stands for both flags (the rotated case picked at compile time)
-                        m = _group_amax(x1, x2, cur_t, HADAMARD_QK, HADAMARD_QK, INV_SQRT_D)
+                    # q and k only: HADAMARD_QK stands for both flags, so the rotated case is picked at compile time
+                    m = _group_amax(x1, x2, cur_t, HADAMARD_QK, HADAMARD_QK, INV_SQRT_D)
                     tl.atomic_max(amax_ptr + g_run, m_run.to(tl.int32, bitcast=True),
                                   mask=(grp != g_run) & (g_run >= 0), sem="relaxed")
                     m_run = tl.where(grp != g_run, m, tl.maximum(m_run, m))
                     g_run = grp
                 else:
-                    if V_HEADS:
-                        if HADAMARD_QK and HADAMARD_V:
-                            x1, x2 = _hadamard(x1, x2, q_ptr.dtype.element_ty, INV_SQRT_D)
-                        elif HADAMARD_QK or HADAMARD_V:
-                            if (cur_t < 2) == HADAMARD_QK:  # a branch: the rotation runs only where it applies
-                                x1, x2 = _hadamard(x1, x2, q_ptr.dtype.element_ty, INV_SQRT_D)
-                    elif HADAMARD_QK:
+                    if HADAMARD_QK:
                         x1, x2 = _hadamard(x1, x2, q_ptr.dtype.element_ty, INV_SQRT_D)
                     if PASS == PASS_CODES:
-                        first = (row0 == 0) & ((cur_t > 0) | (cur_h % G == 0))
+                        first = (row0 == 0) & ((cur_t == 1) | (cur_h % G == 0))
                         row_scale = _group_scale_of(amax_ptr, descale_ptr, grp, first, FP8_MAX)
                     elif cur_t == 0:
                         row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
@@ -321,52 +294,25 @@ def _qk_rope_program(
                         row_scale = _block_row_scales(x1, x2, valid, row0, seq_len,
                                                       k_blk_ptr + (b * H_KV + cur_h).to(tl.int64) * N_BLK_K,
                                                       ROWS, K_SCALE_BLOCK, FP8_MAX, False)[:, None]
-                    if V_HEADS:
-                        _store_codes(x1, x2, row_scale, cur_t, b, cur_h, row0, seq_len, out_start,
-                                     tl.where(cur_t == 0, H_Q, H_KV), H_KV, V_ROWS, q_out_ptr, k_out_ptr, v_out_ptr,
-                                     HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, V_KEYS_CONTIG, VARLEN)
-                    else:
-                        _store_codes(x1, x2, row_scale, cur_t, b, cur_h, row0, seq_len, out_start,
-                                     tl.where(cur_t == 0, H_Q, H_KV), H_KV, 0, q_out_ptr, k_out_ptr, k_out_ptr,
-                                     HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, False, VARLEN)
+                    _store_codes(x1, x2, row_scale, cur_t, b, cur_h, row0, seq_len, out_start,
+                                 tl.where(cur_t == 0, H_Q, H_KV), H_KV, 0, q_out_ptr, k_out_ptr, k_out_ptr,
+                                 HEAD_DIM, HALF_BLOCK, ROWS, FP8_MAX, FP8_MAX, False, False, VARLEN)
         if PASS == PASS_AMAX:  # the last group's
             tl.atomic_max(amax_ptr + g_run, m_run.to(tl.int32, bitcast=True), mask=g_run >= 0, sem="relaxed")
 
 
 @triton.jit
-def _list_head(hh, H_Q, H_KV, V_HEADS: tl.constexpr):
-    """(tensor, head) of entry hh of the head list: q's H_Q heads (0), then k's H_KV (1), with V_HEADS then v's
-    H_KV (2)."""
-    if V_HEADS:
-        t = (hh >= H_Q).to(tl.int32) + (hh >= H_Q + H_KV).to(tl.int32)
-        h = hh - tl.where(t > 0, H_Q, 0) - tl.where(t > 1, H_KV, 0)
-    else:
-        t = (hh >= H_Q).to(tl.int32)
-        h = hh - t * H_Q
-    return t, h
-
-
-@triton.jit
-def _qk_tile(q_ptr, k_ptr, v_ptr, q_base0, k_base0, v_base0, t, h, row0, seq_len,
-             stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd, stride_vh, stride_vs, stride_vd,
-             HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr, D_CONTIG: tl.constexpr,
-             V_HEADS: tl.constexpr):
-    """The two input half tiles of rows [row0, row0 + ROWS) of head h of q (t = 0), k (t = 1) or, with
-    V_HEADS, v (t = 2); seq_len 0 loads nothing."""
-    if V_HEADS:
-        x_ptr = _select3(t, q_ptr, k_ptr, v_ptr)
-        base = _select3(t, q_base0 + h.to(tl.int64) * stride_qh, k_base0 + h.to(tl.int64) * stride_kh,
-                        v_base0 + h.to(tl.int64) * stride_vh)
-        stride_s = _select3(t, stride_qs, stride_ks, stride_vs)
-        stride_d = _select3(t, stride_qd, stride_kd, stride_vd)
-    else:
-        is_q = t == 0
-        x_ptr = tl.where(is_q, q_ptr, k_ptr)
-        base = tl.where(is_q, q_base0 + h.to(tl.int64) * stride_qh, k_base0 + h.to(tl.int64) * stride_kh)
-        stride_s = tl.where(is_q, stride_qs, stride_ks)
-        stride_d = tl.where(is_q, stride_qd, stride_kd)
-    lo, hi, _, _, _, _ = _load_tile(x_ptr, base, row0, seq_len, stride_s, stride_d, x_ptr, 0, 0, 0, x_ptr, 0, 0, 0,
-                                    False, HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, False, "evict_first")
+def _qk_tile(q_ptr, k_ptr, q_base0, k_base0, t, h, row0, seq_len,
+             stride_qh, stride_qs, stride_qd, stride_kh, stride_ks, stride_kd,
+             HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, ROWS: tl.constexpr, D_CONTIG: tl.constexpr):
+    """The two input half tiles of rows [row0, row0 + ROWS) of head h of q (t = 0) or k (t = 1); seq_len 0
+    loads nothing."""
+    is_q = t == 0
+    x_ptr = tl.where(is_q, q_ptr, k_ptr)
+    base = tl.where(is_q, q_base0 + h.to(tl.int64) * stride_qh, k_base0 + h.to(tl.int64) * stride_kh)
+    lo, hi, _, _, _, _ = _load_tile(x_ptr, base, row0, seq_len, tl.where(is_q, stride_qs, stride_ks),
+                                    tl.where(is_q, stride_qd, stride_kd), x_ptr, 0, 0, 0, x_ptr, 0, 0, 0, False,
+                                    HEAD_DIM, HALF_BLOCK, ROWS, D_CONTIG, False, "evict_first")
     return lo, hi
 
 

@@ -124,10 +124,6 @@ _SPLIT_TILE_DEFAULT = (64, 8)
 # block); None: no split path with RoPE for that head dim.
 _SPLIT_ROPE_TILES: dict[int, tuple[int, int, int] | None] = {32: (32, 8, 4), 64: (16, 20, 4), 128: (16, 8, 4)}
 _SPLIT_ROPE_TILE_DEFAULT = (16, 8, 4)
-# With RoPE, v's heads join the q/k programs' list of `qk_rope_block_kernel` (its V_HEADS): one launch per pass,
-# two in all, instead of a second launch of `qkv_block_quantize_kernel` over v's tiles in each pass (four).
-# False: the four launches (`bench_quantize.py --split` times both).
-_SPLIT_V_WITH_QK = True
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
@@ -428,9 +424,8 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
     """Per-(batch, KV head) scales in two passes of separate launches (`block_kernel`'s PASS_AMAX, then
     PASS_CODES): the amax launch merges every tile's amax into `amax` ((3, B, H_kv) int32, zeroed), the codes
     launch writes the codes and `descale` ((3, B, H_kv) float32). With RoPE, q and k go through
-    `qk_rope_block_kernel` (`_SPLIT_ROPE_TILES`), and v with them (`_SPLIT_V_WITH_QK`: one launch per pass) or
-    through the single-pass kernel's v tiles (a launch of its own per pass); without, every tile goes through
-    the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps)."""
+    `qk_rope_block_kernel` (`_SPLIT_ROPE_TILES`) and v through the single-pass kernel's v tiles,
+    else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps)."""
     H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
     half_block = next_power_of_2(D // 2)
     if rope is not None:
@@ -449,7 +444,6 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
             *sin_strides)
     use_direct = direct.wanted(q) and direct.aligned(*tensors)
     rope_tile = None
-    v_in_rope = rope is not None and _SPLIT_V_WITH_QK
     if rope is not None:
         rope_tile = (*_SPLIT_ROPE_TILES.get(half_block, _SPLIT_ROPE_TILE_DEFAULT), True, True, V_APART)
 
@@ -462,14 +456,15 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
 
     def rope_launch(pass_: int) -> None:
         _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu_q, no_blocks, (1, 1, 1), B,
-                        S_q, v_rows if v_in_rope else 0, varlen is not None, options, D, half_block, d_contig,
-                        rope_tile, group=(amax, descale, pass_), v_heads=v_in_rope)
+                        S_q, 0, varlen is not None, options, D, half_block, d_contig, rope_tile,
+                        group=(amax, descale, pass_))
 
-    for pass_ in (PASS_AMAX.value, PASS_CODES.value):
-        if not v_in_rope:
-            block_launch(pass_)
-        if rope is not None:
-            rope_launch(pass_)
+    block_launch(PASS_AMAX.value)
+    if rope is not None:
+        rope_launch(PASS_AMAX.value)
+    block_launch(PASS_CODES.value)
+    if rope is not None:
+        rope_launch(PASS_CODES.value)
 
 
 def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
@@ -559,24 +554,21 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _launch_qk_rope(q, k, v, outs, cos, sin, cos_strides, sin_strides, means, cu, blocks, n_blk, B, S, v_rows: int,
                     varlen: bool, options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool,
-                    rope_tile: tuple[int, int, int, bool, bool, int], group=None, v_heads: bool = False) -> None:
+                    rope_tile: tuple[int, int, int, bool, bool, int], group=None) -> None:
     """`qk_rope_block_kernel` over q and k (RoPE, e4m3 block scales) and, when the tile's last entry is 1 or 2,
     v in the same launch (its programs after the q/k ones, or first; 0: `_launch_blocks` then does v).
     v_rows: V's keys-contiguous row count, else 0. group: None, or (amax bits, descales, PASS_AMAX or
-    PASS_CODES) for one pass of the per-(batch, KV head) scales (`_launch_split`); then v_heads puts v's heads
-    in the q/k programs' list (the kernel's V_HEADS; else v is not in the launch)."""
+    PASS_CODES) for one pass of the per-(batch, KV head) scales (`_launch_split`; v never in the launch)."""
     H_q, H_kv = q.shape[1], k.shape[1]
-    if v_heads and group is None:
-        raise ValueError("v_heads is for the per-(batch, KV head) scales' passes (group)")
-    rows, heads = rope_tile[0], _heads_per_program(H_q + H_kv * (2 if v_heads else 1), rope_tile[1])
+    rows, heads = rope_tile[0], _heads_per_program(H_q + H_kv, rope_tile[1])
     rope_tile = (rows, heads, *rope_tile[2:])
     amax, descale, pass_ = group if group is not None else (blocks[2], blocks[2], PASS_BLOCK.value)
     tensors = (q, k, v, cos, sin, outs[0], outs[1], outs[2], means, cu, *blocks, amax, descale)
-    n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv * (2 if v_heads else 1), heads)
+    n_qk = B * cdiv(S, rows) * cdiv(H_q + H_kv, heads)
     n_v = B * H_kv * cdiv(S, V_SCALE_BLOCK) if rope_tile[5] in (V_AFTER, V_FIRST) and group is None else 0
     ints = (*n_blk, B, H_q, H_kv, S, v_rows, n_qk, n_v if rope_tile[5] == V_FIRST else 0, *q.stride(), *k.stride(),
             *v.stride(), *cos_strides, *sin_strides)
-    const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile, pass_, v_heads)
+    const_key = (options, D, half_block, d_contig, varlen, bool(v_rows), rope_tile, pass_)
     key = None
     if direct.wanted(q) and direct.aligned(*tensors):
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key)
@@ -591,8 +583,7 @@ def _heads_per_program(n_heads: int, most: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, varlen: bool,
-                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, int], pass_: int,
-                     v_heads: bool = False) -> dict:
+                     v_keys_contiguous: bool, rope_tile: tuple[int, int, int, bool, bool, int], pass_: int) -> dict:
     """`qk_rope_block_kernel`'s constexprs and compile options (the caller must not modify the dict)."""
     rows, heads, warps, prefetch, heads_fastest, _ = rope_tile
     return dict(
@@ -600,8 +591,7 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
         HADAMARD_QK=options.rotates_qk, HADAMARD_V=options.rotates_v, INV_SQRT_D=D**-0.5,
         SMOOTH_K=options.smooth_k, VARLEN=varlen, SCALE_BLOCK=SCALE_BLOCK, K_SCALE_BLOCK=k_scale_block(False),
         V_SCALE_BLOCK=V_SCALE_BLOCK, V_KEYS_CONTIG=v_keys_contiguous, PREFETCH=prefetch,
-        HEADS_FASTEST=heads_fastest, PASS=pass_, SMOOTH_V=v_heads and options.smooth_v is True, V_HEADS=v_heads,
-        num_warps=warps, enable_fp_fusion=False,
+        HEADS_FASTEST=heads_fastest, PASS=pass_, num_warps=warps, enable_fp_fusion=False,
     )
 
 

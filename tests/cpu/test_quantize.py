@@ -202,52 +202,6 @@ def test_split_path_multi_tile_gqa(monkeypatch, rope):
     assert_identical(got, ref)
 
 
-@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter test")
-@pytest.mark.parametrize("options,keys_contiguous", [
-    ({"hadamard": "qk", "smooth_v": False}, False),
-    ({"hadamard": "qkv", "smooth_k": True, "smooth_v": True}, True),
-    ({"hadamard": "v_only", "smooth_v": False}, True),
-], ids=["qk", "qkv-smooth-keys-contiguous", "v_only-keys-contiguous"])
-def test_split_path_v_with_qk(monkeypatch, options, keys_contiguous):
-    """With RoPE the split path puts v's heads in the RoPE kernel's list of heads (`_SPLIT_V_WITH_QK`): two
-    launches, one per pass, where v in launches of its own takes four; the same bytes both ways (codes,
-    descales, smooth_v's add-back), and the reference's. H 6/3 at most 4 heads per program: the 12 heads
-    (q 6, k 3, v 3) in programs of 4 that straddle q|k and k|v; two batches, a ragged last tile."""
-    from hf_fp8_attention import _launch as direct
-
-    monkeypatch.setattr(qkv_launcher, "_SPLIT_MIN_ELEMENTS", 0)
-    monkeypatch.setitem(qkv_launcher._SPLIT_ROPE_TILES, 32, (16, 5, 4))
-    assert qkv_launcher._heads_per_program(12, 5) == 4
-    launches = []
-    real = direct.launch
-    monkeypatch.setattr(direct, "launch", lambda fn, *a: launches.append(fn.__name__) or real(fn, *a))
-    q, k, v = make_qkv(2, 6, 3, 70, 70, 64, torch.bfloat16, "bshd", seed=5)
-    cos, sin = make_rope(1, 70, 64, torch.float32)
-    opts = FP8AttentionOptions(**options)
-    results = {}
-    for with_qk in (True, False):
-        monkeypatch.setattr(qkv_launcher, "_SPLIT_V_WITH_QK", with_qk)
-        launches.clear()
-        results[with_qk] = quantize_qkv_fp8(q, k, v, cos, sin, options=opts, v_keys_contiguous=keys_contiguous)
-        kernels = [n for n in launches if n != "centring_sums_kernel"]
-        if with_qk:
-            assert kernels == ["qk_rope_block_kernel"] * 2, launches
-        else:
-            assert sorted(kernels) == ["qk_rope_block_kernel"] * 2 + ["qkv_block_quantize_kernel"] * 2, launches
-    got, apart = results[True], results[False]
-    for name in ("q", "k", "v"):
-        assert torch.equal(_fp8_bytes(getattr(got, name)), _fp8_bytes(getattr(apart, name))), name
-        assert getattr(got, name).stride() == getattr(apart, name).stride(), name
-        assert torch.equal(getattr(got, f"{name}_descale"), getattr(apart, f"{name}_descale")), name
-    for name in ("v_mean", "v_add"):
-        a, b = getattr(got, name), getattr(apart, name)
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
-    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=opts, v_keys_contiguous=keys_contiguous)
-    for name in ("q", "k") if opts.smooth_v else ("q", "k", "v"):
-        assert torch.equal(_fp8_bytes(getattr(got, name)), _fp8_bytes(getattr(ref, name))), name
-        assert torch.equal(getattr(got, f"{name}_descale"), getattr(ref, f"{name}_descale")), name
-
-
 def test_schedule_items_and_lag():
     """The launcher's item count matches the kernel's orders (programs = items when there are fewer items than
     slots), and its LAG covers the largest group: GQA 32/8 at 64k, 32-row tiles, 8 per item."""

@@ -685,16 +685,15 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
 
 def test_bench_quantize_split_dry_run(monkeypatch, capsys):
     """--split on CPU (the interpreted kernels, a tiny shape): every column runs its path, the split columns
-    with their tiles (what the split launcher sees), with RoPE also v apart (today's tiles, `_SPLIT_V_WITH_QK`
-    off), all paths give the same bytes, the module is restored; malformed --split-tiles, or --split-tiles
-    without --split, are refused."""
+    with their tiles (what the split launcher sees), both paths give the same bytes, the module is restored;
+    malformed --split-tiles, or --split-tiles without --split, are refused."""
     from hf_fp8_attention.quantization import qkv
 
-    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES), qkv._SPLIT_V_WITH_QK)
+    saved = (qkv._SPLIT_MIN_ELEMENTS, dict(qkv._SPLIT_TILES), dict(qkv._SPLIT_ROPE_TILES))
     seen, real = [], qkv._launch_split
 
     def spy(*a, **kw):
-        seen.append((qkv._SPLIT_TILES.get(32), qkv._SPLIT_ROPE_TILES.get(32), qkv._SPLIT_V_WITH_QK))
+        seen.append((qkv._SPLIT_TILES.get(32), qkv._SPLIT_ROPE_TILES.get(32)))
         return real(*a, **kw)
 
     monkeypatch.setattr(qkv, "_launch_split", spy)
@@ -704,14 +703,11 @@ def test_bench_quantize_split_dry_run(monkeypatch, capsys):
                                       "--only-modes", "rope+qk", "none", "--split-tiles", "32,4", "16,4:16,3,4"])
     bench_quantize.split_paths(args)
     today_rope = saved[2][32]
-    columns = [((32, 4), today_rope, True), ((16, 4), (16, 3, 4), True)]
-    apart = (saved[1][32], today_rope, False)
-    # timed in turns, then the best (ties: the first) and, with RoPE, v apart re-run
-    assert seen == columns + [apart] + [columns[0], apart] + columns + columns[:1]
-    assert (qkv._SPLIT_MIN_ELEMENTS, qkv._SPLIT_TILES, qkv._SPLIT_ROPE_TILES, qkv._SPLIT_V_WITH_QK) == saved
+    columns = [((32, 4), today_rope), ((16, 4), (16, 3, 4))]
+    assert seen == (columns + columns[:1]) * 2  # timed in turns, then the best (ties: the first) re-run
+    assert (qkv._SPLIT_MIN_ELEMENTS, qkv._SPLIT_TILES, qkv._SPLIT_ROPE_TILES) == saved
     out = capsys.readouterr().out
-    assert out.count("| 0 / 0 |\n") == 1 and out.count("| - | 0 |\n") == 1, out
-    assert "| persistent | split 32,4:" in out and "split 16,4:16,3,4 | split, v apart |" in out
+    assert out.count("| 0 |\n") == 2 and "| persistent | split 32,4:" in out and "split 16,4:16,3,4 |" in out
     # the difference count sees smooth_v's add-back
     a = qkv.quantize_qkv_fp8(*bench_quantize.make_inputs(16, 2, 1, 64, False)[:3], options={"smooth_v": True})
     b = dataclasses.replace(a, v_add=a.v_add + 1)
