@@ -455,20 +455,18 @@ elif [ "$mode" = "--split" ]; then  # session 22: per-(batch, KV head) scales th
 elif [ "$mode" = "--rowsum" ]; then  # session 25: the Gluon kernel's row sums by MMA (the default persistent build):
   # its GPU tests against the build that sums in the softmax, the Triton backend's GPU tests and the CUDA-graph
   # replays through it (ROWSUM_TESTS=0: not), then bench_sdpa's kernels alone and end to end (GQA 32/8, D=128,
-  # ROWSUM_SEQLENS default 16k 64k, causal both, 2 rounds; ROWSUM_SDPA=0: not) and probe_ws A/B at ROWSUM_PROBES
-  # ("S causal|..."; ROWSUM_TREE=1: the row maxima as a tree against the same build without)
+  # ROWSUM_SEQLENS default 16k 64k, causal both, 2 rounds) and probe_ws A/B at ROWSUM_PROBES ("S causal|...")
   [ "${ROWSUM_TESTS:-1}" = 1 ] && step rowsum_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
     tests/gpu/test_gluon_gpu.py tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py -k "${ROWSUM_TESTS_K:-gluon or triton or long or replays}"
-  [ "${ROWSUM_SDPA:-1}" = 1 ] && step rowsum_sdpa timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${ROWSUM_SEQLENS:-16384 65536} \
+  step rowsum_sdpa timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${ROWSUM_SEQLENS:-16384 65536} \
     --causal both --rounds 2 --modes none --sqnr-ref off --rep-ms 150 \
     --impls "FA3" "FA3 fp8 kernel only" "triton fp8 kernel only" fp8_triton --json "$out/rowsum_sdpa.json"
   IFS='|' read -ra probes <<< "${ROWSUM_PROBES-}"
   for p in "${probes[@]}"; do
     read -r s c <<< "$p"
     timeout 90 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --rowsum-mma 1 \
-      --tree-max "${ROWSUM_TREE:-0}" --bench 1 --config 128,128,4,2 --heads 32 --kv-heads 8 --seq "$s" --causal "$c" \
-      2>&1 | grep -v Warn \
+      --bench 1 --config 128,128,4,2 --heads 32 --kv-heads 8 --seq "$s" --causal "$c" 2>&1 | grep -v Warn \
       | tee -a "$out/rowsum_probe.log"
   done
 elif [ "$mode" = "--model" ]; then

@@ -41,8 +41,6 @@ p.add_argument("--order", type=int, default=-1, help="the persistent Gluon kerne
 p.add_argument("--v-order", type=int, default=0, help="the Gluon kernel: V's keys in wgmma order (reordered here)")
 p.add_argument("--rowsum-mma", type=int, default=0, help="the persistent Gluon kernel: P's row sums by an MMA with "
                "ones (A/B against the same build without)")
-p.add_argument("--tree-max", type=int, default=0, help="the persistent Gluon kernel: row maxima as a tree (A/B "
-               "against the same build without; takes precedence over --rowsum-mma's A/B)")
 p.add_argument("--v-offset", type=float, default=0.0, help="added to every V (a channel offset: the case where "
                "one-level fp8 P.V accumulation, FA3's, loses accuracy)")
 a = p.parse_args()
@@ -75,7 +73,7 @@ vs_exact = lambda out: (  # noqa: E731
     f", SQNR vs float32 {sqnr_db(out.float(), exact):.1f} dB" if exact is not None else "")
 gluon_name = (f"gluon consumers={a.consumers} pingpong={a.pingpong} persistent={a.persistent} config={cfg}"
               + (f" v_order={a.v_order}" if a.v_order else "") + (f" order={a.order}" if a.order >= 0 else "")
-              + (" rowsum_mma=1" if a.rowsum_mma else "") + (" tree_max=1" if a.tree_max else ""))
+              + (" rowsum_mma=1" if a.rowsum_mma else ""))
 name = (gluon_name if a.gluon else f"ws={a.ws} split={a.split} variant={a.variant} config={cfg}") + \
     f" S={a.seq} H={a.heads} D={a.head_dim} causal={a.causal} B={a.batch} H_kv={a.kv_heads or a.heads}" + \
     (f" v_offset={a.v_offset:g}" if a.v_offset else "")
@@ -86,8 +84,7 @@ if a.gluon:
         qkv = dataclasses.replace(qkv, v=gluon_attention.wgmma_key_order(qkv.v))
     run = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
         qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
-        heads_fastest=None if a.order < 0 else bool(a.order), rowsum_mma=bool(a.rowsum_mma), tree_max=bool(a.tree_max),
-        **gluon_args)
+        heads_fastest=None if a.order < 0 else bool(a.order), rowsum_mma=bool(a.rowsum_mma), **gluon_args)
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
@@ -130,13 +127,7 @@ if a.bench:
         line += against(lambda: gluon_attention.gluon_fp8_attention(ref_qkv, persistent=bool(a.persistent),
                                                                     **gluon_args),
                         "natural order", "wgmma order", "wgmma / natural")
-    if a.gluon and a.tree_max:  # the same build with the row maxima as one chain per row
-        base = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
-            qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
-            heads_fastest=None if a.order < 0 else bool(a.order), rowsum_mma=bool(a.rowsum_mma), **gluon_args)
-        line += f"; without tree_max SQNR vs it {sqnr_db(out, base()):.1f} dB"
-        line += against(base, "chained max", "tree max", "tree / chain")
-    elif a.gluon and a.rowsum_mma:  # the same build with the row sums in the softmax
+    if a.gluon and a.rowsum_mma:  # the same build with the row sums in the softmax
         base = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
             qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
             heads_fastest=None if a.order < 0 else bool(a.order), **gluon_args)

@@ -80,46 +80,23 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 
 
 @gluon.jit
-def _row_max(x, TREE: gl.constexpr):
-    """Max over the columns of a wgmma score tile (rows, BLOCK_N), BLOCK_N a power of two <= 256. TREE: as a
-    tree over each thread's registers (halving the columns, whose upper bits name registers in the wgmma
-    accumulator layout, so each step is independent maxima in registers), then across the quad; else the plain
-    reduction, whose in-register part is one chain of dependent maxima (31 per row at 128 columns)."""
-    if TREE:
-        R: gl.constexpr = x.shape[0]
-        N: gl.constexpr = x.shape[1]
-        if N >= 256:
-            x = gl.max(gl.reshape(x, [R, 2, 128]), 1)
-        if N >= 128:
-            x = gl.max(gl.reshape(x, [R, 2, 64]), 1)
-        if N >= 64:
-            x = gl.max(gl.reshape(x, [R, 2, 32]), 1)
-        if N >= 32:
-            x = gl.max(gl.reshape(x, [R, 2, 16]), 1)
-        if N >= 16:
-            x = gl.max(gl.reshape(x, [R, 2, 8]), 1)
-    return gl.max(x, 1)
-
-
-@gluon.jit
 def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr,
-             ROWSUM_MMA: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+             ROWSUM_MMA: gl.constexpr = False):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
     every 16 (`wgmma_key_order`; a probe option, measured and not adopted), so P's columns are relabelled to
     match: the score accumulator's registers then already sit where the A operand wants them (a register
     renaming; otherwise the layout conversion moves them between threads with shuffles and selects).
-    ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA). TREE_MAX:
-    the row max by `_row_max`'s tree."""
+    ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA)."""
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.convert_layout(_row_max(qk, TREE_MAX), m_i.type.layout))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0
         p = gl.exp2(qk - (m_new - 8.0)[:, None])
     else:
-        m_new = gl.maximum(m_i, gl.convert_layout(_row_max(qk, TREE_MAX), m_i.type.layout) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
         p = gl.exp2(qk * qk_scale - (m_new - 8.0)[:, None])
     alpha = gl.exp2(m_i - m_new)
     if not ROWSUM_MMA:
@@ -152,7 +129,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None, r_zero=None,
-                  ROWSUM_MMA: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+                  ROWSUM_MMA: gl.constexpr = False):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -164,7 +141,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     for with it: l_i is then (rows, 8), every column the row's sum, and the softmax has no additions and no
     shuffles for it."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
-                                     V_WGMMA_ORDER, ROWSUM_MMA, TREE_MAX)
+                                     V_WGMMA_ORDER, ROWSUM_MMA)
     it = it0 + j
     slot = it % STAGES
     mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
@@ -205,7 +182,7 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
                   m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
                   C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
-                  ROWSUM_MMA: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+                  ROWSUM_MMA: gl.constexpr = False):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -242,16 +219,16 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA, TREE_MAX)
+                                          r_zero, ROWSUM_MMA)
     for j in range(n_unmasked, last):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA, TREE_MAX)
+                                          r_zero, ROWSUM_MMA)
     acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                       kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
                                       False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem, r_zero,
-                                      ROWSUM_MMA, TREE_MAX)
+                                      ROWSUM_MMA)
     if ROWSUM_MMA:
         l_i = gl.max(l_i, 1)  # (its 8 columns are equal)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -447,7 +424,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
-                         ROWSUM_MMA: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+                         ROWSUM_MMA: gl.constexpr = False):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
@@ -465,7 +442,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
-                      PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA, TREE_MAX)
+                      PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA)
         mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
@@ -479,7 +456,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
-                                         ROWSUM_MMA: gl.constexpr = False, TREE_MAX: gl.constexpr = False):
+                                         ROWSUM_MMA: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`).
@@ -487,7 +464,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
     during the previous tile. ROWSUM_MMA: the consumers take the row sums of P from an MMA with a block of ones
-    (`_attend_block`), written to shared memory here once. TREE_MAX: the row maxima by `_row_max`'s tree."""
+    (`_attend_block`), written to shared memory here once."""
     q_smem = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
     k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_smem = gl.allocate_shared_memory(desc_vt.dtype, [STAGES] + desc_vt.block_type.shape, desc_vt.layout)
@@ -527,7 +504,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, TREE_MAX)),
+                                    ROWSUM_MMA)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -538,7 +515,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, TREE_MAX)),
+                                    ROWSUM_MMA)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -546,7 +523,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, TREE_MAX)),
+                                    ROWSUM_MMA)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -646,8 +623,7 @@ def wgmma_key_order(v):
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
-                        v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
-                        tree_max: bool = False):
+                        v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -656,7 +632,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
     kernel then relabels P instead of moving it between threads); heads_fastest (persistent, causal): the tile
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
-    (`_attend_block`'s ROWSUM_MMA); tree_max (persistent): the row maxima as a tree (`_row_max`)."""
+    (`_attend_block`'s ROWSUM_MMA)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -673,8 +649,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"needs at least 2 stages, got {stages}")
     if pingpong and consumers != 2:
         problems.append("pingpong needs 2 consumers")
-    if (rowsum_mma or tree_max) and not persistent:
-        problems.append("rowsum_mma and tree_max are built into the persistent kernel only")
+    if rowsum_mma and not persistent:
+        problems.append("rowsum_mma is built into the persistent kernel only")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v
@@ -705,7 +681,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         if heads_fastest is None:
             heads_fastest = persistent_heads_fastest(k, is_causal)
         fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, int(heads_fastest),
-                                                   ROWSUM_MMA=bool(rowsum_mma), TREE_MAX=bool(tree_max), **meta)
+                                                   ROWSUM_MMA=bool(rowsum_mma), **meta)
     else:
         fp8_attn_fwd_gluon_kernel[(n_m, B * H_q)](*args, **meta)
     return out

@@ -53,7 +53,7 @@ _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _GLUON_PP_PERSISTENT = dict(_GLUON_2C, pingpong=True, persistent=True)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
-            "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tree_max=True),
+            "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
