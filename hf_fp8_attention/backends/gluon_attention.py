@@ -39,6 +39,15 @@ softmax under P.V_{j-1}) ran 0.52-0.69x FA3 fp8 with two-level accumulation and 
 (`gluon_fa3_order_h200_s23.log`); one-level accumulation in this order (P.V accumulated by the MMA, FA3's
 numerics) +0.8% non-causal and -3% causal against two-level, at 11.7 dB SQNR against float32 with a V channel
 offset of 4 at 16k where two-level keeps 51 dB (`gluon_acc_in_mma_h200_s23.log`).
+
+Session 25: the persistent build's ROWSUM_MMA (the backend's default since) takes P's row sums from a third
+MMA, P times an (8, BLOCK_N) tile of e4m3 ones, instead of 64 additions and two shuffle rounds per key block in
+the softmax (offline sm_90: the unmasked loop 502 -> 436 instructions). The sums are then those of the e4m3 P
+that P.V multiplies, so the weights sum to one exactly (a V channel offset of 4 at 4k: 52.2 dB against float32
+vs 50.4). A/B on the H200 (`gluon_rowsum_mma_h200_s25.log`, `gluon_rowsum_sdpa_h200_s25.log`): non-causal
+1.02-1.08x, causal 1.00x. Measured and not kept (commit be62c3c): the row maxima as a tree over each thread's
+registers instead of the chain the reduction compiles to, bit-identical but 0.93-0.96x
+(`gluon_tree_max_h200_s25.log`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The Gluon kernel's row sums by MMA (`gluon_attention._attend_block`'s ROWSUM_MMA, the default persistent build)
-against the build that sums P in the softmax, on the GPU: the same attention to fp8 rounding, no worse against
+"""The Gluon kernel's default persistent build (the Triton backend's route "gluon-pp-persistent": row sums by MMA,
+`gluon_attention._attend_block`'s ROWSUM_MMA) against the build that sums P in the softmax
+("gluon-pp-persistent-alu-sums"), on the GPU: the same attention to fp8 rounding, no worse against
 float32 attention, with and without a V channel offset (where the sums' consistency with the e4m3 P matters),
 causal and not, GQA with a key tail inside the last block."""
 
@@ -26,18 +27,20 @@ pytestmark = pytest.mark.skipif(not _hopper_gluon(), reason="needs a Hopper GPU 
 @pytest.mark.parametrize("S", [1040, 4096])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("v_offset", [0.0, 4.0])
-def test_rowsum_mma_matches_softmax_sums(S, causal, v_offset):
+def test_default_build_matches_softmax_sums(S, causal, v_offset):
     from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
 
     torch.manual_seed(7)
     B, H, H_kv, D = 1, 8, 2, 128
     q, k = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv))
     v = torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) + v_offset
     qkv = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
-    kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.float32, config=(128, 128, 4, 2), consumers=2,
-              pingpong=True, persistent=True)
-    by_mma = gluon_attention.gluon_fp8_attention(qkv, rowsum_mma=True, **kw)
-    in_softmax = gluon_attention.gluon_fp8_attention(qkv, **kw)
+    kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.float32)
+    default = triton_backend._KERNELS["gluon-pp-persistent"]
+    assert default.get("rowsum_mma") and default.get("persistent")
+    by_mma = gluon_attention.gluon_fp8_attention(qkv, **default, **kw)
+    in_softmax = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent-alu-sums"], **kw)
     exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(H // H_kv, 1),
                                            v.float().repeat_interleave(H // H_kv, 1), is_causal=causal,
                                            scale=D**-0.5).transpose(1, 2)
