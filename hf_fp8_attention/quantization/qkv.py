@@ -126,9 +126,9 @@ _SPLIT_ROPE_TILES: dict[int, tuple[int, int, int] | None] = {32: (32, 8, 4), 64:
 _SPLIT_ROPE_TILE_DEFAULT = (16, 8, 4)
 # With RoPE the split path makes four launches (q/k by the RoPE kernel, v by the single-pass kernel, per pass).
 # v's heads in the RoPE kernel's list instead (two launches; commit d825b8a, reverted) measured slower in GPU time
-# on the H200 (session 25, docs/results/split_v_with_qk_h200_s25.log, GQA 32/8, graph-timed): 0.86-0.97x the
-# four launches at 4k-16k; eagerly 0.86-0.97x at 16k-64k, 1.00x at 8k, faster only at 4k (1.42x), where the
-# persistent kernel is faster than either.
+# on the H200 (session 25, docs/results/split_v_with_qk_h200_s25.log, GQA 32/8): graph-timed 0.86-0.97x the four
+# launches at 4k-16k; eagerly, where the host's launches count, 1.0-1.6x at 4k-8k (below the split path's
+# threshold) but 0.86-0.97x at 64k and at 16k without centring (1.14x with it).
 _ROPE_TILE_DEFAULT = (16, 8, 4, True, True, False)
 # The single-pass kernel's item order within a tensor: heads of a row tile first (True) or row tiles of a head
 # first (False; `kernels._item_setup`). H200, session 16 (`bench_quantize.py --block-configs`,
