@@ -456,7 +456,7 @@ elif [ "$mode" = "--rowsum" ]; then  # session 25: the Gluon kernel's row sums b
   # its GPU tests against the build that sums in the softmax, the Triton backend's GPU tests and the CUDA-graph
   # replays through it (ROWSUM_TESTS=0: not), then bench_sdpa's kernels alone and end to end (GQA 32/8, D=128,
   # ROWSUM_SEQLENS default 16k 64k, causal both, 2 rounds) and probe_ws A/B at ROWSUM_PROBES ("S causal|...")
-  [ "${ROWSUM_TESTS:-1}" = 1 ] && step rowsum_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
+  [ "${ROWSUM_TESTS:-1}" = 1 ] && step rowsum_tests timeout "${TESTS_S:-420}" python3 -m pytest -q -p no:cacheprovider -rs \
     tests/gpu/test_gluon_gpu.py tests/gpu/test_triton_attention_gpu.py tests/gpu/test_long_context_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py -k "${ROWSUM_TESTS_K:-gluon or triton or long or replays}"
   step rowsum_sdpa timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${ROWSUM_SEQLENS:-16384 65536} \
@@ -468,6 +468,7 @@ elif [ "$mode" = "--rowsum" ]; then  # session 25: the Gluon kernel's row sums b
     timeout 90 python3 scripts/probe_ws.py --gluon 1 --consumers 2 --pingpong 1 --persistent 1 --rowsum-mma 1 \
       --bench 1 --config 128,128,4,2 --heads 32 --kv-heads 8 --seq "$s" --causal "$c" 2>&1 | grep -v Warn \
       | tee -a "$out/rowsum_probe.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: rowsum probe '$p' FAILED"; status=1; }
   done
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \

@@ -125,7 +125,7 @@ if a.bench:
 
     if a.gluon and a.v_order:  # the same build with V in key order
         line += against(lambda: gluon_attention.gluon_fp8_attention(ref_qkv, persistent=bool(a.persistent),
-                                                                    **gluon_args),
+                                                                    rowsum_mma=bool(a.rowsum_mma), **gluon_args),
                         "natural order", "wgmma order", "wgmma / natural")
     if a.gluon and a.rowsum_mma:  # the same build with the row sums in the softmax
         base = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731

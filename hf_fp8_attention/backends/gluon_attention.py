@@ -42,10 +42,10 @@ offset of 4 at 16k where two-level keeps 51 dB (`gluon_acc_in_mma_h200_s23.log`)
 
 Session 25: the persistent build's ROWSUM_MMA (the backend's default since) takes P's row sums from a third
 MMA, P times an (8, BLOCK_N) tile of e4m3 ones, instead of 64 additions and two shuffle rounds per key block in
-the softmax (offline sm_90: the unmasked loop 502 -> 436 instructions). The sums are then those of the e4m3 P
-that P.V multiplies, so the weights sum to one exactly (a V channel offset of 4 at 4k: 52.2 dB against float32
-vs 50.4). A/B on the H200 (`gluon_rowsum_mma_h200_s25.log`, `gluon_rowsum_sdpa_h200_s25.log`): non-causal
-1.02-1.08x, causal 1.00x. Measured and not kept (commit be62c3c): the row maxima as a tree over each thread's
+the softmax (offline sm_90: the unmasked loop 499 -> 436 instructions, `gluon_rowsum_sass_sm90_s25.log`). The
+sums are then those of the e4m3 P that P.V multiplies, consistent with it up to the MMA's accumulation (a V
+channel offset of 4 at 4k: 52.2 dB against float32 vs 50.4). A/B on the H200 (`gluon_rowsum_mma_h200_s25.log`,
+`gluon_rowsum_sdpa_h200_s25.log`): non-causal 1.01-1.08x, causal 0.98-1.00x. Measured and not kept (commit be62c3c): the row maxima as a tree over each thread's
 registers instead of the chain the reduction compiles to, bit-identical but 0.93-0.96x
 (`gluon_tree_max_h200_s25.log`).
 """
@@ -143,7 +143,8 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
     overlap with one score tile less in flight, the registers that two-level accumulation needs), P.V_j's
-    group waited for alone (groups complete in order), its result added to the float32 accumulator
+    group waited for alone (groups complete in order; with ROWSUM_MMA the row sums' group, issued between the
+    two, with it), its result added to the float32 accumulator
     (two-level accumulation) and the slot released while block j + 1's scores are still computing:
     (acc, l_i, the new max, block j + 1's scores). ROWSUM_MMA: the row sums of P come from a third MMA, P times
     a column block of ones (`ones_smem`, (8, BLOCK_N) e4m3, read as (BLOCK_N, 8)), issued after P.V and waited
@@ -484,6 +485,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     if ROWSUM_MMA:  # P.V's B operand shape for the row sums: (8, BLOCK_N) ones, keys contiguous like V's tiles
+        gl.static_assert(BLOCK_N == 128, "the ones tile's 128-byte swizzle needs 128 keys per block")
         ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N],
                                               gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2))
         ones_layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NUM_WARPS, 1], [1, 0])
@@ -660,6 +662,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append("pingpong needs 2 consumers")
     if rowsum_mma and not persistent:
         problems.append("rowsum_mma is built into the persistent kernel only")
+    if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
+        problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v

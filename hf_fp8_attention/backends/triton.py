@@ -33,7 +33,9 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # "triton": always the Triton kernel. "gluon" (one 8-warp consumer),
 # "gluon-2c" (two), "gluon-pp" (two, their MMAs in turn) and "gluon-pp-persistent" (that, one program per SM
 # looping over the tiles, causal ones heaviest first, heads fastest while all heads' K/V fit in half the L2 and
-# head by head beyond (`gluon_attention.persistent_heads_fastest`); bit-equal to gluon-pp in its probes): the
+# head by head beyond (`gluon_attention.persistent_heads_fastest`); since session 25 with P's row sums by MMA,
+# 46-54 dB from gluon-pp; "gluon-pp-persistent-alu-sums": the same with the sums in the softmax, bit-equal to
+# gluon-pp in its probes): the
 # Gluon kernel wherever it applies, D 64 too. auto takes gluon-pp-persistent since session 20: timed against
 # gluon-pp in the same processes (docs/results/gluon_persistent_order_h200_s20.log) 1.02x causal at 16k,
 # 1.07x at 8 x 4k, 1.17x at 4k, 1.08-1.12x at 8k (MHA, GQA 32/8), 1.00x non-causal; bench_sdpa's kernel alone
@@ -46,8 +48,8 @@ KERNEL_ENV = _registry.TRITON_KERNEL_ENV
 _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 # Since session 25 the persistent build takes the row sums of P from an MMA with a block of ones
 # (`gluon_attention._attend_block`'s ROWSUM_MMA): H200, probe_ws A/B in the same processes
-# (docs/results/gluon_rowsum_mma_h200_s25.log), GQA 32/8, D=128: non-causal 1.02x at 16k and 1.06x at 64k,
-# causal 1.00x at 16k and 64k, 0.98-1.01x at 4k; 46-54 dB against the build without, the same SQNR against
+# (docs/results/gluon_rowsum_mma_h200_s25.log, gluon_rowsum_sdpa_h200_s25.log), GQA 32/8, D=128: non-causal
+# 1.02x at 16k and 1.06-1.08x at 64k, causal 1.00x at 16k and 64k, 0.98-1.01x at 4k; 46-54 dB against the build without, the same SQNR against
 # float32 (26.4 dB at 4k causal) or higher with a V channel offset of 4 (52.2 vs 50.4 dB). "gluon-pp-persistent-
 # alu-sums" keeps the sums in the softmax (sessions 20-24).
 _GLUON_PP_PERSISTENT = dict(_GLUON_2C, pingpong=True, persistent=True)

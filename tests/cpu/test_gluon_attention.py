@@ -164,6 +164,8 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
     for kw, message in ((dict(consumers=2), "16 x the warps per consumer"),  # 8 warps on 64 rows
                         (dict(config=(128, 128, 8, 1)), "needs at least 2 stages"),
                         (dict(pingpong=True), "pingpong needs 2 consumers"),
+                        (dict(rowsum_mma=True), "persistent kernel only"),
+                        (dict(rowsum_mma=True, persistent=True, config=(128, 64, 8, 2)), "rowsum_mma needs BLOCK_N 128"),
                         (dict(consumers=3), "consumers is 1 or 2")):
         with pytest.raises(ValueError, match=message):
             gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, **kw)
@@ -217,9 +219,9 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
 
 def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
-    kernel takes to its persistent two-consumer ping-pong build on Hopper at head_dim 128 only; triton keeps the
-    Triton kernel; gluon / gluon-2c / gluon-pp send them at D=64 too; for decode, block scales or off Hopper the
-    Triton kernel runs; a value it does not know is an error."""
+    kernel takes to its persistent two-consumer ping-pong build (row sums by MMA) on Hopper at head_dim 128 only;
+    triton keeps the Triton kernel; gluon / gluon-2c / gluon-pp / gluon-pp-persistent(-alu-sums) send them at D=64
+    too; for decode, block scales or off Hopper the Triton kernel runs; a value it does not know is an error."""
     from hf_fp8_attention.backends import triton as triton_backend
 
     calls = []
