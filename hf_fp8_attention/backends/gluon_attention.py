@@ -166,18 +166,15 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     if NEXT:
         qk_next = warpgroup_mma(q_smem, k_smem.index((it + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                 is_async=True)
-        _turn_pass(turn, C, PINGPONG)
-        if ROWSUM_MMA:
-            pv, rs = warpgroup_mma_wait(num_outstanding=1, deps=(pv, rs))
-        else:
-            pv = warpgroup_mma_wait(num_outstanding=1, deps=(pv, ))  # groups finish in order: P.V_j is done
     else:
-        _turn_pass(turn, C, PINGPONG)
-        if ROWSUM_MMA:
-            pv, rs = warpgroup_mma_wait(num_outstanding=0, deps=(pv, rs))
-        else:
-            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         qk_next = qk
+    _turn_pass(turn, C, PINGPONG)
+    # groups finish in order: P.V_j (and its row sums) are done while block j + 1's scores may still run
+    OUTSTANDING: gl.constexpr = 1 if NEXT else 0
+    if ROWSUM_MMA:
+        pv, rs = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(pv, rs))
+    else:
+        pv = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(pv, ))
     mbarrier.arrive(kv_empty.index(slot), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None] + pv
     if ROWSUM_MMA:
