@@ -82,9 +82,14 @@ gluon_args = dict(is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloa
 if a.gluon:
     if a.v_order:  # the same codes, keys reordered (the reference column reads ref_qkv)
         qkv = dataclasses.replace(qkv, v=gluon_attention.wgmma_key_order(qkv.v))
-    run = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
-        qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
-        heads_fastest=None if a.order < 0 else bool(a.order), rowsum_mma=bool(a.rowsum_mma), **gluon_args)
+
+    def gluon_build(rowsum_mma: bool):
+        """This build (--persistent, --v-order, --order), with or without the row sums by MMA."""
+        return lambda: gluon_attention.gluon_fp8_attention(
+            qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
+            heads_fastest=None if a.order < 0 else bool(a.order), rowsum_mma=rowsum_mma, **gluon_args)
+
+    run = gluon_build(bool(a.rowsum_mma))
 else:
     run = lambda: triton_ws.ws_fp8_attention(qkv, is_causal=bool(a.causal), scale=D**-0.5,  # noqa: E731
                                              out_dtype=torch.bfloat16, config=cfg, warp_specialize=bool(a.ws),
@@ -128,10 +133,9 @@ if a.bench:
                                                                     rowsum_mma=bool(a.rowsum_mma), **gluon_args),
                         "natural order", "wgmma order", "wgmma / natural")
     if a.gluon and a.rowsum_mma:  # the same build with the row sums in the softmax
-        base = lambda: gluon_attention.gluon_fp8_attention(  # noqa: E731
-            qkv, persistent=bool(a.persistent), v_wgmma_order=bool(a.v_order),
-            heads_fastest=None if a.order < 0 else bool(a.order), **gluon_args)
-        line += f"; without rowsum_mma SQNR vs it {sqnr_db(out, base()):.1f} dB{vs_exact(base())}"
+        base = gluon_build(False)
+        base_out = base()
+        line += f"; without rowsum_mma SQNR vs it {sqnr_db(out, base_out):.1f} dB{vs_exact(base_out)}"
         line += against(base, "row sums in the softmax", "row sums by MMA", "MMA / softmax")
     elif a.gluon and a.persistent:  # the one-tile build of the same config
         line += against(lambda: gluon_attention.gluon_fp8_attention(qkv, v_wgmma_order=bool(a.v_order),
