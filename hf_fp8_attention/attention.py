@@ -21,17 +21,21 @@ from .quantization.quantized import rows_bhsd
 
 
 def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions,
-             v_keys_contiguous: bool = False) -> QuantizedQKV:
+             v_keys_contiguous: bool = False, v_wgmma_order: bool = False) -> QuantizedQKV:
     """Q/K/V -> `QuantizedQKV` with the planned quantizer: the Triton kernel (CUDA, SM 8.9+), which fuses
     RoPE, the Hadamard rotation and the mean subtraction into its one launch, or the torch reference
     (bit-identical without hadamard/smoothing, within an fp8 ulp on a few elements with them).
 
     varlen: None, or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of validated offsets.
     v_keys_contiguous: V's codes keys-contiguous (the layout the triton backend reads at long prefills).
+    v_wgmma_order: those keys in wgmma order within every 16 (fixed-length only; the Gluon kernel's V layout).
     """
     fixed, packed = QUANTIZERS[quantizer]
     if varlen is None:
-        return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous)
+        extra = dict(v_wgmma_order=True) if v_wgmma_order else {}
+        return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous, **extra)
+    if v_wgmma_order:
+        raise ValueError("v_wgmma_order: not for packed sequences")
     return packed(query, key, value, *varlen, cos, sin, options=options, check=False,
                   v_keys_contiguous=v_keys_contiguous)
 
@@ -119,8 +123,12 @@ def fp8_attention(
     v_keys = reads_v_keys is not None and reads_v_keys(
         query.shape[2] if varlen is None else max_seqlen_q, query.shape[1], key.shape[1],
         key.shape[2] if varlen is None else max_seqlen_k, query.shape[-1])
+    reads_wgmma = get_backend(backend).v_wgmma_order
+    v_wgmma = v_keys and reads_wgmma is not None and reads_wgmma(
+        query.device, query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
+        is_causal=is_causal, options=options, varlen=varlen is not None)
     with _on_device(query):
-        qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys)
+        qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma)
         out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)

@@ -54,6 +54,7 @@ from hf_fp8_attention.backends.triton import _launch
 from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import quantize_qkv_fp8
+from hf_fp8_attention.quantization.quantized import wgmma_key_order
 
 cfg = tuple(int(x) for x in a.config.split(","))
 S, H, D, B, H_kv = a.seq, a.heads, a.head_dim, a.batch, a.kv_heads or a.heads
@@ -81,7 +82,7 @@ gluon_args = dict(is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloa
                   consumers=a.consumers, pingpong=bool(a.pingpong))
 if a.gluon:
     if a.v_order:  # the same codes, keys reordered (the reference column reads ref_qkv)
-        qkv = dataclasses.replace(qkv, v=gluon_attention.wgmma_key_order(qkv.v))
+        qkv = dataclasses.replace(qkv, v=wgmma_key_order(qkv.v))
 
     def gluon_build(rowsum_mma: bool):
         """This build (--persistent, --v-order, --order), with or without the row sums by MMA."""

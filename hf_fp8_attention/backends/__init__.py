@@ -38,6 +38,9 @@ class Backend:
     v_keys_contiguous: None, or ``(s_q, h_q, h_kv, s_kv, head_dim) -> bool``: the shapes at which the backend
         reads V keys-contiguous (`quantization.quantized.keys_contiguous`), which the pipeline then has the
         quantizer write (`attention.fp8_attention`).
+    v_wgmma_order: None, or ``(device, s_q, h_q, h_kv, s_kv, head_dim, *, is_causal, options, varlen) -> bool``:
+        the calls for which the backend reads that V with its keys in wgmma order within every 16
+        (`quantization.quantized.wgmma_key_order`), which the quantizer then writes so.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Backend:
     int8_qk: bool
     v_block_scales: bool = False
     v_keys_contiguous: Callable[[int, int, int, int, int], bool] | None = None
+    v_wgmma_order: Callable[..., bool] | None = None
 
     @property
     def needs_cuda(self) -> bool:
@@ -85,6 +89,16 @@ def triton_reads_v_keys_contiguous(s_q: int, h_q: int, h_kv: int, s_kv: int, dim
     return s_q * (h_q // h_kv) > TRITON_DECODE_MAX_ROWS and s_kv * dim >= TRITON_V_KEYS_MIN_KEYS_X_DIM
 
 
+def triton_reads_v_wgmma_order(device, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *, is_causal: bool,
+                               options, varlen: bool) -> bool:
+    """Whether the triton backend's call runs the Gluon kernel on V in wgmma key order (`triton.reads_v_wgmma_order`;
+    imported here on first use: it needs triton): its registry record's ``v_wgmma_order``."""
+    from .triton import reads_v_wgmma_order
+
+    return reads_v_wgmma_order(torch.device(device), s_q, h_q, h_kv, s_kv, dim, is_causal=is_causal, options=options,
+                               varlen=varlen)
+
+
 REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -99,7 +113,8 @@ REGISTRY: dict[str, Backend] = {
         # Triton compiles fp8 tensor-core dots from Ada (SM 8.9) on.
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
                 package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
-                int8_qk=True, v_block_scales=True, v_keys_contiguous=triton_reads_v_keys_contiguous),
+                int8_qk=True, v_block_scales=True, v_keys_contiguous=triton_reads_v_keys_contiguous,
+                v_wgmma_order=triton_reads_v_wgmma_order),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
                 min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True,
                 v_block_scales=True),
@@ -149,4 +164,4 @@ def get_backend_fn(name: str) -> BackendFn:
 
 
 __all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn",
-           "triton_reads_v_keys_contiguous"]
+           "triton_reads_v_keys_contiguous", "triton_reads_v_wgmma_order"]

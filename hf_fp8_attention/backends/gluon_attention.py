@@ -611,24 +611,6 @@ def persistent_heads_fastest(k, is_causal: bool) -> bool:
     return bool(is_causal) and 2 * k.numel() <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
 
 
-def wgmma_key_order(v):
-    """A keys-contiguous V (`quantized.keys_contiguous`) with its keys reordered within every 16 as
-    `V_WGMMA_ORDER` reads them: position k of a group holds key 2 (k // 4) + k % 2 + 8 ((k // 2) % 2), i.e.
-    the bits (k3 k2 k1 k0) of a position name key (k1 k3 k2 k0). That is where the wgmma score accumulator's
-    thread q keeps the columns that the P.V operand's thread q needs at k = 4q.. (fp8: 4 consecutive k per
-    register). S_kv must be a multiple of 16. Returns the same kind of BSHD view over new memory."""
-    import torch
-
-    B, S_kv, H, D = v.shape
-    if S_kv % 16:
-        raise ValueError(f"wgmma key order needs a key count that is a multiple of 16, got {S_kv}")
-    k = torch.arange(16, device=v.device)
-    key = 2 * (k // 4) + k % 2 + 8 * ((k // 2) % 2)
-    index = (torch.arange(0, S_kv, 16, device=v.device)[:, None] + key).reshape(-1)
-    packed = v.permute(0, 2, 3, 1)  # (B, H, D, S_kv) view of the keys-contiguous memory
-    return packed[..., index].contiguous().permute(0, 3, 1, 2)
-
-
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                         v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False):

@@ -18,7 +18,7 @@ import torch
 from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS, V_SCALE_BLOCK
 from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
-from ..quantization.quantized import keys_contiguous
+from ..quantization.quantized import keys_contiguous, natural_key_order
 from .. import backends as _registry  # its TRITON_* constants, read at call time (tests patch them)
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
@@ -56,7 +56,14 @@ _GLUON_PP_PERSISTENT = dict(_GLUON_2C, pingpong=True, persistent=True)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
             "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
+            "gluon-pp-persistent-key-order": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
+# Session 26: the routes whose prefill calls get V from the quantizer in wgmma key order within every 16
+# (`quantized.wgmma_key_order`; the kernel relabels P instead of moving it between threads before P.V:
+# `gluon_attention._softmax`'s V_WGMMA_ORDER); "gluon-pp-persistent-key-order" is the same build on V in key
+# order (sessions 20-25). The quantizer writes the order where `reads_v_wgmma_order` says the call will take
+# this route; a call that ends up on any other kernel gets V back in key order first (`_launch`, a copy).
+_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent"})
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
@@ -91,7 +98,11 @@ def _check(qkv: QuantizedQKV, out_dtype: torch.dtype) -> None:
 
 
 def _on_hopper(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
+    return t.is_cuda and _hopper_device(t.device)
+
+
+def _hopper_device(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def kernel_choice() -> str:
@@ -113,6 +124,29 @@ def gluon_unavailable() -> str | None:
 
         return f"the Gluon kernel does not import with triton {triton.__version__} ({error})"
     return gluon_attention.triton_problem()
+
+
+def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *, is_causal: bool,
+                        options, varlen: bool) -> bool:
+    """Whether a prefill call of this shape and these resolved options (`FP8AttentionOptions`) runs the Gluon
+    kernel through a route of `_V_WGMMA_ROUTES`, which then reads V in wgmma key order: what the pipeline asks
+    the quantizer for (`backends.triton_reads_v_wgmma_order`). The static part of `_gluon_route` and of
+    `gluon_attention.refusal` (the quantizer's outputs are contiguous and aligned); a call it misjudges still
+    runs right (`_launch` restores key order for another kernel)."""
+    from . import triton_reads_v_keys_contiguous
+
+    if varlen or options.block_scales or options.int8_qk or options.v_block_scales:
+        return False
+    if not triton_reads_v_keys_contiguous(s_q, h_q, h_kv, s_kv, dim) or s_kv % 16 or (is_causal and s_q != s_kv):
+        return False
+    if not _hopper_device(device):
+        return False
+    choice = kernel_choice()
+    if choice not in _V_WGMMA_ROUTES or gluon_unavailable() is not None:
+        return False
+    if choice == "auto":
+        return dim in _AUTO_HEAD_DIMS and s_q >= _AUTO_KERNEL["config"][0]
+    return dim in (64, 128)  # (the Gluon kernel's head dims, every build: `gluon_attention.refusal`)
 
 
 def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
@@ -195,7 +229,10 @@ def _launch(
         from . import gluon_attention
 
         return gluon_attention.gluon_fp8_attention(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
-                                                   **route[1])
+                                                   v_wgmma_order=qkv.v_wgmma_order, **route[1])
+    if qkv.v_wgmma_order:  # the kernels below read V in key order
+        v = natural_key_order(v)
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
     if config is None and _interpreting():
         config = {"BLOCK_M": 64, "BLOCK_N": 32}
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)  # (after the Gluon route: it allocates its own)

@@ -383,13 +383,24 @@ def _block_row_scales(x1, x2, valid, row0, seq_len, blk_ptr, BLOCK_S: tl.constex
 
 
 @triton.jit
+def _wgmma_key_order(y, BLOCK_S: tl.constexpr, N: tl.constexpr):
+    """The (BLOCK_S, N) tile's rows in wgmma order within every 16 (`quantized.WGMMA_KEY_AT`): key bits
+    (k3 k2 k1 k0) of a row go to position (k2 k1 k3 k0). Exact for a tile whose masked rows come in whole 16s
+    (row0 and seq_len multiples of 16: the launchers refuse anything else)."""
+    tl.static_assert(BLOCK_S % 16 == 0, "the wgmma key order permutes whole 16s of rows")
+    y = tl.reshape(y, (BLOCK_S // 16, 2, 2, 2, 2, N))
+    return tl.reshape(tl.permute(y, (0, 2, 3, 1, 4, 5)), (BLOCK_S, N))
+
+
+@triton.jit
 def _store_codes(x1, x2, row_scale, t, b, h, row0, seq_len, out_start, n_heads, H_KV, V_ROWS,
                  q_out_ptr, k_out_ptr, v_out_ptr, HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
                  BLOCK_S: tl.constexpr, FP8_MAX: tl.constexpr, QK_MAX: tl.constexpr, QK_INT8: tl.constexpr,
                  V_KEYS_CONTIG: tl.constexpr, VARLEN: tl.constexpr):
     """Quantizes rows [row0, row0 + BLOCK_S) of head h of tensor t (0 q, 1 k, 2 v) with `row_scale` (a scalar or
     a (BLOCK_S, 1) column) and stores the rows below seq_len: BSHD at token out_start + row (out_start: the
-    sequence's first output token), or, for v with V_KEYS_CONTIG, keys-contiguous (see `qkv_quantize_kernel`).
+    sequence's first output token), or, for v with V_KEYS_CONTIG, keys-contiguous (see `qkv_quantize_kernel`;
+    V_KEYS_CONTIG 2: its keys in wgmma order within every 16, `_wgmma_key_order`).
     QK_INT8: q and k as int8, v as e4m3, all stored as bytes (the outputs passed as uint8)."""
     HALF = HEAD_DIM // 2  # constexpr
     offs_d = tl.arange(0, HALF_BLOCK)
@@ -410,6 +421,9 @@ def _store_codes(x1, x2, row_scale, t, b, h, row0, seq_len, out_start, n_heads, 
     else:
         transposed = False
     if transposed:  # v, keys-contiguous: channel c of row r at c * V_ROWS + r of its head
+        if V_KEYS_CONTIG == 2:  # (the rows moved, not the addresses: the stores stay contiguous over keys)
+            y1 = _wgmma_key_order(y1, BLOCK_S, HALF_BLOCK)
+            y2 = _wgmma_key_order(y2, BLOCK_S, HALF_BLOCK)
         if VARLEN:
             v_head = h.to(tl.int64) * HEAD_DIM * V_ROWS + out_start + row0
         else:
@@ -472,7 +486,9 @@ def qkv_quantize_kernel(
 
     V_KEYS_CONTIG: v's codes go to keys-contiguous (B, H_KV, HEAD_DIM, V_ROWS) memory (VARLEN: batch 1, rows
     packed), the layout the Triton attention reads V in for long prefills, instead of BSHD; V_ROWS is S_KV
-    (VARLEN: the packed total), 0 (unread) without V_KEYS_CONTIG. The same codes.
+    (VARLEN: the packed total), 0 (unread) without V_KEYS_CONTIG. The same codes. V_KEYS_CONTIG 2 (not with
+    VARLEN; S_KV a multiple of 16): those keys in wgmma order within every 16 (`_wgmma_key_order`), the layout
+    the Gluon attention kernel reads.
 
     Grid: (n_programs,), persistent: each program takes tickets until n_items + LAG are taken.
     """

@@ -22,7 +22,7 @@ from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .block_kernel import PASS_AMAX, PASS_BLOCK, PASS_CODES, qk_rope_block_kernel, qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
-from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args
+from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args, check_wgmma_order
 from .reference import v_code_drift
 from ..backends.triton import _interpreting
 
@@ -172,7 +172,7 @@ def _schedule(B: int, H_q: int, H_kv: int, S_q: int, S_kv: int, block_s: int, n_
 def quantize_qkv_fp8(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False,
+    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False, v_wgmma_order: bool = False,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -187,6 +187,10 @@ def quantize_qkv_fp8(
             BSHD view (unit stride over keys): the layout the Triton backend reads V in for long prefills
             (`backends.triton_reads_v_keys_contiguous`), written by this launch instead of a copy afterwards.
             The same codes.
+        v_wgmma_order: with v_keys_contiguous, V's keys in wgmma order within every 16
+            (`quantized.wgmma_key_order`, recorded as ``QuantizedQKV.v_wgmma_order``): the layout the Gluon
+            kernel reads without moving P between threads (`backends.triton_reads_v_wgmma_order`). Needs
+            S_kv a multiple of 16 and per-head V scales. The same codes, reordered.
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous (v keys-contiguous
@@ -200,7 +204,7 @@ def quantize_qkv_fp8(
 
     Raises:
         ValueError: cos/sin given with mismatched shapes or with S_q != S_kv; q, k, v dtypes differ;
-            unknown hadamard mode or one the head dim does not allow.
+            unknown hadamard mode or one the head dim does not allow; v_wgmma_order without what it needs.
     """
     options = FP8AttentionOptions.coerce(options)
     options = options.for_head_dim(q.shape[-1])
@@ -209,13 +213,21 @@ def quantize_qkv_fp8(
     check_dtypes(q, k, v)
     B, H_q, S_q, D = q.shape
     H_kv, S_kv = k.shape[1], k.shape[2]
+    v_layout = int(bool(v_keys_contiguous))
+    if v_wgmma_order:
+        check_wgmma_order(options, S_kv, v_keys_contiguous)
+        v_layout = V_WGMMA
     device = q.device
     outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device, v_keys_contiguous)
     rope = None
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
-    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_keys_contiguous)
+    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_layout)
+
+
+# `_launch`'s V layouts (the kernels' V_KEYS_CONTIG): BSHD, keys-contiguous, keys-contiguous in wgmma order
+V_BSHD, V_KEYS, V_WGMMA = 0, 1, 2
 
 
 def quantize_qkv_fp8_varlen(
@@ -285,7 +297,7 @@ def _outputs(shapes, options: FP8AttentionOptions, device, v_keys_contiguous: bo
 
 @functools.lru_cache(maxsize=256)
 def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: bool, apply_rope: bool, varlen: bool,
-                chunk: int, interleave: bool, interp: bool, v_keys_contiguous: bool) -> dict:
+                chunk: int, interleave: bool, interp: bool, v_keys_contiguous: int) -> dict:
     """`qkv_quantize_kernel`'s constexprs and compile options for one launch (built once per configuration:
     host time; the caller must not modify the dict). ``tile``: the launch's `_tile_config` (part of the key:
     benchmarks and tests change the tile configs at run time)."""
@@ -303,12 +315,17 @@ def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: boo
 
 
 def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
-            v_keys_contiguous: bool = False) -> QuantizedQKV:
+            v_keys_contiguous: int = V_BSHD) -> QuantizedQKV:
     """The quantize launches: every scale per block `_launch_blocks`, else the persistent two-pass kernel
     (`_launch_persistent`) or the split path (`_launch_split`, `_split_wanted`). q/k/v (B or 1, H, S, D), any
-    strides; outs the fp8 BSHD outputs; rope None or
+    strides; outs the fp8 BSHD outputs; v_keys_contiguous V's layout (V_BSHD, V_KEYS or V_WGMMA; a bool
+    reads as the first two); rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
+    if v_keys_contiguous == V_WGMMA:  # (quantize_qkv_fp8 checked it; packed sequences never ask for it)
+        if varlen is not None:
+            raise ValueError("v_wgmma_order: not for packed sequences")
+        check_wgmma_order(options, S_kv, True)
     if options.v_block_scales:
         return _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous)
     H_q, D = q.shape[1], q.shape[3]
@@ -344,7 +361,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
             extra = dict(zip(("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"), varlen))
         return QuantizedQKV(q_out, k_out, v_out, descale[0], descale[1], descale[2], v_mean=v_mean,
                             v_rotated=options.rotates_v, v_add=v_add, q_block_descale=blocks[0],
-                            k_block_descale=blocks[1], **extra)
+                            k_block_descale=blocks[1], v_wgmma_order=v_keys_contiguous == V_WGMMA, **extra)
 
     if S_q == 0 or S_kv == 0 or B == 0:
         return bundle(torch.ones((3, B, H_kv), dtype=torch.float32, device=device))
@@ -366,7 +383,7 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
 
 
 def _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
-                       v_keys_contiguous: bool, means, buf, workspace, descale, blocks, n_blks, d_contig: bool) -> None:
+                       v_keys_contiguous: int, means, buf, workspace, descale, blocks, n_blks, d_contig: bool) -> None:
     """`_launch`'s persistent two-pass kernel (`kernels.qkv_quantize_kernel`), one launch; its arguments are
     `_launch`'s (buf: the zeroed int32 buffer, workspace its head sized for n_blks, blocks the block descales or
     Nones, n_blks their (q, k) block counts)."""
@@ -391,7 +408,7 @@ def _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8At
     # int8 Q/K: the kernel stores every tile as bytes (one pointer type for its q/k/v select)
     out_ptrs = tuple(t.view(torch.uint8) for t in outs) if options.int8_qk else outs
     const_key = (options, D, tile, d_contig, apply_rope, varlen is not None, chunk, interleave, interp,
-                 bool(v_keys_contiguous))
+                 int(v_keys_contiguous))
     tensors = (q, k, v, cos, sin, *out_ptrs, descale, workspace, means, cu_q, cu_k,
                blocks[0] if block_scales else buf, blocks[1] if block_scales else buf)
     # keys-contiguous V's row count (S_kv, or the packed total); 0 otherwise (unread: no specialization, key
@@ -424,7 +441,7 @@ def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, elements: 
             and (varlen is None or varlen[0] is varlen[1]))
 
 
-def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions, v_keys_contiguous: bool,
+def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions, v_keys_contiguous: int,
                   means, amax, descale, d_contig: bool) -> None:
     """Per-(batch, KV head) scales in two passes of separate launches (`block_kernel`'s PASS_AMAX, then
     PASS_CODES): the amax launch merges every tile's amax into `amax` ((3, B, H_kv) int32, zeroed), the codes
@@ -453,7 +470,7 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
         rope_tile = (*_SPLIT_ROPE_TILES.get(half_block, _SPLIT_ROPE_TILE_DEFAULT), True, True, V_APART)
 
     def block_launch(pass_: int) -> None:
-        const_key = (options, D, half_block, d_contig, False, varlen is not None, bool(v_keys_contiguous), warps,
+        const_key = (options, D, half_block, d_contig, False, varlen is not None, int(v_keys_contiguous), warps,
                      _BLOCK_HEADS_FASTEST, pass_, rows)
         key = (q.device, tuple(t.dtype for t in tensors), ints, const_key) if use_direct else None
         direct.launch(qkv_block_quantize_kernel, key, (n_q + 2 * n_kv - item0,), (*tensors, *ints),
@@ -602,7 +619,7 @@ def _rope_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_co
 
 @functools.lru_cache(maxsize=256)
 def _block_constexprs(options: FP8AttentionOptions, D: int, half_block: int, d_contig: bool, apply_rope: bool,
-                      varlen: bool, v_keys_contiguous: bool, num_warps: int, heads_fastest: bool,
+                      varlen: bool, v_keys_contiguous: int, num_warps: int, heads_fastest: bool,
                       pass_: int = PASS_BLOCK.value, rows: int = V_SCALE_BLOCK) -> dict:
     """`qkv_block_quantize_kernel`'s constexprs and compile options for one configuration (the caller must not
     modify the dict); `rows` per tile (a V block, but in the split path's passes)."""

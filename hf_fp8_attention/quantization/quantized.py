@@ -21,7 +21,8 @@ class QuantizedQKV:
 
     q: (B, S_q, H_q, D) float8_e4m3fn, contiguous.
     k, v: (B, S_kv, H_kv, D) float8_e4m3fn, contiguous; v may instead be a BSHD view of keys-contiguous
-        (B, H_kv, D, S_kv) memory (`keys_contiguous`; the quantizers' ``v_keys_contiguous``).
+        (B, H_kv, D, S_kv) memory (`keys_contiguous`; the quantizers' ``v_keys_contiguous``), whose keys
+        may in turn be in wgmma order within every 16 (`v_wgmma_order`).
     q_descale, k_descale, v_descale: (B, H_kv) float32. One Q scale per KV group: the G = H_q / H_kv query
         heads that share a KV head share a scale, which is the granularity FA3's q_descale has.
     """
@@ -61,6 +62,9 @@ class QuantizedQKV:
     # KV head, (B, H_kv, cdiv(S_kv, V_SCALE_BLOCK)) float32 (varlen as above); q/k/v_descale are then NaN
     # (not computed: the single-pass quantizer never sees a whole head).
     v_block_descale: Optional[torch.Tensor] = None
+    # v's keys are in wgmma order within every 16 (`wgmma_key_order`; the quantizers' ``v_wgmma_order``): only
+    # the Gluon kernel reads it so (the triton backend restores key order for any other kernel, `natural_key_order`)
+    v_wgmma_order: bool = False
 
     @property
     def v_block_scales(self) -> bool:
@@ -173,6 +177,55 @@ def keys_contiguous_rows(v: torch.Tensor) -> int | None:
     if v.stride(1) != 1 or v.stride(2) != v.shape[3] * rows or v.stride(0) != v.shape[2] * v.stride(2):
         return None
     return rows
+
+
+# Position p of every 16 keys of a V in wgmma order holds key WGMMA_KEY_AT[p]: the bits (p3 p2 p1 p0) of a
+# position name the key (p1 p3 p2 p0); key k sits at position (k2 k1 k3 k0). It is where the fp8 wgmma score
+# accumulator's thread keeps the columns that the same thread needs as P.V's A operand (4 consecutive k per
+# register), so that the Gluon kernel relabels P instead of moving it between threads
+# (`gluon_attention._softmax`'s V_WGMMA_ORDER).
+WGMMA_KEY_AT = tuple(2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2) for p in range(16))
+
+
+def _reorder_keys(v: torch.Tensor, at: tuple[int, ...]) -> torch.Tensor:
+    """A keys-contiguous V whose position p of every 16 keys takes key at[p] of ``v`` (same kind of view,
+    new memory)."""
+    if keys_contiguous_rows(v) is None:
+        raise ValueError("the wgmma key order is a layout of keys-contiguous V (`keys_contiguous`), got strides "
+                         f"{v.stride()} for shape {tuple(v.shape)}")
+    S_kv = v.shape[1]
+    if S_kv % 16:
+        raise ValueError(f"the wgmma key order needs a key count that is a multiple of 16, got {S_kv}")
+    index = (torch.arange(0, S_kv, 16, device=v.device)[:, None]
+             + torch.tensor(at, device=v.device)).reshape(-1)
+    packed = v.permute(0, 2, 3, 1)  # (B, H, D, S_kv) view of the keys-contiguous memory
+    return packed[..., index].contiguous().permute(0, 3, 1, 2)
+
+
+def wgmma_key_order(v: torch.Tensor) -> torch.Tensor:
+    """A keys-contiguous V (`keys_contiguous`) with its keys in wgmma order within every 16 (`WGMMA_KEY_AT`),
+    what the quantizers write with ``v_wgmma_order``; S_kv a multiple of 16."""
+    return _reorder_keys(v, WGMMA_KEY_AT)
+
+
+def natural_key_order(v: torch.Tensor) -> torch.Tensor:
+    """The inverse of `wgmma_key_order`: a V in wgmma key order back in key order (keys-contiguous)."""
+    return _reorder_keys(v, tuple(WGMMA_KEY_AT.index(k) for k in range(16)))
+
+
+def check_wgmma_order(options, S_kv: int, v_keys_contiguous: bool) -> None:
+    """Why V cannot be written in wgmma key order (a ValueError), if it cannot: the order is a layout of
+    keys-contiguous V over whole 16s of keys, written by the per-head-scale paths (the Gluon kernel, its only
+    reader, takes no block scales)."""
+    problems = []
+    if not v_keys_contiguous:
+        problems.append("needs v_keys_contiguous=True")
+    if S_kv % 16:
+        problems.append(f"needs a key count that is a multiple of 16, got {S_kv}")
+    if options.v_block_scales:
+        problems.append('needs per-head V scales (not v_scales="block")')
+    if problems:
+        raise ValueError("v_wgmma_order: " + "; ".join(problems))
 
 
 def channels_contiguous(v: torch.Tensor) -> torch.Tensor:

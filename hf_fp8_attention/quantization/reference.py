@@ -15,7 +15,8 @@ from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOC
 from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
-from .quantized import QuantizedQKV, check_cu_seqlens, check_rope_args, keys_contiguous, rows_bhsd
+from .quantized import (QuantizedQKV, check_cu_seqlens, check_rope_args, check_wgmma_order, keys_contiguous, rows_bhsd,
+                        wgmma_key_order)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ def _quantize_blocks(x: torch.Tensor, block: int, int8: bool = False) -> tuple[t
 def quantize_qkv_fp8_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
-    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False,
+    options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False, v_wgmma_order: bool = False,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -170,6 +171,8 @@ def quantize_qkv_fp8_reference(
             V_SCALE_BLOCK (128) tokens of one KV head, the exact amax of each (rotated) block, and then no
             per-group descale is computed (q/k/v_descale NaN), as the single-pass kernel.
         v_keys_contiguous: v's codes in keys-contiguous memory (`quantized.keys_contiguous`), as the kernel's.
+        v_wgmma_order: with v_keys_contiguous, those keys in wgmma order (`quantized.wgmma_key_order`), as the
+            kernel's (`qkv.check_wgmma_order` says what it needs).
         Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
@@ -221,10 +224,14 @@ def quantize_qkv_fp8_reference(
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     if options.v_block_scales:
         v8, blocks["v_block_descale"] = _quantize_blocks(vf, V_SCALE_BLOCK)
+    if v_wgmma_order:
+        check_wgmma_order(options, k.shape[2], v_keys_contiguous)
     if v_keys_contiguous:
         v8 = keys_contiguous(v8)
+    if v_wgmma_order:
+        v8 = wgmma_key_order(v8)
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
-                        v_add=v_add, **blocks)
+                        v_add=v_add, v_wgmma_order=bool(v_wgmma_order), **blocks)
 
 
 def quantize_qkv_fp8_varlen_reference(

@@ -132,16 +132,18 @@ def test_wgmma_key_order_is_the_fragment_relabelling():
         assert wanted == held, (q, sorted(wanted), sorted(held))
     g = torch.Generator().manual_seed(3)
     v = torch.randn(2, 48, 3, 8, generator=g).to(torch.float8_e4m3fn)
-    from hf_fp8_attention.quantization.quantized import keys_contiguous, keys_contiguous_rows
+    from hf_fp8_attention.quantization.quantized import (keys_contiguous, keys_contiguous_rows, natural_key_order,
+                                                         wgmma_key_order)
 
     kc = keys_contiguous(v)
-    perm = gluon_attention.wgmma_key_order(kc)
+    perm = wgmma_key_order(kc)
     assert keys_contiguous_rows(perm) == 48 and perm.shape == v.shape
     key = (torch.arange(0, 48, 16)[:, None] + sigma).reshape(-1)
     assert torch.equal(perm.float(), v[:, key].float())
     assert torch.equal(perm[:, torch.argsort(key)].float(), v.float())
+    assert torch.equal(natural_key_order(perm).float(), v.float()) and keys_contiguous_rows(natural_key_order(perm))
     with pytest.raises(ValueError, match="multiple of 16"):
-        gluon_attention.wgmma_key_order(keys_contiguous(v[:, :40]))
+        wgmma_key_order(keys_contiguous(v[:, :40]))
 
 
 def test_gluon_launcher_refuses_what_it_cannot_run():
@@ -301,6 +303,60 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp")
     with pytest.raises(ValueError, match="'gluon-pp': the Gluon kernel needs triton >= 3.6; unset it"):
         triton_backend._launch(plain128, False, 0.125, torch.bfloat16)
+
+
+def test_v_in_wgmma_key_order_reaches_the_gluon_kernel_only(monkeypatch):
+    """The quantizer writes V in wgmma key order exactly where the call runs the Gluon kernel's default route
+    (`triton.reads_v_wgmma_order`: Hopper, D=128, a full query tile, whole 16s of keys, per-head scales, causal
+    only with S_q == S_kv, not packed, not the key-order route or "triton"); the launcher hands that V to the
+    Gluon kernel with v_wgmma_order=True, and any other kernel gets V back in key order: the Triton kernel's
+    output on it equals its output on the key-order bundle bit for bit."""
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    calls = []
+
+    def fake(qkv, **kw):
+        calls.append((qkv, kw))
+        return torch.zeros(qkv.q.shape, dtype=kw["out_dtype"])
+
+    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention", fake)
+    monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
+    monkeypatch.setattr(triton_backend, "_hopper_device", lambda d: True)
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    opts = FP8AttentionOptions(hadamard="none")
+    reads = triton_backend.reads_v_wgmma_order
+    kw = dict(is_causal=True, options=opts, varlen=False)
+    cuda = torch.device("cuda", 0)
+    assert reads(cuda, 4096, 32, 8, 4096, 128, **kw)
+    assert not reads(cuda, 4096, 32, 8, 4096, 64, **kw)  # auto: D=128 only
+    assert not reads(cuda, 4096, 32, 8, 4088, 128, **dict(kw, is_causal=False))  # keys not in whole 16s
+    assert not reads(cuda, 100, 32, 8, 4096, 128, **kw)  # causal with S_q != S_kv
+    assert not reads(cuda, 4096, 32, 8, 4096, 128, **dict(kw, varlen=True))
+    assert not reads(cuda, 4096, 32, 8, 4096, 128, **dict(kw, options=FP8AttentionOptions(qk_scales="block")))
+    assert not reads(cuda, 1, 32, 8, 4096, 128, **kw)  # decode
+    monkeypatch.setattr(triton_backend, "_hopper_device", lambda d: False)
+    assert not reads(cuda, 4096, 32, 8, 4096, 128, **kw)
+    monkeypatch.setattr(triton_backend, "_hopper_device", lambda d: True)
+    for route, wanted in (("gluon-pp-persistent", True), ("gluon-pp-persistent-key-order", False),
+                          ("triton", False), ("gluon-pp", False)):
+        monkeypatch.setenv(triton_backend.KERNEL_ENV, route)
+        assert reads(cuda, 4096, 32, 8, 4096, 128, **kw) is wanted, route
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent")
+    assert reads(cuda, 4096, 32, 8, 4096, 64, **kw)  # a named route: D=64 too
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 128, 128, generator=g).bfloat16() for h in (4, 2, 2))
+    keys = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
+    wgmma = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True, v_wgmma_order=True)
+    monkeypatch.delenv(triton_backend.KERNEL_ENV)
+    triton_backend._launch(wgmma, True, 0.125, torch.bfloat16)
+    assert len(calls) == 1 and calls[0][1]["v_wgmma_order"] is True and calls[0][0].v is wgmma.v
+    triton_backend._launch(keys, True, 0.125, torch.bfloat16)
+    assert len(calls) == 2 and calls[1][1]["v_wgmma_order"] is False
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
+    want = triton_backend._launch(keys, True, 0.125, torch.float32, config={"BLOCK_M": 64, "BLOCK_N": 32})
+    got = triton_backend._launch(wgmma, True, 0.125, torch.float32, config={"BLOCK_M": 64, "BLOCK_N": 32})
+    assert len(calls) == 2 and torch.isfinite(want).all() and torch.equal(got, want)
 
 
 def _snake(n_tiles, grid):

@@ -516,3 +516,50 @@ def test_kernel_writes_keys_contiguous_v(B, H_kv, S, D, rope, options, quantize_
         assert torch.equal(got.v_add, bshd.v_add)
     else:
         assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(ref.v))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="GPU version in tests/gpu/test_quantize_gpu.py")
+@pytest.mark.parametrize("B,H_kv,S,D,rope,options", [
+    pytest.param(2, 2, 48, 64, None, {}, id="plain-d64"),
+    pytest.param(1, 2, 80, 128, (1, torch.float32), {"hadamard": "qk", "smooth_v": True}, id="rope-qk-smooth_v-d128"),
+    pytest.param(1, 1, 32, 128, None, {"hadamard": "qkv"}, id="qkv-d128"),
+])
+def test_kernel_writes_v_in_wgmma_key_order(B, H_kv, S, D, rope, options, quantize_path):
+    """v_wgmma_order: V's codes are the keys-contiguous launch's, their keys reordered within every 16 as
+    `wgmma_key_order` does (byte for byte, both quantize paths, the reference too), the bundle says so, and q, k
+    and the descales do not change."""
+    from hf_fp8_attention.quantization.quantized import keys_contiguous_rows, natural_key_order, wgmma_key_order
+
+    q, k, v = make_qkv(B, 2 * H_kv, H_kv, S, S, D, torch.bfloat16, "bshd", seed=5)
+    cos, sin = make_rope(rope[0], S, D, rope[1]) if rope else (None, None)
+    opts = FP8AttentionOptions(**options)
+    keys = quantize_qkv_fp8(q, k, v, cos, sin, options=opts, v_keys_contiguous=True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, options=opts, v_keys_contiguous=True, v_wgmma_order=True)
+    ref = quantize_qkv_fp8_reference(q, k, v, cos, sin, options=opts, v_keys_contiguous=True, v_wgmma_order=True)
+    assert got.v_wgmma_order and ref.v_wgmma_order and not keys.v_wgmma_order
+    assert keys_contiguous_rows(got.v) == S and got.v.shape == keys.v.shape
+    assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(wgmma_key_order(keys.v)))
+    assert not torch.equal(_fp8_bytes(got.v), _fp8_bytes(keys.v))  # (the order changed something)
+    assert torch.equal(_fp8_bytes(natural_key_order(got.v)), _fp8_bytes(keys.v))
+    for name in ("q", "k", "q_descale", "k_descale", "v_descale"):
+        a, b = getattr(got, name), getattr(keys, name)
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b), name
+    if not options.get("smooth_v"):
+        assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(ref.v))
+
+
+def test_v_wgmma_order_refuses_what_it_cannot_write():
+    """The wgmma key order is a layout of keys-contiguous V over whole 16s of keys with a per-head V scale:
+    anything else is a ValueError naming the reason (the kernel and the reference alike), not a wrong order."""
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 64, torch.bfloat16, "bshd")
+    q, k, v = _to(DEVICE, q, k, v)
+    cases = [(dict(v_keys_contiguous=True), "multiple of 16"), (dict(), "v_keys_contiguous")]
+    for fn in (quantize_qkv_fp8, quantize_qkv_fp8_reference):
+        for kwargs, match in cases:
+            with pytest.raises(ValueError, match=match):
+                fn(q, k, v, v_wgmma_order=True, **kwargs)
+    q, k, v = (t[:, :, :32] for t in (q, k, v))
+    with pytest.raises(ValueError, match="per-head V scales"):
+        quantize_qkv_fp8(q, k, v, options=dict(qk_scales="block", v_scales="block"), v_keys_contiguous=True,
+                         v_wgmma_order=True)

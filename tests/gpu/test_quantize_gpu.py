@@ -249,6 +249,8 @@ def test_keys_contiguous_v_gpu(S, rope, quantize_path):
     import hf_fp8_attention.attention as attention
     import hf_fp8_attention.backends as backends
     from hf_fp8_attention import fp8_sdpa
+    from hf_fp8_attention.backends import triton as triton_backend
+    from hf_fp8_attention.metrics import sqnr_db
 
     g = torch.Generator(device="cuda").manual_seed(S)
     q = torch.randn(2, S, 32, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
@@ -267,15 +269,23 @@ def test_keys_contiguous_v_gpu(S, rope, quantize_path):
     quantize = attention.quantize
     record = backends.REGISTRY["triton"]
     try:
-        attention.quantize = lambda *a: asked.append(a[-1]) or quantize(*a)
+        attention.quantize = lambda *a: asked.append(tuple(a[8:])) or quantize(*a)
         fused = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
         # the triton record without its V layout: BSHD V from the quantizer, copied by the backend
         backends.REGISTRY["triton"] = dataclasses.replace(record, v_keys_contiguous=None)
         copied = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
     finally:
         attention.quantize, backends.REGISTRY["triton"] = quantize, record
-    assert asked == [S * 128 >= 2048 * 128, False]  # what the pipeline asked the quantizer for
-    assert torch.equal(fused, copied)
+    # what the pipeline asked the quantizer for: (keys-contiguous V, in wgmma key order); the wgmma order where
+    # the call runs the Gluon kernel's default route (Hopper, 4k keys); the record without its V layout: neither
+    keys = S * 128 >= 2048 * 128
+    wgmma = keys and triton_backend.reads_v_wgmma_order(q.device, S, 32, 8, S, 128, is_causal=True,
+                                                       options=FP8AttentionOptions(), varlen=False)
+    assert asked == [(keys, wgmma), (False, False)]
+    if wgmma:  # the same products, summed in another order inside the P.V MMA
+        assert sqnr_db(fused.float(), copied.float()) > 80.0
+    else:
+        assert torch.equal(fused, copied)
 
 
 @pytest.mark.parametrize("mode", ["rope+qk", "rope", "none", "qk+smooth_v"])
