@@ -223,13 +223,28 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
 
         return run
 
-    def kernel_only(name, backend_fn, v_keys_contiguous=False):
+    def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None):
         """An fp8 kernel alone on inputs quantized once, outside the timing (V in the layout fp8_sdpa's
-        quantizer writes for that backend: no per-call copy inside the timing)."""
-        qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous)
+        quantizer writes for that backend: no per-call copy inside the timing). env: environment variables
+        set around each call (the triton backend's kernel route)."""
+        qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous, v_wgmma_order=v_wgmma_order)
         scale = q.shape[-1] ** -0.5
-        return Candidate(name, lambda: backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype),
-                         bshd=True, mode="none")
+
+        def run():
+            if not env:
+                return backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype)
+            saved = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
+            try:
+                return backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype)
+            finally:
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+        return Candidate(name, run, bshd=True, mode="none")
 
     out.append(Candidate("torch sdpa flash bf16", torch_sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION)))
     out.append(Candidate("torch sdpa cudnn bf16", torch_sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)))
@@ -250,11 +265,23 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
     if "triton" in backends:
         from hf_fp8_attention.backends.triton import triton_fp8_attention
 
-        from hf_fp8_attention.backends import triton_reads_v_keys_contiguous
+        from hf_fp8_attention.backends import TRITON_KERNEL_ENV, triton_reads_v_keys_contiguous, triton_reads_v_wgmma_order
+        from hf_fp8_attention.options import NO_MODES
 
         B_, H_q, S_q, D_ = q.shape
         keys = triton_reads_v_keys_contiguous(S_q, H_q, k.shape[1], k.shape[2], D_)
-        out.append(kernel_only("triton fp8 kernel only", triton_fp8_attention, v_keys_contiguous=keys))
+        wgmma = keys and triton_reads_v_wgmma_order(q.device, S_q, H_q, k.shape[1], k.shape[2], D_, is_causal=causal,
+                                                    options=NO_MODES, varlen=False)
+        out.append(kernel_only("triton fp8 kernel only", triton_fp8_attention, v_keys_contiguous=keys,
+                               v_wgmma_order=wgmma))
+        if wgmma:  # A/B: the same Gluon build on V in key order (its layout before session 26), and the quantizer
+            # writing each layout
+            out.append(kernel_only("triton fp8 kernel only, V key order", triton_fp8_attention,
+                                   v_keys_contiguous=True,
+                                   env={TRITON_KERNEL_ENV: "gluon-pp-persistent-key-order"}))
+            for tag, order in (("V keys-contiguous", False), ("V wgmma order", True)):
+                out.append(Candidate(f"fp8 quantize only, {tag}", lambda order=order: quantize_qkv_fp8(
+                    q, k, v, v_keys_contiguous=True, v_wgmma_order=order), output=False, mode="none"))
     for backend in backends:
         for mode, kwargs in modes.items():
             if (kwargs.get("qk_scales") == "block" or kwargs.get("qk_format") == "int8") and backend != "triton":
@@ -345,6 +372,32 @@ def _print_triton_summary(rows: list[dict]) -> None:
         print("\n| D | S | causal | fp8_triton TFLOPS (quant incl.) | of fp8_fa3 (quant incl.) "
               "| kernel alone: of FA3 fp8 kernel | vs FA3 bf16 |")
         print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
+def _print_v_order_summary(rows: list[dict]) -> None:
+    """Where the Gluon kernel reads V in wgmma key order: that kernel against the same build on V in key order,
+    and the quantizer writing each layout (same run)."""
+    by_shape: dict = {}
+    for r in rows:
+        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
+    lines = []
+    for (d, s, causal), ms in by_shape.items():
+        k_w, k_k = ms.get("triton fp8 kernel only"), ms.get("triton fp8 kernel only, V key order")
+        q_k, q_w = ms.get("fp8 quantize only, V keys-contiguous"), ms.get("fp8 quantize only, V wgmma order")
+        if k_w is None or k_k is None:
+            continue
+        fa3 = ms.get("FA3 fp8 kernel only")
+        of = lambda t: "-" if fa3 is None else f"{fa3 / t:.1%}"  # noqa: E731
+        quant = "- | - | -" if q_k is None or q_w is None else f"{q_k:.3f} | {q_w:.3f} | {q_w / q_k:.3f}x"
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {k_k:.3f} ({of(k_k)}) | {k_w:.3f} ({of(k_w)}) | "
+                     f"{k_k / k_w:.3f}x | {quant} |")
+    if lines:
+        print("\nV in wgmma key order (the Gluon kernel's default route) against V in key order, same run; "
+              "(% of the FA3 fp8 kernel's speed)")
+        print("| D | S | causal | kernel, V key order ms | kernel, V wgmma order ms | speedup | quantize, keys ms "
+              "| quantize, wgmma ms | wgmma / keys |")
+        print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
 
 
@@ -471,6 +524,7 @@ def main(argv=None) -> int:
         sq = _common.fmt(r["sqnr_db"], ".1f")
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     _print_triton_summary(rows)
+    _print_v_order_summary(rows)
     _print_mode_costs(rows)
     if host:
         print(f"\nHost cost per call ({HOST_CALLS} calls launched back to back, no sync) and GPU time from CUDA-graph "

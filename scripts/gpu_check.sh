@@ -69,6 +69,9 @@
 #   bash scripts/gpu_check.sh --rowsum   # the Gluon kernel's row sums by MMA (its default since session 25): its GPU
 #                                        # tests, the Triton backend's and the CUDA-graph replays, bench_sdpa's
 #                                        # kernels alone (GQA 32/8, 16k/64k, 2 rounds), ROWSUM_PROBES: probe_ws A/B
+#   bash scripts/gpu_check.sh --vorder   # V in wgmma key order from the quantizer (the Gluon kernel's default route since
+#                                        # session 26): its GPU tests, bench_sdpa's kernels alone against the same build on
+#                                        # V in key order, the quantizer per layout, fp8_triton (GQA 32/8, 16k/64k)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -470,6 +473,16 @@ elif [ "$mode" = "--rowsum" ]; then  # session 25: the Gluon kernel's row sums b
       | tee -a "$out/rowsum_probe.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: rowsum probe '$p' FAILED"; status=1; }
   done
+elif [ "$mode" = "--vorder" ]; then  # session 26: V in wgmma key order from the quantizer (the Gluon kernel's default
+  # route): the GPU tests it touches (VORDER_TESTS=0: not; VORDER_TESTS_K filters), then bench_sdpa's kernels alone,
+  # the same build on V in key order and the quantizer writing each layout, and fp8_triton end to end (GQA 32/8,
+  # D=128, VORDER_SEQLENS default 16k 64k, causal both, VORDER_ROUNDS default 2)
+  [ "${VORDER_TESTS:-1}" = 1 ] && step vorder_tests timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/gpu/test_gluon_gpu.py tests/gpu/test_quantize_gpu.py tests/gpu/test_triton_attention_gpu.py \
+    tests/gpu/test_cuda_graphs_gpu.py -k "${VORDER_TESTS_K:-gluon or keys_contiguous or triton or replays}"
+  step vorder_sdpa timeout "${SDPA_S:-300}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${VORDER_SEQLENS:-16384 65536} --causal both --rounds "${VORDER_ROUNDS:-2}" --modes none --sqnr-ref off \
+    --rep-ms 150 --impls "FA3" "triton fp8 kernel only" "quantize only, V" fp8_triton --json "$out/vorder_sdpa.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

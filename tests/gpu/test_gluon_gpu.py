@@ -51,3 +51,40 @@ def test_default_build_matches_softmax_sums(S, causal, v_offset):
     assert (ratio - 1).abs().max() < 0.05, (ratio.min().item(), ratio.max().item())
     assert sqnr_db(by_mma, exact) > sqnr_db(in_softmax, exact) - 0.5
     assert sqnr_db(by_mma, exact) > 25.0
+
+
+@pytest.mark.parametrize("S,causal,v_offset", [(4096, True, 0.0), (4096, False, 4.0), (1040, True, 4.0)])
+def test_v_in_wgmma_key_order_matches_key_order(S, causal, v_offset, monkeypatch):
+    """The default route on V in wgmma key order (session 26: the quantizer writes it, the kernel relabels P)
+    against the same build on V in key order: the same products summed in another order inside the P.V MMA
+    (> 80 dB); the Triton kernel gets V back in key order (bit-equal); fp8_sdpa's triton path asks the quantizer
+    for that order and hands it to the Gluon kernel."""
+    from hf_fp8_attention import fp8_sdpa
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    torch.manual_seed(11)
+    B, H, H_kv, D = 1, 8, 2, 128
+    q, k = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv))
+    v = torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) + v_offset
+    opts = FP8AttentionOptions(hadamard="none")
+    keys = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True)
+    wgmma = quantize_qkv_fp8(q, k, v, options=opts, v_keys_contiguous=True, v_wgmma_order=True)
+    assert wgmma.v_wgmma_order and not torch.equal(wgmma.v.view(torch.uint8), keys.v.view(torch.uint8))
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.float32)
+    got = triton_backend.triton_fp8_attention(wgmma, **kw)
+    want = triton_backend.triton_fp8_attention(keys, **kw)
+    assert torch.isfinite(got).all() and sqnr_db(got, want) > 80.0
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")  # the Triton kernel: V back in key order, bit-equal
+    assert torch.equal(triton_backend.triton_fp8_attention(wgmma, **kw), triton_backend.triton_fp8_attention(keys, **kw))
+    monkeypatch.delenv(triton_backend.KERNEL_ENV)
+    seen = []
+    launch = gluon_attention.gluon_fp8_attention
+    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention",
+                        lambda qkv, **a: seen.append(a["v_wgmma_order"]) or launch(qkv, **a))
+    out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", hadamard="none")
+    from hf_fp8_attention.backends import TRITON_V_KEYS_MIN_KEYS_X_DIM
+
+    # (below 2k keys at D=128 the backend reads BSHD V: the Triton kernel, no Gluon call)
+    assert seen == ([True] if S * D >= TRITON_V_KEYS_MIN_KEYS_X_DIM else []) and torch.isfinite(out).all()
