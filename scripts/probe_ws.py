@@ -82,7 +82,7 @@ gluon_args = dict(is_causal=bool(a.causal), scale=D**-0.5, out_dtype=torch.bfloa
                   consumers=a.consumers, pingpong=bool(a.pingpong))
 if a.gluon:
     if a.v_order:  # the same codes, keys reordered (the reference column reads ref_qkv)
-        qkv = dataclasses.replace(qkv, v=wgmma_key_order(qkv.v))
+        qkv = dataclasses.replace(qkv, v=wgmma_key_order(qkv.v), v_wgmma_order=True)
 
     def gluon_build(rowsum_mma: bool):
         """This build (--persistent, --v-order, --order), with or without the row sums by MMA."""

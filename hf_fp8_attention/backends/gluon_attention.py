@@ -48,6 +48,11 @@ channel offset of 4 at 4k: 52.2 dB against float32 vs 50.4). A/B on the H200 (`g
 `gluon_rowsum_sdpa_h200_s25.log`): non-causal 1.01-1.08x, causal 0.98-1.00x. Measured and not kept (commit be62c3c): the row maxima as a tree over each thread's
 registers instead of the chain the reduction compiles to, bit-identical but 0.93-0.96x
 (`gluon_tree_max_h200_s25.log`).
+
+Session 26: the default route reads V in wgmma key order (V_WGMMA_ORDER), which the quantizer now writes for
+the calls that route takes (`triton.reads_v_wgmma_order`): 1.05-1.07x at 16k and 1.01-1.02x at 64k against the
+same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8, two runs,
+`vorder_sdpa_h200_s26_run*.log`).
 """
 
 from __future__ import annotations
@@ -94,8 +99,8 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
              ROWSUM_MMA: gl.constexpr = False):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
-    every 16 (`wgmma_key_order`; a probe option, measured and not adopted), so P's columns are relabelled to
-    match: the score accumulator's registers then already sit where the A operand wants them (a register
+    every 16 (`quantized.wgmma_key_order`, written by the quantizer for the Triton backend's default route since
+    session 26), so P's columns are relabelled to match: the score accumulator's registers then already sit where the A operand wants them (a register
     renaming; otherwise the layout conversion moves them between threads with shuffles and selects).
     ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA)."""
     if MASKED:
@@ -613,14 +618,16 @@ def persistent_heads_fastest(k, is_causal: bool) -> bool:
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
-                        v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False):
+                        v_wgmma_order: bool | None = None, heads_fastest: bool | None = None,
+                        rowsum_mma: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
     each (then BLOCK_M 128 and 4 warps per consumer, e.g. (128, 128, 4, 2)); pingpong (two consumers): their
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
-    (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `wgmma_key_order` (the
-    kernel then relabels P instead of moving it between threads); heads_fastest (persistent, causal): the tile
+    (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `quantized.wgmma_key_order`
+    (the kernel then relabels P instead of moving it between threads), None: as ``qkv.v_wgmma_order`` says
+    (False for a V the bundle marks as in that order is refused); heads_fastest (persistent, causal): the tile
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
     (`_attend_block`'s ROWSUM_MMA)."""
     import torch
@@ -639,6 +646,10 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"needs at least 2 stages, got {stages}")
     if pingpong and consumers != 2:
         problems.append("pingpong needs 2 consumers")
+    if v_wgmma_order is None:
+        v_wgmma_order = qkv.v_wgmma_order
+    elif qkv.v_wgmma_order and not v_wgmma_order:
+        problems.append("qkv.v is in wgmma key order (qkv.v_wgmma_order) but v_wgmma_order=False")
     if rowsum_mma and not persistent:
         problems.append("rowsum_mma is built into the persistent kernel only")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
