@@ -7,14 +7,31 @@ package's backend registry (`hf_fp8_attention.backends.ATTN_IMPLEMENTATIONS`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
 import statistics
 
 import torch
 
 from hf_fp8_attention.backends import ATTN_IMPLEMENTATIONS
 from hf_fp8_attention.demo import PLAIN_ATTN
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Environment variables set to ``values`` inside the block, restored (or removed) after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -231,18 +231,8 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
         scale = q.shape[-1] ** -0.5
 
         def run():
-            if not env:
+            with _common.environment(env or {}):
                 return backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype)
-            saved = {name: os.environ.get(name) for name in env}
-            os.environ.update(env)
-            try:
-                return backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype)
-            finally:
-                for name, value in saved.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
 
         return Candidate(name, run, bshd=True, mode="none")
 

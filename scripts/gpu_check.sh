@@ -477,10 +477,10 @@ elif [ "$mode" = "--vorder" ]; then  # session 26: V in wgmma key order from the
   # route): the GPU tests it touches (VORDER_TESTS=0: not; VORDER_TESTS_K filters), then bench_sdpa's kernels alone,
   # the same build on V in key order and the quantizer writing each layout, and fp8_triton end to end (GQA 32/8,
   # D=128, VORDER_SEQLENS default 16k 64k, causal both, VORDER_ROUNDS default 2)
-  [ "${VORDER_TESTS:-1}" = 1 ] && step vorder_tests timeout "${TESTS_S:-540}" python3 -m pytest -q -p no:cacheprovider -rs \
+  [ "${VORDER_TESTS:-1}" = 1 ] && step vorder_tests timeout "${TESTS_S:-420}" python3 -m pytest -q -p no:cacheprovider -rs \
     tests/gpu/test_gluon_gpu.py tests/gpu/test_quantize_gpu.py tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py -k "${VORDER_TESTS_K:-gluon or keys_contiguous or triton or replays}"
-  step vorder_sdpa timeout "${SDPA_S:-300}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+  step vorder_sdpa timeout "${SDPA_S:-150}" python3 scripts/bench_sdpa.py --kv-heads 8 \
     --seqlens ${VORDER_SEQLENS:-16384 65536} --causal both --rounds "${VORDER_ROUNDS:-2}" --modes none --sqnr-ref off \
     --rep-ms 150 --impls "FA3" "triton fp8 kernel only" "quantize only, V" fp8_triton --json "$out/vorder_sdpa.json"
 elif [ "$mode" = "--model" ]; then

@@ -264,15 +264,8 @@ def _table_off():
     """The fp8 side is the auto path without the table, whatever the environment says."""
     from hf_fp8_attention.speed_table import ENV
 
-    before = os.environ.get(ENV)
-    os.environ[ENV] = "off"
-    try:
+    with _common.environment({ENV: "off"}):
         yield
-    finally:
-        if before is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = before
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ import functools
 import torch
 
 from ..quantization import QuantizedQKV
-from ..quantization.quantized import channels_contiguous
+from ..quantization.quantized import channels_contiguous, key_ordered_v
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +59,7 @@ def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
         q, k, v = qkv.q[0], qkv.k[0], channels_contiguous(qkv.v[0])
         varlen = (qkv.cu_seqlens_q, qkv.cu_seqlens_k, None, None, None, qkv.max_seqlen_q, qkv.max_seqlen_k)
     else:
-        q, k, v = qkv.q, qkv.k, channels_contiguous(qkv.v)  # (a keys-contiguous V: FA3 reads BSHD)
+        q, k, v = qkv.q, qkv.k, channels_contiguous(key_ordered_v(qkv))  # (a keys-contiguous V: FA3 reads BSHD)
         varlen = (None,) * 7
     out = fwd(
         q, k, v, None, None, None, None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..quantization import QuantizedQKV
-from ..quantization.quantized import channels_contiguous
+from ..quantization.quantized import channels_contiguous, key_ordered_v
 
 
 def _load_kernel():
@@ -28,7 +28,7 @@ def fa4_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
     result = kernel(
         qkv.q,
         qkv.k,
-        channels_contiguous(qkv.v),  # (a keys-contiguous V: FA4 reads BSHD)
+        channels_contiguous(key_ordered_v(qkv)),  # (a keys-contiguous V: FA4 reads BSHD)
         softmax_scale=scale,
         causal=is_causal,
         q_descale=qkv.q_descale,

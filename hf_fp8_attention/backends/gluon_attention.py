@@ -50,7 +50,7 @@ registers instead of the chain the reduction compiles to, bit-identical but 0.93
 (`gluon_tree_max_h200_s25.log`).
 
 Session 26: the default route reads V in wgmma key order (V_WGMMA_ORDER), which the quantizer now writes for
-the calls that route takes (`triton.reads_v_wgmma_order`): 1.05-1.07x at 16k and 1.01-1.02x at 64k against the
+the calls that route takes (`triton.reads_v_wgmma_order`): 1.04-1.07x at 16k and 1.01-1.02x at 64k against the
 same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8, two runs,
 `vorder_sdpa_h200_s26_run*.log`).
 """
@@ -569,6 +569,7 @@ def triton_problem() -> str | None:
     return None
 
 
+GLUON_HEAD_DIMS = (64, 128)  # (`refusal`)
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 CALLS = 0  # launches so far (gpu_check checks that routed tests reached the kernel)
 
@@ -590,7 +591,7 @@ def refusal(qkv, is_causal: bool) -> str | None:
     problems = []
     if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
         problems.append("packed sequences and block scales are not supported")
-    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in (64, 128):
+    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in GLUON_HEAD_DIMS:
         problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
     # keys-contiguous V: packed (B, H_kv, D, rows) memory, rows >= S_kv a multiple of 16 (TMA strides)
     v_rows = keys_contiguous_rows(v)
@@ -627,7 +628,7 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     MMA groups issued in turn; persistent: one program per SM looping over the tiles
     (`fp8_attn_fwd_gluon_persistent_kernel`); v_wgmma_order: qkv.v's keys are in `quantized.wgmma_key_order`
     (the kernel then relabels P instead of moving it between threads), None: as ``qkv.v_wgmma_order`` says
-    (False for a V the bundle marks as in that order is refused); heads_fastest (persistent, causal): the tile
+    (a value other than the bundle's is refused); heads_fastest (persistent, causal): the tile
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
     (`_attend_block`'s ROWSUM_MMA)."""
     import torch
@@ -648,8 +649,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append("pingpong needs 2 consumers")
     if v_wgmma_order is None:
         v_wgmma_order = qkv.v_wgmma_order
-    elif qkv.v_wgmma_order and not v_wgmma_order:
-        problems.append("qkv.v is in wgmma key order (qkv.v_wgmma_order) but v_wgmma_order=False")
+    elif bool(v_wgmma_order) != qkv.v_wgmma_order:  # the bundle says which order its V is in
+        problems.append(f"v_wgmma_order={v_wgmma_order} but qkv.v_wgmma_order={qkv.v_wgmma_order}")
     if rowsum_mma and not persistent:
         problems.append("rowsum_mma is built into the persistent kernel only")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)

@@ -16,6 +16,7 @@ import torch
 
 from .._constants import FP8_DTYPE, SCALE_BLOCK, V_SCALE_BLOCK
 from ..quantization import QuantizedQKV
+from ..quantization.quantized import key_ordered_v
 
 # P is multiplied by 2**P_LOG2_OFFSET before its e4m3 cast (FA3's Max_offset for 8-bit inputs).
 P_LOG2_OFFSET = 8
@@ -37,7 +38,7 @@ def reference_fp8_attention(
     Returns:
         (B, S_q, H_q, D) tensor of ``out_dtype``, contiguous.
     """
-    q8, k8, v8 = qkv.q, qkv.k, qkv.v
+    q8, k8, v8 = qkv.q, qkv.k, key_ordered_v(qkv)
     batch, s_q, h_q, dim = q8.shape
     s_kv, h_kv = k8.shape[1], k8.shape[2]
     group = h_q // h_kv

@@ -139,35 +139,42 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
         return False
     if not triton_reads_v_keys_contiguous(s_q, h_q, h_kv, s_kv, dim) or s_kv % 16 or (is_causal and s_q != s_kv):
         return False
-    if not _hopper_device(device):
+    if not _hopper_device(device) or kernel_choice() not in _V_WGMMA_ROUTES:
         return False
-    choice = kernel_choice()
-    if choice not in _V_WGMMA_ROUTES or gluon_unavailable() is not None:
-        return False
-    if choice == "auto":
-        return dim in _AUTO_HEAD_DIMS and s_q >= _AUTO_KERNEL["config"][0]
-    return dim in (64, 128)  # (the Gluon kernel's head dims, every build: `gluon_attention.refusal`)
+    from .gluon_attention import GLUON_HEAD_DIMS
+
+    return dim in GLUON_HEAD_DIMS and _route_kernel(True, dim, s_q, raise_unavailable=False) is not None
 
 
-def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
-    """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` sends this prefill call to
-    the Gluon kernel and it takes it, else None. auto falls back to the Triton kernel where the installed triton
-    cannot build the Gluon kernel; a gluon* value there is an error."""
+def _route_kernel(on_hopper: bool, dim: int, s_q: int, raise_unavailable: bool = True) -> dict | None:
+    """The Gluon launcher's keyword arguments of the `KERNEL_ENV` route for a prefill call of this head dim and
+    query length on Hopper (or not), or None where the route keeps the Triton kernel. auto falls back to the
+    Triton kernel where the installed triton cannot build the Gluon kernel; a gluon* value there is an error
+    (raise_unavailable; else None)."""
     choice = kernel_choice()
     kernel = _KERNELS[choice]
-    if kernel is None or not _on_hopper(qkv.q):
+    if kernel is None or not on_hopper:
         return None
     problem = gluon_unavailable()
     if problem is not None:
-        if kernel == "auto":
+        if kernel == "auto" or not raise_unavailable:
             return None
         raise ValueError(f"{KERNEL_ENV}={choice!r}: {problem}; unset it (auto) or set 'triton'")
     if kernel == "auto":
         # D=128 only (measured), and a full query tile: the Gluon kernel gives every query head its own
         # BLOCK_M-row tiles, where the Triton kernel packs a KV head's query heads into its rows
-        if qkv.q.shape[-1] not in _AUTO_HEAD_DIMS or qkv.q.shape[1] < _AUTO_KERNEL["config"][0]:
+        if dim not in _AUTO_HEAD_DIMS or s_q < _AUTO_KERNEL["config"][0]:
             return None
         kernel = _AUTO_KERNEL
+    return kernel
+
+
+def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
+    """(qkv with this V, the Gluon launcher's keyword arguments) when `KERNEL_ENV` sends this prefill call to
+    the Gluon kernel (`_route_kernel`) and it takes it (`gluon_attention.refusal`), else None."""
+    kernel = _route_kernel(_on_hopper(qkv.q), qkv.q.shape[-1], qkv.q.shape[1])
+    if kernel is None:
+        return None
     from . import gluon_attention
 
     qkv = dataclasses.replace(qkv, v=v)

@@ -227,12 +227,13 @@ def ws_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: t
 
     from .._constants import SCALE_BLOCK, V_SCALE_BLOCK
     from .._intmath import cdiv
+    from ..quantization.quantized import key_ordered_v
 
     reason = ws_supported(qkv, is_causal)
     if reason is not None:
         raise ValueError(f"the warp-specialized kernel does not take this call: {reason}")
     block_m, block_n, warps, stages = config or WS_CONFIG_DEFAULT
-    q, k, v = qkv.q, qkv.k, qkv.v
+    q, k, v = qkv.q, qkv.k, key_ordered_v(qkv)
     B, S_q, H_q, D = q.shape
     S_kv, H_kv = k.shape[1], k.shape[2]
     v_rows = v.stride(3)  # keys-contiguous V: (B, H_kv, D, v_rows) memory

@@ -66,6 +66,12 @@ class QuantizedQKV:
     # the Gluon kernel reads it so (the triton backend restores key order for any other kernel, `natural_key_order`)
     v_wgmma_order: bool = False
 
+    def __post_init__(self):
+        if self.v_wgmma_order and (self.is_varlen or keys_contiguous_rows(self.v) is None or self.v.shape[1] % 16):
+            raise ValueError("QuantizedQKV: v_wgmma_order needs a fixed-length, keys-contiguous V over whole 16s of "
+                             f"keys, got v of shape {tuple(self.v.shape)}, strides {self.v.stride()}"
+                             + (", packed sequences" if self.is_varlen else ""))
+
     @property
     def v_block_scales(self) -> bool:
         return self.v_block_descale is not None
@@ -187,17 +193,22 @@ def keys_contiguous_rows(v: torch.Tensor) -> int | None:
 WGMMA_KEY_AT = tuple(2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2) for p in range(16))
 
 
-def _reorder_keys(v: torch.Tensor, at: tuple[int, ...]) -> torch.Tensor:
-    """A keys-contiguous V whose position p of every 16 keys takes key at[p] of ``v`` (same kind of view,
-    new memory)."""
+def _reorder_keys(v: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """A keys-contiguous V whose position p of every 16 keys takes key WGMMA_KEY_AT[p] of ``v`` (inverse: key p
+    goes back from that position): same kind of view, new memory. The index is computed on v's device (no host
+    copy: a CUDA-graph capture may call this, `backends.triton._launch`)."""
     if keys_contiguous_rows(v) is None:
         raise ValueError("the wgmma key order is a layout of keys-contiguous V (`keys_contiguous`), got strides "
                          f"{v.stride()} for shape {tuple(v.shape)}")
     S_kv = v.shape[1]
     if S_kv % 16:
         raise ValueError(f"the wgmma key order needs a key count that is a multiple of 16, got {S_kv}")
-    index = (torch.arange(0, S_kv, 16, device=v.device)[:, None]
-             + torch.tensor(at, device=v.device)).reshape(-1)
+    p = torch.arange(16, device=v.device)
+    if inverse:  # the position of key p: bits (p2 p1 p3 p0)
+        at = 8 * ((p >> 2) & 1) + 4 * ((p >> 1) & 1) + 2 * ((p >> 3) & 1) + (p & 1)
+    else:  # WGMMA_KEY_AT
+        at = 2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2)
+    index = (torch.arange(0, S_kv, 16, device=v.device)[:, None] + at).reshape(-1)
     packed = v.permute(0, 2, 3, 1)  # (B, H, D, S_kv) view of the keys-contiguous memory
     return packed[..., index].contiguous().permute(0, 3, 1, 2)
 
@@ -205,12 +216,18 @@ def _reorder_keys(v: torch.Tensor, at: tuple[int, ...]) -> torch.Tensor:
 def wgmma_key_order(v: torch.Tensor) -> torch.Tensor:
     """A keys-contiguous V (`keys_contiguous`) with its keys in wgmma order within every 16 (`WGMMA_KEY_AT`),
     what the quantizers write with ``v_wgmma_order``; S_kv a multiple of 16."""
-    return _reorder_keys(v, WGMMA_KEY_AT)
+    return _reorder_keys(v, inverse=False)
 
 
 def natural_key_order(v: torch.Tensor) -> torch.Tensor:
     """The inverse of `wgmma_key_order`: a V in wgmma key order back in key order (keys-contiguous)."""
-    return _reorder_keys(v, tuple(WGMMA_KEY_AT.index(k) for k in range(16)))
+    return _reorder_keys(v, inverse=True)
+
+
+def key_ordered_v(qkv: "QuantizedQKV") -> torch.Tensor:
+    """``qkv.v`` with its keys in key order: what every kernel but the Gluon one reads (a copy when the bundle's
+    V is in wgmma key order, `QuantizedQKV.v_wgmma_order`; else v itself)."""
+    return natural_key_order(qkv.v) if qkv.v_wgmma_order else qkv.v
 
 
 def check_wgmma_order(options, S_kv: int, v_keys_contiguous: bool) -> None:

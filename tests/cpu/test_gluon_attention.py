@@ -353,10 +353,15 @@ def test_v_in_wgmma_key_order_reaches_the_gluon_kernel_only(monkeypatch):
     assert len(calls) == 1 and calls[0][1]["v_wgmma_order"] is True and calls[0][0].v is wgmma.v
     triton_backend._launch(keys, True, 0.125, torch.bfloat16)
     assert len(calls) == 2 and calls[1][1]["v_wgmma_order"] is False
-    monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
+    # an explicit config keeps the Triton kernel (the interpreter's tile)
     want = triton_backend._launch(keys, True, 0.125, torch.float32, config={"BLOCK_M": 64, "BLOCK_N": 32})
     got = triton_backend._launch(wgmma, True, 0.125, torch.float32, config={"BLOCK_M": 64, "BLOCK_N": 32})
     assert len(calls) == 2 and torch.isfinite(want).all() and torch.equal(got, want)
+    monkeypatch.undo()  # the real launcher: an order other than the bundle's is refused, either way
+    for bundle, order in ((wgmma, False), (keys, True)):
+        with pytest.raises(ValueError, match="v_wgmma_order="):
+            gluon_attention.gluon_fp8_attention(bundle, is_causal=True, scale=0.125, out_dtype=torch.bfloat16,
+                                                v_wgmma_order=order)
 
 
 def _snake(n_tiles, grid):

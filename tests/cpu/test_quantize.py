@@ -523,6 +523,7 @@ def test_kernel_writes_keys_contiguous_v(B, H_kv, S, D, rope, options, quantize_
     pytest.param(2, 2, 48, 64, None, {}, id="plain-d64"),
     pytest.param(1, 2, 80, 128, (1, torch.float32), {"hadamard": "qk", "smooth_v": True}, id="rope-qk-smooth_v-d128"),
     pytest.param(1, 1, 32, 128, None, {"hadamard": "qkv"}, id="qkv-d128"),
+    pytest.param(1, 2, 48, 128, None, {"qk_format": "int8"}, id="int8-d128"),
 ])
 def test_kernel_writes_v_in_wgmma_key_order(B, H_kv, S, D, rope, options, quantize_path):
     """v_wgmma_order: V's codes are the keys-contiguous launch's, their keys reordered within every 16 as
@@ -545,8 +546,30 @@ def test_kernel_writes_v_in_wgmma_key_order(B, H_kv, S, D, rope, options, quanti
         a, b = getattr(got, name), getattr(keys, name)
         assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                            b.view(torch.uint8) if b.element_size() == 1 else b), name
-    if not options.get("smooth_v"):
+    if options.get("smooth_v"):  # (the add-back averages V's codes over the keys: their order does not matter)
+        assert torch.equal(got.v_add, keys.v_add)
+    else:
         assert torch.equal(_fp8_bytes(got.v), _fp8_bytes(ref.v))
+
+
+def test_v_wgmma_order_reaches_no_backend_as_key_order():
+    """A bundle with V in wgmma key order gives every backend but the Gluon kernel V back in key order
+    (`quantized.key_ordered_v`): the reference backend's output on it equals its output on the key-order bundle;
+    a bundle that claims the order for a V that cannot have it is refused."""
+    import dataclasses
+
+    from hf_fp8_attention.backends.reference import reference_fp8_attention
+
+    q, k, v = make_qkv(1, 4, 2, 48, 48, 64, torch.bfloat16, "bshd", seed=9)
+    keys = quantize_qkv_fp8_reference(q, k, v, v_keys_contiguous=True)
+    wgmma = quantize_qkv_fp8_reference(q, k, v, v_keys_contiguous=True, v_wgmma_order=True)
+    kw = dict(is_causal=True, scale=0.125, out_dtype=torch.float32)
+    want = reference_fp8_attention(keys, **kw)
+    assert torch.equal(reference_fp8_attention(wgmma, **kw), want)
+    assert not torch.equal(reference_fp8_attention(dataclasses.replace(wgmma, v_wgmma_order=False), **kw), want)
+    bshd = quantize_qkv_fp8_reference(q, k, v)
+    with pytest.raises(ValueError, match="keys-contiguous V over whole 16s"):
+        dataclasses.replace(bshd, v_wgmma_order=True)
 
 
 def test_v_wgmma_order_refuses_what_it_cannot_write():

@@ -43,6 +43,9 @@ def _captured(fn, *static):
     # 2048 keys x D=128 reach the keys-contiguous V that the Triton backend's prefill on Hopper hands to the
     # Gluon kernel (its default route there): the TMA descriptors are built per call, outside the graph
     ("triton", "auto", {"seq": 2048}),
+    # the same call with the Gluon route refused after the quantizer wrote V in wgmma key order (session 26): the
+    # Triton kernel gets V back in key order inside the graph (`natural_key_order`, no host copy)
+    ("triton", "auto", {"seq": 2048, "no_gluon": True}),
     # the quantizer's split path (per-head scales in two launches of the single-pass kernels; at these sizes
     # only when forced): plain with smooth_v, and fused RoPE through the q/k RoPE kernel
     ("fa3", True, {"split": True}), ("fa3", "auto", {"split": True, "rope": True}),
@@ -59,7 +62,16 @@ def test_fp8_sdpa_replays(backend, smooth_v, extra, monkeypatch):
         split_calls, launch_split = [], qkv._launch_split
         monkeypatch.setattr(qkv, "_launch_split", lambda *a, **kw: split_calls.append(1) or launch_split(*a, **kw))
     B, H_q, H_kv, S, D = 2, 8, 2, extra.pop("seq", 1024), 128
-    check_gluon = S >= 2048 and backend == "triton" and _gluon_default()
+    no_gluon = extra.pop("no_gluon", False)
+    if no_gluon:
+        if not _gluon_default():
+            pytest.skip("needs the Gluon kernel's default route (Hopper, auto, a triton that builds it)")
+        from hf_fp8_attention.backends import triton as triton_backend
+
+        monkeypatch.setattr(triton_backend, "_gluon_route", lambda *a: None)
+        restored, natural = [], triton_backend.natural_key_order
+        monkeypatch.setattr(triton_backend, "natural_key_order", lambda v: restored.append(1) or natural(v))
+    check_gluon = S >= 2048 and backend == "triton" and _gluon_default() and not no_gluon
     gluon_calls = _gluon_calls() if check_gluon else 0
 
     def inputs(seed):  # BHSD views of BSHD memory, as Transformers hands them over
@@ -86,6 +98,8 @@ def test_fp8_sdpa_replays(backend, smooth_v, extra, monkeypatch):
         assert _gluon_calls() > gluon_calls  # the captured prefill ran the Gluon kernel
     if split_calls is not None:
         assert split_calls  # the quantizer took the split path
+    if no_gluon:
+        assert restored  # V came in wgmma key order and went back to key order
 
 
 def _gluon_calls() -> int:

@@ -11,6 +11,8 @@ for RoPE-rotated Hadamard tensors, whose fp32 values enter the dot as bf16 hi + 
 Timings: scripts/bench_quantize.py (--modes for the accuracy modes).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -279,13 +281,31 @@ def test_keys_contiguous_v_gpu(S, rope, quantize_path):
     # what the pipeline asked the quantizer for: (keys-contiguous V, in wgmma key order); the wgmma order where
     # the call runs the Gluon kernel's default route (Hopper, 4k keys); the record without its V layout: neither
     keys = S * 128 >= 2048 * 128
-    wgmma = keys and triton_backend.reads_v_wgmma_order(q.device, S, 32, 8, S, 128, is_causal=True,
-                                                       options=FP8AttentionOptions(), varlen=False)
+    hopper_gluon = torch.cuda.get_device_capability()[0] == 9 and triton_backend.gluon_unavailable() is None
+    routed = os.environ.get(triton_backend.KERNEL_ENV, "auto") in triton_backend._V_WGMMA_ROUTES
+    wgmma = keys and hopper_gluon and routed
     assert asked == [(keys, wgmma), (False, False)]
     if wgmma:  # the same products, summed in another order inside the P.V MMA
         assert sqnr_db(fused.float(), copied.float()) > 80.0
     else:
         assert torch.equal(fused, copied)
+
+
+@pytest.mark.parametrize("S,rope", [(4096, True), (1040, False)], ids=["4k-rope", "1040-plain"])
+def test_v_wgmma_order_gpu(S, rope, quantize_path):
+    """v_wgmma_order on the GPU (both quantize paths): V's codes are the keys-contiguous launch's with the keys
+    reordered as `wgmma_key_order` does, byte for byte, and `natural_key_order` gives them back (GQA 32/8,
+    D 128, B 2; 1040 keys: a tail tile with whole 16s of keys)."""
+    from hf_fp8_attention.quantization.quantized import natural_key_order, wgmma_key_order
+
+    q, k, v = make_qkv(2, 32, 8, S, S, 128, torch.bfloat16, seed=S)
+    cos, sin = make_rope(1, S, 128, torch.bfloat16) if rope else (None, None)
+    keys = quantize_qkv_fp8(q, k, v, cos, sin, v_keys_contiguous=True)
+    got = quantize_qkv_fp8(q, k, v, cos, sin, v_keys_contiguous=True, v_wgmma_order=True)
+    assert got.v_wgmma_order and got.v.stride() == keys.v.stride()
+    assert torch.equal(got.v.view(torch.uint8), wgmma_key_order(keys.v).view(torch.uint8))
+    assert torch.equal(natural_key_order(got.v).view(torch.uint8), keys.v.view(torch.uint8))
+    assert torch.equal(got.v_descale, keys.v_descale) and torch.equal(got.q.view(torch.uint8), keys.q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("mode", ["rope+qk", "rope", "none", "qk+smooth_v"])
