@@ -219,13 +219,9 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
         gluon_attention.triton_problem.cache_clear()  # later tests see the installed triton again
 
 
-def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
-    """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
-    kernel takes to its persistent two-consumer ping-pong build (row sums by MMA) on Hopper at head_dim 128 only;
-    triton keeps the Triton kernel; gluon / gluon-2c / gluon-pp / gluon-pp-persistent(-alu-sums) send them at D=64
-    too; for decode, block scales or off Hopper the Triton kernel runs; a value it does not know is an error."""
-    from hf_fp8_attention.backends import triton as triton_backend
-
+def _fake_gluon_on_hopper(monkeypatch, triton_backend) -> list:
+    """The Triton backend as on Hopper, with the Gluon launcher replaced by a recorder: the list of its
+    (qkv, keyword arguments) calls (each returns zeros)."""
     calls = []
 
     def fake(qkv, **kw):
@@ -234,6 +230,17 @@ def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
 
     monkeypatch.setattr(gluon_attention, "gluon_fp8_attention", fake)
     monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
+    return calls
+
+
+def test_triton_backend_routes_prefill_to_gluon(monkeypatch):
+    """HF_FP8_ATTENTION_TRITON_KERNEL unset (auto) sends the Triton backend's prefill calls that the Gluon
+    kernel takes to its persistent two-consumer ping-pong build (row sums by MMA) on Hopper at head_dim 128 only;
+    triton keeps the Triton kernel; gluon / gluon-2c / gluon-pp / gluon-pp-persistent(-alu-sums) send them at D=64
+    too; for decode, block scales or off Hopper the Triton kernel runs; a value it does not know is an error."""
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    calls = _fake_gluon_on_hopper(monkeypatch, triton_backend)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, h, 128, 64, generator=g).bfloat16() for h in (4, 2, 2))
     plain = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True)
@@ -313,14 +320,7 @@ def test_v_in_wgmma_key_order_reaches_the_gluon_kernel_only(monkeypatch):
     output on it equals its output on the key-order bundle bit for bit."""
     from hf_fp8_attention.backends import triton as triton_backend
 
-    calls = []
-
-    def fake(qkv, **kw):
-        calls.append((qkv, kw))
-        return torch.zeros(qkv.q.shape, dtype=kw["out_dtype"])
-
-    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention", fake)
-    monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
+    calls = _fake_gluon_on_hopper(monkeypatch, triton_backend)
     monkeypatch.setattr(triton_backend, "_hopper_device", lambda d: True)
     monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
     opts = FP8AttentionOptions(hadamard="none")
