@@ -870,3 +870,25 @@ def test_bench_quantize_table_compare_rounds(monkeypatch, capsys):
         bench_quantize.parse_args(["--rounds", "0"])
     with pytest.raises(SystemExit):
         bench_quantize.parse_args(["--modes", "--compare", "some.module"])
+
+
+def test_first_call_script_runs_fresh_children(tmp_path, capsys):
+    """scripts/first_call.py: each shape in its own child process with an empty Triton cache; without CUDA the
+    children run the reference backend. Rows for every (S, causal), first- and second-call times, the JSON,
+    exit 0; a child that fails (here: a head dim fp8_sdpa refuses) is a failed row with its error and exit 1, not
+    a crash; bad arguments are a usage error."""
+    first_call = _load("first_call")
+    out = tmp_path / "fc.json"
+    assert first_call.main(["--seqlens", "32", "--causal", "both", "--heads", "4/2", "--head-dim", "64",
+                            "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 32 | no |" in text and "| 32 | yes |" in text and "empty Triton cache" in text
+    rows = json.loads(out.read_text())
+    assert [r["causal"] for r in rows] == [False, True]
+    assert all(r["first_s"] > 0 and r["second_ms"] > 0 and r["wall_s"] >= r["first_s"] for r in rows)
+    if not torch.cuda.is_available():
+        assert {r["backend"] for r in rows} == {"reference"}
+    assert first_call.main(["--seqlens", "32", "--causal", "no", "--heads", "4/2", "--head-dim", "48"]) == 1
+    assert "failed: ValueError: head_dim 48 is not supported" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        first_call.main(["--heads", "4/3"])

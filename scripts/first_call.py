@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""The first call of `fp8_sdpa` at a new shape, compilation included, as on a fresh machine: each shape runs
+in its own child process with an empty Triton cache (a new TRITON_CACHE_DIR), which times its first call (the
+quantizer's and the attention kernel's compiles, autotuning, CUDA-side setup after the inputs exist) and then
+its second call, both synchronized. The issue's line: the first call of a new shape class within 5 s.
+
+    python scripts/first_call.py --seqlens 4096 16384 65536 --causal both --heads 32/8 --backend triton
+
+Prints one row per (S, causal): first-call s, second-call ms, and the child's wall time (interpreter start and
+imports included). Without CUDA it runs the reference backend on the CPU (a smoke run of the script itself).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
+    p.add_argument("--heads", default="32/8", help="H_q/H_kv")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--backend", default=None, help="fp8_sdpa's backend (default: auto from the device)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a child may take")
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one shape, run by the parent
+    a = p.parse_args(argv)
+    try:
+        a.h_q, a.h_kv = (int(x) for x in a.heads.split("/"))
+    except ValueError:
+        p.error(f"--heads: H_q/H_kv, got {a.heads!r}")
+    if a.h_q % a.h_kv or min(a.seqlens) < 1 or a.timeout <= 0:
+        p.error("H_q must be a multiple of H_kv; --seqlens and --timeout positive")
+    return a
+
+
+def child(spec: dict) -> dict:
+    """One shape's first and second call (in this fresh process)."""
+    import torch
+
+    from hf_fp8_attention import fp8_sdpa
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    S, D, causal = spec["S"], spec["D"], spec["causal"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, S, h, D, device=device, generator=g).bfloat16().transpose(1, 2)
+               for h in (spec["h_q"], spec["h_kv"], spec["h_kv"]))
+    backend = spec["backend"] if device == "cuda" else "reference"
+
+    def timed() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fp8_sdpa(q, k, v, is_causal=causal, backend=backend)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("non-finite output")
+        return time.perf_counter() - t0
+
+    first = timed()
+    second = timed()
+    return dict(spec, backend=backend, device=device, first_s=first, second_ms=second * 1e3)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.child is not None:
+        print(json.dumps(child(json.loads(a.child))), flush=True)
+        return 0
+    import _common
+    import torch
+
+    causals = {"yes": [True], "no": [False], "both": [False, True]}[a.causal]
+    device = _common.device_name("cuda") if torch.cuda.is_available() else "CPU (reference backend)"
+    vers = ", ".join(f"{k} {v}" for k, v in _common.versions().items())
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {device}, {vers}, {when}; B=1, H {a.heads}, D={a.head_dim}, backend {a.backend or 'auto'}; each "
+          "shape in a fresh process with an empty Triton cache", flush=True)
+    rows, table = [], []
+    for S in a.seqlens:
+        for causal in causals:
+            spec = dict(S=S, D=a.head_dim, causal=causal, h_q=a.h_q, h_kv=a.h_kv, backend=a.backend)
+            with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
+                env = dict(os.environ, TRITON_CACHE_DIR=cache)
+                t0 = time.perf_counter()
+                try:
+                    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                                          env=env, capture_output=True, text=True, timeout=a.timeout)
+                    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                    result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+                    why = None if result else (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
+                except subprocess.TimeoutExpired:
+                    result, why = None, f"timed out after {a.timeout:g} s"
+                wall = time.perf_counter() - t0
+            if result is None:
+                table.append([S, "yes" if causal else "no", "-", "-", f"{wall:.1f}", f"failed: {why}"])
+                rows.append(dict(spec, error=why, wall_s=wall))
+                continue
+            result["wall_s"] = wall
+            rows.append(result)
+            table.append([S, "yes" if causal else "no", f"{result['first_s']:.2f}", f"{result['second_ms']:.2f}",
+                          f"{wall:.1f}", result["backend"]])
+    print(_common.markdown_table(["S", "causal", "first call s", "second call ms", "child wall s", "backend"], table))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
