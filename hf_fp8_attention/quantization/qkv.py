@@ -490,13 +490,15 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
 
 
 def _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
-                   v_keys_contiguous: bool) -> QuantizedQKV:
+                   v_keys_contiguous: int) -> QuantizedQKV:
     """`_launch` when every scale is per block: one launch of `qkv_block_quantize_kernel` (one program per
     V_SCALE_BLOCK rows of one head, every element read once), after `centring_sums_kernel` with smooth_k.
     With RoPE and e4m3 Q/K (and packed sequences sharing one offsets tensor), q and k through
     `qk_rope_block_kernel` (`_ROPE_TILES`) and v in that launch or in the single-pass kernel's v tiles alone:
     after it, or (V_SIDE, from `_V_SIDE_MIN_ROWS`) on a second stream beside it, joined before the return.
     The per-(batch, KV head) descales are not computed: NaN (`QuantizedQKV.v_block_descale`)."""
+    if v_keys_contiguous == V_WGMMA:  # (its kernels store keys-contiguous V in key order only)
+        raise ValueError('v_wgmma_order: needs per-head V scales (not v_scales="block")')
     H_q, D = q.shape[1], q.shape[3]
     H_kv = k.shape[1]
     device = q.device
