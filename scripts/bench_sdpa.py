@@ -21,6 +21,10 @@ N times, round-robin, and reports the median, so that slow drifts (clocks, tempe
     python scripts/bench_sdpa.py --seqlens 16384 --modes none smooth_k smooth_k+smooth_v --rounds 5 \
         --impls fp8_fa3 fp8_triton "quantize only" "add-back"      # mode-cost table at S=16k, both causal
 
+Where the triton backend's Gluon kernel reads V in wgmma key order (Hopper, D=128), a further table times that
+kernel against the same build on V in key order (route ``gluon-pp-persistent-key-order``) and the quantizer
+writing each V layout, all in the same run.
+
 ``--host``: per implementation and shape, the host cost of one call (30 calls launched back to back after a
 synchronize, timed before the closing one: the host alone) and the GPU time of one call from CUDA-graph
 replays (`_common.graph_ms`, L2 flushed; "not capturable" with the reason otherwise), next to the eager ms:
