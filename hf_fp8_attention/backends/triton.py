@@ -141,9 +141,11 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
         return False
     if not _hopper_device(device) or kernel_choice() not in _V_WGMMA_ROUTES:
         return False
+    if _route_kernel(True, dim, s_q, raise_unavailable=False) is None:  # (None also where Gluon cannot build)
+        return False
     from .gluon_attention import GLUON_HEAD_DIMS
 
-    return dim in GLUON_HEAD_DIMS and _route_kernel(True, dim, s_q, raise_unavailable=False) is not None
+    return dim in GLUON_HEAD_DIMS
 
 
 def _route_kernel(on_hopper: bool, dim: int, s_q: int, raise_unavailable: bool = True) -> dict | None:

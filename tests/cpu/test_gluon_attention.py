@@ -8,6 +8,7 @@ under TRITON_INTERPRET: whether it computes the right thing is checked on the GP
 import dataclasses
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -343,6 +344,12 @@ def test_v_in_wgmma_key_order_reaches_the_gluon_kernel_only(monkeypatch):
         assert reads(cuda, 4096, 32, 8, 4096, 128, **kw) is wanted, route
     monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent")
     assert reads(cuda, 4096, 32, 8, 4096, 64, **kw)  # a named route: D=64 too
+    with monkeypatch.context() as m:  # a triton that cannot build (or import) the Gluon kernel: no, not an error
+        m.setattr(triton_backend, "gluon_unavailable", lambda: "the Gluon kernel needs triton >= 3.6")
+        m.setitem(sys.modules, "hf_fp8_attention.backends.gluon_attention", None)
+        for route in ("gluon-pp-persistent", "auto"):
+            m.setenv(triton_backend.KERNEL_ENV, route)
+            assert reads(cuda, 4096, 32, 8, 4096, 128, **kw) is False, route
 
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, h, 128, 128, generator=g).bfloat16() for h in (4, 2, 2))
