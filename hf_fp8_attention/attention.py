@@ -32,8 +32,8 @@ def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8At
     """
     fixed, packed = QUANTIZERS[quantizer]
     if varlen is None:
-        extra = dict(v_wgmma_order=True) if v_wgmma_order else {}
-        return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous, **extra)
+        return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous,
+                     v_wgmma_order=v_wgmma_order)
     if v_wgmma_order:
         raise ValueError("v_wgmma_order: not for packed sequences")
     return packed(query, key, value, *varlen, cos, sin, options=options, check=False,

@@ -322,10 +322,8 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     reads as the first two); rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
     then B is the number of sequences and S_q / S_kv the longest lengths."""
-    if v_keys_contiguous == V_WGMMA:  # (quantize_qkv_fp8 checked it; packed sequences never ask for it)
-        if varlen is not None:
-            raise ValueError("v_wgmma_order: not for packed sequences")
-        check_wgmma_order(options, S_kv, True)
+    if v_keys_contiguous == V_WGMMA and varlen is not None:  # (quantize_qkv_fp8 checks the rest)
+        raise ValueError("v_wgmma_order: not for packed sequences")
     if options.v_block_scales:
         return _launch_blocks(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous)
     H_q, D = q.shape[1], q.shape[3]

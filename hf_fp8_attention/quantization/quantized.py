@@ -190,7 +190,12 @@ def keys_contiguous_rows(v: torch.Tensor) -> int | None:
 # accumulator's thread keeps the columns that the same thread needs as P.V's A operand (4 consecutive k per
 # register), so that the Gluon kernel relabels P instead of moving it between threads
 # (`gluon_attention._softmax`'s V_WGMMA_ORDER).
-WGMMA_KEY_AT = tuple(2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2) for p in range(16))
+def _wgmma_key_at(p):
+    """The key at position p (an int or an integer tensor) of every 16 in wgmma order."""
+    return 2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2)
+
+
+WGMMA_KEY_AT = tuple(_wgmma_key_at(p) for p in range(16))
 
 
 def _reorder_keys(v: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -203,11 +208,9 @@ def _reorder_keys(v: torch.Tensor, inverse: bool) -> torch.Tensor:
     S_kv = v.shape[1]
     if S_kv % 16:
         raise ValueError(f"the wgmma key order needs a key count that is a multiple of 16, got {S_kv}")
-    p = torch.arange(16, device=v.device)
-    if inverse:  # the position of key p: bits (p2 p1 p3 p0)
-        at = 8 * ((p >> 2) & 1) + 4 * ((p >> 1) & 1) + 2 * ((p >> 3) & 1) + (p & 1)
-    else:  # WGMMA_KEY_AT
-        at = 2 * (p // 4) + p % 2 + 8 * ((p // 2) % 2)
+    at = _wgmma_key_at(torch.arange(16, device=v.device))  # WGMMA_KEY_AT
+    if inverse:  # the position of each key
+        at = torch.argsort(at)
     index = (torch.arange(0, S_kv, 16, device=v.device)[:, None] + at).reshape(-1)
     packed = v.permute(0, 2, 3, 1)  # (B, H, D, S_kv) view of the keys-contiguous memory
     return packed[..., index].contiguous().permute(0, 3, 1, 2)
