@@ -134,7 +134,9 @@ def test_varlen_k_blocks_over_tiles(smooth):
     got, ref = quantize_qkv_fp8_varlen(*args, options=options), quantize_qkv_fp8_varlen_reference(*args, options=options)
     assert got.k_block_descale.shape == ref.k_block_descale.shape == (3, 2, 2)
     assert torch.isnan(got.k_block_descale[0, 0, 0]) and torch.isnan(got.k_block_descale[2, 1, 1])
-    assert int(torch.isnan(got.k_block_descale).sum()) == 2
+    # blocks past a sequence's end are never written nor read (torch.empty): count the reached blocks only
+    reached = [got.k_block_descale[i, :, :-(-n // 128)] for i, n in enumerate(lengths)]
+    assert sum(int(torch.isnan(r).sum()) for r in reached) == 2
     for i, n in enumerate(lengths):
         nb = -(-n // 128)
         torch.testing.assert_close(got.k_block_descale[i, :, :nb], ref.k_block_descale[i, :, :nb],
