@@ -127,8 +127,14 @@ def fp8_attention(
     v_wgmma = v_keys and reads_wgmma is not None and reads_wgmma(
         query.device, query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
         is_causal=is_causal, options=options, varlen=varlen is not None)
+    # the first call of a shape: the backend may compile its kernel beside the quantizer's compile
+    ahead = get_backend(backend).compile_ahead if v_wgmma else None
     with _on_device(query):
-        qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma)
+        compiling = contextlib.nullcontext() if ahead is None else ahead(
+            query.device, query.shape[0], query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
+            is_causal=is_causal, scale=scale, out_dtype=query.dtype, v_wgmma_order=v_wgmma)
+        with compiling:
+            qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma)
         out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)

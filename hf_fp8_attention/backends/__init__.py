@@ -9,6 +9,7 @@ the attention names (``fp8_<name>``), the install hints and the availability pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -41,6 +42,9 @@ class Backend:
     v_wgmma_order: None, or ``(device, s_q, h_q, h_kv, s_kv, head_dim, *, is_causal, options, varlen) -> bool``:
         the calls for which the backend reads that V with its keys in wgmma order within every 16
         (`quantization.quantized.wgmma_key_order`), which the quantizer then writes so.
+    compile_ahead: None, or ``(device, batch, s_q, h_q, h_kv, s_kv, head_dim, *, is_causal, scale, out_dtype,
+        v_wgmma_order) -> context manager``: the pipeline quantizes inside it; the backend may start compiling
+        the kernel the call will run in it, beside the quantizer's compile (a first call's time).
     """
 
     name: str
@@ -55,6 +59,7 @@ class Backend:
     v_block_scales: bool = False
     v_keys_contiguous: Callable[[int, int, int, int, int], bool] | None = None
     v_wgmma_order: Callable[..., bool] | None = None
+    compile_ahead: Callable[..., contextlib.AbstractContextManager] | None = None
 
     @property
     def needs_cuda(self) -> bool:
@@ -99,6 +104,16 @@ def triton_reads_v_wgmma_order(device, s_q: int, h_q: int, h_kv: int, s_kv: int,
                                varlen=varlen)
 
 
+def triton_compile_ahead(device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *, is_causal: bool,
+                         scale: float, out_dtype, v_wgmma_order: bool):
+    """The triton backend's compile-ahead context for the quantization (`triton.compile_ahead`; imported here on
+    first use): its registry record's ``compile_ahead``."""
+    from .triton import compile_ahead
+
+    return compile_ahead(torch.device(device), batch, s_q, h_q, h_kv, s_kv, dim, is_causal=is_causal, scale=scale,
+                         out_dtype=out_dtype, v_wgmma_order=v_wgmma_order)
+
+
 REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -114,7 +129,7 @@ REGISTRY: dict[str, Backend] = {
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
                 package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
                 int8_qk=True, v_block_scales=True, v_keys_contiguous=triton_reads_v_keys_contiguous,
-                v_wgmma_order=triton_reads_v_wgmma_order),
+                v_wgmma_order=triton_reads_v_wgmma_order, compile_ahead=triton_compile_ahead),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
                 min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True,
                 v_block_scales=True),
@@ -164,4 +179,4 @@ def get_backend_fn(name: str) -> BackendFn:
 
 
 __all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn",
-           "triton_reads_v_keys_contiguous", "triton_reads_v_wgmma_order"]
+           "triton_compile_ahead", "triton_reads_v_keys_contiguous", "triton_reads_v_wgmma_order"]

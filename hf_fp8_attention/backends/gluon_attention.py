@@ -57,6 +57,7 @@ same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import triton
@@ -613,8 +614,9 @@ PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES = 32 << 20  # half the H200's 60 MB L2
 def persistent_heads_fastest(k, is_causal: bool) -> bool:
     """The persistent kernel's causal tile order: heads fastest (best balanced) while every head's K and V
     together fit well in L2 (PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES), else head by head (L2 reuse as the one-tile
-    grid's). e4m3 K and V: 2 bytes per element of K."""
-    return bool(is_causal) and 2 * k.numel() <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
+    grid's). e4m3 K and V: 2 bytes per element of K (k: the K tensor, or its element count)."""
+    elements = k if isinstance(k, int) else k.numel()
+    return bool(is_causal) and 2 * elements <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
 
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
@@ -632,9 +634,6 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
     (`_attend_block`'s ROWSUM_MMA)."""
     import torch
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from .._intmath import cdiv
 
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
     problems = [p for p in (triton_problem(), refusal(qkv, is_causal)) if p]
@@ -658,34 +657,154 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     q, k, v = qkv.q, qkv.k, qkv.v
-    B, S_q, H_q, D = q.shape
-    S_kv, H_kv = k.shape[1], k.shape[2]
-
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     global CALLS
     CALLS += 1
     if out.numel() == 0:  # (before the descriptors: a TMA descriptor takes no empty dimension)
         return out
+    dims = (*q.shape[:3], k.shape[1], k.shape[2], q.shape[3], v.stride(3))
+    kernel, grid, args, meta = _launch_arguments(
+        (q, k, v), out, (qkv.q_descale, qkv.k_descale, qkv.v_descale), dims, is_causal=is_causal, scale=scale,
+        config=(block_m, block_n, warps, stages), consumers=consumers, pingpong=pingpong, persistent=persistent,
+        v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma)
+    kernel[grid](*args, **meta)
+    return out
+
+
+def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple, consumers: int,
+                      pingpong: bool, persistent: bool, v_wgmma_order: bool, heads_fastest: bool | None,
+                      rowsum_mma: bool):
+    """(kernel, grid, positional arguments, keyword arguments) of one launch, for `gluon_fp8_attention` and
+    `compile_ahead` alike (what makes the two specialize the same). codes: the descriptors' base tensors, (q, k,
+    v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor specializes on its dtype,
+    block and layout, not on its base's size); out: the output (only its pointer and dtype are read: its strides
+    are those of a contiguous (B, S_q, H_q, D) tensor); descales: the (B, H_kv) q, k, v descales; dims: (B, S_q,
+    H_q, S_kv, H_kv, D, V's row stride); the rest as `gluon_fp8_attention` (checked there)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .._intmath import cdiv
+
+    B, S_q, H_q, S_kv, H_kv, D, v_rows = dims
+    block_m, block_n, warps, stages = config
 
     def desc(t, shape, strides, block):
         return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 
-    desc_q = desc(q, [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
-    desc_k = desc(k, [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
-    desc_vt = desc(v, [B * H_kv * D, S_kv], [v.stride(3), 1], [D, block_n])
-    args = (desc_q, desc_k, desc_vt, out, qkv.q_descale, qkv.k_descale, qkv.v_descale, out.stride(0), out.stride(1),
-            H_q, H_kv, S_q, S_kv, float(scale))
+    desc_q = desc(codes[0], [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
+    desc_k = desc(codes[1], [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
+    desc_vt = desc(codes[2], [B * H_kv * D, S_kv], [v_rows, 1], [D, block_n])
+    args = (desc_q, desc_k, desc_vt, out, *descales, S_q * H_q * D, H_q * D, H_q, H_kv, S_q, S_kv, float(scale))
     meta = dict(GROUP=H_q // H_kv, HEAD_DIM=D, IS_CAUSAL=bool(is_causal), BLOCK_M=block_m, BLOCK_N=block_n,
                 STAGES=stages, NUM_WARPS=warps, CONSUMERS=consumers, PINGPONG=bool(pingpong),
                 V_WGMMA_ORDER=bool(v_wgmma_order), num_warps=warps)
     n_m = cdiv(S_q, block_m)
-    if persistent:
-        n_tiles = n_m * B * H_q
-        grid = (min(n_tiles, _num_sms(q.device.index or 0)),)
-        if heads_fastest is None:
-            heads_fastest = persistent_heads_fastest(k, is_causal)
-        fp8_attn_fwd_gluon_persistent_kernel[grid](*args, n_tiles, n_m, int(heads_fastest),
-                                                   ROWSUM_MMA=bool(rowsum_mma), **meta)
-    else:
-        fp8_attn_fwd_gluon_kernel[(n_m, B * H_q)](*args, **meta)
-    return out
+    if not persistent:
+        return fp8_attn_fwd_gluon_kernel, (n_m, B * H_q), args, meta
+    n_tiles = n_m * B * H_q
+    if heads_fastest is None:
+        heads_fastest = persistent_heads_fastest(B * S_kv * H_kv * D, is_causal)
+    meta["ROWSUM_MMA"] = bool(rowsum_mma)
+    grid = (min(n_tiles, _num_sms(out.device.index or 0)),)
+    return fp8_attn_fwd_gluon_persistent_kernel, grid, (*args, n_tiles, n_m, int(heads_fastest)), meta
+
+
+# --- compiling ahead: the kernel's first compile beside the quantizer's ---------------------------------------
+# The first call of a new shape compiles the quantizer's kernel, then this one, one after the other (session
+# 26, H200 host, 16k causal: 1.82 s then 3.77 s of a 7 s first call, docs/results/first_call_h200_s26.log).
+# `compile_ahead` starts this kernel's compile in a worker thread before the quantizer launches, through
+# triton's own asynchronous compile (`triton.runtime._async_compile.AsyncCompileMode`, triton >= 3.6): inside
+# it every JIT compile runs on the executor and a launch waits for its own kernel only, so the quantizer's
+# compile and this one overlap. Offline (2-core CPU, triton 3.6, sm_90): 2.75-2.83 s together against
+# 1.48-1.50 s + 2.46-2.49 s in turn (docs/results/compile_overlap_offline_s26.log).
+COMPILE_AHEAD_ENV = "HF_FP8_ATTENTION_COMPILE_AHEAD"  # "0": never (the kernels compile in turn, as before)
+_AHEAD_SEEN_MAX = 1024  # exact call shapes remembered (beyond it the set restarts: a repeat costs one warmup)
+_AHEAD_SEEN: set = set()
+_EXECUTOR = None
+AHEAD_WARMUPS = 0  # warmups issued inside an asynchronous compile so far (tests read it)
+
+
+def _async_compile_mode():
+    """triton's AsyncCompileMode class, or None where this triton has none (older than 3.6)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:
+        return None, None
+    return AsyncCompileMode, active_mode
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # two workers: this kernel and the quantizer's, at once
+        _EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_fp8_attention_compile")
+    return _EXECUTOR
+
+
+def compile_ahead_wanted() -> bool:
+    import os
+
+    value = os.environ.get(COMPILE_AHEAD_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{COMPILE_AHEAD_ENV}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dtype, **route):
+    """A context manager for the quantization of a call that `gluon_fp8_attention` will then run with ``route``
+    (its keyword arguments, config included): on the first call of these exact arguments it starts compiling
+    the kernel in the background (`AsyncCompileMode` on `_executor`: the kernel's `warmup` with the launch's own
+    arguments from `_launch_arguments`, on stand-in tensors), and on exit waits for that compile, so that the
+    launch after it finds the kernel compiled. dims: (B, S_q, H_q, S_kv, H_kv, D, V's row stride). The
+    stand-in descales are laid out as the Triton quantizer's (3, B, H_kv) block (`quantization.qkv._launch`),
+    whose rows' 16-byte alignment is part of the specialization.
+
+    Nothing is started (a plain context) where it cannot help or could disturb: COMPILE_AHEAD_ENV "0", a
+    triton without `AsyncCompileMode` or `gl.warp_specialize`'s list form, another asynchronous compile
+    already active, CUDA-graph capture on the current stream, an empty problem, or arguments seen before. A
+    compile that fails in the background is dropped (ignore_errors): the launch then compiles in turn and
+    raises as it always did; so does any problem building the stand-ins. Measured offline only (above); on the
+    GPU host: scripts/first_call.py."""
+    import torch
+
+    mode_class, active_mode = _async_compile_mode()
+    B, S_q, H_q, S_kv, H_kv, D, _ = dims
+    if (mode_class is None or not compile_ahead_wanted() or triton_problem() is not None
+            or active_mode.get() is not None or min(B, S_q, S_kv) == 0
+            or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return contextlib.nullcontext()
+    route = dict(route, config=route.get("config") or GLUON_CONFIG_DEFAULT)
+    key = (torch.device(device), tuple(dims), bool(is_causal), out_dtype, tuple(sorted(route.items())))  # (a float
+    # argument such as the scale is not specialized on)
+    if key in _AHEAD_SEEN:
+        return contextlib.nullcontext()
+    if len(_AHEAD_SEEN) >= _AHEAD_SEEN_MAX:
+        _AHEAD_SEEN.clear()
+    _AHEAD_SEEN.add(key)
+    try:
+        from .._constants import FP8_DTYPE
+
+        codes = tuple(torch.empty(16, dtype=FP8_DTYPE, device=device) for _ in range(3))  # 16-byte aligned
+        out = torch.empty(1, dtype=out_dtype, device=device)
+        descales = tuple(torch.empty((3, B, H_kv), dtype=torch.float32, device=device))
+        kwargs = {**dict(consumers=1, pingpong=False, persistent=False, v_wgmma_order=False, heads_fastest=None,
+                         rowsum_mma=False), **route}
+        launch = _launch_arguments(codes, out, descales, dims, is_causal=is_causal, scale=scale, **kwargs)
+    except Exception:  # noqa: BLE001 (the launch builds the same arguments and reports what is wrong)
+        return contextlib.nullcontext()
+    return _compiling(mode_class(_executor(), ignore_errors=True), *launch)
+
+
+@contextlib.contextmanager
+def _compiling(mode, kernel, grid, args, meta):
+    """`compile_ahead`'s context: ``mode`` (an AsyncCompileMode) active around the body, the kernel's warmup
+    submitted first; leaving it waits for every compile submitted inside (the kernel's included)."""
+    global AHEAD_WARMUPS
+    with mode:
+        try:
+            kernel.warmup(*args, grid=grid, **meta)
+            AHEAD_WARMUPS += 1
+        except Exception:  # noqa: BLE001 (the launch compiles in turn and reports it)
+            pass
+        yield

@@ -148,6 +148,26 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
     return dim in GLUON_HEAD_DIMS
 
 
+def compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *,
+                  is_causal: bool, scale: float, out_dtype: torch.dtype, v_wgmma_order: bool):
+    """A context manager for the quantization of a fixed-length prefill call: where the call will run the Gluon
+    kernel through a route of `_V_WGMMA_ROUTES` (v_wgmma_order: `reads_v_wgmma_order` said so), that kernel's
+    first compile for this shape starts beside the quantizer's (`gluon_attention.compile_ahead`); elsewhere a
+    plain context. The pipeline's ``compile_ahead`` (`backends.triton_compile_ahead`)."""
+    import contextlib
+
+    if not v_wgmma_order:
+        return contextlib.nullcontext()
+    route = _route_kernel(True, dim, s_q, raise_unavailable=False)
+    if route is None:
+        return contextlib.nullcontext()
+    from . import gluon_attention
+
+    # (the quantizer writes keys-contiguous V with S_kv rows: the descriptor's row stride)
+    return gluon_attention.compile_ahead(device, (batch, s_q, h_q, s_kv, h_kv, dim, s_kv), is_causal=is_causal,
+                                         scale=scale, out_dtype=out_dtype, v_wgmma_order=True, **route)
+
+
 def _route_kernel(on_hopper: bool, dim: int, s_q: int, raise_unavailable: bool = True) -> dict | None:
     """The Gluon launcher's keyword arguments of the `KERNEL_ENV` route for a prefill call of this head dim and
     query length on Hopper (or not), or None where the route keeps the Triton kernel. auto falls back to the

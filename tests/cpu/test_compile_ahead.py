@@ -1,0 +1,280 @@
+"""Compiling the Gluon kernel ahead (`gluon_attention.compile_ahead`, `triton.compile_ahead`, the pipeline's
+`Backend.compile_ahead`): on a new shape's first call the kernel's compile starts in a worker thread beside the
+quantizer's, through triton's AsyncCompileMode. What the CPU can check: the warmup carries the arguments the
+launch will carry (Triton's own per-argument specialization, so the launch finds the kernel compiled), once per
+shape; it stays out of the way where it cannot help; the pipeline quantizes inside it and attends after it; and,
+in a child process with triton's JIT on a stand-in sm_90 driver, the real warmup compiles in the background the
+kernel whose cache key the real launch looks up. The time it saves is measured on the GPU host
+(scripts/first_call.py) and offline (scripts/compile_ahead_offline.py)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_fp8_attention import attention, backends
+from hf_fp8_attention._constants import FP8_DTYPE
+from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import QuantizedQKV
+from hf_fp8_attention.quantization.qkv import V_WGMMA, _outputs
+
+gluon_attention = pytest.importorskip("hf_fp8_attention.backends.gluon_attention")
+from hf_fp8_attention.backends import triton as triton_backend  # noqa: E402
+
+if gluon_attention.triton_problem() is not None or gluon_attention._async_compile_mode()[0] is None:
+    pytest.skip("needs a triton with Gluon's warp_specialize list form and AsyncCompileMode (>= 3.6)",
+                allow_module_level=True)
+
+CPU = torch.device("cpu")
+
+
+class Recorder:
+    """Stands in for the persistent Gluon kernel: records its launches and warmups."""
+
+    def __init__(self, fail_warmup=False):
+        self.launches, self.warmups, self.fail_warmup = [], [], fail_warmup
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, args, meta))
+
+    def warmup(self, *args, grid, **meta):
+        if self.fail_warmup:
+            raise RuntimeError("a compile that fails")
+        self.warmups.append((grid, args, meta))
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(gluon_attention, "_AHEAD_SEEN", set())
+    monkeypatch.setattr(gluon_attention, "_num_sms", lambda index: 132)
+    monkeypatch.delenv(gluon_attention.COMPILE_AHEAD_ENV, raising=False)
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    recorder = Recorder()
+    monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_persistent_kernel", recorder)
+    return recorder
+
+
+def _bundle(B, S, H_q, H_kv, D=128):
+    """Empty buffers laid out as the Triton quantizer lays out a wgmma-order call's outputs: BSHD e4m3 Q/K,
+    keys-contiguous V, the descales three rows of one (3, B, H_kv) block (whose rows sit at B * H_kv * 4-byte
+    steps: not 16-byte aligned when B * H_kv is odd)."""
+    q, k, v = _outputs(((B, S, H_q, D), (B, S, H_kv, D), (B, S, H_kv, D)), FP8AttentionOptions(), CPU, V_WGMMA)
+    block = torch.ones((3, B, H_kv), dtype=torch.float32)
+    return QuantizedQKV(q, k, v, block[0], block[1], block[2], v_wgmma_order=True)
+
+
+def _specialization(arg):
+    """Triton's own specialization of one argument (what its cache key holds)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    return native_specialize_impl(CUDABackend, arg, False, True, True)
+
+
+def _ahead(B, S, H_q, H_kv, causal, out_dtype=torch.bfloat16, **kw):
+    return triton_backend.compile_ahead(CPU, B, S, H_q, H_kv, S, 128, is_causal=causal, scale=0.088,
+                                        out_dtype=out_dtype, v_wgmma_order=kw.pop("v_wgmma_order", True))
+
+
+@pytest.mark.parametrize("B,S,H_q,H_kv,causal", [(1, 256, 4, 2, True), (1, 1024, 32, 8, False), (3, 128, 6, 3, True),
+                                                 (2, 4096, 32, 8, True)])
+def test_warmup_specializes_as_the_launch(kernel, B, S, H_q, H_kv, causal):
+    """The warmup's grid, constexprs and launch options equal the launch's, and every positional argument
+    specializes alike in Triton's own terms (dtype, 16-byte alignment, ints' divisibility and 1s, descriptors'
+    dtype, block and layout), the descales' alignment included: the launch then finds the compiled kernel."""
+    with _ahead(B, S, H_q, H_kv, causal):
+        pass
+    route = triton_backend._KERNELS["gluon-pp-persistent"]
+    bundle = _bundle(B, S, H_q, H_kv)
+    gluon_attention.gluon_fp8_attention(bundle, is_causal=causal, scale=0.088, out_dtype=torch.bfloat16, **route)
+    assert len(kernel.warmups) == 1 and len(kernel.launches) == 1
+    (w_grid, w_args, w_meta), (l_grid, l_args, l_meta) = kernel.warmups[0], kernel.launches[0]
+    out = l_args[3]  # the launch's own: its strides, V's row stride and the descales as the bundle has them
+    assert out.shape == bundle.q.shape and l_args[7:9] == (out.stride(0), out.stride(1))
+    assert l_args[2].strides == [bundle.v.stride(3), 1] and l_args[2].base is bundle.v
+    assert all(a is b for a, b in zip(l_args[4:7], (bundle.q_descale, bundle.k_descale, bundle.v_descale)))
+    assert w_grid == l_grid and w_meta == l_meta and len(w_args) == len(l_args)
+    assert l_meta["V_WGMMA_ORDER"] and l_meta["ROWSUM_MMA"] and l_meta["IS_CAUSAL"] is causal
+    got, want = [_specialization(a) for a in w_args], [_specialization(a) for a in l_args]
+    assert got == want
+    aligned = [s[1] == "D" for a, s in zip(l_args, want) if isinstance(a, torch.Tensor)]  # out and the descales
+    assert aligned == [True, True, (B * H_kv) % 4 == 0, (B * H_kv) % 2 == 0]
+
+
+def test_once_per_shape(kernel):
+    """A shape's first call warms the kernel; its repeats do not (a plain context); another shape, causal flag or
+    output dtype does."""
+    for causal, out_dtype, S in ((True, torch.bfloat16, 256), (True, torch.bfloat16, 256), (False, torch.bfloat16, 256),
+                                 (True, torch.float16, 256), (True, torch.bfloat16, 512), (True, torch.bfloat16, 256)):
+        with _ahead(1, S, 4, 2, causal, out_dtype):
+            pass
+    assert len(kernel.warmups) == 4
+    assert [w[2]["IS_CAUSAL"] for w in kernel.warmups] == [True, False, True, True]
+
+
+def test_stays_out_of_the_way(kernel, monkeypatch):
+    """No warmup where it cannot help: the env switch at 0 (another value is an error), V not in wgmma order
+    (another route), the Triton kernel's route, an AsyncCompileMode already active, a triton without it, an
+    empty problem. A warmup that fails is dropped (the launch compiles in turn and reports it) and the body
+    runs; an error in the body comes out, and the mode is left either way."""
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+
+    monkeypatch.setenv(gluon_attention.COMPILE_AHEAD_ENV, "0")
+    with _ahead(1, 256, 4, 2, True):
+        pass
+    monkeypatch.setenv(gluon_attention.COMPILE_AHEAD_ENV, "yes")
+    with pytest.raises(ValueError, match="HF_FP8_ATTENTION_COMPILE_AHEAD='yes': expected 0 or 1"):
+        _ahead(1, 256, 4, 2, True)
+    monkeypatch.setenv(gluon_attention.COMPILE_AHEAD_ENV, "1")
+    with _ahead(1, 256, 4, 2, True, v_wgmma_order=False):
+        pass
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "triton")
+    with _ahead(1, 256, 4, 2, True):
+        pass
+    monkeypatch.delenv(triton_backend.KERNEL_ENV)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool, AsyncCompileMode(pool):
+        with _ahead(1, 256, 4, 2, True):
+            pass
+    with monkeypatch.context() as m:
+        m.setattr(gluon_attention, "_async_compile_mode", lambda: (None, None))
+        with _ahead(1, 256, 4, 2, True):
+            pass
+    assert isinstance(gluon_attention.compile_ahead(CPU, (1, 0, 4, 0, 2, 128, 0), is_causal=True, scale=1.0,
+                                                    out_dtype=torch.bfloat16), type(_nullcontext()))
+    assert kernel.warmups == []
+
+    failing = Recorder(fail_warmup=True)
+    monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_persistent_kernel", failing)
+    ran = []
+    with _ahead(1, 256, 4, 2, True):
+        assert active_mode.get() is not None  # the body runs inside the asynchronous compile
+        ran.append(True)
+    assert ran and active_mode.get() is None and gluon_attention.AHEAD_WARMUPS >= 0
+    monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_persistent_kernel", kernel)
+    with pytest.raises(KeyError, match="from the body"):
+        with _ahead(1, 512, 4, 2, True):
+            raise KeyError("from the body")
+    assert active_mode.get() is None and len(kernel.warmups) == 1
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_the_pipeline_quantizes_inside_it(monkeypatch):
+    """`attention.fp8_attention` enters the backend's compile_ahead (with the call's batch, lengths, heads, head
+    dim, causal flag, scale and output dtype) around the quantization only, and only where the backend reads V
+    in wgmma order; the output is the same as without it."""
+    events, seen = [], []
+    real_quantize = attention.quantize
+
+    def quantize(*args, **kwargs):
+        events.append("quantize")
+        return real_quantize(*args, **kwargs)
+
+    class Ahead:
+        def __init__(self, *args, **kwargs):
+            seen.append((args, kwargs))
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append("exit")
+
+    reference = backends.REGISTRY["reference"]
+    attend = reference.fn
+
+    def fn(qkv, **kw):
+        events.append("attend")
+        return attend(qkv, **kw)
+
+    monkeypatch.setattr(attention, "quantize", quantize)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, 32, generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 64, 32, generator=g).bfloat16() for _ in range(2))
+    opts = FP8AttentionOptions()
+
+    def run():
+        return attention.fp8_attention(q, k, v, None, None, None, None, None, None, True, 0.125, "reference",
+                                       "reference", opts)
+
+    plain = run()
+    assert events == ["quantize"]
+    events.clear()
+    wgmma = dataclasses.replace(reference, v_keys_contiguous=lambda *a: True, v_wgmma_order=lambda *a, **kw: True,
+                                compile_ahead=Ahead)
+    wgmma.__dict__["fn"] = fn  # (the cached backend function, wrapped)
+    monkeypatch.setitem(backends.REGISTRY, "reference", wgmma)
+    ahead = run()
+    assert events == ["enter", "quantize", "exit", "attend"]
+    assert seen == [((q.device, 2, 64, 4, 2, 64, 32), dict(is_causal=True, scale=0.125, out_dtype=torch.bfloat16,
+                                                          v_wgmma_order=True))]
+    assert torch.equal(ahead, plain)
+    events.clear()
+    monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(wgmma, v_wgmma_order=lambda *a, **kw: False))
+    run()
+    assert events == ["quantize"] and len(seen) == 1
+
+
+_REAL_COMPILE = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class StandIn:  # what the JIT asks the driver for, without a GPU
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 128)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+driver.set_active(StandIn())
+from hf_fp8_attention.backends import gluon_attention as G, triton as T
+from hf_fp8_attention.options import FP8AttentionOptions
+from hf_fp8_attention.quantization import QuantizedQKV
+from hf_fp8_attention.quantization.qkv import V_WGMMA, _outputs
+G._num_sms = lambda index: 132
+B, S, H, Hkv, D = 1, 256, 4, 2, 128
+real = G.fp8_attn_fwd_gluon_persistent_kernel
+with T.compile_ahead(torch.device("cpu"), B, S, H, Hkv, S, D, is_causal=True, scale=0.088,
+                     out_dtype=torch.bfloat16, v_wgmma_order=True):
+    from triton.runtime._async_compile import active_mode
+    pending = list(active_mode.get().future_kernels.values())
+    assert len(pending) == 1 and not pending[0].future.done(), "the compile runs in the background"
+# (triton 3.6 files the kernel when the mode ends, later ones file the future at once)
+compiled = [k.result() if hasattr(k, "result") else k for k in real.device_caches[0][0].values()]
+launched = []
+class Recorder:
+    def __getitem__(self, grid): return lambda *a, **kw: launched.append((grid, a, kw))
+G.fp8_attn_fwd_gluon_persistent_kernel = Recorder()
+q, k, v = _outputs(((B, S, H, D), (B, S, Hkv, D), (B, S, Hkv, D)), FP8AttentionOptions(), "cpu", V_WGMMA)
+block = torch.ones((3, B, Hkv))
+G.gluon_fp8_attention(QuantizedQKV(q, k, v, *block, v_wgmma_order=True), is_causal=True, scale=0.088,
+                      out_dtype=torch.bfloat16, **T._KERNELS["gluon-pp-persistent"])
+grid, args, meta = launched[0]
+misses = []  # the JIT's compile requests from here on (the hook declines them: nothing compiles)
+triton.knobs.runtime.jit_cache_hook = lambda *a, **kw: misses.append(kw.get("key")) or True
+found = real.warmup(*args, grid=grid, **meta)  # the launch's own arguments, through the JIT's lookup
+found = found.result() if hasattr(found, "result") else found
+print("compiled", len(compiled), "misses", len(misses), "same", found is compiled[0],
+      "cubin", len(compiled[0].asm["cubin"]))
+"""
+
+
+def test_the_real_warmup_compiles_what_the_launch_looks_up():
+    """A child process without TRITON_INTERPRET, triton's JIT on a stand-in sm_90 driver: inside compile_ahead the
+    Gluon kernel's compile is pending in the background; after it the JIT's cache holds one compiled kernel (a
+    cubin), and the JIT looking up gluon_fp8_attention's own launch arguments finds that kernel without asking to
+    compile anything (its jit_cache_hook, which would decline the compile, is never called)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _REAL_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    words = done.stdout.split()
+    assert words[:6] == ["compiled", "1", "misses", "0", "same", "True"] and int(words[7]) > 10000, done.stdout
