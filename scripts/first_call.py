@@ -8,6 +8,12 @@ its second call, both synchronized. The issue's line: the first call of a new sh
 
 Prints one row per (S, causal): first-call s, second-call ms, and the child's wall time (interpreter start and
 imports included). Without CUDA it runs the reference backend on the CPU (a smoke run of the script itself).
+
+--compile-ahead off|on|both: the child's HF_FP8_ATTENTION_COMPILE_AHEAD (on: the default, the Gluon kernel's
+compile beside the quantizer's, `gluon_attention.compile_ahead`); both: each shape twice, off then on, side by
+side. --breakdown: where the first call's time went, per Triton kernel: its compile (`triton.compile`, in
+whichever thread ran it) and its load with the launcher build (`CompiledKernel._init_handles`: the module load
+and the launcher's C build on an empty cache), and the rest of the call.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--backend", default=None, help="fp8_sdpa's backend (default: auto from the device)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a child may take")
+    p.add_argument("--compile-ahead", choices=("off", "on", "both"), default="on",
+                   help="HF_FP8_ATTENTION_COMPILE_AHEAD in the child (both: off, then on)")
+    p.add_argument("--breakdown", action="store_true", help="time each kernel's compile and load in the first call")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one shape, run by the parent
     a = p.parse_args(argv)
@@ -43,10 +52,45 @@ def parse_args(argv=None):
     return a
 
 
+def _instrument(events: list) -> None:
+    """Times every Triton compile and kernel load (with its launcher build) in this process into ``events``:
+    (what, kernel name, seconds, thread name). Before any kernel is compiled (the JIT picks `compile` up from
+    triton.compiler when it first builds its binder)."""
+    import threading
+
+    import triton.compiler
+    import triton.compiler.compiler as compiler
+
+    real_compile, real_init = compiler.compile, compiler.CompiledKernel._init_handles
+
+    def compile(src, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real_compile(src, *args, **kwargs)
+        finally:
+            name = getattr(getattr(src, "fn", None), "__name__", None) or getattr(src, "name", "?")
+            events.append(("compile", name, time.perf_counter() - t0, threading.current_thread().name))
+
+    def init_handles(self):
+        if self.module is not None:
+            return real_init(self)
+        t0 = time.perf_counter()
+        try:
+            return real_init(self)
+        finally:
+            events.append(("load", self.name, time.perf_counter() - t0, threading.current_thread().name))
+
+    compiler.compile = triton.compiler.compile = compile
+    compiler.CompiledKernel._init_handles = init_handles
+
+
 def child(spec: dict) -> dict:
     """One shape's first and second call (in this fresh process)."""
     import torch
 
+    events = []
+    if spec.get("breakdown") and torch.cuda.is_available():
+        _instrument(events)
     from hf_fp8_attention import fp8_sdpa
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,8 +112,25 @@ def child(spec: dict) -> dict:
         return time.perf_counter() - t0
 
     first = timed()
+    first_events = list(events)
     second = timed()
-    return dict(spec, backend=backend, device=device, first_s=first, second_ms=second * 1e3)
+    return dict(spec, backend=backend, device=device, first_s=first, second_ms=second * 1e3, events=first_events)
+
+
+def _breakdown(result: dict, flag: str) -> list[str]:
+    """The first call's events as lines: each compile and load (seconds, thread), then their sums and the rest."""
+    events = result.get("events") or []
+    head = (f"## first call at S={result['S']}, causal {'yes' if result['causal'] else 'no'}, compile ahead {flag}: "
+            f"{result['first_s']:.2f} s")
+    if not events:
+        return [head, "(no Triton compile or load recorded: cached, or no CUDA)"]
+    lines = [head] + [f"- {what} {name}: {sec:.2f} s ({thread})" for what, name, sec, thread in events]
+    main_thread = sum(sec for what, _, sec, thread in events if thread == "MainThread")
+    compiles = sum(sec for what, _, sec, _ in events if what == "compile")
+    loads = sum(sec for what, _, sec, _ in events if what == "load")
+    lines.append(f"- compiles {compiles:.2f} s, loads {loads:.2f} s; in the main thread {main_thread:.2f} s, the "
+                 f"rest of the call {result['first_s'] - main_thread:.2f} s (waiting on a worker's compile included)")
+    return lines
 
 
 def main(argv=None):
@@ -86,31 +147,38 @@ def main(argv=None):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {device}, {vers}, {when}; B=1, H {a.heads}, D={a.head_dim}, backend {a.backend or 'auto'}; each "
           "shape in a fresh process with an empty Triton cache", flush=True)
-    rows, table = [], []
-    for S in a.seqlens:
-        for causal in causals:
-            spec = dict(S=S, D=a.head_dim, causal=causal, h_q=a.h_q, h_kv=a.h_kv, backend=a.backend)
-            with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
-                env = dict(os.environ, TRITON_CACHE_DIR=cache)
-                t0 = time.perf_counter()
-                try:
-                    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                                          env=env, capture_output=True, text=True, timeout=a.timeout)
-                    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                    result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-                    why = None if result else (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
-                except subprocess.TimeoutExpired:
-                    result, why = None, f"timed out after {a.timeout:g} s"
-                wall = time.perf_counter() - t0
-            if result is None:
-                table.append([S, "yes" if causal else "no", "-", "-", f"{wall:.1f}", f"failed: {why}"])
-                rows.append(dict(spec, error=why, wall_s=wall))
-                continue
-            result["wall_s"] = wall
-            rows.append(result)
-            table.append([S, "yes" if causal else "no", f"{result['first_s']:.2f}", f"{result['second_ms']:.2f}",
-                          f"{wall:.1f}", result["backend"]])
-    print(_common.markdown_table(["S", "causal", "first call s", "second call ms", "child wall s", "backend"], table))
+    aheads = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[a.compile_ahead]
+    rows, table, breakdowns = [], [], []
+    for S, causal, ahead in ((S, c, h) for S in a.seqlens for c in causals for h in aheads):
+        spec = dict(S=S, D=a.head_dim, causal=causal, h_q=a.h_q, h_kv=a.h_kv, backend=a.backend,
+                    compile_ahead=ahead == "1", breakdown=a.breakdown)
+        with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
+            env = dict(os.environ, TRITON_CACHE_DIR=cache, HF_FP8_ATTENTION_COMPILE_AHEAD=ahead)
+            t0 = time.perf_counter()
+            try:
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                                      env=env, capture_output=True, text=True, timeout=a.timeout)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+                why = None if result else (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
+            except subprocess.TimeoutExpired:
+                result, why = None, f"timed out after {a.timeout:g} s"
+            wall = time.perf_counter() - t0
+        flag = "on" if ahead == "1" else "off"
+        if result is None:
+            table.append([S, "yes" if causal else "no", flag, "-", "-", f"{wall:.1f}", f"failed: {why}"])
+            rows.append(dict(spec, error=why, wall_s=wall))
+            continue
+        result["wall_s"] = wall
+        rows.append(result)
+        table.append([S, "yes" if causal else "no", flag, f"{result['first_s']:.2f}",
+                      f"{result['second_ms']:.2f}", f"{wall:.1f}", result["backend"]])
+        if a.breakdown:
+            breakdowns.append(_breakdown(result, flag))
+    print(_common.markdown_table(["S", "causal", "compile ahead", "first call s", "second call ms", "child wall s",
+                                  "backend"], table))
+    for lines in breakdowns:
+        print("\n".join(lines))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -72,6 +72,9 @@
 #   bash scripts/gpu_check.sh --vorder   # V in wgmma key order from the quantizer (the Gluon kernel's default route since
 #                                        # session 26): its GPU tests, bench_sdpa's kernels alone against the same build on
 #                                        # V in key order, the quantizer per layout, fp8_triton (GQA 32/8, 16k/64k)
+#   bash scripts/gpu_check.sh --first-call  # session 27: the first call of a new prefill shape with the Gluon kernel's
+#                                        # compile-ahead off and on (first_call.py --compile-ahead both --breakdown,
+#                                        # FIRST_SEQLENS default 4k 16k 64k, causal) after its GPU test
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -483,6 +486,11 @@ elif [ "$mode" = "--vorder" ]; then  # session 26: V in wgmma key order from the
   step vorder_sdpa timeout "${SDPA_S:-150}" python3 scripts/bench_sdpa.py --kv-heads 8 \
     --seqlens ${VORDER_SEQLENS:-16384 65536} --causal both --rounds "${VORDER_ROUNDS:-2}" --modes none --sqnr-ref off \
     --rep-ms 150 --impls "FA3" "triton fp8 kernel only" "quantize only, V" fp8_triton --json "$out/vorder_sdpa.json"
+elif [ "$mode" = "--first-call" ]; then  # session 27: compile-ahead (the Gluon kernel's compile beside the quantizer's)
+  step first_call_tests timeout "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    -k compile_ahead
+  step first_call timeout "${FIRST_S:-300}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384 65536} \
+    --causal yes --heads 32/8 --backend triton --compile-ahead both --breakdown --timeout 90 --json "$out/first_call.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from hf_fp8_attention import attention, backends
-from hf_fp8_attention._constants import FP8_DTYPE
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import QuantizedQKV
 from hf_fp8_attention.quantization.qkv import V_WGMMA, _outputs
@@ -278,3 +277,28 @@ def test_the_real_warmup_compiles_what_the_launch_looks_up():
     assert done.returncode == 0, done.stderr[-3000:]
     words = done.stdout.split()
     assert words[:6] == ["compiled", "1", "misses", "0", "same", "True"] and int(words[7]) > 10000, done.stdout
+
+
+def test_offline_script_times_both_orders(capsys):
+    """scripts/compile_ahead_offline.py (real compiles for sm_90 on the CPU, each run in a fresh process with an
+    empty Triton cache): a row per shape with the quantizer's and the Gluon kernel's compile times, serial
+    against ahead; each child checks that the Gluon kernel compiled exactly once through one warmup. Bad
+    arguments are a usage error."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "compile_ahead_offline.py"
+    spec = importlib.util.spec_from_file_location("hfa_scripts_compile_ahead_offline", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--seqlens", "256", "--heads", "4/2", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "S=256 serial:" in text and "S=256 ahead:" in text and "stand-in driver" in text
+    row = [line for line in text.splitlines() if line.startswith("| 256 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    quantizer, gluon, serial, ahead = (float(c) for c in cells[1:5])
+    assert quantizer > 0 and gluon > 0 and serial > 0 and ahead > 0 and abs(quantizer + gluon - serial) < 0.02
+    for bad in (["--heads", "4/3"], ["--seqlens", "100"], ["--head-dim", "64"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(bad)

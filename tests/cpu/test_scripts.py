@@ -882,9 +882,9 @@ def test_first_call_script_runs_fresh_children(tmp_path, capsys):
     assert first_call.main(["--seqlens", "32", "--causal", "both", "--heads", "4/2", "--head-dim", "64",
                             "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| 32 | no |" in text and "| 32 | yes |" in text and "empty Triton cache" in text
+    assert "| 32 | no | on |" in text and "| 32 | yes | on |" in text and "empty Triton cache" in text
     rows = json.loads(out.read_text())
-    assert [r["causal"] for r in rows] == [False, True]
+    assert [r["causal"] for r in rows] == [False, True] and all(r["compile_ahead"] for r in rows)
     assert all(r["first_s"] > 0 and r["second_ms"] > 0 and r["wall_s"] >= r["first_s"] for r in rows)
     if not torch.cuda.is_available():
         assert {r["backend"] for r in rows} == {"reference"}
@@ -892,3 +892,15 @@ def test_first_call_script_runs_fresh_children(tmp_path, capsys):
     assert "failed: ValueError: head_dim 48 is not supported" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         first_call.main(["--heads", "4/3"])
+    # off, then on, side by side; the breakdown (nothing compiled on the CPU)
+    assert first_call.main(["--seqlens", "32", "--causal", "yes", "--heads", "4/2", "--head-dim", "64",
+                            "--compile-ahead", "both", "--breakdown"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("| 32 | yes | off |") < text.index("| 32 | yes | on |")
+    assert text.count("(no Triton compile or load recorded") == 2
+    lines = first_call._breakdown(dict(S=4096, causal=True, first_s=5.0, events=[
+        ("compile", "qkv_quantize_kernel", 1.5, "MainThread"), ("compile", "gluon", 3.0, "worker_0"),
+        ("load", "qkv_quantize_kernel", 0.25, "MainThread"), ("load", "gluon", 0.5, "MainThread")]), "on")
+    assert lines[0] == "## first call at S=4096, causal yes, compile ahead on: 5.00 s"
+    assert "- compile gluon: 3.00 s (worker_0)" in lines
+    assert lines[-1].startswith("- compiles 4.50 s, loads 0.75 s; in the main thread 2.25 s, the rest of the call 2.75 s")

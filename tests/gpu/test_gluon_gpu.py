@@ -88,3 +88,34 @@ def test_v_in_wgmma_key_order_matches_key_order(S, causal, v_offset, monkeypatch
 
     # (below 2k keys at D=128 the backend reads BSHD V: the Triton kernel, no Gluon call)
     assert seen == ([True] if S * D >= TRITON_V_KEYS_MIN_KEYS_X_DIM else []) and torch.isfinite(out).all()
+
+
+def test_compile_ahead_compiles_the_kernel_the_first_call_runs(monkeypatch, tmp_path):
+    """fp8_sdpa's first call at a new shape (an empty Triton cache, this process's JIT caches cleared) compiles
+    the Gluon kernel ahead, beside the quantizer (`gluon_attention.compile_ahead`), and the launch then runs that
+    kernel: one warmup, exactly one Gluon kernel compiled (a launch whose specialization differed would compile a
+    second), the same output as with compile-ahead off (the same kernels, compiled in turn)."""
+    from hf_fp8_attention import fp8_sdpa
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = gluon_attention.fp8_attn_fwd_gluon_persistent_kernel
+    device = torch.cuda.current_device()
+    torch.manual_seed(3)
+    B, H, H_kv, S, D = 1, 6, 3, 2064, 128  # B * H_kv odd: the descales' rows sit off 16-byte boundaries; V
+    # keys-contiguous from S_kv * D >= 256k (the route)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    outs = []
+    for ahead in ("1", "0"):
+        monkeypatch.setenv(gluon_attention.COMPILE_AHEAD_ENV, ahead)
+        monkeypatch.setattr(gluon_attention, "_AHEAD_SEEN", set())
+        kernel.device_caches[device][0].clear()
+        warmups, calls = gluon_attention.AHEAD_WARMUPS, gluon_attention.CALLS
+        outs.append(fp8_sdpa(q, k, v, is_causal=True, backend="triton"))
+        assert gluon_attention.CALLS == calls + 1, "the call did not reach the Gluon kernel"
+        assert gluon_attention.AHEAD_WARMUPS == warmups + (ahead == "1")
+        assert len(kernel.device_caches[device][0]) == 1
+    assert torch.equal(outs[0], outs[1])
