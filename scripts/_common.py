@@ -34,6 +34,33 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+def run_fresh_child(script: str, spec: dict, env: dict[str, str], timeout: float) -> tuple[dict | None, str | None]:
+    """``python script --child JSON(spec)`` in a fresh process with an empty Triton cache (a new TRITON_CACHE_DIR;
+    ``env`` on top of this process's environment, a None value removing the variable): (the child's last JSON
+    line, None), or (None, why it failed: its last stderr line, its return code, or the timeout)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
+        child_env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        for name, value in env.items():
+            if value is None:
+                child_env.pop(name, None)
+            else:
+                child_env[name] = value
+        try:
+            done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], env=child_env,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout:g} s"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1]), None
+    return None, (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Attention specs: "name" or "name:key=value,key=value" -> prepare_model kwargs
 # ------------------------------------------------------------------------------------------------------

@@ -22,9 +22,7 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -161,17 +159,8 @@ def main(argv=None):
         for _ in range(a.rounds):
             for mode in ("serial", "ahead"):
                 spec = dict(S=S, D=a.head_dim, B=a.batch, h_q=a.h_q, h_kv=a.h_kv, mode=mode)
-                with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
-                    env = dict(os.environ, TRITON_CACHE_DIR=cache)
-                    env.pop("TRITON_INTERPRET", None)
-                    try:
-                        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                                              env=env, capture_output=True, text=True, timeout=a.timeout)
-                        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                        result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-                        why = None if result else (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
-                    except subprocess.TimeoutExpired:
-                        result, why = None, f"timed out after {a.timeout:g} s"
+                result, why = _common.run_fresh_child(os.path.abspath(__file__), spec, {"TRITON_INTERPRET": None},
+                                                      a.timeout)
                 if result is None:
                     print(f"S={S} {mode}: failed: {why}", flush=True)
                     failed = True

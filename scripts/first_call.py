@@ -21,9 +21,7 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -152,18 +150,10 @@ def main(argv=None):
     for S, causal, ahead in ((S, c, h) for S in a.seqlens for c in causals for h in aheads):
         spec = dict(S=S, D=a.head_dim, causal=causal, h_q=a.h_q, h_kv=a.h_kv, backend=a.backend,
                     compile_ahead=ahead == "1", breakdown=a.breakdown)
-        with tempfile.TemporaryDirectory(prefix="triton_cache_") as cache:
-            env = dict(os.environ, TRITON_CACHE_DIR=cache, HF_FP8_ATTENTION_COMPILE_AHEAD=ahead)
-            t0 = time.perf_counter()
-            try:
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                                      env=env, capture_output=True, text=True, timeout=a.timeout)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-                result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-                why = None if result else (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
-            except subprocess.TimeoutExpired:
-                result, why = None, f"timed out after {a.timeout:g} s"
-            wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result, why = _common.run_fresh_child(os.path.abspath(__file__), spec,
+                                              {"HF_FP8_ATTENTION_COMPILE_AHEAD": ahead}, a.timeout)
+        wall = time.perf_counter() - t0
         flag = "on" if ahead == "1" else "off"
         if result is None:
             table.append([S, "yes" if causal else "no", flag, "-", "-", f"{wall:.1f}", f"failed: {why}"])
