@@ -273,6 +273,9 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             out.append(kernel_only("triton fp8 kernel only, V key order", triton_fp8_attention,
                                    v_keys_contiguous=True,
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-key-order"}))
+            # session 27's probe: the same build with its output by TMA stores (route gluon-pp-persistent-tma-store)
+            out.append(kernel_only(TMA_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
+                                   env={TRITON_KERNEL_ENV: "gluon-pp-persistent-tma-store"}))
             for tag, order in (("V keys-contiguous", False), ("V wgmma order", True)):
                 out.append(Candidate(f"fp8 quantize only, {tag}", lambda order=order: quantize_qkv_fp8(
                     q, k, v, v_keys_contiguous=True, v_wgmma_order=order), output=False, mode="none"))
@@ -367,6 +370,27 @@ def _print_triton_summary(rows: list[dict]) -> None:
               "| kernel alone: of FA3 fp8 kernel | vs FA3 bf16 |")
         print("|---|---|---|---|---|---|---|")
         print("\n".join(lines))
+
+
+TMA_STORE_ROW = "triton fp8 kernel only, TMA store"
+
+
+def tma_store_lines(rows: list[dict]) -> list[str]:
+    """Rows of the TMA-store probe's A/B table: the default Gluon build ("triton fp8 kernel only") against the same
+    build writing its output by TMA stores (`TMA_STORE_ROW`), same run, each also as % of the FA3 fp8 kernel."""
+    by_shape: dict = {}
+    for r in rows:
+        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
+    lines = []
+    for (d, s, causal), ms in by_shape.items():
+        plain, tma = ms.get("triton fp8 kernel only"), ms.get(TMA_STORE_ROW)
+        if plain is None or tma is None:
+            continue
+        fa3 = ms.get("FA3 fp8 kernel only")
+        of = lambda t: "-" if fa3 is None else f"{fa3 / t:.1%}"  # noqa: E731
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {plain:.3f} ({of(plain)}) | {tma:.3f} ({of(tma)}) | "
+                     f"{plain / tma:.3f}x |")
+    return lines
 
 
 def _print_v_order_summary(rows: list[dict]) -> None:
@@ -519,6 +543,13 @@ def main(argv=None) -> int:
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     _print_triton_summary(rows)
     _print_v_order_summary(rows)
+    tma_lines = tma_store_lines(rows)
+    if tma_lines:
+        print("\nThe Gluon kernel's output by TMA stores (probe, route gluon-pp-persistent-tma-store) against its plain "
+              "stores, same run; (% of the FA3 fp8 kernel's speed)")
+        print("| D | S | causal | plain stores ms | TMA stores ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(tma_lines))
     _print_mode_costs(rows)
     if host:
         print(f"\nHost cost per call ({HOST_CALLS} calls launched back to back, no sync) and GPU time from CUDA-graph "

@@ -75,6 +75,9 @@
 #   bash scripts/gpu_check.sh --first-call  # session 27: the first call of a new prefill shape with the Gluon kernel's
 #                                        # compile-ahead off and on (first_call.py --compile-ahead both --breakdown,
 #                                        # FIRST_SEQLENS default 4k 16k 64k, causal) after its GPU test
+#   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
+#                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
+#                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -491,6 +494,12 @@ elif [ "$mode" = "--first-call" ]; then  # session 27: compile-ahead (the Gluon 
     -k compile_ahead
   step first_call timeout "${FIRST_S:-300}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384 65536} \
     --causal yes --heads 32/8 --backend triton --compile-ahead both --breakdown --timeout 90 --json "$out/first_call.json"
+elif [ "$mode" = "--tma-store" ]; then  # session 27's probe: the Gluon kernel's output by TMA stores
+  step tma_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    -k "tma_store or compile_ahead"
+  step tma_sdpa timeout "${SDPA_S:-240}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
+    --rep-ms 150 --impls "FA3 fp8 kernel only" "triton fp8 kernel only" --json "$out/tma_sdpa.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

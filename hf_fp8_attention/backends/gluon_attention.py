@@ -70,6 +70,7 @@ LOG2E = gl.constexpr(1.4426950408889634)
 # the TMA global -> shared copy: `async_copy_global_to_shared` in triton 3.6 (the H200's), renamed `async_load`
 # later (3.9 raises on the old name)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # (the same renaming)
 
 
 @gluon.jit
@@ -195,11 +196,15 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
                   m0, S_q, S_kv, n_full, n_blocks, qk_scale, v_descale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
                   C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
-                  ROWSUM_MMA: gl.constexpr = False):
+                  ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, o_row0=0,
+                  TMA_STORE: gl.constexpr = False):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
-    n_full unmasked, the rest masked, the last one without a next (masked: exact for a full block)."""
+    n_full unmasked, the rest masked, the last one without a next (masked: exact for a full block).
+    TMA_STORE: the output goes through o_smem (this consumer's (BLOCK_M, HEAD_DIM) buffer) and a TMA store over
+    desc_o at row o_row0 + m0, left in flight: the next tile's store waits for it before reusing the buffer,
+    and the caller waits for the last one (rows past the descriptor's end are clipped by the TMA unit)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -245,10 +250,16 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
     if ROWSUM_MMA:
         l_i = gl.max(l_i, 1)  # (its 8 columns are equal)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
-    o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    ptrs = Out + o_base + o_rows.to(gl.int64)[:, None] * stride_os + h_col + o_cols[None, :]
-    gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
+    if TMA_STORE:
+        tma.store_wait(0)  # this consumer's previous tile's store has read the buffer
+        o_smem.store(out.to(desc_o.dtype))
+        fence_async_shared()
+        _tma_store(desc_o, [o_row0 + m0, h_col], o_smem)
+    else:
+        o_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ptrs = Out + o_base + o_rows.to(gl.int64)[:, None] * stride_os + h_col + o_cols[None, :]
+        gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
 
 
 @gluon.jit
@@ -437,9 +448,10 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
-                         ROWSUM_MMA: gl.constexpr = False):
+                         ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, TMA_STORE: gl.constexpr = False):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
-    MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier."""
+    MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier. TMA_STORE: its
+    output tiles through o_smem's buffer C and TMA stores, the last one waited for at the end."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     it = 0
     g = 0
@@ -455,11 +467,14 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
-                      PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA)
+                      PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA, desc_o,
+                      o_smem.index(C) if TMA_STORE else o_smem, b * S_q, TMA_STORE)
         mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
         i += 1
+    if TMA_STORE:
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -469,10 +484,14 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
-                                         ROWSUM_MMA: gl.constexpr = False):
+                                         ROWSUM_MMA: gl.constexpr = False, desc_o=None,
+                                         TMA_STORE: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
-    one tile per round of grid tiles (`_my_tile`, `_tile`).
+    one tile per round of grid tiles (`_my_tile`, `_tile`). TMA_STORE (session 27, a probe): the output through
+    shared memory and TMA stores over desc_o (Out as (B * S_q, H_q * D), block (BLOCK_M / CONSUMERS, D)), each
+    left in flight under the next tile; only where no tile's rows run past S_q into the next sequence (B = 1,
+    or S_q a multiple of BLOCK_M: `_launch_arguments`).
     Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
@@ -498,6 +517,10 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
         fence_async_shared()
     else:
         ones_smem = turn  # unused
+    if TMA_STORE:  # one output buffer per consumer
+        o_smem = gl.allocate_shared_memory(desc_o.dtype, [CONSUMERS] + desc_o.block_type.shape, desc_o.layout)
+    else:
+        o_smem = turn  # unused
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
@@ -518,7 +541,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -529,7 +552,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -537,7 +560,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -571,6 +594,12 @@ def triton_problem() -> str | None:
 
 
 GLUON_HEAD_DIMS = (64, 128)  # (`refusal`)
+
+
+def _gl_dtypes() -> dict:
+    import torch
+
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 CALLS = 0  # launches so far (gpu_check checks that routed tests reached the kernel)
 
@@ -622,7 +651,7 @@ def persistent_heads_fastest(k, is_causal: bool) -> bool:
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                         v_wgmma_order: bool | None = None, heads_fastest: bool | None = None,
-                        rowsum_mma: bool = False):
+                        rowsum_mma: bool = False, tma_store: bool = False):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -632,7 +661,9 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     (the kernel then relabels P instead of moving it between threads), None: as ``qkv.v_wgmma_order`` says
     (a value other than the bundle's is refused); heads_fastest (persistent, causal): the tile
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
-    (`_attend_block`'s ROWSUM_MMA)."""
+    (`_attend_block`'s ROWSUM_MMA); tma_store (persistent): the output through shared memory and TMA stores
+    left in flight (TMA_STORE; where a tile could run past a sequence's end into the next, B > 1 with S_q not a
+    multiple of BLOCK_M, the plain stores)."""
     import torch
 
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
@@ -652,6 +683,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"v_wgmma_order={v_wgmma_order} but qkv.v_wgmma_order={qkv.v_wgmma_order}")
     if rowsum_mma and not persistent:
         problems.append("rowsum_mma is built into the persistent kernel only")
+    if tma_store and not persistent:
+        problems.append("tma_store is built into the persistent kernel only")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if problems:
@@ -666,14 +699,14 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     kernel, grid, args, meta = _launch_arguments(
         (q, k, v), out, (qkv.q_descale, qkv.k_descale, qkv.v_descale), dims, is_causal=is_causal, scale=scale,
         config=(block_m, block_n, warps, stages), consumers=consumers, pingpong=pingpong, persistent=persistent,
-        v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma)
+        v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
     kernel[grid](*args, **meta)
     return out
 
 
 def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple, consumers: int,
                       pingpong: bool, persistent: bool, v_wgmma_order: bool, heads_fastest: bool | None,
-                      rowsum_mma: bool):
+                      rowsum_mma: bool, tma_store: bool = False):
     """(kernel, grid, positional arguments, keyword arguments) of one launch, for `gluon_fp8_attention` and
     `compile_ahead` alike (what makes the two specialize the same). codes: the descriptors' base tensors, (q, k,
     v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor specializes on its dtype,
@@ -704,6 +737,11 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     if heads_fastest is None:
         heads_fastest = persistent_heads_fastest(B * S_kv * H_kv * D, is_causal)
     meta["ROWSUM_MMA"] = bool(rowsum_mma)
+    if tma_store and (B == 1 or S_q % block_m == 0):  # (else a tile's tail rows would land in the next sequence)
+        rows = block_m // consumers
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], _gl_dtypes()[out.dtype])
+        meta.update(desc_o=TensorDescriptor(out, [B * S_q, H_q * D], [H_q * D, 1], [rows, D], layout),
+                    TMA_STORE=True)
     grid = (min(n_tiles, _num_sms(out.device.index or 0)),)
     return fp8_attn_fwd_gluon_persistent_kernel, grid, (*args, n_tiles, n_m, int(heads_fastest)), meta
 

@@ -57,13 +57,17 @@ _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
             "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
             "gluon-pp-persistent-key-order": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
+            "gluon-pp-persistent-tma-store": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 # Session 26: the routes whose prefill calls get V from the quantizer in wgmma key order within every 16
 # (`quantized.wgmma_key_order`; the kernel relabels P instead of moving it between threads before P.V:
 # `gluon_attention._softmax`'s V_WGMMA_ORDER); "gluon-pp-persistent-key-order" is the same build on V in key
 # order (sessions 20-25). The quantizer writes the order where `reads_v_wgmma_order` says the call will take
 # this route; a call that ends up on any other kernel gets V back in key order first (`_launch`, a copy).
-_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent"})
+_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-tma-store"})
+# Session 27, a probe (not measured yet): "gluon-pp-persistent-tma-store" is the default build with its output
+# written through shared memory by TMA stores left in flight under the next tile (`gluon_attention`'s TMA_STORE;
+# FA3's epilogue) instead of each thread's plain stores; A/B: `bench_sdpa.py` (`gpu_check.sh --tma-store`).
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch

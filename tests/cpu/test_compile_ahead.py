@@ -302,3 +302,34 @@ def test_offline_script_times_both_orders(capsys):
     for bad in (["--heads", "4/3"], ["--seqlens", "100"], ["--head-dim", "64"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
+
+
+@pytest.mark.parametrize("B,S,out_dtype,tma", [(1, 1040, torch.bfloat16, True), (2, 1024, torch.bfloat16, True),
+                                               (2, 1040, torch.bfloat16, False), (1, 256, torch.float32, True)])
+def test_tma_store_probe_launch(kernel, monkeypatch, B, S, out_dtype, tma):
+    """Route gluon-pp-persistent-tma-store (a probe of session 27): the launcher passes TMA_STORE with a descriptor
+    over the output as (B * S_q, H_q * D), one consumer's rows (64) per block, in the output's dtype, where no
+    tile's rows run into the next sequence (B = 1: the unit clips at the end; or S_q a multiple of 128); else the
+    plain stores (no descriptor). The route reads V in wgmma order, and compile-ahead warms the same build."""
+    route = triton_backend._KERNELS["gluon-pp-persistent-tma-store"]
+    assert route == dict(triton_backend._KERNELS["gluon-pp-persistent"], tma_store=True)
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, "gluon-pp-persistent-tma-store")
+    monkeypatch.setattr(triton_backend, "_hopper_device", lambda d: True)
+    assert triton_backend.reads_v_wgmma_order(torch.device("cuda", 0), 4096, 4, 2, 4096, 128, is_causal=True,
+                                              options=FP8AttentionOptions(hadamard="none"), varlen=False)
+    with triton_backend.compile_ahead(CPU, B, S, 4, 2, S, 128, is_causal=True, scale=0.088, out_dtype=out_dtype,
+                                      v_wgmma_order=True):
+        pass
+    gluon_attention.gluon_fp8_attention(_bundle(B, S, 4, 2), is_causal=True, scale=0.088, out_dtype=out_dtype,
+                                        **route)
+    (_, w_args, w_meta), (_, l_args, l_meta) = kernel.warmups[0], kernel.launches[0]
+    assert l_meta.get("TMA_STORE", False) is tma and ("desc_o" in l_meta) is tma
+    assert [_specialization(a) for a in (*w_args, *w_meta.values())] == \
+        [_specialization(a) for a in (*l_args, *l_meta.values())]
+    if tma:
+        desc, out = l_meta["desc_o"], l_args[3]
+        assert desc.base is out and desc.shape == [B * S, 4 * 128] and desc.block_shape == [64, 128]
+        assert desc.strides == [4 * 128, 1] and desc.layout.element_bitwidth == out.element_size() * 8
+    with pytest.raises(ValueError, match="tma_store is built into the persistent kernel only"):
+        gluon_attention.gluon_fp8_attention(_bundle(B, S, 4, 2), is_causal=True, scale=0.088, out_dtype=out_dtype,
+                                            config=(128, 128, 4, 2), consumers=2, tma_store=True)

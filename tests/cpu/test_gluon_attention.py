@@ -29,24 +29,32 @@ from hf_fp8_attention.backends import gluon_attention as G
 
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
 pingpong, v_order, rowsum = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
+tma_store = sys.argv[8] == "1"
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order, **({"ROWSUM_MMA": rowsum} if persistent else {}))
+          CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order,
+          **({"ROWSUM_MMA": rowsum, "TMA_STORE": tma_store} if persistent else {}))
 layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
            desc_k=f"tensordesc<fp8e4nv[{block_n}, {D}],{layout([block_n, D])}>",
            desc_vt=f"tensordesc<fp8e4nv[{D}, {block_n}],{layout([D, block_n])}>", Out="*bf16",
            sm_scale="fp32", Q_descale="*fp32", K_descale="*fp32", V_descale="*fp32")
+if tma_store:  # the output's descriptor: (B * S_q, H_q * D) bf16, a consumer's rows per block
+    rows = block_m // consumers
+    sig["desc_o"] = f"tensordesc<bf16[{rows}, {D}],{repr(gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16))}>"
+elif persistent:
+    sig["desc_o"], cx["desc_o"] = "constexpr", None
 src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps})
 print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 """
 
 
-def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, rowsum_mma=False):
+def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, rowsum_mma=False,
+                  tma_store=False):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -56,7 +64,7 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
     flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
-             "1" if v_order else "0", "1" if rowsum_mma else "0"]
+             "1" if v_order else "0", "1" if rowsum_mma else "0", "1" if tma_store else "0"]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -107,6 +115,21 @@ def test_rowsum_mma_build_sums_rows_on_the_tensor_cores(causal):
     for op in ("shfl.sync", "add.f32"):
         assert mma["ptx"].count(op) < alu["ptx"].count(op), op
     assert mma["shared"] <= 227 * 1024
+
+
+@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
+def test_tma_store_build_writes_the_output_by_tma():
+    """TMA_STORE (route gluon-pp-persistent-tma-store, a probe): the default build's output goes through shared
+    memory (a stmatrix-friendly NVMMA layout) and one 2-D TMA store per consumer and tile, waited for (reads of
+    the buffer done) before the buffer is reused, instead of each thread's global stores; the extra two
+    (64, 128) bf16 buffers still fit an SM's shared memory."""
+    plain = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True)
+    tma = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True)
+    store = "cp.async.bulk.tensor.2d.global.shared::cta"
+    assert plain["ptx"].count(store) == 0 and tma["ptx"].count(store) == 2  # one per consumer partition
+    assert tma["ptx"].count("cp.async.bulk.wait_group.read") >= 2  # before reuse, and the last store at the end
+    assert tma["ptx"].count("st.global") < plain["ptx"].count("st.global")
+    assert tma["shared"] - plain["shared"] >= 2 * 64 * 128 * 2 and tma["shared"] <= 227 * 1024
 
 
 def _accumulator_cols(q):
