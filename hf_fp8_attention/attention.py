@@ -127,8 +127,9 @@ def fp8_attention(
     v_wgmma = v_keys and reads_wgmma is not None and reads_wgmma(
         query.device, query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
         is_causal=is_causal, options=options, varlen=varlen is not None)
-    # the first call of a shape: the backend may compile its kernel beside the quantizer's compile
-    ahead = get_backend(backend).compile_ahead if v_wgmma else None
+    # the first call of a shape: the backend may compile its kernel beside the quantizer's compile (the Triton
+    # quantizer's: its outputs' layout is what the backend's warmup mirrors)
+    ahead = get_backend(backend).compile_ahead if v_wgmma and quantizer == "triton" else None
     with _on_device(query):
         compiling = contextlib.nullcontext() if ahead is None else ahead(
             query.device, query.shape[0], query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],

@@ -11,7 +11,7 @@ imports included). Without CUDA it runs the reference backend on the CPU (a smok
 
 --compile-ahead off|on|both: the child's HF_FP8_ATTENTION_COMPILE_AHEAD (on: the default, the Gluon kernel's
 compile beside the quantizer's, `gluon_attention.compile_ahead`); both: each shape twice, off then on, side by
-side. --breakdown: where the first call's time went, per Triton kernel: its compile (`triton.compile`, in
+side (--rounds N: N children each, the order alternating, medians). --breakdown: where the first call's time went, per Triton kernel: its compile (`triton.compile`, in
 whichever thread ran it) and its load with the launcher build (`CompiledKernel._init_handles`: the module load
 and the launcher's C build on an empty cache), and the rest of the call.
 """
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-ahead", choices=("off", "on", "both"), default="on",
                    help="HF_FP8_ATTENTION_COMPILE_AHEAD in the child (both: off, then on)")
     p.add_argument("--breakdown", action="store_true", help="time each kernel's compile and load in the first call")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="children per shape and flag, the flags' order alternating (with --compile-ahead both: medians)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one shape, run by the parent
     a = p.parse_args(argv)
@@ -45,8 +47,8 @@ def parse_args(argv=None):
         a.h_q, a.h_kv = (int(x) for x in a.heads.split("/"))
     except ValueError:
         p.error(f"--heads: H_q/H_kv, got {a.heads!r}")
-    if a.h_q % a.h_kv or min(a.seqlens) < 1 or a.timeout <= 0:
-        p.error("H_q must be a multiple of H_kv; --seqlens and --timeout positive")
+    if a.h_q % a.h_kv or min(a.seqlens) < 1 or a.timeout <= 0 or a.rounds < 1:
+        p.error("H_q must be a multiple of H_kv; --seqlens, --timeout and --rounds positive")
     return a
 
 
@@ -115,6 +117,22 @@ def child(spec: dict) -> dict:
     return dict(spec, backend=backend, device=device, first_s=first, second_ms=second * 1e3, events=first_events)
 
 
+def _medians(rows: list[dict]) -> list[list]:
+    """Per (S, causal) with first calls both with compile-ahead off and on: their medians and ratio."""
+    import statistics
+
+    times: dict = {}
+    for r in rows:
+        if "error" not in r:
+            times.setdefault((r["S"], r["causal"]), {}).setdefault(r["compile_ahead"], []).append(r["first_s"])
+    out = []
+    for (S, causal), by_flag in times.items():
+        if False in by_flag and True in by_flag:
+            off, on = statistics.median(by_flag[False]), statistics.median(by_flag[True])
+            out.append([S, "yes" if causal else "no", f"{off:.2f}", f"{on:.2f}", f"{off / on:.2f}x"])
+    return out
+
+
 def _breakdown(result: dict, flag: str) -> list[str]:
     """The first call's events as lines: each compile and load (seconds, thread), then their sums and the rest."""
     events = result.get("events") or []
@@ -147,26 +165,33 @@ def main(argv=None):
           "shape in a fresh process with an empty Triton cache", flush=True)
     aheads = {"off": ["0"], "on": ["1"], "both": ["0", "1"]}[a.compile_ahead]
     rows, table, breakdowns = [], [], []
-    for S, causal, ahead in ((S, c, h) for S in a.seqlens for c in causals for h in aheads):
+    # rounds alternate the order of the flags (the first child of a run also warms the OS's file cache)
+    runs = [(S, c, r, h) for S in a.seqlens for c in causals for r in range(a.rounds)
+            for h in (aheads if r % 2 == 0 else aheads[::-1])]
+    for S, causal, round_, ahead in runs:
         spec = dict(S=S, D=a.head_dim, causal=causal, h_q=a.h_q, h_kv=a.h_kv, backend=a.backend,
-                    compile_ahead=ahead == "1", breakdown=a.breakdown)
+                    compile_ahead=ahead == "1", breakdown=a.breakdown, round=round_)
         t0 = time.perf_counter()
         result, why = _common.run_fresh_child(os.path.abspath(__file__), spec,
                                               {"HF_FP8_ATTENTION_COMPILE_AHEAD": ahead}, a.timeout)
         wall = time.perf_counter() - t0
         flag = "on" if ahead == "1" else "off"
         if result is None:
-            table.append([S, "yes" if causal else "no", flag, "-", "-", f"{wall:.1f}", f"failed: {why}"])
+            table.append([S, "yes" if causal else "no", flag, round_ + 1, "-", "-", f"{wall:.1f}", f"failed: {why}"])
             rows.append(dict(spec, error=why, wall_s=wall))
             continue
         result["wall_s"] = wall
         rows.append(result)
-        table.append([S, "yes" if causal else "no", flag, f"{result['first_s']:.2f}",
+        table.append([S, "yes" if causal else "no", flag, round_ + 1, f"{result['first_s']:.2f}",
                       f"{result['second_ms']:.2f}", f"{wall:.1f}", result["backend"]])
         if a.breakdown:
             breakdowns.append(_breakdown(result, flag))
-    print(_common.markdown_table(["S", "causal", "compile ahead", "first call s", "second call ms", "child wall s",
-                                  "backend"], table))
+    print(_common.markdown_table(["S", "causal", "compile ahead", "round", "first call s", "second call ms",
+                                  "child wall s", "backend"], table))
+    summary = _medians(rows)
+    if summary:
+        print(f"\nmedians over {a.rounds} round(s), compile-ahead off / on in alternating order")
+        print(_common.markdown_table(["S", "causal", "first call s, off", "first call s, on", "off / on"], summary))
     for lines in breakdowns:
         print("\n".join(lines))
     if a.json:

@@ -74,7 +74,8 @@
 #                                        # V in key order, the quantizer per layout, fp8_triton (GQA 32/8, 16k/64k)
 #   bash scripts/gpu_check.sh --first-call  # session 27: the first call of a new prefill shape with the Gluon kernel's
 #                                        # compile-ahead off and on (first_call.py --compile-ahead both --breakdown,
-#                                        # FIRST_SEQLENS default 4k 16k 64k, causal) after its GPU test
+#                                        # FIRST_SEQLENS default 4k 16k, causal, FIRST_ROUNDS default 2 in
+#                                        # alternating order) after its GPU test
 #   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
 #                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
 #                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
@@ -492,8 +493,9 @@ elif [ "$mode" = "--vorder" ]; then  # session 26: V in wgmma key order from the
 elif [ "$mode" = "--first-call" ]; then  # session 27: compile-ahead (the Gluon kernel's compile beside the quantizer's)
   step first_call_tests timeout "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     -k compile_ahead
-  step first_call timeout "${FIRST_S:-300}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384 65536} \
-    --causal yes --heads 32/8 --backend triton --compile-ahead both --breakdown --timeout 90 --json "$out/first_call.json"
+  step first_call timeout "${FIRST_S:-400}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
+    --causal yes --heads 32/8 --backend triton --compile-ahead both --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 90 \
+    --json "$out/first_call.json"
 elif [ "$mode" = "--tma-store" ]; then  # session 27's probe: the Gluon kernel's output by TMA stores
   step tma_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     -k "tma_store or compile_ahead"

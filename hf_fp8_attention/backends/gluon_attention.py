@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import triton
 from triton.experimental import gluon
@@ -477,7 +478,10 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         tma.store_wait(0)
 
 
-@gluon.jit
+# The tile counts and the order flag vary with the sequence length (n_m % 16, heads_fastest at the L2 bound) but
+# steer scalar work only: not specialized on, so that one compile serves every length of a shape class (with them
+# specialized, causal B=1 GQA 32/8 over S = 2k..64k took four compiles of 2-4 s each).
+@gluon.jit(do_not_specialize=["n_tiles", "n_m", "heads_fastest"])
 def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale, K_descale, V_descale, stride_ob,
                                          stride_os, H_q, H_kv, S_q, S_kv, sm_scale, n_tiles, n_m, heads_fastest,
                                          GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr,
@@ -596,10 +600,14 @@ def triton_problem() -> str | None:
 GLUON_HEAD_DIMS = (64, 128)  # (`refusal`)
 
 
+@functools.lru_cache(maxsize=1)
 def _gl_dtypes() -> dict:
+    """torch output dtype -> Gluon dtype (the TMA-store probe's output descriptor)."""
     import torch
 
     return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
 GLUON_CONFIG_DEFAULT = (128, 128, 8, 2)  # (BLOCK_M, BLOCK_N, num_warps of the consumer, STAGES)
 CALLS = 0  # launches so far (gpu_check checks that routed tests reached the kernel)
 
@@ -685,6 +693,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append("rowsum_mma is built into the persistent kernel only")
     if tma_store and not persistent:
         problems.append("tma_store is built into the persistent kernel only")
+    if tma_store and out_dtype not in _gl_dtypes():
+        problems.append(f"tma_store writes {tuple(_gl_dtypes())}, got out_dtype={out_dtype}")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if problems:
@@ -704,9 +714,10 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     return out
 
 
-def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple, consumers: int,
-                      pingpong: bool, persistent: bool, v_wgmma_order: bool, heads_fastest: bool | None,
-                      rowsum_mma: bool, tma_store: bool = False):
+def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple | None = None,
+                      consumers: int = 1, pingpong: bool = False, persistent: bool = False,
+                      v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
+                      tma_store: bool = False):
     """(kernel, grid, positional arguments, keyword arguments) of one launch, for `gluon_fp8_attention` and
     `compile_ahead` alike (what makes the two specialize the same). codes: the descriptors' base tensors, (q, k,
     v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor specializes on its dtype,
@@ -718,7 +729,7 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     from .._intmath import cdiv
 
     B, S_q, H_q, S_kv, H_kv, D, v_rows = dims
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
 
     def desc(t, shape, strides, block):
         return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
@@ -752,13 +763,14 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
 # `compile_ahead` starts this kernel's compile in a worker thread before the quantizer launches, through
 # triton's own asynchronous compile (`triton.runtime._async_compile.AsyncCompileMode`, triton >= 3.6): inside
 # it every JIT compile runs on the executor and a launch waits for its own kernel only, so the quantizer's
-# compile and this one overlap. Offline (2-core CPU, triton 3.6, sm_90): 2.75-2.83 s together against
-# 1.48-1.50 s + 2.46-2.49 s in turn (docs/results/compile_overlap_offline_s26.log).
+# compile and this one overlap. Offline (2-core CPU, triton 3.6, sm_90, scripts/compile_ahead_offline.py):
+# 2.33-2.60 s for the two against 2.86-3.07 s in turn, about 0.5 s saved at 4k-64k (half the quantizer's
+# compile; Python's lock serializes the rest; docs/results/compile_ahead_offline_s27.log). Not yet measured on
+# the GPU host.
 COMPILE_AHEAD_ENV = "HF_FP8_ATTENTION_COMPILE_AHEAD"  # "0": never (the kernels compile in turn, as before)
 _AHEAD_SEEN_MAX = 1024  # exact call shapes remembered (beyond it the set restarts: a repeat costs one warmup)
 _AHEAD_SEEN: set = set()
 _NO_CONTEXT = contextlib.nullcontext()  # (reusable)
-_EXECUTOR = None
 AHEAD_WARMUPS = 0  # warmups issued inside an asynchronous compile so far (tests read it)
 
 
@@ -772,14 +784,18 @@ def _async_compile_mode():
     return AsyncCompileMode, active_mode
 
 
-def _executor():
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
+_EXECUTOR = []  # the one pool, made on first use under _EXECUTOR_LOCK
+_EXECUTOR_LOCK = threading.Lock()
 
-        # two workers: this kernel and the quantizer's, at once
-        _EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_fp8_attention_compile")
-    return _EXECUTOR
+
+def _executor():
+    with _EXECUTOR_LOCK:
+        if not _EXECUTOR:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # two workers: this kernel and the quantizer's, at once
+            _EXECUTOR.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_fp8_attention_compile"))
+        return _EXECUTOR[0]
 
 
 def compile_ahead_wanted() -> bool:
@@ -804,8 +820,9 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
     triton without `AsyncCompileMode` or `gl.warp_specialize`'s list form, another asynchronous compile
     already active, CUDA-graph capture on the current stream, an empty problem, or arguments seen before. A
     compile that fails in the background is dropped (ignore_errors): the launch then compiles in turn and
-    raises as it always did; so does any problem building the stand-ins. Measured offline only (above); on the
-    GPU host: scripts/first_call.py."""
+    raises as it always did; so does any problem building the stand-ins. If the body raises, the context
+    leaves without waiting for the background compile. Measured offline only (above); on the GPU host:
+    scripts/first_call.py --compile-ahead both."""
     # (first: a repeat call's whole cost, a few microseconds of host time)
     key = (device, dims, is_causal, out_dtype, tuple(route.items()))  # (the scale, a float, is not specialized on)
     if key in _AHEAD_SEEN:
@@ -818,7 +835,6 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
             or active_mode.get() is not None or min(B, S_q, S_kv) == 0
             or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())):
         return _NO_CONTEXT
-    route = dict(route, config=route.get("config") or GLUON_CONFIG_DEFAULT)
     if len(_AHEAD_SEEN) >= _AHEAD_SEEN_MAX:
         _AHEAD_SEEN.clear()
     _AHEAD_SEEN.add(key)
@@ -828,9 +844,7 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
         codes = tuple(torch.empty(16, dtype=FP8_DTYPE, device=device) for _ in range(3))  # 16-byte aligned
         out = torch.empty(1, dtype=out_dtype, device=device)
         descales = tuple(torch.empty((3, B, H_kv), dtype=torch.float32, device=device))
-        kwargs = {**dict(consumers=1, pingpong=False, persistent=False, v_wgmma_order=False, heads_fastest=None,
-                         rowsum_mma=False), **route}
-        launch = _launch_arguments(codes, out, descales, dims, is_causal=is_causal, scale=scale, **kwargs)
+        launch = _launch_arguments(codes, out, descales, dims, is_causal=is_causal, scale=scale, **route)
     except Exception:  # noqa: BLE001 (the launch builds the same arguments and reports what is wrong)
         return _NO_CONTEXT
     return _compiling(mode_class(_executor(), ignore_errors=True), *launch)
@@ -847,4 +861,10 @@ def _compiling(mode, kernel, grid, args, meta):
             AHEAD_WARMUPS += 1
         except Exception:  # noqa: BLE001 (the launch compiles in turn and reports it)
             pass
-        yield
+        try:
+            yield
+        except BaseException:
+            # the error comes out at once: the mode's exit waits only for what it still lists (the background
+            # compile then runs to its end unclaimed; a later launch compiles in turn)
+            mode.raw_futures = []
+            raise

@@ -149,16 +149,24 @@ def test_stays_out_of_the_way(kernel, monkeypatch):
 
     failing = Recorder(fail_warmup=True)
     monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_persistent_kernel", failing)
-    ran = []
+    ran, warmups = [], gluon_attention.AHEAD_WARMUPS
     with _ahead(1, 256, 4, 2, True):
         assert active_mode.get() is not None  # the body runs inside the asynchronous compile
         ran.append(True)
-    assert ran and active_mode.get() is None and gluon_attention.AHEAD_WARMUPS >= 0
+    assert ran and active_mode.get() is None and gluon_attention.AHEAD_WARMUPS == warmups  # (none issued)
     monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_persistent_kernel", kernel)
     with pytest.raises(KeyError, match="from the body"):
         with _ahead(1, 512, 4, 2, True):
+            active_mode.get().raw_futures.append(_Never())  # a compile still running: the error does not wait
             raise KeyError("from the body")
     assert active_mode.get() is None and len(kernel.warmups) == 1
+
+
+class _Never:
+    """A future that never completes (as_completed on it would block): stands for a long background compile."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the context waited for the background compile ({name})")
 
 
 def _nullcontext():
@@ -170,7 +178,7 @@ def _nullcontext():
 def test_the_pipeline_quantizes_inside_it(monkeypatch):
     """`attention.fp8_attention` enters the backend's compile_ahead (with the call's batch, lengths, heads, head
     dim, causal flag, scale and output dtype) around the quantization only, and only where the backend reads V
-    in wgmma order; the output is the same as without it."""
+    in wgmma order and the Triton quantizer runs; the output is the same as without it."""
     events, seen = [], []
     real_quantize = attention.quantize
 
@@ -201,9 +209,9 @@ def test_the_pipeline_quantizes_inside_it(monkeypatch):
     k, v = (torch.randn(2, 2, 64, 32, generator=g).bfloat16() for _ in range(2))
     opts = FP8AttentionOptions()
 
-    def run():
+    def run(quantizer="triton"):  # (the Triton quantizer, interpreted on the CPU)
         return attention.fp8_attention(q, k, v, None, None, None, None, None, None, True, 0.125, "reference",
-                                       "reference", opts)
+                                       quantizer, opts)
 
     plain = run()
     assert events == ["quantize"]
@@ -217,6 +225,9 @@ def test_the_pipeline_quantizes_inside_it(monkeypatch):
     assert seen == [((q.device, 2, 64, 4, 2, 64, 32), dict(is_causal=True, scale=0.125, out_dtype=torch.bfloat16,
                                                           v_wgmma_order=True))]
     assert torch.equal(ahead, plain)
+    events.clear()
+    run("reference")  # another quantizer's outputs are laid out otherwise: no compile-ahead
+    assert events == ["quantize", "attend"] and len(seen) == 1
     events.clear()
     monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(wgmma, v_wgmma_order=lambda *a, **kw: False))
     run()
@@ -298,7 +309,7 @@ def test_offline_script_times_both_orders(capsys):
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     quantizer, gluon, serial, ahead = (float(c) for c in cells[1:5])
-    assert quantizer > 0 and gluon > 0 and serial > 0 and ahead > 0 and abs(quantizer + gluon - serial) < 0.02
+    assert quantizer > 0 and gluon > 0 and ahead > 0 and serial > quantizer
     for bad in (["--heads", "4/3"], ["--seqlens", "100"], ["--head-dim", "64"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             script.parse_args(bad)
@@ -333,3 +344,32 @@ def test_tma_store_probe_launch(kernel, monkeypatch, B, S, out_dtype, tma):
     with pytest.raises(ValueError, match="tma_store is built into the persistent kernel only"):
         gluon_attention.gluon_fp8_attention(_bundle(B, S, 4, 2), is_causal=True, scale=0.088, out_dtype=out_dtype,
                                             config=(128, 128, 4, 2), consumers=2, tma_store=True)
+
+
+def test_one_compile_serves_every_causal_length(monkeypatch):
+    """The persistent kernel takes its tile counts and order flag unspecialized (do_not_specialize): over causal
+    B=1 GQA 32/8 prefills of 2k..64k keys (whole 16s: the route's), every launch specializes alike in Triton's
+    terms (each argument as the JIT's binder treats it), so one compile serves them all. With the three
+    specialized, n_m % 16 and heads_fastest (true up to the L2 bound) split them into several compiles."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    monkeypatch.setattr(gluon_attention, "_num_sms", lambda index: 132)
+    kernel = gluon_attention.fp8_attn_fwd_gluon_persistent_kernel
+    params = {p.name: p for p in kernel.params}
+    assert all(params[n].do_not_specialize for n in ("n_tiles", "n_m", "heads_fastest"))
+    route = triton_backend._KERNELS["gluon-pp-persistent"]
+    codes = tuple(torch.empty(16, dtype=torch.float8_e4m3fn) for _ in range(3))
+    out, descales = torch.empty(1, dtype=torch.bfloat16), tuple(torch.empty(3, 1, 8))
+
+    def spec(S, unspecialized=True):
+        _, _, args, meta = gluon_attention._launch_arguments(codes, out, descales, (1, S, 32, S, 8, 128, S),
+                                                             is_causal=True, scale=0.088, v_wgmma_order=True, **route)
+        names = [p.name for p in kernel.params][:len(args)]
+        keep = lambda n: not (unspecialized and params[n].do_not_specialize)  # noqa: E731
+        return (tuple(native_specialize_impl(CUDABackend, a, False, keep(n), True) for n, a in zip(names, args)),
+                tuple(sorted((k, repr(v)) for k, v in meta.items())))
+
+    lengths = list(range(2048, 65536 + 1, 16 * 37)) + [2048 + 16, 16384, 16384 + 16, 65536]
+    assert len({spec(S) for S in lengths}) == 1
+    assert len({spec(S, unspecialized=False) for S in lengths}) >= 3

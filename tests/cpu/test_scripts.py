@@ -891,7 +891,7 @@ def test_first_call_script_runs_fresh_children(tmp_path, capsys):
     assert first_call.main(["--seqlens", "32", "--causal", "both", "--heads", "4/2", "--head-dim", "64",
                             "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| 32 | no | on |" in text and "| 32 | yes | on |" in text and "empty Triton cache" in text
+    assert "| 32 | no | on | 1 |" in text and "| 32 | yes | on | 1 |" in text and "empty Triton cache" in text
     rows = json.loads(out.read_text())
     assert [r["causal"] for r in rows] == [False, True] and all(r["compile_ahead"] for r in rows)
     assert all(r["first_s"] > 0 and r["second_ms"] > 0 and r["wall_s"] >= r["first_s"] for r in rows)
@@ -903,10 +903,14 @@ def test_first_call_script_runs_fresh_children(tmp_path, capsys):
         first_call.main(["--heads", "4/3"])
     # off, then on, side by side; the breakdown (nothing compiled on the CPU)
     assert first_call.main(["--seqlens", "32", "--causal", "yes", "--heads", "4/2", "--head-dim", "64",
-                            "--compile-ahead", "both", "--breakdown"]) == 0
+                            "--compile-ahead", "both", "--breakdown", "--rounds", "2"]) == 0
     text = capsys.readouterr().out
-    assert text.index("| 32 | yes | off |") < text.index("| 32 | yes | on |")
-    assert text.count("(no Triton compile or load recorded") == 2
+    order = [text.index(f"| 32 | yes | {flag} | {r} |") for flag, r in (("off", 1), ("on", 1), ("on", 2), ("off", 2))]
+    assert order == sorted(order)  # the second round runs the flags the other way round
+    assert text.count("(no Triton compile or load recorded") == 4 and "medians over 2 round(s)" in text
+    assert first_call._medians([dict(S=1, causal=True, compile_ahead=f, first_s=t) for f, t in
+                                ((False, 6.0), (True, 4.0), (True, 5.0), (False, 8.0))]) == \
+        [[1, "yes", "7.00", "4.50", "1.56x"]]
     lines = first_call._breakdown(dict(S=4096, causal=True, first_s=5.0, events=[
         ("compile", "qkv_quantize_kernel", 1.5, "MainThread"), ("compile", "gluon", 3.0, "worker_0"),
         ("load", "qkv_quantize_kernel", 0.25, "MainThread"), ("load", "gluon", 0.5, "MainThread")]), "on")

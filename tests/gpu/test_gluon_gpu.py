@@ -90,17 +90,37 @@ def test_v_in_wgmma_key_order_matches_key_order(S, causal, v_offset, monkeypatch
     assert seen == ([True] if S * D >= TRITON_V_KEYS_MIN_KEYS_X_DIM else []) and torch.isfinite(out).all()
 
 
+def _forget_compiled():
+    """Empty the in-process JIT caches of every Triton and Gluon kernel of the package, and the direct launches'
+    plans: the next call compiles (or loads from the Triton cache directory) whatever it runs."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("hf_fp8_attention"):
+            continue
+        for obj in list(vars(module).values()):
+            fn = obj if isinstance(obj, JITFunction) else getattr(obj, "fn", None)
+            if isinstance(fn, JITFunction):
+                for cache in fn.device_caches.values():
+                    cache[0].clear()
+                launcher = getattr(fn, "_hf_fp8_direct", None)
+                if launcher is not None:
+                    launcher.plans.clear()
+
+
 def test_compile_ahead_compiles_the_kernel_the_first_call_runs(monkeypatch, tmp_path):
-    """fp8_sdpa's first call at a new shape (an empty Triton cache, this process's JIT caches cleared) compiles
-    the Gluon kernel ahead, beside the quantizer (`gluon_attention.compile_ahead`), and the launch then runs that
-    kernel: one warmup, exactly one Gluon kernel compiled (a launch whose specialization differed would compile a
-    second), the same output as with compile-ahead off (the same kernels, compiled in turn)."""
+    """fp8_sdpa's first call at a new shape, as in a fresh process (every kernel of the package forgotten, an empty
+    Triton cache directory per run): with compile-ahead the Gluon kernel compiles beside the quantizer's compile
+    (`gluon_attention.compile_ahead`) and the launch then runs that kernel: one warmup, exactly one Gluon kernel
+    compiled (a launch whose specialization differed would compile a second); the output equals the one with
+    compile-ahead off (the same kernels, compiled in turn, in another cache directory)."""
     from hf_fp8_attention import fp8_sdpa
     from hf_fp8_attention.backends import gluon_attention
     from hf_fp8_attention.backends import triton as triton_backend
 
     monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = gluon_attention.fp8_attn_fwd_gluon_persistent_kernel
     device = torch.cuda.current_device()
     torch.manual_seed(3)
@@ -111,8 +131,9 @@ def test_compile_ahead_compiles_the_kernel_the_first_call_runs(monkeypatch, tmp_
     outs = []
     for ahead in ("1", "0"):
         monkeypatch.setenv(gluon_attention.COMPILE_AHEAD_ENV, ahead)
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / f"ahead{ahead}"))
         monkeypatch.setattr(gluon_attention, "_AHEAD_SEEN", set())
-        kernel.device_caches[device][0].clear()
+        _forget_compiled()
         warmups, calls = gluon_attention.AHEAD_WARMUPS, gluon_attention.CALLS
         outs.append(fp8_sdpa(q, k, v, is_causal=True, backend="triton"))
         assert gluon_attention.CALLS == calls + 1, "the call did not reach the Gluon kernel"
