@@ -764,7 +764,7 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
 # triton's own asynchronous compile (`triton.runtime._async_compile.AsyncCompileMode`, triton >= 3.6): inside
 # it every JIT compile runs on the executor and a launch waits for its own kernel only, so the quantizer's
 # compile and this one overlap. Offline (2-core CPU, triton 3.6, sm_90, scripts/compile_ahead_offline.py):
-# 2.33-2.60 s for the two against 2.86-3.07 s in turn, about 0.5 s saved at 4k-64k (half the quantizer's
+# 2.25-2.53 s for the two against 2.81-3.06 s in turn, 0.43-0.60 s saved at 4k-64k (half the quantizer's
 # compile; Python's lock serializes the rest; docs/results/compile_ahead_offline_s27.log). Not yet measured on
 # the GPU host.
 COMPILE_AHEAD_ENV = "HF_FP8_ATTENTION_COMPILE_AHEAD"  # "0": never (the kernels compile in turn, as before)
