@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from .backends import get_backend, get_backend_fn
+from .backends import get_backend
 from .options import FP8AttentionOptions
 from .quantization import QUANTIZERS, QuantizedQKV, apply_rope_reference, check_cu_seqlens, hadamard_matrix
 from .quantization.qkv import add_v_mean
@@ -119,24 +119,25 @@ def fp8_attention(
     options = options.for_head_dim(query.shape[-1])
     # a backend that reads V keys-contiguous at this shape (triton's long prefills) gets it so from the
     # quantizer, not by a copy of its own
-    reads_v_keys = get_backend(backend).v_keys_contiguous
+    record = get_backend(backend)
+    reads_v_keys = record.v_keys_contiguous
     v_keys = reads_v_keys is not None and reads_v_keys(
         query.shape[2] if varlen is None else max_seqlen_q, query.shape[1], key.shape[1],
         key.shape[2] if varlen is None else max_seqlen_k, query.shape[-1])
-    reads_wgmma = get_backend(backend).v_wgmma_order
+    reads_wgmma = record.v_wgmma_order
     v_wgmma = v_keys and reads_wgmma is not None and reads_wgmma(
         query.device, query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
         is_causal=is_causal, options=options, varlen=varlen is not None)
     # the first call of a shape: the backend may compile its kernel beside the quantizer's compile (the Triton
     # quantizer's: its outputs' layout is what the backend's warmup mirrors)
-    ahead = get_backend(backend).compile_ahead if v_wgmma and quantizer == "triton" else None
+    ahead = record.compile_ahead if v_wgmma and quantizer == "triton" else None
     with _on_device(query):
         compiling = contextlib.nullcontext() if ahead is None else ahead(
             query.device, query.shape[0], query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
             is_causal=is_causal, scale=scale, out_dtype=query.dtype, v_wgmma_order=v_wgmma)
         with compiling:
             qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma)
-        out = get_backend_fn(backend)(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
+        out = record.fn(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)
     return out if varlen is None else out[0]

@@ -350,12 +350,24 @@ def _plot(path: str, rows: list[dict], title: str) -> None:
     _common.plot_panels(path, panels, xlabel="S", ylabel="TFLOPS", title=title)
 
 
+def _by_shape(rows: list[dict], value: str = "ms", keep=None) -> dict:
+    """{(D, S, causal): {impl: row[value]}} over the rows ``keep`` accepts (all when None), in row order."""
+    out: dict = {}
+    for r in rows:
+        if keep is None or keep(r):
+            out.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r[value]
+    return out
+
+
+def _of_fa3_kernel(ms: dict, t: float) -> str:
+    """t as the share of the FA3 fp8 kernel's speed in the same run ("-" where it did not run)."""
+    fa3 = ms.get("FA3 fp8 kernel only")
+    return "-" if fa3 is None else f"{fa3 / t:.1%}"
+
+
 def _print_triton_summary(rows: list[dict]) -> None:
     """fp8_triton against FA3 fp8 (both with quantization, and kernel to kernel) and FA3 bf16, per shape."""
-    by_shape: dict = {}
-    for r in rows:
-        if r["mode"] in (None, "none") and r["tflops"] is not None:
-            by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["tflops"]
+    by_shape = _by_shape(rows, "tflops", lambda r: r["mode"] in (None, "none") and r["tflops"] is not None)
     lines = []
     for (d, s, causal), tf in by_shape.items():
         tri, fa3 = tf.get("fp8_triton (quant incl.)"), tf.get("fp8_fa3 (quant incl.)")
@@ -378,38 +390,38 @@ TMA_STORE_ROW = "triton fp8 kernel only, TMA store"
 def tma_store_lines(rows: list[dict]) -> list[str]:
     """Rows of the TMA-store probe's A/B table: the default Gluon build ("triton fp8 kernel only") against the same
     build writing its output by TMA stores (`TMA_STORE_ROW`), same run, each also as % of the FA3 fp8 kernel."""
-    by_shape: dict = {}
-    for r in rows:
-        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
     lines = []
-    for (d, s, causal), ms in by_shape.items():
+    for (d, s, causal), ms in _by_shape(rows).items():
         plain, tma = ms.get("triton fp8 kernel only"), ms.get(TMA_STORE_ROW)
         if plain is None or tma is None:
             continue
-        fa3 = ms.get("FA3 fp8 kernel only")
-        of = lambda t: "-" if fa3 is None else f"{fa3 / t:.1%}"  # noqa: E731
-        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {plain:.3f} ({of(plain)}) | {tma:.3f} ({of(tma)}) | "
-                     f"{plain / tma:.3f}x |")
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {plain:.3f} ({_of_fa3_kernel(ms, plain)}) | "
+                     f"{tma:.3f} ({_of_fa3_kernel(ms, tma)}) | {plain / tma:.3f}x |")
     return lines
+
+
+def _print_tma_store_summary(rows: list[dict]) -> None:
+    lines = tma_store_lines(rows)
+    if lines:
+        print("\nThe Gluon kernel's output by TMA stores (probe, route gluon-pp-persistent-tma-store) against its plain "
+              "stores, same run; (% of the FA3 fp8 kernel's speed)")
+        print("| D | S | causal | plain stores ms | TMA stores ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 def _print_v_order_summary(rows: list[dict]) -> None:
     """Where the Gluon kernel reads V in wgmma key order: that kernel against the same build on V in key order,
     and the quantizer writing each layout (same run)."""
-    by_shape: dict = {}
-    for r in rows:
-        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
     lines = []
-    for (d, s, causal), ms in by_shape.items():
+    for (d, s, causal), ms in _by_shape(rows).items():
         k_w, k_k = ms.get("triton fp8 kernel only"), ms.get("triton fp8 kernel only, V key order")
         q_k, q_w = ms.get("fp8 quantize only, V keys-contiguous"), ms.get("fp8 quantize only, V wgmma order")
         if k_w is None or k_k is None:
             continue
-        fa3 = ms.get("FA3 fp8 kernel only")
-        of = lambda t: "-" if fa3 is None else f"{fa3 / t:.1%}"  # noqa: E731
         quant = "- | - | -" if q_k is None or q_w is None else f"{q_k:.3f} | {q_w:.3f} | {q_w / q_k:.3f}x"
-        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {k_k:.3f} ({of(k_k)}) | {k_w:.3f} ({of(k_w)}) | "
-                     f"{k_k / k_w:.3f}x | {quant} |")
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {k_k:.3f} ({_of_fa3_kernel(ms, k_k)}) | "
+                     f"{k_w:.3f} ({_of_fa3_kernel(ms, k_w)}) | {k_k / k_w:.3f}x | {quant} |")
     if lines:
         print("\nV in wgmma key order (the Gluon kernel's default route) against V in key order, same run; "
               "(% of the FA3 fp8 kernel's speed)")
@@ -435,9 +447,7 @@ def _mode_row_name(base: str, mode: str) -> str:
 def mode_cost_lines(rows: list[dict]) -> list[str]:
     """The mode-cost table: per shape and mode, each implementation's ms and its ratio to mode none of the
     same implementation (same run), for the modes other than none; then the smooth_v add-back alone."""
-    by_shape: dict = {}
-    for r in rows:
-        by_shape.setdefault((r["D"], r["S"], r["causal"]), {})[r["impl"]] = r["ms"]
+    by_shape = _by_shape(rows)
     modes = []
     for r in rows:
         if r["mode"] not in (None, "none") and r["mode"] not in modes:
@@ -543,13 +553,7 @@ def main(argv=None) -> int:
         print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['impl']} | {r['ms']:.3f} | {tf} | {sp} | {r['D']} | {sq} |")
     _print_triton_summary(rows)
     _print_v_order_summary(rows)
-    tma_lines = tma_store_lines(rows)
-    if tma_lines:
-        print("\nThe Gluon kernel's output by TMA stores (probe, route gluon-pp-persistent-tma-store) against its plain "
-              "stores, same run; (% of the FA3 fp8 kernel's speed)")
-        print("| D | S | causal | plain stores ms | TMA stores ms | speedup |")
-        print("|---|---|---|---|---|---|")
-        print("\n".join(tma_lines))
+    _print_tma_store_summary(rows)
     _print_mode_costs(rows)
     if host:
         print(f"\nHost cost per call ({HOST_CALLS} calls launched back to back, no sync) and GPU time from CUDA-graph "

@@ -104,8 +104,8 @@ def triton_reads_v_wgmma_order(device, s_q: int, h_q: int, h_kv: int, s_kv: int,
                                varlen=varlen)
 
 
-def triton_compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *, is_causal: bool,
-                         scale: float, out_dtype, v_wgmma_order: bool):
+def triton_compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *,
+                         is_causal: bool, scale: float, out_dtype, v_wgmma_order: bool):
     """The triton backend's compile-ahead context for the quantization (`triton.compile_ahead`; imported here on
     first use): its registry record's ``compile_ahead``."""
     from .triton import compile_ahead

@@ -57,9 +57,9 @@ same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
-import threading
 
 import triton
 from triton.experimental import gluon
@@ -648,12 +648,11 @@ def refusal(qkv, is_causal: bool) -> str | None:
 PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES = 32 << 20  # half the H200's 60 MB L2
 
 
-def persistent_heads_fastest(k, is_causal: bool) -> bool:
+def persistent_heads_fastest(k_elements: int, is_causal: bool) -> bool:
     """The persistent kernel's causal tile order: heads fastest (best balanced) while every head's K and V
     together fit well in L2 (PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES), else head by head (L2 reuse as the one-tile
-    grid's). e4m3 K and V: 2 bytes per element of K (k: the K tensor, or its element count)."""
-    elements = k if isinstance(k, int) else k.numel()
-    return bool(is_causal) and 2 * elements <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
+    grid's). e4m3 K and V: 2 bytes per element of K (k_elements: K's element count, B * S_kv * H_kv * D)."""
+    return bool(is_causal) and 2 * k_elements <= PERSISTENT_HEADS_FASTEST_MAX_KV_BYTES
 
 
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
@@ -784,18 +783,8 @@ def _async_compile_mode():
     return AsyncCompileMode, active_mode
 
 
-_EXECUTOR = []  # the one pool, made on first use under _EXECUTOR_LOCK
-_EXECUTOR_LOCK = threading.Lock()
-
-
-def _executor():
-    with _EXECUTOR_LOCK:
-        if not _EXECUTOR:
-            from concurrent.futures import ThreadPoolExecutor
-
-            # two workers: this kernel and the quantizer's, at once
-            _EXECUTOR.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_fp8_attention_compile"))
-        return _EXECUTOR[0]
+# two workers: this kernel and the quantizer's, at once (a pool starts its threads on its first task)
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_fp8_attention_compile")
 
 
 def compile_ahead_wanted() -> bool:
@@ -810,7 +799,7 @@ def compile_ahead_wanted() -> bool:
 def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dtype, **route):
     """A context manager for the quantization of a call that `gluon_fp8_attention` will then run with ``route``
     (its keyword arguments, config included): on the first call of these exact arguments it starts compiling
-    the kernel in the background (`AsyncCompileMode` on `_executor`: the kernel's `warmup` with the launch's own
+    the kernel in the background (`AsyncCompileMode` on `_EXECUTOR`: the kernel's `warmup` with the launch's own
     arguments from `_launch_arguments`, on stand-in tensors), and on exit waits for that compile, so that the
     launch after it finds the kernel compiled. dims: (B, S_q, H_q, S_kv, H_kv, D, V's row stride). The
     stand-in descales are laid out as the Triton quantizer's (3, B, H_kv) block (`quantization.qkv._launch`),
@@ -847,7 +836,7 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
         launch = _launch_arguments(codes, out, descales, dims, is_causal=is_causal, scale=scale, **route)
     except Exception:  # noqa: BLE001 (the launch builds the same arguments and reports what is wrong)
         return _NO_CONTEXT
-    return _compiling(mode_class(_executor(), ignore_errors=True), *launch)
+    return _compiling(mode_class(_EXECUTOR, ignore_errors=True), *launch)
 
 
 @contextlib.contextmanager

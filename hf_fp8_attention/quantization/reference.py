@@ -184,6 +184,8 @@ def quantize_qkv_fp8_reference(
     options = options.for_head_dim(q.shape[-1])
     check_rope_args(q, k, cos, sin)
     options.check_head_dim(q.shape[-1])
+    if v_wgmma_order:  # (before any work)
+        check_wgmma_order(options, k.shape[2], v_keys_contiguous)
     h_kv = k.shape[1]
     qf, kf, vf = q.float(), k.float(), v.float()
     if cos is not None:
@@ -224,8 +226,6 @@ def quantize_qkv_fp8_reference(
         blocks = dict(q_block_descale=q_blocks, k_block_descale=k_blocks)
     if options.v_block_scales:
         v8, blocks["v_block_descale"] = _quantize_blocks(vf, V_SCALE_BLOCK)
-    if v_wgmma_order:
-        check_wgmma_order(options, k.shape[2], v_keys_contiguous)
     if v_keys_contiguous:
         v8 = keys_contiguous(v8)
     if v_wgmma_order:

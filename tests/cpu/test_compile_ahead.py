@@ -7,8 +7,10 @@ in a child process with triton's JIT on a stand-in sm_90 driver, the real warmup
 kernel whose cache key the real launch looks up. The time it saves is measured on the GPU host
 (scripts/first_call.py) and offline (scripts/compile_ahead_offline.py)."""
 
+import contextlib
 import dataclasses
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -28,6 +30,7 @@ if gluon_attention.triton_problem() is not None or gluon_attention._async_compil
                 allow_module_level=True)
 
 CPU = torch.device("cpu")
+SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
 
 
 class Recorder:
@@ -144,7 +147,7 @@ def test_stays_out_of_the_way(kernel, monkeypatch):
         with _ahead(1, 256, 4, 2, True):
             pass
     assert isinstance(gluon_attention.compile_ahead(CPU, (1, 0, 4, 0, 2, 128, 0), is_causal=True, scale=1.0,
-                                                    out_dtype=torch.bfloat16), type(_nullcontext()))
+                                                    out_dtype=torch.bfloat16), contextlib.nullcontext)
     assert kernel.warmups == []
 
     failing = Recorder(fail_warmup=True)
@@ -167,12 +170,6 @@ class _Never:
 
     def __getattr__(self, name):
         raise AssertionError(f"the context waited for the background compile ({name})")
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def test_the_pipeline_quantizes_inside_it(monkeypatch):
@@ -236,16 +233,10 @@ def test_the_pipeline_quantizes_inside_it(monkeypatch):
 
 _REAL_COMPILE = r"""
 import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
+sys.path.insert(0, sys.argv[1])  # scripts/: the offline script's stand-in driver (triton's JIT without a GPU)
+from compile_ahead_offline import _stand_in_driver
 
-class StandIn:  # what the JIT asks the driver for, without a GPU
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 128)
-    def get_active_torch_device(self): return torch.device("cpu")
-
-driver.set_active(StandIn())
+_stand_in_driver()
 from hf_fp8_attention.backends import gluon_attention as G, triton as T
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import QuantizedQKV
@@ -284,7 +275,8 @@ def test_the_real_warmup_compiles_what_the_launch_looks_up():
     cubin), and the JIT looking up gluon_fp8_attention's own launch arguments finds that kernel without asking to
     compile anything (its jit_cache_hook, which would decline the compile, is never called)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _REAL_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", _REAL_COMPILE, str(SCRIPTS)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     words = done.stdout.split()
     assert words[:6] == ["compiled", "1", "misses", "0", "same", "True"] and int(words[7]) > 10000, done.stdout
@@ -296,10 +288,9 @@ def test_offline_script_times_both_orders(capsys):
     against ahead; each child checks that the Gluon kernel compiled exactly once through one warmup. Bad
     arguments are a usage error."""
     import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "compile_ahead_offline.py"
-    spec = importlib.util.spec_from_file_location("hfa_scripts_compile_ahead_offline", path)
+    spec = importlib.util.spec_from_file_location("hfa_scripts_compile_ahead_offline",
+                                                  SCRIPTS / "compile_ahead_offline.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main(["--seqlens", "256", "--heads", "4/2", "--rounds", "1"]) == 0
