@@ -76,6 +76,8 @@
 #                                        # compile-ahead off and on (first_call.py --compile-ahead both --breakdown,
 #                                        # FIRST_SEQLENS default 4k 16k, causal, FIRST_ROUNDS default 2 in
 #                                        # alternating order) after its GPU test
+#   bash scripts/gpu_check.sh --s28      # session 28: --tma-store's tests, --first-call's first_call and the TMA A/B
+#                                        # in one call, then the Gluon/wgmma GPU tests (time-boxed to fit one run)
 #   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
 #                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
 #                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
@@ -502,6 +504,20 @@ elif [ "$mode" = "--tma-store" ]; then  # session 27's probe: the Gluon kernel's
   step tma_sdpa timeout "${SDPA_S:-240}" python3 scripts/bench_sdpa.py --kv-heads 8 \
     --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
     --rep-ms 150 --impls "FA3 fp8 kernel only" "triton fp8 kernel only" --json "$out/tma_sdpa.json"
+elif [ "$mode" = "--s28" ]; then  # session 28: session 27's unmeasured changes in one call: the compile-ahead and
+  # TMA-store GPU tests, the first call (compile-ahead off/on), the TMA-store A/B, then the Gluon/wgmma GPU tests that
+  # the one-compile-for-every-length change (do_not_specialize) touches
+  step tma_tests timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    -k "tma_store or compile_ahead"
+  step first_call timeout "${FIRST_S:-170}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
+    --causal yes --heads 32/8 --backend triton --compile-ahead both --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 60 \
+    --json "$out/first_call.json"
+  step tma_sdpa timeout "${SDPA_S:-130}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
+    --rep-ms 100 --impls "FA3 fp8 kernel only" "triton fp8 kernel only" --json "$out/tma_sdpa.json"
+  step gluon_tests timeout "${GLUON_S:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    tests/gpu/test_quantize_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
+    -k "(gluon or wgmma or keys_contiguous or replays or (sdpa and triton)) and not tma_store and not compile_ahead"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
