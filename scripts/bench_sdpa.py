@@ -273,9 +273,10 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             out.append(kernel_only("triton fp8 kernel only, V key order", triton_fp8_attention,
                                    v_keys_contiguous=True,
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-key-order"}))
-            # session 27's probe: the same build with its output by TMA stores (route gluon-pp-persistent-tma-store)
-            out.append(kernel_only(TMA_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
-                                   env={TRITON_KERNEL_ENV: "gluon-pp-persistent-tma-store"}))
+            # the same build with its output by each thread's plain stores (the default until session 28; route
+            # gluon-pp-persistent-plain-store) against the default's TMA stores
+            out.append(kernel_only(PLAIN_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
+                                   env={TRITON_KERNEL_ENV: "gluon-pp-persistent-plain-store"}))
             for tag, order in (("V keys-contiguous", False), ("V wgmma order", True)):
                 out.append(Candidate(f"fp8 quantize only, {tag}", lambda order=order: quantize_qkv_fp8(
                     q, k, v, v_keys_contiguous=True, v_wgmma_order=order), output=False, mode="none"))
@@ -384,15 +385,16 @@ def _print_triton_summary(rows: list[dict]) -> None:
         print("\n".join(lines))
 
 
-TMA_STORE_ROW = "triton fp8 kernel only, TMA store"
+PLAIN_STORE_ROW = "triton fp8 kernel only, plain stores"
 
 
 def tma_store_lines(rows: list[dict]) -> list[str]:
-    """Rows of the TMA-store probe's A/B table: the default Gluon build ("triton fp8 kernel only") against the same
-    build writing its output by TMA stores (`TMA_STORE_ROW`), same run, each also as % of the FA3 fp8 kernel."""
+    """Rows of the TMA-store A/B table: the Gluon build with its output by plain stores (`PLAIN_STORE_ROW`, the
+    default until session 28) against the default's TMA stores ("triton fp8 kernel only"), same run, each also as %
+    of the FA3 fp8 kernel."""
     lines = []
     for (d, s, causal), ms in _by_shape(rows).items():
-        plain, tma = ms.get("triton fp8 kernel only"), ms.get(TMA_STORE_ROW)
+        plain, tma = ms.get(PLAIN_STORE_ROW), ms.get("triton fp8 kernel only")
         if plain is None or tma is None:
             continue
         lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {plain:.3f} ({_of_fa3_kernel(ms, plain)}) | "
@@ -403,8 +405,8 @@ def tma_store_lines(rows: list[dict]) -> list[str]:
 def _print_tma_store_summary(rows: list[dict]) -> None:
     lines = tma_store_lines(rows)
     if lines:
-        print("\nThe Gluon kernel's output by TMA stores (probe, route gluon-pp-persistent-tma-store) against its plain "
-              "stores, same run; (% of the FA3 fp8 kernel's speed)")
+        print("\nThe Gluon kernel's output by TMA stores (the default since session 28) against its plain stores "
+              "(route gluon-pp-persistent-plain-store), same run; (% of the FA3 fp8 kernel's speed)")
         print("| D | S | causal | plain stores ms | TMA stores ms | speedup |")
         print("|---|---|---|---|---|---|")
         print("\n".join(lines))

@@ -78,6 +78,8 @@
 #                                        # alternating order) after its GPU test
 #   bash scripts/gpu_check.sh --s28      # session 28: --tma-store's tests, --first-call's first_call and the TMA A/B
 #                                        # in one call, then the Gluon/wgmma GPU tests (time-boxed to fit one run)
+#   bash scripts/gpu_check.sh --s28-default  # session 28, TMA stores the default: the Gluon/wgmma GPU tests, the
+#                                        # first call (compile-ahead on), kernels alone and fp8_triton vs FA3 bf16
 #   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
 #                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
 #                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
@@ -518,6 +520,19 @@ elif [ "$mode" = "--s28" ]; then  # session 28: session 27's unmeasured changes 
   step gluon_tests timeout "${GLUON_S:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
     -k "(gluon or wgmma or keys_contiguous or replays or (sdpa and triton)) and not tma_store and not compile_ahead"
+elif [ "$mode" = "--s28-default" ]; then  # session 28: TMA stores as the persistent build's default: the Gluon/wgmma
+  # GPU tests (compile-ahead's and the TMA/plain-store equality included), the first call with compile-ahead on,
+  # then bench_sdpa's kernels alone (TMA stores against plain stores) and fp8_triton end to end against FA3 bf16
+  step default_tests timeout "${TESTS_S:-260}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    tests/gpu/test_quantize_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
+    -k "gluon or wgmma or keys_contiguous or replays or (sdpa and triton) or tma_store or compile_ahead"
+  step first_call_default timeout "${FIRST_S:-100}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
+    --causal yes --heads 32/8 --backend triton --compile-ahead on --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 45 \
+    --json "$out/first_call_default.json"
+  step default_sdpa timeout "${SDPA_S:-200}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
+    --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "FA3 fp8 kernel only" "triton fp8 kernel only" \
+    --json "$out/default_sdpa.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

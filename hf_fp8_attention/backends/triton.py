@@ -55,19 +55,23 @@ _GLUON_2C = dict(config=(128, 128, 4, 2), consumers=2)
 _GLUON_PP_PERSISTENT = dict(_GLUON_2C, pingpong=True, persistent=True)
 _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2), consumers=1),
             "gluon-2c": _GLUON_2C, "gluon-pp": dict(_GLUON_2C, pingpong=True),
-            "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
-            "gluon-pp-persistent-key-order": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
-            "gluon-pp-persistent-tma-store": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
+            "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
+            "gluon-pp-persistent-key-order": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
+            "gluon-pp-persistent-plain-store": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 # Session 26: the routes whose prefill calls get V from the quantizer in wgmma key order within every 16
 # (`quantized.wgmma_key_order`; the kernel relabels P instead of moving it between threads before P.V:
 # `gluon_attention._softmax`'s V_WGMMA_ORDER); "gluon-pp-persistent-key-order" is the same build on V in key
 # order (sessions 20-25). The quantizer writes the order where `reads_v_wgmma_order` says the call will take
 # this route; a call that ends up on any other kernel gets V back in key order first (`_launch`, a copy).
-_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-tma-store"})
-# Session 27, a probe (not measured yet): "gluon-pp-persistent-tma-store" is the default build with its output
-# written through shared memory by TMA stores left in flight under the next tile (`gluon_attention`'s TMA_STORE;
-# FA3's epilogue) instead of each thread's plain stores; A/B: `bench_sdpa.py` (`gpu_check.sh --tma-store`).
+_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-plain-store"})
+# Since session 28 the persistent build writes its output through shared memory by TMA stores left in flight
+# under the next tile (`gluon_attention`'s TMA_STORE; FA3's epilogue; session 27's probe) instead of each
+# thread's plain stores, which "gluon-pp-persistent-plain-store" keeps (sessions 20-27). H200, bench_sdpa's
+# kernels alone in one run (docs/results/tma_sdpa_h200_s28.log, GQA 32/8, D=128, 2 rounds): 1.06x / 1.45x at 4k
+# non-causal / causal, 1.08x / 1.03x at 16k, 0.995x / 1.01x at 64k; 96-100% of the FA3 fp8 kernel from 4k to 64k
+# (plain stores 68-97%). Where a tile could run past a sequence's end into the next (B > 1 with S_q not a
+# multiple of 128) the launcher keeps the plain stores.
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch

@@ -145,10 +145,10 @@ def test_compile_ahead_compiles_the_kernel_the_first_call_runs(monkeypatch, tmp_
 @pytest.mark.parametrize("B,S,causal,out_dtype", [(1, 1040, True, torch.bfloat16), (2, 1024, False, torch.bfloat16),
                                                   (2, 1040, True, torch.bfloat16), (1, 2048, True, torch.float32),
                                                   (3, 4096, True, torch.float16)])
-def test_tma_store_probe_equals_the_default_build(B, S, causal, out_dtype):
-    """Route gluon-pp-persistent-tma-store (session 27's probe: the output through shared memory and TMA stores
-    left in flight) writes the same bytes as the default build's plain stores: the same float32 tile, rounded
-    once to the output dtype; a query tail clipped by the TMA unit (B = 1), several sequences with S_q a multiple
+def test_tma_store_equals_the_plain_store_build(B, S, causal, out_dtype):
+    """The default persistent build (since session 28 the output through shared memory and TMA stores left in
+    flight) writes the same bytes as route gluon-pp-persistent-plain-store (each thread's plain stores): the same
+    float32 tile, rounded once to the output dtype; a query tail clipped by the TMA unit (B = 1), several sequences with S_q a multiple
     of 128, and B > 1 with a tail (the launcher keeps the plain stores there)."""
     from hf_fp8_attention.backends import gluon_attention
     from hf_fp8_attention.backends import triton as triton_backend
@@ -159,6 +159,7 @@ def test_tma_store_probe_equals_the_default_build(B, S, causal, out_dtype):
     qkv = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True,
                            v_wgmma_order=True)
     kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=out_dtype)
-    want = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent"], **kw)
-    got = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent-tma-store"], **kw)
+    want = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent-plain-store"],
+                                               **kw)
+    got = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent"], **kw)
     assert torch.isfinite(got).all() and torch.equal(got, want)
