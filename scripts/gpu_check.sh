@@ -80,6 +80,7 @@
 #                                        # in one call, then the Gluon/wgmma GPU tests (time-boxed to fit one run)
 #   bash scripts/gpu_check.sh --s28-default  # session 28, TMA stores the default: the Gluon/wgmma GPU tests, the
 #                                        # first call (compile-ahead on), kernels alone and fp8_triton vs FA3 bf16
+#   bash scripts/gpu_check.sh --s28-host # session 28, the Gluon kernel's direct launch: its GPU tests, host us per call
 #   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
 #                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
 #                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
@@ -376,7 +377,8 @@ elif [ "$mode" = "--retune" ]; then  # session 24: after the rotation's change
   step retune_tests timeout ${RETUNE_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_randomized_gpu.py
 elif [ "$mode" = "--host" ]; then  # session 24: where one call's host time goes
   step host timeout 300 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096 16384} \
-    --causal yes --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" --host \
+    --causal ${HOST_CAUSAL:-yes} --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" \
+    ${HOST_IMPLS:-} --host \
     --host-profile "$out/host_profile.txt" --json "$out/host.json"
 elif [ "$mode" = "--gluon-default" ]; then  # the Triton backend's default prefill (the Gluon kernel at D=128 on
   # Hopper): CUDA-graph replays (GLUON_TESTS=all: its GPU tests too), the persistent build's probes (4k GQA with
@@ -533,6 +535,14 @@ elif [ "$mode" = "--s28-default" ]; then  # session 28: TMA stores as the persis
     --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
     --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "FA3 fp8 kernel only" "triton fp8 kernel only" \
     --json "$out/default_sdpa.json"
+elif [ "$mode" = "--s28-host" ]; then  # session 28: the Gluon kernel's direct launch (a known specialization skips
+  # the JIT's dispatch and TensorDescriptor's checks): its GPU tests and the ones it touches, then host us per call
+  step host_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
+    -k "direct_launch or compile_ahead or tma_store or wgmma or replays or (sdpa and triton)"
+  step host timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096} --causal both \
+    --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" kernel --host \
+    --host-profile "$out/host_profile.txt" --json "$out/host.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

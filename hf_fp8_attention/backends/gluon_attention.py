@@ -671,8 +671,6 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     (`_attend_block`'s ROWSUM_MMA); tma_store (persistent): the output through shared memory and TMA stores
     left in flight (TMA_STORE; where a tile could run past a sequence's end into the next, B > 1 with S_q not a
     multiple of BLOCK_M, the plain stores)."""
-    import torch
-
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
     problems = [p for p in (triton_problem(), refusal(qkv, is_causal)) if p]
     if consumers not in (1, 2):
@@ -698,6 +696,23 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
+    return attend(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype, config=(block_m, block_n, warps, stages),
+                  consumers=consumers, pingpong=pingpong, persistent=persistent, v_wgmma_order=v_wgmma_order,
+                  heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
+
+
+def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wgmma_order: bool, consumers: int = 1,
+           pingpong: bool = False, persistent: bool = False, heads_fastest: bool | None = None,
+           rowsum_mma: bool = False, tma_store: bool = False):
+    """`gluon_fp8_attention` without its checks: for a caller that has them from elsewhere (the triton backend's
+    route: `refusal` said yes, and the route's own arguments are fixed and checked by tests), v_wgmma_order the
+    bundle's. One call's host time on the H200 at 4k went to the JIT's dispatch and to building the TMA
+    descriptors (session 28, docs/results/host_profile_h200_s28.txt); a repeat of a launch's specialization goes
+    through `_launch`'s direct launcher instead, its descriptors the launcher's plain records (`_LaunchDesc`)."""
+    import torch
+
+    from .. import _launch as direct
+
     q, k, v = qkv.q, qkv.k, qkv.v
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     global CALLS
@@ -705,24 +720,56 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     if out.numel() == 0:  # (before the descriptors: a TMA descriptor takes no empty dimension)
         return out
     dims = (*q.shape[:3], k.shape[1], k.shape[2], q.shape[3], v.stride(3))
-    kernel, grid, args, meta = _launch_arguments(
-        (q, k, v), out, (qkv.q_descale, qkv.k_descale, qkv.v_descale), dims, is_causal=is_causal, scale=scale,
-        config=(block_m, block_n, warps, stages), consumers=consumers, pingpong=pingpong, persistent=persistent,
-        v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
-    kernel[grid](*args, **meta)
+    descales = (qkv.q_descale, qkv.k_descale, qkv.v_descale)
+    route = dict(config=config, consumers=consumers, pingpong=pingpong, persistent=persistent,
+                 v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
+    key = None
+    if direct.wanted(out):
+        # what the launch specializes on besides the route and dims (the ints are functions of them): the
+        # output dtype, the device, each descale's 16-byte alignment (rows of the quantizer's (3, B, H_kv)
+        # block); Q, K, V and the fresh output are 16-byte aligned (`refusal`, the allocator). The scale, a
+        # float, is not specialized.
+        key = (dims, bool(is_causal), out_dtype, out.device.index, tuple(sorted(route.items())),
+               *(t.data_ptr() % 16 == 0 for t in descales))
+    kernel = fp8_attn_fwd_gluon_persistent_kernel if persistent else fp8_attn_fwd_gluon_kernel
+    light = key is not None and not direct.VERIFY and key in direct.direct(kernel).plans
+    kernel, grid, args, meta = _launch_arguments((q, k, v), out, descales, dims, is_causal=is_causal, scale=scale,
+                                                 light=light, **route)
+    direct.launch(kernel, key, grid, args, meta)
     return out
+
+
+class _LaunchDesc:
+    """A host TMA descriptor as the compiled kernel's launcher reads it (`make_tensordesc_arg`: base, shape,
+    strides, padding in triton 3.6, also round_f32_to_tf32 in 3.9), for direct launches: `TensorDescriptor`
+    validates its fields on every construction (the JIT's binder needs its block and layout; a direct launch of
+    a specialization already compiled does not). Built only for a key that `_launch` has seen, whose block,
+    layout and dtype the compiled kernel has fixed; the base's alignment `refusal` checks."""
+
+    __slots__ = ("base", "shape", "strides", "padding", "round_f32_to_tf32")
+
+    def __init__(self, base, shape, strides):
+        self.base, self.shape, self.strides = base, shape, strides
+        self.padding, self.round_f32_to_tf32 = "zero", False  # (TensorDescriptor's defaults)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(block: tuple, dtype):
+    """The shared-memory layout of a TMA block (`NVMMASharedLayout.get_default_for`, cached: it builds and
+    validates a dataclass on every call)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple | None = None,
                       consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                       v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
-                      tma_store: bool = False):
-    """(kernel, grid, positional arguments, keyword arguments) of one launch, for `gluon_fp8_attention` and
-    `compile_ahead` alike (what makes the two specialize the same). codes: the descriptors' base tensors, (q, k,
-    v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor specializes on its dtype,
-    block and layout, not on its base's size); out: the output (only its pointer and dtype are read: its strides
-    are those of a contiguous (B, S_q, H_q, D) tensor); descales: the (B, H_kv) q, k, v descales; dims: (B, S_q,
-    H_q, S_kv, H_kv, D, V's row stride); the rest as `gluon_fp8_attention` (checked there)."""
+                      tma_store: bool = False, light: bool = False):
+    """(kernel, grid, positional arguments, keyword arguments) of one launch, for `attend` and `compile_ahead` alike
+    (what makes the two specialize the same); light: the descriptors as `_LaunchDesc` (a direct launch). codes: the
+    descriptors' base tensors, (q, k, v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor
+    specializes on its dtype, block and layout, not on its base's size); out: the output (only its pointer and dtype
+    are read: its strides are those of a contiguous (B, S_q, H_q, D) tensor); descales: the (B, H_kv) q, k, v
+    descales; dims: (B, S_q, H_q, S_kv, H_kv, D, V's row stride); the rest as `gluon_fp8_attention` (checked there)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .._intmath import cdiv
@@ -730,8 +777,10 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     B, S_q, H_q, S_kv, H_kv, D, v_rows = dims
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
 
-    def desc(t, shape, strides, block):
-        return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
+    def desc(t, shape, strides, block, dtype=gl.float8e4nv):
+        if light:
+            return _LaunchDesc(t, shape, strides)
+        return TensorDescriptor(t, shape, strides, block, _nvmma_layout(tuple(block), dtype))
 
     desc_q = desc(codes[0], [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
     desc_k = desc(codes[1], [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
@@ -748,10 +797,8 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
         heads_fastest = persistent_heads_fastest(B * S_kv * H_kv * D, is_causal)
     meta["ROWSUM_MMA"] = bool(rowsum_mma)
     if tma_store and (B == 1 or S_q % block_m == 0):  # (else a tile's tail rows would land in the next sequence)
-        rows = block_m // consumers
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], _gl_dtypes()[out.dtype])
-        meta.update(desc_o=TensorDescriptor(out, [B * S_q, H_q * D], [H_q * D, 1], [rows, D], layout),
-                    TMA_STORE=True)
+        meta.update(desc_o=desc(out, [B * S_q, H_q * D], [H_q * D, 1], [block_m // consumers, D],
+                                _gl_dtypes()[out.dtype]), TMA_STORE=True)
     grid = (min(n_tiles, _num_sms(out.device.index or 0)),)
     return fp8_attn_fwd_gluon_persistent_kernel, grid, (*args, n_tiles, n_m, int(heads_fastest)), meta
 

@@ -207,7 +207,8 @@ def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
         return None
     from . import gluon_attention
 
-    qkv = dataclasses.replace(qkv, v=v)
+    if v is not qkv.v:
+        qkv = dataclasses.replace(qkv, v=v)
     return None if gluon_attention.refusal(qkv, is_causal) else (qkv, kernel)
 
 
@@ -265,8 +266,9 @@ def _launch(
     if route is not None:  # the Gluon kernel (KERNEL_ENV)
         from . import gluon_attention
 
-        return gluon_attention.gluon_fp8_attention(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
-                                                   v_wgmma_order=qkv.v_wgmma_order, **route[1])
+        # (`refusal` took the call in `_gluon_route`; the route's arguments are fixed: `attend` skips the checks)
+        return gluon_attention.attend(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
+                                      v_wgmma_order=qkv.v_wgmma_order, **route[1])
     if qkv.v_wgmma_order:  # the kernels below read V in key order
         v = natural_key_order(v)
         v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))

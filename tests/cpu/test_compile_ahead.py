@@ -372,3 +372,110 @@ def test_one_compile_serves_every_causal_length(monkeypatch):
     lengths = list(range(2048, 65536 + 1, 16 * 37)) + [2048 + 16, 16384, 16384 + 16, 65536]
     assert len({spec(S) for S in lengths}) == 1
     assert len({spec(S, unspecialized=False) for S in lengths}) >= 3
+
+
+# --- the direct launch (session 28): a repeat of a launch's specialization skips the JIT's dispatch -------------
+
+def _launch_spec(args, meta):
+    """Triton's specialization of a launch's positional and keyword arguments (the output descriptor by its
+    dtype, block and layout; constexprs and options by value)."""
+    return (tuple(_specialization(a) for a in args),
+            tuple((n, _specialization(m) if n == "desc_o" else m) for n, m in sorted(meta.items())))
+
+
+@pytest.fixture
+def keyed(kernel, monkeypatch):
+    """`attend`'s launches as on a GPU (`_launch.wanted` says yes): (kernel, key, args, meta) each, launched on
+    the recorder."""
+    from hf_fp8_attention import _launch
+
+    seen = []
+
+    def record(fn, key, grid, args, meta):
+        seen.append((fn, key, args, meta))
+        return fn[grid](*args, **meta)
+
+    monkeypatch.setattr(_launch, "wanted", lambda t: True)
+    monkeypatch.setattr(_launch, "launch", record)
+    monkeypatch.setattr(_launch, "VERIFY", False)
+    return seen
+
+
+def _attend(bundle, causal=True, out_dtype=torch.bfloat16, route="gluon-pp-persistent"):
+    return gluon_attention.attend(bundle, is_causal=causal, scale=0.088, out_dtype=out_dtype,
+                                  v_wgmma_order=bundle.v_wgmma_order, **triton_backend._KERNELS[route])
+
+
+def test_direct_launch_keys_determine_the_specialization(keyed):
+    """`attend`'s direct-launch key (`_launch`: the caller's promise that one key means one specialization)
+    holds everything the Gluon launch specializes on: over causal or not, output dtypes, lengths, batch with and
+    without TMA stores, both store routes, and descales at other 16-byte alignments for the same shape (three
+    separate tensors against rows of the quantizer's (3, B, H_kv) block), every key maps to one specialization
+    in Triton's own terms; the repeated call finds its key again."""
+    def separate(b):  # the same shape, each descale its own aligned tensor
+        return dataclasses.replace(b, q_descale=torch.ones(b.q_descale.shape), k_descale=torch.ones(b.k_descale.shape),
+                                   v_descale=torch.ones(b.v_descale.shape))
+
+    cases = [(_bundle(1, 256, 4, 2), {}), (_bundle(1, 256, 4, 2), dict(causal=False)),
+             (_bundle(1, 256, 4, 2), dict(out_dtype=torch.float32)), (_bundle(1, 512, 4, 2), {}),
+             (_bundle(3, 128, 6, 3), {}), (_bundle(2, 1040, 4, 2), {}), (_bundle(2, 1024, 4, 2), {}),
+             (_bundle(1, 256, 4, 2), dict(route="gluon-pp-persistent-plain-store")),
+             (separate(_bundle(1, 256, 4, 2)), {}), (_bundle(1, 256, 4, 2), {})]
+    for bundle, kw in cases:
+        _attend(bundle, **kw)
+    by_key = {}
+    for _, key, args, meta in keyed:
+        assert key is not None
+        by_key.setdefault(key, set()).add(_launch_spec(args, meta))
+    assert all(len(specs) == 1 for specs in by_key.values()), by_key
+    assert len(by_key) == len(cases) - 1  # each case its own key but the repeat (and the separate descales')
+    tma = [("desc_o" in meta) for _, _, _, meta in keyed]
+    assert tma == [True, True, True, True, True, False, True, False, True, True]
+
+
+def test_direct_launch_takes_plain_descriptors_once_the_key_is_known(keyed, monkeypatch):
+    """The first launch of a key carries Triton's TensorDescriptors (the JIT's binder specializes them); once
+    `_launch` holds the key's compiled kernel, a repeat carries `_LaunchDesc` records with the same fields the
+    compiled launcher reads (base, shape, strides, padding, round_f32_to_tf32) and otherwise the same
+    arguments; with VERIFY on (the GPU tests) the binder runs again, so the real descriptors go."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from hf_fp8_attention import _launch
+
+    bundle = _bundle(1, 256, 4, 2)
+    _attend(bundle)
+    fn, key, first_args, first_meta = keyed[-1]
+    _launch.direct(fn).plans[key] = "compiled"  # as DirectLauncher records it after the JIT's launch
+    _attend(bundle)
+    monkeypatch.setattr(_launch, "VERIFY", True)
+    _attend(bundle)
+    (_, _, args, meta), (_, _, v_args, v_meta) = keyed[1], keyed[2]
+    kinds = (TensorDescriptor, gluon_attention._LaunchDesc)
+    descs = lambda a, m: [x for x in (*a, *m.values()) if isinstance(x, kinds)]  # noqa: E731
+    real, light = descs(first_args, first_meta), descs(args, meta)
+    assert len(real) == len(light) == 4 and all(isinstance(d, TensorDescriptor) for d in real)
+    assert all(type(d) is gluon_attention._LaunchDesc for d in light)
+    assert all(isinstance(d, TensorDescriptor) for d in descs(v_args, v_meta))
+    fields = ("base", "shape", "strides", "padding", "round_f32_to_tf32")
+    for r, d in zip(real, light):
+        assert all(getattr(d, f) == getattr(r, f) for f in fields[1:])
+    # Q, K, V's descriptors over the bundle's codes, the output's over each call's own output
+    assert [d.base is b for d, b in zip(light, (bundle.q, bundle.k, bundle.v, args[3]))] == [True] * 4
+    plain = lambda a: [x for x in a if not isinstance(x, kinds)]  # noqa: E731
+    assert [x for x in plain(args) if not isinstance(x, torch.Tensor)] == \
+        [x for x in plain(first_args) if not isinstance(x, torch.Tensor)]
+    assert {n: m for n, m in meta.items() if n != "desc_o"} == {n: m for n, m in first_meta.items() if n != "desc_o"}
+
+
+@pytest.mark.parametrize("out_dtype", triton_backend._OUT_DTYPES)
+def test_every_route_passes_the_launchers_checks(kernel, monkeypatch, out_dtype):
+    """The triton backend calls `attend`, which skips `gluon_fp8_attention`'s checks of the route's arguments:
+    every route of `_KERNELS` passes them, at every output dtype the backend writes and both head dims."""
+    monkeypatch.setattr(gluon_attention, "fp8_attn_fwd_gluon_kernel", kernel)
+    routes = {name: r for name, r in triton_backend._KERNELS.items() if isinstance(r, dict)}
+    assert {"gluon-pp-persistent", "gluon-pp-persistent-plain-store", "gluon"} <= set(routes)
+    for D in gluon_attention.GLUON_HEAD_DIMS:
+        for name, route in routes.items():
+            gluon_attention.gluon_fp8_attention(_bundle(1, 256, 4, 2, D), is_causal=True, scale=0.088,
+                                                out_dtype=out_dtype, **route)
+    assert len(kernel.launches) == len(routes) * len(gluon_attention.GLUON_HEAD_DIMS)

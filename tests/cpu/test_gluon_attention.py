@@ -244,15 +244,15 @@ def test_gluon_needs_the_list_form_of_warp_specialize(monkeypatch):
 
 
 def _fake_gluon_on_hopper(monkeypatch, triton_backend) -> list:
-    """The Triton backend as on Hopper, with the Gluon launcher replaced by a recorder: the list of its
-    (qkv, keyword arguments) calls (each returns zeros)."""
+    """The Triton backend as on Hopper, with the Gluon launcher (`attend`, which the backend calls after
+    `refusal`) replaced by a recorder: the list of its (qkv, keyword arguments) calls (each returns zeros)."""
     calls = []
 
     def fake(qkv, **kw):
         calls.append((qkv, kw))
         return torch.zeros(qkv.q.shape, dtype=kw["out_dtype"])
 
-    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention", fake)
+    monkeypatch.setattr(gluon_attention, "attend", fake)
     monkeypatch.setattr(triton_backend, "_on_hopper", lambda t: True)
     return calls
 

@@ -80,9 +80,8 @@ def test_v_in_wgmma_key_order_matches_key_order(S, causal, v_offset, monkeypatch
     assert torch.equal(triton_backend.triton_fp8_attention(wgmma, **kw), triton_backend.triton_fp8_attention(keys, **kw))
     monkeypatch.delenv(triton_backend.KERNEL_ENV)
     seen = []
-    launch = gluon_attention.gluon_fp8_attention
-    monkeypatch.setattr(gluon_attention, "gluon_fp8_attention",
-                        lambda qkv, **a: seen.append(a["v_wgmma_order"]) or launch(qkv, **a))
+    launch = gluon_attention.attend
+    monkeypatch.setattr(gluon_attention, "attend", lambda qkv, **a: seen.append(a["v_wgmma_order"]) or launch(qkv, **a))
     out = fp8_sdpa(q, k, v, is_causal=causal, backend="triton", hadamard="none")
     from hf_fp8_attention.backends import TRITON_V_KEYS_MIN_KEYS_X_DIM
 
@@ -163,3 +162,38 @@ def test_tma_store_equals_the_plain_store_build(B, S, causal, out_dtype):
                                                **kw)
     got = gluon_attention.gluon_fp8_attention(qkv, **triton_backend._KERNELS["gluon-pp-persistent"], **kw)
     assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("B,S,causal,route", [(1, 4096, True, "gluon-pp-persistent"),
+                                              (2, 1024, False, "gluon-pp-persistent"),
+                                              (2, 1040, True, "gluon-pp-persistent"),
+                                              (1, 2048, True, "gluon-pp-persistent-plain-store"),
+                                              (1, 1024, False, "gluon-2c")])
+def test_direct_launch_equals_the_jit_launch(B, S, causal, route, monkeypatch):
+    """Session 28: `attend`'s repeat of a known specialization goes through `_launch`'s direct launcher with
+    `_LaunchDesc` records instead of TensorDescriptors (VERIFY off, as outside the tests): the same bytes as
+    the JIT's launch of the first call, with TMA stores (B = 1; S_q a multiple of 128) and without (B > 1 with a
+    tail; the plain-store route; the one-tile build)."""
+    from hf_fp8_attention import _launch
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.setattr(_launch, "VERIFY", False)
+    torch.manual_seed(6)
+    H, H_kv, D = 8, 2, 128
+    q, k, v = (torch.randn(B, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv, H_kv))
+    persistent = triton_backend._KERNELS[route].get("persistent", False)
+    qkv = quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True,
+                           v_wgmma_order=persistent)
+    kernel = (gluon_attention.fp8_attn_fwd_gluon_persistent_kernel if persistent
+              else gluon_attention.fp8_attn_fwd_gluon_kernel)
+    plans = _launch.direct(kernel).plans
+    kw = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.bfloat16, v_wgmma_order=persistent,
+              **triton_backend._KERNELS[route])
+    plans.clear()
+    first = gluon_attention.attend(qkv, **kw)  # the JIT's launch, which records the key's plan
+    assert len(plans) == 1
+    repeats = [gluon_attention.attend(qkv, **kw) for _ in range(3)]  # direct, plain descriptors
+    torch.cuda.synchronize()
+    assert len(plans) == 1 and torch.isfinite(first).all()
+    assert all(torch.equal(r, first) for r in repeats)
