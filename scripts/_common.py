@@ -34,6 +34,20 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def direct_launches(enabled: bool):
+    """Inside: `hf_fp8_attention._launch.ENABLED` set to ``enabled`` (restored after): False sends every launch
+    of the package's Triton and Gluon kernels through Triton's JIT (benchmarks' A/B of the direct launches)."""
+    from hf_fp8_attention import _launch
+
+    before = _launch.ENABLED
+    _launch.ENABLED = enabled
+    try:
+        yield
+    finally:
+        _launch.ENABLED = before
+
+
 def run_fresh_child(script: str, spec: dict, env: dict[str, str], timeout: float) -> tuple[dict | None, str | None]:
     """``python script --child JSON(spec)`` in a fresh process with an empty Triton cache (a new TRITON_CACHE_DIR;
     ``env`` on top of this process's environment, a None value removing the variable): (the child's last JSON

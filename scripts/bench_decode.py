@@ -647,17 +647,7 @@ def cache_config_presets() -> dict:
 JIT_PRESET = "jit launches"
 
 
-@contextlib.contextmanager
-def direct_launches(enabled: bool):
-    """Inside: `_launch.ENABLED` set to ``enabled`` (restored after)."""
-    from hf_fp8_attention import _launch
-
-    before = _launch.ENABLED
-    _launch.ENABLED = enabled
-    try:
-        yield
-    finally:
-        _launch.ENABLED = before
+direct_launches = _common.direct_launches
 
 
 # the config keys that must not change a bit of the output (kv_cache.ops.cache_attention's docstring; widen_v

@@ -227,15 +227,16 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
 
         return run
 
-    def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None):
+    def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None, direct=True):
         """An fp8 kernel alone on inputs quantized once, outside the timing (V in the layout fp8_sdpa's
         quantizer writes for that backend: no per-call copy inside the timing). env: environment variables
-        set around each call (the triton backend's kernel route)."""
+        set around each call (the triton backend's kernel route); direct False: every launch through Triton's
+        JIT (`_common.direct_launches`)."""
         qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous, v_wgmma_order=v_wgmma_order)
         scale = q.shape[-1] ** -0.5
 
         def run():
-            with _common.environment(env or {}):
+            with _common.environment(env or {}), _common.direct_launches(direct):
                 return backend_fn(qkv, is_causal=causal, scale=scale, out_dtype=q.dtype)
 
         return Candidate(name, run, bshd=True, mode="none")
@@ -277,6 +278,9 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             # gluon-pp-persistent-plain-store) against the default's TMA stores
             out.append(kernel_only(PLAIN_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-plain-store"}))
+            # the same build launched through Triton's JIT every call (session 28: the direct launch's A/B)
+            out.append(kernel_only(JIT_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
+                                   direct=False))
             for tag, order in (("V keys-contiguous", False), ("V wgmma order", True)):
                 out.append(Candidate(f"fp8 quantize only, {tag}", lambda order=order: quantize_qkv_fp8(
                     q, k, v, v_keys_contiguous=True, v_wgmma_order=order), output=False, mode="none"))
@@ -290,6 +294,12 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                 return fp8_sdpa(q, k, v, is_causal=causal, backend=backend, **kwargs)
 
             out.append(Candidate(f"fp8_{backend}{tag} (quant incl.)", run, mode=mode))
+            if backend == "triton":  # the same, every launch through Triton's JIT (the direct launches' A/B)
+                def jit(run=run):
+                    with _common.direct_launches(False):
+                        return run()
+
+                out.append(Candidate(f"fp8_{backend}{tag} (quant incl.), {JIT_TAG}", jit, mode=mode))
     out.extend(_mode_cost_parts(q, k, v, modes))
     return out
 
@@ -386,6 +396,8 @@ def _print_triton_summary(rows: list[dict]) -> None:
 
 
 PLAIN_STORE_ROW = "triton fp8 kernel only, plain stores"
+JIT_TAG = "JIT launches"  # rows whose every launch goes through Triton's JIT (`_common.direct_launches(False)`)
+JIT_ROW = f"triton fp8 kernel only, {JIT_TAG}"
 
 
 def tma_store_lines(rows: list[dict]) -> list[str]:
@@ -399,6 +411,23 @@ def tma_store_lines(rows: list[dict]) -> list[str]:
             continue
         lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {plain:.3f} ({_of_fa3_kernel(ms, plain)}) | "
                      f"{tma:.3f} ({_of_fa3_kernel(ms, tma)}) | {plain / tma:.3f}x |")
+    return lines
+
+
+def direct_launch_lines(host: list[dict]) -> list[str]:
+    """Rows of the direct-launch A/B: per shape, each implementation that has a twin row launched through the
+    JIT (its name with ", JIT launches"): both host times, the saving and both eager times."""
+    by = {(r["S"], r["causal"], r["D"], r["impl"]): r for r in host}
+    lines = []
+    for (s, causal, d, name), jit in by.items():
+        if not name.endswith(f", {JIT_TAG}"):
+            continue
+        base = by.get((s, causal, d, name[:-len(f", {JIT_TAG}")]))
+        if base is None:
+            continue
+        lines.append(f"| {s} | {'yes' if causal else 'no'} | {d} | {base['impl']} | {jit['host_us']:.1f} | "
+                     f"{base['host_us']:.1f} | {jit['host_us'] - base['host_us']:.1f} | "
+                     f"{jit['eager_ms']:.3f} / {base['eager_ms']:.3f} |")
     return lines
 
 
@@ -566,6 +595,13 @@ def main(argv=None) -> int:
             gpu = _common.fmt(r["graph_ms"], ".3f") if r["graph_error"] is None else f"not capturable ({r['graph_error']})"
             print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['D']} | {r['impl']} | {r['host_us']:.1f} | {gpu} "
                   f"| {r['eager_ms']:.3f} |")
+        lines = direct_launch_lines(host)
+        if lines:
+            print("\nDirect launches (`hf_fp8_attention._launch`) against every launch through Triton's JIT, same run: "
+                  "host us per call")
+            print("| S | causal | D | implementation | JIT launches us | direct us | saved us | eager ms, JIT / direct |")
+            print("|---|---|---|---|---|---|---|---|")
+            print("\n".join(lines))
     if profiles:
         with open(args.host_profile, "w") as f:
             f.write("\n".join(profiles))

@@ -917,3 +917,14 @@ def test_first_call_script_runs_fresh_children(tmp_path, capsys):
     assert lines[0] == "## first call at S=4096, causal yes, compile ahead on: 5.00 s"
     assert "- compile gluon: 3.00 s (worker_0)" in lines
     assert lines[-1].startswith("- compiles 4.50 s, loads 0.75 s; in the main thread 2.25 s, the rest of the call 2.75 s")
+
+
+def test_bench_sdpa_direct_launch_table():
+    """bench_sdpa's direct-launch A/B: each host row with a ", JIT launches" twin of the same shape gets one line
+    (both host times, the saving, both eager times); rows without a twin, or whose twin is another shape's, none."""
+    row = lambda s, name, us, ms: dict(S=s, causal=True, D=128, impl=name, host_us=us, eager_ms=ms)  # noqa: E731
+    host = [row(4096, "fp8_triton (quant incl.)", 300.0, 0.30), row(4096, "fp8_triton (quant incl.), JIT launches",
+                                                                       450.5, 0.45),
+            row(4096, "FA3 bf16", 150.0, 0.2), row(16384, bench_sdpa.JIT_ROW, 200.0, 2.6)]
+    assert bench_sdpa.direct_launch_lines(host) == [
+        "| 4096 | yes | 128 | fp8_triton (quant incl.) | 450.5 | 300.0 | 150.5 | 0.450 / 0.300 |"]
