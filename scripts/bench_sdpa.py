@@ -376,6 +376,17 @@ def _of_fa3_kernel(ms: dict, t: float) -> str:
     return "-" if fa3 is None else f"{fa3 / t:.1%}"
 
 
+def _print_table(lines: list[str], title: str | None, columns: str) -> None:
+    """A summary table: a blank line, ``title`` (None: none), the header row of ``columns`` ("a | b | c") and its
+    rule, then ``lines``; nothing when there are no lines."""
+    if not lines:
+        return
+    print("\n" + title if title else "")
+    print(f"| {columns} |")
+    print("|" + "---|" * (columns.count("|") + 1))
+    print("\n".join(lines))
+
+
 def _print_triton_summary(rows: list[dict]) -> None:
     """fp8_triton against FA3 fp8 (both with quantization, and kernel to kernel) and FA3 bf16, per shape."""
     by_shape = _by_shape(rows, "tflops", lambda r: r["mode"] in (None, "none") and r["tflops"] is not None)
@@ -388,11 +399,8 @@ def _print_triton_summary(rows: list[dict]) -> None:
         ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.0%}"  # noqa: E731
         lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {tri:.0f} | {ratio(tri, fa3)} | "
                      f"{ratio(tri_k, fa3_k)} | {'-' if bf16 is None else f'{tri / bf16:.2f}x'} |")
-    if lines:
-        print("\n| D | S | causal | fp8_triton TFLOPS (quant incl.) | of fp8_fa3 (quant incl.) "
-              "| kernel alone: of FA3 fp8 kernel | vs FA3 bf16 |")
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(lines))
+    _print_table(lines, None, "D | S | causal | fp8_triton TFLOPS (quant incl.) | of fp8_fa3 (quant incl.) "
+                 "| kernel alone: of FA3 fp8 kernel | vs FA3 bf16")
 
 
 PLAIN_STORE_ROW = "triton fp8 kernel only, plain stores"
@@ -432,13 +440,9 @@ def direct_launch_lines(host: list[dict]) -> list[str]:
 
 
 def _print_tma_store_summary(rows: list[dict]) -> None:
-    lines = tma_store_lines(rows)
-    if lines:
-        print("\nThe Gluon kernel's output by TMA stores (the default since session 28) against its plain stores "
-              "(route gluon-pp-persistent-plain-store), same run; (% of the FA3 fp8 kernel's speed)")
-        print("| D | S | causal | plain stores ms | TMA stores ms | speedup |")
-        print("|---|---|---|---|---|---|")
-        print("\n".join(lines))
+    _print_table(tma_store_lines(rows), "The Gluon kernel's output by TMA stores (the default since session 28) "
+                 "against its plain stores (route gluon-pp-persistent-plain-store), same run; (% of the FA3 fp8 "
+                 "kernel's speed)", "D | S | causal | plain stores ms | TMA stores ms | speedup")
 
 
 def _print_v_order_summary(rows: list[dict]) -> None:
@@ -453,13 +457,9 @@ def _print_v_order_summary(rows: list[dict]) -> None:
         quant = "- | - | -" if q_k is None or q_w is None else f"{q_k:.3f} | {q_w:.3f} | {q_w / q_k:.3f}x"
         lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {k_k:.3f} ({_of_fa3_kernel(ms, k_k)}) | "
                      f"{k_w:.3f} ({_of_fa3_kernel(ms, k_w)}) | {k_k / k_w:.3f}x | {quant} |")
-    if lines:
-        print("\nV in wgmma key order (the Gluon kernel's default route) against V in key order, same run; "
-              "(% of the FA3 fp8 kernel's speed)")
-        print("| D | S | causal | kernel, V key order ms | kernel, V wgmma order ms | speedup | quantize, keys ms "
-              "| quantize, wgmma ms | wgmma / keys |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(lines))
+    _print_table(lines, "V in wgmma key order (the Gluon kernel's default route) against V in key order, same run; "
+                 "(% of the FA3 fp8 kernel's speed)", "D | S | causal | kernel, V key order ms | kernel, V wgmma "
+                 "order ms | speedup | quantize, keys ms | quantize, wgmma ms | wgmma / keys")
 
 
 # mode-cost table columns: (row name of mode none, header); other modes' rows add " [mode]" before " (quant"
@@ -595,13 +595,9 @@ def main(argv=None) -> int:
             gpu = _common.fmt(r["graph_ms"], ".3f") if r["graph_error"] is None else f"not capturable ({r['graph_error']})"
             print(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['D']} | {r['impl']} | {r['host_us']:.1f} | {gpu} "
                   f"| {r['eager_ms']:.3f} |")
-        lines = direct_launch_lines(host)
-        if lines:
-            print("\nDirect launches (`hf_fp8_attention._launch`) against every launch through Triton's JIT, same run: "
-                  "host us per call")
-            print("| S | causal | D | implementation | JIT launches us | direct us | saved us | eager ms, JIT / direct |")
-            print("|---|---|---|---|---|---|---|---|")
-            print("\n".join(lines))
+        _print_table(direct_launch_lines(host), "Direct launches (`hf_fp8_attention._launch`) against every launch "
+                     "through Triton's JIT, same run: host us per call", "S | causal | D | implementation | JIT "
+                     "launches us | direct us | saved us | eager ms, JIT / direct")
     if profiles:
         with open(args.host_profile, "w") as f:
             f.write("\n".join(profiles))

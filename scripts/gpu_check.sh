@@ -76,14 +76,12 @@
 #                                        # compile-ahead off and on (first_call.py --compile-ahead both --breakdown,
 #                                        # FIRST_SEQLENS default 4k 16k, causal, FIRST_ROUNDS default 2 in
 #                                        # alternating order) after its GPU test
-#   bash scripts/gpu_check.sh --s28      # session 28: --tma-store's tests, --first-call's first_call and the TMA A/B
-#                                        # in one call, then the Gluon/wgmma GPU tests (time-boxed to fit one run)
+#   bash scripts/gpu_check.sh --s28      # session 28: the compile-ahead and TMA-store GPU tests, --first-call's
+#                                        # first_call, bench_sdpa's TMA/plain-store A/B (TMA_SEQLENS default 4k 16k 64k,
+#                                        # causal both) in one call, then the Gluon/wgmma GPU tests (time-boxed)
 #   bash scripts/gpu_check.sh --s28-default  # session 28, TMA stores the default: the Gluon/wgmma GPU tests, the
 #                                        # first call (compile-ahead on), kernels alone and fp8_triton vs FA3 bf16
 #   bash scripts/gpu_check.sh --s28-host # session 28, the Gluon kernel's direct launch: its GPU tests, host us per call
-#   bash scripts/gpu_check.sh --tma-store  # session 27's probe: the Gluon kernel's output by TMA stores (route
-#                                        # gluon-pp-persistent-tma-store): its GPU tests, then bench_sdpa's kernels alone
-#                                        # A/B against the default build (TMA_SEQLENS default 4k 16k 64k, causal both)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -502,12 +500,6 @@ elif [ "$mode" = "--first-call" ]; then  # session 27: compile-ahead (the Gluon 
   step first_call timeout "${FIRST_S:-400}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
     --causal yes --heads 32/8 --backend triton --compile-ahead both --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 90 \
     --json "$out/first_call.json"
-elif [ "$mode" = "--tma-store" ]; then  # session 27's probe: the Gluon kernel's output by TMA stores
-  step tma_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
-    -k "tma_store or compile_ahead"
-  step tma_sdpa timeout "${SDPA_S:-240}" python3 scripts/bench_sdpa.py --kv-heads 8 \
-    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
-    --rep-ms 150 --impls "FA3 fp8 kernel only" "triton fp8 kernel only" --json "$out/tma_sdpa.json"
 elif [ "$mode" = "--s28" ]; then  # session 28: session 27's unmeasured changes in one call: the compile-ahead and
   # TMA-store GPU tests, the first call (compile-ahead off/on), the TMA-store A/B, then the Gluon/wgmma GPU tests that
   # the one-compile-for-every-length change (do_not_specialize) touches

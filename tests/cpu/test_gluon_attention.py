@@ -119,9 +119,10 @@ def test_rowsum_mma_build_sums_rows_on_the_tensor_cores(causal):
 
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
 def test_tma_store_build_writes_the_output_by_tma():
-    """TMA_STORE (route gluon-pp-persistent-tma-store, a probe): the default build's output goes through shared
-    memory (a stmatrix-friendly NVMMA layout) and a 2-D TMA store (one instruction per consumer partition),
-    waited for (reads of the buffer done) before the buffer is reused, instead of each thread's global stores;
+    """TMA_STORE (the default persistent route since session 28; gluon-pp-persistent-plain-store without): the
+    output goes through shared memory (a stmatrix-friendly NVMMA layout) and a 2-D TMA store (one instruction per
+    consumer partition), waited for (reads of the buffer done) before the buffer is reused, instead of each
+    thread's global stores;
     the extra two (64, 128) bf16 buffers still fit an SM's shared memory."""
     plain = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True)
     tma = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True)
