@@ -1,4 +1,5 @@
-"""Direct launches of compiled Triton kernels: the host-time fast path of the FP8 cache's decode step.
+"""Direct launches of compiled Triton kernels: the host-time fast path of the FP8 cache's decode step, the
+quantizer's launch and (since session 28) the Gluon attention kernel's.
 
 ``fn[grid](*args, **kwargs)`` goes through Triton's JIT dispatch on every call: it binds the arguments,
 computes the specialization of every one of them (dtype and 16-byte alignment of each tensor; for each int
@@ -95,20 +96,32 @@ class DirectLauncher:
             self._defaults = {p.name: p.default for p in params if p.has_default}
         return self._names, self._defaults
 
-    def __call__(self, key, grid, args: tuple, kwargs: dict):
+    def try_direct(self, key, grid, args: tuple, kwargs: dict):
+        """The direct launch alone: the compiled kernel when ``key``'s plan exists and the direct path applies
+        (no launch hooks, no pre-run hooks, the plan's device current), else None without launching. For a
+        caller whose arguments only the compiled launcher can take (the Gluon kernel's plain descriptor
+        records, `gluon_attention._LaunchDesc`): on None it builds the JIT's arguments and calls the launcher."""
         plan = self.plans.get(key) if key is not None else None
-        if plan is not None:
-            hooks, stream, _ = _triton()
-            kernel, tail, spec, device = plan
-            if (_unhooked(hooks.launch_enter_hook) and _unhooked(hooks.launch_exit_hook)
-                    and not getattr(self.fn, "pre_run_hooks", None) and torch.cuda.current_device() == device):
-                defaults = self._defaults
-                if VERIFY:
-                    self._verify(args, kwargs, spec, device)
-                g = (*grid, 1, 1)
-                kernel.run(g[0], g[1], g[2], stream(device), kernel.function, kernel.packed_metadata, None, None,
-                           None, *args, *[kwargs[n] if n in kwargs else defaults[n] for n in tail])
-                return kernel
+        if plan is None:
+            return None
+        hooks, stream, _ = _triton()
+        kernel, tail, spec, device = plan
+        if (not _unhooked(hooks.launch_enter_hook) or not _unhooked(hooks.launch_exit_hook)
+                or getattr(self.fn, "pre_run_hooks", None) or torch.cuda.current_device() != device):
+            return None
+        defaults = self._defaults
+        if VERIFY:
+            self._verify(args, kwargs, spec, device)
+        g = (*grid, 1, 1)
+        kernel.run(g[0], g[1], g[2], stream(device), kernel.function, kernel.packed_metadata, None, None,
+                   None, *args, *[kwargs[n] if n in kwargs else defaults[n] for n in tail])
+        return kernel
+
+    def __call__(self, key, grid, args: tuple, kwargs: dict):
+        kernel = self.try_direct(key, grid, args, kwargs)
+        if kernel is not None:
+            return kernel
+        plan = self.plans.get(key) if key is not None else None
         kernel = self.fn[grid](*args, **kwargs)
         if (key is not None and plan is None and _triton()[2] and not hasattr(kernel, "result")
                 and hasattr(kernel, "run")):  # (a plan that was passed over above stays: not replaced)
@@ -139,6 +152,22 @@ def direct(fn) -> DirectLauncher:
         launcher = DirectLauncher(fn)
         fn._hf_fp8_direct = launcher
     return launcher
+
+
+def try_launch(fn, key, grid, args: tuple, kwargs: dict):
+    """The direct launch only (`DirectLauncher.try_direct`): the compiled kernel, or None (nothing launched)
+    where ``key`` has no plan, direct launches are off, or the direct path does not apply now."""
+    if not ENABLED or key is None:
+        return None
+    return direct(fn).try_direct(key, grid, args, kwargs)
+
+
+def int_class(x: int) -> tuple:
+    """What Triton's JIT specializes of a specialized int argument (triton 3.6 and 3.9): whether it is 1,
+    whether it is a multiple of 16, and its type (i32, i64 or u64 by range). A key may hold this instead of the
+    value where the value itself is free to vary (tests/cpu/test_compile_ahead.py checks a key built so against
+    Triton's own specialization)."""
+    return x == 1, x % 16 == 0, -(2**31) <= x < 2**31, x < 2**63
 
 
 def launch(fn, key, grid, args: tuple, kwargs: dict):

@@ -723,20 +723,37 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
     descales = (qkv.q_descale, qkv.k_descale, qkv.v_descale)
     route = dict(config=config, consumers=consumers, pingpong=pingpong, persistent=persistent,
                  v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
-    key = None
-    if direct.wanted(out):
-        # what the launch specializes on besides the route and dims (the ints are functions of them): the
-        # output dtype, the device, each descale's 16-byte alignment (rows of the quantizer's (3, B, H_kv)
-        # block); Q, K, V and the fresh output are 16-byte aligned (`refusal`, the allocator). The scale, a
-        # float, is not specialized.
-        key = (dims, bool(is_causal), out_dtype, out.device.index, tuple(sorted(route.items())),
-               *(t.data_ptr() % 16 == 0 for t in descales))
     kernel = fp8_attn_fwd_gluon_persistent_kernel if persistent else fp8_attn_fwd_gluon_kernel
-    light = key is not None and not direct.VERIFY and key in direct.direct(kernel).plans
+    key = _direct_key(dims, descales, out, is_causal, route) if direct.wanted(out) else None
+    if key is not None and not direct.VERIFY and key in direct.direct(kernel).plans:
+        kernel, grid, args, meta = _launch_arguments((q, k, v), out, descales, dims, is_causal=is_causal,
+                                                     scale=scale, light=True, **route)
+        if direct.try_launch(kernel, key, grid, args, meta) is not None:
+            return out
+        # (the direct path did not apply after all: launch hooks, another current device, the plan dropped;
+        # the JIT takes the call with real descriptors)
     kernel, grid, args, meta = _launch_arguments((q, k, v), out, descales, dims, is_causal=is_causal, scale=scale,
-                                                 light=light, **route)
+                                                 **route)
     direct.launch(kernel, key, grid, args, meta)
     return out
+
+
+def _direct_key(dims: tuple, descales: tuple, out, is_causal: bool, route: dict) -> tuple:
+    """`attend`'s direct-launch key: everything its launch specializes on (`_launch`'s contract). The route
+    (constexprs), head dim and group (constexprs), causal, the output's dtype and device; the class of each int
+    argument Triton specializes (`_launch.int_class`: the lengths vary freely within it, so prompts of any
+    length share a handful of keys); whether the output is stored by TMA (B = 1 or S_q a multiple of BLOCK_M:
+    `_launch_arguments`); each descale's dtype and 16-byte alignment (rows of the quantizer's (3, B, H_kv)
+    block) and the output's alignment. Q, K, V are 16-byte aligned (`refusal`); descriptors specialize on their
+    dtype, block and layout (fixed by the route and the output dtype); the scale, a float, is not specialized."""
+    from .. import _launch as direct
+
+    B, S_q, H_q, S_kv, H_kv, D, _ = dims
+    ints = (S_q * H_q * D, H_q * D, H_q, H_kv, S_q, S_kv)
+    block_m = (route["config"] or GLUON_CONFIG_DEFAULT)[0]
+    return (tuple(map(direct.int_class, ints)), H_q // H_kv, D, bool(is_causal), out.dtype, out.device.index,
+            tuple(sorted(route.items())), B == 1 or S_q % block_m == 0, out.data_ptr() % 16 == 0,
+            *((t.dtype, t.data_ptr() % 16 == 0) for t in descales))
 
 
 class _LaunchDesc:

@@ -376,95 +376,179 @@ def test_one_compile_serves_every_causal_length(monkeypatch):
 
 # --- the direct launch (session 28): a repeat of a launch's specialization skips the JIT's dispatch -------------
 
+_PERSISTENT = gluon_attention.fp8_attn_fwd_gluon_persistent_kernel  # (the real one: the fixtures replace it)
+
+
 def _launch_spec(args, meta):
-    """Triton's specialization of a launch's positional and keyword arguments (the output descriptor by its
-    dtype, block and layout; constexprs and options by value)."""
-    return (tuple(_specialization(a) for a in args),
+    """Triton's specialization of a persistent launch's positional and keyword arguments as its JIT computes it
+    (the ints marked do_not_specialize by their type only; the output descriptor by its dtype, block and
+    layout; constexprs and options by value)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    params = _PERSISTENT.params[:len(args)]
+    return (tuple(native_specialize_impl(CUDABackend, a, False, not p.do_not_specialize, True)
+                  for p, a in zip(params, args)),
             tuple((n, _specialization(m) if n == "desc_o" else m) for n, m in sorted(meta.items())))
+
+
+class Launches(list):
+    """`attend`'s launches as on a GPU: (how, kernel, key, args, meta) each, how "jit" (`_launch.launch`, then the
+    recorder kernel) or "direct" (`_launch.try_launch`, which launches where ``direct_applies``)."""
+
+    direct_applies = True
 
 
 @pytest.fixture
 def keyed(kernel, monkeypatch):
-    """`attend`'s launches as on a GPU (`_launch.wanted` says yes): (kernel, key, args, meta) each, launched on
-    the recorder."""
     from hf_fp8_attention import _launch
 
-    seen = []
+    seen = Launches()
 
-    def record(fn, key, grid, args, meta):
-        seen.append((fn, key, args, meta))
+    def launch(fn, key, grid, args, meta):
+        seen.append(("jit", fn, key, args, meta))
         return fn[grid](*args, **meta)
 
+    def try_launch(fn, key, grid, args, meta):
+        if not seen.direct_applies:
+            return None
+        seen.append(("direct", fn, key, args, meta))
+        return "compiled kernel"
+
     monkeypatch.setattr(_launch, "wanted", lambda t: True)
-    monkeypatch.setattr(_launch, "launch", record)
+    monkeypatch.setattr(_launch, "launch", launch)
+    monkeypatch.setattr(_launch, "try_launch", try_launch)
     monkeypatch.setattr(_launch, "VERIFY", False)
     return seen
 
 
-def _attend(bundle, causal=True, out_dtype=torch.bfloat16, route="gluon-pp-persistent"):
-    return gluon_attention.attend(bundle, is_causal=causal, scale=0.088, out_dtype=out_dtype,
+def _attend(bundle, causal=True, out_dtype=torch.bfloat16, route="gluon-pp-persistent", scale=0.088):
+    return gluon_attention.attend(bundle, is_causal=causal, scale=scale, out_dtype=out_dtype,
                                   v_wgmma_order=bundle.v_wgmma_order, **triton_backend._KERNELS[route])
 
 
-def test_direct_launch_keys_determine_the_specialization(keyed):
-    """`attend`'s direct-launch key (`_launch`: the caller's promise that one key means one specialization)
-    holds everything the Gluon launch specializes on: over causal or not, output dtypes, lengths, batch with and
-    without TMA stores, both store routes, and descales at other 16-byte alignments for the same shape (three
-    separate tensors against rows of the quantizer's (3, B, H_kv) block), every key maps to one specialization
-    in Triton's own terms; the repeated call finds its key again."""
-    def separate(b):  # the same shape, each descale its own aligned tensor
-        return dataclasses.replace(b, q_descale=torch.ones(b.q_descale.shape), k_descale=torch.ones(b.k_descale.shape),
-                                   v_descale=torch.ones(b.v_descale.shape))
+def _separate(b, dtype=torch.float32):
+    """The bundle with each descale its own (16-byte aligned) tensor of ``dtype``."""
+    return dataclasses.replace(b, **{f"{n}_descale": torch.ones(getattr(b, f"{n}_descale").shape, dtype=dtype)
+                                     for n in "qkv"})
 
+
+def test_direct_launch_keys_determine_the_specialization(keyed):
+    """`attend`'s direct-launch key (`_launch`'s contract: one key, one specialization) holds what the Gluon
+    launch specializes on and lets the rest vary: over causal or not, output dtypes, both store routes, batch
+    with and without TMA stores, descales at other 16-byte alignments or of another dtype, every key maps to one
+    specialization in Triton's own terms; lengths and scales within one class of Triton's int specialization
+    (B = 1, whole 16s) share one key, so prompts of new lengths launch directly."""
     cases = [(_bundle(1, 256, 4, 2), {}), (_bundle(1, 256, 4, 2), dict(causal=False)),
              (_bundle(1, 256, 4, 2), dict(out_dtype=torch.float32)), (_bundle(1, 512, 4, 2), {}),
-             (_bundle(3, 128, 6, 3), {}), (_bundle(2, 1040, 4, 2), {}), (_bundle(2, 1024, 4, 2), {}),
-             (_bundle(1, 256, 4, 2), dict(route="gluon-pp-persistent-plain-store")),
-             (separate(_bundle(1, 256, 4, 2)), {}), (_bundle(1, 256, 4, 2), {})]
+             (_bundle(1, 1040, 4, 2), dict(scale=0.5)), (_bundle(3, 128, 6, 3), {}), (_bundle(2, 1040, 4, 2), {}),
+             (_bundle(2, 1024, 4, 2), {}), (_bundle(1, 256, 4, 2), dict(route="gluon-pp-persistent-plain-store")),
+             (_separate(_bundle(1, 256, 4, 2)), {}), (_separate(_bundle(1, 256, 4, 2), torch.bfloat16), {}),
+             (_bundle(1, 256, 4, 2), {})]
     for bundle, kw in cases:
         _attend(bundle, **kw)
+    assert [how for how, *_ in keyed] == ["jit"] * len(cases)  # (no plans: each goes to `_launch.launch`)
     by_key = {}
-    for _, key, args, meta in keyed:
+    for _, _, key, args, meta in keyed:
         assert key is not None
         by_key.setdefault(key, set()).add(_launch_spec(args, meta))
     assert all(len(specs) == 1 for specs in by_key.values()), by_key
-    assert len(by_key) == len(cases) - 1  # each case its own key but the repeat (and the separate descales')
-    tma = [("desc_o" in meta) for _, _, _, meta in keyed]
-    assert tma == [True, True, True, True, True, False, True, False, True, True]
+    keys = [key for _, _, key, _, _ in keyed]
+    assert keys[0] == keys[3] == keys[4] == keys[11]  # 256, 512 and 1040 keys at B = 1; another scale
+    assert keys[9] != keys[10] and keys[9] != keys[0]  # the descales' dtype; their alignment
+    # 8 keys: the separate float32 descales (all aligned) share the B = 2 x 1024 call's (its block's rows fall on
+    # 16-byte steps): the same classes of ints, TMA stores, alignments and dtypes
+    assert len(by_key) == 8 and keys[9] == keys[7]
+    tma = [("desc_o" in meta) for _, _, _, _, meta in keyed]
+    assert tma == [True, True, True, True, True, True, False, True, False, True, True, True]
+
+
+def _descriptors(args, meta):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return [x for x in (*args, *meta.values()) if isinstance(x, (TensorDescriptor, gluon_attention._LaunchDesc))]
 
 
 def test_direct_launch_takes_plain_descriptors_once_the_key_is_known(keyed, monkeypatch):
-    """The first launch of a key carries Triton's TensorDescriptors (the JIT's binder specializes them); once
-    `_launch` holds the key's compiled kernel, a repeat carries `_LaunchDesc` records with the same fields the
-    compiled launcher reads (base, shape, strides, padding, round_f32_to_tf32) and otherwise the same
-    arguments; with VERIFY on (the GPU tests) the binder runs again, so the real descriptors go."""
+    """The first launch of a key goes to the JIT with Triton's TensorDescriptors (its binder specializes them);
+    once `_launch` holds the key's plan, a repeat goes to the direct launch with `_LaunchDesc` records carrying
+    the fields the compiled launcher reads (base, shape, strides, padding, round_f32_to_tf32) and otherwise
+    the same arguments; with VERIFY on (the GPU tests) the binder runs again, so the real descriptors go; and
+    where the direct launch does not apply after all (a launch hook set, another current device, the plan
+    dropped: `try_launch` None) the call goes to the JIT with real descriptors, never with the records."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from hf_fp8_attention import _launch
 
     bundle = _bundle(1, 256, 4, 2)
     _attend(bundle)
-    fn, key, first_args, first_meta = keyed[-1]
-    _launch.direct(fn).plans[key] = "compiled"  # as DirectLauncher records it after the JIT's launch
+    _, fn, key, first_args, first_meta = keyed[-1]
+    _launch.direct(fn).plans[key] = "plan"  # as DirectLauncher records it after the JIT's launch
     _attend(bundle)
+    keyed.direct_applies = False
+    _attend(bundle)
+    keyed.direct_applies = True
     monkeypatch.setattr(_launch, "VERIFY", True)
     _attend(bundle)
-    (_, _, args, meta), (_, _, v_args, v_meta) = keyed[1], keyed[2]
-    kinds = (TensorDescriptor, gluon_attention._LaunchDesc)
-    descs = lambda a, m: [x for x in (*a, *m.values()) if isinstance(x, kinds)]  # noqa: E731
-    real, light = descs(first_args, first_meta), descs(args, meta)
+    assert [how for how, *_ in keyed] == ["jit", "direct", "jit", "jit"]
+    real, light = _descriptors(first_args, first_meta), _descriptors(*keyed[1][3:])
     assert len(real) == len(light) == 4 and all(isinstance(d, TensorDescriptor) for d in real)
     assert all(type(d) is gluon_attention._LaunchDesc for d in light)
-    assert all(isinstance(d, TensorDescriptor) for d in descs(v_args, v_meta))
-    fields = ("base", "shape", "strides", "padding", "round_f32_to_tf32")
+    for launch in keyed[2:]:  # passed over, and VERIFY
+        assert all(isinstance(d, TensorDescriptor) for d in _descriptors(*launch[3:]))
     for r, d in zip(real, light):
-        assert all(getattr(d, f) == getattr(r, f) for f in fields[1:])
+        assert all(getattr(d, f) == getattr(r, f) for f in ("shape", "strides", "padding", "round_f32_to_tf32"))
+    args, meta = keyed[1][3:]
     # Q, K, V's descriptors over the bundle's codes, the output's over each call's own output
     assert [d.base is b for d, b in zip(light, (bundle.q, bundle.k, bundle.v, args[3]))] == [True] * 4
-    plain = lambda a: [x for x in a if not isinstance(x, kinds)]  # noqa: E731
-    assert [x for x in plain(args) if not isinstance(x, torch.Tensor)] == \
-        [x for x in plain(first_args) if not isinstance(x, torch.Tensor)]
+    kinds = (TensorDescriptor, gluon_attention._LaunchDesc, torch.Tensor)
+    assert [x for x in args if not isinstance(x, kinds)] == [x for x in first_args if not isinstance(x, kinds)]
     assert {n: m for n, m in meta.items() if n != "desc_o"} == {n: m for n, m in first_meta.items() if n != "desc_o"}
+
+
+def test_a_plan_the_direct_path_passes_over_takes_the_jit(kernel, monkeypatch):
+    """`_launch.DirectLauncher.try_direct` itself: with a plan recorded for the key, a launch hook set (a
+    profiler) makes `attend` launch through the JIT (the recorder kernel) with real descriptors; without the
+    hook the plan's compiled kernel runs with the records."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from hf_fp8_attention import _launch
+
+    class Hooks:
+        launch_enter_hook = None
+        launch_exit_hook = None
+
+    class Compiled:
+        function = packed_metadata = None
+        runs = []
+
+        def run(self, *values):
+            self.runs.append(values)
+
+    hooks = Hooks()
+    monkeypatch.setattr(_launch, "_TRITON", (hooks, lambda device: "stream", True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "wanted", lambda t: True)
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(_launch, "VERIFY", False)
+    bundle = _bundle(1, 256, 4, 2)
+    _attend(bundle)  # the JIT (the recorder returns no compiled kernel, so no plan): record one by hand
+    launcher = _launch.direct(kernel)
+    key = gluon_attention._direct_key((1, 256, 4, 256, 2, 128, bundle.v.stride(3)),
+                                      (bundle.q_descale, bundle.k_descale, bundle.v_descale),
+                                      torch.empty(1, dtype=torch.bfloat16), True,
+                                      dict(triton_backend._KERNELS["gluon-pp-persistent"], v_wgmma_order=True,
+                                           heads_fastest=None))
+    launcher.plans[key] = (Compiled(), ("desc_o",), None, 0)  # (kernel, the parameters after the positionals,
+    # spec, device): the tail is "desc_o" only here, which the call passes
+    hooks.launch_enter_hook = lambda *a: None
+    _attend(bundle)
+    assert len(kernel.launches) == 2 and not Compiled.runs
+    assert isinstance(kernel.launches[1][2]["desc_o"], TensorDescriptor)
+    hooks.launch_enter_hook = None
+    _attend(bundle)
+    assert len(kernel.launches) == 2 and len(Compiled.runs) == 1
+    assert isinstance(Compiled.runs[0][-1], gluon_attention._LaunchDesc)  # desc_o, the tail's one name here
 
 
 @pytest.mark.parametrize("out_dtype", triton_backend._OUT_DTYPES)

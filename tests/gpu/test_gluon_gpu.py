@@ -197,3 +197,37 @@ def test_direct_launch_equals_the_jit_launch(B, S, causal, route, monkeypatch):
     torch.cuda.synchronize()
     assert len(plans) == 1 and torch.isfinite(first).all()
     assert all(torch.equal(r, first) for r in repeats)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_direct_launch_serves_other_lengths_of_its_class(causal, monkeypatch):
+    """`attend`'s direct-launch key holds the class of each int Triton specializes, not the lengths: after a
+    2k prefill the 4k and 1040-token ones (whole 16s, B = 1) launch directly through its plan, with their own
+    grid and descriptors; each equals the JIT's launch of that length (its plans cleared)."""
+    from hf_fp8_attention import _launch
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.setattr(_launch, "VERIFY", False)
+    torch.manual_seed(8)
+    H, H_kv, D = 8, 2, 128
+    route = dict(triton_backend._KERNELS["gluon-pp-persistent"], is_causal=causal, scale=D**-0.5,
+                 out_dtype=torch.bfloat16, v_wgmma_order=True)
+    plans = _launch.direct(gluon_attention.fp8_attn_fwd_gluon_persistent_kernel).plans
+
+    def bundle(S):
+        q, k, v = (torch.randn(1, h, S, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv, H_kv))
+        return quantize_qkv_fp8(q, k, v, options=FP8AttentionOptions(hadamard="none"), v_keys_contiguous=True,
+                                v_wgmma_order=True)
+
+    plans.clear()
+    gluon_attention.attend(bundle(2048), **route)
+    assert len(plans) == 1
+    for S in (4096, 1040):
+        qkv = bundle(S)
+        direct = gluon_attention.attend(qkv, **route)
+        assert len(plans) == 1  # no new plan: the 2k call's served it
+        plans.clear()
+        jit = gluon_attention.attend(qkv, **route)
+        torch.cuda.synchronize()
+        assert torch.isfinite(jit).all() and torch.equal(direct, jit)
