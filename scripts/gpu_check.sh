@@ -531,7 +531,7 @@ elif [ "$mode" = "--s28-host" ]; then  # session 28: the Gluon kernel's direct l
   # the JIT's dispatch and TensorDescriptor's checks): its GPU tests and the ones it touches, then host us per call
   step host_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
-    -k "direct_launch or compile_ahead or tma_store or wgmma or replays or (sdpa and triton)"
+    -k "${HOST_TESTS_K:-direct_launch or compile_ahead or tma_store or wgmma or replays or (sdpa and triton)}"
   step host timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096} --causal both \
     --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" kernel --host \
     --host-profile "$out/host_profile.txt" --json "$out/host.json"
