@@ -786,7 +786,8 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     descriptors' base tensors, (q, k, v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor
     specializes on its dtype, block and layout, not on its base's size); out: the output (only its pointer and dtype
     are read: its strides are those of a contiguous (B, S_q, H_q, D) tensor); descales: the (B, H_kv) q, k, v
-    descales; dims: (B, S_q, H_q, S_kv, H_kv, D, V's row stride); the rest as `gluon_fp8_attention` (checked there)."""
+    descales; dims: (B, S_q, H_q, S_kv, H_kv, D, V's row stride); the rest as `gluon_fp8_attention` (checked there;
+    for `attend`, by the backend's route and `refusal`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .._intmath import cdiv

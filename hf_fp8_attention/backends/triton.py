@@ -67,11 +67,13 @@ _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2
 _V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-plain-store"})
 # Since session 28 the persistent build writes its output through shared memory by TMA stores left in flight
 # under the next tile (`gluon_attention`'s TMA_STORE; FA3's epilogue; session 27's probe) instead of each
-# thread's plain stores, which "gluon-pp-persistent-plain-store" keeps (sessions 20-27). H200, bench_sdpa's
-# kernels alone in one run (docs/results/tma_sdpa_h200_s28.log, GQA 32/8, D=128, 2 rounds): 1.06x / 1.45x at 4k
-# non-causal / causal, 1.08x / 1.03x at 16k, 0.995x / 1.01x at 64k; 96-100% of the FA3 fp8 kernel from 4k to 64k
-# (plain stores 68-97%). Where a tile could run past a sequence's end into the next (B > 1 with S_q not a
-# multiple of 128) the launcher keeps the plain stores.
+# thread's plain stores, which "gluon-pp-persistent-plain-store" keeps (sessions 20-27; so does
+# "gluon-pp-persistent-alu-sums", an A/B of the row sums against the plain-store build). H200, bench_sdpa's
+# kernels alone, GQA 32/8, D=128, 2 rounds, two runs (docs/results/tma_sdpa_h200_s28.log,
+# default_sdpa_h200_s28.log), non-causal / causal: 1.08x / 1.03x and 1.03x / 1.02x at 16k, 0.995x / 1.01x and
+# 1.01x / 1.02x at 64k, at 95.9-100.2% of the FA3 fp8 kernel (plain stores 91-98%); at 4k, graph-timed
+# (host_h200_s28_before.log), 1.05x / 1.08x. Where a tile could run past a sequence's end into the next (B > 1
+# with S_q not a multiple of 128) the launcher keeps the plain stores.
 _AUTO_KERNEL = _KERNELS["gluon-pp-persistent"]
 _AUTO_HEAD_DIMS = (128,)  # where the Gluon kernel was measured faster (D=64: correct, its speed not measured)
 # Decode splits the keys over programs from this many keys on (H100: at 4k keys the extra combine launch
