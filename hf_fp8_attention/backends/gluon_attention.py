@@ -493,8 +493,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`). TMA_STORE (session 27; the default since 28): the
-    output through shared memory and TMA stores over desc_o (Out as (B * S_q, H_q * D), block (BLOCK_M / CONSUMERS, D)), each
-    left in flight under the next tile; only where no tile's rows run past S_q into the next sequence (B = 1,
+    output through shared memory and TMA stores over desc_o (Out as (B * S_q, H_q * D), block (BLOCK_M /
+    CONSUMERS, D)), each left in flight under the next tile; only where no tile's rows run past S_q into the next sequence (B = 1,
     or S_q a multiple of BLOCK_M: `_launch_arguments`).
     Q is double-buffered (a "ready" and an "empty" mbarrier per buffer, the latter with one arrive per
     consumer); the K/V ring and the ping-pong turns carry their phases across tiles. What it saves over the
