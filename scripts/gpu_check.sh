@@ -124,6 +124,19 @@ probe() {  # probe LOG LABEL ARGS...: scripts/probe_ws.py in its own process, PR
   [ $rc -eq 0 ] || echo "$label: rc $rc ($([ $rc -eq 124 ] && echo hang || echo error))" | tee -a "$log"
   return $rc
 }
+first_call() {  # first_call STEP TIMEOUT_S COMPILE_AHEAD CHILD_TIMEOUT_S: scripts/first_call.py's first call of a new
+  # causal GQA 32/8 prefill (FIRST_SEQLENS default 4k 16k, FIRST_ROUNDS default 2, --breakdown), json $out/STEP.json
+  step "$1" timeout "${FIRST_S:-$2}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
+    --causal yes --heads 32/8 --backend triton --compile-ahead "$3" --rounds "${FIRST_ROUNDS:-2}" --breakdown \
+    --timeout "$4" --json "$out/$1.json"
+}
+kernels_sdpa() {  # kernels_sdpa STEP TIMEOUT_S IMPL...: bench_sdpa on GQA 32/8, TMA_SEQLENS (default 4k 16k 64k), causal
+  # both, TMA_ROUNDS rounds (default 2), mode none, json $out/STEP.json
+  local name=$1 limit=$2; shift 2
+  step "$name" timeout "${SDPA_S:-$limit}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
+    --rep-ms 100 --impls "$@" --json "$out/$name.json"
+}
 sqnr_ok() {  # sqnr_ok LOG PATTERN: a finished probe line in LOG matching PATTERN, SQNR >= 30 dB vs the Triton kernel, finite
   grep -F "$2" "$1" | grep "finite: True" \
     | awk -F'SQNR vs triton kernel ' '{split($2, a, " "); if (a[1] == "inf" || a[1] + 0 >= 30) ok = 1} END {exit !ok}'
@@ -497,20 +510,14 @@ elif [ "$mode" = "--vorder" ]; then  # session 26: V in wgmma key order from the
 elif [ "$mode" = "--first-call" ]; then  # session 27: compile-ahead (the Gluon kernel's compile beside the quantizer's)
   step first_call_tests timeout "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     -k compile_ahead
-  step first_call timeout "${FIRST_S:-400}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
-    --causal yes --heads 32/8 --backend triton --compile-ahead both --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 90 \
-    --json "$out/first_call.json"
+  first_call first_call 400 both 90
 elif [ "$mode" = "--s28" ]; then  # session 28: session 27's unmeasured changes in one call: the compile-ahead and
   # TMA-store GPU tests, the first call (compile-ahead off/on), the TMA-store A/B, then the Gluon/wgmma GPU tests that
   # the one-compile-for-every-length change (do_not_specialize) touches
   step tma_tests timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     -k "tma_store or compile_ahead"
-  step first_call timeout "${FIRST_S:-170}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
-    --causal yes --heads 32/8 --backend triton --compile-ahead both --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 60 \
-    --json "$out/first_call.json"
-  step tma_sdpa timeout "${SDPA_S:-130}" python3 scripts/bench_sdpa.py --kv-heads 8 \
-    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
-    --rep-ms 100 --impls "FA3 fp8 kernel only" "triton fp8 kernel only" --json "$out/tma_sdpa.json"
+  first_call first_call 170 both 60
+  kernels_sdpa tma_sdpa 130 "FA3 fp8 kernel only" "triton fp8 kernel only"
   step gluon_tests timeout "${GLUON_S:-120}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
     -k "(gluon or wgmma or keys_contiguous or replays or (sdpa and triton)) and not tma_store and not compile_ahead"
@@ -520,13 +527,8 @@ elif [ "$mode" = "--s28-default" ]; then  # session 28: TMA stores as the persis
   step default_tests timeout "${TESTS_S:-260}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     tests/gpu/test_quantize_gpu.py tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py \
     -k "gluon or wgmma or keys_contiguous or replays or (sdpa and triton) or tma_store or compile_ahead"
-  step first_call_default timeout "${FIRST_S:-100}" python3 scripts/first_call.py --seqlens ${FIRST_SEQLENS:-4096 16384} \
-    --causal yes --heads 32/8 --backend triton --compile-ahead on --rounds "${FIRST_ROUNDS:-2}" --breakdown --timeout 45 \
-    --json "$out/first_call_default.json"
-  step default_sdpa timeout "${SDPA_S:-200}" python3 scripts/bench_sdpa.py --kv-heads 8 \
-    --seqlens ${TMA_SEQLENS:-4096 16384 65536} --causal both --rounds "${TMA_ROUNDS:-2}" --modes none --sqnr-ref off \
-    --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "FA3 fp8 kernel only" "triton fp8 kernel only" \
-    --json "$out/default_sdpa.json"
+  first_call first_call_default 100 on 45
+  kernels_sdpa default_sdpa 200 "FA3" fp8_fa3 fp8_triton "FA3 fp8 kernel only" "triton fp8 kernel only"
 elif [ "$mode" = "--s28-host" ]; then  # session 28: the Gluon kernel's direct launch (a known specialization skips
   # the JIT's dispatch and TensorDescriptor's checks): its GPU tests and the ones it touches, then host us per call
   step host_tests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
