@@ -67,6 +67,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from .. import _launch as direct
+
 LOG2E = gl.constexpr(1.4426950408889634)
 # the TMA global -> shared copy: `async_copy_global_to_shared` in triton 3.6 (the H200's), renamed `async_load`
 # later (3.9 raises on the old name)
@@ -711,8 +713,6 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
     through `_launch`'s direct launcher instead, its descriptors the launcher's plain records (`_LaunchDesc`)."""
     import torch
 
-    from .. import _launch as direct
-
     q, k, v = qkv.q, qkv.k, qkv.v
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     global CALLS
@@ -746,8 +746,6 @@ def _direct_key(dims: tuple, descales: tuple, out, is_causal: bool, route: dict)
     `_launch_arguments`); each descale's dtype and 16-byte alignment (rows of the quantizer's (3, B, H_kv)
     block) and the output's alignment. Q, K, V are 16-byte aligned (`refusal`); descriptors specialize on their
     dtype, block and layout (fixed by the route and the output dtype); the scale, a float, is not specialized."""
-    from .. import _launch as direct
-
     B, S_q, H_q, S_kv, H_kv, D, _ = dims
     ints = (S_q * H_q * D, H_q * D, H_q, H_kv, S_q, S_kv)
     block_m = (route["config"] or GLUON_CONFIG_DEFAULT)[0]
@@ -829,8 +827,9 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
 # it every JIT compile runs on the executor and a launch waits for its own kernel only, so the quantizer's
 # compile and this one overlap. Offline (2-core CPU, triton 3.6, sm_90, scripts/compile_ahead_offline.py):
 # 2.25-2.53 s for the two against 2.81-3.06 s in turn, 0.43-0.60 s saved at 4k-64k (half the quantizer's
-# compile; Python's lock serializes the rest; docs/results/compile_ahead_offline_s27.log). Not yet measured on
-# the GPU host.
+# compile; Python's lock serializes the rest; docs/results/compile_ahead_offline_s27.log). On the H200 host
+# (session 28, scripts/first_call.py, B=1, GQA 32/8, causal, fresh processes): 3.98-4.59 s at 4k and 16k against
+# 5.13-7.03 s in turn (docs/results/first_call_h200_s28.log).
 COMPILE_AHEAD_ENV = "HF_FP8_ATTENTION_COMPILE_AHEAD"  # "0": never (the kernels compile in turn, as before)
 _AHEAD_SEEN_MAX = 1024  # exact call shapes remembered (beyond it the set restarts: a repeat costs one warmup)
 _AHEAD_SEEN: set = set()
@@ -862,7 +861,7 @@ def compile_ahead_wanted() -> bool:
 
 
 def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dtype, **route):
-    """A context manager for the quantization of a call that `gluon_fp8_attention` will then run with ``route``
+    """A context manager for the quantization of a call that `attend` will then run with ``route``
     (its keyword arguments, config included): on the first call of these exact arguments it starts compiling
     the kernel in the background (`AsyncCompileMode` on `_EXECUTOR`: the kernel's `warmup` with the launch's own
     arguments from `_launch_arguments`, on stand-in tensors), and on exit waits for that compile, so that the
@@ -875,7 +874,7 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
     already active, CUDA-graph capture on the current stream, an empty problem, or arguments seen before. A
     compile that fails in the background is dropped (ignore_errors): the launch then compiles in turn and
     raises as it always did; so does any problem building the stand-ins. If the body raises, the context
-    leaves without waiting for the background compile. Measured offline only (above); on the GPU host:
+    leaves without waiting for the background compile. Measured offline and on the GPU host (above):
     scripts/first_call.py --compile-ahead both."""
     # (first: a repeat call's whole cost, a few microseconds of host time)
     key = (device, dims, is_causal, out_dtype, tuple(route.items()))  # (the scale, a float, is not specialized on)
