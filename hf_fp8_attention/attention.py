@@ -21,7 +21,7 @@ from .quantization.quantized import rows_bhsd
 
 
 def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8AttentionOptions,
-             v_keys_contiguous: bool = False, v_wgmma_order: bool = False) -> QuantizedQKV:
+             v_keys_contiguous: bool = False, v_wgmma_order: bool = False, q_in_kernel: bool = False) -> QuantizedQKV:
     """Q/K/V -> `QuantizedQKV` with the planned quantizer: the Triton kernel (CUDA, SM 8.9+), which fuses
     RoPE, the Hadamard rotation and the mean subtraction into its one launch, or the torch reference
     (bit-identical without hadamard/smoothing, within an fp8 ulp on a few elements with them).
@@ -29,11 +29,13 @@ def quantize(query, key, value, cos, sin, varlen, quantizer: str, options: FP8At
     varlen: None, or (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of validated offsets.
     v_keys_contiguous: V's codes keys-contiguous (the layout the triton backend reads at long prefills).
     v_wgmma_order: those keys in wgmma order within every 16 (fixed-length only; the Gluon kernel's V layout).
+    q_in_kernel: Q left to the attention kernel (`QuantizedQKV.q_in_kernel`; with v_wgmma_order only).
     """
     fixed, packed = QUANTIZERS[quantizer]
     if varlen is None:
+        extra = dict(q_in_kernel=True) if q_in_kernel else {}
         return fixed(query, key, value, cos, sin, options=options, v_keys_contiguous=v_keys_contiguous,
-                     v_wgmma_order=v_wgmma_order)
+                     v_wgmma_order=v_wgmma_order, **extra)
     if v_wgmma_order:
         raise ValueError("v_wgmma_order: not for packed sequences")
     return packed(query, key, value, *varlen, cos, sin, options=options, check=False,
@@ -128,15 +130,19 @@ def fp8_attention(
     v_wgmma = v_keys and reads_wgmma is not None and reads_wgmma(
         query.device, query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
         is_causal=is_causal, options=options, varlen=varlen is not None)
+    # that kernel may quantize Q itself, one scale per row (the quantizer then does K and V only)
+    q_in = (v_wgmma and quantizer == "triton" and record.q_in_kernel is not None
+            and record.q_in_kernel(options, cos is not None))
     # the first call of a shape: the backend may compile its kernel beside the quantizer's compile (the Triton
     # quantizer's: its outputs' layout is what the backend's warmup mirrors)
     ahead = record.compile_ahead if v_wgmma and quantizer == "triton" else None
     with _on_device(query):
         compiling = contextlib.nullcontext() if ahead is None else ahead(
             query.device, query.shape[0], query.shape[2], query.shape[1], key.shape[1], key.shape[2], query.shape[-1],
-            is_causal=is_causal, scale=scale, out_dtype=query.dtype, v_wgmma_order=v_wgmma)
+            is_causal=is_causal, scale=scale, out_dtype=query.dtype, v_wgmma_order=v_wgmma, q_in_kernel=q_in,
+            q_rotate=q_in and options.rotates_qk)
         with compiling:
-            qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma)
+            qkv = quantize(query, key, value, cos, sin, varlen, quantizer, options, v_keys, v_wgmma, q_in)
         out = record.fn(qkv, is_causal=is_causal, scale=scale, out_dtype=query.dtype)
         if qkv.output_needs_fixup:
             out = restore_output(out, qkv)

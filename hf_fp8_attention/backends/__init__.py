@@ -43,8 +43,11 @@ class Backend:
         the calls for which the backend reads that V with its keys in wgmma order within every 16
         (`quantization.quantized.wgmma_key_order`), which the quantizer then writes so.
     compile_ahead: None, or ``(device, batch, s_q, h_q, h_kv, s_kv, head_dim, *, is_causal, scale, out_dtype,
-        v_wgmma_order) -> context manager``: the pipeline quantizes inside it; the backend may start compiling
-        the kernel the call will run in it, beside the quantizer's compile (a first call's time).
+        v_wgmma_order, q_in_kernel, q_rotate) -> context manager``: the pipeline quantizes inside it; the backend
+        may start compiling the kernel the call will run in it, beside the quantizer's compile (a first call's time).
+    q_in_kernel: None, or ``(options, rope: bool) -> bool``: for a call that reads V in wgmma order
+        (``v_wgmma_order`` said so), whether the backend's kernel quantizes Q itself, one scale per query row
+        (`quantization.QuantizedQKV.q_in_kernel`): the pipeline then has the quantizer leave Q as it is.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Backend:
     v_keys_contiguous: Callable[[int, int, int, int, int], bool] | None = None
     v_wgmma_order: Callable[..., bool] | None = None
     compile_ahead: Callable[..., contextlib.AbstractContextManager] | None = None
+    q_in_kernel: Callable[..., bool] | None = None
 
     @property
     def needs_cuda(self) -> bool:
@@ -105,13 +109,23 @@ def triton_reads_v_wgmma_order(device, s_q: int, h_q: int, h_kv: int, s_kv: int,
 
 
 def triton_compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *,
-                         is_causal: bool, scale: float, out_dtype, v_wgmma_order: bool):
+                         is_causal: bool, scale: float, out_dtype, v_wgmma_order: bool, q_in_kernel: bool = False,
+                         q_rotate: bool = False):
     """The triton backend's compile-ahead context for the quantization (`triton.compile_ahead`; imported here on
     first use): its registry record's ``compile_ahead``."""
     from .triton import compile_ahead
 
     return compile_ahead(device, batch, s_q, h_q, h_kv, s_kv, dim, is_causal=is_causal, scale=scale,
-                         out_dtype=out_dtype, v_wgmma_order=v_wgmma_order)
+                         out_dtype=out_dtype, v_wgmma_order=v_wgmma_order, q_in_kernel=q_in_kernel,
+                         q_rotate=q_rotate)
+
+
+def triton_q_in_kernel(options, rope: bool) -> bool:
+    """Whether the triton backend's Gluon kernel quantizes Q itself for a call it reads V in wgmma order for
+    (`triton.q_in_kernel`; imported here on first use): its registry record's ``q_in_kernel``."""
+    from .triton import q_in_kernel
+
+    return q_in_kernel(options, rope)
 
 
 REGISTRY: dict[str, Backend] = {
@@ -129,7 +143,8 @@ REGISTRY: dict[str, Backend] = {
         Backend("triton", "hf_fp8_attention.backends.triton:triton_fp8_attention", arch_major=None, min_arch=89,
                 package="triton", install_hint="pip install triton", native_varlen=True, block_scales=True,
                 int8_qk=True, v_block_scales=True, v_keys_contiguous=triton_reads_v_keys_contiguous,
-                v_wgmma_order=triton_reads_v_wgmma_order, compile_ahead=triton_compile_ahead),
+                v_wgmma_order=triton_reads_v_wgmma_order, compile_ahead=triton_compile_ahead,
+                q_in_kernel=triton_q_in_kernel),
         Backend("reference", "hf_fp8_attention.backends.reference:reference_fp8_attention", arch_major=None,
                 min_arch=None, package=None, install_hint="", native_varlen=False, block_scales=True, int8_qk=True,
                 v_block_scales=True),
@@ -179,4 +194,4 @@ def get_backend_fn(name: str) -> BackendFn:
 
 
 __all__ = ["ATTN_IMPLEMENTATIONS", "BACKENDS", "Backend", "REGISTRY", "get_backend", "get_backend_fn",
-           "triton_compile_ahead", "triton_reads_v_keys_contiguous", "triton_reads_v_wgmma_order"]
+           "triton_compile_ahead", "triton_q_in_kernel", "triton_reads_v_keys_contiguous", "triton_reads_v_wgmma_order"]

@@ -15,6 +15,7 @@ import torch
 
 from ..quantization import QuantizedQKV
 from ..quantization.quantized import channels_contiguous, key_ordered_v
+from ..quantization.reference import quantize_q_per_head
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +46,7 @@ def fa3_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_d
     """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``; varlen `qkv`:
     FA3's own varlen path (cu_seqlens), output (1, total_q, H_q, D). pack_gqa: FA3's option; "auto":
     `pack_gqa_choice`; None: FA3's heuristic (`scripts/probe_fa3.py` times the choices)."""
+    qkv = quantize_q_per_head(qkv)  # (a bundle that left Q to the Gluon kernel)
     if pack_gqa == "auto":
         pack_gqa = pack_gqa_choice(qkv, is_causal)
     elif pack_gqa is not None and not isinstance(pack_gqa, bool):

@@ -11,6 +11,7 @@ import torch
 
 from ..quantization import QuantizedQKV
 from ..quantization.quantized import channels_contiguous, key_ordered_v
+from ..quantization.reference import quantize_q_per_head
 
 
 def _load_kernel():
@@ -24,6 +25,7 @@ def _load_kernel():
 
 def fa4_fp8_attention(qkv: QuantizedQKV, *, is_causal: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """q (B, S_q, H_q, D), k/v (B, S_kv, H_kv, D) e4m3 -> (B, S_q, H_q, D) ``out_dtype``."""
+    qkv = quantize_q_per_head(qkv)  # (a bundle that left Q to the Gluon kernel)
     kernel = _load_kernel()
     result = kernel(
         qkv.q,

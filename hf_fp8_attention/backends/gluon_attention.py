@@ -101,22 +101,28 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 @gluon.jit
 def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr,
-             ROWSUM_MMA: gl.constexpr = False):
+             ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
     every 16 (`quantized.wgmma_key_order`, written by the quantizer for the Triton backend's default route since
     session 26), so P's columns are relabelled to match: the score accumulator's registers then already sit where the A operand wants them (a register
     renaming; otherwise the layout conversion moves them between threads with shuffles and selects).
-    ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA)."""
+    ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA).
+    ROW_SCALES: qk_scale is one positive factor per row (Q quantized per row in the kernel, `_quantize_q`), in
+    the rows' slice of s_layout; else one scalar."""
+    if ROW_SCALES:
+        scale2 = qk_scale[:, None]
+    else:
+        scale2 = qk_scale
     if MASKED:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        qk = gl.where(cols[None, :] <= row_limit[:, None], qk * qk_scale, float("-inf"))
+        qk = gl.where(cols[None, :] <= row_limit[:, None], qk * scale2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0
         p = gl.exp2(qk - (m_new - 8.0)[:, None])
     else:
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-        p = gl.exp2(qk * qk_scale - (m_new - 8.0)[:, None])
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (a positive factor per row commutes with the max)
+        p = gl.exp2(qk * scale2 - (m_new - 8.0)[:, None])
     alpha = gl.exp2(m_i - m_new)
     if not ROWSUM_MMA:
         l_i = l_i * alpha + gl.sum(p, 1)
@@ -148,7 +154,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None, r_zero=None,
-                  ROWSUM_MMA: gl.constexpr = False):
+                  ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -161,7 +167,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     for with it: l_i is then (rows, 8), every column the row's sum, and the softmax has no additions and no
     shuffles for it."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
-                                     V_WGMMA_ORDER, ROWSUM_MMA)
+                                     V_WGMMA_ORDER, ROWSUM_MMA, ROW_SCALES)
     it = it0 + j
     slot = it % STAGES
     mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
@@ -200,7 +206,7 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
                   C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
                   ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, o_row0=0,
-                  TMA_STORE: gl.constexpr = False):
+                  TMA_STORE: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -240,16 +246,16 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA)
+                                          r_zero, ROWSUM_MMA, ROW_SCALES)
     for j in range(n_unmasked, last):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA)
+                                          r_zero, ROWSUM_MMA, ROW_SCALES)
     acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                       kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
                                       False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem, r_zero,
-                                      ROWSUM_MMA)
+                                      ROWSUM_MMA, ROW_SCALES)
     if ROWSUM_MMA:
         l_i = gl.max(l_i, 1)  # (its 8 columns are equal)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -263,6 +269,42 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         ptrs = Out + o_base + o_rows.to(gl.int64)[:, None] * stride_os + h_col + o_cols[None, :]
         gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
+
+
+FP8_MAX = gl.constexpr(448.0)
+
+
+@gluon.jit
+def _quantize_q(q_in, q8_smem, h_smem, qk_scale, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_WARPS: gl.constexpr,
+                Q_ROTATE: gl.constexpr, INV_SQRT_D: gl.constexpr, s_layout: gl.constexpr):
+    """Q_IN_KERNEL: this consumer's rows of the tile's bf16/fp16 Q (q_in, shared memory) as e4m3 codes in
+    q8_smem, one scale per row, first rotated by the +-1 Hadamard matrix h_smem (Q_ROTATE: one MMA, exact
+    products and float32 sums; the 1/sqrt(D) that normalises it is folded into the descale, K having been rotated
+    by the normalised matrix in the quantizer). Returns qk_scale (the softmax scale times K's descale and log2 e)
+    times each row's descale, in the rows' slice of s_layout. A row's scale comes from its finite elements (as
+    the quantizer's `_finite_abs`): scale FP8_MAX / amax and descale amax / FP8_MAX, both by correctly rounded
+    divisions, both 1 for a row of zeros (`reference._scales`; its scores are 0: a uniform softmax, as exact
+    attention gives). Non-finite elements are stored as NaN and reach only their row's scores."""
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    if Q_ROTATE:
+        q = warpgroup_mma(q_in, h_smem.permute((1, 0)), gl.zeros([ROWS, HEAD_DIM], gl.float32, q_layout),
+                          use_acc=False, is_async=True)
+        q = warpgroup_mma_wait(num_outstanding=0, deps=(q, ))
+    else:
+        q = q_in.load(q_layout).to(gl.float32)
+    a = gl.abs(q)
+    finite = a < float("inf")  # (False for NaN)
+    amax = gl.max(gl.where(finite, a, 0.0), 1)
+    positive = amax > 0.0
+    inv = gl.where(positive, gl.div_rn(gl.full_like(amax, FP8_MAX), amax), 1.0)
+    # non-finite elements become NaN (the cast would saturate an inf), as the quantizer's `reference._to_fp8`
+    q8_smem.store(gl.where(finite, q * inv[:, None], float("nan")).to(gl.float8e4nv))
+    fence_async_shared()
+    descale = gl.where(positive, gl.div_rn(amax, gl.full_like(amax, FP8_MAX)), 1.0)
+    if Q_ROTATE:
+        descale = descale * INV_SQRT_D
+    return gl.convert_layout(descale, gl.SliceLayout(1, s_layout)) * qk_scale
 
 
 @gluon.jit
@@ -451,11 +493,18 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr, C: gl.constexpr,
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
-                         ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, TMA_STORE: gl.constexpr = False):
+                         ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, TMA_STORE: gl.constexpr = False,
+                         q8_smem=None, h_smem=None, Q_IN_KERNEL: gl.constexpr = False, Q_ROTATE: gl.constexpr = False,
+                         INV_SQRT_D: gl.constexpr = 1.0):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier. TMA_STORE: its
-    output tiles through o_smem's buffer C and TMA stores, the last one waited for at the end."""
+    output tiles through o_smem's buffer C and TMA stores, the last one waited for at the end. Q_IN_KERNEL: Q's
+    buffers hold the bf16/fp16 input; the consumer quantizes its rows per row into q8_smem's buffer C
+    (`_quantize_q`, rotated with Q_ROTATE), releases the Q buffer at once and runs the tile on the codes with
+    one score scale per row."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
     it = 0
     g = 0
     i = 0
@@ -463,16 +512,25 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
         b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv,
                                                  GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
         desc_idx = b * H_kv + h_kv
-        qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
         v_descale = gl.load(V_descale + desc_idx)
         buf = i % 2
         mbarrier.wait(q_ready.index(buf), (i // 2) & 1)
-        _consume_tile(q_smem.index(buf).slice(C * ROWS, ROWS), k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+        if Q_IN_KERNEL:
+            qk_scale = _quantize_q(q_smem.index(buf).slice(C * ROWS, ROWS), q8_smem.index(C), h_smem,
+                                   sm_scale * gl.load(K_descale + desc_idx) * LOG2E, ROWS, HEAD_DIM, NUM_WARPS,
+                                   Q_ROTATE, INV_SQRT_D, s_layout)
+            mbarrier.arrive(q_empty.index(buf), count=1)  # (its rows are read: the loader may refill it)
+            q_tile = q8_smem.index(C)
+        else:
+            qk_scale = sm_scale * gl.load(Q_descale + desc_idx) * gl.load(K_descale + desc_idx) * LOG2E
+            q_tile = q_smem.index(buf).slice(C * ROWS, ROWS)
+        _consume_tile(q_tile, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
                       PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA, desc_o,
-                      o_smem.index(C) if TMA_STORE else o_smem, b * S_q, TMA_STORE)
-        mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
+                      o_smem.index(C) if TMA_STORE else o_smem, b * S_q, TMA_STORE, Q_IN_KERNEL)
+        if not Q_IN_KERNEL:
+            mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
         g += n_blocks + 1
         i += 1
@@ -491,7 +549,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          NUM_WARPS: gl.constexpr, CONSUMERS: gl.constexpr = 1,
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
                                          ROWSUM_MMA: gl.constexpr = False, desc_o=None,
-                                         TMA_STORE: gl.constexpr = False):
+                                         TMA_STORE: gl.constexpr = False, Q_IN_KERNEL: gl.constexpr = False,
+                                         Q_ROTATE: gl.constexpr = False):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`). TMA_STORE (session 27; the default since 28): the
@@ -527,6 +586,28 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
         o_smem = gl.allocate_shared_memory(desc_o.dtype, [CONSUMERS] + desc_o.block_type.shape, desc_o.layout)
     else:
         o_smem = turn  # unused
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    INV_SQRT_D: gl.constexpr = 0.125 if HEAD_DIM == 64 else 0.08838834764831845  # (D**-0.5: D 64 or 128)
+    if Q_IN_KERNEL:  # each consumer's e4m3 rows of the tile (`_quantize_q`), and the +-1 Hadamard matrix
+        q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [CONSUMERS, ROWS, HEAD_DIM], gl.NVMMASharedLayout(
+            swizzle_byte_width=128 if HEAD_DIM >= 128 else HEAD_DIM, element_bitwidth=8, rank=2))
+        if Q_ROTATE:
+            h_smem = gl.allocate_shared_memory(desc_q.dtype, [HEAD_DIM, HEAD_DIM], gl.NVMMASharedLayout(
+                swizzle_byte_width=128, element_bitwidth=16, rank=2))
+            h_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+            r = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, h_layout))
+            c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, h_layout))
+            x = r[:, None] & c[None, :]  # Sylvester's matrix: (-1) ** popcount(row & column)
+            x = x ^ (x >> 4)
+            x = x ^ (x >> 2)
+            x = x ^ (x >> 1)
+            h_smem.store((1 - 2 * (x & 1)).to(gl.float32).to(desc_q.dtype))
+            fence_async_shared()
+        else:
+            h_smem = turn  # unused
+    else:
+        q8_smem = turn  # unused
+        h_smem = turn
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
@@ -547,7 +628,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
+                                    INV_SQRT_D)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -558,7 +640,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
+                                    INV_SQRT_D)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
@@ -566,7 +649,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
-                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE)),
+                                    ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
+                                    INV_SQRT_D)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -623,6 +707,8 @@ def _num_sms(device_index: int) -> int:
 
 def refusal(qkv, is_causal: bool) -> str | None:
     """Why `gluon_fp8_attention` cannot take this call ("; "-joined), or None."""
+    import torch
+
     from .._constants import FP8_DTYPE
     from ..quantization.quantized import keys_contiguous_rows
 
@@ -631,8 +717,12 @@ def refusal(qkv, is_causal: bool) -> str | None:
     problems = []
     if qkv.is_varlen or qkv.block_scales or qkv.v_block_scales:
         problems.append("packed sequences and block scales are not supported")
-    if q.dtype != FP8_DTYPE or k.dtype != FP8_DTYPE or D not in GLUON_HEAD_DIMS:
-        problems.append(f"needs e4m3 Q/K and head_dim 64 or 128, got {q.dtype}, {D}")
+    q_dtypes = (torch.bfloat16, torch.float16) if qkv.q_in_kernel else (FP8_DTYPE, )  # (Q quantized here)
+    if q.dtype not in q_dtypes or k.dtype != FP8_DTYPE or D not in GLUON_HEAD_DIMS:
+        problems.append(f"needs e4m3 Q/K (bf16/fp16 Q that the kernel quantizes) and head_dim 64 or 128, got "
+                        f"{q.dtype}, {k.dtype}, {D}")
+    if qkv.q_in_kernel and not qkv.v_wgmma_order:
+        problems.append("Q quantized in the kernel is built for V in wgmma order")
     # keys-contiguous V: packed (B, H_kv, D, rows) memory, rows >= S_kv a multiple of 16 (TMA strides)
     v_rows = keys_contiguous_rows(v)
     v_packed = v_rows is not None and v_rows % 16 == 0 and v_rows >= S_kv
@@ -692,6 +782,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append("rowsum_mma is built into the persistent kernel only")
     if tma_store and not persistent:
         problems.append("tma_store is built into the persistent kernel only")
+    if qkv.q_in_kernel and not persistent:
+        problems.append("Q quantized in the kernel (qkv.q_in_kernel) is built into the persistent kernel only")
     if tma_store and out_dtype not in _gl_dtypes():
         problems.append(f"tma_store writes {tuple(_gl_dtypes())}, got out_dtype={out_dtype}")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
@@ -723,8 +815,10 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
     descales = (qkv.q_descale, qkv.k_descale, qkv.v_descale)
     route = dict(config=config, consumers=consumers, pingpong=pingpong, persistent=persistent,
                  v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
+    if qkv.q_in_kernel:  # (the bundle says: Q is the input, its rows quantized by the kernel, rotated or not)
+        route.update(q_in_kernel=True, q_rotate=qkv.q_rotate)
     kernel = fp8_attn_fwd_gluon_persistent_kernel if persistent else fp8_attn_fwd_gluon_kernel
-    key = _direct_key(dims, descales, out, is_causal, route) if direct.wanted(out) else None
+    key = _direct_key(dims, descales, out, is_causal, route, q.dtype) if direct.wanted(out) else None
     if key is not None and not direct.VERIFY and key in direct.direct(kernel).plans:
         kernel, grid, args, meta = _launch_arguments((q, k, v), out, descales, dims, is_causal=is_causal,
                                                      scale=scale, light=True, **route)
@@ -738,7 +832,7 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
     return out
 
 
-def _direct_key(dims: tuple, descales: tuple, out, is_causal: bool, route: dict) -> tuple:
+def _direct_key(dims: tuple, descales: tuple, out, is_causal: bool, route: dict, q_dtype) -> tuple:
     """`attend`'s direct-launch key: everything its launch specializes on (`_launch`'s contract). The route
     (constexprs), head dim and group (constexprs), causal, the output's dtype and device; the class of each int
     argument Triton specializes (`_launch.int_class`: the lengths vary freely within it, so prompts of any
@@ -749,7 +843,7 @@ def _direct_key(dims: tuple, descales: tuple, out, is_causal: bool, route: dict)
     B, S_q, H_q, S_kv, H_kv, D, _ = dims
     ints = (S_q * H_q * D, H_q * D, H_q, H_kv, S_q, S_kv)
     block_m = (route["config"] or GLUON_CONFIG_DEFAULT)[0]
-    return (tuple(map(direct.int_class, ints)), H_q // H_kv, D, bool(is_causal), out.dtype, out.device.index,
+    return (tuple(map(direct.int_class, ints)), H_q // H_kv, D, bool(is_causal), q_dtype, out.dtype, out.device.index,
             tuple(sorted(route.items())), B == 1 or S_q % block_m == 0, out.data_ptr() % 16 == 0,
             *((t.dtype, t.data_ptr() % 16 == 0) for t in descales))
 
@@ -778,7 +872,7 @@ def _nvmma_layout(block: tuple, dtype):
 def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple | None = None,
                       consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                       v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
-                      tma_store: bool = False, light: bool = False):
+                      tma_store: bool = False, q_in_kernel: bool = False, q_rotate: bool = False, light: bool = False):
     """(kernel, grid, positional arguments, keyword arguments) of one launch, for `attend` and `compile_ahead` alike
     (what makes the two specialize the same); light: the descriptors as `_LaunchDesc` (a direct launch). codes: the
     descriptors' base tensors, (q, k, v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor
@@ -798,7 +892,9 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
             return _LaunchDesc(t, shape, strides)
         return TensorDescriptor(t, shape, strides, block, _nvmma_layout(tuple(block), dtype))
 
-    desc_q = desc(codes[0], [B * S_q, H_q * D], [H_q * D, 1], [block_m, D])
+    # (q_in_kernel: Q is the bf16/fp16 input, quantized by the consumers)
+    desc_q = desc(codes[0], [B * S_q, H_q * D], [H_q * D, 1], [block_m, D],
+                  _gl_dtypes()[codes[0].dtype] if q_in_kernel else gl.float8e4nv)
     desc_k = desc(codes[1], [B * S_kv, H_kv * D], [H_kv * D, 1], [block_n, D])
     desc_vt = desc(codes[2], [B * H_kv * D, S_kv], [v_rows, 1], [D, block_n])
     args = (desc_q, desc_k, desc_vt, out, *descales, S_q * H_q * D, H_q * D, H_q, H_kv, S_q, S_kv, float(scale))
@@ -812,6 +908,8 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     if heads_fastest is None:
         heads_fastest = persistent_heads_fastest(B * S_kv * H_kv * D, is_causal)
     meta["ROWSUM_MMA"] = bool(rowsum_mma)
+    if q_in_kernel:
+        meta.update(Q_IN_KERNEL=True, Q_ROTATE=bool(q_rotate))
     if tma_store and (B == 1 or S_q % block_m == 0):  # (else a tile's tail rows would land in the next sequence)
         meta.update(desc_o=desc(out, [B * S_q, H_q * D], [H_q * D, 1], [block_m // consumers, D],
                                 _gl_dtypes()[out.dtype]), TMA_STORE=True)
@@ -895,6 +993,8 @@ def compile_ahead(device, dims: tuple, *, is_causal: bool, scale: float, out_dty
         from .._constants import FP8_DTYPE
 
         codes = tuple(torch.empty(16, dtype=FP8_DTYPE, device=device) for _ in range(3))  # 16-byte aligned
+        if route.get("q_in_kernel"):  # Q is the input (its dtype the output's: `attention.fp8_attention`)
+            codes = (torch.empty(16, dtype=out_dtype, device=device), *codes[1:])
         out = torch.empty(1, dtype=out_dtype, device=device)
         descales = tuple(torch.empty((3, B, H_kv), dtype=torch.float32, device=device))
         launch = _launch_arguments(codes, out, descales, dims, is_causal=is_causal, scale=scale, **route)

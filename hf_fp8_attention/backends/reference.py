@@ -17,6 +17,7 @@ import torch
 from .._constants import FP8_DTYPE, SCALE_BLOCK, V_SCALE_BLOCK
 from ..quantization import QuantizedQKV
 from ..quantization.quantized import key_ordered_v
+from ..quantization.reference import quantize_q_per_head
 
 # P is multiplied by 2**P_LOG2_OFFSET before its e4m3 cast (FA3's Max_offset for 8-bit inputs).
 P_LOG2_OFFSET = 8
@@ -38,6 +39,7 @@ def reference_fp8_attention(
     Returns:
         (B, S_q, H_q, D) tensor of ``out_dtype``, contiguous.
     """
+    qkv = quantize_q_per_head(qkv)  # (a bundle that left Q to the Gluon kernel)
     q8, k8, v8 = qkv.q, qkv.k, key_ordered_v(qkv)
     batch, s_q, h_q, dim = q8.shape
     s_kv, h_kv = k8.shape[1], k8.shape[2]

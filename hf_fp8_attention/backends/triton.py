@@ -19,6 +19,7 @@ from .._constants import FP8_DTYPE, SCALE_BLOCK, SUPPORTED_HEAD_DIMS, V_SCALE_BL
 from .._intmath import cdiv, next_power_of_2
 from ..quantization import QuantizedQKV
 from ..quantization.quantized import keys_contiguous, natural_key_order
+from ..quantization.reference import quantize_q_per_head
 from .. import backends as _registry  # its TRITON_* constants, read at call time (tests patch them)
 from .triton_attention import _fp8_attn_combine_kernel, _fp8_attn_fwd_kernel, fp8_attn_fwd_prefill
 
@@ -158,12 +159,32 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
     return dim in GLUON_HEAD_DIMS
 
 
+# Q_IN_KERNEL_ENV: "1" (the default) lets the Gluon kernel quantize Q itself wherever the call reads V in wgmma
+# order without fused RoPE (`q_in_kernel`); "0": the quantizer quantizes Q with one scale per (batch, KV head), as
+# before session 29.
+Q_IN_KERNEL_ENV = "HF_FP8_ATTENTION_Q_IN_KERNEL"
+
+
+def q_in_kernel(options, rope: bool) -> bool:
+    """Whether a prefill call that `reads_v_wgmma_order` leaves Q to the Gluon kernel (`QuantizedQKV.q_in_kernel`:
+    each query row quantized with its own scale as its tile loads, rotated by the Hadamard matrix in the
+    Hadamard modes that rotate Q and K): per-head e4m3 scales (already implied by the wgmma order), no fused
+    RoPE (the quantizer applies it), and `Q_IN_KERNEL_ENV` not "0". The quantizer then reads and writes K and
+    V only: Q is 2/3 of the bytes at GQA 32/8."""
+    value = os.environ.get(Q_IN_KERNEL_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{Q_IN_KERNEL_ENV}={value!r}: expected 0 or 1")
+    return value == "1" and not rope and not (options.block_scales or options.int8_qk or options.v_block_scales)
+
+
 def compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: int, s_kv: int, dim: int, *,
-                  is_causal: bool, scale: float, out_dtype: torch.dtype, v_wgmma_order: bool):
+                  is_causal: bool, scale: float, out_dtype: torch.dtype, v_wgmma_order: bool,
+                  q_in_kernel: bool = False, q_rotate: bool = False):
     """A context manager for the quantization of a fixed-length prefill call: where the call will run the Gluon
     kernel through a route of `_V_WGMMA_ROUTES` (v_wgmma_order: `reads_v_wgmma_order` said so), that kernel's
     first compile for this shape starts beside the quantizer's (`gluon_attention.compile_ahead`); elsewhere a
-    plain context. The pipeline's ``compile_ahead`` (`backends.triton_compile_ahead`)."""
+    plain context. The pipeline's ``compile_ahead`` (`backends.triton_compile_ahead`); q_in_kernel / q_rotate:
+    the bundle will leave Q to the kernel (`q_in_kernel`), rotated or not."""
     import contextlib
 
     if not v_wgmma_order:
@@ -174,6 +195,8 @@ def compile_ahead(device: torch.device, batch: int, s_q: int, h_q: int, h_kv: in
     from . import gluon_attention
 
     # (the quantizer writes keys-contiguous V with S_kv rows: the descriptor's row stride)
+    if q_in_kernel:  # (as `gluon_attention.attend` adds them from the bundle)
+        route = dict(route, q_in_kernel=True, q_rotate=bool(q_rotate))
     return gluon_attention.compile_ahead(device, (batch, s_q, h_q, s_kv, h_kv, dim, s_kv), is_causal=is_causal,
                                          scale=scale, out_dtype=out_dtype, v_wgmma_order=True, **route)
 
@@ -231,6 +254,15 @@ def _launch(
     config: explicit {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits"} instead of the
         autotuned/heuristic choice (tests use it to run several tiles in the interpreter).
     """
+    if qkv.q_in_kernel:  # Q left to the Gluon kernel (`q_in_kernel`)
+        route = _gluon_route(qkv, qkv.v, is_causal) if config is None else None
+        if route is not None:
+            from . import gluon_attention
+
+            return gluon_attention.attend(route[0], is_causal=is_causal, scale=scale, out_dtype=out_dtype,
+                                          v_wgmma_order=qkv.v_wgmma_order, **route[1])
+        # the pipeline misjudged the route (or a test's config): Q quantized as the quantizer would have
+        qkv = quantize_q_per_head(qkv)
     _check(qkv, out_dtype)
     q, k, v = qkv.q, qkv.k, qkv.v
     _, _, h_q, dim = q.shape

@@ -11,6 +11,7 @@ module that reads strides, allocates and builds grids; the math is the one of `r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Optional
 
@@ -22,7 +23,8 @@ from .._intmath import cdiv, next_power_of_2
 from ..options import NO_MODES, FP8AttentionOptions
 from .block_kernel import PASS_AMAX, PASS_BLOCK, PASS_CODES, qk_rope_block_kernel, qkv_block_quantize_kernel
 from .kernels import WS_PAD, add_v_mean_kernel, centring_sums_kernel, qkv_quantize_kernel
-from .quantized import QuantizedQKV, check_cu_seqlens, check_dtypes, check_rope_args, check_wgmma_order
+from .quantized import (QuantizedQKV, check_cu_seqlens, check_dtypes, check_q_in_kernel, check_rope_args,
+                        check_wgmma_order)
 from .reference import v_code_drift
 from ..backends.triton import _interpreting
 
@@ -173,6 +175,7 @@ def quantize_qkv_fp8(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
     options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False, v_wgmma_order: bool = False,
+    q_in_kernel: bool = False,
 ) -> QuantizedQKV:
     """FP8 quantization of Q, K, V with per-(batch, KV head) scales, optional RoPE on Q and K, optional
     Hadamard rotation and K / V mean subtraction (Triton, one launch).
@@ -191,6 +194,11 @@ def quantize_qkv_fp8(
             (`quantized.wgmma_key_order`, recorded as ``QuantizedQKV.v_wgmma_order``): the layout the Gluon
             kernel reads without moving P between threads (`backends.triton_reads_v_wgmma_order`). Needs
             S_kv a multiple of 16 and per-head V scales. The same codes, reordered.
+        q_in_kernel: leave Q to the attention kernel (`QuantizedQKV.q_in_kernel`: the Gluon kernel quantizes each
+            query row as it loads it): only K and V are quantized (the split path's kernels over their tiles),
+            q is returned as the input's (B, S_q, H_q, D) view (a contiguous copy where the input's memory is
+            not BSHD), q_descale is not a scale of q. Needs v_wgmma_order, per-head e4m3 scales and no RoPE
+            (`quantized.check_q_in_kernel`).
 
     Returns:
         QuantizedQKV: q (B, S_q, H_q, D), k and v (B, S_kv, H_kv, D) float8_e4m3fn contiguous (v keys-contiguous
@@ -217,13 +225,20 @@ def quantize_qkv_fp8(
     if v_wgmma_order:
         check_wgmma_order(options, S_kv, v_keys_contiguous)
         v_layout = V_WGMMA
+    if q_in_kernel:
+        check_q_in_kernel(options, cos, v_wgmma_order)
     device = q.device
-    outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device, v_keys_contiguous)
+    outs = _outputs(((B, S_q, H_q, D), (B, S_kv, H_kv, D), (B, S_kv, H_kv, D)), options, device, v_keys_contiguous,
+                    q_in_kernel)
     rope = None
     if cos is not None:
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
-    return _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_layout)
+    qkv = _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_layout, q_in_kernel)
+    if q_in_kernel:
+        qkv = dataclasses.replace(qkv, q=q.transpose(1, 2).contiguous(), q_in_kernel=True,
+                                  q_rotate=options.rotates_qk)
+    return qkv
 
 
 # `_launch`'s V layouts (the kernels' V_KEYS_CONTIG): BSHD, keys-contiguous, keys-contiguous in wgmma order
@@ -282,11 +297,13 @@ def quantize_qkv_fp8_varlen(
                    v_keys_contiguous)
 
 
-def _outputs(shapes, options: FP8AttentionOptions, device, v_keys_contiguous: bool) -> tuple[torch.Tensor, ...]:
+def _outputs(shapes, options: FP8AttentionOptions, device, v_keys_contiguous: bool,
+             q_in_kernel: bool = False) -> tuple[torch.Tensor, ...]:
     """Empty BSHD q, k, v outputs: e4m3, q and k int8 with qk_format="int8"; v_keys_contiguous: v a BSHD view
-    of (B, H, D, S) memory."""
+    of (B, H, D, S) memory; q_in_kernel: q an empty stand-in (never written: no Q tiles are launched)."""
     qk_dtype = torch.int8 if options.int8_qk else FP8_DTYPE
-    q_out, k_out = (torch.empty(shape, dtype=qk_dtype, device=device) for shape in shapes[:2])
+    q_shape = (shapes[0][0], 0, *shapes[0][2:]) if q_in_kernel else shapes[0]
+    q_out, k_out = (torch.empty(shape, dtype=qk_dtype, device=device) for shape in (q_shape, shapes[1]))
     b, s, h, d = shapes[2]
     if v_keys_contiguous:
         v_out = torch.empty((b, h, d, s), dtype=FP8_DTYPE, device=device).permute(0, 3, 1, 2)
@@ -315,13 +332,14 @@ def _constexprs(options: FP8AttentionOptions, D: int, tile: tuple, d_contig: boo
 
 
 def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions,
-            v_keys_contiguous: int = V_BSHD) -> QuantizedQKV:
+            v_keys_contiguous: int = V_BSHD, skip_q: bool = False) -> QuantizedQKV:
     """The quantize launches: every scale per block `_launch_blocks`, else the persistent two-pass kernel
     (`_launch_persistent`) or the split path (`_launch_split`, `_split_wanted`). q/k/v (B or 1, H, S, D), any
     strides; outs the fp8 BSHD outputs; v_keys_contiguous V's layout (V_BSHD, V_KEYS or V_WGMMA; a bool
     reads as the first two); rope None or
     (cos, sin, cos strides (batch, token, channel), sin strides); varlen None or (cu_q, cu_k, max_q, max_k),
-    then B is the number of sequences and S_q / S_kv the longest lengths."""
+    then B is the number of sequences and S_q / S_kv the longest lengths. skip_q (q_in_kernel; per-head scales,
+    no RoPE, fixed length): only K's and V's tiles, always through the split path."""
     if v_keys_contiguous == V_WGMMA and varlen is not None:  # (quantize_qkv_fp8 checks the rest)
         raise ValueError("v_wgmma_order: not for packed sequences")
     if options.v_block_scales:
@@ -366,9 +384,9 @@ def _launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOpti
     workspace = buf[:n_ws]
     descale = buf[n_ws : n_ws + n_groups].view(torch.float32).view(3, B, H_kv)
     d_contig = q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
-    if _split_wanted(options, rope, varlen, D, B * (S_q * H_q + 2 * S_kv * H_kv) * D):
+    if skip_q or _split_wanted(options, rope, varlen, D, B * (S_q * H_q + 2 * S_kv * H_kv) * D):
         _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means,
-                      buf[pad : pad + n_groups], descale, d_contig)
+                      buf[pad : pad + n_groups], descale, d_contig, skip_q)
     else:
         _launch_persistent(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous, means, buf,
                            workspace, descale, blocks, (n_blk_q, n_blk_kv), d_contig)
@@ -440,12 +458,13 @@ def _split_wanted(options: FP8AttentionOptions, rope, varlen, D: int, elements: 
 
 
 def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8AttentionOptions, v_keys_contiguous: int,
-                  means, amax, descale, d_contig: bool) -> None:
+                  means, amax, descale, d_contig: bool, skip_q: bool = False) -> None:
     """Per-(batch, KV head) scales in two passes of separate launches (`block_kernel`'s PASS_AMAX, then
     PASS_CODES): the amax launch merges every tile's amax into `amax` ((3, B, H_kv) int32, zeroed), the codes
     launch writes the codes and `descale` ((3, B, H_kv) float32). With RoPE, q and k go through
     `qk_rope_block_kernel` (`_SPLIT_ROPE_TILES`) and v through the single-pass kernel's v tiles,
-    else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps)."""
+    else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps). skip_q (no RoPE):
+    K's and V's tiles only (q's group descales then come from no tile: 1, unused)."""
     H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
     half_block = next_power_of_2(D // 2)
     if rope is not None:
@@ -457,7 +476,7 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
     v_rows = outs[2].shape[1] if v_keys_contiguous else 0
     rows, warps = _SPLIT_TILES.get(half_block, _SPLIT_TILE_DEFAULT)
     n_q, n_kv = B * H_q * cdiv(S_q, rows), B * H_kv * cdiv(S_kv, rows)
-    item0 = 0 if rope is None else n_q + n_kv  # with RoPE the v tiles alone
+    item0 = (n_q if skip_q else 0) if rope is None else n_q + n_kv  # with RoPE the v tiles alone
     no_blocks = (descale, descale, descale)  # the block pointers, never read
     tensors = (q, k, v, cos, sin, *outs, means, cu_q, cu_k, *no_blocks, amax, descale)
     ints = (1, 1, 1, B, H_q, H_kv, S_q, S_kv, v_rows, item0, *q.stride(), *k.stride(), *v.stride(), *cos_strides,

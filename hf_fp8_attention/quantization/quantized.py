@@ -65,12 +65,26 @@ class QuantizedQKV:
     # v's keys are in wgmma order within every 16 (`wgmma_key_order`; the quantizers' ``v_wgmma_order``): only
     # the Gluon kernel reads it so (the triton backend restores key order for any other kernel, `natural_key_order`)
     v_wgmma_order: bool = False
+    # q_in_kernel: q is the (B, S_q, H_q, D) bf16/fp16 input itself, contiguous, not quantized: the Gluon kernel
+    # quantizes each query row with its own scale as it loads the row's tile (`gluon_attention._quantize_q`),
+    # first rotating it by the normalised Hadamard matrix where q_rotate says so (K was rotated by the quantizer);
+    # q_descale is then not a scale of q (NaN). Only the triton backend takes such a bundle (fixed length, per-head
+    # K/V scales, V in wgmma order); any other kernel gets q quantized first (`quantize_q_per_head`).
+    q_in_kernel: bool = False
+    q_rotate: bool = False
 
     def __post_init__(self):
         if self.v_wgmma_order and (self.is_varlen or keys_contiguous_rows(self.v) is None or self.v.shape[1] % 16):
             raise ValueError("QuantizedQKV: v_wgmma_order needs a fixed-length, keys-contiguous V over whole 16s of "
                              f"keys, got v of shape {tuple(self.v.shape)}, strides {self.v.stride()}"
                              + (", packed sequences" if self.is_varlen else ""))
+        if self.q_in_kernel and (self.is_varlen or self.block_scales or self.v_block_scales
+                                 or self.q.dtype not in (torch.bfloat16, torch.float16)):
+            raise ValueError("QuantizedQKV: q_in_kernel needs a fixed-length bf16/fp16 q with per-head K/V scales, "
+                             f"got q {self.q.dtype}" + (", packed sequences" if self.is_varlen else "")
+                             + (", block scales" if self.block_scales or self.v_block_scales else ""))
+        if self.q_rotate and not self.q_in_kernel:
+            raise ValueError("QuantizedQKV: q_rotate is for a q that the kernel quantizes (q_in_kernel)")
 
     @property
     def v_block_scales(self) -> bool:
@@ -246,6 +260,21 @@ def check_wgmma_order(options, S_kv: int, v_keys_contiguous: bool) -> None:
         problems.append('needs per-head V scales (not v_scales="block")')
     if problems:
         raise ValueError("v_wgmma_order: " + "; ".join(problems))
+
+
+def check_q_in_kernel(options, cos, v_wgmma_order: bool) -> None:
+    """What a quantizer's ``q_in_kernel`` needs (`QuantizedQKV.q_in_kernel`): the Gluon kernel's layout of V
+    (v_wgmma_order, which implies fixed length and per-head V scales), per-head e4m3 K scales, and no fused RoPE
+    (the kernel would have to rotate Q's pairs itself)."""
+    problems = []
+    if not v_wgmma_order:
+        problems.append("V in wgmma order (the Gluon kernel's layout)")
+    if options.block_scales or options.int8_qk or options.v_block_scales:
+        problems.append("per-head e4m3 scales")
+    if cos is not None:
+        problems.append("no fused RoPE")
+    if problems:
+        raise ValueError("q_in_kernel: needs " + ", ".join(problems))
 
 
 def channels_contiguous(v: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from .._constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_BLOCK, V_SCALE_BLOC
 from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
-from .quantized import (QuantizedQKV, check_cu_seqlens, check_rope_args, check_wgmma_order, keys_contiguous, rows_bhsd,
+from .quantized import (QuantizedQKV, check_cu_seqlens, check_q_in_kernel, check_rope_args, check_wgmma_order,
+                        keys_contiguous, rows_bhsd,
                         wgmma_key_order)
 
 
@@ -146,10 +147,46 @@ def _quantize_blocks(x: torch.Tensor, block: int, int8: bool = False) -> tuple[t
     return x_q.transpose(1, 2).contiguous(), descale
 
 
+def quantize_q_rows_reference(q: torch.Tensor, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the Gluon kernel does with a `QuantizedQKV.q_in_kernel` bundle's q (`gluon_attention._quantize_q`):
+    q (B, S, H, D) bf16/fp16 -> (e4m3 codes (B, S, H, D), descale (B, S, H) float32), one scale per row, after
+    the +-1 Hadamard matrix when ``rotate`` (exact products, float32 sums) with its 1/sqrt(D) folded into the
+    descale. Scales as `_scales`, non-finite elements NaN, as the quantizer's."""
+    x = q.float()
+    if rotate:
+        x = x @ hadamard_matrix(x.shape[-1], device=x.device, normalized=False)
+    scale, descale = _scales(_finite_abs(x).amax(dim=-1))
+    codes = _to_fp8(x * scale[..., None])
+    if rotate:
+        descale = descale * torch.tensor(x.shape[-1] ** -0.5, dtype=torch.float32)
+    return codes, descale
+
+
+def quantize_q_per_head(qkv: QuantizedQKV) -> QuantizedQKV:
+    """A `QuantizedQKV.q_in_kernel` bundle with its q quantized as the quantizer would have (one scale per
+    (batch, KV head), rotated by the normalised Hadamard matrix where ``q_rotate``): for a kernel other than the
+    Gluon one (every backend takes such a bundle: the triton backend where its route is not the Gluon kernel's,
+    the others where a pipeline misdirected it). Equal to `quantize_qkv_fp8_reference`'s q and q_descale. Any
+    other bundle is returned as it is."""
+    import dataclasses
+
+    if not qkv.q_in_kernel:
+        return qkv
+    qf = qkv.q.transpose(1, 2).float()  # (B, H_q, S, D)
+    h_kv = qkv.k.shape[2]
+    bound = None
+    if qkv.q_rotate:
+        bound = _pow2_norm_bound(qf, h_kv)
+        qf = _rotate(qf, qkv.q.dtype)
+    q8, q_descale = _quantize_grouped(qf, h_kv, bound)
+    return dataclasses.replace(qkv, q=q8, q_descale=q_descale, q_in_kernel=False, q_rotate=False)
+
+
 def quantize_qkv_fp8_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None, *,
     options: FP8AttentionOptions = NO_MODES, v_keys_contiguous: bool = False, v_wgmma_order: bool = False,
+    q_in_kernel: bool = False,
 ) -> QuantizedQKV:
     """Reference FP8 quantization of Q, K, V, with optional RoPE on Q and K. CPU or GPU.
 
@@ -173,6 +210,9 @@ def quantize_qkv_fp8_reference(
         v_keys_contiguous: v's codes in keys-contiguous memory (`quantized.keys_contiguous`), as the kernel's.
         v_wgmma_order: with v_keys_contiguous, those keys in wgmma order (`quantized.wgmma_key_order`), as the
             kernel's (`qkv.check_wgmma_order` says what it needs).
+        q_in_kernel: q is left to the attention kernel (`QuantizedQKV.q_in_kernel`): returned as the input's
+            (B, S_q, H_q, D) contiguous copy, q_descale NaN, q_rotate as the options rotate Q. Needs v_wgmma_order,
+            no RoPE and per-head scales (`check_q_in_kernel`).
         Order, all in float32: RoPE -> centring -> Hadamard -> amax -> scale -> e4m3.
         Non-finite inputs: amax and means are taken over the finite elements; NaN and +-inf are stored as
         NaN, so they reach only the scores / output columns they are in.
@@ -186,6 +226,8 @@ def quantize_qkv_fp8_reference(
     options.check_head_dim(q.shape[-1])
     if v_wgmma_order:  # (before any work)
         check_wgmma_order(options, k.shape[2], v_keys_contiguous)
+    if q_in_kernel:
+        check_q_in_kernel(options, cos, v_wgmma_order)
     h_kv = k.shape[1]
     qf, kf, vf = q.float(), k.float(), v.float()
     if cos is not None:
@@ -230,8 +272,11 @@ def quantize_qkv_fp8_reference(
         v8 = keys_contiguous(v8)
     if v_wgmma_order:
         v8 = wgmma_key_order(v8)
+    if q_in_kernel:
+        q8, q_descale = q.transpose(1, 2).contiguous(), torch.full_like(q_descale, float("nan"))
     return QuantizedQKV(q8, k8, v8, q_descale, k_descale, v_descale, v_mean=v_mean, v_rotated=options.rotates_v,
-                        v_add=v_add, v_wgmma_order=bool(v_wgmma_order), **blocks)
+                        v_add=v_add, v_wgmma_order=bool(v_wgmma_order), q_in_kernel=bool(q_in_kernel),
+                        q_rotate=bool(q_in_kernel) and options.rotates_qk, **blocks)
 
 
 def quantize_qkv_fp8_varlen_reference(

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hf_fp8_attention import attention, backends
+from hf_fp8_attention.metrics import sqnr_db
 from hf_fp8_attention.options import FP8AttentionOptions
 from hf_fp8_attention.quantization import QuantizedQKV
 from hf_fp8_attention.quantization.qkv import V_WGMMA, _outputs
@@ -223,8 +224,8 @@ def test_the_pipeline_quantizes_inside_it(monkeypatch):
     monkeypatch.setitem(backends.REGISTRY, "reference", wgmma)
     ahead = run()
     assert events == ["enter", "quantize", "exit", "attend"]
-    assert seen == [((q.device, 2, 64, 4, 2, 64, 32), dict(is_causal=True, scale=0.125, out_dtype=torch.bfloat16,
-                                                          v_wgmma_order=True))]
+    call = dict(is_causal=True, scale=0.125, out_dtype=torch.bfloat16, v_wgmma_order=True)
+    assert seen == [((q.device, 2, 64, 4, 2, 64, 32), dict(call, q_in_kernel=False, q_rotate=False))]
     assert torch.equal(ahead, plain)
     events.clear()
     run("reference")  # another quantizer's outputs are laid out otherwise: no compile-ahead
@@ -233,6 +234,24 @@ def test_the_pipeline_quantizes_inside_it(monkeypatch):
     monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(wgmma, v_wgmma_order=lambda *a, **kw: False))
     run()
     assert events == ["quantize"] and len(seen) == 1
+    # a backend whose kernel quantizes Q (the triton backend's Gluon route): the compile-ahead hears of it, the
+    # quantizer leaves Q, and a backend without that kernel (here the reference) quantizes Q per head itself
+    bundles = []
+
+    def keep(qkv, **kw):
+        bundles.append(qkv)
+        return fn(qkv, **kw)
+
+    q_in = dataclasses.replace(wgmma, q_in_kernel=lambda options, rope: not rope)
+    q_in.__dict__["fn"] = keep
+    monkeypatch.setitem(backends.REGISTRY, "reference", q_in)
+    events.clear()
+    left = run()
+    assert events == ["enter", "quantize", "exit", "attend"]
+    assert seen[-1] == ((q.device, 2, 64, 4, 2, 64, 32), dict(call, q_in_kernel=True, q_rotate=True))  # (auto: qk)
+    assert bundles[-1].q_in_kernel and bundles[-1].q_rotate and torch.equal(bundles[-1].q, q.transpose(1, 2))
+    # Q per head in torch against the Triton quantizer's (the rotation's sums in another order: an ulp at most)
+    assert sqnr_db(left, plain) > 40.0
 
 
 _REAL_COMPILE = r"""
@@ -538,7 +557,7 @@ def test_a_plan_the_direct_path_passes_over_takes_the_jit(kernel, monkeypatch):
                                       (bundle.q_descale, bundle.k_descale, bundle.v_descale),
                                       torch.empty(1, dtype=torch.bfloat16), True,
                                       dict(triton_backend._KERNELS["gluon-pp-persistent"], v_wgmma_order=True,
-                                           heads_fastest=None))
+                                           heads_fastest=None), bundle.q.dtype)
     launcher.plans[key] = (Compiled(), ("desc_o",), None, 0)  # (kernel, the parameters after the positionals,
     # spec, device): the tail is "desc_o" only here, which the call passes
     hooks.launch_enter_hook = lambda *a: None

@@ -30,15 +30,18 @@ from hf_fp8_attention.backends import gluon_attention as G
 D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
 pingpong, v_order, rowsum = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
 tma_store = sys.argv[8] == "1"
+q_in = int(sys.argv[9])  # 0: e4m3 Q; 1: bf16 Q quantized in the kernel; 2: that, rotated
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
           CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order,
-          **({"ROWSUM_MMA": rowsum, "TMA_STORE": tma_store} if persistent else {}))
-layout = lambda block: repr(gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
+          **({"ROWSUM_MMA": rowsum, "TMA_STORE": tma_store, "Q_IN_KERNEL": q_in > 0, "Q_ROTATE": q_in == 2}
+             if persistent else {}))
+layout = lambda block, dtype=gl.float8e4nv: repr(gl.NVMMASharedLayout.get_default_for(block, dtype))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
-sig.update(desc_q=f"tensordesc<fp8e4nv[{block_m}, {D}],{layout([block_m, D])}>",
+q_type = "bf16" if q_in else "fp8e4nv"
+sig.update(desc_q=f"tensordesc<{q_type}[{block_m}, {D}],{layout([block_m, D], gl.bfloat16 if q_in else gl.float8e4nv)}>",
            desc_k=f"tensordesc<fp8e4nv[{block_n}, {D}],{layout([block_n, D])}>",
            desc_vt=f"tensordesc<fp8e4nv[{D}, {block_n}],{layout([D, block_n])}>", Out="*bf16",
            sm_scale="fp32", Q_descale="*fp32", K_descale="*fp32", V_descale="*fp32")
@@ -54,7 +57,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 
 
 def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, rowsum_mma=False,
-                  tma_store=False):
+                  tma_store=False, q_in=0):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -64,7 +67,7 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
     flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
-             "1" if v_order else "0", "1" if rowsum_mma else "0", "1" if tma_store else "0"]
+             "1" if v_order else "0", "1" if rowsum_mma else "0", "1" if tma_store else "0", str(q_in)]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -131,6 +134,26 @@ def test_tma_store_build_writes_the_output_by_tma():
     assert tma["ptx"].count("cp.async.bulk.wait_group.read") >= 2  # before reuse, and the last store at the end
     assert tma["ptx"].count("st.global") < plain["ptx"].count("st.global")
     assert tma["shared"] - plain["shared"] >= 2 * 64 * 128 * 2 and tma["shared"] <= 227 * 1024
+
+
+@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
+@pytest.mark.parametrize("D", [128, 64])
+def test_q_in_kernel_build_quantizes_q_rows(D):
+    """Q_IN_KERNEL (session 29, the default route's build where the quantizer leaves Q: `QuantizedQKV.q_in_kernel`):
+    the tile's bf16 Q arrives by TMA, each consumer converts its rows to e4m3 (the row maxima by shuffles, the
+    scales by correctly rounded divisions) into its own shared buffer; Q_ROTATE adds the bf16 MMA with the +-1
+    Hadamard matrix (m64nDk16). Shared memory: Q's two buffers twice as large, the consumers' e4m3 rows and the
+    matrix, still within an SM's 227 KiB."""
+    base = _compile_sm90(D, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True)
+    rows = _compile_sm90(D, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True, q_in=1)
+    rotated = _compile_sm90(D, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True, q_in=2)
+    bf16_mma = f"m64n{D}k16.f32.bf16.bf16"
+    assert bf16_mma in rotated["ptx"] and bf16_mma not in rows["ptx"] and bf16_mma not in base["ptx"]
+    assert "div.rn.f32" in rows["ptx"] and "div.rn.f32" not in base["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in rows["ptx"]
+    q_tiles, rows_fp8, h = 2 * 128 * D, 128 * D, D * D * 2
+    assert rows["shared"] - base["shared"] >= q_tiles + rows_fp8
+    assert rotated["shared"] - rows["shared"] >= h and rotated["shared"] <= 227 * 1024
 
 
 def _accumulator_cols(q):
