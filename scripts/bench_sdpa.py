@@ -228,12 +228,14 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
 
         return run
 
-    def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None, direct=True):
+    def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None, direct=True,
+                    q_in_kernel=False):
         """An fp8 kernel alone on inputs quantized once, outside the timing (V in the layout fp8_sdpa's
         quantizer writes for that backend: no per-call copy inside the timing). env: environment variables
         set around each call (the triton backend's kernel route); direct False: every launch through Triton's
-        JIT (`_common.direct_launches`)."""
-        qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous, v_wgmma_order=v_wgmma_order)
+        JIT (`_common.direct_launches`); q_in_kernel: Q left to the kernel (`QuantizedQKV.q_in_kernel`)."""
+        extra = dict(q_in_kernel=True) if q_in_kernel else {}
+        qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous, v_wgmma_order=v_wgmma_order, **extra)
         scale = q.shape[-1] ** -0.5
         # (the JIT switch only where asked for: the other rows' host time carries no extra context)
         launches = contextlib.nullcontext if direct else lambda: _common.direct_launches(False)
@@ -281,6 +283,9 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             # gluon-pp-persistent-plain-store) against the default's TMA stores
             out.append(kernel_only(PLAIN_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-plain-store"}))
+            # the same build quantizing Q's rows itself (session 29: what fp8_sdpa runs without fused RoPE)
+            out.append(kernel_only(Q_IN_KERNEL_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
+                                   q_in_kernel=True))
             # the same build launched through Triton's JIT every call (session 28: the direct launch's A/B)
             out.append(kernel_only(JIT_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    direct=False))
@@ -297,6 +302,14 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                 return fp8_sdpa(q, k, v, is_causal=causal, backend=backend, **kwargs)
 
             out.append(Candidate(f"fp8_{backend}{tag} (quant incl.)", run, mode=mode))
+            if backend == "triton":  # the same with Q quantized by the quantizer, per head (before session 29)
+                from hf_fp8_attention.backends.triton import Q_IN_KERNEL_ENV
+
+                def per_head(run=run):
+                    with _common.environment({Q_IN_KERNEL_ENV: "0"}):
+                        return run()
+
+                out.append(Candidate(f"fp8_{backend}{tag} (quant incl.), {Q_PER_HEAD_TAG}", per_head, mode=mode))
             if backend == "triton":  # the same, every launch through Triton's JIT (the direct launches' A/B)
                 def jit(run=run):
                     with _common.direct_launches(False):
@@ -440,6 +453,40 @@ def direct_launch_lines(host: list[dict]) -> list[str]:
                      f"{base['host_us']:.1f} | {jit['host_us'] - base['host_us']:.1f} | "
                      f"{jit['eager_ms']:.3f} / {base['eager_ms']:.3f} |")
     return lines
+
+
+Q_IN_KERNEL_ROW = "triton fp8 kernel only, Q quantized in the kernel"
+Q_PER_HEAD_TAG = "Q per head in the quantizer"
+
+
+def q_in_kernel_lines(rows: list[dict]) -> list[str]:
+    """Rows of the Q-in-kernel A/B (session 29): per shape and mode, fp8_triton with the Gluon kernel quantizing
+    Q's rows itself (the default) against the quantizer quantizing Q per head (`Q_PER_HEAD_TAG`), same run: both
+    ms and their ratio, each against FA3 bf16; and the kernel alone with and without Q's quantization inside."""
+    lines = []
+    for (d, s, causal), ms in _by_shape(rows).items():
+        bf16 = ms.get("FA3 bf16")
+        for name, t in ms.items():
+            if not (name.startswith("fp8_triton") and name.endswith(" (quant incl.)")):
+                continue
+            old = ms.get(f"{name}, {Q_PER_HEAD_TAG}")
+            if old is None:
+                continue
+            mode = name[len("fp8_triton"):-len(" (quant incl.)")].strip(" []") or "none"
+            vs = lambda x: "-" if bf16 is None else f"{bf16 / x:.2f}x"  # noqa: E731
+            k_in, k_out = ms.get(Q_IN_KERNEL_ROW), ms.get("triton fp8 kernel only")
+            kern = "- | -" if k_in is None or k_out is None or mode != "none" else \
+                f"{k_out:.3f} ({_of_fa3_kernel(ms, k_out)}) | {k_in:.3f} ({_of_fa3_kernel(ms, k_in)})"
+            lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {mode} | {old:.3f} ({vs(old)}) | "
+                         f"{t:.3f} ({vs(t)}) | {old / t:.3f}x | {kern} |")
+    return lines
+
+
+def _print_q_in_kernel_summary(rows: list[dict]) -> None:
+    _print_table(q_in_kernel_lines(rows), "fp8_triton with Q quantized per row inside the Gluon kernel (the default "
+                 "since session 29) against Q quantized per head by the quantizer, same run; ms (vs FA3 bf16); kernel "
+                 "alone (% of the FA3 fp8 kernel's speed)", "D | S | causal | mode | Q in the quantizer ms | Q in the "
+                 "kernel ms | speedup | kernel alone, Q in e4m3 | kernel alone, Q quantized inside")
 
 
 def _print_tma_store_summary(rows: list[dict]) -> None:
@@ -589,6 +636,7 @@ def main(argv=None) -> int:
     _print_v_order_summary(rows)
     _print_tma_store_summary(rows)
     _print_mode_costs(rows)
+    _print_q_in_kernel_summary(rows)
     if host:
         print(f"\nHost cost per call ({HOST_CALLS} calls launched back to back, no sync) and GPU time from CUDA-graph "
               "replays (L2 flushed before each call); eager ms from the table above")

@@ -82,6 +82,9 @@
 #   bash scripts/gpu_check.sh --s28-default  # session 28, TMA stores the default: the Gluon/wgmma GPU tests, the
 #                                        # first call (compile-ahead on), kernels alone and fp8_triton vs FA3 bf16
 #   bash scripts/gpu_check.sh --s28-host # session 28, the Gluon kernel's direct launch: its GPU tests, host us per call
+#   bash scripts/gpu_check.sh --s29      # session 29, Q quantized in the Gluon kernel: its GPU tests and the Gluon/
+#                                        # sdpa-triton ones (time-boxed), then bench_sdpa's Q-in-kernel A/B (modes none
+#                                        # and qk, S29_SEQLENS default 4k 16k 64k, causal both, 2 rounds)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -537,6 +540,18 @@ elif [ "$mode" = "--s28-host" ]; then  # session 28: the Gluon kernel's direct l
   step host timeout 200 python3 scripts/bench_sdpa.py --kv-heads 8 --seqlens ${HOST_SEQLENS:-4096} --causal both \
     --modes qk --sqnr-ref off --rep-ms 100 --impls "FA3" fp8_fa3 fp8_triton "quantize only" kernel --host \
     --host-profile "$out/host_profile.txt" --json "$out/host.json"
+elif [ "$mode" = "--s29" ]; then  # session 29: the Gluon kernel quantizes Q's rows itself (Q_IN_KERNEL): its GPU
+  # tests, then the ones its route touches, then fp8_triton with Q in the kernel against Q in the quantizer end to
+  # end (modes none and qk: hadamard auto's), the kernels alone, FA3 bf16 and fp8_fa3, in one run
+  step q_tests timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    -k "q_quantized_in_the_kernel or quantizes_q_in_the_kernel"
+  step q_sdpa timeout "${SDPA_S:-300}" python3 scripts/bench_sdpa.py --kv-heads 8 \
+    --seqlens ${S29_SEQLENS:-4096 16384 65536} --causal both --rounds "${S29_ROUNDS:-2}" --modes none qk \
+    --sqnr-ref off --rep-ms 100 --impls "FA3 bf16" "FA3 fp8 kernel only" "triton fp8 kernel only" fp8_fa3 fp8_triton \
+    --json "$out/q_sdpa.json"
+  step gluon_tests timeout "${GLUON_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py tests/gpu/test_triton_attention_gpu.py \
+    -k "${S29_TESTS_K:-(gluon or wgmma or replays or (sdpa and triton) or compile_ahead or direct_launch) and not q_quantized and not quantizes_q}"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

@@ -881,6 +881,22 @@ def test_bench_sdpa_tma_store_table():
     assert bench_sdpa.tma_store_lines(rows) == ["| 128 | 16384 | yes | 2.000 (90.0%) | 1.600 (112.5%) | 1.250x |"]
 
 
+def test_bench_sdpa_q_in_kernel_table():
+    """bench_sdpa's Q-in-kernel A/B: per shape and mode, fp8_triton with Q quantized per head by the quantizer
+    against the default (Q's rows quantized in the kernel), both against FA3 bf16, their ratio, and for mode none
+    the kernel alone with e4m3 Q and with Q quantized inside (% of the FA3 fp8 kernel); no twin row, no line."""
+    tag = bench_sdpa.Q_PER_HEAD_TAG
+    rows = [dict(D=128, S=16384, causal=False, impl=name, ms=ms) for name, ms in (
+        ("FA3 bf16", 6.6), ("FA3 fp8 kernel only", 4.8), ("triton fp8 kernel only", 4.8),
+        (bench_sdpa.Q_IN_KERNEL_ROW, 4.9), ("fp8_triton (quant incl.)", 4.95), (f"fp8_triton (quant incl.), {tag}", 5.0),
+        ("fp8_triton [qk] (quant incl.)", 5.0), (f"fp8_triton [qk] (quant incl.), {tag}", 5.5),
+        ("fp8_fa3 (quant incl.)", 5.3))]
+    rows += [dict(D=128, S=4096, causal=True, impl="fp8_triton (quant incl.)", ms=0.3)]
+    assert bench_sdpa.q_in_kernel_lines(rows) == [
+        "| 128 | 16384 | no | none | 5.000 (1.32x) | 4.950 (1.33x) | 1.010x | 4.800 (100.0%) | 4.900 (98.0%) |",
+        "| 128 | 16384 | no | qk | 5.500 (1.20x) | 5.000 (1.32x) | 1.100x | - | - |"]
+
+
 def test_first_call_script_runs_fresh_children(tmp_path, capsys):
     """scripts/first_call.py: each shape in its own child process with an empty Triton cache; without CUDA the
     children run the reference backend. Rows for every (S, causal), first- and second-call times, the JSON,

@@ -231,3 +231,110 @@ def test_direct_launch_serves_other_lengths_of_its_class(causal, monkeypatch):
         jit = gluon_attention.attend(qkv, **route)
         torch.cuda.synchronize()
         assert torch.isfinite(jit).all() and torch.equal(direct, jit)
+
+
+def _rows_emulated(qkv, causal, scale):
+    """float32 attention on the dequantized operands of a `QuantizedQKV.q_in_kernel` bundle, Q's rows quantized as
+    the Gluon kernel quantizes them (`quantize_q_rows_reference`): what the kernel computes but for its e4m3 P and
+    online softmax."""
+    from hf_fp8_attention.quantization.quantized import key_ordered_v
+    from hf_fp8_attention.quantization.reference import quantize_q_rows_reference
+
+    codes, descale = quantize_q_rows_reference(qkv.q, qkv.q_rotate)
+    q = (codes.float() * descale[..., None]).transpose(1, 2)
+    k = (qkv.k.float() * qkv.k_descale[:, None, :, None]).transpose(1, 2)
+    v = (key_ordered_v(qkv).float() * qkv.v_descale[:, None, :, None]).transpose(1, 2)
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          is_causal=causal, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("B,S,causal,hadamard,dtype", [(1, 4096, True, "qk", torch.bfloat16),
+                                                       (2, 1040, False, "none", torch.bfloat16),
+                                                       (1, 1040, True, "qk", torch.float16),
+                                                       (2, 2048, True, "none", torch.bfloat16)])
+def test_q_quantized_in_the_kernel(B, S, causal, hadamard, dtype, monkeypatch):
+    """Q_IN_KERNEL (session 29): the Gluon kernel quantizes each query row itself (rotated with hadamard="qk"),
+    from the quantizer's K and V (byte-equal to the per-head call's). Its output is much closer to the emulation
+    of that quantization (float32 attention on the dequantized rows) than to exact attention, i.e. it has the
+    emulation's row scales; and it is at least as close to exact attention as the kernel on Q quantized per head;
+    an outlier query row (x1000) then spoils only its own row's precision."""
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    torch.manual_seed(29)
+    H, H_kv, D = 8, 2, 128
+    q = torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(B, S, H_kv, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+    q[0, 1, 5] *= 1000
+    opts = FP8AttentionOptions(hadamard=hadamard)
+    kw = dict(options=opts, v_keys_contiguous=True, v_wgmma_order=True)
+    left = quantize_qkv_fp8(q, k, v, q_in_kernel=True, **kw)
+    full = quantize_qkv_fp8(q, k, v, **kw)
+    assert left.q_in_kernel and left.q_rotate == (hadamard == "qk")
+    for name in ("k", "v"):
+        assert torch.equal(getattr(left, name).view(torch.uint8), getattr(full, name).view(torch.uint8))
+    call = dict(is_causal=causal, scale=D**-0.5, out_dtype=torch.float32)
+    calls = gluon_attention.CALLS
+    got = triton_backend.triton_fp8_attention(left, **call)
+    assert gluon_attention.CALLS == calls + 1  # the Gluon route took it
+    old = triton_backend.triton_fp8_attention(full, **call)
+    group = H // H_kv
+    exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                           v.float().repeat_interleave(group, 1), is_causal=causal,
+                                           scale=D**-0.5).transpose(1, 2)
+    emulated = _rows_emulated(left, causal, D**-0.5)
+    assert torch.isfinite(got).all()
+
+    def rest(t):  # all but the outlier's head (its row attends to one key: a near tie could pick another)
+        t = t.clone()
+        t[0, :, 1] = 0
+        return t
+
+    got, old, exact, emulated = map(rest, (got, old, exact, emulated))
+    to_exact, to_emulated = sqnr_db(got, exact), sqnr_db(got, emulated)
+    assert to_emulated > 35.0 and to_emulated > to_exact + 6.0, (to_emulated, to_exact)
+    assert to_exact > sqnr_db(old, exact) - 0.2, (to_exact, sqnr_db(old, exact))
+    # the outlier's KV group: with one scale per (batch, KV head) its other heads lose their precision, per row not
+    others = [h for h in range(H) if h // group == 1 // group and h != 1]
+    assert sqnr_db(got[0, :, others], exact[0, :, others]) > sqnr_db(old[0, :, others], exact[0, :, others]) + 3.0
+
+
+def test_fp8_sdpa_quantizes_q_in_the_kernel(monkeypatch):
+    """fp8_sdpa's triton path at a Gluon-routed shape leaves Q to the kernel by default (its output differs from
+    the HF_FP8_ATTENTION_Q_IN_KERNEL=0 path's, and is as close to exact attention), keeps Q in the quantizer with
+    fused RoPE (byte-equal to the switch off), and captures and replays in a CUDA graph."""
+    from hf_fp8_attention import fp8_sdpa
+    from hf_fp8_attention.backends import gluon_attention
+    from hf_fp8_attention.backends import triton as triton_backend
+
+    monkeypatch.delenv(triton_backend.KERNEL_ENV, raising=False)
+    monkeypatch.delenv(triton_backend.Q_IN_KERNEL_ENV, raising=False)
+    torch.manual_seed(30)
+    B, S, H, H_kv, D = 1, 4096, 8, 2, 128
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(B, S, H_kv, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    cos = torch.randn(1, S, D, device="cuda").cos()
+    sin = (1 - cos * cos).sqrt()
+    group = H // H_kv
+    exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                           v.float().repeat_interleave(group, 1), is_causal=True)
+    calls = gluon_attention.CALLS
+    inside = fp8_sdpa(q, k, v, is_causal=True, backend="triton")
+    rope_inside = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
+    monkeypatch.setenv(triton_backend.Q_IN_KERNEL_ENV, "0")
+    quantizer = fp8_sdpa(q, k, v, is_causal=True, backend="triton")
+    rope_quantizer = fp8_sdpa(q, k, v, is_causal=True, backend="triton", cos=cos, sin=sin)
+    monkeypatch.delenv(triton_backend.Q_IN_KERNEL_ENV)
+    assert gluon_attention.CALLS == calls + 4
+    assert not torch.equal(inside, quantizer) and torch.equal(rope_inside, rope_quantizer)
+    assert sqnr_db(inside, exact) > sqnr_db(quantizer, exact) - 0.2 > 20.0
+    graph = torch.cuda.CUDAGraph()
+    fp8_sdpa(q, k, v, is_causal=True, backend="triton")  # (warm: compiled, direct-launch plans made)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        replayed = fp8_sdpa(q, k, v, is_causal=True, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, inside)
