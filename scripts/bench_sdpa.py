@@ -229,12 +229,14 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
         return run
 
     def kernel_only(name, backend_fn, v_keys_contiguous=False, v_wgmma_order=False, env=None, direct=True,
-                    q_in_kernel=False):
+                    q_in_kernel=False, options=None):
         """An fp8 kernel alone on inputs quantized once, outside the timing (V in the layout fp8_sdpa's
         quantizer writes for that backend: no per-call copy inside the timing). env: environment variables
         set around each call (the triton backend's kernel route); direct False: every launch through Triton's
         JIT (`_common.direct_launches`); q_in_kernel: Q left to the kernel (`QuantizedQKV.q_in_kernel`)."""
         extra = dict(q_in_kernel=True) if q_in_kernel else {}
+        if options is not None:  # (an accuracy mode; default: NO_MODES)
+            extra["options"] = options
         qkv = quantize_qkv_fp8(q, k, v, v_keys_contiguous=v_keys_contiguous, v_wgmma_order=v_wgmma_order, **extra)
         scale = q.shape[-1] ** -0.5
         # (the JIT switch only where asked for: the other rows' host time carries no extra context)
@@ -266,7 +268,7 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
         from hf_fp8_attention.backends.triton import triton_fp8_attention
 
         from hf_fp8_attention.backends import TRITON_KERNEL_ENV, triton_reads_v_keys_contiguous, triton_reads_v_wgmma_order
-        from hf_fp8_attention.options import NO_MODES
+        from hf_fp8_attention.options import NO_MODES, FP8AttentionOptions
 
         B_, H_q, S_q, D_ = q.shape
         keys = triton_reads_v_keys_contiguous(S_q, H_q, k.shape[1], k.shape[2], D_)
@@ -286,6 +288,11 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             # the same build quantizing Q's rows itself (session 29: what fp8_sdpa runs without fused RoPE)
             out.append(kernel_only(Q_IN_KERNEL_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    q_in_kernel=True))
+            out.append(kernel_only(f"{Q_IN_KERNEL_ROW}, 2 Q buffers", triton_fp8_attention, v_keys_contiguous=True,
+                                   v_wgmma_order=True, q_in_kernel=True,
+                                   env={TRITON_KERNEL_ENV: "gluon-pp-persistent-q2"}))
+            out.append(kernel_only(f"{Q_IN_KERNEL_ROW}, rotated", triton_fp8_attention, v_keys_contiguous=True,
+                                   v_wgmma_order=True, q_in_kernel=True, options=FP8AttentionOptions(hadamard="qk")))
             # the same build launched through Triton's JIT every call (session 28: the direct launch's A/B)
             out.append(kernel_only(JIT_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    direct=False))

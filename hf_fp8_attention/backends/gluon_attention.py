@@ -467,17 +467,17 @@ def _tile(t, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP: gl.conste
 def _load_partition_persistent(desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
                                kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP: gl.constexpr,
                                HEAD_DIM: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The persistent kernel's TMA producer: per tile, Q into one of two buffers once the consumers released
-    its use two tiles back, then the tile's key blocks through the ring, whose uses run on across tiles (so
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr = 2):
+    """The persistent kernel's TMA producer: per tile, Q into one of Q_BUFFERS buffers once the consumers released
+    its use Q_BUFFERS tiles back (one buffer where they release it as soon as they have converted it: Q_IN_KERNEL), then the tile's key blocks through the ring, whose uses run on across tiles (so
     the next tile's first blocks load under this tile's last ones and its output store)."""
     it = 0
     i = 0
     for k in range(_num_my_tiles(n_tiles)):
         b, h, h_kv, m0, n_full, n_blocks = _tile(_my_tile(k), n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv,
                                                  GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        buf = i % 2
-        mbarrier.wait(q_empty.index(buf), ((i // 2) & 1) ^ 1)
+        buf = i % Q_BUFFERS
+        mbarrier.wait(q_empty.index(buf), ((i // Q_BUFFERS) & 1) ^ 1)
         mbarrier.expect(q_ready.index(buf), desc_q.block_type.nbytes)
         _tma_load(desc_q, [b * S_q + m0, h * HEAD_DIM], q_ready.index(buf), q_smem.index(buf))
         _load_blocks(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty, it, b * S_kv, h_kv * HEAD_DIM,
@@ -495,7 +495,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
                          ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, TMA_STORE: gl.constexpr = False,
                          q8_smem=None, h_smem=None, Q_IN_KERNEL: gl.constexpr = False, Q_ROTATE: gl.constexpr = False,
-                         INV_SQRT_D: gl.constexpr = 1.0):
+                         INV_SQRT_D: gl.constexpr = 1.0, Q_BUFFERS: gl.constexpr = 2):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier. TMA_STORE: its
     output tiles through o_smem's buffer C and TMA stores, the last one waited for at the end. Q_IN_KERNEL: Q's
@@ -513,8 +513,8 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                                                  GROUP, BLOCK_M, BLOCK_N, IS_CAUSAL)
         desc_idx = b * H_kv + h_kv
         v_descale = gl.load(V_descale + desc_idx)
-        buf = i % 2
-        mbarrier.wait(q_ready.index(buf), (i // 2) & 1)
+        buf = i % Q_BUFFERS
+        mbarrier.wait(q_ready.index(buf), (i // Q_BUFFERS) & 1)
         if Q_IN_KERNEL:
             qk_scale = _quantize_q(q_smem.index(buf).slice(C * ROWS, ROWS), q8_smem.index(C), h_smem,
                                    sm_scale * gl.load(K_descale + desc_idx) * LOG2E, ROWS, HEAD_DIM, NUM_WARPS,
@@ -550,7 +550,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
                                          ROWSUM_MMA: gl.constexpr = False, desc_o=None,
                                          TMA_STORE: gl.constexpr = False, Q_IN_KERNEL: gl.constexpr = False,
-                                         Q_ROTATE: gl.constexpr = False):
+                                         Q_ROTATE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 2):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`). TMA_STORE (session 27; the default since 28): the
@@ -562,7 +562,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
     one-tile kernel: the launch of each tile's program, and the wait for its first K/V blocks, which now load
     during the previous tile. ROWSUM_MMA: the consumers take the row sums of P from an MMA with a block of ones
     (`_attend_block`), written to shared memory here once."""
-    q_smem = gl.allocate_shared_memory(desc_q.dtype, [2] + desc_q.block_type.shape, desc_q.layout)
+    q_smem = gl.allocate_shared_memory(desc_q.dtype, [Q_BUFFERS] + desc_q.block_type.shape, desc_q.layout)
     k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
     v_smem = gl.allocate_shared_memory(desc_vt.dtype, [STAGES] + desc_vt.block_type.shape, desc_vt.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -629,10 +629,10 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D)),
+                                    INV_SQRT_D, Q_BUFFERS)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
-                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
         ], [1], [24])
     else:
         gl.warp_specialize([
@@ -641,16 +641,16 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D)),
+                                    INV_SQRT_D, Q_BUFFERS)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
-                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                          HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
             (_consumer_persistent, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turn, Out,
                                     Q_descale, K_descale, V_descale, stride_ob, stride_os, n_tiles, n_m,
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D)),
+                                    INV_SQRT_D, Q_BUFFERS)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -750,7 +750,7 @@ def persistent_heads_fastest(k_elements: int, is_causal: bool) -> bool:
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                         v_wgmma_order: bool | None = None, heads_fastest: bool | None = None,
-                        rowsum_mma: bool = False, tma_store: bool = False):
+                        rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -762,7 +762,8 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     order (`_tile`), None: `persistent_heads_fastest`; rowsum_mma (persistent): the row sums of P by an MMA
     (`_attend_block`'s ROWSUM_MMA); tma_store (persistent): the output through shared memory and TMA stores
     left in flight (TMA_STORE; where a tile could run past a sequence's end into the next, B > 1 with S_q not a
-    multiple of BLOCK_M, the plain stores)."""
+    multiple of BLOCK_M, the plain stores); q_buffers (a bundle whose Q the kernel quantizes, `QuantizedQKV.q_in_kernel`):
+    the bf16/fp16 Q tiles' buffers, 1 (the consumers release it once they have their rows in e4m3) or 2."""
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
     problems = [p for p in (triton_problem(), refusal(qkv, is_causal)) if p]
     if consumers not in (1, 2):
@@ -790,14 +791,16 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
+    if q_buffers not in (1, 2):
+        raise ValueError(f"gluon fp8 attention: q_buffers is 1 or 2, got {q_buffers}")
     return attend(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype, config=(block_m, block_n, warps, stages),
                   consumers=consumers, pingpong=pingpong, persistent=persistent, v_wgmma_order=v_wgmma_order,
-                  heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
+                  heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store, q_buffers=q_buffers)
 
 
 def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wgmma_order: bool, consumers: int = 1,
            pingpong: bool = False, persistent: bool = False, heads_fastest: bool | None = None,
-           rowsum_mma: bool = False, tma_store: bool = False):
+           rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1):
     """`gluon_fp8_attention` without its checks: for a caller that has them from elsewhere (the triton backend's
     route: `refusal` said yes, and the route's own arguments are fixed and checked by tests), v_wgmma_order the
     bundle's. One call's host time on the H200 at 4k went to the JIT's dispatch and to building the TMA
@@ -816,7 +819,7 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
     route = dict(config=config, consumers=consumers, pingpong=pingpong, persistent=persistent,
                  v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
     if qkv.q_in_kernel:  # (the bundle says: Q is the input, its rows quantized by the kernel, rotated or not)
-        route.update(q_in_kernel=True, q_rotate=qkv.q_rotate)
+        route.update(q_in_kernel=True, q_rotate=qkv.q_rotate, q_buffers=q_buffers)
     kernel = fp8_attn_fwd_gluon_persistent_kernel if persistent else fp8_attn_fwd_gluon_kernel
     key = _direct_key(dims, descales, out, is_causal, route, q.dtype) if direct.wanted(out) else None
     if key is not None and not direct.VERIFY and key in direct.direct(kernel).plans:
@@ -872,7 +875,8 @@ def _nvmma_layout(block: tuple, dtype):
 def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: float, config: tuple | None = None,
                       consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                       v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
-                      tma_store: bool = False, q_in_kernel: bool = False, q_rotate: bool = False, light: bool = False):
+                      tma_store: bool = False, q_in_kernel: bool = False, q_rotate: bool = False, q_buffers: int = 1,
+                      light: bool = False):
     """(kernel, grid, positional arguments, keyword arguments) of one launch, for `attend` and `compile_ahead` alike
     (what makes the two specialize the same); light: the descriptors as `_LaunchDesc` (a direct launch). codes: the
     descriptors' base tensors, (q, k, v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor
@@ -908,8 +912,8 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     if heads_fastest is None:
         heads_fastest = persistent_heads_fastest(B * S_kv * H_kv * D, is_causal)
     meta["ROWSUM_MMA"] = bool(rowsum_mma)
-    if q_in_kernel:
-        meta.update(Q_IN_KERNEL=True, Q_ROTATE=bool(q_rotate))
+    if q_in_kernel:  # (the consumers release Q's buffer once converted: one buffer serves, q_buffers)
+        meta.update(Q_IN_KERNEL=True, Q_ROTATE=bool(q_rotate), Q_BUFFERS=int(q_buffers))
     if tma_store and (B == 1 or S_q % block_m == 0):  # (else a tile's tail rows would land in the next sequence)
         meta.update(desc_o=desc(out, [B * S_q, H_q * D], [H_q * D, 1], [block_m // consumers, D],
                                 _gl_dtypes()[out.dtype]), TMA_STORE=True)

@@ -59,13 +59,16 @@ _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2
             "gluon-pp-persistent": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
             "gluon-pp-persistent-key-order": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True),
             "gluon-pp-persistent-plain-store": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True),
+            "gluon-pp-persistent-q2": dict(_GLUON_PP_PERSISTENT, rowsum_mma=True, tma_store=True, q_buffers=2),
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 # Session 26: the routes whose prefill calls get V from the quantizer in wgmma key order within every 16
 # (`quantized.wgmma_key_order`; the kernel relabels P instead of moving it between threads before P.V:
 # `gluon_attention._softmax`'s V_WGMMA_ORDER); "gluon-pp-persistent-key-order" is the same build on V in key
 # order (sessions 20-25). The quantizer writes the order where `reads_v_wgmma_order` says the call will take
 # this route; a call that ends up on any other kernel gets V back in key order first (`_launch`, a copy).
-_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-plain-store"})
+_V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-plain-store", "gluon-pp-persistent-q2"})
+# Session 29: where the kernel quantizes Q itself (`q_in_kernel`) its bf16/fp16 Q tiles take one shared buffer, which
+# the consumers release once they hold their rows in e4m3; "gluon-pp-persistent-q2" keeps two (the e4m3 Q's count).
 # Since session 28 the persistent build writes its output through shared memory by TMA stores left in flight
 # under the next tile (`gluon_attention`'s TMA_STORE; FA3's epilogue; session 27's probe) instead of each
 # thread's plain stores, which "gluon-pp-persistent-plain-store" keeps (sessions 20-27; so does
