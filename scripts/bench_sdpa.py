@@ -309,14 +309,14 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                 return fp8_sdpa(q, k, v, is_causal=causal, backend=backend, **kwargs)
 
             out.append(Candidate(f"fp8_{backend}{tag} (quant incl.)", run, mode=mode))
-            if backend == "triton":  # the same with Q quantized by the quantizer, per head (before session 29)
+            if backend == "triton":  # the same with Q's rows quantized by the Gluon kernel (session 29, opt-in)
                 from hf_fp8_attention.backends.triton import Q_IN_KERNEL_ENV
 
-                def per_head(run=run):
-                    with _common.environment({Q_IN_KERNEL_ENV: "0"}):
+                def q_rows(run=run):
+                    with _common.environment({Q_IN_KERNEL_ENV: "1"}):
                         return run()
 
-                out.append(Candidate(f"fp8_{backend}{tag} (quant incl.), {Q_PER_HEAD_TAG}", per_head, mode=mode))
+                out.append(Candidate(f"fp8_{backend}{tag} (quant incl.), {Q_IN_KERNEL_TAG}", q_rows, mode=mode))
             if backend == "triton":  # the same, every launch through Triton's JIT (the direct launches' A/B)
                 def jit(run=run):
                     with _common.direct_launches(False):
@@ -463,21 +463,22 @@ def direct_launch_lines(host: list[dict]) -> list[str]:
 
 
 Q_IN_KERNEL_ROW = "triton fp8 kernel only, Q quantized in the kernel"
-Q_PER_HEAD_TAG = "Q per head in the quantizer"
+Q_IN_KERNEL_TAG = "Q rows in the kernel"
 
 
 def q_in_kernel_lines(rows: list[dict]) -> list[str]:
     """Rows of the Q-in-kernel A/B (session 29): per shape and mode, fp8_triton with the Gluon kernel quantizing
-    Q's rows itself (the default) against the quantizer quantizing Q per head (`Q_PER_HEAD_TAG`), same run: both
-    ms and their ratio, each against FA3 bf16; and the kernel alone with and without Q's quantization inside."""
+    Q's rows itself (HF_FP8_ATTENTION_Q_IN_KERNEL=1, the rows tagged `Q_IN_KERNEL_TAG`) against the default (the
+    quantizer quantizing Q per head), same run: both ms and their ratio, each against FA3 bf16; and the kernel alone
+    with and without Q's quantization inside."""
     lines = []
     for (d, s, causal), ms in _by_shape(rows).items():
         bf16 = ms.get("FA3 bf16")
         for name, t in ms.items():
             if not (name.startswith("fp8_triton") and name.endswith(" (quant incl.)")):
                 continue
-            old = ms.get(f"{name}, {Q_PER_HEAD_TAG}")
-            if old is None:
+            old, t = t, ms.get(f"{name}, {Q_IN_KERNEL_TAG}")
+            if t is None:
                 continue
             mode = name[len("fp8_triton"):-len(" (quant incl.)")].strip(" []") or "none"
             vs = lambda x: "-" if bf16 is None else f"{bf16 / x:.2f}x"  # noqa: E731
@@ -490,8 +491,8 @@ def q_in_kernel_lines(rows: list[dict]) -> list[str]:
 
 
 def _print_q_in_kernel_summary(rows: list[dict]) -> None:
-    _print_table(q_in_kernel_lines(rows), "fp8_triton with Q quantized per row inside the Gluon kernel (the default "
-                 "since session 29) against Q quantized per head by the quantizer, same run; ms (vs FA3 bf16); kernel "
+    _print_table(q_in_kernel_lines(rows), "fp8_triton with Q quantized per row inside the Gluon kernel "
+                 "(HF_FP8_ATTENTION_Q_IN_KERNEL=1) against Q quantized per head by the quantizer, same run; ms (vs FA3 bf16); kernel "
                  "alone (% of the FA3 fp8 kernel's speed)", "D | S | causal | mode | Q in the quantizer ms | Q in the "
                  "kernel ms | speedup | kernel alone, Q in e4m3 | kernel alone, Q quantized inside")
 

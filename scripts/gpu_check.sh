@@ -85,6 +85,8 @@
 #   bash scripts/gpu_check.sh --s29      # session 29, Q quantized in the Gluon kernel: its GPU tests and the Gluon/
 #                                        # sdpa-triton ones (time-boxed), then bench_sdpa's Q-in-kernel A/B (modes none
 #                                        # and qk, S29_SEQLENS default 4k 16k 64k, causal both, 2 rounds)
+#   bash scripts/gpu_check.sh --s29-model  # session 29: the Q-in-kernel GPU tests, then the whole model at 128k
+#                                        # (FA3 bf16, fp8 auto, fp8_triton; --profile's time per kernel kind)
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -552,6 +554,12 @@ elif [ "$mode" = "--s29" ]; then  # session 29: the Gluon kernel quantizes Q's r
   step gluon_tests timeout "${GLUON_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     tests/gpu/test_cuda_graphs_gpu.py tests/gpu/test_sdpa_gpu.py tests/gpu/test_triton_attention_gpu.py \
     -k "${S29_TESTS_K:-(gluon or wgmma or replays or (sdpa and triton) or compile_ahead or direct_launch) and not q_quantized and not quantizes_q}"
+elif [ "$mode" = "--s29-model" ]; then  # session 29: the Q-in-kernel GPU tests (opt-in), then the whole Llama-3-8B
+  # shape at 128k (MODEL_SEQLENS): FA3 bf16, fp8 (auto) and fp8_triton, with the attention/quantize time split
+  step q_tests timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
+    -k "q_quantized_in_the_kernel or quantizes_q_in_the_kernel"
+  step model timeout "${MODEL_S:-330}" python3 scripts/benchmark_model.py --seqlens ${MODEL_SEQLENS:-131072} \
+    --impls fa3_bf16 fp8 fp8_triton --warmup 1 --repeats 2 --profile --json "$out/model.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"

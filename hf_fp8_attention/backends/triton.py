@@ -162,9 +162,15 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
     return dim in GLUON_HEAD_DIMS
 
 
-# Q_IN_KERNEL_ENV: "1" (the default) lets the Gluon kernel quantize Q itself wherever the call reads V in wgmma
-# order without fused RoPE (`q_in_kernel`); "0": the quantizer quantizes Q with one scale per (batch, KV head), as
-# before session 29.
+# Q_IN_KERNEL_ENV: "1" lets the Gluon kernel quantize Q itself, one e4m3 scale per query row, wherever the call reads
+# V in wgmma order without fused RoPE (`q_in_kernel`); "0" (the default): the quantizer quantizes Q with one scale
+# per (batch, KV head). Off by default because it measured slower where it was meant to help. H200, session 29,
+# bench_sdpa GQA 32/8, D=128, 2 rounds, two runs (docs/results/q_in_kernel_sdpa_h200_s29_run*.log): the quantizer
+# then moves K and V only, but the kernel alone ran 92.5-96.0% of FA3's fp8 kernel instead of 95.0-101.6% (the
+# hot loop's SASS is the same as with e4m3 Q; the rotated build 1-3% slower still; one bf16 Q buffer or two: the
+# same), so fp8_triton end to end at 16k-64k ran 0.976-1.018x (run 2) and 0.985-1.024x (run 1) of the per-head
+# path, and at 4k 0.93-1.31x with eager timings bound by the host. The per-row scales are as accurate or more
+# (tests/gpu/test_gluon_gpu.py: an outlier query row costs only its own row).
 Q_IN_KERNEL_ENV = "HF_FP8_ATTENTION_Q_IN_KERNEL"
 
 
@@ -172,9 +178,9 @@ def q_in_kernel(options, rope: bool) -> bool:
     """Whether a prefill call that `reads_v_wgmma_order` leaves Q to the Gluon kernel (`QuantizedQKV.q_in_kernel`:
     each query row quantized with its own scale as its tile loads, rotated by the Hadamard matrix in the
     Hadamard modes that rotate Q and K): per-head e4m3 scales (already implied by the wgmma order), no fused
-    RoPE (the quantizer applies it), and `Q_IN_KERNEL_ENV` not "0". The quantizer then reads and writes K and
-    V only: Q is 2/3 of the bytes at GQA 32/8."""
-    value = os.environ.get(Q_IN_KERNEL_ENV, "1")
+    RoPE (the quantizer applies it), and `Q_IN_KERNEL_ENV` "1" (off by default: measured slower at 16k-64k, see
+    there). The quantizer then reads and writes K and V only: Q is 2/3 of the bytes at GQA 32/8."""
+    value = os.environ.get(Q_IN_KERNEL_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{Q_IN_KERNEL_ENV}={value!r}: expected 0 or 1")
     return value == "1" and not rope and not (options.block_scales or options.int8_qk or options.v_block_scales)

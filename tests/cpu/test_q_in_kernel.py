@@ -121,7 +121,8 @@ def test_other_kernels_get_q_per_head(hadamard, monkeypatch):
 
 def test_the_pipeline_asks_where_the_backend_quantizes_q(monkeypatch):
     """`attention.fp8_attention` has the quantizer leave Q exactly where the backend reads V in wgmma order and its
-    ``q_in_kernel`` says yes for the call (the triton backend's: no fused RoPE, `Q_IN_KERNEL_ENV` not "0")."""
+    ``q_in_kernel`` says yes for the call (the triton backend's: `Q_IN_KERNEL_ENV` "1", off by default, and no
+    fused RoPE)."""
     from hf_fp8_attention.backends import triton as triton_backend
 
     asked = []
@@ -138,6 +139,9 @@ def test_the_pipeline_asks_where_the_backend_quantizes_q(monkeypatch):
     monkeypatch.setitem(backends.REGISTRY, "reference", routed)
     q, k, v = _inputs(S=64, D=64)
     cos = sin = torch.ones(1, 64, 64)
+    monkeypatch.delenv(triton_backend.Q_IN_KERNEL_ENV, raising=False)
+    assert not triton_backend.q_in_kernel(FP8AttentionOptions(), False)  # (the default)
+    monkeypatch.setenv(triton_backend.Q_IN_KERNEL_ENV, "1")
 
     def run(cos=None, sin=None, quantizer="triton"):
         return attention.fp8_attention(q, k, v, None, None, None, None, cos, sin, True, 0.125, "reference",
@@ -152,7 +156,7 @@ def test_the_pipeline_asks_where_the_backend_quantizes_q(monkeypatch):
     monkeypatch.setenv(triton_backend.Q_IN_KERNEL_ENV, "yes")
     with pytest.raises(ValueError, match="expected 0 or 1"):
         run()
-    monkeypatch.delenv(triton_backend.Q_IN_KERNEL_ENV)
+    monkeypatch.setenv(triton_backend.Q_IN_KERNEL_ENV, "1")
     assert triton_backend.q_in_kernel(FP8AttentionOptions(), False)
     assert not triton_backend.q_in_kernel(FP8AttentionOptions(qk_scales="block"), False)
 

@@ -883,13 +883,13 @@ def test_bench_sdpa_tma_store_table():
 
 def test_bench_sdpa_q_in_kernel_table():
     """bench_sdpa's Q-in-kernel A/B: per shape and mode, fp8_triton with Q quantized per head by the quantizer
-    against the default (Q's rows quantized in the kernel), both against FA3 bf16, their ratio, and for mode none
+    (the default) against Q's rows quantized in the kernel (the tagged twin), both against FA3 bf16, their ratio, and for mode none
     the kernel alone with e4m3 Q and with Q quantized inside (% of the FA3 fp8 kernel); no twin row, no line."""
-    tag = bench_sdpa.Q_PER_HEAD_TAG
+    tag = bench_sdpa.Q_IN_KERNEL_TAG
     rows = [dict(D=128, S=16384, causal=False, impl=name, ms=ms) for name, ms in (
         ("FA3 bf16", 6.6), ("FA3 fp8 kernel only", 4.8), ("triton fp8 kernel only", 4.8),
-        (bench_sdpa.Q_IN_KERNEL_ROW, 4.9), ("fp8_triton (quant incl.)", 4.95), (f"fp8_triton (quant incl.), {tag}", 5.0),
-        ("fp8_triton [qk] (quant incl.)", 5.0), (f"fp8_triton [qk] (quant incl.), {tag}", 5.5),
+        (bench_sdpa.Q_IN_KERNEL_ROW, 4.9), ("fp8_triton (quant incl.)", 5.0), (f"fp8_triton (quant incl.), {tag}", 4.95),
+        ("fp8_triton [qk] (quant incl.)", 5.5), (f"fp8_triton [qk] (quant incl.), {tag}", 5.0),
         ("fp8_fa3 (quant incl.)", 5.3))]
     rows += [dict(D=128, S=4096, causal=True, impl="fp8_triton (quant incl.)", ms=0.3)]
     assert bench_sdpa.q_in_kernel_lines(rows) == [
