@@ -297,9 +297,12 @@ def test_q_quantized_in_the_kernel(B, S, causal, hadamard, dtype, monkeypatch):
     # (H200, session 29: 32.5-34.2 dB to the emulation against 25.6-26.6 to exact attention; e4m3 P bounds both)
     assert to_emulated > 30.0 and to_emulated > to_exact + 5.0, (to_emulated, to_exact)
     assert to_exact > sqnr_db(old, exact) - 0.2, (to_exact, sqnr_db(old, exact))
-    # the outlier's KV group: with one scale per (batch, KV head) its other heads lose their precision, per row not
+    # the outlier's KV group: with one scale per (batch, KV head) its other heads lose precision, per row not (H200,
+    # session 29: +0.6-0.7 dB on the group's output unrotated, where e4m3's exponent absorbs most of the scale, and
+    # more than 3 dB rotated, where the per-head bound is the outlier row's norm)
     others = [h for h in range(H) if h // group == 1 // group and h != 1]
-    assert sqnr_db(got[0, :, others], exact[0, :, others]) > sqnr_db(old[0, :, others], exact[0, :, others]) + 3.0
+    gain = sqnr_db(got[0, :, others], exact[0, :, others]) - sqnr_db(old[0, :, others], exact[0, :, others])
+    assert gain > (3.0 if hadamard == "qk" else 0.3), gain
 
 
 def test_fp8_sdpa_quantizes_q_in_the_kernel(monkeypatch):
