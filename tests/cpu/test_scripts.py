@@ -624,7 +624,8 @@ def test_bench_quantize_dry_run(monkeypatch, capsys):
 
     seen = []
 
-    def launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous=False):
+    def launch(q, k, v, outs, rope, B, S_q, S_kv, varlen, options, v_keys_contiguous=False, skip_q=False):
+        assert not skip_q  # (Q is left to the kernel only where the pipeline asks)
         if options.v_block_scales:  # the single-pass kernel: its warps and item order
             seen.append((options, qkv._BLOCK_WARPS[(64, rope is not None)], qkv._BLOCK_HEADS_FASTEST))
         else:
