@@ -285,7 +285,7 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
             # gluon-pp-persistent-plain-store) against the default's TMA stores
             out.append(kernel_only(PLAIN_STORE_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-plain-store"}))
-            # the same build quantizing Q's rows itself (session 29: what fp8_sdpa runs without fused RoPE)
+            # the same build quantizing Q's rows itself (session 29: what fp8_sdpa runs with HF_FP8_ATTENTION_Q_IN_KERNEL=1)
             out.append(kernel_only(Q_IN_KERNEL_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    q_in_kernel=True))
             out.append(kernel_only(f"{Q_IN_KERNEL_ROW}, 2 Q buffers", triton_fp8_attention, v_keys_contiguous=True,

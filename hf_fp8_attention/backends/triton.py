@@ -167,10 +167,11 @@ def reads_v_wgmma_order(device: torch.device, s_q: int, h_q: int, h_kv: int, s_k
 # per (batch, KV head). Off by default because it measured slower where it was meant to help. H200, session 29,
 # bench_sdpa GQA 32/8, D=128, 2 rounds, two runs (docs/results/q_in_kernel_sdpa_h200_s29_run*.log): the quantizer
 # then moves K and V only, but the kernel alone ran 92.5-96.0% of FA3's fp8 kernel instead of 95.0-101.6% (the
-# hot loop's SASS is the same as with e4m3 Q; the rotated build 1-3% slower still; one bf16 Q buffer or two: the
-# same), so fp8_triton end to end at 16k-64k ran 0.976-1.018x (run 2) and 0.985-1.024x (run 1) of the per-head
-# path, and at 4k 0.93-1.31x with eager timings bound by the host. The per-row scales are as accurate or more
-# (tests/gpu/test_gluon_gpu.py: an outlier query row costs only its own row).
+# hot loop's SASS is the same as with e4m3 Q; the rotated build -1.5% to +4.8% against it; one bf16 Q buffer or
+# two: alike at 16k causal and 64k, 5.20 vs 4.95 ms at 16k non-causal), so fp8_triton end to end at 16k-64k ran
+# 0.976-1.018x (run 2) and 0.985-1.024x (run 1) of the per-head path, and at 4k 0.93-1.31x with eager timings bound
+# by the host. The per-row scales are as accurate or more (tests/gpu/test_gluon_gpu.py: with an outlier query row
+# the rest of its KV group gains 0.6-0.7 dB unrotated, more than 3 dB rotated).
 Q_IN_KERNEL_ENV = "HF_FP8_ATTENTION_Q_IN_KERNEL"
 
 
@@ -263,8 +264,16 @@ def _launch(
     config: explicit {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits"} instead of the
         autotuned/heuristic choice (tests use it to run several tiles in the interpreter).
     """
-    if qkv.q_in_kernel:  # Q left to the Gluon kernel (`q_in_kernel`)
-        route = _gluon_route(qkv, qkv.v, is_causal) if config is None else None
+    if qkv.q_in_kernel:  # Q left to the Gluon kernel (`q_in_kernel`): its persistent build, prefill, an output
+        # dtype the backend writes, and within shared memory (two bf16 Q buffers, the rotation's matrix and a float32
+        # output's buffers together exceed an SM's: route gluon-pp-persistent-q2)
+        route = None
+        n_rows = qkv.q.shape[1] * (qkv.q.shape[2] // qkv.k.shape[2])
+        if config is None and out_dtype in _OUT_DTYPES and n_rows > _registry.TRITON_DECODE_MAX_ROWS:
+            route = _gluon_route(qkv, qkv.v, is_causal)
+        if route is not None and (not route[1].get("persistent") or (
+                qkv.q_rotate and out_dtype == torch.float32 and route[1].get("q_buffers", 1) == 2)):
+            route = None
         if route is not None:
             from . import gluon_attention
 

@@ -197,7 +197,7 @@ def quantize_qkv_fp8(
         q_in_kernel: leave Q to the attention kernel (`QuantizedQKV.q_in_kernel`: the Gluon kernel quantizes each
             query row as it loads it): only K and V are quantized (the split path's kernels over their tiles),
             q is returned as the input's (B, S_q, H_q, D) view (a contiguous copy where the input's memory is
-            not BSHD), q_descale is not a scale of q. Needs v_wgmma_order, per-head e4m3 scales and no RoPE
+            not BSHD), q_descale NaN. Needs v_wgmma_order, per-head e4m3 scales and no RoPE
             (`quantized.check_q_in_kernel`).
 
     Returns:
@@ -235,9 +235,9 @@ def quantize_qkv_fp8(
         # A batch-1 cos/sin is broadcast over the batch by a zero batch stride.
         rope = (cos, sin, *((0 if t.shape[0] == 1 else t.stride(0), t.stride(1), t.stride(2)) for t in (cos, sin)))
     qkv = _launch(q, k, v, outs, rope, B, S_q, S_kv, None, options, v_layout, q_in_kernel)
-    if q_in_kernel:
-        qkv = dataclasses.replace(qkv, q=q.transpose(1, 2).contiguous(), q_in_kernel=True,
-                                  q_rotate=options.rotates_qk)
+    if q_in_kernel:  # (q_descale NaN, as the reference's: no tile of q set it)
+        qkv = dataclasses.replace(qkv, q=q.transpose(1, 2).contiguous(), q_in_kernel=True, q_rotate=options.rotates_qk,
+                                  q_descale=torch.full_like(qkv.q_descale, float("nan")))
     return qkv
 
 
@@ -464,7 +464,7 @@ def _launch_split(q, k, v, outs, rope, B, S_q, S_kv, varlen, options: FP8Attenti
     launch writes the codes and `descale` ((3, B, H_kv) float32). With RoPE, q and k go through
     `qk_rope_block_kernel` (`_SPLIT_ROPE_TILES`) and v through the single-pass kernel's v tiles,
     else every tile through the single-pass kernel, in tiles of `_SPLIT_TILES` (rows, warps). skip_q (no RoPE):
-    K's and V's tiles only (q's group descales then come from no tile: 1, unused)."""
+    K's and V's tiles only (q's group descales then come from no tile: left as the zeroed buffer has them)."""
     H_q, D, H_kv = q.shape[1], q.shape[3], k.shape[1]
     half_block = next_power_of_2(D // 2)
     if rope is not None:

@@ -582,3 +582,36 @@ def test_every_route_passes_the_launchers_checks(kernel, monkeypatch, out_dtype)
             gluon_attention.gluon_fp8_attention(_bundle(1, 256, 4, 2, D), is_causal=True, scale=0.088,
                                                 out_dtype=out_dtype, **route)
     assert len(kernel.launches) == len(routes) * len(gluon_attention.GLUON_HEAD_DIMS)
+
+
+@pytest.mark.parametrize("route_name,rotate,dtype", [("gluon-pp-persistent", True, torch.bfloat16),
+                                                     ("gluon-pp-persistent", False, torch.float16),
+                                                     ("gluon-pp-persistent-q2", True, torch.bfloat16)])
+def test_q_in_kernel_warmup_specializes_as_the_launch(kernel, monkeypatch, route_name, rotate, dtype):
+    """A bundle that leaves Q to the kernel (`QuantizedQKV.q_in_kernel`, session 29): the compile-ahead warmup (told
+    so by the pipeline) carries the launch's constexprs (Q_IN_KERNEL, Q_ROTATE, Q_BUFFERS) and its arguments
+    specialize alike, Q's descriptor a bf16/fp16 one; the direct-launch key tells the Q dtype and the rotation
+    apart."""
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, route_name)
+    B, S, H_q, H_kv = 1, 1024, 8, 2
+    with triton_backend.compile_ahead(CPU, B, S, H_q, H_kv, S, 128, is_causal=True, scale=0.088, out_dtype=dtype,
+                                      v_wgmma_order=True, q_in_kernel=True, q_rotate=rotate):
+        pass
+    codes = _bundle(B, S, H_q, H_kv)
+    bundle = dataclasses.replace(codes, q=torch.zeros((B, S, H_q, 128), dtype=dtype), q_in_kernel=True,
+                                 q_rotate=rotate)
+    route = triton_backend._KERNELS[route_name]
+    gluon_attention.attend(bundle, is_causal=True, scale=0.088, out_dtype=dtype, v_wgmma_order=True, **route)
+    assert len(kernel.warmups) == 1 and len(kernel.launches) == 1
+    (w_grid, w_args, w_meta), (l_grid, l_args, l_meta) = kernel.warmups[0], kernel.launches[0]
+    assert l_meta["Q_IN_KERNEL"] and l_meta["Q_ROTATE"] is rotate
+    assert l_meta["Q_BUFFERS"] == route.get("q_buffers", 1)
+    assert {n: m for n, m in w_meta.items() if n != "desc_o"} == {n: m for n, m in l_meta.items() if n != "desc_o"}
+    assert w_grid == l_grid and [_specialization(a) for a in w_args] == [_specialization(a) for a in l_args]
+    want = "bf16" if dtype == torch.bfloat16 else "fp16"
+    assert l_args[0].base is bundle.q and _specialization(l_args[0])[0].startswith(f"tensordesc<{want}["), \
+        _specialization(l_args[0])
+    keys = [gluon_attention._direct_key((B, S, H_q, S, H_kv, 128, S), (codes.q_descale,) * 3, l_args[3], True,
+                                        dict(route, v_wgmma_order=True, q_in_kernel=True, q_rotate=r), t)
+            for r, t in ((rotate, dtype), (not rotate, dtype), (rotate, torch.float8_e4m3fn))]
+    assert len(set(keys)) == 3

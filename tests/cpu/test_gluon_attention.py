@@ -139,7 +139,7 @@ def test_tma_store_build_writes_the_output_by_tma():
 @pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
 @pytest.mark.parametrize("D", [128, 64])
 def test_q_in_kernel_build_quantizes_q_rows(D):
-    """Q_IN_KERNEL (session 29, the default route's build where the quantizer leaves Q: `QuantizedQKV.q_in_kernel`):
+    """Q_IN_KERNEL (session 29, opt-in: the default route's build where the quantizer leaves Q, `QuantizedQKV.q_in_kernel`):
     the tile's bf16 Q arrives by TMA into one buffer, each consumer converts its rows to e4m3 (the row maxima by
     shuffles, the scales by correctly rounded divisions) into its own shared buffer; Q_ROTATE adds the bf16 MMA
     with the +-1 Hadamard matrix (m64nDk16). Shared memory: the consumers' e4m3 rows and the matrix on top,
@@ -150,7 +150,8 @@ def test_q_in_kernel_build_quantizes_q_rows(D):
     bf16_mma = f"m64n{D}k16.f32.bf16.bf16"
     assert bf16_mma in rotated["ptx"] and bf16_mma not in rows["ptx"] and bf16_mma not in base["ptx"]
     assert "div.rn.f32" in rows["ptx"] and "div.rn.f32" not in base["ptx"]
-    assert "cvt.rn.satfinite.e4m3x2.f32" in rows["ptx"]
+    cvt = "cvt.rn.satfinite.e4m3x2.f32"  # (P's cast has them too: Q's rows add theirs)
+    assert rows["ptx"].count(cvt) > base["ptx"].count(cvt)
     # Q: one bf16 buffer (the consumers release it once converted) in place of two e4m3 ones: the same bytes
     rows_fp8, h = 128 * D, D * D * 2
     assert rows["shared"] - base["shared"] >= rows_fp8

@@ -46,6 +46,7 @@ def test_quantizers_leave_q_and_quantize_k_v_as_before(hadamard, quantize):
     left, full = quantize(q, k, v, q_in_kernel=True, **kw), quantize(q, k, v, **kw)
     assert left.q_in_kernel and left.q_rotate == (hadamard == "qk") and not full.q_in_kernel
     assert left.q.data_ptr() == q.data_ptr() and left.q.shape == (2, 64, 4, 64) and left.q.is_contiguous()
+    assert torch.isnan(left.q_descale).all()  # (not a scale of q: nothing may read it as one)
     for name in ("k", "v"):
         assert torch.equal(_bytes(getattr(left, name)), _bytes(getattr(full, name))), name
         assert torch.equal(getattr(left, f"{name}_descale"), getattr(full, f"{name}_descale")), name
