@@ -67,6 +67,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from .. import _constants
 from .. import _launch as direct
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -271,7 +272,7 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(o_rows < S_q)[:, None])
 
 
-FP8_MAX = gl.constexpr(448.0)
+FP8_MAX = gl.constexpr(_constants.FP8_MAX)
 
 
 @gluon.jit
@@ -789,10 +790,10 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"tma_store writes {tuple(_gl_dtypes())}, got out_dtype={out_dtype}")
     if rowsum_mma and block_n != 128:  # the ones tile's 128-byte swizzle wants 128 keys (measured there only)
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
+    if q_buffers not in (1, 2):
+        problems.append(f"q_buffers is 1 or 2, got {q_buffers}")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
-    if q_buffers not in (1, 2):
-        raise ValueError(f"gluon fp8 attention: q_buffers is 1 or 2, got {q_buffers}")
     return attend(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype, config=(block_m, block_n, warps, stages),
                   consumers=consumers, pingpong=pingpong, persistent=persistent, v_wgmma_order=v_wgmma_order,
                   heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store, q_buffers=q_buffers)

@@ -16,8 +16,7 @@ from .._intmath import cdiv
 from ..options import NO_MODES, FP8AttentionOptions
 from .hadamard import hadamard_matrix
 from .quantized import (QuantizedQKV, check_cu_seqlens, check_q_in_kernel, check_rope_args, check_wgmma_order,
-                        keys_contiguous, rows_bhsd,
-                        wgmma_key_order)
+                        keys_contiguous, rows_bhsd, wgmma_key_order)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
