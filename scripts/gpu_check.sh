@@ -87,6 +87,10 @@
 #                                        # and qk, S29_SEQLENS default 4k 16k 64k, causal both, 2 rounds)
 #   bash scripts/gpu_check.sh --s29-model  # session 29: the Q-in-kernel GPU tests, then the whole model at 128k
 #                                        # (FA3 bf16, fp8 auto, fp8_triton; --profile's time per kernel kind)
+#   bash scripts/gpu_check.sh --ncu      # session 30: Nsight Compute counters of one layer's kernels (ncu_attention.py:
+#                                        # FA3 bf16, FA3 fp8, the Gluon kernel with e4m3 Q and with Q quantized inside, the
+#                                        # quantizer; NCU_SEQLENS default 16k, causal both): $out/ncu_summary.md, the report
+#                                        # $out/attn.ncu-rep, per-instruction SASS counters $out/ncu_source.csv
 #   bash scripts/gpu_check.sh --multi    # 2+ GPUs: multi_gpu_check (tp and device_map, with and without
 #                                        # prepare_model); the GPU tests are the default mode's
 # Logs go to $OUT (or ./gpu_check_out when OUT is unset). Never reinstalls torch.
@@ -560,6 +564,27 @@ elif [ "$mode" = "--s29-model" ]; then  # session 29: the Q-in-kernel GPU tests 
     -k "q_quantized_in_the_kernel or quantizes_q_in_the_kernel"
   step model timeout "${MODEL_S:-330}" python3 scripts/benchmark_model.py --seqlens ${MODEL_SEQLENS:-131072} \
     --impls fa3_bf16 fp8 fp8_triton --warmup 1 --repeats 2 --profile --json "$out/model.json"
+elif [ "$mode" = "--ncu" ]; then  # session 30: hardware counters (Nsight Compute, clocks left alone) of the kernels
+  # of one layer, each candidate's once after two unprofiled calls (scripts/ncu_attention.py --drive)
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu_bin" ] || { echo "gpu_check: no ncu"; exit 1; }
+  "$ncu_bin" --version | tee "$out/ncu_version.txt"
+  "$ncu_bin" --query-metrics --chip gh100 > "$out/ncu_metrics.txt" 2>&1
+  # the pipes' activity where this ncu knows the names (an unknown name would stop ncu)
+  extra=$(grep -o -E '\b(sm__pipe_tensor_op_gmma_cycles_active|sm__inst_executed_pipe_xu|sm__inst_executed_pipe_fma|sm__inst_executed_pipe_alu|sm__inst_executed_pipe_fmaheavy|smsp__issue_active)\b' \
+    "$out/ncu_metrics.txt" | sort -u | sed 's/$/.avg.pct_of_peak_sustained_active/' | paste -sd, -)
+  echo "extra metrics: ${extra:-none}"
+  step ncu_drive timeout "${NCU_S:-420}" "$ncu_bin" --profile-from-start off --clock-control none \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section InstructionStats \
+    --section SourceCounters ${extra:+--metrics "$extra"} -f -o "$out/attn" \
+    python3 scripts/ncu_attention.py --drive --seqlens ${NCU_SEQLENS:-16384} --causal "${NCU_CAUSAL:-both}"
+  "$ncu_bin" --import "$out/attn.ncu-rep" --csv --page raw --print-units base > "$out/ncu_raw.csv" 2> "$out/ncu_import.err"
+  python3 scripts/ncu_attention.py --summary "$out/ncu_raw.csv" --log "$out/ncu_drive.log" | tee "$out/ncu_summary.md"
+  # per-instruction counters (SASS) of the profiled kernels, where this ncu prints them
+  "$ncu_bin" --import "$out/attn.ncu-rep" --csv --page source --print-source sass > "$out/ncu_source.csv" \
+    2>> "$out/ncu_import.err" || echo "gpu_check: no source page"
+  ls -la "$out" | tail -n +2 | awk '{print $5, $9}' | head -40
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \
     --json "$out/model.json"
