@@ -15,6 +15,12 @@ the SM clock, the tensor, special-function (MUFU, "xu"), FMA and ALU pipes' acti
 largest warp-stall reasons, registers, shared memory, and DRAM throughput. The candidate's name is taken from the
 driver's log (``--log``): the n-th marker's kernels are the n-th "# profiled:" line's.
 
+``--source CSV``: reads ``ncu --csv --page source --print-source sass`` output (SourceCounters' warp-state samples
+per SASS instruction) and prints, per kernel, the samples by stall reason and the ``--top`` most-sampled
+instructions. Warps parked for the whole kernel (a warp-specialized kernel's unused warps, waiting at a barrier
+on a NOP executed a few times per program) are left out of the totals and counted apart: their "barrier" samples
+are not time any working warp lost.
+
     ncu --profile-from-start off --clock-control none --section ... --csv --page raw \\
         python scripts/ncu_attention.py --drive --seqlens 16384 --causal both > ncu.csv 2> drive.log
     python scripts/ncu_attention.py --summary ncu.csv --log drive.log
@@ -42,6 +48,9 @@ def parse_args(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--drive", action="store_true", help="run the kernels (under ncu)")
     what.add_argument("--summary", metavar="CSV", help="summarize ncu's --csv --page raw output")
+    what.add_argument("--source", metavar="CSV", help="ncu's --csv --page source --print-source sass output: per "
+                      "kernel, warp-stall samples by reason and the most-sampled instructions")
+    p.add_argument("--top", type=int, default=12, help="with --source: instructions listed per kernel")
     p.add_argument("--log", help="with --summary: the driver's stderr (its '# profiled:' lines name the kernels)")
     p.add_argument("--seqlens", type=int, nargs="+", default=[16384])
     p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
@@ -97,16 +106,17 @@ def drive(args) -> int:
 # (column label, metric name pattern: the first raw metric that matches, in this order)
 _COLUMNS = (
     ("ms", (r"^gpu__time_duration\.sum$",)),
-    ("SM GHz", (r"^smsp__cycles_elapsed\.avg\.per_second$", r"^sm__cycles_elapsed\.avg\.per_second$")),
-    ("tensor %", (r"^sm__pipe_tensor_op_gmma_cycles_active\.avg\.pct_of_peak_sustained_active$",
-                  r"^sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active$",
-                  r"^sm__inst_executed_pipe_tensor.*pct_of_peak_sustained_active$")),
+    ("SM GHz", (r"^gpc__cycles_elapsed\.avg\.per_second$", r"^smsp__cycles_elapsed\.avg\.per_second$",
+                r"^sm__cycles_elapsed\.avg\.per_second$")),
+    ("tensor %", (r"^sm__pipe_tensor_cycles_active\.avg\.pct_of_peak_sustained_active$",
+                  r"^sm__pipe_tensor_op_gmma_cycles_active\.avg\.pct_of_peak_sustained_active$")),
     ("xu %", (r"^sm__inst_executed_pipe_xu\.avg\.pct_of_peak_sustained_active$",
               r"^sm__pipe_xu_cycles_active\.avg\.pct_of_peak_sustained_active$")),
     ("fma %", (r"^sm__inst_executed_pipe_fma\.avg\.pct_of_peak_sustained_active$",
                r"^sm__pipe_fma_cycles_active\.avg\.pct_of_peak_sustained_active$")),
     ("alu %", (r"^sm__inst_executed_pipe_alu\.avg\.pct_of_peak_sustained_active$",
                r"^sm__pipe_alu_cycles_active\.avg\.pct_of_peak_sustained_active$")),
+    ("inst M", (r"^smsp__inst_executed\.sum$",)),
     ("issue %", (r"^smsp__issue_active\.avg\.pct_of_peak_sustained_active$",
                  r"^sm__instruction_throughput\.avg\.pct_of_peak_sustained_active$")),
     ("regs", (r"^launch__registers_per_thread$",)),
@@ -152,6 +162,8 @@ def _scaled(label: str, value: float | None, unit: str) -> str:
     if label == "ms":
         value /= {"nsecond": 1e6, "usecond": 1e3, "msecond": 1.0, "second": 1e-3}.get(unit, 1e6)
         return f"{value:.3f}"
+    if label == "inst M":
+        return f"{value / 1e6:.0f}"
     if label == "SM GHz":
         per_ghz = {"cycle/second": 1e9, "cycle/msecond": 1e6, "cycle/usecond": 1e3, "cycle/nsecond": 1.0, "hz": 1e9,
                    "khz": 1e6, "mhz": 1e3, "ghz": 1.0}
@@ -208,10 +220,75 @@ def summary_lines(rows: list[dict], labels: list[str]) -> list[str]:
     return lines
 
 
+PARKED_MAX_EXECUTIONS = 1000  # a NOP executed at most this often (warp-level) holds parked warps, not a loop
+
+
+def read_source_csv(text: str) -> list[tuple[str, list[dict]]]:
+    """ncu's source page as CSV: one ("Kernel Name" line, rows) per kernel, each row a dict by column name."""
+    out, header, rows, name = [], None, None, None
+    for line in text.splitlines():
+        if line.startswith('"Kernel Name"'):
+            name = next(csv.reader([line]))[1]
+            header, rows = None, []
+            out.append((name, rows))
+        elif name is not None and line.strip():
+            cells = next(csv.reader([line]))
+            if header is None:
+                header = cells
+            else:
+                rows.append(dict(zip(header, cells)))
+    return out
+
+
+def _int(text) -> int:
+    value = _number(text or "")
+    return int(value) if value is not None else 0
+
+
+def source_lines(kernels: list[tuple[str, list[dict]]], top: int = 12) -> list[str]:
+    """Per kernel (markers skipped, a kernel listed twice in a row shown once): warp-stall samples by reason, and
+    the `top` most-sampled SASS instructions with their share of the samples and their executions."""
+    lines, last = [], None
+    for name, rows in kernels:
+        if MARKER in name or not rows:
+            continue
+        key = (name, len(rows), sum(_int(r.get("Warp Stall Sampling (All Samples)")) for r in rows))
+        if key == last:  # (ncu prints a kernel's page once per view of the same code)
+            continue
+        last = key
+        reasons, parked, total = {}, 0, 0
+        for r in rows:
+            samples = _int(r.get("Warp Stall Sampling (All Samples)"))
+            if r.get("Source", "").strip() == "NOP" and _int(r.get("Instructions Executed")) <= PARKED_MAX_EXECUTIONS:
+                parked += samples
+                continue
+            total += samples
+            for col, value in r.items():
+                if col.startswith("stall_") and "Not Issued" not in col:
+                    reasons[col[6:]] = reasons.get(col[6:], 0) + _int(value)
+        short = name if len(name) <= 70 else name[:67] + "..."
+        lines.append(f"### {short}")
+        lines.append(f"samples {total:,} (parked warps apart: {parked:,}); by reason: " + ", ".join(
+            f"{k} {100 * v / max(total, 1):.1f}%" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]))
+        lines.append("| samples % | executions | instruction |")
+        lines.append("|---|---|---|")
+        ranked = sorted(rows, key=lambda r: -_int(r.get("Warp Stall Sampling (All Samples)")))
+        for r in ranked[:top]:
+            samples = _int(r.get("Warp Stall Sampling (All Samples)"))
+            lines.append(f"| {100 * samples / max(total + parked, 1):.1f} | {_int(r.get('Instructions Executed')):,} | "
+                         f"`{r.get('Source', '').strip()[:80]}` |")
+        lines.append("")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.drive:
         return drive(args)
+    if args.source:
+        with open(args.source) as f:
+            print("\n".join(source_lines(read_source_csv(f.read()), args.top)))
+        return 0
     with open(args.summary) as f:
         rows = read_raw_csv(f.read())
     labels = []
