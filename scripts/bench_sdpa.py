@@ -293,6 +293,10 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-q2"}))
             out.append(kernel_only(f"{Q_IN_KERNEL_ROW}, rotated", triton_fp8_attention, v_keys_contiguous=True,
                                    v_wgmma_order=True, q_in_kernel=True, options=FP8AttentionOptions(hadamard="qk")))
+            # the same build with 1, 2 or 4 of every 8 exponentials by a polynomial on the FMA pipe (session 30)
+            for emu in (1, 2, 4):
+                out.append(kernel_only(f"{EXP2_ROW}{emu}/8", triton_fp8_attention, v_keys_contiguous=True,
+                                       v_wgmma_order=True, env={TRITON_KERNEL_ENV: f"gluon-pp-persistent-exp2-{emu}"}))
             # the same build launched through Triton's JIT every call (session 28: the direct launch's A/B)
             out.append(kernel_only(JIT_ROW, triton_fp8_attention, v_keys_contiguous=True, v_wgmma_order=True,
                                    direct=False))
@@ -427,6 +431,7 @@ def _print_triton_summary(rows: list[dict]) -> None:
 
 
 PLAIN_STORE_ROW = "triton fp8 kernel only, plain stores"
+EXP2_ROW = "triton fp8 kernel only, exp2 by polynomial "  # + "k/8" (session 30)
 JIT_TAG = "JIT launches"  # rows whose every launch goes through Triton's JIT (`_common.direct_launches(False)`)
 JIT_ROW = f"triton fp8 kernel only, {JIT_TAG}"
 
@@ -495,6 +500,28 @@ def _print_q_in_kernel_summary(rows: list[dict]) -> None:
                  "(HF_FP8_ATTENTION_Q_IN_KERNEL=1) against Q quantized per head by the quantizer, same run; ms (vs FA3 bf16); kernel "
                  "alone (% of the FA3 fp8 kernel's speed)", "D | S | causal | mode | Q in the quantizer ms | Q in the "
                  "kernel ms | speedup | kernel alone, Q in e4m3 | kernel alone, Q quantized inside")
+
+
+def exp2_lines(rows: list[dict]) -> list[str]:
+    """Rows of the exponentials A/B (session 30): per shape, the Gluon kernel alone with all of the softmax's
+    exponentials on the special-function unit ("triton fp8 kernel only") and with 1, 2 or 4 of every 8 by a
+    polynomial (`EXP2_ROW`), same run, each as % of the FA3 fp8 kernel, and each split's speedup."""
+    lines = []
+    for (d, s, causal), ms in _by_shape(rows).items():
+        base = ms.get("triton fp8 kernel only")
+        split = [(emu, ms.get(f"{EXP2_ROW}{emu}/8")) for emu in (1, 2, 4)]
+        if base is None or all(t is None for _, t in split):
+            continue
+        cells = " | ".join("-" if t is None else f"{t:.3f} ({_of_fa3_kernel(ms, t)}, {base / t:.3f}x)" for _, t in split)
+        lines.append(f"| {d} | {s} | {'yes' if causal else 'no'} | {base:.3f} ({_of_fa3_kernel(ms, base)}) | {cells} |")
+    return lines
+
+
+def _print_exp2_summary(rows: list[dict]) -> None:
+    _print_table(exp2_lines(rows), "The Gluon kernel alone with part of the softmax's exponentials by a polynomial on "
+                 "the FMA pipe (routes gluon-pp-persistent-exp2-k) against all on the special-function unit, same run; "
+                 "ms (% of the FA3 fp8 kernel's speed, speedup)", "D | S | causal | all by MUFU | 1/8 by polynomial | "
+                 "2/8 | 4/8")
 
 
 def _print_tma_store_summary(rows: list[dict]) -> None:
@@ -643,6 +670,7 @@ def main(argv=None) -> int:
     _print_triton_summary(rows)
     _print_v_order_summary(rows)
     _print_tma_store_summary(rows)
+    _print_exp2_summary(rows)
     _print_mode_costs(rows)
     _print_q_in_kernel_summary(rows)
     if host:

@@ -99,10 +99,56 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
                  BLOCK_N, STAGES)
 
 
+# EXP2_EMU: part of the softmax's exponentials by a polynomial on the FMA pipe instead of the special-function unit
+# (MUFU, 16 results per clock per SM: at D=128 in fp8 as many cycles per score as the tensor cores take; Nsight
+# Compute on the H200 put the consumers' exponentials in one block of MUFU instructions each iteration). 2^x for
+# x <= 8 (the scores less the max offset by 8): x clamped to >= -126 (max.NaN keeps a NaN), floor(x) from one
+# addition rounded down onto 1.5 * 2^23 (the FMA pipe; floor by cvt/frnd would use the conversion unit, whose
+# rate is MUFU's), 2^f for the fraction by a degree-3 fit (relative error 7.5e-5, far inside e4m3's 2^-4), and
+# 2^floor(x) as float bits from the same sum. In pack=8 groups of a thread's scores, EXP2_EMU (1, 2 or 4) of the
+# eight so; the rest by ex2.approx.ftz.f32, what gl.exp2 compiles to.
+_EXP2_POLY = ("{{ .reg .f32 x, t, j, f, p; .reg .b32 e; "
+              "max.NaN.f32 x, {src}, 0fC2FC0000; add.rm.f32 t, x, 0f4B400000; sub.f32 j, t, 0f4B400000; "
+              "sub.f32 f, x, j; fma.rn.f32 p, f, 0f3D9FCD28, 0f3E677F2A; fma.rn.f32 p, p, f, 0f3F3221BB; "
+              "fma.rn.f32 p, p, f, 0f3F7FFB2B; mov.b32 e, t; shl.b32 e, e, 23; add.s32 e, e, 1065353216; "
+              "mov.b32 t, e; mul.f32 {dst}, p, t; }}")
+
+
+def _exp2_asm(emulated: tuple) -> str:
+    """The PTX of one pack of eight: outputs $0..$7, inputs $8..$15; elements in ``emulated`` by the polynomial."""
+    parts = []
+    for i in range(8):
+        if i in emulated:
+            parts.append(_EXP2_POLY.format(src=f"${i + 8}", dst=f"${i}"))
+        else:
+            parts.append(f"ex2.approx.ftz.f32 ${i}, ${i + 8};")
+    return " ".join(parts)
+
+
+_EXP2_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
+EXP2_EMU_ASM_1 = gl.constexpr(_exp2_asm((7,)))
+EXP2_EMU_ASM_2 = gl.constexpr(_exp2_asm((3, 7)))
+EXP2_EMU_ASM_4 = gl.constexpr(_exp2_asm((1, 3, 5, 7)))
+EXP2_EMU_CHOICES = (0, 1, 2, 4)
+
+
+@gluon.jit
+def _exp2(x, EXP2_EMU: gl.constexpr):
+    """exp2 of a score tile, EXP2_EMU (0, 1, 2 or 4) of every eight elements by the polynomial (`_EXP2_POLY`)."""
+    if EXP2_EMU == 0:
+        return gl.exp2(x)
+    elif EXP2_EMU == 1:
+        return gl.inline_asm_elementwise(EXP2_EMU_ASM_1, _EXP2_CONSTRAINTS, [x], gl.float32, True, 8)
+    elif EXP2_EMU == 2:
+        return gl.inline_asm_elementwise(EXP2_EMU_ASM_2, _EXP2_CONSTRAINTS, [x], gl.float32, True, 8)
+    else:
+        return gl.inline_asm_elementwise(EXP2_EMU_ASM_4, _EXP2_CONSTRAINTS, [x], gl.float32, True, 8)
+
+
 @gluon.jit
 def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr,
-             ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
+             ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0):
     """Block j's online softmax (base 2, max offset by 8) on its scores qk: (P as the e4m3 wgmma A operand
     in registers, alpha, l_i, the new max). V_WGMMA_ORDER: V's keys are stored in wgmma order within
     every 16 (`quantized.wgmma_key_order`, written by the quantizer for the Triton backend's default route since
@@ -110,7 +156,8 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
     renaming; otherwise the layout conversion moves them between threads with shuffles and selects).
     ROWSUM_MMA: l_i is returned as it came (the caller adds the row sums of the e4m3 P, from an MMA).
     ROW_SCALES: qk_scale is one positive factor per row (Q quantized per row in the kernel, `_quantize_q`), in
-    the rows' slice of s_layout; else one scalar."""
+    the rows' slice of s_layout; else one scalar. EXP2_EMU: that many of every eight exponentials by a polynomial
+    (`_exp2`)."""
     if ROW_SCALES:
         scale2 = qk_scale[:, None]
     else:
@@ -120,10 +167,10 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * scale2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0
-        p = gl.exp2(qk - (m_new - 8.0)[:, None])
+        p = _exp2(qk - (m_new - 8.0)[:, None], EXP2_EMU)
     else:
         m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (a positive factor per row commutes with the max)
-        p = gl.exp2(qk * scale2 - (m_new - 8.0)[:, None])
+        p = _exp2(qk * scale2 - (m_new - 8.0)[:, None], EXP2_EMU)
     alpha = gl.exp2(m_i - m_new)
     if not ROWSUM_MMA:
         l_i = l_i * alpha + gl.sum(p, 1)
@@ -155,7 +202,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
                   row_limit, s_zero, o_zero, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                   NEXT: gl.constexpr, C: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                   o_layout: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None, r_zero=None,
-                  ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
+                  ROWSUM_MMA: gl.constexpr = False, ROW_SCALES: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0):
     """Key block j of the tile (the ring's use it0 + j, MMA group g0 + j + 1), its scores qk in registers: the
     softmax, then P.V_j and (NEXT) the scores of block j + 1 issued back to back as two asynchronous MMA
     groups (the tensor cores run both while the softmax of block j is already done: FA3's intra-warpgroup
@@ -168,7 +215,7 @@ def _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready
     for with it: l_i is then (rows, 8), every column the row's sum, and the softmax has no additions and no
     shuffles for it."""
     p8, alpha, l_i, m_new = _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N, MASKED, s_layout, o_layout,
-                                     V_WGMMA_ORDER, ROWSUM_MMA, ROW_SCALES)
+                                     V_WGMMA_ORDER, ROWSUM_MMA, ROW_SCALES, EXP2_EMU)
     it = it0 + j
     slot = it % STAGES
     mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
@@ -207,7 +254,7 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_WARPS: gl.constexpr,
                   C: gl.constexpr, PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
                   ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, o_row0=0,
-                  TMA_STORE: gl.constexpr = False, ROW_SCALES: gl.constexpr = False):
+                  TMA_STORE: gl.constexpr = False, ROW_SCALES: gl.constexpr = False, EXP2_EMU: gl.constexpr = 0):
     """Consumer C on one tile (BLOCK_M rows from m0; its key blocks are the ring's uses it0.., its MMA groups
     g0..g0 + n_blocks): every key block, then the normalised output stored (rows below S_q). Block 0's scores
     first; then each block's softmax and P.V with the next block's scores (`_attend_block`): the blocks before
@@ -247,16 +294,16 @@ def _consume_tile(q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, it0,
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           False, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA, ROW_SCALES)
+                                          r_zero, ROWSUM_MMA, ROW_SCALES, EXP2_EMU)
     for j in range(n_unmasked, last):
         acc, l_i, m_i, qk = _attend_block(j, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                           kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES,
                                           True, True, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem,
-                                          r_zero, ROWSUM_MMA, ROW_SCALES)
+                                          r_zero, ROWSUM_MMA, ROW_SCALES, EXP2_EMU)
     acc, l_i, m_i, qk = _attend_block(last, it0, g0, qk, acc, l_i, m_i, q_smem, k_smem, v_smem, k_ready, v_ready,
                                       kv_empty, turn, qk_scale, row_limit, s_zero, o_zero, BLOCK_N, STAGES, True,
                                       False, C, PINGPONG, s_layout, o_layout, V_WGMMA_ORDER, ones_smem, r_zero,
-                                      ROWSUM_MMA, ROW_SCALES)
+                                      ROWSUM_MMA, ROW_SCALES, EXP2_EMU)
     if ROWSUM_MMA:
         l_i = gl.max(l_i, 1)  # (its 8 columns are equal)
     out = acc * gl.convert_layout(v_descale / l_i, gl.SliceLayout(1, o_layout))[:, None]
@@ -496,13 +543,13 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                          PINGPONG: gl.constexpr, V_WGMMA_ORDER: gl.constexpr, ones_smem=None,
                          ROWSUM_MMA: gl.constexpr = False, desc_o=None, o_smem=None, TMA_STORE: gl.constexpr = False,
                          q8_smem=None, h_smem=None, Q_IN_KERNEL: gl.constexpr = False, Q_ROTATE: gl.constexpr = False,
-                         INV_SQRT_D: gl.constexpr = 1.0, Q_BUFFERS: gl.constexpr = 2):
+                         INV_SQRT_D: gl.constexpr = 1.0, Q_BUFFERS: gl.constexpr = 2, EXP2_EMU: gl.constexpr = 0):
     """Consumer C of the persistent kernel: its rows of each tile (`_consume_tile`), the ring's uses and the
     MMA groups counted on across tiles, then its arrive on the Q buffer's "empty" barrier. TMA_STORE: its
     output tiles through o_smem's buffer C and TMA stores, the last one waited for at the end. Q_IN_KERNEL: Q's
     buffers hold the bf16/fp16 input; the consumer quantizes its rows per row into q8_smem's buffer C
     (`_quantize_q`, rotated with Q_ROTATE), releases the Q buffer at once and runs the tile on the codes with
-    one score scale per row."""
+    one score scale per row. EXP2_EMU: `_exp2`'s split of the exponentials."""
     ROWS: gl.constexpr = BLOCK_M // CONSUMERS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -529,7 +576,7 @@ def _consumer_persistent(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_re
                       it, g, Out, b.to(gl.int64) * stride_ob, stride_os, h * HEAD_DIM, m0 + C * ROWS, S_q, S_kv,
                       n_full, n_blocks, qk_scale, v_descale, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, NUM_WARPS, C,
                       PINGPONG, V_WGMMA_ORDER, ones_smem, ROWSUM_MMA, desc_o,
-                      o_smem.index(C) if TMA_STORE else o_smem, b * S_q, TMA_STORE, Q_IN_KERNEL)
+                      o_smem.index(C) if TMA_STORE else o_smem, b * S_q, TMA_STORE, Q_IN_KERNEL, EXP2_EMU)
         if not Q_IN_KERNEL:
             mbarrier.arrive(q_empty.index(buf), count=1)  # its last MMA on Q finished inside _consume_tile
         it += n_blocks
@@ -551,7 +598,8 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                          PINGPONG: gl.constexpr = False, V_WGMMA_ORDER: gl.constexpr = False,
                                          ROWSUM_MMA: gl.constexpr = False, desc_o=None,
                                          TMA_STORE: gl.constexpr = False, Q_IN_KERNEL: gl.constexpr = False,
-                                         Q_ROTATE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 2):
+                                         Q_ROTATE: gl.constexpr = False, Q_BUFFERS: gl.constexpr = 2,
+                                         EXP2_EMU: gl.constexpr = 0):
     """The persistent form of `fp8_attn_fwd_gluon_kernel` (same arguments, plus n_tiles = n_m * B * H_q,
     n_m = cdiv(S_q, BLOCK_M) and heads_fastest, the causal tile order): grid (min(n_tiles, SMs),), each program
     one tile per round of grid tiles (`_my_tile`, `_tile`). TMA_STORE (session 27; the default since 28): the
@@ -630,7 +678,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, False, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D, Q_BUFFERS)),
+                                    INV_SQRT_D, Q_BUFFERS, EXP2_EMU)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
@@ -642,7 +690,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 0, PINGPONG, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D, Q_BUFFERS)),
+                                    INV_SQRT_D, Q_BUFFERS, EXP2_EMU)),
             (_load_partition_persistent, (desc_q, desc_k, desc_vt, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
                                           v_ready, kv_empty, n_tiles, n_m, heads_fastest, H_q, H_kv, S_q, S_kv, GROUP,
                                           HEAD_DIM, IS_CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
@@ -651,7 +699,7 @@ def fp8_attn_fwd_gluon_persistent_kernel(desc_q, desc_k, desc_vt, Out, Q_descale
                                     heads_fastest, H_q, H_kv, S_q, S_kv, sm_scale, GROUP, HEAD_DIM, IS_CAUSAL,
                                     BLOCK_M, BLOCK_N, STAGES, NUM_WARPS, CONSUMERS, 1, PINGPONG, V_WGMMA_ORDER, ones_smem,
                                     ROWSUM_MMA, desc_o, o_smem, TMA_STORE, q8_smem, h_smem, Q_IN_KERNEL, Q_ROTATE,
-                                    INV_SQRT_D, Q_BUFFERS)),
+                                    INV_SQRT_D, Q_BUFFERS, EXP2_EMU)),
         ], [1, NUM_WARPS], [24, 240])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(i))
@@ -751,7 +799,7 @@ def persistent_heads_fastest(k_elements: int, is_causal: bool) -> bool:
 def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple | None = None,
                         consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                         v_wgmma_order: bool | None = None, heads_fastest: bool | None = None,
-                        rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1):
+                        rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1, exp2_emu: int = 0):
     """`fp8_attn_fwd_gluon_kernel` on a `QuantizedQKV` with per-(batch, KV head) descales, e4m3 Q/K,
     contiguous BSHD Q/K and keys-contiguous V, key count a multiple of 16: (B, S_q, H_q, D) out_dtype.
     config: (BLOCK_M, BLOCK_N, warps per consumer, STAGES); consumers: 1, or 2 partitions of half the rows
@@ -764,7 +812,9 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
     (`_attend_block`'s ROWSUM_MMA); tma_store (persistent): the output through shared memory and TMA stores
     left in flight (TMA_STORE; where a tile could run past a sequence's end into the next, B > 1 with S_q not a
     multiple of BLOCK_M, the plain stores); q_buffers (a bundle whose Q the kernel quantizes, `QuantizedQKV.q_in_kernel`):
-    the bf16/fp16 Q tiles' buffers, 1 (the consumers release it once they have their rows in e4m3) or 2."""
+    the bf16/fp16 Q tiles' buffers, 1 (the consumers release it once they have their rows in e4m3) or 2;
+    exp2_emu (persistent): 0, 1, 2 or 4 of every eight of the softmax's exponentials by a polynomial on the FMA
+    pipe (`_exp2`)."""
     block_m, block_n, warps, stages = config or GLUON_CONFIG_DEFAULT
     problems = [p for p in (triton_problem(), refusal(qkv, is_causal)) if p]
     if consumers not in (1, 2):
@@ -792,16 +842,21 @@ def gluon_fp8_attention(qkv, *, is_causal: bool, scale: float, out_dtype, config
         problems.append(f"rowsum_mma needs BLOCK_N 128, got {block_n}")
     if q_buffers not in (1, 2):
         problems.append(f"q_buffers is 1 or 2, got {q_buffers}")
+    if exp2_emu not in EXP2_EMU_CHOICES or isinstance(exp2_emu, bool):
+        problems.append(f"exp2_emu is one of {EXP2_EMU_CHOICES}, got {exp2_emu!r}")
+    elif exp2_emu and not persistent:
+        problems.append("exp2_emu is built into the persistent kernel only")
     if problems:
         raise ValueError("gluon fp8 attention: " + "; ".join(problems))
     return attend(qkv, is_causal=is_causal, scale=scale, out_dtype=out_dtype, config=(block_m, block_n, warps, stages),
                   consumers=consumers, pingpong=pingpong, persistent=persistent, v_wgmma_order=v_wgmma_order,
-                  heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store, q_buffers=q_buffers)
+                  heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store, q_buffers=q_buffers,
+                  exp2_emu=exp2_emu)
 
 
 def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wgmma_order: bool, consumers: int = 1,
            pingpong: bool = False, persistent: bool = False, heads_fastest: bool | None = None,
-           rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1):
+           rowsum_mma: bool = False, tma_store: bool = False, q_buffers: int = 1, exp2_emu: int = 0):
     """`gluon_fp8_attention` without its checks: for a caller that has them from elsewhere (the triton backend's
     route: `refusal` said yes, and the route's own arguments are fixed and checked by tests), v_wgmma_order the
     bundle's. One call's host time on the H200 at 4k went to the JIT's dispatch and to building the TMA
@@ -821,6 +876,8 @@ def attend(qkv, *, is_causal: bool, scale: float, out_dtype, config: tuple, v_wg
                  v_wgmma_order=v_wgmma_order, heads_fastest=heads_fastest, rowsum_mma=rowsum_mma, tma_store=tma_store)
     if qkv.q_in_kernel:  # (the bundle says: Q is the input, its rows quantized by the kernel, rotated or not)
         route.update(q_in_kernel=True, q_rotate=qkv.q_rotate, q_buffers=q_buffers)
+    if exp2_emu:  # (absent when 0: the default build's key and compile-ahead arguments as before)
+        route["exp2_emu"] = exp2_emu
     kernel = fp8_attn_fwd_gluon_persistent_kernel if persistent else fp8_attn_fwd_gluon_kernel
     key = _direct_key(dims, descales, out, is_causal, route, q.dtype) if direct.wanted(out) else None
     if key is not None and not direct.VERIFY and key in direct.direct(kernel).plans:
@@ -877,7 +934,7 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
                       consumers: int = 1, pingpong: bool = False, persistent: bool = False,
                       v_wgmma_order: bool = False, heads_fastest: bool | None = None, rowsum_mma: bool = False,
                       tma_store: bool = False, q_in_kernel: bool = False, q_rotate: bool = False, q_buffers: int = 1,
-                      light: bool = False):
+                      exp2_emu: int = 0, light: bool = False):
     """(kernel, grid, positional arguments, keyword arguments) of one launch, for `attend` and `compile_ahead` alike
     (what makes the two specialize the same); light: the descriptors as `_LaunchDesc` (a direct launch). codes: the
     descriptors' base tensors, (q, k, v) e4m3 (the quantizer's outputs, or stand-ins of the same dtype: a descriptor
@@ -915,6 +972,8 @@ def _launch_arguments(codes, out, descales, dims, *, is_causal: bool, scale: flo
     meta["ROWSUM_MMA"] = bool(rowsum_mma)
     if q_in_kernel:  # (the consumers release Q's buffer once converted: one buffer serves, q_buffers)
         meta.update(Q_IN_KERNEL=True, Q_ROTATE=bool(q_rotate), Q_BUFFERS=int(q_buffers))
+    if exp2_emu:
+        meta["EXP2_EMU"] = int(exp2_emu)
     if tma_store and (B == 1 or S_q % block_m == 0):  # (else a tile's tail rows would land in the next sequence)
         meta.update(desc_o=desc(out, [B * S_q, H_q * D], [H_q * D, 1], [block_m // consumers, D],
                                 _gl_dtypes()[out.dtype]), TMA_STORE=True)

@@ -31,13 +31,14 @@ D, causal, consumers, persistent = int(sys.argv[1]), sys.argv[2] == "1", int(sys
 pingpong, v_order, rowsum = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
 tma_store = sys.argv[8] == "1"
 q_in = int(sys.argv[9])  # 0: e4m3 Q; 1: bf16 Q quantized in the kernel; 2: that, rotated
+exp2_emu = int(sys.argv[10]) if len(sys.argv) > 10 else 0
 fn = G.fp8_attn_fwd_gluon_persistent_kernel if persistent else G.fp8_attn_fwd_gluon_kernel
 block_m, block_n, warps, stages = G.GLUON_CONFIG_DEFAULT
 warps = warps // consumers  # two consumers of half the rows: 4 warps each
 cx = dict(GROUP=4, HEAD_DIM=D, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
           CONSUMERS=consumers, PINGPONG=pingpong, V_WGMMA_ORDER=v_order,
           **({"ROWSUM_MMA": rowsum, "TMA_STORE": tma_store, "Q_IN_KERNEL": q_in > 0, "Q_ROTATE": q_in == 2,
-              "Q_BUFFERS": 1 if q_in else 2} if persistent else {}))
+              "Q_BUFFERS": 1 if q_in else 2, "EXP2_EMU": exp2_emu} if persistent else {}))
 layout = lambda block, dtype=gl.float8e4nv: repr(gl.NVMMASharedLayout.get_default_for(block, dtype))
 sig = {n: ("constexpr" if n in cx else "i32") for n in fn.arg_names}
 q_type = "bf16" if q_in else "fp8e4nv"
@@ -57,7 +58,7 @@ print(json.dumps(dict(ptx=k.asm["ptx"], shared=k.metadata.shared)))
 
 
 def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order=False, rowsum_mma=False,
-                  tma_store=False, q_in=0):
+                  tma_store=False, q_in=0, exp2_emu=0):
     """Compiles in a child process: under TRITON_INTERPRET (set for the CPU tests) @gluon.jit helpers are
     interpreter objects that the compiler refuses."""
     import json
@@ -67,7 +68,7 @@ def _compile_sm90(D, causal, consumers, persistent=False, pingpong=None, v_order
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     pingpong = consumers == 2 if pingpong is None else pingpong
     flags = ["1" if causal else "0", str(consumers), "1" if persistent else "0", "1" if pingpong else "0",
-             "1" if v_order else "0", "1" if rowsum_mma else "0", "1" if tma_store else "0", str(q_in)]
+             "1" if v_order else "0", "1" if rowsum_mma else "0", "1" if tma_store else "0", str(q_in), str(exp2_emu)]
     done = subprocess.run([sys.executable, "-c", _COMPILE, str(D), *flags], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -218,7 +219,10 @@ def test_gluon_launcher_refuses_what_it_cannot_run():
                         (dict(pingpong=True), "pingpong needs 2 consumers"),
                         (dict(rowsum_mma=True), "persistent kernel only"),
                         (dict(rowsum_mma=True, persistent=True, config=(128, 64, 8, 2)), "rowsum_mma needs BLOCK_N 128"),
-                        (dict(consumers=3), "consumers is 1 or 2")):
+                        (dict(consumers=3), "consumers is 1 or 2"),
+                        (dict(exp2_emu=3, persistent=True), r"exp2_emu is one of \(0, 1, 2, 4\)"),
+                        (dict(exp2_emu=True, persistent=True), "exp2_emu is one of"),
+                        (dict(exp2_emu=2), "exp2_emu is built into the persistent kernel only")):
         with pytest.raises(ValueError, match=message):
             gluon_attention.gluon_fp8_attention(ok, is_causal=False, scale=0.125, out_dtype=torch.bfloat16, **kw)
     no_keys = quantize_qkv_fp8(q, k[:, :, :0], v[:, :, :0], options=FP8AttentionOptions(hadamard="none"),
@@ -470,3 +474,66 @@ def test_persistent_causal_order_follows_the_kv_bytes():
     assert not gluon_attention.persistent_heads_fastest(k(8, 4096, 32), True)
     assert not gluon_attention.persistent_heads_fastest(k(1, 4096, 32), False)
     assert 2 * k(1, 8192, 32) > limit
+
+
+def _f32(bits: str) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", int(bits, 16)))[0]
+
+
+def test_exp2_polynomial_constants_give_2_to_the_x():
+    """`gluon_attention._EXP2_POLY`'s arithmetic, replayed in float32 from the PTX's own constants: the clamp at
+    -126, floor(x) from the sum rounded down onto 1.5 * 2^23, the degree-3 fit of 2^f and the exponent from the
+    sum's bits give 2^x within 8e-5 relative over the softmax's range (x <= 8), 2^-126 or less below it (-inf:
+    an e4m3 zero), and NaN for NaN (max.NaN)."""
+    import numpy as np
+
+    ptx = gluon_attention._EXP2_POLY
+    clamp, magic = (_f32(h) for h in re.findall(r"max\.NaN\.f32 x, \{src\}, 0f([0-9A-F]{8}); add\.rm\.f32 t, x, "
+                                                  r"0f([0-9A-F]{8})", ptx)[0])
+    c3, c2 = (_f32(h) for h in re.findall(r"fma\.rn\.f32 p, f, 0f([0-9A-F]{8}), 0f([0-9A-F]{8})", ptx)[0])
+    c1, c0 = (_f32(h) for h in re.findall(r"fma\.rn\.f32 p, p, f, 0f([0-9A-F]{8})", ptx))
+    assert (clamp, magic) == (-126.0, 1.5 * 2**23) and "shl.b32 e, e, 23" in ptx and "1065353216" in ptx
+
+    def emulate(x):
+        x = np.asarray(x, dtype=np.float32)
+        x = np.where(np.isnan(x), x, np.maximum(x, np.float32(clamp)))
+        t = (np.float32(magic) + np.floor(x.astype(np.float64))).astype(np.float32)  # add.rm: exact integers here
+        j = t - np.float32(magic)
+        f = x - j
+        p = ((np.float32(c3) * f + np.float32(c2)) * f + np.float32(c1)) * f + np.float32(c0)
+        e = (t.view(np.uint32) << np.uint32(23)) + np.uint32(1065353216)
+        return p * e.view(np.float32)
+
+    x = np.concatenate([np.linspace(-126, 8, 200001, dtype=np.float32), np.arange(-126, 9, dtype=np.float32)])
+    got = emulate(x).astype(np.float64)
+    want = np.exp2(x.astype(np.float64))
+    assert np.abs(got / want - 1).max() < 8e-5
+    low = emulate(np.array([-127.5, -300.0, -np.inf], dtype=np.float32))
+    assert np.all(low >= 0) and np.all(low <= 2.0**-125)
+    assert np.isnan(emulate(np.array([np.nan], dtype=np.float32))).all()
+
+
+def test_exp2_asm_packs_eight_with_k_by_polynomial():
+    """Each EXP2_EMU's asm: eight outputs and inputs, k of them by the polynomial, the rest by ex2.approx.ftz.f32
+    (what gl.exp2 compiles to), so those elements are bit-equal to the default build's."""
+    for k, asm in ((1, gluon_attention.EXP2_EMU_ASM_1), (2, gluon_attention.EXP2_EMU_ASM_2),
+                   (4, gluon_attention.EXP2_EMU_ASM_4)):
+        asm = getattr(asm, "value", asm)
+        assert asm.count("add.rm.f32") == k and asm.count("ex2.approx.ftz.f32") == 8 - k
+        assert all(f"${i}" in asm for i in range(16))
+    assert getattr(gluon_attention._EXP2_CONSTRAINTS, "value", gluon_attention._EXP2_CONSTRAINTS).count("=r") == 8
+
+
+@pytest.mark.skipif(not _ptxas_ok(), reason="triton's bundled ptxas is missing or not executable")
+def test_exp2_emu_build_moves_exponentials_off_the_special_function_unit():
+    """EXP2_EMU=2 (route gluon-pp-persistent-exp2-2): a quarter fewer ex2.approx in the build, the polynomial's
+    rounded-down addition instead, and no float-to-integer conversion (cvt.rmi / cvt.rzi: the conversion unit runs at
+    the special-function unit's rate) in either build's PTX."""
+    base = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True)
+    emu = _compile_sm90(128, True, 2, True, True, v_order=True, rowsum_mma=True, tma_store=True, exp2_emu=2)
+    n_base, n_emu = (k["ptx"].count("ex2.approx") for k in (base, emu))
+    assert n_emu == n_base - emu["ptx"].count("add.rm.f32") and n_emu * 8 >= n_base * 6 - 16, (n_base, n_emu)
+    assert emu["ptx"].count("add.rm.f32") > 0 and "cvt.rmi.f32.f32" not in emu["ptx"]
+    assert emu["shared"] == base["shared"]
