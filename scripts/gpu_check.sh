@@ -89,7 +89,8 @@
 #                                        # (FA3 bf16, fp8 auto, fp8_triton; --profile's time per kernel kind)
 #   bash scripts/gpu_check.sh --ncu      # session 30: Nsight Compute counters of one layer's kernels (ncu_attention.py:
 #                                        # FA3 bf16, FA3 fp8, the Gluon kernel with e4m3 Q and with Q quantized inside, the
-#                                        # quantizer; NCU_SEQLENS default 16k, causal both): $out/ncu_summary.md, the report
+#                                        # quantizer; NCU_SEQLENS default 16k, NCU_CAUSAL default both, NCU_IMPLS "a|b"
+#                                        # picks candidates): $out/ncu_summary.md, the report
 #                                        # $out/attn.ncu-rep, per-instruction SASS counters $out/ncu_source.csv
 #   bash scripts/gpu_check.sh --s30      # session 30, exponentials by a polynomial (routes gluon-pp-persistent-exp2-k):
 #                                        # their GPU test, then bench_sdpa's kernels alone (S30_SEQLENS default 4k 16k 64k,
@@ -569,6 +570,8 @@ elif [ "$mode" = "--s29-model" ]; then  # session 29: the Q-in-kernel GPU tests 
     --impls fa3_bf16 fp8 fp8_triton --warmup 1 --repeats 2 --profile --json "$out/model.json"
 elif [ "$mode" = "--ncu" ]; then  # session 30: hardware counters (Nsight Compute, clocks left alone) of the kernels
   # of one layer, each candidate's once after two unprofiled calls (scripts/ncu_attention.py --drive)
+  # NCU_IMPLS: candidate names separated by "|" (default: ncu_attention.py's DEFAULT_IMPLS)
+  IFS='|' read -r -a NCU_IMPLS_LIST <<< "${NCU_IMPLS:-}"
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$ncu_bin" ] || { echo "gpu_check: no ncu"; exit 1; }
   "$ncu_bin" --version | tee "$out/ncu_version.txt"
@@ -581,7 +584,8 @@ elif [ "$mode" = "--ncu" ]; then  # session 30: hardware counters (Nsight Comput
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section InstructionStats \
     --section SourceCounters ${extra:+--metrics "$extra"} -f -o "$out/attn" \
-    python3 scripts/ncu_attention.py --drive --seqlens ${NCU_SEQLENS:-16384} --causal "${NCU_CAUSAL:-both}"
+    python3 scripts/ncu_attention.py --drive --seqlens ${NCU_SEQLENS:-16384} --causal "${NCU_CAUSAL:-both}" \
+    ${NCU_IMPLS:+--impls "${NCU_IMPLS_LIST[@]}"}
   "$ncu_bin" --import "$out/attn.ncu-rep" --csv --page raw --print-units base > "$out/ncu_raw.csv" 2> "$out/ncu_import.err"
   python3 scripts/ncu_attention.py --summary "$out/ncu_raw.csv" --log "$out/ncu_drive.log" | tee "$out/ncu_summary.md"
   # per-instruction counters (SASS) of the profiled kernels, where this ncu prints them
