@@ -945,3 +945,85 @@ def test_bench_sdpa_direct_launch_table():
             row(4096, "FA3 bf16", 150.0, 0.2), row(16384, bench_sdpa.JIT_ROW, 200.0, 2.6)]
     assert bench_sdpa.direct_launch_lines(host) == [
         "| 4096 | yes | 128 | fp8_triton (quant incl.) | 450.5 | 300.0 | 150.5 | 0.450 / 0.300 |"]
+
+
+def test_bench_sdpa_exp2_table():
+    """bench_sdpa's exponentials A/B (session 30): per shape, the Gluon kernel alone with every exponential on MUFU
+    and with 1, 2 or 4 of 8 by the polynomial, each as % of the FA3 fp8 kernel and as a speedup over the first;
+    a split that did not run shows "-", a shape without any split row is left out."""
+    rows = [dict(D=128, S=16384, causal=False, impl=name, ms=ms) for name, ms in (
+        ("FA3 fp8 kernel only", 4.8), ("triton fp8 kernel only", 4.8), (f"{bench_sdpa.EXP2_ROW}1/8", 5.0),
+        (f"{bench_sdpa.EXP2_ROW}4/8", 6.0))]
+    rows += [dict(D=128, S=4096, causal=True, impl="triton fp8 kernel only", ms=0.2)]
+    assert bench_sdpa.exp2_lines(rows) == [
+        "| 128 | 16384 | no | 4.800 (100.0%) | 5.000 (96.0%, 0.960x) | - | 6.000 (80.0%, 0.800x) |"]
+
+
+ncu = _load("ncu_attention")
+
+
+def test_ncu_summary_reads_raw_csv_and_labels_kernels_by_marker():
+    """ncu_attention --summary: ncu's raw CSV (messages before the header skipped, the units row read), one table
+    row per kernel but the markers (torch.cuda._sleep's spin kernel), each labelled by the driver's n-th
+    "# profiled:" line; units scaled (ns -> ms, Hz -> GHz, bytes -> KiB), stalls largest first, "-" for a metric
+    the CSV lacks, and a note when the log names another number of candidates."""
+    header = ['"ID"', '"Kernel Name"', '"gpu__time_duration.sum"', '"gpc__cycles_elapsed.avg.per_second"',
+              '"sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"',
+              '"launch__shared_mem_per_block_dynamic"',
+              '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"',
+              '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"']
+    units = ['""', '""', '"nsecond"', '"hz"', '"%"', '"byte"', '"inst"', '"inst"']
+    text = "\n".join(["==PROF== Connected", ",".join(header), ",".join(units),
+                      '"0","at::cuda::<unnamed>::spin_kernel(long)","1,000","1","0","0","0","0"',
+                      '"1","fill","2,000","1,900,000,000","0","0","4","0"',
+                      '"2","attn","4,302,336","1,800,000,000","55.22","191,488","1.57","0.71"',
+                      '"3","at::cuda::<unnamed>::spin_kernel(long)","1,000","1","0","0","0","0"',
+                      '"4","gluon","4,561,664","1,800,000,000","52.45","132,096","1.63","2.40"'])
+    rows = ncu.read_raw_csv(text)
+    assert [r["Kernel Name"][0] for r in rows] == ["at::cuda::<unnamed>::spin_kernel(long)", "fill", "attn",
+                                                   "at::cuda::<unnamed>::spin_kernel(long)", "gluon"]
+    labels = ncu.labels_from_log("noise\n# profiled: S=16384 causal=no | FA3 fp8 kernel only\n"
+                                 "# profiled: S=16384 causal=no | triton fp8 kernel only\n")
+    assert labels == ["S=16384 causal=no FA3 fp8 kernel only", "S=16384 causal=no triton fp8 kernel only"]
+    lines = ncu.summary_lines(rows, labels)
+    assert len(lines) == 2 + 3
+    assert lines[3].startswith("| S=16384 causal=no FA3 fp8 kernel only | attn | 4.302 | 1.80 | 55.2 | - |")
+    assert "| 187 | - | wait 1.57, barrier 0.71 |" in lines[3]
+    assert lines[4].startswith("| S=16384 causal=no triton fp8 kernel only | gluon | 4.562 |")
+    assert lines[4].endswith("barrier 2.40, wait 1.63 |")
+    assert "labels may be off" in ncu.summary_lines(rows, labels[:1])[-1]
+    with pytest.raises(ValueError, match="no ncu raw CSV header"):
+        ncu.read_raw_csv("==PROF== nothing profiled\n")
+
+
+def test_ncu_source_sets_parked_warps_apart():
+    """ncu_attention --source: per kernel (markers skipped, a kernel printed twice in a row shown once), the
+    stall samples by reason without the warps parked on a NOP for the whole kernel (a NOP executed a few times
+    that holds many samples), counted apart, and the most-sampled instructions."""
+    cols = ('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+            '"Instructions Executed","stall_barrier","stall_wait","stall_barrier (Not Issued)"')
+
+    def kernel(name, rows):
+        return [f'"Kernel Name","{name}",', cols] + [
+            f'"0x{i:x}","{src}","{all_}","0","{ex}","{bar}","{wait}","0"' for i, (src, all_, ex, bar, wait) in
+            enumerate(rows)]
+
+    gluon = kernel("gluon", [("      NOP", 900, 264, 900, 0), ("MUFU.EX2 R1, R1", 80, 2080768, 0, 80),
+                             ("BAR.SYNC.DEFER_BLOCKING 0x3, 0x80", 20, 2080768, 20, 0), ("NOP", 5, 2080768, 0, 5)])
+    text = "\n".join(kernel("at::cuda::<unnamed>::spin_kernel(long)", [("EXIT", 0, 1, 0, 0)]) + gluon + gluon)
+    kernels = ncu.read_source_csv(text)
+    assert [name for name, _ in kernels] == ["at::cuda::<unnamed>::spin_kernel(long)", "gluon", "gluon"]
+    lines = ncu.source_lines(kernels, top=2)
+    assert lines.count("### gluon") == 1
+    assert "samples 105 (parked warps apart: 900); by reason: wait 81.0%, barrier 19.0%" in lines[1]
+    assert lines[4] == "| 89.6 | 264 | `NOP` |" and lines[5] == "| 8.0 | 2,080,768 | `MUFU.EX2 R1, R1` |"
+
+
+@no_cuda
+def test_ncu_drive_without_cuda(capsys):
+    assert ncu.main(["--drive", "--seqlens", "1024"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ncu.parse_args(["--drive", "--seqlens", "0"])
+    with pytest.raises(SystemExit):  # one of --drive, --summary, --source
+        ncu.parse_args([])
