@@ -53,6 +53,12 @@ Session 26: the default route reads V in wgmma key order (V_WGMMA_ORDER), which 
 the calls that route takes (`triton.reads_v_wgmma_order`): 1.04-1.07x at 16k and 1.01-1.02x at 64k against the
 same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8, two runs,
 `vorder_sdpa_h200_s26_run*.log`).
+
+Session 30 (Nsight Compute, `ncu_summary_h200_s30.md`): the fp8 kernels, FA3's and this one, keep the tensor pipe
+52-55% busy with no unit full (MUFU 48-56%, issue slots 38-47%): a consumer's softmax outlasts the other's MMAs.
+Part of the exponentials by a polynomial on the FMA pipe (EXP2_EMU, routes gluon-pp-persistent-exp2-k, floor by
+a rounded-down addition, not the conversion unit) was slower at every split, 1/8 0.93-0.96x
+(`exp2_sdpa_h200_s30.log`): kept as an A/B build.
 """
 
 from __future__ import annotations
