@@ -252,6 +252,11 @@ def _gluon_route(qkv: QuantizedQKV, v: torch.Tensor, is_causal: bool):
     return None if gluon_attention.refusal(qkv, is_causal) else (qkv, kernel)
 
 
+def _decodes(s_q: int, h_q: int, h_kv: int) -> bool:
+    """Whether a call takes the decode kernels: few query rows per KV head (S_q times the GQA group)."""
+    return s_q * (h_q // h_kv) <= _registry.TRITON_DECODE_MAX_ROWS
+
+
 def _launch(
     qkv: QuantizedQKV,
     is_causal: bool,
@@ -273,8 +278,7 @@ def _launch(
         # dtype the backend writes, and within shared memory (two bf16 Q buffers, the rotation's matrix and a float32
         # output's buffers together exceed an SM's: route gluon-pp-persistent-q2)
         route = None
-        n_rows = qkv.q.shape[1] * (qkv.q.shape[2] // qkv.k.shape[2])
-        if config is None and out_dtype in _OUT_DTYPES and n_rows > _registry.TRITON_DECODE_MAX_ROWS:
+        if config is None and out_dtype in _OUT_DTYPES and not _decodes(qkv.q.shape[1], qkv.q.shape[2], qkv.k.shape[2]):
             route = _gluon_route(qkv, qkv.v, is_causal)
         if route is not None and (not route[1].get("persistent") or (
                 qkv.q_rotate and out_dtype == torch.float32 and route[1].get("q_buffers", 1) == 2)):
@@ -302,7 +306,7 @@ def _launch(
     n_rows = s_q * group
     dim_pad = next_power_of_2(dim)
     bh = batch * h_kv
-    decode = n_rows <= _registry.TRITON_DECODE_MAX_ROWS
+    decode = _decodes(s_q, h_q, h_kv)
     if v_keys_contiguous is None:  # (the quantizer writes it so where fp8_attention asked it to: no copy)
         v_keys_contiguous = _registry.triton_reads_v_keys_contiguous(s_q, h_q, h_kv, s_kv, dim)
     if v_keys_contiguous and v.stride(1) != 1:
