@@ -517,11 +517,9 @@ def exp2_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _print_exp2_summary(rows: list[dict]) -> None:
-    _print_table(exp2_lines(rows), "The Gluon kernel alone with part of the softmax's exponentials by a polynomial on "
-                 "the FMA pipe (routes gluon-pp-persistent-exp2-k) against all on the special-function unit, same run; "
-                 "ms (% of the FA3 fp8 kernel's speed, speedup)", "D | S | causal | all by MUFU | 1/8 by polynomial | "
-                 "2/8 | 4/8")
+EXP2_TABLE = ("The Gluon kernel alone with part of the softmax's exponentials by a polynomial on the FMA pipe (routes "
+              "gluon-pp-persistent-exp2-k) against all on the special-function unit, same run; ms (% of the FA3 fp8 "
+              "kernel's speed, speedup)", "D | S | causal | all by MUFU | 1/8 by polynomial | 2/8 | 4/8")
 
 
 def _print_tma_store_summary(rows: list[dict]) -> None:
@@ -670,7 +668,7 @@ def main(argv=None) -> int:
     _print_triton_summary(rows)
     _print_v_order_summary(rows)
     _print_tma_store_summary(rows)
-    _print_exp2_summary(rows)
+    _print_table(exp2_lines(rows), *EXP2_TABLE)
     _print_mode_costs(rows)
     _print_q_in_kernel_summary(rows)
     if host:
