@@ -112,7 +112,9 @@ def _load_partition(desc_k, desc_vt, k_smem, v_smem, k_ready, v_ready, kv_empty,
 # addition rounded down onto 1.5 * 2^23 (the FMA pipe; floor by cvt/frnd would use the conversion unit, whose
 # rate is MUFU's), 2^f for the fraction by a degree-3 fit (relative error 7.5e-5, far inside e4m3's 2^-4), and
 # 2^floor(x) as float bits from the same sum. In pack=8 groups of a thread's scores, EXP2_EMU (1, 2 or 4) of the
-# eight so; the rest by ex2.approx.ftz.f32, what gl.exp2 compiles to.
+# eight so; the rest by ex2.approx.ftz.f32, what gl.exp2 compiles to. Measured slower at every split on the H200
+# (session 30, docs/results/exp2_sdpa_h200_s30.log: 1/8 0.93-0.96x, 4/8 0.70-0.78x): the softmax phase is bound
+# by its warp's instruction issue, not by the MUFU's rate. Opt-in A/B builds only (triton's exp2 routes).
 _EXP2_POLY = ("{{ .reg .f32 x, t, j, f, p; .reg .b32 e; "
               "max.NaN.f32 x, {src}, 0fC2FC0000; add.rm.f32 t, x, 0f4B400000; sub.f32 j, t, 0f4B400000; "
               "sub.f32 f, x, j; fma.rn.f32 p, f, 0f3D9FCD28, 0f3E677F2A; fma.rn.f32 p, p, f, 0f3F3221BB; "
