@@ -212,8 +212,9 @@ def _fp8_backends(device) -> list[str]:
     return usable
 
 
-def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[Candidate]:
-    """Only what is installed/usable on this GPU is listed."""
+def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None, exp2_rows: bool = False) -> list[Candidate]:
+    """Only what is installed/usable on this GPU is listed. exp2_rows: the Gluon kernel's exponentials A/B rows
+    (`EXP2_ROW`) too."""
     from hf_fp8_attention import fp8_sdpa, quantize_qkv_fp8
     from hf_fp8_attention.dispatch import kernel_available
 
@@ -293,8 +294,9 @@ def _candidates(q, k, v, causal, modes: dict[str, dict] | None = None) -> list[C
                                    env={TRITON_KERNEL_ENV: "gluon-pp-persistent-q2"}))
             out.append(kernel_only(f"{Q_IN_KERNEL_ROW}, rotated", triton_fp8_attention, v_keys_contiguous=True,
                                    v_wgmma_order=True, q_in_kernel=True, options=FP8AttentionOptions(hadamard="qk")))
-            # the same build with 1, 2 or 4 of every 8 exponentials by a polynomial on the FMA pipe (session 30)
-            for emu in (1, 2, 4):
+            # the same build with 1, 2 or 4 of every 8 exponentials by a polynomial on the FMA pipe (session 30; measured
+            # slower: only where --impls names these rows, "exp2")
+            for emu in (1, 2, 4) if exp2_rows else ():
                 out.append(kernel_only(f"{EXP2_ROW}{emu}/8", triton_fp8_attention, v_keys_contiguous=True,
                                        v_wgmma_order=True, env={TRITON_KERNEL_ENV: f"gluon-pp-persistent-exp2-{emu}"}))
             # the same build launched through Triton's JIT every call (session 28: the direct launch's A/B)
@@ -625,7 +627,8 @@ def main(argv=None) -> int:
                 flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
                 ref = _reference(q, k, v, causal, args.sqnr_ref)
                 times, sqnrs, cands = {}, {}, {}
-                for cand in _candidates(q, k, v, causal, args.mode_kwargs):
+                exp2 = any("exp2" in sub for sub in args.impls or ())
+                for cand in _candidates(q, k, v, causal, args.mode_kwargs, exp2_rows=exp2):
                     if args.impls and not any(sub in cand.name for sub in args.impls):
                         continue
                     try:

@@ -91,7 +91,8 @@
 #                                        # FA3 bf16, FA3 fp8, the Gluon kernel with e4m3 Q and with Q quantized inside, the
 #                                        # quantizer; NCU_SEQLENS default 16k, NCU_CAUSAL default both, NCU_IMPLS "a|b"
 #                                        # picks candidates): $out/ncu_summary.md, the report
-#                                        # $out/attn.ncu-rep, per-instruction SASS counters $out/ncu_source.csv
+#                                        # $out/attn.ncu-rep, per-instruction SASS counters $out/ncu_source.csv (summed
+#                                        # by ncu_attention.py --source into $out/ncu_source.md)
 #   bash scripts/gpu_check.sh --s30      # session 30, exponentials by a polynomial (routes gluon-pp-persistent-exp2-k):
 #                                        # their GPU test, then bench_sdpa's kernels alone (S30_SEQLENS default 4k 16k 64k,
 #                                        # causal both, S30_ROUNDS default 3) with the A/B table
@@ -590,14 +591,15 @@ elif [ "$mode" = "--ncu" ]; then  # session 30: hardware counters (Nsight Comput
   python3 scripts/ncu_attention.py --summary "$out/ncu_raw.csv" --log "$out/ncu_drive.log" | tee "$out/ncu_summary.md"
   # per-instruction counters (SASS) of the profiled kernels, where this ncu prints them
   "$ncu_bin" --import "$out/attn.ncu-rep" --csv --page source --print-source sass > "$out/ncu_source.csv" \
-    2>> "$out/ncu_import.err" || echo "gpu_check: no source page"
+    2>> "$out/ncu_import.err" && python3 scripts/ncu_attention.py --source "$out/ncu_source.csv" > "$out/ncu_source.md" \
+    || echo "gpu_check: no source page"
   ls -la "$out" | tail -n +2 | awk '{print $5, $9}' | head -40
 elif [ "$mode" = "--s30" ]; then  # session 30: part of the softmax's exponentials by a polynomial on the FMA pipe
   step exp2_tests timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_gluon_gpu.py \
     -k "exp2 or default_build_matches"
   step exp2_sdpa timeout "${SDPA_S:-330}" python3 scripts/bench_sdpa.py --kv-heads 8 \
     --seqlens ${S30_SEQLENS:-4096 16384 65536} --causal both --rounds "${S30_ROUNDS:-3}" --modes none \
-    --sqnr-ref off --rep-ms 100 --impls "FA3 bf16" "FA3 fp8 kernel only" "triton fp8 kernel only" \
+    --sqnr-ref off --rep-ms 100 --impls "FA3 bf16" "FA3 fp8 kernel only" "triton fp8 kernel only" "exp2" \
     --json "$out/exp2_sdpa.json"
 elif [ "$mode" = "--model" ]; then
   step model python3 scripts/benchmark_model.py --seqlens 4096 16384 32768 65536 131072 --warmup 1 --repeats 2 \

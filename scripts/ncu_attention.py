@@ -4,7 +4,7 @@
 Two halves:
 
 ``--drive``: the program ncu runs. For each shape it builds bench_sdpa's inputs (GQA, bf16 BHSD views of BSHD)
-and candidates (`bench_sdpa._candidates`), keeps those whose names contain one of ``--impls``, runs each twice
+and candidates (`bench_sdpa._candidates`), keeps those named exactly as one of ``--impls``, runs each twice
 unprofiled (compiles, autotuning), then once between ``cudaProfilerStart`` / ``cudaProfilerStop``: run it under
 ``ncu --profile-from-start off`` and only those calls' kernels are profiled, in the order the driver prints
 ("# profiled: ..." lines, one per candidate), each candidate's kernels after a marker kernel (`torch.cuda._sleep`'s
@@ -21,8 +21,9 @@ instructions. Warps parked for the whole kernel (a warp-specialized kernel's unu
 on a NOP executed a few times per program) are left out of the totals and counted apart: their "barrier" samples
 are not time any working warp lost.
 
-    ncu --profile-from-start off --clock-control none --section ... --csv --page raw \\
-        python scripts/ncu_attention.py --drive --seqlens 16384 --causal both > ncu.csv 2> drive.log
+    ncu --profile-from-start off --clock-control none --section ... -o attn \\
+        python scripts/ncu_attention.py --drive --seqlens 16384 --causal both 2> drive.log
+    ncu --import attn.ncu-rep --csv --page raw --print-units base > ncu.csv
     python scripts/ncu_attention.py --summary ncu.csv --log drive.log
 
 `scripts/gpu_check.sh --ncu` runs both on the lent GPU.
@@ -156,21 +157,29 @@ def _metric(row: dict, patterns) -> tuple[str, float | None, str]:
     return "", None, ""
 
 
+# unit -> its value in the column's unit (ms, GHz, KiB); ncu writes "ns", "hz", "byte/block" with --print-units
+# base, other prefixes with its automatic units
+_PER_UNIT = {
+    "ms": {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3,
+           "second": 1e3},
+    "SM GHz": {"hz": 1e-9, "khz": 1e-6, "mhz": 1e-3, "ghz": 1.0, "cycle/second": 1e-9, "cycle/nsecond": 1.0,
+               "cycle/usecond": 1e-3, "cycle/msecond": 1e-6},
+    "smem KiB": {"byte": 1 / 1024, "kbyte": 1000 / 1024, "mbyte": 1e6 / 1024, "kibyte": 1.0},
+}
+
+
 def _scaled(label: str, value: float | None, unit: str) -> str:
+    """A metric's value in its column's unit; "?" for a unit this table does not know (rather than a guess)."""
     if value is None:
         return "-"
-    if label == "ms":
-        value /= {"nsecond": 1e6, "usecond": 1e3, "msecond": 1.0, "second": 1e-3}.get(unit, 1e6)
-        return f"{value:.3f}"
+    if label in _PER_UNIT:
+        factor = _PER_UNIT[label].get(unit.lower().removesuffix("/block"))
+        if factor is None:
+            return "?"
+        value *= factor
+        return f"{value:.3f}" if label == "ms" else f"{value:.2f}" if label == "SM GHz" else f"{value:.0f}"
     if label == "inst M":
         return f"{value / 1e6:.0f}"
-    if label == "SM GHz":
-        per_ghz = {"cycle/second": 1e9, "cycle/msecond": 1e6, "cycle/usecond": 1e3, "cycle/nsecond": 1.0, "hz": 1e9,
-                   "khz": 1e6, "mhz": 1e3, "ghz": 1.0}
-        return f"{value / per_ghz.get(unit.lower(), 1e9):.2f}"
-    if label == "smem KiB":
-        per_kib = {"byte": 1024, "kbyte": 1024 / 1000, "kibyte": 1.0, "mbyte": 1024 / 1e6}
-        return f"{value / per_kib.get(unit.lower(), 1024):.0f}"
     return f"{value:.0f}" if label == "regs" else f"{value:.1f}"
 
 
@@ -180,8 +189,9 @@ def stalls(row: dict, top: int = 4) -> str:
     for name, (value, _) in row.items():
         m = _STALL.match(name)
         number = _number(value)
-        if m and number is not None and not name.endswith("_not_issued.ratio"):
-            found.append((number, m.group(1) or m.group(2)))
+        reason = m and (m.group(1) or m.group(2))
+        if m and number is not None and not name.endswith("_not_issued.ratio") and reason != "selected":
+            found.append((number, reason))  # ("selected": issuing, 1 per issue by definition; not a stall)
     found.sort(reverse=True)
     return ", ".join(f"{reason} {value:.2f}" for value, reason in found[:top]) or "-"
 

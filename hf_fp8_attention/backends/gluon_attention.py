@@ -54,8 +54,9 @@ the calls that route takes (`triton.reads_v_wgmma_order`): 1.04-1.07x at 16k and
 same build on V in key order, 93-96% of FA3's fp8 kernel (`bench_sdpa`, GQA 32/8, two runs,
 `vorder_sdpa_h200_s26_run*.log`).
 
-Session 30 (Nsight Compute, `ncu_summary_h200_s30.md`): the fp8 kernels, FA3's and this one, keep the tensor pipe
-52-55% busy with no unit full (MUFU 48-56%, issue slots 38-47%): a consumer's softmax outlasts the other's MMAs.
+Session 30 (Nsight Compute, `ncu_summary_h200_s30.md`): the fp8 kernels keep the tensor pipe 48-55% busy (FA3's
+53-55%, this one 48-52.5%) with no unit full (MUFU 48-56%, issue slots 38-47%): a consumer's softmax outlasts the
+other's MMAs.
 Part of the exponentials by a polynomial on the FMA pipe (EXP2_EMU, routes gluon-pp-persistent-exp2-k, floor by
 a rounded-down addition, not the conversion unit) was slower at every split, 1/8 0.93-0.96x
 (`exp2_sdpa_h200_s30.log`): kept as an A/B build.
@@ -143,6 +144,7 @@ EXP2_EMU_CHOICES = (0, 1, 2, 4)
 @gluon.jit
 def _exp2(x, EXP2_EMU: gl.constexpr):
     """exp2 of a score tile, EXP2_EMU (0, 1, 2 or 4) of every eight elements by the polynomial (`_EXP2_POLY`)."""
+    gl.static_assert(EXP2_EMU == 0 or EXP2_EMU == 1 or EXP2_EMU == 2 or EXP2_EMU == 4, "EXP2_EMU is 0, 1, 2 or 4")
     if EXP2_EMU == 0:
         return gl.exp2(x)
     elif EXP2_EMU == 1:
@@ -174,7 +176,8 @@ def _softmax(j, qk, l_i, m_i, qk_scale, row_limit, BLOCK_N: gl.constexpr, MASKED
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(cols[None, :] <= row_limit[:, None], qk * scale2, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, 1))
-        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0
+        m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key: exp2 gives 0 (EXP2_EMU's
+        # polynomial 2^-126, an e4m3 zero)
         p = _exp2(qk - (m_new - 8.0)[:, None], EXP2_EMU)
     else:
         m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (a positive factor per row commutes with the max)

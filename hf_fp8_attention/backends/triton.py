@@ -63,15 +63,15 @@ _KERNELS = {"auto": "auto", "triton": None, "gluon": dict(config=(128, 128, 8, 2
             "gluon-pp-persistent-alu-sums": _GLUON_PP_PERSISTENT}
 # Session 30: the default build with part of the softmax's exponentials by a polynomial on the FMA pipe (1, 2 or 4 of
 # every 8: `gluon_attention._exp2`), for A/B runs.
-for _emu in (1, 2, 4):
-    _KERNELS[f"gluon-pp-persistent-exp2-{_emu}"] = dict(_KERNELS["gluon-pp-persistent"], exp2_emu=_emu)
+_EXP2_ROUTES = {f"gluon-pp-persistent-exp2-{emu}": dict(_KERNELS["gluon-pp-persistent"], exp2_emu=emu) for emu in (1, 2, 4)}
+_KERNELS.update(_EXP2_ROUTES)
 # Session 26: the routes whose prefill calls get V from the quantizer in wgmma key order within every 16
 # (`quantized.wgmma_key_order`; the kernel relabels P instead of moving it between threads before P.V:
 # `gluon_attention._softmax`'s V_WGMMA_ORDER); "gluon-pp-persistent-key-order" is the same build on V in key
 # order (sessions 20-25). The quantizer writes the order where `reads_v_wgmma_order` says the call will take
 # this route; a call that ends up on any other kernel gets V back in key order first (`_launch`, a copy).
 _V_WGMMA_ROUTES = frozenset({"auto", "gluon-pp-persistent", "gluon-pp-persistent-plain-store", "gluon-pp-persistent-q2",
-                             "gluon-pp-persistent-exp2-1", "gluon-pp-persistent-exp2-2", "gluon-pp-persistent-exp2-4"})
+                             *_EXP2_ROUTES})
 # Session 29: where the kernel quantizes Q itself (`q_in_kernel`) its bf16/fp16 Q tiles take one shared buffer, which
 # the consumers release once they hold their rows in e4m3; "gluon-pp-persistent-q2" keeps two (the e4m3 Q's count).
 # Since session 28 the persistent build writes its output through shared memory by TMA stores left in flight

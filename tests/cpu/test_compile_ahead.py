@@ -615,3 +615,30 @@ def test_q_in_kernel_warmup_specializes_as_the_launch(kernel, monkeypatch, route
                                         dict(route, v_wgmma_order=True, q_in_kernel=True, q_rotate=r), t)
             for r, t in ((rotate, dtype), (not rotate, dtype), (rotate, torch.float8_e4m3fn))]
     assert len(set(keys)) == 3
+
+
+@pytest.mark.parametrize("emu", [1, 2, 4])
+def test_exp2_route_reaches_the_kernel_and_its_key(kernel, monkeypatch, emu):
+    """Routes gluon-pp-persistent-exp2-k (session 30): the launch carries EXP2_EMU=k and the compile-ahead warmup
+    the same constexprs and argument specializations; the default route's launch has no EXP2_EMU (its build, key
+    and warmup as before), and the two routes' direct-launch keys differ."""
+    B, S, H_q, H_kv = 1, 1024, 8, 2
+    name = f"gluon-pp-persistent-exp2-{emu}"
+    monkeypatch.setenv(triton_backend.KERNEL_ENV, name)
+    with triton_backend.compile_ahead(CPU, B, S, H_q, H_kv, S, 128, is_causal=True, scale=0.088,
+                                      out_dtype=torch.bfloat16, v_wgmma_order=True):
+        pass
+    bundle = _bundle(B, S, H_q, H_kv)
+    for route_name in (name, "gluon-pp-persistent"):
+        gluon_attention.attend(bundle, is_causal=True, scale=0.088, out_dtype=torch.bfloat16, v_wgmma_order=True,
+                               **triton_backend._KERNELS[route_name])
+    assert len(kernel.warmups) == 1 and len(kernel.launches) == 2
+    (w_grid, w_args, w_meta), (l_grid, l_args, l_meta) = kernel.warmups[0], kernel.launches[0]
+    assert l_meta["EXP2_EMU"] == emu and "EXP2_EMU" not in kernel.launches[1][2]
+    assert {n: m for n, m in w_meta.items() if n != "desc_o"} == {n: m for n, m in l_meta.items() if n != "desc_o"}
+    assert w_grid == l_grid and [_specialization(a) for a in w_args] == [_specialization(a) for a in l_args]
+    dims, descales = (B, S, H_q, S, H_kv, 128, S), (bundle.q_descale,) * 3
+    keys = [gluon_attention._direct_key(dims, descales, l_args[3], True,
+                                        dict(triton_backend._KERNELS[r], v_wgmma_order=True), bundle.q.dtype)
+            for r in (name, "gluon-pp-persistent")]
+    assert keys[0] != keys[1]

@@ -972,7 +972,7 @@ def test_ncu_summary_reads_raw_csv_and_labels_kernels_by_marker():
               '"launch__shared_mem_per_block_dynamic"',
               '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"',
               '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"']
-    units = ['""', '""', '"nsecond"', '"hz"', '"%"', '"byte"', '"inst"', '"inst"']
+    units = ['""', '""', '"ns"', '"hz"', '"%"', '"byte/block"', '"inst"', '"inst"']
     text = "\n".join(["==PROF== Connected", ",".join(header), ",".join(units),
                       '"0","at::cuda::<unnamed>::spin_kernel(long)","1,000","1","0","0","0","0"',
                       '"1","fill","2,000","1,900,000,000","0","0","4","0"',
@@ -992,6 +992,14 @@ def test_ncu_summary_reads_raw_csv_and_labels_kernels_by_marker():
     assert lines[4].startswith("| S=16384 causal=no triton fp8 kernel only | gluon | 4.562 |")
     assert lines[4].endswith("barrier 2.40, wait 1.63 |")
     assert "labels may be off" in ncu.summary_lines(rows, labels[:1])[-1]
+    # ncu's automatic units (no --print-units base): ms and Kbyte/block scale; a unit it does not know shows "?"
+    auto = [dict(r) for r in rows[2:3]]
+    auto[0]["gpu__time_duration.sum"] = ("4.30", "ms")
+    auto[0]["launch__shared_mem_per_block_dynamic"] = ("191.49", "Kbyte/block")
+    auto[0]["gpc__cycles_elapsed.avg.per_second"] = ("1.80", "furlong")
+    assert ncu.summary_lines(auto, [])[2].startswith("| ? | attn | 4.300 | ? | 55.2 | - | - | - | - | - | - | 187 |")
+    stall_cols = {"smsp__average_warps_issue_stalled_selected_per_issue_active.ratio": ("1.00", "inst")}
+    assert ncu.stalls({**rows[2], **stall_cols}) == "wait 1.57, barrier 0.71"  # ("selected" is issuing)
     with pytest.raises(ValueError, match="no ncu raw CSV header"):
         ncu.read_raw_csv("==PROF== nothing profiled\n")
 
