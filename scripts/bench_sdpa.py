@@ -615,6 +615,7 @@ def main(argv=None) -> int:
     rows, host = [], []
     profiles = [] if args.host_profile else None
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    exp2 = any("exp2" in sub for sub in args.impls or ())  # (the exponentials A/B rows: only where named)
     for d in args.head_dims:
         for s in args.seqlens:
             for causal in causals:
@@ -627,7 +628,6 @@ def main(argv=None) -> int:
                 flops = 4 * args.batch * args.heads * s * s * d / (2 if causal else 1)
                 ref = _reference(q, k, v, causal, args.sqnr_ref)
                 times, sqnrs, cands = {}, {}, {}
-                exp2 = any("exp2" in sub for sub in args.impls or ())
                 for cand in _candidates(q, k, v, causal, args.mode_kwargs, exp2_rows=exp2):
                     if args.impls and not any(sub in cand.name for sub in args.impls):
                         continue

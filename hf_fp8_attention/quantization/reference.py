@@ -7,6 +7,7 @@ exactly the same float32 math, bit for bit but for summation orders (Hadamard, o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -167,8 +168,6 @@ def quantize_q_per_head(qkv: QuantizedQKV) -> QuantizedQKV:
     Gluon one (every backend takes such a bundle: the triton backend where its route is not the Gluon kernel's,
     the others where a pipeline misdirected it). Equal to `quantize_qkv_fp8_reference`'s q and q_descale. Any
     other bundle is returned as it is."""
-    import dataclasses
-
     if not qkv.q_in_kernel:
         return qkv
     qf = qkv.q.transpose(1, 2).float()  # (B, H_q, S, D)
